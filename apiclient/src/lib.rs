@@ -1,1 +1,24 @@
-pub fn placeholder() {}
+//! Keel's API client: the library behind the `apiclient` command, also used by the
+//! end-to-end tests.
+//!
+//! Owns: talking HTTP/1.1 to keeld over its Unix socket ([`Client`]), the error texts users
+//! see ([`ClientError`]), query-string encoding ([`uri`]), transaction names and the
+//! patch → commit → discard-on-failure sequence ([`transaction`]), reading user-data
+//! sources ([`source`]) and the command-line interface ([`cli`]). Must not interpret
+//! settings itself beyond what `settings-model` offers: the server is the judge of what is
+//! valid.
+
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod merge;
+pub mod source;
+pub mod transaction;
+pub mod uri;
+
+pub use client::{Client, Response};
+pub use error::ClientError;
+pub use transaction::Transaction;
+
+/// Where keeld listens unless told otherwise.
+pub const DEFAULT_SOCKET_PATH: &str = "/run/api.sock";

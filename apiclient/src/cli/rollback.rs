@@ -1,0 +1,27 @@
+//! `apiclient rollback`: makes an earlier settings generation current again (Keel's
+//! addition) and applies what changed.
+
+use clap::Args;
+use http::Method;
+
+use super::{CliError, Output};
+use crate::client::Client;
+use crate::uri::with_query;
+
+/// Rolls settings back to GENERATION; prints the JSON array of changed keys.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  apiclient history --limit 2
+  apiclient rollback 3")]
+pub struct RollbackArgs {
+    /// The generation number, as listed by `apiclient history`.
+    pub generation: u64,
+}
+
+pub async fn run(client: &Client, args: RollbackArgs) -> Result<Output, CliError> {
+    let generation = args.generation.to_string();
+    let uri = with_query("/history/rollback", &[("generation", &generation)]);
+    let changed = client.call_json(Method::POST, &uri, None).await?;
+    Ok(Output::Json(changed))
+}

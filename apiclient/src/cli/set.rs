@@ -1,0 +1,115 @@
+//! `apiclient set`: changes settings from `key=value` pairs (typed by the server) or
+//! from a JSON merge-patch, in one transaction that is committed and applied.
+
+use clap::Args;
+use serde_json::{Map, Value};
+
+use super::transaction::{fill_and_commit, Fill};
+use super::{CliError, Output};
+use crate::client::Client;
+
+/// Changes settings, then commits and applies them. Prints nothing on success.
+///
+/// `key=value` pairs are typed by the settings model on the server: `motd=42` sets the
+/// string "42". The `settings.` prefix is optional. Quote key segments that contain dots.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  apiclient set motd=\"hello from keel\"
+  apiclient set settings.ntp.time-servers='[\"169.254.169.123\"]'
+  apiclient set 'kernel.sysctl.\"vm.max_map_count\"=262144'
+  apiclient set -j '{\"settings\": {\"motd\": \"hi\"}}'")]
+pub struct SetArgs {
+    /// `key=value` pairs, sent exactly as typed.
+    #[arg(
+        value_name = "KEY=VALUE",
+        required_unless_present = "json",
+        conflicts_with = "json",
+        value_parser = parse_pair
+    )]
+    pub pairs: Vec<String>,
+
+    /// A JSON object of settings, with or without a top-level `settings` wrapper.
+    #[arg(short = 'j', long, value_parser = parse_json_object)]
+    pub json: Option<Map<String, Value>>,
+}
+
+fn parse_pair(text: &str) -> Result<String, String> {
+    if text.contains('=') {
+        Ok(text.to_owned())
+    } else {
+        Err("expected KEY=VALUE".to_owned())
+    }
+}
+
+fn parse_json_object(text: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err("expected a JSON object".to_owned()),
+        Err(error) => Err(format!("invalid JSON: {error}")),
+    }
+}
+
+/// The merge-patch to send for `--json`: the object itself, or what its `settings`
+/// wrapper holds.
+pub fn json_patch(mut object: Map<String, Value>) -> Result<Value, CliError> {
+    match object.remove("settings") {
+        None => Ok(Value::Object(object)),
+        Some(inner @ Value::Object(_)) if object.is_empty() => Ok(inner),
+        Some(Value::Object(_)) => Err(CliError::Invalid(
+            "--json: a top-level `settings` object cannot sit beside other keys".to_owned(),
+        )),
+        Some(_) => Err(CliError::Invalid(
+            "--json: `settings` must be a JSON object".to_owned(),
+        )),
+    }
+}
+
+pub async fn run(client: &Client, args: SetArgs) -> Result<Output, CliError> {
+    match args.json {
+        Some(object) => {
+            let patch = json_patch(object)?;
+            fill_and_commit(client, "set", &[Fill::Settings(&patch)]).await?;
+        }
+        None => {
+            fill_and_commit(client, "set", &[Fill::Keypairs(&args.pairs)]).await?;
+        }
+    }
+    Ok(Output::Nothing)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(value: Value) -> Map<String, Value> {
+        match value {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        }
+    }
+
+    #[test]
+    fn settings_wrapper_is_removed() {
+        let patch = json_patch(object(json!({"settings": {"motd": "hi"}}))).unwrap();
+        assert_eq!(patch, json!({"motd": "hi"}));
+        let patch = json_patch(object(json!({"motd": "hi"}))).unwrap();
+        assert_eq!(patch, json!({"motd": "hi"}));
+    }
+
+    #[test]
+    fn a_wrapper_beside_other_keys_is_refused() {
+        assert!(json_patch(object(json!({"settings": {}, "motd": "x"}))).is_err());
+        assert!(json_patch(object(json!({"settings": 1}))).is_err());
+    }
+
+    #[test]
+    fn arguments_are_checked_by_clap() {
+        assert!(parse_pair("motd").is_err());
+        assert_eq!(parse_pair("motd=a=b").unwrap(), "motd=a=b");
+        assert!(parse_json_object("[1]").is_err());
+        assert!(parse_json_object("{").is_err());
+    }
+}

@@ -1,0 +1,78 @@
+//! `apiclient unset`: removes settings (so that their defaults, if any, apply again) by
+//! sending a merge-patch with `null` at each key.
+
+use clap::Args;
+use serde_json::Value;
+use settings_model::KeyPath;
+
+use super::transaction::{fill_and_commit, Fill};
+use super::{CliError, Output};
+use crate::client::Client;
+
+/// Removes settings, then commits and applies. Prints nothing on success.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  apiclient unset motd
+  apiclient unset settings.host-containers.admin 'kernel.sysctl.\"vm.max_map_count\"'")]
+pub struct UnsetArgs {
+    /// Keys to remove; the `settings.` prefix is optional.
+    #[arg(value_name = "KEY", required = true)]
+    pub keys: Vec<String>,
+}
+
+/// The merge-patch removing every key (without `settings` wrapper).
+pub fn removal_patch(keys: &[String]) -> Result<Value, CliError> {
+    let mut patch = Value::Object(serde_json::Map::new());
+    for key in keys {
+        let path = KeyPath::parse_setting(key)?;
+        if path.segments().len() < 2 {
+            return Err(CliError::Invalid(format!(
+                "{key}: name a key below `settings`"
+            )));
+        }
+        merge_removal(&mut patch, path.to_patch(Value::Null));
+    }
+    Ok(patch)
+}
+
+/// Like a deep merge, except that a removal already recorded higher up wins over one
+/// deeper down: unsetting `a` and `a.b` removes `a`.
+fn merge_removal(target: &mut Value, removal: Value) {
+    match (target, removal) {
+        (Value::Null, _) => {}
+        (Value::Object(into), Value::Object(from)) => {
+            for (key, value) in from {
+                match into.get_mut(&key) {
+                    Some(existing) => merge_removal(existing, value),
+                    None => {
+                        into.insert(key, value);
+                    }
+                }
+            }
+        }
+        (target, removal) => *target = removal,
+    }
+}
+
+pub async fn run(client: &Client, args: UnsetArgs) -> Result<Output, CliError> {
+    let patch = removal_patch(&args.keys)?;
+    fill_and_commit(client, "unset", &[Fill::Settings(&patch)]).await?;
+    Ok(Output::Nothing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn broader_removals_win_whatever_the_order() {
+        let mut patch = json!({});
+        merge_removal(&mut patch, json!({"a": {"b": null}}));
+        merge_removal(&mut patch, json!({"a": null}));
+        merge_removal(&mut patch, json!({"a": {"c": null}}));
+        merge_removal(&mut patch, json!({"d": null}));
+        assert_eq!(patch, json!({"a": null, "d": null}));
+    }
+}
