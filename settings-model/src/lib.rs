@@ -1,1 +1,33 @@
-pub fn placeholder() {}
+//! Keel's typed settings model.
+//!
+//! Owns: the settings types and their validated newtypes, dotted key paths, RFC 7396
+//! merge-patch, the flattening used for key listings and diffs, typed `key=value`
+//! conversion, user-data parsing and the JSON Schema. Must not do I/O: everything here is
+//! a pure function of its inputs, so the agent, the CLI and the tests share one truth.
+//!
+//! Values travel as `serde_json::Value` *without* the `settings` wrapper
+//! (`{"motd":"hi"}`); key paths, errors and listings carry the `settings.` prefix.
+
+pub mod error;
+pub mod key;
+pub mod keypair;
+pub mod model;
+pub mod patch;
+pub mod schema;
+pub mod types;
+pub mod userdata;
+
+pub use error::Error;
+pub use key::KeyPath;
+pub use model::Settings;
+
+/// Validates a complete settings value and returns its canonical JSON form.
+pub fn validate(settings: &serde_json::Value) -> Result<serde_json::Value, Error> {
+    model::validate(settings)
+}
+
+/// Validates a merge-patch: every key must exist in the model, every non-null value must
+/// have the right type and grammar; `null` marks a removal.
+pub fn validate_patch(patch: &serde_json::Value) -> Result<(), Error> {
+    model::validate_patch(patch)
+}

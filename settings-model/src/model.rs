@@ -1,0 +1,595 @@
+//! The typed settings model and its validation entry points.
+//!
+//! Owns: one struct per settings group (Bottlerocket-compatible kebab-case names, every
+//! field optional so any subset is a valid patch, unknown keys rejected), `validate`
+//! (typed deserialization that names the failing key) and `validate_patch` (the same,
+//! plus checking that every `null` removal names a real key).
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::key::format_segment;
+use crate::types::{
+    AwsRegion, Base64, BootParamKey, BootParamValue, BootstrapToken, Capability, DnsDomain,
+    Duration, EnvName, EvictionSignal, Hostname, Identifier, ImageRef, IpAddress, IpOrIps,
+    KernelModuleName, LabelKey, LabelValue, NoProxyEntry, NumaNode, ProxyAddress, Quantity,
+    RegistryHost, SingleLineString, SysctlKey, Taint, Threshold, TimeServer, Url,
+};
+use crate::{Error, KeyPath};
+
+/// Every setting Keel knows, under `settings`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// Message of the day shown at login.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub motd: Option<String>,
+    /// Long-running containers started by the host, by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_containers: Option<BTreeMap<Identifier, HostContainer>>,
+    /// Containers run to completion during boot, by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap_containers: Option<BTreeMap<Identifier, BootstrapContainer>>,
+    /// `apiclient` invocations run during boot, by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap_commands: Option<BTreeMap<Identifier, BootstrapCommand>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<Kubernetes>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ntp: Option<Ntp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<Network>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Dns>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_registry: Option<ContainerRegistry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_runtime: Option<ContainerRuntime>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<Kernel>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Boot>,
+    /// Certificate bundles, by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pki: Option<BTreeMap<Identifier, PkiBundle>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aws: Option<Aws>,
+}
+
+/// When a bootstrap container or command runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BootstrapMode {
+    /// Never.
+    Off,
+    /// At the next boot only; then the mode becomes `off`.
+    Once,
+    /// At every boot.
+    Always,
+}
+
+/// A long-running host container.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HostContainer {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<ImageRef>,
+    /// Runs with full host privileges.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub superpowered: Option<bool>,
+    /// Opaque data given to the container at `/.bottlerocket/host-containers/<name>/user-data`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<Base64>,
+    /// Keel: overrides the image's command.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Keel: extra environment variables.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<BTreeMap<EnvName, SingleLineString>>,
+    /// Keel: capabilities added for a non-superpowered container.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<Capability>>,
+    /// Keel: memory limit, e.g. `512Mi`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<Quantity>,
+    /// Keel: CPU limit, e.g. `500m` or `2`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<Quantity>,
+}
+
+/// A container run to completion during boot. It can never be superpowered.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BootstrapContainer {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<ImageRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<BootstrapMode>,
+    /// A failure halts the boot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub essential: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<Base64>,
+    /// Keel: how long the container may run, e.g. `5m`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<BTreeMap<EnvName, SingleLineString>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<Capability>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<Quantity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<Quantity>,
+}
+
+/// A list of `apiclient` invocations run during boot.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BootstrapCommand {
+    /// Each entry is one argv; `argv[0]` must be `apiclient`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commands: Option<Vec<Vec<String>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<BootstrapMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub essential: Option<bool>,
+}
+
+/// How the kubelet authenticates to the API server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthenticationMode {
+    Aws,
+    Tls,
+}
+
+/// The kubelet memory manager policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MemoryManagerPolicy {
+    None,
+    Static,
+}
+
+/// The kubelet CPU manager policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuManagerPolicy {
+    None,
+    Static,
+}
+
+/// The kubelet topology manager policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TopologyManagerPolicy {
+    None,
+    Restricted,
+    BestEffort,
+    SingleNumaNode,
+}
+
+/// The kubelet topology manager scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TopologyManagerScope {
+    Container,
+    Pod,
+}
+
+/// Memory reserved on one NUMA node for the static memory manager.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReservedMemory {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    #[serde(rename = "hugepages-1Gi", skip_serializing_if = "Option::is_none")]
+    pub hugepages_1gi: Option<Quantity>,
+    #[serde(rename = "hugepages-2Mi", skip_serializing_if = "Option::is_none")]
+    pub hugepages_2mi: Option<Quantity>,
+}
+
+/// A kubelet image credential provider plugin.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CredentialProvider {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_duration: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_patterns: Option<Vec<SingleLineString>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<BTreeMap<EnvName, SingleLineString>>,
+}
+
+/// Kubernetes node (kubelet) settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Kubernetes {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_server: Option<Url>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_name: Option<SingleLineString>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_certificate: Option<Base64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_dns_ip: Option<IpOrIps>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_domain: Option<DnsDomain>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_labels: Option<BTreeMap<LabelKey, LabelValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_taints: Option<BTreeMap<LabelKey, Vec<Taint>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pods: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standalone_mode: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eviction_hard: Option<BTreeMap<EvictionSignal, Threshold>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eviction_soft: Option<BTreeMap<EvictionSignal, Threshold>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eviction_soft_grace_period: Option<BTreeMap<EvictionSignal, Duration>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eviction_max_pod_grace_period: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kube_reserved: Option<BTreeMap<LabelKey, Quantity>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_reserved: Option<BTreeMap<LabelKey, Quantity>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_manager_policy: Option<MemoryManagerPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_manager_reserved_memory: Option<BTreeMap<NumaNode, ReservedMemory>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_manager_policy: Option<CpuManagerPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_manager_reconcile_period: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology_manager_policy: Option<TopologyManagerPolicy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology_manager_scope: Option<TopologyManagerScope>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_unsafe_sysctls: Option<Vec<SingleLineString>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_providers: Option<BTreeMap<Identifier, CredentialProvider>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap_token: Option<BootstrapToken>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authentication_mode: Option<AuthenticationMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_infra_container_image: Option<ImageRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_ip: Option<IpAddress>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname_override: Option<Hostname>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<SingleLineString>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud_provider: Option<SingleLineString>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_tls_bootstrap: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kube_api_qps: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kube_api_burst: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry_qps: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry_burst: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_qps: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_burst: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_log_max_size: Option<Quantity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_log_max_files: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_gc_high_threshold_percent: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_gc_low_threshold_percent: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace_period: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace_period_for_critical_pods: Option<Duration>,
+}
+
+/// Time synchronization.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Ntp {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_servers: Option<Vec<TimeServer>>,
+}
+
+/// Host network identity and proxy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Network {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<Hostname>,
+    /// `[http[s]://]host[:port]`; without a scheme it means `http://`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https_proxy: Option<ProxyAddress>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_proxy: Option<Vec<NoProxyEntry>>,
+}
+
+/// Resolver configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Dns {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name_servers: Option<Vec<IpAddress>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search_list: Option<Vec<DnsDomain>>,
+}
+
+/// A registry mirror.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RegistryMirror {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryHost>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<Vec<Url>>,
+}
+
+/// Credentials for one registry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RegistryCredential {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryHost>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<SingleLineString>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<SingleLineString>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Base64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identitytoken: Option<SingleLineString>,
+}
+
+/// Registry mirrors and credentials.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ContainerRegistry {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirrors: Option<Vec<RegistryMirror>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Vec<RegistryCredential>>,
+}
+
+/// containerd settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ContainerRuntime {
+    /// `-1` means unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_container_log_line_size: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_downloads: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_unprivileged_icmp: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_unprivileged_ports: Option<bool>,
+}
+
+/// The kernel lockdown mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Lockdown {
+    None,
+    Integrity,
+    Confidentiality,
+}
+
+/// Whether a kernel module may be loaded.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct KernelModule {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed: Option<bool>,
+}
+
+/// Kernel settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Kernel {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sysctl: Option<BTreeMap<SysctlKey, SingleLineString>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lockdown: Option<Lockdown>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modules: Option<BTreeMap<KernelModuleName, KernelModule>>,
+}
+
+/// Boot command-line settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Boot {
+    /// Reboot when the boot settings change so that they take effect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reboot_to_reconcile: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_parameters: Option<BTreeMap<BootParamKey, Vec<BootParamValue>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_parameters: Option<BTreeMap<BootParamKey, Vec<BootParamValue>>>,
+}
+
+/// A certificate bundle.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PkiBundle {
+    /// Base64 of the PEM certificate(s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Base64>,
+    /// Trusted (added to the store) or distrusted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted: Option<bool>,
+}
+
+/// AWS settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Aws {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<AwsRegion>,
+    /// Base64 of an AWS config file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<Base64>,
+    /// Base64 of an AWS credentials file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Base64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<SingleLineString>,
+}
+
+/// Formats a serde_path_to_error path as a `settings.`-prefixed key.
+fn key_of(path: &serde_path_to_error::Path) -> String {
+    let mut key = String::from("settings");
+    for segment in path.iter() {
+        match segment {
+            serde_path_to_error::Segment::Seq { index } => key.push_str(&format!("[{index}]")),
+            serde_path_to_error::Segment::Map { key: k } => {
+                key.push('.');
+                key.push_str(&format_segment(k));
+            }
+            serde_path_to_error::Segment::Enum { variant } => {
+                key.push('.');
+                key.push_str(&format_segment(variant));
+            }
+            serde_path_to_error::Segment::Unknown => key.push_str(".?"),
+        }
+    }
+    key
+}
+
+/// Turns a deserialization failure into an error naming the key.
+fn path_error(err: serde_path_to_error::Error<serde_json::Error>) -> Error {
+    let key = key_of(err.path());
+    let message = err.inner().to_string();
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some((field, tail)) = rest.split_once('`') {
+            let hint = tail.trim_start_matches(',').trim();
+            let reason = if hint.is_empty() {
+                "unknown key".to_owned()
+            } else {
+                format!("unknown key ({hint})")
+            };
+            return Error::BadKey {
+                key: format!("{key}.{}", format_segment(field)),
+                reason,
+            };
+        }
+    }
+    Error::Invalid {
+        key,
+        reason: message,
+    }
+}
+
+/// Rules a type cannot express: argv[0] of bootstrap commands.
+fn check_rules(settings: &Settings) -> Result<(), Error> {
+    for (name, command) in settings.bootstrap_commands.iter().flatten() {
+        for (i, argv) in command.commands.iter().flatten().enumerate() {
+            let key = format!(
+                "settings.bootstrap-commands.{}.commands[{i}]",
+                format_segment(name.as_str())
+            );
+            match argv.first().map(String::as_str) {
+                None => {
+                    return Err(Error::Invalid {
+                        key,
+                        reason: "a command cannot be empty".to_owned(),
+                    })
+                }
+                Some("apiclient") => {}
+                Some(other) => {
+                    return Err(Error::Invalid {
+                        key,
+                        reason: format!(
+                            "{other:?} is not allowed: bootstrap commands must start with \"apiclient\""
+                        ),
+                    })
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deserializes `value` into the typed model, naming the failing key on error.
+pub fn parse(value: &Value) -> Result<Settings, Error> {
+    let settings: Settings = serde_path_to_error::deserialize(value).map_err(path_error)?;
+    check_rules(&settings)?;
+    Ok(settings)
+}
+
+/// Validates a complete settings value (no `settings` wrapper) and returns its canonical
+/// JSON: absent fields omitted, map keys sorted, strings exactly as given.
+pub fn validate(value: &Value) -> Result<Value, Error> {
+    let settings = parse(value)?;
+    serde_json::to_value(&settings).map_err(|e| Error::Invalid {
+        key: "settings".to_owned(),
+        reason: format!("cannot serialize settings: {e}"),
+    })
+}
+
+/// Validates a merge-patch (no `settings` wrapper): `null` members are removals and
+/// must name a key the model knows; everything else must validate.
+pub fn validate_patch(patch: &Value) -> Result<(), Error> {
+    if !patch.is_object() {
+        return Err(Error::Invalid {
+            key: "settings".to_owned(),
+            reason: "a settings patch must be a JSON object".to_owned(),
+        });
+    }
+    let mut removals = Vec::new();
+    let stripped = strip_nulls(patch, &mut vec!["settings".to_owned()], &mut removals);
+    for removal in removals {
+        let known = KeyPath::from_segments(removal.clone())
+            .and_then(|path| crate::schema::kind_at(&path))
+            .is_some();
+        if !known {
+            let key = KeyPath::from_segments(removal.clone())
+                .map_or_else(|| removal.join("."), |p| p.to_string());
+            return Err(Error::BadKey {
+                key,
+                reason: "unknown key".to_owned(),
+            });
+        }
+    }
+    parse(&stripped).map(|_| ())
+}
+
+/// Copies `value` without its `null` object members, recording their paths.
+fn strip_nulls(value: &Value, path: &mut Vec<String>, removals: &mut Vec<Vec<String>>) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (k, v) in map {
+                path.push(k.clone());
+                if v.is_null() {
+                    removals.push(path.clone());
+                } else {
+                    out.insert(k.clone(), strip_nulls(v, path, removals));
+                }
+                path.pop();
+            }
+            Value::Object(out)
+        }
+        other => other.clone(),
+    }
+}

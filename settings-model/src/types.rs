@@ -1,0 +1,1049 @@
+//! Validated string newtypes used by the settings model.
+//!
+//! Owns: the grammar of every setting that has one (identifiers, image references, URLs,
+//! base64, hostnames, label keys, quantities, durations, ...) and the reason text shown
+//! when a value breaks it. Each type keeps the original string and serializes it
+//! unchanged, so validation never rewrites what the user wrote.
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::Engine as _;
+use schemars::gen::SchemaGenerator;
+use schemars::schema::{InstanceType, Metadata, Schema, SchemaObject, StringValidation};
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A JSON Schema for a string with an optional format and pattern.
+fn string_schema(description: &str, format: Option<&str>, pattern: Option<&str>) -> Schema {
+    SchemaObject {
+        instance_type: Some(InstanceType::String.into()),
+        format: format.map(str::to_owned),
+        string: pattern.map(|p| {
+            Box::new(StringValidation {
+                pattern: Some(p.to_owned()),
+                ..StringValidation::default()
+            })
+        }),
+        metadata: Some(Box::new(Metadata {
+            description: Some(description.to_owned()),
+            ..Metadata::default()
+        })),
+        ..SchemaObject::default()
+    }
+    .into()
+}
+
+/// `"value" is not a valid <what> (<why>)`.
+fn invalid(value: &str, what: &str, why: &str) -> String {
+    format!("{value:?} is not a valid {what} ({why})")
+}
+
+macro_rules! validated_string {
+    (
+        $(#[$doc:meta])*
+        $name:ident, check = $check:path, description = $desc:expr,
+        format = $format:expr, pattern = $pattern:expr
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates `s`; the error is the reason text shown to users.
+            pub fn new(s: impl Into<String>) -> Result<Self, String> {
+                let s = s.into();
+                $check(&s)?;
+                Ok(Self(s))
+            }
+
+            /// The string exactly as given.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                Self::new(s)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(deserializer)?;
+                Self::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl JsonSchema for $name {
+            fn schema_name() -> String {
+                stringify!($name).to_owned()
+            }
+            fn is_referenceable() -> bool {
+                false
+            }
+            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                string_schema($desc, $format, $pattern)
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// Names
+
+fn check_identifier(s: &str) -> Result<(), String> {
+    let what = "name";
+    if s.is_empty() || s.len() > 76 {
+        return Err(invalid(s, what, "must be 1 to 76 characters"));
+    }
+    if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(invalid(s, what, "only ASCII letters, digits and '-' are allowed"));
+    }
+    if s.starts_with('-') || s.ends_with('-') || s.contains("--") {
+        return Err(invalid(
+            s,
+            what,
+            "'-' must separate letters or digits, not start, end or repeat",
+        ));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// A name usable as a containerd id: ASCII letters, digits and single `-`, 1..=76 chars.
+    Identifier, check = check_identifier,
+    description = "A name: ASCII letters, digits and '-', 1 to 76 characters",
+    format = None, pattern = Some("^[A-Za-z0-9]+(-[A-Za-z0-9]+)*$")
+}
+
+fn check_env_name(s: &str) -> Result<(), String> {
+    let mut chars = s.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(invalid(
+            s,
+            "environment variable name",
+            "letters, digits and '_', not starting with a digit",
+        ));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// An environment variable name (`[A-Za-z_][A-Za-z0-9_]*`).
+    EnvName, check = check_env_name,
+    description = "An environment variable name",
+    format = None, pattern = Some("^[A-Za-z_][A-Za-z0-9_]*$")
+}
+
+fn check_module_name(s: &str) -> Result<(), String> {
+    if s.is_empty()
+        || s.len() > 64
+        || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(invalid(
+            s,
+            "kernel module name",
+            "letters, digits, '_' and '-', 1 to 64 characters",
+        ));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// A kernel module name.
+    KernelModuleName, check = check_module_name,
+    description = "A kernel module name",
+    format = None, pattern = Some("^[A-Za-z0-9_-]{1,64}$")
+}
+
+fn check_boot_param_key(s: &str) -> Result<(), String> {
+    if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+        return Err(invalid(
+            s,
+            "kernel or init parameter name",
+            "letters, digits, '_', '.' and '-'",
+        ));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// A kernel or init command-line parameter name (`console`, `usbcore.quirks`).
+    BootParamKey, check = check_boot_param_key,
+    description = "A kernel or init command-line parameter name",
+    format = None, pattern = Some("^[A-Za-z0-9_.-]+$")
+}
+
+fn check_boot_param_value(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"') {
+        return Err(invalid(
+            s,
+            "kernel or init parameter value",
+            "must be non-empty, without spaces, quotes or control characters",
+        ));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// One value of a kernel or init command-line parameter (no spaces).
+    BootParamValue, check = check_boot_param_value,
+    description = "A kernel or init command-line parameter value",
+    format = None, pattern = Some("^[^\\s\"]+$")
+}
+
+fn check_numa_node(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 4 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(s, "NUMA node id", "a decimal number such as \"0\""));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// A NUMA node id written as a decimal string (`"0"`, `"1"`).
+    NumaNode, check = check_numa_node,
+    description = "A NUMA node id",
+    format = None, pattern = Some("^[0-9]{1,4}$")
+}
+
+const EVICTION_SIGNALS: &[&str] = &[
+    "memory.available",
+    "nodefs.available",
+    "nodefs.inodesFree",
+    "imagefs.available",
+    "imagefs.inodesFree",
+    "containerfs.available",
+    "containerfs.inodesFree",
+    "pid.available",
+    "allocatableMemory.available",
+];
+
+fn check_eviction_signal(s: &str) -> Result<(), String> {
+    if !EVICTION_SIGNALS.contains(&s) {
+        return Err(format!(
+            "{s:?} is not a kubelet eviction signal (expected one of {})",
+            EVICTION_SIGNALS.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// A kubelet eviction signal (`memory.available`, `nodefs.available`, ...).
+    EvictionSignal, check = check_eviction_signal,
+    description = "A kubelet eviction signal such as memory.available",
+    format = None, pattern = None
+}
+
+// ---------------------------------------------------------------------------------------
+// Text
+
+fn check_single_line(s: &str) -> Result<(), String> {
+    if s.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(format!(
+            "{s:?} must be a single line (no newlines or control characters)"
+        ));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// A string without newlines or other control characters (tabs allowed).
+    SingleLineString, check = check_single_line,
+    description = "A single line of text",
+    format = None, pattern = Some("^[^\\n\\r]*$")
+}
+
+fn check_base64(s: &str) -> Result<(), String> {
+    match base64::engine::general_purpose::STANDARD.decode(s) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("{s:?} is not base64 ({e})")),
+    }
+}
+
+validated_string! {
+    /// Standard-alphabet base64 with padding.
+    Base64, check = check_base64,
+    description = "Base64 (standard alphabet, with padding)",
+    format = None, pattern = Some("^[A-Za-z0-9+/]*={0,2}$")
+}
+
+impl Base64 {
+    /// The decoded bytes (the value was checked when it was built).
+    pub fn decode(&self) -> Vec<u8> {
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.0)
+            .unwrap_or_default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Network names and addresses
+
+/// Why `s` is not an RFC 1123 host name, if it is not one.
+fn hostname_problem(s: &str, allow_underscore: bool) -> Option<&'static str> {
+    if s.is_empty() || s.len() > 253 {
+        return Some("must be 1 to 253 characters");
+    }
+    for label in s.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Some("each dot-separated label must be 1 to 63 characters");
+        }
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || (allow_underscore && c == '_'))
+        {
+            return Some("only letters, digits, '-' and '.' are allowed");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Some("a label cannot start or end with '-'");
+        }
+    }
+    None
+}
+
+fn check_hostname(s: &str) -> Result<(), String> {
+    match hostname_problem(s, false) {
+        Some(why) => Err(invalid(s, "hostname", why)),
+        None => Ok(()),
+    }
+}
+
+validated_string! {
+    /// An RFC 1123 host name.
+    Hostname, check = check_hostname,
+    description = "An RFC 1123 host name",
+    format = Some("hostname"), pattern = None
+}
+
+fn check_dns_domain(s: &str) -> Result<(), String> {
+    match hostname_problem(s, true) {
+        Some(why) => Err(invalid(s, "DNS domain", why)),
+        None => Ok(()),
+    }
+}
+
+validated_string! {
+    /// A DNS domain name (like a host name; `_` allowed in labels).
+    DnsDomain, check = check_dns_domain,
+    description = "A DNS domain name",
+    format = Some("hostname"), pattern = None
+}
+
+fn check_ip(s: &str) -> Result<(), String> {
+    match s.parse::<std::net::IpAddr>() {
+        Ok(_) => Ok(()),
+        Err(_) => Err(format!("{s:?} is not an IP address")),
+    }
+}
+
+validated_string! {
+    /// An IPv4 or IPv6 address, kept as written.
+    IpAddress, check = check_ip,
+    description = "An IPv4 or IPv6 address",
+    format = Some("ip"), pattern = None
+}
+
+impl IpAddress {
+    /// The parsed address (the value was checked when it was built).
+    pub fn addr(&self) -> Option<std::net::IpAddr> {
+        self.0.parse().ok()
+    }
+}
+
+fn check_url(s: &str) -> Result<(), String> {
+    let what = "URL";
+    let url = url::Url::parse(s).map_err(|e| invalid(s, what, &e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(s, what, "the scheme must be http or https"));
+    }
+    if url.host_str().map_or(true, str::is_empty) {
+        return Err(invalid(s, what, "a host is required"));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(s, what, "spaces are not allowed"));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// An absolute http or https URL with a valid host.
+    Url, check = check_url,
+    description = "An absolute http:// or https:// URL",
+    format = Some("uri"), pattern = Some("^https?://")
+}
+
+fn check_proxy(s: &str) -> Result<(), String> {
+    let what = "proxy address";
+    let with_scheme = if s.contains("://") {
+        s.to_owned()
+    } else {
+        format!("http://{s}")
+    };
+    let url = url::Url::parse(&with_scheme).map_err(|e| invalid(s, what, &e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(s, what, "the scheme must be http or https"));
+    }
+    if url.host_str().map_or(true, str::is_empty) {
+        return Err(invalid(s, what, "a host is required"));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(s, what, "only [scheme://]host[:port] is allowed"));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(s, what, "spaces are not allowed"));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// An HTTP(S) proxy: `[http[s]://][user:pass@]host[:port]`; without a scheme it means
+    /// `http://`. Kept exactly as written.
+    ProxyAddress, check = check_proxy,
+    description = "[http[s]://]host[:port]; no scheme means http://",
+    format = None, pattern = None
+}
+
+fn check_no_proxy(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',') {
+        return Err(invalid(
+            s,
+            "no-proxy entry",
+            "a host, domain, IP or CIDR without spaces or commas",
+        ));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// One no-proxy entry: a host, domain (`.example.com`), IP or CIDR.
+    NoProxyEntry, check = check_no_proxy,
+    description = "A host, domain, IP address or CIDR",
+    format = None, pattern = Some("^[^\\s,]+$")
+}
+
+fn check_ntp_server(s: &str) -> Result<(), String> {
+    let what = "time server";
+    if s.parse::<std::net::IpAddr>().is_ok() || hostname_problem(s, false).is_none() {
+        return Ok(());
+    }
+    if s.contains("://") {
+        let url = url::Url::parse(s).map_err(|e| invalid(s, what, &e.to_string()))?;
+        let host = url.host_str().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.parse::<std::net::IpAddr>().is_ok() || hostname_problem(host, false).is_none() {
+            return Ok(());
+        }
+        return Err(invalid(s, what, "the URL has no valid host"));
+    }
+    Err(invalid(s, what, "expected a host name, an IP address or a URL"))
+}
+
+validated_string! {
+    /// An NTP server: host name, IP address or URL such as `ntp://host`.
+    TimeServer, check = check_ntp_server,
+    description = "An NTP server: host name, IP address or URL",
+    format = None, pattern = None
+}
+
+fn check_registry_host(s: &str) -> Result<(), String> {
+    if s == "*" {
+        return Ok(());
+    }
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || h.ends_with(']') => (h, Some(p)),
+        _ => (s, None),
+    };
+    if let Some(port) = port {
+        if port.parse::<u16>().is_err() {
+            return Err(invalid(s, "registry", "the port must be a number"));
+        }
+    }
+    let host = host.trim_start_matches("*.");
+    let bracketed = host.trim_start_matches('[').trim_end_matches(']');
+    if hostname_problem(host, false).is_none() || bracketed.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    Err(invalid(s, "registry", "expected \"*\" or host[:port]"))
+}
+
+validated_string! {
+    /// A registry host (`docker.io`, `registry.example.com:5000`) or `*` for all.
+    RegistryHost, check = check_registry_host,
+    description = "A registry host[:port], or * for every registry",
+    format = None, pattern = None
+}
+
+// ---------------------------------------------------------------------------------------
+// Image references (OCI distribution grammar)
+
+fn is_lower_alnum(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit()
+}
+
+/// `[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*`
+fn is_path_component(s: &str) -> bool {
+    let bytes: Vec<char> = s.chars().collect();
+    if bytes.is_empty() || !is_lower_alnum(bytes[0]) || !is_lower_alnum(bytes[bytes.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if is_lower_alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !is_lower_alnum(bytes[i]) {
+            i += 1;
+        }
+        let sep: String = bytes[start..i].iter().collect();
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.chars().all(|c| c == '-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+fn is_domain(s: &str) -> bool {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || h.ends_with(']') => (h, Some(p)),
+        _ => (s, None),
+    };
+    if let Some(port) = port {
+        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+    }
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return inner.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    hostname_problem(host, false).is_none()
+}
+
+fn is_tag(s: &str) -> bool {
+    let mut chars = s.chars();
+    let first = chars.next();
+    s.len() <= 128
+        && first.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+fn is_digest(s: &str) -> bool {
+    let Some((algorithm, hex)) = s.split_once(':') else {
+        return false;
+    };
+    let hex_ok = |len: usize| hex.len() == len && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    match algorithm {
+        "sha256" => hex_ok(64) && !hex.bytes().any(|b| b.is_ascii_uppercase()),
+        "sha512" => hex_ok(128) && !hex.bytes().any(|b| b.is_ascii_uppercase()),
+        _ => false,
+    }
+}
+
+/// Checks `s` against the distribution reference grammar; `Err` holds the short why.
+fn image_ref_problem(s: &str) -> Option<&'static str> {
+    if s.is_empty() {
+        return Some("empty");
+    }
+    let (rest, digest) = match s.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (s, None),
+    };
+    if let Some(d) = digest {
+        if !is_digest(d) {
+            return Some("the digest must be sha256:<64 lowercase hex digits>");
+        }
+    }
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(t) = tag {
+        if !is_tag(t) {
+            return Some("the tag must match [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}");
+        }
+    }
+    if name.len() > 255 {
+        return Some("the name is longer than 255 characters");
+    }
+    let mut components: Vec<&str> = name.split('/').collect();
+    if components.len() > 1 {
+        let first = components[0];
+        if first.contains('.') || first.contains(':') || first == "localhost" {
+            if !is_domain(first) {
+                return Some("the registry host is not valid");
+            }
+            components.remove(0);
+        }
+    }
+    for component in &components {
+        if !is_path_component(component) {
+            let lower = component.to_ascii_lowercase();
+            if lower != *component && is_path_component(&lower) {
+                return Some("repository names must be lowercase");
+            }
+            return Some(
+                "expected [registry[:port]/]name[:tag][@digest] with lowercase letters, digits and . _ - separators",
+            );
+        }
+    }
+    None
+}
+
+fn check_image_ref(s: &str) -> Result<(), String> {
+    match image_ref_problem(s) {
+        Some(why) => Err(invalid(s, "image reference", why)),
+        None => Ok(()),
+    }
+}
+
+validated_string! {
+    /// A container image reference: `[registry[:port]/]path[:tag][@sha256:<hex>]`.
+    ImageRef, check = check_image_ref,
+    description = "A container image reference, e.g. public.ecr.aws/org/image:tag",
+    format = None, pattern = None
+}
+
+// ---------------------------------------------------------------------------------------
+// Kubernetes grammars
+
+/// `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`, at most 63 characters.
+fn is_k8s_name(s: &str) -> bool {
+    let first_last_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    !s.is_empty()
+        && s.len() <= 63
+        && first_last_ok(s.chars().next())
+        && first_last_ok(s.chars().last())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+fn check_label_key(s: &str) -> Result<(), String> {
+    let what = "Kubernetes label key";
+    let (prefix, name) = match s.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    if let Some(prefix) = prefix {
+        let lower = prefix.to_ascii_lowercase();
+        if lower != prefix || hostname_problem(prefix, false).is_some() {
+            return Err(invalid(s, what, "the prefix must be a lowercase DNS subdomain"));
+        }
+    }
+    if !is_k8s_name(name) {
+        return Err(invalid(
+            s,
+            what,
+            "the name must be 1 to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+        ));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// A Kubernetes label key: `[prefix/]name`.
+    LabelKey, check = check_label_key,
+    description = "A Kubernetes label key: [dns-prefix/]name",
+    format = None, pattern = None
+}
+
+fn check_label_value(s: &str) -> Result<(), String> {
+    if s.is_empty() || is_k8s_name(s) {
+        Ok(())
+    } else {
+        Err(invalid(
+            s,
+            "Kubernetes label value",
+            "at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+        ))
+    }
+}
+
+validated_string! {
+    /// A Kubernetes label value (may be empty).
+    LabelValue, check = check_label_value,
+    description = "A Kubernetes label value",
+    format = None, pattern = Some("^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+}
+
+fn check_taint(s: &str) -> Result<(), String> {
+    let what = "taint";
+    let Some((value, effect)) = s.rsplit_once(':') else {
+        return Err(invalid(s, what, "expected value:Effect"));
+    };
+    if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+        return Err(invalid(
+            s,
+            what,
+            "the effect must be NoSchedule, PreferNoSchedule or NoExecute",
+        ));
+    }
+    check_label_value(value).map_err(|_| invalid(s, what, "the value is not a valid label value"))
+}
+
+validated_string! {
+    /// A node taint `value:Effect`, Effect one of NoSchedule, PreferNoSchedule, NoExecute.
+    Taint, check = check_taint,
+    description = "value:Effect with Effect one of NoSchedule, PreferNoSchedule, NoExecute",
+    format = None, pattern = Some("^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?:(NoSchedule|PreferNoSchedule|NoExecute)$")
+}
+
+const QUANTITY_SUFFIXES: &[&str] = &[
+    "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "n", "u", "m", "k", "M", "G", "T", "P", "E", "",
+];
+
+fn is_decimal(s: &str) -> bool {
+    let (whole, frac) = match s.split_once('.') {
+        Some((w, f)) => (w, Some(f)),
+        None => (s, None),
+    };
+    let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+    digits(whole) && frac.map_or(true, digits)
+}
+
+fn is_quantity(s: &str) -> bool {
+    if let Some((number, exponent)) = s.split_once(['e', 'E']) {
+        let exponent = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
+        return is_decimal(number)
+            && !exponent.is_empty()
+            && exponent.bytes().all(|b| b.is_ascii_digit());
+    }
+    QUANTITY_SUFFIXES
+        .iter()
+        .any(|suffix| s.strip_suffix(suffix).is_some_and(is_decimal))
+}
+
+fn check_quantity(s: &str) -> Result<(), String> {
+    if is_quantity(s) {
+        Ok(())
+    } else {
+        Err(invalid(
+            s,
+            "quantity",
+            "a number with an optional suffix such as 500m, 2, 100Mi or 1Gi",
+        ))
+    }
+}
+
+validated_string! {
+    /// A Kubernetes resource quantity: `500m`, `2`, `100Mi`, `1Gi`.
+    Quantity, check = check_quantity,
+    description = "A resource quantity such as 500m, 2, 100Mi or 1Gi",
+    format = None, pattern = Some("^[0-9]+(\\.[0-9]+)?([eE][-+]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
+}
+
+fn check_threshold(s: &str) -> Result<(), String> {
+    if let Some(number) = s.strip_suffix('%') {
+        let in_range = number.parse::<f64>().is_ok_and(|p| (0.0..=100.0).contains(&p));
+        if is_decimal(number) && in_range {
+            return Ok(());
+        }
+        return Err(invalid(s, "eviction threshold", "a percentage must be 0% to 100%"));
+    }
+    if is_quantity(s) {
+        return Ok(());
+    }
+    Err(invalid(
+        s,
+        "eviction threshold",
+        "expected a percentage such as 15% or a quantity such as 100Mi",
+    ))
+}
+
+validated_string! {
+    /// An eviction threshold: a percentage (`15%`) or a quantity (`100Mi`).
+    Threshold, check = check_threshold,
+    description = "A percentage such as 15% or a quantity such as 100Mi",
+    format = None, pattern = None
+}
+
+fn check_duration(s: &str) -> Result<(), String> {
+    let bad = || {
+        invalid(
+            s,
+            "duration",
+            "expected number+unit parts such as 30s, 5m, 12h or 1h30m (units ns, us, ms, s, m, h)",
+        )
+    };
+    if s == "0" {
+        return Ok(());
+    }
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        if !is_decimal(&rest[..number_len]) {
+            return Err(bad());
+        }
+        rest = &rest[number_len..];
+        let unit = ["ns", "us", "µs", "ms", "s", "m", "h"]
+            .into_iter()
+            .find(|u| rest.starts_with(u) && !(*u == "m" && rest.starts_with("ms")))
+            .ok_or_else(bad)?;
+        rest = &rest[unit.len()..];
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// A duration in Go syntax: `30s`, `5m`, `12h`, `1h30m`.
+    Duration, check = check_duration,
+    description = "A duration such as 30s, 5m, 12h or 1h30m",
+    format = None, pattern = Some("^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$|^0$")
+}
+
+fn check_sysctl_key(s: &str) -> Result<(), String> {
+    let what = "sysctl key";
+    if s.is_empty() || s.len() > 256 {
+        return Err(invalid(s, what, "must be 1 to 256 characters"));
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_-./".contains(c))
+    {
+        return Err(invalid(s, what, "only letters, digits, '_', '-', '.' and '/' are allowed"));
+    }
+    let separator = |c: char| c == '.' || c == '/';
+    if s.starts_with(separator)
+        || s.ends_with(separator)
+        || s.split(separator).any(|part| part.is_empty() || part == "..")
+    {
+        return Err(invalid(s, what, "empty parts are not allowed"));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// A sysctl key such as `vm.max_map_count` (`/` separators accepted too).
+    SysctlKey, check = check_sysctl_key,
+    description = "A sysctl key such as vm.max_map_count",
+    format = None, pattern = Some("^[A-Za-z0-9_-]+([./][A-Za-z0-9_-]+)*$")
+}
+
+/// The Linux capability names, without the `CAP_` prefix.
+pub const CAPABILITIES: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+fn check_capability(s: &str) -> Result<(), String> {
+    let name = s.strip_prefix("CAP_").unwrap_or(s);
+    if CAPABILITIES.contains(&name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{s:?} is not a Linux capability (expected a name such as NET_ADMIN or CAP_NET_ADMIN)"
+        ))
+    }
+}
+
+validated_string! {
+    /// A Linux capability name (`NET_ADMIN`; a `CAP_` prefix is accepted).
+    Capability, check = check_capability,
+    description = "A Linux capability name such as NET_ADMIN",
+    format = None, pattern = Some("^(CAP_)?[A-Z_]+$")
+}
+
+impl Capability {
+    /// The name with the `CAP_` prefix, as the OCI runtime spec writes it.
+    pub fn with_cap_prefix(&self) -> String {
+        if self.0.starts_with("CAP_") {
+            self.0.clone()
+        } else {
+            format!("CAP_{}", self.0)
+        }
+    }
+}
+
+fn check_aws_region(s: &str) -> Result<(), String> {
+    let parts: Vec<&str> = s.split('-').collect();
+    let ok = parts.len() >= 3
+        && parts[0].len() == 2
+        && parts[..parts.len() - 1]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
+        && parts[parts.len() - 1]
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        && !parts[parts.len() - 1].is_empty();
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(s, "AWS region", "expected a name such as us-west-2"))
+    }
+}
+
+validated_string! {
+    /// An AWS region name such as `us-west-2`.
+    AwsRegion, check = check_aws_region,
+    description = "An AWS region such as us-west-2",
+    format = None, pattern = Some("^[a-z]{2}(-[a-z]+)+-[0-9]+$")
+}
+
+fn check_bootstrap_token(s: &str) -> Result<(), String> {
+    let ok = s.split_once('.').is_some_and(|(id, secret)| {
+        let lower = |p: &str| p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        id.len() == 6 && secret.len() == 16 && lower(id) && lower(secret)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(s, "bootstrap token", "expected [a-z0-9]{6}.[a-z0-9]{16}"))
+    }
+}
+
+validated_string! {
+    /// A Kubernetes bootstrap token `abcdef.0123456789abcdef`.
+    BootstrapToken, check = check_bootstrap_token,
+    description = "A Kubernetes bootstrap token",
+    format = None, pattern = Some("^[a-z0-9]{6}\\.[a-z0-9]{16}$")
+}
+
+// ---------------------------------------------------------------------------------------
+// One or many IP addresses
+
+/// A single IP address or a list of them (`cluster-dns-ip`), kept in the form given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpOrIps {
+    One(IpAddress),
+    Many(Vec<IpAddress>),
+}
+
+impl IpOrIps {
+    /// The addresses as a list.
+    pub fn to_vec(&self) -> Vec<IpAddress> {
+        match self {
+            IpOrIps::One(ip) => vec![ip.clone()],
+            IpOrIps::Many(ips) => ips.clone(),
+        }
+    }
+}
+
+impl Serialize for IpOrIps {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            IpOrIps::One(ip) => ip.serialize(serializer),
+            IpOrIps::Many(ips) => ips.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for IpOrIps {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IpOrIpsVisitor;
+        impl<'de> serde::de::Visitor<'de> for IpOrIpsVisitor {
+            type Value = IpOrIps;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an IP address or a list of IP addresses")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IpOrIps, E> {
+                IpAddress::new(v).map(IpOrIps::One).map_err(E::custom)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<IpOrIps, A::Error> {
+                let mut ips = Vec::new();
+                while let Some(ip) = seq.next_element::<IpAddress>()? {
+                    ips.push(ip);
+                }
+                Ok(IpOrIps::Many(ips))
+            }
+        }
+        deserializer.deserialize_any(IpOrIpsVisitor)
+    }
+}
+
+impl JsonSchema for IpOrIps {
+    fn schema_name() -> String {
+        "IpOrIps".to_owned()
+    }
+    fn is_referenceable() -> bool {
+        false
+    }
+    fn json_schema(gen: &mut SchemaGenerator) -> Schema {
+        let one = IpAddress::json_schema(gen);
+        let many = <Vec<IpAddress>>::json_schema(gen);
+        SchemaObject {
+            subschemas: Some(Box::new(schemars::schema::SubschemaValidation {
+                any_of: Some(vec![one, many]),
+                ..Default::default()
+            })),
+            metadata: Some(Box::new(Metadata {
+                description: Some("An IP address or a list of IP addresses".to_owned()),
+                ..Metadata::default()
+            })),
+            ..SchemaObject::default()
+        }
+        .into()
+    }
+}
