@@ -9,9 +9,10 @@ use super::{CliError, Output};
 use crate::client::Client;
 use crate::source::Source;
 
-/// Applies user-data: every source is checked locally first, then PATCHed into one
-/// transaction in the order given, which is committed and applied. Prints nothing on
-/// success.
+/// Applies user-data documents (TOML or JSON) in one transaction
+///
+/// Every source is checked locally first, then PATCHed into one transaction in the order
+/// given, which is committed and applied. Prints nothing on success.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:

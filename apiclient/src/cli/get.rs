@@ -9,7 +9,7 @@ use crate::client::Client;
 use crate::merge::deep_merge;
 use crate::uri::with_query;
 
-/// Prints the whole model, or what matches the given prefixes, as JSON.
+/// Prints the whole model, or what matches the given prefixes, as JSON
 ///
 /// A prefix is matched as a string against dotted keys, so `settings.host` matches both
 /// `settings.host-containers` and `settings.hostname`.

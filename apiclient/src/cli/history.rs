@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::{CliError, Output};
 use crate::client::Client;
 
-/// Prints the settings history: a JSON array of generation records.
+/// Prints the settings history, a JSON array of generation records
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:

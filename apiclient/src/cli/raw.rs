@@ -6,7 +6,7 @@ use http::Method;
 use super::{CliError, Output};
 use crate::client::Client;
 
-/// Sends one request and prints the answer (pretty if it is JSON).
+/// Sends one request and prints the answer (pretty if it is JSON)
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:

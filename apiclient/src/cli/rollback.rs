@@ -8,7 +8,9 @@ use super::{CliError, Output};
 use crate::client::Client;
 use crate::uri::with_query;
 
-/// Rolls settings back to GENERATION; prints the JSON array of changed keys.
+/// Rolls settings back to an earlier generation and applies
+///
+/// Prints the JSON array of changed keys.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:

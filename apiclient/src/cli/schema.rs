@@ -5,7 +5,9 @@ use clap::Args;
 
 use super::{CliError, Output};
 
-/// Prints the JSON Schema of user-data (a document with a top-level `settings` object).
+/// Prints the JSON Schema of user-data documents
+///
+/// A user-data document has a top-level `settings` object.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:

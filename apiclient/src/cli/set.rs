@@ -8,8 +8,9 @@ use super::transaction::{fill_and_commit, Fill};
 use super::{CliError, Output};
 use crate::client::Client;
 
-/// Changes settings, then commits and applies them. Prints nothing on success.
+/// Changes settings, then commits and applies them
 ///
+/// Prints nothing on success.
 /// `key=value` pairs are typed by the settings model on the server: `motd=42` sets the
 /// string "42". The `settings.` prefix is optional. Quote key segments that contain dots.
 #[derive(Debug, Args)]

@@ -9,7 +9,9 @@ use super::transaction::{fill_and_commit, Fill};
 use super::{CliError, Output};
 use crate::client::Client;
 
-/// Removes settings, then commits and applies. Prints nothing on success.
+/// Removes settings, then commits and applies
+///
+/// Prints nothing on success.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:
