@@ -281,7 +281,18 @@ validated_string! {
 fn check_base64(s: &str) -> Result<(), String> {
     match base64::engine::general_purpose::STANDARD.decode(s) {
         Ok(_) => Ok(()),
-        Err(e) => Err(format!("{s:?} is not base64 ({e})")),
+        Err(e) => {
+            use base64::DecodeError as E;
+            let why = match e {
+                E::InvalidByte(offset, byte) => {
+                    format!("invalid character {:?} at offset {offset}", char::from(byte))
+                }
+                E::InvalidLength(_) => "the length is not a multiple of 4".to_owned(),
+                E::InvalidLastSymbol(offset, _) => format!("invalid last symbol at offset {offset}"),
+                E::InvalidPadding => "invalid padding".to_owned(),
+            };
+            Err(format!("{s:?} is not base64 ({why})"))
+        }
     }
 }
 
@@ -381,7 +392,7 @@ fn check_url(s: &str) -> Result<(), String> {
     if !matches!(url.scheme(), "http" | "https") {
         return Err(invalid(s, what, "the scheme must be http or https"));
     }
-    if url.host_str().map_or(true, str::is_empty) {
+    if url.host_str().unwrap_or_default().is_empty() {
         return Err(invalid(s, what, "a host is required"));
     }
     if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -408,7 +419,7 @@ fn check_proxy(s: &str) -> Result<(), String> {
     if !matches!(url.scheme(), "http" | "https") {
         return Err(invalid(s, what, "the scheme must be http or https"));
     }
-    if url.host_str().map_or(true, str::is_empty) {
+    if url.host_str().unwrap_or_default().is_empty() {
         return Err(invalid(s, what, "a host is required"));
     }
     if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
@@ -724,7 +735,10 @@ fn is_decimal(s: &str) -> bool {
         None => (s, None),
     };
     let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
-    digits(whole) && frac.map_or(true, digits)
+    digits(whole) && match frac {
+        Some(f) => digits(f),
+        None => true,
+    }
 }
 
 fn is_quantity(s: &str) -> bool {

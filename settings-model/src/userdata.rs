@@ -52,7 +52,13 @@ fn parse_document(source_name: &str, text: &str) -> Result<Value, Error> {
             source_name: source_name.to_owned(),
             line,
             column,
-            message: e.message().trim().to_owned(),
+            message: e
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(": "),
         }
     })?;
     Ok(toml_to_json(toml::Value::Table(table)))
