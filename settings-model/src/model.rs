@@ -488,10 +488,17 @@ fn path_error(err: serde_path_to_error::Error<serde_json::Error>) -> Error {
             } else {
                 format!("unknown key ({hint})")
             };
-            return Error::BadKey {
-                key: format!("{key}.{}", format_segment(field)),
-                reason,
+            // serde_path_to_error usually has the unknown key in the path already.
+            let named = matches!(
+                err.path().iter().last(),
+                Some(serde_path_to_error::Segment::Map { key: last }) if last == field
+            );
+            let key = if named {
+                key
+            } else {
+                format!("{key}.{}", format_segment(field))
             };
+            return Error::BadKey { key, reason };
         }
     }
     Error::Invalid {
