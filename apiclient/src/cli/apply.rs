@@ -40,12 +40,23 @@ pub fn read_sources(args: &[String]) -> Result<Vec<Value>, CliError> {
         .map(|arg| {
             let source = Source::parse(arg)?;
             let text = source.read()?;
-            Ok(settings_model::userdata::parse_user_data(
-                source.name(),
-                &text,
-            )?)
+            settings_model::userdata::parse_user_data(source.name(), &text)
+                .map_err(|error| in_source(source.name(), error))
         })
         .collect()
+}
+
+/// Makes sure the message names the source: syntax errors already do, errors about a
+/// key name only the key.
+fn in_source(name: &str, error: settings_model::Error) -> CliError {
+    if error.to_string().starts_with(&format!("{name}: ")) {
+        CliError::Model(error)
+    } else {
+        CliError::UserData {
+            name: name.to_owned(),
+            source: error,
+        }
+    }
 }
 
 pub async fn run(client: &Client, args: ApplyArgs) -> Result<Output, CliError> {
@@ -53,4 +64,54 @@ pub async fn run(client: &Client, args: ApplyArgs) -> Result<Output, CliError> {
     let fills: Vec<Fill<'_>> = patches.iter().map(Fill::Settings).collect();
     fill_and_commit(client, "apply", &fills).await?;
     Ok(Output::Nothing)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn toml_and_json_sources_become_patches_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = write(&dir, "a.toml", "[settings]\nmotd = \"from toml\"\n");
+        let json = write(&dir, "b.json", r#"{"settings": {"motd": "from json"}}"#);
+        let uri = format!("file://{toml}");
+        let patches = read_sources(&[uri, json]).unwrap();
+        assert_eq!(
+            patches,
+            [json!({"motd": "from toml"}), json!({"motd": "from json"})]
+        );
+    }
+
+    #[test]
+    fn errors_name_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let syntax = write(&dir, "syntax.toml", "[settings\n");
+        let error = read_sources(std::slice::from_ref(&syntax))
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with(&format!("{syntax}: ")), "{error}");
+        assert!(error.contains("line 1"), "{error}");
+
+        let typed = write(&dir, "typed.toml", "[settings]\nmotd = 5\n");
+        let error = read_sources(std::slice::from_ref(&typed))
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with(&format!("{typed}: ")), "{error}");
+        assert!(error.contains("settings.motd"), "{error}");
+    }
+
+    #[test]
+    fn stdin_only_once() {
+        let args = ["-".to_owned(), "-".to_owned()];
+        assert!(matches!(read_sources(&args), Err(CliError::Invalid(_))));
+    }
 }

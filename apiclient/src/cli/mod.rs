@@ -111,6 +111,13 @@ pub enum CliError {
     #[error(transparent)]
     Source(#[from] SourceError),
 
+    /// A user-data document is well-formed but wrong; the message names the source.
+    #[error("{name}: {source}")]
+    UserData {
+        name: String,
+        source: settings_model::Error,
+    },
+
     /// A request or answer had a shape the command cannot use.
     #[error("{0}")]
     Invalid(String),
