@@ -69,6 +69,29 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn keys_become_nulls_in_one_patch() {
+        let keys = [
+            "motd".to_owned(),
+            "settings.kernel.sysctl.\"vm.max_map_count\"".to_owned(),
+            "kernel.sysctl.\"vm.swappiness\"".to_owned(),
+        ];
+        let patch = removal_patch(&keys).ok();
+        assert_eq!(
+            patch,
+            Some(json!({
+                "motd": null,
+                "kernel": {"sysctl": {"vm.max_map_count": null, "vm.swappiness": null}}
+            }))
+        );
+    }
+
+    #[test]
+    fn the_settings_root_and_malformed_keys_are_refused() {
+        assert!(removal_patch(&["settings".to_owned()]).is_err());
+        assert!(removal_patch(&["a.\"b".to_owned()]).is_err());
+    }
+
+    #[test]
     fn broader_removals_win_whatever_the_order() {
         let mut patch = json!({});
         merge_removal(&mut patch, json!({"a": {"b": null}}));
