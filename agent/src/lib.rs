@@ -1,1 +1,66 @@
-pub fn placeholder() {}
+//! keeld, Keel's host agent, as a library: `main.rs` parses flags and calls [`run`].
+//!
+//! Modules, one per concern: [`api`] (routes, one file per resource), [`store`]
+//! (datastore, transactions, generations), [`apply`] (services metadata, render and
+//! restart), [`config`] (flags), [`os`] (what `/os` reports).
+
+pub mod api;
+pub mod apply;
+pub mod config;
+pub mod os;
+pub mod store;
+
+use std::sync::Arc;
+
+pub use config::Config;
+
+/// Why keeld could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("datastore: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("services metadata: {0}")]
+    Services(#[from] apply::ServicesError),
+    #[error("API socket: {0}")]
+    Socket(#[from] api::server::SocketError),
+    #[error("API group {0:?} does not exist (looked up in /etc/group)")]
+    UnknownGroup(String),
+}
+
+/// Opens the store, binds the socket and serves until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), AgentError> {
+    let store = store::Store::open(&config.state_dir, usize::try_from(config.history).unwrap_or(usize::MAX))?;
+    let meta = match &config.services {
+        Some(path) => apply::ServicesMeta::load(path)?,
+        None => apply::ServicesMeta::default(),
+    };
+    let gid = config.api_gid()?;
+    let state = api::AppState {
+        store,
+        applier: apply::Applier::new(Arc::new(meta)),
+        os: Arc::new(os::OsInfo::current(&config.variant)),
+        reboot_command: Arc::new(config.reboot_command.clone()),
+    };
+    let policy = api::AccessPolicy {
+        api_gid: gid,
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        own_uid: unsafe { libc::geteuid() },
+    };
+    let listener = api::server::bind(&config.socket, config.socket_mode, gid)?;
+    tracing::info!(socket = %config.socket.display(), state_dir = %config.state_dir.display(), "keeld serving");
+    api::server::serve(listener, api::router(state, policy), shutdown_signal()).await;
+    tracing::info!("keeld stopping");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers keeld still stops on the default action.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

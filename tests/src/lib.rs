@@ -1,1 +1,293 @@
-//! Shared helpers for the end-to-end tests.
+//! Shared helpers for the end-to-end tests: start the real `keeld` binary on a temporary
+//! socket and state directory, drive it with the real `apiclient` binary or raw HTTP.
+//!
+//! Every process a test starts is stopped by PID when its handle drops.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding the workspace's built binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test>-<hash> → target/debug
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    dir.to_owned()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the end-to-end tests",
+        path.display()
+    );
+    path
+}
+
+/// The repository's root (for `packaging/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// Options for starting keeld.
+#[derive(Clone, Debug)]
+pub struct KeeldOptions {
+    pub history: u32,
+    pub socket_mode: &'static str,
+    pub socket_group: String,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for KeeldOptions {
+    fn default() -> Self {
+        KeeldOptions {
+            history: 10,
+            socket_mode: "660",
+            socket_group: "0".to_owned(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A running keeld with its own temporary socket and state directory.
+pub struct Keeld {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub options: KeeldOptions,
+    child: Option<Child>,
+}
+
+impl Keeld {
+    pub fn start() -> Keeld {
+        Self::start_with(KeeldOptions::default())
+    }
+
+    pub fn start_with(options: KeeldOptions) -> Keeld {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let state_dir = dir.path().join("state");
+        let mut keeld = Keeld {
+            dir,
+            socket,
+            state_dir,
+            options,
+            child: None,
+        };
+        keeld.spawn();
+        keeld
+    }
+
+    /// Starts (again) the keeld process on the same socket and state directory.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "keeld already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("keeld.log"))
+            .unwrap();
+        let child = Command::new(bin("keeld"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["--socket-group", &self.options.socket_group])
+            .args(["--socket-mode", self.options.socket_mode])
+            .args(["--history", &self.options.history.to_string()])
+            .arg("--services")
+            .arg(repo_root().join("packaging/services.toml"))
+            .args(&self.options.extra_args)
+            .env("KEELD_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("keeld exited early ({status}); log:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "keeld did not come up; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("keeld running").id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("keeld.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // The socket file stays behind, as after a real crash; keeld must cope.
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("keeld running");
+        // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+
+    /// Runs the apiclient binary against this keeld.
+    pub fn apiclient(&self, args: &[&str]) -> Output {
+        self.apiclient_with_stdin(args, None)
+    }
+
+    pub fn apiclient_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(bin("apiclient"))
+            .arg("--socket-path")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(input) = stdin {
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs apiclient and returns stdout parsed as JSON; panics on failure.
+    pub fn apiclient_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.apiclient(args);
+        assert!(
+            out.status.success(),
+            "apiclient {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("apiclient {args:?}: output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    /// One raw HTTP/1.1 request; see [`raw_request`].
+    pub fn raw(&self, method: &str, target: &str, body: Option<&[u8]>) -> RawResponse {
+        raw_request(&self.socket, method, target, body)
+    }
+
+    /// The live settings as `GET /settings` returns them, as bytes.
+    pub fn live_bytes(&self) -> Vec<u8> {
+        let r = self.raw("GET", "/settings", None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.body
+    }
+}
+
+impl Drop for Keeld {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends exactly one request as Bottlerocket's apiclient does (`Content-Type:
+/// application/json`, `Connection: close`) and reads the whole answer.
+pub fn raw_request(socket: &Path, method: &str, target: &str, body: Option<&[u8]>) -> RawResponse {
+    let mut head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    );
+    let body = body.unwrap_or_default();
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    raw_bytes(socket, &bytes)
+}
+
+/// Sends `request` verbatim and parses the answer (Content-Length or close-delimited).
+pub fn raw_bytes(socket: &Path, request: &[u8]) -> RawResponse {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // The server may answer (413) before it has read the whole body and close; a failed
+    // write is then expected, the answer is still there to read.
+    let _ = stream.write_all(request);
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> RawResponse {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status: u16 = status_line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    RawResponse { status, headers, body }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else { break };
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
+        data = &data[eol + 2 + size + 2..];
+    }
+    out
+}

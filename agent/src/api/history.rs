@@ -1,0 +1,73 @@
+//! `/history` and `/history/rollback`: Keel's additions. The kept generations with who
+//! changed what, and rollback to one of them as a new generation.
+
+use axum::extract::{RawQuery, State};
+use axum::{Extension, Json};
+use serde_json::{json, Value};
+
+use super::error::{ApiError, ApiResult};
+use super::input::Query;
+use super::{AppState, Peer};
+
+/// Newest first; `settings=true` includes each generation's whole settings.
+pub async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Value>> {
+    let query = Query::parse(q.as_deref(), &["limit", "settings"])?;
+    let limit = match query.get("limit") {
+        Some(text) => text.parse::<usize>().map_err(|_| {
+            ApiError::bad_request(format!("limit {text:?} is not a non-negative integer"))
+                .with_key("limit")
+        })?,
+        None => usize::MAX,
+    };
+    let with_settings = match query.get("settings") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!("settings {other:?} is not true or false"))
+                .with_key("settings"))
+        }
+    };
+    let snapshot = state.store.snapshot();
+    let records = snapshot
+        .history
+        .iter()
+        .rev()
+        .take(limit)
+        .map(|g| {
+            let mut record = json!({
+                "generation": g.generation,
+                "time": g.time,
+                "tx": g.tx,
+                "caller": g.caller,
+                "changed-keys": g.changed_keys,
+            });
+            if let Some(of) = g.rollback_of {
+                record["rollback-of"] = json!(of);
+            }
+            if with_settings {
+                record["settings"] = Value::clone(&g.settings);
+            }
+            record
+        })
+        .collect();
+    Ok(Json(Value::Array(records)))
+}
+
+pub async fn rollback(
+    State(state): State<AppState>,
+    Extension(peer): Extension<Peer>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Vec<String>>> {
+    let query = Query::parse(q.as_deref(), &["generation"])?;
+    let text = query.required("generation")?;
+    let generation = text.parse::<u64>().map_err(|_| {
+        ApiError::bad_request(format!("generation {text:?} is not a non-negative integer"))
+            .with_key("generation")
+    })?;
+    let changed = state.store.rollback(generation, peer.caller()).await?;
+    tracing::info!(generation, uid = peer.uid, changed = changed.len(), "rolled back");
+    if !changed.is_empty() {
+        state.applier.apply(&changed).await;
+    }
+    Ok(Json(changed))
+}

@@ -1,0 +1,77 @@
+//! The local API: HTTP/1.1 on a Unix socket, wire-compatible with Bottlerocket's
+//! apiserver for the endpoints it shares (see DESIGN.md, "The local API").
+//!
+//! Owns routing, request parsing and answers. One file per resource; handlers parse and
+//! answer, and call a small set of operations on the store and the applier — no handler
+//! writes files itself.
+
+pub mod actions;
+pub mod error;
+pub mod history;
+pub mod input;
+pub mod metadata;
+pub mod peer;
+pub mod root;
+pub mod server;
+pub mod settings;
+pub mod tx;
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::{get, patch, post};
+use axum::Router;
+
+use crate::apply::Applier;
+use crate::os::OsInfo;
+use crate::store::Store;
+use error::ApiError;
+pub use peer::{AccessPolicy, Peer};
+
+/// Everything a handler may touch.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub applier: Applier,
+    pub os: Arc<OsInfo>,
+    /// argv of the reboot command for `POST /actions/reboot`.
+    pub reboot_command: Arc<Vec<String>>,
+}
+
+/// The whole API, with the access check layered over every route.
+pub fn router(state: AppState, policy: AccessPolicy) -> Router {
+    Router::new()
+        .route("/", get(root::get_root))
+        .route("/os", get(root::get_os))
+        .route("/settings", get(settings::get_settings).patch(settings::patch_settings))
+        .route("/settings/keypair", patch(settings::patch_keypair))
+        .route("/tx", get(tx::get_tx).delete(tx::delete_tx))
+        .route("/tx/list", get(tx::list))
+        .route("/tx/commit", post(tx::commit))
+        .route("/tx/apply", post(tx::apply))
+        .route("/tx/commit_and_apply", post(tx::commit_and_apply))
+        .route("/metadata/affected-services", get(metadata::affected_services))
+        .route("/services", get(metadata::services))
+        .route("/configuration-files", get(metadata::configuration_files))
+        .route("/actions/reboot", post(actions::reboot))
+        .route("/history", get(history::list))
+        .route("/history/rollback", post(history::rollback))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            policy,
+            peer::require_access,
+        ))
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no such resource: {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}

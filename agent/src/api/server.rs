@@ -1,0 +1,113 @@
+//! The socket: created with its final mode and group before anyone can connect, then an
+//! accept loop that serves each connection on its own task.
+
+use std::future::Future;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::UnixListener;
+use tower::ServiceExt;
+
+use super::peer::Peer;
+
+/// A client must send its request head within this time; a slow client cannot hold a
+/// connection (and its task) forever.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("{path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+}
+
+/// Binds `path` with `mode` and group `gid`. The socket is bound under a temporary name,
+/// given its mode and owner, and only then renamed into place, so there is no moment at
+/// which it is reachable with looser permissions.
+pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, SocketError> {
+    let io = |what, source| SocketError::Io {
+        path: path.to_owned(),
+        what,
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io("create parent directory", e))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(SocketError::NotASocket(path.to_owned()))
+        }
+        _ => {}
+    }
+    let temp = path.with_extension("sock.new");
+    let _ = std::fs::remove_file(&temp);
+    let listener = UnixListener::bind(&temp).map_err(|e| io("bind", e))?;
+    std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io("chmod", e))?;
+    if let Some(gid) = gid {
+        chown_group(&temp, gid).map_err(|e| io("chown", e))?;
+    }
+    std::fs::rename(&temp, path).map_err(|e| io("rename into place", e))?;
+    Ok(listener)
+}
+
+fn chown_group(path: &Path, gid: u32) -> io::Result<()> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("path holds a NUL byte"))?;
+    // SAFETY: c_path is a valid NUL-terminated string for the duration of the call;
+    // uid -1 leaves the owner unchanged.
+    let rc = unsafe { libc::chown(c_path.as_ptr(), u32::MAX, gid) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` completes.
+pub async fn serve(listener: UnixListener, app: Router, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let peer = Peer::of(&stream);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                if let Some(peer) = &peer {
+                    request.extensions_mut().insert(peer.clone());
+                }
+                app.clone().oneshot(request)
+            });
+            let result = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,68 @@
+//! keeld's command-line flags.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::AgentError;
+
+/// keeld: owns this host's settings and serves the local API on a Unix socket.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "keeld", version, about, long_about = None)]
+pub struct Config {
+    /// Path of the API socket.
+    #[arg(long, default_value = "/run/api.sock", env = "KEELD_SOCKET")]
+    pub socket: PathBuf,
+    /// Group (name or numeric id) allowed to use the API besides root.
+    #[arg(long, default_value = "api")]
+    pub socket_group: String,
+    /// Mode of the API socket, in octal.
+    #[arg(long, default_value = "660", value_parser = parse_octal)]
+    pub socket_mode: u32,
+    /// State directory: generations and pending transactions.
+    #[arg(long, default_value = "/var/lib/keel", env = "KEELD_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// How many generations to keep for history and rollback.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub history: u64,
+    /// services.toml: services, their configuration files and affected settings.
+    #[arg(long)]
+    pub services: Option<PathBuf>,
+    /// Reboot command (argv, no shell) run by `POST /actions/reboot`.
+    #[arg(long, num_args = 1.., default_values = ["systemctl", "reboot"])]
+    pub reboot_command: Vec<String>,
+    /// Variant reported by `GET /os`.
+    #[arg(long, default_value = "keel-dev")]
+    pub variant: String,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+fn parse_octal(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{text:?} is not an octal mode like 660"))
+}
+
+impl Config {
+    /// The API group's id: numeric as given, or looked up by name in /etc/group.
+    pub fn api_gid(&self) -> Result<Option<u32>, AgentError> {
+        if let Ok(gid) = self.socket_group.parse::<u32>() {
+            return Ok(Some(gid));
+        }
+        let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        groups
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                let gid = fields.nth(1)?.parse::<u32>().ok()?;
+                Some((name, gid))
+            })
+            .find(|(name, _)| *name == self.socket_group)
+            .map(|(_, gid)| Some(gid))
+            .ok_or_else(|| AgentError::UnknownGroup(self.socket_group.clone()))
+    }
+}

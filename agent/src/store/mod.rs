@@ -1,0 +1,299 @@
+//! The datastore: committed generations, named pending transactions, history.
+//!
+//! Owns every mutation of settings state and its durability. Readers get an immutable
+//! [`Snapshot`] without locks (an `ArcSwap` load), so a read never waits for a writer's
+//! fsync. Mutations are [`Op`]s sent to a single writer thread ([`writer`]) that applies
+//! them in order and persists a whole batch at once: concurrent commits share one fsync
+//! (group commit). Must not render files or talk to containerd: callers do that after a
+//! commit answered.
+
+mod files;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+pub use files::StoreFiles;
+
+/// Who asked for a change, from the API socket's `SO_PEERCRED`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: i32,
+    /// `/proc/<pid>/comm` at the time of the request; empty when it could not be read.
+    pub comm: String,
+}
+
+impl Caller {
+    /// keeld itself (boot-time commits, defaults).
+    pub fn keeld() -> Self {
+        Caller {
+            uid: 0,
+            gid: 0,
+            pid: i32::try_from(std::process::id()).unwrap_or(0),
+            comm: "keeld".to_owned(),
+        }
+    }
+}
+
+/// One committed state of the whole settings model, with who made it and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Generation {
+    pub generation: u64,
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// The transaction that produced it (`rollback-to-<N>` for a rollback).
+    pub tx: String,
+    /// Identity of the pending transaction that produced it; lets `open` drop a pending
+    /// transaction that was committed just before a crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_id: Option<u64>,
+    pub caller: Caller,
+    pub changed_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<u64>,
+    /// The whole settings model (canonical JSON, no `settings` wrapper).
+    pub settings: Arc<Value>,
+}
+
+/// A named pending transaction: a merge-patch waiting for commit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingTx {
+    pub id: u64,
+    /// Merge-patches in the order they arrived; applied one after another at commit.
+    /// (Folding them into one patch is lossy: `{"a":null}` then `{"a":{"b":1}}` must
+    /// replace `a`, which a single merge-patch cannot say.)
+    pub patches: Vec<Arc<Value>>,
+}
+
+impl PendingTx {
+    /// Applies the transaction's patches, in order, to `settings`.
+    pub fn apply_to(&self, settings: &mut Value) {
+        for patch in &self.patches {
+            settings_model::patch::merge_patch(settings, patch);
+        }
+    }
+
+    /// The keys the transaction touches (a `null` leaf is a removal), sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .patches
+            .iter()
+            .flat_map(|p| settings_model::patch::flatten(p).into_keys())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// A single view of what is pending, for display (`GET /tx`).
+    pub fn view(&self) -> Value {
+        let mut view = Value::Object(Default::default());
+        for patch in &self.patches {
+            compose_for_view(&mut view, patch);
+        }
+        view
+    }
+}
+
+/// Folds `next` into `acc`, keeping `null`s so that removals stay visible.
+fn compose_for_view(acc: &mut Value, next: &Value) {
+    match (acc, next) {
+        (Value::Object(acc), Value::Object(next)) => {
+            for (key, value) in next {
+                match acc.get_mut(key) {
+                    Some(existing @ Value::Object(_)) if value.is_object() => {
+                        compose_for_view(existing, value)
+                    }
+                    _ => {
+                        acc.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (acc, next) => *acc = next.clone(),
+    }
+}
+
+/// Most patches one pending transaction may hold.
+pub const MAX_PATCHES_PER_TX: usize = 4096;
+
+/// An immutable view of the store, swapped in whole after each persisted batch.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Oldest first; never empty: generation 0 is the empty model.
+    pub history: Vec<Generation>,
+    pub pending: BTreeMap<String, PendingTx>,
+}
+
+impl Snapshot {
+    pub fn live(&self) -> &Generation {
+        // `open` guarantees at least one generation; an empty history is a bug.
+        self.history.last().expect("store history is never empty")
+    }
+
+    pub fn live_settings(&self) -> &Value {
+        &self.live().settings
+    }
+
+    pub fn find(&self, generation: u64) -> Option<&Generation> {
+        self.history.iter().find(|g| g.generation == generation)
+    }
+}
+
+/// Why a store operation was refused. The HTTP layer maps each to a status code.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The patch or the candidate it produces is not a valid settings model (400).
+    #[error(transparent)]
+    Invalid(#[from] settings_model::Error),
+    /// Commit of a transaction that holds nothing (422).
+    #[error("transaction {0:?} has nothing pending to commit")]
+    NothingPending(String),
+    /// Rollback to a generation that is not in the kept history (404).
+    #[error("generation {0} is not in the kept history")]
+    UnknownGeneration(u64),
+    /// The state directory could not be read or written; nothing changed (500/507).
+    #[error("state directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A state file exists but cannot be understood; keeld refuses to guess.
+    #[error("state file {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    /// A transaction grew past [`MAX_PATCHES_PER_TX`] patches (409).
+    #[error("transaction {0:?} holds too many patches; commit or discard it")]
+    TxFull(String),
+    /// The writer thread is gone (keeld is shutting down).
+    #[error("the datastore is shutting down")]
+    Closed,
+}
+
+/// Mutations, applied in the order the writer receives them.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Patch {
+        tx: String,
+        patch: Value,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Discard {
+        tx: String,
+        reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
+    },
+    Commit {
+        tx: String,
+        caller: Caller,
+        reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
+    },
+    Rollback {
+        generation: u64,
+        caller: Caller,
+        reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
+    },
+}
+
+/// The handle the API and boot code hold. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    ops: mpsc::UnboundedSender<Op>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`, keeping at most `keep` generations, and
+    /// starts its writer thread.
+    pub fn open(dir: &Path, keep: usize) -> Result<Store, StoreError> {
+        let files = StoreFiles::new(dir)?;
+        let snapshot = files.load()?;
+        let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+        let (tx, rx) = mpsc::unbounded_channel();
+        writer::spawn(files, keep.max(1), shared.clone(), rx)?;
+        Ok(Store {
+            snapshot: shared,
+            ops: tx,
+        })
+    }
+
+    /// The current state; never blocks.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Merges `patch` (already checked with `validate_patch`) into transaction `tx`.
+    pub async fn patch(&self, tx: &str, patch: Value) -> Result<(), StoreError> {
+        self.send(|reply| Op::Patch {
+            tx: tx.to_owned(),
+            patch,
+            reply,
+        })
+        .await
+    }
+
+    /// Drops transaction `tx`; answers the keys it held (empty if it did not exist).
+    pub async fn discard(&self, tx: &str) -> Result<Vec<String>, StoreError> {
+        self.send(|reply| Op::Discard {
+            tx: tx.to_owned(),
+            reply,
+        })
+        .await
+    }
+
+    /// Commits `tx` as a new generation; answers the keys whose values changed.
+    /// Answers only once the generation is durable.
+    pub async fn commit(&self, tx: &str, caller: Caller) -> Result<Vec<String>, StoreError> {
+        self.send(|reply| Op::Commit {
+            tx: tx.to_owned(),
+            caller,
+            reply,
+        })
+        .await
+    }
+
+    /// Makes a new generation equal to `generation`; answers the changed keys.
+    pub async fn rollback(
+        &self,
+        generation: u64,
+        caller: Caller,
+    ) -> Result<Vec<String>, StoreError> {
+        self.send(|reply| Op::Rollback {
+            generation,
+            caller,
+            reply,
+        })
+        .await
+    }
+
+    async fn send<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.ops.send(make(reply)).map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Current time as RFC 3339 (UTC, milliseconds).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests;

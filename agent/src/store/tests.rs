@@ -1,0 +1,156 @@
+#![allow(clippy::unwrap_used)]
+
+use serde_json::json;
+
+use super::*;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn commit_is_durable_and_pending_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        store.patch("a", json!({"motd": "one"})).await.unwrap();
+        let changed = store.commit("a", Caller::keeld()).await.unwrap();
+        assert_eq!(changed, vec!["settings.motd"]);
+        store
+            .patch("later", json!({"kernel": {"sysctl": {"vm.x": "1"}}}))
+            .await
+            .unwrap();
+    });
+    // The writer thread of the first store still holds the flock until its channel
+    // closes; wait for it to go.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let store = Store::open(dir.path(), 10).unwrap();
+    let snap = store.snapshot();
+    assert_eq!(snap.live_settings(), &json!({"motd": "one"}));
+    assert_eq!(snap.live().generation, 1);
+    assert_eq!(snap.live().tx, "a");
+    assert!(snap.pending.contains_key("later"));
+}
+
+#[test]
+fn empty_commit_is_refused_and_invalid_patch_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        assert!(matches!(
+            store.commit("nothing", Caller::keeld()).await,
+            Err(StoreError::NothingPending(_))
+        ));
+        let before = store.snapshot();
+        let err = store
+            .patch("a", json!({"host-containers": {"admin": {"source": "NOT VALID"}}}))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("settings.host-containers.admin.source"), "{err}");
+        let after = store.snapshot();
+        assert!(after.pending.is_empty());
+        assert_eq!(before.history, after.history);
+    });
+}
+
+#[test]
+fn null_removes_and_patches_apply_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        store
+            .patch("t", json!({"kernel": {"sysctl": {"a.b": "1", "c.d": "2"}}}))
+            .await
+            .unwrap();
+        store.commit("t", Caller::keeld()).await.unwrap();
+        // Remove the table, then put one key back: the result holds only that key.
+        store.patch("t", json!({"kernel": {"sysctl": null}})).await.unwrap();
+        store
+            .patch("t", json!({"kernel": {"sysctl": {"e.f": "3"}}}))
+            .await
+            .unwrap();
+        let changed = store.commit("t", Caller::keeld()).await.unwrap();
+        assert_eq!(
+            store.snapshot().live_settings(),
+            &json!({"kernel": {"sysctl": {"e.f": "3"}}})
+        );
+        assert_eq!(changed.len(), 3, "{changed:?}");
+    });
+}
+
+#[test]
+fn history_is_trimmed_and_rollback_makes_a_new_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 3).unwrap();
+        for i in 0..5 {
+            store.patch("t", json!({"motd": format!("m{i}")})).await.unwrap();
+            store.commit("t", Caller::keeld()).await.unwrap();
+        }
+        let snap = store.snapshot();
+        let gens: Vec<u64> = snap.history.iter().map(|g| g.generation).collect();
+        assert_eq!(gens, vec![3, 4, 5]);
+        assert!(matches!(
+            store.rollback(1, Caller::keeld()).await,
+            Err(StoreError::UnknownGeneration(1))
+        ));
+        let changed = store.rollback(3, Caller::keeld()).await.unwrap();
+        assert_eq!(changed, vec!["settings.motd"]);
+        let snap = store.snapshot();
+        assert_eq!(snap.live().generation, 6);
+        assert_eq!(snap.live().rollback_of, Some(3));
+        assert_eq!(snap.live_settings(), &json!({"motd": "m2"}));
+    });
+}
+
+#[test]
+fn failed_write_leaves_state_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        store.patch("t", json!({"motd": "kept"})).await.unwrap();
+        store.commit("t", Caller::keeld()).await.unwrap();
+        store.patch("t", json!({"motd": "lost"})).await.unwrap();
+        // A directory where the temp file must go makes the durable write fail.
+        std::fs::create_dir(dir.path().join("generations.json.tmp")).unwrap();
+        let err = store.commit("t", Caller::keeld()).await.unwrap_err();
+        assert!(matches!(err, StoreError::Io { .. }), "{err}");
+        let snap = store.snapshot();
+        assert_eq!(snap.live_settings(), &json!({"motd": "kept"}));
+        assert!(snap.pending.contains_key("t"), "the transaction is still pending");
+    });
+}
+
+#[test]
+fn a_transaction_committed_before_a_crash_is_not_pending_after() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        store.patch("t", json!({"motd": "x"})).await.unwrap();
+    });
+    // Simulate a crash between the two writes: generations.json says tx "t" (with the
+    // pending id) committed, pending.json still holds it.
+    let pending: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("pending.json")).unwrap()).unwrap();
+    let id = pending["transactions"]["t"]["id"].as_u64().unwrap();
+    let generations = json!({"format": 1, "generations": [{
+        "generation": 1, "time": "2026-01-01T00:00:00.000Z", "tx": "t", "tx-id": id,
+        "caller": {"uid": 0, "gid": 0, "pid": 1, "comm": "x"},
+        "changed-keys": ["settings.motd"], "settings": {"motd": "x"}
+    }]});
+    std::fs::write(dir.path().join("generations.json"), generations.to_string()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let store = Store::open(dir.path(), 10).unwrap();
+    assert!(store.snapshot().pending.is_empty());
+}
+
+#[test]
+fn second_opener_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Store::open(dir.path(), 10).unwrap();
+    let err = Store::open(dir.path(), 10).unwrap_err();
+    assert!(err.to_string().contains("another keeld"), "{err}");
+}

@@ -1,0 +1,262 @@
+//! The single writer: applies [`Op`]s in arrival order and persists them in batches.
+//!
+//! Whatever queued up while the previous batch was being fsync'd forms the next batch
+//! (group commit): N concurrent commits cost one fsync, not N. Each op is validated and
+//! applied to a working copy; if persisting the batch fails, the working copy is thrown
+//! away, every op that changed something gets the error, and the published snapshot is
+//! the old one — nothing changes.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde_json::Value;
+use settings_model::patch::changed_keys;
+use tokio::sync::{mpsc, oneshot};
+
+use super::files::StoreFiles;
+use super::{Caller, Generation, Op, PendingTx, Snapshot, StoreError};
+
+/// Most ops taken into one batch; bounds the latency a batch adds to its first op.
+const MAX_BATCH: usize = 512;
+
+pub(super) fn spawn(
+    files: StoreFiles,
+    keep: usize,
+    shared: Arc<ArcSwap<Snapshot>>,
+    mut ops: mpsc::UnboundedReceiver<Op>,
+) -> Result<(), StoreError> {
+    std::thread::Builder::new()
+        .name("keel-store".to_owned())
+        .spawn(move || {
+            let mut batch = Vec::with_capacity(MAX_BATCH);
+            while let Some(first) = ops.blocking_recv() {
+                batch.push(first);
+                while batch.len() < MAX_BATCH {
+                    match ops.try_recv() {
+                        Ok(op) => batch.push(op),
+                        Err(_) => break,
+                    }
+                }
+                run_batch(&files, keep, &shared, &mut batch);
+            }
+        })
+        .map(|_| ())
+        .map_err(|source| StoreError::Io {
+            path: "keel-store thread".into(),
+            source,
+        })
+}
+
+/// A reply waiting for the batch to be persisted.
+enum Answer {
+    Unit(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+    Keys(
+        oneshot::Sender<Result<Vec<String>, StoreError>>,
+        Result<Vec<String>, StoreError>,
+    ),
+}
+
+impl Answer {
+    fn changed_state(&self) -> bool {
+        match self {
+            Answer::Unit(_, r) => r.is_ok(),
+            Answer::Keys(_, r) => r.is_ok(),
+        }
+    }
+
+    fn send(self, failure: Option<&StoreError>) {
+        // The receiver may have gone (client disconnected); nothing to do then.
+        match (self, failure) {
+            (Answer::Unit(s, r), None) => drop(s.send(r)),
+            (Answer::Keys(s, r), None) => drop(s.send(r)),
+            (Answer::Unit(s, r), Some(e)) => drop(s.send(r.and(Err(copy_error(e))))),
+            (Answer::Keys(s, r), Some(e)) => drop(s.send(r.and(Err(copy_error(e))))),
+        }
+    }
+}
+
+fn copy_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Io { path, source } => StoreError::Io {
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        other => StoreError::Io {
+            path: "state".into(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    }
+}
+
+fn run_batch(
+    files: &StoreFiles,
+    keep: usize,
+    shared: &ArcSwap<Snapshot>,
+    batch: &mut Vec<Op>,
+) {
+    let mut work: Snapshot = Snapshot::clone(&shared.load());
+    let mut generations_dirty = false;
+    let mut pending_dirty = false;
+    let mut answers = Vec::with_capacity(batch.len());
+
+    for op in batch.drain(..) {
+        match op {
+            Op::Patch { tx, patch, reply } => {
+                let result = patch_tx(&mut work, &tx, &patch);
+                pending_dirty |= result.is_ok();
+                answers.push(Answer::Unit(reply, result));
+            }
+            Op::Discard { tx, reply } => {
+                let keys = match work.pending.remove(&tx) {
+                    Some(held) => {
+                        pending_dirty = true;
+                        held.keys()
+                    }
+                    None => Vec::new(),
+                };
+                answers.push(Answer::Keys(reply, Ok(keys)));
+            }
+            Op::Commit { tx, caller, reply } => {
+                let result = commit_tx(&mut work, keep, &tx, caller);
+                if let Ok(outcome) = &result {
+                    pending_dirty = true;
+                    generations_dirty |= outcome.new_generation;
+                }
+                answers.push(Answer::Keys(reply, result.map(|o| o.changed)));
+            }
+            Op::Rollback {
+                generation,
+                caller,
+                reply,
+            } => {
+                let result = rollback(&mut work, keep, generation, caller);
+                generations_dirty |= result.as_ref().is_ok_and(|k| !k.is_empty());
+                answers.push(Answer::Keys(reply, result));
+            }
+        }
+    }
+
+    // generations.json first: once it is durable a commit has happened, and `load`
+    // drops a pending transaction whose id is already in history.
+    let mut failure = None;
+    if generations_dirty {
+        failure = files.write_generations(&work.history).err();
+    }
+    if failure.is_none() && pending_dirty {
+        failure = files.write_pending(&work.pending).err();
+    }
+    match &failure {
+        None => shared.store(Arc::new(work)),
+        Some(e) => tracing::error!(error = %e, "persisting a batch failed; state unchanged"),
+    }
+    for answer in answers {
+        let failed = failure.as_ref().filter(|_| answer.changed_state());
+        answer.send(failed);
+    }
+}
+
+fn patch_tx(work: &mut Snapshot, tx: &str, patch: &Value) -> Result<(), StoreError> {
+    let mut pending = work.pending.get(tx).cloned().unwrap_or_else(|| PendingTx {
+        id: rand::random(),
+        patches: Vec::new(),
+    });
+    if pending.patches.len() >= super::MAX_PATCHES_PER_TX {
+        return Err(StoreError::TxFull(tx.to_owned()));
+    }
+    pending.patches.push(Arc::new(patch.clone()));
+    // The transaction must stay committable against the live model: check it now, so the
+    // caller learns of the bad key from the PATCH that introduced it.
+    let mut candidate = work.live_settings().clone();
+    pending.apply_to(&mut candidate);
+    settings_model::validate(&candidate)?;
+    work.pending.insert(tx.to_owned(), pending);
+    Ok(())
+}
+
+struct CommitOutcome {
+    changed: Vec<String>,
+    new_generation: bool,
+}
+
+fn commit_tx(
+    work: &mut Snapshot,
+    keep: usize,
+    tx: &str,
+    caller: Caller,
+) -> Result<CommitOutcome, StoreError> {
+    let pending = work
+        .pending
+        .get(tx)
+        .ok_or_else(|| StoreError::NothingPending(tx.to_owned()))?;
+    let mut candidate = work.live_settings().clone();
+    pending.apply_to(&mut candidate);
+    let candidate = settings_model::validate(&candidate)?;
+    let changed = changed_keys(work.live_settings(), &candidate);
+    let tx_id = pending.id;
+    work.pending.remove(tx);
+    if changed.is_empty() {
+        return Ok(CommitOutcome {
+            changed,
+            new_generation: false,
+        });
+    }
+    push_generation(work, keep, tx.to_owned(), Some(tx_id), caller, &changed, None, candidate);
+    Ok(CommitOutcome {
+        changed,
+        new_generation: true,
+    })
+}
+
+fn rollback(
+    work: &mut Snapshot,
+    keep: usize,
+    generation: u64,
+    caller: Caller,
+) -> Result<Vec<String>, StoreError> {
+    let target = work
+        .find(generation)
+        .ok_or(StoreError::UnknownGeneration(generation))?;
+    let settings = Value::clone(&target.settings);
+    let changed = changed_keys(work.live_settings(), &settings);
+    if !changed.is_empty() {
+        push_generation(
+            work,
+            keep,
+            format!("rollback-to-{generation}"),
+            None,
+            caller,
+            &changed,
+            Some(generation),
+            settings,
+        );
+    }
+    Ok(changed)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn push_generation(
+    work: &mut Snapshot,
+    keep: usize,
+    tx: String,
+    tx_id: Option<u64>,
+    caller: Caller,
+    changed: &[String],
+    rollback_of: Option<u64>,
+    settings: Value,
+) {
+    let generation = work.live().generation + 1;
+    work.history.push(Generation {
+        generation,
+        time: super::now_rfc3339(),
+        tx,
+        tx_id,
+        caller,
+        changed_keys: changed.to_vec(),
+        rollback_of,
+        settings: Arc::new(settings),
+    });
+    if work.history.len() > keep {
+        let excess = work.history.len() - keep;
+        work.history.drain(..excess);
+    }
+}
