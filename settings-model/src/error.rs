@@ -46,9 +46,9 @@ impl Error {
     /// The full dotted key path (with the `settings.` prefix) the error is about, if any.
     pub fn key(&self) -> Option<&str> {
         match self {
-            Error::Invalid { key, .. } | Error::BadKey { key, .. } | Error::BadValue { key, .. } => {
-                Some(key)
-            }
+            Error::Invalid { key, .. }
+            | Error::BadKey { key, .. }
+            | Error::BadValue { key, .. } => Some(key),
             Error::Toml { .. } | Error::Json { .. } => None,
         }
     }

@@ -490,7 +490,7 @@ fn path_error(err: serde_path_to_error::Error<serde_json::Error>) -> Error {
             };
             // serde_path_to_error usually has the unknown key in the path already.
             let named = matches!(
-                err.path().iter().last(),
+                err.path().iter().next_back(),
                 Some(serde_path_to_error::Segment::Map { key: last }) if last == field
             );
             let key = if named {

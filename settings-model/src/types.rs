@@ -118,7 +118,11 @@ fn check_identifier(s: &str) -> Result<(), String> {
         return Err(invalid(s, what, "must be 1 to 76 characters"));
     }
     if !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-        return Err(invalid(s, what, "only ASCII letters, digits and '-' are allowed"));
+        return Err(invalid(
+            s,
+            what,
+            "only ASCII letters, digits and '-' are allowed",
+        ));
     }
     if s.starts_with('-') || s.ends_with('-') || s.contains("--") {
         return Err(invalid(
@@ -162,7 +166,9 @@ validated_string! {
 fn check_module_name(s: &str) -> Result<(), String> {
     if s.is_empty()
         || s.len() > 64
-        || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     {
         return Err(invalid(
             s,
@@ -181,7 +187,11 @@ validated_string! {
 }
 
 fn check_boot_param_key(s: &str) -> Result<(), String> {
-    if s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+    if s.is_empty()
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
         return Err(invalid(
             s,
             "kernel or init parameter name",
@@ -199,7 +209,10 @@ validated_string! {
 }
 
 fn check_boot_param_value(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"') {
+    if s.is_empty()
+        || s.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '"')
+    {
         return Err(invalid(
             s,
             "kernel or init parameter value",
@@ -285,10 +298,15 @@ fn check_base64(s: &str) -> Result<(), String> {
             use base64::DecodeError as E;
             let why = match e {
                 E::InvalidByte(offset, byte) => {
-                    format!("invalid character {:?} at offset {offset}", char::from(byte))
+                    format!(
+                        "invalid character {:?} at offset {offset}",
+                        char::from(byte)
+                    )
                 }
                 E::InvalidLength(_) => "the length is not a multiple of 4".to_owned(),
-                E::InvalidLastSymbol(offset, _) => format!("invalid last symbol at offset {offset}"),
+                E::InvalidLastSymbol(offset, _) => {
+                    format!("invalid last symbol at offset {offset}")
+                }
                 E::InvalidPadding => "invalid padding".to_owned(),
             };
             Err(format!("{s:?} is not base64 ({why})"))
@@ -440,7 +458,10 @@ validated_string! {
 }
 
 fn check_no_proxy(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',') {
+    if s.is_empty()
+        || s.chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == ',')
+    {
         return Err(invalid(
             s,
             "no-proxy entry",
@@ -471,7 +492,11 @@ fn check_ntp_server(s: &str) -> Result<(), String> {
         }
         return Err(invalid(s, what, "the URL has no valid host"));
     }
-    Err(invalid(s, what, "expected a host name, an IP address or a URL"))
+    Err(invalid(
+        s,
+        what,
+        "expected a host name, an IP address or a URL",
+    ))
 }
 
 validated_string! {
@@ -652,7 +677,8 @@ fn is_k8s_name(s: &str) -> bool {
         && s.len() <= 63
         && first_last_ok(s.chars().next())
         && first_last_ok(s.chars().last())
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 fn check_label_key(s: &str) -> Result<(), String> {
@@ -664,7 +690,11 @@ fn check_label_key(s: &str) -> Result<(), String> {
     if let Some(prefix) = prefix {
         let lower = prefix.to_ascii_lowercase();
         if lower != prefix || hostname_problem(prefix, false).is_some() {
-            return Err(invalid(s, what, "the prefix must be a lowercase DNS subdomain"));
+            return Err(invalid(
+                s,
+                what,
+                "the prefix must be a lowercase DNS subdomain",
+            ));
         }
     }
     if !is_k8s_name(name) {
@@ -735,18 +765,22 @@ fn is_decimal(s: &str) -> bool {
         None => (s, None),
     };
     let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
-    digits(whole) && match frac {
-        Some(f) => digits(f),
-        None => true,
-    }
+    digits(whole)
+        && match frac {
+            Some(f) => digits(f),
+            None => true,
+        }
 }
 
 fn is_quantity(s: &str) -> bool {
     if let Some((number, exponent)) = s.split_once(['e', 'E']) {
         let exponent = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
-        return is_decimal(number)
+        if is_decimal(number)
             && !exponent.is_empty()
-            && exponent.bytes().all(|b| b.is_ascii_digit());
+            && exponent.bytes().all(|b| b.is_ascii_digit())
+        {
+            return true;
+        }
     }
     QUANTITY_SUFFIXES
         .iter()
@@ -774,11 +808,17 @@ validated_string! {
 
 fn check_threshold(s: &str) -> Result<(), String> {
     if let Some(number) = s.strip_suffix('%') {
-        let in_range = number.parse::<f64>().is_ok_and(|p| (0.0..=100.0).contains(&p));
+        let in_range = number
+            .parse::<f64>()
+            .is_ok_and(|p| (0.0..=100.0).contains(&p));
         if is_decimal(number) && in_range {
             return Ok(());
         }
-        return Err(invalid(s, "eviction threshold", "a percentage must be 0% to 100%"));
+        return Err(invalid(
+            s,
+            "eviction threshold",
+            "a percentage must be 0% to 100%",
+        ));
     }
     if is_quantity(s) {
         return Ok(());
@@ -845,12 +885,17 @@ fn check_sysctl_key(s: &str) -> Result<(), String> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || "_-./".contains(c))
     {
-        return Err(invalid(s, what, "only letters, digits, '_', '-', '.' and '/' are allowed"));
+        return Err(invalid(
+            s,
+            what,
+            "only letters, digits, '_', '-', '.' and '/' are allowed",
+        ));
     }
     let separator = |c: char| c == '.' || c == '/';
     if s.starts_with(separator)
         || s.ends_with(separator)
-        || s.split(separator).any(|part| part.is_empty() || part == "..")
+        || s.split(separator)
+            .any(|part| part.is_empty() || part == "..")
     {
         return Err(invalid(s, what, "empty parts are not allowed"));
     }
@@ -945,14 +990,16 @@ fn check_aws_region(s: &str) -> Result<(), String> {
         && parts[..parts.len() - 1]
             .iter()
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
-        && parts[parts.len() - 1]
-            .bytes()
-            .all(|b| b.is_ascii_digit())
+        && parts[parts.len() - 1].bytes().all(|b| b.is_ascii_digit())
         && !parts[parts.len() - 1].is_empty();
     if ok {
         Ok(())
     } else {
-        Err(invalid(s, "AWS region", "expected a name such as us-west-2"))
+        Err(invalid(
+            s,
+            "AWS region",
+            "expected a name such as us-west-2",
+        ))
     }
 }
 
@@ -965,13 +1012,20 @@ validated_string! {
 
 fn check_bootstrap_token(s: &str) -> Result<(), String> {
     let ok = s.split_once('.').is_some_and(|(id, secret)| {
-        let lower = |p: &str| p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let lower = |p: &str| {
+            p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        };
         id.len() == 6 && secret.len() == 16 && lower(id) && lower(secret)
     });
     if ok {
         Ok(())
     } else {
-        Err(invalid(s, "bootstrap token", "expected [a-z0-9]{6}.[a-z0-9]{16}"))
+        Err(invalid(
+            s,
+            "bootstrap token",
+            "expected [a-z0-9]{6}.[a-z0-9]{16}",
+        ))
     }
 }
 

@@ -47,7 +47,9 @@ fn parse_document(source_name: &str, text: &str) -> Result<Value, Error> {
         });
     }
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        let (line, column) = e.span().map_or((0, 0), |span| line_column(text, span.start));
+        let (line, column) = e
+            .span()
+            .map_or((0, 0), |span| line_column(text, span.start));
         Error::Toml {
             source_name: source_name.to_owned(),
             line,

@@ -16,8 +16,14 @@ use settings_model::{validate_patch, Error, KeyPath};
 #[test]
 fn key_path_parses_quoted_segments() {
     let key = KeyPath::parse(r#"settings.kernel.sysctl."vm.max_map_count""#).unwrap();
-    assert_eq!(key.segments(), ["settings", "kernel", "sysctl", "vm.max_map_count"]);
-    assert_eq!(key.to_string(), r#"settings.kernel.sysctl."vm.max_map_count""#);
+    assert_eq!(
+        key.segments(),
+        ["settings", "kernel", "sysctl", "vm.max_map_count"]
+    );
+    assert_eq!(
+        key.to_string(),
+        r#"settings.kernel.sysctl."vm.max_map_count""#
+    );
     assert!(key.starts_with_settings());
 }
 
@@ -47,13 +53,19 @@ fn key_path_rejects_bad_quoting_and_empty_segments() {
     ] {
         let err = KeyPath::parse(bad).unwrap_err();
         assert!(matches!(err, Error::BadKey { .. }), "{bad:?}: {err}");
-        assert!(err.to_string().contains("malformed key path"), "{bad:?}: {err}");
+        assert!(
+            err.to_string().contains("malformed key path"),
+            "{bad:?}: {err}"
+        );
     }
 }
 
 #[test]
 fn parse_setting_adds_the_prefix() {
-    assert_eq!(KeyPath::parse_setting("motd").unwrap().to_string(), "settings.motd");
+    assert_eq!(
+        KeyPath::parse_setting("motd").unwrap().to_string(),
+        "settings.motd"
+    );
     assert_eq!(
         KeyPath::parse_setting("settings.motd").unwrap().to_string(),
         "settings.motd"
@@ -84,8 +96,14 @@ fn merge_patch_null_removes_and_objects_merge() {
 #[test]
 fn merge_patch_replaces_arrays_and_scalars() {
     let mut target = json!({"dns": {"name-servers": ["1.1.1.1", "8.8.8.8"]}, "motd": {"x": 1}});
-    merge_patch(&mut target, &json!({"dns": {"name-servers": ["9.9.9.9"]}, "motd": "m"}));
-    assert_eq!(target, json!({"dns": {"name-servers": ["9.9.9.9"]}, "motd": "m"}));
+    merge_patch(
+        &mut target,
+        &json!({"dns": {"name-servers": ["9.9.9.9"]}, "motd": "m"}),
+    );
+    assert_eq!(
+        target,
+        json!({"dns": {"name-servers": ["9.9.9.9"]}, "motd": "m"})
+    );
     let mut scalar = json!("old");
     merge_patch(&mut scalar, &json!({"a": null, "b": 1}));
     assert_eq!(scalar, json!({"b": 1}));
@@ -121,7 +139,10 @@ fn unflatten_accepts_keys_without_prefix() {
     let mut flat = BTreeMap::new();
     flat.insert("motd".to_owned(), json!("x"));
     flat.insert("settings.ntp.time-servers".to_owned(), json!([]));
-    assert_eq!(unflatten(&flat), json!({"motd": "x", "ntp": {"time-servers": []}}));
+    assert_eq!(
+        unflatten(&flat),
+        json!({"motd": "x", "ntp": {"time-servers": []}})
+    );
 }
 
 #[test]
@@ -149,14 +170,18 @@ fn filter_prefix_keeps_matching_leaves_by_string_prefix() {
         filter_prefix(&root, "settings.host-containers.adm"),
         json!({"settings": {"host-containers": {"admin": {"enabled": true}}}})
     );
-    assert_eq!(filter_prefix(&root, "os"), json!({"os": {"arch": "x86_64"}}));
+    assert_eq!(
+        filter_prefix(&root, "os"),
+        json!({"os": {"arch": "x86_64"}})
+    );
     assert_eq!(filter_prefix(&root, "settings.nothing"), json!({}));
     assert_eq!(filter_prefix(&root, ""), root);
 }
 
 #[test]
 fn select_keys_keeps_subtrees() {
-    let settings = json!({"motd": "hi", "kernel": {"sysctl": {"vm.x": "1", "y": "2"}, "lockdown": "none"}});
+    let settings =
+        json!({"motd": "hi", "kernel": {"sysctl": {"vm.x": "1", "y": "2"}, "lockdown": "none"}});
     let keys = [
         KeyPath::parse_setting("motd").unwrap(),
         KeyPath::parse_setting(r#"kernel.sysctl."vm.x""#).unwrap(),
@@ -173,7 +198,10 @@ fn select_keys_keeps_subtrees() {
 #[test]
 fn keypair_types_values_by_the_model() {
     let (key, value) = parse_pair("motd=42").unwrap();
-    assert_eq!((key.to_string().as_str(), value), ("settings.motd", json!("42")));
+    assert_eq!(
+        (key.to_string().as_str(), value),
+        ("settings.motd", json!("42"))
+    );
     let (_, value) = parse_pair("settings.host-containers.admin.enabled=true").unwrap();
     assert_eq!(value, json!(true));
     let (key, value) = parse_pair(r#"kernel.sysctl."vm.x"=1"#).unwrap();
@@ -196,7 +224,9 @@ fn keypair_string_or_array_fields() {
         json!(["10.0.0.1", "10.0.0.2"])
     );
     assert_eq!(
-        parse_pair(r#"ntp.time-servers=["pool.ntp.org"]"#).unwrap().1,
+        parse_pair(r#"ntp.time-servers=["pool.ntp.org"]"#)
+            .unwrap()
+            .1,
         json!(["pool.ntp.org"])
     );
 }
@@ -267,7 +297,8 @@ fn validate_reports_paths_inside_arrays() {
 
 #[test]
 fn validate_keeps_strings_as_given() {
-    let input = json!({"network": {"https-proxy": "1.2.3.4:8080"}, "dns": {"name-servers": ["::0001"]}});
+    let input =
+        json!({"network": {"https-proxy": "1.2.3.4:8080"}, "dns": {"name-servers": ["::0001"]}});
     assert_eq!(settings_model::validate(&input).unwrap(), input);
 }
 
@@ -295,7 +326,10 @@ fn schema_contains_every_group() {
     ] {
         let key = KeyPath::parse_setting(group).unwrap();
         assert!(kind_at(&key).is_some(), "{group} missing");
-        assert!(text.contains(&format!("\"{group}\"")), "{group} not in schema");
+        assert!(
+            text.contains(&format!("\"{group}\"")),
+            "{group} not in schema"
+        );
     }
     assert!(schema["properties"]["settings"].is_object());
 }

@@ -38,7 +38,10 @@ fn bottlerocket_docs_fixtures_match_expected_verdicts() {
                 let patch = result.unwrap_or_else(|e| panic!("{file} should be accepted: {e}"));
                 let canonical = settings_model::validate(&patch)
                     .unwrap_or_else(|e| panic!("{file} does not validate: {e}"));
-                assert_eq!(canonical, patch, "{file}: canonical JSON differs from input");
+                assert_eq!(
+                    canonical, patch,
+                    "{file}: canonical JSON differs from input"
+                );
             }
             "reject" => {
                 let err = match result {
@@ -46,8 +49,15 @@ fn bottlerocket_docs_fixtures_match_expected_verdicts() {
                     Err(e) => e,
                 };
                 let text = err.to_string();
-                if let Some(key) = what.split(": ").next().filter(|k| k.starts_with("settings.")) {
-                    assert!(text.contains(key), "{file}: error {text:?} does not name {key}");
+                if let Some(key) = what
+                    .split(": ")
+                    .next()
+                    .filter(|k| k.starts_with("settings."))
+                {
+                    assert!(
+                        text.contains(key),
+                        "{file}: error {text:?} does not name {key}"
+                    );
                     assert_eq!(err.key(), Some(key), "{file}: {text}");
                 } else {
                     assert!(

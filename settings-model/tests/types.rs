@@ -1,0 +1,135 @@
+//! Grammar of the validated newtypes.
+#![allow(clippy::unwrap_used)]
+
+use settings_model::types::{
+    Base64, Capability, Duration, Hostname, Identifier, ImageRef, LabelKey, ProxyAddress, Quantity,
+    SysctlKey, Taint, Threshold, TimeServer, Url,
+};
+
+#[test]
+fn image_references() {
+    for ok in [
+        "alpine",
+        "library/alpine:3.19",
+        "public.ecr.aws/bottlerocket/bottlerocket-admin:v0.11.13",
+        "localhost:5000/a/b__c.d-e",
+        "localhost/img",
+        "[::1]:5000/img:tag",
+        "img@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    ] {
+        assert!(ImageRef::new(ok).is_ok(), "{ok}");
+    }
+    let err = ImageRef::new("MY-CONTAINER-URI").unwrap_err();
+    assert!(err.contains("repository names must be lowercase"), "{err}");
+    for bad in [
+        "<SOURCE>",
+        "",
+        "a:b:c",
+        "img:",
+        "img@sha256:abc",
+        "a//b",
+        "-a",
+    ] {
+        let err = ImageRef::new(bad).unwrap_err();
+        assert!(
+            err.contains("is not a valid image reference"),
+            "{bad}: {err}"
+        );
+    }
+    assert_eq!(ImageRef::new("alpine:3").unwrap().as_str(), "alpine:3");
+}
+
+#[test]
+fn identifiers() {
+    assert!(Identifier::new("admin").is_ok());
+    assert!(Identifier::new("a".repeat(76)).is_ok());
+    for bad in ["", "a_b", "-a", "a-", "a--b", "a.b", &"a".repeat(77)] {
+        assert!(Identifier::new(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn urls_and_proxies() {
+    assert!(Url::new("https://mirror.example.com/v2").is_ok());
+    assert!(Url::new("https://<example-mirror>").is_err());
+    assert!(Url::new("ftp://x.example.com").is_err());
+    assert!(Url::new("mirror.example.com").is_err());
+    for ok in [
+        "1.2.3.4:8080",
+        "proxy",
+        "http://proxy:3128",
+        "https://u:p@proxy.example.com",
+    ] {
+        assert!(ProxyAddress::new(ok).is_ok(), "{ok}");
+    }
+    for bad in ["socks5://proxy:1080", "proxy:99999", "proxy:80/x", "pro xy"] {
+        assert!(ProxyAddress::new(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn base64_values() {
+    assert!(Base64::new("aGk=").is_ok());
+    assert_eq!(Base64::new("aGk=").unwrap().decode(), b"hi");
+    for bad in ["W3N...", "example_base64_encoded_auth_string", "aGk"] {
+        let err = Base64::new(bad).unwrap_err();
+        assert!(err.contains("not base64"), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn hostnames_and_time_servers() {
+    assert!(Hostname::new("node-1.example.com").is_ok());
+    assert!(Hostname::new("a_b").is_err());
+    assert!(Hostname::new(&"a".repeat(64)).is_err());
+    for ok in [
+        "2.amazon.pool.ntp.org",
+        "ntp://time.example.org",
+        "169.254.169.123",
+        "fd00::1",
+    ] {
+        assert!(TimeServer::new(ok).is_ok(), "{ok}");
+    }
+    assert!(TimeServer::new("bad host").is_err());
+}
+
+#[test]
+fn kubernetes_grammars() {
+    assert!(LabelKey::new("kubernetes.io/role").is_ok());
+    assert!(LabelKey::new("Example.com/x").is_err());
+    assert!(LabelKey::new("-x").is_err());
+    assert!(Taint::new("experimental:PreferNoSchedule").is_ok());
+    assert!(Taint::new(":NoExecute").is_ok());
+    assert!(Taint::new("x:Never").is_err());
+    assert!(Taint::new("x").is_err());
+    for ok in ["500m", "2", "100Mi", "1.5Gi", "1e3", "2Ei", "3E"] {
+        assert!(Quantity::new(ok).is_ok(), "{ok}");
+    }
+    for bad in ["", "1.5.1Gi", "Mi", "-1", "10 Mi", "1GB"] {
+        assert!(Quantity::new(bad).is_err(), "{bad}");
+    }
+    assert!(Threshold::new("15%").is_ok());
+    assert!(Threshold::new("100Mi").is_ok());
+    assert!(Threshold::new("101%").is_err());
+}
+
+#[test]
+fn durations_sysctls_capabilities() {
+    for ok in ["30s", "5m", "12h", "1h30m", "250ms", "0", "1.5h"] {
+        assert!(Duration::new(ok).is_ok(), "{ok}");
+    }
+    for bad in ["", "30", "s", "1d", "1h 30m", "-1s"] {
+        assert!(Duration::new(bad).is_err(), "{bad}");
+    }
+    assert!(SysctlKey::new("net.ipv4.ip_forward").is_ok());
+    assert!(SysctlKey::new("net/ipv4/ip_forward").is_ok());
+    assert!(SysctlKey::new(".vm").is_err());
+    assert!(SysctlKey::new("vm x").is_err());
+    assert!(Capability::new("NET_ADMIN").is_ok());
+    assert_eq!(
+        Capability::new("SYS_ADMIN").unwrap().with_cap_prefix(),
+        "CAP_SYS_ADMIN"
+    );
+    assert!(Capability::new("CAP_BPF").is_ok());
+    assert!(Capability::new("net_admin").is_err());
+}
