@@ -107,9 +107,15 @@ pub fn unflatten(map: &BTreeMap<String, Value>) -> Value {
 }
 
 /// The sorted `settings.` leaf keys that were added, removed or changed from `old` to `new`.
+///
+/// Empty tables are not keys: `{}` appearing or disappearing (the empty model, a table
+/// emptied by removals) changes no setting.
 pub fn changed_keys(old: &Value, new: &Value) -> Vec<String> {
-    let old_flat = flatten(old);
-    let new_flat = flatten(new);
+    let is_empty_table = |v: &Value| v.as_object().is_some_and(|m| m.is_empty());
+    let mut old_flat = flatten(old);
+    let mut new_flat = flatten(new);
+    old_flat.retain(|_, v| !is_empty_table(v));
+    new_flat.retain(|_, v| !is_empty_table(v));
     let mut keys: Vec<String> = old_flat
         .iter()
         .filter(|(k, v)| new_flat.get(*k) != Some(*v))

@@ -250,8 +250,32 @@ pub fn raw_bytes(socket: &Path, request: &[u8]) -> RawResponse {
     // The server may answer (413) before it has read the whole body and close; a failed
     // write is then expected, the answer is still there to read.
     let _ = stream.write_all(request);
+    // Read the head, then exactly Content-Length bytes (the connection may stay open, as
+    // it does for clients that do not send `Connection: close`), or to EOF otherwise.
     let mut raw = Vec::new();
-    let _ = stream.read_to_end(&mut raw);
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            // 204 has no body by definition.
+            if head.starts_with("http/1.1 204") {
+                break;
+            }
+            if let Some(length) = length {
+                if raw.len() >= split + 4 + length {
+                    break;
+                }
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
     parse_response(&raw)
 }
 
