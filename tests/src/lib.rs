@@ -31,7 +31,10 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// The repository's root (for `packaging/`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// Options for starting keeld.
@@ -121,7 +124,11 @@ impl Keeld {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("keeld exited early ({status}); log:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "keeld did not come up; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "keeld did not come up; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -161,13 +168,22 @@ impl Keeld {
             .arg("--socket-path")
             .arg(&self.socket)
             .args(args)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         if let Some(input) = stdin {
-            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
         }
         child.wait_with_output().unwrap()
     }
@@ -181,7 +197,10 @@ impl Keeld {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("apiclient {args:?}: output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+            panic!(
+                "apiclient {args:?}: output is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 
@@ -243,10 +262,38 @@ pub fn raw_request(socket: &Path, method: &str, target: &str, body: Option<&[u8]
     raw_bytes(socket, &bytes)
 }
 
+/// Like [`raw_request`], but a connection or framing failure is an `Err` (for tests that
+/// kill keeld under a client's feet).
+pub fn try_raw_request(
+    socket: &Path,
+    method: &str,
+    target: &str,
+    body: Option<&[u8]>,
+) -> std::io::Result<RawResponse> {
+    let body = body.unwrap_or_default();
+    let mut request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(&request)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    if !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+        return Err(std::io::Error::other("connection closed before an answer"));
+    }
+    Ok(parse_response(&raw))
+}
+
 /// Sends `request` verbatim and parses the answer (Content-Length or close-delimited).
 pub fn raw_bytes(socket: &Path, request: &[u8]) -> RawResponse {
     let mut stream = UnixStream::connect(socket).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     // The server may answer (413) before it has read the whole body and close; a failed
     // write is then expected, the answer is still there to read.
     let _ = stream.write_all(request);
@@ -287,7 +334,12 @@ fn parse_response(raw: &[u8]) -> RawResponse {
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap();
-    let status: u16 = status_line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
@@ -299,14 +351,21 @@ fn parse_response(raw: &[u8]) -> RawResponse {
     if chunked {
         body = dechunk(&body);
     }
-    RawResponse { status, headers, body }
+    RawResponse {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else { break };
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16).unwrap();
+        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16).unwrap();
         if size == 0 {
             break;
         }

@@ -1,0 +1,108 @@
+//! Access control: only root, keeld's own user and the API group may use the API; the
+//! check covers every path, known or not, because it is a layer over the whole router.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output};
+
+use keel_e2e::{bin, Keeld, KeeldOptions};
+
+const NOBODY: u32 = 65534;
+const API_GID: u32 = 65533;
+
+fn apiclient_as(keeld: &Keeld, uid: u32, gid: u32, args: &[&str]) -> Output {
+    Command::new(bin("apiclient"))
+        .arg("--socket-path")
+        .arg(&keeld.socket)
+        .args(args)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap()
+}
+
+fn start(mode: &'static str) -> Keeld {
+    let keeld = Keeld::start_with(KeeldOptions {
+        socket_mode: mode,
+        socket_group: API_GID.to_string(),
+        ..Default::default()
+    });
+    // Let other users reach the socket's directory; the socket's own mode decides.
+    std::fs::set_permissions(keeld.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    keeld
+}
+
+#[test]
+fn socket_has_the_configured_mode_and_group() {
+    let keeld = start("660");
+    let meta = std::fs::metadata(&keeld.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), API_GID);
+}
+
+#[test]
+fn outsiders_cannot_connect_through_the_default_mode() {
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED: needs root to run a client as another user");
+        return;
+    }
+    let keeld = start("660");
+    let out = apiclient_as(&keeld, NOBODY, NOBODY, &["get"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot connect"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn outsiders_get_403_on_every_endpoint_and_the_group_is_let_in() {
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED: needs root to run a client as another user");
+        return;
+    }
+    // A world-writable socket: the kernel lets anyone connect, so the API must refuse.
+    let keeld = start("666");
+    let before = keeld.live_bytes();
+    let requests: &[&[&str]] = &[
+        &["raw", "-u", "/"],
+        &["raw", "-u", "/settings"],
+        &["raw", "-u", "/os"],
+        &["raw", "-u", "/tx/list"],
+        &["raw", "-u", "/history"],
+        &["raw", "-u", "/nope"],
+        &[
+            "raw",
+            "-m",
+            "PATCH",
+            "-u",
+            "/settings?tx=x",
+            "-d",
+            "{\"motd\":\"pwned\"}",
+        ],
+        &["raw", "-m", "POST", "-u", "/tx/commit_and_apply?tx=x"],
+        &["raw", "-m", "POST", "-u", "/actions/reboot"],
+        &["raw", "-m", "POST", "-u", "/history/rollback?generation=0"],
+        &["set", "motd=pwned"],
+    ];
+    for args in requests {
+        let out = apiclient_as(&keeld, NOBODY, NOBODY, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("Status 403"), "{args:?}: {stderr}");
+    }
+    assert_eq!(keeld.live_bytes(), before);
+    // A member of the API group (primary gid here) is let in.
+    let out = apiclient_as(&keeld, NOBODY, API_GID, &["set", "motd=from-the-group"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let history = keeld.raw("GET", "/history?limit=1", None).json();
+    assert_eq!(history[0]["caller"]["uid"], NOBODY);
+    assert_eq!(history[0]["caller"]["gid"], API_GID);
+}

@@ -1,0 +1,121 @@
+//! keeld is SIGKILLed at random moments during a stream of commits; after each restart
+//! the store opens and every commit that was acknowledged is there.
+//!
+//! `KEEL_CRASH_ITERATIONS` sets the number of kills (default 20); `packaging/dev/crash-soak.sh`
+//! runs hundreds.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_e2e::{try_raw_request, Keeld, KeeldOptions};
+use rand::Rng;
+
+#[test]
+fn acknowledged_commits_survive_sigkill() {
+    let iterations: u64 = std::env::var("KEEL_CRASH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut keeld = Keeld::start_with(KeeldOptions {
+        history: 100_000,
+        ..Default::default()
+    });
+    let mut acked: BTreeSet<u64> = BTreeSet::new();
+    let mut next = 0u64;
+    let mut rng = rand::thread_rng();
+    let mut in_flight_committed = 0;
+
+    for iteration in 0..iterations {
+        let stop = Arc::new(AtomicBool::new(false));
+        let socket = keeld.socket.clone();
+        let first = next;
+        let writer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                let mut n = first;
+                while !stop.load(Ordering::Relaxed) {
+                    let tx = format!("crash-{n}");
+                    let body = format!("{{\"motd\":\"{n}\"}}");
+                    let patched = try_raw_request(
+                        &socket,
+                        "PATCH",
+                        &format!("/settings?tx={tx}"),
+                        Some(body.as_bytes()),
+                    );
+                    if !matches!(patched, Ok(ref r) if r.status == 204) {
+                        break;
+                    }
+                    match try_raw_request(&socket, "POST", &format!("/tx/commit?tx={tx}"), None) {
+                        Ok(r) if r.status == 200 => acked.push(n),
+                        Ok(r) => panic!("commit {n} answered {}: {}", r.status, r.text()),
+                        Err(_) => {
+                            n += 1;
+                            break;
+                        }
+                    }
+                    n += 1;
+                }
+                (acked, n)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(rng.gen_range(20..120)));
+        keeld.kill();
+        stop.store(true, Ordering::Relaxed);
+        let (acked_now, attempted_to) = writer.join().unwrap();
+        acked.extend(acked_now.iter().copied());
+        next = attempted_to;
+
+        keeld.spawn();
+        let live = keeld.raw("GET", "/settings", None).json();
+        let motd: u64 = live["motd"].as_str().map_or(0, |m| m.parse().unwrap());
+        if let Some(&last) = acked.iter().next_back() {
+            assert!(
+                motd >= last,
+                "iteration {iteration}: live motd {motd} is older than acknowledged {last}"
+            );
+        }
+        assert!(
+            motd < next.max(1),
+            "iteration {iteration}: live motd {motd} was never sent"
+        );
+        if acked.last() != Some(&motd) {
+            in_flight_committed += 1;
+        }
+        let history = keeld.raw("GET", "/history", None).json();
+        let committed: BTreeSet<u64> = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|g| g["tx"].as_str()?.strip_prefix("crash-")?.parse().ok())
+            .collect();
+        let lost: Vec<_> = acked.difference(&committed).collect();
+        assert!(
+            lost.is_empty(),
+            "iteration {iteration}: acknowledged commits lost: {lost:?}"
+        );
+        let generations: Vec<u64> = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["generation"].as_u64().unwrap())
+            .collect();
+        assert!(
+            generations.windows(2).all(|w| w[0] == w[1] + 1),
+            "generations contiguous"
+        );
+    }
+    assert!(
+        acked.len() as u64 >= iterations,
+        "too few commits were acknowledged to mean anything: {}",
+        acked.len()
+    );
+    println!(
+        "crash: {iterations} SIGKILLs survived, {} acknowledged commits all present, {in_flight_committed} unacknowledged in-flight commits found committed",
+        acked.len()
+    );
+}
