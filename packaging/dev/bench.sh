@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# API throughput/latency benchmark of the release keeld over its Unix socket, next to the
+# physical floor (write + fsync + rename + fsync dir) on the same file system.
+# Usage: packaging/dev/bench.sh   (from anywhere; KEEL_BENCH_SECS=N sets seconds per row)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bash packaging/dev/deps.sh
+# The bench starts the real keeld found next to it, in target/release: build it first.
+cargo build --release --bins
+cargo bench -p keel-e2e --bench api
