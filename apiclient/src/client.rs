@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST};
-use http::Method;
+use http::{HeaderMap, Method};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
@@ -22,9 +22,11 @@ pub struct Client {
 }
 
 /// An answer from the API, whatever its status.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Response {
     pub status: u16,
+    /// The response headers, e.g. `x-keel-apply-status` after a commit.
+    pub headers: HeaderMap,
     pub body: Bytes,
 }
 
@@ -32,6 +34,11 @@ impl Response {
     /// Whether the status is 2xx.
     pub fn is_success(&self) -> bool {
         (200..300).contains(&self.status)
+    }
+
+    /// The value of header `name` (case-insensitive), if present and visible ASCII.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     /// The body as text; invalid UTF-8 is replaced rather than refused, because this is
@@ -84,8 +91,13 @@ impl Client {
         tokio::spawn(connection);
         let answer = sender.send_request(request).await?;
         let status = answer.status().as_u16();
-        let body = answer.into_body().collect().await?.to_bytes();
-        Ok(Response { status, body })
+        let (parts, body) = answer.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Response {
+            status,
+            headers: parts.headers,
+            body,
+        })
     }
 
     /// Like [`Client::request`], but a non-2xx answer becomes [`ClientError::Status`].
@@ -217,17 +229,31 @@ mod tests {
     fn empty_bodies_are_not_json() {
         let response = Response {
             status: 204,
-            body: Bytes::new(),
+            ..Response::default()
         };
         assert!(matches!(response.json(), Ok(None)));
         let response = Response {
             status: 200,
             body: Bytes::from_static(b"[\"settings.motd\"]\n"),
+            ..Response::default()
         };
         assert_eq!(
             response.json().ok().flatten(),
             Some(serde_json::json!(["settings.motd"]))
         );
+    }
+
+    #[test]
+    fn headers_are_looked_up_case_insensitively() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-keel-apply-status", http::HeaderValue::from_static("ok"));
+        let response = Response {
+            status: 200,
+            headers,
+            ..Response::default()
+        };
+        assert_eq!(response.header("X-Keel-Apply-Status"), Some("ok"));
+        assert_eq!(response.header("x-keel-apply-id"), None);
     }
 
     #[tokio::test]

@@ -1,13 +1,14 @@
 //! Named transactions: the random names `apiclient` gives them and the requests that
-//! fill, commit or discard one. Owns the wire shape of those requests (paths, `tx` query,
-//! `request_payload` body); deciding what goes into a transaction is the caller's job.
+//! fill, dry-run, commit or discard one. Owns the wire shape of those requests (paths,
+//! `tx` query, `request_payload` body, the `x-keel-apply-*` answer headers); deciding
+//! what goes into a transaction is the caller's job.
 
 use http::Method;
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 use serde_json::{json, Value};
 
-use crate::client::Client;
+use crate::client::{Client, Response};
 use crate::error::ClientError;
 use crate::uri::with_query;
 
@@ -23,6 +24,74 @@ pub fn random_name(kind: &str) -> String {
         .map(char::from)
         .collect();
     format!("apiclient-{kind}-{suffix}")
+}
+
+/// The header keeld adds to a commit-and-apply answer when an apply ran: `ok` or
+/// `failed`. Absent when nothing changed (so nothing was applied).
+pub const APPLY_STATUS_HEADER: &str = "x-keel-apply-status";
+
+/// The header naming that apply's `id` in `GET /apply/log`.
+pub const APPLY_ID_HEADER: &str = "x-keel-apply-id";
+
+/// The outcome of the apply that followed a commit, as the answer's headers tell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyStatus {
+    /// Whether every file was written and every restart command succeeded.
+    pub ok: bool,
+    /// The apply's id in `GET /apply/log`, if the server sent one.
+    pub id: Option<u64>,
+}
+
+impl ApplyStatus {
+    /// Reads the `x-keel-apply-*` headers; `None` if no apply ran. Any status other than
+    /// `ok` counts as a failure, so that an unknown outcome is never reported as success.
+    pub fn from_response(response: &Response) -> Option<Self> {
+        let status = response.header(APPLY_STATUS_HEADER)?;
+        Some(Self {
+            ok: status.trim().eq_ignore_ascii_case("ok"),
+            id: response
+                .header(APPLY_ID_HEADER)
+                .and_then(|id| id.trim().parse().ok()),
+        })
+    }
+}
+
+/// What a commit-and-apply answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Commit {
+    /// The JSON array of changed keys (the body, as Bottlerocket sends it).
+    pub changed: Value,
+    /// The apply that followed; `None` when nothing changed.
+    pub apply: Option<ApplyStatus>,
+}
+
+impl Commit {
+    /// Reads a 2xx commit answer: its JSON body and its apply headers.
+    pub fn from_response(
+        method: &Method,
+        uri: &str,
+        response: &Response,
+    ) -> Result<Self, ClientError> {
+        let changed = match response.json() {
+            Ok(value) => value.unwrap_or(Value::Null),
+            Err(source) => {
+                return Err(ClientError::NotJson {
+                    method: method.as_str().to_owned(),
+                    uri: uri.to_owned(),
+                    source,
+                })
+            }
+        };
+        Ok(Self {
+            changed,
+            apply: ApplyStatus::from_response(response),
+        })
+    }
+
+    /// The failed apply, if there was one.
+    pub fn failed_apply(&self) -> Option<ApplyStatus> {
+        self.apply.filter(|apply| !apply.ok)
+    }
 }
 
 /// One pending transaction on the server, addressed by name.
@@ -83,6 +152,22 @@ impl<'a> Transaction<'a> {
         self.client.call_json(Method::POST, &uri, None).await
     }
 
+    /// `POST /tx/commit_and_apply?tx=…`, keeping the answer's apply headers: whether the
+    /// apply that followed the commit succeeded.
+    pub async fn commit_and_apply_checked(&self) -> Result<Commit, ClientError> {
+        let uri = self.uri("/tx/commit_and_apply");
+        let response = self.client.call(Method::POST, &uri, None).await?;
+        Commit::from_response(&Method::POST, &uri, &response)
+    }
+
+    /// `POST /tx/dry-run?tx=…`: what committing this transaction would change (settings,
+    /// affected services, file diffs), without committing or writing anything. The
+    /// transaction stays pending.
+    pub async fn dry_run(&self) -> Result<Value, ClientError> {
+        let uri = self.uri("/tx/dry-run");
+        self.client.call_json(Method::POST, &uri, None).await
+    }
+
     /// `DELETE /tx?tx=…`: the JSON array of the keys it held.
     pub async fn discard(&self) -> Result<Value, ClientError> {
         let uri = self.uri("/tx");
@@ -118,6 +203,58 @@ mod tests {
         let names: std::collections::BTreeSet<String> =
             (0..50).map(|_| random_name("set")).collect();
         assert_eq!(names.len(), 50);
+    }
+
+    fn response(headers: &[(&'static str, &'static str)]) -> Response {
+        let mut map = http::HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, http::HeaderValue::from_static(value));
+        }
+        Response {
+            status: 200,
+            headers: map,
+            body: bytes::Bytes::from_static(b"[\"settings.motd\"]"),
+        }
+    }
+
+    #[test]
+    fn apply_headers_are_read() {
+        let commit = |headers| {
+            Commit::from_response(&Method::POST, "/x", &response(headers))
+                .map_err(|e| e.to_string())
+        };
+        let none = commit(&[]);
+        assert_eq!(
+            none,
+            Ok(Commit {
+                changed: json!(["settings.motd"]),
+                apply: None
+            })
+        );
+        let ok = commit(&[(APPLY_STATUS_HEADER, "ok"), (APPLY_ID_HEADER, "4")]);
+        assert_eq!(
+            ok.map(|c| c.apply),
+            Ok(Some(ApplyStatus {
+                ok: true,
+                id: Some(4)
+            }))
+        );
+        let failed = commit(&[(APPLY_STATUS_HEADER, "failed"), (APPLY_ID_HEADER, "5")]);
+        assert_eq!(
+            failed.map(|c| c.failed_apply()),
+            Ok(Some(ApplyStatus {
+                ok: false,
+                id: Some(5)
+            }))
+        );
+        let odd = commit(&[(APPLY_STATUS_HEADER, "partial")]);
+        assert_eq!(
+            odd.map(|c| c.failed_apply()),
+            Ok(Some(ApplyStatus {
+                ok: false,
+                id: None
+            }))
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use clap::Args;
 use serde_json::Value;
 
-use super::transaction::{fill_and_commit, Fill};
+use super::transaction::{change, DryRunArgs, Fill};
 use super::{CliError, Output};
 use crate::client::Client;
 use crate::source::Source;
@@ -12,7 +12,9 @@ use crate::source::Source;
 /// Applies user-data documents (TOML or JSON) in one transaction
 ///
 /// Every source is checked locally first, then PATCHed into one transaction in the order
-/// given, which is committed and applied. Prints nothing on success.
+/// given, which is committed and applied. Prints nothing on success. With --dry-run,
+/// prints what would change instead (settings diff, file diffs, summary) and changes
+/// nothing.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:
@@ -20,11 +22,16 @@ Examples:
   apiclient apply user-data.toml
   apiclient apply \"file://$PWD/user-data.toml\"
   apiclient apply < user-data.toml
-  echo '{\"settings\": {\"motd\": \"hi\"}}' | apiclient apply -")]
+  echo '{\"settings\": {\"motd\": \"hi\"}}' | apiclient apply -
+  apiclient apply --dry-run user-data.toml
+  apiclient apply --dry-run --output json user-data.toml | jq '.files[].path'")]
 pub struct ApplyArgs {
     /// Paths, `file://` URIs, or `-` for stdin (the default).
     #[arg(value_name = "SOURCE")]
     pub sources: Vec<String>,
+
+    #[command(flatten)]
+    pub dry_run: DryRunArgs,
 }
 
 /// Reads and checks every source; the patches (without `settings` wrapper) in order.
@@ -62,8 +69,7 @@ fn in_source(name: &str, error: settings_model::Error) -> CliError {
 pub async fn run(client: &Client, args: ApplyArgs) -> Result<Output, CliError> {
     let patches = read_sources(&args.sources)?;
     let fills: Vec<Fill<'_>> = patches.iter().map(Fill::Settings).collect();
-    fill_and_commit(client, "apply", &fills).await?;
-    Ok(Output::Nothing)
+    change(client, "apply", &fills, &args.dry_run).await
 }
 
 #[cfg(test)]

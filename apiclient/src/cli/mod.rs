@@ -12,9 +12,11 @@ use crate::error::ClientError;
 use crate::source::SourceError;
 
 pub mod apply;
+pub mod apply_log;
 pub mod get;
 pub mod history;
 pub mod raw;
+pub mod report;
 pub mod rollback;
 pub mod schema;
 pub mod set;
@@ -26,12 +28,17 @@ Examples:
   apiclient get settings.motd
   apiclient set motd=\"hello from keel\"
   apiclient apply user-data.toml
+  apiclient set --dry-run motd=\"hello\"
+  apiclient apply-log --limit 1
   apiclient -s /tmp/keel/api.sock get os";
 
 /// Talks to keeld, Keel's host agent, through its local API.
 ///
 /// Exit status: 0 on success, 1 when the API or the system refuses (the reason is on
-/// stderr), 2 on a usage error.
+/// stderr) or when settings were committed but applying them failed, 2 on a usage error.
+///
+/// `set`, `apply` and `unset` take --dry-run to show what would change without changing
+/// anything, and --output json to print that report as keeld's JSON.
 #[derive(Debug, Parser)]
 #[command(name = "apiclient", version, after_help = EXAMPLES)]
 pub struct Cli {
@@ -58,6 +65,7 @@ pub enum Command {
     Apply(apply::ApplyArgs),
     Unset(unset::UnsetArgs),
     History(history::HistoryArgs),
+    ApplyLog(apply_log::ApplyLogArgs),
     Rollback(rollback::RollbackArgs),
     Schema(schema::SchemaArgs),
 }
@@ -118,6 +126,11 @@ pub enum CliError {
         source: settings_model::Error,
     },
 
+    /// Settings were committed, but applying them failed; the text names the apply and
+    /// lists what failed, one line each.
+    #[error("{0}")]
+    ApplyFailed(String),
+
     /// A request or answer had a shape the command cannot use.
     #[error("{0}")]
     Invalid(String),
@@ -133,6 +146,7 @@ pub async fn run(cli: Cli) -> Result<Output, CliError> {
         Command::Apply(args) => apply::run(&client, args).await,
         Command::Unset(args) => unset::run(&client, args).await,
         Command::History(args) => history::run(&client, args).await,
+        Command::ApplyLog(args) => apply_log::run(&client, args).await,
         Command::Rollback(args) => rollback::run(&client, args).await,
         Command::Schema(args) => schema::run(args),
     }

@@ -4,13 +4,15 @@
 use clap::Args;
 use serde_json::{Map, Value};
 
-use super::transaction::{fill_and_commit, Fill};
+use super::transaction::{change, DryRunArgs, Fill};
 use super::{CliError, Output};
 use crate::client::Client;
 
 /// Changes settings, then commits and applies them
 ///
-/// Prints nothing on success.
+/// Prints nothing on success. With --dry-run, prints what would change instead (settings
+/// diff, file diffs, summary) and changes nothing.
+///
 /// `key=value` pairs are typed by the settings model on the server: `motd=42` sets the
 /// string "42". The `settings.` prefix is optional. Quote key segments that contain dots.
 #[derive(Debug, Args)]
@@ -19,7 +21,9 @@ Examples:
   apiclient set motd=\"hello from keel\"
   apiclient set settings.ntp.time-servers='[\"169.254.169.123\"]'
   apiclient set 'kernel.sysctl.\"vm.max_map_count\"=262144'
-  apiclient set -j '{\"settings\": {\"motd\": \"hi\"}}'")]
+  apiclient set -j '{\"settings\": {\"motd\": \"hi\"}}'
+  apiclient set --dry-run motd=\"hello\"
+  apiclient set --dry-run --output json ntp.time-servers='[\"10.0.0.1\"]'")]
 pub struct SetArgs {
     /// `key=value` pairs, sent exactly as typed.
     #[arg(
@@ -33,6 +37,9 @@ pub struct SetArgs {
     /// A JSON object of settings, with or without a top-level `settings` wrapper.
     #[arg(short = 'j', long, value_parser = parse_json_object)]
     pub json: Option<Map<String, Value>>,
+
+    #[command(flatten)]
+    pub dry_run: DryRunArgs,
 }
 
 fn parse_pair(text: &str) -> Result<String, String> {
@@ -70,13 +77,10 @@ pub async fn run(client: &Client, args: SetArgs) -> Result<Output, CliError> {
     match args.json {
         Some(object) => {
             let patch = json_patch(object)?;
-            fill_and_commit(client, "set", &[Fill::Settings(&patch)]).await?;
+            change(client, "set", &[Fill::Settings(&patch)], &args.dry_run).await
         }
-        None => {
-            fill_and_commit(client, "set", &[Fill::Keypairs(&args.pairs)]).await?;
-        }
+        None => change(client, "set", &[Fill::Keypairs(&args.pairs)], &args.dry_run).await,
     }
-    Ok(Output::Nothing)
 }
 
 #[cfg(test)]

@@ -5,22 +5,27 @@ use clap::Args;
 use serde_json::Value;
 use settings_model::KeyPath;
 
-use super::transaction::{fill_and_commit, Fill};
+use super::transaction::{change, DryRunArgs, Fill};
 use super::{CliError, Output};
 use crate::client::Client;
 
 /// Removes settings, then commits and applies
 ///
-/// Prints nothing on success.
+/// Prints nothing on success. With --dry-run, prints what would change instead and
+/// changes nothing.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:
   apiclient unset motd
-  apiclient unset settings.host-containers.admin 'kernel.sysctl.\"vm.max_map_count\"'")]
+  apiclient unset settings.host-containers.admin 'kernel.sysctl.\"vm.max_map_count\"'
+  apiclient unset --dry-run motd")]
 pub struct UnsetArgs {
     /// Keys to remove; the `settings.` prefix is optional.
     #[arg(value_name = "KEY", required = true)]
     pub keys: Vec<String>,
+
+    #[command(flatten)]
+    pub dry_run: DryRunArgs,
 }
 
 /// The merge-patch removing every key (without `settings` wrapper).
@@ -59,8 +64,7 @@ fn merge_removal(target: &mut Value, removal: Value) {
 
 pub async fn run(client: &Client, args: UnsetArgs) -> Result<Output, CliError> {
     let patch = removal_patch(&args.keys)?;
-    fill_and_commit(client, "unset", &[Fill::Settings(&patch)]).await?;
-    Ok(Output::Nothing)
+    change(client, "unset", &[Fill::Settings(&patch)], &args.dry_run).await
 }
 
 #[cfg(test)]
