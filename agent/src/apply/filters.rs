@@ -1,0 +1,242 @@
+//! Template filters Keel adds to minijinja: decoding and quoting for the formats the
+//! configuration files are written in.
+//!
+//! Owns: `base64_decode`, `toml_string`, `yaml_string`, `shell_env_quote`, `proxy_url`
+//! and their registration. Each filter is a pure function of its input; none reads
+//! files or the environment. `join`, `default`, `unique` and `tojson` are minijinja's
+//! built-ins and are not redefined here.
+
+use base64::Engine as _;
+use minijinja::{Environment, Error, ErrorKind};
+
+/// Registers every Keel filter on `env`.
+pub fn register(env: &mut Environment<'_>) {
+    env.add_filter("base64_decode", base64_decode);
+    env.add_filter("toml_string", toml_string);
+    env.add_filter("yaml_string", yaml_string);
+    env.add_filter("shell_env_quote", shell_env_quote);
+    env.add_filter("proxy_url", proxy_url);
+}
+
+/// Decodes standard base64 (with padding) into UTF-8 text, e.g. a PEM bundle.
+pub fn base64_decode(value: &str) -> Result<String, Error> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value.trim())
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidOperation,
+                format!("base64_decode: not base64 ({e})"),
+            )
+        })?;
+    String::from_utf8(bytes).map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            "base64_decode: the decoded data is not UTF-8 text",
+        )
+    })
+}
+
+/// Quotes `value` as a TOML basic string: `"..."` with `\`, `"` and control characters
+/// escaped.
+pub fn toml_string(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Quotes `value` as a YAML double-quoted scalar, so that no value can change type
+/// (`"true"`, `"0x10"`, `"null"` stay strings) or break the document structure.
+pub fn yaml_string(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            // YAML treats these as line breaks or non-printable: escape them.
+            '\u{85}' => out.push_str("\\N"),
+            '\u{2028}' => out.push_str("\\L"),
+            '\u{2029}' => out.push_str("\\P"),
+            '\u{feff}' => out.push_str("\\uFEFF"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Quotes `value` for a `KEY=value` environment file read by systemd's
+/// `EnvironmentFile=` or sourced by a POSIX shell: plain when it only has characters
+/// neither treats specially, otherwise single-quoted with `'` written as `'\''`.
+/// Newlines cannot be represented portably and are refused.
+pub fn shell_env_quote(value: &str) -> Result<String, Error> {
+    if value.contains(['\n', '\r', '\0']) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "shell_env_quote: an environment value cannot contain a newline",
+        ));
+    }
+    let plain = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-+.,:/=@%".contains(c));
+    if plain {
+        return Ok(value.to_owned());
+    }
+    Ok(format!("'{}'", value.replace('\'', "'\\''")))
+}
+
+/// A proxy address as a URL: `http://` is added when it has no scheme, as
+/// `settings.network.https-proxy` documents.
+pub fn proxy_url(value: &str) -> String {
+    if value.contains("://") {
+        value.to_owned()
+    } else {
+        format!("http://{value}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn base64_decode_gives_text_and_refuses_garbage() {
+        assert_eq!(base64_decode("aGVsbG8K").unwrap(), "hello\n");
+        assert_eq!(base64_decode("").unwrap(), "");
+        let err = base64_decode("not base64!").unwrap_err();
+        assert!(err.to_string().contains("not base64"), "{err}");
+        // 0xff 0xfe is valid base64 but not UTF-8.
+        let err = base64_decode("//4=").unwrap_err();
+        assert!(err.to_string().contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn toml_string_round_trips_through_a_toml_parser() {
+        for s in [
+            "plain",
+            "with \"quotes\" and \\backslash",
+            "tab\tnew\nline\r",
+            "bell\u{7} del\u{7f} esc\u{1b}",
+            "unicode é ✓",
+            "",
+        ] {
+            let doc = format!("v = {}", toml_string(s));
+            let parsed: toml::Table = toml::from_str(&doc).unwrap();
+            assert_eq!(parsed["v"].as_str().unwrap(), s, "{doc}");
+        }
+    }
+
+    #[test]
+    fn yaml_string_round_trips_and_keeps_strings_strings() {
+        for s in [
+            "true",
+            "null",
+            "0x10",
+            "1e3",
+            "- a: b",
+            "#comment",
+            "quote \" backslash \\ colon: x",
+            "tab\tnew\nline",
+            "ctl\u{1} nel\u{85} ls\u{2028} ps\u{2029}",
+            "",
+        ] {
+            let doc = format!("v: {}", yaml_string(s));
+            let parsed: serde_norway::Value = serde_norway::from_str(&doc).unwrap();
+            assert_eq!(parsed["v"].as_str().unwrap(), s, "{doc}");
+        }
+    }
+
+    /// Unquotes the way `sh` and systemd's EnvironmentFile= do for the forms we emit.
+    fn unquote(s: &str) -> String {
+        let mut out = String::new();
+        let mut chars = s.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\'' => {
+                    for q in chars.by_ref() {
+                        if q == '\'' {
+                            break;
+                        }
+                        out.push(q);
+                    }
+                }
+                '\\' => out.extend(chars.next()),
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn shell_env_quote_quotes_only_when_needed() {
+        assert_eq!(
+            shell_env_quote("http://proxy:3128").unwrap(),
+            "http://proxy:3128"
+        );
+        assert_eq!(shell_env_quote("a,b=c").unwrap(), "a,b=c");
+        assert_eq!(shell_env_quote("").unwrap(), "''");
+        assert_eq!(shell_env_quote("a b").unwrap(), "'a b'");
+        for s in ["it's", "$HOME `x` \"q\" \\", "a b", "x'y'z"] {
+            assert_eq!(unquote(&shell_env_quote(s).unwrap()), s);
+        }
+        assert!(shell_env_quote("a\nb").is_err());
+    }
+
+    #[test]
+    fn shell_env_quote_agrees_with_sh() {
+        let value = "p@ss w'rd $X `y` \\z";
+        let quoted = shell_env_quote(value).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("V={quoted}; printf %s \"$V\""))
+            .output();
+        // No shell on the machine is not this filter's failure.
+        if let Ok(out) = out {
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), value);
+        }
+    }
+
+    #[test]
+    fn proxy_url_adds_http_only_without_scheme() {
+        assert_eq!(
+            proxy_url("proxy.example.com:3128"),
+            "http://proxy.example.com:3128"
+        );
+        assert_eq!(proxy_url("https://proxy:443"), "https://proxy:443");
+        assert_eq!(proxy_url("http://u:p@proxy"), "http://u:p@proxy");
+    }
+
+    #[test]
+    fn filters_are_registered() {
+        let mut env = Environment::new();
+        register(&mut env);
+        let out = env
+            .render_str(
+                "{{ 'aGk=' | base64_decode }} {{ 'a\"b' | toml_string }} {{ 'x' | yaml_string }} \
+                 {{ 'a b' | shell_env_quote }} {{ 'p:1' | proxy_url }}",
+                (),
+            )
+            .unwrap();
+        assert_eq!(out, "hi \"a\\\"b\" \"x\" 'a b' http://p:1");
+    }
+}

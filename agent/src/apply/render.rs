@@ -1,0 +1,459 @@
+//! Template rendering: loads `packaging/templates/` once and renders one configuration
+//! file from the settings and `/os` values.
+//!
+//! Owns the minijinja environment (strict undefined, Keel's filters, no auto-escaping)
+//! and turning its errors into messages that name the template, the line and, when the
+//! failure is an undefined value, the settings key. Must not write files or decide which
+//! files to render: that is the apply pipeline's job.
+//!
+//! Templates see two variables: `settings` (the settings JSON without its wrapper, every
+//! member optional) and `os`. Kebab-case members are read with subscripts
+//! (`settings["host-containers"]`); optional groups are usually bound once with
+//! `{% set k8s = settings.kubernetes | default({}) %}` and tested with `is defined`.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, Value};
+
+/// Why a template could not be loaded or rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("cannot read templates from {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("template file name {path:?} is not UTF-8")]
+    BadName { path: PathBuf },
+    #[error("no template named {template:?}")]
+    UnknownTemplate { template: String },
+    #[error("template {template:?}{}: syntax error: {reason}", line_suffix(*.line))]
+    Syntax {
+        template: String,
+        line: Option<usize>,
+        reason: String,
+    },
+    /// A variable or member the template reads is not set.
+    #[error("template {template:?}{}: undefined value {expression}", line_suffix(*.line))]
+    Undefined {
+        template: String,
+        line: Option<usize>,
+        /// The expression as written in the template, normalized to a dotted key when it
+        /// reads `settings` (`settings.kubernetes.cluster-dns-ip`).
+        expression: String,
+        /// The settings key, when the expression reads one.
+        key: Option<String>,
+    },
+    #[error("template {template:?}{}: {reason}", line_suffix(*.line))]
+    Render {
+        template: String,
+        line: Option<usize>,
+        reason: String,
+    },
+}
+
+fn line_suffix(line: Option<usize>) -> String {
+    line.map(|l| format!(" line {l}")).unwrap_or_default()
+}
+
+impl RenderError {
+    /// The settings key whose absence made rendering fail, when known.
+    pub fn key(&self) -> Option<String> {
+        match self {
+            RenderError::Undefined { key, .. } => key.clone(),
+            _ => None,
+        }
+    }
+
+    /// The template the error is about, if it is about one.
+    pub fn template(&self) -> Option<&str> {
+        match self {
+            RenderError::Syntax { template, .. }
+            | RenderError::Undefined { template, .. }
+            | RenderError::Render { template, .. }
+            | RenderError::UnknownTemplate { template } => Some(template),
+            RenderError::Read { .. } | RenderError::BadName { .. } => None,
+        }
+    }
+
+    /// The line in the template, when known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            RenderError::Syntax { line, .. }
+            | RenderError::Undefined { line, .. }
+            | RenderError::Render { line, .. } => *line,
+            _ => None,
+        }
+    }
+}
+
+/// Every template, parsed once at startup.
+#[derive(Debug)]
+pub struct Templates {
+    env: Environment<'static>,
+}
+
+impl Templates {
+    /// Loads every file in `dir` as a template named by its file name; fails naming the
+    /// file and line on a syntax error. Hidden files (`.name`) and directories are skipped.
+    pub fn load(dir: &Path) -> Result<Templates, RenderError> {
+        let read_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| RenderError::Read { path, source }
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(read_err(dir))? {
+            let entry = entry.map_err(read_err(dir))?;
+            let path = entry.path();
+            if !path.is_file() {
+                continue;
+            }
+            let name = entry
+                .file_name()
+                .into_string()
+                .map_err(|_| RenderError::BadName { path: path.clone() })?;
+            if name.starts_with('.') {
+                continue;
+            }
+            files.push((name, path));
+        }
+        files.sort();
+        let mut sources = Vec::with_capacity(files.len());
+        for (name, path) in files {
+            let source = std::fs::read_to_string(&path).map_err(read_err(&path))?;
+            sources.push((name, source));
+        }
+        Self::from_sources(sources)
+    }
+
+    /// Builds the environment from `(name, source)` pairs; used by `load` and by tests.
+    pub fn from_sources(
+        sources: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Templates, RenderError> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        // Block tags take their whole line, and files end with the newline they were
+        // written with: templates then read like the files they produce.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_keep_trailing_newline(true);
+        super::filters::register(&mut env);
+        for (name, source) in sources {
+            env.add_template_owned(name.clone(), source)
+                .map_err(|e| RenderError::Syntax {
+                    template: e.name().map_or_else(|| name.clone(), str::to_owned),
+                    line: e.line(),
+                    reason: reason_of(&e),
+                })?;
+        }
+        Ok(Templates { env })
+    }
+
+    /// Names of every loaded template, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .env
+            .templates()
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Whether a template called `name` was loaded.
+    pub fn contains(&self, name: &str) -> bool {
+        self.env.get_template(name).is_ok()
+    }
+
+    /// Renders template `name` with context
+    /// `{"settings": <settings JSON without wrapper>, "os": <os JSON>}`.
+    pub fn render(
+        &self,
+        name: &str,
+        settings: &serde_json::Value,
+        os: &serde_json::Value,
+    ) -> Result<String, RenderError> {
+        let template = self
+            .env
+            .get_template(name)
+            .map_err(|_| RenderError::UnknownTemplate {
+                template: name.to_owned(),
+            })?;
+        let context = minijinja::context! {
+            settings => Value::from_serialize(settings),
+            os => Value::from_serialize(os),
+        };
+        template.render(context).map_err(|e| self.convert(name, &e))
+    }
+
+    /// Turns a minijinja render error into a `RenderError` naming the template it
+    /// happened in (an included one, if so) and, for undefined values, the expression.
+    fn convert(&self, requested: &str, err: &minijinja::Error) -> RenderError {
+        let template = err.name().unwrap_or(requested).to_owned();
+        let line = err.line();
+        if err.kind() == ErrorKind::UndefinedError {
+            let source = self
+                .env
+                .get_template(&template)
+                .ok()
+                .map(|t| t.source().to_owned());
+            let expression = source
+                .as_deref()
+                .zip(err.range())
+                .and_then(|(source, range)| expression_at(source, range));
+            if let Some(expression) = expression {
+                let key = settings_key(&expression);
+                return RenderError::Undefined {
+                    template,
+                    line,
+                    expression: key.clone().unwrap_or(expression),
+                    key,
+                };
+            }
+            return RenderError::Undefined {
+                template,
+                line,
+                expression: "(unknown expression)".to_owned(),
+                key: None,
+            };
+        }
+        RenderError::Render {
+            template,
+            line,
+            reason: reason_of(err),
+        }
+    }
+}
+
+/// `kind: detail`, plus the causes, without minijinja's own `(in name:line)` suffix.
+fn reason_of(err: &minijinja::Error) -> String {
+    let mut reason = match err.detail() {
+        Some(detail) => format!("{}: {detail}", err.kind()),
+        None => err.kind().to_string(),
+    };
+    let mut cause = std::error::Error::source(err);
+    while let Some(c) = cause {
+        reason.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    reason
+}
+
+/// The lookup chain around `range` in `source`: minijinja's span starts after the base
+/// variable (`.kubernetes["x"]`), so walk back to include it (`settings`).
+fn expression_at(source: &str, range: Range<usize>) -> Option<String> {
+    let bytes = source.as_bytes();
+    let end = range.end.min(bytes.len());
+    let mut start = range.start.min(end);
+    while start > 0 {
+        let c = bytes[start - 1];
+        if c.is_ascii_alphanumeric() || c == b'_' || c == b'.' {
+            start -= 1;
+        } else if c == b']' {
+            // Jump to the matching '['.
+            let mut depth = 0usize;
+            let mut i = start;
+            let mut found = None;
+            while i > 0 {
+                i -= 1;
+                match bytes[i] {
+                    b']' => depth += 1,
+                    b'[' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            found = Some(i);
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            start = found?;
+        } else {
+            break;
+        }
+    }
+    let text = source.get(start..end)?.trim();
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
+/// `settings.kubernetes["cluster-dns-ip"]` → `settings.kubernetes.cluster-dns-ip`;
+/// `None` when the expression does not start with a plain `settings` lookup chain.
+fn settings_key(expression: &str) -> Option<String> {
+    let rest = expression.strip_prefix("settings")?;
+    let mut key = String::from("settings");
+    let mut chars = rest.chars().peekable();
+    let mut segments = 0;
+    while let Some(&c) = chars.peek() {
+        match c {
+            '.' => {
+                chars.next();
+                let mut segment = String::new();
+                while let Some(&c) = chars.peek() {
+                    if c.is_ascii_alphanumeric() || c == '_' {
+                        segment.push(c);
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                if segment.is_empty() {
+                    return None;
+                }
+                key.push('.');
+                key.push_str(&settings_model::key::format_segment(&segment));
+            }
+            '[' => {
+                chars.next();
+                let quote = match chars.next()? {
+                    q @ ('"' | '\'') => q,
+                    d if d.is_ascii_digit() => {
+                        let mut index = String::from(d);
+                        for c in chars.by_ref() {
+                            if c == ']' {
+                                break;
+                            }
+                            index.push(c);
+                        }
+                        key.push_str(&format!("[{index}]"));
+                        segments += 1;
+                        continue;
+                    }
+                    _ => return None,
+                };
+                let mut segment = String::new();
+                for c in chars.by_ref() {
+                    if c == quote {
+                        break;
+                    }
+                    segment.push(c);
+                }
+                if chars.next() != Some(']') {
+                    return None;
+                }
+                key.push('.');
+                key.push_str(&settings_model::key::format_segment(&segment));
+            }
+            _ => break,
+        }
+        segments += 1;
+    }
+    (segments > 0 || rest.is_empty()).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde_json::json;
+
+    fn one(source: &str) -> Templates {
+        Templates::from_sources([("t".to_owned(), source.to_owned())]).unwrap()
+    }
+
+    #[test]
+    fn undefined_names_template_line_and_key() {
+        let t = one("a\nb\n{{ settings.kubernetes[\"cluster-dns-ip\"] }}\n");
+        let err = t.render("t", &json!({}), &json!({})).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "template \"t\" line 3: undefined value settings.kubernetes.cluster-dns-ip"
+        );
+        assert_eq!(
+            err.key().as_deref(),
+            Some("settings.kubernetes.cluster-dns-ip")
+        );
+        assert_eq!(err.line(), Some(3));
+    }
+
+    #[test]
+    fn undefined_is_never_an_empty_string() {
+        let t = one("{{ settings.motd }}");
+        let err = t.render("t", &json!({}), &json!({})).unwrap_err();
+        assert_eq!(err.key().as_deref(), Some("settings.motd"));
+        assert_eq!(
+            t.render("t", &json!({"motd": "hi"}), &json!({})).unwrap(),
+            "hi"
+        );
+    }
+
+    #[test]
+    fn undefined_in_a_loop_or_local_variable() {
+        let t = one("{% for s in settings.ntp['time-servers'] %}{{ s }}{% endfor %}");
+        let err = t.render("t", &json!({}), &json!({})).unwrap_err();
+        assert_eq!(err.key().as_deref(), Some("settings.ntp.time-servers"));
+
+        let t = one("{% set k = settings.kubernetes | default({}) %}\n{{ k.x }}");
+        let err = t.render("t", &json!({}), &json!({})).unwrap_err();
+        assert_eq!(err.key(), None);
+        assert!(
+            err.to_string().contains("line 2: undefined value k.x"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_template_and_line() {
+        let err =
+            Templates::from_sources([("bad".to_owned(), "ok\n{% if x %}\n{{ y }".to_owned())])
+                .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("template \"bad\" line 3: syntax error"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn filter_failures_are_render_errors() {
+        let t = one("x\n{{ settings.v | base64_decode }}");
+        let err = t.render("t", &json!({"v": "%%%"}), &json!({})).unwrap_err();
+        assert!(
+            err.to_string().starts_with("template \"t\" line 2: "),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not base64"), "{err}");
+    }
+
+    #[test]
+    fn unknown_template_is_an_error() {
+        let t = one("x");
+        assert!(matches!(
+            t.render("nope", &json!({}), &json!({})),
+            Err(RenderError::UnknownTemplate { .. })
+        ));
+    }
+
+    #[test]
+    fn block_tags_take_whole_lines_and_trailing_newline_is_kept() {
+        let t = one("a\n{% if true %}\nb\n{% endif %}\nc\n");
+        assert_eq!(t.render("t", &json!({}), &json!({})).unwrap(), "a\nb\nc\n");
+    }
+
+    #[test]
+    fn no_html_escaping() {
+        let t = one("{{ settings.v }}");
+        assert_eq!(
+            t.render("t", &json!({"v": "<a & 'b'>"}), &json!({}))
+                .unwrap(),
+            "<a & 'b'>"
+        );
+    }
+
+    #[test]
+    fn settings_key_normalizes_subscripts() {
+        assert_eq!(
+            settings_key("settings[\"host-containers\"].admin['user-data']").as_deref(),
+            Some("settings.host-containers.admin.user-data")
+        );
+        assert_eq!(
+            settings_key("settings.pki[\"my.ca\"]").as_deref(),
+            Some("settings.pki.\"my.ca\"")
+        );
+        assert_eq!(settings_key("os.arch"), None);
+        assert_eq!(settings_key("settingsx.y"), None);
+    }
+}
