@@ -43,6 +43,9 @@ impl Seen {
 /// Answers: (status, body) for a request.
 type Script = fn(&Seen) -> (u16, String);
 
+/// Answers: (status, extra response headers, body) for a request.
+type HeaderScript = fn(&Seen) -> (u16, Vec<(&'static str, String)>, String);
+
 struct FakeKeeld {
     _dir: tempfile::TempDir,
     socket: PathBuf,
@@ -51,6 +54,20 @@ struct FakeKeeld {
 
 impl FakeKeeld {
     fn start(script: Script) -> Self {
+        Self::start_boxed(Arc::new(move |request: &Seen| {
+            let (status, body) = script(request);
+            (status, Vec::new(), body)
+        }))
+    }
+
+    fn start_with_headers(script: HeaderScript) -> Self {
+        Self::start_boxed(Arc::new(script))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn start_boxed(
+        script: Arc<dyn Fn(&Seen) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
         let listener = UnixListener::bind(&socket).unwrap();
@@ -63,13 +80,16 @@ impl FakeKeeld {
                 };
                 let request = read_request(&mut stream).await;
                 log.lock().unwrap().push(request.clone());
-                let (status, body) = script(&request);
+                let (status, headers, body) = script(&request);
                 let reason = match status {
                     200 => "OK",
                     204 => "No Content",
                     _ => "Error",
                 };
                 let mut answer = format!("HTTP/1.1 {status} {reason}\r\nConnection: close\r\n");
+                for (name, value) in headers {
+                    answer.push_str(&format!("{name}: {value}\r\n"));
+                }
                 if status != 204 {
                     answer.push_str(&format!(
                         "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -433,4 +453,330 @@ async fn binary_exit_codes() {
     let (code, stdout, _) = run_binary(&["schema"]).await;
     assert_eq!(code, 0);
     assert!(serde_json::from_str::<Value>(&stdout).unwrap().is_object());
+}
+
+const MOTD_DIFF: &str = "--- a/etc/motd\n+++ b/etc/motd\n@@ -1 +1 @@\n-a\n+b\n";
+
+/// A keeld whose dry run reports one changed setting and one file.
+fn dry_running(request: &Seen) -> (u16, String) {
+    match (request.method.as_str(), request.path()) {
+        ("POST", "/tx/dry-run") => {
+            let tx = request.query()[0].1.clone();
+            let answer = json!({
+                "tx": tx,
+                "changed-keys": ["settings.motd"],
+                "settings": {"settings.motd": {"old": "a", "new": "b"}},
+                "services": {"motd": ["settings.motd"]},
+                "files": [{"name": "motd", "path": "/etc/motd", "diff": MOTD_DIFF}]
+            });
+            (200, answer.to_string())
+        }
+        ("DELETE", "/tx") => (200, r#"["settings.motd"]"#.to_owned()),
+        _ => accepting(request),
+    }
+}
+
+/// Checks the dry-run sequence: the fills, `POST /tx/dry-run`, `DELETE /tx`, all in the
+/// same transaction, and nothing committed.
+fn assert_dry_run_sequence(seen: &[Seen], fills: usize, kind: &str) -> String {
+    assert_eq!(seen.len(), fills + 2, "{seen:#?}");
+    let tx = tx_of(&seen[0], kind);
+    for fill in &seen[..fills] {
+        assert_eq!(fill.method, "PATCH");
+        assert_eq!(tx_of(fill, kind), tx);
+    }
+    let (dry, delete) = (&seen[fills], &seen[fills + 1]);
+    assert_eq!((dry.method.as_str(), dry.path()), ("POST", "/tx/dry-run"));
+    assert_eq!(tx_of(dry, kind), tx);
+    assert_json_request(dry);
+    assert_eq!((delete.method.as_str(), delete.path()), ("DELETE", "/tx"));
+    assert_eq!(tx_of(delete, kind), tx);
+    tx
+}
+
+#[tokio::test]
+async fn set_dry_run_patches_dry_runs_and_discards_the_same_transaction() {
+    let server = FakeKeeld::start(dry_running);
+    let output = run_cli(&server, &["set", "--dry-run", "motd=b"])
+        .await
+        .unwrap();
+    let seen = server.seen();
+    assert_dry_run_sequence(&seen, 1, "set");
+    assert_eq!(seen[0].path(), "/settings/keypair");
+    assert_eq!(seen[0].body, r#"{"request_payload":["motd=b"]}"#);
+    assert_eq!(
+        output.render(),
+        "~ settings.motd: \"a\" → \"b\"\n\
+         \n\
+         === file motd (/etc/motd)\n\
+         --- a/etc/motd\n\
+         +++ b/etc/motd\n\
+         @@ -1 +1 @@\n\
+         -a\n\
+         +b\n\
+         \n\
+         1 setting, 1 file would change; services affected: motd\n"
+    );
+}
+
+#[tokio::test]
+async fn dry_run_json_prints_keelds_answer() {
+    let server = FakeKeeld::start(dry_running);
+    let output = run_cli(
+        &server,
+        &[
+            "set",
+            "--dry-run",
+            "--output",
+            "json",
+            "-j",
+            r#"{"motd":"b"}"#,
+        ],
+    )
+    .await
+    .unwrap();
+    let tx = assert_dry_run_sequence(&server.seen(), 1, "set");
+    let Output::Json(answer) = output else {
+        panic!("{output:?}")
+    };
+    assert_eq!(answer["tx"], json!(tx));
+    assert_eq!(answer["files"][0]["diff"], json!(MOTD_DIFF));
+}
+
+#[tokio::test]
+async fn apply_and_unset_dry_run_too() {
+    let server = FakeKeeld::start(dry_running);
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first.json");
+    let second = dir.path().join("second.toml");
+    std::fs::write(&first, r#"{"settings": {"motd": "one"}}"#).unwrap();
+    std::fs::write(&second, "[settings]\nmotd = \"b\"\n").unwrap();
+    let output = run_cli(
+        &server,
+        &[
+            "apply",
+            "--dry-run",
+            first.to_str().unwrap(),
+            second.to_str().unwrap(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_dry_run_sequence(&server.seen(), 2, "apply");
+    assert!(output
+        .render()
+        .starts_with("~ settings.motd: \"a\" → \"b\"\n"));
+
+    let server = FakeKeeld::start(dry_running);
+    run_cli(&server, &["unset", "--dry-run", "motd"])
+        .await
+        .unwrap();
+    let seen = server.seen();
+    assert_dry_run_sequence(&seen, 1, "unset");
+    assert_eq!(seen[0].body, r#"{"motd":null}"#);
+}
+
+#[tokio::test]
+async fn dry_run_says_when_nothing_would_change() {
+    let server = FakeKeeld::start(|request| match request.path() {
+        "/tx/dry-run" => (
+            200,
+            r#"{"tx":"t","changed-keys":[],"settings":{},"services":{},"files":[]}"#.to_owned(),
+        ),
+        _ => accepting(request),
+    });
+    let output = run_cli(&server, &["set", "--dry-run", "motd=hi"])
+        .await
+        .unwrap();
+    assert_eq!(output.render(), "Nothing would change.\n");
+}
+
+#[tokio::test]
+async fn a_refused_dry_run_still_discards_the_transaction() {
+    let server = FakeKeeld::start(|request| match request.path() {
+        "/tx/dry-run" => (
+            422,
+            r#"{"error":"template motd: undefined value"}"#.to_owned(),
+        ),
+        _ => accepting(request),
+    });
+    let error = run_cli(&server, &["set", "--dry-run", "motd=hi"])
+        .await
+        .unwrap_err();
+    let tx = assert_dry_run_sequence(&server.seen(), 1, "set");
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "Status 422 when POSTing /tx/dry-run?tx={tx}: \
+             {{\"error\":\"template motd: undefined value\"}}"
+        )
+    );
+
+    let server = FakeKeeld::start(refusing_patches);
+    run_cli(&server, &["set", "--dry-run", "motd=hi"])
+        .await
+        .unwrap_err();
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert_eq!(seen[1].method, "DELETE");
+    assert_eq!(tx_of(&seen[1], "set"), tx_of(&seen[0], "set"));
+}
+
+#[tokio::test]
+async fn output_json_needs_dry_run() {
+    let argv = ["apiclient", "set", "--output", "json", "motd=hi"];
+    assert!(Cli::try_parse_from(argv).is_err());
+}
+
+/// The apply log keeld keeps after apply 3 failed.
+fn failed_apply_log() -> Value {
+    json!({
+        "reboot-required": false,
+        "applies": [{
+            "id": 3,
+            "time": "2024-05-01T10:00:00Z",
+            "keys": ["settings.motd"],
+            "services": {"motd": ["settings.motd"]},
+            "files": [
+                {"name": "motd", "path": "/etc/motd", "result": "written"},
+                {"name": "issue", "path": "/etc/issue", "result": "failed", "error": "read-only file system"}
+            ],
+            "commands": [{
+                "service": "motd", "argv": ["systemctl", "restart", "motd.service"],
+                "exit-code": 1, "success": false, "timed-out": false, "duration-ms": 20,
+                "stdout": "", "stderr": "Job for motd.service failed.\nSee 'journalctl -xe'.\n"
+            }],
+            "success": false,
+            "reboot-required": false,
+            "duration-ms": 25
+        }]
+    })
+}
+
+/// A keeld whose applies fail (apply 3).
+fn failing_apply(request: &Seen) -> (u16, Vec<(&'static str, String)>, String) {
+    let failed = vec![
+        ("x-keel-apply-status", "failed".to_owned()),
+        ("x-keel-apply-id", "3".to_owned()),
+    ];
+    match (request.method.as_str(), request.path()) {
+        ("POST", "/tx/commit_and_apply") | ("POST", "/history/rollback") => {
+            (200, failed, r#"["settings.motd"]"#.to_owned())
+        }
+        ("GET", "/apply/log") => (200, Vec::new(), failed_apply_log().to_string()),
+        _ => {
+            let (status, body) = accepting(request);
+            (status, Vec::new(), body)
+        }
+    }
+}
+
+const FAILED_APPLY_STDERR: &str = "\
+settings committed, but applying them failed (apply 3):
+  file issue (/etc/issue): read-only file system
+  service motd: systemctl restart motd.service: exit code 1: Job for motd.service failed.
+";
+
+#[tokio::test]
+async fn binary_reports_a_failed_apply_with_exit_1() {
+    let server = FakeKeeld::start_with_headers(failing_apply);
+    let socket = server.socket().to_str().unwrap();
+    let (code, stdout, stderr) = run_binary(&["-s", socket, "set", "motd=hi"]).await;
+    assert_eq!(code, 1);
+    assert_eq!(stdout, "");
+    assert_eq!(stderr, FAILED_APPLY_STDERR);
+
+    let seen = server.seen();
+    let requests: Vec<(&str, &str)> = seen.iter().map(|s| (s.method.as_str(), s.path())).collect();
+    assert_eq!(
+        requests,
+        [
+            ("PATCH", "/settings/keypair"),
+            ("POST", "/tx/commit_and_apply"),
+            ("GET", "/apply/log")
+        ]
+    );
+    assert_eq!(seen[2].target, "/apply/log?limit=1");
+
+    // The same for apply, unset and rollback.
+    let dir = tempfile::tempdir().unwrap();
+    let user_data = dir.path().join("user-data.toml");
+    std::fs::write(&user_data, "[settings]\nmotd = \"hi\"\n").unwrap();
+    for args in [
+        vec!["apply", user_data.to_str().unwrap()],
+        vec!["unset", "motd"],
+        vec!["rollback", "2"],
+    ] {
+        let mut argv = vec!["-s", socket];
+        argv.extend(args.iter().copied());
+        let (code, _, stderr) = run_binary(&argv).await;
+        assert_eq!(code, 1, "{args:?}");
+        assert_eq!(stderr, FAILED_APPLY_STDERR, "{args:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_apply_is_found_in_the_log_even_if_not_the_newest() {
+    let server = FakeKeeld::start_with_headers(|request| match request.target.as_str() {
+        "/apply/log?limit=1" => (
+            200,
+            Vec::new(),
+            r#"{"reboot-required":false,"applies":[{"id":4,"success":true}]}"#.to_owned(),
+        ),
+        _ => failing_apply(request),
+    });
+    let error = run_cli(&server, &["set", "motd=hi"]).await.unwrap_err();
+    assert!(matches!(error, cli::CliError::ApplyFailed(_)), "{error:?}");
+    assert_eq!(format!("{error}\n"), FAILED_APPLY_STDERR);
+    let targets: Vec<String> = server.seen().iter().map(|s| s.target.clone()).collect();
+    assert_eq!(targets[2..], ["/apply/log?limit=1", "/apply/log"]);
+}
+
+#[tokio::test]
+async fn a_successful_apply_needs_no_log() {
+    let server = FakeKeeld::start_with_headers(|request| {
+        let (status, body) = accepting(request);
+        let headers = match request.path() {
+            "/tx/commit_and_apply" => vec![
+                ("x-keel-apply-status", "ok".to_owned()),
+                ("x-keel-apply-id", "9".to_owned()),
+            ],
+            _ => Vec::new(),
+        };
+        (status, headers, body)
+    });
+    let output = run_cli(&server, &["set", "motd=hi"]).await.unwrap();
+    assert_eq!(output, Output::Nothing);
+    assert_eq!(server.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn apply_log_gets_the_log() {
+    let server = FakeKeeld::start(|_| (200, failed_apply_log().to_string()));
+    let output = run_cli(&server, &["apply-log", "--limit", "2"])
+        .await
+        .unwrap();
+    assert_eq!(output, Output::Json(failed_apply_log()));
+    run_cli(&server, &["apply-log"]).await.unwrap();
+    let seen = server.seen();
+    assert_eq!(seen[0].method, "GET");
+    assert_eq!(seen[0].target, "/apply/log?limit=2");
+    assert_eq!(seen[1].target, "/apply/log");
+}
+
+#[tokio::test]
+async fn help_texts_mention_dry_run() {
+    for command in ["set", "apply", "unset"] {
+        let (code, stdout, _) = run_binary(&[command, "--help"]).await;
+        assert_eq!(code, 0);
+        assert!(stdout.contains("--dry-run"), "{stdout}");
+        assert!(stdout.contains("--output <FORMAT>"), "{stdout}");
+        assert!(
+            stdout.contains(&format!("apiclient {command} --dry-run")),
+            "{stdout}"
+        );
+    }
+    let (code, stdout, _) = run_binary(&["apply-log", "--help"]).await;
+    assert_eq!(code, 0);
+    assert!(stdout.contains("--limit <N>"), "{stdout}");
 }

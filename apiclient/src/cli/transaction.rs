@@ -30,7 +30,7 @@ pub struct DryRunArgs {
     pub dry_run: bool,
 
     /// How to print the --dry-run report: `text` (the default) or `json` (keeld's answer
-    /// to `POST /tx/dry-run`, as it came). (`set -j/--json` already names its input.)
+    /// to `POST /tx/dry-run`). Not `--json`: for `set`, that flag gives the settings.
     #[arg(long, value_name = "FORMAT", value_enum, requires = "dry_run")]
     pub output: Option<Format>,
 }
