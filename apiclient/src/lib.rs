@@ -4,8 +4,8 @@
 //! Owns: talking HTTP/1.1 to keeld over its Unix socket ([`Client`]), the error texts users
 //! see ([`ClientError`]), query-string encoding ([`uri`]), transaction names, the
 //! patch → commit → discard-on-failure sequence, dry runs and the apply-status headers
-//! ([`transaction`]), reading user-data
-//! sources ([`source`]) and the command-line interface ([`cli`]). Must not interpret
+//! ([`transaction`]), reading user-data sources ([`source`]) and the command-line
+//! interface ([`cli`]). Must not interpret
 //! settings itself beyond what `settings-model` offers: the server is the judge of what is
 //! valid.
 
