@@ -5,9 +5,8 @@
 //! see ([`ClientError`]), query-string encoding ([`uri`]), transaction names, the
 //! patch → commit → discard-on-failure sequence, dry runs and the apply-status headers
 //! ([`transaction`]), reading user-data sources ([`source`]) and the command-line
-//! interface ([`cli`]). Must not interpret
-//! settings itself beyond what `settings-model` offers: the server is the judge of what is
-//! valid.
+//! interface ([`cli`]). Must not interpret settings itself beyond what `settings-model`
+//! offers: the server is the judge of what is valid.
 
 pub mod cli;
 pub mod client;
