@@ -1,8 +1,8 @@
 //! Template filters Keel adds to minijinja: decoding and quoting for the formats the
 //! configuration files are written in.
 //!
-//! Owns: `base64_decode`, `toml_string`, `yaml_string`, `shell_env_quote`, `proxy_url`
-//! and their registration. Each filter is a pure function of its input; none reads
+//! Owns: `base64_decode`, `toml_string`, `yaml_string`, `shell_env_quote`, `proxy_url`,
+//! `url_host` and their registration. Each filter is a pure function of its input; none reads
 //! files or the environment. `join`, `default`, `unique` and `tojson` are minijinja's
 //! built-ins and are not redefined here.
 
@@ -16,6 +16,7 @@ pub fn register(env: &mut Environment<'_>) {
     env.add_filter("yaml_string", yaml_string);
     env.add_filter("shell_env_quote", shell_env_quote);
     env.add_filter("proxy_url", proxy_url);
+    env.add_filter("url_host", url_host);
 }
 
 /// Decodes standard base64 (with padding) into UTF-8 text, e.g. a PEM bundle.
@@ -112,6 +113,23 @@ pub fn proxy_url(value: &str) -> String {
     } else {
         format!("http://{value}")
     }
+}
+
+/// The host of a server given as a host name, an IP address or a URL
+/// (`ntp://time.example.com:123` → `time.example.com`, `[fd00::1]` → `fd00::1`).
+pub fn url_host(value: &str) -> String {
+    let rest = value.split_once("://").map_or(value, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if let Some(bracketed) = authority.strip_prefix('[') {
+        return bracketed.split(']').next().unwrap_or(bracketed).to_owned();
+    }
+    if authority.parse::<std::net::Ipv6Addr>().is_ok() {
+        return authority.to_owned();
+    }
+    authority.split(':').next().unwrap_or(authority).to_owned()
 }
 
 #[cfg(test)]
@@ -224,6 +242,16 @@ mod tests {
         );
         assert_eq!(proxy_url("https://proxy:443"), "https://proxy:443");
         assert_eq!(proxy_url("http://u:p@proxy"), "http://u:p@proxy");
+    }
+
+    #[test]
+    fn url_host_strips_scheme_port_path_and_brackets() {
+        assert_eq!(url_host("time.example.com"), "time.example.com");
+        assert_eq!(url_host("169.254.169.123"), "169.254.169.123");
+        assert_eq!(url_host("ntp://time.example.com:123/x"), "time.example.com");
+        assert_eq!(url_host("ntp://[fd00::1]:123"), "fd00::1");
+        assert_eq!(url_host("fd00::1"), "fd00::1");
+        assert_eq!(url_host("https://u:p@host:8443"), "host");
     }
 
     #[test]

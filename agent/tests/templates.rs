@@ -1,0 +1,703 @@
+//! The shipped templates (`packaging/templates/`) and `packaging/services.toml`: every
+//! template renders from empty settings, each file rendered from full settings parses
+//! back with a real parser for its format, the Bottlerocket documentation examples
+//! render, and undefined values fail naming template, line and key.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use keel_agent::apply::render::{RenderError, Templates};
+use keel_agent::apply::ServicesMeta;
+use serde_json::{json, Value};
+
+fn packaging() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging")
+}
+
+fn templates() -> Templates {
+    Templates::load(&packaging().join("templates")).unwrap()
+}
+
+fn os() -> Value {
+    json!({
+        "arch": "x86_64",
+        "build_id": "dev",
+        "pretty_name": "Keel 0.1.0",
+        "variant_id": "keel-k8s",
+        "version_id": "0.1.0"
+    })
+}
+
+const CA_PEM: &str =
+    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END CERTIFICATE-----\n";
+const OTHER_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBotherCA\n-----END CERTIFICATE-----\n";
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// Realistic settings touching every rendered file.
+fn full_settings() -> Value {
+    let settings = json!({
+        "motd": "Welcome to node-7 \"prod\"",
+        "ntp": {"time-servers": ["169.254.169.123", "ntp://time.example.com:123", "2.pool.ntp.org"]},
+        "network": {
+            "hostname": "node-7.example.internal",
+            "https-proxy": "proxy.example.com:3128",
+            "no-proxy": ["localhost", ".example.internal", "10.0.0.0/8"]
+        },
+        "dns": {
+            "name-servers": ["10.0.0.2", "10.0.0.3", "1.1.1.1", "8.8.8.8"],
+            "search-list": ["example.internal", "corp.example.com"]
+        },
+        "container-registry": {
+            "mirrors": [
+                {"registry": "docker.io", "endpoint": ["https://mirror.example.com", "https://mirror2.example.com"]},
+                {"registry": "*", "endpoint": ["https://all.example.com"]}
+            ],
+            "credentials": [
+                {"registry": "registry.example.com:5000", "username": "robot", "password": "p\"a$s\\w'd"},
+                {"registry": "docker.io", "auth": b64("user:token")}
+            ]
+        },
+        "container-runtime": {
+            "max-container-log-line-size": 16384,
+            "max-concurrent-downloads": 4,
+            "enable-unprivileged-icmp": true,
+            "enable-unprivileged-ports": false
+        },
+        "kernel": {"sysctl": {"net.ipv4.ip_forward": "1", "vm.max_map_count": "262144", "kernel/pid_max": "4194304"}},
+        "kubernetes": {
+            "api-server": "https://api.example.com:6443",
+            "cluster-name": "prod",
+            "cluster-certificate": b64(CA_PEM),
+            "cluster-dns-ip": ["10.96.0.10", "10.96.0.11"],
+            "cluster-domain": "cluster.example",
+            "node-labels": {"label1": "foo", "example.com/role": "worker"},
+            "node-taints": {"dedicated": ["experimental:PreferNoSchedule", "experimental:NoExecute"], "special": [":NoSchedule"]},
+            "max-pods": 110,
+            "eviction-hard": {"memory.available": "15%", "nodefs.available": "10%"},
+            "eviction-soft": {"memory.available": "12%"},
+            "eviction-soft-grace-period": {"memory.available": "30s"},
+            "eviction-max-pod-grace-period": 40,
+            "kube-reserved": {"cpu": "100m", "memory": "512Mi", "ephemeral-storage": "1Gi"},
+            "system-reserved": {"cpu": "50m", "memory": "256Mi"},
+            "memory-manager-policy": "Static",
+            "memory-manager-reserved-memory": {
+                "0": {"enabled": true, "memory": "674Mi", "hugepages-1Gi": "1Gi"},
+                "1": {"enabled": true, "hugepages-2Mi": "2148Mi"},
+                "2": {"enabled": false, "memory": "1Gi"}
+            },
+            "cpu-manager-policy": "static",
+            "topology-manager-policy": "single-numa-node",
+            "allowed-unsafe-sysctls": ["net.core.somaxconn", "kernel.msg*"],
+            "credential-providers": {
+                "ecr-credential-provider": {
+                    "enabled": true,
+                    "cache-duration": "30m",
+                    "image-patterns": ["*.dkr.ecr.us-east-2.amazonaws.com", "*.dkr.ecr.us-west-2.amazonaws.com"],
+                    "environment": {"KEY": "abc123xyz", "GOMAXPROCS": "2"}
+                },
+                "disabled-provider": {"enabled": false, "image-patterns": ["x.example.com"]}
+            },
+            "authentication-mode": "aws",
+            "pod-infra-container-image": "registry.example.com/pause:3.9",
+            "node-ip": "10.0.1.7",
+            "provider-id": "aws:///us-west-2a/i-0123456789abcdef0",
+            "server-tls-bootstrap": true,
+            "kube-api-qps": 10,
+            "container-log-max-size": "10Mi",
+            "shutdown-grace-period": "30s"
+        },
+        "aws": {"region": "us-west-2"},
+        "boot": {
+            "reboot-to-reconcile": true,
+            "kernel-parameters": {"console": ["tty0", "ttyS1,115200n8"], "crashkernel": ["2G-:256M"], "nosmt": []},
+            "init-parameters": {"log_level": ["debug"], "splash": []}
+        },
+        "pki": {
+            "z-last": {"data": b64(OTHER_PEM), "trusted": true},
+            "a-first": {"data": b64(CA_PEM), "trusted": true},
+            "distrusted": {"data": b64("-----BEGIN CERTIFICATE-----\nBAD\n-----END CERTIFICATE-----\n"), "trusted": false}
+        }
+    });
+    // The test settings must be valid settings.
+    settings_model::validate(&settings).unwrap()
+}
+
+fn render(name: &str, settings: &Value) -> String {
+    templates()
+        .render(name, settings, &os())
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Non-empty lines that are not comments.
+fn lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect()
+}
+
+/// `KEY=value` lines of an environment file, unquoting `'...'` and `\x` as sh does.
+fn env_file(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for line in lines(text) {
+        let (key, raw) = line.split_once('=').unwrap();
+        let mut value = String::new();
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\'' => {
+                    for q in chars.by_ref() {
+                        if q == '\'' {
+                            break;
+                        }
+                        value.push(q);
+                    }
+                }
+                '\\' => value.extend(chars.next()),
+                c => value.push(c),
+            }
+        }
+        out.insert(key.to_owned(), value);
+    }
+    out
+}
+
+fn yaml(text: &str) -> serde_norway::Value {
+    serde_norway::from_str(text).unwrap_or_else(|e| panic!("not YAML ({e}):\n{text}"))
+}
+
+fn toml_doc(text: &str) -> toml::Table {
+    toml::from_str(text).unwrap_or_else(|e| panic!("not TOML ({e}):\n{text}"))
+}
+
+#[test]
+fn every_template_renders_from_empty_settings() {
+    let t = templates();
+    assert!(t.names().len() >= 17, "{:?}", t.names());
+    for name in t.names() {
+        t.render(&name, &json!({}), &json!({}))
+            .unwrap_or_else(|e| panic!("{name} from empty settings: {e}"));
+    }
+}
+
+#[test]
+fn empty_settings_give_sensible_files() {
+    let empty = json!({});
+    assert_eq!(render("motd", &empty), "Welcome to Keel 0.1.0!\n");
+    assert_eq!(render("proxy-env", &empty), "");
+    assert_eq!(render("hostname", &empty), "");
+    assert!(lines(&render("resolv-conf", &empty)).is_empty());
+    assert_eq!(
+        lines(&render("chrony-conf", &empty)),
+        [
+            "driftfile /var/lib/chrony/drift",
+            "makestep 1.0 3",
+            "rtcsync"
+        ]
+    );
+    assert_eq!(render("boot-kernel-parameters", &empty).trim(), "");
+    assert_eq!(render("kubernetes-ca", &empty), "");
+    let env = env_file(&render("kubelet-env", &empty));
+    assert_eq!(env["NODE_LABELS"], "");
+    assert_eq!(env["NODE_TAINTS"], "");
+    // The structured formats stay valid documents.
+    toml_doc(&render("registries", &empty));
+    let containerd = toml_doc(&render("containerd-config", &empty));
+    assert_eq!(containerd["version"].as_integer(), Some(2));
+    let kubelet = yaml(&render("kubelet-config", &empty));
+    assert_eq!(kubelet["clusterDomain"].as_str(), Some("cluster.local"));
+    assert_eq!(
+        kubelet["authentication"]["webhook"]["enabled"].as_bool(),
+        Some(true)
+    );
+    let providers = yaml(&render("credential-provider-config", &empty));
+    assert!(providers["providers"].as_sequence().unwrap().is_empty());
+    assert!(yaml(&render("kubeconfig", &empty)).is_null());
+}
+
+#[test]
+fn motd_and_hostname() {
+    let s = full_settings();
+    assert_eq!(render("motd", &s), "Welcome to node-7 \"prod\"\n");
+    assert_eq!(render("hostname", &s), "node-7.example.internal\n");
+    let hosts = render("hosts", &s);
+    let by_addr: BTreeMap<&str, Vec<&str>> = lines(&hosts)
+        .into_iter()
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next().unwrap(), words.collect())
+        })
+        .collect();
+    for addr in ["127.0.0.1", "::1"] {
+        let names = &by_addr[addr];
+        assert!(names.contains(&"localhost"), "{hosts}");
+        assert!(names.contains(&"node-7.example.internal"), "{hosts}");
+        assert!(names.contains(&"node-7"), "{hosts}");
+    }
+}
+
+#[test]
+fn chrony_has_one_server_per_time_server() {
+    let text = render("chrony-conf", &full_settings());
+    let servers: Vec<Vec<&str>> = lines(&text)
+        .into_iter()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w[0] == "server")
+        .collect();
+    assert_eq!(
+        servers,
+        [
+            ["server", "169.254.169.123", "iburst"],
+            ["server", "time.example.com", "iburst"],
+            ["server", "2.pool.ntp.org", "iburst"]
+        ]
+    );
+    assert!(lines(&text).contains(&"rtcsync"));
+}
+
+#[test]
+fn resolv_conf_has_three_nameservers_and_search() {
+    let text = render("resolv-conf", &full_settings());
+    let l = lines(&text);
+    assert_eq!(
+        l,
+        [
+            "search example.internal corp.example.com",
+            "nameserver 10.0.0.2",
+            "nameserver 10.0.0.3",
+            "nameserver 1.1.1.1"
+        ]
+    );
+}
+
+#[test]
+fn proxy_env_adds_scheme_and_dedupes_no_proxy() {
+    let env = env_file(&render("proxy-env", &full_settings()));
+    assert_eq!(env["HTTPS_PROXY"], "http://proxy.example.com:3128");
+    assert_eq!(env["https_proxy"], "http://proxy.example.com:3128");
+    let no_proxy: Vec<&str> = env["NO_PROXY"].split(',').collect();
+    assert_eq!(
+        no_proxy,
+        [
+            "localhost",
+            "127.0.0.1",
+            "169.254.169.254",
+            ".example.internal",
+            "10.0.0.0/8"
+        ]
+    );
+    assert_eq!(env["no_proxy"], env["NO_PROXY"]);
+}
+
+#[test]
+fn registries_toml_has_mirrors_and_credentials() {
+    let doc = toml_doc(&render("registries", &full_settings()));
+    let mirrors = doc["mirrors"].as_array().unwrap();
+    assert_eq!(mirrors.len(), 2);
+    assert_eq!(mirrors[0]["registry"].as_str(), Some("docker.io"));
+    assert_eq!(
+        mirrors[0]["endpoints"].as_array().unwrap()[1].as_str(),
+        Some("https://mirror2.example.com")
+    );
+    assert_eq!(mirrors[1]["registry"].as_str(), Some("*"));
+    let creds = doc["credentials"].as_array().unwrap();
+    assert_eq!(
+        creds[0]["registry"].as_str(),
+        Some("registry.example.com:5000")
+    );
+    assert_eq!(creds[0]["username"].as_str(), Some("robot"));
+    assert_eq!(creds[0]["password"].as_str(), Some("p\"a$s\\w'd"));
+    assert_eq!(creds[1]["auth"].as_str(), Some(b64("user:token").as_str()));
+    assert!(creds[1].get("password").is_none());
+}
+
+#[test]
+fn containerd_config_is_toml_with_cri_options() {
+    let doc = toml_doc(&render("containerd-config", &full_settings()));
+    assert_eq!(doc["version"].as_integer(), Some(2));
+    let cri = &doc["plugins"]["io.containerd.grpc.v1.cri"];
+    assert_eq!(cri["max_container_log_line_size"].as_integer(), Some(16384));
+    assert_eq!(cri["max_concurrent_downloads"].as_integer(), Some(4));
+    assert_eq!(cri["enable_unprivileged_icmp"].as_bool(), Some(true));
+    assert_eq!(cri["enable_unprivileged_ports"].as_bool(), Some(false));
+    assert_eq!(
+        cri["sandbox_image"].as_str(),
+        Some("registry.example.com/pause:3.9")
+    );
+    assert_eq!(
+        cri["registry"]["config_path"].as_str(),
+        Some("/etc/containerd/certs.d")
+    );
+    // Unset options are left to containerd's defaults.
+    let empty = toml_doc(&render("containerd-config", &json!({})));
+    assert!(empty["plugins"]["io.containerd.grpc.v1.cri"]
+        .get("max_concurrent_downloads")
+        .is_none());
+}
+
+#[test]
+fn sysctl_conf_has_key_value_lines() {
+    let text = render("sysctl-conf", &full_settings());
+    let pairs: BTreeMap<&str, &str> = lines(&text)
+        .into_iter()
+        .map(|l| {
+            let (k, v) = l.split_once(" = ").unwrap();
+            (k, v)
+        })
+        .collect();
+    assert_eq!(pairs.len(), 3);
+    assert_eq!(pairs["net.ipv4.ip_forward"], "1");
+    assert_eq!(pairs["vm.max_map_count"], "262144");
+    assert_eq!(pairs["kernel/pid_max"], "4194304");
+}
+
+#[test]
+fn kubelet_config_is_a_kubelet_configuration() {
+    let doc = yaml(&render("kubelet-config", &full_settings()));
+    assert_eq!(
+        doc["apiVersion"].as_str(),
+        Some("kubelet.config.k8s.io/v1beta1")
+    );
+    assert_eq!(doc["kind"].as_str(), Some("KubeletConfiguration"));
+    let dns: Vec<&str> = doc["clusterDNS"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(dns, ["10.96.0.10", "10.96.0.11"]);
+    assert_eq!(doc["clusterDomain"].as_str(), Some("cluster.example"));
+    assert_eq!(doc["maxPods"].as_u64(), Some(110));
+    assert_eq!(
+        doc["evictionHard"]["memory.available"].as_str(),
+        Some("15%")
+    );
+    assert_eq!(
+        doc["evictionHard"]["nodefs.available"].as_str(),
+        Some("10%")
+    );
+    assert_eq!(
+        doc["evictionSoft"]["memory.available"].as_str(),
+        Some("12%")
+    );
+    assert_eq!(
+        doc["evictionSoftGracePeriod"]["memory.available"].as_str(),
+        Some("30s")
+    );
+    assert_eq!(doc["evictionMaxPodGracePeriod"].as_i64(), Some(40));
+    assert_eq!(
+        doc["kubeReserved"]["ephemeral-storage"].as_str(),
+        Some("1Gi")
+    );
+    assert_eq!(doc["systemReserved"]["memory"].as_str(), Some("256Mi"));
+    assert_eq!(doc["memoryManagerPolicy"].as_str(), Some("Static"));
+    let reserved = doc["reservedMemory"].as_sequence().unwrap();
+    assert_eq!(reserved.len(), 2, "disabled NUMA node 2 is left out");
+    assert_eq!(reserved[0]["numaNode"].as_u64(), Some(0));
+    assert_eq!(reserved[0]["limits"]["memory"].as_str(), Some("674Mi"));
+    assert_eq!(reserved[0]["limits"]["hugepages-1Gi"].as_str(), Some("1Gi"));
+    assert_eq!(reserved[1]["numaNode"].as_u64(), Some(1));
+    assert_eq!(
+        reserved[1]["limits"]["hugepages-2Mi"].as_str(),
+        Some("2148Mi")
+    );
+    assert!(reserved[1]["limits"].get("memory").is_none());
+    assert_eq!(doc["allowedUnsafeSysctls"][1].as_str(), Some("kernel.msg*"));
+    assert_eq!(doc["cpuManagerPolicy"].as_str(), Some("static"));
+    assert_eq!(
+        doc["topologyManagerPolicy"].as_str(),
+        Some("single-numa-node")
+    );
+    assert_eq!(doc["kubeAPIQPS"].as_i64(), Some(10));
+    assert_eq!(doc["containerLogMaxSize"].as_str(), Some("10Mi"));
+    assert_eq!(doc["shutdownGracePeriod"].as_str(), Some("30s"));
+    assert_eq!(
+        doc["providerID"].as_str(),
+        Some("aws:///us-west-2a/i-0123456789abcdef0")
+    );
+    assert_eq!(doc["serverTLSBootstrap"].as_bool(), Some(true));
+    assert_eq!(
+        doc["authentication"]["webhook"]["enabled"].as_bool(),
+        Some(true)
+    );
+    assert_eq!(
+        doc["authentication"]["anonymous"]["enabled"].as_bool(),
+        Some(false)
+    );
+    assert_eq!(
+        doc["authentication"]["x509"]["clientCAFile"].as_str(),
+        Some("/etc/kubernetes/pki/ca.crt")
+    );
+    assert_eq!(doc["authorization"]["mode"].as_str(), Some("Webhook"));
+}
+
+#[test]
+fn kubelet_config_single_dns_ip_and_standalone_mode() {
+    let settings = settings_model::validate(&json!({
+        "kubernetes": {"cluster-dns-ip": "10.96.0.10", "standalone-mode": true}
+    }))
+    .unwrap();
+    let doc = yaml(&render("kubelet-config", &settings));
+    assert_eq!(doc["clusterDNS"][0].as_str(), Some("10.96.0.10"));
+    assert_eq!(doc["clusterDNS"].as_sequence().unwrap().len(), 1);
+    assert_eq!(
+        doc["authentication"]["webhook"]["enabled"].as_bool(),
+        Some(false)
+    );
+    assert_eq!(
+        doc["authentication"]["anonymous"]["enabled"].as_bool(),
+        Some(false)
+    );
+    assert_eq!(doc["authorization"]["mode"].as_str(), Some("AlwaysAllow"));
+    assert_eq!(doc["registerNode"].as_bool(), Some(false));
+    let env = env_file(&render("kubelet-env", &settings));
+    assert_eq!(env["KUBELET_MODE"], "standalone");
+}
+
+#[test]
+fn kubelet_env_has_labels_and_taints() {
+    let env = env_file(&render("kubelet-env", &full_settings()));
+    assert_eq!(env["NODE_LABELS"], "example.com/role=worker,label1=foo");
+    assert_eq!(
+        env["NODE_TAINTS"],
+        "dedicated=experimental:PreferNoSchedule,dedicated=experimental:NoExecute,special:NoSchedule"
+    );
+    assert_eq!(env["NODE_IP"], "10.0.1.7");
+    assert_eq!(env["KUBELET_MODE"], "cluster");
+}
+
+#[test]
+fn kubernetes_ca_is_the_decoded_certificate() {
+    let text = render("kubernetes-ca", &full_settings());
+    assert!(text.starts_with("-----BEGIN CERTIFICATE-----\n"), "{text}");
+    assert!(
+        text.trim_end().ends_with("-----END CERTIFICATE-----"),
+        "{text}"
+    );
+    assert_eq!(text, CA_PEM);
+}
+
+#[test]
+fn kubeconfig_points_at_the_api_server() {
+    let doc = yaml(&render("kubeconfig", &full_settings()));
+    assert_eq!(doc["kind"].as_str(), Some("Config"));
+    let cluster = &doc["clusters"][0];
+    assert_eq!(cluster["name"].as_str(), Some("prod"));
+    assert_eq!(
+        cluster["cluster"]["server"].as_str(),
+        Some("https://api.example.com:6443")
+    );
+    assert_eq!(
+        cluster["cluster"]["certificate-authority"].as_str(),
+        Some("/etc/kubernetes/pki/ca.crt")
+    );
+    let exec = &doc["users"][0]["user"]["exec"];
+    let args: Vec<&str> = exec["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args, ["token", "-i", "prod", "--region", "us-west-2"]);
+    assert_eq!(
+        doc["contexts"][0]["context"]["cluster"].as_str(),
+        Some("prod")
+    );
+    assert_eq!(doc["current-context"].as_str(), Some("kubelet"));
+
+    // tls mode uses the rotated client certificate.
+    let mut s = full_settings();
+    s["kubernetes"]["authentication-mode"] = json!("tls");
+    let doc = yaml(&render("kubeconfig", &s));
+    assert_eq!(
+        doc["users"][0]["user"]["client-certificate"].as_str(),
+        Some("/var/lib/kubelet/pki/kubelet-client-current.pem")
+    );
+}
+
+#[test]
+fn credential_provider_config_lists_enabled_providers() {
+    let doc = yaml(&render("credential-provider-config", &full_settings()));
+    assert_eq!(doc["apiVersion"].as_str(), Some("kubelet.config.k8s.io/v1"));
+    assert_eq!(doc["kind"].as_str(), Some("CredentialProviderConfig"));
+    let providers = doc["providers"].as_sequence().unwrap();
+    assert_eq!(providers.len(), 1);
+    let p = &providers[0];
+    assert_eq!(p["name"].as_str(), Some("ecr-credential-provider"));
+    assert_eq!(
+        p["apiVersion"].as_str(),
+        Some("credentialprovider.kubelet.k8s.io/v1")
+    );
+    assert_eq!(p["defaultCacheDuration"].as_str(), Some("30m"));
+    assert_eq!(
+        p["matchImages"][1].as_str(),
+        Some("*.dkr.ecr.us-west-2.amazonaws.com")
+    );
+    let env: BTreeMap<&str, &str> = p["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        env,
+        BTreeMap::from([("GOMAXPROCS", "2"), ("KEY", "abc123xyz")])
+    );
+}
+
+#[test]
+fn ca_bundle_has_trusted_bundles_in_name_order() {
+    let text = render("ca-bundle", &full_settings());
+    let blocks: Vec<&str> = text
+        .split("-----BEGIN CERTIFICATE-----\n")
+        .skip(1)
+        .map(|b| b.split("\n-----END CERTIFICATE-----").next().unwrap())
+        .collect();
+    assert_eq!(blocks, ["MIIBszCCAVmgAwIBAgIUKeel", "MIIBotherCA"]);
+    assert!(!text.contains("BAD"));
+}
+
+#[test]
+fn boot_parameters_are_one_line_each() {
+    let s = full_settings();
+    let kernel = render("boot-kernel-parameters", &s);
+    assert_eq!(kernel.lines().count(), 1, "{kernel:?}");
+    let words: Vec<&str> = kernel.split_whitespace().collect();
+    assert_eq!(
+        words,
+        [
+            "console=tty0,ttyS1,115200n8",
+            "crashkernel=2G-:256M",
+            "nosmt"
+        ]
+    );
+    assert_eq!(
+        render("boot-init-parameters", &s),
+        "log_level=debug splash\n"
+    );
+}
+
+#[test]
+fn undefined_values_name_template_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kubelet-config"),
+        "# header\napiVersion: v1\nclusterDNS: {{ settings.kubernetes[\"cluster-dns-ip\"] }}\n",
+    )
+    .unwrap();
+    let t = Templates::load(dir.path()).unwrap();
+    let err = t.render("kubelet-config", &json!({}), &os()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "template \"kubelet-config\" line 3: undefined value settings.kubernetes.cluster-dns-ip"
+    );
+    assert_eq!(
+        err.key().as_deref(),
+        Some("settings.kubernetes.cluster-dns-ip")
+    );
+    assert!(matches!(err, RenderError::Undefined { .. }));
+}
+
+#[test]
+fn syntax_errors_name_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("good"), "ok\n").unwrap();
+    std::fs::write(dir.path().join("broken"), "a\nb\n{% if x %}\n").unwrap();
+    let err = Templates::load(dir.path()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with("template \"broken\" line "), "{text}");
+    assert!(text.contains("syntax error"), "{text}");
+}
+
+#[test]
+fn services_toml_loads_and_names_existing_templates() {
+    let meta = ServicesMeta::load(&packaging().join("services.toml")).unwrap();
+    let t = templates();
+    for (name, file) in &meta.configuration_files {
+        assert!(
+            packaging()
+                .join("templates")
+                .join(&file.template_path)
+                .is_file(),
+            "{name}: template {} missing",
+            file.template_path
+        );
+        assert!(t.contains(&file.template_path));
+        assert!(file.path.starts_with('/'), "{name}: {}", file.path);
+    }
+    // Every template is used by some configuration file.
+    for template in t.names() {
+        assert!(
+            meta.configuration_files
+                .values()
+                .any(|f| f.template_path == template),
+            "template {template} is not in services.toml"
+        );
+    }
+    for secret in [
+        "registries",
+        "proxy-env",
+        "kubeconfig",
+        "credential-provider-config",
+    ] {
+        assert_eq!(meta.configuration_files[secret].mode, "0600", "{secret}");
+    }
+    let proxy = meta.affected_by("settings.network.https-proxy");
+    for service in ["proxy", "containerd", "kubelet"] {
+        assert!(proxy.contains(service), "{proxy:?}");
+    }
+    assert!(meta
+        .affected_by("settings.ntp.time-servers")
+        .contains("chronyd"));
+    assert!(meta
+        .affected_by("settings.kernel.sysctl.vm.x")
+        .contains("sysctl"));
+}
+
+#[test]
+fn bottlerocket_documentation_examples_render() {
+    let dir = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures/user-data/bottlerocket-docs"
+    ));
+    let Ok(expected) = std::fs::read_to_string(dir.join("EXPECTED.tsv")) else {
+        println!("SKIPPED: {} is missing", dir.display());
+        return;
+    };
+    let t = templates();
+    let mut rendered = 0;
+    for line in expected.lines().skip(1) {
+        let mut fields = line.split('\t');
+        let (Some(file), Some("accept")) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        let patch = settings_model::userdata::parse_user_data(file, &text)
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let settings = settings_model::validate(&patch).unwrap_or_else(|e| panic!("{file}: {e}"));
+        for name in t.names() {
+            let out = t
+                .render(&name, &settings, &os())
+                .unwrap_or_else(|e| panic!("{file} / {name}: {e}"));
+            match name.as_str() {
+                "registries" | "containerd-config" => {
+                    toml::from_str::<toml::Table>(&out)
+                        .unwrap_or_else(|e| panic!("{file} / {name}: not TOML ({e}):\n{out}"));
+                }
+                "kubelet-config" | "kubeconfig" | "credential-provider-config" => {
+                    serde_norway::from_str::<serde_norway::Value>(&out)
+                        .unwrap_or_else(|e| panic!("{file} / {name}: not YAML ({e}):\n{out}"));
+                }
+                _ => {}
+            }
+        }
+        rendered += 1;
+    }
+    assert!(rendered > 0, "no accepted example found in EXPECTED.tsv");
+    println!("rendered every template for {rendered} accepted examples");
+}
