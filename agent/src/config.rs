@@ -26,8 +26,17 @@ pub struct Config {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub history: u64,
     /// services.toml: services, their configuration files and affected settings.
-    #[arg(long)]
-    pub services: Option<PathBuf>,
+    #[arg(long, default_value = "/usr/share/keel/services.toml")]
+    pub services: PathBuf,
+    /// Directory of the configuration-file templates.
+    #[arg(long, default_value = "/usr/share/keel/templates")]
+    pub templates: PathBuf,
+    /// Root under which configuration files are rendered (a tmpfs on a real host).
+    #[arg(long, default_value = "/")]
+    pub render_root: PathBuf,
+    /// How long one restart command may run before it is killed (e.g. 30s, 2m).
+    #[arg(long, default_value = "30s")]
+    pub restart_timeout: humantime::Duration,
     /// Reboot command (argv, no shell) run by `POST /actions/reboot`.
     #[arg(long, num_args = 1.., default_values = ["systemctl", "reboot"])]
     pub reboot_command: Vec<String>,

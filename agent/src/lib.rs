@@ -21,6 +21,8 @@ pub enum AgentError {
     Store(#[from] store::StoreError),
     #[error("services metadata: {0}")]
     Services(#[from] apply::ServicesError),
+    #[error("templates: {0}")]
+    Templates(#[from] apply::render::RenderError),
     #[error("API socket: {0}")]
     Socket(#[from] api::server::SocketError),
     #[error("API group {0:?} does not exist (looked up in /etc/group)")]
@@ -29,16 +31,28 @@ pub enum AgentError {
 
 /// Opens the store, binds the socket and serves until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), AgentError> {
-    let store = store::Store::open(&config.state_dir, usize::try_from(config.history).unwrap_or(usize::MAX))?;
-    let meta = match &config.services {
-        Some(path) => apply::ServicesMeta::load(path)?,
-        None => apply::ServicesMeta::default(),
-    };
+    let meta = apply::ServicesMeta::load(&config.services)?;
+    let templates = apply::render::Templates::load(&config.templates)?;
+    let os = os::OsInfo::current(&config.variant);
+    let applier = apply::Applier::new(
+        meta,
+        templates,
+        apply::ApplyConfig {
+            render_root: config.render_root.clone(),
+            restart_timeout: config.restart_timeout.into(),
+        },
+        serde_json::to_value(&os).unwrap_or_default(),
+    );
+    let store = store::Store::open_with_check(
+        &config.state_dir,
+        usize::try_from(config.history).unwrap_or(usize::MAX),
+        Some(Arc::new(applier.clone())),
+    )?;
     let gid = config.api_gid()?;
     let state = api::AppState {
         store,
-        applier: apply::Applier::new(Arc::new(meta)),
-        os: Arc::new(os::OsInfo::current(&config.variant)),
+        applier,
+        os: Arc::new(os),
         reboot_command: Arc::new(config.reboot_command.clone()),
     };
     let policy = api::AccessPolicy {
@@ -55,7 +69,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers keeld still stops on the default action.
         return std::future::pending().await;
     };

@@ -19,9 +19,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# This machine's own services must not be restarted by the demo: every restart command
+# is prefixed with `echo would-run`, and files render under $work/root instead of /.
+sed -E '/^restart-commands/ s#\["/#["/bin/echo", "would-run", "/#g' packaging/services.toml > "$work/services.toml"
+
 start_keeld() {
   ./target/debug/keeld --socket "$sock" --state-dir "$work/state" --socket-group 0 \
-    --services packaging/services.toml 2>>"$work/keeld.log" &
+    --services "$work/services.toml" --templates packaging/templates \
+    --render-root "$work/root" 2>>"$work/keeld.log" &
   keeld_pid=$!
   for _ in $(seq 100); do [[ -S "$sock" ]] && return 0; sleep 0.05; done
   echo "keeld did not start; log:" >&2; cat "$work/keeld.log" >&2; exit 1
@@ -50,6 +55,13 @@ echo "== apply example user-data (one transaction, committed durably)"
 api apply "$work/user-data.toml"
 api get settings
 echo
+echo "== files rendered into the render root ($work/root)"
+find "$work/root" -type f | sed "s#$work/root##" | sort
+echo "\$ cat /etc/motd"; cat "$work/root/etc/motd"
+echo
+echo "== dry run: what would change, settings and files, without committing"
+api set --dry-run 'ntp.time-servers=["time.example.com"]'
+echo
 echo "== set is typed by the model: motd=42 is the string \"42\""
 api set motd=42 'kernel.sysctl."net.core.somaxconn"=1024'
 api get settings.motd settings.kernel
@@ -60,6 +72,9 @@ api get settings.host-containers.admin.source
 echo
 echo "== unset removes a setting (Bottlerocket cannot)"
 api unset 'kernel.sysctl."net.core.somaxconn"'
+echo
+echo "== what the last apply did (files written, restart commands run)"
+api apply-log --limit 1 | head -40
 echo
 echo "== history: who changed what"
 api history --limit 3

@@ -44,6 +44,11 @@ pub struct KeeldOptions {
     pub socket_mode: &'static str,
     pub socket_group: String,
     pub extra_args: Vec<String>,
+    /// services.toml to use; default: packaging/services.toml with every restart command
+    /// replaced by a recorder (see [`Keeld::restarts`]).
+    pub services: Option<PathBuf>,
+    /// Templates directory; default: packaging/templates.
+    pub templates: Option<PathBuf>,
 }
 
 impl Default for KeeldOptions {
@@ -53,6 +58,8 @@ impl Default for KeeldOptions {
             socket_mode: "660",
             socket_group: "0".to_owned(),
             extra_args: Vec::new(),
+            services: None,
+            templates: None,
         }
     }
 }
@@ -86,8 +93,72 @@ impl Keeld {
         keeld
     }
 
+    /// The render root (a plain directory standing in for the host's tmpfs).
+    pub fn render_root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// Lines written by the restart-command recorder, one per command run:
+    /// `<service> <original argv...> | <CHANGED_SETTINGS>`.
+    pub fn restarts(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("restarts.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// packaging/services.toml with each restart command `argv` replaced by
+    /// `record-restart <service> argv...`, so tests see what would be restarted without
+    /// touching the host's services.
+    fn recording_services(&self) -> PathBuf {
+        let recorder = self.dir.path().join("record-restart");
+        std::fs::write(
+            &recorder,
+            "#!/bin/sh\nlog=\"$(dirname \"$0\")/restarts.log\"\necho \"$* | $CHANGED_SETTINGS\" >> \"$log\"\n[ -e \"$(dirname \"$0\")/fail-$1\" ] && exit 3\nexit 0\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &recorder,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(repo_root().join("packaging/services.toml")).unwrap();
+        let mut doc: toml::Table = toml::from_str(&text).unwrap();
+        if let Some(toml::Value::Table(services)) = doc.get_mut("services") {
+            for (name, service) in services.iter_mut() {
+                let Some(toml::Value::Array(commands)) = service.get_mut("restart-commands") else {
+                    continue;
+                };
+                for command in commands.iter_mut() {
+                    let toml::Value::Array(argv) = command else {
+                        continue;
+                    };
+                    let mut wrapped = vec![
+                        toml::Value::String(recorder.display().to_string()),
+                        toml::Value::String(name.clone()),
+                    ];
+                    wrapped.append(argv);
+                    *argv = wrapped;
+                }
+            }
+        }
+        let path = self.dir.path().join("services.toml");
+        std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+        path
+    }
+
+    /// Makes the recorder fail (exit 3) for `service`'s restart commands.
+    pub fn fail_restarts_of(&self, service: &str) {
+        std::fs::write(self.dir.path().join(format!("fail-{service}")), "").unwrap();
+    }
+
     /// Starts (again) the keeld process on the same socket and state directory.
     pub fn spawn(&mut self) {
+        let services = match &self.options.services {
+            Some(path) => path.clone(),
+            None => self.recording_services(),
+        };
         assert!(self.child.is_none(), "keeld already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -103,7 +174,17 @@ impl Keeld {
             .args(["--socket-mode", self.options.socket_mode])
             .args(["--history", &self.options.history.to_string()])
             .arg("--services")
-            .arg(repo_root().join("packaging/services.toml"))
+            .arg(&services)
+            .arg("--templates")
+            .arg(
+                self.options
+                    .templates
+                    .clone()
+                    .unwrap_or_else(|| repo_root().join("packaging/templates")),
+            )
+            .arg("--render-root")
+            .arg(self.render_root())
+            .args(["--restart-timeout", "10s"])
             .args(&self.options.extra_args)
             .env("KEELD_LOG", "debug")
             .stdin(Stdio::null())
@@ -360,10 +441,7 @@ fn parse_response(raw: &[u8]) -> RawResponse {
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
         let size =
             usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16).unwrap();
         if size == 0 {

@@ -21,7 +21,13 @@ fn set_get_unset_typed_by_the_model() {
         "kubernetes.max-pods=110",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let got = keeld.apiclient_json(&["get", "settings.motd", "settings.kernel", "settings.host-containers", "settings.kubernetes"]);
+    let got = keeld.apiclient_json(&[
+        "get",
+        "settings.motd",
+        "settings.kernel",
+        "settings.host-containers",
+        "settings.kubernetes",
+    ]);
     assert_eq!(
         got,
         json!({"settings": {
@@ -42,12 +48,24 @@ fn set_get_unset_typed_by_the_model() {
 #[test]
 fn set_json_and_apply_sources_in_one_transaction() {
     let keeld = Keeld::start();
-    let out = keeld.apiclient(&["set", "-j", r#"{"ntp": {"time-servers": ["time.example.com"]}}"#]);
+    let out = keeld.apiclient(&[
+        "set",
+        "-j",
+        r#"{"ntp": {"time-servers": ["time.example.com"]}}"#,
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let toml_path = keeld.dir.path().join("a.toml");
-    std::fs::write(&toml_path, "[settings]\nmotd = \"from toml\"\n[settings.dns]\nname-servers = [\"10.0.0.2\"]\n").unwrap();
+    std::fs::write(
+        &toml_path,
+        "[settings]\nmotd = \"from toml\"\n[settings.dns]\nname-servers = [\"10.0.0.2\"]\n",
+    )
+    .unwrap();
     let json_path = keeld.dir.path().join("b.json");
-    std::fs::write(&json_path, r#"{"settings": {"network": {"hostname": "node-1"}}}"#).unwrap();
+    std::fs::write(
+        &json_path,
+        r#"{"settings": {"network": {"hostname": "node-1"}}}"#,
+    )
+    .unwrap();
     let file_uri = format!("file://{}", json_path.display());
     let out = keeld.apiclient_with_stdin(
         &["apply", toml_path.to_str().unwrap(), &file_uri, "-"],
@@ -77,17 +95,33 @@ fn bad_apply_source_changes_nothing_and_names_the_line() {
     keeld.apiclient(&["set", "motd=kept"]);
     let before = keeld.live_bytes();
     let path = keeld.dir.path().join("bad.toml");
-    std::fs::write(&path, "[settings]\nmotd = \"x\"\n[settings]\nmotd = \"y\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[settings]\nmotd = \"x\"\n[settings]\nmotd = \"y\"\n",
+    )
+    .unwrap();
     let out = keeld.apiclient(&["apply", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("line 3"), "{}", stderr(&out));
     let path = keeld.dir.path().join("bad-key.toml");
-    std::fs::write(&path, "[settings.host-containers.admin]\nsource = \"MY-CONTAINER-URI\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[settings.host-containers.admin]\nsource = \"MY-CONTAINER-URI\"\n",
+    )
+    .unwrap();
     let out = keeld.apiclient(&["apply", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("settings.host-containers.admin.source"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("settings.host-containers.admin.source"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(keeld.live_bytes(), before);
-    assert_eq!(keeld.raw("GET", "/tx/list", None).json(), json!([]), "failed transactions are discarded");
+    assert_eq!(
+        keeld.raw("GET", "/tx/list", None).json(),
+        json!([]),
+        "failed transactions are discarded"
+    );
 }
 
 #[test]
@@ -104,7 +138,10 @@ fn history_records_the_caller_and_rollback_restores() {
     assert!(newest["tx"].as_str().unwrap().starts_with("apiclient-set-"));
     let changed = keeld.apiclient_json(&["rollback", "1"]);
     assert_eq!(changed, json!(["settings.motd"]));
-    assert_eq!(keeld.apiclient_json(&["get", "settings.motd"]), json!({"settings": {"motd": "one"}}));
+    assert_eq!(
+        keeld.apiclient_json(&["get", "settings.motd"]),
+        json!({"settings": {"motd": "one"}})
+    );
     let history = keeld.apiclient_json(&["history", "--limit", "1"]);
     assert_eq!(history[0]["generation"], 3);
     assert_eq!(history[0]["rollback-of"], 1);
@@ -122,8 +159,16 @@ fn exit_codes_and_error_text() {
     );
     let out = keeld.apiclient(&["set", "kubernetes.max-pods=abc"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("Status 400 when PATCHing"), "{}", stderr(&out));
-    assert!(stderr(&out).contains("settings.kubernetes.max-pods"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Status 400 when PATCHing"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("settings.kubernetes.max-pods"),
+        "{}",
+        stderr(&out)
+    );
     let out = keeld.apiclient(&["no-such-command"]);
     assert_eq!(out.status.code(), Some(2));
     let out = keeld.apiclient(&["--help"]);
@@ -136,11 +181,18 @@ fn exit_codes_and_error_text() {
 fn keeld_restart_keeps_settings_and_pending_transactions() {
     let mut keeld = Keeld::start();
     keeld.apiclient(&["set", "motd=durable"]);
-    let r = keeld.raw("PATCH", "/settings?tx=later", Some(br#"{"ntp": {"time-servers": ["a.example"]}}"#));
+    let r = keeld.raw(
+        "PATCH",
+        "/settings?tx=later",
+        Some(br#"{"ntp": {"time-servers": ["a.example"]}}"#),
+    );
     assert_eq!(r.status, 204, "{}", r.text());
     assert!(keeld.stop().success(), "clean exit on SIGTERM");
     keeld.spawn();
-    assert_eq!(keeld.apiclient_json(&["get", "settings.motd"]), json!({"settings": {"motd": "durable"}}));
+    assert_eq!(
+        keeld.apiclient_json(&["get", "settings.motd"]),
+        json!({"settings": {"motd": "durable"}})
+    );
     assert_eq!(keeld.raw("GET", "/tx/list", None).json(), json!(["later"]));
     let r = keeld.raw("POST", "/tx/commit?tx=later", None);
     assert_eq!(r.json(), json!(["settings.ntp.time-servers"]));
@@ -151,7 +203,14 @@ fn schema_describes_the_model() {
     let keeld = Keeld::start();
     let schema = keeld.apiclient_json(&["schema"]);
     let text = schema.to_string();
-    for group in ["motd", "host-containers", "bootstrap-containers", "kubernetes", "container-registry", "pki"] {
+    for group in [
+        "motd",
+        "host-containers",
+        "bootstrap-containers",
+        "kubernetes",
+        "container-registry",
+        "pki",
+    ] {
         assert!(text.contains(group), "schema lacks {group}");
     }
 }

@@ -16,7 +16,10 @@ const REBOOT_TIMEOUT: Duration = Duration::from_secs(30);
 pub async fn reboot(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<StatusCode> {
     Query::parse(q.as_deref(), &[])?;
     let Some((program, args)) = state.reboot_command.split_first() else {
-        return Err(ApiError::new(StatusCode::CONFLICT, "no reboot command is configured"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no reboot command is configured",
+        ));
     };
     tracing::warn!(command = ?state.reboot_command, "reboot requested");
     let run = tokio::process::Command::new(program)
@@ -28,7 +31,10 @@ pub async fn reboot(State(state): State<AppState>, RawQuery(q): RawQuery) -> Api
         .map_err(|_| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("reboot command timed out after {}s", REBOOT_TIMEOUT.as_secs()),
+                format!(
+                    "reboot command timed out after {}s",
+                    REBOOT_TIMEOUT.as_secs()
+                ),
             )
         })?
         .map_err(|e| {

@@ -62,6 +62,11 @@ impl From<StoreError> for ApiError {
             StoreError::NothingPending(_) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
             }
+            StoreError::Refused(check) => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                message: e.to_string(),
+                key: check.key.clone(),
+            },
             StoreError::UnknownGeneration(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
             StoreError::TxFull(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
             StoreError::Io { source, .. }

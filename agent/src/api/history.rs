@@ -23,8 +23,10 @@ pub async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiRe
         None | Some("false") => false,
         Some("true") => true,
         Some(other) => {
-            return Err(ApiError::bad_request(format!("settings {other:?} is not true or false"))
-                .with_key("settings"))
+            return Err(
+                ApiError::bad_request(format!("settings {other:?} is not true or false"))
+                    .with_key("settings"),
+            )
         }
     };
     let snapshot = state.store.snapshot();
@@ -53,6 +55,22 @@ pub async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiRe
     Ok(Json(Value::Array(records)))
 }
 
+/// `GET /apply/log`: the recent applies, newest first, and whether a reboot is pending.
+pub async fn apply_log(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Value>> {
+    let query = Query::parse(q.as_deref(), &["limit"])?;
+    let limit = match query.get("limit") {
+        Some(text) => text.parse::<usize>().map_err(|_| {
+            ApiError::bad_request(format!("limit {text:?} is not a non-negative integer"))
+                .with_key("limit")
+        })?,
+        None => usize::MAX,
+    };
+    Ok(Json(state.applier.log(limit)))
+}
+
 pub async fn rollback(
     State(state): State<AppState>,
     Extension(peer): Extension<Peer>,
@@ -65,9 +83,17 @@ pub async fn rollback(
             .with_key("generation")
     })?;
     let changed = state.store.rollback(generation, peer.caller()).await?;
-    tracing::info!(generation, uid = peer.uid, changed = changed.len(), "rolled back");
+    tracing::info!(
+        generation,
+        uid = peer.uid,
+        changed = changed.len(),
+        "rolled back"
+    );
     if !changed.is_empty() {
-        state.applier.apply(&changed).await;
+        let report = state.applier.apply(&state.store, &changed).await;
+        if !report.success {
+            return Err(super::tx::apply_failed(&report));
+        }
     }
     Ok(Json(changed))
 }

@@ -136,14 +136,18 @@ pub async fn read_body(body: Body) -> ApiResult<Bytes> {
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body is larger than {MAX_BODY} bytes"),
         )),
-        Err(e) => Err(ApiError::bad_request(format!("cannot read request body: {e}"))),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "cannot read request body: {e}"
+        ))),
     }
 }
 
 /// Parses a body as a JSON object.
 pub fn json_object(bytes: &[u8]) -> ApiResult<Value> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request("request body is empty; expected a JSON object"));
+        return Err(ApiError::bad_request(
+            "request body is empty; expected a JSON object",
+        ));
     }
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         ApiError::bad_request(format!(

@@ -41,7 +41,10 @@ pub async fn configuration_files(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<BTreeMap<String, impl Serialize>>> {
     let query = Query::parse(q.as_deref(), &["names", "prefix"])?;
-    Ok(Json(select(&state.applier.meta().configuration_files, &query)))
+    Ok(Json(select(
+        &state.applier.meta().configuration_files,
+        &query,
+    )))
 }
 
 fn select<T: Clone>(all: &BTreeMap<String, T>, query: &Query) -> BTreeMap<String, T> {

@@ -43,14 +43,22 @@ pub fn router(state: AppState, policy: AccessPolicy) -> Router {
     Router::new()
         .route("/", get(root::get_root))
         .route("/os", get(root::get_os))
-        .route("/settings", get(settings::get_settings).patch(settings::patch_settings))
+        .route(
+            "/settings",
+            get(settings::get_settings).patch(settings::patch_settings),
+        )
         .route("/settings/keypair", patch(settings::patch_keypair))
         .route("/tx", get(tx::get_tx).delete(tx::delete_tx))
         .route("/tx/list", get(tx::list))
         .route("/tx/commit", post(tx::commit))
         .route("/tx/apply", post(tx::apply))
         .route("/tx/commit_and_apply", post(tx::commit_and_apply))
-        .route("/metadata/affected-services", get(metadata::affected_services))
+        .route("/tx/dry-run", post(tx::dry_run))
+        .route("/apply/log", get(history::apply_log))
+        .route(
+            "/metadata/affected-services",
+            get(metadata::affected_services),
+        )
         .route("/services", get(metadata::services))
         .route("/configuration-files", get(metadata::configuration_files))
         .route("/actions/reboot", post(actions::reboot))
@@ -66,7 +74,10 @@ pub fn router(state: AppState, policy: AccessPolicy) -> Router {
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no such resource: {}", uri.path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such resource: {}", uri.path()),
+    )
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {

@@ -9,7 +9,10 @@ use super::error::ApiResult;
 use super::input::Query;
 use super::AppState;
 
-pub async fn get_root(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Value>> {
+pub async fn get_root(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Value>> {
     let query = Query::parse(q.as_deref(), &["prefix"])?;
     let snapshot = state.store.snapshot();
     let root = json!({ "settings": snapshot.live_settings(), "os": &*state.os });
@@ -19,7 +22,10 @@ pub async fn get_root(State(state): State<AppState>, RawQuery(q): RawQuery) -> A
     }))
 }
 
-pub async fn get_os(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Value>> {
+pub async fn get_os(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Value>> {
     let query = Query::parse(q.as_deref(), &["prefix"])?;
     let os = serde_json::to_value(&*state.os).unwrap_or_default();
     Ok(Json(match query.get("prefix") {

@@ -94,12 +94,14 @@ pub async fn serve(listener: UnixListener, app: Router, shutdown: impl Future<Ou
         let peer = Peer::of(&stream);
         let app = app.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-                if let Some(peer) = &peer {
-                    request.extensions_mut().insert(peer.clone());
-                }
-                app.clone().oneshot(request)
-            });
+            let service = hyper::service::service_fn(
+                move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    if let Some(peer) = &peer {
+                        request.extensions_mut().insert(peer.clone());
+                    }
+                    app.clone().oneshot(request)
+                },
+            );
             let result = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)

@@ -38,7 +38,12 @@ pub async fn get_settings(
             format!("settings.{prefix}")
         };
         let filtered = filter_prefix(&json!({ "settings": live }), &prefix);
-        return Ok(Json(filtered.get("settings").cloned().unwrap_or_else(|| json!({}))));
+        return Ok(Json(
+            filtered
+                .get("settings")
+                .cloned()
+                .unwrap_or_else(|| json!({})),
+        ));
     }
     Ok(Json(live.clone()))
 }

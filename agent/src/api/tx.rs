@@ -1,7 +1,8 @@
 //! `/tx/*`: inspect, discard, commit and apply pending transactions.
 
 use axum::extract::{RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::Value;
 
@@ -9,7 +10,10 @@ use super::error::{ApiError, ApiResult};
 use super::input::Query;
 use super::{AppState, Peer};
 
-pub async fn get_tx(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Value>> {
+pub async fn get_tx(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Value>> {
     let query = Query::parse(q.as_deref(), &["tx"])?;
     let tx = query.tx()?;
     let snapshot = state.store.snapshot();
@@ -31,9 +35,14 @@ pub async fn delete_tx(
     Ok(Json(state.store.discard(&tx).await?))
 }
 
-pub async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Vec<String>>> {
+pub async fn list(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Vec<String>>> {
     Query::parse(q.as_deref(), &[])?;
-    Ok(Json(state.store.snapshot().pending.keys().cloned().collect()))
+    Ok(Json(
+        state.store.snapshot().pending.keys().cloned().collect(),
+    ))
 }
 
 pub async fn commit(
@@ -65,15 +74,47 @@ pub async fn apply(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiR
             .into_keys()
             .collect(),
     };
-    state.applier.apply(&keys).await;
-    Ok(StatusCode::NO_CONTENT)
+    let report = state.applier.apply(&state.store, &keys).await;
+    if report.success {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(apply_failed(&report))
+    }
+}
+
+/// An apply that did not fully succeed. The settings are committed either way; the
+/// answer says what failed so that the caller is not left believing all is well.
+pub(super) fn apply_failed(report: &crate::apply::ApplyReport) -> ApiError {
+    let files = report
+        .files
+        .iter()
+        .filter_map(|f| f.error.as_ref().map(|e| format!("file {}: {e}", f.name)));
+    let commands = report.commands.iter().filter(|c| !c.success).map(|c| {
+        format!(
+            "service {} command {:?}: {}",
+            c.service,
+            c.argv,
+            c.error.clone().unwrap_or_else(|| format!(
+                "exit code {}",
+                c.exit_code.map_or("none".to_owned(), |c| c.to_string())
+            ))
+        )
+    });
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!(
+            "apply {} failed (see GET /apply/log): {}",
+            report.id,
+            files.chain(commands).collect::<Vec<_>>().join("; ")
+        ),
+    )
 }
 
 pub async fn commit_and_apply(
     State(state): State<AppState>,
     Extension(peer): Extension<Peer>,
     RawQuery(q): RawQuery,
-) -> ApiResult<Json<Vec<String>>> {
+) -> ApiResult<Response> {
     let query = Query::parse(q.as_deref(), &["tx"])?;
     let tx = query.tx()?;
     let changed = state
@@ -82,9 +123,75 @@ pub async fn commit_and_apply(
         .await
         .map_err(ApiError::from_commit)?;
     tracing::info!(tx = %tx, uid = peer.uid, changed = changed.len(), "committed");
-    if !changed.is_empty() {
-        state.applier.apply(&changed).await;
+    if changed.is_empty() {
+        return Ok(Json(changed).into_response());
     }
-    Ok(Json(changed))
+    let report = state.applier.apply(&state.store, &changed).await;
+    // Bottlerocket's body (the changed keys) stays as it is, for its clients; the header
+    // tells Keel's apiclient whether apply succeeded.
+    let status = if report.success { "ok" } else { "failed" };
+    let mut response = Json(changed).into_response();
+    response
+        .headers_mut()
+        .insert(APPLY_STATUS_HEADER, HeaderValue::from_static(status));
+    if let Ok(id) = HeaderValue::from_str(&report.id.to_string()) {
+        response.headers_mut().insert(APPLY_ID_HEADER, id);
+    }
+    Ok(response)
 }
 
+/// `ok` or `failed`: the outcome of the apply that followed a commit.
+pub const APPLY_STATUS_HEADER: &str = "x-keel-apply-status";
+/// The id of that apply in `GET /apply/log`.
+pub const APPLY_ID_HEADER: &str = "x-keel-apply-id";
+
+/// `POST /tx/dry-run`: what committing `tx` would change (settings and rendered files),
+/// without committing or writing anything.
+pub async fn dry_run(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<Value>> {
+    let query = Query::parse(q.as_deref(), &["tx"])?;
+    let tx = query.tx()?;
+    let snapshot = state.store.snapshot();
+    let pending = snapshot
+        .pending
+        .get(&tx)
+        .ok_or_else(|| ApiError::from(crate::store::StoreError::NothingPending(tx.clone())))?;
+    let live = snapshot.live_settings();
+    let mut candidate = live.clone();
+    pending.apply_to(&mut candidate);
+    let candidate = settings_model::validate(&candidate)
+        .map_err(|e| ApiError::invalid(StatusCode::UNPROCESSABLE_ENTITY, &e))?;
+    let changed = settings_model::patch::changed_keys(live, &candidate);
+    let old = settings_model::patch::flatten(live);
+    let new = settings_model::patch::flatten(&candidate);
+    let settings: serde_json::Map<String, Value> = changed
+        .iter()
+        .map(|k| {
+            let mut entry = serde_json::Map::new();
+            if let Some(v) = old.get(k) {
+                entry.insert("old".to_owned(), v.clone());
+            }
+            if let Some(v) = new.get(k) {
+                entry.insert("new".to_owned(), v.clone());
+            }
+            (k.clone(), Value::Object(entry))
+        })
+        .collect();
+    let files = state
+        .applier
+        .plan(&candidate, &changed)
+        .map_err(|e| ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: e.to_string(),
+            key: e.key(),
+        })?;
+    Ok(Json(serde_json::json!({
+        "tx": tx,
+        "changed-keys": changed,
+        "settings": settings,
+        "services": state.applier.affected(&changed),
+        "files": files,
+    })))
+}

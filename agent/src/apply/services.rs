@@ -29,6 +29,10 @@ pub struct Service {
     /// Each command is an argv, run without a shell.
     #[serde(default)]
     pub restart_commands: Vec<Vec<String>>,
+    /// Its files take effect only at the next boot (kernel parameters): a change is
+    /// reported as "reboot required".
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reboot_required: bool,
 }
 
 /// A configuration file rendered from a template.
@@ -42,6 +46,13 @@ pub struct ConfigurationFile {
     /// Octal mode, e.g. "0644".
     #[serde(default = "default_mode")]
     pub mode: String,
+}
+
+impl ConfigurationFile {
+    /// The mode as permission bits; `check` made sure it parses.
+    pub fn mode_bits(&self) -> u32 {
+        u32::from_str_radix(&self.mode, 8).unwrap_or(0o644)
+    }
 }
 
 fn default_mode() -> String {
@@ -105,6 +116,12 @@ impl ServicesMeta {
             }
         }
         for (name, file) in &self.configuration_files {
+            if super::files::target_path(std::path::Path::new("/"), &file.path).is_none() {
+                return Err(format!(
+                    "configuration file {name:?}: path {:?} must stay under the render root",
+                    file.path
+                ));
+            }
             if u32::from_str_radix(&file.mode, 8).map_or(true, |m| m > 0o7777) {
                 return Err(format!(
                     "configuration file {name:?}: mode {:?} is not octal",
@@ -156,7 +173,9 @@ template-path = "chrony-conf"
     #[test]
     fn affected_by_prefix_on_segment_boundary() {
         let meta = ServicesMeta::parse(Path::new("x"), SAMPLE).unwrap();
-        assert!(meta.affected_by("settings.ntp.time-servers").contains("chronyd"));
+        assert!(meta
+            .affected_by("settings.ntp.time-servers")
+            .contains("chronyd"));
         assert!(meta.affected_by("settings.ntp").contains("chronyd"));
         assert!(meta.affected_by("settings").contains("chronyd"));
         assert!(meta.affected_by("settings.ntpx").is_empty());
@@ -166,6 +185,9 @@ template-path = "chrony-conf"
     fn dangling_references_are_refused() {
         let bad = SAMPLE.replace("[\"chronyd\"]\n", "[\"nope\"]\n");
         let err = ServicesMeta::parse(Path::new("x"), &bad).unwrap_err();
-        assert!(err.to_string().contains("unknown service \"nope\""), "{err}");
+        assert!(
+            err.to_string().contains("unknown service \"nope\""),
+            "{err}"
+        );
     }
 }

@@ -1,15 +1,22 @@
-//! The store's on-disk form: two JSON files in the state directory.
+//! The store's on-disk form, in the state directory.
 //!
 //! - `generations.json` holds the kept generations, oldest first. It is replaced whole:
 //!   write a temp file, fsync it, rename it over the old one, fsync the directory. rename(2)
 //!   is atomic, so after a crash at any instant the file is either the old or the new
 //!   version, and the directory fsync makes the rename itself durable before we answer.
-//! - `pending.json` holds the named pending transactions. It is replaced by temp + rename
-//!   too, so a keeld crash (SIGKILL, panic) never tears it, but it is not fsync'd: a
-//!   pending transaction is uncommitted work, and paying a second fsync on every PATCH
-//!   would halve commit throughput. After a power loss it may be an older version, or
-//!   unreadable on file systems without rename ordering; then it is set aside as
-//!   `pending.json.corrupt` and the store opens with no pending transactions.
+//! - `pending-<seq>.json` holds the named pending transactions. Each write creates the next
+//!   sequence number's file and then unlinks the previous one; `load` takes the highest
+//!   file that parses. A keeld crash (SIGKILL, panic) can leave a torn newest file only
+//!   while the previous one still exists, so nothing is lost. These files are not
+//!   fsync'd, and deliberately not renamed over an existing file either (ext4 flushes
+//!   data on rename-over-existing, which would cost as much as the fsync we avoid):
+//!   a pending transaction is uncommitted work, and paying a flush on every PATCH
+//!   would halve commit throughput. After a power loss the pending transactions may be
+//!   older, or gone; committed generations are not affected.
+//! - A commit does not rewrite the pending file: the committed transaction's id is in the
+//!   new generation, and `load` drops a pending transaction whose id is in history. Every
+//!   other change of generations (rollback) and every PATCH or discard rewrites it, so a
+//!   stale entry never outlives its generation in the kept history.
 //!
 //! `state.lock` (flock) keeps a second keeld away from the same directory.
 
@@ -28,7 +35,8 @@ use super::{Caller, Generation, PendingTx, Snapshot, StoreError};
 
 const FORMAT: u32 = 1;
 const GENERATIONS: &str = "generations.json";
-const PENDING: &str = "pending.json";
+const PENDING_PREFIX: &str = "pending-";
+const PENDING_SUFFIX: &str = ".json";
 const LOCK: &str = "state.lock";
 
 #[derive(Serialize, Deserialize)]
@@ -47,6 +55,8 @@ struct PendingFile {
 #[derive(Debug)]
 pub struct StoreFiles {
     dir: PathBuf,
+    /// Sequence number of the newest pending file on disk (0: none yet).
+    pending_seq: std::sync::atomic::AtomicU64,
     dir_handle: File,
     /// Held for the life of the process; the flock goes with it.
     _lock: File,
@@ -79,6 +89,7 @@ impl StoreFiles {
         let dir_handle = File::open(dir).map_err(io)?;
         Ok(StoreFiles {
             dir: dir.to_owned(),
+            pending_seq: std::sync::atomic::AtomicU64::new(0),
             dir_handle,
             _lock: lock,
         })
@@ -129,8 +140,8 @@ impl StoreFiles {
         };
 
         let mut pending = self.load_pending();
-        // A transaction committed just before a crash may still be in pending.json
-        // (it is rewritten after generations.json); its id in history says so.
+        // A committed transaction may still be in the pending file
+        // (see the module comment); its id in history says so.
         let committed: HashSet<u64> = history.iter().filter_map(|g| g.tx_id).collect();
         pending.retain(|name, tx| {
             let keep = !committed.contains(&tx.id);
@@ -142,32 +153,58 @@ impl StoreFiles {
         Ok(Snapshot { history, pending })
     }
 
+    fn pending_files(&self) -> Vec<(u64, PathBuf)> {
+        let mut files: Vec<(u64, PathBuf)> = fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                let seq = name
+                    .strip_prefix(PENDING_PREFIX)?
+                    .strip_suffix(PENDING_SUFFIX)?
+                    .parse()
+                    .ok()?;
+                Some((seq, entry.path()))
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// The newest pending file that parses; older ones (and torn newer ones) are removed.
     fn load_pending(&self) -> BTreeMap<String, PendingTx> {
-        let path = self.dir.join(PENDING);
-        let bytes = match fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read pending transactions; starting without them");
-                return BTreeMap::new();
-            }
-        };
-        match serde_json::from_slice::<PendingFile>(&bytes) {
-            Ok(file) if file.format == FORMAT => file.transactions,
-            _ => {
-                let aside = self.dir.join(format!("{PENDING}.corrupt"));
-                tracing::warn!(path = %path.display(), moved_to = %aside.display(),
-                    "pending transactions unreadable (power loss?); set aside, starting without them");
-                let _ = fs::rename(&path, &aside);
-                BTreeMap::new()
+        let files = self.pending_files();
+        let mut chosen = None;
+        for (seq, path) in files.iter().rev() {
+            let parsed = fs::read(path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<PendingFile>(&bytes).ok())
+                .filter(|file| file.format == FORMAT);
+            match parsed {
+                Some(file) => {
+                    chosen = Some((*seq, file.transactions));
+                    break;
+                }
+                None => tracing::warn!(path = %path.display(),
+                    "pending transactions file unreadable (crash or power loss?); trying an older one"),
             }
         }
+        let (seq, pending) = chosen.unwrap_or_default();
+        self.pending_seq.store(
+            files.last().map_or(0, |(s, _)| *s),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        for (other, path) in &files {
+            if *other != seq {
+                let _ = fs::remove_file(path);
+            }
+        }
+        pending
     }
 
     fn remove_temp_files(&self) {
-        for name in [GENERATIONS, PENDING] {
-            let _ = fs::remove_file(self.dir.join(format!("{name}.tmp")));
-        }
+        let _ = fs::remove_file(self.dir.join(format!("{GENERATIONS}.tmp")));
     }
 
     /// Durably replaces `generations.json` (see the module comment for why this is safe).
@@ -180,23 +217,52 @@ impl StoreFiles {
             path: self.dir.join(GENERATIONS),
             source: std::io::Error::other(e),
         })?;
-        self.replace(GENERATIONS, &bytes, true)
+        self.replace(GENERATIONS, &bytes)
     }
 
-    /// Atomically (not durably) replaces `pending.json`.
+    /// Writes the pending transactions as the next `pending-<seq>.json`, then removes the
+    /// previous file (see the module comment for why this is safe and why no fsync).
     pub fn write_pending(&self, pending: &BTreeMap<String, PendingTx>) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let previous = self.pending_seq.load(Ordering::Relaxed);
+        let seq = previous + 1;
+        let path = self
+            .dir
+            .join(format!("{PENDING_PREFIX}{seq}{PENDING_SUFFIX}"));
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
         let bytes = serde_json::to_vec(&PendingFile {
             format: FORMAT,
             transactions: pending.clone(),
         })
-        .map_err(|e| StoreError::Io {
-            path: self.dir.join(PENDING),
-            source: std::io::Error::other(e),
-        })?;
-        self.replace(PENDING, &bytes, false)
+        .map_err(|e| io(std::io::Error::other(e)))?;
+        let written = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut file| file.write_all(&bytes));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&path);
+            return Err(io(e));
+        }
+        self.pending_seq.store(seq, Ordering::Relaxed);
+        if previous > 0 {
+            let old = self
+                .dir
+                .join(format!("{PENDING_PREFIX}{previous}{PENDING_SUFFIX}"));
+            if let Err(e) = fs::remove_file(&old) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %old.display(), error = %e, "cannot remove old pending file");
+                }
+            }
+        }
+        Ok(())
     }
 
-    fn replace(&self, name: &str, bytes: &[u8], durable: bool) -> Result<(), StoreError> {
+    fn replace(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         let target = self.dir.join(name);
         let temp = self.dir.join(format!("{name}.tmp"));
         let io = |source| StoreError::Io {
@@ -211,14 +277,10 @@ impl StoreFiles {
                 .mode(0o600)
                 .open(&temp)?;
             file.write_all(bytes)?;
-            if durable {
-                file.sync_all()?;
-            }
+            file.sync_all()?;
             drop(file);
             fs::rename(&temp, &target)?;
-            if durable {
-                self.dir_handle.sync_all()?;
-            }
+            self.dir_handle.sync_all()?;
             Ok(())
         })();
         if result.is_err() {

@@ -158,6 +158,9 @@ pub enum StoreError {
     /// Commit of a transaction that holds nothing (422).
     #[error("transaction {0:?} has nothing pending to commit")]
     NothingPending(String),
+    /// The candidate is valid settings but a [`CommitCheck`] refused it (422).
+    #[error("the candidate settings were refused: {0}")]
+    Refused(CheckError),
     /// Rollback to a generation that is not in the kept history (404).
     #[error("generation {0} is not in the kept history")]
     UnknownGeneration(u64),
@@ -177,6 +180,20 @@ pub enum StoreError {
     /// The writer thread is gone (keeld is shutting down).
     #[error("the datastore is shutting down")]
     Closed,
+}
+
+/// A veto on a commit beyond settings validation: the applier test-renders the files the
+/// changed keys affect, so a candidate that cannot be rendered is never committed.
+pub trait CommitCheck: Send + Sync + std::fmt::Debug {
+    fn check(&self, candidate: &Value, changed: &[String]) -> Result<(), CheckError>;
+}
+
+/// Why a [`CommitCheck`] refused a candidate.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct CheckError {
+    pub message: String,
+    pub key: Option<String>,
 }
 
 /// Mutations, applied in the order the writer receives them.
@@ -220,11 +237,20 @@ impl Store {
     /// Opens (or creates) the store in `dir`, keeping at most `keep` generations, and
     /// starts its writer thread.
     pub fn open(dir: &Path, keep: usize) -> Result<Store, StoreError> {
+        Self::open_with_check(dir, keep, None)
+    }
+
+    /// Like [`Store::open`], with a check that every commit and rollback must pass.
+    pub fn open_with_check(
+        dir: &Path,
+        keep: usize,
+        check: Option<Arc<dyn CommitCheck>>,
+    ) -> Result<Store, StoreError> {
         let files = StoreFiles::new(dir)?;
         let snapshot = files.load()?;
         let shared = Arc::new(ArcSwap::from_pointee(snapshot));
         let (tx, rx) = mpsc::unbounded_channel();
-        writer::spawn(files, keep.max(1), shared.clone(), rx)?;
+        writer::spawn(files, keep.max(1), check, shared.clone(), rx)?;
         Ok(Store {
             snapshot: shared,
             ops: tx,

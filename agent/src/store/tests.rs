@@ -24,10 +24,7 @@ fn commit_is_durable_and_pending_survives_reopen() {
             .await
             .unwrap();
     });
-    // The writer thread of the first store still holds the flock until its channel
-    // closes; wait for it to go.
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    let store = Store::open(dir.path(), 10).unwrap();
+    let store = reopen(dir.path(), 10);
     let snap = store.snapshot();
     assert_eq!(snap.live_settings(), &json!({"motd": "one"}));
     assert_eq!(snap.live().generation, 1);
@@ -46,10 +43,17 @@ fn empty_commit_is_refused_and_invalid_patch_changes_nothing() {
         ));
         let before = store.snapshot();
         let err = store
-            .patch("a", json!({"host-containers": {"admin": {"source": "NOT VALID"}}}))
+            .patch(
+                "a",
+                json!({"host-containers": {"admin": {"source": "NOT VALID"}}}),
+            )
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("settings.host-containers.admin.source"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("settings.host-containers.admin.source"),
+            "{err}"
+        );
         let after = store.snapshot();
         assert!(after.pending.is_empty());
         assert_eq!(before.history, after.history);
@@ -67,7 +71,10 @@ fn null_removes_and_patches_apply_in_order() {
             .unwrap();
         store.commit("t", Caller::keeld()).await.unwrap();
         // Remove the table, then put one key back: the result holds only that key.
-        store.patch("t", json!({"kernel": {"sysctl": null}})).await.unwrap();
+        store
+            .patch("t", json!({"kernel": {"sysctl": null}}))
+            .await
+            .unwrap();
         store
             .patch("t", json!({"kernel": {"sysctl": {"e.f": "3"}}}))
             .await
@@ -87,7 +94,10 @@ fn history_is_trimmed_and_rollback_makes_a_new_generation() {
     rt().block_on(async {
         let store = Store::open(dir.path(), 3).unwrap();
         for i in 0..5 {
-            store.patch("t", json!({"motd": format!("m{i}")})).await.unwrap();
+            store
+                .patch("t", json!({"motd": format!("m{i}")}))
+                .await
+                .unwrap();
             store.commit("t", Caller::keeld()).await.unwrap();
         }
         let snap = store.snapshot();
@@ -120,7 +130,10 @@ fn failed_write_leaves_state_unchanged() {
         assert!(matches!(err, StoreError::Io { .. }), "{err}");
         let snap = store.snapshot();
         assert_eq!(snap.live_settings(), &json!({"motd": "kept"}));
-        assert!(snap.pending.contains_key("t"), "the transaction is still pending");
+        assert!(
+            snap.pending.contains_key("t"),
+            "the transaction is still pending"
+        );
     });
 }
 
@@ -132,9 +145,9 @@ fn a_transaction_committed_before_a_crash_is_not_pending_after() {
         store.patch("t", json!({"motd": "x"})).await.unwrap();
     });
     // Simulate a crash between the two writes: generations.json says tx "t" (with the
-    // pending id) committed, pending.json still holds it.
+    // pending id) committed, the pending file still holds it.
     let pending: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("pending.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(dir.path().join("pending-1.json")).unwrap()).unwrap();
     let id = pending["transactions"]["t"]["id"].as_u64().unwrap();
     let generations = json!({"format": 1, "generations": [{
         "generation": 1, "time": "2026-01-01T00:00:00.000Z", "tx": "t", "tx-id": id,
@@ -142,8 +155,7 @@ fn a_transaction_committed_before_a_crash_is_not_pending_after() {
         "changed-keys": ["settings.motd"], "settings": {"motd": "x"}
     }]});
     std::fs::write(dir.path().join("generations.json"), generations.to_string()).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    let store = Store::open(dir.path(), 10).unwrap();
+    let store = reopen(dir.path(), 10);
     assert!(store.snapshot().pending.is_empty());
 }
 
@@ -153,4 +165,64 @@ fn second_opener_is_refused() {
     let _first = Store::open(dir.path(), 10).unwrap();
     let err = Store::open(dir.path(), 10).unwrap_err();
     assert!(err.to_string().contains("another keeld"), "{err}");
+}
+
+#[test]
+fn committed_transactions_never_come_back_even_with_a_short_history() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 1).unwrap();
+        store.patch("a", json!({"motd": "a"})).await.unwrap();
+        store
+            .patch("b", json!({"ntp": {"time-servers": ["b.example"]}}))
+            .await
+            .unwrap();
+        store.commit("a", Caller::keeld()).await.unwrap();
+        store.commit("b", Caller::keeld()).await.unwrap();
+        store.patch("c", json!({"motd": "c"})).await.unwrap();
+        store.commit("c", Caller::keeld()).await.unwrap();
+    });
+    let store = reopen(dir.path(), 1);
+    assert!(
+        store.snapshot().pending.is_empty(),
+        "{:?}",
+        store.snapshot().pending
+    );
+    assert_eq!(store.snapshot().live_settings()["motd"], "c");
+}
+
+#[test]
+fn a_torn_newest_pending_file_falls_back_to_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        store.patch("kept", json!({"motd": "k"})).await.unwrap();
+    });
+    // A crash in the middle of writing the next file leaves it torn; the previous file
+    // is only removed after the next one is complete.
+    std::fs::write(
+        dir.path().join("pending-2.json"),
+        b"{\"format\":1,\"transac",
+    )
+    .unwrap();
+    let store = reopen(dir.path(), 10);
+    assert!(store.snapshot().pending.contains_key("kept"));
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("pending-"))
+        .collect();
+    assert_eq!(names, vec!["pending-1.json"], "the torn file is cleaned up");
+}
+
+/// Opens the store again once the previous handle's writer thread has let go of the lock.
+fn reopen(dir: &std::path::Path, keep: usize) -> Store {
+    for _ in 0..200 {
+        match Store::open(dir, keep) {
+            Ok(store) => return store,
+            Err(StoreError::Io { .. }) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("the store stayed locked")
 }

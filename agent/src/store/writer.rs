@@ -14,7 +14,7 @@ use settings_model::patch::changed_keys;
 use tokio::sync::{mpsc, oneshot};
 
 use super::files::StoreFiles;
-use super::{Caller, Generation, Op, PendingTx, Snapshot, StoreError};
+use super::{Caller, CommitCheck, Generation, Op, PendingTx, Snapshot, StoreError};
 
 /// Most ops taken into one batch; bounds the latency a batch adds to its first op.
 const MAX_BATCH: usize = 512;
@@ -22,6 +22,7 @@ const MAX_BATCH: usize = 512;
 pub(super) fn spawn(
     files: StoreFiles,
     keep: usize,
+    check: Option<Arc<dyn CommitCheck>>,
     shared: Arc<ArcSwap<Snapshot>>,
     mut ops: mpsc::UnboundedReceiver<Op>,
 ) -> Result<(), StoreError> {
@@ -29,6 +30,8 @@ pub(super) fn spawn(
         .name("keel-store".to_owned())
         .spawn(move || {
             let mut batch = Vec::with_capacity(MAX_BATCH);
+            // Whether the pending file on disk still lists a committed transaction.
+            let mut stale_on_disk = false;
             while let Some(first) = ops.blocking_recv() {
                 batch.push(first);
                 while batch.len() < MAX_BATCH {
@@ -37,7 +40,14 @@ pub(super) fn spawn(
                         Err(_) => break,
                     }
                 }
-                run_batch(&files, keep, &shared, &mut batch);
+                run_batch(
+                    &files,
+                    keep,
+                    check.as_deref(),
+                    &shared,
+                    &mut batch,
+                    &mut stale_on_disk,
+                );
             }
         })
         .map(|_| ())
@@ -49,7 +59,10 @@ pub(super) fn spawn(
 
 /// A reply waiting for the batch to be persisted.
 enum Answer {
-    Unit(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+    Unit(
+        oneshot::Sender<Result<(), StoreError>>,
+        Result<(), StoreError>,
+    ),
     Keys(
         oneshot::Sender<Result<Vec<String>, StoreError>>,
         Result<Vec<String>, StoreError>,
@@ -91,13 +104,16 @@ fn copy_error(e: &StoreError) -> StoreError {
 fn run_batch(
     files: &StoreFiles,
     keep: usize,
+    check: Option<&dyn CommitCheck>,
     shared: &ArcSwap<Snapshot>,
     batch: &mut Vec<Op>,
+    stale_on_disk: &mut bool,
 ) {
     let mut work: Snapshot = Snapshot::clone(&shared.load());
     let mut generations_dirty = false;
     let mut pending_dirty = false;
     let mut answers = Vec::with_capacity(batch.len());
+    let mut commits = 0usize;
 
     for op in batch.drain(..) {
         match op {
@@ -117,10 +133,14 @@ fn run_batch(
                 answers.push(Answer::Keys(reply, Ok(keys)));
             }
             Op::Commit { tx, caller, reply } => {
-                let result = commit_tx(&mut work, keep, &tx, caller);
+                let result = commit_tx(&mut work, keep, check, &tx, caller);
                 if let Ok(outcome) = &result {
-                    pending_dirty = true;
+                    // A commit that made a generation needs no pending rewrite: `load`
+                    // drops a pending transaction whose id is in history. One that made
+                    // none (nothing changed) leaves no such trace, so rewrite.
                     generations_dirty |= outcome.new_generation;
+                    pending_dirty |= !outcome.new_generation;
+                    commits += usize::from(outcome.new_generation);
                 }
                 answers.push(Answer::Keys(reply, result.map(|o| o.changed)));
             }
@@ -129,13 +149,23 @@ fn run_batch(
                 caller,
                 reply,
             } => {
-                let result = rollback(&mut work, keep, generation, caller);
-                generations_dirty |= result.as_ref().is_ok_and(|k| !k.is_empty());
+                let result = rollback(&mut work, keep, check, generation, caller);
+                let made_generation = result.as_ref().is_ok_and(|k| !k.is_empty());
+                generations_dirty |= made_generation;
+                // Keeps the invariant that a stale committed entry in the pending file
+                // never outlives its generation in the kept history.
+                pending_dirty |= made_generation;
                 answers.push(Answer::Keys(reply, result));
             }
         }
     }
 
+    // Skipping the pending rewrite after a commit is safe only while at most one
+    // committed transaction is left in the pending file: it then belongs to the newest
+    // generation, which is always kept. Otherwise rewrite.
+    if commits > 0 && !pending_dirty && (commits > 1 || *stale_on_disk) {
+        pending_dirty = true;
+    }
     // generations.json first: once it is durable a commit has happened, and `load`
     // drops a pending transaction whose id is already in history.
     let mut failure = None;
@@ -146,7 +176,14 @@ fn run_batch(
         failure = files.write_pending(&work.pending).err();
     }
     match &failure {
-        None => shared.store(Arc::new(work)),
+        None => {
+            if pending_dirty {
+                *stale_on_disk = false;
+            } else if commits > 0 {
+                *stale_on_disk = true;
+            }
+            shared.store(Arc::new(work))
+        }
         Some(e) => tracing::error!(error = %e, "persisting a batch failed; state unchanged"),
     }
     for answer in answers {
@@ -181,6 +218,7 @@ struct CommitOutcome {
 fn commit_tx(
     work: &mut Snapshot,
     keep: usize,
+    check: Option<&dyn CommitCheck>,
     tx: &str,
     caller: Caller,
 ) -> Result<CommitOutcome, StoreError> {
@@ -192,6 +230,11 @@ fn commit_tx(
     pending.apply_to(&mut candidate);
     let candidate = settings_model::validate(&candidate)?;
     let changed = changed_keys(work.live_settings(), &candidate);
+    if let Some(check) = check.filter(|_| !changed.is_empty()) {
+        check
+            .check(&candidate, &changed)
+            .map_err(StoreError::Refused)?;
+    }
     let tx_id = pending.id;
     work.pending.remove(tx);
     if changed.is_empty() {
@@ -200,7 +243,16 @@ fn commit_tx(
             new_generation: false,
         });
     }
-    push_generation(work, keep, tx.to_owned(), Some(tx_id), caller, &changed, None, candidate);
+    push_generation(
+        work,
+        keep,
+        tx.to_owned(),
+        Some(tx_id),
+        caller,
+        &changed,
+        None,
+        candidate,
+    );
     Ok(CommitOutcome {
         changed,
         new_generation: true,
@@ -210,6 +262,7 @@ fn commit_tx(
 fn rollback(
     work: &mut Snapshot,
     keep: usize,
+    check: Option<&dyn CommitCheck>,
     generation: u64,
     caller: Caller,
 ) -> Result<Vec<String>, StoreError> {
@@ -218,6 +271,11 @@ fn rollback(
         .ok_or(StoreError::UnknownGeneration(generation))?;
     let settings = Value::clone(&target.settings);
     let changed = changed_keys(work.live_settings(), &settings);
+    if let Some(check) = check.filter(|_| !changed.is_empty()) {
+        check
+            .check(&settings, &changed)
+            .map_err(StoreError::Refused)?;
+    }
     if !changed.is_empty() {
         push_generation(
             work,

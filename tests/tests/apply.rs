@@ -1,0 +1,185 @@
+//! Apply: committed settings render into the render root, only affected services are
+//! restarted (with CHANGED_SETTINGS), unchanged files are not rewritten, failures are
+//! visible, a candidate that cannot render is refused, and dry runs change nothing.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::MetadataExt;
+
+use keel_e2e::{repo_root, Keeld, KeeldOptions};
+use serde_json::json;
+
+fn ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn commit_renders_affected_files_and_restarts_only_affected_services() {
+    let keeld = Keeld::start();
+    ok(&keeld.apiclient(&["set", "motd=hello from keel"]));
+    let motd = std::fs::read_to_string(keeld.render_root().join("etc/motd")).unwrap();
+    assert!(motd.contains("hello from keel"), "{motd:?}");
+    assert!(
+        keeld.restarts().is_empty(),
+        "motd has no restart command: {:?}",
+        keeld.restarts()
+    );
+
+    ok(&keeld.apiclient(&["set", "ntp.time-servers=[\"time.example.com\"]"]));
+    let chrony = std::fs::read_to_string(keeld.render_root().join("etc/chrony.conf")).unwrap();
+    assert!(
+        chrony
+            .lines()
+            .any(|l| l.starts_with("server time.example.com")),
+        "{chrony}"
+    );
+    let restarts = keeld.restarts();
+    assert_eq!(restarts.len(), 1, "{restarts:?}");
+    assert!(restarts[0].starts_with("chronyd "), "{restarts:?}");
+    assert!(
+        restarts[0].ends_with("| settings.ntp.time-servers"),
+        "{restarts:?}"
+    );
+
+    ok(&keeld.apiclient(&["set", "kernel.sysctl.\"vm.max_map_count\"=262144"]));
+    let restarts = keeld.restarts();
+    assert_eq!(restarts.len(), 2, "{restarts:?}");
+    assert!(
+        restarts[1].contains("sysctl")
+            && restarts[1].ends_with("| settings.kernel.sysctl.\"vm.max_map_count\""),
+        "{restarts:?}"
+    );
+    assert!(
+        !restarts[1].starts_with("chronyd"),
+        "chronyd is not affected by sysctl"
+    );
+}
+
+#[test]
+fn unchanged_files_are_not_rewritten() {
+    let keeld = Keeld::start();
+    ok(&keeld.apiclient(&["set", "motd=steady"]));
+    let path = keeld.render_root().join("etc/motd");
+    let before = std::fs::metadata(&path).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Re-apply everything: motd renders to the same content and is left alone.
+    let r = keeld.raw("POST", "/tx/apply", None);
+    assert_eq!(r.status, 204, "{}", r.text());
+    let after = std::fs::metadata(&path).unwrap();
+    assert_eq!(
+        (before.ino(), before.mtime(), before.mtime_nsec()),
+        (after.ino(), after.mtime(), after.mtime_nsec())
+    );
+    let log = keeld.apiclient_json(&["apply-log", "--limit", "1"]);
+    let files = log["applies"][0]["files"].as_array().unwrap();
+    let motd = files.iter().find(|f| f["name"] == "motd").unwrap();
+    assert_eq!(motd["result"], "unchanged");
+}
+
+#[test]
+fn a_failing_restart_command_is_visible() {
+    let keeld = Keeld::start();
+    keeld.fail_restarts_of("chronyd");
+    let out = keeld.apiclient(&["set", "ntp.time-servers=[\"a.example\"]"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("settings committed, but applying them failed"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("chronyd"), "{stderr}");
+    // The setting is committed, and the failure is in the apply log.
+    assert_eq!(
+        keeld.apiclient_json(&["get", "settings.ntp"])["settings"]["ntp"]["time-servers"],
+        json!(["a.example"])
+    );
+    let log = keeld.raw("GET", "/apply/log?limit=1", None).json();
+    let apply = &log["applies"][0];
+    assert_eq!(apply["success"], false);
+    assert_eq!(apply["commands"][0]["service"], "chronyd");
+    assert_eq!(apply["commands"][0]["exit-code"], 3);
+}
+
+#[test]
+fn a_candidate_that_cannot_render_is_refused() {
+    let templates = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(repo_root().join("packaging/templates")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), templates.path().join(entry.file_name())).unwrap();
+    }
+    // A template that needs a value the model may leave undefined.
+    std::fs::write(
+        templates.path().join("motd"),
+        "{{ settings.motd }}\n{{ settings.network.hostname }}\n",
+    )
+    .unwrap();
+    let keeld = Keeld::start_with(KeeldOptions {
+        templates: Some(templates.path().to_owned()),
+        ..Default::default()
+    });
+    let before = keeld.live_bytes();
+    let out = keeld.apiclient(&["set", "motd=x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Status 422"), "{stderr}");
+    assert!(
+        stderr.contains("template \\\"motd\\\" line 2"),
+        "names the template and line: {stderr}"
+    );
+    assert!(
+        stderr.contains("settings.network.hostname"),
+        "names the key: {stderr}"
+    );
+    assert_eq!(keeld.live_bytes(), before, "nothing committed");
+    assert!(
+        !keeld.render_root().join("etc/motd").exists(),
+        "nothing written"
+    );
+}
+
+#[test]
+fn dry_run_shows_diffs_and_changes_nothing() {
+    let keeld = Keeld::start();
+    ok(&keeld.apiclient(&["set", "motd=old text"]));
+    let before = keeld.live_bytes();
+    let out = keeld.apiclient(&["set", "--dry-run", "motd=new text"]);
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("~ settings.motd: \"old text\" → \"new text\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("-old text") && stdout.contains("+new text"),
+        "unified diff: {stdout}"
+    );
+    assert_eq!(keeld.live_bytes(), before);
+    assert_eq!(keeld.raw("GET", "/tx/list", None).json(), json!([]));
+    let motd = std::fs::read_to_string(keeld.render_root().join("etc/motd")).unwrap();
+    assert!(motd.contains("old text"));
+}
+
+#[test]
+fn boot_parameters_are_staged_and_reboot_required_is_reported() {
+    let keeld = Keeld::start();
+    assert_eq!(
+        keeld.raw("GET", "/apply/log", None).json()["reboot-required"],
+        false
+    );
+    ok(&keeld.apiclient(&[
+        "set",
+        "-j",
+        r#"{"boot": {"kernel-parameters": {"console": ["tty0", "ttyS1,115200n8"]}}}"#,
+    ]));
+    let staged =
+        std::fs::read_to_string(keeld.render_root().join("etc/keel/boot/kernel-parameters"))
+            .unwrap();
+    assert!(staged.contains("console=tty0,ttyS1,115200n8"), "{staged:?}");
+    let log = keeld.raw("GET", "/apply/log", None).json();
+    assert_eq!(log["reboot-required"], true);
+    assert_eq!(log["applies"][0]["reboot-required"], true);
+}
