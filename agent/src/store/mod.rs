@@ -104,6 +104,26 @@ impl PendingTx {
     }
 }
 
+/// Whether folding merge-patch `next` into `acc` gives exactly the effect of applying the
+/// two in turn. It does unless `acc` removes (`null`) a key under which `next` sets a
+/// table: applied in turn, the table replaces the removed value; folded, it would merge
+/// into the live one.
+pub(crate) fn can_fold(acc: &Value, next: &Value) -> bool {
+    let (Value::Object(acc), Value::Object(next)) = (acc, next) else {
+        return true;
+    };
+    next.iter().all(|(key, value)| match (acc.get(key), value) {
+        (Some(Value::Null), Value::Object(_)) => false,
+        (Some(existing @ Value::Object(_)), Value::Object(_)) => can_fold(existing, value),
+        _ => true,
+    })
+}
+
+/// Folds `next` into `acc` (check [`can_fold`] first).
+pub(crate) fn fold_patch(acc: &mut Value, next: &Value) {
+    compose_for_view(acc, next)
+}
+
 /// Folds `next` into `acc`, keeping `null`s so that removals stay visible.
 fn compose_for_view(acc: &mut Value, next: &Value) {
     match (acc, next) {

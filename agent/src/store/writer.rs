@@ -40,6 +40,8 @@ pub(super) fn spawn(
                         Err(_) => break,
                     }
                 }
+                let size = batch.len();
+                let started = std::time::Instant::now();
                 run_batch(
                     &files,
                     keep,
@@ -48,6 +50,7 @@ pub(super) fn spawn(
                     &mut batch,
                     &mut stale_on_disk,
                 );
+                tracing::trace!(ops = size, micros = started.elapsed().as_micros() as u64, "store batch");
             }
         })
         .map(|_| ())
@@ -200,7 +203,15 @@ fn patch_tx(work: &mut Snapshot, tx: &str, patch: &Value) -> Result<(), StoreErr
     if pending.patches.len() >= super::MAX_PATCHES_PER_TX {
         return Err(StoreError::TxFull(tx.to_owned()));
     }
-    pending.patches.push(Arc::new(patch.clone()));
+    // Fold into the previous patch when that is exact (the usual case), so a long-lived
+    // transaction stays one patch; keep it separate when folding would turn a removal
+    // followed by a new table into a merge (see `PendingTx::patches`).
+    match pending.patches.last_mut() {
+        Some(last) if super::can_fold(last, patch) => {
+            super::fold_patch(Arc::make_mut(last), patch);
+        }
+        _ => pending.patches.push(Arc::new(patch.clone())),
+    }
     // The transaction must stay committable against the live model: check it now, so the
     // caller learns of the bad key from the PATCH that introduced it.
     let mut candidate = work.live_settings().clone();
