@@ -15,8 +15,10 @@ fn main() -> std::process::ExitCode {
     } else {
         builder.init();
     }
+    // A commit's leader blocks its worker on disk I/O for one batch (store::writer); with
+    // four workers the others keep serving reads even on a two-core host.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(4)
         .enable_all()
         .build()
     {

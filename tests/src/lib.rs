@@ -186,7 +186,10 @@ impl Keeld {
             .arg(self.render_root())
             .args(["--restart-timeout", "10s"])
             .args(&self.options.extra_args)
-            .env("KEELD_LOG", std::env::var("KEELD_LOG").unwrap_or_else(|_| "info".to_owned()))
+            .env(
+                "KEELD_LOG",
+                std::env::var("KEELD_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

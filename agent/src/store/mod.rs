@@ -2,9 +2,8 @@
 //!
 //! Owns every mutation of settings state and its durability. Readers get an immutable
 //! [`Snapshot`] without locks (an `ArcSwap` load), so a read never waits for a writer's
-//! fsync. Mutations are [`Op`]s sent to a single writer thread ([`writer`]) that applies
-//! them in order and persists a whole batch at once: concurrent commits share one fsync
-//! (group commit). Must not render files or talk to containerd: callers do that after a
+//! fsync. Mutations are [`Op`]s queued to the [`writer`], which applies them in order and
+//! persists a whole batch at once: concurrent commits share one fsync (group commit). Must not render files or talk to containerd: callers do that after a
 //! commit answered.
 
 mod files;
@@ -17,7 +16,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 pub use files::StoreFiles;
 
@@ -244,7 +243,7 @@ pub(crate) enum Op {
 #[derive(Clone)]
 pub struct Store {
     snapshot: Arc<ArcSwap<Snapshot>>,
-    ops: mpsc::UnboundedSender<Op>,
+    writer: Arc<writer::Writer>,
 }
 
 impl std::fmt::Debug for Store {
@@ -269,11 +268,15 @@ impl Store {
         let files = StoreFiles::new(dir)?;
         let snapshot = files.load()?;
         let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-        let (tx, rx) = mpsc::unbounded_channel();
-        writer::spawn(files, keep.max(1), check, shared.clone(), rx)?;
+        let writer = Arc::new(writer::Writer::new(
+            files,
+            keep.max(1),
+            check,
+            shared.clone(),
+        ));
         Ok(Store {
             snapshot: shared,
-            ops: tx,
+            writer,
         })
     }
 
@@ -331,7 +334,12 @@ impl Store {
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.ops.send(make(reply)).map_err(|_| StoreError::Closed)?;
+        let op = make(reply);
+        // The submitting task may become the writer's leader and block its worker thread
+        // on disk I/O for one batch (no thread hand-off: that is the point). Only one
+        // leader exists at a time, so the other workers keep serving reads; keeld runs
+        // enough workers for that (see main.rs).
+        self.writer.submit(op);
         answer.await.map_err(|_| StoreError::Closed)?
     }
 }

@@ -234,10 +234,19 @@ fn patches_fold_when_exact_and_stay_apart_when_not() {
     let next = json!({"kernel": {"sysctl": {"x.y": null, "z.w": "2"}}});
     assert!(can_fold(&acc, &next));
     fold_patch(&mut acc, &next);
-    assert_eq!(acc, json!({"motd": "a", "kernel": {"sysctl": {"x.y": null, "z.w": "2"}}}));
+    assert_eq!(
+        acc,
+        json!({"motd": "a", "kernel": {"sysctl": {"x.y": null, "z.w": "2"}}})
+    );
     // A removal, then a new table under it: folding would merge, so it must not fold.
-    assert!(!can_fold(&json!({"kernel": {"sysctl": null}}), &json!({"kernel": {"sysctl": {"a.b": "1"}}})));
-    assert!(can_fold(&json!({"kernel": {"sysctl": null}}), &json!({"kernel": {"sysctl": null}})));
+    assert!(!can_fold(
+        &json!({"kernel": {"sysctl": null}}),
+        &json!({"kernel": {"sysctl": {"a.b": "1"}}})
+    ));
+    assert!(can_fold(
+        &json!({"kernel": {"sysctl": null}}),
+        &json!({"kernel": {"sysctl": null}})
+    ));
 }
 
 #[test]
@@ -246,7 +255,10 @@ fn a_long_transaction_stays_one_patch() {
     rt().block_on(async {
         let store = Store::open(dir.path(), 10).unwrap();
         for i in 0..100 {
-            store.patch("t", json!({"motd": format!("m{i}")})).await.unwrap();
+            store
+                .patch("t", json!({"motd": format!("m{i}")}))
+                .await
+                .unwrap();
         }
         assert_eq!(store.snapshot().pending["t"].patches.len(), 1);
     });

@@ -1,63 +1,130 @@
-//! The single writer: applies [`Op`]s in arrival order and persists them in batches.
+//! The writer: applies [`Op`]s in arrival order and persists them in batches.
 //!
-//! Whatever queued up while the previous batch was being fsync'd forms the next batch
-//! (group commit): N concurrent commits cost one fsync, not N. Each op is validated and
-//! applied to a working copy; if persisting the batch fails, the working copy is thrown
-//! away, every op that changed something gets the error, and the published snapshot is
-//! the old one — nothing changes.
+//! There is no writer thread. The request that finds the writer idle becomes its leader:
+//! it runs the batch on its own thread (a blocking section of the async runtime), then
+//! every batch that queued up meanwhile, and steps down when the queue is empty. A lone
+//! client therefore pays no thread hand-off, and concurrent clients share batches (group
+//! commit): N commits queued during one fsync cost one fsync, not N. Each op is validated
+//! and applied to a working copy; if persisting the batch fails, the working copy is
+//! thrown away, every op that changed something gets the error, and the published
+//! snapshot is the old one — nothing changes.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use serde_json::Value;
 use settings_model::patch::changed_keys;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::files::StoreFiles;
 use super::{Caller, CommitCheck, Generation, Op, PendingTx, Snapshot, StoreError};
 
-/// Most ops taken into one batch; bounds the latency a batch adds to its first op.
-const MAX_BATCH: usize = 512;
+/// Batches one leader runs before handing the rest of the queue to a blocking task, so
+/// that a request is not held up indefinitely serving others under sustained load.
+const LEADER_BATCHES: usize = 8;
 
-pub(super) fn spawn(
+/// What only the leader touches.
+struct WriterState {
     files: StoreFiles,
     keep: usize,
     check: Option<Arc<dyn CommitCheck>>,
+    /// Whether the pending file on disk still lists a committed transaction.
+    stale_on_disk: bool,
+}
+
+struct Queue {
+    ops: Vec<Op>,
+    /// A leader is running batches; new ops only queue.
+    busy: bool,
+}
+
+pub(super) struct Writer {
+    queue: Mutex<Queue>,
+    /// Locked only by the leader, hence never contended.
+    state: Mutex<WriterState>,
     shared: Arc<ArcSwap<Snapshot>>,
-    mut ops: mpsc::UnboundedReceiver<Op>,
-) -> Result<(), StoreError> {
-    std::thread::Builder::new()
-        .name("keel-store".to_owned())
-        .spawn(move || {
-            let mut batch = Vec::with_capacity(MAX_BATCH);
-            // Whether the pending file on disk still lists a committed transaction.
-            let mut stale_on_disk = false;
-            while let Some(first) = ops.blocking_recv() {
-                batch.push(first);
-                while batch.len() < MAX_BATCH {
-                    match ops.try_recv() {
-                        Ok(op) => batch.push(op),
-                        Err(_) => break,
-                    }
-                }
-                let size = batch.len();
-                let started = std::time::Instant::now();
-                run_batch(
-                    &files,
-                    keep,
-                    check.as_deref(),
-                    &shared,
-                    &mut batch,
-                    &mut stale_on_disk,
-                );
-                tracing::trace!(ops = size, micros = started.elapsed().as_micros() as u64, "store batch");
+}
+
+impl Writer {
+    pub(super) fn new(
+        files: StoreFiles,
+        keep: usize,
+        check: Option<Arc<dyn CommitCheck>>,
+        shared: Arc<ArcSwap<Snapshot>>,
+    ) -> Writer {
+        Writer {
+            queue: Mutex::new(Queue {
+                ops: Vec::new(),
+                busy: false,
+            }),
+            state: Mutex::new(WriterState {
+                files,
+                keep,
+                check,
+                stale_on_disk: false,
+            }),
+            shared,
+        }
+    }
+
+    /// Queues `op`; if no leader is running, runs batches until the queue is empty.
+    /// May block on disk I/O: call it where blocking is allowed.
+    pub(super) fn submit(self: &Arc<Self>, op: Op) {
+        {
+            let mut queue = lock(&self.queue);
+            queue.ops.push(op);
+            if queue.busy {
+                return;
             }
-        })
-        .map(|_| ())
-        .map_err(|source| StoreError::Io {
-            path: "keel-store thread".into(),
-            source,
-        })
+            queue.busy = true;
+        }
+        self.lead(LEADER_BATCHES);
+    }
+
+    fn lead(self: &Arc<Self>, mut budget: usize) {
+        loop {
+            let mut batch = {
+                let mut queue = lock(&self.queue);
+                if queue.ops.is_empty() {
+                    queue.busy = false;
+                    return;
+                }
+                if budget == 0 {
+                    // Still busy: the continuation is the leader now.
+                    drop(queue);
+                    let writer = Arc::clone(self);
+                    let handed = std::thread::Builder::new()
+                        .name("keel-store".to_owned())
+                        .spawn(move || writer.lead(LEADER_BATCHES));
+                    if handed.is_ok() {
+                        return;
+                    }
+                    // No thread could be made: keep leading ourselves.
+                    budget = LEADER_BATCHES;
+                    continue;
+                }
+                std::mem::take(&mut queue.ops)
+            };
+            budget -= 1;
+            let mut state = lock(&self.state);
+            let size = batch.len();
+            let started = std::time::Instant::now();
+            run_batch(&mut state, &self.shared, &mut batch);
+            tracing::trace!(
+                ops = size,
+                micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                "store batch"
+            );
+        }
+    }
+}
+
+/// A poisoned lock only means a panic elsewhere while holding it; the data (a queue, the
+/// files handle) stays usable.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A reply waiting for the batch to be persisted.
@@ -104,14 +171,15 @@ fn copy_error(e: &StoreError) -> StoreError {
     }
 }
 
-fn run_batch(
-    files: &StoreFiles,
-    keep: usize,
-    check: Option<&dyn CommitCheck>,
-    shared: &ArcSwap<Snapshot>,
-    batch: &mut Vec<Op>,
-    stale_on_disk: &mut bool,
-) {
+fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Vec<Op>) {
+    let WriterState {
+        files,
+        keep,
+        check,
+        stale_on_disk,
+    } = state;
+    let keep = *keep;
+    let check = check.as_deref();
     let mut work: Snapshot = Snapshot::clone(&shared.load());
     let mut generations_dirty = false;
     let mut pending_dirty = false;
