@@ -18,6 +18,8 @@ pub struct Peer {
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
+    /// `/proc/<pid>/comm`, read once per connection when first needed.
+    comm: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 impl Peer {
@@ -27,21 +29,23 @@ impl Peer {
             uid: cred.uid(),
             gid: cred.gid(),
             pid: cred.pid(),
+            comm: Default::default(),
         })
     }
 
-    /// The caller as recorded in history; `comm` is read now, best effort.
+    /// The caller as recorded in history; `comm` is read on first use, best effort.
     pub fn caller(&self) -> Caller {
-        let comm = self
-            .pid
-            .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok())
-            .map(|s| s.trim_end().to_owned())
-            .unwrap_or_default();
+        let comm = self.comm.get_or_init(|| {
+            self.pid
+                .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok())
+                .map(|s| s.trim_end().to_owned())
+                .unwrap_or_default()
+        });
         Caller {
             uid: self.uid,
             gid: self.gid,
             pid: self.pid.unwrap_or(0),
-            comm,
+            comm: comm.clone(),
         }
     }
 

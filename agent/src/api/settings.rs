@@ -56,7 +56,6 @@ pub async fn patch_settings(
     let query = Query::parse(q.as_deref(), &["tx"])?;
     let tx = query.tx()?;
     let patch = json_object(&read_body(body).await?)?;
-    settings_model::validate_patch(&patch)?;
     state.store.patch(&tx, patch).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -89,7 +88,6 @@ pub async fn patch_keypair(
         )));
     }
     let patch = settings_model::keypair::pairs_to_patch(&pairs.request_payload)?;
-    settings_model::validate_patch(&patch)?;
     state.store.patch(&tx, patch).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -39,16 +39,29 @@ const PENDING_PREFIX: &str = "pending-";
 const PENDING_SUFFIX: &str = ".json";
 const LOCK: &str = "state.lock";
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct GenerationsFile {
     format: u32,
     generations: Vec<Generation>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// The same shape, borrowed, so that writing does not copy the history.
+#[derive(Serialize)]
+struct GenerationsFileRef<'a> {
+    format: u32,
+    generations: &'a [Generation],
+}
+
+#[derive(Deserialize)]
 struct PendingFile {
     format: u32,
     transactions: BTreeMap<String, PendingTx>,
+}
+
+#[derive(Serialize)]
+struct PendingFileRef<'a> {
+    format: u32,
+    transactions: &'a BTreeMap<String, PendingTx>,
 }
 
 /// The state directory, locked for this process.
@@ -209,9 +222,9 @@ impl StoreFiles {
 
     /// Durably replaces `generations.json` (see the module comment for why this is safe).
     pub fn write_generations(&self, generations: &[Generation]) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(&GenerationsFile {
+        let bytes = serde_json::to_vec(&GenerationsFileRef {
             format: FORMAT,
-            generations: generations.to_vec(),
+            generations,
         })
         .map_err(|e| StoreError::Io {
             path: self.dir.join(GENERATIONS),
@@ -233,9 +246,9 @@ impl StoreFiles {
             path: path.clone(),
             source,
         };
-        let bytes = serde_json::to_vec(&PendingFile {
+        let bytes = serde_json::to_vec(&PendingFileRef {
             format: FORMAT,
-            transactions: pending.clone(),
+            transactions: pending,
         })
         .map_err(|e| io(std::io::Error::other(e)))?;
         let written = OpenOptions::new()

@@ -285,8 +285,10 @@ impl Store {
         self.snapshot.load_full()
     }
 
-    /// Merges `patch` (already checked with `validate_patch`) into transaction `tx`.
+    /// Merges `patch` into transaction `tx` once it passes `validate_patch` (so the caller
+    /// learns of a bad key from the PATCH that introduced it).
     pub async fn patch(&self, tx: &str, patch: Value) -> Result<(), StoreError> {
+        settings_model::validate_patch(&patch)?;
         self.send(|reply| Op::Patch {
             tx: tx.to_owned(),
             patch,
