@@ -132,6 +132,63 @@ pub fn changed_keys(old: &Value, new: &Value) -> Vec<String> {
     keys
 }
 
+/// Like [`changed_keys`], but looks only under the keys the merge-`patches` name: what a
+/// patch does not name cannot have changed. `new` must be `old` with the patches applied
+/// (and possibly re-serialized). Costs in proportion to the patches, not to the model.
+pub fn changed_keys_touched(old: &Value, new: &Value, patches: &[&Value]) -> Vec<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for patch in patches {
+        touched(Some(old), Some(new), patch, "settings", &mut out);
+    }
+    out.into_iter().collect()
+}
+
+fn touched(
+    old: Option<&Value>,
+    new: Option<&Value>,
+    patch: &Value,
+    prefix: &str,
+    out: &mut std::collections::BTreeSet<String>,
+) {
+    match patch {
+        Value::Object(members) if !members.is_empty() => {
+            for (k, member) in members {
+                let key = format!("{prefix}.{}", format_segment(k));
+                touched(
+                    old.and_then(|o| o.get(k)),
+                    new.and_then(|n| n.get(k)),
+                    member,
+                    &key,
+                    out,
+                );
+            }
+        }
+        _ => {
+            let is_empty_table = |v: &Value| v.as_object().is_some_and(|m| m.is_empty());
+            let mut before = BTreeMap::new();
+            let mut after = BTreeMap::new();
+            if let Some(o) = old {
+                flatten_into(o, prefix, &mut before);
+            }
+            if let Some(n) = new {
+                flatten_into(n, prefix, &mut after);
+            }
+            before.retain(|_, v| !is_empty_table(v));
+            after.retain(|_, v| !is_empty_table(v));
+            for (k, v) in &before {
+                if after.get(k) != Some(v) {
+                    out.insert(k.clone());
+                }
+            }
+            for k in after.keys() {
+                if !before.contains_key(k) {
+                    out.insert(k.clone());
+                }
+            }
+        }
+    }
+}
+
 /// Keeps only the leaves of `root` (`{"settings":…,"os":…}`) whose dotted key starts with
 /// the string `prefix`; `{}` when nothing matches.
 pub fn filter_prefix(root: &Value, prefix: &str) -> Value {

@@ -347,3 +347,36 @@ fn kind_at_describes_types() {
     assert!(kind_at(&KeyPath::parse_setting("nope").unwrap()).is_none());
     assert!(kind_at(&KeyPath::parse_setting("motd.deeper").unwrap()).is_none());
 }
+
+#[test]
+fn changed_keys_touched_agrees_with_changed_keys() {
+    use settings_model::patch::{changed_keys, changed_keys_touched, merge_patch};
+    let old = json!({"motd": "a", "kernel": {"sysctl": {"a.b": "1", "c.d": "2"}},
+        "ntp": {"time-servers": ["x"]}, "host-containers": {"admin": {"enabled": true}}});
+    let patches = [
+        json!({"motd": "b"}),
+        json!({"kernel": {"sysctl": {"a.b": null, "e.f": "3"}}}),
+        json!({"kernel": {"sysctl": null}}),
+        json!({"ntp": {"time-servers": ["x"]}}),
+        json!({"host-containers": {"admin": null, "control": {"enabled": false}}}),
+        json!({"dns": {"name-servers": ["10.0.0.1"]}, "motd": null}),
+        json!({"kernel": {}}),
+    ];
+    for patch in &patches {
+        let mut new = old.clone();
+        merge_patch(&mut new, patch);
+        assert_eq!(
+            changed_keys_touched(&old, &new, &[patch]),
+            changed_keys(&old, &new),
+            "{patch}"
+        );
+    }
+    // Several patches in turn.
+    let mut new = old.clone();
+    merge_patch(&mut new, &patches[1]);
+    merge_patch(&mut new, &patches[4]);
+    assert_eq!(
+        changed_keys_touched(&old, &new, &[&patches[1], &patches[4]]),
+        changed_keys(&old, &new)
+    );
+}

@@ -176,16 +176,25 @@ impl Templates {
         settings: &serde_json::Value,
         os: &serde_json::Value,
     ) -> Result<String, RenderError> {
+        self.render_in(name, &Self::context(settings, os))
+    }
+
+    /// The render context `{"settings": …, "os": …}`, built once for several renders.
+    pub fn context(settings: &serde_json::Value, os: &serde_json::Value) -> Value {
+        minijinja::context! {
+            settings => Value::from_serialize(settings),
+            os => Value::from_serialize(os),
+        }
+    }
+
+    /// Renders template `name` in a context made by [`Templates::context`].
+    pub fn render_in(&self, name: &str, context: &Value) -> Result<String, RenderError> {
         let template = self
             .env
             .get_template(name)
             .map_err(|_| RenderError::UnknownTemplate {
                 template: name.to_owned(),
             })?;
-        let context = minijinja::context! {
-            settings => Value::from_serialize(settings),
-            os => Value::from_serialize(os),
-        };
         template.render(context).map_err(|e| self.convert(name, &e))
     }
 

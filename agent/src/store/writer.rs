@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use serde_json::Value;
-use settings_model::patch::changed_keys;
+use settings_model::patch::{changed_keys, changed_keys_touched};
 use tokio::sync::oneshot;
 
 use super::files::StoreFiles;
@@ -151,7 +151,15 @@ impl Writer {
             let mut state = lock(&self.state);
             let size = batch.len();
             let started = std::time::Instant::now();
-            run_batch(&mut state, &self.shared, &mut batch);
+            // Ops that need no fsync go first, in their own batch, so that a PATCH does
+            // not wait for the commits queued beside it.
+            let mut cheap = split_cheap(&mut batch);
+            if !cheap.is_empty() {
+                run_batch(&mut state, &self.shared, &mut cheap);
+            }
+            if !batch.is_empty() {
+                run_batch(&mut state, &self.shared, &mut batch);
+            }
             tracing::trace!(
                 ops = size,
                 micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -159,6 +167,31 @@ impl Writer {
             );
         }
     }
+}
+
+/// Takes out of `batch` the ops that need no durable write (PATCH, discard) and may run
+/// before the durable ones queued ahead of them. They may unless a commit of their own
+/// transaction precedes them: a PATCH no longer depends on the live settings, so it
+/// commutes with a commit or rollback of anything else.
+fn split_cheap(batch: &mut Vec<Op>) -> Vec<Op> {
+    let mut cheap = Vec::new();
+    let mut durable = Vec::with_capacity(batch.len());
+    let mut committed = std::collections::HashSet::new();
+    for op in batch.drain(..) {
+        match &op {
+            Op::Commit { tx, .. } => {
+                committed.insert(tx.clone());
+                durable.push(op);
+            }
+            Op::Rollback { .. } => durable.push(op),
+            Op::Patch { tx, .. } | Op::Discard { tx, .. } if !committed.contains(tx) => {
+                cheap.push(op)
+            }
+            Op::Patch { .. } | Op::Discard { .. } => durable.push(op),
+        }
+    }
+    *batch = durable;
+    cheap
 }
 
 /// A poisoned lock only means a panic elsewhere while holding it; the data (a queue, the
@@ -349,7 +382,8 @@ fn commit_tx(
     let mut candidate = work.live_settings().clone();
     pending.apply_to(&mut candidate);
     let candidate = settings_model::validate(&candidate)?;
-    let changed = changed_keys(work.live_settings(), &candidate);
+    let patches: Vec<&Value> = pending.patches.iter().map(|p| &**p).collect();
+    let changed = changed_keys_touched(work.live_settings(), &candidate, &patches);
     if let Some(check) = check.filter(|_| !changed.is_empty()) {
         check
             .check(&candidate, &changed)
