@@ -8,3 +8,4 @@ bash packaging/dev/deps.sh
 # The bench starts the real keeld found next to it, in target/release: build it first.
 cargo build --release --bins
 cargo bench -p keel-e2e --bench api
+cargo bench -p keel-e2e --bench apply

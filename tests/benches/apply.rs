@@ -1,0 +1,146 @@
+//! Apply benchmark: how long after a commit the rendered file is there, beyond the
+//! durable commit itself, and how long rendering every configuration file takes.
+//!
+//! Run with `packaging/dev/bench.sh` (it builds the release binaries first).
+//! `KEEL_BENCH_COMMITS` sets the number of commits per row (default 1000).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::time::{Duration, Instant};
+
+use keel_agent::apply::render::Templates;
+use keel_agent::apply::ServicesMeta;
+use keel_e2e::{raw_request, repo_root, Keeld};
+use serde_json::json;
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn summary(mut samples: Vec<Duration>) -> (f64, f64, f64) {
+    samples.sort();
+    (percentile(&samples, 0.5), percentile(&samples, 0.99), percentile(&samples, 1.0))
+}
+
+/// A full settings set touching every group that has a template.
+fn full_settings() -> serde_json::Value {
+    json!({
+        "motd": "Welcome to the benchmark",
+        "ntp": {"time-servers": ["169.254.169.123", "2.amazon.pool.ntp.org", "ntp://time.example.com"]},
+        "network": {"hostname": "node-1.example.com", "https-proxy": "proxy.example.com:3128",
+                    "no-proxy": ["10.0.0.0/8", ".internal.example.com"]},
+        "dns": {"name-servers": ["10.0.0.2", "10.0.0.3"], "search-list": ["example.com", "internal.example.com"]},
+        "container-registry": {
+            "mirrors": [{"registry": "*", "endpoint": ["https://mirror.example.com"]},
+                        {"registry": "docker.io", "endpoint": ["https://dockerhub-mirror.example.com"]}],
+            "credentials": [{"registry": "registry.example.com", "username": "u", "password": "p"}]
+        },
+        "container-runtime": {"max-container-log-line-size": 16384, "max-concurrent-downloads": 4,
+                              "enable-unprivileged-icmp": true, "enable-unprivileged-ports": true},
+        "kernel": {"sysctl": {"vm.max_map_count": "262144", "net.core.somaxconn": "1024",
+                              "user.max_user_namespaces": "16384"}},
+        "kubernetes": {
+            "api-server": "https://k8s.example.com", "cluster-name": "bench",
+            "cluster-certificate": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo=",
+            "cluster-dns-ip": ["10.100.0.10"], "max-pods": 110,
+            "node-labels": {"role": "bench", "team": "keel"},
+            "node-taints": {"dedicated": ["bench:NoSchedule"]},
+            "eviction-hard": {"memory.available": "15%"},
+            "kube-reserved": {"cpu": "100m", "memory": "512Mi"},
+            "system-reserved": {"cpu": "100m", "memory": "256Mi"},
+            "credential-providers": {"ecr-credential-provider": {"enabled": true, "cache-duration": "30m",
+                "image-patterns": ["*.dkr.ecr.us-east-2.amazonaws.com"]}}
+        },
+        "pki": {"bundle": {"trusted": true,
+            "data": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo="}},
+        "boot": {"kernel-parameters": {"console": ["tty0", "ttyS0,115200n8"]}}
+    })
+}
+
+/// Commits `motd` `n` times through `commit_path`; when `check_file` is set, each
+/// sample ends only once the rendered /etc/motd holds the new value.
+fn commit_loop(keeld: &Keeld, n: usize, commit_path: &str, check_file: bool, tag: &str) -> Vec<Duration> {
+    let motd = keeld.render_root().join("etc/motd");
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let value = format!("{tag} {i}");
+        let body = json!({ "motd": value }).to_string();
+        let started = Instant::now();
+        let r = raw_request(&keeld.socket, "PATCH", "/settings?tx=bench", Some(body.as_bytes()));
+        assert_eq!(r.status, 204, "{}", r.text());
+        let r = raw_request(&keeld.socket, "POST", &format!("{commit_path}?tx=bench"), None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        if check_file {
+            loop {
+                if std::fs::read_to_string(&motd).is_ok_and(|m| m.contains(&value)) {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        samples.push(started.elapsed());
+    }
+    samples
+}
+
+fn main() {
+    let n: usize = std::env::var("KEEL_BENCH_COMMITS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let keeld = Keeld::start();
+    // Warm up, and make the model realistic.
+    let body = full_settings().to_string();
+    raw_request(&keeld.socket, "PATCH", "/settings?tx=seed", Some(body.as_bytes()));
+    raw_request(&keeld.socket, "POST", "/tx/commit_and_apply?tx=seed", None);
+
+    let commit = summary(commit_loop(&keeld, n, "/tx/commit", false, "c"));
+    let applied = summary(commit_loop(&keeld, n, "/tx/commit_and_apply", true, "a"));
+
+    let templates = Templates::load(&repo_root().join("packaging/templates")).unwrap();
+    let meta = ServicesMeta::load(&repo_root().join("packaging/services.toml")).unwrap();
+    let settings = settings_model::validate(&full_settings()).unwrap();
+    let os = json!({"arch": "x86_64", "build_id": "bench", "pretty_name": "Keel", "variant_id": "bench", "version_id": "0"});
+    let singles: Vec<_> = meta
+        .configuration_files
+        .values()
+        .filter(|f| templates.render(&f.template_path, &settings, &os).is_ok())
+        .map(|f| f.template_path.clone())
+        .collect();
+    let mut renders = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..500 {
+        let started = Instant::now();
+        let context = Templates::context(&settings, &os);
+        bytes = 0;
+        for template in &singles {
+            bytes += templates.render_in(template, &context).unwrap().len();
+        }
+        renders.push(started.elapsed());
+    }
+    let render = summary(renders);
+
+    println!();
+    println!("keeld apply benchmark — {n} commits per row, motd, 2 CPUs");
+    println!();
+    println!("{:<52} {:>9} {:>9} {:>9}", "figure", "p50 ms", "p99 ms", "max ms");
+    println!("{}", "-".repeat(82));
+    println!("{:<52} {:>9.3} {:>9.3} {:>9.3}", "PATCH + POST /tx/commit (durable commit)", commit.0, commit.1, commit.2);
+    println!("{:<52} {:>9.3} {:>9.3} {:>9.3}", "PATCH + commit_and_apply → /etc/motd rendered", applied.0, applied.1, applied.2);
+    println!("{:<52} {:>9.3} {:>9} {:>9}", "  beyond the durable commit (p50 difference)", applied.0 - commit.0, "", "");
+    println!(
+        "{:<52} {:>9.3} {:>9.3} {:>9.3}",
+        format!("render all {} files from a full settings set ({bytes} B)", singles.len()),
+        render.0,
+        render.1,
+        render.2
+    );
+    println!(
+        "BENCH_JSON {}",
+        json!({
+            "commits": n,
+            "commit_ms": {"p50": commit.0, "p99": commit.1, "max": commit.2},
+            "commit_to_file_ms": {"p50": applied.0, "p99": applied.1, "max": applied.2},
+            "beyond_commit_p50_ms": applied.0 - commit.0,
+            "full_render_ms": {"p50": render.0, "p99": render.1, "max": render.2, "files": singles.len(), "bytes": bytes},
+        })
+    );
+}
