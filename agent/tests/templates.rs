@@ -133,6 +133,14 @@ fn render(name: &str, settings: &Value) -> String {
         .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
+/// Renders `name` for one item of a multi-file, as the apply pipeline does.
+fn render_item(name: &str, settings: &Value, item: &Value, item_name: &str) -> String {
+    let context = Templates::context_with_item(settings, &os(), item, item_name);
+    templates()
+        .render_in(name, &context)
+        .unwrap_or_else(|e| panic!("{name}[{item_name}]: {e}"))
+}
+
 /// Non-empty lines that are not comments.
 fn lines(text: &str) -> Vec<&str> {
     text.lines()
@@ -314,6 +322,85 @@ fn registries_toml_has_mirrors_and_credentials() {
     assert_eq!(creds[0]["password"].as_str(), Some("p\"a$s\\w'd"));
     assert_eq!(creds[1]["auth"].as_str(), Some(b64("user:token").as_str()));
     assert!(creds[1].get("password").is_none());
+}
+
+/// The `[host."<endpoint>"]` tables of a hosts.toml, in file order, each checked to
+/// carry exactly pull and resolve capabilities.
+fn hosts_of(text: &str) -> Vec<String> {
+    let doc = toml_doc(text);
+    let Some(hosts) = doc.get("host") else {
+        return Vec::new();
+    };
+    let hosts = hosts.as_table().unwrap();
+    for (endpoint, host) in hosts {
+        let caps: Vec<&str> = host["capabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert_eq!(caps, ["pull", "resolve"], "{endpoint}:\n{text}");
+        assert_eq!(host.as_table().unwrap().len(), 1, "{endpoint}:\n{text}");
+    }
+    let mut ordered: Vec<String> = hosts.keys().cloned().collect();
+    ordered.sort_by_key(|e| text.find(&format!("[host.\"{e}\"]")).unwrap());
+    ordered
+}
+
+#[test]
+fn containerd_hosts_per_mirror() {
+    let s = full_settings();
+    let meta = ServicesMeta::load(&packaging().join("services.toml")).unwrap();
+    let file = &meta.configuration_files["containerd-hosts"];
+    let items = file.items(&s).unwrap();
+    let names: Vec<(&str, &str)> = items
+        .iter()
+        .map(|i| (i.name.as_str(), i.segment.as_deref().unwrap()))
+        .collect();
+    assert_eq!(names, [("docker.io", "docker.io"), ("*", "_default")]);
+    assert_eq!(
+        file.item_path("_default"),
+        "/etc/containerd/certs.d/_default/hosts.toml"
+    );
+
+    let docker = render_item("containerd-hosts", &s, &items[0].value, &items[0].name);
+    let doc = toml_doc(&docker);
+    assert_eq!(
+        doc["server"].as_str(),
+        Some("https://registry-1.docker.io"),
+        "{docker}"
+    );
+    assert_eq!(
+        hosts_of(&docker),
+        ["https://mirror.example.com", "https://mirror2.example.com"],
+        "endpoints keep the settings' order: containerd tries them in file order"
+    );
+
+    let all = render_item("containerd-hosts", &s, &items[1].value, &items[1].name);
+    let doc = toml_doc(&all);
+    assert!(doc.get("server").is_none(), "no server for \"*\":\n{all}");
+    assert_eq!(hosts_of(&all), ["https://all.example.com"]);
+
+    // Any other registry is its own server; a port is kept.
+    let other =
+        json!({"registry": "registry.example.com:5000", "endpoint": ["http://10.0.0.9:5000"]});
+    let text = render_item("containerd-hosts", &s, &other, "registry.example.com:5000");
+    assert_eq!(
+        toml_doc(&text)["server"].as_str(),
+        Some("https://registry.example.com:5000")
+    );
+    assert_eq!(hosts_of(&text), ["http://10.0.0.9:5000"]);
+
+    // A mirror without endpoints still parses, with the server only.
+    let bare = render_item(
+        "containerd-hosts",
+        &s,
+        &json!({"registry": "quay.io"}),
+        "quay.io",
+    );
+    let doc = toml_doc(&bare);
+    assert_eq!(doc["server"].as_str(), Some("https://quay.io"));
+    assert!(doc.get("host").is_none());
 }
 
 #[test]
@@ -630,6 +717,30 @@ fn services_toml_loads_and_names_existing_templates() {
         assert!(t.contains(&file.template_path));
         assert!(file.path.starts_with('/'), "{name}: {}", file.path);
     }
+    let hosts = &meta.configuration_files["containerd-hosts"];
+    assert_eq!(
+        hosts.for_each.as_deref(),
+        Some("settings.container-registry.mirrors")
+    );
+    assert_eq!(hosts.item_name.as_deref(), Some("registry"));
+    // containerd re-reads certs.d by itself: the owning service restarts nothing.
+    let owners: Vec<&String> = meta
+        .services
+        .iter()
+        .filter(|(_, s)| {
+            s.configuration_files
+                .iter()
+                .any(|f| f == "containerd-hosts")
+        })
+        .map(|(name, s)| {
+            assert!(s.restart_commands.is_empty(), "{name}");
+            name
+        })
+        .collect();
+    assert_eq!(owners, ["container-registry"]);
+    assert!(meta
+        .affected_by("settings.container-registry.mirrors")
+        .contains("container-registry"));
     // Every template is used by some configuration file.
     for template in t.names() {
         assert!(
@@ -670,6 +781,8 @@ fn bottlerocket_documentation_examples_render() {
         return;
     };
     let t = templates();
+    let meta = ServicesMeta::load(&packaging().join("services.toml")).unwrap();
+    let hosts = &meta.configuration_files["containerd-hosts"];
     let mut rendered = 0;
     for line in expected.lines().skip(1) {
         let mut fields = line.split('\t');
@@ -680,12 +793,25 @@ fn bottlerocket_documentation_examples_render() {
         let patch = settings_model::userdata::parse_user_data(file, &text)
             .unwrap_or_else(|e| panic!("{file}: {e}"));
         let settings = settings_model::validate(&patch).unwrap_or_else(|e| panic!("{file}: {e}"));
+        for item in hosts
+            .items(&settings)
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+        {
+            let context = Templates::context_with_item(&settings, &os(), &item.value, &item.name);
+            let out = t
+                .render_in("containerd-hosts", &context)
+                .unwrap_or_else(|e| panic!("{file} / containerd-hosts[{}]: {e}", item.name));
+            toml::from_str::<toml::Table>(&out)
+                .unwrap_or_else(|e| panic!("{file} / containerd-hosts: not TOML ({e}):\n{out}"));
+            item.segment
+                .unwrap_or_else(|e| panic!("{file} / containerd-hosts: {e}"));
+        }
         for name in t.names() {
             let out = t
                 .render(&name, &settings, &os())
                 .unwrap_or_else(|e| panic!("{file} / {name}: {e}"));
             match name.as_str() {
-                "registries" | "containerd-config" => {
+                "registries" | "containerd-config" | "containerd-hosts" => {
                     toml::from_str::<toml::Table>(&out)
                         .unwrap_or_else(|e| panic!("{file} / {name}: not TOML ({e}):\n{out}"));
                 }

@@ -14,7 +14,7 @@ pub mod restart;
 pub mod services;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +23,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 pub use restart::CommandOutcome;
+use services::ConfigurationFile;
 pub use services::{ServicesError, ServicesMeta};
 
 use crate::store::{CheckError, CommitCheck, Store};
@@ -35,9 +36,10 @@ const LOG_SIZE: usize = 64;
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub struct FileOutcome {
+    /// The configuration file's name; `name[item]` for one item of a multi-file.
     pub name: String,
     pub path: String,
-    /// `written`, `unchanged` or `failed`.
+    /// `written`, `unchanged`, `removed` (a multi-file's item that is gone) or `failed`.
     pub result: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -135,53 +137,112 @@ impl Applier {
             .collect()
     }
 
-    fn render(&self, file: &str, settings: &Value) -> Result<String, RenderError> {
-        let template = self
-            .inner
+    fn template_of<'a>(&'a self, file: &'a str) -> &'a str {
+        self.inner
             .meta
             .configuration_files
             .get(file)
-            .map_or(file, |f| f.template_path.as_str());
-        self.inner
-            .templates
-            .render(template, settings, &self.inner.os)
+            .map_or(file, |f| f.template_path.as_str())
+    }
+
+    /// The render context for `settings`.
+    fn context(&self, settings: &Value) -> minijinja::Value {
+        Templates::context(settings, &self.inner.os)
+    }
+
+    /// Every concrete file of the configuration file `name` rendered in `context`
+    /// (made from `settings`): one for a plain file, one per item for a multi-file.
+    /// Fails on the first file that cannot render or the first item that cannot be named.
+    fn render_all(
+        &self,
+        name: &str,
+        settings: &Value,
+        context: &minijinja::Value,
+    ) -> Result<Vec<Rendered>, RenderError> {
+        let template = self.template_of(name);
+        let Some(meta) = self
+            .inner
+            .meta
+            .configuration_files
+            .get(name)
+            .filter(|m| m.is_multi())
+        else {
+            let path = self
+                .inner
+                .meta
+                .configuration_files
+                .get(name)
+                .map(|m| m.path.clone())
+                .unwrap_or_default();
+            return Ok(vec![Rendered {
+                name: name.to_owned(),
+                path,
+                content: self.inner.templates.render_in(template, context)?,
+            }]);
+        };
+        let items_error = |reason: String| RenderError::Items {
+            file: name.to_owned(),
+            key: meta.for_each.clone().unwrap_or_default(),
+            reason,
+        };
+        let mut out = Vec::new();
+        for item in meta.items(settings).map_err(items_error)? {
+            let segment = item.segment.map_err(items_error)?;
+            let context = Templates::item_context(context, &item.value, &item.name);
+            out.push(Rendered {
+                name: item_label(name, &item.name),
+                path: meta.item_path(&segment),
+                content: self.inner.templates.render_in(template, &context)?,
+            });
+        }
+        Ok(out)
     }
 
     /// Renders every file the keys affect against `candidate`, writing nothing.
     pub fn check(&self, candidate: &Value, keys: &[String]) -> Result<(), RenderError> {
         let services = self.affected(keys);
+        let context = self.context(candidate);
         for file in self.files_of(services.keys()) {
-            self.render(&file, candidate)?;
+            self.render_all(&file, candidate, &context)?;
         }
         Ok(())
     }
 
     /// A dry run: the unified diff of every file that committing `candidate` would
-    /// change under the render root.
+    /// change under the render root (a multi-file's item that would be removed shows
+    /// as entirely deleted).
     pub fn plan(&self, candidate: &Value, keys: &[String]) -> Result<Vec<FileDiff>, RenderError> {
         let services = self.affected(keys);
+        let context = self.context(candidate);
+        let root = &self.inner.config.render_root;
         let mut diffs = Vec::new();
         for name in self.files_of(services.keys()) {
             let Some(meta) = self.inner.meta.configuration_files.get(&name) else {
                 continue;
             };
-            let new = self.render(&name, candidate)?;
-            let target = files::target_path(&self.inner.config.render_root, &meta.path);
-            let old = target
-                .as_ref()
-                .and_then(|t| std::fs::read_to_string(t).ok())
-                .unwrap_or_default();
-            if old != new {
-                let diff = similar::TextDiff::from_lines(&old, &new)
-                    .unified_diff()
-                    .context_radius(3)
-                    .header(&format!("a{}", meta.path), &format!("b{}", meta.path))
-                    .to_string();
-                diffs.push(FileDiff {
-                    name,
-                    path: meta.path.clone(),
-                    diff,
-                });
+            let rendered = self.render_all(&name, candidate, &context)?;
+            for file in &rendered {
+                let old = files::target_path(root, &file.path)
+                    .and_then(|t| std::fs::read_to_string(t).ok())
+                    .unwrap_or_default();
+                if old != file.content {
+                    diffs.push(FileDiff {
+                        name: file.name.clone(),
+                        path: file.path.clone(),
+                        diff: unified_diff(&old, &file.content, &file.path, false),
+                    });
+                }
+            }
+            if meta.is_multi() {
+                let keep: BTreeSet<String> = rendered.iter().map(|r| r.path.clone()).collect();
+                for stale in stale_items(root, &name, meta, &keep) {
+                    let old = std::fs::read_to_string(&stale.target).unwrap_or_default();
+                    diffs.push(FileDiff {
+                        name: stale.name,
+                        diff: unified_diff(&old, "", &stale.path, true),
+                        path: stale.path,
+                    });
+                }
             }
         }
         Ok(diffs)
@@ -207,21 +268,30 @@ impl Applier {
             duration_ms: 0,
         };
         let mut changed_services = BTreeSet::new();
+        let mut done = BTreeSet::new();
+        let context = self.context(settings);
         for service in services.keys() {
             let Some(def) = self.inner.meta.services.get(service) else {
                 continue;
             };
             for name in &def.configuration_files {
-                if report.files.iter().any(|f| &f.name == name) {
+                if !done.insert(name.as_str()) {
                     continue;
                 }
-                let outcome = self.write_file(name, settings);
-                if outcome.result == "written" {
-                    changed_services.insert(service.clone());
-                    report.reboot_required |= def.reboot_required;
+                let outcomes = match self.inner.meta.configuration_files.get(name) {
+                    Some(meta) if meta.is_multi() => {
+                        self.write_items(name, meta, settings, &context)
+                    }
+                    _ => vec![self.write_file(name, &context)],
+                };
+                for outcome in outcomes {
+                    if matches!(outcome.result, "written" | "removed") {
+                        changed_services.insert(service.clone());
+                        report.reboot_required |= def.reboot_required;
+                    }
+                    report.success &= outcome.result != "failed";
+                    report.files.push(outcome);
                 }
-                report.success &= outcome.result != "failed";
-                report.files.push(outcome);
             }
         }
         for (service, service_keys) in &services {
@@ -250,6 +320,7 @@ impl Applier {
         report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         tracing::info!(id = report.id, keys = report.keys.len(), services = ?report.services.keys().collect::<Vec<_>>(),
             written = report.files.iter().filter(|f| f.result == "written").count(),
+            removed = report.files.iter().filter(|f| f.result == "removed").count(),
             commands = report.commands.len(), success = report.success, "applied");
         if let Ok(mut log) = self.inner.log.lock() {
             if log.len() == LOG_SIZE {
@@ -260,7 +331,7 @@ impl Applier {
         report
     }
 
-    fn write_file(&self, name: &str, settings: &Value) -> FileOutcome {
+    fn write_file(&self, name: &str, context: &minijinja::Value) -> FileOutcome {
         let Some(meta) = self.inner.meta.configuration_files.get(name) else {
             return FileOutcome {
                 name: name.to_owned(),
@@ -269,28 +340,109 @@ impl Applier {
                 error: Some("not in services.toml".to_owned()),
             };
         };
-        let fail = |error: String| FileOutcome {
-            name: name.to_owned(),
-            path: meta.path.clone(),
+        let content = self.inner.templates.render_in(&meta.template_path, context);
+        self.write_one(
+            name.to_owned(),
+            meta.path.clone(),
+            meta.mode_bits(),
+            content,
+        )
+    }
+
+    /// Writes `content` to the concrete `path` under the render root, unless it is
+    /// already there.
+    fn write_one(
+        &self,
+        name: String,
+        path: String,
+        mode: u32,
+        content: Result<String, RenderError>,
+    ) -> FileOutcome {
+        let fail = |name: String, path: String, error: String| FileOutcome {
+            name,
+            path,
             result: "failed",
             error: Some(error),
         };
-        let content = match self.render(name, settings) {
+        let content = match content {
             Ok(content) => content,
-            Err(e) => return fail(e.to_string()),
+            Err(e) => return fail(name, path, e.to_string()),
         };
-        let Some(target) = files::target_path(&self.inner.config.render_root, &meta.path) else {
-            return fail("path leaves the render root".to_owned());
+        let Some(target) = files::target_path(&self.inner.config.render_root, &path) else {
+            return fail(name, path, "path leaves the render root".to_owned());
         };
-        match files::write_if_changed(&target, &content, meta.mode_bits()) {
+        match files::write_if_changed(&target, &content, mode) {
             Ok(written) => FileOutcome {
-                name: name.to_owned(),
-                path: meta.path.clone(),
+                name,
+                path,
                 result: if written { "written" } else { "unchanged" },
                 error: None,
             },
-            Err(e) => fail(format!("{}: {e}", target.display())),
+            Err(e) => fail(name, path, format!("{}: {e}", target.display())),
         }
+    }
+
+    /// A multi-file: writes each item's file and removes the files of items that are
+    /// gone. An item that fails to render keeps its previous file; when the items cannot
+    /// be listed at all, nothing is removed.
+    fn write_items(
+        &self,
+        name: &str,
+        meta: &ConfigurationFile,
+        settings: &Value,
+        context: &minijinja::Value,
+    ) -> Vec<FileOutcome> {
+        let items = match meta.items(settings) {
+            Ok(items) => items,
+            Err(error) => {
+                return vec![FileOutcome {
+                    name: name.to_owned(),
+                    path: meta.path.clone(),
+                    result: "failed",
+                    error: Some(error),
+                }]
+            }
+        };
+        let mut outcomes = Vec::new();
+        let mut keep = BTreeSet::new();
+        for item in items {
+            let label = item_label(name, &item.name);
+            let segment = match item.segment {
+                Ok(segment) => segment,
+                Err(error) => {
+                    outcomes.push(FileOutcome {
+                        name: label,
+                        path: meta.path.clone(),
+                        result: "failed",
+                        error: Some(error),
+                    });
+                    continue;
+                }
+            };
+            let path = meta.item_path(&segment);
+            keep.insert(path.clone());
+            let context = Templates::item_context(context, &item.value, &item.name);
+            let content = self
+                .inner
+                .templates
+                .render_in(&meta.template_path, &context);
+            outcomes.push(self.write_one(label, path, meta.mode_bits(), content));
+        }
+        for stale in stale_items(&self.inner.config.render_root, name, meta, &keep) {
+            let result = std::fs::remove_file(&stale.target);
+            if result.is_ok() {
+                remove_empty_dirs(&stale.target, &stale.item_dir);
+            }
+            outcomes.push(FileOutcome {
+                name: stale.name,
+                path: stale.path,
+                result: if result.is_ok() { "removed" } else { "failed" },
+                error: result
+                    .err()
+                    .map(|e| format!("{}: {e}", stale.target.display())),
+            });
+        }
+        outcomes
     }
 
     /// The last `limit` applies, newest first, and whether a reboot is pending.
@@ -305,6 +457,114 @@ impl Applier {
             "reboot-required": self.inner.reboot_required.load(Ordering::Relaxed),
             "applies": applies,
         })
+    }
+}
+
+/// One concrete file rendered in memory.
+struct Rendered {
+    /// `name`, or `name[item]` for an item of a multi-file.
+    name: String,
+    /// The concrete path, relative to the render root.
+    path: String,
+    content: String,
+}
+
+/// The report name of one item of a multi-file: `containerd-hosts[docker.io]`.
+fn item_label(file: &str, item: &str) -> String {
+    format!("{file}[{item}]")
+}
+
+fn unified_diff(old: &str, new: &str, path: &str, removed: bool) -> String {
+    let to = if removed {
+        "/dev/null".to_owned()
+    } else {
+        format!("b{path}")
+    };
+    similar::TextDiff::from_lines(old, new)
+        .unified_diff()
+        .context_radius(3)
+        .header(&format!("a{path}"), &to)
+        .to_string()
+}
+
+/// A file under the render root left by an item that no longer exists.
+struct Stale {
+    name: String,
+    path: String,
+    target: PathBuf,
+    /// The item's directory (`<root>/etc/containerd/certs.d/<item>`): removed with the
+    /// file when nothing else is left in it.
+    item_dir: PathBuf,
+}
+
+/// The files under `root` matching the multi-file's path pattern (only the `{item}`
+/// segment is a wildcard) whose concrete path is not in `keep`. Only real directories
+/// whose names an item could map to are considered (never a symbolic link, a hidden
+/// entry or a name `item_segment` would refuse), and only regular files: nothing found
+/// here can lie outside the render root.
+fn stale_items(
+    root: &Path,
+    name: &str,
+    meta: &ConfigurationFile,
+    keep: &BTreeSet<String>,
+) -> Vec<Stale> {
+    let Some((before, after)) = meta.pattern_parts() else {
+        return Vec::new();
+    };
+    let dir = if before.trim_start_matches('/').is_empty() {
+        Some(root.to_owned())
+    } else {
+        files::target_path(root, before)
+    };
+    let Some(dir) = dir else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut stale = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(segment) = entry.file_name().into_string() else {
+            continue;
+        };
+        let item = services::segment_item(&segment);
+        if services::item_segment(&item).as_deref() != Ok(segment.as_str()) {
+            continue;
+        }
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = meta.item_path(&segment);
+        if keep.contains(&path) {
+            continue;
+        }
+        let item_dir = entry.path();
+        let target = item_dir.join(after);
+        if !std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_file()) {
+            continue;
+        }
+        stale.push(Stale {
+            name: item_label(name, &item),
+            path,
+            target,
+            item_dir,
+        });
+    }
+    stale.sort_by(|a, b| a.path.cmp(&b.path));
+    stale
+}
+
+/// Removes the now-empty directories from `file`'s parent up to and including `top`.
+fn remove_empty_dirs(file: &Path, top: &Path) {
+    let mut dir = file.parent();
+    while let Some(d) = dir {
+        if !d.starts_with(top) || std::fs::remove_dir(d).is_err() {
+            break;
+        }
+        if d == top {
+            break;
+        }
+        dir = d.parent();
     }
 }
 

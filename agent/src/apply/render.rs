@@ -7,7 +7,8 @@
 //! files to render: that is the apply pipeline's job.
 //!
 //! Templates see two variables: `settings` (the settings JSON without its wrapper, every
-//! member optional) and `os`. Kebab-case members are read with subscripts
+//! member optional) and `os`; a file rendered once per item of a settings list or map
+//! (`for-each`) also sees `item` (the item's value) and `item_name`. Kebab-case members are read with subscripts
 //! (`settings["host-containers"]`); optional groups are usually bound once with
 //! `{% set k8s = settings.kubernetes | default({}) %}` and tested with `is defined`.
 
@@ -52,6 +53,14 @@ pub enum RenderError {
         line: Option<usize>,
         reason: String,
     },
+    /// A multi-file's items cannot be listed or named (see `for-each`).
+    #[error("configuration file {file:?}: {reason}")]
+    Items {
+        file: String,
+        /// The `for-each` settings key.
+        key: String,
+        reason: String,
+    },
 }
 
 fn line_suffix(line: Option<usize>) -> String {
@@ -63,6 +72,7 @@ impl RenderError {
     pub fn key(&self) -> Option<String> {
         match self {
             RenderError::Undefined { key, .. } => key.clone(),
+            RenderError::Items { key, .. } => Some(key.clone()),
             _ => None,
         }
     }
@@ -74,7 +84,9 @@ impl RenderError {
             | RenderError::Undefined { template, .. }
             | RenderError::Render { template, .. }
             | RenderError::UnknownTemplate { template } => Some(template),
-            RenderError::Read { .. } | RenderError::BadName { .. } => None,
+            RenderError::Read { .. } | RenderError::BadName { .. } | RenderError::Items { .. } => {
+                None
+            }
         }
     }
 
@@ -184,6 +196,27 @@ impl Templates {
         minijinja::context! {
             settings => Value::from_serialize(settings),
             os => Value::from_serialize(os),
+        }
+    }
+
+    /// The render context of one item of a multi-file:
+    /// `{"settings": …, "os": …, "item": <the item's value>, "item_name": <its name>}`.
+    pub fn context_with_item(
+        settings: &serde_json::Value,
+        os: &serde_json::Value,
+        item: &serde_json::Value,
+        item_name: &str,
+    ) -> Value {
+        Self::item_context(&Self::context(settings, os), item, item_name)
+    }
+
+    /// [`Templates::context_with_item`] from a context made once by
+    /// [`Templates::context`], for rendering many items.
+    pub fn item_context(base: &Value, item: &serde_json::Value, item_name: &str) -> Value {
+        minijinja::context! {
+            item => Value::from_serialize(item),
+            item_name => item_name,
+            ..base.clone()
         }
     }
 
@@ -450,6 +483,22 @@ mod tests {
                 .unwrap(),
             "<a & 'b'>"
         );
+    }
+
+    #[test]
+    fn item_context_adds_item_and_its_name() {
+        let t = one("{{ item_name }} {{ item.endpoint[0] }} {{ settings.motd }} {{ os.arch }}");
+        let ctx = Templates::context_with_item(
+            &json!({"motd": "m"}),
+            &json!({"arch": "x86_64"}),
+            &json!({"endpoint": ["https://e"]}),
+            "*",
+        );
+        assert_eq!(t.render_in("t", &ctx).unwrap(), "* https://e m x86_64");
+        let err = t
+            .render_in("t", &Templates::context(&json!({}), &json!({})))
+            .unwrap_err();
+        assert!(matches!(err, RenderError::Undefined { .. }), "{err}");
     }
 
     #[test]

@@ -46,12 +46,160 @@ pub struct ConfigurationFile {
     /// Octal mode, e.g. "0644".
     #[serde(default = "default_mode")]
     pub mode: String,
+    /// Render one file per item of this settings list or map (`settings.x.y`); `path`
+    /// then holds `{item}` as one whole segment, replaced by each item's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<String>,
+    /// For a list: the member of each item that names it. A map's items are named by
+    /// their keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_name: Option<String>,
+}
+
+/// The placeholder in a multi-file `path`.
+pub const ITEM: &str = "{item}";
+
+/// The path segment the item `*` maps to (containerd's name for "any registry").
+pub const DEFAULT_SEGMENT: &str = "_default";
+
+/// One item of a multi-file's `for-each` list or map.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    /// The item's name: the list member named by `item-name`, or the map key.
+    pub name: String,
+    /// The item's value (a list element or a map value).
+    pub value: serde_json::Value,
+    /// The path segment the name maps to, or why it cannot be one.
+    pub segment: Result<String, String>,
 }
 
 impl ConfigurationFile {
     /// The mode as permission bits; `check` made sure it parses.
     pub fn mode_bits(&self) -> u32 {
         u32::from_str_radix(&self.mode, 8).unwrap_or(0o644)
+    }
+
+    /// Whether this file is rendered once per item of a settings list or map.
+    pub fn is_multi(&self) -> bool {
+        self.for_each.is_some()
+    }
+
+    /// The concrete path of the item whose segment is `segment`.
+    pub fn item_path(&self, segment: &str) -> String {
+        self.path.replacen(ITEM, segment, 1)
+    }
+
+    /// The path around `{item}`: the directory before it (`/etc/containerd/certs.d`)
+    /// and the rest after it (`hosts.toml`), both without the separating slashes.
+    pub fn pattern_parts(&self) -> Option<(&str, &str)> {
+        let (before, after) = self.path.split_once(ITEM)?;
+        Some((before.trim_end_matches('/'), after.trim_start_matches('/')))
+    }
+
+    /// The items of `for-each` in `settings` (the settings object without its wrapper),
+    /// in order. A missing or null value has no items; a list element without its
+    /// `item-name` member is skipped (it names nothing, as in registries.toml). When two
+    /// items map to the same segment the first one wins. Fails when the value is neither
+    /// a list nor a map, or a list's items cannot be named.
+    pub fn items(&self, settings: &serde_json::Value) -> Result<Vec<Item>, String> {
+        let Some(key) = &self.for_each else {
+            return Ok(Vec::new());
+        };
+        let path = settings_model::KeyPath::parse(key).map_err(|e| e.to_string())?;
+        let mut value = settings;
+        for segment in path.segments().iter().skip(1) {
+            match value.get(segment) {
+                Some(inner) => value = inner,
+                None => return Ok(Vec::new()),
+            }
+        }
+        let mut items: Vec<Item> = Vec::new();
+        let mut push = |name: String, value: &serde_json::Value| {
+            let segment = item_segment(&name);
+            if let Ok(s) = &segment {
+                if items.iter().any(|i| i.segment.as_ref() == Ok(s)) {
+                    tracing::warn!(for_each = %key, item = %name,
+                        "a later item with the same name is ignored: the first one wins");
+                    return;
+                }
+            }
+            items.push(Item {
+                name,
+                value: value.clone(),
+                segment,
+            });
+        };
+        match value {
+            serde_json::Value::Null => {}
+            serde_json::Value::Array(list) => {
+                let Some(field) = &self.item_name else {
+                    return Err(format!(
+                        "{key} is a list: item-name must say which member names each item"
+                    ));
+                };
+                for (i, element) in list.iter().enumerate() {
+                    match element.get(field) {
+                        None | Some(serde_json::Value::Null) => {}
+                        Some(serde_json::Value::String(name)) => push(name.clone(), element),
+                        Some(_) => {
+                            return Err(format!("{key}[{i}].{field} is not a string"));
+                        }
+                    }
+                }
+            }
+            serde_json::Value::Object(map) => {
+                if let Some(field) = &self.item_name {
+                    return Err(format!(
+                        "{key} is a map: its keys name the items, item-name {field:?} \
+                         applies to lists only"
+                    ));
+                }
+                for (name, value) in map {
+                    push(name.clone(), value);
+                }
+            }
+            _ => return Err(format!("{key} is neither a list nor a map")),
+        }
+        Ok(items)
+    }
+}
+
+/// The path segment for an item name: `*` is `_default` (as containerd names it); any
+/// other name must be a host[:port] (letters, digits, `.`, `-`, `:`, `[`, `]`, and an
+/// optional leading `*.`), so it can never be empty, `.`, `..`, hidden, or contain `/`
+/// or NUL: the path cannot leave its directory.
+pub fn item_segment(name: &str) -> Result<String, String> {
+    if name == "*" {
+        return Ok(DEFAULT_SEGMENT.to_owned());
+    }
+    let refuse = |why: &str| Err(format!("item name {name:?} {why}"));
+    if name.is_empty() {
+        return refuse("is empty");
+    }
+    if name.len() > 255 {
+        return refuse("is longer than 255 bytes");
+    }
+    let rest = name.strip_prefix("*.").unwrap_or(name);
+    if let Some(bad) = rest
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')))
+    {
+        return refuse(&format!(
+            "is not a host[:port]: {bad:?} cannot be part of a path segment"
+        ));
+    }
+    if rest.is_empty() || rest.starts_with('.') || rest.contains("..") {
+        return refuse("is not a host[:port]");
+    }
+    Ok(name.to_owned())
+}
+
+/// The item name a path segment stands for: the inverse of [`item_segment`].
+pub fn segment_item(segment: &str) -> String {
+    if segment == DEFAULT_SEGMENT {
+        "*".to_owned()
+    } else {
+        segment.to_owned()
     }
 }
 
@@ -128,6 +276,7 @@ impl ServicesMeta {
                     file.mode
                 ));
             }
+            check_multi(file).map_err(|e| format!("configuration file {name:?}: {e}"))?;
         }
         Ok(())
     }
@@ -150,6 +299,53 @@ impl ServicesMeta {
             .flat_map(|(_, services)| services.iter().cloned())
             .collect()
     }
+}
+
+/// `{item}` appears exactly once, as a whole segment that is not the file name, iff
+/// `for-each` (a settings key) is set; `item-name` only with `for-each`.
+fn check_multi(file: &ConfigurationFile) -> Result<(), String> {
+    let count = file.path.matches(ITEM).count();
+    let Some(key) = &file.for_each else {
+        if file.item_name.is_some() {
+            return Err("item-name is only meaningful with for-each".to_owned());
+        }
+        if count > 0 {
+            return Err(format!(
+                "path {:?} holds {ITEM} but for-each is not set",
+                file.path
+            ));
+        }
+        return Ok(());
+    };
+    match settings_model::KeyPath::parse(key) {
+        Ok(path) if path.starts_with_settings() && path.segments().len() > 1 => {}
+        _ => return Err(format!("for-each {key:?} is not a settings key")),
+    }
+    if file.item_name.as_deref() == Some("") {
+        return Err("item-name is empty".to_owned());
+    }
+    if count != 1 {
+        return Err(format!(
+            "path {:?} must hold {ITEM} exactly once with for-each",
+            file.path
+        ));
+    }
+    let segments: Vec<&str> = file.path.split('/').collect();
+    let Some(at) = segments.iter().position(|s| *s == ITEM) else {
+        return Err(format!(
+            "path {:?}: {ITEM} must be a whole path segment",
+            file.path
+        ));
+    };
+    // A fixed file name below the item's directory is what tells this file's stale
+    // copies apart from whatever else shares the directory.
+    if at + 1 == segments.len() || segments[at + 1..].iter().all(|s| s.is_empty()) {
+        return Err(format!(
+            "path {:?}: {ITEM} must name a directory, not the file itself",
+            file.path
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -189,5 +385,189 @@ template-path = "chrony-conf"
             err.to_string().contains("unknown service \"nope\""),
             "{err}"
         );
+    }
+
+    const MULTI: &str = r#"
+[services.registry]
+configuration-files = ["hosts"]
+
+[configuration-files.hosts]
+path = "/etc/containerd/certs.d/{item}/hosts.toml"
+template-path = "hosts"
+for-each = "settings.container-registry.mirrors"
+item-name = "registry"
+"#;
+
+    fn multi_error(path: &str, for_each: Option<&str>, item_name: Option<&str>) -> String {
+        let mut text =
+            format!("[configuration-files.hosts]\npath = {path:?}\ntemplate-path = \"hosts\"\n");
+        if let Some(key) = for_each {
+            text.push_str(&format!("for-each = {key:?}\n"));
+        }
+        if let Some(field) = item_name {
+            text.push_str(&format!("item-name = {field:?}\n"));
+        }
+        match ServicesMeta::parse(Path::new("x"), &text) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn multi_files_parse_and_serialize_their_fields() {
+        let meta = ServicesMeta::parse(Path::new("x"), MULTI).unwrap();
+        let file = &meta.configuration_files["hosts"];
+        assert!(file.is_multi());
+        assert_eq!(
+            file.pattern_parts(),
+            Some(("/etc/containerd/certs.d", "hosts.toml"))
+        );
+        assert_eq!(
+            file.item_path("_default"),
+            "/etc/containerd/certs.d/_default/hosts.toml"
+        );
+        let json = serde_json::to_value(file).unwrap();
+        assert_eq!(json["for-each"], "settings.container-registry.mirrors");
+        assert_eq!(json["item-name"], "registry");
+        let single = serde_json::to_value(
+            &ServicesMeta::parse(Path::new("x"), SAMPLE)
+                .unwrap()
+                .configuration_files["chrony-conf"],
+        )
+        .unwrap();
+        assert!(single.get("for-each").is_none(), "{single}");
+    }
+
+    #[test]
+    fn multi_file_check_rules() {
+        let each = Some("settings.container-registry.mirrors");
+        let ok = "/etc/certs.d/{item}/hosts.toml";
+        assert_eq!(multi_error(ok, each, Some("registry")), "");
+        assert_eq!(multi_error(ok, each, None), "", "a map needs no item-name");
+        assert_eq!(multi_error("/{item}/x", each, None), "");
+        for (path, for_each, item_name, expected) in [
+            (ok, None, None, "holds {item} but for-each is not set"),
+            (
+                "/etc/x",
+                None,
+                Some("registry"),
+                "item-name is only meaningful",
+            ),
+            (ok, None, Some("registry"), "item-name is only meaningful"),
+            ("/etc/x", each, None, "exactly once"),
+            ("/etc/{item}/{item}/x", each, None, "exactly once"),
+            ("/etc/{item}.d/x", each, None, "whole path segment"),
+            ("/etc/x-{item}/x", each, None, "whole path segment"),
+            ("/etc/certs.d/{item}", each, None, "must name a directory"),
+            ("/etc/certs.d/{item}/", each, None, "must name a directory"),
+            (
+                ok,
+                Some("container-registry.mirrors"),
+                None,
+                "not a settings key",
+            ),
+            (ok, Some("settings"), None, "not a settings key"),
+            (ok, Some("settings..x"), None, "not a settings key"),
+            (ok, each, Some(""), "item-name is empty"),
+            (
+                "/etc/../{item}/x",
+                each,
+                None,
+                "must stay under the render root",
+            ),
+        ] {
+            let err = multi_error(path, for_each, item_name);
+            assert!(
+                err.contains(expected),
+                "{path} {for_each:?} {item_name:?}: {err:?} lacks {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn item_names_map_to_safe_segments() {
+        assert_eq!(item_segment("*").unwrap(), "_default");
+        for name in [
+            "docker.io",
+            "registry.example.com:5000",
+            "[::1]:5000",
+            "10.0.0.1",
+            "*.example.com",
+        ] {
+            assert_eq!(item_segment(name).unwrap(), name);
+            assert_eq!(segment_item(&item_segment(name).unwrap()), name);
+        }
+        assert_eq!(segment_item("_default"), "*");
+        let long = "a".repeat(256);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "/",
+            "../etc",
+            "a\0b",
+            ".hidden",
+            "a..b",
+            "_default",
+            "*.",
+            "**",
+            "*x",
+            "a b",
+            "a\\b",
+            "x\n",
+            long.as_str(),
+        ] {
+            assert!(item_segment(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn items_of_a_list_and_a_map() {
+        let meta = ServicesMeta::parse(Path::new("x"), MULTI).unwrap();
+        let file = &meta.configuration_files["hosts"];
+        let settings = serde_json::json!({"container-registry": {"mirrors": [
+            {"registry": "*", "endpoint": ["https://a.example"]},
+            {"endpoint": ["https://unnamed.example"]},
+            {"registry": "docker.io", "endpoint": ["https://b.example"]},
+            {"registry": "docker.io", "endpoint": ["https://duplicate.example"]},
+            {"registry": "bad/name"}
+        ]}});
+        let items = file.items(&settings).unwrap();
+        let summary: Vec<(&str, Result<&str, ()>)> = items
+            .iter()
+            .map(|i| (i.name.as_str(), i.segment.as_deref().map_err(|_| ())))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("*", Ok("_default")),
+                ("docker.io", Ok("docker.io")),
+                ("bad/name", Err(()))
+            ]
+        );
+        assert_eq!(items[1].value["endpoint"][0], "https://b.example");
+        assert!(file.items(&serde_json::json!({})).unwrap().is_empty());
+        assert!(file
+            .items(&serde_json::json!({"container-registry": {"mirrors": 3}}))
+            .is_err());
+        assert!(file
+            .items(&serde_json::json!({"container-registry": {"mirrors": [{"registry": 1}]}}))
+            .is_err());
+
+        let mut map_file = file.clone();
+        map_file.for_each = Some("settings.pki".to_owned());
+        let pki = serde_json::json!({"pki": {"b.example": {"x": 1}, "a.example": {"x": 2}}});
+        assert!(map_file.items(&pki).is_err(), "item-name on a map");
+        map_file.item_name = None;
+        let mut names: Vec<String> = map_file
+            .items(&pki)
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.example", "b.example"]);
+        assert!(map_file.items(&serde_json::json!({})).unwrap().is_empty());
     }
 }
