@@ -6,6 +6,11 @@
 //! [`Applier::check`] (commit-time test render, refusing a candidate that cannot render),
 //! [`Applier::plan`] (dry run: settings and file diffs, nothing written) and
 //! [`Applier::apply`] (render affected files, run restart commands, record the outcome).
+//!
+//! A configuration file with `for-each` is a multi-file: one concrete file per item of a
+//! settings list or map (`{item}` in its path), and an apply removes the files (and
+//! emptied directories) of items that are gone; each concrete file is reported as
+//! `name[item]`.
 
 pub mod files;
 pub mod filters;
@@ -160,23 +165,11 @@ impl Applier {
         context: &minijinja::Value,
     ) -> Result<Vec<Rendered>, RenderError> {
         let template = self.template_of(name);
-        let Some(meta) = self
-            .inner
-            .meta
-            .configuration_files
-            .get(name)
-            .filter(|m| m.is_multi())
-        else {
-            let path = self
-                .inner
-                .meta
-                .configuration_files
-                .get(name)
-                .map(|m| m.path.clone())
-                .unwrap_or_default();
+        let file = self.inner.meta.configuration_files.get(name);
+        let Some(meta) = file.filter(|m| m.is_multi()) else {
             return Ok(vec![Rendered {
                 name: name.to_owned(),
-                path,
+                path: file.map(|m| m.path.clone()).unwrap_or_default(),
                 content: self.inner.templates.render_in(template, context)?,
             }]);
         };
@@ -574,5 +567,138 @@ impl CommitCheck for Applier {
             key: e.key(),
             message: e.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const SERVICES: &str = r#"
+[services.sysctl]
+configuration-files = ["per-key"]
+
+[configuration-files.per-key]
+path = "/etc/per-key/{item}/value"
+template-path = "per-key"
+for-each = "settings.kernel.sysctl"
+
+[affected-services]
+"settings.kernel.sysctl" = ["sysctl"]
+"#;
+
+    fn applier(root: &Path) -> Applier {
+        let meta = ServicesMeta::parse(Path::new("x"), SERVICES).unwrap();
+        let templates = Templates::from_sources([(
+            "per-key".to_owned(),
+            "{{ item_name }}={{ item }}\n".to_owned(),
+        )])
+        .unwrap();
+        let config = ApplyConfig {
+            render_root: root.to_owned(),
+            restart_timeout: Duration::from_secs(1),
+        };
+        Applier::new(meta, templates, config, json!({}))
+    }
+
+    fn keys() -> Vec<String> {
+        vec!["settings.kernel.sysctl".to_owned()]
+    }
+
+    #[test]
+    fn check_refuses_an_item_name_that_is_no_path_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = applier(dir.path());
+        a.check(&json!({"kernel": {"sysctl": {"vm.x": "1"}}}), &keys())
+            .unwrap();
+        let err = a
+            .check(
+                &json!({"kernel": {"sysctl": {"kernel/pid_max": "1"}}}),
+                &keys(),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("\"kernel/pid_max\""), "{err}");
+        assert_eq!(err.key().as_deref(), Some("settings.kernel.sysctl"));
+        let err = a
+            .check(&json!({"kernel": {"sysctl": {"..": "1"}}}), &keys())
+            .unwrap_err();
+        assert!(matches!(err, RenderError::Items { .. }), "{err}");
+    }
+
+    #[test]
+    fn plan_diffs_new_items_and_shows_stale_ones_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = applier(dir.path());
+        let old = dir.path().join("etc/per-key/vm.old/value");
+        std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+        std::fs::write(&old, "vm.old=0\n").unwrap();
+        std::fs::write(dir.path().join("etc/per-key/unrelated"), "x\n").unwrap();
+        let same = dir.path().join("etc/per-key/vm.same/value");
+        std::fs::create_dir_all(same.parent().unwrap()).unwrap();
+        std::fs::write(&same, "vm.same=2\n").unwrap();
+
+        let plan = a
+            .plan(
+                &json!({"kernel": {"sysctl": {"vm.new": "1", "vm.same": "2"}}}),
+                &keys(),
+            )
+            .unwrap();
+        let summary: Vec<(&str, &str)> = plan
+            .iter()
+            .map(|d| (d.name.as_str(), d.path.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("per-key[vm.new]", "/etc/per-key/vm.new/value"),
+                ("per-key[vm.old]", "/etc/per-key/vm.old/value"),
+            ]
+        );
+        assert!(plan[0].diff.contains("+vm.new=1"), "{}", plan[0].diff);
+        assert!(plan[1].diff.contains("+++ /dev/null"), "{}", plan[1].diff);
+        assert!(plan[1].diff.contains("-vm.old=0"), "{}", plan[1].diff);
+        assert!(old.exists(), "a plan writes nothing");
+    }
+
+    #[test]
+    fn stale_items_and_empty_directories_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = applier(dir.path());
+        let meta = a.meta().configuration_files["per-key"].clone();
+        let settings = json!({"kernel": {"sysctl": {"vm.a": "1", "vm.b": "2"}}});
+        let context = a.context(&settings);
+        let results = |outcomes: Vec<FileOutcome>| -> Vec<(String, &'static str)> {
+            outcomes.into_iter().map(|o| (o.name, o.result)).collect()
+        };
+        assert_eq!(
+            results(a.write_items("per-key", &meta, &settings, &context)),
+            [
+                ("per-key[vm.a]".to_owned(), "written"),
+                ("per-key[vm.b]".to_owned(), "written")
+            ]
+        );
+        let settings = json!({"kernel": {"sysctl": {"vm.b": "2"}}});
+        let context = a.context(&settings);
+        assert_eq!(
+            results(a.write_items("per-key", &meta, &settings, &context)),
+            [
+                ("per-key[vm.b]".to_owned(), "unchanged"),
+                ("per-key[vm.a]".to_owned(), "removed")
+            ]
+        );
+        assert!(!dir.path().join("etc/per-key/vm.a").exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("etc/per-key/vm.b/value")).unwrap(),
+            "vm.b=2\n"
+        );
+        // Items that cannot be listed remove nothing.
+        let settings = json!({"kernel": {"sysctl": 3}});
+        let context = a.context(&settings);
+        assert_eq!(
+            results(a.write_items("per-key", &meta, &settings, &context)),
+            [("per-key".to_owned(), "failed")]
+        );
+        assert!(dir.path().join("etc/per-key/vm.b/value").exists());
     }
 }
