@@ -20,7 +20,11 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 
 fn summary(mut samples: Vec<Duration>) -> (f64, f64, f64) {
     samples.sort();
-    (percentile(&samples, 0.5), percentile(&samples, 0.99), percentile(&samples, 1.0))
+    (
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
+        percentile(&samples, 1.0),
+    )
 }
 
 /// A full settings set touching every group that has a template.
@@ -60,16 +64,32 @@ fn full_settings() -> serde_json::Value {
 
 /// Commits `motd` `n` times through `commit_path`; when `check_file` is set, each
 /// sample ends only once the rendered /etc/motd holds the new value.
-fn commit_loop(keeld: &Keeld, n: usize, commit_path: &str, check_file: bool, tag: &str) -> Vec<Duration> {
+fn commit_loop(
+    keeld: &Keeld,
+    n: usize,
+    commit_path: &str,
+    check_file: bool,
+    tag: &str,
+) -> Vec<Duration> {
     let motd = keeld.render_root().join("etc/motd");
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
         let value = format!("{tag} {i}");
         let body = json!({ "motd": value }).to_string();
         let started = Instant::now();
-        let r = raw_request(&keeld.socket, "PATCH", "/settings?tx=bench", Some(body.as_bytes()));
+        let r = raw_request(
+            &keeld.socket,
+            "PATCH",
+            "/settings?tx=bench",
+            Some(body.as_bytes()),
+        );
         assert_eq!(r.status, 204, "{}", r.text());
-        let r = raw_request(&keeld.socket, "POST", &format!("{commit_path}?tx=bench"), None);
+        let r = raw_request(
+            &keeld.socket,
+            "POST",
+            &format!("{commit_path}?tx=bench"),
+            None,
+        );
         assert_eq!(r.status, 200, "{}", r.text());
         if check_file {
             loop {
@@ -85,11 +105,19 @@ fn commit_loop(keeld: &Keeld, n: usize, commit_path: &str, check_file: bool, tag
 }
 
 fn main() {
-    let n: usize = std::env::var("KEEL_BENCH_COMMITS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let n: usize = std::env::var("KEEL_BENCH_COMMITS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let keeld = Keeld::start();
     // Warm up, and make the model realistic.
     let body = full_settings().to_string();
-    raw_request(&keeld.socket, "PATCH", "/settings?tx=seed", Some(body.as_bytes()));
+    raw_request(
+        &keeld.socket,
+        "PATCH",
+        "/settings?tx=seed",
+        Some(body.as_bytes()),
+    );
     raw_request(&keeld.socket, "POST", "/tx/commit_and_apply?tx=seed", None);
 
     let commit = summary(commit_loop(&keeld, n, "/tx/commit", false, "c"));
@@ -121,14 +149,32 @@ fn main() {
     println!();
     println!("keeld apply benchmark — {n} commits per row, motd, 2 CPUs");
     println!();
-    println!("{:<52} {:>9} {:>9} {:>9}", "figure", "p50 ms", "p99 ms", "max ms");
+    println!(
+        "{:<52} {:>9} {:>9} {:>9}",
+        "figure", "p50 ms", "p99 ms", "max ms"
+    );
     println!("{}", "-".repeat(82));
-    println!("{:<52} {:>9.3} {:>9.3} {:>9.3}", "PATCH + POST /tx/commit (durable commit)", commit.0, commit.1, commit.2);
-    println!("{:<52} {:>9.3} {:>9.3} {:>9.3}", "PATCH + commit_and_apply → /etc/motd rendered", applied.0, applied.1, applied.2);
-    println!("{:<52} {:>9.3} {:>9} {:>9}", "  beyond the durable commit (p50 difference)", applied.0 - commit.0, "", "");
     println!(
         "{:<52} {:>9.3} {:>9.3} {:>9.3}",
-        format!("render all {} files from a full settings set ({bytes} B)", singles.len()),
+        "PATCH + POST /tx/commit (durable commit)", commit.0, commit.1, commit.2
+    );
+    println!(
+        "{:<52} {:>9.3} {:>9.3} {:>9.3}",
+        "PATCH + commit_and_apply → /etc/motd rendered", applied.0, applied.1, applied.2
+    );
+    println!(
+        "{:<52} {:>9.3} {:>9} {:>9}",
+        "  beyond the durable commit (p50 difference)",
+        applied.0 - commit.0,
+        "",
+        ""
+    );
+    println!(
+        "{:<52} {:>9.3} {:>9.3} {:>9.3}",
+        format!(
+            "render all {} files from a full settings set ({bytes} B)",
+            singles.len()
+        ),
         render.0,
         render.1,
         render.2
