@@ -650,6 +650,18 @@ fn ca_bundle_has_trusted_bundles_in_name_order() {
 }
 
 #[test]
+fn distrusted_bundles_go_to_the_blocklist_only() {
+    let text = render("ca-distrust", &full_settings());
+    let trusted = render("ca-bundle", &full_settings());
+    assert!(text.contains("-----BEGIN CERTIFICATE-----"), "{text}");
+    for block in text.split("-----BEGIN CERTIFICATE-----\n").skip(1) {
+        let body = block.split("\n-----END CERTIFICATE-----").next().unwrap();
+        assert!(!trusted.contains(body), "{body} is both trusted and distrusted");
+    }
+    assert!(render("ca-distrust", &serde_json::json!({})).trim().is_empty());
+}
+
+#[test]
 fn boot_parameters_are_one_line_each() {
     let s = full_settings();
     let kernel = render("boot-kernel-parameters", &s);
