@@ -295,6 +295,8 @@ fn proxy_env_adds_scheme_and_dedupes_no_proxy() {
             "localhost",
             "127.0.0.1",
             "169.254.169.254",
+            "api.example.com",
+            ".cluster.example",
             ".example.internal",
             "10.0.0.0/8"
         ]
