@@ -658,9 +658,14 @@ fn distrusted_bundles_go_to_the_blocklist_only() {
     assert!(text.contains("-----BEGIN CERTIFICATE-----"), "{text}");
     for block in text.split("-----BEGIN CERTIFICATE-----\n").skip(1) {
         let body = block.split("\n-----END CERTIFICATE-----").next().unwrap();
-        assert!(!trusted.contains(body), "{body} is both trusted and distrusted");
+        assert!(
+            !trusted.contains(body),
+            "{body} is both trusted and distrusted"
+        );
     }
-    assert!(render("ca-distrust", &serde_json::json!({})).trim().is_empty());
+    assert!(render("ca-distrust", &serde_json::json!({}))
+        .trim()
+        .is_empty());
 }
 
 #[test]

@@ -12,13 +12,7 @@ use super::{AppState, Peer};
 /// Newest first; `settings=true` includes each generation's whole settings.
 pub async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Json<Value>> {
     let query = Query::parse(q.as_deref(), &["limit", "settings"])?;
-    let limit = match query.get("limit") {
-        Some(text) => text.parse::<usize>().map_err(|_| {
-            ApiError::bad_request(format!("limit {text:?} is not a non-negative integer"))
-                .with_key("limit")
-        })?,
-        None => usize::MAX,
-    };
+    let limit = limit(&query)?;
     let with_settings = match query.get("settings") {
         None | Some("false") => false,
         Some("true") => true,
@@ -55,19 +49,24 @@ pub async fn list(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiRe
     Ok(Json(Value::Array(records)))
 }
 
+/// The `limit` parameter: how many records, all when absent.
+fn limit(query: &Query) -> ApiResult<usize> {
+    match query.get("limit") {
+        Some(text) => text.parse::<usize>().map_err(|_| {
+            ApiError::bad_request(format!("limit {text:?} is not a non-negative integer"))
+                .with_key("limit")
+        }),
+        None => Ok(usize::MAX),
+    }
+}
+
 /// `GET /apply/log`: the recent applies, newest first, and whether a reboot is pending.
 pub async fn apply_log(
     State(state): State<AppState>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<Value>> {
     let query = Query::parse(q.as_deref(), &["limit"])?;
-    let limit = match query.get("limit") {
-        Some(text) => text.parse::<usize>().map_err(|_| {
-            ApiError::bad_request(format!("limit {text:?} is not a non-negative integer"))
-                .with_key("limit")
-        })?,
-        None => usize::MAX,
-    };
+    let limit = limit(&query)?;
     Ok(Json(state.applier.log(limit)))
 }
 

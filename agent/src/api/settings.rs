@@ -53,10 +53,13 @@ pub async fn patch_settings(
     RawQuery(q): RawQuery,
     body: Body,
 ) -> ApiResult<StatusCode> {
-    let query = Query::parse(q.as_deref(), &["tx"])?;
-    let tx = query.tx()?;
+    let tx = Query::parse(q.as_deref(), &["tx"])?.tx()?;
     let patch = json_object(&read_body(body).await?)?;
-    state.store.patch(&tx, patch).await?;
+    patch_tx(&state, &tx, patch).await
+}
+
+async fn patch_tx(state: &AppState, tx: &str, patch: Value) -> ApiResult<StatusCode> {
+    state.store.patch(tx, patch).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -71,8 +74,7 @@ pub async fn patch_keypair(
     RawQuery(q): RawQuery,
     body: Body,
 ) -> ApiResult<StatusCode> {
-    let query = Query::parse(q.as_deref(), &["tx"])?;
-    let tx = query.tx()?;
+    let tx = Query::parse(q.as_deref(), &["tx"])?.tx()?;
     let body = json_object(&read_body(body).await?)?;
     let pairs: KeypairBody = serde_json::from_value(body).map_err(|e| {
         ApiError::bad_request(format!(
@@ -88,6 +90,5 @@ pub async fn patch_keypair(
         )));
     }
     let patch = settings_model::keypair::pairs_to_patch(&pairs.request_payload)?;
-    state.store.patch(&tx, patch).await?;
-    Ok(StatusCode::NO_CONTENT)
+    patch_tx(&state, &tx, patch).await
 }

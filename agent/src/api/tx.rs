@@ -50,15 +50,19 @@ pub async fn commit(
     Extension(peer): Extension<Peer>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<Vec<String>>> {
-    let query = Query::parse(q.as_deref(), &["tx"])?;
-    let tx = query.tx()?;
+    Ok(Json(commit_tx(&state, &peer, q.as_deref()).await?))
+}
+
+/// Commits the transaction named by the query; answers the changed keys.
+async fn commit_tx(state: &AppState, peer: &Peer, query: Option<&str>) -> ApiResult<Vec<String>> {
+    let tx = Query::parse(query, &["tx"])?.tx()?;
     let changed = state
         .store
         .commit(&tx, peer.caller())
         .await
         .map_err(ApiError::from_commit)?;
     tracing::info!(tx = %tx, uid = peer.uid, changed = changed.len(), "committed");
-    Ok(Json(changed))
+    Ok(changed)
 }
 
 pub async fn apply(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<StatusCode> {
@@ -115,14 +119,7 @@ pub async fn commit_and_apply(
     Extension(peer): Extension<Peer>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
-    let query = Query::parse(q.as_deref(), &["tx"])?;
-    let tx = query.tx()?;
-    let changed = state
-        .store
-        .commit(&tx, peer.caller())
-        .await
-        .map_err(ApiError::from_commit)?;
-    tracing::info!(tx = %tx, uid = peer.uid, changed = changed.len(), "committed");
+    let changed = commit_tx(&state, &peer, q.as_deref()).await?;
     if changed.is_empty() {
         return Ok(Json(changed).into_response());
     }
