@@ -6,9 +6,16 @@
 //! a crash) sees the old or the new file, never a half-written one. There is no fsync:
 //! the render root is a tmpfs and every file in it is derived from the durable settings
 //! and rendered again at boot, so durability would buy nothing.
+//!
+//! Nothing is written through a symbolic link: a write is refused when any existing
+//! component between the render root and the target (each directory, and the target
+//! itself) is one, so a write cannot land outside the render root; missing directories
+//! are created one at a time, each checked again after its creation. The temp file has
+//! a random name and is created exclusively (`O_CREAT | O_EXCL | O_NOFOLLOW`), so
+//! nothing planted at a temp name is ever opened, truncated or followed.
 
 use std::fs;
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -27,34 +34,140 @@ pub fn differs(target: &Path, content: &str) -> bool {
     fs::read(target).map_or(true, |current| current != content.as_bytes())
 }
 
-/// Writes `content` to `target` atomically with `mode`, creating parent directories.
-/// Returns `false` (and touches nothing) when the file already holds exactly this
-/// content and mode.
-pub fn write_if_changed(target: &Path, content: &str, mode: u32) -> std::io::Result<bool> {
-    if let Ok(meta) = fs::metadata(target) {
-        if meta.permissions().mode() & 0o7777 == mode && !differs(target, content) {
+/// The components of `target` below `root`: only plain names (`target_path` makes
+/// sure of that), at least one.
+fn below_root<'a>(root: &Path, target: &'a Path) -> io::Result<&'a Path> {
+    let relative = target.strip_prefix(root).map_err(|_| {
+        io::Error::other(format!(
+            "{} is not under the render root {}",
+            target.display(),
+            root.display()
+        ))
+    })?;
+    let clean = relative
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)));
+    if !clean || relative.components().next().is_none() {
+        return Err(io::Error::other(format!(
+            "{} is not a file path under the render root",
+            target.display()
+        )));
+    }
+    Ok(relative)
+}
+
+fn symlink_error(path: &Path) -> io::Error {
+    io::Error::other(format!(
+        "{} is a symbolic link: refusing to write through it",
+        path.display()
+    ))
+}
+
+/// Refuses when any existing component between `root` (not included) and `target`
+/// (included) is a symbolic link. Components that do not exist yet are fine.
+pub fn check_no_symlinks(root: &Path, target: &Path) -> io::Result<()> {
+    let mut current = root.to_path_buf();
+    for component in below_root(root, target)?.components() {
+        current.push(component);
+        match fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => return Err(symlink_error(&current)),
+            Ok(_) => {}
+            // Nothing below a missing component exists either.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Creates `root` if missing, then the directories between `root` and `dir` one at a
+/// time, refusing a symbolic link among them (one that appears while creating included).
+fn create_dirs(root: &Path, dir: &Path) -> io::Result<()> {
+    let Ok(relative) = dir.strip_prefix(root) else {
+        return Err(io::Error::other(format!(
+            "{} is not under the render root {}",
+            dir.display(),
+            root.display()
+        )));
+    };
+    // The render root itself is trusted (it may be, or lie under, a symbolic link).
+    fs::create_dir_all(root)?;
+    let mut current = root.to_path_buf();
+    for component in relative.components() {
+        current.push(component);
+        let meta = match fs::symlink_metadata(&current) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match fs::create_dir(&current) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
+                fs::symlink_metadata(&current)?
+            }
+            Err(e) => return Err(e),
+        };
+        if meta.file_type().is_symlink() {
+            return Err(symlink_error(&current));
+        }
+        if !meta.is_dir() {
+            return Err(io::Error::other(format!(
+                "{} is not a directory",
+                current.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Creates a temp file with a random name next to `target`, exclusively and without
+/// following a symbolic link.
+fn create_temp(dir: &Path, name: &str, mode: u32) -> io::Result<(PathBuf, fs::File)> {
+    let mut attempts = 0;
+    loop {
+        let temp = dir.join(format!(".{name}.keel-tmp-{:016x}", rand::random::<u64>()));
+        let opened = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(mode)
+            .open(&temp);
+        match opened {
+            Ok(file) => return Ok((temp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 3 => attempts += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes `content` to `target` (a path under `root`, as from [`target_path`])
+/// atomically with `mode`, creating parent directories. Returns `false` (and touches
+/// nothing) when the file already holds exactly this content and mode. Refuses, writing
+/// nothing, when a component between `root` and `target` is a symbolic link.
+pub fn write_if_changed(root: &Path, target: &Path, content: &str, mode: u32) -> io::Result<bool> {
+    check_no_symlinks(root, target)?;
+    if let Ok(meta) = fs::symlink_metadata(target) {
+        if meta.is_file() && meta.permissions().mode() & 0o7777 == mode && !differs(target, content)
+        {
             return Ok(false);
         }
     }
     let dir = target
         .parent()
-        .ok_or_else(|| std::io::Error::other("target has no parent directory"))?;
-    fs::create_dir_all(dir)?;
+        .ok_or_else(|| io::Error::other("target has no parent directory"))?;
+    create_dirs(root, dir)?;
     let name = target
         .file_name()
-        .ok_or_else(|| std::io::Error::other("target has no file name"))?;
-    let temp = dir.join(format!(".{}.keel-tmp", name.to_string_lossy()));
+        .ok_or_else(|| io::Error::other("target has no file name"))?;
+    let (temp, mut file) = create_temp(dir, &name.to_string_lossy(), mode)?;
     let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(mode)
-            .open(&temp)?;
         // The umask may have narrowed the mode given at creation.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(content.as_bytes())?;
         drop(file);
+        // The target may have become a symbolic link meanwhile; rename replaces the link
+        // itself rather than following it, but refuse all the same.
+        check_no_symlinks(root, target)?;
         fs::rename(&temp, target)
     })();
     if result.is_err() {
@@ -66,7 +179,7 @@ pub fn write_if_changed(target: &Path, content: &str, mode: u32) -> std::io::Res
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{symlink, MetadataExt};
 
     use super::*;
 
@@ -88,21 +201,125 @@ mod tests {
     #[test]
     fn unchanged_content_is_not_rewritten() {
         let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("etc/motd");
-        assert!(write_if_changed(&target, "hello\n", 0o644).unwrap());
+        let root = dir.path();
+        let target = root.join("etc/motd");
+        assert!(write_if_changed(root, &target, "hello\n", 0o644).unwrap());
+        assert!(
+            write_if_changed(
+                &root.join("new-root"),
+                &root.join("new-root/a/b"),
+                "x",
+                0o644
+            )
+            .unwrap(),
+            "a missing render root is created"
+        );
         let before = fs::metadata(&target).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
-        assert!(!write_if_changed(&target, "hello\n", 0o644).unwrap());
+        assert!(!write_if_changed(root, &target, "hello\n", 0o644).unwrap());
         let after = fs::metadata(&target).unwrap();
         assert_eq!(
             (before.ino(), before.mtime_nsec()),
             (after.ino(), after.mtime_nsec())
         );
         assert!(
-            write_if_changed(&target, "hello\n", 0o600).unwrap(),
+            write_if_changed(root, &target, "hello\n", 0o600).unwrap(),
             "a mode change rewrites"
         );
         assert_eq!(fs::metadata(&target).unwrap().mode() & 0o777, 0o600);
         assert_eq!(fs::read_to_string(&target).unwrap(), "hello\n");
+        // No temp file is left behind.
+        let names: Vec<_> = fs::read_dir(root.join("etc"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["motd"]);
+    }
+
+    #[test]
+    fn a_symlink_planted_at_the_old_temp_name_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious\n").unwrap();
+        symlink(&victim, root.join("etc/.motd.keel-tmp")).unwrap();
+        let target = root.join("etc/motd");
+        assert!(write_if_changed(&root, &target, "hello\n", 0o644).unwrap());
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "hello\n");
+        assert!(!fs::symlink_metadata(&target)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
+    fn temp_names_are_random_and_never_reuse_an_existing_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = create_temp(dir.path(), "motd", 0o600).unwrap();
+        let (b, _) = create_temp(dir.path(), "motd", 0o600).unwrap();
+        assert_ne!(a, b);
+        assert!(a
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".motd.keel-tmp-"));
+    }
+
+    #[test]
+    fn a_symlinked_directory_under_the_root_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(outside.join("sub")).unwrap();
+        // The symlinked directory exists and so does the path below it.
+        symlink(&outside, root.join("etc")).unwrap();
+        let err = write_if_changed(&root, &root.join("etc/motd"), "x\n", 0o644).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert!(err.to_string().contains("root/etc"), "{err}");
+        // Directories that would be created below it are not created outside.
+        let err =
+            write_if_changed(&root, &root.join("etc/new/dir/motd"), "x\n", 0o644).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(
+            fs::read_dir(&outside).unwrap().count(),
+            1,
+            "nothing written outside the render root"
+        );
+        assert!(!outside.join("motd").exists());
+        assert!(!outside.join("new").exists());
+    }
+
+    #[test]
+    fn a_symlinked_target_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious\n").unwrap();
+        symlink(&victim, root.join("etc/motd")).unwrap();
+        let err = write_if_changed(&root, &root.join("etc/motd"), "x\n", 0o644).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert!(fs::symlink_metadata(root.join("etc/motd"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // Even with the link's content already matching, it is reported, not "unchanged".
+        assert!(write_if_changed(&root, &root.join("etc/motd"), "precious\n", 0o644).is_err());
+    }
+
+    #[test]
+    fn the_render_root_itself_may_be_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        fs::create_dir_all(&real).unwrap();
+        let root = dir.path().join("root");
+        symlink(&real, &root).unwrap();
+        assert!(write_if_changed(&root, &root.join("etc/motd"), "x\n", 0o644).unwrap());
+        assert_eq!(fs::read_to_string(real.join("etc/motd")).unwrap(), "x\n");
+        assert!(check_no_symlinks(&root, Path::new("/elsewhere/motd")).is_err());
     }
 }

@@ -75,6 +75,10 @@ pub struct FileDiff {
     pub name: String,
     pub path: String,
     pub diff: String,
+    /// Why an apply would fail to write this file (a symbolic link under the render
+    /// root); `diff` then holds that explanation instead of a diff.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The knobs of an [`Applier`].
@@ -204,6 +208,12 @@ impl Applier {
     /// A dry run: the unified diff of every file that committing `candidate` would
     /// change under the render root (a multi-file's item that would be removed shows
     /// as entirely deleted).
+    ///
+    /// The current file is never read through a symbolic link (that could show a file
+    /// from outside the render root): a file whose target or directory under the render
+    /// root is a symbolic link is listed with `error` set, and an explanation in place
+    /// of the diff, since an apply would refuse to write it. The rest of the plan is
+    /// still shown.
     pub fn plan(&self, candidate: &Value, keys: &[String]) -> Result<Vec<FileDiff>, RenderError> {
         let services = self.affected(keys);
         let context = self.context(candidate);
@@ -215,7 +225,17 @@ impl Applier {
             };
             let rendered = self.render_all(&name, candidate, &context)?;
             for file in &rendered {
-                let old = files::target_path(root, &file.path)
+                let target = files::target_path(root, &file.path);
+                if let Some(Err(e)) = target.as_ref().map(|t| files::check_no_symlinks(root, t)) {
+                    diffs.push(FileDiff {
+                        name: file.name.clone(),
+                        path: file.path.clone(),
+                        diff: format!("! not diffed, an apply would fail: {e}\n"),
+                        error: Some(e.to_string()),
+                    });
+                    continue;
+                }
+                let old = target
                     .and_then(|t| std::fs::read_to_string(t).ok())
                     .unwrap_or_default();
                 if old != file.content {
@@ -223,6 +243,7 @@ impl Applier {
                         name: file.name.clone(),
                         path: file.path.clone(),
                         diff: unified_diff(&old, &file.content, &file.path, false),
+                        error: None,
                     });
                 }
             }
@@ -234,6 +255,7 @@ impl Applier {
                         name: stale.name,
                         diff: unified_diff(&old, "", &stale.path, true),
                         path: stale.path,
+                        error: None,
                     });
                 }
             }
@@ -361,10 +383,11 @@ impl Applier {
             Ok(content) => content,
             Err(e) => return fail(name, path, e.to_string()),
         };
-        let Some(target) = files::target_path(&self.inner.config.render_root, &path) else {
+        let root = &self.inner.config.render_root;
+        let Some(target) = files::target_path(root, &path) else {
             return fail(name, path, "path leaves the render root".to_owned());
         };
-        match files::write_if_changed(&target, &content, mode) {
+        match files::write_if_changed(root, &target, &content, mode) {
             Ok(written) => FileOutcome {
                 name,
                 path,
@@ -493,8 +516,9 @@ struct Stale {
 /// The files under `root` matching the multi-file's path pattern (only the `{item}`
 /// segment is a wildcard) whose concrete path is not in `keep`. Only real directories
 /// whose names an item could map to are considered (never a symbolic link, a hidden
-/// entry or a name `item_segment` would refuse), and only regular files: nothing found
-/// here can lie outside the render root.
+/// entry or a name `item_segment` would refuse), and only regular files, below a
+/// directory with no symbolic link between it and the render root: nothing found here
+/// can lie outside the render root.
 fn stale_items(
     root: &Path,
     name: &str,
@@ -512,6 +536,9 @@ fn stale_items(
     let Some(dir) = dir else {
         return Vec::new();
     };
+    if dir != root && files::check_no_symlinks(root, &dir).is_err() {
+        return Vec::new();
+    }
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Vec::new();
     };
@@ -700,5 +727,57 @@ for-each = "settings.kernel.sysctl"
             [("per-key".to_owned(), "failed")]
         );
         assert!(dir.path().join("etc/per-key/vm.b/value").exists());
+    }
+    #[test]
+    fn symbolic_links_under_the_render_root_are_neither_read_nor_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(outside.join("vm.x")).unwrap();
+        std::fs::write(outside.join("vm.x/value"), "secret\n").unwrap();
+        std::fs::create_dir_all(root.join("etc/per-key")).unwrap();
+        std::os::unix::fs::symlink(outside.join("vm.x"), root.join("etc/per-key/vm.x")).unwrap();
+        let a = applier(&root);
+        let settings = json!({"kernel": {"sysctl": {"vm.x": "1", "vm.y": "2"}}});
+
+        // A dry run shows no foreign content and says why the file would fail.
+        let plan = a.plan(&settings, &keys()).unwrap();
+        assert_eq!(plan.len(), 2, "{plan:?}");
+        assert_eq!(plan[0].name, "per-key[vm.x]");
+        let error = plan[0].error.as_deref().unwrap();
+        assert!(error.contains("symbolic link"), "{error}");
+        assert!(!plan[0].diff.contains("secret"), "{}", plan[0].diff);
+        assert!(plan[0].diff.contains("symbolic link"), "{}", plan[0].diff);
+        assert_eq!(plan[1].error, None);
+
+        // An apply refuses that file and writes the others.
+        let meta = a.meta().configuration_files["per-key"].clone();
+        let context = a.context(&settings);
+        let outcomes = a.write_items("per-key", &meta, &settings, &context);
+        assert_eq!(outcomes[0].result, "failed", "{outcomes:?}");
+        assert!(
+            outcomes[0]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("symbolic link"),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[1].result, "written", "{outcomes:?}");
+        assert_eq!(
+            std::fs::read_to_string(outside.join("vm.x/value")).unwrap(),
+            "secret\n"
+        );
+
+        // Stale items are not looked for through a symlinked directory.
+        std::fs::remove_dir_all(root.join("etc/per-key")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("etc/per-key")).unwrap();
+        let settings = json!({"kernel": {"sysctl": {}}});
+        let context = a.context(&settings);
+        assert!(a.plan(&settings, &keys()).unwrap().is_empty());
+        assert!(a
+            .write_items("per-key", &meta, &settings, &context)
+            .is_empty());
+        assert!(outside.join("vm.x/value").exists());
     }
 }
