@@ -115,7 +115,7 @@ impl Keeld {
         let recorder = self.dir.path().join("record-restart");
         std::fs::write(
             &recorder,
-            "#!/bin/sh\nlog=\"$(dirname \"$0\")/restarts.log\"\necho \"$* | $CHANGED_SETTINGS\" >> \"$log\"\n[ -e \"$(dirname \"$0\")/fail-$1\" ] && exit 3\nexit 0\n",
+            "#!/bin/sh\ndir=\"$(dirname \"$0\")\"\n[ -e \"$dir/slow-$1\" ] && sleep 1\necho \"$* | $CHANGED_SETTINGS\" >> \"$dir/restarts.log\"\n[ -e \"$dir/fail-$1\" ] && exit 3\nexit 0\n",
         )
         .unwrap();
         std::fs::set_permissions(
@@ -146,6 +146,11 @@ impl Keeld {
         let path = self.dir.path().join("services.toml");
         std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
         path
+    }
+
+    /// Makes the recorder take a second for `service`'s restart commands.
+    pub fn slow_restarts_of(&self, service: &str) {
+        std::fs::write(self.dir.path().join(format!("slow-{service}")), "").unwrap();
     }
 
     /// Makes the recorder fail (exit 3) for `service`'s restart commands.

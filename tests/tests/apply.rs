@@ -183,3 +183,63 @@ fn boot_parameters_are_staged_and_reboot_required_is_reported() {
     assert_eq!(log["reboot-required"], true);
     assert_eq!(log["applies"][0]["reboot-required"], true);
 }
+
+#[test]
+fn an_apply_finishes_even_if_the_client_goes_away() {
+    use std::io::Write;
+    let keeld = Keeld::start();
+    keeld.slow_restarts_of("chronyd");
+    let r = keeld.raw(
+        "PATCH",
+        "/settings?tx=gone",
+        Some(br#"{"ntp": {"time-servers": ["a.example"]}}"#),
+    );
+    assert_eq!(r.status, 204);
+    // Send the commit, then hang up before the (slow) apply answers.
+    let mut stream = std::os::unix::net::UnixStream::connect(&keeld.socket).unwrap();
+    stream
+        .write_all(
+            b"POST /tx/commit_and_apply?tx=gone HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        )
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    drop(stream);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = keeld.raw("GET", "/apply/log", None).json();
+        if log["applies"].as_array().is_some_and(|a| !a.is_empty()) {
+            assert_eq!(log["applies"][0]["success"], true, "{log:#}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the apply never finished: {log:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        keeld.restarts().iter().any(|l| l.starts_with("chronyd ")),
+        "{:?}",
+        keeld.restarts()
+    );
+}
+
+#[test]
+fn apply_without_keys_renders_every_file() {
+    let keeld = Keeld::start();
+    ok(&keeld.apiclient(&["set", "motd=only this"]));
+    assert!(!keeld.render_root().join("etc/chrony.conf").exists());
+    let r = keeld.raw("POST", "/tx/apply", None);
+    assert_eq!(r.status, 204, "{}", r.text());
+    for file in [
+        "etc/motd",
+        "etc/chrony.conf",
+        "etc/containerd/config.toml",
+        "etc/kubernetes/kubelet/config",
+    ] {
+        assert!(
+            keeld.render_root().join(file).exists(),
+            "{file} not rendered"
+        );
+    }
+}

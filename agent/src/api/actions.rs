@@ -22,12 +22,17 @@ pub async fn reboot(State(state): State<AppState>, RawQuery(q): RawQuery) -> Api
         ));
     };
     tracing::warn!(command = ?state.reboot_command, "reboot requested");
-    let run = tokio::process::Command::new(program)
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(REBOOT_TIMEOUT, run)
+    // On its own task: a client that disconnects must not kill a reboot half way.
+    let command = tokio::process::Command::new(program).args(args).output();
+    let run = tokio::spawn(tokio::time::timeout(REBOOT_TIMEOUT, command));
+    let output = run
         .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reboot task failed: {e}"),
+            )
+        })?
         .map_err(|_| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

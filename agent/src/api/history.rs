@@ -89,7 +89,10 @@ pub async fn rollback(
         "rolled back"
     );
     if !changed.is_empty() {
-        let report = state.applier.apply(&state.store, &changed).await;
+        let report = state
+            .applier
+            .apply_detached(&state.store, changed.clone())
+            .await;
         if !report.success {
             return Err(super::tx::apply_failed(&report));
         }

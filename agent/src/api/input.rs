@@ -128,9 +128,24 @@ pub fn validate_tx_name(name: &str) -> ApiResult<()> {
     }
 }
 
-/// Reads the whole body, refusing more than [`MAX_BODY`] bytes with 413.
+/// How long a client may take to send a whole request body: a slow or stalled sender
+/// must not hold its connection (and a file descriptor) forever.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads the whole body, refusing more than [`MAX_BODY`] bytes with 413, and a body
+/// not complete within [`BODY_TIMEOUT`] with 408.
 pub async fn read_body(body: Body) -> ApiResult<Bytes> {
-    match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+    let collect = http_body_util::Limited::new(body, MAX_BODY).collect();
+    let Ok(collected) = tokio::time::timeout(BODY_TIMEOUT, collect).await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body not received within {}s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        ));
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -181,6 +196,23 @@ mod tests {
         assert_eq!(
             split_list("settings.motd,settings.kernel.sysctl.\"a,b\""),
             vec!["settings.motd", "settings.kernel.sysctl.\"a,b\""]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_times_out_with_408() {
+        let stalled =
+            Body::from_stream(futures_util::stream::pending::<Result<Bytes, std::io::Error>>());
+        let err = read_body(stalled).await.unwrap_err();
+        assert_eq!(err.status, StatusCode::REQUEST_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_is_413() {
+        let big = Body::from(vec![b'x'; MAX_BODY + 1]);
+        assert_eq!(
+            read_body(big).await.unwrap_err().status,
+            StatusCode::PAYLOAD_TOO_LARGE
         );
     }
 

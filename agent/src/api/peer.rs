@@ -4,6 +4,8 @@
 //! every request; [`require_access`] is a layer over the whole router, so every endpoint,
 //! present and future, is covered by construction.
 
+use std::os::fd::AsRawFd;
+
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -18,6 +20,9 @@ pub struct Peer {
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
+    /// Supplementary groups at connect time (`SO_PEERGROUPS`), like uid and gid
+    /// fixed by the kernel when the peer connected, so no pid can be reused to lie.
+    pub groups: Vec<u32>,
     /// `/proc/<pid>/comm`, read once per connection when first needed.
     comm: std::sync::Arc<std::sync::OnceLock<String>>,
 }
@@ -29,6 +34,7 @@ impl Peer {
             uid: cred.uid(),
             gid: cred.gid(),
             pid: cred.pid(),
+            groups: peer_groups(stream.as_raw_fd()),
             comm: Default::default(),
         })
     }
@@ -48,26 +54,40 @@ impl Peer {
             comm: comm.clone(),
         }
     }
+}
 
-    /// Supplementary groups from `/proc/<pid>/status`; empty when unreadable.
-    fn supplementary_groups(&self) -> Vec<u32> {
-        let Some(pid) = self.pid else {
-            return Vec::new();
+/// `SO_PEERGROUPS` (Linux 4.13+): the peer's supplementary groups when it connected.
+/// Not in the libc crate for every architecture; 59 is its value on all but mips/sparc.
+const SO_PEERGROUPS: libc::c_int = 59;
+
+fn peer_groups(fd: std::os::fd::RawFd) -> Vec<u32> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    for _ in 0..2 {
+        let mut len = libc::socklen_t::try_from(groups.len() * std::mem::size_of::<libc::gid_t>())
+            .unwrap_or(libc::socklen_t::MAX);
+        // SAFETY: `groups` is a valid, writable buffer of `len` bytes for the duration of
+        // the call, and `len` is a valid socklen_t the kernel updates.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
         };
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-            return Vec::new();
-        };
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Groups:"))
-            .map(|groups| {
-                groups
-                    .split_whitespace()
-                    .filter_map(|g| g.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let count = usize::try_from(len).unwrap_or(0) / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(count);
+            return groups;
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE) {
+            break;
+        }
+        // Too small: the kernel said how much it needs.
+        groups = vec![0; count.max(groups.len() * 2)];
     }
+    Vec::new()
 }
 
 /// Who may call the API: root, keeld's own user, and members of the API group.
@@ -83,7 +103,7 @@ impl AccessPolicy {
             return true;
         }
         match self.api_gid {
-            Some(gid) => peer.gid == gid || peer.supplementary_groups().contains(&gid),
+            Some(gid) => peer.gid == gid || peer.groups.contains(&gid),
             None => false,
         }
     }

@@ -75,10 +75,22 @@ fn chown_group(path: &Path, gid: u32) -> io::Result<()> {
     }
 }
 
+/// Most connections served at once; further clients wait in the listen backlog until one
+/// closes, so that keeld never runs out of file descriptors for its own state.
+pub const MAX_CONNECTIONS: usize = 512;
+
 /// Serves `app` on `listener` until `shutdown` completes.
 pub async fn serve(listener: UnixListener, app: Router, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -94,6 +106,7 @@ pub async fn serve(listener: UnixListener, app: Router, shutdown: impl Future<Ou
         let peer = Peer::of(&stream);
         let app = app.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(
                 move |mut request: hyper::Request<hyper::body::Incoming>| {
                     if let Some(peer) = &peer {

@@ -74,11 +74,11 @@ pub async fn apply(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiR
             }
             keys
         }
-        None => settings_model::patch::flatten(state.store.snapshot().live_settings())
-            .into_keys()
-            .collect(),
+        // Everything: `settings` is a prefix of every key, so every service is affected,
+        // whether or not any of its settings is set.
+        None => vec!["settings".to_owned()],
     };
-    let report = state.applier.apply(&state.store, &keys).await;
+    let report = state.applier.apply_detached(&state.store, keys).await;
     if report.success {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -123,7 +123,10 @@ pub async fn commit_and_apply(
     if changed.is_empty() {
         return Ok(Json(changed).into_response());
     }
-    let report = state.applier.apply(&state.store, &changed).await;
+    let report = state
+        .applier
+        .apply_detached(&state.store, changed.clone())
+        .await;
     // Bottlerocket's body (the changed keys) stays as it is, for its clients; the header
     // tells Keel's apiclient whether apply succeeded.
     let status = if report.success { "ok" } else { "failed" };

@@ -12,6 +12,7 @@
 //! emptied directories) of items that are gone; each concrete file is reported as
 //! `name[item]`.
 
+mod detached;
 pub mod files;
 pub mod filters;
 pub mod render;
@@ -66,6 +67,28 @@ pub struct ApplyReport {
     /// at the next boot.
     pub reboot_required: bool,
     pub duration_ms: u64,
+}
+
+impl ApplyReport {
+    /// A report for an apply that could not run at all.
+    pub fn failed(reason: String) -> Self {
+        ApplyReport {
+            id: 0,
+            time: crate::store::now_rfc3339(),
+            keys: Vec::new(),
+            services: BTreeMap::new(),
+            files: vec![FileOutcome {
+                name: "(apply)".to_owned(),
+                path: String::new(),
+                result: "failed",
+                error: Some(reason),
+            }],
+            commands: Vec::new(),
+            success: false,
+            reboot_required: false,
+            duration_ms: 0,
+        }
+    }
 }
 
 /// A file that a transaction would change, for a dry run.

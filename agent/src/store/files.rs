@@ -13,14 +13,16 @@
 //!   a pending transaction is uncommitted work, and paying a flush on every PATCH
 //!   would halve commit throughput. After a power loss the pending transactions may be
 //!   older, or gone; committed generations are not affected.
-//! - A commit does not rewrite the pending file: the committed transaction's id is in the
-//!   new generation, and `load` drops a pending transaction whose id is in history. Every
-//!   other change of generations (rollback) and every PATCH or discard rewrites it, so a
-//!   stale entry never outlives its generation in the kept history.
+//! - A commit does not rewrite the pending file: `generations.json` also keeps the ids of
+//!   the last `COMMITTED_WINDOW` committed transactions (far more than the kept history),
+//!   and `load` drops a pending transaction whose id is among them. Each pending file
+//!   records the generation it was written at; if commits it could list have since left
+//!   the window (only after a power loss left a very old pending file behind), `load`
+//!   sets the whole file aside rather than risk reviving a committed transaction.
 //!
 //! `state.lock` (flock) keeps a second keeld away from the same directory.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -43,6 +45,9 @@ const LOCK: &str = "state.lock";
 struct GenerationsFile {
     format: u32,
     generations: Vec<Generation>,
+    /// `(generation, transaction id)` of recent commits, oldest first.
+    #[serde(default)]
+    committed: VecDeque<(u64, u64)>,
 }
 
 /// The same shape, borrowed, so that writing does not copy the history.
@@ -50,17 +55,22 @@ struct GenerationsFile {
 struct GenerationsFileRef<'a> {
     format: u32,
     generations: &'a [Generation],
+    committed: &'a VecDeque<(u64, u64)>,
 }
 
 #[derive(Deserialize)]
 struct PendingFile {
     format: u32,
+    /// The live generation when the file was written.
+    #[serde(default)]
+    as_of: u64,
     transactions: BTreeMap<String, PendingTx>,
 }
 
 #[derive(Serialize)]
 struct PendingFileRef<'a> {
     format: u32,
+    as_of: u64,
     transactions: &'a BTreeMap<String, PendingTx>,
 }
 
@@ -113,7 +123,7 @@ impl StoreFiles {
     pub fn load(&self) -> Result<Snapshot, StoreError> {
         self.remove_temp_files();
         let gen_path = self.dir.join(GENERATIONS);
-        let history = match fs::read(&gen_path) {
+        let (history, committed) = match fs::read(&gen_path) {
             Ok(bytes) => {
                 let file: GenerationsFile =
                     serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
@@ -132,18 +142,29 @@ impl StoreFiles {
                         reason: "no generations".to_owned(),
                     });
                 }
-                file.generations
+                let mut committed = file.committed;
+                if committed.is_empty() {
+                    committed = file
+                        .generations
+                        .iter()
+                        .filter_map(|g| Some((g.generation, g.tx_id?)))
+                        .collect();
+                }
+                (file.generations, committed)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![Generation {
-                generation: 0,
-                time: super::now_rfc3339(),
-                tx: "initial".to_owned(),
-                tx_id: None,
-                caller: Caller::keeld(),
-                changed_keys: Vec::new(),
-                rollback_of: None,
-                settings: Arc::new(Value::Object(Default::default())),
-            }],
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                vec![Generation {
+                    generation: 0,
+                    time: super::now_rfc3339(),
+                    tx: "initial".to_owned(),
+                    tx_id: None,
+                    caller: Caller::keeld(),
+                    changed_keys: Vec::new(),
+                    rollback_of: None,
+                    settings: Arc::new(Value::Object(Default::default())),
+                }],
+                VecDeque::new(),
+            ),
             Err(source) => {
                 return Err(StoreError::Io {
                     path: gen_path,
@@ -152,18 +173,32 @@ impl StoreFiles {
             }
         };
 
-        let mut pending = self.load_pending();
-        // A committed transaction may still be in the pending file
-        // (see the module comment); its id in history says so.
-        let committed: HashSet<u64> = history.iter().filter_map(|g| g.tx_id).collect();
+        let (as_of, mut pending) = self.load_pending();
+        let window_full = committed.len() >= super::COMMITTED_WINDOW;
+        let window_start = committed.front().map_or(0, |(generation, _)| *generation);
+        if window_full && as_of + 1 < window_start && !pending.is_empty() {
+            // Commits after the file was written have left the window: any of its
+            // transactions could be among them. Uncommitted work is lost, never revived.
+            tracing::warn!(
+                as_of,
+                window_start,
+                "pending transactions file is older than the committed-id window; setting it aside"
+            );
+            pending.clear();
+        }
+        let ids: HashSet<u64> = committed.iter().map(|(_, id)| *id).collect();
         pending.retain(|name, tx| {
-            let keep = !committed.contains(&tx.id);
+            let keep = !ids.contains(&tx.id);
             if !keep {
                 tracing::info!(tx = %name, "dropping pending transaction already committed");
             }
             keep
         });
-        Ok(Snapshot { history, pending })
+        Ok(Snapshot {
+            history,
+            pending,
+            committed,
+        })
     }
 
     fn pending_files(&self) -> Vec<(u64, PathBuf)> {
@@ -185,8 +220,9 @@ impl StoreFiles {
         files
     }
 
-    /// The newest pending file that parses; older ones (and torn newer ones) are removed.
-    fn load_pending(&self) -> BTreeMap<String, PendingTx> {
+    /// The newest pending file that parses, and the generation it was written at; older
+    /// files (and torn newer ones) are removed.
+    fn load_pending(&self) -> (u64, BTreeMap<String, PendingTx>) {
         let files = self.pending_files();
         let mut chosen = None;
         for (seq, path) in files.iter().rev() {
@@ -196,14 +232,14 @@ impl StoreFiles {
                 .filter(|file| file.format == FORMAT);
             match parsed {
                 Some(file) => {
-                    chosen = Some((*seq, file.transactions));
+                    chosen = Some((*seq, (file.as_of, file.transactions)));
                     break;
                 }
                 None => tracing::warn!(path = %path.display(),
                     "pending transactions file unreadable (crash or power loss?); trying an older one"),
             }
         }
-        let (seq, pending) = chosen.unwrap_or_default();
+        let (seq, (as_of, pending)) = chosen.unwrap_or_default();
         self.pending_seq.store(
             files.last().map_or(0, |(s, _)| *s),
             std::sync::atomic::Ordering::Relaxed,
@@ -213,7 +249,7 @@ impl StoreFiles {
                 let _ = fs::remove_file(path);
             }
         }
-        pending
+        (as_of, pending)
     }
 
     fn remove_temp_files(&self) {
@@ -221,10 +257,15 @@ impl StoreFiles {
     }
 
     /// Durably replaces `generations.json` (see the module comment for why this is safe).
-    pub fn write_generations(&self, generations: &[Generation]) -> Result<(), StoreError> {
+    pub fn write_generations(
+        &self,
+        generations: &[Generation],
+        committed: &VecDeque<(u64, u64)>,
+    ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(&GenerationsFileRef {
             format: FORMAT,
             generations,
+            committed,
         })
         .map_err(|e| StoreError::Io {
             path: self.dir.join(GENERATIONS),
@@ -235,7 +276,11 @@ impl StoreFiles {
 
     /// Writes the pending transactions as the next `pending-<seq>.json`, then removes the
     /// previous file (see the module comment for why this is safe and why no fsync).
-    pub fn write_pending(&self, pending: &BTreeMap<String, PendingTx>) -> Result<(), StoreError> {
+    pub fn write_pending(
+        &self,
+        pending: &BTreeMap<String, PendingTx>,
+        as_of: u64,
+    ) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
         let previous = self.pending_seq.load(Ordering::Relaxed);
         let seq = previous + 1;
@@ -248,6 +293,7 @@ impl StoreFiles {
         };
         let bytes = serde_json::to_vec(&PendingFileRef {
             format: FORMAT,
+            as_of,
             transactions: pending,
         })
         .map_err(|e| io(std::io::Error::other(e)))?;

@@ -71,6 +71,9 @@ pub struct PendingTx {
     /// (Folding them into one patch is lossy: `{"a":null}` then `{"a":{"b":1}}` must
     /// replace `a`, which a single merge-patch cannot say.)
     pub patches: Vec<Arc<Value>>,
+    /// Bytes (as JSON) of the patches received, counted against [`MAX_TX_BYTES`].
+    #[serde(default)]
+    pub bytes: usize,
 }
 
 impl PendingTx {
@@ -151,7 +154,21 @@ pub struct Snapshot {
     /// Oldest first; never empty: generation 0 is the empty model.
     pub history: Vec<Generation>,
     pub pending: BTreeMap<String, PendingTx>,
+    /// `(generation, transaction id)` of the last [`COMMITTED_WINDOW`] commits, oldest
+    /// first, kept beyond the history: it tells `open` which entries of a pending file
+    /// written before them are already committed.
+    pub committed: std::collections::VecDeque<(u64, u64)>,
 }
+
+/// How many commits [`Snapshot::committed`] remembers. Larger than any batch, and than
+/// the number of transactions that can be pending at once, so that a pending file is
+/// always rewritten before a transaction it lists can fall out of the window.
+pub const COMMITTED_WINDOW: usize = 4096;
+
+/// Most transactions pending at once.
+pub const MAX_PENDING_TXS: usize = 1024;
+/// Most bytes (as JSON) of patches one pending transaction may hold.
+pub const MAX_TX_BYTES: usize = 4 * 1024 * 1024;
 
 impl Snapshot {
     pub fn live(&self) -> &Generation {
@@ -193,9 +210,9 @@ pub enum StoreError {
     /// A state file exists but cannot be understood; keeld refuses to guess.
     #[error("state file {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    /// A transaction grew past [`MAX_PATCHES_PER_TX`] patches (409).
-    #[error("transaction {0:?} holds too many patches; commit or discard it")]
-    TxFull(String),
+    /// A transaction, or the pending state as a whole, would grow past its bounds (409).
+    #[error("transaction {tx:?} cannot take this patch: {reason}")]
+    Full { tx: String, reason: String },
     /// The writer thread is gone (keeld is shutting down).
     #[error("the datastore is shutting down")]
     Closed,
@@ -221,6 +238,8 @@ pub(crate) enum Op {
     Patch {
         tx: String,
         patch: Value,
+        /// Its size as JSON, counted against [`MAX_TX_BYTES`].
+        size: usize,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     Discard {
@@ -289,9 +308,11 @@ impl Store {
     /// learns of a bad key from the PATCH that introduced it).
     pub async fn patch(&self, tx: &str, patch: Value) -> Result<(), StoreError> {
         settings_model::validate_patch(&patch)?;
+        let size = serde_json::to_vec(&patch).map_or(0, |v| v.len());
         self.send(|reply| Op::Patch {
             tx: tx.to_owned(),
             patch,
+            size,
             reply,
         })
         .await

@@ -263,3 +263,102 @@ fn a_long_transaction_stays_one_patch() {
         assert_eq!(store.snapshot().pending["t"].patches.len(), 1);
     });
 }
+
+#[test]
+fn committed_transactions_stay_committed_across_restarts() {
+    // keep = 1: the history alone cannot say that "a" was committed.
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 1).unwrap();
+        store
+            .patch("b", json!({"ntp": {"time-servers": ["b.example"]}}))
+            .await
+            .unwrap();
+        store.patch("a", json!({"motd": "a"})).await.unwrap();
+        store.commit("a", Caller::keeld()).await.unwrap();
+    });
+    let store = reopen(dir.path(), 1);
+    rt().block_on(async {
+        assert!(store.snapshot().pending.contains_key("b"));
+        assert!(!store.snapshot().pending.contains_key("a"));
+        store.commit("b", Caller::keeld()).await.unwrap();
+    });
+    drop(store);
+    let store = reopen(dir.path(), 1);
+    assert!(
+        store.snapshot().pending.is_empty(),
+        "{:?}",
+        store.snapshot().pending
+    );
+}
+
+#[test]
+fn a_failed_commit_leaves_its_transaction_pending_in_memory_and_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        store.patch("t", json!({"motd": "x"})).await.unwrap();
+        store.patch("u", json!({"motd": "y"})).await.unwrap();
+        std::fs::create_dir(dir.path().join("generations.json.tmp")).unwrap();
+        assert!(store.commit("t", Caller::keeld()).await.is_err());
+        std::fs::remove_dir(dir.path().join("generations.json.tmp")).unwrap();
+        // The next batch brings the pending file back in line with memory.
+        store.patch("v", json!({"motd": "z"})).await.unwrap();
+    });
+    let store = reopen(dir.path(), 10);
+    let pending = &store.snapshot().pending;
+    assert!(
+        pending.contains_key("t") && pending.contains_key("u") && pending.contains_key("v"),
+        "{pending:?}"
+    );
+    assert_eq!(store.snapshot().live().generation, 0);
+}
+
+#[derive(Debug)]
+struct PanickingCheck;
+
+impl CommitCheck for PanickingCheck {
+    fn check(&self, _: &serde_json::Value, _: &[String]) -> Result<(), CheckError> {
+        panic!("a bug in a commit check");
+    }
+}
+
+#[test]
+fn a_panicking_batch_does_not_wedge_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open_with_check(dir.path(), 10, Some(Arc::new(PanickingCheck))).unwrap();
+        store.patch("t", json!({"motd": "x"})).await.unwrap();
+        assert!(matches!(
+            store.commit("t", Caller::keeld()).await,
+            Err(StoreError::Closed)
+        ));
+        // Still serving.
+        store.patch("u", json!({"motd": "y"})).await.unwrap();
+        assert!(store.snapshot().pending.contains_key("u"));
+        assert_eq!(store.snapshot().live().generation, 0);
+    });
+}
+
+#[test]
+fn pending_state_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        let big = "x".repeat(1024 * 1024);
+        for i in 0..3 {
+            store
+                .patch(
+                    "t",
+                    json!({"kernel": {"sysctl": {format!("k.v{i}"): big.clone()}}}),
+                )
+                .await
+                .unwrap();
+        }
+        let err = store
+            .patch("t", json!({"kernel": {"sysctl": {"k.v9": big.clone()}}}))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Full { .. }), "{err}");
+    });
+}

@@ -28,8 +28,9 @@ struct WriterState {
     files: StoreFiles,
     keep: usize,
     check: Option<Arc<dyn CommitCheck>>,
-    /// Whether the pending file on disk still lists a committed transaction.
-    stale_on_disk: bool,
+    /// The pending file on disk lags memory (its write succeeded but the batch then
+    /// failed): the next batch rewrites it.
+    pending_behind: bool,
 }
 
 struct Queue {
@@ -40,6 +41,10 @@ struct Queue {
     /// leader can expect, and so whether lingering for more commits is worth it.
     recent_commits: usize,
 }
+
+/// Most ops in one batch. Bounds a batch's latency, and keeps the commits of one batch
+/// well inside the window of committed transaction ids (`COMMITTED_WINDOW`).
+const MAX_BATCH: usize = 1024;
 
 /// Longest a leader lingers for more commits before a durable write. Only done when
 /// recent batches showed concurrent committers, so a lone client never waits: without
@@ -78,7 +83,7 @@ impl Writer {
                 files,
                 keep,
                 check,
-                stale_on_disk: false,
+                pending_behind: false,
             }),
             shared,
         }
@@ -121,7 +126,8 @@ impl Writer {
                     budget = LEADER_BATCHES;
                     continue;
                 }
-                let mut batch = std::mem::take(&mut queue.ops);
+                let take = queue.ops.len().min(MAX_BATCH);
+                let mut batch: Vec<Op> = queue.ops.drain(..take).collect();
                 let commits = batch.iter().filter(|op| is_durable(op)).count();
                 if commits > 0 && commits < queue.recent_commits {
                     let deadline = std::time::Instant::now() + LINGER;
@@ -136,8 +142,12 @@ impl Writer {
                             .wait_timeout(queue, deadline - now)
                             .map(|(guard, _)| guard)
                             .unwrap_or_else(|e| e.into_inner().0);
-                        waiting += queue.ops.iter().filter(|op| is_durable(op)).count();
-                        batch.append(&mut queue.ops);
+                        let take = queue.ops.len().min(MAX_BATCH.saturating_sub(batch.len()));
+                        waiting += queue.ops[..take].iter().filter(|op| is_durable(op)).count();
+                        batch.extend(queue.ops.drain(..take));
+                        if batch.len() >= MAX_BATCH {
+                            break;
+                        }
                     }
                 }
                 let commits = batch.iter().filter(|op| is_durable(op)).count();
@@ -154,11 +164,21 @@ impl Writer {
             // Ops that need no fsync go first, in their own batch, so that a PATCH does
             // not wait for the commits queued beside it.
             let mut cheap = split_cheap(&mut batch);
-            if !cheap.is_empty() {
-                run_batch(&mut state, &self.shared, &mut cheap);
-            }
-            if !batch.is_empty() {
-                run_batch(&mut state, &self.shared, &mut batch);
+            for part in [&mut cheap, &mut batch] {
+                if part.is_empty() {
+                    continue;
+                }
+                // A panic (a bug) must not wedge the writer: its ops' reply channels are
+                // dropped with the batch, so their callers get an error, and the next
+                // batch starts from the published snapshot.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_batch(&mut state, &self.shared, part)
+                }));
+                if ran.is_err() {
+                    tracing::error!("a store batch panicked; its operations were refused");
+                    part.clear();
+                    state.pending_behind = true;
+                }
             }
             tracing::trace!(
                 ops = size,
@@ -251,20 +271,25 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
         files,
         keep,
         check,
-        stale_on_disk,
+        pending_behind,
     } = state;
     let keep = *keep;
     let check = check.as_deref();
     let mut work: Snapshot = Snapshot::clone(&shared.load());
     let mut generations_dirty = false;
-    let mut pending_dirty = false;
+    let was_behind = *pending_behind;
+    let mut pending_dirty = was_behind;
     let mut answers = Vec::with_capacity(batch.len());
-    let mut commits = 0usize;
 
     for op in batch.drain(..) {
         match op {
-            Op::Patch { tx, patch, reply } => {
-                let result = patch_tx(&mut work, &tx, &patch);
+            Op::Patch {
+                tx,
+                patch,
+                size,
+                reply,
+            } => {
+                let result = patch_tx(&mut work, &tx, &patch, size);
                 pending_dirty |= result.is_ok();
                 answers.push(Answer::Unit(reply, result));
             }
@@ -281,12 +306,11 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
             Op::Commit { tx, caller, reply } => {
                 let result = commit_tx(&mut work, keep, check, &tx, caller);
                 if let Ok(outcome) = &result {
-                    // A commit that made a generation needs no pending rewrite: `load`
-                    // drops a pending transaction whose id is in history. One that made
-                    // none (nothing changed) leaves no such trace, so rewrite.
+                    // A commit that made a generation needs no pending rewrite: its id
+                    // is in the committed window, and `load` drops a pending transaction
+                    // with such an id. One that made none leaves no trace, so rewrite.
                     generations_dirty |= outcome.new_generation;
                     pending_dirty |= !outcome.new_generation;
-                    commits += usize::from(outcome.new_generation);
                 }
                 answers.push(Answer::Keys(reply, result.map(|o| o.changed)));
             }
@@ -296,41 +320,38 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
                 reply,
             } => {
                 let result = rollback(&mut work, keep, check, generation, caller);
-                let made_generation = result.as_ref().is_ok_and(|k| !k.is_empty());
-                generations_dirty |= made_generation;
-                // Keeps the invariant that a stale committed entry in the pending file
-                // never outlives its generation in the kept history.
-                pending_dirty |= made_generation;
+                generations_dirty |= result.as_ref().is_ok_and(|k| !k.is_empty());
                 answers.push(Answer::Keys(reply, result));
             }
         }
     }
 
-    // Skipping the pending rewrite after a commit is safe only while at most one
-    // committed transaction is left in the pending file: it then belongs to the newest
-    // generation, which is always kept. Otherwise rewrite.
-    if commits > 0 && !pending_dirty && (commits > 1 || *stale_on_disk) {
-        pending_dirty = true;
-    }
-    // generations.json first: once it is durable a commit has happened, and `load`
-    // drops a pending transaction whose id is already in history.
+    // The pending file first: if it cannot be written, nothing is (and nothing changes).
+    // If it was written but generations.json then fails, the file runs ahead of memory
+    // (a commit's transaction already gone from it): the next batch rewrites it from
+    // memory, and until then a crash would only lose that uncommitted transaction.
     let mut failure = None;
-    if generations_dirty {
-        failure = files.write_generations(&work.history).err();
+    let mut pending_written = false;
+    if pending_dirty {
+        failure = files
+            .write_pending(&work.pending, work.live().generation)
+            .err();
+        pending_written = failure.is_none();
     }
-    if failure.is_none() && pending_dirty {
-        failure = files.write_pending(&work.pending).err();
+    if failure.is_none() && generations_dirty {
+        failure = files
+            .write_generations(&work.history, &work.committed)
+            .err();
     }
     match &failure {
         None => {
-            if pending_dirty {
-                *stale_on_disk = false;
-            } else if commits > 0 {
-                *stale_on_disk = true;
-            }
+            *pending_behind = false;
             shared.store(Arc::new(work))
         }
-        Some(e) => tracing::error!(error = %e, "persisting a batch failed; state unchanged"),
+        Some(e) => {
+            *pending_behind = was_behind || pending_written;
+            tracing::error!(error = %e, "persisting a batch failed; state unchanged");
+        }
     }
     for answer in answers {
         let failed = failure.as_ref().filter(|_| answer.changed_state());
@@ -338,13 +359,34 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
     }
 }
 
-fn patch_tx(work: &mut Snapshot, tx: &str, patch: &Value) -> Result<(), StoreError> {
+fn patch_tx(work: &mut Snapshot, tx: &str, patch: &Value, size: usize) -> Result<(), StoreError> {
+    let full = |reason: String| StoreError::Full {
+        tx: tx.to_owned(),
+        reason,
+    };
+    if !work.pending.contains_key(tx) && work.pending.len() >= super::MAX_PENDING_TXS {
+        return Err(full(format!(
+            "{} transactions are pending already; commit or discard some",
+            super::MAX_PENDING_TXS
+        )));
+    }
     let mut pending = work.pending.get(tx).cloned().unwrap_or_else(|| PendingTx {
         id: rand::random(),
         patches: Vec::new(),
+        bytes: 0,
     });
     if pending.patches.len() >= super::MAX_PATCHES_PER_TX {
-        return Err(StoreError::TxFull(tx.to_owned()));
+        return Err(full(format!(
+            "it holds {} patches that cannot be folded together",
+            super::MAX_PATCHES_PER_TX
+        )));
+    }
+    pending.bytes += size;
+    if pending.bytes > super::MAX_TX_BYTES {
+        return Err(full(format!(
+            "it would hold more than {} bytes of patches",
+            super::MAX_TX_BYTES
+        )));
     }
     // Fold into the previous patch when that is exact (the usual case), so a long-lived
     // transaction stays one patch; keep it separate when folding would turn a removal
@@ -457,6 +499,12 @@ fn push_generation(
     settings: Value,
 ) {
     let generation = work.live().generation + 1;
+    if let Some(id) = tx_id {
+        work.committed.push_back((generation, id));
+        while work.committed.len() > super::COMMITTED_WINDOW {
+            work.committed.pop_front();
+        }
+    }
     work.history.push(Generation {
         generation,
         time: super::now_rfc3339(),
