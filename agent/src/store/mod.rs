@@ -160,13 +160,14 @@ pub struct Snapshot {
     pub committed: std::collections::VecDeque<(u64, u64)>,
 }
 
-/// How many commits [`Snapshot::committed`] remembers. Larger than any batch, and than
-/// the number of transactions that can be pending at once, so that a pending file is
-/// always rewritten before a transaction it lists can fall out of the window.
-pub const COMMITTED_WINDOW: usize = 4096;
+/// How many commits [`Snapshot::committed`] remembers. The committed transactions a
+/// pending file can still list are among those pending when it was written (a batch that
+/// writes it has already removed the ones it commits), at most [`MAX_PENDING_TXS`]; the
+/// window holds twice that.
+pub const COMMITTED_WINDOW: usize = 2 * MAX_PENDING_TXS;
 
-/// Most transactions pending at once.
-pub const MAX_PENDING_TXS: usize = 1024;
+/// Most transactions pending at once (Bottlerocket's own tools use one or two).
+pub const MAX_PENDING_TXS: usize = 128;
 /// Most bytes (as JSON) of patches one pending transaction may hold.
 pub const MAX_TX_BYTES: usize = 4 * 1024 * 1024;
 

@@ -28,6 +28,9 @@ struct WriterState {
     files: StoreFiles,
     keep: usize,
     check: Option<Arc<dyn CommitCheck>>,
+    /// The id the next new pending transaction gets: ids are sequential (small in the
+    /// files) and never reused, starting above every id the store has seen.
+    next_tx_id: u64,
     /// The pending file on disk lags memory (its write succeeded but the batch then
     /// failed): the next batch rewrites it.
     pending_behind: bool,
@@ -72,6 +75,17 @@ impl Writer {
         check: Option<Arc<dyn CommitCheck>>,
         shared: Arc<ArcSwap<Snapshot>>,
     ) -> Writer {
+        let next_tx_id = {
+            let snapshot = shared.load();
+            let history = snapshot.history.iter().filter_map(|g| g.tx_id);
+            let committed = snapshot.committed.iter().map(|(_, id)| *id);
+            let pending = snapshot.pending.values().map(|p| p.id);
+            history
+                .chain(committed)
+                .chain(pending)
+                .max()
+                .map_or(1, |m| m + 1)
+        };
         Writer {
             queue: Mutex::new(Queue {
                 ops: Vec::new(),
@@ -83,6 +97,7 @@ impl Writer {
                 files,
                 keep,
                 check,
+                next_tx_id,
                 pending_behind: false,
             }),
             shared,
@@ -271,6 +286,7 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
         files,
         keep,
         check,
+        next_tx_id,
         pending_behind,
     } = state;
     let keep = *keep;
@@ -289,7 +305,7 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
                 size,
                 reply,
             } => {
-                let result = patch_tx(&mut work, &tx, &patch, size);
+                let result = patch_tx(&mut work, next_tx_id, &tx, &patch, size);
                 pending_dirty |= result.is_ok();
                 answers.push(Answer::Unit(reply, result));
             }
@@ -359,7 +375,13 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
     }
 }
 
-fn patch_tx(work: &mut Snapshot, tx: &str, patch: &Value, size: usize) -> Result<(), StoreError> {
+fn patch_tx(
+    work: &mut Snapshot,
+    next_tx_id: &mut u64,
+    tx: &str,
+    patch: &Value,
+    size: usize,
+) -> Result<(), StoreError> {
     let full = |reason: String| StoreError::Full {
         tx: tx.to_owned(),
         reason,
@@ -370,10 +392,14 @@ fn patch_tx(work: &mut Snapshot, tx: &str, patch: &Value, size: usize) -> Result
             super::MAX_PENDING_TXS
         )));
     }
-    let mut pending = work.pending.get(tx).cloned().unwrap_or_else(|| PendingTx {
-        id: rand::random(),
-        patches: Vec::new(),
-        bytes: 0,
+    let mut pending = work.pending.get(tx).cloned().unwrap_or_else(|| {
+        // An id taken by a patch that then fails is simply skipped.
+        *next_tx_id += 1;
+        PendingTx {
+            id: *next_tx_id - 1,
+            patches: Vec::new(),
+            bytes: 0,
+        }
     });
     if pending.patches.len() >= super::MAX_PATCHES_PER_TX {
         return Err(full(format!(
