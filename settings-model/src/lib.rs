@@ -26,6 +26,14 @@ pub fn validate(settings: &serde_json::Value) -> Result<serde_json::Value, Error
     model::validate(settings)
 }
 
+/// Validates the named top-level groups of `candidate`; see [`model::validate_groups`].
+pub fn validate_groups(
+    candidate: &serde_json::Value,
+    groups: &std::collections::BTreeSet<String>,
+) -> Result<serde_json::Value, Error> {
+    model::validate_groups(candidate, groups)
+}
+
 /// Validates a merge-patch: every key must exist in the model, every non-null value must
 /// have the right type and grammar; `null` marks a removal.
 pub fn validate_patch(patch: &serde_json::Value) -> Result<(), Error> {

@@ -554,6 +554,24 @@ pub fn validate(value: &Value) -> Result<Value, Error> {
     })
 }
 
+/// Validates only the top-level groups named in `groups` of `candidate` and returns
+/// their canonical JSON (groups absent from `candidate` are absent from the answer).
+///
+/// No rule of the model spans two groups, so when the other groups of `candidate` are
+/// already valid (they come from a valid model), this is validating the whole model, at
+/// a cost in proportion to what changed. Keep it so: a rule that spans groups must be
+/// checked here too.
+pub fn validate_groups(
+    candidate: &Value,
+    groups: &std::collections::BTreeSet<String>,
+) -> Result<Value, Error> {
+    let subset: serde_json::Map<String, Value> = groups
+        .iter()
+        .filter_map(|g| Some((g.clone(), candidate.get(g)?.clone())))
+        .collect();
+    validate(&Value::Object(subset))
+}
+
 /// Validates a merge-patch (no `settings` wrapper): `null` members are removals and
 /// must name a key the model knows; everything else must validate.
 pub fn validate_patch(patch: &Value) -> Result<(), Error> {

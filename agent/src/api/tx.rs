@@ -159,10 +159,12 @@ pub async fn dry_run(
         .get(&tx)
         .ok_or_else(|| ApiError::from(crate::store::StoreError::NothingPending(tx.clone())))?;
     let live = snapshot.live_settings();
-    let mut candidate = live.clone();
-    pending.apply_to(&mut candidate);
-    let candidate = settings_model::validate(&candidate)
-        .map_err(|e| ApiError::invalid(StatusCode::UNPROCESSABLE_ENTITY, &e))?;
+    let candidate = crate::store::candidate_of(live, pending).map_err(|e| match e {
+        crate::store::StoreError::Invalid(e) => {
+            ApiError::invalid(StatusCode::UNPROCESSABLE_ENTITY, &e)
+        }
+        other => other.into(),
+    })?;
     let changed = settings_model::patch::changed_keys(live, &candidate);
     let old = settings_model::patch::flatten(live);
     let new = settings_model::patch::flatten(&candidate);

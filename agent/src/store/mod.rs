@@ -19,6 +19,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 pub use files::StoreFiles;
+pub(crate) use writer::candidate_of;
 
 /// Who asked for a change, from the API socket's `SO_PEERCRED`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

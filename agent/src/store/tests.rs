@@ -362,3 +362,27 @@ fn pending_state_is_bounded() {
         assert!(matches!(err, StoreError::Full { .. }), "{err}");
     });
 }
+
+#[test]
+fn committed_settings_equal_a_full_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        let patches = [
+            json!({"motd": "m", "kernel": {"sysctl": {"b.b": "2", "a.a": "1"}}}),
+            json!({"host-containers": {"admin": {"enabled": true, "source": "public.ecr.aws/x/admin:v1"}}}),
+            json!({"kernel": {"sysctl": {"a.a": null}}, "dns": {"name-servers": ["10.0.0.2"]}}),
+            json!({"motd": null}),
+        ];
+        for patch in patches {
+            store.patch("t", patch).await.unwrap();
+            store.commit("t", Caller::keeld()).await.unwrap();
+            let live = store.snapshot().live_settings().clone();
+            assert_eq!(settings_model::validate(&live).unwrap(), live);
+            let keys: Vec<&String> = live.as_object().unwrap().keys().collect();
+            let mut sorted = keys.clone();
+            sorted.sort();
+            assert_eq!(keys, sorted, "top-level groups in name order");
+        }
+    });
+}

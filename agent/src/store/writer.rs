@@ -436,6 +436,37 @@ struct CommitOutcome {
     new_generation: bool,
 }
 
+/// The settings committing `pending` would make, validated and canonical. Only the groups
+/// the transaction touches are validated: the others come from the live model, which is
+/// valid, and no rule spans groups (see `settings_model::validate_groups`). Top-level
+/// groups are kept in name order, so the result does not depend on edit history.
+pub(crate) fn candidate_of(live: &Value, pending: &PendingTx) -> Result<Value, StoreError> {
+    let mut merged = live.clone();
+    pending.apply_to(&mut merged);
+    let groups: std::collections::BTreeSet<String> = pending
+        .patches
+        .iter()
+        .filter_map(|p| p.as_object())
+        .flat_map(|m| m.keys().cloned())
+        .collect();
+    let canonical = settings_model::validate_groups(&merged, &groups)?;
+    let mut candidate = live.clone();
+    if let Value::Object(map) = &mut candidate {
+        for group in &groups {
+            match canonical.get(group) {
+                Some(value) => {
+                    map.insert(group.clone(), value.clone());
+                }
+                None => {
+                    map.remove(group);
+                }
+            }
+        }
+        map.sort_keys();
+    }
+    Ok(candidate)
+}
+
 fn commit_tx(
     work: &mut Snapshot,
     keep: usize,
@@ -447,9 +478,7 @@ fn commit_tx(
         .pending
         .get(tx)
         .ok_or_else(|| StoreError::NothingPending(tx.to_owned()))?;
-    let mut candidate = work.live_settings().clone();
-    pending.apply_to(&mut candidate);
-    let candidate = settings_model::validate(&candidate)?;
+    let candidate = candidate_of(work.live_settings(), pending)?;
     let patches: Vec<&Value> = pending.patches.iter().map(|p| &**p).collect();
     let changed = changed_keys_touched(work.live_settings(), &candidate, &patches);
     if let Some(check) = check.filter(|_| !changed.is_empty()) {
