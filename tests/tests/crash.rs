@@ -21,7 +21,7 @@ fn acknowledged_commits_survive_sigkill() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let mut keeld = Keeld::start_with(KeeldOptions {
-        history: 100_000,
+        history: 10_000,
         ..Default::default()
     });
     let mut acked: BTreeSet<u64> = BTreeSet::new();
