@@ -64,6 +64,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     tracing::info!(socket = %config.socket.display(), state_dir = %config.state_dir.display(), "keeld serving");
     api::server::serve(listener, api::router(state, policy), shutdown_signal()).await;
     tracing::info!("keeld stopping");
+    // A clean stop leaves no socket for clients to find dead; after a crash the next
+    // start replaces it.
+    let _ = std::fs::remove_file(&config.socket);
     Ok(())
 }
 

@@ -28,7 +28,10 @@ start_keeld() {
     --services "$work/services.toml" --templates packaging/templates \
     --render-root "$work/root" 2>>"$work/keeld.log" &
   keeld_pid=$!
-  for _ in $(seq 100); do [[ -S "$sock" ]] && return 0; sleep 0.05; done
+  for _ in $(seq 200); do
+    ./target/debug/apiclient -s "$sock" raw -u /os >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
   echo "keeld did not start; log:" >&2; cat "$work/keeld.log" >&2; exit 1
 }
 api() { echo "\$ apiclient $*"; ./target/debug/apiclient -s "$sock" "$@"; }

@@ -214,3 +214,11 @@ fn schema_describes_the_model() {
         assert!(text.contains(group), "schema lacks {group}");
     }
 }
+
+#[test]
+fn a_clean_stop_removes_the_socket() {
+    let mut keeld = Keeld::start();
+    assert!(keeld.socket.exists());
+    assert!(keeld.stop().success());
+    assert!(!keeld.socket.exists(), "the socket is removed on SIGTERM");
+}
