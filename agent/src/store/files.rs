@@ -1,9 +1,10 @@
 //! The store's on-disk form, in the state directory.
 //!
-//! - `generations.json` holds the kept generations, oldest first. It is replaced whole:
-//!   write a temp file, fsync it, rename it over the old one, fsync the directory. rename(2)
-//!   is atomic, so after a crash at any instant the file is either the old or the new
-//!   version, and the directory fsync makes the rename itself durable before we answer.
+//! - `generations.0` / `generations.1` hold the kept generations, oldest first, and the
+//!   recent committed transaction ids: two slots written in turn, each write one
+//!   checksummed `pwrite` + `fdatasync` (see [`super::slots`] for why that is atomic and
+//!   durable). A store from before the slots (`generations.json`) is read once and
+//!   then superseded.
 //! - `pending-<seq>.json` holds the named pending transactions. Each write creates the next
 //!   sequence number's file and then unlinks the previous one; `load` takes the highest
 //!   file that parses. A keeld crash (SIGKILL, panic) can leave a torn newest file only
@@ -78,9 +79,11 @@ struct PendingFileRef<'a> {
 #[derive(Debug)]
 pub struct StoreFiles {
     dir: PathBuf,
+    slots: super::slots::Slots,
+    /// The newest committed state read at open, until `load` takes it.
+    initial: Option<Vec<u8>>,
     /// Sequence number of the newest pending file on disk (0: none yet).
     pending_seq: std::sync::atomic::AtomicU64,
-    dir_handle: File,
     /// Held for the life of the process; the flock goes with it.
     _lock: File,
 }
@@ -110,20 +113,36 @@ impl StoreFiles {
             });
         }
         let dir_handle = File::open(dir).map_err(io)?;
+        let (slots, initial) = super::slots::Slots::open(dir, &dir_handle).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                StoreError::Corrupt {
+                    path: dir.to_owned(),
+                    reason: e.to_string(),
+                }
+            } else {
+                io(e)
+            }
+        })?;
         Ok(StoreFiles {
             dir: dir.to_owned(),
+            slots,
+            initial,
             pending_seq: std::sync::atomic::AtomicU64::new(0),
-            dir_handle,
             _lock: lock,
         })
     }
 
     /// Reads the state; a missing `generations.json` means a fresh store holding
     /// generation 0, the empty model.
-    pub fn load(&self) -> Result<Snapshot, StoreError> {
+    pub fn load(&mut self) -> Result<Snapshot, StoreError> {
         self.remove_temp_files();
         let gen_path = self.dir.join(GENERATIONS);
-        let (history, committed) = match fs::read(&gen_path) {
+        let stored = match self.initial.take() {
+            Some(bytes) => Ok(bytes),
+            // No slot written yet: a store from before the slots, or a new one.
+            None => fs::read(&gen_path),
+        };
+        let (history, committed) = match stored {
             Ok(bytes) => {
                 let file: GenerationsFile =
                     serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
@@ -258,7 +277,7 @@ impl StoreFiles {
 
     /// Durably replaces `generations.json` (see the module comment for why this is safe).
     pub fn write_generations(
-        &self,
+        &mut self,
         generations: &[Generation],
         committed: &VecDeque<(u64, u64)>,
     ) -> Result<(), StoreError> {
@@ -271,7 +290,16 @@ impl StoreFiles {
             path: self.dir.join(GENERATIONS),
             source: std::io::Error::other(e),
         })?;
-        self.replace(GENERATIONS, &bytes)
+        self.slots.write(&bytes).map_err(|source| StoreError::Io {
+            path: self.slots.next_path().to_owned(),
+            source,
+        })
+    }
+
+    /// Test hook: the next durable write fails as on a full disk.
+    #[cfg(test)]
+    pub fn fail_next_write(&mut self) {
+        self.slots.fail_next_write = true;
     }
 
     /// Writes the pending transactions as the next `pending-<seq>.json`, then removes the
@@ -319,33 +347,5 @@ impl StoreFiles {
             }
         }
         Ok(())
-    }
-
-    fn replace(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        let target = self.dir.join(name);
-        let temp = self.dir.join(format!("{name}.tmp"));
-        let io = |source| StoreError::Io {
-            path: target.clone(),
-            source,
-        };
-        let result = (|| {
-            let mut file = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(&temp)?;
-            file.write_all(bytes)?;
-            file.sync_all()?;
-            drop(file);
-            fs::rename(&temp, &target)?;
-            self.dir_handle.sync_all()?;
-            Ok(())
-        })();
-        if result.is_err() {
-            // Leave the old file in place; a half-written temp file must not linger.
-            let _ = fs::remove_file(&temp);
-        }
-        result.map_err(io)
     }
 }

@@ -7,6 +7,7 @@
 //! commit answered.
 
 mod files;
+mod slots;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -286,7 +287,7 @@ impl Store {
         keep: usize,
         check: Option<Arc<dyn CommitCheck>>,
     ) -> Result<Store, StoreError> {
-        let files = StoreFiles::new(dir)?;
+        let mut files = StoreFiles::new(dir)?;
         let snapshot = files.load()?;
         let shared = Arc::new(ArcSwap::from_pointee(snapshot));
         let writer = Arc::new(writer::Writer::new(
@@ -299,6 +300,12 @@ impl Store {
             snapshot: shared,
             writer,
         })
+    }
+
+    /// Test hook: the next durable write fails as on a full disk.
+    #[cfg(test)]
+    pub(crate) fn fail_next_write(&self) {
+        self.writer.fail_next_write();
     }
 
     /// The current state; never blocks.

@@ -124,8 +124,7 @@ fn failed_write_leaves_state_unchanged() {
         store.patch("t", json!({"motd": "kept"})).await.unwrap();
         store.commit("t", Caller::keeld()).await.unwrap();
         store.patch("t", json!({"motd": "lost"})).await.unwrap();
-        // A directory where the temp file must go makes the durable write fail.
-        std::fs::create_dir(dir.path().join("generations.json.tmp")).unwrap();
+        store.fail_next_write();
         let err = store.commit("t", Caller::keeld()).await.unwrap_err();
         assert!(matches!(err, StoreError::Io { .. }), "{err}");
         let snap = store.snapshot();
@@ -299,9 +298,8 @@ fn a_failed_commit_leaves_its_transaction_pending_in_memory_and_on_disk() {
         let store = Store::open(dir.path(), 10).unwrap();
         store.patch("t", json!({"motd": "x"})).await.unwrap();
         store.patch("u", json!({"motd": "y"})).await.unwrap();
-        std::fs::create_dir(dir.path().join("generations.json.tmp")).unwrap();
+        store.fail_next_write();
         assert!(store.commit("t", Caller::keeld()).await.is_err());
-        std::fs::remove_dir(dir.path().join("generations.json.tmp")).unwrap();
         // The next batch brings the pending file back in line with memory.
         store.patch("v", json!({"motd": "z"})).await.unwrap();
     });

@@ -229,6 +229,14 @@ fn split_cheap(batch: &mut Vec<Op>) -> Vec<Op> {
     cheap
 }
 
+impl Writer {
+    /// Test hook: the next durable write fails as on a full disk.
+    #[cfg(test)]
+    pub(super) fn fail_next_write(&self) {
+        lock(&self.state).files.fail_next_write();
+    }
+}
+
 /// A poisoned lock only means a panic elsewhere while holding it; the data (a queue, the
 /// files handle) stays usable.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
