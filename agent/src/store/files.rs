@@ -14,7 +14,7 @@
 //!   a pending transaction is uncommitted work, and paying a flush on every PATCH
 //!   would halve commit throughput. After a power loss the pending transactions may be
 //!   older, or gone; committed generations are not affected.
-//! - A commit does not rewrite the pending file: `generations.json` also keeps the ids of
+//! - A commit does not rewrite the pending file: the committed state also keeps the ids of
 //!   the last `COMMITTED_WINDOW` committed transactions (far more than the kept history),
 //!   and `load` drops a pending transaction whose id is among them. Each pending file
 //!   records the generation it was written at; if commits it could list have since left
@@ -132,8 +132,8 @@ impl StoreFiles {
         })
     }
 
-    /// Reads the state; a missing `generations.json` means a fresh store holding
-    /// generation 0, the empty model.
+    /// Reads the state; no written slot (and no legacy `generations.json`) means a fresh
+    /// store holding generation 0, the empty model.
     pub fn load(&mut self) -> Result<Snapshot, StoreError> {
         self.remove_temp_files();
         let gen_path = self.dir.join(GENERATIONS);
@@ -275,7 +275,8 @@ impl StoreFiles {
         let _ = fs::remove_file(self.dir.join(format!("{GENERATIONS}.tmp")));
     }
 
-    /// Durably replaces `generations.json` (see the module comment for why this is safe).
+    /// Durably writes the committed state into the next slot (see `slots` for why this is
+    /// atomic and durable).
     pub fn write_generations(
         &mut self,
         generations: &[Generation],

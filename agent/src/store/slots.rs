@@ -196,15 +196,32 @@ fn read_slot(file: &File, size: u64) -> io::Result<SlotState> {
     Ok(SlotState::Valid { seq, payload })
 }
 
-/// CRC-32 (IEEE 802.3), bitwise: a few KB per commit do not need a table.
+/// CRC-32 (IEEE 802.3) lookup table, built at compile time.
+const CRC_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+};
+
+/// CRC-32 (IEEE 802.3), one table lookup per byte.
 fn crc32(data: &[u8]) -> u32 {
     let mut crc = !0u32;
     for byte in data {
-        crc ^= u32::from(*byte);
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
-        }
+        crc = (crc >> 8) ^ CRC_TABLE[((crc ^ u32::from(*byte)) & 0xFF) as usize];
     }
     !crc
 }

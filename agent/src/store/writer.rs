@@ -351,7 +351,7 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
     }
 
     // The pending file first: if it cannot be written, nothing is (and nothing changes).
-    // If it was written but generations.json then fails, the file runs ahead of memory
+    // If it was written but the committed state then fails, the file runs ahead of memory
     // (a commit's transaction already gone from it): the next batch rewrites it from
     // memory, and until then a crash would only lose that uncommitted transaction.
     let mut failure = None;
