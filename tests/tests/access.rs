@@ -12,8 +12,19 @@ use keel_e2e::{bin, Keeld, KeeldOptions};
 const NOBODY: u32 = 65534;
 const API_GID: u32 = 65533;
 
+/// A copy of the apiclient binary that any user can run: the build directory may sit
+/// under a directory other users cannot enter (CI clones anywhere).
+fn public_apiclient(keeld: &Keeld) -> std::path::PathBuf {
+    let path = keeld.dir.path().join("apiclient");
+    if !path.exists() {
+        std::fs::copy(bin("apiclient"), &path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    path
+}
+
 fn apiclient_as(keeld: &Keeld, uid: u32, gid: u32, args: &[&str]) -> Output {
-    Command::new(bin("apiclient"))
+    Command::new(public_apiclient(keeld))
         .arg("--socket-path")
         .arg(&keeld.socket)
         .args(args)
