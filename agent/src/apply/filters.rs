@@ -40,28 +40,29 @@ pub fn base64_decode(value: &str) -> Result<String, Error> {
 /// Quotes `value` as a TOML basic string: `"..."` with `\`, `"` and control characters
 /// escaped.
 pub fn toml_string(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 2);
-    out.push('"');
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    double_quoted(value, |c| match c {
+        '\u{8}' => Some("\\b"),
+        '\u{c}' => Some("\\f"),
+        _ => None,
+    })
 }
 
 /// Quotes `value` as a YAML double-quoted scalar, so that no value can change type
 /// (`"true"`, `"0x10"`, `"null"` stay strings) or break the document structure.
 pub fn yaml_string(value: &str) -> String {
+    // YAML treats these as line breaks or non-printable: escape them.
+    double_quoted(value, |c| match c {
+        '\u{85}' => Some("\\N"),
+        '\u{2028}' => Some("\\L"),
+        '\u{2029}' => Some("\\P"),
+        '\u{feff}' => Some("\\uFEFF"),
+        _ => None,
+    })
+}
+
+/// `"..."` with `"`, `\`, newline, return and tab escaped the way TOML and YAML share,
+/// the format's own escapes from `special`, and other control characters as `\uXXXX`.
+fn double_quoted(value: &str, special: impl Fn(char) -> Option<&'static str>) -> String {
     let mut out = String::with_capacity(value.len() + 2);
     out.push('"');
     for c in value.chars() {
@@ -71,13 +72,11 @@ pub fn yaml_string(value: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            // YAML treats these as line breaks or non-printable: escape them.
-            '\u{85}' => out.push_str("\\N"),
-            '\u{2028}' => out.push_str("\\L"),
-            '\u{2029}' => out.push_str("\\P"),
-            '\u{feff}' => out.push_str("\\uFEFF"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-            c => out.push(c),
+            c => match special(c) {
+                Some(escape) => out.push_str(escape),
+                None if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+                None => out.push(c),
+            },
         }
     }
     out.push('"');
