@@ -47,6 +47,42 @@ pub struct Config {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// containerd's socket (keeld connects on first use and reconnects after restarts).
+    #[arg(long, default_value = "/run/host-containerd/containerd.sock")]
+    pub containerd_socket: PathBuf,
+    /// containerd namespace for keeld's containers, images and snapshots.
+    #[arg(long, default_value = "keel")]
+    pub containerd_namespace: String,
+    /// Runtime directory (a tmpfs): container logs.
+    #[arg(long, default_value = "/run/keel")]
+    pub runtime_dir: PathBuf,
+    /// Persistent directory: `host-containers/<name>` and `bootstrap-containers/<name>`.
+    #[arg(long, default_value = "/local")]
+    pub persistent_dir: PathBuf,
+    /// The apiclient binary mounted into containers [default: beside keeld].
+    #[arg(long)]
+    pub apiclient: Option<PathBuf>,
+    /// The keel-logger binary containerd's shim runs for container output [default:
+    /// beside keeld].
+    #[arg(long)]
+    pub container_logger: Option<PathBuf>,
+    /// Between SIGTERM and SIGKILL when a host container is stopped.
+    #[arg(long, default_value = "10s")]
+    pub stop_grace: humantime::Duration,
+    /// First delay before an exited host container starts again; it doubles each time.
+    #[arg(long, default_value = "1s")]
+    pub restart_backoff: humantime::Duration,
+    /// The longest delay between restarts of an exited host container.
+    #[arg(long, default_value = "5m")]
+    pub restart_backoff_max: humantime::Duration,
+}
+
+/// A binary installed beside keeld (`apiclient`, `keel-logger`).
+pub fn sibling_binary(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .unwrap_or_else(|| PathBuf::from("/usr/bin").join(name))
 }
 
 fn parse_octal(text: &str) -> Result<u32, String> {

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod apply;
 pub mod config;
+pub mod containers;
 pub mod os;
 pub mod store;
 

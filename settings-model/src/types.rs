@@ -602,10 +602,41 @@ fn is_digest(s: &str) -> bool {
     }
 }
 
-/// Checks `s` against the distribution reference grammar; `Err` holds the short why.
+/// The prefix of a local OCI archive source: `oci-archive:<absolute path>[:<tag>]`.
+pub const OCI_ARCHIVE_PREFIX: &str = "oci-archive:";
+
+/// Checks an `oci-archive:` source: an absolute, normalized path without `:` (which
+/// separates the optional tag), then an optional tag.
+fn archive_ref_problem(rest: &str) -> Option<&'static str> {
+    let (path, tag) = match rest.split_once(':') {
+        Some((p, t)) => (p, Some(t)),
+        None => (rest, None),
+    };
+    if !path.starts_with('/') || path.len() < 2 {
+        return Some(
+            "oci-archive: needs an absolute path, e.g. oci-archive:/local/images/admin.tar",
+        );
+    }
+    if path.len() > 4096 || path.chars().any(char::is_control) {
+        return Some("the archive path is too long or holds control characters");
+    }
+    if path.split('/').any(|c| c == ".." || c == ".") || path.contains("//") {
+        return Some("the archive path must be normalized (no '.', '..' or '//')");
+    }
+    if tag.is_some_and(|t| !is_tag(t)) {
+        return Some("the tag must match [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}");
+    }
+    None
+}
+
+/// Checks `s` against the distribution reference grammar (or the `oci-archive:` form);
+/// `Err` holds the short why.
 fn image_ref_problem(s: &str) -> Option<&'static str> {
     if s.is_empty() {
         return Some("empty");
+    }
+    if let Some(rest) = s.strip_prefix(OCI_ARCHIVE_PREFIX) {
+        return archive_ref_problem(rest);
     }
     let (rest, digest) = match s.split_once('@') {
         Some((r, d)) => (r, Some(d)),
@@ -661,9 +692,10 @@ fn check_image_ref(s: &str) -> Result<(), String> {
 }
 
 validated_string! {
-    /// A container image reference: `[registry[:port]/]path[:tag][@sha256:<hex>]`.
+    /// A container image reference, `[registry[:port]/]path[:tag][@sha256:<hex>]`, or
+    /// a local OCI archive, `oci-archive:/path[:tag]`.
     ImageRef, check = check_image_ref,
-    description = "A container image reference, e.g. public.ecr.aws/org/image:tag",
+    description = "A container image reference, e.g. public.ecr.aws/org/image:tag, or oci-archive:/path/to/image.tar",
     format = None, pattern = None
 }
 

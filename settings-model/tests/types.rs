@@ -16,6 +16,8 @@ fn image_references() {
         "localhost/img",
         "[::1]:5000/img:tag",
         "img@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        "oci-archive:/local/images/admin.tar",
+        "oci-archive:/local/images/admin.tar:v1.2",
     ] {
         assert!(ImageRef::new(ok).is_ok(), "{ok}");
     }
@@ -29,6 +31,10 @@ fn image_references() {
         "img@sha256:abc",
         "a//b",
         "-a",
+        "oci-archive:relative.tar",
+        "oci-archive:/a/../etc/shadow",
+        "oci-archive:/a.tar:bad tag",
+        "oci-archive:",
     ] {
         let err = ImageRef::new(bad).unwrap_err();
         assert!(

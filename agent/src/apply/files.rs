@@ -3,9 +3,11 @@
 //! A file is written only when its content differs (an unchanged file keeps its inode and
 //! mtime, so nothing watching it wakes up). A write is atomic: a temp file in the same
 //! directory gets the content and mode, then is renamed over the target, so a reader (or
-//! a crash) sees the old or the new file, never a half-written one. There is no fsync:
-//! the render root is a tmpfs and every file in it is derived from the durable settings
-//! and rendered again at boot, so durability would buy nothing.
+//! a crash) sees the old or the new file, never a half-written one. The temp file is
+//! fsync'd before the rename (free on the tmpfs render root; on disk, for a container's
+//! `user-data`, it keeps a crash from leaving an empty file under the final name). The
+//! directory is not fsync'd: everything written here is derived from the durable
+//! settings and written again at the next start, so a lost rename only repeats work.
 //!
 //! Nothing is written through a symbolic link: a write is refused when any existing
 //! component between the render root and the target (each directory, and the target
@@ -145,10 +147,20 @@ fn create_temp(dir: &Path, name: &str, mode: u32) -> io::Result<(PathBuf, fs::Fi
 /// nothing) when the file already holds exactly this content and mode. Refuses, writing
 /// nothing, when a component between `root` and `target` is a symbolic link.
 pub fn write_if_changed(root: &Path, target: &Path, content: &str, mode: u32) -> io::Result<bool> {
+    write_bytes_if_changed(root, target, content.as_bytes(), mode)
+}
+
+/// [`write_if_changed`] for content that need not be text (a container's user-data).
+pub fn write_bytes_if_changed(
+    root: &Path,
+    target: &Path,
+    content: &[u8],
+    mode: u32,
+) -> io::Result<bool> {
     check_no_symlinks(root, target)?;
     if let Ok(meta) = fs::symlink_metadata(target) {
-        if meta.is_file() && meta.permissions().mode() & 0o7777 == mode && !differs(target, content)
-        {
+        let same = fs::read(target).is_ok_and(|current| current == content);
+        if meta.is_file() && meta.permissions().mode() & 0o7777 == mode && same {
             return Ok(false);
         }
     }
@@ -163,7 +175,8 @@ pub fn write_if_changed(root: &Path, target: &Path, content: &str, mode: u32) ->
     let result = (|| {
         // The umask may have narrowed the mode given at creation.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.write_all(content.as_bytes())?;
+        file.write_all(content)?;
+        file.sync_all()?;
         drop(file);
         // The target may have become a symbolic link meanwhile; rename replaces the link
         // itself rather than following it, but refuse all the same.

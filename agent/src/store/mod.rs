@@ -266,6 +266,7 @@ pub(crate) enum Op {
 pub struct Store {
     snapshot: Arc<ArcSwap<Snapshot>>,
     writer: Arc<writer::Writer>,
+    live: tokio::sync::watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -289,16 +290,19 @@ impl Store {
     ) -> Result<Store, StoreError> {
         let mut files = StoreFiles::new(dir)?;
         let snapshot = files.load()?;
+        let (live_tx, live) = tokio::sync::watch::channel(snapshot.live().generation);
         let shared = Arc::new(ArcSwap::from_pointee(snapshot));
         let writer = Arc::new(writer::Writer::new(
             files,
             keep.max(1),
             check,
             shared.clone(),
+            live_tx,
         ));
         Ok(Store {
             snapshot: shared,
             writer,
+            live,
         })
     }
 
@@ -306,6 +310,11 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn fail_next_write(&self) {
         self.writer.fail_next_write();
+    }
+
+    /// Follows the live generation number: changes on every commit and rollback.
+    pub fn watch_live(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.live.clone()
     }
 
     /// The current state; never blocks.

@@ -66,6 +66,8 @@ pub(super) struct Writer {
     /// Locked only by the leader, hence never contended.
     state: Mutex<WriterState>,
     shared: Arc<ArcSwap<Snapshot>>,
+    /// The live generation, for watchers such as the container supervisor.
+    live: tokio::sync::watch::Sender<u64>,
 }
 
 impl Writer {
@@ -74,6 +76,7 @@ impl Writer {
         keep: usize,
         check: Option<Arc<dyn CommitCheck>>,
         shared: Arc<ArcSwap<Snapshot>>,
+        live: tokio::sync::watch::Sender<u64>,
     ) -> Writer {
         let next_tx_id = {
             let snapshot = shared.load();
@@ -101,6 +104,7 @@ impl Writer {
                 pending_behind: false,
             }),
             shared,
+            live,
         }
     }
 
@@ -187,7 +191,10 @@ impl Writer {
                 // dropped with the batch, so their callers get an error, and the next
                 // batch starts from the published snapshot.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_batch(&mut state, &self.shared, part)
+                    run_batch(&mut state, &self.shared, part);
+                    let live = self.shared.load().live().generation;
+                    self.live
+                        .send_if_modified(|seen| std::mem::replace(seen, live) != live)
                 }));
                 if ran.is_err() {
                     tracing::error!("a store batch panicked; its operations were refused");

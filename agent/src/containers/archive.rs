@@ -1,0 +1,323 @@
+//! Importing a local OCI archive (`oci-archive:/path[:tag]`): a tar of an OCI image
+//! layout (`oci-layout`, `index.json`, `blobs/<alg>/<hex>`), as skopeo and buildah
+//! write it.
+//!
+//! The tar is scanned once for where each blob's bytes sit; then the index, manifest
+//! and config are read from those offsets and checked against their digests, and the
+//! layers are streamed into containerd, which checks theirs. Nothing is extracted to
+//! disk, so a hostile archive's paths cannot escape anywhere.
+
+use std::collections::HashMap;
+use std::io::SeekFrom;
+use std::path::Path;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::client::Containerd;
+use super::content::{self, MAX_METADATA_BLOB};
+use super::image::{
+    config_gc_labels, is_index, manifest_gc_labels, parse_json, select_platform, verify_digest,
+    Descriptor, ImageError, Index, Manifest,
+};
+
+/// The annotation naming a manifest's tag in an OCI layout's `index.json`.
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// More entries than any image layout needs; bounds the scan of a hostile archive.
+const MAX_ENTRIES: usize = 100_000;
+
+/// Where one blob's bytes sit inside the tar.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    offset: u64,
+    size: u64,
+}
+
+/// The archive's table of contents.
+struct Toc {
+    index: Option<Span>,
+    blobs: HashMap<String, Span>,
+}
+
+/// Imports the archive's image into the content store; answers the manifest descriptor.
+pub async fn import(
+    cd: &Containerd,
+    path: &str,
+    tag: Option<&str>,
+) -> Result<Descriptor, ImageError> {
+    let err = |why: String| ImageError::Archive {
+        path: path.to_owned(),
+        why,
+    };
+    let owned = path.to_owned();
+    let toc = tokio::task::spawn_blocking(move || scan(Path::new(&owned)))
+        .await
+        .map_err(|e| err(format!("scan failed: {e}")))??;
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|source| ImageError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    let index_span = toc
+        .index
+        .ok_or_else(|| err("no index.json: not an OCI archive".into()))?;
+    let index_bytes = read_span(&mut file, path, index_span).await?;
+    let index: Index = parse_json(&format!("{path}: index.json"), &index_bytes)?;
+    let mut chosen = choose(&index, tag).map_err(err)?.clone();
+    // A layout may point at an index (multi-platform image): follow it one level.
+    let mut manifest_bytes = read_blob(&mut file, path, &toc, &chosen).await?;
+    let body: serde_json::Value = parse_json("manifest", &manifest_bytes)?;
+    if is_index(&chosen.media_type, &body) {
+        let nested: Index = parse_json("image index", &manifest_bytes)?;
+        let (os, arch) = super::image::host_platform();
+        chosen = select_platform(&nested)
+            .ok_or(ImageError::NoPlatform { os, arch })?
+            .clone();
+        manifest_bytes = read_blob(&mut file, path, &toc, &chosen).await?;
+    }
+    if chosen.media_type.is_empty() {
+        chosen.media_type = super::image::MEDIA_OCI_MANIFEST.to_owned();
+    }
+    chosen.annotations.clear();
+    chosen.platform = None;
+    let manifest: Manifest = parse_json("image manifest", &manifest_bytes)?;
+    let config_bytes = read_blob(&mut file, path, &toc, &manifest.config).await?;
+
+    // Children before parents: a blob that references others is committed (with its
+    // GC labels) only once they exist.
+    for layer in &manifest.layers {
+        if content::has_blob(cd, &layer.digest).await? {
+            continue;
+        }
+        let span = *toc
+            .blobs
+            .get(&layer.digest)
+            .ok_or_else(|| err(format!("layer {} is missing", layer.digest)))?;
+        if span.size != layer.size {
+            return Err(ImageError::SizeMismatch {
+                digest: layer.digest.clone(),
+                expected: layer.size,
+            });
+        }
+        file.seek(SeekFrom::Start(span.offset))
+            .await
+            .map_err(|source| ImageError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+        let reader = (&mut file).take(span.size);
+        let owned_path = path.to_owned();
+        let stream = tokio_util::io::ReaderStream::with_capacity(reader, 1 << 20).map(move |r| {
+            r.map_err(|source| ImageError::Io {
+                path: owned_path.clone(),
+                source,
+            })
+        });
+        content::write_blob(cd, layer, HashMap::new(), stream).await?;
+    }
+    write_small(
+        cd,
+        &manifest.config,
+        config_gc_labels(&config_bytes)?,
+        config_bytes,
+    )
+    .await?;
+    write_small(cd, &chosen, manifest_gc_labels(&manifest), manifest_bytes).await?;
+    Ok(chosen)
+}
+
+/// Writes a blob already in memory (and verified) unless the store has it.
+pub(crate) async fn write_small(
+    cd: &Containerd,
+    desc: &Descriptor,
+    labels: HashMap<String, String>,
+    bytes: Vec<u8>,
+) -> Result<(), ImageError> {
+    if content::has_blob(cd, &desc.digest).await? {
+        return Ok(());
+    }
+    let stream = futures_util::stream::once(async move { Ok(Bytes::from(bytes)) });
+    content::write_blob(cd, desc, labels, stream).await
+}
+
+/// The manifest the layout's index names by `tag`, or its only one.
+fn choose<'a>(index: &'a Index, tag: Option<&str>) -> Result<&'a Descriptor, String> {
+    match tag {
+        Some(tag) => index
+            .manifests
+            .iter()
+            .find(|m| m.annotations.get(REF_NAME).is_some_and(|t| t == tag))
+            .ok_or_else(|| format!("no image tagged {tag:?} in index.json")),
+        None => match index.manifests.as_slice() {
+            [only] => Ok(only),
+            [] => Err("index.json lists no image".into()),
+            _ => Err(format!(
+                "index.json lists {} images; name one with oci-archive:/path:<tag>",
+                index.manifests.len()
+            )),
+        },
+    }
+}
+
+async fn read_blob(
+    file: &mut tokio::fs::File,
+    path: &str,
+    toc: &Toc,
+    desc: &Descriptor,
+) -> Result<Vec<u8>, ImageError> {
+    let span = *toc
+        .blobs
+        .get(&desc.digest)
+        .ok_or_else(|| ImageError::Archive {
+            path: path.to_owned(),
+            why: format!("blob {} is missing", desc.digest),
+        })?;
+    if span.size != desc.size {
+        return Err(ImageError::SizeMismatch {
+            digest: desc.digest.clone(),
+            expected: desc.size,
+        });
+    }
+    let bytes = read_span(file, path, span).await?;
+    verify_digest(&desc.digest, &bytes)?;
+    Ok(bytes)
+}
+
+async fn read_span(
+    file: &mut tokio::fs::File,
+    path: &str,
+    span: Span,
+) -> Result<Vec<u8>, ImageError> {
+    if span.size > MAX_METADATA_BLOB {
+        return Err(ImageError::Archive {
+            path: path.to_owned(),
+            why: format!("a metadata file of {} bytes is too big", span.size),
+        });
+    }
+    let io = |source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    file.seek(SeekFrom::Start(span.offset)).await.map_err(io)?;
+    let mut out = vec![0; usize::try_from(span.size).unwrap_or(0)];
+    file.read_exact(&mut out).await.map_err(io)?;
+    Ok(out)
+}
+
+/// One pass over the tar headers, recording where `index.json` and each
+/// `blobs/sha256/<hex>` start.
+fn scan(path: &Path) -> Result<Toc, ImageError> {
+    let shown = path.display().to_string();
+    let bad = |why: String| ImageError::Archive {
+        path: shown.clone(),
+        why,
+    };
+    let file = std::fs::File::open(path).map_err(|source| ImageError::Io {
+        path: shown.clone(),
+        source,
+    })?;
+    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    let mut toc = Toc {
+        index: None,
+        blobs: HashMap::new(),
+    };
+    let entries = archive
+        .entries()
+        .map_err(|e| bad(format!("not a tar file: {e}")))?;
+    for (n, entry) in entries.enumerate() {
+        if n >= MAX_ENTRIES {
+            return Err(bad(format!("more than {MAX_ENTRIES} entries")));
+        }
+        let entry = entry.map_err(|e| bad(format!("damaged tar: {e}")))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry
+            .path()
+            .map_err(|e| bad(format!("bad entry name: {e}")))?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_owned();
+        let span = Span {
+            offset: entry.raw_file_position(),
+            size: entry.size(),
+        };
+        if name == "index.json" {
+            toc.index = Some(span);
+        } else if let Some(hex) = name.strip_prefix("blobs/sha256/") {
+            if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                toc.blobs.insert(format!("sha256:{hex}"), span);
+            }
+        }
+    }
+    Ok(toc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_with(files: &[(&str, &[u8])]) -> tempfile::NamedTempFile {
+        let out = tempfile::NamedTempFile::new().expect("temp");
+        let mut builder = tar::Builder::new(out.reopen().expect("reopen"));
+        for (name, data) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder
+                .append_data(&mut header, name, *data)
+                .expect("append");
+        }
+        builder.finish().expect("finish");
+        out
+    }
+
+    #[test]
+    fn scan_finds_index_and_blobs_at_their_offsets() {
+        let blob = b"hello";
+        let hex = super::super::image::sha256_digest(blob);
+        let name = format!("blobs/sha256/{}", hex.trim_start_matches("sha256:"));
+        let archive = tar_with(&[
+            ("oci-layout", b"{}"),
+            (&name, blob),
+            ("index.json", b"{\"manifests\":[]}"),
+            ("blobs/sha256/not-hex", b"x"),
+        ]);
+        let toc = scan(archive.path()).expect("scan");
+        let span = toc.blobs[&hex];
+        let bytes = std::fs::read(archive.path()).expect("read");
+        let start = usize::try_from(span.offset).expect("offset");
+        assert_eq!(&bytes[start..start + 5], blob);
+        assert!(toc.index.is_some());
+        assert_eq!(toc.blobs.len(), 1);
+    }
+
+    #[test]
+    fn not_a_tar_is_refused() {
+        let file = tempfile::NamedTempFile::new().expect("temp");
+        std::fs::write(file.path(), vec![0x5a; 2048]).expect("write");
+        assert!(matches!(scan(file.path()), Err(ImageError::Archive { .. })));
+    }
+
+    #[test]
+    fn choosing_by_tag() {
+        let index: Index = serde_json::from_value(serde_json::json!({
+            "manifests": [
+                {"digest": "sha256:aa", "size": 1, "annotations": {REF_NAME: "v1"}},
+                {"digest": "sha256:bb", "size": 1, "annotations": {REF_NAME: "v2"}}
+            ]
+        }))
+        .expect("index");
+        assert_eq!(
+            choose(&index, Some("v2")).map(|d| d.digest.as_str()),
+            Ok("sha256:bb")
+        );
+        assert!(choose(&index, Some("v3")).is_err());
+        assert!(choose(&index, None)
+            .expect_err("ambiguous")
+            .contains("lists 2 images"));
+    }
+}

@@ -1,0 +1,217 @@
+//! Moving blobs in and out of containerd's content store, and the lease that protects
+//! them while an image is being assembled.
+//!
+//! containerd 1.6 has no server-side pull or import: the client writes each blob with
+//! the content service's `Write` stream, and containerd checks the size and digest at
+//! commit. Nothing here trusts a blob's bytes before containerd has verified them.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use containerd_client::services::v1::{
+    CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest, InfoRequest,
+    ReadContentRequest, WriteAction, WriteContentRequest,
+};
+use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc;
+
+use super::client::{Call, Containerd, ContainerdError};
+use super::image::{Descriptor, ImageError};
+
+/// How big a manifest, index or config may be when keeld reads it into memory.
+pub const MAX_METADATA_BLOB: u64 = 4 << 20;
+/// The chunk size for content writes (containerd's gRPC limit is 16 MiB).
+const WRITE_CHUNK: usize = 1 << 20;
+
+/// Whether the content store already holds `digest`.
+pub async fn has_blob(cd: &Containerd, digest: &str) -> Result<bool, ContainerdError> {
+    match cd
+        .content()
+        .info(InfoRequest {
+            digest: digest.to_owned(),
+        })
+        .await
+        .during("stat blob", digest)
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads a small blob (a manifest, index or config) back from the content store.
+pub async fn read_blob(cd: &Containerd, desc: &Descriptor) -> Result<Vec<u8>, ImageError> {
+    if desc.size > MAX_METADATA_BLOB {
+        return Err(ImageError::TooBig {
+            digest: desc.digest.clone(),
+            size: desc.size,
+        });
+    }
+    let mut stream = cd
+        .content()
+        .read(ReadContentRequest {
+            digest: desc.digest.clone(),
+            offset: 0,
+            size: 0,
+        })
+        .await
+        .during("read blob", &desc.digest)?;
+    let mut out = Vec::with_capacity(usize::try_from(desc.size).unwrap_or(0));
+    while let Some(part) = stream.message().await.map_err(|status| ContainerdError {
+        op: "read blob",
+        subject: desc.digest.clone(),
+        status,
+    })? {
+        out.extend_from_slice(&part.data);
+        if out.len() as u64 > MAX_METADATA_BLOB {
+            return Err(ImageError::TooBig {
+                digest: desc.digest.clone(),
+                size: out.len() as u64,
+            });
+        }
+    }
+    super::image::verify_digest(&desc.digest, &out)?;
+    Ok(out)
+}
+
+/// Writes one blob from `data` into the content store; containerd verifies the total
+/// size and the digest before it commits, so a truncated download or a corrupted
+/// archive never becomes content. `labels` are set at commit (the garbage-collection
+/// references that keep an image's parts alive).
+pub async fn write_blob<S>(
+    cd: &Containerd,
+    desc: &Descriptor,
+    labels: HashMap<String, String>,
+    data: S,
+) -> Result<(), ImageError>
+where
+    S: Stream<Item = Result<Bytes, ImageError>> + Send,
+{
+    let fail = |status| ContainerdError {
+        op: "write blob",
+        subject: desc.digest.clone(),
+        status,
+    };
+    // A unique ingest ref: a half-finished write from an earlier, interrupted attempt
+    // must not be resumed at the wrong offset.
+    let ingest_ref = format!(
+        "keel-{}-{:016x}",
+        desc.digest.trim_start_matches("sha256:"),
+        rand::random::<u64>()
+    );
+    let size = i64::try_from(desc.size).map_err(|_| ImageError::TooBig {
+        digest: desc.digest.clone(),
+        size: desc.size,
+    })?;
+    let (tx, rx) = mpsc::channel::<WriteContentRequest>(2);
+    let requests =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    // The first message opens the writer; containerd answers each message in turn, and
+    // the exchange is kept in lockstep so that a refused write stops the upload at once.
+    let first = WriteContentRequest {
+        action: WriteAction::Stat as i32,
+        r#ref: ingest_ref.clone(),
+        total: size,
+        expected: desc.digest.clone(),
+        ..Default::default()
+    };
+    let closed = || ImageError::Protocol(format!("content write of {} closed early", desc.digest));
+    tx.send(first).await.map_err(|_| closed())?;
+    let mut content = cd.content();
+    let mut replies = content
+        .write(requests)
+        .await
+        .during("write blob", &desc.digest)?;
+    replies.message().await.map_err(fail)?.ok_or_else(closed)?;
+
+    let mut offset: i64 = 0;
+    let mut data = std::pin::pin!(data);
+    while let Some(chunk) = data.next().await {
+        let chunk = chunk?;
+        for piece in chunk.chunks(WRITE_CHUNK) {
+            let len = i64::try_from(piece.len()).unwrap_or(i64::MAX);
+            if offset.saturating_add(len) > size {
+                return Err(ImageError::SizeMismatch {
+                    digest: desc.digest.clone(),
+                    expected: desc.size,
+                });
+            }
+            let message = WriteContentRequest {
+                action: WriteAction::Write as i32,
+                r#ref: ingest_ref.clone(),
+                total: size,
+                expected: desc.digest.clone(),
+                offset,
+                data: piece.to_vec(),
+                ..Default::default()
+            };
+            tx.send(message).await.map_err(|_| closed())?;
+            replies.message().await.map_err(fail)?.ok_or_else(closed)?;
+            offset += len;
+        }
+    }
+    if offset != size {
+        return Err(ImageError::SizeMismatch {
+            digest: desc.digest.clone(),
+            expected: desc.size,
+        });
+    }
+    let commit = WriteContentRequest {
+        action: WriteAction::Commit as i32,
+        r#ref: ingest_ref,
+        total: size,
+        expected: desc.digest.clone(),
+        offset,
+        labels,
+        ..Default::default()
+    };
+    tx.send(commit).await.map_err(|_| closed())?;
+    match replies.message().await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(closed()),
+        // Another writer committed the same blob first: the content is there.
+        Err(status) if status.code() == containerd_client::tonic::Code::AlreadyExists => Ok(()),
+        Err(status) => Err(fail(status).into()),
+    }
+}
+
+/// A containerd lease: content and snapshots made under it survive garbage collection
+/// until the image (or container) that references them exists. Deleted on `release`;
+/// if keeld dies first, the expiry label lets containerd collect it.
+#[derive(Debug)]
+pub struct Lease {
+    pub id: String,
+}
+
+impl Lease {
+    pub async fn create(cd: &Containerd) -> Result<Lease, ContainerdError> {
+        let id = format!("keel-{:016x}", rand::random::<u64>());
+        let expire = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+        let labels = HashMap::from([(
+            "containerd.io/gc.expire".to_owned(),
+            humantime::format_rfc3339_seconds(expire).to_string(),
+        )]);
+        cd.leases()
+            .create(CreateLeaseRequest {
+                id: id.clone(),
+                labels,
+            })
+            .await
+            .during("create lease", &id)?;
+        Ok(Lease { id })
+    }
+
+    pub async fn release(self, cd: &Containerd) {
+        let deleted = cd
+            .leases()
+            .delete(DeleteLeaseRequest {
+                id: self.id.clone(),
+                sync: false,
+            })
+            .await
+            .during("delete lease", &self.id);
+        if let Err(e) = deleted {
+            tracing::warn!(lease = %self.id, error = %e, "could not delete lease; it expires in an hour");
+        }
+    }
+}

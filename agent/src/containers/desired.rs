@@ -1,0 +1,311 @@
+//! The containers the settings ask for, in the form the supervisors work with.
+//!
+//! Everything that ends up in a container's spec, user-data or image is in
+//! [`DesiredContainer`]; its [`config_hash`](DesiredContainer::config_hash) is stored on
+//! the containerd record, so a keeld restart can tell a running container that still
+//! matches its settings (re-attach) from one that must be recreated. Registry mirrors
+//! and credentials only change where images are fetched from, so they are not part of
+//! it and changing them restarts nothing.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::Serialize;
+use settings_model::Settings;
+use sha2::{Digest as _, Sha256};
+
+use super::spec::Tier;
+use super::status::ContainerKind;
+
+/// One container as the settings describe it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DesiredContainer {
+    pub name: String,
+    #[serde(skip)]
+    pub kind: ContainerKind,
+    #[serde(skip)]
+    pub tier: Tier,
+    pub tier_name: &'static str,
+    pub source: String,
+    /// Decoded; written to `<persistent dir>/user-data` with mode 0600.
+    #[serde(skip)]
+    pub user_data: Option<Vec<u8>>,
+    pub user_data_digest: Option<String>,
+    pub command: Option<Vec<String>>,
+    /// The container's own `environment` settings, then the proxy variables.
+    pub environment: Vec<(String, String)>,
+    pub capabilities: Vec<String>,
+    pub memory_limit_bytes: Option<i64>,
+    pub cpu_limit_millicores: Option<u64>,
+}
+
+impl DesiredContainer {
+    /// A digest of everything that shapes the running container.
+    pub fn config_hash(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(&Sha256::digest(&json)[..16])
+    }
+
+    /// The containerd container ID: kind and name, so a host and a bootstrap container
+    /// may share a name.
+    pub fn id(&self) -> String {
+        container_id(self.kind, &self.name)
+    }
+}
+
+pub fn container_id(kind: ContainerKind, name: &str) -> String {
+    format!("{}-{name}", kind.as_str())
+}
+
+/// The proxy variables every container gets when `settings.network.https-proxy` is set;
+/// the same rules as the rendered proxy environment file (loopback and the metadata
+/// service never go through the proxy).
+pub fn proxy_environment(settings: &Settings) -> Vec<(String, String)> {
+    let Some(network) = &settings.network else {
+        return Vec::new();
+    };
+    let Some(proxy) = &network.https_proxy else {
+        return Vec::new();
+    };
+    let proxy = proxy.as_str();
+    let proxy = if proxy.contains("://") {
+        proxy.to_owned()
+    } else {
+        format!("http://{proxy}")
+    };
+    let mut no_proxy: Vec<String> = ["localhost", "127.0.0.1", "169.254.169.254"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    for entry in network.no_proxy.iter().flatten() {
+        if !no_proxy.iter().any(|e| e == entry.as_str()) {
+            no_proxy.push(entry.as_str().to_owned());
+        }
+    }
+    let no_proxy = no_proxy.join(",");
+    vec![
+        ("HTTPS_PROXY".into(), proxy.clone()),
+        ("https_proxy".into(), proxy),
+        ("NO_PROXY".into(), no_proxy.clone()),
+        ("no_proxy".into(), no_proxy),
+    ]
+}
+
+/// `512Mi`, `1G`, `1e9` … in bytes; `None` for a value that is not a whole number of
+/// bytes or does not fit.
+pub fn quantity_bytes(q: &str) -> Option<i64> {
+    let (number, factor): (&str, f64) = [
+        ("Ki", 1024f64),
+        ("Mi", 1024f64.powi(2)),
+        ("Gi", 1024f64.powi(3)),
+        ("Ti", 1024f64.powi(4)),
+        ("Pi", 1024f64.powi(5)),
+        ("Ei", 1024f64.powi(6)),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+        ("m", 1e-3),
+    ]
+    .iter()
+    .find_map(|(suffix, f)| q.strip_suffix(suffix).map(|n| (n, *f)))
+    .unwrap_or((q, 1.0));
+    let value: f64 = number.parse().ok()?;
+    let bytes = (value * factor).round();
+    (bytes.is_finite() && bytes >= 1.0 && bytes < i64::MAX as f64).then_some(bytes as i64)
+}
+
+/// `500m` → 500, `2` → 2000, `1.5` → 1500 (millicores).
+pub fn quantity_millicores(q: &str) -> Option<u64> {
+    let millis = match q.strip_suffix('m') {
+        Some(n) => n.parse::<f64>().ok()?,
+        None => q.parse::<f64>().ok()? * 1000.0,
+    };
+    let millis = millis.round();
+    (millis.is_finite() && millis >= 1.0 && millis < 1e12).then_some(millis as u64)
+}
+
+/// The host containers that should run: enabled ones with a source.
+pub fn host_containers(settings: &Settings) -> BTreeMap<String, DesiredContainer> {
+    let proxy = proxy_environment(settings);
+    let mut out = BTreeMap::new();
+    for (name, hc) in settings.host_containers.iter().flatten() {
+        let (Some(true), Some(source)) = (hc.enabled, &hc.source) else {
+            continue;
+        };
+        let tier = if hc.superpowered == Some(true) {
+            Tier::Superpowered
+        } else {
+            Tier::Host
+        };
+        out.insert(
+            name.as_str().to_owned(),
+            build(
+                name.as_str(),
+                ContainerKind::Host,
+                tier,
+                source.as_str(),
+                Parts {
+                    user_data: hc.user_data.as_ref().map(|b| b.as_str()),
+                    command: hc.command.as_ref(),
+                    environment: hc.environment.as_ref(),
+                    capabilities: hc.capabilities.as_ref(),
+                    memory_limit: hc.memory_limit.as_ref().map(|q| q.as_str()),
+                    cpu_limit: hc.cpu_limit.as_ref().map(|q| q.as_str()),
+                },
+                &proxy,
+            ),
+        );
+    }
+    out
+}
+
+/// Every bootstrap container with a source, whatever its mode, by name (the order they
+/// run in).
+pub fn bootstrap_containers(settings: &Settings) -> BTreeMap<String, DesiredContainer> {
+    let proxy = proxy_environment(settings);
+    let mut out = BTreeMap::new();
+    for (name, bc) in settings.bootstrap_containers.iter().flatten() {
+        let Some(source) = &bc.source else { continue };
+        out.insert(
+            name.as_str().to_owned(),
+            build(
+                name.as_str(),
+                ContainerKind::Bootstrap,
+                Tier::Bootstrap,
+                source.as_str(),
+                Parts {
+                    user_data: bc.user_data.as_ref().map(|b| b.as_str()),
+                    command: bc.command.as_ref(),
+                    environment: bc.environment.as_ref(),
+                    capabilities: bc.capabilities.as_ref(),
+                    memory_limit: bc.memory_limit.as_ref().map(|q| q.as_str()),
+                    cpu_limit: bc.cpu_limit.as_ref().map(|q| q.as_str()),
+                },
+                &proxy,
+            ),
+        );
+    }
+    out
+}
+
+struct Parts<'a> {
+    user_data: Option<&'a str>,
+    command: Option<&'a Vec<String>>,
+    environment: Option<
+        &'a BTreeMap<settings_model::types::EnvName, settings_model::types::SingleLineString>,
+    >,
+    capabilities: Option<&'a Vec<settings_model::types::Capability>>,
+    memory_limit: Option<&'a str>,
+    cpu_limit: Option<&'a str>,
+}
+
+fn build(
+    name: &str,
+    kind: ContainerKind,
+    tier: Tier,
+    source: &str,
+    parts: Parts<'_>,
+    proxy: &[(String, String)],
+) -> DesiredContainer {
+    // The model validated the base64 already; a value that still fails to decode
+    // (impossible through the API) gives an empty file rather than a crash.
+    let user_data = parts.user_data.map(|b64| {
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap_or_default()
+    });
+    let user_data_digest = user_data.as_ref().map(|d| hex::encode(Sha256::digest(d)));
+    let mut environment: Vec<(String, String)> = parts
+        .environment
+        .iter()
+        .flat_map(|m| m.iter())
+        .map(|(k, v)| (k.as_str().to_owned(), v.as_str().to_owned()))
+        .collect();
+    for (k, v) in proxy {
+        if !environment.iter().any(|(name, _)| name == k) {
+            environment.push((k.clone(), v.clone()));
+        }
+    }
+    DesiredContainer {
+        name: name.to_owned(),
+        kind,
+        tier,
+        tier_name: tier.as_str(),
+        source: source.to_owned(),
+        user_data,
+        user_data_digest,
+        command: parts.command.cloned(),
+        environment,
+        capabilities: parts
+            .capabilities
+            .iter()
+            .flat_map(|c| c.iter())
+            .map(|c| c.with_cap_prefix())
+            .collect(),
+        memory_limit_bytes: parts.memory_limit.and_then(quantity_bytes),
+        cpu_limit_millicores: parts.cpu_limit.and_then(quantity_millicores),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(v: serde_json::Value) -> Settings {
+        serde_json::from_value(v).expect("settings")
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(quantity_bytes("512Mi"), Some(512 << 20));
+        assert_eq!(quantity_bytes("1G"), Some(1_000_000_000));
+        assert_eq!(quantity_bytes("100"), Some(100));
+        assert_eq!(quantity_bytes("0"), None);
+        assert_eq!(quantity_millicores("500m"), Some(500));
+        assert_eq!(quantity_millicores("2"), Some(2000));
+        assert_eq!(quantity_millicores("1.5"), Some(1500));
+    }
+
+    #[test]
+    fn enabled_host_containers_only() {
+        let s = settings(serde_json::json!({
+            "host-containers": {
+                "admin": {"enabled": true, "superpowered": true, "source": "oci-archive:/a.tar",
+                          "user-data": "aGVsbG8=", "environment": {"A": "1"}, "capabilities": ["NET_ADMIN"]},
+                "control": {"enabled": false, "source": "x/y"},
+                "nosource": {"enabled": true}
+            },
+            "network": {"https-proxy": "proxy:3128", "no-proxy": ["example.com"]}
+        }));
+        let desired = host_containers(&s);
+        assert_eq!(desired.keys().collect::<Vec<_>>(), ["admin"]);
+        let admin = &desired["admin"];
+        assert_eq!(admin.tier, Tier::Superpowered);
+        assert_eq!(admin.user_data.as_deref(), Some(&b"hello"[..]));
+        assert_eq!(admin.capabilities, ["CAP_NET_ADMIN"]);
+        assert_eq!(admin.environment[0], ("A".into(), "1".into()));
+        assert!(admin.environment.contains(&(
+            "NO_PROXY".into(),
+            "localhost,127.0.0.1,169.254.169.254,example.com".into()
+        )));
+        assert_eq!(admin.id(), "host-admin");
+    }
+
+    #[test]
+    fn hash_follows_what_shapes_the_container() {
+        let base =
+            serde_json::json!({"host-containers": {"a": {"enabled": true, "source": "x/y:1"}}});
+        let mut changed = base.clone();
+        changed["host-containers"]["a"]["user-data"] = "eA==".into();
+        let with_registry = serde_json::json!({
+            "host-containers": {"a": {"enabled": true, "source": "x/y:1"}},
+            "container-registry": {"mirrors": [{"registry": "docker.io", "endpoint": ["https://m.example.com"]}]}
+        });
+        let h = |v: &serde_json::Value| host_containers(&settings(v.clone()))["a"].config_hash();
+        assert_ne!(h(&base), h(&changed));
+        assert_eq!(h(&base), h(&with_registry));
+    }
+}

@@ -1,0 +1,149 @@
+//! Containers: host containers (long-running, supervised) and bootstrap containers
+//! (run to completion at boot), through containerd.
+//!
+//! - [`client`]: the containerd connection (namespace, lease, reconnects).
+//! - [`image`], [`registry`], [`archive`], [`content`]: getting an image into
+//!   containerd's content store from a registry or an OCI archive, and unpacking it.
+//! - [`spec`], [`seccomp`]: the OCI runtime spec of each privilege tier.
+//! - [`desired`]: what the settings ask for; [`runtime`]: the per-container operations;
+//!   [`supervisor`]: one task per host container keeping containerd in line with it.
+//! - [`status`]: what `GET /containers` shows; [`logs`]: reading the logger's files.
+//!
+//! This module never writes settings; it follows the store's live generation.
+
+pub mod archive;
+pub mod client;
+pub mod content;
+pub mod desired;
+pub mod image;
+pub mod logs;
+pub mod registry;
+pub mod runtime;
+pub mod seccomp;
+pub mod spec;
+pub mod status;
+pub mod supervisor;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::store::Store;
+use desired::DesiredContainer;
+use registry::RegistryConfig;
+use runtime::{ContainerdRuntime, Runtime, LABEL_KIND, LABEL_MANAGED, LABEL_NAME};
+use status::{ContainerKind, StatusBoard};
+use supervisor::{Inputs, SupervisorConfig};
+
+/// The host containers' reconciler: one supervisor per name the settings have ever
+/// mentioned (or containerd still holds), each fed its container's desired state.
+pub struct HostContainers<R: Runtime> {
+    runtime: Arc<R>,
+    board: StatusBoard,
+    config: SupervisorConfig,
+    supervisors: BTreeMap<String, watch::Sender<Option<DesiredContainer>>>,
+    registries: watch::Sender<Arc<RegistryConfig>>,
+}
+
+impl<R: Runtime> HostContainers<R> {
+    pub fn new(runtime: Arc<R>, board: StatusBoard, config: SupervisorConfig) -> Self {
+        HostContainers {
+            runtime,
+            board,
+            config,
+            supervisors: BTreeMap::new(),
+            registries: watch::channel(Arc::new(RegistryConfig::default())).0,
+        }
+    }
+
+    /// Brings every supervisor up to date with `settings`; `leftovers` are names that
+    /// containerd holds but the settings may no longer mention (they get `None`).
+    pub fn reconcile(&mut self, settings: &settings_model::Settings, leftovers: &[String]) {
+        let registries = Arc::new(RegistryConfig::from_settings(settings));
+        self.registries.send_replace(registries);
+        let mut desired = desired::host_containers(settings);
+        let names: Vec<String> = self
+            .supervisors
+            .keys()
+            .cloned()
+            .chain(desired.keys().cloned())
+            .chain(leftovers.iter().cloned())
+            .collect();
+        for name in names {
+            let want = desired.remove(&name);
+            match self.supervisors.get(&name) {
+                Some(tx) => {
+                    tx.send_if_modified(|current| {
+                        let changed = *current != want;
+                        if changed {
+                            current.clone_from(&want);
+                        }
+                        changed
+                    });
+                }
+                None => {
+                    let (tx, rx) = watch::channel(want);
+                    let inputs = Inputs {
+                        desired: rx,
+                        registries: self.registries.subscribe(),
+                    };
+                    tokio::spawn(supervisor::supervise(
+                        self.runtime.clone(),
+                        self.board.clone(),
+                        self.config,
+                        ContainerKind::Host,
+                        name.clone(),
+                        inputs,
+                    ));
+                    self.supervisors.insert(name, tx);
+                }
+            }
+        }
+    }
+}
+
+/// Follows the store: on every new live generation, reconciles the host containers.
+/// Host containers that containerd holds from an earlier run but the settings no longer
+/// enable are found by label and removed.
+pub async fn run_host_containers(
+    store: Store,
+    runtime: Arc<ContainerdRuntime>,
+    board: StatusBoard,
+    config: SupervisorConfig,
+) {
+    let mut live = store.watch_live();
+    let mut hosts = HostContainers::new(runtime.clone(), board, config);
+    let leftovers = find_leftovers(&runtime).await;
+    loop {
+        live.borrow_and_update();
+        let snapshot = store.snapshot();
+        match serde_json::from_value::<settings_model::Settings>(snapshot.live_settings().clone()) {
+            Ok(settings) => hosts.reconcile(&settings, &leftovers),
+            // Committed settings always validate; this would be a bug, not bad input.
+            Err(e) => {
+                tracing::error!(error = %e, "live settings do not parse; containers unchanged")
+            }
+        }
+        if live.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Names of host containers keeld created in an earlier run. When containerd is down
+/// this is retried in the background by each supervisor anyway, so an empty answer is
+/// only a missed clean-up of containers the settings dropped while keeld was stopped.
+async fn find_leftovers(runtime: &ContainerdRuntime) -> Vec<String> {
+    match runtime.cd.containers_labelled(LABEL_MANAGED, "true").await {
+        Ok(records) => records
+            .into_iter()
+            .filter(|c| c.labels.get(LABEL_KIND).map(String::as_str) == Some("host"))
+            .filter_map(|c| c.labels.get(LABEL_NAME).cloned())
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list containers left from an earlier run");
+            Vec::new()
+        }
+    }
+}

@@ -1,0 +1,442 @@
+//! Pulling an image from a registry into containerd's content store.
+//!
+//! The distribution protocol (token authentication, manifest negotiation, blob
+//! download with digest verification, proxies) is `oci-client`, the ORAS project's
+//! client: maintained, async, on `reqwest` with rustls, and it verifies every blob it
+//! streams. keeld adds what a host agent needs around it: mirrors and credentials from
+//! `settings.container-registry`, the proxy from `settings.network`, plain HTTP only
+//! for loopback registries or mirrors written with `http://`, platform selection from
+//! an index, and writing each blob into containerd (which verifies it again).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures_util::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use settings_model::Settings;
+
+use super::archive::write_small;
+use super::client::Containerd;
+use super::content::{self, MAX_METADATA_BLOB};
+use super::image::{
+    config_gc_labels, is_index, manifest_gc_labels, parse_json, select_platform, verify_digest,
+    Descriptor, ImageError, Index, Manifest, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
+    MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
+};
+
+/// Why a pull failed, per endpoint tried. Never holds a credential.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0:?} is not a valid image reference: {1}")]
+    Reference(String, String),
+    #[error("{}", .0.join("; "))]
+    AllEndpointsFailed(Vec<String>),
+    #[error("{endpoint}: the manifest is {got}, but the reference pins {pinned}")]
+    PinnedDigest {
+        endpoint: String,
+        pinned: String,
+        got: String,
+    },
+}
+
+/// Credentials for one registry host.
+#[derive(Clone)]
+struct Credential {
+    username: String,
+    password: String,
+}
+
+/// What a pull needs from settings: mirrors, credentials and the proxy.
+#[derive(Clone, Default)]
+pub struct RegistryConfig {
+    /// Registry host (or `*`) → mirror endpoints, in order.
+    mirrors: Vec<(String, Vec<url::Url>)>,
+    credentials: HashMap<String, Credential>,
+    https_proxy: Option<String>,
+    no_proxy: Option<String>,
+}
+
+impl std::fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("mirrors", &self.mirrors)
+            .field("credentials", &self.credentials.keys().collect::<Vec<_>>())
+            .field("https_proxy", &self.https_proxy.is_some())
+            .finish()
+    }
+}
+
+impl RegistryConfig {
+    pub fn from_settings(settings: &Settings) -> RegistryConfig {
+        let mut config = RegistryConfig::default();
+        if let Some(registry) = &settings.container_registry {
+            for mirror in registry.mirrors.iter().flatten() {
+                let (Some(host), Some(endpoints)) = (&mirror.registry, &mirror.endpoint) else {
+                    continue;
+                };
+                let urls = endpoints
+                    .iter()
+                    .filter_map(|u| url::Url::parse(u.as_str()).ok())
+                    .collect();
+                config.mirrors.push((host.as_str().to_owned(), urls));
+            }
+            for cred in registry.credentials.iter().flatten() {
+                let Some(host) = &cred.registry else { continue };
+                let from_auth = cred.auth.as_ref().and_then(|a| {
+                    let raw = base64::engine::general_purpose::STANDARD
+                        .decode(a.as_str())
+                        .ok()?;
+                    let text = String::from_utf8(raw).ok()?;
+                    let (u, p) = text.split_once(':')?;
+                    Some(Credential {
+                        username: u.to_owned(),
+                        password: p.to_owned(),
+                    })
+                });
+                let from_pair = match (&cred.username, &cred.password) {
+                    (Some(u), Some(p)) => Some(Credential {
+                        username: u.as_str().to_owned(),
+                        password: p.as_str().to_owned(),
+                    }),
+                    _ => None,
+                };
+                if let Some(c) = from_pair.or(from_auth) {
+                    config.credentials.insert(host.as_str().to_owned(), c);
+                }
+            }
+        }
+        if let Some(network) = &settings.network {
+            config.https_proxy = network.https_proxy.as_ref().map(|p| {
+                let p = p.as_str();
+                if p.contains("://") {
+                    p.to_owned()
+                } else {
+                    format!("http://{p}")
+                }
+            });
+            config.no_proxy = network.no_proxy.as_ref().map(|entries| {
+                entries
+                    .iter()
+                    .map(|e| e.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            });
+        }
+        config
+    }
+
+    fn mirrors_for(&self, registry: &str) -> Vec<url::Url> {
+        let exact = self.mirrors.iter().find(|(h, _)| h == registry);
+        let wildcard = self.mirrors.iter().find(|(h, _)| h == "*");
+        exact
+            .or(wildcard)
+            .map(|(_, urls)| urls.clone())
+            .unwrap_or_default()
+    }
+
+    fn auth_for(&self, registry: &str) -> RegistryAuth {
+        match self.credentials.get(registry) {
+            Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+            None => RegistryAuth::Anonymous,
+        }
+    }
+}
+
+/// One place to fetch from: a mirror or the registry itself.
+struct Endpoint {
+    reference: Reference,
+    /// `host[:port]` as the credentials and the HTTP exception list name it.
+    host: String,
+    plain_http: bool,
+}
+
+/// Whether `host[:port]` is a loopback address, where plain HTTP is allowed.
+fn is_loopback(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn endpoints(reference: &Reference, config: &RegistryConfig) -> Vec<Endpoint> {
+    let registry = reference.registry().to_owned();
+    let mut out = Vec::new();
+    for url in config.mirrors_for(&registry) {
+        let Some(host) = url.host_str() else { continue };
+        let host = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
+        let reference = match (reference.digest(), reference.tag()) {
+            (Some(d), _) => Reference::with_digest(
+                host.clone(),
+                reference.repository().to_owned(),
+                d.to_owned(),
+            ),
+            (None, t) => Reference::with_tag(
+                host.clone(),
+                reference.repository().to_owned(),
+                t.unwrap_or("latest").to_owned(),
+            ),
+        };
+        out.push(Endpoint {
+            reference,
+            plain_http: url.scheme() == "http",
+            host,
+        });
+    }
+    out.push(Endpoint {
+        reference: reference.clone(),
+        plain_http: is_loopback(&registry),
+        host: registry,
+    });
+    out
+}
+
+fn client_for(endpoint: &Endpoint, config: &RegistryConfig) -> Client {
+    let protocol = if endpoint.plain_http {
+        ClientProtocol::HttpsExcept(vec![endpoint.host.clone()])
+    } else {
+        ClientProtocol::Https
+    };
+    Client::new(ClientConfig {
+        protocol,
+        connect_timeout: Some(Duration::from_secs(10)),
+        read_timeout: Some(Duration::from_secs(60)),
+        https_proxy: config.https_proxy.clone(),
+        http_proxy: config.https_proxy.clone(),
+        no_proxy: config.no_proxy.clone(),
+        ..ClientConfig::default()
+    })
+}
+
+/// Pulls `reference` (trying its mirrors first) into the content store; answers the
+/// descriptor of the host platform's manifest.
+pub async fn pull(
+    cd: &Containerd,
+    reference: &str,
+    config: &RegistryConfig,
+) -> Result<Descriptor, ImageError> {
+    let parsed: Reference = reference.parse().map_err(|e: oci_client::ParseError| {
+        RegistryError::Reference(reference.to_owned(), e.to_string())
+    })?;
+    let mut failures = Vec::new();
+    for endpoint in endpoints(&parsed, config) {
+        match pull_from(cd, &endpoint, config).await {
+            Ok(desc) => {
+                tracing::info!(image = %reference, endpoint = %endpoint.host, digest = %desc.digest, "pulled");
+                return Ok(desc);
+            }
+            // containerd itself failing is not a reason to try the next mirror.
+            Err(e) if matches!(e, ImageError::Containerd(_)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(image = %reference, endpoint = %endpoint.host, error = %e, "pull failed");
+                failures.push(format!("{}: {e}", endpoint.host));
+            }
+        }
+    }
+    Err(RegistryError::AllEndpointsFailed(failures).into())
+}
+
+fn registry_failure(
+    endpoint: &Endpoint,
+    e: oci_client::errors::OciDistributionError,
+) -> ImageError {
+    ImageError::Protocol(format!("{}: {e}", endpoint.reference.whole()))
+}
+
+const ACCEPTED: [&str; 4] = [
+    MEDIA_OCI_MANIFEST,
+    MEDIA_DOCKER_MANIFEST,
+    MEDIA_OCI_INDEX,
+    MEDIA_DOCKER_LIST,
+];
+
+async fn pull_from(
+    cd: &Containerd,
+    endpoint: &Endpoint,
+    config: &RegistryConfig,
+) -> Result<Descriptor, ImageError> {
+    let client = client_for(endpoint, config);
+    let auth = config.auth_for(&endpoint.host);
+    let reference = &endpoint.reference;
+    let (mut bytes, mut digest) = client
+        .pull_manifest_raw(reference, &auth, &ACCEPTED)
+        .await
+        .map_err(|e| registry_failure(endpoint, e))?;
+    if let Some(pinned) = reference.digest() {
+        if pinned != digest {
+            return Err(RegistryError::PinnedDigest {
+                endpoint: endpoint.host.clone(),
+                pinned: pinned.to_owned(),
+                got: digest,
+            }
+            .into());
+        }
+    }
+    verify_digest(&digest, &bytes)?;
+    let body: serde_json::Value = parse_json("manifest", &bytes)?;
+    let mut media_type = body
+        .get("mediaType")
+        .and_then(|m| m.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    if is_index(&media_type, &body) {
+        let index: Index = parse_json("image index", &bytes)?;
+        let (os, arch) = super::image::host_platform();
+        let chosen = select_platform(&index).ok_or(ImageError::NoPlatform { os, arch })?;
+        let by_digest = reference.clone_with_digest(chosen.digest.clone());
+        let (b, d) = client
+            .pull_manifest_raw(&by_digest, &auth, &ACCEPTED)
+            .await
+            .map_err(|e| registry_failure(endpoint, e))?;
+        if d != chosen.digest {
+            return Err(ImageError::DigestMismatch {
+                digest: chosen.digest.clone(),
+                actual: d,
+            });
+        }
+        verify_digest(&d, &b)?;
+        bytes = b;
+        digest = d;
+        media_type = chosen.media_type.clone();
+    }
+    if media_type.is_empty() {
+        media_type = MEDIA_OCI_MANIFEST.to_owned();
+    }
+    let manifest: Manifest = parse_json("image manifest", &bytes)?;
+    let manifest_desc = Descriptor {
+        media_type,
+        digest,
+        size: bytes.len() as u64,
+        platform: None,
+        annotations: HashMap::new(),
+    };
+
+    for layer in &manifest.layers {
+        if content::has_blob(cd, &layer.digest).await? {
+            continue;
+        }
+        let stream = client
+            .pull_blob_stream(reference, &oci_descriptor(layer))
+            .await
+            .map_err(|e| registry_failure(endpoint, e))?;
+        let owned = endpoint.reference.whole();
+        let data = stream.stream.map(move |r| {
+            r.map_err(|e| ImageError::Protocol(format!("{owned}: download failed: {e}")))
+        });
+        content::write_blob(cd, layer, HashMap::new(), data).await?;
+    }
+    let config_bytes = if content::has_blob(cd, &manifest.config.digest).await? {
+        content::read_blob(cd, &manifest.config).await?
+    } else {
+        if manifest.config.size > MAX_METADATA_BLOB {
+            return Err(ImageError::TooBig {
+                digest: manifest.config.digest.clone(),
+                size: manifest.config.size,
+            });
+        }
+        let mut out = Vec::new();
+        client
+            .pull_blob(reference, &oci_descriptor(&manifest.config), &mut out)
+            .await
+            .map_err(|e| registry_failure(endpoint, e))?;
+        verify_digest(&manifest.config.digest, &out)?;
+        out
+    };
+    write_small(
+        cd,
+        &manifest.config,
+        config_gc_labels(&config_bytes)?,
+        config_bytes,
+    )
+    .await?;
+    write_small(
+        cd,
+        &manifest_desc,
+        manifest_gc_labels(&manifest),
+        bytes.to_vec(),
+    )
+    .await?;
+    Ok(manifest_desc)
+}
+
+fn oci_descriptor(desc: &Descriptor) -> OciDescriptor {
+    OciDescriptor {
+        media_type: desc.media_type.clone(),
+        digest: desc.digest.clone(),
+        size: i64::try_from(desc.size).unwrap_or(i64::MAX),
+        ..OciDescriptor::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for yes in [
+            "127.0.0.1:5000",
+            "localhost",
+            "localhost:80",
+            "[::1]:5000",
+            "127.1.2.3",
+        ] {
+            assert!(is_loopback(yes), "{yes}");
+        }
+        for no in ["registry.example.com", "10.0.0.1:5000", "public.ecr.aws"] {
+            assert!(!is_loopback(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn mirrors_come_first_and_http_only_when_written() {
+        let settings: Settings = serde_json::from_value(serde_json::json!({
+            "container-registry": {
+                "mirrors": [
+                    {"registry": "docker.io", "endpoint": ["http://10.0.0.5:5000", "https://mirror.example.com"]}
+                ],
+                "credentials": [
+                    {"registry": "mirror.example.com", "username": "u", "password": "p"}
+                ]
+            }
+        }))
+        .expect("settings");
+        let config = RegistryConfig::from_settings(&settings);
+        let reference: Reference = "docker.io/library/busybox:1".parse().expect("ref");
+        let list = endpoints(&reference, &config);
+        let hosts: Vec<_> = list
+            .iter()
+            .map(|e| (e.host.as_str(), e.plain_http))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("10.0.0.5:5000", true),
+                ("mirror.example.com", false),
+                ("docker.io", false)
+            ]
+        );
+        assert_eq!(list[0].reference.repository(), "library/busybox");
+        assert_eq!(list[0].reference.tag(), Some("1"));
+        assert!(matches!(
+            config.auth_for("mirror.example.com"),
+            RegistryAuth::Basic(..)
+        ));
+        assert!(matches!(
+            config.auth_for("docker.io"),
+            RegistryAuth::Anonymous
+        ));
+        assert!(!format!("{config:?}").contains("\"p\""));
+    }
+}

@@ -1,0 +1,412 @@
+//! One supervisor task per host container: it makes containerd match what the settings
+//! want for that container, and keeps it so.
+//!
+//! - On start it looks first: a running task whose record carries the same config hash
+//!   is re-attached (a keeld restart never restarts healthy containers); anything else
+//!   is stopped and recreated.
+//! - An exited container is started again after a back-off that doubles up to a cap,
+//!   and resets once a run lasted long enough.
+//! - A failure to get the image or start the task is shown as `failed` with its reason
+//!   and retried on the same back-off.
+//! - containerd going away is not the container's failure: the supervisor waits for it
+//!   and re-attaches (the shim, and so the container, outlives containerd).
+//! - New settings for this container (a different config hash) stop it (SIGTERM, grace
+//!   period, SIGKILL) and start it again; settings that do not change its hash do
+//!   nothing. Disabled or removed: stopped, and record, snapshot and user-data removed.
+//! - When keeld itself stops, supervisors just end: containers keep running.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::desired::DesiredContainer;
+use super::registry::RegistryConfig;
+use super::runtime::{RunError, Runtime};
+use super::status::{ContainerKind, ContainerStatus, RunState, StatusBoard};
+
+/// Timings of supervision.
+#[derive(Debug, Clone, Copy)]
+pub struct SupervisorConfig {
+    /// Between SIGTERM and SIGKILL when stopping.
+    pub grace: Duration,
+    /// First delay before restarting an exited or failed container.
+    pub backoff_initial: Duration,
+    /// The delay doubles up to this.
+    pub backoff_max: Duration,
+    /// A run at least this long resets the delay to `backoff_initial`.
+    pub backoff_reset_after: Duration,
+    /// How often to look for containerd while it is away.
+    pub containerd_poll: Duration,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            grace: Duration::from_secs(10),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            backoff_reset_after: Duration::from_secs(60),
+            containerd_poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Exponential back-off: initial, ×2 each time, capped.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Backoff {
+        Backoff {
+            initial,
+            max,
+            next: initial,
+        }
+    }
+
+    /// The delay to wait now; the one after is twice as long (up to the cap).
+    pub fn next_delay(&mut self) -> Duration {
+        let now = self.next.min(self.max);
+        self.next = now.saturating_mul(2).min(self.max);
+        now
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.initial;
+    }
+}
+
+/// What a supervisor follows: its container's desired state (`None` = remove it) and
+/// the registry configuration for pulls.
+pub struct Inputs {
+    pub desired: watch::Receiver<Option<DesiredContainer>>,
+    pub registries: watch::Receiver<Arc<RegistryConfig>>,
+}
+
+/// Runs until keeld stops (the desired sender is dropped).
+pub async fn supervise<R: Runtime>(
+    runtime: Arc<R>,
+    board: StatusBoard,
+    config: SupervisorConfig,
+    kind: ContainerKind,
+    name: String,
+    mut inputs: Inputs,
+) {
+    let status = Reporter {
+        board: board.clone(),
+        kind,
+        name: name.clone(),
+    };
+    let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
+    let mut started_before = false;
+    loop {
+        let desired = inputs.desired.borrow_and_update().clone();
+        let Some(desired) = desired else {
+            // Removed or disabled: clean up, then idle until enabled again (the
+            // supervisor stays, so there is never a second one for the same name).
+            if !remove(&*runtime, &status, &config, kind, &name, &mut inputs).await {
+                return;
+            }
+            if inputs.desired.borrow().is_none() && inputs.desired.changed().await.is_err() {
+                return;
+            }
+            started_before = false;
+            backoff.reset();
+            continue;
+        };
+        status.init(&desired);
+        let id = desired.id();
+        let hash = desired.config_hash();
+
+        let existing = match runtime.find(&id).await {
+            Ok(e) => e,
+            Err(e) => {
+                let delay = status.failed(&e, &config, &mut backoff);
+                if !pause(&mut inputs.desired, delay).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let mut attached = None;
+        if let Some(existing) = existing {
+            match existing.task {
+                Some(task)
+                    if task.running && !task.created_only && existing.config_hash == hash =>
+                {
+                    tracing::info!(container = %id, pid = task.pid, "re-attached to the running container");
+                    status.set(|s| {
+                        s.image_digest =
+                            Some(existing.image_digest.clone()).filter(|d| !d.is_empty());
+                    });
+                    attached = Some(task.pid);
+                }
+                Some(_) => {
+                    status.state(RunState::Stopping, None);
+                    if let Err(e) = runtime.stop(&id, config.grace).await {
+                        let delay = status.failed(&e, &config, &mut backoff);
+                        if !pause(&mut inputs.desired, delay).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+                None => {}
+            }
+        }
+
+        let pid = match attached {
+            Some(pid) => pid,
+            None => {
+                status.state(RunState::Starting, None);
+                let registries = inputs.registries.borrow().clone();
+                let started = async {
+                    let prepared = runtime.prepare(&desired, &registries).await?;
+                    status.set(|s| s.image_digest = Some(prepared.image_digest.clone()));
+                    let pid = runtime.start(&id).await?;
+                    Ok::<_, RunError>((pid, prepared.from_cache))
+                }
+                .await;
+                match started {
+                    Ok((pid, from_cache)) => {
+                        if started_before {
+                            status.set(|s| s.restarts += 1);
+                        }
+                        started_before = true;
+                        let note = from_cache
+                            .then(|| "image fetch failed; running the cached image".to_owned());
+                        tracing::info!(container = %id, pid, "started");
+                        status.set(|s| s.reason = note);
+                        pid
+                    }
+                    Err(e) => {
+                        let delay = status.failed(&e, &config, &mut backoff);
+                        if !pause(&mut inputs.desired, delay).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        status.running(pid);
+
+        // Run until the task exits or this container's settings change.
+        let began = Instant::now();
+        let wait = runtime.wait(&id);
+        tokio::pin!(wait);
+        let outcome = loop {
+            tokio::select! {
+                exited = &mut wait => break Some(exited),
+                changed = inputs.desired.changed() => {
+                    if changed.is_err() {
+                        // keeld is stopping: the container keeps running.
+                        return;
+                    }
+                    let same = inputs.desired.borrow().as_ref().map(DesiredContainer::config_hash)
+                        == Some(hash.clone());
+                    if !same {
+                        break None;
+                    }
+                }
+            }
+        };
+        match outcome {
+            None => {
+                tracing::info!(container = %id, "settings changed; stopping");
+                status.state(RunState::Stopping, None);
+                match runtime.stop(&id, config.grace).await {
+                    Ok(code) => status.set(|s| s.last_exit_code = code.or(s.last_exit_code)),
+                    Err(e) => tracing::warn!(container = %id, error = %e, "stop failed"),
+                }
+                backoff.reset();
+            }
+            Some(Ok(code)) => {
+                let _ = runtime.delete_task(&id).await;
+                if began.elapsed() >= config.backoff_reset_after {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(container = %id, exit_code = code, restart_in = ?delay, "exited");
+                status.exited(code, delay);
+                if !pause(&mut inputs.desired, delay).await {
+                    return;
+                }
+            }
+            Some(Err(e)) => {
+                let delay = status.failed(&e, &config, &mut backoff);
+                if !pause(&mut inputs.desired, delay).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Stops and removes the container, retrying while containerd is away. `false` when
+/// keeld is stopping.
+async fn remove<R: Runtime>(
+    runtime: &R,
+    status: &Reporter,
+    config: &SupervisorConfig,
+    kind: ContainerKind,
+    name: &str,
+    inputs: &mut Inputs,
+) -> bool {
+    let id = super::desired::container_id(kind, name);
+    loop {
+        if status.exists() {
+            status.state(RunState::Stopping, None);
+        }
+        let stopped = runtime.stop(&id, config.grace).await;
+        let removed = match stopped {
+            Ok(_) => runtime.remove(kind, name).await,
+            Err(e) => Err(e),
+        };
+        match removed {
+            Ok(()) => {
+                tracing::info!(container = %id, "stopped and removed");
+                status.remove();
+                return true;
+            }
+            Err(e) if e.is_unavailable() => {
+                status.state(RunState::WaitingForContainerd, Some(e.to_string()));
+                if !pause(&mut inputs.desired, config.containerd_poll).await {
+                    return false;
+                }
+                if inputs.desired.borrow().is_some() {
+                    // Enabled again meanwhile: the main loop recreates it anyway.
+                    return true;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(container = %id, error = %e, "removal failed; giving up");
+                status.remove();
+                return true;
+            }
+        }
+    }
+}
+
+/// Sleeps `delay`, waking early when the desired state changes. `false` when keeld is
+/// stopping.
+async fn pause(desired: &mut watch::Receiver<Option<DesiredContainer>>, delay: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        changed = desired.changed() => changed.is_ok(),
+    }
+}
+
+/// Writes one container's entry on the status board.
+struct Reporter {
+    board: StatusBoard,
+    kind: ContainerKind,
+    name: String,
+}
+
+impl Reporter {
+    fn blank(&self, desired: Option<&DesiredContainer>) -> ContainerStatus {
+        ContainerStatus {
+            name: self.name.clone(),
+            kind: self.kind,
+            tier: desired.map_or("host", |d| d.tier.as_str()),
+            state: RunState::Starting,
+            source: desired.map(|d| d.source.clone()).unwrap_or_default(),
+            image_digest: None,
+            pid: None,
+            restarts: 0,
+            last_exit_code: None,
+            since: crate::store::now_rfc3339(),
+            reason: None,
+            next_start: None,
+        }
+    }
+
+    fn exists(&self) -> bool {
+        self.board.get(self.kind, &self.name).is_some()
+    }
+
+    fn init(&self, desired: &DesiredContainer) {
+        let blank = self.blank(Some(desired));
+        self.board.update(
+            self.kind,
+            &self.name,
+            |s| {
+                s.tier = desired.tier.as_str();
+                s.source = desired.source.clone();
+            },
+            || blank,
+        );
+    }
+
+    fn set(&self, change: impl FnOnce(&mut ContainerStatus)) {
+        let blank = self.blank(None);
+        self.board.update(self.kind, &self.name, change, || blank);
+    }
+
+    fn state(&self, state: RunState, reason: Option<String>) {
+        self.set(|s| {
+            if s.state != state {
+                s.since = crate::store::now_rfc3339();
+            }
+            s.state = state;
+            s.reason = reason;
+            s.next_start = None;
+            if !matches!(state, RunState::Running | RunState::Stopping) {
+                s.pid = None;
+            }
+        });
+    }
+
+    fn running(&self, pid: u32) {
+        self.set(|s| {
+            if s.state != RunState::Running {
+                s.since = crate::store::now_rfc3339();
+            }
+            s.state = RunState::Running;
+            s.pid = Some(pid);
+            s.next_start = None;
+        });
+    }
+
+    fn exited(&self, code: i32, delay: Duration) {
+        self.set(|s| {
+            s.state = RunState::Exited;
+            s.since = crate::store::now_rfc3339();
+            s.pid = None;
+            s.last_exit_code = Some(code);
+            s.reason = None;
+            s.next_start = Some(in_rfc3339(delay));
+        });
+    }
+
+    /// Records a failure and answers how long to wait before trying again.
+    fn failed(&self, e: &RunError, config: &SupervisorConfig, backoff: &mut Backoff) -> Duration {
+        if e.is_unavailable() {
+            tracing::debug!(container = %self.name, error = %e, "containerd unavailable");
+            self.state(RunState::WaitingForContainerd, Some(e.to_string()));
+            return config.containerd_poll;
+        }
+        let delay = backoff.next_delay();
+        tracing::warn!(container = %self.name, error = %e, retry_in = ?delay, "failed");
+        self.state(RunState::Failed, Some(e.to_string()));
+        self.set(|s| s.next_start = Some(in_rfc3339(delay)));
+        delay
+    }
+
+    fn remove(&self) {
+        self.board.remove(self.kind, &self.name);
+    }
+}
+
+fn in_rfc3339(delay: Duration) -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now() + delay).to_string()
+}
+
+#[cfg(test)]
+mod tests;
