@@ -26,6 +26,8 @@ pub enum AgentError {
     Templates(#[from] apply::render::RenderError),
     #[error("API socket: {0}")]
     Socket(#[from] api::server::SocketError),
+    #[error("containerd: {0}")]
+    Containerd(#[from] containers::client::ConnectError),
     #[error("API group {0:?} does not exist (looked up in /etc/group)")]
     UnknownGroup(String),
 }
@@ -50,11 +52,43 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         Some(Arc::new(applier.clone())),
     )?;
     let gid = config.api_gid()?;
+    let board = containers::status::StatusBoard::default();
+    let log_dir = config.runtime_dir.join("logs");
+    let cd = containers::client::Containerd::connect(
+        &config.containerd_socket,
+        &config.containerd_namespace,
+    )?;
+    let runtime = Arc::new(containers::runtime::ContainerdRuntime {
+        cd,
+        paths: containers::runtime::RuntimePaths {
+            persistent_dir: config.persistent_dir.clone(),
+            api_socket: config.socket.clone(),
+            apiclient: config
+                .apiclient
+                .clone()
+                .unwrap_or_else(|| config::sibling_binary("apiclient")),
+            logger: config
+                .container_logger
+                .clone()
+                .unwrap_or_else(|| config::sibling_binary("keel-logger")),
+            log_dir: log_dir.clone(),
+        },
+    });
+    let supervision = containers::supervisor::SupervisorConfig {
+        grace: config.stop_grace.into(),
+        backoff_initial: config.restart_backoff.into(),
+        backoff_max: config.restart_backoff_max.into(),
+        ..Default::default()
+    };
     let state = api::AppState {
-        store,
+        store: store.clone(),
         applier,
         os: Arc::new(os),
         reboot_command: Arc::new(config.reboot_command.clone()),
+        containers: api::containers::ContainersView {
+            board: board.clone(),
+            log_dir,
+        },
     };
     let policy = api::AccessPolicy {
         api_gid: gid,
@@ -63,6 +97,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     };
     let listener = api::server::bind(&config.socket, config.socket_mode, gid)?;
     tracing::info!(socket = %config.socket.display(), state_dir = %config.state_dir.display(), "keeld serving");
+    tokio::spawn(containers::run_host_containers(
+        store,
+        runtime,
+        board,
+        supervision,
+    ));
     api::server::serve(listener, api::router(state, policy), shutdown_signal()).await;
     tracing::info!("keeld stopping");
     // A clean stop leaves no socket for clients to find dead; after a crash the next

@@ -6,6 +6,7 @@
 //! writes files itself.
 
 pub mod actions;
+pub mod containers;
 pub mod error;
 pub mod history;
 pub mod input;
@@ -36,6 +37,7 @@ pub struct AppState {
     pub os: Arc<OsInfo>,
     /// argv of the reboot command for `POST /actions/reboot`.
     pub reboot_command: Arc<Vec<String>>,
+    pub containers: containers::ContainersView,
 }
 
 /// The whole API, with the access check layered over every route.
@@ -64,6 +66,8 @@ pub fn router(state: AppState, policy: AccessPolicy) -> Router {
         .route("/actions/reboot", post(actions::reboot))
         .route("/history", get(history::list))
         .route("/history/rollback", post(history::rollback))
+        .route("/containers", get(containers::list))
+        .route("/containers/{name}/logs", get(containers::logs))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

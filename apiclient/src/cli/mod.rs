@@ -13,6 +13,7 @@ use crate::source::SourceError;
 
 pub mod apply;
 pub mod apply_log;
+pub mod containers;
 pub mod get;
 pub mod history;
 pub mod raw;
@@ -30,6 +31,8 @@ Examples:
   apiclient apply user-data.toml
   apiclient set --dry-run motd=\"hello\"
   apiclient apply-log --limit 1
+  apiclient containers
+  apiclient logs admin
   apiclient -s /tmp/keel/api.sock get os";
 
 /// Talks to keeld, Keel's host agent, through its local API.
@@ -68,6 +71,8 @@ pub enum Command {
     ApplyLog(apply_log::ApplyLogArgs),
     Rollback(rollback::RollbackArgs),
     Schema(schema::SchemaArgs),
+    Containers(containers::ContainersArgs),
+    Logs(containers::LogsArgs),
 }
 
 /// What a successful command prints on stdout.
@@ -149,6 +154,8 @@ pub async fn run(cli: Cli) -> Result<Output, CliError> {
         Command::ApplyLog(args) => apply_log::run(&client, args).await,
         Command::Rollback(args) => rollback::run(&client, args).await,
         Command::Schema(args) => schema::run(args),
+        Command::Containers(args) => containers::run(&client, args).await,
+        Command::Logs(args) => containers::logs(&client, args).await,
     }
 }
 
