@@ -5,6 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod containerd;
+pub mod image;
+pub mod registry;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -49,6 +53,9 @@ pub struct KeeldOptions {
     pub services: Option<PathBuf>,
     /// Templates directory; default: packaging/templates.
     pub templates: Option<PathBuf>,
+    /// containerd socket and namespace; default: a socket nobody listens on, so keeld
+    /// never touches a containerd the test did not start.
+    pub containerd: Option<(PathBuf, String)>,
 }
 
 impl Default for KeeldOptions {
@@ -60,6 +67,7 @@ impl Default for KeeldOptions {
             extra_args: Vec::new(),
             services: None,
             templates: None,
+            containerd: None,
         }
     }
 }
@@ -91,6 +99,16 @@ impl Keeld {
         };
         keeld.spawn();
         keeld
+    }
+
+    /// keeld's runtime directory (container logs under `logs/`).
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// The persistent directory (`host-containers/<name>`, `bootstrap-containers/<name>`).
+    pub fn persistent_dir(&self) -> PathBuf {
+        self.dir.path().join("local")
     }
 
     /// The render root (a plain directory standing in for the host's tmpfs).
@@ -165,6 +183,13 @@ impl Keeld {
             None => self.recording_services(),
         };
         assert!(self.child.is_none(), "keeld already running");
+        let (containerd_socket, containerd_namespace) = match &self.options.containerd {
+            Some((socket, ns)) => (socket.clone(), ns.clone()),
+            None => (
+                self.dir.path().join("no-containerd.sock"),
+                "keel-none".to_owned(),
+            ),
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -190,6 +215,13 @@ impl Keeld {
             .arg("--render-root")
             .arg(self.render_root())
             .args(["--restart-timeout", "10s"])
+            .arg("--containerd-socket")
+            .arg(containerd_socket)
+            .args(["--containerd-namespace", &containerd_namespace])
+            .arg("--runtime-dir")
+            .arg(self.runtime_dir())
+            .arg("--persistent-dir")
+            .arg(self.persistent_dir())
             .args(&self.options.extra_args)
             .env(
                 "KEELD_LOG",

@@ -239,6 +239,7 @@ impl Runtime for ContainerdRuntime {
                 ContainerKind::Bootstrap => "keel/bootstrap",
             },
             mount_host_modules: Path::new("/lib/modules").is_dir(),
+            host_capabilities: spec::host_capabilities(),
         };
         let spec = spec::build(&request).map_err(|e| RunError::Failed(format!("spec: {e}")))?;
 

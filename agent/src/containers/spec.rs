@@ -128,6 +128,23 @@ pub struct SpecRequest<'a> {
     /// Whether the host has `/lib/modules` to bind into a superpowered container (a
     /// host without loadable modules has none, and runc refuses a missing source).
     pub mount_host_modules: bool,
+    /// The host's capability bounding set (bit n = capability n), which limits what a
+    /// superpowered container gets; `u64::MAX` for all.
+    pub host_capabilities: u64,
+}
+
+/// The capability bounding set of the host's init process, which nothing on the host can
+/// exceed; all capabilities when it cannot be read.
+pub fn host_capabilities() -> u64 {
+    std::fs::read_to_string("/proc/1/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(u64::MAX)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -324,7 +341,7 @@ pub fn build(req: &SpecRequest<'_>) -> Result<Value, SpecError> {
         None => "/".to_owned(),
     };
     let env = environment(&req.image.env, req.environment)?;
-    let caps = capabilities(req.tier, req.extra_capabilities)?;
+    let caps = capabilities(req.tier, req.extra_capabilities, req.host_capabilities)?;
     let resources = resources(req)?;
 
     let mut namespaces = Vec::new();
@@ -460,7 +477,7 @@ fn environment(
     Ok(env)
 }
 
-fn capabilities(tier: Tier, extra: &[String]) -> Result<Vec<String>, SpecError> {
+fn capabilities(tier: Tier, extra: &[String], host: u64) -> Result<Vec<String>, SpecError> {
     if let Some(unknown) = extra
         .iter()
         .find(|c| !ALL_CAPABILITIES.contains(&c.as_str()))
@@ -474,7 +491,13 @@ fn capabilities(tier: Tier, extra: &[String]) -> Result<Vec<String>, SpecError> 
         }
     };
     match tier {
-        Tier::Superpowered => ALL_CAPABILITIES.iter().for_each(|c| add(c)),
+        // "All" is what the host can grant: a capability outside the host's bounding
+        // set (some hosts drop a few) would make runc refuse to start the container.
+        Tier::Superpowered => ALL_CAPABILITIES
+            .iter()
+            .enumerate()
+            .filter(|(bit, _)| host & (1u64 << bit) != 0)
+            .for_each(|(_, c)| add(c)),
         Tier::Host => {
             DEFAULT_CAPABILITIES.iter().for_each(|c| add(c));
             extra.iter().for_each(|c| add(c));
@@ -719,6 +742,7 @@ mod tests {
                 apiclient: Path::new("/usr/bin/apiclient"),
                 cgroup_parent: &self.parent,
                 mount_host_modules: true,
+                host_capabilities: u64::MAX,
             })
         }
     }
@@ -1248,6 +1272,7 @@ mod tests {
             apiclient: Path::new("/usr/bin/apiclient"),
             cgroup_parent: "keel",
             mount_host_modules: true,
+            host_capabilities: u64::MAX,
         });
         match err {
             Err(SpecError::InvalidHostPath { what, path }) => {

@@ -16,7 +16,9 @@
 //! - When keeld itself stops, supervisors just end: containers keep running.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::watch;
 
