@@ -63,7 +63,7 @@ impl<R: Runtime> HostContainers<R> {
         let registries = Arc::new(RegistryConfig::from_settings(settings));
         self.registries.send_replace(registries);
         let mut desired = desired::host_containers(settings);
-        let names: Vec<String> = self
+        let names: std::collections::BTreeSet<String> = self
             .supervisors
             .keys()
             .cloned()

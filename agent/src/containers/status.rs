@@ -57,7 +57,8 @@ pub struct ContainerStatus {
     pub image_digest: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    /// Starts after the first (crash restarts and restarts for changed settings).
+    /// Starts after the first since keeld started (crash restarts and restarts for
+    /// changed settings).
     pub restarts: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_exit_code: Option<i32>,

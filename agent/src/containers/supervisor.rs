@@ -147,6 +147,7 @@ pub async fn supervise<R: Runtime>(
                             Some(existing.image_digest.clone()).filter(|d| !d.is_empty());
                     });
                     attached = Some(task.pid);
+                    started_before = true;
                 }
                 Some(_) => {
                     status.state(RunState::Stopping, None);

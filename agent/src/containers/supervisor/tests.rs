@@ -57,14 +57,19 @@ impl Runtime for Fake {
         }))
     }
 
-    async fn prepare(&self, desired: &DesiredContainer, _: &RegistryConfig) -> Result<Prepared, RunError> {
+    async fn prepare(
+        &self,
+        desired: &DesiredContainer,
+        _: &RegistryConfig,
+    ) -> Result<Prepared, RunError> {
         self.check_up()?;
         self.with(|s| {
             if s.prepare_failures > 0 {
                 s.prepare_failures -= 1;
                 return Err(RunError::Failed("image: registry answered 500".into()));
             }
-            s.records.insert(desired.id(), (desired.config_hash(), None));
+            s.records
+                .insert(desired.id(), (desired.config_hash(), None));
             Ok(Prepared {
                 image_digest: "sha256:feed".into(),
                 from_cache: false,
@@ -78,7 +83,10 @@ impl Runtime for Fake {
             s.next_pid += 1;
             let pid = 100 + s.next_pid;
             s.starts.push(tokio::time::Instant::now());
-            let record = s.records.get_mut(id).ok_or_else(|| RunError::Failed("no record".into()))?;
+            let record = s
+                .records
+                .get_mut(id)
+                .ok_or_else(|| RunError::Failed("no record".into()))?;
             record.1 = Some(TaskState {
                 pid,
                 running: true,
@@ -96,7 +104,9 @@ impl Runtime for Fake {
             tokio::time::sleep(Duration::from_millis(10)).await;
             // containerd going away breaks the wait call; the task runs on.
             self.check_up()?;
-            let due = self.with(|s| s.run_for).is_some_and(|d| began.elapsed() >= d);
+            let due = self
+                .with(|s| s.run_for)
+                .is_some_and(|d| began.elapsed() >= d);
             if due {
                 self.with(|s| {
                     if let Some((_, Some(task))) = s.records.get_mut(id) {
@@ -113,16 +123,18 @@ impl Runtime for Fake {
         self.check_up()?;
         Ok(self.with(|s| {
             s.stops.push(id.to_owned());
-            s.records
-                .get_mut(id)
-                .and_then(|r| r.1.take())
-                .map(|_| 143)
+            s.records.get_mut(id).and_then(|r| r.1.take()).map(|_| 143)
         }))
     }
 
     async fn delete_task(&self, id: &str) -> Result<Option<i32>, RunError> {
         self.check_up()?;
-        Ok(self.with(|s| s.records.get_mut(id).and_then(|r| r.1.take()).map(|t| t.exit_status as i32)))
+        Ok(self.with(|s| {
+            s.records
+                .get_mut(id)
+                .and_then(|r| r.1.take())
+                .map(|t| t.exit_status as i32)
+        }))
     }
 
     async fn remove(&self, kind: ContainerKind, name: &str) -> Result<(), RunError> {
@@ -311,7 +323,10 @@ async fn disabling_stops_and_removes_then_enabling_starts_again() {
     h.desired.send_replace(None);
     advance(Duration::from_millis(10)).await;
     assert_eq!(h.fake.with(|s| s.removes.clone()), ["host-admin"]);
-    assert!(h.status().is_none(), "a removed container leaves the status board");
+    assert!(
+        h.status().is_none(),
+        "a removed container leaves the status board"
+    );
     h.desired.send_replace(Some(desired("a")));
     advance(Duration::from_millis(10)).await;
     assert_eq!(h.fake.with(|s| s.starts.len()), 2);
@@ -326,7 +341,10 @@ async fn a_failure_is_shown_with_its_reason_and_retried() {
     advance(Duration::from_millis(10)).await;
     let status = h.status().expect("status");
     assert_eq!(status.state, RunState::Failed);
-    assert_eq!(status.reason.as_deref(), Some("image: registry answered 500"));
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("image: registry answered 500")
+    );
     assert!(status.next_start.is_some());
     // Retries after 1 s, then 2 s.
     advance(Duration::from_secs(3)).await;
@@ -343,12 +361,18 @@ async fn while_containerd_is_down_it_waits_then_reattaches() {
     advance(Duration::from_secs(3)).await;
     let during = h.status().expect("status");
     assert_eq!(during.state, RunState::WaitingForContainerd, "{during:?}");
-    assert!(during.reason.is_some_and(|r| r.contains("connection refused")));
+    assert!(during
+        .reason
+        .is_some_and(|r| r.contains("connection refused")));
     h.fake.with(|s| s.down = false);
     advance(Duration::from_secs(1)).await;
     let after = h.status().expect("status");
     assert_eq!((after.state, after.pid), (RunState::Running, Some(pid)));
-    assert_eq!(h.fake.with(|s| s.starts.len()), 1, "re-attached, not restarted");
+    assert_eq!(
+        h.fake.with(|s| s.starts.len()),
+        1,
+        "re-attached, not restarted"
+    );
 }
 
 #[test]
