@@ -124,7 +124,7 @@ pub fn quantity_millicores(q: &str) -> Option<u64> {
         None => q.parse::<f64>().ok()? * 1000.0,
     };
     let millis = millis.round();
-    (millis.is_finite() && millis >= 1.0 && millis < 1e12).then_some(millis as u64)
+    (millis.is_finite() && (1.0..1e12).contains(&millis)).then_some(millis as u64)
 }
 
 /// The host containers that should run: enabled ones with a source.
