@@ -75,6 +75,35 @@ pub struct Config {
     /// The longest delay between restarts of an exited host container.
     #[arg(long, default_value = "5m")]
     pub restart_backoff_max: humantime::Duration,
+    /// The OS defaults staged into `launch` at first boot (absent: none).
+    #[arg(long, default_value = "/usr/share/keel/defaults.toml")]
+    pub os_defaults: PathBuf,
+    /// User-data providers in the order they run at first boot, comma-separated, from
+    /// defaults, imds, file, overrides (EC2 hosts add imds).
+    #[arg(long, default_value = "defaults,file,overrides", value_parser = parse_providers)]
+    pub user_data_providers: String,
+    /// The `defaults` provider's file.
+    #[arg(long, default_value = "/local/user-data-defaults.toml")]
+    pub user_data_defaults: PathBuf,
+    /// The `file` provider's file.
+    #[arg(long, default_value = "/local/user-data.toml")]
+    pub user_data_file: PathBuf,
+    /// The `overrides` provider's file.
+    #[arg(long, default_value = "/local/user-data-overrides.toml")]
+    pub user_data_overrides: PathBuf,
+    /// The instance metadata service (`imds` provider), http only.
+    #[arg(long, default_value = "http://169.254.169.254")]
+    pub imds_endpoint: String,
+    /// How long the `imds` provider keeps retrying before the boot fails.
+    #[arg(long, default_value = "5m")]
+    pub imds_timeout: humantime::Duration,
+    /// Run the user-data providers at every boot, not only the first.
+    #[arg(long)]
+    pub user_data_every_boot: bool,
+}
+
+fn parse_providers(text: &str) -> Result<String, String> {
+    crate::boot::providers::parse_order(text).map(|_| text.to_owned())
 }
 
 /// A binary installed beside keeld (`apiclient`, `keel-logger`).
@@ -93,6 +122,27 @@ fn parse_octal(text: &str) -> Result<u32, String> {
 }
 
 impl Config {
+    /// The user-data providers, in order.
+    pub fn providers(&self) -> Vec<crate::boot::providers::Provider> {
+        use crate::boot::providers::Provider;
+        let names =
+            crate::boot::providers::parse_order(&self.user_data_providers).unwrap_or_default();
+        names
+            .iter()
+            .filter_map(|name| match name.as_str() {
+                "defaults" => Some(Provider::Defaults(self.user_data_defaults.clone())),
+                "imds" => Some(Provider::Imds(crate::boot::imds::ImdsConfig {
+                    endpoint: self.imds_endpoint.clone(),
+                    deadline: self.imds_timeout.into(),
+                    ..Default::default()
+                })),
+                "file" => Some(Provider::File(self.user_data_file.clone())),
+                "overrides" => Some(Provider::Overrides(self.user_data_overrides.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The API group's id: numeric as given, or looked up by name in /etc/group.
     pub fn api_gid(&self) -> Result<Option<u32>, AgentError> {
         if let Ok(gid) = self.socket_group.parse::<u32>() {

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod boot;
 pub mod config;
 pub mod containers;
 pub mod os;
@@ -80,9 +81,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         backoff_max: config.restart_backoff_max.into(),
         ..Default::default()
     };
+    let (boot_publish, boot_view) =
+        tokio::sync::watch::channel(boot::status::BootRecord::new(false));
+    let (configured_tx, configured_rx) = tokio::sync::watch::channel(false);
+    let apiclient = runtime.paths.apiclient.clone();
     let state = api::AppState {
         store: store.clone(),
-        applier,
+        applier: applier.clone(),
+        boot: boot_view,
         os: Arc::new(os),
         reboot_command: Arc::new(config.reboot_command.clone()),
         containers: api::containers::ContainersView {
@@ -97,11 +103,34 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     };
     let listener = api::server::bind(&config.socket, config.socket_mode, gid)?;
     tracing::info!(socket = %config.socket.display(), state_dir = %config.state_dir.display(), "keeld serving");
+    // The socket answers from here on: tell systemd (a no-op without NOTIFY_SOCKET).
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
+    let boot = boot::Boot {
+        config: boot::BootConfig {
+            state_dir: config.state_dir.clone(),
+            runtime_dir: config.runtime_dir.clone(),
+            os_defaults: config.os_defaults.clone(),
+            providers: config.providers(),
+            user_data_every_boot: config.user_data_every_boot,
+            apiclient,
+            socket: config.socket.clone(),
+        },
+        store: store.clone(),
+        applier,
+        runtime: runtime.clone(),
+        board: board.clone(),
+        publish: boot_publish,
+        configured: configured_tx,
+    };
+    tokio::spawn(boot.run());
     tokio::spawn(containers::run_host_containers(
         store,
         runtime,
         board,
         supervision,
+        configured_rx,
     ));
     api::server::serve(listener, api::router(state, policy), shutdown_signal()).await;
     tracing::info!("keeld stopping");

@@ -44,3 +44,13 @@ pub enum ClientError {
         source: serde_json::Error,
     },
 }
+
+impl ClientError {
+    /// keeld is not there (yet): no socket, or the connection was refused or dropped.
+    pub fn is_connection(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Http(_)
+        )
+    }
+}

@@ -56,6 +56,9 @@ pub struct KeeldOptions {
     /// containerd socket and namespace; default: a socket nobody listens on, so keeld
     /// never touches a containerd the test did not start.
     pub containerd: Option<(PathBuf, String)>,
+    /// Wait for the boot to be configured before the test goes on (and forget the
+    /// restart commands the boot ran). Boot tests turn it off.
+    pub wait_for_boot: bool,
 }
 
 impl Default for KeeldOptions {
@@ -68,6 +71,7 @@ impl Default for KeeldOptions {
             services: None,
             templates: None,
             containerd: None,
+            wait_for_boot: true,
         }
     }
 }
@@ -234,6 +238,35 @@ impl Keeld {
             .unwrap();
         self.child = Some(child);
         self.wait_ready();
+        if self.options.wait_for_boot {
+            let record = self.wait_boot(Duration::from_secs(60));
+            assert_eq!(
+                record["phase"],
+                "configured",
+                "boot failed: {record:#}\nlog:\n{}",
+                self.log()
+            );
+            // The boot renders every file and runs every restart command once; tests
+            // look at what their own changes restart.
+            let _ = std::fs::remove_file(self.dir.path().join("restarts.log"));
+        }
+    }
+
+    /// Waits until the boot is configured or failed; answers the boot record.
+    pub fn wait_boot(&self, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let record = self.raw("GET", "/boot", None).json();
+            if record["phase"] == "configured" || record["phase"] == "failed" {
+                return record;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "boot not finished after {timeout:?}: {record:#}\nlog:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn wait_ready(&mut self) {

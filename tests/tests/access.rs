@@ -24,14 +24,25 @@ fn public_apiclient(keeld: &Keeld) -> std::path::PathBuf {
 }
 
 fn apiclient_as(keeld: &Keeld, uid: u32, gid: u32, args: &[&str]) -> Output {
-    Command::new(public_apiclient(keeld))
-        .arg("--socket-path")
-        .arg(&keeld.socket)
-        .args(args)
-        .uid(uid)
-        .gid(gid)
-        .output()
-        .unwrap()
+    let binary = public_apiclient(keeld);
+    // A child forked by a parallel test may briefly hold the copy's write descriptor,
+    // which makes exec fail with ETXTBSY; that passes.
+    for _ in 0..50 {
+        let run = Command::new(&binary)
+            .arg("--socket-path")
+            .arg(&keeld.socket)
+            .args(args)
+            .uid(uid)
+            .gid(gid)
+            .output();
+        match run {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other.unwrap(),
+        }
+    }
+    panic!("{} stayed busy", binary.display());
 }
 
 fn start(mode: &'static str) -> Keeld {

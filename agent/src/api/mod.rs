@@ -6,6 +6,7 @@
 //! writes files itself.
 
 pub mod actions;
+pub mod boot;
 pub mod containers;
 pub mod error;
 pub mod history;
@@ -38,6 +39,7 @@ pub struct AppState {
     /// argv of the reboot command for `POST /actions/reboot`.
     pub reboot_command: Arc<Vec<String>>,
     pub containers: containers::ContainersView,
+    pub boot: tokio::sync::watch::Receiver<crate::boot::status::BootRecord>,
 }
 
 /// The whole API, with the access check layered over every route.
@@ -66,6 +68,7 @@ pub fn router(state: AppState, policy: AccessPolicy) -> Router {
         .route("/actions/reboot", post(actions::reboot))
         .route("/history", get(history::list))
         .route("/history/rollback", post(history::rollback))
+        .route("/boot", get(boot::status))
         .route("/containers", get(containers::list))
         .route("/containers/{name}/logs", get(containers::logs))
         .fallback(not_found)

@@ -485,6 +485,16 @@ impl Applier {
     }
 
     /// The last `limit` applies, newest first, and whether a reboot is pending.
+    /// Renders every file at boot. The files staged for the boot loader become the
+    /// baseline rather than a pending change: they are what the next boot uses, and
+    /// keeld never reboots on its own, so the boot's render does not set
+    /// `reboot-required` (later changes do).
+    pub async fn apply_at_boot(&self, store: &Store) -> ApplyReport {
+        let report = self.apply(store, &["settings".to_owned()]).await;
+        self.inner.reboot_required.store(false, Ordering::Relaxed);
+        report
+    }
+
     pub fn log(&self, limit: usize) -> Value {
         let applies: Vec<ApplyReport> = self
             .inner

@@ -103,7 +103,8 @@ impl<R: Runtime> HostContainers<R> {
     }
 }
 
-/// Follows the store: on every new live generation, reconciles the host containers.
+/// Once the boot is configured, follows the store: on every new live generation,
+/// reconciles the host containers.
 /// Host containers that containerd holds from an earlier run but the settings no longer
 /// enable are found by label and removed.
 pub async fn run_host_containers(
@@ -111,7 +112,12 @@ pub async fn run_host_containers(
     runtime: Arc<ContainerdRuntime>,
     board: StatusBoard,
     config: SupervisorConfig,
+    mut configured: watch::Receiver<bool>,
 ) {
+    // Host containers start once the boot is configured (never after a failed boot).
+    if configured.wait_for(|c| *c).await.is_err() {
+        return;
+    }
     let mut live = store.watch_live();
     let mut hosts = HostContainers::new(runtime.clone(), board, config);
     let leftovers = find_leftovers(&runtime).await;

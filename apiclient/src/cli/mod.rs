@@ -13,6 +13,7 @@ use crate::source::SourceError;
 
 pub mod apply;
 pub mod apply_log;
+pub mod boot;
 pub mod containers;
 pub mod get;
 pub mod history;
@@ -31,6 +32,7 @@ Examples:
   apiclient apply user-data.toml
   apiclient set --dry-run motd=\"hello\"
   apiclient apply-log --limit 1
+  apiclient boot wait --timeout 10m
   apiclient containers
   apiclient logs admin
   apiclient -s /tmp/keel/api.sock get os";
@@ -71,6 +73,7 @@ pub enum Command {
     ApplyLog(apply_log::ApplyLogArgs),
     Rollback(rollback::RollbackArgs),
     Schema(schema::SchemaArgs),
+    Boot(boot::BootArgs),
     Containers(containers::ContainersArgs),
     Logs(containers::LogsArgs),
 }
@@ -154,6 +157,7 @@ pub async fn run(cli: Cli) -> Result<Output, CliError> {
         Command::ApplyLog(args) => apply_log::run(&client, args).await,
         Command::Rollback(args) => rollback::run(&client, args).await,
         Command::Schema(args) => schema::run(args),
+        Command::Boot(args) => boot::run(&client, args).await,
         Command::Containers(args) => containers::run(&client, args).await,
         Command::Logs(args) => containers::logs(&client, args).await,
     }

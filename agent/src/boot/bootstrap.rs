@@ -1,0 +1,215 @@
+//! Running one bootstrap command list or one bootstrap container to completion.
+//!
+//! Bootstrap commands are `apiclient` invocations (the model refuses anything else),
+//! run without a shell against keeld's own socket, one after another; the first that
+//! fails ends the list. Bootstrap containers run in the bootstrap tier, with an
+//! optional timeout after which they are killed; their record and snapshot are removed
+//! afterwards, their persistent directory kept.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::containers::desired::DesiredContainer;
+use crate::containers::registry::RegistryConfig;
+use crate::containers::runtime::{RunError, Runtime};
+use crate::containers::status::{ContainerKind, ContainerStatus, RunState, StatusBoard};
+
+/// How long one bootstrap command may run.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// How much of a failing command's output is kept for the boot record.
+const OUTPUT_TAIL: usize = 2048;
+
+/// Runs each argv in `commands` (argv\[0\] is `apiclient`, replaced by the real binary).
+pub async fn run_commands(
+    commands: &[Vec<String>],
+    apiclient: &Path,
+    socket: &Path,
+) -> Result<String, String> {
+    for (i, argv) in commands.iter().enumerate() {
+        let Some(("apiclient", args)) = argv.split_first().map(|(a, rest)| (a.as_str(), rest))
+        else {
+            return Err(format!("command {i}: only apiclient may run at boot"));
+        };
+        let mut child = tokio::process::Command::new(apiclient);
+        child
+            .args(args)
+            .env("APICLIENT_SOCKET", socket)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let output = match tokio::time::timeout(COMMAND_TIMEOUT, child.output()).await {
+            Err(_) => {
+                return Err(format!(
+                    "command {i} ({}) timed out after {COMMAND_TIMEOUT:?}",
+                    argv.join(" ")
+                ))
+            }
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "command {i}: cannot run {}: {e}",
+                    apiclient.display()
+                ))
+            }
+            Ok(Ok(o)) => o,
+        };
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail_start = stderr.len().saturating_sub(OUTPUT_TAIL);
+            let tail_start = (tail_start..stderr.len())
+                .find(|b| stderr.is_char_boundary(*b))
+                .unwrap_or(stderr.len());
+            return Err(format!(
+                "command {i} ({}) failed ({}): {}",
+                argv.join(" "),
+                output.status,
+                stderr[tail_start..].trim()
+            ));
+        }
+    }
+    Ok(format!("{} command(s) succeeded", commands.len()))
+}
+
+/// How a bootstrap container ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerRun {
+    Exited(i32),
+    TimedOut(Duration),
+}
+
+/// Runs (or, after a keeld restart, resumes) bootstrap container `desired` to its end.
+/// `resume` is true when the boot record shows it was started in this boot already:
+/// it is then waited for, never started again.
+pub async fn run_container<R: Runtime>(
+    runtime: &Arc<R>,
+    board: &StatusBoard,
+    desired: &DesiredContainer,
+    registries: &RegistryConfig,
+    timeout: Option<Duration>,
+    resume: bool,
+) -> Result<ContainerRun, RunError> {
+    let id = desired.id();
+    let report = |change: &dyn Fn(&mut ContainerStatus)| {
+        board.update(ContainerKind::Bootstrap, &desired.name, change, || {
+            ContainerStatus {
+                name: desired.name.clone(),
+                kind: ContainerKind::Bootstrap,
+                tier: desired.tier.as_str(),
+                state: RunState::Starting,
+                source: desired.source.clone(),
+                image_digest: None,
+                pid: None,
+                restarts: 0,
+                last_exit_code: None,
+                since: crate::store::now_rfc3339(),
+                reason: None,
+                next_start: None,
+            }
+        })
+    };
+    let existing = runtime.find(&id).await?;
+    let started_task = match (resume, existing) {
+        (true, Some(existing)) => match existing.task {
+            Some(task) if task.running => {
+                tracing::info!(container = %id, pid = task.pid, "resuming: waiting for the bootstrap container started before keeld restarted");
+                report(&|s| {
+                    s.state = RunState::Running;
+                    s.pid = Some(task.pid);
+                });
+                true
+            }
+            Some(task) => {
+                // It finished while keeld was away; its exit status is still there.
+                let code = i32::try_from(task.exit_status).unwrap_or(i32::MAX);
+                let _ = runtime.delete_task(&id).await;
+                cleanup(runtime, desired).await;
+                return Ok(ContainerRun::Exited(code));
+            }
+            None => false,
+        },
+        (true, None) => false,
+        (false, existing) => {
+            if existing.and_then(|e| e.task).is_some() {
+                runtime.stop(&id, Duration::ZERO).await?;
+            }
+            report(&|s| s.state = RunState::Starting);
+            let prepared = runtime.prepare(desired, registries).await?;
+            let pid = runtime.start(&id).await?;
+            report(&|s| {
+                s.state = RunState::Running;
+                s.pid = Some(pid);
+                s.image_digest = Some(prepared.image_digest.clone());
+                s.since = crate::store::now_rfc3339();
+            });
+            true
+        }
+    };
+    if !started_task {
+        return Err(RunError::Failed(
+            "keeld restarted while it ran and its task is gone; not run again in this boot".into(),
+        ));
+    }
+    let waited = match timeout {
+        Some(limit) => tokio::time::timeout(limit, runtime.wait(&id)).await.ok(),
+        None => Some(runtime.wait(&id).await),
+    };
+    let outcome = match waited {
+        Some(Ok(code)) => {
+            let _ = runtime.delete_task(&id).await;
+            ContainerRun::Exited(code)
+        }
+        Some(Err(e)) => return Err(e),
+        None => {
+            let limit = timeout.unwrap_or_default();
+            tracing::warn!(container = %id, timeout = ?limit, "bootstrap container timed out; killing it");
+            let _ = runtime.stop(&id, Duration::ZERO).await;
+            ContainerRun::TimedOut(limit)
+        }
+    };
+    cleanup(runtime, desired).await;
+    Ok(outcome)
+}
+
+/// Removes the container record and snapshot; the persistent directory stays.
+async fn cleanup<R: Runtime>(runtime: &Arc<R>, desired: &DesiredContainer) {
+    if let Err(e) = runtime
+        .remove(ContainerKind::Bootstrap, &desired.name)
+        .await
+    {
+        tracing::warn!(container = %desired.id(), error = %e, "cleaning up the bootstrap container failed");
+    }
+}
+
+/// Marks a bootstrap container's final state on the status board.
+pub fn report_end(
+    board: &StatusBoard,
+    desired: &DesiredContainer,
+    state: RunState,
+    code: Option<i32>,
+    reason: Option<String>,
+) {
+    board.update(
+        ContainerKind::Bootstrap,
+        &desired.name,
+        |s| {
+            s.state = state;
+            s.pid = None;
+            s.last_exit_code = code.or(s.last_exit_code);
+            s.reason = reason.clone();
+            s.since = crate::store::now_rfc3339();
+        },
+        || ContainerStatus {
+            name: desired.name.clone(),
+            kind: ContainerKind::Bootstrap,
+            tier: desired.tier.as_str(),
+            state,
+            source: desired.source.clone(),
+            image_digest: None,
+            pid: None,
+            restarts: 0,
+            last_exit_code: code,
+            since: crate::store::now_rfc3339(),
+            reason: reason.clone(),
+            next_start: None,
+        },
+    );
+}

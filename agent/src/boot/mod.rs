@@ -1,0 +1,546 @@
+//! Boot: from an empty (or existing) datastore to a configured host.
+//!
+//! The phases, each recorded in [`status::BootRecord`] and visible at `GET /boot`:
+//! 1. first boot: stage the OS defaults into the `launch` transaction (a default never
+//!    overwrites a value already set);
+//! 2. first boot: run the user-data providers in order ([`providers`]), patching each
+//!    source's settings into `launch`;
+//! 3. commit `launch`, mark the first boot done, render every configuration file and
+//!    run the restart commands;
+//! 4. bootstrap commands, then bootstrap containers, each kind by name: an essential one
+//!    that fails halts the boot in `failed` (the API stays up); a `once` one that
+//!    succeeded is switched to `off` by a committed transaction;
+//! 5. `configured`: host containers may start.
+//!
+//! Socket binding and `READY=1` happen before this runs (in [`crate::run`]), so the API
+//! answers while the boot goes on. A keeld restart in the middle of a boot resumes it
+//! from the record in the runtime directory: finished steps are not run again, and a
+//! bootstrap container that was running is waited for, never started twice.
+
+pub mod bootstrap;
+pub mod imds;
+pub mod providers;
+pub mod status;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::apply::Applier;
+use crate::containers::desired::{self, DesiredContainer};
+use crate::containers::registry::RegistryConfig;
+use crate::containers::runtime::ContainerdRuntime;
+use crate::containers::status::{RunState, StatusBoard};
+use crate::store::{Caller, Store, StoreError};
+use bootstrap::ContainerRun;
+use providers::Provider;
+use settings_model::model::BootstrapMode;
+use status::{BootPhase, BootRecord, BootTracker, StepOutcome};
+
+/// The transaction the boot builds the first settings in.
+pub const LAUNCH_TX: &str = "launch";
+/// In the state directory: present once a first boot committed its user-data.
+pub const FIRST_BOOT_DONE: &str = "first-boot-done";
+
+/// What the boot needs to know.
+#[derive(Debug, Clone)]
+pub struct BootConfig {
+    pub state_dir: PathBuf,
+    pub runtime_dir: PathBuf,
+    /// The OS defaults (`packaging/defaults.toml`); absent = none.
+    pub os_defaults: PathBuf,
+    pub providers: Vec<Provider>,
+    /// Run the providers at every boot, not only the first.
+    pub user_data_every_boot: bool,
+    pub apiclient: PathBuf,
+    pub socket: PathBuf,
+}
+
+/// Everything the boot runner works with.
+pub struct Boot {
+    pub config: BootConfig,
+    pub store: Store,
+    pub applier: Applier,
+    pub runtime: Arc<ContainerdRuntime>,
+    pub board: StatusBoard,
+    pub publish: watch::Sender<BootRecord>,
+    /// Set to true once the boot is configured: host containers wait for it.
+    pub configured: watch::Sender<bool>,
+}
+
+/// Why the boot stopped; becomes the record's `reason`.
+#[derive(Debug)]
+struct Halt(String);
+
+impl From<status::RecordError> for Halt {
+    fn from(e: status::RecordError) -> Self {
+        Halt(e.to_string())
+    }
+}
+
+impl Boot {
+    /// Runs (or resumes) this boot to `configured` or `failed`.
+    pub async fn run(self) {
+        let began = Instant::now();
+        let marker = self.config.state_dir.join(FIRST_BOOT_DONE);
+        let every = self.config.user_data_every_boot;
+        let mut tracker = BootTracker::open(
+            &self.config.runtime_dir,
+            || every || !marker.exists(),
+            self.publish.clone(),
+        );
+        match tracker.record().phase {
+            BootPhase::Configured => {
+                tracing::info!("boot already configured (keeld restarted)");
+                self.configured.send_replace(true);
+                return;
+            }
+            BootPhase::Failed => {
+                tracing::warn!(reason = ?tracker.record().reason, "boot already failed (keeld restarted); staying failed");
+                return;
+            }
+            _ => {}
+        }
+        match self.steps(&mut tracker).await {
+            Ok(()) => {
+                let finished = tracker.finish(BootPhase::Configured, None, began.elapsed());
+                if let Err(e) = finished {
+                    tracing::error!(error = %e, "could not record the end of boot");
+                }
+                tracing::info!(elapsed = ?began.elapsed(), "boot configured");
+                self.configured.send_replace(true);
+            }
+            Err(Halt(reason)) => {
+                tracing::error!(%reason, "boot failed");
+                if let Err(e) = tracker.finish(BootPhase::Failed, Some(reason), began.elapsed()) {
+                    tracing::error!(error = %e, "could not record the boot failure");
+                }
+            }
+        }
+    }
+
+    async fn steps(&self, t: &mut BootTracker) -> Result<(), Halt> {
+        if t.record().first_boot {
+            t.set_phase(BootPhase::Defaults)?;
+            self.stage_os_defaults(t).await?;
+            t.set_phase(BootPhase::UserData)?;
+            for provider in &self.config.providers {
+                self.run_provider(t, provider).await?;
+            }
+        }
+        t.set_phase(BootPhase::Apply)?;
+        self.commit_launch(t).await?;
+        self.render(t).await?;
+
+        let settings = self.live_settings()?;
+        t.set_phase(BootPhase::BootstrapCommands)?;
+        for (name, command) in settings.bootstrap_commands.iter().flatten() {
+            self.run_command(t, name.as_str(), command).await?;
+        }
+        t.set_phase(BootPhase::BootstrapContainers)?;
+        let containers = desired::bootstrap_containers(&settings);
+        let registries = RegistryConfig::from_settings(&settings);
+        for (name, desired) in &containers {
+            let Some(bc) = settings
+                .bootstrap_containers
+                .as_ref()
+                .and_then(|m| m.iter().find(|(n, _)| n.as_str() == name).map(|(_, bc)| bc))
+            else {
+                continue;
+            };
+            let spec = StepSpec {
+                mode: bc.mode.unwrap_or(BootstrapMode::Off),
+                essential: bc.essential.unwrap_or(false),
+                timeout: bc
+                    .timeout
+                    .as_ref()
+                    .and_then(|d| humantime::parse_duration(d.as_str()).ok()),
+            };
+            self.run_container(t, desired, &registries, spec).await?;
+        }
+        Ok(())
+    }
+
+    fn live_settings(&self) -> Result<settings_model::Settings, Halt> {
+        let snapshot = self.store.snapshot();
+        serde_json::from_value(snapshot.live_settings().clone())
+            .map_err(|e| Halt(format!("the committed settings do not parse: {e}")))
+    }
+
+    fn done(t: &BootTracker, step: &str) -> bool {
+        t.record()
+            .step(step)
+            .is_some_and(|s| s.outcome != StepOutcome::Running)
+    }
+
+    async fn stage_os_defaults(&self, t: &mut BootTracker) -> Result<(), Halt> {
+        const STEP: &str = "os-defaults";
+        if Self::done(t, STEP) {
+            return Ok(());
+        }
+        let path = &self.config.os_defaults;
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                t.skip(STEP, &format!("no OS defaults at {}", path.display()))?;
+                return Ok(());
+            }
+            Err(e) => return Err(Halt(format!("OS defaults {}: {e}", path.display()))),
+        };
+        t.begin(STEP, true)?;
+        let started = Instant::now();
+        let source = format!("OS defaults {}", path.display());
+        let defaults = settings_model::userdata::parse_user_data(&source, &text)
+            .map_err(|e| Halt(format!("{source}: {e}")))?;
+        let existing = self.store.snapshot().live_settings().clone();
+        let patch = providers::missing_only(&defaults, &existing);
+        self.patch_launch(&source, patch).await?;
+        t.end(STEP, StepOutcome::Succeeded, None, started.elapsed())?;
+        Ok(())
+    }
+
+    async fn patch_launch(&self, source: &str, patch: Value) -> Result<(), Halt> {
+        if patch.as_object().is_some_and(|o| o.is_empty()) {
+            return Ok(());
+        }
+        self.store
+            .patch(LAUNCH_TX, patch)
+            .await
+            .map_err(|e| Halt(format!("{source}: {e}")))
+    }
+
+    async fn run_provider(&self, t: &mut BootTracker, provider: &Provider) -> Result<(), Halt> {
+        let step = provider.step_name();
+        if Self::done(t, step) {
+            return Ok(());
+        }
+        let source = provider.source_name();
+        t.begin(step, true)?;
+        let started = Instant::now();
+        let text = match provider.fetch().await {
+            Ok(Some(text)) => text,
+            Ok(None) => {
+                t.end(
+                    step,
+                    StepOutcome::Skipped,
+                    Some(format!("{source}: no user-data")),
+                    started.elapsed(),
+                )?;
+                return Ok(());
+            }
+            Err(e) => {
+                let reason = format!("{source}: {e}");
+                t.end(
+                    step,
+                    StepOutcome::Failed,
+                    Some(reason.clone()),
+                    started.elapsed(),
+                )?;
+                return Err(Halt(reason));
+            }
+        };
+        let parsed = settings_model::userdata::parse_user_data(&source, &text);
+        let outcome = match parsed {
+            Ok(patch) => self.patch_launch(&source, patch).await,
+            Err(e) => Err(Halt(format!("{source}: {e}"))),
+        };
+        match outcome {
+            Ok(()) => {
+                t.end(
+                    step,
+                    StepOutcome::Succeeded,
+                    Some(source),
+                    started.elapsed(),
+                )?;
+                Ok(())
+            }
+            Err(Halt(reason)) => {
+                t.end(
+                    step,
+                    StepOutcome::Failed,
+                    Some(reason.clone()),
+                    started.elapsed(),
+                )?;
+                Err(Halt(reason))
+            }
+        }
+    }
+
+    async fn commit_launch(&self, t: &mut BootTracker) -> Result<(), Halt> {
+        const STEP: &str = "commit";
+        if Self::done(t, STEP) {
+            return Ok(());
+        }
+        t.begin(STEP, true)?;
+        let started = Instant::now();
+        let detail = match self.store.commit(LAUNCH_TX, Caller::keeld()).await {
+            Ok(changed) => format!("{} keys changed", changed.len()),
+            Err(StoreError::NothingPending(_)) => "nothing to commit".to_owned(),
+            Err(e) => {
+                let reason = format!("committing {LAUNCH_TX}: {e}");
+                t.end(
+                    STEP,
+                    StepOutcome::Failed,
+                    Some(reason.clone()),
+                    started.elapsed(),
+                )?;
+                return Err(Halt(reason));
+            }
+        };
+        if t.record().first_boot {
+            write_marker(&self.config.state_dir.join(FIRST_BOOT_DONE))
+                .map_err(|e| Halt(format!("cannot mark the first boot done: {e}")))?;
+        }
+        t.end(
+            STEP,
+            StepOutcome::Succeeded,
+            Some(detail),
+            started.elapsed(),
+        )?;
+        Ok(())
+    }
+
+    async fn render(&self, t: &mut BootTracker) -> Result<(), Halt> {
+        const STEP: &str = "render";
+        if Self::done(t, STEP) {
+            return Ok(());
+        }
+        t.begin(STEP, true)?;
+        let started = Instant::now();
+        let report = self.applier.apply_at_boot(&self.store).await;
+        let written = report
+            .files
+            .iter()
+            .filter(|f| f.result == "written")
+            .count();
+        if report.success {
+            let detail = format!(
+                "{} files written, {} restart commands",
+                written,
+                report.commands.len()
+            );
+            t.end(
+                STEP,
+                StepOutcome::Succeeded,
+                Some(detail),
+                started.elapsed(),
+            )?;
+            return Ok(());
+        }
+        let failures: Vec<String> = report
+            .files
+            .iter()
+            .filter(|f| f.result == "failed")
+            .map(|f| format!("{}: {}", f.path, f.error.clone().unwrap_or_default()))
+            .chain(report.commands.iter().filter(|c| !c.success).map(|c| {
+                format!(
+                    "{} exited {}",
+                    c.argv.join(" "),
+                    c.exit_code
+                        .map_or("without a code".to_owned(), |x| x.to_string())
+                )
+            }))
+            .collect();
+        let reason = format!("rendering configuration failed: {}", failures.join("; "));
+        t.end(
+            STEP,
+            StepOutcome::Failed,
+            Some(reason.clone()),
+            started.elapsed(),
+        )?;
+        Err(Halt(reason))
+    }
+
+    async fn run_command(
+        &self,
+        t: &mut BootTracker,
+        name: &str,
+        command: &settings_model::model::BootstrapCommand,
+    ) -> Result<(), Halt> {
+        let step = format!("bootstrap-command:{name}");
+        let mode = command.mode.unwrap_or(BootstrapMode::Off);
+        let essential = command.essential.unwrap_or(false);
+        if Self::done(t, &step) {
+            return Ok(());
+        }
+        if mode == BootstrapMode::Off {
+            t.skip(&step, "mode off")?;
+            return Ok(());
+        }
+        if t.record().step(&step).is_some() {
+            // Started before keeld restarted: its commands may have half run. Not run
+            // again; recorded as failed.
+            let reason = "interrupted by a keeld restart; not run again in this boot".to_owned();
+            t.end(
+                &step,
+                StepOutcome::Failed,
+                Some(reason.clone()),
+                Duration::ZERO,
+            )?;
+            return if essential {
+                Err(Halt(format!("{step}: {reason}")))
+            } else {
+                Ok(())
+            };
+        }
+        t.begin(&step, essential)?;
+        let started = Instant::now();
+        let commands = command.commands.clone().unwrap_or_default();
+        match bootstrap::run_commands(&commands, &self.config.apiclient, &self.config.socket).await
+        {
+            Ok(detail) => {
+                t.end(
+                    &step,
+                    StepOutcome::Succeeded,
+                    Some(detail),
+                    started.elapsed(),
+                )?;
+                if mode == BootstrapMode::Once {
+                    self.switch_off("bootstrap-commands", name).await?;
+                }
+                Ok(())
+            }
+            Err(reason) => {
+                t.end(
+                    &step,
+                    StepOutcome::Failed,
+                    Some(reason.clone()),
+                    started.elapsed(),
+                )?;
+                if essential {
+                    Err(Halt(format!("essential {step} failed: {reason}")))
+                } else {
+                    tracing::warn!(%step, %reason, "non-essential bootstrap command failed; boot goes on");
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    async fn run_container(
+        &self,
+        t: &mut BootTracker,
+        desired: &DesiredContainer,
+        registries: &RegistryConfig,
+        spec: StepSpec,
+    ) -> Result<(), Halt> {
+        let step = format!("bootstrap-container:{}", desired.name);
+        if Self::done(t, &step) {
+            return Ok(());
+        }
+        if spec.mode == BootstrapMode::Off {
+            t.skip(&step, "mode off")?;
+            return Ok(());
+        }
+        let resume = t.record().step(&step).is_some();
+        if !resume {
+            t.begin(&step, spec.essential)?;
+        }
+        let started = Instant::now();
+        let ran = bootstrap::run_container(
+            &self.runtime,
+            &self.board,
+            desired,
+            registries,
+            spec.timeout,
+            resume,
+        )
+        .await;
+        let failure = match ran {
+            Ok(ContainerRun::Exited(0)) => {
+                bootstrap::report_end(&self.board, desired, RunState::Succeeded, Some(0), None);
+                t.end(
+                    &step,
+                    StepOutcome::Succeeded,
+                    Some("exited 0".into()),
+                    started.elapsed(),
+                )?;
+                if spec.mode == BootstrapMode::Once {
+                    self.switch_off("bootstrap-containers", &desired.name)
+                        .await?;
+                }
+                return Ok(());
+            }
+            Ok(ContainerRun::Exited(code)) => {
+                bootstrap::report_end(
+                    &self.board,
+                    desired,
+                    RunState::Failed,
+                    Some(code),
+                    Some(format!("exited {code}")),
+                );
+                format!("exited {code}")
+            }
+            Ok(ContainerRun::TimedOut(limit)) => {
+                let reason = format!("timed out after {}", humantime::format_duration(limit));
+                bootstrap::report_end(
+                    &self.board,
+                    desired,
+                    RunState::Failed,
+                    None,
+                    Some(reason.clone()),
+                );
+                reason
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                bootstrap::report_end(
+                    &self.board,
+                    desired,
+                    RunState::Failed,
+                    None,
+                    Some(reason.clone()),
+                );
+                reason
+            }
+        };
+        t.end(
+            &step,
+            StepOutcome::Failed,
+            Some(failure.clone()),
+            started.elapsed(),
+        )?;
+        if spec.essential {
+            Err(Halt(format!("essential {step} failed: {failure}")))
+        } else {
+            tracing::warn!(%step, reason = %failure, "non-essential bootstrap container failed; boot goes on");
+            Ok(())
+        }
+    }
+
+    /// Commits `mode = off` for a `once` item that succeeded, as its own transaction
+    /// (so history shows who switched it and when).
+    async fn switch_off(&self, group: &str, name: &str) -> Result<(), Halt> {
+        let tx = format!("boot-{group}-{name}");
+        let patch = json!({ group: { name: { "mode": "off" } } });
+        let done = async {
+            self.store.patch(&tx, patch).await?;
+            self.store.commit(&tx, Caller::keeld()).await
+        }
+        .await;
+        done.map(drop)
+            .map_err(|e| Halt(format!("switching {group}.{name} to off: {e}")))
+    }
+}
+
+/// A bootstrap item's mode, essential flag and timeout.
+#[derive(Debug, Clone, Copy)]
+struct StepSpec {
+    mode: BootstrapMode,
+    essential: bool,
+    timeout: Option<Duration>,
+}
+
+/// Creates `path` durably: the file is fsync'd, then its directory, so a crash right
+/// after cannot make a later boot run the providers again.
+fn write_marker(path: &std::path::Path) -> std::io::Result<()> {
+    let file = std::fs::File::create(path)?;
+    file.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! User-data providers, run in order on first boot; each one's `[settings]` table is
+//! patched into the `launch` transaction, so a later source overrides an earlier one.
+//!
+//! - `defaults`: a local user-data defaults file (`/local/user-data-defaults.toml`);
+//! - `imds`: EC2 instance metadata, IMDSv2 ([`super::imds`]);
+//! - `file`: the local user-data file (`/local/user-data.toml`);
+//! - `overrides`: a local overrides file (`/local/user-data-overrides.toml`).
+//!
+//! A source with nothing to give (a missing file, IMDS answering 404) is skipped. A
+//! source whose text is not valid TOML or whose settings are invalid fails the boot;
+//! the message names the source, then the line or the key.
+
+use std::path::PathBuf;
+
+use super::imds::{self, ImdsConfig};
+
+/// The most user-data keeld reads from one source.
+const MAX_USER_DATA: u64 = 16 << 20;
+
+/// One source of user-data.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    Defaults(PathBuf),
+    Imds(ImdsConfig),
+    File(PathBuf),
+    Overrides(PathBuf),
+}
+
+/// What `--user-data-providers` accepts.
+pub const PROVIDER_NAMES: [&str; 4] = ["defaults", "imds", "file", "overrides"];
+
+impl Provider {
+    /// The name in the boot record and in error messages.
+    pub fn source_name(&self) -> String {
+        match self {
+            Provider::Defaults(p) => format!("defaults file {}", p.display()),
+            Provider::Imds(c) => format!("EC2 IMDS {}", c.endpoint),
+            Provider::File(p) => format!("user-data file {}", p.display()),
+            Provider::Overrides(p) => format!("overrides file {}", p.display()),
+        }
+    }
+
+    /// The boot step's name.
+    pub fn step_name(&self) -> &'static str {
+        match self {
+            Provider::Defaults(_) => "user-data:defaults",
+            Provider::Imds(_) => "user-data:imds",
+            Provider::File(_) => "user-data:file",
+            Provider::Overrides(_) => "user-data:overrides",
+        }
+    }
+
+    /// The source's user-data text, or `None` when it has none.
+    pub async fn fetch(&self) -> Result<Option<String>, String> {
+        let bytes = match self {
+            Provider::Defaults(p) | Provider::File(p) | Provider::Overrides(p) => {
+                read_local(p.clone()).await?
+            }
+            Provider::Imds(config) => imds::fetch_user_data(config)
+                .await
+                .map_err(|e| e.to_string())?,
+        };
+        bytes
+            .map(|b| {
+                String::from_utf8(b).map_err(|e| {
+                    format!(
+                        "user-data is not UTF-8 text (byte {})",
+                        e.utf8_error().valid_up_to()
+                    )
+                })
+            })
+            .transpose()
+    }
+}
+
+async fn read_local(path: PathBuf) -> Result<Option<Vec<u8>>, String> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("cannot read: {e}")),
+        };
+        let mut bytes = Vec::new();
+        file.take(MAX_USER_DATA + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read: {e}"))?;
+        if bytes.len() as u64 > MAX_USER_DATA {
+            return Err(format!("larger than {MAX_USER_DATA} bytes"));
+        }
+        Ok(Some(bytes))
+    })
+    .await
+    .map_err(|e| format!("reading failed: {e}"))?
+}
+
+/// Parses `--user-data-providers` (e.g. `defaults,imds,file,overrides`).
+pub fn parse_order(list: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !PROVIDER_NAMES.contains(&name) {
+            return Err(format!(
+                "unknown user-data provider {name:?}; expected some of {}",
+                PROVIDER_NAMES.join(", ")
+            ));
+        }
+        if out.iter().any(|n| n == name) {
+            return Err(format!("user-data provider {name:?} is listed twice"));
+        }
+        out.push(name.to_owned());
+    }
+    Ok(out)
+}
+
+/// Fills `defaults` into `target` where `existing` has no value: the OS defaults never
+/// overwrite a setting that is already set.
+pub fn missing_only(
+    defaults: &serde_json::Value,
+    existing: &serde_json::Value,
+) -> serde_json::Value {
+    use serde_json::Value;
+    match (defaults, existing) {
+        (Value::Object(d), Value::Object(e)) => {
+            let mut out = serde_json::Map::new();
+            for (key, value) in d {
+                match e.get(key) {
+                    None | Some(Value::Null) => {
+                        out.insert(key.clone(), value.clone());
+                    }
+                    Some(current) => {
+                        let rest = missing_only(value, current);
+                        if rest.as_object().is_some_and(|o| !o.is_empty()) {
+                            out.insert(key.clone(), rest);
+                        }
+                    }
+                }
+            }
+            Value::Object(out)
+        }
+        // Set already (a leaf, or a different shape): nothing to add.
+        _ => Value::Object(serde_json::Map::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn defaults_never_overwrite() {
+        let defaults = json!({"motd": "d", "ntp": {"time-servers": ["a"]}, "host-containers": {"admin": {"enabled": false, "source": "x"}}});
+        let existing = json!({"motd": "mine", "host-containers": {"admin": {"enabled": true}}});
+        assert_eq!(
+            missing_only(&defaults, &existing),
+            json!({"ntp": {"time-servers": ["a"]}, "host-containers": {"admin": {"source": "x"}}})
+        );
+    }
+
+    #[test]
+    fn provider_order() {
+        assert_eq!(parse_order("imds, file").expect("ok"), ["imds", "file"]);
+        assert!(parse_order("imds,imds").is_err());
+        assert!(parse_order("cloud-init")
+            .expect_err("unknown")
+            .contains("cloud-init"));
+        assert!(parse_order("").expect("empty").is_empty());
+    }
+
+    #[tokio::test]
+    async fn local_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("user-data.toml");
+        let p = Provider::File(path.clone());
+        assert_eq!(p.fetch().await, Ok(None));
+        std::fs::write(&path, "[settings]\nmotd = \"x\"\n").expect("write");
+        assert_eq!(
+            p.fetch().await,
+            Ok(Some("[settings]\nmotd = \"x\"\n".to_owned()))
+        );
+        std::fs::write(&path, [0xff, 0xfe]).expect("write");
+        assert!(p.fetch().await.expect_err("binary").contains("UTF-8"));
+    }
+}

@@ -1,0 +1,274 @@
+//! The boot record: which phase the boot is in and what each step did, as
+//! `GET /boot` and `apiclient boot status` show it.
+//!
+//! It lives in the runtime directory (`/run/keel/boot.json`, a tmpfs): a keeld restart
+//! within the same boot finds it and resumes from it, and a reboot starts with none. It
+//! is written before each step starts and after it ends (temp file + fsync + rename), so
+//! a step that was running when keeld died is known, and never started a second time.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Where the boot is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootPhase {
+    /// Staging OS defaults into the `launch` transaction (first boot).
+    Defaults,
+    /// Running the user-data providers (first boot).
+    UserData,
+    /// Committing `launch` and rendering every configuration file.
+    Apply,
+    BootstrapCommands,
+    BootstrapContainers,
+    /// Done: host containers start, and units ordered after keel-boot run.
+    Configured,
+    /// An essential step failed; `reason` says which and why. The API stays up.
+    Failed,
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepOutcome {
+    Running,
+    Succeeded,
+    Failed,
+    /// Nothing to do (no user-data from a source, mode `off`, already done).
+    Skipped,
+}
+
+/// One step of the boot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BootStep {
+    /// `defaults`, `user-data:<source>`, `commit`, `render`, `bootstrap-command:<name>`,
+    /// `bootstrap-container:<name>`.
+    pub name: String,
+    pub outcome: StepOutcome,
+    #[serde(default)]
+    pub essential: bool,
+    pub started: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// What happened, or why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// The whole record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BootRecord {
+    pub boot_id: String,
+    pub phase: BootPhase,
+    /// Whether this boot ran the user-data providers.
+    pub first_boot: bool,
+    pub started: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Why the boot failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub steps: Vec<BootStep>,
+}
+
+impl BootRecord {
+    pub fn new(first_boot: bool) -> BootRecord {
+        BootRecord {
+            boot_id: boot_id(),
+            phase: BootPhase::Defaults,
+            first_boot,
+            started: crate::store::now_rfc3339(),
+            finished: None,
+            duration_ms: None,
+            reason: None,
+            steps: Vec::new(),
+        }
+    }
+
+    pub fn step(&self, name: &str) -> Option<&BootStep> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, BootPhase::Configured | BootPhase::Failed)
+    }
+}
+
+/// The kernel's boot id, or a random one where there is none.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| format!("{:032x}", rand::random::<u128>()))
+}
+
+/// Why the boot record could not be saved.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the boot record {path}: {source}")]
+pub struct RecordError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Owns the record: every change is saved, then published to `GET /boot`.
+#[derive(Debug)]
+pub struct BootTracker {
+    path: PathBuf,
+    record: BootRecord,
+    publish: watch::Sender<BootRecord>,
+}
+
+impl BootTracker {
+    /// The record of this boot (from the runtime directory), or a new one.
+    pub fn open(
+        runtime_dir: &Path,
+        first_boot: impl FnOnce() -> bool,
+        publish: watch::Sender<BootRecord>,
+    ) -> BootTracker {
+        let path = runtime_dir.join("boot.json");
+        let record = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| match serde_json::from_slice::<BootRecord>(&bytes) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "unreadable boot record; starting the boot over");
+                    None
+                }
+            })
+            .unwrap_or_else(|| BootRecord::new(first_boot()));
+        publish.send_replace(record.clone());
+        BootTracker {
+            path,
+            record,
+            publish,
+        }
+    }
+
+    pub fn record(&self) -> &BootRecord {
+        &self.record
+    }
+
+    /// Saves and publishes after `change`. Durable because the next steps must know
+    /// what already ran: the temp file is fsync'd before the rename, so a crash leaves
+    /// the old record or the new one.
+    pub fn update(&mut self, change: impl FnOnce(&mut BootRecord)) -> Result<(), RecordError> {
+        change(&mut self.record);
+        self.publish.send_replace(self.record.clone());
+        let err = |source| RecordError {
+            path: self.path.clone(),
+            source,
+        };
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let temp = self.path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(&self.record).unwrap_or_default();
+        let mut file = std::fs::File::create(&temp).map_err(err)?;
+        file.write_all(&bytes).map_err(err)?;
+        file.sync_all().map_err(err)?;
+        std::fs::rename(&temp, &self.path).map_err(err)
+    }
+
+    pub fn set_phase(&mut self, phase: BootPhase) -> Result<(), RecordError> {
+        self.update(|r| r.phase = phase)
+    }
+
+    /// Records that step `name` started (replacing an earlier entry of that name).
+    pub fn begin(&mut self, name: &str, essential: bool) -> Result<(), RecordError> {
+        self.update(|r| {
+            r.steps.retain(|s| s.name != name);
+            r.steps.push(BootStep {
+                name: name.to_owned(),
+                outcome: StepOutcome::Running,
+                essential,
+                started: crate::store::now_rfc3339(),
+                finished: None,
+                duration_ms: None,
+                detail: None,
+            });
+        })
+    }
+
+    /// Records how step `name` ended.
+    pub fn end(
+        &mut self,
+        name: &str,
+        outcome: StepOutcome,
+        detail: Option<String>,
+        elapsed: std::time::Duration,
+    ) -> Result<(), RecordError> {
+        self.update(|r| {
+            if let Some(step) = r.steps.iter_mut().find(|s| s.name == name) {
+                step.outcome = outcome;
+                step.finished = Some(crate::store::now_rfc3339());
+                step.duration_ms = Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+                step.detail = detail;
+            }
+        })
+    }
+
+    /// A step that had nothing to do.
+    pub fn skip(&mut self, name: &str, detail: &str) -> Result<(), RecordError> {
+        self.begin(name, false)?;
+        self.end(
+            name,
+            StepOutcome::Skipped,
+            Some(detail.to_owned()),
+            std::time::Duration::ZERO,
+        )
+    }
+
+    /// Ends the boot in `phase` (configured or failed).
+    pub fn finish(
+        &mut self,
+        phase: BootPhase,
+        reason: Option<String>,
+        elapsed: std::time::Duration,
+    ) -> Result<(), RecordError> {
+        self.update(|r| {
+            r.phase = phase;
+            r.reason = reason;
+            r.finished = Some(crate::store::now_rfc3339());
+            r.duration_ms = Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_survives_a_restart_and_a_new_runtime_dir_starts_over() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (tx, rx) = watch::channel(BootRecord::new(true));
+        let mut tracker = BootTracker::open(dir.path(), || true, tx);
+        tracker.begin("bootstrap-container:a", true).expect("begin");
+        assert_eq!(rx.borrow().steps.len(), 1);
+        drop(tracker);
+
+        let (tx, _rx) = watch::channel(BootRecord::new(false));
+        let again = BootTracker::open(dir.path(), || false, tx);
+        let step = again.record().step("bootstrap-container:a").expect("step");
+        assert_eq!(step.outcome, StepOutcome::Running);
+        assert!(
+            again.record().first_boot,
+            "the record, not the closure, decides"
+        );
+
+        let fresh = tempfile::tempdir().expect("dir");
+        let (tx, _rx) = watch::channel(BootRecord::new(false));
+        let new = BootTracker::open(fresh.path(), || false, tx);
+        assert!(new.record().steps.is_empty());
+        assert_eq!(new.record().phase, BootPhase::Defaults);
+    }
+}
