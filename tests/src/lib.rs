@@ -252,6 +252,14 @@ impl Keeld {
         }
     }
 
+    /// Simulates a reboot: keeld is killed, the runtime directory (a tmpfs on a real
+    /// host) is emptied, and keeld starts again on the same state.
+    pub fn reboot(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(self.runtime_dir());
+        self.spawn();
+    }
+
     /// Waits until the boot is configured or failed; answers the boot record.
     pub fn wait_boot(&self, timeout: Duration) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
