@@ -59,6 +59,9 @@ pub struct KeeldOptions {
     /// Wait for the boot to be configured before the test goes on (and forget the
     /// restart commands the boot ran). Boot tests turn it off.
     pub wait_for_boot: bool,
+    /// Run keeld with a read-only root (see [`Keeld::read_only_root_command`]); the
+    /// socket then lives in the runtime directory.
+    pub read_only_root: bool,
 }
 
 impl Default for KeeldOptions {
@@ -72,6 +75,7 @@ impl Default for KeeldOptions {
             templates: None,
             containerd: None,
             wait_for_boot: true,
+            read_only_root: false,
         }
     }
 }
@@ -92,7 +96,11 @@ impl Keeld {
 
     pub fn start_with(options: KeeldOptions) -> Keeld {
         let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("api.sock");
+        let socket = if options.read_only_root {
+            dir.path().join("run/api.sock")
+        } else {
+            dir.path().join("api.sock")
+        };
         let state_dir = dir.path().join("state");
         let mut keeld = Keeld {
             dir,
@@ -123,7 +131,7 @@ impl Keeld {
     /// Lines written by the restart-command recorder, one per command run:
     /// `<service> <original argv...> | <CHANGED_SETTINGS>`.
     pub fn restarts(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("restarts.log"))
+        std::fs::read_to_string(self.record_dir().join("restarts.log"))
             .unwrap_or_default()
             .lines()
             .map(str::to_owned)
@@ -137,7 +145,7 @@ impl Keeld {
         let recorder = self.dir.path().join("record-restart");
         std::fs::write(
             &recorder,
-            "#!/bin/sh\ndir=\"$(dirname \"$0\")\"\n[ -e \"$dir/slow-$1\" ] && sleep 1\necho \"$* | $CHANGED_SETTINGS\" >> \"$dir/restarts.log\"\n[ -e \"$dir/fail-$1\" ] && exit 3\nexit 0\n",
+            "#!/bin/sh\ndir=\"$(dirname \"$0\")\"\n[ -e \"$dir/slow-$1\" ] && sleep 1\necho \"$* | $CHANGED_SETTINGS\" >> \"${KEEL_RECORD_DIR:-$dir}/restarts.log\"\n[ -e \"$dir/fail-$1\" ] && exit 3\nexit 0\n",
         )
         .unwrap();
         std::fs::set_permissions(
@@ -199,7 +207,12 @@ impl Keeld {
             .append(true)
             .open(self.dir.path().join("keeld.log"))
             .unwrap();
-        let child = Command::new(bin("keeld"))
+        let mut command = if self.options.read_only_root {
+            self.read_only_root_command()
+        } else {
+            Command::new(bin("keeld"))
+        };
+        let child = command
             .arg("--socket")
             .arg(&self.socket)
             .arg("--state-dir")
@@ -248,8 +261,57 @@ impl Keeld {
             );
             // The boot renders every file and runs every restart command once; tests
             // look at what their own changes restart.
-            let _ = std::fs::remove_file(self.dir.path().join("restarts.log"));
+            let _ = std::fs::remove_file(self.record_dir().join("restarts.log"));
         }
+    }
+
+    /// Where the restart recorder writes: the runtime directory when the root is
+    /// read-only (the only place besides keeld's own directories that stays writable).
+    fn record_dir(&self) -> PathBuf {
+        if self.options.read_only_root {
+            self.runtime_dir()
+        } else {
+            self.dir.path().to_owned()
+        }
+    }
+
+    /// `unshare -m` running keeld in a private mount namespace whose `/` (and every
+    /// other writable mount but /proc, /sys and /dev) is read-only; only the state,
+    /// runtime and persistent directories (bind-mounted onto themselves) and the render
+    /// root (a fresh tmpfs) stay writable.
+    fn read_only_root_command(&self) -> Command {
+        const SETUP: &str = r#"
+set -e
+for d in "$KEEL_STATE" "$KEEL_RUN" "$KEEL_LOCAL"; do
+  mkdir -p "$d"; mount --bind "$d" "$d"
+done
+mkdir -p "$KEEL_RENDER"
+mount -t tmpfs -o mode=0755 keel-render "$KEEL_RENDER"
+mount -o remount,bind,ro /
+for m in /tmp /var/tmp /run /var/run /dev/shm; do
+  if mountpoint -q "$m"; then mount -o remount,bind,ro "$m"; fi
+done
+exec "$@"
+"#;
+        let mut command = Command::new("unshare");
+        command
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                SETUP,
+                "sh",
+            ])
+            .arg(bin("keeld"))
+            .env("KEEL_STATE", &self.state_dir)
+            .env("KEEL_RUN", self.runtime_dir())
+            .env("KEEL_LOCAL", self.persistent_dir())
+            .env("KEEL_RENDER", self.render_root())
+            .env("KEEL_RECORD_DIR", self.runtime_dir());
+        command
     }
 
     /// Simulates a reboot: keeld is killed, the runtime directory (a tmpfs on a real
