@@ -1,94 +1,148 @@
 #!/usr/bin/env bash
-# A Keel demo on this machine: starts keeld on a temporary socket and state directory,
-# applies example user-data, drives it with apiclient, restarts keeld to show that state
-# is durable, and cleans up after itself.
-# Usage: packaging/dev/demo.sh   (as root on Debian 12; installs what it needs)
+# The demo node: a private containerd, keeld booting from example user-data, a `once`
+# bootstrap container and the admin host container, both from images built here from
+# busybox-static; then apiclient shows the result. Everything lives under one temporary
+# directory and is stopped and removed at the end.
+#
+# Usage (as root, Debian 12; installs what it needs):
+#   packaging/dev/demo.sh            # runs, prints, and (on a terminal) waits for Enter
+#   KEEL_DEMO_WAIT=0 packaging/dev/demo.sh   # never waits (CI, scripts)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+repo="$PWD"
 bash packaging/dev/deps.sh
+echo "== building keeld, apiclient, keel-logger and the image builder"
 cargo build --workspace --bins --quiet
+cargo build -p keel-e2e --example oci-image --quiet
+bin="$repo/target/debug"
 
 work="$(mktemp -d /tmp/keel-demo.XXXXXX)"
-sock="$work/api.sock"
-keeld_pid=""
+ns=keel-demo
+cd_sock="$work/containerd/containerd.sock"
+sock="$work/run/api.sock"
+keeld_pid="" containerd_pid=""
+ctr() { command ctr --address "$cd_sock" --namespace "$ns" "$@"; }
+api() { echo "\$ apiclient $*"; "$bin/apiclient" -s "$sock" "$@"; }
+
 cleanup() {
-  if [[ -n "$keeld_pid" ]] && kill -0 "$keeld_pid" 2>/dev/null; then
-    kill "$keeld_pid" && wait "$keeld_pid" 2>/dev/null || true
+  set +e
+  echo
+  echo "== stopping the demo node"
+  if [[ -n "$keeld_pid" ]]; then kill "$keeld_pid" 2>/dev/null; wait "$keeld_pid" 2>/dev/null; fi
+  if [[ -n "$containerd_pid" ]]; then
+    for task in $(ctr tasks ls -q 2>/dev/null); do ctr tasks kill -s SIGKILL "$task" >/dev/null 2>&1; done
+    sleep 0.5
+    for task in $(ctr tasks ls -q 2>/dev/null); do ctr tasks delete --force "$task" >/dev/null 2>&1; done
+    for c in $(ctr containers ls -q 2>/dev/null); do ctr containers delete "$c" >/dev/null 2>&1; done
+    kill "$containerd_pid" 2>/dev/null; wait "$containerd_pid" 2>/dev/null
   fi
+  # Anything still mounted under the work directory (rootfs of a killed task).
+  awk -v w="$work" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
   rm -rf "$work"
+  echo "stopped; $work removed"
 }
 trap cleanup EXIT
 
-# This machine's own services must not be restarted by the demo: every restart command
-# is prefixed with `echo would-run`, and files render under $work/root instead of /.
-sed -E '/^restart-commands/ s#\["/#["/bin/echo", "would-run", "/#g' packaging/services.toml > "$work/services.toml"
+echo "== building demo images (OCI archives) from busybox-static"
+mkdir -p "$work/images"
+"$bin/examples/oci-image" "$work/images/admin.tar" --with "$bin/apiclient" -- /bin/sh -c '
+  echo "admin container up; user-data: $(cat /.bottlerocket/host-containers/admin/user-data)"
+  echo "motd through the API: $(apiclient get settings.motd)"
+  exec sleep 2147483647'
+"$bin/examples/oci-image" "$work/images/setup.tar" -- /bin/sh -c '
+  echo "setup ran at boot $(cat /proc/sys/kernel/random/boot_id)" > /.bottlerocket/bootstrap-containers/setup/ran
+  echo "setup: done"'
 
-start_keeld() {
-  ./target/debug/keeld --socket "$sock" --state-dir "$work/state" --socket-group 0 \
-    --services "$work/services.toml" --templates packaging/templates \
-    --render-root "$work/root" 2>>"$work/keeld.log" &
-  keeld_pid=$!
-  for _ in $(seq 200); do
-    ./target/debug/apiclient -s "$sock" raw -u /os >/dev/null 2>&1 && return 0
-    sleep 0.05
-  done
-  echo "keeld did not start; log:" >&2; cat "$work/keeld.log" >&2; exit 1
-}
-api() { echo "\$ apiclient $*"; ./target/debug/apiclient -s "$sock" "$@"; }
+echo "== starting a private containerd ($cd_sock, namespace $ns)"
+mkdir -p "$work/containerd"
+cat > "$work/containerd/config.toml" <<EOF
+version = 2
+root = "$work/containerd/root"
+state = "$work/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs", "io.containerd.internal.v1.opt", "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+address = "$cd_sock"
+[ttrpc]
+address = "$cd_sock.ttrpc"
+EOF
+containerd --config "$work/containerd/config.toml" >"$work/containerd/log" 2>&1 &
+containerd_pid=$!
+for _ in $(seq 200); do [[ -S "$cd_sock" ]] && break; sleep 0.05; done
+[[ -S "$cd_sock" ]] || { echo "containerd did not start:"; cat "$work/containerd/log"; exit 1; }
 
-start_keeld
-echo "== keeld is serving on $sock (state in $work/state)"
-echo
-cat > "$work/user-data.toml" <<'TOML'
+cat > "$work/user-data.toml" <<TOML
 [settings]
-motd = "Welcome to Keel"
+motd = "Welcome to the Keel demo node"
+
+# A bootstrap container that runs at the next boot only, then switches itself off.
+[settings.bootstrap-containers.setup]
+source = "oci-archive:$work/images/setup.tar"
+mode = "once"
+essential = true
 
 [settings.host-containers.admin]
 enabled = true
-source = "public.ecr.aws/bottlerocket/bottlerocket-admin:v0.11.13"
 superpowered = true
+source = "oci-archive:$work/images/admin.tar"
+user-data = "$(printf 'ssh keys would go here' | base64 -w0)"
 
-[settings.kernel.sysctl]
-"vm.max_map_count" = "262144"
-
-[settings.kubernetes.node-labels]
-"node.example.com/role" = "demo"
+# The OS defaults enable the control container from a public registry; this demo
+# machine has no internet, so user-data turns it off.
+[settings.host-containers.control]
+enabled = false
 TOML
-echo "== apply example user-data (one transaction, committed durably)"
-api apply "$work/user-data.toml"
-api get settings
+
+# This machine's own services must not be restarted by the demo: restart commands are
+# prefixed with `echo would-run`, and files render under $work/root instead of /.
+sed -E '/^restart-commands/ s#\["/#["/bin/echo", "would-run", "/#g' packaging/services.toml > "$work/services.toml"
+
+echo "== starting keeld: first boot with example user-data ($work/user-data.toml)"
+"$bin/keeld" --socket "$sock" --socket-group 0 \
+  --state-dir "$work/state" --runtime-dir "$work/run" --persistent-dir "$work/local" \
+  --render-root "$work/root" --services "$work/services.toml" --templates packaging/templates \
+  --os-defaults packaging/defaults.toml --user-data-providers defaults,file,overrides \
+  --user-data-defaults "$work/none.toml" --user-data-file "$work/user-data.toml" \
+  --user-data-overrides "$work/none.toml" \
+  --containerd-socket "$cd_sock" --containerd-namespace "$ns" 2>"$work/keeld.log" &
+keeld_pid=$!
+
 echo
-echo "== files rendered into the render root ($work/root)"
-find "$work/root" -type f | sed "s#$work/root##" | sort
-echo "\$ cat /etc/motd"; cat "$work/root/etc/motd"
+api boot wait --timeout 120s || { echo "keeld log:"; tail -50 "$work/keeld.log"; exit 1; }
 echo
-echo "== dry run: what would change, settings and files, without committing"
-api set --dry-run 'ntp.time-servers=["time.example.com"]'
+echo "\$ apiclient boot status   # summarized with jq"
+"$bin/apiclient" -s "$sock" boot status | jq -r '"phase: \(.phase)   first boot: \(."first-boot")   took \(."duration-ms") ms",
+  (.steps[] | "  \(.name | . + " " * (34 - length)) \(.outcome | . + " " * (10 - length)) \(."duration-ms" // 0) ms  \(.detail // "")")'
 echo
-echo "== set is typed by the model: motd=42 is the string \"42\""
-api set motd=42 'kernel.sysctl."net.core.somaxconn"=1024'
-api get settings.motd settings.kernel
+# Host containers start once the boot is configured; give admin a moment.
+for _ in $(seq 100); do
+  "$bin/apiclient" -s "$sock" containers -o json | jq -e '.[] | select(.name=="admin" and .state=="running")' >/dev/null && break
+  sleep 0.1
+done
+api containers
 echo
-echo "== bad input is refused, naming the key, and nothing changes"
-api set host-containers.admin.source=MY-CONTAINER-URI || true
-api get settings.host-containers.admin.source
+api get settings.bootstrap-containers.setup.mode
+echo "\$ cat $work/local/bootstrap-containers/setup/ran"
+cat "$work/local/bootstrap-containers/setup/ran"
 echo
-echo "== unset removes a setting (Bottlerocket cannot)"
-api unset 'kernel.sysctl."net.core.somaxconn"'
+echo "\$ apiclient history --limit 3 | jq …"
+"$bin/apiclient" -s "$sock" history --limit 3 | jq -c '.[] | {generation, tx, time}' 
 echo
-echo "== what the last apply did (files written, restart commands run)"
-api apply-log --limit 1 | head -40
+sleep 0.5
+api logs admin
 echo
-echo "== history: who changed what"
-api history --limit 3
-echo
-echo "== rollback to generation 1 (a new generation equal to it)"
-api rollback 1
-api get settings.motd
-echo
-echo "== restart keeld: state is durable"
-kill "$keeld_pid"; wait "$keeld_pid" 2>/dev/null || true
-start_keeld
-api get settings.motd
-echo
-echo "Demo finished; keeld stopped and $work removed."
+echo "== rendered configuration ($work/root):"
+find "$work/root" -type f | sed "s#$work/root##" | sort | head -30
+
+if [[ "${KEEL_DEMO_WAIT:-1}" != 0 && -t 0 ]]; then
+  cat <<EOF
+
+The demo node is running. Poke at it from another shell:
+  $bin/apiclient -s $sock containers
+  $bin/apiclient -s $sock logs admin
+  $bin/apiclient -s $sock set host-containers.admin.environment.GREETING=hi   # restarts admin only
+  $bin/apiclient -s $sock boot status
+  ctr --address $cd_sock --namespace $ns tasks ls
+Press Enter here to stop it (everything under $work is removed).
+EOF
+  read -r _
+fi
