@@ -9,3 +9,5 @@ bash packaging/dev/deps.sh
 cargo build --release --bins
 cargo bench -p keel-e2e --bench api
 cargo bench -p keel-e2e --bench apply
+# Host-container start latency, keeld next to `ctr run` (needs root, containerd, runc).
+cargo bench -p keel-e2e --bench containers
