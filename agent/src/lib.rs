@@ -59,9 +59,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         &config.containerd_socket,
         &config.containerd_namespace,
     )?;
-    let runtime = Arc::new(containers::runtime::ContainerdRuntime {
+    let runtime = Arc::new(containers::runtime::ContainerdRuntime::new(
         cd,
-        paths: containers::runtime::RuntimePaths {
+        containers::runtime::RuntimePaths {
             persistent_dir: config.persistent_dir.clone(),
             api_socket: config.socket.clone(),
             apiclient: config
@@ -74,7 +74,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 .unwrap_or_else(|| config::sibling_binary("keel-logger")),
             log_dir: log_dir.clone(),
         },
-    });
+    ));
     let supervision = containers::supervisor::SupervisorConfig {
         grace: config.stop_grace.into(),
         backoff_initial: config.restart_backoff.into(),

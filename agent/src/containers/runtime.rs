@@ -20,7 +20,7 @@ use containerd_client::services::v1::snapshots::{MountsRequest, PrepareSnapshotR
 use super::client::{Call, Containerd, ContainerdError, SNAPSHOTTER};
 use super::content::Lease;
 use super::desired::DesiredContainer;
-use super::image::{ensure_image, remove_snapshot, ImageError};
+use super::image::{ensure_image, remove_snapshot, ImageError, ImageSource, ReadyImage};
 use super::registry::RegistryConfig;
 use super::spec::{self, SpecRequest};
 use super::status::ContainerKind;
@@ -147,10 +147,36 @@ impl RuntimePaths {
 }
 
 /// [`Runtime`] on containerd.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ContainerdRuntime {
     pub cd: Containerd,
     pub paths: RuntimePaths,
+    /// Archives already imported and unpacked, by source, with the file's identity at
+    /// the time: a start from an unchanged archive skips the import (about ten
+    /// containerd round trips). Registry sources are not cached: a tag may move.
+    archives: std::sync::Mutex<HashMap<String, (ArchiveStamp, ReadyImage)>>,
+}
+
+/// What identifies an archive file's content without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ArchiveStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl ArchiveStamp {
+    fn of(path: &str) -> Option<ArchiveStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(ArchiveStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        })
+    }
 }
 
 fn exit_code(status: u32) -> i32 {
@@ -158,6 +184,45 @@ fn exit_code(status: u32) -> i32 {
 }
 
 impl ContainerdRuntime {
+    pub fn new(cd: Containerd, paths: RuntimePaths) -> ContainerdRuntime {
+        ContainerdRuntime {
+            cd,
+            paths,
+            archives: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn archive_cache(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (ArchiveStamp, ReadyImage)>> {
+        // Entries are replaced whole, so a poisoned lock still holds consistent data.
+        self.archives.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The image of `source`, from the archive cache when the archive is unchanged.
+    async fn ready_image(
+        &self,
+        source: &str,
+        registries: &RegistryConfig,
+    ) -> Result<ReadyImage, RunError> {
+        let stamp = match ImageSource::parse(source) {
+            ImageSource::Archive { path, .. } => ArchiveStamp::of(&path),
+            ImageSource::Registry(_) => None,
+        };
+        if let Some(stamp) = stamp {
+            if let Some((cached, image)) = self.archive_cache().get(source) {
+                if *cached == stamp {
+                    return Ok(image.clone());
+                }
+            }
+        }
+        let image = ensure_image(&self.cd, source, registries).await?;
+        if let (Some(stamp), false) = (stamp, image.from_cache) {
+            self.archive_cache()
+                .insert(source.to_owned(), (stamp, image.clone()));
+        }
+        Ok(image)
+    }
     fn write_files(&self, desired: &DesiredContainer) -> Result<PathBuf, RunError> {
         let dir = self.paths.persistent_dir_of(desired.kind, &desired.name);
         let io = |what: &str, e: std::io::Error| {
@@ -220,7 +285,7 @@ impl Runtime for ContainerdRuntime {
         registries: &RegistryConfig,
     ) -> Result<Prepared, RunError> {
         let id = desired.id();
-        let image = ensure_image(&self.cd, &desired.source, registries).await?;
+        let image = self.ready_image(&desired.source, registries).await?;
         let persistent = self.write_files(desired)?;
         let request = SpecRequest {
             name: &desired.name,
@@ -245,9 +310,7 @@ impl Runtime for ContainerdRuntime {
 
         // A stale record (older settings, or left by a crash) goes first; its task is
         // gone (the caller stopped it).
-        if self.cd.container(&id).await?.is_some() {
-            self.cd.delete_container(&id).await?;
-        }
+        self.cd.delete_container(&id).await?;
         remove_snapshot(&self.cd, &id).await;
 
         let lease = Lease::create(&self.cd).await?;
@@ -276,7 +339,12 @@ impl Runtime for ContainerdRuntime {
         }
         .await;
         lease.release(&self.cd).await;
-        created?;
+        if let Err(e) = created {
+            // The unpacked image may have been removed behind keeld's back: import
+            // it again next time.
+            self.archive_cache().remove(&desired.source);
+            return Err(e.into());
+        }
         Ok(Prepared {
             image_digest: image.manifest_digest,
             from_cache: image.from_cache,
@@ -285,9 +353,18 @@ impl Runtime for ContainerdRuntime {
 
     async fn start(&self, id: &str) -> Result<u32, RunError> {
         // A task left from an earlier start (exited, or created but never started
-        // because keeld died in between) would make create fail.
-        self.cd.kill_task(id, libc::SIGKILL).await?;
-        self.cd.delete_task(id).await?;
+        // because keeld died in between) would make create fail. One still running
+        // (the caller normally stopped it) is killed first.
+        match self.cd.delete_task(id).await {
+            Err(e) if e.code() == containerd_client::tonic::Code::FailedPrecondition => {
+                self.cd.kill_task(id, libc::SIGKILL).await?;
+                let _ = tokio::time::timeout(Duration::from_secs(10), self.cd.wait_task(id)).await;
+                self.cd.delete_task(id).await?;
+            }
+            other => {
+                other?;
+            }
+        }
         let mounts = self
             .cd
             .snapshots()
