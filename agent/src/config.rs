@@ -100,6 +100,10 @@ pub struct Config {
     /// Run the user-data providers at every boot, not only the first.
     #[arg(long)]
     pub user_data_every_boot: bool,
+    /// Debugging only: do not drop capabilities, set no_new_privs or install the
+    /// seccomp filter.
+    #[arg(long)]
+    pub no_sandbox: bool,
 }
 
 fn parse_providers(text: &str) -> Result<String, String> {

@@ -10,6 +10,7 @@ pub mod boot;
 pub mod config;
 pub mod containers;
 pub mod os;
+pub mod sandbox;
 pub mod store;
 
 use std::sync::Arc;

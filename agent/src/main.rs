@@ -15,6 +15,22 @@ fn main() -> std::process::ExitCode {
     } else {
         builder.init();
     }
+    // The sandbox goes on before any thread or child exists, so all inherit it.
+    if config.no_sandbox {
+        tracing::warn!("--no-sandbox: keeld runs WITHOUT its sandbox (all capabilities, no seccomp filter, no no_new_privs); for debugging only");
+    } else {
+        match keel_agent::sandbox::install() {
+            Ok(()) => tracing::info!(
+                kept_capabilities = ?keel_agent::sandbox::KEPT_CAPABILITIES.iter().map(|(c, _)| c.to_string()).collect::<Vec<_>>(),
+                denied_syscalls = keel_agent::sandbox::DENIED_SYSCALLS.len(),
+                "sandbox installed"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install keeld's sandbox; refusing to run without it (--no-sandbox to debug)");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
     // A commit's leader blocks its worker on disk I/O for one batch (store::writer); with
     // four workers the others keep serving reads even on a two-core host.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
