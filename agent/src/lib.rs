@@ -53,6 +53,13 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         usize::try_from(config.history).unwrap_or(usize::MAX),
         Some(Arc::new(applier.clone())),
     )?;
+    let swept = applier.sweep_temps();
+    if swept > 0 {
+        tracing::info!(
+            files = swept,
+            "removed temp files left by an interrupted apply"
+        );
+    }
     let gid = config.api_gid()?;
     let board = containers::status::StatusBoard::default();
     let log_dir = config.runtime_dir.join("logs");
@@ -103,6 +110,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         own_uid: unsafe { libc::geteuid() },
     };
     let listener = api::server::bind(&config.socket, config.socket_mode, gid)?;
+    tokio::spawn(api::server::guard_socket(
+        config.socket.clone(),
+        config.socket_mode,
+        gid,
+    ));
     tracing::info!(socket = %config.socket.display(), state_dir = %config.state_dir.display(), "keeld serving");
     // The socket answers from here on: tell systemd (a no-op without NOTIFY_SOCKET).
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {

@@ -62,6 +62,9 @@ pub struct KeeldOptions {
     /// Run keeld with a read-only root (see [`Keeld::read_only_root_command`]); the
     /// socket then lives in the runtime directory.
     pub read_only_root: bool,
+    /// The state directory (e.g. a small tmpfs the test mounted); default: under the
+    /// test's temporary directory.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for KeeldOptions {
@@ -76,6 +79,7 @@ impl Default for KeeldOptions {
             containerd: None,
             wait_for_boot: true,
             read_only_root: false,
+            state_dir: None,
         }
     }
 }
@@ -101,7 +105,10 @@ impl Keeld {
         } else {
             dir.path().join("api.sock")
         };
-        let state_dir = dir.path().join("state");
+        let state_dir = options
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
         let mut keeld = Keeld {
             dir,
             socket,

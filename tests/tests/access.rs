@@ -65,6 +65,23 @@ fn socket_has_the_configured_mode_and_group() {
 }
 
 #[test]
+fn a_changed_socket_mode_or_group_is_corrected() {
+    let keeld = start("660");
+    std::fs::set_permissions(&keeld.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::os::unix::fs::chown(&keeld.socket, None, Some(0)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let meta = std::fs::metadata(&keeld.socket).unwrap();
+        if meta.mode() & 0o777 == 0o660 && meta.gid() == API_GID {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not corrected");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(keeld.log().contains("corrected"), "{}", keeld.log());
+}
+
+#[test]
 fn outsiders_cannot_connect_through_the_default_mode() {
     if unsafe { libc::geteuid() } != 0 {
         println!("SKIPPED: needs root to run a client as another user");
@@ -108,7 +125,34 @@ fn outsiders_get_403_on_every_endpoint_and_the_group_is_let_in() {
         &["raw", "-m", "POST", "-u", "/tx/commit_and_apply?tx=x"],
         &["raw", "-m", "POST", "-u", "/actions/reboot"],
         &["raw", "-m", "POST", "-u", "/history/rollback?generation=0"],
+        &["raw", "-u", "/boot"],
+        &["raw", "-u", "/containers"],
+        &["raw", "-u", "/containers/admin/logs"],
+        &["raw", "-u", "/apply/log"],
+        &["raw", "-u", "/tx?tx=x"],
+        &["raw", "-m", "DELETE", "-u", "/tx?tx=x"],
+        &["raw", "-m", "POST", "-u", "/tx/commit?tx=x"],
+        &["raw", "-m", "POST", "-u", "/tx/apply"],
+        &["raw", "-m", "POST", "-u", "/tx/dry-run?tx=x"],
+        &["raw", "-u", "/services"],
+        &["raw", "-u", "/configuration-files"],
+        &[
+            "raw",
+            "-u",
+            "/metadata/affected-services?keys=settings.motd",
+        ],
+        &[
+            "raw",
+            "-m",
+            "PATCH",
+            "-u",
+            "/settings/keypair?tx=x",
+            "-d",
+            "{\"request_payload\":[\"motd=pwned\"]}",
+        ],
         &["set", "motd=pwned"],
+        &["boot", "status"],
+        &["containers"],
     ];
     for args in requests {
         let out = apiclient_as(&keeld, NOBODY, NOBODY, args);

@@ -59,7 +59,53 @@ pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, So
         chown_group(&temp, gid).map_err(|e| io("chown", e))?;
     }
     std::fs::rename(&temp, path).map_err(|e| io("rename into place", e))?;
+    // Checked once more in place: what clients find is what keeld enforces.
+    correct_socket(path, mode, gid).map_err(|e| io("check", e))?;
     Ok(listener)
+}
+
+/// How often the socket's mode and group are checked after start-up.
+pub const SOCKET_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Puts the socket's mode and group back when something changed them (a stray
+/// `chmod 666 /run/api.sock` would let every local user in as far as the kernel is
+/// concerned; the peer check still refuses them, but the file should say what keeld
+/// enforces). Answers whether anything had to be corrected.
+pub fn correct_socket(path: &Path, mode: u32, gid: Option<u32>) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::other("no longer a socket"));
+    }
+    let mut corrected = false;
+    if meta.mode() & 0o7777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        corrected = true;
+    }
+    if let Some(gid) = gid {
+        if meta.gid() != gid {
+            chown_group(path, gid)?;
+            corrected = true;
+        }
+    }
+    Ok(corrected)
+}
+
+/// Checks the socket every [`SOCKET_CHECK_INTERVAL`] and corrects its mode and group.
+pub async fn guard_socket(path: std::path::PathBuf, mode: u32, gid: Option<u32>) {
+    let mut tick = tokio::time::interval(SOCKET_CHECK_INTERVAL);
+    loop {
+        tick.tick().await;
+        match correct_socket(&path, mode, gid) {
+            Ok(true) => {
+                tracing::warn!(socket = %path.display(), mode = format!("{mode:o}"), ?gid, "the API socket's mode or group had been changed; corrected")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(socket = %path.display(), error = %e, "cannot check the API socket")
+            }
+        }
+    }
 }
 
 fn chown_group(path: &Path, gid: u32) -> io::Result<()> {

@@ -124,10 +124,45 @@ fn create_dirs(root: &Path, dir: &Path) -> io::Result<()> {
 
 /// Creates a temp file with a random name next to `target`, exclusively and without
 /// following a symbolic link.
+/// The marker in a temp file's name: `.<name>.keel-tmp-<random>`.
+const TEMP_MARKER: &str = ".keel-tmp-";
+
+/// Removes temp files left in `dir` by a keeld that died mid-write (`only` = for that
+/// target name alone). Applies are serialized and each target has one writer, so a temp
+/// file that exists before a write starts is a leftover, never a write in progress.
+/// Answers how many were removed.
+pub fn sweep_temps(dir: &Path, only: Option<&str>) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Some(rest) = name.strip_prefix('.') else {
+            continue;
+        };
+        let Some((target, _)) = rest.rsplit_once(TEMP_MARKER) else {
+            continue;
+        };
+        if only.is_some_and(|o| o != target) {
+            continue;
+        }
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 fn create_temp(dir: &Path, name: &str, mode: u32) -> io::Result<(PathBuf, fs::File)> {
     let mut attempts = 0;
     loop {
-        let temp = dir.join(format!(".{name}.keel-tmp-{:016x}", rand::random::<u64>()));
+        let temp = dir.join(format!(
+            ".{name}{TEMP_MARKER}{:016x}",
+            rand::random::<u64>()
+        ));
         let opened = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -171,6 +206,7 @@ pub fn write_bytes_if_changed(
     let name = target
         .file_name()
         .ok_or_else(|| io::Error::other("target has no file name"))?;
+    sweep_temps(dir, Some(&name.to_string_lossy()));
     let (temp, mut file) = create_temp(dir, &name.to_string_lossy(), mode)?;
     let result = (|| {
         // The umask may have narrowed the mode given at creation.
@@ -195,6 +231,22 @@ mod tests {
     use std::os::unix::fs::{symlink, MetadataExt};
 
     use super::*;
+
+    #[test]
+    fn leftover_temp_files_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::write(d.join(".motd.keel-tmp-00000000000000aa"), "half").unwrap();
+        fs::write(d.join(".hosts.keel-tmp-00000000000000bb"), "half").unwrap();
+        fs::write(d.join(".hidden"), "mine").unwrap();
+        fs::write(d.join("motd"), "whole").unwrap();
+        assert_eq!(sweep_temps(d, Some("motd")), 1);
+        assert!(d.join(".hosts.keel-tmp-00000000000000bb").exists());
+        assert_eq!(sweep_temps(d, None), 1);
+        assert!(d.join(".hidden").exists() && d.join("motd").exists());
+        write_if_changed(d, &d.join("motd"), "new", 0o644).unwrap();
+        assert_eq!(fs::read_to_string(d.join("motd")).unwrap(), "new");
+    }
 
     #[test]
     fn target_stays_under_the_root() {

@@ -485,6 +485,34 @@ impl Applier {
     }
 
     /// The last `limit` applies, newest first, and whether a reboot is pending.
+    /// Removes temp files a killed keeld left beside the configuration files (a
+    /// keeld restart within one boot does not render again, so nothing else would).
+    pub fn sweep_temps(&self) -> usize {
+        let root = &self.inner.config.render_root;
+        let mut removed = 0;
+        for meta in self.inner.meta.configuration_files.values() {
+            // For a multi-file path, the directory holding the items and each item's.
+            let (fixed, multi) = match meta.path.split_once(services::ITEM) {
+                Some((before, _)) => (before.trim_end_matches('/'), true),
+                None => (meta.path.rsplit_once('/').map_or("", |(d, _)| d), false),
+            };
+            let Some(dir) =
+                files::target_path(root, fixed).or_else(|| fixed.is_empty().then(|| root.clone()))
+            else {
+                continue;
+            };
+            removed += files::sweep_temps(&dir, None);
+            if multi {
+                for item in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    if item.file_type().is_ok_and(|t| t.is_dir()) {
+                        removed += files::sweep_temps(&item.path(), None);
+                    }
+                }
+            }
+        }
+        removed
+    }
+
     /// Renders every file at boot. The files staged for the boot loader become the
     /// baseline rather than a pending change: they are what the next boot uses, and
     /// keeld never reboots on its own, so the boot's render does not set
