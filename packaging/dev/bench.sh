@@ -11,3 +11,5 @@ cargo bench -p keel-e2e --bench api
 cargo bench -p keel-e2e --bench apply
 # Host-container start latency, keeld next to `ctr run` (needs root, containerd, runc).
 cargo bench -p keel-e2e --bench containers
+# Boot to `configured` with three bootstrap containers, keeld next to three `ctr run --rm`.
+cargo bench -p keel-e2e --bench boot

@@ -133,16 +133,41 @@ impl Boot {
         }
         t.set_phase(BootPhase::Apply)?;
         self.commit_launch(t).await?;
+        let settings = self.live_settings()?;
+        // The bootstrap containers' images are made ready while the files render (the
+        // containers themselves still run one after another, after the commands).
+        let registries = RegistryConfig::from_settings(&settings);
+        let prefetch: Vec<_> = desired::bootstrap_containers(&settings)
+            .into_values()
+            .filter(|d| {
+                let mode = settings
+                    .bootstrap_containers
+                    .as_ref()
+                    .and_then(|m| m.iter().find(|(n, _)| n.as_str() == d.name))
+                    .and_then(|(_, bc)| bc.mode);
+                matches!(mode, Some(BootstrapMode::Once | BootstrapMode::Always))
+                    && !Self::done(t, &format!("bootstrap-container:{}", d.name))
+            })
+            .map(|d| {
+                let runtime = self.runtime.clone();
+                let registries = registries.clone();
+                tokio::spawn(async move { runtime.prefetch(&d.source, &registries).await })
+            })
+            .collect();
         self.render(t).await?;
 
-        let settings = self.live_settings()?;
         t.set_phase(BootPhase::BootstrapCommands)?;
         for (name, command) in settings.bootstrap_commands.iter().flatten() {
             self.run_command(t, name.as_str(), command).await?;
         }
         t.set_phase(BootPhase::BootstrapContainers)?;
-        let containers = desired::bootstrap_containers(&settings);
+        for fetch in prefetch {
+            let _ = fetch.await;
+        }
+        // Bootstrap commands may have changed settings (that is what they are for).
+        let settings = self.live_settings()?;
         let registries = RegistryConfig::from_settings(&settings);
+        let containers = desired::bootstrap_containers(&settings);
         for (name, desired) in &containers {
             let Some(bc) = settings
                 .bootstrap_containers

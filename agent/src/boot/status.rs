@@ -3,7 +3,7 @@
 //!
 //! It lives in the runtime directory (`/run/keel/boot.json`, a tmpfs): a keeld restart
 //! within the same boot finds it and resumes from it, and a reboot starts with none. It
-//! is written before each step starts and after it ends (temp file + fsync + rename), so
+//! is written before each step starts and after it ends (temp file + rename), so
 //! a step that was running when keeld died is known, and never started a second time.
 
 use std::io::Write;
@@ -157,9 +157,10 @@ impl BootTracker {
         &self.record
     }
 
-    /// Saves and publishes after `change`. Durable because the next steps must know
-    /// what already ran: the temp file is fsync'd before the rename, so a crash leaves
-    /// the old record or the new one.
+    /// Saves and publishes after `change`. The record must survive a keeld crash, not
+    /// a power loss: it lives on the runtime tmpfs, and a power loss is a new boot with
+    /// no record anyway. Writing a temp file and renaming it over the record is atomic
+    /// against a crash (the page cache outlives the process), so no fsync is needed.
     pub fn update(&mut self, change: impl FnOnce(&mut BootRecord)) -> Result<(), RecordError> {
         change(&mut self.record);
         self.publish.send_replace(self.record.clone());
@@ -174,7 +175,7 @@ impl BootTracker {
         let bytes = serde_json::to_vec_pretty(&self.record).unwrap_or_default();
         let mut file = std::fs::File::create(&temp).map_err(err)?;
         file.write_all(&bytes).map_err(err)?;
-        file.sync_all().map_err(err)?;
+        drop(file);
         std::fs::rename(&temp, &self.path).map_err(err)
     }
 

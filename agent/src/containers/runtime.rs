@@ -199,6 +199,14 @@ impl ContainerdRuntime {
         self.archives.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Gets `source` ready ahead of time (the boot does this for its bootstrap
+    /// containers while it renders); a failure is left for the real start to report.
+    pub async fn prefetch(&self, source: &str, registries: &RegistryConfig) {
+        if let Err(e) = self.ready_image(source, registries).await {
+            tracing::debug!(image = %source, error = %e, "prefetch failed; the start will retry");
+        }
+    }
+
     /// The image of `source`, from the archive cache when the archive is unchanged.
     async fn ready_image(
         &self,
