@@ -106,7 +106,13 @@ pub async fn run_container<R: Runtime>(
             }
         })
     };
-    let existing = runtime.find(&id).await?;
+    // Only a resume needs to know what exists; a fresh start replaces whatever a
+    // crashed keeld left (prepare and start clear stale records and tasks).
+    let existing = if resume {
+        runtime.find(&id).await?
+    } else {
+        None
+    };
     let started_task = match (resume, existing) {
         (true, Some(existing)) => match existing.task {
             Some(task) if task.running => {
@@ -127,10 +133,10 @@ pub async fn run_container<R: Runtime>(
             None => false,
         },
         (true, None) => false,
-        (false, existing) => {
-            if existing.and_then(|e| e.task).is_some() {
-                runtime.stop(&id, Duration::ZERO).await?;
-            }
+        (false, _) => {
+            // A task left from an earlier boot (not this one: the record says this one
+            // never started it) goes first.
+            runtime.stop(&id, Duration::ZERO).await?;
             report(&|s| s.state = RunState::Starting);
             let prepared = runtime.prepare(desired, registries).await?;
             let pid = runtime.start(&id).await?;

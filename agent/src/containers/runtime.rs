@@ -18,7 +18,6 @@ use std::time::Duration;
 use containerd_client::services::v1::snapshots::{MountsRequest, PrepareSnapshotRequest};
 
 use super::client::{Call, Containerd, ContainerdError, SNAPSHOTTER};
-use super::content::Lease;
 use super::desired::DesiredContainer;
 use super::image::{ensure_image, remove_snapshot, ImageError, ImageSource, ReadyImage};
 use super::registry::RegistryConfig;
@@ -321,33 +320,32 @@ impl Runtime for ContainerdRuntime {
         self.cd.delete_container(&id).await?;
         remove_snapshot(&self.cd, &id).await;
 
-        let lease = Lease::create(&self.cd).await?;
-        let leased = self.cd.with_lease(&lease.id);
-        let created = async {
-            leased
-                .snapshots()
-                .prepare(PrepareSnapshotRequest {
-                    snapshotter: SNAPSHOTTER.to_owned(),
-                    key: id.clone(),
-                    parent: image.chain_id.clone(),
-                    labels: HashMap::new(),
-                })
-                .await
-                .during("prepare snapshot", &id)?;
-            let labels = HashMap::from([
-                (LABEL_MANAGED.to_owned(), "true".to_owned()),
-                (LABEL_KIND.to_owned(), desired.kind.as_str().to_owned()),
-                (LABEL_NAME.to_owned(), desired.name.clone()),
-                (LABEL_CONFIG.to_owned(), desired.config_hash()),
-                (LABEL_DIGEST.to_owned(), image.manifest_digest.clone()),
-            ]);
-            leased
-                .create_container(&id, &image.name, &spec, &id, labels)
-                .await
-        }
-        .await;
-        lease.release(&self.cd).await;
-        if let Err(e) = created {
+        // The record first, then its snapshot: the record references the snapshot key,
+        // so containerd's garbage collector keeps the snapshot from its creation on,
+        // without a lease.
+        let labels = HashMap::from([
+            (LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (LABEL_KIND.to_owned(), desired.kind.as_str().to_owned()),
+            (LABEL_NAME.to_owned(), desired.name.clone()),
+            (LABEL_CONFIG.to_owned(), desired.config_hash()),
+            (LABEL_DIGEST.to_owned(), image.manifest_digest.clone()),
+        ]);
+        self.cd
+            .create_container(&id, &image.name, &spec, &id, labels)
+            .await?;
+        let prepared = self
+            .cd
+            .snapshots()
+            .prepare(PrepareSnapshotRequest {
+                snapshotter: SNAPSHOTTER.to_owned(),
+                key: id.clone(),
+                parent: image.chain_id.clone(),
+                labels: HashMap::new(),
+            })
+            .await
+            .during("prepare snapshot", &id);
+        if let Err(e) = prepared {
+            let _ = self.cd.delete_container(&id).await;
             // The unpacked image may have been removed behind keeld's back: import
             // it again next time.
             self.archive_cache().remove(&desired.source);
@@ -430,7 +428,15 @@ impl Runtime for ContainerdRuntime {
 
     async fn remove(&self, kind: ContainerKind, name: &str) -> Result<(), RunError> {
         let id = super::desired::container_id(kind, name);
-        self.stop(&id, Duration::from_secs(0)).await?;
+        // Usually the task is gone already; one still running is killed first.
+        match self.cd.delete_task(&id).await {
+            Err(e) if e.code() == containerd_client::tonic::Code::FailedPrecondition => {
+                self.stop(&id, Duration::from_secs(0)).await?;
+            }
+            other => {
+                other?;
+            }
+        }
         self.cd.delete_container(&id).await?;
         remove_snapshot(&self.cd, &id).await;
         let user_data = self.paths.persistent_dir_of(kind, name).join("user-data");
