@@ -109,7 +109,19 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         // SAFETY: geteuid has no preconditions and cannot fail.
         own_uid: unsafe { libc::geteuid() },
     };
-    let listener = api::server::bind(&config.socket, config.socket_mode, gid)?;
+    let (listener, activated) = match api::server::inherited(&config.socket)? {
+        Some(listener) => {
+            tracing::info!(socket = %config.socket.display(), "using the socket systemd passed");
+            if let Err(e) = api::server::correct_socket(&config.socket, config.socket_mode, gid) {
+                tracing::warn!(error = %e, "cannot check the inherited socket's mode and group");
+            }
+            (listener, true)
+        }
+        None => (
+            api::server::bind(&config.socket, config.socket_mode, gid)?,
+            false,
+        ),
+    };
     tokio::spawn(api::server::guard_socket(
         config.socket.clone(),
         config.socket_mode,
@@ -148,8 +160,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     api::server::serve(listener, api::router(state, policy), shutdown_signal()).await;
     tracing::info!("keeld stopping");
     // A clean stop leaves no socket for clients to find dead; after a crash the next
-    // start replaces it.
-    let _ = std::fs::remove_file(&config.socket);
+    // start replaces it. A socket systemd passed is systemd's: it stays, and clients
+    // wait in its backlog for the next keeld.
+    if !activated {
+        let _ = std::fs::remove_file(&config.socket);
+    }
     Ok(())
 }
 

@@ -65,6 +65,8 @@ pub struct KeeldOptions {
     /// The state directory (e.g. a small tmpfs the test mounted); default: under the
     /// test's temporary directory.
     pub state_dir: Option<PathBuf>,
+    /// Start keeld through `systemd-socket-activate`, with the API socket passed in.
+    pub socket_activation: bool,
 }
 
 impl Default for KeeldOptions {
@@ -80,6 +82,7 @@ impl Default for KeeldOptions {
             wait_for_boot: true,
             read_only_root: false,
             state_dir: None,
+            socket_activation: false,
         }
     }
 }
@@ -216,6 +219,12 @@ impl Keeld {
             .unwrap();
         let mut command = if self.options.read_only_root {
             self.read_only_root_command()
+        } else if self.options.socket_activation {
+            // Binds the socket, then execs keeld with it as fd 3 (LISTEN_FDS), as
+            // systemd does with keeld.socket.
+            let mut c = Command::new("systemd-socket-activate");
+            c.arg("-l").arg(&self.socket).arg(bin("keeld"));
+            c
         } else {
             Command::new(bin("keeld"))
         };

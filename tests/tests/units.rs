@@ -17,7 +17,8 @@ use std::process::{Command, Output};
 
 use keel_e2e::{bin, repo_root};
 
-const UNITS: [&str; 3] = [
+const UNITS: [&str; 4] = [
+    "keeld.socket",
     "keeld.service",
     "keel-boot.service",
     "keel-configured.target",
@@ -197,12 +198,16 @@ fn systemd_analyze_verify_is_clean() {
 fn systemd_analyze_verify_reports_a_broken_unit() {
     let dir = tempfile::tempdir().unwrap();
     let staged = stage_units(dir.path());
-    let keeld = &staged[0];
-    let text = std::fs::read_to_string(keeld)
+    let keeld = staged
+        .iter()
+        .find(|p| p.ends_with("keeld.service"))
+        .unwrap()
+        .clone();
+    let text = std::fs::read_to_string(&keeld)
         .unwrap()
         .replace("ProtectSystem=strict", "ProtectSystem=strictly");
-    std::fs::write(keeld, text).unwrap();
-    let out = verify(&staged[..1]);
+    std::fs::write(&keeld, text).unwrap();
+    let out = verify(std::slice::from_ref(&keeld));
     let text = output_text(&out);
     assert!(
         text.contains("ProtectSystem") || text.contains("protect system"),
@@ -269,6 +274,21 @@ fn the_files_agree() {
     assert!(
         writable.split_whitespace().any(|p| p == persistent),
         "ReadWritePaths= {writable:?} lacks {persistent}"
+    );
+
+    let socket_unit = unit_text("keeld.socket");
+    assert_eq!(
+        directive(&socket_unit, "ListenStream"),
+        socket,
+        "keeld.socket binds --socket"
+    );
+    assert_eq!(
+        format!("0{}", flag_value(&argv, "--socket-mode")),
+        directive(&socket_unit, "SocketMode")
+    );
+    assert_eq!(
+        flag_value(&argv, "--socket-group"),
+        directive(&socket_unit, "SocketGroup")
     );
 
     let boot = unit_text("keel-boot.service");

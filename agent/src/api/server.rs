@@ -64,6 +64,49 @@ pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, So
     Ok(listener)
 }
 
+/// The socket systemd passed (socket activation: `keeld.socket`), if any. systemd keeps
+/// that socket, and so its inode, across keeld restarts: a container that has it
+/// bind-mounted at `/run/api.sock` keeps a working socket, and clients queue in its
+/// backlog while keeld restarts. `path` must be where that socket lives.
+pub fn inherited(path: &Path) -> Result<Option<UnixListener>, SocketError> {
+    use std::os::fd::FromRawFd;
+    let io = |what, source| SocketError::Io {
+        path: path.to_owned(),
+        what,
+        source,
+    };
+    // listen_fds checks LISTEN_PID and unsets the variables, so children never see
+    // them; no variables, no sockets.
+    let fds: Vec<std::os::fd::RawFd> = match sd_notify::listen_fds() {
+        Ok(fds) => fds.collect(),
+        Err(_) => return Ok(None),
+    };
+    let Some(&fd) = fds.first() else {
+        return Ok(None);
+    };
+    // SAFETY: systemd hands descriptor 3 (the first of LISTEN_FDS) to this process
+    // alone, and it is wrapped exactly once, here.
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    let local = listener
+        .local_addr()
+        .map_err(|e| io("inspect the inherited socket", e))?;
+    if local.as_pathname() != Some(path) {
+        return Err(io(
+            "use the inherited socket",
+            io::Error::other(format!(
+                "systemd passed a socket bound to {:?}, not to --socket",
+                local.as_pathname()
+            )),
+        ));
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| io("set the inherited socket non-blocking", e))?;
+    UnixListener::from_std(listener)
+        .map(Some)
+        .map_err(|e| io("register the inherited socket", e))
+}
+
 /// How often the socket's mode and group are checked after start-up.
 pub const SOCKET_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
