@@ -219,7 +219,8 @@ fn give_up(attempts: u32, deadline: Duration, last: ImdsError) -> ImdsError {
 
 /// Gunzips gzip-compressed user-data (several concatenated members are allowed), at
 /// most [`MAX_USER_DATA`] bytes of output; anything else passes through unchanged.
-fn decode_user_data(raw: Vec<u8>) -> Result<Vec<u8>, ImdsError> {
+/// Public for the `imds_response` fuzz target.
+pub fn decode_user_data(raw: Vec<u8>) -> Result<Vec<u8>, ImdsError> {
     if !raw.starts_with(&GZIP_MAGIC) {
         return Ok(raw);
     }

@@ -1,0 +1,6 @@
+#![no_main]
+//! Fuzz target `key_value`: see [`keel_fuzz::key_value`] for what it checks.
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| keel_fuzz::key_value(data));
