@@ -336,6 +336,54 @@ fn cases() -> Vec<Case> {
             None,
             400,
         ),
+        // Containers and boot (read-only, but their queries are input too).
+        Case {
+            key: Some("kind"),
+            ..case(
+                "containers kind unknown",
+                "GET",
+                "/containers?kind=pets",
+                None,
+                400,
+            )
+        },
+        Case {
+            key: Some("tail"),
+            ..case(
+                "logs tail not a number",
+                "GET",
+                "/containers/admin/logs?tail=lots",
+                None,
+                400,
+            )
+        },
+        Case {
+            key: Some("name"),
+            ..case(
+                "logs of a bad name",
+                "GET",
+                "/containers/..%2Fetc/logs",
+                None,
+                400,
+            )
+        },
+        Case {
+            key: Some("name"),
+            ..case(
+                "logs of an unknown container",
+                "GET",
+                "/containers/nobody/logs",
+                None,
+                404,
+            )
+        },
+        case(
+            "boot with a query it does not take",
+            "POST",
+            "/boot",
+            None,
+            405,
+        ),
         // Nothing to commit.
         case(
             "commit of nothing",
