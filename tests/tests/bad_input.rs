@@ -377,13 +377,7 @@ fn cases() -> Vec<Case> {
                 404,
             )
         },
-        case(
-            "boot with a query it does not take",
-            "POST",
-            "/boot",
-            None,
-            405,
-        ),
+        case("POST to the read-only /boot", "POST", "/boot", None, 405),
         // Nothing to commit.
         case(
             "commit of nothing",
