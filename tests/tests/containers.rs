@@ -208,6 +208,9 @@ p=/.bottlerocket/host-containers/$NAME
   echo "user_data_mode=$(stat -c %a $p/user-data)"
   echo "motd=$(apiclient get settings.motd | tr -d ' \n')"
   echo "proxy=$HTTPS_PROXY"
+  echo "mem=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max 2>/dev/null)"
+  echo "cpu=$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d' ' -f1 /sys/fs/cgroup/cpu.max 2>/dev/null)"
+  echo "greeting=$GREETING"
   echo done=1
 } > $p/report 2>&1
 echo "hello from $NAME"
@@ -242,7 +245,8 @@ fn privilege_tiers_from_inside() {
                 "plain": {
                     "enabled": true, "source": source(&archive),
                     "user-data": "cGxhaW4tZGF0YQ==",
-                    "environment": {"NAME": "plain", "KEELD_PID": keeld_pid}
+                    "environment": {"NAME": "plain", "KEELD_PID": keeld_pid, "GREETING": "hello"},
+                    "memory-limit": "64Mi", "cpu-limit": "500m"
                 },
                 "super": {
                     "enabled": true, "superpowered": true, "source": source(&archive),
@@ -274,6 +278,10 @@ fn privilege_tiers_from_inside() {
         "apiclient through /run/api.sock"
     );
     assert_eq!(plain["proxy"], "http://proxy.example:3128");
+    // Keel's per-container settings, seen from inside: environment and limits.
+    assert_eq!(plain["greeting"], "hello");
+    assert_eq!(plain["mem"], (64u64 << 20).to_string(), "memory-limit 64Mi");
+    assert_eq!(plain["cpu"], "50000", "cpu-limit 500m = 50 ms per 100 ms");
 
     // Superpowered: every capability the host has (init's bounding set).
     let host_bounding = std::fs::read_to_string("/proc/1/status")
