@@ -67,6 +67,8 @@ pub struct KeeldOptions {
     pub state_dir: Option<PathBuf>,
     /// Start keeld through `systemd-socket-activate`, with the API socket passed in.
     pub socket_activation: bool,
+    /// Extra environment for keeld (e.g. `NOTIFY_SOCKET`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for KeeldOptions {
@@ -83,6 +85,7 @@ impl Default for KeeldOptions {
             read_only_root: false,
             state_dir: None,
             socket_activation: false,
+            env: Vec::new(),
         }
     }
 }
@@ -256,6 +259,7 @@ impl Keeld {
             .arg("--persistent-dir")
             .arg(self.persistent_dir())
             .args(&self.options.extra_args)
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "KEELD_LOG",
                 std::env::var("KEELD_LOG").unwrap_or_else(|_| "info".to_owned()),
