@@ -90,20 +90,12 @@ pub async fn run_container<R: Runtime>(
     let id = desired.id();
     let report = |change: &dyn Fn(&mut ContainerStatus)| {
         board.update(ContainerKind::Bootstrap, &desired.name, change, || {
-            ContainerStatus {
-                name: desired.name.clone(),
-                kind: ContainerKind::Bootstrap,
-                tier: desired.tier.as_str(),
-                state: RunState::Starting,
-                source: desired.source.clone(),
-                image_digest: None,
-                pid: None,
-                restarts: 0,
-                last_exit_code: None,
-                since: crate::store::now_rfc3339(),
-                reason: None,
-                next_start: None,
-            }
+            ContainerStatus::new(
+                &desired.name,
+                ContainerKind::Bootstrap,
+                desired.tier.as_str(),
+                &desired.source,
+            )
         })
     };
     // Only a resume needs to know what exists; a fresh start replaces whatever a
@@ -204,18 +196,15 @@ pub fn report_end(
             s.since = crate::store::now_rfc3339();
         },
         || ContainerStatus {
-            name: desired.name.clone(),
-            kind: ContainerKind::Bootstrap,
-            tier: desired.tier.as_str(),
             state,
-            source: desired.source.clone(),
-            image_digest: None,
-            pid: None,
-            restarts: 0,
             last_exit_code: code,
-            since: crate::store::now_rfc3339(),
             reason: reason.clone(),
-            next_start: None,
+            ..ContainerStatus::new(
+                &desired.name,
+                ContainerKind::Bootstrap,
+                desired.tier.as_str(),
+                &desired.source,
+            )
         },
     );
 }

@@ -71,6 +71,26 @@ pub struct ContainerStatus {
     pub next_start: Option<String>,
 }
 
+impl ContainerStatus {
+    /// A container just entering `starting`, with nothing known yet.
+    pub fn new(name: &str, kind: ContainerKind, tier: &'static str, source: &str) -> Self {
+        ContainerStatus {
+            name: name.to_owned(),
+            kind,
+            tier,
+            state: RunState::Starting,
+            source: source.to_owned(),
+            image_digest: None,
+            pid: None,
+            restarts: 0,
+            last_exit_code: None,
+            since: crate::store::now_rfc3339(),
+            reason: None,
+            next_start: None,
+        }
+    }
+}
+
 /// The shared table of statuses, keyed by `(kind, name)`.
 #[derive(Debug, Clone, Default)]
 pub struct StatusBoard {

@@ -314,20 +314,12 @@ struct Reporter {
 
 impl Reporter {
     fn blank(&self, desired: Option<&DesiredContainer>) -> ContainerStatus {
-        ContainerStatus {
-            name: self.name.clone(),
-            kind: self.kind,
-            tier: desired.map_or("host", |d| d.tier.as_str()),
-            state: RunState::Starting,
-            source: desired.map(|d| d.source.clone()).unwrap_or_default(),
-            image_digest: None,
-            pid: None,
-            restarts: 0,
-            last_exit_code: None,
-            since: crate::store::now_rfc3339(),
-            reason: None,
-            next_start: None,
-        }
+        ContainerStatus::new(
+            &self.name,
+            self.kind,
+            desired.map_or("host", |d| d.tier.as_str()),
+            desired.map_or("", |d| d.source.as_str()),
+        )
     }
 
     fn exists(&self) -> bool {
