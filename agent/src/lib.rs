@@ -34,8 +34,9 @@ pub enum AgentError {
     UnknownGroup(String),
 }
 
-/// Opens the store, binds the socket and serves until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), AgentError> {
+/// Opens the store, binds the socket (or takes the one systemd passed, `activation`)
+/// and serves until SIGTERM or SIGINT.
+pub async fn run(config: Config, activation: api::server::Activation) -> Result<(), AgentError> {
     let meta = apply::ServicesMeta::load(&config.services)?;
     let templates = apply::render::Templates::load(&config.templates)?;
     let os = os::OsInfo::current(&config.variant);
@@ -45,6 +46,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         apply::ApplyConfig {
             render_root: config.render_root.clone(),
             restart_timeout: config.restart_timeout.into(),
+            journal_dir: Some(config.runtime_dir.clone()),
         },
         serde_json::to_value(&os).unwrap_or_default(),
     );
@@ -53,6 +55,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         usize::try_from(config.history).unwrap_or(usize::MAX),
         Some(Arc::new(applier.clone())),
     )?;
+    // The apply journal of an earlier keeld in this boot: its log, and an apply it did
+    // not finish (read before serving, so /apply/log never starts empty).
+    let journal = applier.load_journal();
     let swept = applier.sweep_temps();
     if swept > 0 {
         tracing::info!(
@@ -93,6 +98,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         tokio::sync::watch::channel(boot::status::BootRecord::new(false));
     let (configured_tx, configured_rx) = tokio::sync::watch::channel(false);
     let apiclient = runtime.paths.apiclient.clone();
+    let stop_applier = applier.clone();
     let state = api::AppState {
         store: store.clone(),
         applier: applier.clone(),
@@ -109,7 +115,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         // SAFETY: geteuid has no preconditions and cannot fail.
         own_uid: unsafe { libc::geteuid() },
     };
-    let (listener, activated) = match api::server::inherited(&config.socket)? {
+    let (listener, activated) = match api::server::inherited(&config.socket, activation)? {
         Some(listener) => {
             tracing::info!(socket = %config.socket.display(), "using the socket systemd passed");
             if let Err(e) = api::server::correct_socket(&config.socket, config.socket_mode, gid) {
@@ -149,7 +155,13 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         publish: boot_publish,
         configured: configured_tx,
     };
-    tokio::spawn(boot.run());
+    let (recovery_applier, recovery_store) = (boot.applier.clone(), store.clone());
+    tokio::spawn(async move {
+        // A commit acknowledged by a keeld that died before its apply finished: bring
+        // the render root in line with the live settings before the boot goes on.
+        recovery_applier.recover(&recovery_store, journal).await;
+        boot.run().await
+    });
     tokio::spawn(containers::run_host_containers(
         store,
         runtime,
@@ -157,8 +169,22 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         supervision,
         configured_rx,
     ));
-    api::server::serve(listener, api::router(state, policy), shutdown_signal()).await;
-    tracing::info!("keeld stopping");
+    let drained = api::server::serve(
+        listener,
+        api::router(state, policy),
+        shutdown_signal(),
+        api::server::SHUTDOWN_GRACE,
+    )
+    .await;
+    tracing::info!(drained, "keeld stopping");
+    // Applies run on tasks of their own (a request that hung up does not cancel them):
+    // let the one running, and those queued, finish before the runtime is dropped.
+    if tokio::time::timeout(api::server::SHUTDOWN_GRACE, stop_applier.idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!("an apply is still running after the shutdown grace; the next keeld start finishes it (apply journal)");
+    }
     // A clean stop leaves no socket for clients to find dead; after a crash the next
     // start replaces it. A socket systemd passed is systemd's: it stays, and clients
     // wait in its backlog for the next keeld.

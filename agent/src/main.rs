@@ -31,6 +31,8 @@ fn main() -> std::process::ExitCode {
             }
         }
     }
+    // Before any thread exists: taking the descriptors unsets environment variables.
+    let activation = keel_agent::api::server::Activation::take();
     // A commit's leader blocks its worker on disk I/O for one batch (store::writer); with
     // four workers the others keep serving reads even on a two-core host.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -44,7 +46,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(keel_agent::run(config)) {
+    match runtime.block_on(keel_agent::run(config, activation)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "keeld failed");

@@ -59,27 +59,11 @@ fn every_target_has_a_corpus() {
     }
 }
 
+/// Every target's corpus, so a new target is replayed without anyone remembering to
+/// add it here.
 #[test]
-fn corpus_user_data() {
-    replay("user_data");
-}
-
-#[test]
-fn corpus_settings_patch() {
-    replay("settings_patch");
-}
-
-#[test]
-fn corpus_key_path() {
-    replay("key_path");
-}
-
-#[test]
-fn corpus_key_value() {
-    replay("key_value");
-}
-
-#[test]
-fn corpus_image_ref() {
-    replay("image_ref");
+fn every_corpus_replays() {
+    for (target, _) in checks::TARGETS {
+        replay(target);
+    }
 }

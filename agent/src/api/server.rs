@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -56,7 +55,7 @@ pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, So
     std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
         .map_err(|e| io("chmod", e))?;
     if let Some(gid) = gid {
-        chown_group(&temp, gid).map_err(|e| io("chown", e))?;
+        std::os::unix::fs::chown(&temp, None, Some(gid)).map_err(|e| io("chown", e))?;
     }
     std::fs::rename(&temp, path).map_err(|e| io("rename into place", e))?;
     // Checked once more in place: what clients find is what keeld enforces.
@@ -64,29 +63,47 @@ pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, So
     Ok(listener)
 }
 
+/// The descriptors systemd passed (socket activation), taken from the environment.
+///
+/// [`Activation::take`] must run in `main` before any thread exists: it reads and
+/// unsets `LISTEN_PID`/`LISTEN_FDS`, and changing the environment while other threads
+/// may read it is undefined behaviour in glibc.
+#[derive(Debug, Default)]
+pub struct Activation {
+    fd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Activation {
+    /// Takes the first descriptor systemd passed, if any. `listen_fds` checks
+    /// `LISTEN_PID` and unsets the variables, so children never see them; no
+    /// variables, no sockets.
+    pub fn take() -> Self {
+        use std::os::fd::FromRawFd;
+        let fd = sd_notify::listen_fds()
+            .ok()
+            .and_then(|mut fds| fds.next())
+            // SAFETY: systemd hands the descriptors from 3 on (LISTEN_FDS of them) to
+            // this process alone, listen_fds validated LISTEN_PID, and the first one
+            // is wrapped exactly once, here; `take` runs once, in main.
+            .map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        Activation { fd }
+    }
+}
+
 /// The socket systemd passed (socket activation: `keeld.socket`), if any. systemd keeps
 /// that socket, and so its inode, across keeld restarts: a container that has it
 /// bind-mounted at `/run/api.sock` keeps a working socket, and clients queue in its
 /// backlog while keeld restarts. `path` must be where that socket lives.
-pub fn inherited(path: &Path) -> Result<Option<UnixListener>, SocketError> {
-    use std::os::fd::FromRawFd;
+pub fn inherited(path: &Path, activation: Activation) -> Result<Option<UnixListener>, SocketError> {
     let io = |what, source| SocketError::Io {
         path: path.to_owned(),
         what,
         source,
     };
-    // listen_fds checks LISTEN_PID and unsets the variables, so children never see
-    // them; no variables, no sockets.
-    let fds: Vec<std::os::fd::RawFd> = match sd_notify::listen_fds() {
-        Ok(fds) => fds.collect(),
-        Err(_) => return Ok(None),
-    };
-    let Some(&fd) = fds.first() else {
+    let Some(fd) = activation.fd else {
         return Ok(None);
     };
-    // SAFETY: systemd hands descriptor 3 (the first of LISTEN_FDS) to this process
-    // alone, and it is wrapped exactly once, here.
-    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    let listener = std::os::unix::net::UnixListener::from(fd);
     let local = listener
         .local_addr()
         .map_err(|e| io("inspect the inherited socket", e))?;
@@ -115,19 +132,30 @@ pub const SOCKET_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from
 /// concerned; the peer check still refuses them, but the file should say what keeld
 /// enforces). Answers whether anything had to be corrected.
 pub fn correct_socket(path: &Path, mode: u32, gid: Option<u32>) -> io::Result<bool> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::symlink_metadata(path)?;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    // Everything goes through one descriptor of the socket's inode (`O_PATH`, never
+    // following a link): what is checked is what is changed, even if the name is
+    // replaced in between. chmod/chown reach that inode through /proc/self/fd.
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = handle.metadata()?;
     if !meta.file_type().is_socket() {
         return Err(io::Error::other("no longer a socket"));
     }
+    let by_fd = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&handle)
+    ));
     let mut corrected = false;
     if meta.mode() & 0o7777 != mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        std::fs::set_permissions(&by_fd, std::fs::Permissions::from_mode(mode))?;
         corrected = true;
     }
     if let Some(gid) = gid {
         if meta.gid() != gid {
-            chown_group(path, gid)?;
+            std::os::unix::fs::chown(&by_fd, None, Some(gid))?;
             corrected = true;
         }
     }
@@ -151,27 +179,27 @@ pub async fn guard_socket(path: std::path::PathBuf, mode: u32, gid: Option<u32>)
     }
 }
 
-fn chown_group(path: &Path, gid: u32) -> io::Result<()> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::other("path holds a NUL byte"))?;
-    // SAFETY: c_path is a valid NUL-terminated string for the duration of the call;
-    // uid -1 leaves the owner unchanged.
-    let rc = unsafe { libc::chown(c_path.as_ptr(), u32::MAX, gid) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Most connections served at once; further clients wait in the listen backlog until one
 /// closes, so that keeld never runs out of file descriptors for its own state.
 pub const MAX_CONNECTIONS: usize = 512;
 
-/// Serves `app` on `listener` until `shutdown` completes.
-pub async fn serve(listener: UnixListener, app: Router, shutdown: impl Future<Output = ()>) {
+/// How long a stopping keeld waits for requests in flight (and the applies they wait
+/// for) before it exits anyway. Below systemd's default stop timeout (90 s).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(45);
+
+/// Serves `app` on `listener` until `shutdown` completes, then drains: no new
+/// connection is accepted, idle connections are closed, and a request in flight is
+/// answered (its connection closes after it) within `grace`. Answers whether every
+/// connection finished in time.
+pub async fn serve(
+    listener: UnixListener,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> bool {
     tokio::pin!(shutdown);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let (drain, draining) = tokio::sync::watch::channel(false);
     loop {
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {
@@ -194,6 +222,8 @@ pub async fn serve(listener: UnixListener, app: Router, shutdown: impl Future<Ou
         };
         let peer = Peer::of(&stream);
         let app = app.clone();
+        let mut draining = draining.clone();
+        draining.mark_unchanged();
         tokio::spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(
@@ -204,14 +234,44 @@ pub async fn serve(listener: UnixListener, app: Router, shutdown: impl Future<Ou
                     app.clone().oneshot(request)
                 },
             );
-            let result = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = async move {
+                    // The guard `wait_for` answers is not Send: drop it at once.
+                    let _ = draining.wait_for(|d| *d).await.map(|_| ());
+                } => {
+                    // Finish the request in flight, if any, then close.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
+    }
+    // Stop accepting: clients now wait in the backlog (of systemd's socket, for the
+    // next keeld) or get ECONNREFUSED.
+    drop(listener);
+    let _ = drain.send(true);
+    let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
+    let finished = tokio::time::timeout(grace, slots.acquire_many(all))
+        .await
+        .is_ok();
+    match finished {
+        true => true,
+        false => {
+            tracing::warn!(
+                grace = ?grace,
+                open = MAX_CONNECTIONS - slots.available_permits(),
+                "connections still open after the shutdown grace; stopping anyway"
+            );
+            false
+        }
     }
 }

@@ -150,50 +150,29 @@ pub const APPLY_ID_HEADER: &str = "x-keel-apply-id";
 pub async fn dry_run(
     State(state): State<AppState>,
     RawQuery(q): RawQuery,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<crate::apply::dry_run::DryRun>> {
     let query = Query::parse(q.as_deref(), &["tx"])?;
     let tx = query.tx()?;
     let snapshot = state.store.snapshot();
-    let pending = snapshot
-        .pending
-        .get(&tx)
-        .ok_or_else(|| ApiError::from(crate::store::StoreError::NothingPending(tx.clone())))?;
-    let live = snapshot.live_settings();
-    let candidate = crate::store::candidate_of(live, pending).map_err(|e| match e {
-        crate::store::StoreError::Invalid(e) => {
-            ApiError::invalid(StatusCode::UNPROCESSABLE_ENTITY, &e)
-        }
-        other => other.into(),
-    })?;
-    let changed = settings_model::patch::changed_keys(live, &candidate);
-    let old = settings_model::patch::flatten(live);
-    let new = settings_model::patch::flatten(&candidate);
-    let settings: serde_json::Map<String, Value> = changed
-        .iter()
-        .map(|k| {
-            let mut entry = serde_json::Map::new();
-            if let Some(v) = old.get(k) {
-                entry.insert("old".to_owned(), v.clone());
-            }
-            if let Some(v) = new.get(k) {
-                entry.insert("new".to_owned(), v.clone());
-            }
-            (k.clone(), Value::Object(entry))
-        })
-        .collect();
-    let files = state
-        .applier
-        .plan(&candidate, &changed)
+    let applier = state.applier.clone();
+    // Rendering and reading the render root: off the async workers.
+    let result = tokio::task::spawn_blocking(move || applier.dry_run(&snapshot, &tx))
+        .await
         .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!("dry run stopped: {e}"),
+            key: None,
+        })?;
+    match result {
+        Ok(dry_run) => Ok(Json(dry_run)),
+        Err(crate::apply::dry_run::DryRunError::Store(crate::store::StoreError::Invalid(e))) => {
+            Err(ApiError::invalid(StatusCode::UNPROCESSABLE_ENTITY, &e))
+        }
+        Err(crate::apply::dry_run::DryRunError::Store(e)) => Err(e.into()),
+        Err(crate::apply::dry_run::DryRunError::Render(e)) => Err(ApiError {
             status: StatusCode::UNPROCESSABLE_ENTITY,
             message: e.to_string(),
             key: e.key(),
-        })?;
-    Ok(Json(serde_json::json!({
-        "tx": tx,
-        "changed-keys": changed,
-        "settings": settings,
-        "services": state.applier.affected(&changed),
-        "files": files,
-    })))
+        }),
+    }
 }

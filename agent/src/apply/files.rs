@@ -31,9 +31,89 @@ pub fn target_path(root: &Path, path: &str) -> Option<PathBuf> {
     (clean && relative.components().next().is_some()).then(|| root.join(relative))
 }
 
-/// Whether `target` would change if given `content`.
+/// Whether `target` would change if given `content`. A target that is not a regular
+/// file (or cannot be read safely) differs.
 pub fn differs(target: &Path, content: &str) -> bool {
-    fs::read(target).map_or(true, |current| current != content.as_bytes())
+    !matches!(read_existing(target, content.len()), Ok(Existing::File { content: ref current, .. }) if current == content.as_bytes())
+}
+
+/// What is at a path keeld is about to replace.
+#[derive(Debug, PartialEq)]
+pub enum Existing {
+    Missing,
+    /// A regular file: its mode bits and, when it is no larger than the limit asked
+    /// for, its content (`None` when it is larger: it differs from anything that size).
+    File {
+        mode: u32,
+        content: Vec<u8>,
+    },
+    /// Anything else (a FIFO, a socket, a device node, a directory): never opened for
+    /// reading, and never replaced.
+    Other(&'static str),
+}
+
+fn kind_name(file_type: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Reads what is at `target` without ever blocking on it or following a link: the
+/// entry is looked at with `lstat` first, and only a regular file is opened, with
+/// `O_NOFOLLOW | O_NONBLOCK | O_NOCTTY`, then checked again through the descriptor
+/// (`fstat`), so a FIFO or device swapped in between is never read: opening a FIFO
+/// non-blocking returns at once, and the `fstat` refuses it. A file longer than
+/// `limit` bytes is not read beyond `limit + 1` bytes (it cannot equal content of
+/// `limit` bytes), so a huge planted file costs nothing.
+///
+/// A host container owns its persistent directory and could plant a FIFO at its
+/// `user-data`; a blocking `read` there used to freeze an async worker forever.
+pub fn read_existing(target: &Path, limit: usize) -> io::Result<Existing> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let before = match fs::symlink_metadata(target) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Existing::Missing),
+        Err(e) => return Err(e),
+    };
+    if !before.file_type().is_file() {
+        return Ok(Existing::Other(kind_name(before.file_type())));
+    }
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(target)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Existing::Missing),
+        // ELOOP: it became a symbolic link since the lstat.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Ok(Existing::Other("a symbolic link"))
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Ok(Existing::Other(kind_name(meta.file_type())));
+    }
+    let mode = meta.mode() & 0o7777;
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    let mut content = Vec::with_capacity(limit.min(1 << 20));
+    file.take(cap).read_to_end(&mut content)?;
+    Ok(Existing::File { mode, content })
 }
 
 /// The components of `target` below `root`: only plain names (`target_path` makes
@@ -193,10 +273,17 @@ pub fn write_bytes_if_changed(
     mode: u32,
 ) -> io::Result<bool> {
     check_no_symlinks(root, target)?;
-    if let Ok(meta) = fs::symlink_metadata(target) {
-        let same = fs::read(target).is_ok_and(|current| current == content);
-        if meta.is_file() && meta.permissions().mode() & 0o7777 == mode && same {
-            return Ok(false);
+    match read_existing(target, content.len())? {
+        Existing::File {
+            mode: current_mode,
+            content: current,
+        } if current_mode == mode && current == content => return Ok(false),
+        Existing::File { .. } | Existing::Missing => {}
+        Existing::Other(kind) => {
+            return Err(io::Error::other(format!(
+                "{} is {kind}, not a regular file: refusing to replace it",
+                target.display()
+            )))
         }
     }
     let dir = target
@@ -228,7 +315,7 @@ pub fn write_bytes_if_changed(
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::os::unix::fs::{symlink, MetadataExt};
+    use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt};
 
     use super::*;
 
@@ -374,6 +461,46 @@ mod tests {
             .is_symlink());
         // Even with the link's content already matching, it is reported, not "unchanged".
         assert!(write_if_changed(&root, &root.join("etc/motd"), "precious\n", 0o644).is_err());
+    }
+
+    #[test]
+    fn a_fifo_at_the_target_is_never_opened_and_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        let fifo = root.join("etc/motd");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: c is a valid NUL-terminated path for the duration of the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Run on another thread: a blocking open or read would hang the test, not fail it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (r, f) = (root.to_owned(), fifo.clone());
+        std::thread::spawn(move || {
+            let written = write_if_changed(&r, &f, "hi\n", 0o644).map_err(|e| e.to_string());
+            let differs = differs(&f, "hi\n");
+            let _ = tx.send((written, differs));
+        });
+        let (written, differs) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a FIFO at the target blocked the write");
+        let err = written.unwrap_err();
+        assert!(err.contains("a FIFO") && err.contains("etc/motd"), "{err}");
+        assert!(differs);
+        assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+        assert_eq!(read_existing(&fifo, 10).unwrap(), Existing::Other("a FIFO"));
+    }
+
+    #[test]
+    fn a_large_existing_file_is_read_only_as_far_as_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("big");
+        fs::write(&f, vec![b'x'; 1 << 20]).unwrap();
+        match read_existing(&f, 3).unwrap() {
+            Existing::File { content, .. } => assert_eq!(content.len(), 4),
+            other => panic!("{other:?}"),
+        }
+        assert!(write_if_changed(dir.path(), &f, "xxx", 0o644).unwrap());
+        assert_eq!(fs::read_to_string(&f).unwrap(), "xxx");
     }
 
     #[test]

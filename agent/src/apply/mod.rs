@@ -13,8 +13,10 @@
 //! `name[item]`.
 
 mod detached;
+pub mod dry_run;
 pub mod files;
 pub mod filters;
+pub mod journal;
 pub mod render;
 pub mod restart;
 pub mod services;
@@ -25,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 pub use restart::CommandOutcome;
@@ -35,24 +37,41 @@ pub use services::{ServicesError, ServicesMeta};
 use crate::store::{CheckError, CommitCheck, Store};
 use render::{RenderError, Templates};
 
-/// Applies kept in memory for `GET /apply/log`.
+/// Applies kept for `GET /apply/log` (in memory and in the journal).
 const LOG_SIZE: usize = 64;
 
 /// What happened to one configuration file in an apply.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileResult {
+    Written,
+    Unchanged,
+    /// A multi-file's item that is gone.
+    Removed,
+    Failed,
+}
+
+impl FileResult {
+    /// Whether the file on disk changed.
+    pub fn changed(self) -> bool {
+        matches!(self, FileResult::Written | FileResult::Removed)
+    }
+}
+
+/// What happened to one configuration file in an apply.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub struct FileOutcome {
     /// The configuration file's name; `name[item]` for one item of a multi-file.
     pub name: String,
     pub path: String,
-    /// `written`, `unchanged`, `removed` (a multi-file's item that is gone) or `failed`.
-    pub result: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: FileResult,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
 /// What one apply did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ApplyReport {
     pub id: u64,
@@ -69,6 +88,17 @@ pub struct ApplyReport {
     pub duration_ms: u64,
 }
 
+impl FileOutcome {
+    pub fn failed(name: impl Into<String>, path: impl Into<String>, error: String) -> Self {
+        FileOutcome {
+            name: name.into(),
+            path: path.into(),
+            result: FileResult::Failed,
+            error: Some(error),
+        }
+    }
+}
+
 impl ApplyReport {
     /// A report for an apply that could not run at all.
     pub fn failed(reason: String) -> Self {
@@ -80,7 +110,7 @@ impl ApplyReport {
             files: vec![FileOutcome {
                 name: "(apply)".to_owned(),
                 path: String::new(),
-                result: "failed",
+                result: FileResult::Failed,
                 error: Some(reason),
             }],
             commands: Vec::new(),
@@ -109,6 +139,10 @@ pub struct FileDiff {
 pub struct ApplyConfig {
     pub render_root: PathBuf,
     pub restart_timeout: Duration,
+    /// Where the apply journal lives (the apply log, and the apply in progress), so that
+    /// both survive a keeld restart within one boot: keeld's runtime directory. `None`
+    /// keeps them in memory only (tests).
+    pub journal_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -258,9 +292,19 @@ impl Applier {
                     });
                     continue;
                 }
-                let old = target
-                    .and_then(|t| std::fs::read_to_string(t).ok())
-                    .unwrap_or_default();
+                let old = match target.as_deref().map(current_text) {
+                    Some(Err(e)) => {
+                        diffs.push(FileDiff {
+                            name: file.name.clone(),
+                            path: file.path.clone(),
+                            diff: format!("! not diffed, an apply would fail: {e}\n"),
+                            error: Some(e),
+                        });
+                        continue;
+                    }
+                    Some(Ok(old)) => old,
+                    None => String::new(),
+                };
                 if old != file.content {
                     diffs.push(FileDiff {
                         name: file.name.clone(),
@@ -273,7 +317,7 @@ impl Applier {
             if meta.is_multi() {
                 let keep: BTreeSet<String> = rendered.iter().map(|r| r.path.clone()).collect();
                 for stale in stale_items(root, &name, meta, &keep) {
-                    let old = std::fs::read_to_string(&stale.target).unwrap_or_default();
+                    let old = current_text(&stale.target).unwrap_or_else(|e| format!("! {e}\n"));
                     diffs.push(FileDiff {
                         name: stale.name,
                         diff: unified_diff(&old, "", &stale.path, true),
@@ -289,50 +333,64 @@ impl Applier {
     /// Renders the files of the services that `keys` affect from the live settings,
     /// runs those services' restart commands, records and returns the outcome.
     pub async fn apply(&self, store: &Store, keys: &[String]) -> ApplyReport {
+        self.apply_services(store, keys.to_vec(), self.affected(keys))
+            .await
+    }
+
+    /// The apply of `services` (each with the keys that affect it), on behalf of `keys`.
+    ///
+    /// Journaled: before anything is written, the apply in progress is recorded in the
+    /// journal directory; it is cleared once the apply's report is in the (journaled)
+    /// log. A keeld killed in between finds the record at its next start and
+    /// [`Applier::recover`] finishes the job.
+    async fn apply_services(
+        &self,
+        store: &Store,
+        keys: Vec<String>,
+        services: BTreeMap<String, Vec<String>>,
+    ) -> ApplyReport {
         let _serial = self.inner.serial.lock().await;
         let started = std::time::Instant::now();
         let snapshot = store.snapshot();
-        let settings = snapshot.live_settings();
-        let services = self.affected(keys);
-        let mut report = ApplyReport {
-            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
-            time: crate::store::now_rfc3339(),
-            keys: keys.to_vec(),
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        self.journal(journal::InFlight {
+            id,
+            generation: snapshot.live().generation,
+            keys: keys.clone(),
             services: services.clone(),
+        })
+        .await;
+        let mut report = ApplyReport {
+            id,
+            time: crate::store::now_rfc3339(),
+            keys,
+            services,
             files: Vec::new(),
             commands: Vec::new(),
             success: true,
             reboot_required: false,
             duration_ms: 0,
         };
-        let mut changed_services = BTreeSet::new();
-        let mut done = BTreeSet::new();
-        let context = self.context(settings);
-        for service in services.keys() {
-            let Some(def) = self.inner.meta.services.get(service) else {
-                continue;
-            };
-            for name in &def.configuration_files {
-                if !done.insert(name.as_str()) {
-                    continue;
-                }
-                let outcomes = match self.inner.meta.configuration_files.get(name) {
-                    Some(meta) if meta.is_multi() => {
-                        self.write_items(name, meta, settings, &context)
-                    }
-                    _ => vec![self.write_file(name, &context)],
-                };
-                for outcome in outcomes {
-                    if matches!(outcome.result, "written" | "removed") {
-                        changed_services.insert(service.clone());
-                        report.reboot_required |= def.reboot_required;
-                    }
-                    report.success &= outcome.result != "failed";
-                    report.files.push(outcome);
-                }
+        // Rendering and writing are file I/O and CPU: off the async workers.
+        let this = self.clone();
+        let services = report.services.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            this.write_services(snapshot.live_settings(), &services)
+        })
+        .await;
+        match written {
+            Ok((files, reboot_required)) => {
+                report.files = files;
+                report.reboot_required = reboot_required;
             }
+            Err(e) => report.files.push(FileOutcome::failed(
+                "(apply)",
+                "",
+                format!("writing files stopped: {e}"),
+            )),
         }
-        for (service, service_keys) in &services {
+        report.success = report.files.iter().all(|f| f.result != FileResult::Failed);
+        for (service, service_keys) in &report.services {
             let Some(def) = self.inner.meta.services.get(service) else {
                 continue;
             };
@@ -357,8 +415,8 @@ impl Applier {
         }
         report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         tracing::info!(id = report.id, keys = report.keys.len(), services = ?report.services.keys().collect::<Vec<_>>(),
-            written = report.files.iter().filter(|f| f.result == "written").count(),
-            removed = report.files.iter().filter(|f| f.result == "removed").count(),
+            written = report.files.iter().filter(|f| f.result == FileResult::Written).count(),
+            removed = report.files.iter().filter(|f| f.result == FileResult::Removed).count(),
             commands = report.commands.len(), success = report.success, "applied");
         if let Ok(mut log) = self.inner.log.lock() {
             if log.len() == LOG_SIZE {
@@ -366,7 +424,42 @@ impl Applier {
             }
             log.push_back(report.clone());
         }
+        self.journal_done().await;
         report
+    }
+
+    /// Writes the files of `services` rendered from `settings`; answers the outcomes and
+    /// whether a file of a `reboot-required` service changed.
+    fn write_services(
+        &self,
+        settings: &Value,
+        services: &BTreeMap<String, Vec<String>>,
+    ) -> (Vec<FileOutcome>, bool) {
+        let mut files = Vec::new();
+        let mut reboot_required = false;
+        let mut done = BTreeSet::new();
+        let context = self.context(settings);
+        for service in services.keys() {
+            let Some(def) = self.inner.meta.services.get(service) else {
+                continue;
+            };
+            for name in &def.configuration_files {
+                if !done.insert(name.as_str()) {
+                    continue;
+                }
+                let outcomes = match self.inner.meta.configuration_files.get(name) {
+                    Some(meta) if meta.is_multi() => {
+                        self.write_items(name, meta, settings, &context)
+                    }
+                    _ => vec![self.write_file(name, &context)],
+                };
+                for outcome in outcomes {
+                    reboot_required |= def.reboot_required && outcome.result.changed();
+                    files.push(outcome);
+                }
+            }
+        }
+        (files, reboot_required)
     }
 
     fn write_file(&self, name: &str, context: &minijinja::Value) -> FileOutcome {
@@ -374,7 +467,7 @@ impl Applier {
             return FileOutcome {
                 name: name.to_owned(),
                 path: String::new(),
-                result: "failed",
+                result: FileResult::Failed,
                 error: Some("not in services.toml".to_owned()),
             };
         };
@@ -399,7 +492,7 @@ impl Applier {
         let fail = |name: String, path: String, error: String| FileOutcome {
             name,
             path,
-            result: "failed",
+            result: FileResult::Failed,
             error: Some(error),
         };
         let content = match content {
@@ -414,7 +507,11 @@ impl Applier {
             Ok(written) => FileOutcome {
                 name,
                 path,
-                result: if written { "written" } else { "unchanged" },
+                result: if written {
+                    FileResult::Written
+                } else {
+                    FileResult::Unchanged
+                },
                 error: None,
             },
             Err(e) => fail(name, path, format!("{}: {e}", target.display())),
@@ -437,7 +534,7 @@ impl Applier {
                 return vec![FileOutcome {
                     name: name.to_owned(),
                     path: meta.path.clone(),
-                    result: "failed",
+                    result: FileResult::Failed,
                     error: Some(error),
                 }]
             }
@@ -452,7 +549,7 @@ impl Applier {
                     outcomes.push(FileOutcome {
                         name: label,
                         path: meta.path.clone(),
-                        result: "failed",
+                        result: FileResult::Failed,
                         error: Some(error),
                     });
                     continue;
@@ -475,7 +572,11 @@ impl Applier {
             outcomes.push(FileOutcome {
                 name: stale.name,
                 path: stale.path,
-                result: if result.is_ok() { "removed" } else { "failed" },
+                result: if result.is_ok() {
+                    FileResult::Removed
+                } else {
+                    FileResult::Failed
+                },
                 error: result
                     .err()
                     .map(|e| format!("{}: {e}", stale.target.display())),
@@ -484,7 +585,6 @@ impl Applier {
         outcomes
     }
 
-    /// The last `limit` applies, newest first, and whether a reboot is pending.
     /// Removes temp files a killed keeld left beside the configuration files (a
     /// keeld restart within one boot does not render again, so nothing else would).
     pub fn sweep_temps(&self) -> usize {
@@ -523,6 +623,13 @@ impl Applier {
         report
     }
 
+    /// Waits until no apply runs or waits to run (applies take turns in order, so the
+    /// turn after every queued one comes last).
+    pub async fn idle(&self) {
+        drop(self.inner.serial.lock().await);
+    }
+
+    /// The last `limit` applies, newest first, and whether a reboot is pending.
     pub fn log(&self, limit: usize) -> Value {
         let applies: Vec<ApplyReport> = self
             .inner
@@ -544,6 +651,25 @@ struct Rendered {
     /// The concrete path, relative to the render root.
     path: String,
     content: String,
+}
+
+/// The text of the file an apply would replace, for a dry run: empty when there is
+/// none, never read through anything but a regular file (see
+/// [`files::read_existing`]); non-UTF-8 bytes shown lossily.
+fn current_text(target: &Path) -> Result<String, String> {
+    /// A dry run shows at most this much of a current file.
+    const LIMIT: usize = 16 << 20;
+    match files::read_existing(target, LIMIT) {
+        Ok(files::Existing::Missing) => Ok(String::new()),
+        Ok(files::Existing::File { content, .. }) => {
+            Ok(String::from_utf8_lossy(&content).into_owned())
+        }
+        Ok(files::Existing::Other(kind)) => Err(format!(
+            "{} is {kind}, not a regular file: refusing to replace it",
+            target.display()
+        )),
+        Err(e) => Err(format!("{}: {e}", target.display())),
+    }
 }
 
 /// The report name of one item of a multi-file: `containerd-hosts[docker.io]`.
@@ -686,6 +812,7 @@ for-each = "settings.kernel.sysctl"
         let config = ApplyConfig {
             render_root: root.to_owned(),
             restart_timeout: Duration::from_secs(1),
+            journal_dir: None,
         };
         Applier::new(meta, templates, config, json!({}))
     }
@@ -756,14 +883,17 @@ for-each = "settings.kernel.sysctl"
         let meta = a.meta().configuration_files["per-key"].clone();
         let settings = json!({"kernel": {"sysctl": {"vm.a": "1", "vm.b": "2"}}});
         let context = a.context(&settings);
-        let results = |outcomes: Vec<FileOutcome>| -> Vec<(String, &'static str)> {
-            outcomes.into_iter().map(|o| (o.name, o.result)).collect()
+        let results = |outcomes: Vec<FileOutcome>| -> Vec<(String, String)> {
+            outcomes
+                .into_iter()
+                .map(|o| (o.name, format!("{:?}", o.result).to_lowercase()))
+                .collect()
         };
         assert_eq!(
             results(a.write_items("per-key", &meta, &settings, &context)),
             [
-                ("per-key[vm.a]".to_owned(), "written"),
-                ("per-key[vm.b]".to_owned(), "written")
+                ("per-key[vm.a]".to_owned(), "written".to_owned()),
+                ("per-key[vm.b]".to_owned(), "written".to_owned())
             ]
         );
         let settings = json!({"kernel": {"sysctl": {"vm.b": "2"}}});
@@ -771,8 +901,8 @@ for-each = "settings.kernel.sysctl"
         assert_eq!(
             results(a.write_items("per-key", &meta, &settings, &context)),
             [
-                ("per-key[vm.b]".to_owned(), "unchanged"),
-                ("per-key[vm.a]".to_owned(), "removed")
+                ("per-key[vm.b]".to_owned(), "unchanged".to_owned()),
+                ("per-key[vm.a]".to_owned(), "removed".to_owned())
             ]
         );
         assert!(!dir.path().join("etc/per-key/vm.a").exists());
@@ -785,7 +915,7 @@ for-each = "settings.kernel.sysctl"
         let context = a.context(&settings);
         assert_eq!(
             results(a.write_items("per-key", &meta, &settings, &context)),
-            [("per-key".to_owned(), "failed")]
+            [("per-key".to_owned(), "failed".to_owned())]
         );
         assert!(dir.path().join("etc/per-key/vm.b/value").exists());
     }
@@ -815,7 +945,7 @@ for-each = "settings.kernel.sysctl"
         let meta = a.meta().configuration_files["per-key"].clone();
         let context = a.context(&settings);
         let outcomes = a.write_items("per-key", &meta, &settings, &context);
-        assert_eq!(outcomes[0].result, "failed", "{outcomes:?}");
+        assert_eq!(outcomes[0].result, FileResult::Failed, "{outcomes:?}");
         assert!(
             outcomes[0]
                 .error
@@ -824,7 +954,7 @@ for-each = "settings.kernel.sysctl"
                 .contains("symbolic link"),
             "{outcomes:?}"
         );
-        assert_eq!(outcomes[1].result, "written", "{outcomes:?}");
+        assert_eq!(outcomes[1].result, FileResult::Written, "{outcomes:?}");
         assert_eq!(
             std::fs::read_to_string(outside.join("vm.x/value")).unwrap(),
             "secret\n"

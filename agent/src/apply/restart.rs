@@ -38,7 +38,7 @@ pub const DRAIN_GRACE: Duration = Duration::from_millis(200);
 pub const CHANGED_SETTINGS_LIMIT: usize = 64 * 1024;
 
 /// What one restart command did.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub struct CommandOutcome {
     pub service: String,
@@ -51,7 +51,7 @@ pub struct CommandOutcome {
     pub stdout: String,
     pub stderr: String,
     /// Why it could not be run at all.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 

@@ -339,7 +339,7 @@ impl Boot {
         let written = report
             .files
             .iter()
-            .filter(|f| f.result == "written")
+            .filter(|f| f.result == crate::apply::FileResult::Written)
             .count();
         if report.success {
             let detail = format!(
@@ -358,7 +358,7 @@ impl Boot {
         let failures: Vec<String> = report
             .files
             .iter()
-            .filter(|f| f.result == "failed")
+            .filter(|f| f.result == crate::apply::FileResult::Failed)
             .map(|f| format!("{}: {}", f.path, f.error.clone().unwrap_or_default()))
             .chain(report.commands.iter().filter(|c| !c.success).map(|c| {
                 format!(

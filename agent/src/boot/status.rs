@@ -7,6 +7,7 @@
 //! a step that was running when keeld died is known, and never started a second time.
 
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -172,8 +173,20 @@ impl BootTracker {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
         let temp = self.path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(&self.record).unwrap_or_default();
-        let mut file = std::fs::File::create(&temp).map_err(err)?;
+        let bytes =
+            serde_json::to_vec_pretty(&self.record).map_err(|e| err(std::io::Error::other(e)))?;
+        // Mode 0600: the record holds failure reasons, which may quote user-data. It
+        // is served to API callers through `GET /boot`; the file is keeld's alone.
+        let _ = std::fs::remove_file(&temp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&temp)
+            .map_err(err)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(err)?;
         file.write_all(&bytes).map_err(err)?;
         drop(file);
         std::fs::rename(&temp, &self.path).map_err(err)
@@ -247,6 +260,22 @@ impl BootTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_record_is_readable_by_keeld_alone() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("boot.json");
+        // An older keeld left it world-readable, and a stale temp file too.
+        std::fs::write(&path, "{}").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::fs::write(dir.path().join("boot.json.tmp"), "x").expect("write");
+        let (publish, _view) = watch::channel(BootRecord::new(true));
+        let mut tracker = BootTracker::open(dir.path(), || true, publish);
+        tracker.set_phase(BootPhase::Defaults).expect("update");
+        let mode = std::fs::metadata(&path).expect("stat").mode() & 0o777;
+        assert_eq!(mode, 0o600, "boot.json mode {mode:o}");
+    }
 
     #[test]
     fn a_record_survives_a_restart_and_a_new_runtime_dir_starts_over() {

@@ -230,27 +230,36 @@ impl ContainerdRuntime {
         }
         Ok(image)
     }
-    fn write_files(&self, desired: &DesiredContainer) -> Result<PathBuf, RunError> {
-        let dir = self.paths.persistent_dir_of(desired.kind, &desired.name);
-        let io = |what: &str, e: std::io::Error| {
-            RunError::Failed(format!("{what} {}: {e}", dir.display()))
-        };
-        create_private_dir(&dir).map_err(|e| io("cannot create", e))?;
-        let user_data = dir.join("user-data");
-        match &desired.user_data {
-            Some(bytes) => {
-                crate::apply::files::write_bytes_if_changed(&dir, &user_data, bytes, 0o600)
-                    .map_err(|e| io("cannot write user-data in", e))?;
-            }
-            None => match std::fs::remove_file(&user_data) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(io("cannot remove user-data in", e));
-                }
-                _ => {}
-            },
+}
+
+/// Creates the container's persistent directory and writes (or removes) its
+/// `user-data` there. The directory belongs to the container: anything it planted at
+/// `user-data` other than a regular file (a FIFO, a device) is refused by name and never
+/// opened (`files::read_existing`), so the start fails with that reason.
+fn write_files(
+    paths: &RuntimePaths,
+    kind: ContainerKind,
+    name: &str,
+    user_data: Option<&[u8]>,
+) -> Result<PathBuf, RunError> {
+    let dir = paths.persistent_dir_of(kind, name);
+    let io =
+        |what: &str, e: std::io::Error| RunError::Failed(format!("{what} {}: {e}", dir.display()));
+    create_private_dir(&dir).map_err(|e| io("cannot create", e))?;
+    let user_data_path = dir.join("user-data");
+    match user_data {
+        Some(bytes) => {
+            crate::apply::files::write_bytes_if_changed(&dir, &user_data_path, bytes, 0o600)
+                .map_err(|e| io("cannot write user-data in", e))?;
         }
-        Ok(dir)
+        None => match std::fs::remove_file(&user_data_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io("cannot remove user-data in", e));
+            }
+            _ => {}
+        },
     }
+    Ok(dir)
 }
 
 /// Creates `dir` and its parents; `dir` itself gets mode 0700 (it may hold secrets).
@@ -292,8 +301,29 @@ impl Runtime for ContainerdRuntime {
         registries: &RegistryConfig,
     ) -> Result<Prepared, RunError> {
         let id = desired.id();
+        // Settings that cannot become this container fail it before anything changes.
+        let config_hash = desired
+            .config_hash()
+            .map_err(|e| RunError::Failed(e.to_string()))?;
         let image = self.ready_image(&desired.source, registries).await?;
-        let persistent = self.write_files(desired)?;
+        // File I/O (an fsync on /local) runs off the async workers: a slow disk, or
+        // whatever a container planted in its own persistent directory, never stalls
+        // the API.
+        let persistent = {
+            let paths = self.paths.clone();
+            let (kind, name, user_data) = (
+                desired.kind,
+                desired.name.clone(),
+                desired.user_data.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                write_files(&paths, kind, &name, user_data.as_deref())
+            })
+            .await
+            .map_err(|e| {
+                RunError::Failed(format!("writing the persistent directory stopped: {e}"))
+            })??
+        };
         let request = SpecRequest {
             name: &desired.name,
             tier: desired.tier,
@@ -327,7 +357,7 @@ impl Runtime for ContainerdRuntime {
             (LABEL_MANAGED.to_owned(), "true".to_owned()),
             (LABEL_KIND.to_owned(), desired.kind.as_str().to_owned()),
             (LABEL_NAME.to_owned(), desired.name.clone()),
-            (LABEL_CONFIG.to_owned(), desired.config_hash()),
+            (LABEL_CONFIG.to_owned(), config_hash),
             (LABEL_DIGEST.to_owned(), image.manifest_digest.clone()),
         ]);
         self.cd

@@ -79,8 +79,10 @@ pub fn table(answer: &Value) -> Result<String, CliError> {
         let digest = field(row, "image-digest");
         let short = digest
             .strip_prefix("sha256:")
+            // The server's text: never slice it by bytes (a multi-byte character would
+            // panic); characters are what is shown.
             .map_or(digest.clone(), |hex| {
-                format!("sha256:{}", &hex[..hex.len().min(12)])
+                format!("sha256:{}", hex.chars().take(12).collect::<String>())
             });
         cells.push(vec![
             field(row, "name"),
@@ -175,5 +177,14 @@ mod tests {
             "no containers\n"
         );
         assert!(table(&serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn a_multi_byte_digest_from_the_server_does_not_panic() {
+        let answer = serde_json::json!([
+            {"name": "x", "kind": "host", "state": "running", "image-digest": "sha256:ééééééééééééé"}
+        ]);
+        let text = table(&answer).expect("table");
+        assert!(text.contains("sha256:éééééééééééé\n"), "{text}");
     }
 }
