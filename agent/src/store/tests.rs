@@ -343,20 +343,17 @@ fn pending_state_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let store = Store::open(dir.path(), 10).unwrap();
-        let big = "x".repeat(1024 * 1024);
-        for i in 0..3 {
-            store
-                .patch(
-                    "t",
-                    json!({"kernel": {"sysctl": {format!("k.v{i}"): big.clone()}}}),
-                )
-                .await
-                .unwrap();
+        // About 1 MiB per patch, in values short enough for any single-line limit.
+        let big = |round: usize| {
+            let keys: serde_json::Map<String, serde_json::Value> = (0..256)
+                .map(|k| (format!("k.v{round}x{k}"), json!("x".repeat(4090))))
+                .collect();
+            json!({"kernel": {"sysctl": keys}})
+        };
+        for round in 0..3 {
+            store.patch("t", big(round)).await.unwrap();
         }
-        let err = store
-            .patch("t", json!({"kernel": {"sysctl": {"k.v9": big.clone()}}}))
-            .await
-            .unwrap_err();
+        let err = store.patch("t", big(9)).await.unwrap_err();
         assert!(matches!(err, StoreError::Full { .. }), "{err}");
     });
 }
