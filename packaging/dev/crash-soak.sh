@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Kills keeld with SIGKILL at random moments during a stream of commits, N times
 # (default 300), and checks after each restart that every acknowledged commit is there.
-# Usage: packaging/dev/crash-soak.sh [N]
+# The run prints its RNG seed; KEEL_CRASH_SEED=<seed> replays a failing run's kill delays.
+# Usage: [KEEL_CRASH_SEED=<seed>] packaging/dev/crash-soak.sh [N]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 n="${1:-300}"

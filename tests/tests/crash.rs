@@ -2,7 +2,10 @@
 //! the store opens and every commit that was acknowledged is there.
 //!
 //! `KEEL_CRASH_ITERATIONS` sets the number of kills (default 20); `packaging/dev/crash-soak.sh`
-//! runs hundreds.
+//! runs hundreds. The kill moments come from a seeded RNG: the seed is printed at the
+//! start (`crash: seed N`) and in every failure, and `KEEL_CRASH_SEED=N` replays it. (A
+//! replay repeats the same delays; the kill still lands wherever the commits have got to
+//! by then, so a timing-dependent failure may need a few runs.)
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_e2e::{try_raw_request, Keeld, KeeldOptions};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 
 #[test]
 fn acknowledged_commits_survive_sigkill() {
@@ -26,7 +29,10 @@ fn acknowledged_commits_survive_sigkill() {
     });
     let mut acked: BTreeSet<u64> = BTreeSet::new();
     let mut next = 0u64;
-    let mut rng = rand::thread_rng();
+    let seed = crash_seed();
+    // Printed first so that a failure (whose output the harness shows) carries it.
+    println!("crash: seed {seed} (KEEL_CRASH_SEED={seed} replays it)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut in_flight_committed = 0;
 
     for iteration in 0..iterations {
@@ -76,12 +82,12 @@ fn acknowledged_commits_survive_sigkill() {
         if let Some(&last) = acked.iter().next_back() {
             assert!(
                 motd >= last,
-                "iteration {iteration}: live motd {motd} is older than acknowledged {last}"
+                "seed {seed}, iteration {iteration}: live motd {motd} is older than acknowledged {last}"
             );
         }
         assert!(
             motd < next.max(1),
-            "iteration {iteration}: live motd {motd} was never sent"
+            "seed {seed}, iteration {iteration}: live motd {motd} was never sent"
         );
         if acked.last() != Some(&motd) {
             in_flight_committed += 1;
@@ -96,7 +102,7 @@ fn acknowledged_commits_survive_sigkill() {
         let lost: Vec<_> = acked.difference(&committed).collect();
         assert!(
             lost.is_empty(),
-            "iteration {iteration}: acknowledged commits lost: {lost:?}"
+            "seed {seed}, iteration {iteration}: acknowledged commits lost: {lost:?}"
         );
         let generations: Vec<u64> = history
             .as_array()
@@ -106,16 +112,27 @@ fn acknowledged_commits_survive_sigkill() {
             .collect();
         assert!(
             generations.windows(2).all(|w| w[0] == w[1] + 1),
-            "generations contiguous"
+            "seed {seed}, iteration {iteration}: generations not contiguous"
         );
     }
     assert!(
         acked.len() as u64 >= iterations,
-        "too few commits were acknowledged to mean anything: {}",
+        "seed {seed}: too few commits were acknowledged to mean anything: {}",
         acked.len()
     );
     println!(
-        "crash: {iterations} SIGKILLs survived, {} acknowledged commits all present, {in_flight_committed} unacknowledged in-flight commits found committed",
+        "crash: seed {seed}, {iterations} SIGKILLs survived, {} acknowledged commits all present, {in_flight_committed} unacknowledged in-flight commits found committed",
         acked.len()
     );
+}
+
+/// `KEEL_CRASH_SEED` if set (a failure prints the one it used), else a fresh random seed.
+fn crash_seed() -> u64 {
+    match std::env::var("KEEL_CRASH_SEED") {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("KEEL_CRASH_SEED={text:?} is not an unsigned integer")),
+        Err(_) => rand::random(),
+    }
 }
