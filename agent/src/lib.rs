@@ -112,8 +112,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
     };
     let policy = api::AccessPolicy {
         api_gid: gid,
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        own_uid: unsafe { libc::geteuid() },
+        own_uid: rustix::process::geteuid().as_raw(),
     };
     let (listener, activated) = match api::server::inherited(&config.socket, activation)? {
         Some(listener) => {

@@ -157,11 +157,11 @@ pub async fn run(
         let status = match waited {
             Ok(status) => Some(status),
             Err(_) => {
-                if let Some(pgid) = pgid {
-                    // SAFETY: killpg has no memory-safety preconditions. The group
-                    // leader has not been reaped (its wait did not finish), so the id
-                    // still names its group.
-                    unsafe { libc::killpg(pgid, libc::SIGKILL) };
+                // The group leader has not been reaped (its wait did not finish), so
+                // the id still names its group.
+                if let Some(pgid) = pgid.and_then(rustix::process::Pid::from_raw) {
+                    let _ =
+                        rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
                 }
                 let _ = child.start_kill();
                 let _ = child.wait().await;
@@ -219,8 +219,9 @@ mod tests {
 
     /// Whether `pid` is gone (or a zombie left for a reaper that may not reap it).
     fn gone(pid: libc::pid_t) -> bool {
-        // SAFETY: signal 0 only checks that the process exists.
-        if unsafe { libc::kill(pid, 0) } != 0 {
+        let exists = rustix::process::Pid::from_raw(pid)
+            .is_some_and(|p| rustix::process::test_kill_process(p).is_ok());
+        if !exists {
             return true;
         }
         std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
@@ -291,8 +292,14 @@ mod tests {
         // The background child is the command's business: it is left running.
         let pid: libc::pid_t = out.stdout["started ".len()..].trim().parse().unwrap();
         assert!(!gone(pid));
-        // SAFETY: plain kill of the test's own leftover.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        kill(pid);
+    }
+
+    /// SIGKILL to the test's own leftover.
+    fn kill(pid: libc::pid_t) {
+        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
     }
 
     #[tokio::test]
@@ -322,8 +329,7 @@ mod tests {
             .unwrap();
         let killed = wait_gone(pid).await;
         if !killed {
-            // SAFETY: plain kill of the test's own leftover.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            kill(pid);
         }
         assert!(killed, "grandchild {pid} survived the timeout");
     }
