@@ -37,13 +37,30 @@ pub struct DesiredContainer {
     pub capabilities: Vec<String>,
     pub memory_limit_bytes: Option<i64>,
     pub cpu_limit_millicores: Option<u64>,
+    /// Why the settings of this container could not be turned into a container; such a
+    /// container is never created, and the reason is its status.
+    #[serde(skip)]
+    pub problem: Option<String>,
+}
+
+/// Why a desired container cannot be created.
+#[derive(Debug, thiserror::Error)]
+pub enum DesiredError {
+    #[error("{0}")]
+    Settings(String),
+    #[error("cannot compute the configuration hash: {0}")]
+    Hash(#[from] serde_json::Error),
 }
 
 impl DesiredContainer {
-    /// A digest of everything that shapes the running container.
-    pub fn config_hash(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        hex::encode(&Sha256::digest(&json)[..16])
+    /// A digest of everything that shapes the running container; an error when the
+    /// container cannot be made from its settings ([`DesiredContainer::problem`]).
+    pub fn config_hash(&self) -> Result<String, DesiredError> {
+        if let Some(problem) = &self.problem {
+            return Err(DesiredError::Settings(problem.clone()));
+        }
+        let json = serde_json::to_vec(self)?;
+        Ok(hex::encode(&Sha256::digest(&json)[..16]))
     }
 
     /// The containerd container ID: kind and name, so a host and a bootstrap container
@@ -210,13 +227,16 @@ fn build(
     parts: Parts<'_>,
     proxy: &[(String, String)],
 ) -> DesiredContainer {
-    // The model validated the base64 already; a value that still fails to decode
-    // (impossible through the API) gives an empty file rather than a crash.
-    let user_data = parts.user_data.map(|b64| {
-        base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .unwrap_or_default()
-    });
+    // The model validated the base64 already; should it still fail to decode, the
+    // container is not created and says why (never an empty user-data file).
+    let (user_data, problem) = match parts
+        .user_data
+        .map(|b64| base64::engine::general_purpose::STANDARD.decode(b64))
+        .transpose()
+    {
+        Ok(user_data) => (user_data, None),
+        Err(e) => (None, Some(format!("user-data is not base64: {e}"))),
+    };
     let user_data_digest = user_data.as_ref().map(|d| hex::encode(Sha256::digest(d)));
     let mut environment: Vec<(String, String)> = parts
         .environment
@@ -247,6 +267,7 @@ fn build(
             .collect(),
         memory_limit_bytes: parts.memory_limit.and_then(quantity_bytes),
         cpu_limit_millicores: parts.cpu_limit.and_then(quantity_millicores),
+        problem,
     }
 }
 
@@ -267,6 +288,30 @@ mod tests {
         assert_eq!(quantity_millicores("500m"), Some(500));
         assert_eq!(quantity_millicores("2"), Some(2000));
         assert_eq!(quantity_millicores("1.5"), Some(1500));
+    }
+
+    #[test]
+    fn undecodable_user_data_is_a_problem_not_an_empty_file() {
+        let desired = build(
+            "a",
+            ContainerKind::Host,
+            Tier::Host,
+            "x/y:1",
+            Parts {
+                user_data: Some("%%%"),
+                command: None,
+                environment: None,
+                capabilities: None,
+                memory_limit: None,
+                cpu_limit: None,
+            },
+            &[],
+        );
+        assert_eq!(desired.user_data, None);
+        let err = desired
+            .config_hash()
+            .expect_err("no hash for a broken container");
+        assert!(err.to_string().contains("user-data"), "{err}");
     }
 
     #[test]
@@ -304,7 +349,11 @@ mod tests {
             "host-containers": {"a": {"enabled": true, "source": "x/y:1"}},
             "container-registry": {"mirrors": [{"registry": "docker.io", "endpoint": ["https://m.example.com"]}]}
         });
-        let h = |v: &serde_json::Value| host_containers(&settings(v.clone()))["a"].config_hash();
+        let h = |v: &serde_json::Value| {
+            host_containers(&settings(v.clone()))["a"]
+                .config_hash()
+                .expect("hash")
+        };
         assert_ne!(h(&base), h(&changed));
         assert_eq!(h(&base), h(&with_registry));
     }

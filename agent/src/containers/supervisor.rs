@@ -123,7 +123,18 @@ pub async fn supervise<R: Runtime>(
         };
         status.init(&desired);
         let id = desired.id();
-        let hash = desired.config_hash();
+        // Settings that cannot become this container: it is not created, and its
+        // status says why until the settings change.
+        let hash = match desired.config_hash() {
+            Ok(hash) => hash,
+            Err(e) => {
+                let delay = status.failed(&RunError::Failed(e.to_string()), &config, &mut backoff);
+                if !pause(&mut inputs.desired, delay).await {
+                    return;
+                }
+                continue;
+            }
+        };
 
         let existing = match runtime.find(&id).await {
             Ok(e) => e,
@@ -211,8 +222,10 @@ pub async fn supervise<R: Runtime>(
                         // keeld is stopping: the container keeps running.
                         return;
                     }
-                    let same = inputs.desired.borrow().as_ref().map(DesiredContainer::config_hash)
-                        == Some(hash.clone());
+                    let same = matches!(
+                        inputs.desired.borrow().as_ref().map(DesiredContainer::config_hash),
+                        Some(Ok(new)) if new == hash
+                    );
                     if !same {
                         break None;
                     }

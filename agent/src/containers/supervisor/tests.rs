@@ -68,8 +68,10 @@ impl Runtime for Fake {
                 s.prepare_failures -= 1;
                 return Err(RunError::Failed("image: registry answered 500".into()));
             }
-            s.records
-                .insert(desired.id(), (desired.config_hash(), None));
+            let hash = desired
+                .config_hash()
+                .map_err(|e| RunError::Failed(e.to_string()))?;
+            s.records.insert(desired.id(), (hash, None));
             Ok(Prepared {
                 image_digest: "sha256:feed".into(),
                 from_cache: false,
@@ -162,6 +164,7 @@ fn desired(user_data: &str) -> DesiredContainer {
         capabilities: Vec::new(),
         memory_limit_bytes: None,
         cpu_limit_millicores: None,
+        problem: None,
     }
 }
 
@@ -256,7 +259,7 @@ async fn a_running_container_with_the_same_settings_is_reattached_not_restarted(
         s.records.insert(
             d.id(),
             (
-                d.config_hash(),
+                d.config_hash().expect("hash"),
                 Some(TaskState {
                     pid: 4242,
                     running: true,
@@ -283,7 +286,7 @@ async fn a_running_container_with_older_settings_is_recreated() {
         s.records.insert(
             old.id(),
             (
-                old.config_hash(),
+                old.config_hash().expect("hash"),
                 Some(TaskState {
                     pid: 7,
                     running: true,
@@ -350,6 +353,25 @@ async fn a_failure_is_shown_with_its_reason_and_retried() {
     advance(Duration::from_secs(3)).await;
     assert_eq!(h.status().expect("status").state, RunState::Running);
     assert_eq!(h.fake.with(|s| s.starts.len()), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn settings_that_cannot_become_a_container_are_its_failure_not_a_start() {
+    let mut broken = desired("a");
+    broken.problem = Some("user-data is not base64: invalid padding".into());
+    let h = start(Fake::default(), Some(broken));
+    advance(Duration::from_secs(5)).await;
+    assert!(h.fake.with(|s| s.starts.is_empty() && s.records.is_empty()));
+    let status = h.status().expect("status");
+    assert_eq!(status.state, RunState::Failed);
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("user-data is not base64: invalid padding")
+    );
+    // Fixed settings start it.
+    h.desired.send_replace(Some(desired("a")));
+    advance(Duration::from_millis(10)).await;
+    assert_eq!(h.status().expect("status").state, RunState::Running);
 }
 
 #[tokio::test(start_paused = true)]
