@@ -168,11 +168,18 @@ impl Containerd {
         &self.socket
     }
 
-    /// The same connection, with every request made inside lease `id`.
-    pub fn with_lease(&self, id: &str) -> Containerd {
+    /// The same connection, with every request made inside lease `id`. An id that
+    /// cannot be sent as gRPC metadata is an error: without the lease, containerd's
+    /// garbage collector could remove content while it is being written.
+    pub fn with_lease(&self, id: &str) -> Result<Containerd, ContainerdError> {
+        let lease = MetadataValue::try_from(id).map_err(|_| ContainerdError {
+            op: "use lease",
+            subject: id.to_owned(),
+            status: Status::invalid_argument("the lease id is not printable ASCII"),
+        })?;
         let mut other = self.clone();
-        other.metadata.lease = MetadataValue::try_from(id).ok();
-        other
+        other.metadata.lease = Some(lease);
+        Ok(other)
     }
 
     pub(crate) fn containers(&self) -> ContainersClient<Svc> {
@@ -261,6 +268,12 @@ impl Containerd {
         snapshot_key: &str,
         labels: HashMap<String, String>,
     ) -> Result<(), ContainerdError> {
+        // Never an empty spec: containerd would store a container that cannot run.
+        let spec = serde_json::to_vec(spec).map_err(|e| ContainerdError {
+            op: "encode the OCI spec of",
+            subject: id.to_owned(),
+            status: Status::invalid_argument(e.to_string()),
+        })?;
         let container = Container {
             id: id.to_owned(),
             labels,
@@ -271,7 +284,7 @@ impl Containerd {
             }),
             spec: Some(prost_types::Any {
                 type_url: SPEC_TYPE_URL.to_owned(),
-                value: serde_json::to_vec(spec).unwrap_or_default(),
+                value: spec,
             }),
             snapshotter: SNAPSHOTTER.to_owned(),
             snapshot_key: snapshot_key.to_owned(),
@@ -414,4 +427,20 @@ pub struct TaskState {
     /// Created but never started (keeld died between create and start).
     pub created_only: bool,
     pub exit_status: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lease_id_that_cannot_be_sent_is_an_error_not_a_missing_lease() {
+        let cd = Containerd::connect(Path::new("/nonexistent/containerd.sock"), "keel-test")
+            .expect("connecting is lazy");
+        assert!(cd.with_lease("keel-0123456789abcdef").is_ok());
+        let err = cd
+            .with_lease("keel\nlease")
+            .expect_err("a newline is not metadata");
+        assert!(!err.is_unavailable(), "{err}");
+    }
 }

@@ -259,8 +259,10 @@ pub async fn ensure_image(
         return Ok(ready);
     }
     let lease = Lease::create(cd).await?;
-    let leased = cd.with_lease(&lease.id);
-    let result = ensure_leased(&leased, source, registries).await;
+    let result = match cd.with_lease(&lease.id) {
+        Ok(leased) => ensure_leased(&leased, source, registries).await,
+        Err(e) => Err(e.into()),
+    };
     lease.release(cd).await;
     result
 }
