@@ -13,10 +13,11 @@ use serde_json::{Map, Value};
 
 use crate::key::format_segment;
 use crate::types::{
-    AwsRegion, Base64, BootParamKey, BootParamValue, BootstrapToken, Capability, DnsDomain,
-    Duration, EnvName, EvictionSignal, Hostname, Identifier, ImageRef, IpAddress, IpOrIps,
-    KernelModuleName, LabelKey, LabelValue, NoProxyEntry, NumaNode, ProxyAddress, Quantity,
-    RegistryHost, SingleLineString, SysctlKey, Taint, Threshold, TimeServer, Url,
+    AwsRegion, Base64, BootParamKey, BootParamValue, BootstrapToken, Capability, CpuQuantity,
+    DnsDomain, Duration, EnvName, EvictionSignal, Hostname, Identifier, ImageRef, IpAddress,
+    IpOrIps, KernelModuleName, LabelKey, LabelValue, MemoryQuantity, NoProxyEntry, NumaNode,
+    ProxyAddress, Quantity, RegistryHost, SingleLineString, SysctlKey, Taint, Threshold,
+    TimeServer, Url,
 };
 use crate::{Error, KeyPath};
 
@@ -96,10 +97,10 @@ pub struct HostContainer {
     pub capabilities: Option<Vec<Capability>>,
     /// Keel: memory limit, e.g. `512Mi`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub memory_limit: Option<Quantity>,
+    pub memory_limit: Option<MemoryQuantity>,
     /// Keel: CPU limit, e.g. `500m` or `2`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cpu_limit: Option<Quantity>,
+    pub cpu_limit: Option<CpuQuantity>,
 }
 
 /// A container run to completion during boot. It can never be superpowered.
@@ -125,9 +126,9 @@ pub struct BootstrapContainer {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Vec<Capability>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub memory_limit: Option<Quantity>,
+    pub memory_limit: Option<MemoryQuantity>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cpu_limit: Option<Quantity>,
+    pub cpu_limit: Option<CpuQuantity>,
 }
 
 /// A list of `apiclient` invocations run during boot.

@@ -787,9 +787,36 @@ validated_string! {
     format = None, pattern = Some("^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?:(NoSchedule|PreferNoSchedule|NoExecute)$")
 }
 
-const QUANTITY_SUFFIXES: &[&str] = &[
-    "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "n", "u", "m", "k", "M", "G", "T", "P", "E", "",
+/// A quantity's scale: a power of ten (`k`, `m`, an exponent such as `e9`) or a power of
+/// two (`Ki`, `Mi`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scale {
+    Decimal(i64),
+    Binary(u32),
+}
+
+const QUANTITY_SUFFIXES: &[(&str, Scale)] = &[
+    ("Ki", Scale::Binary(10)),
+    ("Mi", Scale::Binary(20)),
+    ("Gi", Scale::Binary(30)),
+    ("Ti", Scale::Binary(40)),
+    ("Pi", Scale::Binary(50)),
+    ("Ei", Scale::Binary(60)),
+    ("n", Scale::Decimal(-9)),
+    ("u", Scale::Decimal(-6)),
+    ("m", Scale::Decimal(-3)),
+    ("k", Scale::Decimal(3)),
+    ("M", Scale::Decimal(6)),
+    ("G", Scale::Decimal(9)),
+    ("T", Scale::Decimal(12)),
+    ("P", Scale::Decimal(15)),
+    ("E", Scale::Decimal(18)),
+    ("", Scale::Decimal(0)),
 ];
+
+/// Exponents beyond this are clamped: with at most 38 significant digits, any non-zero
+/// number scaled this far is either far too large or not a whole number.
+const EXPONENT_CLAMP: i64 = 100_000;
 
 fn is_decimal(s: &str) -> bool {
     let (whole, frac) = match s.split_once('.') {
@@ -804,19 +831,180 @@ fn is_decimal(s: &str) -> bool {
         }
 }
 
-fn is_quantity(s: &str) -> bool {
+/// Splits a quantity into its decimal number and its scale; `None` when `s` is not a
+/// quantity (`<decimal>[<exponent>|<suffix>]`). This is the one grammar of quantities.
+fn split_quantity(s: &str) -> Option<(&str, Scale)> {
     if let Some((number, exponent)) = s.split_once(['e', 'E']) {
-        let exponent = exponent.strip_prefix(['+', '-']).unwrap_or(exponent);
-        if is_decimal(number)
-            && !exponent.is_empty()
-            && exponent.bytes().all(|b| b.is_ascii_digit())
-        {
-            return true;
+        let (negative, digits) = match exponent.strip_prefix('-') {
+            Some(d) => (true, d),
+            None => (false, exponent.strip_prefix('+').unwrap_or(exponent)),
+        };
+        if is_decimal(number) && !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            let magnitude = digits
+                .parse::<i64>()
+                .map_or(EXPONENT_CLAMP, |e| e.min(EXPONENT_CLAMP));
+            let exponent = if negative { -magnitude } else { magnitude };
+            return Some((number, Scale::Decimal(exponent)));
         }
     }
-    QUANTITY_SUFFIXES
-        .iter()
-        .any(|suffix| s.strip_suffix(suffix).is_some_and(is_decimal))
+    QUANTITY_SUFFIXES.iter().find_map(|(suffix, scale)| {
+        s.strip_suffix(suffix)
+            .filter(|number| is_decimal(number))
+            .map(|number| (number, *scale))
+    })
+}
+
+fn is_quantity(s: &str) -> bool {
+    split_quantity(s).is_some()
+}
+
+/// Why a quantity has no exact integer value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inexact {
+    /// It has a fractional part.
+    Fraction,
+    /// It does not fit in 128 bits.
+    TooLarge,
+    /// More than 38 significant digits.
+    TooPrecise,
+}
+
+/// `number` × 10^`exp10` × 2^`exp2`, exactly (`number` is a checked decimal).
+fn exact_integer(number: &str, exp10: i64, exp2: u32) -> Result<u128, Inexact> {
+    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
+    let frac_len = i64::try_from(frac.len()).map_err(|_| Inexact::TooPrecise)?;
+    let mut exp10 = exp10 - frac_len;
+    let digits: String = whole.chars().chain(frac.chars()).collect();
+    let digits = digits.trim_start_matches('0');
+    if digits.is_empty() {
+        return Ok(0);
+    }
+    let significant = digits.trim_end_matches('0');
+    exp10 += i64::try_from(digits.len() - significant.len()).map_err(|_| Inexact::TooLarge)?;
+    if significant.len() > 38 {
+        return Err(Inexact::TooPrecise);
+    }
+    let mantissa: u128 = significant.parse().map_err(|_| Inexact::TooPrecise)?;
+    if exp10 >= 0 {
+        let power = u32::try_from(exp10)
+            .ok()
+            .and_then(|e| 10u128.checked_pow(e))
+            .ok_or(Inexact::TooLarge)?;
+        return mantissa
+            .checked_mul(power)
+            .and_then(|v| v.checked_mul(2u128.checked_pow(exp2)?))
+            .ok_or(Inexact::TooLarge);
+    }
+    // Divide by 10^k = 2^k × 5^k, letting the binary scale cancel twos first. A divisor
+    // too large for u128 is larger than the mantissa, which then is not a multiple of it.
+    let k = u32::try_from(-exp10).map_err(|_| Inexact::Fraction)?;
+    let cancelled = k.min(exp2);
+    let divisor = 5u128
+        .checked_pow(k)
+        .and_then(|five| five.checked_mul(2u128.checked_pow(k - cancelled)?))
+        .ok_or(Inexact::Fraction)?;
+    let quotient = mantissa / divisor;
+    if quotient * divisor != mantissa {
+        return Err(Inexact::Fraction);
+    }
+    quotient
+        .checked_mul(
+            2u128
+                .checked_pow(exp2 - cancelled)
+                .ok_or(Inexact::TooLarge)?,
+        )
+        .ok_or(Inexact::TooLarge)
+}
+
+/// The smallest CPU limit: the kernel's smallest CFS quota is 1 ms per period, and a
+/// container's period is 100 ms.
+pub const MIN_CPU_MILLICORES: u64 = 10;
+
+/// The largest CPU limit: one million CPUs.
+pub const MAX_CPU_MILLICORES: u64 = 1_000_000_000;
+
+/// Why a memory or CPU quantity cannot be a container limit. The text never holds the
+/// value itself (the caller names it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QuantityError {
+    #[error("expected a number of bytes with an optional suffix such as 512Mi, 1Gi, 100M or 1e9")]
+    MemorySyntax,
+    #[error("expected a number of CPUs such as 2 or 0.5, or millicores such as 500m")]
+    CpuSyntax,
+    #[error("a limit of zero cannot be enforced; leave the setting unset for no limit")]
+    Zero,
+    #[error("not a whole number of bytes")]
+    FractionOfByte,
+    #[error(
+        "not a whole number of bytes: 'm', 'u' and 'n' mean thousandths, millionths and \
+         billionths; for megabytes write M or Mi"
+    )]
+    SubByteSuffix,
+    #[error("finer than a millicore (1m)")]
+    FractionOfMillicore,
+    #[error(
+        "binary suffixes such as Ki or Gi are for memory; a CPU limit is a number of CPUs \
+         such as 2 or 0.5, or millicores such as 500m"
+    )]
+    BinaryCpuSuffix,
+    #[error(
+        "below the minimum of {MIN_CPU_MILLICORES}m: the smallest CPU quota is 1 ms per \
+         100 ms"
+    )]
+    CpuTooSmall,
+    #[error("more than the largest memory limit, {} bytes", i64::MAX)]
+    MemoryTooLarge,
+    #[error("more than the largest CPU limit, {} CPUs", MAX_CPU_MILLICORES / 1000)]
+    CpuTooLarge,
+    #[error("more than 38 significant digits")]
+    TooPrecise,
+}
+
+/// A memory quantity in bytes: `512Mi` → 536870912, `1G` → 1000000000, `1e9`,
+/// `5000m` → 5. Refuses what no memory limit can be: zero, a fraction of a byte, more
+/// than `i64::MAX` (the OCI runtime spec's type).
+pub fn memory_bytes(s: &str) -> Result<i64, QuantityError> {
+    let (number, scale) = split_quantity(s).ok_or(QuantityError::MemorySyntax)?;
+    let exact = match scale {
+        Scale::Decimal(exp10) => exact_integer(number, exp10, 0),
+        Scale::Binary(exp2) => exact_integer(number, 0, exp2),
+    };
+    let bytes = exact.map_err(|e| match e {
+        Inexact::Fraction
+            if matches!(scale, Scale::Decimal(x) if x < 0) && !s.contains(['e', 'E']) =>
+        {
+            QuantityError::SubByteSuffix
+        }
+        Inexact::Fraction => QuantityError::FractionOfByte,
+        Inexact::TooLarge => QuantityError::MemoryTooLarge,
+        Inexact::TooPrecise => QuantityError::TooPrecise,
+    })?;
+    match i64::try_from(bytes) {
+        Ok(0) => Err(QuantityError::Zero),
+        Ok(bytes) => Ok(bytes),
+        Err(_) => Err(QuantityError::MemoryTooLarge),
+    }
+}
+
+/// A CPU quantity in millicores: `500m` → 500, `2` → 2000, `1.5` → 1500, `2k` →
+/// 2000000. Refuses binary suffixes, zero, less than [`MIN_CPU_MILLICORES`], a fraction
+/// of a millicore and more than [`MAX_CPU_MILLICORES`].
+pub fn cpu_millicores(s: &str) -> Result<u64, QuantityError> {
+    let (number, scale) = split_quantity(s).ok_or(QuantityError::CpuSyntax)?;
+    let Scale::Decimal(exp10) = scale else {
+        return Err(QuantityError::BinaryCpuSuffix);
+    };
+    let millicores = exact_integer(number, exp10.saturating_add(3), 0).map_err(|e| match e {
+        Inexact::Fraction => QuantityError::FractionOfMillicore,
+        Inexact::TooLarge => QuantityError::CpuTooLarge,
+        Inexact::TooPrecise => QuantityError::TooPrecise,
+    })?;
+    match u64::try_from(millicores) {
+        Ok(0) => Err(QuantityError::Zero),
+        Ok(m) if m < MIN_CPU_MILLICORES => Err(QuantityError::CpuTooSmall),
+        Ok(m) if m <= MAX_CPU_MILLICORES => Ok(m),
+        _ => Err(QuantityError::CpuTooLarge),
+    }
 }
 
 fn check_quantity(s: &str) -> Result<(), String> {
@@ -832,10 +1020,112 @@ fn check_quantity(s: &str) -> Result<(), String> {
 }
 
 validated_string! {
-    /// A Kubernetes resource quantity: `500m`, `2`, `100Mi`, `1Gi`.
+    /// A Kubernetes resource quantity: `500m`, `2`, `100Mi`, `1Gi`. Kept as text for
+    /// the files rendered from it; container limits use [`MemoryQuantity`] and
+    /// [`CpuQuantity`], which convert.
     Quantity, check = check_quantity,
     description = "A resource quantity such as 500m, 2, 100Mi or 1Gi",
     format = None, pattern = Some("^[0-9]+(\\.[0-9]+)?([eE][-+]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
+}
+
+/// A quantity with the value it converts to, checked once when it is built.
+macro_rules! converted_quantity {
+    (
+        $(#[$doc:meta])*
+        $name:ident, value = $value:ty, convert = $convert:path, what = $what:expr,
+        description = $desc:expr, pattern = $pattern:expr
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub struct $name {
+            text: String,
+            value: $value,
+        }
+
+        impl $name {
+            /// Validates and converts `s`; the error is the reason text shown to users.
+            pub fn new(s: impl Into<String>) -> Result<Self, String> {
+                let text = s.into();
+                match $convert(&text) {
+                    Ok(value) => Ok(Self { text, value }),
+                    Err(e) => Err(invalid(&text, $what, &e.to_string())),
+                }
+            }
+
+            /// The string exactly as given.
+            pub fn as_str(&self) -> &str {
+                &self.text
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                Self::new(s)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.text)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.text)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(deserializer)?;
+                Self::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl JsonSchema for $name {
+            fn schema_name() -> String {
+                stringify!($name).to_owned()
+            }
+            fn is_referenceable() -> bool {
+                false
+            }
+            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                string_schema($desc, None, Some($pattern))
+            }
+        }
+    };
+}
+
+converted_quantity! {
+    /// A container memory limit: a quantity that is a whole number of bytes, at least
+    /// one and at most `i64::MAX` (`512Mi`, `1G`, `1e9`).
+    MemoryQuantity, value = i64, convert = memory_bytes, what = "memory limit",
+    description = "A memory limit in bytes with an optional suffix, such as 512Mi, 1Gi or 100M",
+    pattern = "^[0-9]+(\\.[0-9]+)?([eE][-+]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$"
+}
+
+impl MemoryQuantity {
+    /// The limit in bytes (always at least 1).
+    pub fn bytes(&self) -> i64 {
+        self.value
+    }
+}
+
+converted_quantity! {
+    /// A container CPU limit: CPUs (`2`, `0.5`) or millicores (`500m`), a whole number of
+    /// millicores from [`MIN_CPU_MILLICORES`] to [`MAX_CPU_MILLICORES`]; no binary suffixes.
+    CpuQuantity, value = u64, convert = cpu_millicores, what = "CPU limit",
+    description = "A CPU limit: CPUs such as 2 or 0.5, or millicores such as 500m (at least 10m)",
+    pattern = "^[0-9]+(\\.[0-9]+)?([eE][-+]?[0-9]+|n|u|m|k|M|G|T|P|E)?$"
+}
+
+impl CpuQuantity {
+    /// The limit in millicores (always within the bounds above).
+    pub fn millicores(&self) -> u64 {
+        self.value
+    }
 }
 
 fn check_threshold(s: &str) -> Result<(), String> {

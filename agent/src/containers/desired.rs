@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use serde::Serialize;
+use settings_model::types::{Capability, CpuQuantity, EnvName, MemoryQuantity, SingleLineString};
 use settings_model::Settings;
 use sha2::{Digest as _, Sha256};
 
@@ -108,42 +109,6 @@ pub fn proxy_environment(settings: &Settings) -> Vec<(String, String)> {
     ]
 }
 
-/// `512Mi`, `1G`, `1e9` … in bytes; `None` for a value that is not a whole number of
-/// bytes or does not fit.
-pub fn quantity_bytes(q: &str) -> Option<i64> {
-    let (number, factor): (&str, f64) = [
-        ("Ki", 1024f64),
-        ("Mi", 1024f64.powi(2)),
-        ("Gi", 1024f64.powi(3)),
-        ("Ti", 1024f64.powi(4)),
-        ("Pi", 1024f64.powi(5)),
-        ("Ei", 1024f64.powi(6)),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-        ("m", 1e-3),
-    ]
-    .iter()
-    .find_map(|(suffix, f)| q.strip_suffix(suffix).map(|n| (n, *f)))
-    .unwrap_or((q, 1.0));
-    let value: f64 = number.parse().ok()?;
-    let bytes = (value * factor).round();
-    (bytes.is_finite() && bytes >= 1.0 && bytes < i64::MAX as f64).then_some(bytes as i64)
-}
-
-/// `500m` → 500, `2` → 2000, `1.5` → 1500 (millicores).
-pub fn quantity_millicores(q: &str) -> Option<u64> {
-    let millis = match q.strip_suffix('m') {
-        Some(n) => n.parse::<f64>().ok()?,
-        None => q.parse::<f64>().ok()? * 1000.0,
-    };
-    let millis = millis.round();
-    (millis.is_finite() && (1.0..1e12).contains(&millis)).then_some(millis as u64)
-}
-
 /// The host containers that should run: enabled ones with a source.
 pub fn host_containers(settings: &Settings) -> BTreeMap<String, DesiredContainer> {
     let proxy = proxy_environment(settings);
@@ -169,8 +134,8 @@ pub fn host_containers(settings: &Settings) -> BTreeMap<String, DesiredContainer
                     command: hc.command.as_ref(),
                     environment: hc.environment.as_ref(),
                     capabilities: hc.capabilities.as_ref(),
-                    memory_limit: hc.memory_limit.as_ref().map(|q| q.as_str()),
-                    cpu_limit: hc.cpu_limit.as_ref().map(|q| q.as_str()),
+                    memory_limit: hc.memory_limit.as_ref(),
+                    cpu_limit: hc.cpu_limit.as_ref(),
                 },
                 &proxy,
             ),
@@ -198,8 +163,8 @@ pub fn bootstrap_containers(settings: &Settings) -> BTreeMap<String, DesiredCont
                     command: bc.command.as_ref(),
                     environment: bc.environment.as_ref(),
                     capabilities: bc.capabilities.as_ref(),
-                    memory_limit: bc.memory_limit.as_ref().map(|q| q.as_str()),
-                    cpu_limit: bc.cpu_limit.as_ref().map(|q| q.as_str()),
+                    memory_limit: bc.memory_limit.as_ref(),
+                    cpu_limit: bc.cpu_limit.as_ref(),
                 },
                 &proxy,
             ),
@@ -211,12 +176,10 @@ pub fn bootstrap_containers(settings: &Settings) -> BTreeMap<String, DesiredCont
 struct Parts<'a> {
     user_data: Option<&'a str>,
     command: Option<&'a Vec<String>>,
-    environment: Option<
-        &'a BTreeMap<settings_model::types::EnvName, settings_model::types::SingleLineString>,
-    >,
-    capabilities: Option<&'a Vec<settings_model::types::Capability>>,
-    memory_limit: Option<&'a str>,
-    cpu_limit: Option<&'a str>,
+    environment: Option<&'a BTreeMap<EnvName, SingleLineString>>,
+    capabilities: Option<&'a Vec<Capability>>,
+    memory_limit: Option<&'a MemoryQuantity>,
+    cpu_limit: Option<&'a CpuQuantity>,
 }
 
 fn build(
@@ -265,8 +228,8 @@ fn build(
             .flat_map(|c| c.iter())
             .map(|c| c.with_cap_prefix())
             .collect(),
-        memory_limit_bytes: parts.memory_limit.and_then(quantity_bytes),
-        cpu_limit_millicores: parts.cpu_limit.and_then(quantity_millicores),
+        memory_limit_bytes: parts.memory_limit.map(MemoryQuantity::bytes),
+        cpu_limit_millicores: parts.cpu_limit.map(CpuQuantity::millicores),
         problem,
     }
 }
@@ -280,14 +243,43 @@ mod tests {
     }
 
     #[test]
-    fn quantities() {
-        assert_eq!(quantity_bytes("512Mi"), Some(512 << 20));
-        assert_eq!(quantity_bytes("1G"), Some(1_000_000_000));
-        assert_eq!(quantity_bytes("100"), Some(100));
-        assert_eq!(quantity_bytes("0"), None);
-        assert_eq!(quantity_millicores("500m"), Some(500));
-        assert_eq!(quantity_millicores("2"), Some(2000));
-        assert_eq!(quantity_millicores("1.5"), Some(1500));
+    fn limits_are_the_models_conversions_and_shape_the_hash() {
+        let with = |memory: &str, cpu: &str| {
+            settings(serde_json::json!({"host-containers": {"a": {
+                "enabled": true, "source": "x/y:1", "memory-limit": memory, "cpu-limit": cpu
+            }}}))
+        };
+        let a = &host_containers(&with("512Mi", "500m"))["a"];
+        assert_eq!(a.memory_limit_bytes, Some(512 << 20));
+        assert_eq!(a.cpu_limit_millicores, Some(500));
+        let b = &host_containers(&with("1e9", "1.5"))["a"];
+        assert_eq!(b.memory_limit_bytes, Some(1_000_000_000));
+        assert_eq!(b.cpu_limit_millicores, Some(1500));
+        let other_memory = &host_containers(&with("256Mi", "500m"))["a"];
+        assert_ne!(
+            a.config_hash().expect("hash"),
+            other_memory.config_hash().expect("hash")
+        );
+    }
+
+    #[test]
+    fn limits_the_model_refuses_never_reach_a_container() {
+        // These used to be accepted and then silently dropped (no limit at all).
+        for (key, value) in [
+            ("memory-limit", "100m"),
+            ("memory-limit", "5n"),
+            ("memory-limit", "5u"),
+            ("memory-limit", "0"),
+            ("cpu-limit", "2Gi"),
+            ("cpu-limit", "0"),
+        ] {
+            let patch = serde_json::json!({"host-containers": {"a": {key: value}}});
+            let err = settings_model::validate_patch(&patch).expect_err(value);
+            assert_eq!(
+                err.key(),
+                Some(format!("settings.host-containers.a.{key}").as_str())
+            );
+        }
     }
 
     #[test]
