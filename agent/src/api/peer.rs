@@ -40,6 +40,12 @@ impl Peer {
     }
 
     /// The caller as recorded in history; `comm` is read on first use, best effort.
+    ///
+    /// `comm` is the name the calling process gave itself (`PR_SET_NAME` can set it to
+    /// anything): a hint for people reading history, never an identity; `uid`, `gid`
+    /// and `pid` are the kernel's. Reading `/proc/<pid>/comm` on an async worker is
+    /// safe: procfs answers from kernel memory and cannot be made to block by the
+    /// caller (no disk, no FIFO: /proc is mounted by the host, not the caller).
     pub fn caller(&self) -> Caller {
         let comm = self.comm.get_or_init(|| {
             self.pid

@@ -316,7 +316,11 @@ impl Boot {
             }
         };
         if t.record().first_boot {
-            write_marker(&self.config.state_dir.join(FIRST_BOOT_DONE))
+            // Two fsyncs on the state disk: off the async workers.
+            let marker = self.config.state_dir.join(FIRST_BOOT_DONE);
+            tokio::task::spawn_blocking(move || write_marker(&marker))
+                .await
+                .map_err(|e| Halt(format!("cannot mark the first boot done: {e}")))?
                 .map_err(|e| Halt(format!("cannot mark the first boot done: {e}")))?;
         }
         t.end(

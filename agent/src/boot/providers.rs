@@ -76,11 +76,23 @@ impl Provider {
 async fn read_local(path: PathBuf) -> Result<Option<Vec<u8>>, String> {
     tokio::task::spawn_blocking(move || {
         use std::io::Read;
-        let file = match std::fs::File::open(&path) {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Non-blocking open, then only a regular file is read: a FIFO planted at a
+        // user-data path would otherwise hold the boot forever.
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("cannot read: {e}")),
         };
+        match file.metadata() {
+            Ok(meta) if meta.is_file() => {}
+            Ok(_) => return Err("not a regular file".to_owned()),
+            Err(e) => return Err(format!("cannot read: {e}")),
+        }
         let mut bytes = Vec::new();
         file.take(MAX_USER_DATA + 1)
             .read_to_end(&mut bytes)
