@@ -16,8 +16,8 @@ use crate::types::{
     AwsRegion, Base64, BootParamKey, BootParamValue, BootstrapToken, Capability, CpuQuantity,
     DnsDomain, Duration, EnvName, EvictionSignal, Hostname, Identifier, ImageRef, IpAddress,
     IpOrIps, KernelModuleName, LabelKey, LabelValue, MemoryQuantity, NoProxyEntry, NumaNode,
-    ProxyAddress, Quantity, RegistryHost, SingleLineString, SysctlKey, Taint, Threshold,
-    TimeServer, Url,
+    ProxyAddress, Quantity, RegistryAuth, RegistryHost, SecretBase64, SecretString,
+    SingleLineString, SysctlKey, Taint, Threshold, TimeServer, Url,
 };
 use crate::{Error, KeyPath};
 
@@ -355,11 +355,12 @@ pub struct RegistryCredential {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<SingleLineString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub password: Option<SingleLineString>,
+    pub password: Option<SecretString>,
+    /// Base64 of `username:password`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub auth: Option<Base64>,
+    pub auth: Option<RegistryAuth>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub identitytoken: Option<SingleLineString>,
+    pub identitytoken: Option<SecretString>,
 }
 
 /// Registry mirrors and credentials.
@@ -452,7 +453,7 @@ pub struct Aws {
     pub config: Option<Base64>,
     /// Base64 of an AWS credentials file.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub credentials: Option<Base64>,
+    pub credentials: Option<SecretBase64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<SingleLineString>,
 }

@@ -49,6 +49,27 @@ macro_rules! validated_string {
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub struct $name(String);
 
+        validated_string!(@impl $name, $check, $desc, $format, $pattern);
+    };
+    (
+        $(#[$doc:meta])*
+        $name:ident, check = $check:path, description = $desc:expr,
+        format = $format:expr, pattern = $pattern:expr, debug = $debug:path
+    ) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(String);
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_tuple(stringify!($name)).field(&$debug(&self.0)).finish()
+            }
+        }
+
+        validated_string!(@impl $name, $check, $desc, $format, $pattern);
+    };
+    (@impl $name:ident, $check:path, $desc:expr, $format:expr, $pattern:expr) => {
+
         impl $name {
             /// Validates `s`; the error is the reason text shown to users.
             pub fn new(s: impl Into<String>) -> Result<Self, String> {
@@ -426,35 +447,49 @@ validated_string! {
     format = Some("uri"), pattern = Some("^https?://")
 }
 
+/// `s` with the user information of a proxy URL (`user:password@`) replaced by
+/// `<redacted>`, for error text and `Debug`.
+pub fn redact_userinfo(s: &str) -> String {
+    let start = s.find("://").map_or(0, |i| i + 3);
+    // The last '@': a password may hold a '/' or '@' that was not percent-encoded.
+    match s[start..].rfind('@') {
+        Some(at) => format!("{}<redacted>{}", &s[..start], &s[start + at..]),
+        None => s.to_owned(),
+    }
+}
+
 fn check_proxy(s: &str) -> Result<(), String> {
     let what = "proxy address";
+    // A proxy URL may carry a password: errors show the address without it.
+    let shown = redact_userinfo(s);
+    let bad = |why: &str| invalid(&shown, what, why);
     let with_scheme = if s.contains("://") {
         s.to_owned()
     } else {
         format!("http://{s}")
     };
-    let url = url::Url::parse(&with_scheme).map_err(|e| invalid(s, what, &e.to_string()))?;
+    let url = url::Url::parse(&with_scheme).map_err(|e| bad(&e.to_string()))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(invalid(s, what, "the scheme must be http or https"));
+        return Err(bad("the scheme must be http or https"));
     }
     if url.host_str().unwrap_or_default().is_empty() {
-        return Err(invalid(s, what, "a host is required"));
+        return Err(bad("a host is required"));
     }
     if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid(s, what, "only [scheme://]host[:port] is allowed"));
+        return Err(bad("only [scheme://]host[:port] is allowed"));
     }
     if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(invalid(s, what, "spaces are not allowed"));
+        return Err(bad("spaces are not allowed"));
     }
     Ok(())
 }
 
 validated_string! {
     /// An HTTP(S) proxy: `[http[s]://][user:pass@]host[:port]`; without a scheme it means
-    /// `http://`. Kept exactly as written.
+    /// `http://`. Kept exactly as written; `Debug` and errors leave out `user:pass`.
     ProxyAddress, check = check_proxy,
     description = "[http[s]://]host[:port]; no scheme means http://",
-    format = None, pattern = None
+    format = None, pattern = None, debug = redact_userinfo
 }
 
 fn check_no_proxy(s: &str) -> Result<(), String> {
@@ -1332,6 +1367,200 @@ validated_string! {
     format = None, pattern = Some("^[a-z]{2}(-[a-z]+)+-[0-9]+$")
 }
 
+// ---------------------------------------------------------------------------------------
+// Secrets: passwords, tokens and credential files. Their values never appear in `Debug`
+// or in an error (errors are logged, and served by GET /boot); `Serialize` writes the
+// real value, which the store keeps.
+
+/// The reason a secret was refused: what it should be, never the value.
+fn secret_invalid(what: &str, why: &str) -> String {
+    format!("not a valid {what}: {why} (value redacted)")
+}
+
+/// Reads the string of a secret. A value of another type is refused without being
+/// quoted (serde's own message would quote a number).
+fn deserialize_secret<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    what: &'static str,
+) -> Result<String, D::Error> {
+    use serde::de::Unexpected;
+
+    struct SecretVisitor(&'static str);
+
+    impl SecretVisitor {
+        fn refuse<E: serde::de::Error>(&self, kind: &'static str) -> E {
+            E::invalid_type(Unexpected::Other(kind), self)
+        }
+    }
+
+    impl serde::de::Visitor<'_> for SecretVisitor {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a string ({})", self.0)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_owned())
+        }
+        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<String, E> {
+            Err(self.refuse("a boolean (value redacted)"))
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<String, E> {
+            Err(self.refuse("a number (value redacted)"))
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<String, E> {
+            Err(self.refuse("a number (value redacted)"))
+        }
+        fn visit_i128<E: serde::de::Error>(self, _: i128) -> Result<String, E> {
+            Err(self.refuse("a number (value redacted)"))
+        }
+        fn visit_u128<E: serde::de::Error>(self, _: u128) -> Result<String, E> {
+            Err(self.refuse("a number (value redacted)"))
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<String, E> {
+            Err(self.refuse("a number (value redacted)"))
+        }
+        fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<String, E> {
+            Err(self.refuse("bytes (value redacted)"))
+        }
+    }
+
+    deserializer.deserialize_any(SecretVisitor(what))
+}
+
+macro_rules! secret_string {
+    (
+        $(#[$doc:meta])*
+        $name:ident, parsed = $parsed:ty, check = $check:path, what = $what:expr,
+        description = $desc:expr, pattern = $pattern:expr
+    ) => {
+        $(#[$doc])*
+        ///
+        /// A secret: `Debug` and every error about it leave the value out.
+        #[derive(Clone, PartialEq, Eq, Hash)]
+        pub struct $name {
+            text: String,
+            #[allow(dead_code)]
+            parsed: $parsed,
+        }
+
+        impl $name {
+            /// Validates `s`; the error says what is wrong without quoting the value.
+            pub fn new(s: impl Into<String>) -> Result<Self, String> {
+                let text = s.into();
+                match $check(&text) {
+                    Ok(parsed) => Ok(Self { text, parsed }),
+                    Err(why) => Err(secret_invalid($what, &why)),
+                }
+            }
+
+            /// The secret exactly as given. Never log or format it.
+            pub fn expose_secret(&self) -> &str {
+                &self.text
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(concat!(stringify!($name), "(<redacted>)"))
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.text)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let s = deserialize_secret(deserializer, $what)?;
+                Self::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl JsonSchema for $name {
+            fn schema_name() -> String {
+                stringify!($name).to_owned()
+            }
+            fn is_referenceable() -> bool {
+                false
+            }
+            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                string_schema($desc, None, $pattern)
+            }
+        }
+    };
+}
+
+fn check_secret_line(s: &str) -> Result<(), String> {
+    if s.chars().any(|c| c.is_control() && c != '\t') {
+        return Err("it must be a single line (no newlines or control characters)".to_owned());
+    }
+    Ok(())
+}
+
+secret_string! {
+    /// A single-line secret: a registry password or identity token.
+    SecretString, parsed = (), check = check_secret_line, what = "secret",
+    description = "A secret on a single line", pattern = Some("^[^\\n\\r]*$")
+}
+
+/// Why `s` is not standard base64 with padding, without quoting any of it.
+fn base64_problem(s: &str) -> Result<Vec<u8>, String> {
+    use base64::DecodeError as E;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|e| match e {
+            E::InvalidByte(offset, _) => {
+                format!("not base64 (invalid character at offset {offset})")
+            }
+            E::InvalidLength(_) => "not base64 (the length is not a multiple of 4)".to_owned(),
+            E::InvalidLastSymbol(offset, _) => {
+                format!("not base64 (invalid last symbol at offset {offset})")
+            }
+            E::InvalidPadding => "not base64 (invalid padding)".to_owned(),
+        })
+}
+
+fn check_secret_base64(s: &str) -> Result<(), String> {
+    base64_problem(s).map(drop)
+}
+
+secret_string! {
+    /// Base64 of a secret document, such as an AWS credentials file.
+    SecretBase64, parsed = (), check = check_secret_base64, what = "base64 secret",
+    description = "Base64 (standard alphabet, with padding) of a secret",
+    pattern = Some("^[A-Za-z0-9+/]*={0,2}$")
+}
+
+/// A registry `auth` value decoded: `(username, password)`.
+fn check_registry_auth(s: &str) -> Result<(String, String), String> {
+    let raw = base64_problem(s)?;
+    let text = String::from_utf8(raw).map_err(|_| "the decoded text is not UTF-8".to_owned())?;
+    let (username, password) = text
+        .split_once(':')
+        .ok_or_else(|| "the decoded text is not username:password".to_owned())?;
+    Ok((username.to_owned(), password.to_owned()))
+}
+
+secret_string! {
+    /// A registry `auth` value: base64 of `username:password`, decoded once here.
+    RegistryAuth, parsed = (String, String), check = check_registry_auth,
+    what = "registry auth",
+    description = "Base64 of username:password",
+    pattern = Some("^[A-Za-z0-9+/]*={0,2}$")
+}
+
+impl RegistryAuth {
+    /// The decoded `(username, password)`. Never log or format them.
+    pub fn expose_credentials(&self) -> (&str, &str) {
+        (&self.parsed.0, &self.parsed.1)
+    }
+}
+
 fn check_bootstrap_token(s: &str) -> Result<(), String> {
     let ok = s.split_once('.').is_some_and(|(id, secret)| {
         let lower = |p: &str| {
@@ -1343,19 +1572,15 @@ fn check_bootstrap_token(s: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(invalid(
-            s,
-            "bootstrap token",
-            "expected [a-z0-9]{6}.[a-z0-9]{16}",
-        ))
+        Err("expected [a-z0-9]{6}.[a-z0-9]{16}".to_owned())
     }
 }
 
-validated_string! {
+secret_string! {
     /// A Kubernetes bootstrap token `abcdef.0123456789abcdef`.
-    BootstrapToken, check = check_bootstrap_token,
+    BootstrapToken, parsed = (), check = check_bootstrap_token, what = "bootstrap token",
     description = "A Kubernetes bootstrap token",
-    format = None, pattern = Some("^[a-z0-9]{6}\\.[a-z0-9]{16}$")
+    pattern = Some("^[a-z0-9]{6}\\.[a-z0-9]{16}$")
 }
 
 // ---------------------------------------------------------------------------------------

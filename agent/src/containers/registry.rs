@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use base64::Engine as _;
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::OciDescriptor;
@@ -86,21 +85,17 @@ impl RegistryConfig {
             }
             for cred in registry.credentials.iter().flatten() {
                 let Some(host) = &cred.registry else { continue };
-                let from_auth = cred.auth.as_ref().and_then(|a| {
-                    let raw = base64::engine::general_purpose::STANDARD
-                        .decode(a.as_str())
-                        .ok()?;
-                    let text = String::from_utf8(raw).ok()?;
-                    let (u, p) = text.split_once(':')?;
-                    Some(Credential {
-                        username: u.to_owned(),
-                        password: p.to_owned(),
-                    })
+                let from_auth = cred.auth.as_ref().map(|a| {
+                    let (username, password) = a.expose_credentials();
+                    Credential {
+                        username: username.to_owned(),
+                        password: password.to_owned(),
+                    }
                 });
                 let from_pair = match (&cred.username, &cred.password) {
                     (Some(u), Some(p)) => Some(Credential {
                         username: u.as_str().to_owned(),
-                        password: p.as_str().to_owned(),
+                        password: p.expose_secret().to_owned(),
                     }),
                     _ => None,
                 };
@@ -438,5 +433,27 @@ mod tests {
             RegistryAuth::Anonymous
         ));
         assert!(!format!("{config:?}").contains("\"p\""));
+    }
+
+    #[test]
+    fn auth_credentials_are_the_models_decoding() {
+        let settings: Settings = serde_json::from_value(serde_json::json!({
+            "container-registry": {"credentials": [
+                {"registry": "quay.io", "auth": "dXNlcjpwYXNz"}
+            ]}
+        }))
+        .expect("settings");
+        let config = RegistryConfig::from_settings(&settings);
+        assert!(matches!(
+            config.auth_for("quay.io"),
+            RegistryAuth::Basic(u, p) if u == "user" && p == "pass"
+        ));
+        // Base64 that is not "username:password" is refused by the model, instead of
+        // pulling anonymously.
+        let not_a_pair = serde_json::json!({"container-registry": {"credentials": [
+            {"registry": "quay.io", "auth": "bm9jb2xvbg=="}
+        ]}});
+        let err = settings_model::validate_patch(&not_a_pair).expect_err("no colon");
+        assert!(err.to_string().contains("username:password"), "{err}");
     }
 }
