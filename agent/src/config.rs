@@ -104,6 +104,13 @@ pub struct Config {
     /// seccomp filter.
     #[arg(long)]
     pub no_sandbox: bool,
+    /// Recovery, by hand, once: if a damaged, cut-short or missing generation slot
+    /// stops keeld from starting, continue from the newest intact state (an empty store if
+    /// none is left) and record that as a generation named `accept-state-loss`; what the
+    /// damaged file held, and every pending transaction, is lost. No effect on an intact
+    /// store. Keep a copy of the state directory first.
+    #[arg(long)]
+    pub accept_state_loss: bool,
 }
 
 fn parse_providers(text: &str) -> Result<String, String> {

@@ -31,6 +31,24 @@ fn main() -> std::process::ExitCode {
             }
         }
     }
+    if config.accept_state_loss {
+        match keel_agent::store::Store::recover(&config.state_dir) {
+            Ok(Some(recovered)) => tracing::error!(
+                reason = %recovered.reason,
+                continued_from = recovered.continued_from,
+                generation = recovered.generation,
+                discarded_pending = ?recovered.discarded_pending,
+                "--accept-state-loss: the damaged state is gone; remove the flag now"
+            ),
+            Ok(None) => tracing::warn!(
+                "--accept-state-loss: the store is intact, nothing was changed; remove the flag"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "--accept-state-loss: cannot recover the store");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
     // Before any thread exists: taking the descriptors unsets environment variables.
     let activation = keel_agent::api::server::Activation::take();
     // A commit's leader blocks its worker on disk I/O for one batch (store::writer); with

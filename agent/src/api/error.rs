@@ -78,7 +78,7 @@ impl From<StoreError> for ApiError {
             StoreError::Io { .. } | StoreError::Closed => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             }
-            StoreError::Corrupt { .. } => {
+            StoreError::Corrupt { .. } | StoreError::Damaged { .. } => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
             }
         }

@@ -3,8 +3,9 @@
 //! - `generations.0` / `generations.1` hold the kept generations, oldest first, and the
 //!   recent committed transaction ids: two slots written in turn, each write one
 //!   checksummed `pwrite` + `fdatasync` (see [`super::slots`] for why that is atomic and
-//!   durable). A store from before the slots (`generations.json`) is read once and
-//!   then superseded.
+//!   durable, and how a torn write is told from damage). `generations.held` marks a
+//!   directory whose slots have been written. A store from before the slots
+//!   (`generations.json`) is read once and then superseded.
 //! - `pending-<seq>.json` holds the named pending transactions. Each write creates the next
 //!   sequence number's file and then unlinks the previous one; `load` takes the highest
 //!   file that parses. A keeld crash (SIGKILL, panic) can leave a torn newest file only
@@ -26,7 +27,6 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,7 +34,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Caller, Generation, PendingTx, Snapshot, StoreError};
+use super::slots::{Loss, Opened, Slots};
+use super::{Caller, Generation, PendingTx, Recovered, Snapshot, StoreError};
 
 const FORMAT: u32 = 1;
 const GENERATIONS: &str = "generations.json";
@@ -79,9 +80,11 @@ struct PendingFileRef<'a> {
 #[derive(Debug)]
 pub struct StoreFiles {
     dir: PathBuf,
-    slots: super::slots::Slots,
-    /// The newest committed state read at open, until `load` takes it.
-    initial: Option<Vec<u8>>,
+    slots: Slots,
+    /// What the slots held at open, until `load` takes it.
+    opened: Option<Opened>,
+    /// What `load` recovered from, with `--accept-state-loss`.
+    recovered: Option<Recovered>,
     /// Sequence number of the newest pending file on disk (0: none yet).
     pending_seq: std::sync::atomic::AtomicU64,
     /// Held for the life of the process; the flock goes with it.
@@ -90,6 +93,13 @@ pub struct StoreFiles {
 
 impl StoreFiles {
     pub fn new(dir: &Path) -> Result<StoreFiles, StoreError> {
+        Self::open(dir, false)
+    }
+
+    /// Locks `dir` and reads its slots. `accept_loss`: continue from the newest intact
+    /// state even if a newer one may have been lost (`--accept-state-loss`); otherwise
+    /// that is [`StoreError::Damaged`].
+    pub fn open(dir: &Path, accept_loss: bool) -> Result<StoreFiles, StoreError> {
         let io = |source| StoreError::Io {
             path: dir.to_owned(),
             source,
@@ -102,9 +112,7 @@ impl StoreFiles {
             .mode(0o600)
             .open(dir.join(LOCK))
             .map_err(io)?;
-        // SAFETY: flock on a file descriptor we own; no memory is passed.
-        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
+        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
             return Err(StoreError::Io {
                 path: dir.join(LOCK),
                 source: std::io::Error::other(
@@ -112,37 +120,40 @@ impl StoreFiles {
                 ),
             });
         }
-        let dir_handle = File::open(dir).map_err(io)?;
-        let (slots, initial) = super::slots::Slots::open(dir, &dir_handle).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::InvalidData {
-                StoreError::Corrupt {
-                    path: dir.to_owned(),
-                    reason: e.to_string(),
-                }
-            } else {
-                io(e)
-            }
-        })?;
+        let (slots, opened) = Slots::open(dir, accept_loss)?;
         Ok(StoreFiles {
             dir: dir.to_owned(),
             slots,
-            initial,
+            opened: Some(opened),
+            recovered: None,
             pending_seq: std::sync::atomic::AtomicU64::new(0),
             _lock: lock,
         })
     }
 
     /// Reads the state; no written slot (and no legacy `generations.json`) means a fresh
-    /// store holding generation 0, the empty model.
+    /// store holding generation 0, the empty model. A new, migrated or recovered store is
+    /// written into both slots (and marked) before this returns.
     pub fn load(&mut self) -> Result<Snapshot, StoreError> {
         self.remove_temp_files();
         let gen_path = self.dir.join(GENERATIONS);
-        let stored = match self.initial.take() {
+        let Opened {
+            payload,
+            must_initialise,
+            loss,
+        } = self.opened.take().ok_or_else(|| StoreError::Io {
+            path: self.dir.clone(),
+            source: std::io::Error::other("the store was loaded twice"),
+        })?;
+        let stored = match payload {
             Some(bytes) => Ok(bytes),
+            // A recovery with nothing intact left starts empty: a `generations.json`
+            // beside slots that were written is long superseded.
+            None if loss.is_some() => Err(std::io::ErrorKind::NotFound.into()),
             // No slot written yet: a store from before the slots, or a new one.
             None => fs::read(&gen_path),
         };
-        let (history, committed) = match stored {
+        let (mut history, committed) = match stored {
             Ok(bytes) => {
                 let file: GenerationsFile =
                     serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
@@ -193,6 +204,22 @@ impl StoreFiles {
         };
 
         let (as_of, mut pending) = self.load_pending();
+        if let Some(loss) = loss {
+            let discarded: Vec<String> = pending.keys().cloned().collect();
+            pending.clear();
+            self.write_pending(&pending, 0)?;
+            self.recovered = Some(recover(&mut history, loss, discarded));
+        }
+        if must_initialise {
+            let bytes = self.serialize(&history, &committed)?;
+            let generation = history.last().map_or(0, |g| g.generation);
+            self.slots
+                .initialise(&bytes, generation)
+                .map_err(|source| StoreError::Io {
+                    path: self.slots.next_path().to_owned(),
+                    source,
+                })?;
+        }
         let window_full = committed.len() >= super::COMMITTED_WINDOW;
         let window_start = committed.front().map_or(0, |(generation, _)| *generation);
         if window_full && as_of + 1 < window_start && !pending.is_empty() {
@@ -273,6 +300,28 @@ impl StoreFiles {
 
     fn remove_temp_files(&self) {
         let _ = fs::remove_file(self.dir.join(format!("{GENERATIONS}.tmp")));
+        let _ = fs::remove_file(self.dir.join(format!("{}.tmp", super::slots::MARKER)));
+    }
+
+    /// What `load` recovered from, if it did (`--accept-state-loss`).
+    pub fn recovered(&mut self) -> Option<Recovered> {
+        self.recovered.take()
+    }
+
+    fn serialize(
+        &self,
+        generations: &[Generation],
+        committed: &VecDeque<(u64, u64)>,
+    ) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(&GenerationsFileRef {
+            format: FORMAT,
+            generations,
+            committed,
+        })
+        .map_err(|e| StoreError::Io {
+            path: self.dir.join(GENERATIONS),
+            source: std::io::Error::other(e),
+        })
     }
 
     /// Durably writes the committed state into the next slot (see `slots` for why this is
@@ -282,25 +331,27 @@ impl StoreFiles {
         generations: &[Generation],
         committed: &VecDeque<(u64, u64)>,
     ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(&GenerationsFileRef {
-            format: FORMAT,
-            generations,
-            committed,
-        })
-        .map_err(|e| StoreError::Io {
-            path: self.dir.join(GENERATIONS),
-            source: std::io::Error::other(e),
-        })?;
-        self.slots.write(&bytes).map_err(|source| StoreError::Io {
-            path: self.slots.next_path().to_owned(),
-            source,
-        })
+        let bytes = self.serialize(generations, committed)?;
+        let generation = generations.last().map_or(0, |g| g.generation);
+        self.slots
+            .write(&bytes, generation)
+            .map_err(|source| StoreError::Io {
+                path: self.slots.next_path().to_owned(),
+                source,
+            })
     }
 
     /// Test hook: the next durable write fails as on a full disk.
     #[cfg(test)]
     pub fn fail_next_write(&mut self) {
         self.slots.fail_next_write = true;
+    }
+
+    /// Test hook: the next durable write lands only its first `sectors` sectors and
+    /// fails, as if keeld were killed in the middle of it.
+    #[cfg(test)]
+    pub fn tear_next_write(&mut self, sectors: usize) {
+        self.slots.tear_next_write = Some(sectors);
     }
 
     /// Writes the pending transactions as the next `pending-<seq>.json`, then removes the
@@ -348,5 +399,49 @@ impl StoreFiles {
             }
         }
         Ok(())
+    }
+}
+
+/// Continues `history` after an accepted loss: a new generation equal to the newest intact
+/// one (or empty), numbered above every generation the lost records can have reached, so
+/// that no number a client may have seen is given again. A lost record's header names its
+/// generation; when the header is gone too, the record was at most one write newer than
+/// the intact one (writes alternate), and one write carries at most
+/// `MAX_GENERATIONS_PER_WRITE` generations.
+fn recover(history: &mut Vec<Generation>, loss: Loss, discarded: Vec<String>) -> Recovered {
+    let live = history.last().map_or(0, |g| g.generation);
+    let known = loss.lost_generation.unwrap_or(0).max(live);
+    let margin = if loss.unknown {
+        super::writer::MAX_GENERATIONS_PER_WRITE
+    } else {
+        0
+    };
+    let generation = (known + margin + 1).max(live + 1);
+    let settings = history.last().map_or_else(
+        || Arc::new(Value::Object(Default::default())),
+        |g| g.settings.clone(),
+    );
+    tracing::error!(
+        reason = %loss.reason,
+        continued_from = live,
+        generation,
+        discarded_pending = ?discarded,
+        "--accept-state-loss: continuing from the newest intact state; what the damaged file held is lost"
+    );
+    history.push(Generation {
+        generation,
+        time: super::now_rfc3339(),
+        tx: super::RECOVERY_TX.to_owned(),
+        tx_id: None,
+        caller: Caller::keeld(),
+        changed_keys: Vec::new(),
+        rollback_of: None,
+        settings,
+    });
+    Recovered {
+        reason: loss.reason,
+        continued_from: live,
+        generation,
+        discarded_pending: discarded,
     }
 }

@@ -213,6 +213,18 @@ pub enum StoreError {
     /// A state file exists but cannot be understood; keeld refuses to guess.
     #[error("state file {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    /// A slot file is damaged, cut short, emptied or gone, and may have held a newer
+    /// acknowledged state than the one still intact (see `slots`): keeld refuses to start
+    /// rather than serve older settings silently. `path` is that file (the state
+    /// directory when both slots are affected).
+    #[error(
+        "{path}: {reason}. Acknowledged commits may be lost, so keeld will not fall back to \
+         an older state on its own. Keep a copy of the state directory, then start keeld \
+         once with --accept-state-loss to continue from the newest intact state (an empty \
+         store if none is left); the history then records a generation named \
+         \"accept-state-loss\""
+    )]
+    Damaged { path: PathBuf, reason: String },
     /// A transaction, or the pending state as a whole, would grow past its bounds (409).
     #[error("transaction {tx:?} cannot take this patch: {reason}")]
     Full { tx: String, reason: String },
@@ -306,10 +318,29 @@ impl Store {
         })
     }
 
+    /// `--accept-state-loss`: if the newest state in `dir` may have been lost (see
+    /// [`StoreError::Damaged`]), continues from the newest intact state (or an empty
+    /// store), durably, as a new generation named `accept-state-loss`, numbered above
+    /// every generation the damaged files could have held; pending transactions are
+    /// discarded (some may have been committed in what was lost). `None` when nothing was
+    /// wrong: the store is left as it was. Run it before [`Store::open`].
+    pub fn recover(dir: &Path) -> Result<Option<Recovered>, StoreError> {
+        let mut files = StoreFiles::open(dir, true)?;
+        files.load()?;
+        Ok(files.recovered())
+    }
+
     /// Test hook: the next durable write fails as on a full disk.
     #[cfg(test)]
     pub(crate) fn fail_next_write(&self) {
         self.writer.fail_next_write();
+    }
+
+    /// Test hook: the next durable write lands only its first `sectors` 512-byte sectors
+    /// and fails, as if keeld were killed in the middle of it.
+    #[cfg(test)]
+    pub(crate) fn tear_next_write(&self, sectors: usize) {
+        self.writer.tear_next_write(sectors);
     }
 
     /// Follows the live generation number: changes on every commit and rollback.
@@ -384,6 +415,22 @@ impl Store {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 }
+
+/// What [`Store::recover`] did.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    /// What was wrong, naming the file(s).
+    pub reason: String,
+    /// The generation the store continued from (0 with an empty store).
+    pub continued_from: u64,
+    /// The `accept-state-loss` generation recorded.
+    pub generation: u64,
+    /// Pending transactions discarded.
+    pub discarded_pending: Vec<String>,
+}
+
+/// Name of the generation [`Store::recover`] records.
+pub const RECOVERY_TX: &str = "accept-state-loss";
 
 /// Current time as RFC 3339 (UTC, milliseconds).
 pub fn now_rfc3339() -> String {

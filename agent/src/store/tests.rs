@@ -139,23 +139,50 @@ fn failed_write_leaves_state_unchanged() {
 #[test]
 fn a_transaction_committed_before_a_crash_is_not_pending_after() {
     let dir = tempfile::tempdir().unwrap();
-    rt().block_on(async {
+    let id = rt().block_on(async {
         let store = Store::open(dir.path(), 10).unwrap();
         store.patch("t", json!({"motd": "x"})).await.unwrap();
+        store.snapshot().pending["t"].id
     });
-    // Simulate a crash between the two writes: generations.json says tx "t" (with the
+    // Simulate a crash between the two writes: the committed state says tx "t" (with the
     // pending id) committed, the pending file still holds it.
-    let pending: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("pending-1.json")).unwrap()).unwrap();
-    let id = pending["transactions"]["t"]["id"].as_u64().unwrap();
+    let mut files = open_files(dir.path(), false).unwrap();
+    let snapshot = files.load().unwrap();
+    let mut history = snapshot.history.clone();
+    history.push(Generation {
+        generation: 1,
+        time: "2026-01-01T00:00:00.000Z".to_owned(),
+        tx: "t".to_owned(),
+        tx_id: Some(id),
+        caller: Caller::keeld(),
+        changed_keys: vec!["settings.motd".to_owned()],
+        rollback_of: None,
+        settings: Arc::new(json!({"motd": "x"})),
+    });
+    files
+        .write_generations(&history, &[(1, id)].into_iter().collect())
+        .unwrap();
+    drop(files);
+    let store = reopen(dir.path(), 10);
+    assert!(store.snapshot().pending.is_empty());
+    assert_eq!(store.snapshot().live_settings(), &json!({"motd": "x"}));
+}
+
+#[test]
+fn a_store_from_before_the_slots_is_read_and_migrated() {
+    let dir = tempfile::tempdir().unwrap();
     let generations = json!({"format": 1, "generations": [{
-        "generation": 1, "time": "2026-01-01T00:00:00.000Z", "tx": "t", "tx-id": id,
+        "generation": 4, "time": "2026-01-01T00:00:00.000Z", "tx": "t",
         "caller": {"uid": 0, "gid": 0, "pid": 1, "comm": "x"},
         "changed-keys": ["settings.motd"], "settings": {"motd": "x"}
     }]});
     std::fs::write(dir.path().join("generations.json"), generations.to_string()).unwrap();
+    drop(reopen(dir.path(), 10));
+    // Migrated into the slots: found again with generations.json gone.
+    std::fs::remove_file(dir.path().join("generations.json")).unwrap();
     let store = reopen(dir.path(), 10);
-    assert!(store.snapshot().pending.is_empty());
+    assert_eq!(store.snapshot().live().generation, 4);
+    assert_eq!(store.snapshot().live_settings(), &json!({"motd": "x"}));
 }
 
 #[test]
@@ -212,6 +239,19 @@ fn a_torn_newest_pending_file_falls_back_to_the_previous_one() {
         .filter(|n| n.starts_with("pending-"))
         .collect();
     assert_eq!(names, vec!["pending-1.json"], "the torn file is cleaned up");
+}
+
+/// Opens the state files once the previous handle has let go of the lock.
+fn open_files(dir: &std::path::Path, accept_loss: bool) -> Result<StoreFiles, StoreError> {
+    for _ in 0..200 {
+        match StoreFiles::open(dir, accept_loss) {
+            Err(StoreError::Io { source, .. }) if source.to_string().contains("another keeld") => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            other => return other,
+        }
+    }
+    panic!("the store stayed locked")
 }
 
 /// Opens the store again once the previous handle's writer thread has let go of the lock.
@@ -380,4 +420,259 @@ fn committed_settings_equal_a_full_validation() {
             assert_eq!(keys, sorted, "top-level groups in name order");
         }
     });
+}
+
+// ---- Damaged state: every case refuses to start, naming the file, unless the loss is
+// ---- accepted; a torn unacknowledged write does not.
+
+/// Commits `motd` values `m1..=mN` (long enough to span several sectors); the live
+/// generation is then N.
+fn committed_store(dir: &std::path::Path, commits: usize) {
+    rt().block_on(async {
+        let store = Store::open(dir, 10).unwrap();
+        for i in 1..=commits {
+            store.patch("t", json!({"motd": motd(i)})).await.unwrap();
+            store.commit("t", Caller::keeld()).await.unwrap();
+        }
+    });
+}
+
+fn motd(i: usize) -> String {
+    format!("m{i}-{}", "x".repeat(3000))
+}
+
+/// The slot holding the newest record, from the sequence numbers in the headers.
+fn newest_slot(dir: &std::path::Path) -> std::path::PathBuf {
+    let seq = |name: &str| {
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        u64::from_le_bytes(bytes[8..16].try_into().unwrap())
+    };
+    let newest = if seq("generations.0") > seq("generations.1") {
+        "generations.0"
+    } else {
+        "generations.1"
+    };
+    dir.join(newest)
+}
+
+fn older_slot(dir: &std::path::Path) -> std::path::PathBuf {
+    let newest = newest_slot(dir);
+    let name = if newest.ends_with("generations.0") {
+        "generations.1"
+    } else {
+        "generations.0"
+    };
+    dir.join(name)
+}
+
+fn flip_byte(path: &std::path::Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 0x01;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Opening is refused as damage; answers the path it names and the message.
+fn refused(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    let err = loop {
+        match Store::open(dir, 10) {
+            Err(StoreError::Io { source, .. }) if source.to_string().contains("another keeld") => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => break e,
+            Ok(store) => panic!(
+                "opened, serving generation {}",
+                store.snapshot().live().generation
+            ),
+        }
+    };
+    let message = err.to_string();
+    assert!(message.contains("--accept-state-loss"), "{message}");
+    match err {
+        StoreError::Damaged { path, .. } => (path, message),
+        other => panic!("not a damage refusal: {other}"),
+    }
+}
+
+fn recover(dir: &std::path::Path) -> Option<Recovered> {
+    for _ in 0..200 {
+        match Store::recover(dir) {
+            Err(StoreError::Io { source, .. }) if source.to_string().contains("another keeld") => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            other => return other.unwrap(),
+        }
+    }
+    panic!("the store stayed locked")
+}
+
+#[test]
+fn a_flipped_payload_byte_in_the_newest_slot_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    committed_store(dir.path(), 3);
+    let newest = newest_slot(dir.path());
+    flip_byte(&newest, 512 + 700);
+    let (path, message) = refused(dir.path());
+    assert_eq!(path, newest, "{message}");
+    assert!(message.contains("fails its checksum"), "{message}");
+}
+
+#[test]
+fn a_changed_sequence_byte_in_the_header_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    committed_store(dir.path(), 3);
+    let newest = newest_slot(dir.path());
+    // Lower the newest record's sequence number below the older one's.
+    let mut bytes = std::fs::read(&newest).unwrap();
+    bytes[8] = 0;
+    std::fs::write(&newest, bytes).unwrap();
+    let (path, message) = refused(dir.path());
+    assert_eq!(path, newest, "{message}");
+    assert!(message.contains("header"), "{message}");
+}
+
+#[test]
+fn a_newest_slot_truncated_to_nothing_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    committed_store(dir.path(), 3);
+    let newest = newest_slot(dir.path());
+    std::fs::File::create(&newest).unwrap();
+    let (path, message) = refused(dir.path());
+    assert_eq!(path, newest, "{message}");
+    // Cut short, but not to nothing: the same.
+    let dir = tempfile::tempdir().unwrap();
+    committed_store(dir.path(), 3);
+    let newest = newest_slot(dir.path());
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .unwrap();
+    file.set_len(2048).unwrap();
+    let (path, message) = refused(dir.path());
+    assert_eq!(path, newest, "{message}");
+    assert!(message.contains("cut short"), "{message}");
+}
+
+#[test]
+fn both_slots_truncated_or_deleted_refuse_to_start_never_an_empty_store() {
+    for deleted in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        committed_store(dir.path(), 2);
+        for name in ["generations.0", "generations.1"] {
+            if deleted {
+                std::fs::remove_file(dir.path().join(name)).unwrap();
+            } else {
+                std::fs::File::create(dir.path().join(name)).unwrap();
+            }
+        }
+        let (path, message) = refused(dir.path());
+        assert_eq!(path, dir.path(), "{message}");
+        assert!(message.contains("generations.held"), "{message}");
+    }
+}
+
+#[test]
+fn a_torn_unacknowledged_write_is_not_a_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    committed_store(dir.path(), 2);
+    rt().block_on(async {
+        let store = reopen(dir.path(), 10);
+        store.patch("t", json!({"motd": motd(3)})).await.unwrap();
+        // Killed after three of the record's sectors landed: never acknowledged.
+        store.tear_next_write(3);
+        assert!(store.commit("t", Caller::keeld()).await.is_err());
+    });
+    let store = reopen(dir.path(), 10);
+    let snapshot = store.snapshot();
+    assert_eq!(snapshot.live().generation, 2);
+    assert_eq!(snapshot.live_settings()["motd"], motd(2));
+    // The next write goes over the torn one, with a new sequence number, and a reopen
+    // finds it.
+    rt().block_on(async {
+        store.patch("t", json!({"motd": motd(4)})).await.unwrap();
+        store.commit("t", Caller::keeld()).await.unwrap();
+    });
+    drop(store);
+    let store = reopen(dir.path(), 10);
+    assert_eq!(store.snapshot().live().generation, 3);
+    assert_eq!(store.snapshot().live_settings()["motd"], motd(4));
+}
+
+#[test]
+fn damage_to_the_older_slot_alone_is_not_a_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    committed_store(dir.path(), 3);
+    flip_byte(&older_slot(dir.path()), 512 + 700);
+    let store = reopen(dir.path(), 10);
+    assert_eq!(store.snapshot().live().generation, 3);
+    // The next commit overwrites it; nothing to warn about afterwards.
+    rt().block_on(async {
+        store.patch("t", json!({"motd": motd(4)})).await.unwrap();
+        store.commit("t", Caller::keeld()).await.unwrap();
+    });
+    drop(store);
+    let store = reopen(dir.path(), 10);
+    assert_eq!(store.snapshot().live().generation, 4);
+}
+
+#[test]
+fn accepting_the_loss_continues_from_the_intact_state_and_never_reuses_a_number() {
+    let dir = tempfile::tempdir().unwrap();
+    committed_store(dir.path(), 3);
+    assert!(
+        recover(dir.path()).is_none(),
+        "nothing to recover in an intact store"
+    );
+    rt().block_on(async {
+        let store = reopen(dir.path(), 10);
+        store.patch("pending", json!({"motd": "p"})).await.unwrap();
+    });
+    // Generation 3, acknowledged, is damaged; generation 2 is intact.
+    flip_byte(&newest_slot(dir.path()), 512 + 700);
+    refused(dir.path());
+    let recovered = recover(dir.path()).unwrap();
+    assert_eq!(recovered.continued_from, 2);
+    assert_eq!(
+        recovered.generation, 4,
+        "numbered above the lost generation 3, whose header is intact"
+    );
+    assert_eq!(recovered.discarded_pending, vec!["pending"]);
+    assert!(recover(dir.path()).is_none(), "recovered durably, once");
+    let store = reopen(dir.path(), 10);
+    let snapshot = store.snapshot();
+    assert_eq!(snapshot.live().generation, 4);
+    assert_eq!(snapshot.live().tx, RECOVERY_TX);
+    assert_eq!(snapshot.live_settings()["motd"], motd(2));
+    assert!(snapshot.pending.is_empty());
+    assert!(snapshot.find(3).is_none());
+    rt().block_on(async {
+        store.patch("t", json!({"motd": "after"})).await.unwrap();
+        store.commit("t", Caller::keeld()).await.unwrap();
+    });
+    assert_eq!(store.snapshot().live().generation, 5);
+}
+
+#[test]
+fn accepting_the_loss_of_an_unreadable_header_skips_a_whole_write_of_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    committed_store(dir.path(), 3);
+    flip_byte(&newest_slot(dir.path()), 20);
+    refused(dir.path());
+    let recovered = recover(dir.path()).unwrap();
+    assert_eq!(recovered.continued_from, 2);
+    assert!(recovered.generation > 2 + writer::MAX_GENERATIONS_PER_WRITE);
+}
+
+#[test]
+fn accepting_the_loss_of_both_slots_starts_an_empty_store() {
+    let dir = tempfile::tempdir().unwrap();
+    committed_store(dir.path(), 2);
+    for name in ["generations.0", "generations.1"] {
+        std::fs::remove_file(dir.path().join(name)).unwrap();
+    }
+    refused(dir.path());
+    let recovered = recover(dir.path()).unwrap();
+    assert_eq!(recovered.continued_from, 0);
+    let store = reopen(dir.path(), 10);
+    assert_eq!(store.snapshot().live_settings(), &json!({}));
+    assert_eq!(store.snapshot().live().tx, RECOVERY_TX);
 }

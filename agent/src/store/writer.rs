@@ -49,6 +49,11 @@ struct Queue {
 /// well inside the window of committed transaction ids (`COMMITTED_WINDOW`).
 const MAX_BATCH: usize = 1024;
 
+/// Most generations one durable write can carry: each commit or rollback is one op, and
+/// a write persists one batch. A recovery that cannot read a lost record's number skips
+/// this many (see `files::recover`).
+pub(super) const MAX_GENERATIONS_PER_WRITE: u64 = MAX_BATCH as u64;
+
 /// Longest a leader lingers for more commits before a durable write. Only done when
 /// recent batches showed concurrent committers, so a lone client never waits: without
 /// it, the first commit after a batch starts a batch of one and the others queue
@@ -241,6 +246,12 @@ impl Writer {
     #[cfg(test)]
     pub(super) fn fail_next_write(&self) {
         lock(&self.state).files.fail_next_write();
+    }
+
+    /// Test hook: see [`StoreFiles::tear_next_write`].
+    #[cfg(test)]
+    pub(super) fn tear_next_write(&self, sectors: usize) {
+        lock(&self.state).files.tear_next_write(sectors);
     }
 }
 
