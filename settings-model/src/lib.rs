@@ -13,6 +13,7 @@ pub mod key;
 pub mod keypair;
 pub mod model;
 pub mod patch;
+pub mod proxy;
 pub mod schema;
 pub mod types;
 pub mod userdata;

@@ -7,7 +7,7 @@
 //! built-ins and are not redefined here.
 
 use base64::Engine as _;
-use minijinja::{Environment, Error, ErrorKind};
+use minijinja::{Environment, Error, ErrorKind, Value};
 
 /// Registers every Keel filter on `env`.
 pub fn register(env: &mut Environment<'_>) {
@@ -16,6 +16,7 @@ pub fn register(env: &mut Environment<'_>) {
     env.add_filter("yaml_string", yaml_string);
     env.add_filter("shell_env_quote", shell_env_quote);
     env.add_filter("proxy_url", proxy_url);
+    env.add_filter("proxy_rules", proxy_rules);
     env.add_filter("url_host", url_host);
 }
 
@@ -105,13 +106,48 @@ pub fn shell_env_quote(value: &str) -> Result<String, Error> {
 }
 
 /// A proxy address as a URL: `http://` is added when it has no scheme, as
-/// `settings.network.https-proxy` documents.
+/// `settings.network.https-proxy` documents ([`settings_model::proxy::proxy_url`]).
 pub fn proxy_url(value: &str) -> String {
-    if value.contains("://") {
-        value.to_owned()
-    } else {
-        format!("http://{value}")
+    settings_model::proxy::proxy_url(value)
+}
+
+/// The effective proxy rules of the whole `settings` value, computed by
+/// [`settings_model::proxy::ProxyRules`] (the same rules host and bootstrap containers
+/// and keeld's own pulls use): `{"https-proxy": URL, "no-proxy": [entries]}`, or none
+/// when no proxy is set.
+pub fn proxy_rules(settings: &Value) -> Result<Value, Error> {
+    use settings_model::model::{Kubernetes, Network};
+    use settings_model::proxy::ProxyRules;
+
+    fn group<T: serde::de::DeserializeOwned>(
+        settings: &Value,
+        name: &str,
+    ) -> Result<Option<T>, Error> {
+        let bad = |e: &dyn std::fmt::Display| {
+            Error::new(
+                ErrorKind::InvalidOperation,
+                format!("proxy_rules: settings.{name}: {e}"),
+            )
+        };
+        let value = settings.get_attr(name)?;
+        if value.is_undefined() || value.is_none() {
+            return Ok(None);
+        }
+        let json = serde_json::to_value(&value).map_err(|e| bad(&e))?;
+        serde_json::from_value(json).map(Some).map_err(|e| bad(&e))
     }
+
+    let network: Option<Network> = group(settings, "network")?;
+    let kubernetes: Option<Kubernetes> = group(settings, "kubernetes")?;
+    Ok(
+        match ProxyRules::from_parts(network.as_ref(), kubernetes.as_ref()) {
+            Some(rules) => Value::from_iter([
+                ("https-proxy", Value::from(rules.https_proxy())),
+                ("no-proxy", Value::from(rules.no_proxy().to_vec())),
+            ]),
+            None => Value::from(()),
+        },
+    )
 }
 
 /// The host of a server given as a host name, an IP address or a URL

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use serde::Serialize;
+use settings_model::proxy::ProxyRules;
 use settings_model::types::{Capability, CpuQuantity, EnvName, MemoryQuantity, SingleLineString};
 use settings_model::Settings;
 use sha2::{Digest as _, Sha256};
@@ -75,38 +76,11 @@ pub fn container_id(kind: ContainerKind, name: &str) -> String {
     format!("{}-{name}", kind.as_str())
 }
 
-/// The proxy variables every container gets when `settings.network.https-proxy` is set;
-/// the same rules as the rendered proxy environment file (loopback and the metadata
-/// service never go through the proxy).
+/// The proxy variables every container gets when `settings.network.https-proxy` is set:
+/// [`ProxyRules`], the same rules as the rendered proxy environment file and keeld's own
+/// registry pulls.
 pub fn proxy_environment(settings: &Settings) -> Vec<(String, String)> {
-    let Some(network) = &settings.network else {
-        return Vec::new();
-    };
-    let Some(proxy) = &network.https_proxy else {
-        return Vec::new();
-    };
-    let proxy = proxy.as_str();
-    let proxy = if proxy.contains("://") {
-        proxy.to_owned()
-    } else {
-        format!("http://{proxy}")
-    };
-    let mut no_proxy: Vec<String> = ["localhost", "127.0.0.1", "169.254.169.254"]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-    for entry in network.no_proxy.iter().flatten() {
-        if !no_proxy.iter().any(|e| e == entry.as_str()) {
-            no_proxy.push(entry.as_str().to_owned());
-        }
-    }
-    let no_proxy = no_proxy.join(",");
-    vec![
-        ("HTTPS_PROXY".into(), proxy.clone()),
-        ("https_proxy".into(), proxy),
-        ("NO_PROXY".into(), no_proxy.clone()),
-        ("no_proxy".into(), no_proxy),
-    ]
+    ProxyRules::from_settings(settings).map_or_else(Vec::new, |rules| rules.environment())
 }
 
 /// The host containers that should run: enabled ones with a source.

@@ -16,6 +16,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use settings_model::proxy::ProxyRules;
 use settings_model::Settings;
 
 use super::archive::write_small;
@@ -55,8 +56,7 @@ pub struct RegistryConfig {
     /// Registry host (or `*`) → mirror endpoints, in order.
     mirrors: Vec<(String, Vec<url::Url>)>,
     credentials: HashMap<String, Credential>,
-    https_proxy: Option<String>,
-    no_proxy: Option<String>,
+    proxy: Option<ProxyRules>,
 }
 
 impl std::fmt::Debug for RegistryConfig {
@@ -64,14 +64,17 @@ impl std::fmt::Debug for RegistryConfig {
         f.debug_struct("RegistryConfig")
             .field("mirrors", &self.mirrors)
             .field("credentials", &self.credentials.keys().collect::<Vec<_>>())
-            .field("https_proxy", &self.https_proxy.is_some())
+            .field("proxy", &self.proxy)
             .finish()
     }
 }
 
 impl RegistryConfig {
     pub fn from_settings(settings: &Settings) -> RegistryConfig {
-        let mut config = RegistryConfig::default();
+        let mut config = RegistryConfig {
+            proxy: ProxyRules::from_settings(settings),
+            ..RegistryConfig::default()
+        };
         if let Some(registry) = &settings.container_registry {
             for mirror in registry.mirrors.iter().flatten() {
                 let (Some(host), Some(endpoints)) = (&mirror.registry, &mirror.endpoint) else {
@@ -103,23 +106,6 @@ impl RegistryConfig {
                     config.credentials.insert(host.as_str().to_owned(), c);
                 }
             }
-        }
-        if let Some(network) = &settings.network {
-            config.https_proxy = network.https_proxy.as_ref().map(|p| {
-                let p = p.as_str();
-                if p.contains("://") {
-                    p.to_owned()
-                } else {
-                    format!("http://{p}")
-                }
-            });
-            config.no_proxy = network.no_proxy.as_ref().map(|entries| {
-                entries
-                    .iter()
-                    .map(|e| e.as_str())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            });
         }
         config
     }
@@ -207,9 +193,9 @@ fn client_for(endpoint: &Endpoint, config: &RegistryConfig) -> Client {
         protocol,
         connect_timeout: Some(Duration::from_secs(10)),
         read_timeout: Some(Duration::from_secs(60)),
-        https_proxy: config.https_proxy.clone(),
-        http_proxy: config.https_proxy.clone(),
-        no_proxy: config.no_proxy.clone(),
+        https_proxy: config.proxy.as_ref().map(|p| p.https_proxy().to_owned()),
+        http_proxy: config.proxy.as_ref().map(|p| p.https_proxy().to_owned()),
+        no_proxy: config.proxy.as_ref().map(ProxyRules::no_proxy_joined),
         ..ClientConfig::default()
     })
 }
@@ -455,5 +441,61 @@ mod tests {
         ]}});
         let err = settings_model::validate_patch(&not_a_pair).expect_err("no colon");
         assert!(err.to_string().contains("username:password"), "{err}");
+    }
+
+    /// The rendered proxy environment file, every container's environment and keeld's
+    /// own pulls use one computation of the proxy rules, so they agree, Kubernetes
+    /// entries included.
+    #[test]
+    fn proxy_file_container_environment_and_pulls_agree() {
+        let value = serde_json::json!({
+            "network": {"https-proxy": "proxy.example.com:3128",
+                        "no-proxy": ["localhost", ".example.internal", "10.0.0.0/8"]},
+            "kubernetes": {"api-server": "https://api.example.com:6443",
+                           "cluster-domain": "cluster.example"},
+            "host-containers": {"admin": {"enabled": true, "source": "x/y:1"}}
+        });
+        let settings: Settings = serde_json::from_value(value.clone()).expect("settings");
+
+        let templates = crate::apply::render::Templates::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/templates"),
+        )
+        .expect("templates");
+        let file = templates
+            .render("proxy-env", &value, &serde_json::json!({}))
+            .expect("render");
+        let from_file: Vec<(String, String)> = file
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+
+        let desired = crate::containers::desired::host_containers(&settings);
+        let from_container: Vec<(String, String)> = desired["admin"]
+            .environment
+            .iter()
+            .filter(|(k, _)| {
+                k.eq_ignore_ascii_case("https_proxy") || k.eq_ignore_ascii_case("no_proxy")
+            })
+            .cloned()
+            .collect();
+
+        let config = RegistryConfig::from_settings(&settings);
+        let rules = config.proxy.as_ref().expect("proxy");
+        let from_pulls = vec![
+            ("HTTPS_PROXY".to_owned(), rules.https_proxy().to_owned()),
+            ("https_proxy".to_owned(), rules.https_proxy().to_owned()),
+            ("NO_PROXY".to_owned(), rules.no_proxy_joined()),
+            ("no_proxy".to_owned(), rules.no_proxy_joined()),
+        ];
+
+        assert_eq!(from_file, from_container);
+        assert_eq!(from_container, from_pulls);
+        assert_eq!(
+            rules.no_proxy_joined(),
+            "localhost,127.0.0.1,169.254.169.254,api.example.com,.cluster.example,\
+             .example.internal,10.0.0.0/8"
+        );
     }
 }
