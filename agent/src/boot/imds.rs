@@ -877,7 +877,9 @@ mod tests {
         assert_eq!(imds.seen(|s| s.gets), 1);
     }
 
-    #[tokio::test]
+    // Paused time: the bounds below are on tokio's clock, which advances only when
+    // every task waits, so a busy machine cannot make them flaky.
+    #[tokio::test(start_paused = true)]
     async fn slow_answer_times_out_and_is_retried() {
         let imds = TestImds::start(Behaviour {
             slow_gets: 1,
@@ -913,7 +915,9 @@ mod tests {
         assert_eq!(imds.seen(|s| (s.puts, s.gets)), (2, 4));
     }
 
-    #[tokio::test]
+    // Paused time: the bounds below are on tokio's clock, which advances only when
+    // every task waits, so a busy machine cannot make them flaky.
+    #[tokio::test(start_paused = true)]
     async fn persistent_server_errors_fail_at_the_deadline() {
         let imds = TestImds::start(Behaviour {
             get_always: Some(StatusCode::INTERNAL_SERVER_ERROR),
@@ -943,7 +947,9 @@ mod tests {
         assert!(!err.to_string().contains("test-token"), "{err}");
     }
 
-    #[tokio::test]
+    // Paused time: the bounds below are on tokio's clock, which advances only when
+    // every task waits, so a busy machine cannot make them flaky.
+    #[tokio::test(start_paused = true)]
     async fn forbidden_token_request_is_final() {
         // Only the first PUT is refused: a client that retried would succeed.
         let imds = TestImds::start(Behaviour {
@@ -964,11 +970,17 @@ mod tests {
         assert_eq!(imds.seen(|s| (s.puts, s.gets)), (1, 0));
     }
 
-    #[tokio::test]
+    // Paused time: the bounds below are on tokio's clock, which advances only when
+    // every task waits, so a busy machine cannot make them flaky.
+    #[tokio::test(start_paused = true)]
     async fn unreachable_endpoint_fails_at_the_deadline() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        drop(listener);
+        // A socket bound but not listening: connections are refused, and the port
+        // stays ours for the whole test (no bind-then-drop race with other tests).
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let addr = socket.local_addr().expect("addr");
         let config = ImdsConfig {
             endpoint: format!("http://{addr}"),
             deadline: Duration::from_millis(600),
