@@ -6,6 +6,15 @@ cd "$(dirname "$0")/../.."
 bash packaging/dev/deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# Licenses, banned/duplicate crates and sources (deny.toml). cargo-deny is built from
+# crates.io the first time (about 10 minutes on two cores).
+command -v cargo-deny >/dev/null 2>&1 || cargo install --locked cargo-deny
+cargo deny --log-level error check licenses bans sources
+if [ -d "${CARGO_HOME:-$HOME/.cargo}/advisory-dbs" ]; then
+  cargo deny --log-level error check --disable-fetch advisories
+else
+  echo "cargo deny: advisories not checked: the RustSec database is fetched from GitHub, which this machine cannot reach"
+fi
 # The end-to-end tests run the real binaries: build them first.
 cargo build --workspace --bins
 # A proof that cannot run here fails instead of printing SKIPPED (root, ../shared).
