@@ -53,8 +53,9 @@ struct Credential {
 /// What a pull needs from settings: mirrors, credentials and the proxy.
 #[derive(Clone, Default)]
 pub struct RegistryConfig {
-    /// Registry host (or `*`) → mirror endpoints, in order.
-    mirrors: Vec<(String, Vec<url::Url>)>,
+    /// Registry host (or `*`) → mirror endpoints, in order, as the settings write them
+    /// (parsed when used, so that one that does not parse is reported, not skipped).
+    mirrors: Vec<(String, Vec<String>)>,
     credentials: HashMap<String, Credential>,
     proxy: Option<ProxyRules>,
 }
@@ -80,10 +81,7 @@ impl RegistryConfig {
                 let (Some(host), Some(endpoints)) = (&mirror.registry, &mirror.endpoint) else {
                     continue;
                 };
-                let urls = endpoints
-                    .iter()
-                    .filter_map(|u| url::Url::parse(u.as_str()).ok())
-                    .collect();
+                let urls = endpoints.iter().map(|u| u.as_str().to_owned()).collect();
                 config.mirrors.push((host.as_str().to_owned(), urls));
             }
             for cred in registry.credentials.iter().flatten() {
@@ -110,13 +108,10 @@ impl RegistryConfig {
         config
     }
 
-    fn mirrors_for(&self, registry: &str) -> Vec<url::Url> {
+    fn mirrors_for(&self, registry: &str) -> &[String] {
         let exact = self.mirrors.iter().find(|(h, _)| h == registry);
         let wildcard = self.mirrors.iter().find(|(h, _)| h == "*");
-        exact
-            .or(wildcard)
-            .map(|(_, urls)| urls.clone())
-            .unwrap_or_default()
+        exact.or(wildcard).map_or(&[], |(_, urls)| urls.as_slice())
     }
 
     fn auth_for(&self, registry: &str) -> RegistryAuth {
@@ -148,11 +143,24 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn endpoints(reference: &Reference, config: &RegistryConfig) -> Vec<Endpoint> {
+/// Where to fetch `reference` from: its mirrors in order, then the registry. A mirror
+/// endpoint that cannot be used is in the second list, with why.
+fn endpoints(reference: &Reference, config: &RegistryConfig) -> (Vec<Endpoint>, Vec<String>) {
     let registry = reference.registry().to_owned();
     let mut out = Vec::new();
-    for url in config.mirrors_for(&registry) {
-        let Some(host) = url.host_str() else { continue };
+    let mut unusable = Vec::new();
+    for text in config.mirrors_for(&registry) {
+        let url = match url::Url::parse(text) {
+            Ok(url) => url,
+            Err(e) => {
+                unusable.push(format!("mirror {text}: not a URL: {e}"));
+                continue;
+            }
+        };
+        let Some(host) = url.host_str() else {
+            unusable.push(format!("mirror {text}: the URL has no host"));
+            continue;
+        };
         let host = match url.port() {
             Some(port) => format!("{host}:{port}"),
             None => host.to_owned(),
@@ -180,7 +188,7 @@ fn endpoints(reference: &Reference, config: &RegistryConfig) -> Vec<Endpoint> {
         plain_http: is_loopback(&registry),
         host: registry,
     });
-    out
+    (out, unusable)
 }
 
 fn client_for(endpoint: &Endpoint, config: &RegistryConfig) -> Client {
@@ -210,8 +218,11 @@ pub async fn pull(
     let parsed: Reference = reference.parse().map_err(|e: oci_client::ParseError| {
         RegistryError::Reference(reference.to_owned(), e.to_string())
     })?;
-    let mut failures = Vec::new();
-    for endpoint in endpoints(&parsed, config) {
+    let (endpoints, mut failures) = endpoints(&parsed, config);
+    for failure in &failures {
+        tracing::warn!(image = %reference, error = %failure, "mirror skipped");
+    }
+    for endpoint in endpoints {
         match pull_from(cd, &endpoint, config).await {
             Ok(desc) => {
                 tracing::info!(image = %reference, endpoint = %endpoint.host, digest = %desc.digest, "pulled");
@@ -395,7 +406,8 @@ mod tests {
         .expect("settings");
         let config = RegistryConfig::from_settings(&settings);
         let reference: Reference = "docker.io/library/busybox:1".parse().expect("ref");
-        let list = endpoints(&reference, &config);
+        let (list, unusable) = endpoints(&reference, &config);
+        assert!(unusable.is_empty(), "{unusable:?}");
         let hosts: Vec<_> = list
             .iter()
             .map(|e| (e.host.as_str(), e.plain_http))
@@ -419,6 +431,26 @@ mod tests {
             RegistryAuth::Anonymous
         ));
         assert!(!format!("{config:?}").contains("\"p\""));
+    }
+
+    #[test]
+    fn an_unusable_mirror_is_reported_not_skipped() {
+        let config = RegistryConfig {
+            mirrors: vec![(
+                "docker.io".to_owned(),
+                vec!["not a url".to_owned(), "https://m.example.com".to_owned()],
+            )],
+            ..RegistryConfig::default()
+        };
+        let reference: Reference = "docker.io/library/busybox:1".parse().expect("ref");
+        let (list, unusable) = endpoints(&reference, &config);
+        let hosts: Vec<_> = list.iter().map(|e| e.host.as_str()).collect();
+        assert_eq!(hosts, ["m.example.com", "docker.io"]);
+        assert_eq!(unusable.len(), 1);
+        assert!(
+            unusable[0].starts_with("mirror not a url: "),
+            "{unusable:?}"
+        );
     }
 
     #[test]
