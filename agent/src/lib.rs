@@ -96,7 +96,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
     };
     let (boot_publish, boot_view) =
         tokio::sync::watch::channel(boot::status::BootRecord::new(false));
-    let (configured_tx, configured_rx) = tokio::sync::watch::channel(false);
+    let (configured_tx, configured_rx) = tokio::sync::watch::channel(boot::BootGate::Pending);
     let apiclient = runtime.paths.apiclient.clone();
     let stop_applier = applier.clone();
     let state = api::AppState {

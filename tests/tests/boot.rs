@@ -357,9 +357,33 @@ source = "{admin}"
         stderr.contains("boot failed") && stderr.contains("b-essential"),
         "{stderr}"
     );
-    std::thread::sleep(Duration::from_millis(500));
-    let hosts = node.keeld.raw("GET", "/containers?kind=host", None).json();
-    assert_eq!(hosts, json!([]), "no host container after a failed boot");
+    // The host-container reconciler has seen the failure and stopped for this boot:
+    // once it says so, nothing can start the admin container any more.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let hosts = loop {
+        let hosts = node.keeld.raw("GET", "/containers?kind=host", None).json();
+        if hosts[0]["state"] == "not-started" {
+            break hosts;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the admin container is not reported as not started: {hosts:#}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{hosts:#}");
+    assert_eq!(hosts[0]["name"], "admin");
+    assert!(
+        hosts[0].get("pid").is_none(),
+        "no host container after a failed boot: {hosts:#}"
+    );
+    assert!(
+        hosts[0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("boot failed"),
+        "{hosts:#}"
+    );
     let status = node.keeld.apiclient(&["boot", "status"]);
     assert_eq!(status.status.code(), Some(0));
 }

@@ -388,8 +388,20 @@ fn supervision_restarts_stops_and_cleans_up() {
         &keeld,
         json!({"container-registry": {"mirrors": [{"registry": "docker.io", "endpoint": ["https://m.example.com"]}]}}),
     );
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(pid_of(&status_of(&keeld, "b").expect("b")), b1);
+    // No fixed sleep: a later change to `a` goes through the same reconciler after the
+    // registry change; once `a` has restarted for it, `b` has had the registry change
+    // delivered (supervisors get the registry settings before the next desired state).
+    set(
+        &keeld,
+        json!({"host-containers": {"a": {"environment": {"X": "2"}}}}),
+    );
+    let a3 = wait_status(&keeld, "a", Duration::from_secs(30), |s| {
+        running(s) && s["restarts"] == 2
+    });
+    assert_ne!(pid_of(&a3), pid_of(&a2));
+    let b3 = status_of(&keeld, "b").expect("b");
+    assert_eq!(pid_of(&b3), b1, "a registry change restarts nothing");
+    assert_eq!(b3["restarts"], 0);
 
     // Disable `a` (handles SIGTERM) and `stubborn` (ignores it: killed after the 2 s grace).
     let a_pid = pid_of(&status_of(&keeld, "a").expect("a"));

@@ -59,6 +59,16 @@ pub struct BootConfig {
     pub socket: PathBuf,
 }
 
+/// How far the boot got, for what waits on it (the host containers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootGate {
+    /// Still running.
+    Pending,
+    Configured,
+    /// Failed: host containers are not started in this boot.
+    Failed,
+}
+
 /// Everything the boot runner works with.
 pub struct Boot {
     pub config: BootConfig,
@@ -67,8 +77,8 @@ pub struct Boot {
     pub runtime: Arc<ContainerdRuntime>,
     pub board: StatusBoard,
     pub publish: watch::Sender<BootRecord>,
-    /// Set to true once the boot is configured: host containers wait for it.
-    pub configured: watch::Sender<bool>,
+    /// Where the boot ended: host containers wait for it.
+    pub configured: watch::Sender<BootGate>,
 }
 
 /// Why the boot stopped; becomes the record's `reason`.
@@ -82,7 +92,8 @@ impl From<status::RecordError> for Halt {
 }
 
 impl Boot {
-    /// Runs (or resumes) this boot to `configured` or `failed`.
+    /// Runs (or resumes) this boot to `configured` or `failed`, and says which on
+    /// `configured`.
     pub async fn run(self) {
         let began = Instant::now();
         let marker = self.config.state_dir.join(FIRST_BOOT_DONE);
@@ -95,11 +106,12 @@ impl Boot {
         match tracker.record().phase {
             BootPhase::Configured => {
                 tracing::info!("boot already configured (keeld restarted)");
-                self.configured.send_replace(true);
+                self.configured.send_replace(BootGate::Configured);
                 return;
             }
             BootPhase::Failed => {
                 tracing::warn!(reason = ?tracker.record().reason, "boot already failed (keeld restarted); staying failed");
+                self.configured.send_replace(BootGate::Failed);
                 return;
             }
             _ => {}
@@ -111,13 +123,14 @@ impl Boot {
                     tracing::error!(error = %e, "could not record the end of boot");
                 }
                 tracing::info!(elapsed = ?began.elapsed(), "boot configured");
-                self.configured.send_replace(true);
+                self.configured.send_replace(BootGate::Configured);
             }
             Err(Halt(reason)) => {
                 tracing::error!(%reason, "boot failed");
                 if let Err(e) = tracker.finish(BootPhase::Failed, Some(reason), began.elapsed()) {
                     tracing::error!(error = %e, "could not record the boot failure");
                 }
+                self.configured.send_replace(BootGate::Failed);
             }
         }
     }

@@ -112,11 +112,53 @@ pub async fn run_host_containers(
     runtime: Arc<ContainerdRuntime>,
     board: StatusBoard,
     config: SupervisorConfig,
-    mut configured: watch::Receiver<bool>,
+    mut configured: watch::Receiver<crate::boot::BootGate>,
 ) {
-    // Host containers start once the boot is configured (never after a failed boot).
-    if configured.wait_for(|c| *c).await.is_err() {
-        return;
+    use crate::boot::BootGate;
+    // Host containers start once the boot is configured (never after a failed boot);
+    // until then each enabled one is listed as waiting, with why.
+    let enabled = |store: &Store| -> Vec<(String, &'static str, String)> {
+        serde_json::from_value::<settings_model::Settings>(store.snapshot().live_settings().clone())
+            .map(|s| {
+                desired::host_containers(&s)
+                    .into_values()
+                    .map(|d| (d.name.clone(), d.tier_name, d.source.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let show = |state: status::RunState, reason: &str| {
+        for (name, tier, source) in enabled(&store) {
+            board.update(
+                ContainerKind::Host,
+                &name,
+                |s| {
+                    s.state = state;
+                    s.reason = Some(reason.to_owned());
+                    s.since = crate::store::now_rfc3339();
+                },
+                || status::ContainerStatus::new(&name, ContainerKind::Host, tier, &source),
+            );
+        }
+    };
+    show(
+        status::RunState::WaitingForBoot,
+        "waiting for the boot to be configured",
+    );
+    match configured
+        .wait_for(|g| *g != BootGate::Pending)
+        .await
+        .map(|g| *g)
+    {
+        Ok(BootGate::Configured) => {}
+        Ok(BootGate::Failed) => {
+            show(
+                status::RunState::NotStarted,
+                "the boot failed: host containers are not started in this boot (see apiclient boot status)",
+            );
+            return;
+        }
+        Ok(BootGate::Pending) | Err(_) => return,
     }
     let mut live = store.watch_live();
     let mut hosts = HostContainers::new(runtime.clone(), board, config);

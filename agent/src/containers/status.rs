@@ -42,6 +42,10 @@ pub enum RunState {
     WaitingForContainerd,
     /// A bootstrap container that ran to completion with exit code 0.
     Succeeded,
+    /// A host container waiting for the boot to be configured.
+    WaitingForBoot,
+    /// A host container that is not started in this boot, because the boot failed.
+    NotStarted,
 }
 
 /// One container's status.
