@@ -640,3 +640,50 @@ fn registry_pull_mirror_and_cache() {
             .contains("pulled cached")
     });
 }
+
+/// A host container (not superpowered) that replaces its own `user-data` with a FIFO and
+/// exits: keeld's restart of it must neither open the FIFO nor stall: the start fails
+/// with a reason naming the file, and the API answers throughout.
+#[test]
+fn a_fifo_planted_at_user_data_fails_the_start_and_never_blocks_keeld() {
+    require_root();
+    let containerd = Containerd::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let planter = script_image(
+        work.path(),
+        "d=/.bottlerocket/host-containers/planter; rm -f $d/user-data; mkfifo $d/user-data; exit 0",
+    );
+    let keeld = keeld_on(&containerd, &[]);
+    set(
+        &keeld,
+        json!({"host-containers": {
+            "planter": {"enabled": true, "source": source(&planter), "user-data": "YQ=="}
+        }}),
+    );
+    let failed = wait_status(&keeld, "planter", Duration::from_secs(60), |s| {
+        s["state"] == "failed"
+    });
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("user-data") && reason.contains("a FIFO"),
+        "{failed:#}"
+    );
+    let started = Instant::now();
+    for _ in 0..10 {
+        assert_eq!(keeld.raw("GET", "/settings", None).status, 200);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the API stalled: {:?}",
+        started.elapsed()
+    );
+    let fifo = keeld
+        .persistent_dir()
+        .join("host-containers/planter/user-data");
+    assert!(
+        std::os::unix::fs::FileTypeExt::is_fifo(
+            &std::fs::symlink_metadata(&fifo).expect("fifo").file_type()
+        ),
+        "the FIFO is left alone, not replaced"
+    );
+}
