@@ -68,7 +68,9 @@ impl From<StoreError> for ApiError {
                 key: check.key.clone(),
             },
             StoreError::UnknownGeneration(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
-            StoreError::Full { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            StoreError::Full { .. } | StoreError::SettingsTooLarge { .. } => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
             StoreError::Io { source, .. }
                 if source.raw_os_error() == Some(libc::ENOSPC)
                     || source.kind() == std::io::ErrorKind::StorageFull =>

@@ -6,25 +6,32 @@
 //!   durable, and how a torn write is told from damage). `generations.held` marks a
 //!   directory whose slots have been written. A store from before the slots
 //!   (`generations.json`) is read once and then superseded.
-//! - `pending-<seq>.json` holds the named pending transactions. Each write creates the next
-//!   sequence number's file and then unlinks the previous one; `load` takes the highest
-//!   file that parses. A keeld crash (SIGKILL, panic) can leave a torn newest file only
-//!   while the previous one still exists, so nothing is lost. These files are not
-//!   fsync'd, and deliberately not renamed over an existing file either (ext4 flushes
-//!   data on rename-over-existing, which would cost as much as the fsync we avoid):
-//!   a pending transaction is uncommitted work, and paying a flush on every PATCH
-//!   would halve commit throughput. After a power loss the pending transactions may be
-//!   older, or gone; committed generations are not affected.
-//! - A commit does not rewrite the pending file: the committed state also keeps the ids of
-//!   the last `COMMITTED_WINDOW` committed transactions (far more than the kept history),
-//!   and `load` drops a pending transaction whose id is among them. Each pending file
-//!   records the generation it was written at; if commits it could list have since left
-//!   the window (only after a power loss left a very old pending file behind), `load`
-//!   sets the whole file aside rather than risk reviving a committed transaction.
+//! - `pending-tx-<id>.<rev>.json` holds one pending transaction (its name, id and
+//!   patches); a PATCH or discard touches only the file of its own transaction, so its
+//!   cost does not grow with the number of transactions pending. A write creates the
+//!   next revision's file and then unlinks the previous one; `load` takes, per id, the
+//!   highest revision that parses. A keeld crash (SIGKILL, panic) can leave a torn newest
+//!   file only while the previous one still exists, so nothing is lost. These files are
+//!   not fsync'd, and deliberately not renamed over an existing file either (ext4
+//!   flushes data on rename-over-existing, which would cost as much as the fsync we
+//!   avoid): a pending transaction is uncommitted work, and paying a flush on every
+//!   PATCH would halve commit throughput. After a power loss the pending transactions
+//!   may be older, or gone; committed generations are not affected.
+//! - A commit does not wait for its pending file: the file is unlinked after the
+//!   committed state is durable, and the committed state records which transactions
+//!   were still pending when it was written (`pending-ids`) and the next id to be given
+//!   (`next-tx-id`). On `load`, a pending file whose id is below that next id but not
+//!   among those pending was committed (or discarded) before the last durable write, and
+//!   is dropped; any other is genuinely pending. That holds however long a transaction
+//!   stays pending and however many commits happen meanwhile.
+//! - `pending-<seq>.json` (all transactions in one file, rewritten on every change) is
+//!   the previous form: read once, with its older rule (the ids of the last
+//!   `COMMITTED_WINDOW` commits, and the generation the file was written at), and
+//!   migrated.
 //!
 //! `state.lock` (flock) keeps a second keeld away from the same directory.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -44,24 +51,45 @@ const PENDING_SUFFIX: &str = ".json";
 const LOCK: &str = "state.lock";
 
 #[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
 struct GenerationsFile {
     format: u32,
     generations: Vec<Generation>,
     /// `(generation, transaction id)` of recent commits, oldest first.
     #[serde(default)]
     committed: VecDeque<(u64, u64)>,
+    /// The next pending transaction id when this was written (absent before per-
+    /// transaction pending files).
+    #[serde(default)]
+    next_tx_id: Option<u64>,
+    /// The ids of the transactions pending when this was written.
+    #[serde(default)]
+    pending_ids: Option<Vec<u64>>,
 }
 
 /// The same shape, borrowed, so that writing does not copy the history.
 #[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
 struct GenerationsFileRef<'a> {
     format: u32,
     generations: &'a [Generation],
     committed: &'a VecDeque<(u64, u64)>,
+    next_tx_id: u64,
+    pending_ids: &'a [u64],
 }
 
+/// What the committed state says about pending transactions (see the module comment).
+#[derive(Debug, Clone, Default)]
+pub struct PendingRecord {
+    /// The next id a new transaction gets.
+    pub next_tx_id: u64,
+    /// The ids of the transactions pending when the committed state was written.
+    pub pending_ids: Vec<u64>,
+}
+
+/// The previous form: every pending transaction in one file.
 #[derive(Deserialize)]
-struct PendingFile {
+struct LegacyPendingFile {
     format: u32,
     /// The live generation when the file was written.
     #[serde(default)]
@@ -69,11 +97,35 @@ struct PendingFile {
     transactions: BTreeMap<String, PendingTx>,
 }
 
-#[derive(Serialize)]
-struct PendingFileRef<'a> {
+/// One pending transaction, `pending-tx-<id>.<rev>.json`.
+#[derive(Deserialize)]
+struct TxFile {
     format: u32,
-    as_of: u64,
-    transactions: &'a BTreeMap<String, PendingTx>,
+    name: String,
+    tx: PendingTx,
+}
+
+#[derive(Serialize)]
+struct TxFileRef<'a> {
+    format: u32,
+    name: &'a str,
+    tx: &'a PendingTx,
+}
+
+const TX_FORMAT: u32 = 2;
+const TX_PREFIX: &str = "pending-tx-";
+
+/// A pending transaction's file on disk.
+#[derive(Debug, Clone)]
+struct OnDisk {
+    name: String,
+    rev: u64,
+}
+
+/// Where a pending transaction found by `load` came from.
+enum Source {
+    Tx,
+    Legacy,
 }
 
 /// The state directory, locked for this process.
@@ -85,8 +137,10 @@ pub struct StoreFiles {
     opened: Option<Opened>,
     /// What `load` recovered from, with `--accept-state-loss`.
     recovered: Option<Recovered>,
-    /// Sequence number of the newest pending file on disk (0: none yet).
-    pending_seq: std::sync::atomic::AtomicU64,
+    /// The pending transaction files on disk, by id.
+    on_disk: BTreeMap<u64, OnDisk>,
+    /// What the committed state read at open says about pending transactions.
+    record: PendingRecord,
     /// Held for the life of the process; the flock goes with it.
     _lock: File,
 }
@@ -126,7 +180,8 @@ impl StoreFiles {
             slots,
             opened: Some(opened),
             recovered: None,
-            pending_seq: std::sync::atomic::AtomicU64::new(0),
+            on_disk: BTreeMap::new(),
+            record: PendingRecord::default(),
             _lock: lock,
         })
     }
@@ -153,7 +208,7 @@ impl StoreFiles {
             // No slot written yet: a store from before the slots, or a new one.
             None => fs::read(&gen_path),
         };
-        let (mut history, committed) = match stored {
+        let (mut history, committed, record) = match stored {
             Ok(bytes) => {
                 let file: GenerationsFile =
                     serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
@@ -180,7 +235,14 @@ impl StoreFiles {
                         .filter_map(|g| Some((g.generation, g.tx_id?)))
                         .collect();
                 }
-                (file.generations, committed)
+                let record =
+                    file.next_tx_id
+                        .zip(file.pending_ids)
+                        .map(|(next_tx_id, pending_ids)| PendingRecord {
+                            next_tx_id,
+                            pending_ids,
+                        });
+                (file.generations, committed, record)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
                 vec![Generation {
@@ -194,6 +256,7 @@ impl StoreFiles {
                     settings: Arc::new(Value::Object(Default::default())),
                 }],
                 VecDeque::new(),
+                None,
             ),
             Err(source) => {
                 return Err(StoreError::Io {
@@ -203,15 +266,35 @@ impl StoreFiles {
             }
         };
 
-        let (as_of, mut pending) = self.load_pending();
+        let mut pending = self.load_pending(record.as_ref(), &committed)?;
         if let Some(loss) = loss {
+            // Some of them may have been committed in what was lost: never revive one.
             let discarded: Vec<String> = pending.keys().cloned().collect();
+            let names: BTreeSet<String> = pending.keys().cloned().collect();
             pending.clear();
-            self.write_pending(&pending, 0)?;
+            self.write_pending(&pending, &names, &HashSet::new())?;
             self.recovered = Some(recover(&mut history, loss, discarded));
         }
+        let ids = pending.values().map(|tx| tx.id);
+        self.record = PendingRecord {
+            next_tx_id: record
+                .as_ref()
+                .map_or(1, |r| r.next_tx_id)
+                .max(ids.clone().max().map_or(1, |m| m + 1))
+                .max(committed.iter().map(|(_, id)| id + 1).max().unwrap_or(1))
+                .max(
+                    history
+                        .iter()
+                        .filter_map(|g| g.tx_id)
+                        .max()
+                        .map_or(1, |m| m + 1),
+                ),
+            pending_ids: ids.collect(),
+        };
         if must_initialise {
-            let bytes = self.serialize(&history, &committed)?;
+            let next_tx_id = self.record.next_tx_id;
+            let pending_ids = self.record.pending_ids.clone();
+            let bytes = self.serialize(&history, &committed, next_tx_id, &pending_ids)?;
             let generation = history.last().map_or(0, |g| g.generation);
             self.slots
                 .initialise(&bytes, generation)
@@ -220,26 +303,6 @@ impl StoreFiles {
                     source,
                 })?;
         }
-        let window_full = committed.len() >= super::COMMITTED_WINDOW;
-        let window_start = committed.front().map_or(0, |(generation, _)| *generation);
-        if window_full && as_of + 1 < window_start && !pending.is_empty() {
-            // Commits after the file was written have left the window: any of its
-            // transactions could be among them. Uncommitted work is lost, never revived.
-            tracing::warn!(
-                as_of,
-                window_start,
-                "pending transactions file is older than the committed-id window; setting it aside"
-            );
-            pending.clear();
-        }
-        let ids: HashSet<u64> = committed.iter().map(|(_, id)| *id).collect();
-        pending.retain(|name, tx| {
-            let keep = !ids.contains(&tx.id);
-            if !keep {
-                tracing::info!(tx = %name, "dropping pending transaction already committed");
-            }
-            keep
-        });
         Ok(Snapshot {
             history,
             pending,
@@ -247,7 +310,130 @@ impl StoreFiles {
         })
     }
 
-    fn pending_files(&self) -> Vec<(u64, PathBuf)> {
+    /// The first id a new pending transaction may take: above every id the store has
+    /// recorded or holds.
+    pub fn next_tx_id(&self) -> u64 {
+        self.record.next_tx_id
+    }
+
+    /// Reads the pending transactions: the per-transaction files, and a `pending-<seq>.json`
+    /// of the previous form (migrated here). Drops those the committed state shows as
+    /// committed or discarded (see the module comment), and superseded or torn files.
+    fn load_pending(
+        &mut self,
+        record: Option<&PendingRecord>,
+        committed: &VecDeque<(u64, u64)>,
+    ) -> Result<BTreeMap<String, PendingTx>, StoreError> {
+        let (as_of, legacy, legacy_files) = self.load_legacy_pending();
+        let mut found: BTreeMap<String, (PendingTx, Source)> = BTreeMap::new();
+        for (name, tx) in legacy {
+            found.insert(name, (tx, Source::Legacy));
+        }
+        for (name, tx) in self.load_tx_files() {
+            // Two ids under one name (a discard and a new transaction, cut by a crash):
+            // the newer id is the later transaction. Same id: the per-transaction file is
+            // the newer form.
+            match found.get(&name) {
+                Some((held, _)) if held.id > tx.id => self.remove_tx(tx.id),
+                Some((held, Source::Tx)) => {
+                    let older = held.id;
+                    self.remove_tx(older);
+                    found.insert(name, (tx, Source::Tx));
+                }
+                _ => {
+                    found.insert(name, (tx, Source::Tx));
+                }
+            }
+        }
+        let window_ids: HashSet<u64> = committed.iter().map(|(_, id)| *id).collect();
+        let window_full = committed.len() >= super::COMMITTED_WINDOW;
+        let window_start = committed.front().map_or(0, |(generation, _)| *generation);
+        let legacy_too_old = window_full && as_of + 1 < window_start;
+        let mut pending = BTreeMap::new();
+        for (name, (tx, source)) in found {
+            let keep = match record {
+                Some(record) => tx.id >= record.next_tx_id || record.pending_ids.contains(&tx.id),
+                // A committed state from before the record: the window of committed ids,
+                // and the previous form's check of how old its file is (commits after it
+                // was written may have left the window: uncommitted work is lost, never
+                // revived).
+                None => {
+                    let stale = matches!(source, Source::Legacy) && legacy_too_old;
+                    !window_ids.contains(&tx.id) && !stale
+                }
+            };
+            if !keep {
+                tracing::info!(tx = %name, "dropping a pending transaction already committed or discarded");
+                if matches!(source, Source::Tx) {
+                    self.remove_tx(tx.id);
+                }
+                continue;
+            }
+            if matches!(source, Source::Legacy) {
+                self.write_tx(&name, &tx)?;
+            }
+            pending.insert(name, tx);
+        }
+        // Migrated (or superseded): the previous form's files go.
+        for path in legacy_files {
+            let _ = fs::remove_file(path);
+        }
+        Ok(pending)
+    }
+
+    /// The per-transaction files: per id, the highest revision that parses; the others
+    /// (older revisions, a torn newer one) are removed.
+    fn load_tx_files(&mut self) -> Vec<(String, PendingTx)> {
+        let mut by_id: BTreeMap<u64, Vec<(u64, PathBuf)>> = BTreeMap::new();
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let Some(file_name) = entry.file_name().into_string().ok() else {
+                continue;
+            };
+            let Some((id, rev)) = parse_tx_file_name(&file_name) else {
+                continue;
+            };
+            by_id.entry(id).or_default().push((rev, entry.path()));
+        }
+        let mut found = Vec::new();
+        for (id, mut revs) in by_id {
+            revs.sort();
+            let mut chosen = None;
+            for (rev, path) in revs.iter().rev() {
+                let parsed = fs::read(path)
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<TxFile>(&bytes).ok())
+                    .filter(|file| file.format == TX_FORMAT && file.tx.id == id);
+                match parsed {
+                    Some(file) => {
+                        chosen = Some((*rev, file));
+                        break;
+                    }
+                    None => tracing::warn!(path = %path.display(),
+                        "pending transaction file unreadable (crash or power loss?); trying an older one"),
+                }
+            }
+            for (rev, path) in &revs {
+                if chosen.as_ref().is_none_or(|(kept, _)| kept != rev) {
+                    let _ = fs::remove_file(path);
+                }
+            }
+            if let Some((rev, file)) = chosen {
+                self.on_disk.insert(
+                    id,
+                    OnDisk {
+                        name: file.name.clone(),
+                        rev,
+                    },
+                );
+                found.push((file.name, file.tx));
+            }
+        }
+        found
+    }
+
+    /// The newest `pending-<seq>.json` (previous form) that parses, with the generation it
+    /// was written at, and every such file (to remove once migrated).
+    fn load_legacy_pending(&self) -> (u64, BTreeMap<String, PendingTx>, Vec<PathBuf>) {
         let mut files: Vec<(u64, PathBuf)> = fs::read_dir(&self.dir)
             .into_iter()
             .flatten()
@@ -263,39 +449,27 @@ impl StoreFiles {
             })
             .collect();
         files.sort();
-        files
-    }
-
-    /// The newest pending file that parses, and the generation it was written at; older
-    /// files (and torn newer ones) are removed.
-    fn load_pending(&self) -> (u64, BTreeMap<String, PendingTx>) {
-        let files = self.pending_files();
         let mut chosen = None;
-        for (seq, path) in files.iter().rev() {
+        for (_, path) in files.iter().rev() {
             let parsed = fs::read(path)
                 .ok()
-                .and_then(|bytes| serde_json::from_slice::<PendingFile>(&bytes).ok())
+                .and_then(|bytes| serde_json::from_slice::<LegacyPendingFile>(&bytes).ok())
                 .filter(|file| file.format == FORMAT);
             match parsed {
                 Some(file) => {
-                    chosen = Some((*seq, (file.as_of, file.transactions)));
+                    chosen = Some((file.as_of, file.transactions));
                     break;
                 }
                 None => tracing::warn!(path = %path.display(),
                     "pending transactions file unreadable (crash or power loss?); trying an older one"),
             }
         }
-        let (seq, (as_of, pending)) = chosen.unwrap_or_default();
-        self.pending_seq.store(
-            files.last().map_or(0, |(s, _)| *s),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        for (other, path) in &files {
-            if *other != seq {
-                let _ = fs::remove_file(path);
-            }
-        }
-        (as_of, pending)
+        let (as_of, pending) = chosen.unwrap_or_default();
+        (
+            as_of,
+            pending,
+            files.into_iter().map(|(_, path)| path).collect(),
+        )
     }
 
     fn remove_temp_files(&self) {
@@ -312,11 +486,15 @@ impl StoreFiles {
         &self,
         generations: &[Generation],
         committed: &VecDeque<(u64, u64)>,
+        next_tx_id: u64,
+        pending_ids: &[u64],
     ) -> Result<Vec<u8>, StoreError> {
         serde_json::to_vec(&GenerationsFileRef {
             format: FORMAT,
             generations,
             committed,
+            next_tx_id,
+            pending_ids,
         })
         .map_err(|e| StoreError::Io {
             path: self.dir.join(GENERATIONS),
@@ -325,13 +503,16 @@ impl StoreFiles {
     }
 
     /// Durably writes the committed state into the next slot (see `slots` for why this is
-    /// atomic and durable).
+    /// atomic and durable), with what it says about pending transactions: `next_tx_id`
+    /// and the ids of those pending now.
     pub fn write_generations(
         &mut self,
         generations: &[Generation],
         committed: &VecDeque<(u64, u64)>,
+        next_tx_id: u64,
+        pending_ids: &[u64],
     ) -> Result<(), StoreError> {
-        let bytes = self.serialize(generations, committed)?;
+        let bytes = self.serialize(generations, committed, next_tx_id, pending_ids)?;
         let generation = generations.last().map_or(0, |g| g.generation);
         self.slots
             .write(&bytes, generation)
@@ -354,52 +535,144 @@ impl StoreFiles {
         self.slots.tear_next_write = Some(sectors);
     }
 
-    /// Writes the pending transactions as the next `pending-<seq>.json`, then removes the
-    /// previous file (see the module comment for why this is safe and why no fsync).
+    /// Brings the files of the transactions named in `names` in line with `pending`:
+    /// each one there gets its file rewritten (the next revision, then the previous one
+    /// unlinked; see the module comment for why that is safe and why no fsync), and the
+    /// files of other ids under those names are unlinked, except `committed` ids, whose
+    /// files go only once the committed state is durable ([`StoreFiles::forget`]).
+    /// Transactions not named are not touched.
     pub fn write_pending(
-        &self,
+        &mut self,
         pending: &BTreeMap<String, PendingTx>,
-        as_of: u64,
+        names: &BTreeSet<String>,
+        committed: &HashSet<u64>,
     ) -> Result<(), StoreError> {
-        use std::sync::atomic::Ordering;
-        let previous = self.pending_seq.load(Ordering::Relaxed);
-        let seq = previous + 1;
-        let path = self
-            .dir
-            .join(format!("{PENDING_PREFIX}{seq}{PENDING_SUFFIX}"));
-        let io = |source| StoreError::Io {
-            path: path.clone(),
-            source,
-        };
-        let bytes = serde_json::to_vec(&PendingFileRef {
-            format: FORMAT,
-            as_of,
-            transactions: pending,
-        })
-        .map_err(|e| io(std::io::Error::other(e)))?;
-        let written = OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut file| file.write_all(&bytes));
-        if let Err(e) = written {
-            let _ = fs::remove_file(&path);
-            return Err(io(e));
+        for name in names {
+            let current = pending.get(name);
+            if let Some(tx) = current {
+                self.write_tx(name, tx)?;
+            }
+            let stale: Vec<u64> = self
+                .on_disk
+                .iter()
+                .filter(|(id, disk)| {
+                    disk.name == *name
+                        && Some(**id) != current.map(|tx| tx.id)
+                        && !committed.contains(*id)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in stale {
+                self.unlink_tx(id)?;
+            }
         }
-        self.pending_seq.store(seq, Ordering::Relaxed);
-        if previous > 0 {
-            let old = self
-                .dir
-                .join(format!("{PENDING_PREFIX}{previous}{PENDING_SUFFIX}"));
-            if let Err(e) = fs::remove_file(&old) {
+        Ok(())
+    }
+
+    /// The names of the transactions with a file on disk.
+    pub fn pending_names(&self) -> BTreeSet<String> {
+        self.on_disk
+            .values()
+            .map(|disk| disk.name.clone())
+            .collect()
+    }
+
+    /// Removes the files of transactions the durable committed state now records as
+    /// committed. A failure only leaves a file that `load` drops.
+    pub fn forget(&mut self, committed: &HashSet<u64>) {
+        for id in committed {
+            self.remove_tx(*id);
+        }
+    }
+
+    /// Writes `tx`'s next revision, then unlinks the previous one.
+    fn write_tx(&mut self, name: &str, tx: &PendingTx) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(&TxFileRef {
+            format: TX_FORMAT,
+            name,
+            tx,
+        })
+        .map_err(|e| StoreError::Io {
+            path: self.dir.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        let previous = self.on_disk.get(&tx.id).map(|disk| disk.rev);
+        let mut rev = previous.map_or(1, |r| r + 1);
+        loop {
+            let path = self.tx_path(tx.id, rev);
+            let written = OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut file| file.write_all(&bytes));
+            match written {
+                Ok(()) => break,
+                // Left by a write whose clean-up failed: never overwrite a file in
+                // place (a torn overwrite would lose both revisions); take the next.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && rev < u64::MAX => {
+                    rev += 1;
+                }
+                Err(source) => {
+                    let _ = fs::remove_file(&path);
+                    return Err(StoreError::Io { path, source });
+                }
+            }
+        }
+        self.on_disk.insert(
+            tx.id,
+            OnDisk {
+                name: name.to_owned(),
+                rev,
+            },
+        );
+        if let Some(old) = previous {
+            let path = self.tx_path(tx.id, old);
+            if let Err(e) = fs::remove_file(&path) {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %old.display(), error = %e, "cannot remove old pending file");
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a superseded pending file");
                 }
             }
         }
         Ok(())
     }
+
+    /// Unlinks the file of transaction `id`; it must go (a discarded transaction whose
+    /// file stayed would come back at the next start).
+    fn unlink_tx(&mut self, id: u64) -> Result<(), StoreError> {
+        let Some(disk) = self.on_disk.get(&id) else {
+            return Ok(());
+        };
+        let path = self.tx_path(id, disk.rev);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StoreError::Io { path, source }),
+        }
+        self.on_disk.remove(&id);
+        Ok(())
+    }
+
+    /// [`StoreFiles::unlink_tx`] where a failure is only logged.
+    fn remove_tx(&mut self, id: u64) {
+        if let Err(e) = self.unlink_tx(id) {
+            tracing::warn!(error = %e, "cannot remove a pending transaction file");
+        }
+    }
+
+    fn tx_path(&self, id: u64, rev: u64) -> PathBuf {
+        self.dir
+            .join(format!("{TX_PREFIX}{id}.{rev}{PENDING_SUFFIX}"))
+    }
+}
+
+/// `(id, revision)` of a `pending-tx-<id>.<rev>.json` file name.
+fn parse_tx_file_name(name: &str) -> Option<(u64, u64)> {
+    let (id, rev) = name
+        .strip_prefix(TX_PREFIX)?
+        .strip_suffix(PENDING_SUFFIX)?
+        .split_once('.')?;
+    Some((id.parse().ok()?, rev.parse().ok()?))
 }
 
 /// Continues `history` after an accepted loss: a new generation equal to the newest intact

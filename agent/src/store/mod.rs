@@ -172,6 +172,9 @@ pub const COMMITTED_WINDOW: usize = 2 * MAX_PENDING_TXS;
 pub const MAX_PENDING_TXS: usize = 128;
 /// Most bytes (as JSON) of patches one pending transaction may hold.
 pub const MAX_TX_BYTES: usize = 4 * 1024 * 1024;
+/// Most bytes the live settings may take as JSON. A commit writes every kept generation,
+/// each with its own copy of the settings; a bound on them bounds what a commit costs.
+pub const MAX_SETTINGS_BYTES: usize = 4 * 1024 * 1024;
 
 impl Snapshot {
     pub fn live(&self) -> &Generation {
@@ -228,6 +231,14 @@ pub enum StoreError {
     /// A transaction, or the pending state as a whole, would grow past its bounds (409).
     #[error("transaction {tx:?} cannot take this patch: {reason}")]
     Full { tx: String, reason: String },
+    /// The settings a commit or rollback would make are larger than
+    /// [`MAX_SETTINGS_BYTES`] as JSON (409); nothing changed.
+    #[error(
+        "the settings would take {size} bytes as JSON, over the limit of {limit} bytes \
+         ({} MiB) for the live settings; remove or shorten settings",
+        limit / (1024 * 1024)
+    )]
+    SettingsTooLarge { size: usize, limit: usize },
     /// The writer thread is gone (keeld is shutting down).
     #[error("the datastore is shutting down")]
     Closed,
@@ -334,6 +345,12 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn fail_next_write(&self) {
         self.writer.fail_next_write();
+    }
+
+    /// Test hook: a lower limit than [`MAX_SETTINGS_BYTES`] on the live settings.
+    #[cfg(test)]
+    pub(crate) fn set_max_settings_bytes(&self, limit: usize) {
+        self.writer.set_max_settings_bytes(limit);
     }
 
     /// Test hook: the next durable write lands only its first `sectors` 512-byte sectors

@@ -1,5 +1,7 @@
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
+
 use serde_json::json;
 
 use super::*;
@@ -160,7 +162,7 @@ fn a_transaction_committed_before_a_crash_is_not_pending_after() {
         settings: Arc::new(json!({"motd": "x"})),
     });
     files
-        .write_generations(&history, &[(1, id)].into_iter().collect())
+        .write_generations(&history, &[(1, id)].into_iter().collect(), id + 1, &[])
         .unwrap();
     drop(files);
     let store = reopen(dir.path(), 10);
@@ -224,21 +226,31 @@ fn a_torn_newest_pending_file_falls_back_to_the_previous_one() {
         let store = Store::open(dir.path(), 10).unwrap();
         store.patch("kept", json!({"motd": "k"})).await.unwrap();
     });
-    // A crash in the middle of writing the next file leaves it torn; the previous file
-    // is only removed after the next one is complete.
+    // A crash in the middle of writing the next revision leaves it torn; the previous
+    // revision is only removed after the next one is complete.
+    let (file, _) = tx_files(dir.path())["kept"].clone();
+    let (id, rev) = file
+        .strip_prefix("pending-tx-")
+        .and_then(|f| f.strip_suffix(".json"))
+        .and_then(|f| f.split_once('.'))
+        .unwrap();
+    let rev: u64 = rev.parse().unwrap();
     std::fs::write(
-        dir.path().join("pending-2.json"),
-        b"{\"format\":1,\"transac",
+        dir.path().join(format!("pending-tx-{id}.{}.json", rev + 1)),
+        b"{\"format\":2,\"name\":\"kept\",\"tx\":{\"id\"",
     )
     .unwrap();
     let store = reopen(dir.path(), 10);
-    assert!(store.snapshot().pending.contains_key("kept"));
+    assert_eq!(
+        store.snapshot().pending["kept"].view(),
+        json!({"motd": "k"})
+    );
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.starts_with("pending-"))
         .collect();
-    assert_eq!(names, vec!["pending-1.json"], "the torn file is cleaned up");
+    assert_eq!(names, vec![file], "the torn file is cleaned up");
 }
 
 /// Opens the state files once the previous handle has let go of the lock.
@@ -675,4 +687,175 @@ fn accepting_the_loss_of_both_slots_starts_an_empty_store() {
     let store = reopen(dir.path(), 10);
     assert_eq!(store.snapshot().live_settings(), &json!({}));
     assert_eq!(store.snapshot().live().tx, RECOVERY_TX);
+}
+
+// ---- Pending transactions: one file each, written only when that transaction changes.
+
+/// `name -> (file name, inode)` of every pending transaction file.
+fn tx_files(dir: &std::path::Path) -> BTreeMap<String, (String, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pending-tx-"))
+        .map(|e| {
+            let file: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+            (
+                file["name"].as_str().unwrap().to_owned(),
+                (
+                    e.file_name().into_string().unwrap(),
+                    e.metadata().unwrap().ino(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_patch_writes_only_its_own_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        for name in ["a", "b", "c"] {
+            store.patch(name, json!({"motd": name})).await.unwrap();
+        }
+        let before = tx_files(dir.path());
+        assert_eq!(before.len(), 3, "{before:?}");
+        store.patch("c", json!({"motd": "c2"})).await.unwrap();
+        let after = tx_files(dir.path());
+        assert_eq!(after["a"], before["a"], "untouched");
+        assert_eq!(after["b"], before["b"], "untouched");
+        assert_ne!(after["c"], before["c"], "rewritten");
+        store.discard("b").await.unwrap();
+        let after_discard = tx_files(dir.path());
+        assert!(!after_discard.contains_key("b"));
+        assert_eq!(after_discard["a"], before["a"], "untouched");
+        assert_eq!(after_discard["c"], after["c"], "untouched");
+        // A commit removes its own file once the generation is durable, nothing else.
+        store.commit("c", Caller::keeld()).await.unwrap();
+        let after_commit = tx_files(dir.path());
+        assert_eq!(after_commit.len(), 1, "{after_commit:?}");
+        assert_eq!(after_commit["a"], before["a"], "untouched");
+    });
+    let store = reopen(dir.path(), 10);
+    let pending = &store.snapshot().pending;
+    assert_eq!(pending.keys().collect::<Vec<_>>(), vec!["a"]);
+    assert_eq!(pending["a"].view(), json!({"motd": "a"}));
+}
+
+#[test]
+fn a_long_pending_transaction_survives_many_commits_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 2).unwrap();
+        store.patch("long", json!({"motd": "long"})).await.unwrap();
+        // More commits than the window of committed ids, none touching "long".
+        for i in 0..COMMITTED_WINDOW + 20 {
+            store
+                .patch("t", json!({"kernel": {"sysctl": {"a.b": i.to_string()}}}))
+                .await
+                .unwrap();
+            store.commit("t", Caller::keeld()).await.unwrap();
+        }
+    });
+    let store = reopen(dir.path(), 2);
+    let pending = &store.snapshot().pending;
+    assert_eq!(
+        pending.keys().collect::<Vec<_>>(),
+        vec!["long"],
+        "{pending:?}"
+    );
+}
+
+#[test]
+fn a_discarded_and_renewed_transaction_cut_by_a_crash_keeps_the_newer() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("saved");
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        store.patch("t", json!({"motd": "old"})).await.unwrap();
+        let (file, _) = tx_files(dir.path())["t"].clone();
+        std::fs::copy(dir.path().join(&file), &saved).unwrap();
+        store.discard("t").await.unwrap();
+        store.patch("t", json!({"motd": "new"})).await.unwrap();
+        // As if the old file's unlink never happened.
+        std::fs::copy(&saved, dir.path().join(file)).unwrap();
+        std::fs::remove_file(&saved).unwrap();
+    });
+    let store = reopen(dir.path(), 10);
+    assert_eq!(store.snapshot().pending["t"].view(), json!({"motd": "new"}));
+    assert_eq!(tx_files(dir.path()).len(), 1, "the older file is removed");
+}
+
+#[test]
+fn pending_transactions_in_the_previous_single_file_are_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    // A store from before the slots and the per-transaction files: generation 1 committed
+    // tx id 1; tx id 2 pending.
+    let generations = json!({"format": 1, "generations": [{
+        "generation": 1, "time": "2026-01-01T00:00:00.000Z", "tx": "c", "tx-id": 1,
+        "caller": {"uid": 0, "gid": 0, "pid": 1, "comm": "x"},
+        "changed-keys": ["settings.motd"], "settings": {"motd": "x"}
+    }]});
+    std::fs::write(dir.path().join("generations.json"), generations.to_string()).unwrap();
+    let pending = json!({"format": 1, "as_of": 1, "transactions": {
+        "c": {"id": 1, "patches": [{"motd": "x"}], "bytes": 12},
+        "p": {"id": 2, "patches": [{"motd": "pending"}], "bytes": 18}
+    }});
+    std::fs::write(dir.path().join("pending-5.json"), pending.to_string()).unwrap();
+    drop(reopen(dir.path(), 10));
+    assert!(!dir.path().join("pending-5.json").exists());
+    assert_eq!(
+        tx_files(dir.path()).keys().collect::<Vec<_>>(),
+        vec!["p"],
+        "the committed one is dropped, the pending one migrated"
+    );
+    let store = reopen(dir.path(), 10);
+    let snapshot = store.snapshot();
+    assert_eq!(snapshot.pending.keys().collect::<Vec<_>>(), vec!["p"]);
+    assert_eq!(snapshot.pending["p"].id, 2);
+    rt().block_on(async {
+        store.patch("q", json!({"motd": "q"})).await.unwrap();
+    });
+    assert!(store.snapshot().pending["q"].id > 2, "ids never reused");
+}
+
+#[test]
+fn settings_over_the_limit_are_refused_naming_it() {
+    assert_eq!(MAX_SETTINGS_BYTES, 4 * 1024 * 1024);
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        store.set_max_settings_bytes(10_000);
+        store
+            .patch("t", json!({"motd": "x".repeat(6_000)}))
+            .await
+            .unwrap();
+        store.commit("t", Caller::keeld()).await.unwrap();
+        store
+            .patch(
+                "t",
+                json!({"kernel": {"sysctl": {"a.b": "y".repeat(4_000)}}}),
+            )
+            .await
+            .unwrap();
+        let err = store.commit("t", Caller::keeld()).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::SettingsTooLarge { limit: 10_000, size } if size > 10_000),
+            "{err}"
+        );
+        assert!(err.to_string().contains("limit of 10000 bytes"), "{err}");
+        assert_eq!(store.snapshot().live().generation, 1, "nothing changed");
+        assert!(store.snapshot().pending.contains_key("t"), "still pending");
+        // A rollback to settings over a (since lowered) limit is refused the same way.
+        store.discard("t").await.unwrap();
+        store.patch("t", json!({"motd": "short"})).await.unwrap();
+        store.commit("t", Caller::keeld()).await.unwrap();
+        store.set_max_settings_bytes(1_000);
+        assert!(matches!(
+            store.rollback(1, Caller::keeld()).await,
+            Err(StoreError::SettingsTooLarge { .. })
+        ));
+    });
 }

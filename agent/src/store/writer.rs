@@ -9,6 +9,7 @@
 //! thrown away, every op that changed something gets the error, and the published
 //! snapshot is the old one — nothing changes.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -31,9 +32,19 @@ struct WriterState {
     /// The id the next new pending transaction gets: ids are sequential (small in the
     /// files) and never reused, starting above every id the store has seen.
     next_tx_id: u64,
-    /// The pending file on disk lags memory (its write succeeded but the batch then
-    /// failed): the next batch rewrites it.
-    pending_behind: bool,
+    /// Transactions whose files on disk may differ from memory (a batch wrote them, then
+    /// failed): the next batch rewrites them from memory.
+    pending_behind: Behind,
+    /// [`super::MAX_SETTINGS_BYTES`]; lowered by tests.
+    max_settings_bytes: usize,
+}
+
+/// Pending transactions whose files may not match memory.
+#[derive(Debug, Default)]
+struct Behind {
+    names: std::collections::BTreeSet<String>,
+    /// Unknown which (a batch panicked): every one.
+    all: bool,
 }
 
 struct Queue {
@@ -84,6 +95,7 @@ impl Writer {
         live: tokio::sync::watch::Sender<u64>,
     ) -> Writer {
         let next_tx_id = {
+            let recorded = files.next_tx_id();
             let snapshot = shared.load();
             let history = snapshot.history.iter().filter_map(|g| g.tx_id);
             let committed = snapshot.committed.iter().map(|(_, id)| *id);
@@ -93,6 +105,7 @@ impl Writer {
                 .chain(pending)
                 .max()
                 .map_or(1, |m| m + 1)
+                .max(recorded)
         };
         Writer {
             queue: Mutex::new(Queue {
@@ -106,7 +119,8 @@ impl Writer {
                 keep,
                 check,
                 next_tx_id,
-                pending_behind: false,
+                pending_behind: Behind::default(),
+                max_settings_bytes: super::MAX_SETTINGS_BYTES,
             }),
             shared,
             live,
@@ -204,7 +218,7 @@ impl Writer {
                 if ran.is_err() {
                     tracing::error!("a store batch panicked; its operations were refused");
                     part.clear();
-                    state.pending_behind = true;
+                    state.pending_behind.all = true;
                 }
             }
             tracing::trace!(
@@ -246,6 +260,12 @@ impl Writer {
     #[cfg(test)]
     pub(super) fn fail_next_write(&self) {
         lock(&self.state).files.fail_next_write();
+    }
+
+    /// Test hook: a lower limit on the size of the live settings.
+    #[cfg(test)]
+    pub(super) fn set_max_settings_bytes(&self, limit: usize) {
+        lock(&self.state).max_settings_bytes = limit;
     }
 
     /// Test hook: see [`StoreFiles::tear_next_write`].
@@ -314,13 +334,22 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
         check,
         next_tx_id,
         pending_behind,
+        max_settings_bytes,
     } = state;
     let keep = *keep;
+    let max_settings = *max_settings_bytes;
     let check = check.as_deref();
     let mut work: Snapshot = Snapshot::clone(&shared.load());
     let mut generations_dirty = false;
-    let was_behind = *pending_behind;
-    let mut pending_dirty = was_behind;
+    // The transactions whose files this batch must bring in line with memory.
+    let mut dirty = std::mem::take(&mut pending_behind.names);
+    if std::mem::take(&mut pending_behind.all) {
+        dirty.extend(work.pending.keys().cloned());
+        dirty.extend(files.pending_names());
+    }
+    // Transactions this batch commits into a new generation: their files go once that
+    // generation is durable.
+    let mut committed_ids = HashSet::new();
     let mut answers = Vec::with_capacity(batch.len());
 
     for op in batch.drain(..) {
@@ -332,13 +361,15 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
                 reply,
             } => {
                 let result = patch_tx(&mut work, next_tx_id, &tx, &patch, size);
-                pending_dirty |= result.is_ok();
+                if result.is_ok() {
+                    dirty.insert(tx);
+                }
                 answers.push(Answer::Unit(reply, result));
             }
             Op::Discard { tx, reply } => {
                 let keys = match work.pending.remove(&tx) {
                     Some(held) => {
-                        pending_dirty = true;
+                        dirty.insert(tx);
                         held.keys()
                     }
                     None => Vec::new(),
@@ -346,13 +377,18 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
                 answers.push(Answer::Keys(reply, Ok(keys)));
             }
             Op::Commit { tx, caller, reply } => {
-                let result = commit_tx(&mut work, keep, check, &tx, caller);
+                let result = commit_tx(&mut work, keep, check, max_settings, &tx, caller);
                 if let Ok(outcome) = &result {
-                    // A commit that made a generation needs no pending rewrite: its id
-                    // is in the committed window, and `load` drops a pending transaction
-                    // with such an id. One that made none leaves no trace, so rewrite.
-                    generations_dirty |= outcome.new_generation;
-                    pending_dirty |= !outcome.new_generation;
+                    // A commit that made a generation leaves its file until that
+                    // generation is durable (the committed state then records it as no
+                    // longer pending, and `load` drops the file even if it stays). One
+                    // that made none leaves no trace: its file goes with this batch.
+                    if outcome.new_generation {
+                        generations_dirty = true;
+                        committed_ids.insert(outcome.tx_id);
+                    } else {
+                        dirty.insert(tx);
+                    }
                 }
                 answers.push(Answer::Keys(reply, result.map(|o| o.changed)));
             }
@@ -361,37 +397,37 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
                 caller,
                 reply,
             } => {
-                let result = rollback(&mut work, keep, check, generation, caller);
+                let result = rollback(&mut work, keep, check, max_settings, generation, caller);
                 generations_dirty |= result.as_ref().is_ok_and(|k| !k.is_empty());
                 answers.push(Answer::Keys(reply, result));
             }
         }
     }
 
-    // The pending file first: if it cannot be written, nothing is (and nothing changes).
-    // If it was written but the committed state then fails, the file runs ahead of memory
-    // (a commit's transaction already gone from it): the next batch rewrites it from
-    // memory, and until then a crash would only lose that uncommitted transaction.
+    // The pending files first, only those of the transactions this batch changed: if
+    // they cannot be written, the committed state is not (and nothing changes). If they
+    // were written but the committed state then fails, they run ahead of memory: the
+    // next batch rewrites them from memory, and until then a crash could only lose or
+    // revive uncommitted work.
     let mut failure = None;
-    let mut pending_written = false;
-    if pending_dirty {
+    if !dirty.is_empty() {
         failure = files
-            .write_pending(&work.pending, work.live().generation)
+            .write_pending(&work.pending, &dirty, &committed_ids)
             .err();
-        pending_written = failure.is_none();
     }
     if failure.is_none() && generations_dirty {
+        let pending_ids: Vec<u64> = work.pending.values().map(|tx| tx.id).collect();
         failure = files
-            .write_generations(&work.history, &work.committed)
+            .write_generations(&work.history, &work.committed, *next_tx_id, &pending_ids)
             .err();
     }
     match &failure {
         None => {
-            *pending_behind = false;
+            files.forget(&committed_ids);
             shared.store(Arc::new(work))
         }
         Some(e) => {
-            *pending_behind = was_behind || pending_written;
+            pending_behind.names = dirty;
             tracing::error!(error = %e, "persisting a batch failed; state unchanged");
         }
     }
@@ -460,6 +496,7 @@ fn patch_tx(
 struct CommitOutcome {
     changed: Vec<String>,
     new_generation: bool,
+    tx_id: u64,
 }
 
 /// The settings committing `pending` would make, validated and canonical. Only the groups
@@ -467,6 +504,11 @@ struct CommitOutcome {
 /// valid, and no rule spans groups (see `settings_model::validate_groups`). Top-level
 /// groups are kept in name order, so the result does not depend on edit history.
 pub(crate) fn candidate_of(live: &Value, pending: &PendingTx) -> Result<Value, StoreError> {
+    candidate_within(live, pending, super::MAX_SETTINGS_BYTES)
+}
+
+/// [`candidate_of`], refused as [`StoreError::SettingsTooLarge`] past `limit` bytes.
+fn candidate_within(live: &Value, pending: &PendingTx, limit: usize) -> Result<Value, StoreError> {
     let mut merged = live.clone();
     pending.apply_to(&mut merged);
     let groups: std::collections::BTreeSet<String> = pending
@@ -490,13 +532,42 @@ pub(crate) fn candidate_of(live: &Value, pending: &PendingTx) -> Result<Value, S
         }
         map.sort_keys();
     }
+    check_size(&candidate, limit)?;
     Ok(candidate)
+}
+
+/// Refuses settings larger than `limit` bytes as JSON. Every commit writes the live
+/// settings, and each kept generation holds a copy: unbounded settings make every commit
+/// slow and the slots huge.
+fn check_size(settings: &Value, limit: usize) -> Result<(), StoreError> {
+    /// Counts bytes instead of keeping them.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Serializing a `Value` into a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, settings);
+    if count.0 > limit {
+        return Err(StoreError::SettingsTooLarge {
+            size: count.0,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 fn commit_tx(
     work: &mut Snapshot,
     keep: usize,
     check: Option<&dyn CommitCheck>,
+    max_settings: usize,
     tx: &str,
     caller: Caller,
 ) -> Result<CommitOutcome, StoreError> {
@@ -504,7 +575,7 @@ fn commit_tx(
         .pending
         .get(tx)
         .ok_or_else(|| StoreError::NothingPending(tx.to_owned()))?;
-    let candidate = candidate_of(work.live_settings(), pending)?;
+    let candidate = candidate_within(work.live_settings(), pending, max_settings)?;
     let patches: Vec<&Value> = pending.patches.iter().map(|p| &**p).collect();
     let changed = changed_keys_touched(work.live_settings(), &candidate, &patches);
     if let Some(check) = check.filter(|_| !changed.is_empty()) {
@@ -518,6 +589,7 @@ fn commit_tx(
         return Ok(CommitOutcome {
             changed,
             new_generation: false,
+            tx_id,
         });
     }
     push_generation(
@@ -533,6 +605,7 @@ fn commit_tx(
     Ok(CommitOutcome {
         changed,
         new_generation: true,
+        tx_id,
     })
 }
 
@@ -540,6 +613,7 @@ fn rollback(
     work: &mut Snapshot,
     keep: usize,
     check: Option<&dyn CommitCheck>,
+    max_settings: usize,
     generation: u64,
     caller: Caller,
 ) -> Result<Vec<String>, StoreError> {
@@ -547,6 +621,8 @@ fn rollback(
         .find(generation)
         .ok_or(StoreError::UnknownGeneration(generation))?;
     let settings = Value::clone(&target.settings);
+    // Kept from before a lower limit, perhaps: the limit holds for what becomes live.
+    check_size(&settings, max_settings)?;
     let changed = changed_keys(work.live_settings(), &settings);
     if let Some(check) = check.filter(|_| !changed.is_empty()) {
         check
