@@ -136,3 +136,73 @@ fn crash_seed() -> u64 {
         Err(_) => rand::random(),
     }
 }
+
+/// A flipped byte in the newest generation slot: keeld refuses to start, naming the file
+/// and the flag; with `--accept-state-loss` it starts from the older slot, and the
+/// history says so.
+#[test]
+fn a_damaged_newest_slot_stops_keeld_until_the_loss_is_accepted() {
+    let mut keeld = Keeld::start();
+    for n in 0..3 {
+        let body = format!("{{\"motd\":\"damage-{n}\"}}");
+        assert_eq!(
+            keeld
+                .raw("PATCH", "/settings?tx=d", Some(body.as_bytes()))
+                .status,
+            204
+        );
+        assert_eq!(keeld.raw("POST", "/tx/commit?tx=d", None).status, 200);
+    }
+    let live = keeld.raw("GET", "/history?limit=1", None).json()[0]["generation"]
+        .as_u64()
+        .unwrap();
+    keeld.stop();
+
+    let seq = |name: &str| {
+        let bytes = std::fs::read(keeld.state_dir.join(name)).unwrap();
+        u64::from_le_bytes(bytes[8..16].try_into().unwrap())
+    };
+    let newest = if seq("generations.0") > seq("generations.1") {
+        "generations.0"
+    } else {
+        "generations.1"
+    };
+    let path = keeld.state_dir.join(newest);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[512 + 40] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| keeld.spawn()));
+    assert!(refused.is_err(), "keeld started on a damaged slot");
+    keeld.kill(); // reaps the exited process
+    let log = keeld.log();
+    assert!(
+        log.contains(&path.display().to_string()) && log.contains("--accept-state-loss"),
+        "{log}"
+    );
+
+    keeld
+        .options
+        .extra_args
+        .push("--accept-state-loss".to_owned());
+    keeld.spawn();
+    let history = keeld.raw("GET", "/history?limit=2", None).json();
+    assert_eq!(history[0]["tx"], "accept-state-loss", "{history:#}");
+    assert!(
+        history[0]["generation"].as_u64().unwrap() > live,
+        "{history:#}"
+    );
+    assert_eq!(
+        history[1]["generation"].as_u64().unwrap(),
+        live - 1,
+        "{history:#}"
+    );
+    assert_eq!(
+        keeld.raw("GET", "/settings", None).json()["motd"],
+        "damage-1"
+    );
+    keeld.stop();
+    // Recovered once and for all: the flag is not needed again.
+    keeld.options.extra_args.clear();
+    keeld.spawn();
+}
