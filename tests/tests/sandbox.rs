@@ -472,3 +472,91 @@ fn without_cap_sys_admin_keeld_runs_when_proc_sys_is_read_only() {
     assert_eq!(cap_bnd, "000000000000000b", "{text}");
     assert!(!text.contains("ERROR"), "{text}");
 }
+
+/// `key=value` directives of a unit file, continuation lines joined, comments skipped.
+fn unit_directives(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut pending = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if pending.is_empty() && (trimmed.starts_with('#') || trimmed.starts_with(';')) {
+            continue;
+        }
+        if let Some(start) = trimmed.strip_suffix('\\') {
+            pending.push_str(start);
+            pending.push(' ');
+            continue;
+        }
+        pending.push_str(trimmed);
+        let logical = std::mem::take(&mut pending);
+        if let Some((key, value)) = logical.split_once('=') {
+            out.push((key.trim().to_owned(), value.trim().to_owned()));
+        }
+    }
+    out
+}
+
+/// What keeld cannot do itself under systemd (it has no CAP_SYS_ADMIN there) or cannot
+/// do at all, keeld.service does: keeld's start-up check depends on
+/// ProtectKernelTunables=yes, and the unit keeps the same capability set keeld keeps.
+/// (This machine has no systemd as PID 1: the directives are checked here, their
+/// syntax by `tests/tests/units.rs`.)
+#[test]
+fn the_unit_adds_what_only_systemd_can() {
+    let text = std::fs::read_to_string(repo_root().join("units/keeld.service")).expect("unit");
+    let directives = unit_directives(&text);
+    let values = |key: &str| -> Vec<String> {
+        directives
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    for (key, value) in [
+        ("NoNewPrivileges", "yes"),
+        ("ProtectKernelTunables", "yes"),
+        ("ProtectKernelModules", "yes"),
+        ("ProtectControlGroups", "yes"),
+        ("PrivateDevices", "yes"),
+        ("RestrictNamespaces", "yes"),
+        ("SystemCallErrorNumber", "EPERM"),
+    ] {
+        assert_eq!(values(key), [value], "{key}=");
+    }
+    let bounding: Vec<String> = values("CapabilityBoundingSet")
+        .iter()
+        .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    let kept: Vec<String> = keel_agent::sandbox::KEPT_CAPABILITIES
+        .iter()
+        .map(|(cap, _)| cap.to_string())
+        .collect();
+    assert_eq!(
+        bounding, kept,
+        "the unit keeps what keeld keeps, no CAP_SYS_ADMIN"
+    );
+    let filtered: Vec<String> = values("SystemCallFilter")
+        .iter()
+        .flat_map(|v| {
+            let denied = v.strip_prefix('~').expect("a deny-list");
+            denied
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for name in [
+        "@mount",
+        "@module",
+        "@reboot",
+        "@debug",
+        "io_uring_setup",
+        "io_uring_enter",
+        "io_uring_register",
+    ] {
+        assert!(
+            filtered.iter().any(|f| f == name),
+            "SystemCallFilter= lacks {name}: {filtered:?}"
+        );
+    }
+}
