@@ -50,6 +50,9 @@
 //! unless keeld runs with `--accept-state-loss`; then it continues from the newest intact
 //! state, and the store records that as a generation of its own.
 //!
+//! What no format of this kind can tell apart: a disk that acknowledges a flush and then
+//! loses the write (firmware bugs) leaves exactly what a tear leaves.
+//!
 //! A new store writes its first state into *both* slots, then creates the marker
 //! `generations.held` (durably); from then on a slot that is empty or missing is damage,
 //! and a directory whose slots are both gone is refused, never taken for a new store.
