@@ -470,21 +470,71 @@ essential = true
 }
 
 /// User-data that is not TOML fails the boot naming the source and the line; settings
-/// that are invalid name the source and the key. Nothing is committed.
+/// that are invalid name the source and the key. Nothing from the user-data is
+/// committed, but the OS defaults are, and the host container they enable runs, so an
+/// operator can get in; no bootstrap container runs and the boot stays `failed`.
 #[test]
 fn invalid_user_data_fails_the_boot_with_source_line_and_key() {
-    let node = Node::boot(
-        "[settings]\nmotd = \"fine\"\nntp = { time-servers = [1, }\n",
+    require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = image(dir.path(), "control", "while :; do sleep 1; done");
+    let runs = image(
+        dir.path(),
+        "runs",
+        "echo ran >> /.bottlerocket/bootstrap-containers/never/runs",
+    );
+    let defaults = format!(
+        "[settings]\nmotd = \"from the OS defaults\"\n[settings.host-containers.control]\nenabled = true\nsource = \"{control}\"\n"
+    );
+    let node = Node::boot_with_defaults(
+        &format!(
+            "[settings]\nmotd = \"fine\"\n[settings.bootstrap-containers.never]\nsource = \"{runs}\"\nmode = \"once\"\n[settings.ntp]\ntime-servers = [1, }}\n"
+        ),
+        Some(&defaults),
         &[],
     );
     let record = node.wait_boot();
-    assert_eq!(record["phase"], "failed");
+    assert_eq!(record["phase"], "failed", "{record:#}");
+    assert_eq!(record["defaults-only"], true, "{record:#}");
     let reason = record["reason"].as_str().unwrap_or_default();
     assert!(
-        reason.contains("user-data.toml") && reason.contains("line 3"),
+        reason.contains("user-data.toml") && reason.contains("line 7"),
         "{reason}"
     );
-    assert_eq!(node.settings(), json!({}), "nothing committed");
+    let settings = node.settings();
+    assert_eq!(settings["motd"], "from the OS defaults", "{settings:#}");
+    assert!(
+        settings.get("bootstrap-containers").is_none(),
+        "{settings:#}"
+    );
+    let motd =
+        std::fs::read_to_string(node.keeld.render_root().join("etc/motd")).unwrap_or_default();
+    assert!(
+        motd.contains("from the OS defaults"),
+        "rendered from the defaults: {motd:?}"
+    );
+    // The control container from the defaults comes up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let hosts = node.keeld.raw("GET", "/containers?kind=host", None).json();
+        if hosts[0]["name"] == "control" && hosts[0]["state"] == "running" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "control not running after a refused user-data: {hosts:#}\n{}",
+            node.keeld.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!node.bootstrap_dir("never").join("runs").exists());
+    // `apiclient boot status` says what to fix.
+    let status = node.keeld.apiclient(&["boot", "status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("user-data.toml") && text.contains("line 7"),
+        "{text}"
+    );
 
     let node = Node::boot("[settings.host-containers.admin]\nenabled = \"yes\"\n", &[]);
     let record = node.wait_boot();

@@ -67,6 +67,9 @@ pub enum BootGate {
     Configured,
     /// Failed: host containers are not started in this boot.
     Failed,
+    /// Failed at the user-data: the OS defaults alone were committed and applied, and
+    /// the host containers they enable run (so the operator can get in).
+    FailedOnDefaults,
 }
 
 /// Everything the boot runner works with.
@@ -111,7 +114,12 @@ impl Boot {
             }
             BootPhase::Failed => {
                 tracing::warn!(reason = ?tracker.record().reason, "boot already failed (keeld restarted); staying failed");
-                self.configured.send_replace(BootGate::Failed);
+                self.configured
+                    .send_replace(if tracker.record().defaults_only {
+                        BootGate::FailedOnDefaults
+                    } else {
+                        BootGate::Failed
+                    });
                 return;
             }
             _ => {}
@@ -130,22 +138,60 @@ impl Boot {
                 if let Err(e) = tracker.finish(BootPhase::Failed, Some(reason), began.elapsed()) {
                     tracing::error!(error = %e, "could not record the boot failure");
                 }
-                self.configured.send_replace(BootGate::Failed);
+                self.configured
+                    .send_replace(if tracker.record().defaults_only {
+                        BootGate::FailedOnDefaults
+                    } else {
+                        BootGate::Failed
+                    });
             }
         }
     }
 
     async fn steps(&self, t: &mut BootTracker) -> Result<(), Halt> {
+        if t.record().defaults_only {
+            // keeld restarted in the middle of falling back: finish that.
+            let reason = t
+                .record()
+                .steps
+                .iter()
+                .find(|s| s.outcome == StepOutcome::Failed)
+                .and_then(|s| s.detail.clone())
+                .unwrap_or_else(|| "user-data refused".to_owned());
+            return self.fall_back_to_defaults(t, reason).await;
+        }
         if t.record().first_boot {
             t.set_phase(BootPhase::Defaults)?;
             self.stage_os_defaults(t).await?;
             t.set_phase(BootPhase::UserData)?;
             for provider in &self.config.providers {
-                self.run_provider(t, provider).await?;
+                // Resumed after a refusal (keeld restarted during the fall-back): the
+                // step is recorded as failed; fall back again, never commit what it
+                // staged.
+                let refused = t
+                    .record()
+                    .step(provider.step_name())
+                    .filter(|s| s.outcome == StepOutcome::Failed)
+                    .map(|s| s.detail.clone().unwrap_or_default());
+                let result = match refused {
+                    Some(reason) => Err(Halt(reason)),
+                    None => self.run_provider(t, provider).await,
+                };
+                if let Err(Halt(reason)) = result {
+                    return self.fall_back_to_defaults(t, reason).await;
+                }
             }
         }
         t.set_phase(BootPhase::Apply)?;
-        self.commit_launch(t).await?;
+        if let Err(Halt(reason)) = self.commit_launch(t).await {
+            // The whole candidate (defaults + user-data) was refused at commit (a rule
+            // across keys, a file that cannot render): on a first boot that is the
+            // user-data's doing.
+            if t.record().first_boot && !t.record().defaults_only {
+                return self.fall_back_to_defaults(t, reason).await;
+            }
+            return Err(Halt(reason));
+        }
         let settings = self.live_settings()?;
         // The bootstrap containers' images are made ready while the files render (the
         // containers themselves still run one after another, after the commands).
@@ -240,6 +286,78 @@ impl Boot {
         Ok(())
     }
 
+    /// The user-data was refused (`reason` names the source, line or key): everything
+    /// it staged is discarded, the OS defaults alone are committed and every file is
+    /// rendered from them, and the boot fails with `reason`. Host containers the
+    /// defaults enable then start (see [`BootGate::FailedOnDefaults`]); bootstrap
+    /// commands and containers do not run, and `configured` is not reached. The
+    /// first-boot marker is not written, so the next boot runs the providers again
+    /// (after the user-data is fixed).
+    async fn fall_back_to_defaults(&self, t: &mut BootTracker, reason: String) -> Result<(), Halt> {
+        const STEP: &str = "commit-os-defaults";
+        tracing::error!(%reason, "user-data refused; committing the OS defaults alone");
+        t.update(|r| r.defaults_only = true)?;
+        t.set_phase(BootPhase::Apply)?;
+        if !Self::done(t, STEP) {
+            t.begin(STEP, true)?;
+            let started = Instant::now();
+            let committed = async {
+                match self.store.discard(LAUNCH_TX).await {
+                    Ok(_) | Err(StoreError::NothingPending(_)) => {}
+                    Err(e) => return Err(format!("discarding {LAUNCH_TX}: {e}")),
+                }
+                if let Some(defaults) = self.os_defaults_patch().map_err(|Halt(r)| r)? {
+                    self.patch_launch("OS defaults", defaults)
+                        .await
+                        .map_err(|Halt(r)| r)?;
+                }
+                match self.store.commit(LAUNCH_TX, Caller::keeld()).await {
+                    Ok(changed) => Ok(format!("{} keys changed", changed.len())),
+                    Err(StoreError::NothingPending(_)) => Ok("nothing to commit".to_owned()),
+                    Err(e) => Err(format!("committing the OS defaults: {e}")),
+                }
+            }
+            .await;
+            match committed {
+                Ok(detail) => t.end(
+                    STEP,
+                    StepOutcome::Succeeded,
+                    Some(detail),
+                    started.elapsed(),
+                )?,
+                Err(e) => {
+                    t.end(
+                        STEP,
+                        StepOutcome::Failed,
+                        Some(e.clone()),
+                        started.elapsed(),
+                    )?;
+                    return Err(Halt(format!("{reason}; and then {e}")));
+                }
+            }
+        }
+        if let Err(Halt(e)) = self.render(t).await {
+            return Err(Halt(format!("{reason}; and then {e}")));
+        }
+        Err(Halt(reason))
+    }
+
+    /// The OS defaults as a patch that sets only what the live settings leave unset;
+    /// `None` when there is no defaults file.
+    fn os_defaults_patch(&self) -> Result<Option<Value>, Halt> {
+        let path = &self.config.os_defaults;
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Halt(format!("OS defaults {}: {e}", path.display()))),
+        };
+        let source = format!("OS defaults {}", path.display());
+        let defaults = settings_model::userdata::parse_user_data(&source, &text)
+            .map_err(|e| Halt(format!("{source}: {e}")))?;
+        let existing = self.store.snapshot().live_settings().clone();
+        Ok(Some(providers::missing_only(&defaults, &existing)))
+    }
+
     async fn patch_launch(&self, source: &str, patch: Value) -> Result<(), Halt> {
         if patch.as_object().is_some_and(|o| o.is_empty()) {
             return Ok(());
@@ -283,7 +401,15 @@ impl Boot {
         let parsed = settings_model::userdata::parse_user_data(&source, &text);
         let outcome = match parsed {
             Ok(patch) => self.patch_launch(&source, patch).await,
-            Err(e) => Err(Halt(format!("{source}: {e}"))),
+            // Name the source once (a syntax error names it already).
+            Err(e) => {
+                let e = e.to_string();
+                Err(Halt(if e.starts_with(&source) {
+                    e
+                } else {
+                    format!("{source}: {e}")
+                }))
+            }
         };
         match outcome {
             Ok(()) => {

@@ -78,6 +78,11 @@ pub struct BootRecord {
     /// Why the boot failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The user-data was refused: only the OS defaults were committed and applied, so
+    /// that host containers the defaults enable (a control container) still run and
+    /// the operator can get in. The boot is `failed` all the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub defaults_only: bool,
     pub steps: Vec<BootStep>,
 }
 
@@ -91,6 +96,7 @@ impl BootRecord {
             finished: None,
             duration_ms: None,
             reason: None,
+            defaults_only: false,
             steps: Vec::new(),
         }
     }

@@ -151,6 +151,9 @@ pub async fn run_host_containers(
         .map(|g| *g)
     {
         Ok(BootGate::Configured) => {}
+        Ok(BootGate::FailedOnDefaults) => {
+            tracing::warn!("the boot failed at the user-data; starting the host containers the OS defaults enable");
+        }
         Ok(BootGate::Failed) => {
             show(
                 status::RunState::NotStarted,
