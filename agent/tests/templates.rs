@@ -32,7 +32,7 @@ fn os() -> Value {
 
 const CA_PEM: &str =
     "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END CERTIFICATE-----\n";
-const OTHER_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBotherCA\n-----END CERTIFICATE-----\n";
+const OTHER_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBotherCAA\n-----END CERTIFICATE-----\n";
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
@@ -120,7 +120,7 @@ fn full_settings() -> Value {
         "pki": {
             "z-last": {"data": b64(OTHER_PEM), "trusted": true},
             "a-first": {"data": b64(CA_PEM), "trusted": true},
-            "distrusted": {"data": b64("-----BEGIN CERTIFICATE-----\nBAD\n-----END CERTIFICATE-----\n"), "trusted": false}
+            "distrusted": {"data": b64("-----BEGIN CERTIFICATE-----\nBADA\n-----END CERTIFICATE-----\n"), "trusted": false}
         }
     });
     // The test settings must be valid settings.
@@ -647,7 +647,7 @@ fn ca_bundle_has_trusted_bundles_in_name_order() {
         .skip(1)
         .map(|b| b.split("\n-----END CERTIFICATE-----").next().unwrap())
         .collect();
-    assert_eq!(blocks, ["MIIBszCCAVmgAwIBAgIUKeel", "MIIBotherCA"]);
+    assert_eq!(blocks, ["MIIBszCCAVmgAwIBAgIUKeel", "MIIBotherCAA"]);
     assert!(!text.contains("BAD"));
 }
 

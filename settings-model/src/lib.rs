@@ -11,6 +11,7 @@
 pub mod error;
 pub mod key;
 pub mod keypair;
+pub mod limits;
 pub mod model;
 pub mod patch;
 pub mod proxy;

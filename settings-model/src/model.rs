@@ -12,14 +12,89 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::key::format_segment;
+use crate::limits::Limited;
 use crate::types::{
     AwsRegion, Base64, BootParamKey, BootParamValue, BootstrapToken, Capability, CpuQuantity,
     DnsDomain, Duration, EnvName, EvictionSignal, Hostname, Identifier, ImageRef, IpAddress,
-    IpOrIps, KernelModuleName, LabelKey, LabelValue, MemoryQuantity, NoProxyEntry, NumaNode,
-    ProxyAddress, Quantity, RegistryAuth, RegistryHost, SecretBase64, SecretString,
+    IpOrIps, KernelModuleName, LabelKey, LabelValue, MemoryQuantity, Motd, NoProxyEntry, NumaNode,
+    PemBundle, ProxyAddress, Quantity, RegistryAuth, RegistryHost, SecretBase64, SecretString,
     SingleLineString, SysctlKey, Taint, Threshold, TimeServer, Url,
 };
 use crate::{Error, KeyPath};
+
+// ---------------------------------------------------------------------------------------
+// Bounded collections
+//
+// Every list and map that reaches a rendered file has a most number of entries, so that
+// no accepted model makes a file, a command line or a render unreasonably large. Each
+// limit is far above real use; its reason is on its type.
+
+/// `settings.kubernetes.node-labels`: at most 256 labels. At the longest a label is 381
+/// bytes (a 253-byte prefix, `/`, a 63-byte name, `=`, a 63-byte value), and all of them
+/// go into one kubelet argument, which Linux caps at 128 KiB.
+pub type NodeLabels = Limited<BTreeMap<LabelKey, LabelValue>, 256>;
+
+/// The taints of one key: at most 3, one per effect (Kubernetes refuses two taints with
+/// the same key and effect).
+pub type KeyTaints = Limited<Vec<Taint>, 3>;
+
+/// `settings.kubernetes.node-taints`: at most 64 keys (192 taints), which keeps the one
+/// kubelet argument they go into under Linux's 128 KiB.
+pub type NodeTaints = Limited<BTreeMap<LabelKey, KeyTaints>, 64>;
+
+/// `kube-reserved` and `system-reserved`: at most 16 resources (the kubelet knows cpu,
+/// memory, ephemeral-storage and pid).
+pub type ReservedResources = Limited<BTreeMap<LabelKey, Quantity>, 16>;
+
+/// `memory-manager-reserved-memory`: at most 64 NUMA nodes.
+pub type ReservedMemoryByNode = Limited<BTreeMap<NumaNode, ReservedMemory>, 64>;
+
+/// `allowed-unsafe-sysctls`: at most 64 patterns.
+pub type UnsafeSysctls = Limited<Vec<SingleLineString>, 64>;
+
+/// `credential-providers`: at most 8 plugins (a node needs one per registry vendor).
+pub type CredentialProviders = Limited<BTreeMap<Identifier, CredentialProvider>, 8>;
+
+/// The `image-patterns` of one credential provider: at most 32.
+pub type ImagePatterns = Limited<Vec<SingleLineString>, 32>;
+
+/// The `environment` of one credential provider: at most 32 variables.
+pub type ProviderEnvironment = Limited<BTreeMap<EnvName, SingleLineString>, 32>;
+
+/// `settings.ntp.time-servers`: at most 32 servers.
+pub type TimeServers = Limited<Vec<TimeServer>, 32>;
+
+/// `settings.network.no-proxy`: at most 256 entries.
+pub type NoProxyList = Limited<Vec<NoProxyEntry>, 256>;
+
+/// `settings.dns.name-servers`: at most 16 (resolv.conf uses the first 3).
+pub type NameServers = Limited<Vec<IpAddress>, 16>;
+
+/// `settings.dns.search-list`: at most 32 domains.
+pub type SearchList = Limited<Vec<DnsDomain>, 32>;
+
+/// The `endpoint` list of one registry mirror: at most 8 URLs.
+pub type MirrorEndpoints = Limited<Vec<Url>, 8>;
+
+/// `settings.container-registry.mirrors`: at most 32 mirrors.
+pub type RegistryMirrors = Limited<Vec<RegistryMirror>, 32>;
+
+/// `settings.container-registry.credentials`: at most 32 credentials.
+pub type RegistryCredentials = Limited<Vec<RegistryCredential>, 32>;
+
+/// `settings.kernel.sysctl`: at most 256 keys.
+pub type Sysctls = Limited<BTreeMap<SysctlKey, SingleLineString>, 256>;
+
+/// The values of one kernel or init parameter: at most 16.
+pub type BootParameterValues = Limited<Vec<BootParamValue>, 16>;
+
+/// `settings.boot.kernel-parameters` and `init-parameters`: at most 64 parameters each
+/// (the kernel's own command line holds 2 KiB on x86-64 and arm64).
+pub type BootParameters = Limited<BTreeMap<BootParamKey, BootParameterValues>, 64>;
+
+/// `settings.pki`: at most 16 bundles (the OS's own CAs stay trusted; settings add to
+/// them).
+pub type PkiBundles = Limited<BTreeMap<Identifier, PkiBundle>, 16>;
 
 /// Every setting Keel knows, under `settings`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -27,7 +102,7 @@ use crate::{Error, KeyPath};
 pub struct Settings {
     /// Message of the day shown at login.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub motd: Option<String>,
+    pub motd: Option<Motd>,
     /// Long-running containers started by the host, by name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_containers: Option<BTreeMap<Identifier, HostContainer>>,
@@ -55,7 +130,7 @@ pub struct Settings {
     pub boot: Option<Boot>,
     /// Certificate bundles, by name.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub pki: Option<BTreeMap<Identifier, PkiBundle>>,
+    pub pki: Option<PkiBundles>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aws: Option<Aws>,
 }
@@ -208,9 +283,9 @@ pub struct CredentialProvider {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_duration: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub image_patterns: Option<Vec<SingleLineString>>,
+    pub image_patterns: Option<ImagePatterns>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub environment: Option<BTreeMap<EnvName, SingleLineString>>,
+    pub environment: Option<ProviderEnvironment>,
 }
 
 /// Kubernetes node (kubelet) settings.
@@ -222,15 +297,15 @@ pub struct Kubernetes {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_name: Option<SingleLineString>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster_certificate: Option<Base64>,
+    pub cluster_certificate: Option<PemBundle>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_dns_ip: Option<IpOrIps>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_domain: Option<DnsDomain>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub node_labels: Option<BTreeMap<LabelKey, LabelValue>>,
+    pub node_labels: Option<NodeLabels>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub node_taints: Option<BTreeMap<LabelKey, Vec<Taint>>>,
+    pub node_taints: Option<NodeTaints>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_pods: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -244,13 +319,13 @@ pub struct Kubernetes {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eviction_max_pod_grace_period: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub kube_reserved: Option<BTreeMap<LabelKey, Quantity>>,
+    pub kube_reserved: Option<ReservedResources>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub system_reserved: Option<BTreeMap<LabelKey, Quantity>>,
+    pub system_reserved: Option<ReservedResources>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_manager_policy: Option<MemoryManagerPolicy>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub memory_manager_reserved_memory: Option<BTreeMap<NumaNode, ReservedMemory>>,
+    pub memory_manager_reserved_memory: Option<ReservedMemoryByNode>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_manager_policy: Option<CpuManagerPolicy>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -260,9 +335,9 @@ pub struct Kubernetes {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub topology_manager_scope: Option<TopologyManagerScope>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub allowed_unsafe_sysctls: Option<Vec<SingleLineString>>,
+    pub allowed_unsafe_sysctls: Option<UnsafeSysctls>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub credential_providers: Option<BTreeMap<Identifier, CredentialProvider>>,
+    pub credential_providers: Option<CredentialProviders>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bootstrap_token: Option<BootstrapToken>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -310,7 +385,7 @@ pub struct Kubernetes {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Ntp {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub time_servers: Option<Vec<TimeServer>>,
+    pub time_servers: Option<TimeServers>,
 }
 
 /// Host network identity and proxy.
@@ -323,7 +398,7 @@ pub struct Network {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub https_proxy: Option<ProxyAddress>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub no_proxy: Option<Vec<NoProxyEntry>>,
+    pub no_proxy: Option<NoProxyList>,
 }
 
 /// Resolver configuration.
@@ -331,9 +406,9 @@ pub struct Network {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Dns {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub name_servers: Option<Vec<IpAddress>>,
+    pub name_servers: Option<NameServers>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub search_list: Option<Vec<DnsDomain>>,
+    pub search_list: Option<SearchList>,
 }
 
 /// A registry mirror.
@@ -343,7 +418,7 @@ pub struct RegistryMirror {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistryHost>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub endpoint: Option<Vec<Url>>,
+    pub endpoint: Option<MirrorEndpoints>,
 }
 
 /// Credentials for one registry.
@@ -368,9 +443,9 @@ pub struct RegistryCredential {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ContainerRegistry {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub mirrors: Option<Vec<RegistryMirror>>,
+    pub mirrors: Option<RegistryMirrors>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub credentials: Option<Vec<RegistryCredential>>,
+    pub credentials: Option<RegistryCredentials>,
 }
 
 /// containerd settings.
@@ -410,7 +485,7 @@ pub struct KernelModule {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Kernel {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sysctl: Option<BTreeMap<SysctlKey, SingleLineString>>,
+    pub sysctl: Option<Sysctls>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lockdown: Option<Lockdown>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -425,9 +500,9 @@ pub struct Boot {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reboot_to_reconcile: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub kernel_parameters: Option<BTreeMap<BootParamKey, Vec<BootParamValue>>>,
+    pub kernel_parameters: Option<BootParameters>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub init_parameters: Option<BTreeMap<BootParamKey, Vec<BootParamValue>>>,
+    pub init_parameters: Option<BootParameters>,
 }
 
 /// A certificate bundle.
@@ -436,7 +511,7 @@ pub struct Boot {
 pub struct PkiBundle {
     /// Base64 of the PEM certificate(s).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub data: Option<Base64>,
+    pub data: Option<PemBundle>,
     /// Trusted (added to the store) or distrusted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trusted: Option<bool>,

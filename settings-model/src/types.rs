@@ -39,6 +39,68 @@ fn invalid(value: &str, what: &str, why: &str) -> String {
     format!("{value:?} is not a valid {what} ({why})")
 }
 
+// ---------------------------------------------------------------------------------------
+// Characters no setting carries unless its grammar says so
+
+/// Whether `c` is a Unicode noncharacter: U+FDD0..=U+FDEF and the last two code points of
+/// every plane (U+FFFE, U+FFFF, U+1FFFE, ...). YAML parsers (the kubelet's among them)
+/// refuse U+FFFE and U+FFFF, and no text needs any of them.
+pub fn is_noncharacter(c: char) -> bool {
+    let code = u32::from(c);
+    (0xFDD0..=0xFDEF).contains(&code) || code & 0xFFFE == 0xFFFE
+}
+
+/// Whether `c` is refused in every setting whose grammar does not name it: C0 controls
+/// (newline, return, tab, NUL, and ESC, which introduces ANSI CSI and OSC sequences),
+/// DEL, C1 controls (NEL, and the 8-bit CSI U+009B and OSC U+009D introducers) and
+/// Unicode noncharacters.
+pub fn is_forbidden_char(c: char) -> bool {
+    c.is_control() || is_noncharacter(c)
+}
+
+/// The JSON Schema (ECMA 262) character class of [`is_forbidden_char`], for `concat!`,
+/// without the noncharacters above U+FFFF (a pattern without the `u` flag cannot name
+/// them) and without tab and newline, which the patterns add where they are refused.
+macro_rules! forbidden_class {
+    () => {
+        "\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F\\uFDD0-\\uFDEF\\uFFFE\\uFFFF"
+    };
+}
+
+/// The first character of `s` that [`is_forbidden_char`] refuses and `allowed` does not
+/// list, with its byte offset.
+fn first_forbidden(s: &str, allowed: &[char]) -> Option<(usize, char)> {
+    s.char_indices()
+        .find(|&(_, c)| is_forbidden_char(c) && !allowed.contains(&c))
+}
+
+/// Refuses `s` when it holds a character [`is_forbidden_char`] refuses and `allowed` does
+/// not list; the reason names the character and its offset.
+fn check_chars(s: &str, what: &str, allowed: &[char]) -> Result<(), String> {
+    match first_forbidden(s, allowed) {
+        Some((offset, c)) => Err(invalid(
+            s,
+            what,
+            &format!(
+                "control characters and noncharacters are not allowed: U+{:04X} at byte {offset}",
+                u32::from(c)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Refuses `s` when it is longer than `max` bytes, without repeating it.
+fn check_len(s: &str, what: &str, max: usize) -> Result<(), String> {
+    if s.len() > max {
+        return Err(format!(
+            "a {what} is at most {max} bytes long; this one has {}",
+            s.len()
+        ));
+    }
+    Ok(())
+}
+
 macro_rules! validated_string {
     (
         $(#[$doc:meta])*
@@ -162,7 +224,11 @@ validated_string! {
     format = None, pattern = Some("^[A-Za-z0-9]+(-[A-Za-z0-9]+)*$")
 }
 
+/// The longest environment variable name accepted.
+pub const ENV_NAME_MAX: usize = 256;
+
 fn check_env_name(s: &str) -> Result<(), String> {
+    check_len(s, "environment variable name", ENV_NAME_MAX)?;
     let mut chars = s.chars();
     let first_ok = chars
         .next()
@@ -178,7 +244,7 @@ fn check_env_name(s: &str) -> Result<(), String> {
 }
 
 validated_string! {
-    /// An environment variable name (`[A-Za-z_][A-Za-z0-9_]*`).
+    /// An environment variable name (`[A-Za-z_][A-Za-z0-9_]*`), at most 256 bytes.
     EnvName, check = check_env_name,
     description = "An environment variable name",
     format = None, pattern = Some("^[A-Za-z_][A-Za-z0-9_]*$")
@@ -207,47 +273,64 @@ validated_string! {
     format = None, pattern = Some("^[A-Za-z0-9_-]{1,64}$")
 }
 
+/// The longest kernel or init parameter name accepted.
+pub const BOOT_PARAM_KEY_MAX: usize = 128;
+
 fn check_boot_param_key(s: &str) -> Result<(), String> {
+    let what = "kernel or init parameter name";
+    check_len(s, what, BOOT_PARAM_KEY_MAX)?;
     if s.is_empty()
         || !s
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
     {
+        return Err(invalid(s, what, "letters, digits, '_', '.' and '-'"));
+    }
+    // The kernel hands everything after a bare `--` to init, and a leading '-' names no
+    // parameter of either: `--` as a key would move every later parameter to init.
+    if s.starts_with('-') {
         return Err(invalid(
             s,
-            "kernel or init parameter name",
-            "letters, digits, '_', '.' and '-'",
+            what,
+            "it cannot start with '-' (\"--\" ends the kernel's own parameters)",
         ));
     }
     Ok(())
 }
 
 validated_string! {
-    /// A kernel or init command-line parameter name (`console`, `usbcore.quirks`).
+    /// A kernel or init command-line parameter name (`console`, `usbcore.quirks`): ASCII
+    /// letters, digits, `_`, `.` and `-`, not starting with `-` (a bare `--` on the kernel
+    /// command line ends the kernel's parameters), at most 128 bytes.
     BootParamKey, check = check_boot_param_key,
     description = "A kernel or init command-line parameter name",
-    format = None, pattern = Some("^[A-Za-z0-9_.-]+$")
+    format = None, pattern = Some("^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,127}$")
 }
 
+/// The longest kernel or init parameter value accepted.
+pub const BOOT_PARAM_VALUE_MAX: usize = 256;
+
 fn check_boot_param_value(s: &str) -> Result<(), String> {
-    if s.is_empty()
-        || s.chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == '"')
-    {
+    let what = "kernel or init parameter value";
+    check_len(s, what, BOOT_PARAM_VALUE_MAX)?;
+    // Printable ASCII only: the kernel splits its command line at bytes its ctype calls
+    // space, and that includes 0xA0, which is inside the UTF-8 of many characters.
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_graphic() && b != b'"') {
         return Err(invalid(
             s,
-            "kernel or init parameter value",
-            "must be non-empty, without spaces, quotes or control characters",
+            what,
+            "must be non-empty printable ASCII, without spaces, quotes or control characters",
         ));
     }
     Ok(())
 }
 
 validated_string! {
-    /// One value of a kernel or init command-line parameter (no spaces).
+    /// One value of a kernel or init command-line parameter: printable ASCII without
+    /// spaces or `"`, at most 256 bytes.
     BootParamValue, check = check_boot_param_value,
     description = "A kernel or init command-line parameter value",
-    format = None, pattern = Some("^[^\\s\"]+$")
+    format = None, pattern = Some("^[!#-~]{1,256}$")
 }
 
 fn check_numa_node(s: &str) -> Result<(), String> {
@@ -296,20 +379,43 @@ validated_string! {
 // ---------------------------------------------------------------------------------------
 // Text
 
+/// The longest single-line string accepted.
+pub const SINGLE_LINE_MAX: usize = 4096;
+
 fn check_single_line(s: &str) -> Result<(), String> {
-    if s.chars().any(|c| c.is_control() && c != '\t') {
+    check_len(s, "single line of text", SINGLE_LINE_MAX)?;
+    if let Some((offset, c)) = first_forbidden(s, &['\t']) {
         return Err(format!(
-            "{s:?} must be a single line (no newlines or control characters)"
+            "{s:?} must be a single line (no newlines, control characters or noncharacters: U+{:04X} at byte {offset})",
+            u32::from(c)
         ));
     }
     Ok(())
 }
 
 validated_string! {
-    /// A string without newlines or other control characters (tabs allowed).
+    /// A line of text, at most 4096 bytes: no newline, return, NUL, ESC or other C0 or C1
+    /// control character (tab is allowed), no DEL and no Unicode noncharacter.
     SingleLineString, check = check_single_line,
-    description = "A single line of text",
-    format = None, pattern = Some("^[^\\n\\r]*$")
+    description = "A single line of text (tabs allowed; no other control characters)",
+    format = None, pattern = Some(concat!("^[^\\n", forbidden_class!(), "]*$"))
+}
+
+/// The longest message of the day accepted.
+pub const MOTD_MAX: usize = 16 * 1024;
+
+fn check_motd(s: &str) -> Result<(), String> {
+    check_len(s, "message of the day", MOTD_MAX)?;
+    check_chars(s, "message of the day", &['\n', '\t'])
+}
+
+validated_string! {
+    /// The message of the day, shown as is on login terminals: any lines of text up to
+    /// 16 KiB, with newlines and tabs but no other control character (no ESC, so no
+    /// ANSI CSI or OSC sequence; no return, no C1 control) and no Unicode noncharacter.
+    Motd, check = check_motd,
+    description = "Lines of text (newlines and tabs allowed; no other control characters, no escape sequences)",
+    format = None, pattern = Some(concat!("^[^", forbidden_class!(), "]*$"))
 }
 
 fn check_base64(s: &str) -> Result<(), String> {
@@ -347,6 +453,130 @@ impl Base64 {
     pub fn decode(&self) -> Vec<u8> {
         base64::engine::general_purpose::STANDARD
             .decode(&self.0)
+            .unwrap_or_default()
+    }
+}
+
+/// The longest PEM bundle accepted, in base64 characters: 96 KiB of PEM text, some 60
+/// certificates.
+pub const PEM_BUNDLE_MAX: usize = 128 * 1024;
+
+/// The PEM labels a certificate bundle may hold.
+const PEM_LABELS: &[&str] = &["CERTIFICATE", "TRUSTED CERTIFICATE"];
+
+/// Why the decoded text of a PEM bundle is not one, if it is not.
+///
+/// RFC 7468: one or more `-----BEGIN <label>-----` ... `-----END <label>-----` blocks
+/// whose body is base64 (lines may be wrapped and end in CRLF), with explanatory text
+/// allowed between them. The text may hold newline, return and tab, but no other control
+/// character and no noncharacter.
+fn pem_problem(text: &str) -> Option<String> {
+    if let Some((offset, c)) = first_forbidden(text, &['\n', '\r', '\t']) {
+        return Some(format!(
+            "the decoded text holds a control character or noncharacter: U+{:04X} at byte {offset}",
+            u32::from(c)
+        ));
+    }
+    let mut open: Option<(&str, usize, String)> = None;
+    let mut blocks = 0usize;
+    for (index, raw) in text.split('\n').enumerate() {
+        let number = index + 1;
+        let line = raw.strip_suffix('\r').unwrap_or(raw);
+        if line.contains('\r') {
+            return Some(format!(
+                "line {number}: a return is only allowed before a newline"
+            ));
+        }
+        let line = line.trim_matches([' ', '\t']);
+        match open.take() {
+            None => {
+                let Some(rest) = line.strip_prefix("-----BEGIN ") else {
+                    if line.starts_with("-----") {
+                        return Some(format!("line {number}: {line:?} outside a BEGIN/END block"));
+                    }
+                    continue; // explanatory text
+                };
+                let label = rest.strip_suffix("-----").unwrap_or_default();
+                if !PEM_LABELS.contains(&label) {
+                    return Some(format!(
+                        "line {number}: {line:?} does not begin a CERTIFICATE or TRUSTED CERTIFICATE block"
+                    ));
+                }
+                open = Some((label, number, String::new()));
+            }
+            Some((label, start, mut body)) => {
+                if let Some(rest) = line.strip_prefix("-----END ") {
+                    if rest.strip_suffix("-----") != Some(label) {
+                        return Some(format!(
+                            "line {number}: {line:?} does not end the {label} block of line {start}"
+                        ));
+                    }
+                    let der = base64::engine::general_purpose::STANDARD.decode(&body);
+                    if body.is_empty() || der.is_err() {
+                        return Some(format!(
+                            "the {label} block of line {start} does not hold base64 data"
+                        ));
+                    }
+                    blocks += 1;
+                    continue;
+                }
+                let valid = line
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=');
+                if !valid {
+                    return Some(format!(
+                        "line {number}: the {label} block of line {start} holds a line that is not base64"
+                    ));
+                }
+                body.push_str(line);
+                open = Some((label, start, body));
+            }
+        }
+    }
+    if let Some((label, start, _)) = open {
+        return Some(format!("the {label} block of line {start} has no END line"));
+    }
+    if blocks == 0 {
+        return Some("it holds no -----BEGIN CERTIFICATE----- block".to_owned());
+    }
+    None
+}
+
+fn check_pem_bundle(s: &str) -> Result<(), String> {
+    let what = "PEM bundle";
+    check_len(s, what, PEM_BUNDLE_MAX)?;
+    check_base64(s)?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|e| format!("not base64 ({e})"))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "the base64 is not a {what}: the decoded data is not UTF-8 text (byte {})",
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    match pem_problem(&text) {
+        Some(why) => Err(format!("the base64 is not a {what}: {why}")),
+        None => Ok(()),
+    }
+}
+
+validated_string! {
+    /// Base64 (standard alphabet, with padding) of a PEM certificate bundle: UTF-8 text
+    /// with one or more `CERTIFICATE` or `TRUSTED CERTIFICATE` blocks and, between them,
+    /// explanatory text without control characters (RFC 7468). At most 128 KiB of base64.
+    PemBundle, check = check_pem_bundle,
+    description = "Base64 of a PEM certificate bundle",
+    format = None, pattern = Some("^[A-Za-z0-9+/]*={0,2}$")
+}
+
+impl PemBundle {
+    /// The decoded PEM text (the value was checked when it was built).
+    pub fn decode(&self) -> String {
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.0)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
             .unwrap_or_default()
     }
 }
@@ -425,8 +655,18 @@ impl IpAddress {
     }
 }
 
+/// The longest URL accepted.
+pub const URL_MAX: usize = 2048;
+
+/// Whether `c` may appear in a URI (RFC 3986): unreserved, reserved or `%`.
+fn is_uri_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~:/?#[]@!$&'()*+,;=%".contains(c)
+}
+
 fn check_url(s: &str) -> Result<(), String> {
     let what = "URL";
+    check_len(s, what, URL_MAX)?;
+    check_chars(s, what, &[])?;
     let url = url::Url::parse(s).map_err(|e| invalid(s, what, &e.to_string()))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(invalid(s, what, "the scheme must be http or https"));
@@ -434,17 +674,24 @@ fn check_url(s: &str) -> Result<(), String> {
     if url.host_str().unwrap_or_default().is_empty() {
         return Err(invalid(s, what, "a host is required"));
     }
-    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(invalid(s, what, "spaces are not allowed"));
+    // What the url crate would repair or percent-encode (spaces, quotes, backslashes,
+    // non-ASCII) is refused, so that every reader of the string sees the same URL.
+    if let Some(c) = s.chars().find(|&c| !is_uri_char(c)) {
+        return Err(invalid(
+            s,
+            what,
+            &format!("{c:?} is not allowed (only RFC 3986 characters; percent-encode others)"),
+        ));
     }
     Ok(())
 }
 
 validated_string! {
-    /// An absolute http or https URL with a valid host.
+    /// An absolute http or https URL with a valid host, at most 2048 bytes of RFC 3986
+    /// characters (ASCII letters, digits and `-._~:/?#[]@!$&'()*+,;=%`).
     Url, check = check_url,
     description = "An absolute http:// or https:// URL",
-    format = Some("uri"), pattern = Some("^https?://")
+    format = Some("uri"), pattern = Some("^https?://[-A-Za-z0-9._~:/?#\\[\\]@!$&'()*+,;=%]+$")
 }
 
 /// `s` with the user information of a proxy URL (`user:password@`) replaced by
@@ -463,6 +710,7 @@ fn check_proxy(s: &str) -> Result<(), String> {
     // A proxy URL may carry a password: errors show the address without it.
     let shown = redact_userinfo(s);
     let bad = |why: &str| invalid(&shown, what, why);
+    check_len(s, what, URL_MAX)?;
     let with_scheme = if s.contains("://") {
         s.to_owned()
     } else {
@@ -478,8 +726,8 @@ fn check_proxy(s: &str) -> Result<(), String> {
     if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
         return Err(bad("only [scheme://]host[:port] is allowed"));
     }
-    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad("spaces are not allowed"));
+    if s.chars().any(|c| c.is_whitespace() || is_forbidden_char(c)) {
+        return Err(bad("spaces and control characters are not allowed"));
     }
     Ok(())
 }
@@ -492,40 +740,93 @@ validated_string! {
     format = None, pattern = None, debug = redact_userinfo
 }
 
+/// The longest no-proxy entry accepted.
+pub const NO_PROXY_ENTRY_MAX: usize = 255;
+
 fn check_no_proxy(s: &str) -> Result<(), String> {
+    let what = "no-proxy entry";
+    check_len(s, what, NO_PROXY_ENTRY_MAX)?;
     if s.is_empty()
         || s.chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == ',')
+            .any(|c| c.is_whitespace() || is_forbidden_char(c) || c == ',')
     {
         return Err(invalid(
             s,
-            "no-proxy entry",
-            "a host, domain, IP or CIDR without spaces or commas",
+            what,
+            "a host, domain, IP or CIDR without spaces, commas or control characters",
         ));
     }
     Ok(())
 }
 
 validated_string! {
-    /// One no-proxy entry: a host, domain (`.example.com`), IP or CIDR.
+    /// One no-proxy entry: a host, domain (`.example.com`), IP or CIDR; no spaces, commas
+    /// or control characters, at most 255 bytes.
     NoProxyEntry, check = check_no_proxy,
     description = "A host, domain, IP address or CIDR",
-    format = None, pattern = Some("^[^\\s,]+$")
+    format = None, pattern = Some(concat!("^[^\\s,", forbidden_class!(), "]+$"))
+}
+
+/// The longest time server accepted.
+pub const TIME_SERVER_MAX: usize = 512;
+
+/// Whether `host` is a host name, an IPv4 address or a bracketed IPv6 address.
+fn is_server_host(host: &str) -> bool {
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(inner) => inner.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            host.parse::<std::net::Ipv4Addr>().is_ok() || hostname_problem(host, false).is_none()
+        }
+    }
+}
+
+/// Why `s` is not `scheme://host[:port][/path][?query][#fragment]`, if it is not.
+///
+/// The host is found the way chrony-conf's `url_host` filter finds it (the authority
+/// ends at the first `/`, `?` or `#`; a port follows the last `:` outside brackets), and
+/// user information is refused, so what is checked here is what reaches chrony.conf.
+fn server_url_problem(s: &str) -> Option<&'static str> {
+    let (scheme, rest) = s.split_once("://")?;
+    let mut chars = scheme.chars();
+    let scheme_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    if !scheme_ok {
+        return Some("the URL scheme must be letters, digits, '+', '-' or '.'");
+    }
+    if !rest.chars().all(is_uri_char) {
+        return Some("only RFC 3986 characters are allowed in a URL");
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    if authority.contains('@') {
+        return Some("user information is not allowed");
+    }
+    let (host, port) = match authority.rfind(':') {
+        Some(i) if !authority[i..].contains(']') => (&authority[..i], Some(&authority[i + 1..])),
+        _ => (authority, None),
+    };
+    let port_ok = |p: &str| p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok();
+    if port.is_some_and(|p| !port_ok(p)) {
+        return Some("the port must be a number from 0 to 65535");
+    }
+    if !is_server_host(host) {
+        return Some("the URL has no valid host");
+    }
+    None
 }
 
 fn check_ntp_server(s: &str) -> Result<(), String> {
     let what = "time server";
+    check_len(s, what, TIME_SERVER_MAX)?;
+    check_chars(s, what, &[])?;
     if s.parse::<std::net::IpAddr>().is_ok() || hostname_problem(s, false).is_none() {
         return Ok(());
     }
     if s.contains("://") {
-        let url = url::Url::parse(s).map_err(|e| invalid(s, what, &e.to_string()))?;
-        let host = url.host_str().unwrap_or_default();
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.parse::<std::net::IpAddr>().is_ok() || hostname_problem(host, false).is_none() {
-            return Ok(());
-        }
-        return Err(invalid(s, what, "the URL has no valid host"));
+        url::Url::parse(s).map_err(|e| invalid(s, what, &e.to_string()))?;
+        return match server_url_problem(s) {
+            Some(why) => Err(invalid(s, what, why)),
+            None => Ok(()),
+        };
     }
     Err(invalid(
         s,
@@ -535,10 +836,12 @@ fn check_ntp_server(s: &str) -> Result<(), String> {
 }
 
 validated_string! {
-    /// An NTP server: host name, IP address or URL such as `ntp://host`.
+    /// An NTP server: host name, IP address or URL such as `ntp://host[:port]` (no user
+    /// information; RFC 3986 characters only), at most 512 bytes. Never a control
+    /// character: its host is written into chrony.conf, one directive per line.
     TimeServer, check = check_ntp_server,
     description = "An NTP server: host name, IP address or URL",
-    format = None, pattern = None
+    format = None, pattern = Some("^[-A-Za-z0-9._~:/?#\\[\\]@!$&'()*+,;=%]+$")
 }
 
 fn check_registry_host(s: &str) -> Result<(), String> {
@@ -652,7 +955,7 @@ fn archive_ref_problem(rest: &str) -> Option<&'static str> {
             "oci-archive: needs an absolute path, e.g. oci-archive:/local/images/admin.tar",
         );
     }
-    if path.len() > 4096 || path.chars().any(char::is_control) {
+    if path.len() > 4096 || path.chars().any(is_forbidden_char) {
         return Some("the archive path is too long or holds control characters");
     }
     if path.split('/').any(|c| c == ".." || c == ".") || path.contains("//") {
@@ -1586,7 +1889,8 @@ secret_string! {
 // ---------------------------------------------------------------------------------------
 // One or many IP addresses
 
-/// A single IP address or a list of them (`cluster-dns-ip`), kept in the form given.
+/// A single IP address or a list of at most [`IpOrIps::MAX`] (`cluster-dns-ip`), kept in
+/// the form given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IpOrIps {
     One(IpAddress),
@@ -1594,6 +1898,10 @@ pub enum IpOrIps {
 }
 
 impl IpOrIps {
+    /// The most addresses a list holds (`cluster-dns-ip`: the kubelet writes them all
+    /// into pods' resolv.conf, where only 3 are used).
+    pub const MAX: usize = 16;
+
     /// The addresses as a list.
     pub fn to_vec(&self) -> Vec<IpAddress> {
         match self {
@@ -1629,6 +1937,12 @@ impl<'de> Deserialize<'de> for IpOrIps {
             ) -> Result<IpOrIps, A::Error> {
                 let mut ips = Vec::new();
                 while let Some(ip) = seq.next_element::<IpAddress>()? {
+                    if ips.len() == IpOrIps::MAX {
+                        return Err(serde::de::Error::custom(format!(
+                            "more than the limit of {} addresses for this setting",
+                            IpOrIps::MAX
+                        )));
+                    }
                     ips.push(ip);
                 }
                 Ok(IpOrIps::Many(ips))
@@ -1647,7 +1961,10 @@ impl JsonSchema for IpOrIps {
     }
     fn json_schema(gen: &mut SchemaGenerator) -> Schema {
         let one = IpAddress::json_schema(gen);
-        let many = <Vec<IpAddress>>::json_schema(gen);
+        let mut many = <Vec<IpAddress>>::json_schema(gen);
+        if let Schema::Object(list) = &mut many {
+            list.array().max_items = u32::try_from(IpOrIps::MAX).ok();
+        }
         SchemaObject {
             subschemas: Some(Box::new(schemars::schema::SubschemaValidation {
                 any_of: Some(vec![one, many]),
