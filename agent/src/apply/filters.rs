@@ -8,6 +8,7 @@
 
 use base64::Engine as _;
 use minijinja::{Environment, Error, ErrorKind, Value};
+use settings_model::types::is_noncharacter;
 
 /// Registers every Keel filter on `env`.
 pub fn register(env: &mut Environment<'_>) {
@@ -38,8 +39,8 @@ pub fn base64_decode(value: &str) -> Result<String, Error> {
     })
 }
 
-/// Quotes `value` as a TOML basic string: `"..."` with `\`, `"` and control characters
-/// escaped.
+/// Quotes `value` as a TOML basic string: `"..."` with `\`, `"`, control characters and
+/// Unicode noncharacters escaped.
 pub fn toml_string(value: &str) -> String {
     double_quoted(value, |c| match c {
         '\u{8}' => Some("\\b"),
@@ -49,7 +50,10 @@ pub fn toml_string(value: &str) -> String {
 }
 
 /// Quotes `value` as a YAML double-quoted scalar, so that no value can change type
-/// (`"true"`, `"0x10"`, `"null"` stay strings) or break the document structure.
+/// (`"true"`, `"0x10"`, `"null"` stay strings) or break the document structure. Only
+/// YAML's printable characters are written as they are: controls, U+FFFE and U+FFFF
+/// (which YAML parsers, the kubelet's among them, refuse in a document) and the other
+/// noncharacters are escaped.
 pub fn yaml_string(value: &str) -> String {
     // YAML treats these as line breaks or non-printable: escape them.
     double_quoted(value, |c| match c {
@@ -62,24 +66,38 @@ pub fn yaml_string(value: &str) -> String {
 }
 
 /// `"..."` with `"`, `\`, newline, return and tab escaped the way TOML and YAML share,
-/// the format's own escapes from `special`, and other control characters as `\uXXXX`.
+/// the format's own escapes from `special`, and other control characters and every
+/// noncharacter as `\uXXXX` (`\UXXXXXXXX` above U+FFFF).
 fn double_quoted(value: &str, special: impl Fn(char) -> Option<&'static str>) -> String {
     let mut out = String::with_capacity(value.len() + 2);
     out.push('"');
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c => match special(c) {
-                Some(escape) => out.push_str(escape),
-                None if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
-                None => out.push(c),
-            },
+    // Runs of characters written as they are go in with one copy each.
+    let mut plain = 0;
+    for (at, c) in value.char_indices() {
+        if (' '..='~').contains(&c) && c != '"' && c != '\\' {
+            continue;
+        }
+        let escape = match c {
+            '"' => Some("\\\""),
+            '\\' => Some("\\\\"),
+            '\n' => Some("\\n"),
+            '\r' => Some("\\r"),
+            '\t' => Some("\\t"),
+            c => special(c),
+        };
+        let numeric = escape.is_none() && (c.is_control() || is_noncharacter(c));
+        if escape.is_none() && !numeric {
+            continue;
+        }
+        out.push_str(&value[plain..at]);
+        plain = at + c.len_utf8();
+        match escape {
+            Some(escape) => out.push_str(escape),
+            None if u32::from(c) > 0xFFFF => out.push_str(&format!("\\U{:08X}", u32::from(c))),
+            None => out.push_str(&format!("\\u{:04X}", u32::from(c))),
         }
     }
+    out.push_str(&value[plain..]);
     out.push('"');
     out
 }
@@ -217,6 +235,25 @@ mod tests {
             let parsed: serde_norway::Value = serde_norway::from_str(&doc).unwrap();
             assert_eq!(parsed["v"].as_str().unwrap(), s, "{doc}");
         }
+    }
+
+    #[test]
+    fn yaml_and_toml_strings_escape_noncharacters() {
+        let s = "a\u{fffe}b\u{ffff}c\u{fdd0}d\u{1fffe}e\u{10ffff}\u{9b}31m\u{1b}]0;x\u{7}";
+        let yaml_doc = format!("v: {}", yaml_string(s));
+        let toml_doc = format!("v = {}", toml_string(s));
+        for doc in [&yaml_doc, &toml_doc] {
+            assert!(
+                !doc.chars()
+                    .any(|c| c.is_control() || settings_model::types::is_noncharacter(c)),
+                "{doc:?}"
+            );
+        }
+        assert!(yaml_doc.contains("\\uFFFE") && yaml_doc.contains("\\U0001FFFE"));
+        let parsed: serde_norway::Value = serde_norway::from_str(&yaml_doc).unwrap();
+        assert_eq!(parsed["v"].as_str().unwrap(), s, "{yaml_doc}");
+        let parsed: toml::Table = toml::from_str(&toml_doc).unwrap();
+        assert_eq!(parsed["v"].as_str().unwrap(), s, "{toml_doc}");
     }
 
     /// Unquotes the way `sh` and systemd's EnvironmentFile= do for the forms we emit.
