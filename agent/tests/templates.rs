@@ -846,3 +846,28 @@ fn bottlerocket_documentation_examples_render() {
     assert!(rendered > 0, "no accepted example found in EXPECTED.tsv");
     println!("rendered every template for {rendered} accepted examples");
 }
+
+#[test]
+fn no_template_builds_a_list_by_concatenation() {
+    // `{% set xs = xs + [x] %}` in a loop copies the list once per item: quadratic.
+    for entry in std::fs::read_dir(packaging().join("templates")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for line in text.lines() {
+            let Some(rest) = line.split("{% set ").nth(1) else {
+                continue;
+            };
+            let Some((target, value)) = rest.split_once('=') else {
+                continue;
+            };
+            let target = target.trim();
+            let appends = value.trim_start().starts_with(&format!("{target} +"))
+                || value.contains(&format!("{target} + ["));
+            assert!(
+                !appends,
+                "{}: {line:?} appends to a list in place",
+                path.display()
+            );
+        }
+    }
+}
