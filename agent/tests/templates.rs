@@ -847,6 +847,667 @@ fn bottlerocket_documentation_examples_render() {
     println!("rendered every template for {rendered} accepted examples");
 }
 
+// ---------------------------------------------------------------------------------------
+// Hostile values: every string that reaches a template, with every character a format
+// treats specially, either refused by the model naming the key, or rendered into files
+// whose parsed content is the baseline's with only that value changed.
+
+/// Characters and sequences that mean something to one of the formats rendered, to a
+/// terminal, or to the template language.
+const HOSTILE: &[&str] = &[
+    "\n",
+    "\r",
+    "\t",
+    "\0",
+    "\"",
+    "'",
+    "\\",
+    "}}",
+    "{%",
+    "{#",
+    ": ",
+    "#",
+    "&",
+    "*",
+    "!",
+    "[",
+    "]",
+    ",",
+    "=",
+    " ",
+    "$(x)",
+    "`x`",
+    "\u{fffe}",
+    "\u{ffff}",
+    "\u{85}",
+    "\u{2028}",
+    "\u{feff}",
+    "\u{1b}[31m",
+    "\u{1b}]0;x\u{7}",
+    "\u{9b}31m",
+    "x\nallow all\ncmdallow all\nserver evil.example.net",
+    "x\n[evil]\nkey = 1",
+    "x\nevil: 1",
+    "x\"\nevil = \"1",
+];
+
+const PEM_A: &str =
+    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END CERTIFICATE-----\n";
+const PEM_B: &str =
+    "-----BEGIN CERTIFICATE-----\nMIIBbWFueSBjZXJ0cw==\n-----END CERTIFICATE-----\n";
+const PEM_C: &str = "-----BEGIN CERTIFICATE-----\nMIIBZGlzdHJ1c3Q=\n-----END CERTIFICATE-----\n";
+const PEM_D: &str = "-----BEGIN CERTIFICATE-----\nMIIBY2x1c3Rlcg==\n-----END CERTIFICATE-----\n";
+
+/// Settings with every string that reaches a template, each value distinct and no value
+/// a part of another, so that a changed value can be found in the rendered files.
+fn every_field_settings() -> Value {
+    json!({
+        "motd": "motd-text line one\nline two",
+        "ntp": {"time-servers": ["169.254.169.123", "ntp://ntp-a.example.com:123", "ntp-b.example.org"]},
+        "network": {
+            "hostname": "node-seven.example.internal",
+            "https-proxy": "proxy-host.example.com:3128",
+            "no-proxy": ["skip-a.example.net", "192.0.2.0/24"]
+        },
+        "dns": {
+            "name-servers": ["10.11.0.2", "fd00:ab::53"],
+            "search-list": ["search-a.example", "search-b.example"]
+        },
+        "container-registry": {
+            "mirrors": [
+                {"registry": "docker.io", "endpoint": ["https://mirror-one.example.com", "https://mirror-two.example.com/v2"]},
+                {"registry": "*", "endpoint": ["https://mirror-all.example.com"]}
+            ],
+            "credentials": [
+                {"registry": "creds-a.example.com:5000", "username": "robot-user", "password": "robot-password"},
+                {"registry": "creds-b.example.com", "auth": b64("authuser:authpass"), "identitytoken": "identity-token-value"}
+            ]
+        },
+        "kernel": {"sysctl": {"net.core.somaxconn": "sysctl-value-one", "vm.max_map_count": "262144"}},
+        "kubernetes": {
+            "api-server": "https://api-server.example.com:6443",
+            "cluster-name": "cluster-name-prod",
+            "cluster-certificate": b64(PEM_D),
+            "cluster-dns-ip": ["10.96.0.10", "10.96.0.11"],
+            "cluster-domain": "cluster-domain.example",
+            "node-labels": {"label-one": "label-value-one", "example.com/role": "label-value-two"},
+            "node-taints": {"dedicated": ["taint-value:PreferNoSchedule", ":NoExecute"]},
+            "eviction-hard": {"memory.available": "15%"},
+            "eviction-soft": {"nodefs.available": "12%"},
+            "eviction-soft-grace-period": {"memory.available": "45s"},
+            "kube-reserved": {"cpu": "150m", "memory": "512Mi"},
+            "system-reserved": {"ephemeral-storage": "3Gi"},
+            "memory-manager-policy": "Static",
+            "memory-manager-reserved-memory": {"0": {"enabled": true, "memory": "674Mi", "hugepages-1Gi": "1Gi", "hugepages-2Mi": "2148Mi"}},
+            "cpu-manager-policy": "static",
+            "cpu-manager-reconcile-period": "7s",
+            "topology-manager-policy": "single-numa-node",
+            "topology-manager-scope": "pod",
+            "allowed-unsafe-sysctls": ["unsafe-one.*", "kernel.msg*"],
+            "credential-providers": {
+                "ecr-credential-provider": {
+                    "enabled": true,
+                    "cache-duration": "30m",
+                    "image-patterns": ["*.dkr.ecr.us-east-2.amazonaws.com", "pattern-two.example.com"],
+                    "environment": {"KEY_ONE": "env-value-one", "KEY_TWO": "env-value-two"}
+                }
+            },
+            "authentication-mode": "aws",
+            "pod-infra-container-image": "registry.example.com/pause:3.9",
+            "node-ip": "10.0.1.7",
+            "hostname-override": "override-host.example.com",
+            "provider-id": "aws:///us-west-2a/i-0123456789abcdef0",
+            "cloud-provider": "external-cloud",
+            "container-log-max-size": "10Mi",
+            "shutdown-grace-period": "2m",
+            "shutdown-grace-period-for-critical-pods": "20s"
+        },
+        "aws": {"region": "us-west-2"},
+        "boot": {
+            "kernel-parameters": {"console": ["tty0", "ttyS1,115200n8"], "nosmt": []},
+            "init-parameters": {"systemd.log_level": ["debug"]}
+        },
+        "pki": {
+            "trusted-ca": {"data": b64(PEM_A), "trusted": true},
+            "more-cas": {"data": b64(PEM_B), "trusted": true},
+            "bad-ca": {"data": b64(PEM_C), "trusted": false}
+        }
+    })
+}
+
+/// String settings that no template reads (they go to containers, the boot, or keeld's
+/// own use), as key patterns: `*` for a map key, `[]` for a list item.
+const NOT_RENDERED: &[&str] = &[
+    "host-containers",
+    "bootstrap-containers",
+    "bootstrap-commands",
+    "kernel.modules",
+    "kernel.lockdown",
+    "kubernetes.bootstrap-token",
+    "aws.config",
+    "aws.credentials",
+    "aws.profile",
+];
+
+#[derive(Clone, Debug, PartialEq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// One string of the settings: a value, or the key of a map entry.
+#[derive(Clone, Debug)]
+struct Field {
+    path: Vec<Seg>,
+    is_key: bool,
+}
+
+impl Field {
+    /// The settings key an error about this field names.
+    fn key(&self, renamed: Option<&str>) -> String {
+        let mut key = String::from("settings");
+        let last = self.path.len() - 1;
+        for (i, seg) in self.path.iter().enumerate() {
+            match seg {
+                Seg::Index(n) => key.push_str(&format!("[{n}]")),
+                Seg::Key(k) => {
+                    let k = if i == last { renamed.unwrap_or(k) } else { k };
+                    key.push('.');
+                    key.push_str(&settings_model::key::format_segment(k));
+                }
+            }
+        }
+        key
+    }
+
+    /// `settings.a.*.b[]`-style pattern (map keys as `*`, list items as `[]`).
+    fn pattern(&self, maps: &[Vec<Seg>]) -> String {
+        let mut out = Vec::new();
+        for (i, seg) in self.path.iter().enumerate() {
+            match seg {
+                Seg::Index(_) => out.push("[]".to_owned()),
+                Seg::Key(k) if maps.contains(&self.path[..i].to_vec()) => out.push("*".to_owned()),
+                Seg::Key(k) => out.push(k.clone()),
+            }
+        }
+        let text = out.join(".").replace(".[]", "[]");
+        if self.is_key {
+            format!("{text} (key)")
+        } else {
+            text
+        }
+    }
+}
+
+fn at<'a>(value: &'a Value, path: &[Seg]) -> &'a Value {
+    path.iter().fold(value, |v, seg| match seg {
+        Seg::Key(k) => &v[k.as_str()],
+        Seg::Index(i) => &v[*i],
+    })
+}
+
+fn at_mut<'a>(value: &'a mut Value, path: &[Seg]) -> &'a mut Value {
+    path.iter().fold(value, |v, seg| match seg {
+        Seg::Key(k) => &mut v[k.as_str()],
+        Seg::Index(i) => &mut v[*i],
+    })
+}
+
+/// `node`, its `$ref`s followed.
+fn resolve<'a>(root: &'a Value, mut node: &'a Value) -> &'a Value {
+    while let Some(r) = node.get("$ref").and_then(Value::as_str) {
+        node = &root["definitions"][r.trim_start_matches("#/definitions/")];
+    }
+    node
+}
+
+/// The JSON Schema node of `path`, `$ref`s followed; for a list of alternatives
+/// (`anyOf`), the first that has what the path needs.
+fn schema_at<'a>(root: &'a Value, node: &'a Value, path: &[Seg]) -> Option<&'a Value> {
+    let node = resolve(root, node);
+    let Some((seg, rest)) = path.split_first() else {
+        return Some(node);
+    };
+    let mut options = vec![node];
+    if let Some(any) = node.get("anyOf").and_then(Value::as_array) {
+        options.extend(any.iter().map(|n| resolve(root, n)));
+    }
+    options.into_iter().find_map(|n| {
+        let next = match seg {
+            Seg::Key(k) => n
+                .get("properties")
+                .and_then(|p| p.get(k))
+                .or_else(|| n.get("additionalProperties").filter(|a| a.is_object()))?,
+            Seg::Index(_) => n.get("items")?,
+        };
+        schema_at(root, next, rest)
+    })
+}
+
+/// Every string value and every map key in `value`; `maps` collects the paths of maps
+/// (objects whose keys are data, not field names).
+fn fields(
+    root: &Value,
+    value: &Value,
+    path: &mut Vec<Seg>,
+    maps: &mut Vec<Vec<Seg>>,
+    out: &mut Vec<Field>,
+) {
+    match value {
+        Value::String(_) => out.push(Field {
+            path: path.clone(),
+            is_key: false,
+        }),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                path.push(Seg::Index(i));
+                fields(root, item, path, maps, out);
+                path.pop();
+            }
+        }
+        Value::Object(members) => {
+            let schema = schema_at(root, &root["properties"]["settings"], path)
+                .unwrap_or_else(|| panic!("no schema for {path:?}"));
+            let is_map = schema.get("properties").is_none()
+                && schema
+                    .get("additionalProperties")
+                    .is_some_and(Value::is_object);
+            if is_map {
+                maps.push(path.clone());
+            }
+            for (k, v) in members {
+                path.push(Seg::Key(k.clone()));
+                if is_map {
+                    out.push(Field {
+                        path: path.clone(),
+                        is_key: true,
+                    });
+                }
+                fields(root, v, path, maps, out);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Every string setting the schema has, as patterns (see [`Field::pattern`]).
+fn schema_strings(root: &Value, node: &Value, prefix: &str, out: &mut Vec<String>) {
+    let node = resolve(root, node);
+    let join = |p: &str, s: &str| {
+        if p.is_empty() {
+            s.to_owned()
+        } else {
+            format!("{p}.{s}")
+        }
+    };
+    let types: Vec<&str> = match node.get("type") {
+        Some(Value::String(t)) => vec![t.as_str()],
+        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    if types.contains(&"string") || node.get("enum").is_some() {
+        out.push(prefix.to_owned());
+    }
+    if let Some(any) = node.get("anyOf").and_then(Value::as_array) {
+        for alternative in any {
+            schema_strings(root, alternative, prefix, out);
+        }
+    }
+    if let Some(items) = node.get("items") {
+        schema_strings(root, items, &format!("{prefix}[]"), out);
+    }
+    if let Some(properties) = node.get("properties").and_then(Value::as_object) {
+        for (k, v) in properties {
+            schema_strings(root, v, &join(prefix, k), out);
+        }
+    } else if let Some(values) = node.get("additionalProperties").filter(|a| a.is_object()) {
+        out.push(format!("{} (key)", join(prefix, "*")));
+        schema_strings(root, values, &join(prefix, "*"), out);
+    }
+}
+
+/// What a rendered file says, as sorted `(where, what)` pairs read with a parser for
+/// its format. Panics when the file is not in its format.
+fn parsed(name: &str, text: &str) -> Vec<(String, String)> {
+    fn walk_toml(v: &toml::Value, path: String, out: &mut Vec<(String, String)>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    walk_toml(v, format!("{path}\0{k}"), out);
+                }
+            }
+            toml::Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    walk_toml(v, format!("{path}\0[{i}]"), out);
+                }
+            }
+            toml::Value::String(s) => out.push((path, format!("s:{s}"))),
+            other => out.push((path, format!("v:{other}"))),
+        }
+    }
+    fn walk_yaml(v: &serde_norway::Value, path: String, out: &mut Vec<(String, String)>) {
+        use serde_norway::Value as Y;
+        match v {
+            Y::Mapping(m) => {
+                for (k, v) in m {
+                    let k = match k {
+                        Y::String(s) => s.clone(),
+                        other => panic!("a YAML key that is not a string: {other:?}"),
+                    };
+                    walk_yaml(v, format!("{path}\0{k}"), out);
+                }
+            }
+            Y::Sequence(s) => {
+                for (i, v) in s.iter().enumerate() {
+                    walk_yaml(v, format!("{path}\0[{i}]"), out);
+                }
+            }
+            Y::String(s) => out.push((path, format!("s:{s}"))),
+            Y::Tagged(t) => panic!("a YAML tag: {t:?}"),
+            other => out.push((path, format!("v:{other:?}"))),
+        }
+    }
+    /// A value of a `KEY=value` line as systemd's EnvironmentFile= and sh read what
+    /// `shell_env_quote` writes: plain characters, `'...'` and `\'`; anything else
+    /// (spaces, `$`, backquotes, double quotes) is not in the file format we write.
+    fn env_value(raw: &str) -> String {
+        let mut out = String::new();
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\'' => loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(q) => out.push(q),
+                        None => panic!("unterminated quote in {raw:?}"),
+                    }
+                },
+                '\\' => out.push(chars.next().expect("an escaped character")),
+                c if c.is_ascii_alphanumeric() || "_-+.,:/=@%".contains(c) => out.push(c),
+                c => panic!("{c:?} unquoted in {raw:?}"),
+            }
+        }
+        out
+    }
+    let mut out = Vec::new();
+    match name {
+        "registries" | "containerd-config" | "containerd-hosts" => {
+            walk_toml(&toml::Value::Table(toml_doc(text)), String::new(), &mut out);
+        }
+        "kubelet-config" | "kubeconfig" | "credential-provider-config" => {
+            walk_yaml(&yaml(text), String::new(), &mut out);
+        }
+        "kubelet-env" | "proxy-env" => {
+            for line in lines(text) {
+                let (key, raw) = line
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("{name}: {line:?} is not KEY=value"));
+                assert!(
+                    !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{name}: {line:?}"
+                );
+                // Lists are comma-separated: compare their items, in any order.
+                let value = env_value(raw);
+                if ["NODE_LABELS", "NODE_TAINTS", "NO_PROXY", "no_proxy"].contains(&key) {
+                    for item in value.split(',') {
+                        out.push((key.to_owned(), item.to_owned()));
+                    }
+                } else {
+                    out.push((key.to_owned(), value));
+                }
+            }
+        }
+        "chrony-conf" | "hosts" | "resolv-conf" => {
+            for line in lines(text) {
+                let mut words = line.split_whitespace();
+                let directive = words.next().unwrap_or_default().to_owned();
+                out.push((directive, words.collect::<Vec<_>>().join("\0")));
+            }
+        }
+        "sysctl-conf" => {
+            // systemd-sysctl: `key = value`, both trimmed; `#` and `;` start comments.
+            for line in text.lines().map(str::trim) {
+                if line.is_empty() || line.starts_with(['#', ';']) {
+                    continue;
+                }
+                let (key, value) = line
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("{name}: {line:?} is not key = value"));
+                out.push((key.trim().to_owned(), value.trim().to_owned()));
+            }
+        }
+        "boot-kernel-parameters" | "boot-init-parameters" => {
+            // The kernel splits its command line at spaces (its ctype's, which include
+            // 0xA0) and takes `"` as quoting, which the values never hold.
+            assert!(text.lines().count() <= 1, "{name}: {text:?}");
+            assert!(!text.contains('"'), "{name}: {text:?}");
+            for word in text.split(|c: char| c.is_ascii_whitespace() || c == '\u{a0}') {
+                if word.is_empty() {
+                    continue;
+                }
+                let (key, value) = word.split_once('=').unwrap_or((word, ""));
+                out.push((key.to_owned(), value.to_owned()));
+            }
+        }
+        "ca-bundle" | "ca-distrust" | "kubernetes-ca" | "motd" | "hostname" => {
+            out.push((String::new(), text.to_owned()));
+        }
+        other => panic!("no parser for template {other}: add one"),
+    }
+    out.sort();
+    out
+}
+
+/// Every file rendered from `settings`, by file (for-each files once per item, named
+/// `template[item]`), with its template name and text.
+fn render_every_file(
+    t: &Templates,
+    meta: &ServicesMeta,
+    settings: &Value,
+) -> BTreeMap<String, (String, String)> {
+    let mut out = BTreeMap::new();
+    for file in meta.configuration_files.values() {
+        let name = file.template_path.clone();
+        if file.for_each.is_some() {
+            for item in file.items(settings).unwrap() {
+                let context =
+                    Templates::context_with_item(settings, &os(), &item.value, &item.name);
+                let text = t
+                    .render_in(&name, &context)
+                    .unwrap_or_else(|e| panic!("{name}[{}]: {e}", item.name));
+                out.insert(format!("{name}[{}]", item.name), (name.clone(), text));
+            }
+        } else {
+            let text = t
+                .render(&name, settings, &os())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            out.insert(name.clone(), (name, text));
+        }
+    }
+    out
+}
+
+/// Characters no rendered file holds as they are: controls other than newline (tab in
+/// the files that write values as given or quoted, return in PEM bundles) and
+/// noncharacters.
+fn assert_no_raw_controls(file: &str, template: &str, text: &str) {
+    let allowed: &[char] = match template {
+        // A tab is a value's own: systemd and sh keep it (quoted in the env files).
+        "motd" | "sysctl-conf" | "kubelet-env" | "proxy-env" => &['\n', '\t'],
+        "ca-bundle" | "ca-distrust" | "kubernetes-ca" => &['\n', '\r', '\t'],
+        _ => &['\n'],
+    };
+    if let Some(c) = text
+        .chars()
+        .find(|c| settings_model::types::is_forbidden_char(*c) && !allowed.contains(c))
+    {
+        panic!("{file} holds U+{:04X} as it is:\n{text:?}", u32::from(c));
+    }
+}
+
+/// The decoded text of a base64 PEM value, trimmed as the templates write it.
+fn decoded(value: &str) -> Option<String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .ok()?;
+    Some(String::from_utf8(bytes).ok()?.trim().to_owned())
+}
+
+#[test]
+fn every_hostile_value_in_every_field_is_refused_or_stays_a_value() {
+    let schema = settings_model::schema::json_schema();
+    let t = templates();
+    let meta = ServicesMeta::load(&packaging().join("services.toml")).unwrap();
+    // The base settings, and the same with the one-address form of cluster-dns-ip.
+    let mut one_dns = every_field_settings();
+    one_dns["kubernetes"]["cluster-dns-ip"] = json!("10.96.0.12");
+    let bases = [every_field_settings(), one_dns];
+
+    // Every string setting a template can read is in the base settings.
+    let mut covered = Vec::new();
+    for base in &bases {
+        let (mut all, mut maps) = (Vec::new(), Vec::new());
+        fields(&schema, base, &mut Vec::new(), &mut maps, &mut all);
+        covered.extend(all.iter().map(|f| f.pattern(&maps)));
+    }
+    let mut in_schema = Vec::new();
+    schema_strings(
+        &schema,
+        &schema["properties"]["settings"],
+        "",
+        &mut in_schema,
+    );
+    for pattern in &in_schema {
+        let skipped = NOT_RENDERED.iter().any(|p| pattern.starts_with(p));
+        assert!(
+            skipped || covered.contains(pattern),
+            "{pattern} is not in every_field_settings() (nor in NOT_RENDERED)"
+        );
+    }
+
+    let (mut refused, mut accepted, mut count) = (0, 0, 0);
+    for base in &bases {
+        let base = settings_model::validate(base).unwrap();
+        let (mut all, mut maps) = (Vec::new(), Vec::new());
+        fields(&schema, &base, &mut Vec::new(), &mut maps, &mut all);
+        count += all.len();
+        let (r, a) = hostile_values_in_fields(&t, &meta, &base, &all);
+        refused += r;
+        accepted += a;
+    }
+    println!("{count} fields: {refused} values refused, {accepted} rendered as values");
+    assert!(accepted > 0 && refused > 0);
+}
+
+/// Puts every hostile value into each of `all` in turn: alone, after the base value,
+/// and, in a PEM bundle, inside and after the PEM text. A refusal must name the field's
+/// key; an accepted value must render into files that parse to the baseline's content
+/// with only that value changed. Returns how many values were refused and accepted.
+fn hostile_values_in_fields(
+    t: &Templates,
+    meta: &ServicesMeta,
+    base: &Value,
+    all: &[Field],
+) -> (usize, usize) {
+    let baseline = render_every_file(t, meta, base);
+    let parsed_baseline: BTreeMap<&String, Vec<(String, String)>> = baseline
+        .iter()
+        .map(|(file, (template, text))| {
+            assert_no_raw_controls(file, template, text);
+            (file, parsed(template, text))
+        })
+        .collect();
+
+    let (mut refused, mut accepted) = (0, 0);
+    for field in all {
+        let old = match (field.is_key, field.path.last()) {
+            (true, Some(Seg::Key(k))) => k.clone(),
+            _ => at(base, &field.path).as_str().unwrap().to_owned(),
+        };
+        let pem = decoded(&old).filter(|d| d.starts_with("-----BEGIN"));
+        for hostile in HOSTILE {
+            let mut candidates = vec![hostile.to_string(), format!("{old}{hostile}")];
+            if let Some(text) = &pem {
+                candidates.push(b64(&format!("{text}\n{hostile}\n")));
+                candidates.push(b64(&text.replacen('\n', &format!("{hostile}\n"), 1)));
+            }
+            for new in candidates {
+                let mut settings = base.clone();
+                match (field.is_key, field.path.split_last()) {
+                    (true, Some((Seg::Key(k), parent))) => {
+                        let map = at_mut(&mut settings, parent).as_object_mut().unwrap();
+                        let v = map.remove(k).unwrap();
+                        map.insert(new.clone(), v);
+                    }
+                    _ => *at_mut(&mut settings, &field.path) = Value::String(new.clone()),
+                }
+                let settings = match settings_model::validate(&settings) {
+                    Err(err) => {
+                        let expected = field.key(field.is_key.then_some(new.as_str()));
+                        assert_eq!(
+                            err.key(),
+                            Some(expected.as_str()),
+                            "{new:?} in {}: the refusal names another key: {err}",
+                            field.key(None)
+                        );
+                        refused += 1;
+                        continue;
+                    }
+                    Ok(settings) => settings,
+                };
+                accepted += 1;
+                let mut swaps = vec![(old.clone(), new.clone())];
+                if let (Some(from), Some(to)) = (&pem, decoded(&new)) {
+                    swaps.push((from.clone(), to));
+                }
+                let swap = |s: &str| {
+                    swaps
+                        .iter()
+                        .fold(s.to_owned(), |s, (from, to)| s.replace(from.as_str(), to))
+                };
+                let rendered = render_every_file(t, meta, &settings);
+                // A file per item is named by the item (a mirror's registry): follow it.
+                let by_name: BTreeMap<String, &String> =
+                    baseline.keys().map(|file| (swap(file), file)).collect();
+                if by_name.len() < baseline.len() {
+                    // Two items now have one name (a second "*" mirror): the first wins,
+                    // by design; nothing to compare file by file.
+                    assert!(rendered.len() < baseline.len(), "{new:?}: {rendered:?}");
+                    continue;
+                }
+                assert_eq!(
+                    rendered.keys().collect::<Vec<_>>(),
+                    by_name.keys().collect::<Vec<_>>(),
+                    "{new:?} in {}: other files",
+                    field.key(None)
+                );
+                for (file, (template, text)) in &rendered {
+                    assert_no_raw_controls(file, template, text);
+                    let mut expected: Vec<(String, String)> = parsed_baseline[by_name[file]]
+                        .iter()
+                        .map(|(k, v)| (swap(k), swap(v)))
+                        // systemd-sysctl trims a value: spaces around it are not its own.
+                        .map(|(k, v)| match template.as_str() {
+                            "sysctl-conf" => (k, v.trim().to_owned()),
+                            _ => (k, v),
+                        })
+                        .collect();
+                    expected.sort();
+                    let got = parsed(template, text);
+                    assert_eq!(
+                        got,
+                        expected,
+                        "{new:?} in {} changes {file} beyond that value:\n{text}",
+                        field.key(None)
+                    );
+                }
+            }
+        }
+    }
+    (refused, accepted)
+}
+
 #[test]
 fn no_template_builds_a_list_by_concatenation() {
     // `{% set xs = xs + [x] %}` in a loop copies the list once per item: quadratic.
