@@ -485,3 +485,33 @@ fn malformed_requests_get_4xx_and_change_nothing() {
         failures.join("\n")
     );
 }
+
+/// A refusal leaves a trace in keeld's log at info: method, path, caller and key, and
+/// not the refused value.
+#[test]
+fn a_refusal_is_logged_with_method_path_caller_and_key() {
+    let keeld = Keeld::start();
+    let r = keeld.raw(
+        "PATCH",
+        "/settings?tx=x",
+        Some(br#"{"motd": 42, "ntp": {"time-servers": ["ntp://a.example\nallow all"]}}"#),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let key = r.json()["key"].as_str().unwrap().to_owned();
+    let line = keeld
+        .log()
+        .lines()
+        .find(|l| l.contains("request refused"))
+        .unwrap_or_else(|| panic!("no refusal in the log:\n{}", keeld.log()))
+        .to_owned();
+    for part in [
+        "status=400",
+        "method=PATCH",
+        "path=\"/settings\"",
+        "uid=0",
+        &format!("key=\"{key}\""),
+    ] {
+        assert!(line.contains(part), "{part} missing: {line}");
+    }
+    assert!(!line.contains("allow all"), "{line}");
+}

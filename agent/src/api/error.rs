@@ -101,11 +101,19 @@ impl IntoResponse for ApiError {
         };
         if self.status.is_server_error() {
             tracing::error!(status = self.status.as_u16(), error = %self.message, "request failed");
-        } else {
-            tracing::debug!(status = self.status.as_u16(), error = %self.message, "request refused");
         }
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        // For the access layer's log line of a refusal (which knows the method, path
+        // and caller): the key, never the value.
+        response.extensions_mut().insert(Refused { key: self.key });
+        response
     }
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// What an error answer refused, for the log line of [`super::peer::require_access`].
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub key: Option<String>,
+}

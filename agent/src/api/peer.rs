@@ -122,7 +122,29 @@ pub async fn require_access(
     next: Next,
 ) -> Response {
     match request.extensions().get::<Peer>() {
-        Some(peer) if policy.allows(peer) => next.run(request).await,
+        Some(peer) if policy.allows(peer) => {
+            let peer = peer.clone();
+            let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+            let response = next.run(request).await;
+            // Every refusal leaves a trace at info: what was asked, by whom, and the
+            // key it was about (values are not logged: they may be secrets).
+            if response.status().is_client_error() {
+                let key = response
+                    .extensions()
+                    .get::<super::error::Refused>()
+                    .and_then(|r| r.key.clone());
+                tracing::info!(
+                    status = response.status().as_u16(),
+                    %method,
+                    path,
+                    uid = peer.uid,
+                    pid = ?peer.pid,
+                    key = key.as_deref().unwrap_or("-"),
+                    "request refused"
+                );
+            }
+            response
+        }
         Some(peer) => {
             tracing::warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "API caller refused");
             ApiError::new(
