@@ -1,4 +1,4 @@
-//! Collections with a most number of entries.
+//! Collections with a maximum number of entries.
 //!
 //! Owns: [`Limited`], a list or map that refuses more than `N` entries when it is
 //! deserialized (the error names the limit; the caller's path tracking names the key),

@@ -25,9 +25,9 @@ use crate::{Error, KeyPath};
 // ---------------------------------------------------------------------------------------
 // Bounded collections
 //
-// Every list and map that reaches a rendered file has a most number of entries, so that
-// no accepted model makes a file, a command line or a render unreasonably large. Each
-// limit is far above real use; its reason is on its type.
+// Every list and map that reaches a rendered file has a maximum number of entries, so
+// that no accepted model makes a file, a command line or a render unreasonably large.
+// Each limit is far above real use; its reason is on its type.
 
 /// `settings.kubernetes.node-labels`: at most 256 labels. At the longest a label is 381
 /// bytes (a 253-byte prefix, `/`, a 63-byte name, `=`, a 63-byte value), and all of them
