@@ -1,17 +1,21 @@
-//! EC2 instance metadata (IMDSv2) client: fetches the instance's user-data at boot.
+//! EC2 instance metadata (IMDSv2) client: the instance's user-data, and the metadata the
+//! boot derives settings from ([`super::derived`]).
 //!
 //! The session-token protocol: `PUT /latest/api/token` with the
-//! `X-aws-ec2-metadata-token-ttl-seconds` header answers a token, and
-//! `GET /latest/user-data` with that token in `X-aws-ec2-metadata-token` answers the
-//! user-data (404 when the instance has none, 401 when the token is no longer valid).
+//! `X-aws-ec2-metadata-token-ttl-seconds` header answers a token, and every read (e.g.
+//! `GET /latest/user-data`, `GET /latest/meta-data/local-ipv4`) carries that token in
+//! `X-aws-ec2-metadata-token` (404 when the instance has no such item, 401 when the
+//! token is no longer valid). A [`MetadataClient`] fetches one token and reuses it for
+//! all its reads, until it is rejected or half its lifetime has passed.
 //!
 //! Early in boot the metadata service may not be reachable yet, so connection errors,
 //! timeouts, 5xx and 429 are retried with jittered exponential back-off until the
-//! overall deadline; every request also has its own timeout, so a server that stops
-//! answering cannot hang the boot. Each request uses a fresh HTTP/1.1 connection.
+//! client's overall deadline; every request also has its own timeout, so a server that
+//! stops answering cannot hang the boot. Each request uses a fresh HTTP/1.1 connection.
 //!
-//! Neither the token nor the user-data ever appears in errors or logs.
+//! Neither the token nor any answer's body ever appears in errors or logs.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::time::Duration;
 
@@ -30,6 +34,9 @@ pub const TOKEN_PATH: &str = "/latest/api/token";
 pub const USER_DATA_PATH: &str = "/latest/user-data";
 /// The largest user-data accepted, both as transferred and after decompression.
 pub const MAX_USER_DATA: usize = 16 * 1024 * 1024;
+/// The largest answer accepted from a metadata path other than the user-data (the
+/// identity document and the meta-data items are a few hundred bytes).
+pub const MAX_METADATA: usize = 64 * 1024;
 
 const TOKEN_REQUEST: &str = "PUT /latest/api/token";
 const USER_DATA_REQUEST: &str = "GET /latest/user-data";
@@ -39,16 +46,22 @@ const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 const MAX_TOKEN: usize = 4096;
 /// The longest token lifetime IMDS accepts (6 hours).
 const MAX_TTL_SECS: u64 = 21_600;
+/// The longest metadata path a [`MetadataClient`] asks for.
+const MAX_PATH: usize = 256;
 const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// A request as errors and logs name it: method and path (`GET /latest/user-data`).
+pub type RequestName = Cow<'static, str>;
 
 /// How to reach the metadata service and how long to keep trying.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImdsConfig {
     /// `http://host[:port]`, without a path (port 80 when absent).
     pub endpoint: String,
-    /// Overall time budget for [`fetch_user_data`], retries included.
+    /// Overall time budget of a [`MetadataClient`] (of [`fetch_user_data`]), retries
+    /// included.
     pub deadline: Duration,
     /// Time budget of each request, from connecting to the end of the body.
     pub request_timeout: Duration,
@@ -67,7 +80,7 @@ impl Default for ImdsConfig {
     }
 }
 
-/// Why the user-data could not be fetched.
+/// Why a metadata read (the user-data, or another path) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ImdsError {
     #[error("IMDS endpoint {endpoint:?} is invalid: {reason}")]
@@ -75,31 +88,33 @@ pub enum ImdsError {
         endpoint: String,
         reason: &'static str,
     },
+    #[error("metadata path {path:?} is not one keeld asks for: {reason}")]
+    InvalidPath { path: String, reason: &'static str },
     #[error("{request}: cannot connect to {addr}: {source}")]
     Connect {
-        request: &'static str,
+        request: RequestName,
         addr: String,
         #[source]
         source: std::io::Error,
     },
     #[error("{request}: HTTP exchange failed: {source}")]
     Http {
-        request: &'static str,
+        request: RequestName,
         #[source]
         source: hyper::Error,
     },
     #[error("{request}: no complete answer within {timeout:?}")]
     Timeout {
-        request: &'static str,
+        request: RequestName,
         timeout: Duration,
     },
     #[error("{request}: the server answered {status}")]
     Status {
-        request: &'static str,
+        request: RequestName,
         status: StatusCode,
     },
     #[error("{request}: the response body exceeds {limit} bytes")]
-    BodyTooLarge { request: &'static str, limit: usize },
+    BodyTooLarge { request: RequestName, limit: usize },
     #[error("PUT /latest/api/token: the answer is not a usable token (empty or not a valid header value)")]
     InvalidToken,
     #[error(
@@ -145,67 +160,194 @@ impl ImdsError {
 /// gunzipped when it was gzip-compressed (magic `1f 8b`), at most [`MAX_USER_DATA`]
 /// bytes after decompression.
 pub async fn fetch_user_data(config: &ImdsConfig) -> Result<Option<Vec<u8>>, ImdsError> {
-    let target = Target::parse(&config.endpoint)?;
-    let start = Instant::now();
-    let deadline = start
-        .checked_add(config.deadline)
-        // A deadline too far to represent is as good as none.
-        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600));
-    let ttl_secs = config.token_ttl.as_secs().clamp(1, MAX_TTL_SECS);
-    let mut session = Session {
-        target: &target,
-        config,
-        deadline,
-        ttl_secs,
-        token: None,
-    };
-    let mut backoff = Backoff::new();
-    let mut attempt: u32 = 0;
-    loop {
-        attempt = attempt.saturating_add(1);
-        let error = match session.attempt(attempt).await {
-            Ok(Some(raw)) => {
-                let user_data = decode_user_data(raw)?;
-                tracing::info!(
-                    attempt,
-                    bytes = user_data.len(),
-                    "fetched user-data from IMDS"
-                );
-                return Ok(Some(user_data));
-            }
-            Ok(None) => {
-                tracing::info!(attempt, "the instance has no user-data (IMDS answered 404)");
-                return Ok(None);
-            }
-            Err(Failure::Final(error)) => {
-                tracing::warn!(attempt, %error, "IMDS request failed; not retrying");
-                return Err(error);
-            }
-            Err(Failure::RetryNow(error)) => {
-                if Instant::now() >= deadline {
-                    return Err(give_up(attempt, config.deadline, error));
-                }
-                tracing::info!(attempt, %error, "IMDS rejected the session token; fetching a new one");
-                continue;
-            }
-            Err(Failure::Retry(error)) => error,
-        };
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Err(give_up(attempt, config.deadline, error));
+    let mut client = MetadataClient::new(config)?;
+    match client.get(USER_DATA_PATH, MAX_USER_DATA).await? {
+        Some(raw) => {
+            let user_data = decode_user_data(raw)?;
+            tracing::info!(bytes = user_data.len(), "fetched user-data from IMDS");
+            Ok(Some(user_data))
         }
-        let delay = backoff.next_delay().min(remaining);
-        tracing::warn!(
-            attempt,
-            %error,
-            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-            "IMDS request failed; retrying"
-        );
-        tokio::time::sleep(delay).await;
-        if Instant::now() >= deadline {
-            return Err(give_up(attempt, config.deadline, error));
+        None => {
+            tracing::info!("the instance has no user-data (IMDS answered 404)");
+            Ok(None)
         }
     }
+}
+
+/// An IMDSv2 session: one deadline for all its reads (set by [`ImdsConfig::deadline`]
+/// when the client is made), one session token reused across them.
+pub struct MetadataClient {
+    target: Target,
+    config: ImdsConfig,
+    deadline: Instant,
+    ttl_secs: u64,
+    token: Option<Token>,
+}
+
+impl MetadataClient {
+    /// A client whose deadline starts now.
+    pub fn new(config: &ImdsConfig) -> Result<Self, ImdsError> {
+        let target = Target::parse(&config.endpoint)?;
+        let start = Instant::now();
+        let deadline = start
+            .checked_add(config.deadline)
+            // A deadline too far to represent is as good as none.
+            .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600));
+        Ok(Self {
+            target,
+            config: config.clone(),
+            deadline,
+            ttl_secs: config.token_ttl.as_secs().clamp(1, MAX_TTL_SECS),
+            token: None,
+        })
+    }
+
+    /// The endpoint, as configured.
+    pub fn endpoint(&self) -> &str {
+        &self.config.endpoint
+    }
+
+    /// `GET path` with the session token (fetched first when there is none): the body
+    /// (at most `limit` bytes), or `None` when the service answers 404. Retried as the
+    /// module says until the client's deadline; once that has passed, a read fails
+    /// right away with [`ImdsError::DeadlineExceeded`].
+    ///
+    /// `path` must start with `/latest/` and hold only letters, digits and `/._:-`.
+    pub async fn get(&mut self, path: &str, limit: usize) -> Result<Option<Vec<u8>>, ImdsError> {
+        let (uri, request) = metadata_request(path)?;
+        let mut backoff = Backoff::new();
+        let mut attempt: u32 = 0;
+        loop {
+            attempt = attempt.saturating_add(1);
+            let error = match self.attempt(&uri, &request, limit, attempt).await {
+                Ok(answer) => {
+                    tracing::debug!(attempt, %request, found = answer.is_some(), "IMDS read done");
+                    return Ok(answer);
+                }
+                Err(Failure::Final(error)) => {
+                    tracing::warn!(attempt, %error, "IMDS request failed; not retrying");
+                    return Err(error);
+                }
+                Err(Failure::RetryNow(error)) => {
+                    if Instant::now() >= self.deadline {
+                        return Err(give_up(attempt, self.config.deadline, error));
+                    }
+                    tracing::info!(attempt, %error, "IMDS rejected the session token; fetching a new one");
+                    continue;
+                }
+                Err(Failure::Retry(error)) => error,
+            };
+            let remaining = self.deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(give_up(attempt, self.config.deadline, error));
+            }
+            let delay = backoff.next_delay().min(remaining);
+            tracing::warn!(
+                attempt,
+                %error,
+                retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                "IMDS request failed; retrying"
+            );
+            tokio::time::sleep(delay).await;
+            if Instant::now() >= self.deadline {
+                return Err(give_up(attempt, self.config.deadline, error));
+            }
+        }
+    }
+
+    /// The time budget of the next request: the per-request timeout, or what is left
+    /// of the deadline if that is shorter.
+    fn request_timeout(&self) -> Duration {
+        self.config
+            .request_timeout
+            .min(self.deadline.saturating_duration_since(Instant::now()))
+    }
+
+    async fn attempt(
+        &mut self,
+        uri: &Uri,
+        request: &RequestName,
+        limit: usize,
+        attempt: u32,
+    ) -> Result<Option<Vec<u8>>, Failure> {
+        let reuse_for = Duration::from_secs(self.ttl_secs) / 2;
+        let reusable = self
+            .token
+            .as_ref()
+            .filter(|token| token.obtained.elapsed() < reuse_for)
+            .map(|token| token.value.clone());
+        let (token, fresh) = match reusable {
+            Some(token) => (token, false),
+            None => {
+                self.token = None;
+                let token =
+                    fetch_token(&self.target, self.ttl_secs, self.request_timeout(), attempt)
+                        .await?;
+                let value = token.value.clone();
+                self.token = Some(token);
+                (value, true)
+            }
+        };
+        let read = fetch_path(
+            &self.target,
+            &token,
+            uri,
+            request,
+            limit,
+            self.request_timeout(),
+            attempt,
+        )
+        .await;
+        match read {
+            Ok(answer) => Ok(answer),
+            Err(error) if error.is_unauthorized() => {
+                self.token = None;
+                if fresh {
+                    // A token just issued was refused: something is off, back off.
+                    Err(Failure::Retry(error))
+                } else {
+                    Err(Failure::RetryNow(error))
+                }
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+/// The request URI of a metadata path and the name errors give it; only paths under
+/// `/latest/` made of letters, digits and `/._:-`, without `..` or empty segments (a
+/// path may carry a value read from the metadata, such as a MAC address).
+fn metadata_request(path: &str) -> Result<(Uri, RequestName), ImdsError> {
+    let invalid = |reason| ImdsError::InvalidPath {
+        path: path.chars().take(MAX_PATH).collect(),
+        reason,
+    };
+    if path.len() > MAX_PATH {
+        return Err(invalid("too long"));
+    }
+    let Some(rest) = path.strip_prefix("/latest/") else {
+        return Err(invalid("not under /latest/"));
+    };
+    if !path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'.' | b'_' | b':' | b'-'))
+    {
+        return Err(invalid("only letters, digits and /._:- are allowed"));
+    }
+    if rest
+        .split('/')
+        .enumerate()
+        .any(|(i, s)| s == ".." || s == "." || (s.is_empty() && i + 1 != rest.split('/').count()))
+    {
+        return Err(invalid("no empty, . or .. segments"));
+    }
+    let uri = Uri::try_from(path).map_err(|_| invalid("not a valid request target"))?;
+    let name = if path == USER_DATA_PATH {
+        Cow::Borrowed(USER_DATA_REQUEST)
+    } else {
+        Cow::Owned(format!("GET {path}"))
+    };
+    Ok((uri, name))
 }
 
 fn give_up(attempts: u32, deadline: Duration, last: ImdsError) -> ImdsError {
@@ -267,76 +409,29 @@ struct Token {
     obtained: Instant,
 }
 
-/// State kept across attempts: the session token is reused until it is rejected or
-/// half its lifetime has passed.
-struct Session<'a> {
-    target: &'a Target,
-    config: &'a ImdsConfig,
-    deadline: Instant,
-    ttl_secs: u64,
-    token: Option<Token>,
-}
-
-impl Session<'_> {
-    /// The time budget of the next request: the per-request timeout, or what is left
-    /// of the deadline if that is shorter.
-    fn request_timeout(&self) -> Duration {
-        self.config
-            .request_timeout
-            .min(self.deadline.saturating_duration_since(Instant::now()))
-    }
-
-    async fn attempt(&mut self, attempt: u32) -> Result<Option<Vec<u8>>, Failure> {
-        let reuse_for = Duration::from_secs(self.ttl_secs) / 2;
-        let reusable = self
-            .token
-            .as_ref()
-            .filter(|token| token.obtained.elapsed() < reuse_for)
-            .map(|token| token.value.clone());
-        let (token, fresh) = match reusable {
-            Some(token) => (token, false),
-            None => {
-                self.token = None;
-                let token =
-                    fetch_token(self.target, self.ttl_secs, self.request_timeout(), attempt)
-                        .await?;
-                let value = token.value.clone();
-                self.token = Some(token);
-                (value, true)
-            }
-        };
-        match fetch_raw_user_data(self.target, &token, self.request_timeout(), attempt).await {
-            Ok(user_data) => Ok(user_data),
-            Err(error) if error.is_unauthorized() => {
-                self.token = None;
-                if fresh {
-                    // A token just issued was refused: something is off, back off.
-                    Err(Failure::Retry(error))
-                } else {
-                    Err(Failure::RetryNow(error))
-                }
-            }
-            Err(error) => Err(error.into()),
-        }
-    }
-}
-
 async fn fetch_token(
     target: &Target,
     ttl_secs: u64,
     timeout: Duration,
     attempt: u32,
 ) -> Result<Token, ImdsError> {
-    let mut request = new_request(target, Method::PUT, TOKEN_PATH);
+    let mut request = new_request(target, Method::PUT, Uri::from_static(TOKEN_PATH));
     request.headers_mut().insert(
         HeaderName::from_static(TTL_HEADER),
         HeaderValue::from(ttl_secs),
     );
-    let (status, body) =
-        exchange(target, request, TOKEN_REQUEST, MAX_TOKEN, timeout, attempt).await?;
+    let (status, body) = exchange(
+        target,
+        request,
+        &Cow::Borrowed(TOKEN_REQUEST),
+        MAX_TOKEN,
+        timeout,
+        attempt,
+    )
+    .await?;
     if status != StatusCode::OK {
         return Err(ImdsError::Status {
-            request: TOKEN_REQUEST,
+            request: Cow::Borrowed(TOKEN_REQUEST),
             status,
         });
     }
@@ -352,40 +447,35 @@ async fn fetch_token(
     })
 }
 
-/// The user-data as served (possibly compressed), or `None` on 404.
-async fn fetch_raw_user_data(
+/// The body at `uri` as served, or `None` on 404.
+async fn fetch_path(
     target: &Target,
     token: &HeaderValue,
+    uri: &Uri,
+    what: &RequestName,
+    limit: usize,
     timeout: Duration,
     attempt: u32,
 ) -> Result<Option<Vec<u8>>, ImdsError> {
-    let mut request = new_request(target, Method::GET, USER_DATA_PATH);
+    let mut request = new_request(target, Method::GET, uri.clone());
     request
         .headers_mut()
         .insert(HeaderName::from_static(TOKEN_HEADER), token.clone());
-    let (status, body) = exchange(
-        target,
-        request,
-        USER_DATA_REQUEST,
-        MAX_USER_DATA,
-        timeout,
-        attempt,
-    )
-    .await?;
+    let (status, body) = exchange(target, request, what, limit, timeout, attempt).await?;
     match status {
         StatusCode::OK => Ok(Some(body)),
         StatusCode::NOT_FOUND => Ok(None),
         status => Err(ImdsError::Status {
-            request: USER_DATA_REQUEST,
+            request: what.clone(),
             status,
         }),
     }
 }
 
-fn new_request(target: &Target, method: Method, path: &'static str) -> Request<Empty<Bytes>> {
+fn new_request(target: &Target, method: Method, uri: Uri) -> Request<Empty<Bytes>> {
     let mut request = Request::new(Empty::new());
     *request.method_mut() = method;
-    *request.uri_mut() = Uri::from_static(path);
+    *request.uri_mut() = uri;
     let headers = request.headers_mut();
     headers.insert(HOST, target.host_header.clone());
     headers.insert(USER_AGENT, HeaderValue::from_static("keeld"));
@@ -399,22 +489,24 @@ fn new_request(target: &Target, method: Method, path: &'static str) -> Request<E
 async fn exchange(
     target: &Target,
     request: Request<Empty<Bytes>>,
-    what: &'static str,
+    what: &RequestName,
     limit: usize,
     timeout: Duration,
     attempt: u32,
 ) -> Result<(StatusCode, Vec<u8>), ImdsError> {
-    tracing::debug!(attempt, request = what, "IMDS request");
+    tracing::debug!(attempt, request = %what, "IMDS request");
     let answer = tokio::time::timeout(timeout, exchange_unbounded(target, request, what, limit))
         .await
-        .unwrap_or(Err(ImdsError::Timeout {
-            request: what,
-            timeout,
-        }));
+        .unwrap_or_else(|_| {
+            Err(ImdsError::Timeout {
+                request: what.clone(),
+                timeout,
+            })
+        });
     if let Ok((status, body)) = &answer {
         tracing::debug!(
             attempt,
-            request = what,
+            request = %what,
             status = status.as_u16(),
             body_bytes = body.len(),
             "IMDS answered"
@@ -426,17 +518,17 @@ async fn exchange(
 async fn exchange_unbounded(
     target: &Target,
     request: Request<Empty<Bytes>>,
-    what: &'static str,
+    what: &RequestName,
     limit: usize,
 ) -> Result<(StatusCode, Vec<u8>), ImdsError> {
     let http_error = |source| ImdsError::Http {
-        request: what,
+        request: what.clone(),
         source,
     };
     let stream = TcpStream::connect(target.addr.as_str())
         .await
         .map_err(|source| ImdsError::Connect {
-            request: what,
+            request: what.clone(),
             addr: target.addr.clone(),
             source,
         })?;
@@ -459,7 +551,7 @@ async fn exchange_unbounded(
             if let Ok(chunk) = frame.into_data() {
                 if data.len().saturating_add(chunk.len()) > limit {
                     return Err(ImdsError::BodyTooLarge {
-                        request: what,
+                        request: what.clone(),
                         limit,
                     });
                 }
@@ -572,8 +664,9 @@ impl Backoff {
     }
 }
 
+/// The loopback IMDSv2 server the tests here and in [`super::derived`] use.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use std::collections::{HashMap, VecDeque};
@@ -587,30 +680,37 @@ mod tests {
     use tokio::net::TcpListener;
 
     /// What the test IMDS does; the protocol rules (TTL header required on PUT, a
-    /// valid token required on GET) always apply.
+    /// valid token required on every GET) always apply.
     #[derive(Clone, Default)]
-    struct Behaviour {
+    pub(crate) struct Behaviour {
         /// Served on GET; `None` answers 404.
-        user_data: Option<Vec<u8>>,
+        pub(crate) user_data: Option<Vec<u8>>,
+        /// Other paths served on GET (`/latest/meta-data/local-ipv4` → body); any
+        /// other path answers 404.
+        pub(crate) paths: HashMap<String, Vec<u8>>,
+        /// Paths whose every answer waits `slow_delay`.
+        pub(crate) slow_paths: Vec<String>,
         /// Each token is accepted for this many GETs, then answers 401.
-        token_uses: Option<u32>,
+        pub(crate) token_uses: Option<u32>,
         /// Answers for the first PUTs (that carry a TTL), before issuing tokens.
-        put_statuses: VecDeque<StatusCode>,
+        pub(crate) put_statuses: VecDeque<StatusCode>,
         /// Answers for the first authorized GETs, before serving the user-data.
-        get_statuses: VecDeque<StatusCode>,
+        pub(crate) get_statuses: VecDeque<StatusCode>,
         /// Then answer every authorized GET with this status.
-        get_always: Option<StatusCode>,
+        pub(crate) get_always: Option<StatusCode>,
         /// The first this-many authorized GETs wait `slow_delay` before answering.
-        slow_gets: u32,
-        slow_delay: Duration,
+        pub(crate) slow_gets: u32,
+        pub(crate) slow_delay: Duration,
     }
 
     #[derive(Default, Debug)]
-    struct Seen {
-        puts: u32,
+    pub(crate) struct Seen {
+        pub(crate) puts: u32,
         puts_without_ttl: u32,
-        gets: u32,
-        unauthorized: u32,
+        pub(crate) gets: u32,
+        pub(crate) unauthorized: u32,
+        /// Paths of the authorized GETs, in order.
+        pub(crate) paths: Vec<String>,
         ttls: Vec<String>,
         hosts: Vec<String>,
     }
@@ -623,13 +723,13 @@ mod tests {
         issued: u32,
     }
 
-    struct TestImds {
-        endpoint: String,
+    pub(crate) struct TestImds {
+        pub(crate) endpoint: String,
         state: Arc<Mutex<State>>,
     }
 
     impl TestImds {
-        async fn start(behaviour: Behaviour) -> Self {
+        pub(crate) async fn start(behaviour: Behaviour) -> Self {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("local addr");
             let state = Arc::new(Mutex::new(State {
@@ -658,7 +758,7 @@ mod tests {
             }
         }
 
-        fn config(&self, deadline: Duration, request_timeout: Duration) -> ImdsConfig {
+        pub(crate) fn config(&self, deadline: Duration, request_timeout: Duration) -> ImdsConfig {
             ImdsConfig {
                 endpoint: self.endpoint.clone(),
                 deadline,
@@ -667,7 +767,7 @@ mod tests {
             }
         }
 
-        fn seen<T>(&self, read: impl FnOnce(&Seen) -> T) -> T {
+        pub(crate) fn seen<T>(&self, read: impl FnOnce(&Seen) -> T) -> T {
             read(&self.state.lock().expect("state lock").seen)
         }
     }
@@ -723,7 +823,7 @@ mod tests {
                 st.tokens.insert(token.clone(), 0);
                 (StatusCode::OK, Bytes::from(token), None)
             }
-            (&Method::GET, USER_DATA_PATH) => {
+            (&Method::GET, path) => {
                 st.seen.gets += 1;
                 let uses = header("X-aws-ec2-metadata-token").and_then(|t| st.tokens.get_mut(&t));
                 let Some(uses) = uses else {
@@ -735,8 +835,11 @@ mod tests {
                     return (StatusCode::UNAUTHORIZED, nothing, None);
                 }
                 *uses += 1;
+                st.seen.paths.push(path.to_owned());
                 let delay = if st.behaviour.slow_gets > 0 {
                     st.behaviour.slow_gets -= 1;
+                    Some(st.behaviour.slow_delay)
+                } else if st.behaviour.slow_paths.iter().any(|p| p == path) {
                     Some(st.behaviour.slow_delay)
                 } else {
                     None
@@ -747,7 +850,12 @@ mod tests {
                 if let Some(status) = st.behaviour.get_always {
                     return (status, nothing, delay);
                 }
-                match &st.behaviour.user_data {
+                let body = if path == USER_DATA_PATH {
+                    st.behaviour.user_data.as_ref()
+                } else {
+                    st.behaviour.paths.get(path)
+                };
+                match body {
                     Some(data) => (StatusCode::OK, Bytes::from(data.clone()), delay),
                     None => (StatusCode::NOT_FOUND, nothing, delay),
                 }
@@ -778,13 +886,15 @@ mod tests {
         // header or the token.
         let imds = TestImds::start(serving(b"data")).await;
         let target = Target::parse(&imds.endpoint).expect("endpoint");
-        let put = new_request(&target, Method::PUT, TOKEN_PATH);
-        let (status, _) = exchange(&target, put, TOKEN_REQUEST, MAX_TOKEN, REQUEST, 0)
+        let put = new_request(&target, Method::PUT, Uri::from_static(TOKEN_PATH));
+        let name = Cow::Borrowed(TOKEN_REQUEST);
+        let (status, _) = exchange(&target, put, &name, MAX_TOKEN, REQUEST, 0)
             .await
             .expect("PUT");
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        let get = new_request(&target, Method::GET, USER_DATA_PATH);
-        let (status, _) = exchange(&target, get, USER_DATA_REQUEST, MAX_TOKEN, REQUEST, 0)
+        let get = new_request(&target, Method::GET, Uri::from_static(USER_DATA_PATH));
+        let name = Cow::Borrowed(USER_DATA_REQUEST);
+        let (status, _) = exchange(&target, get, &name, MAX_TOKEN, REQUEST, 0)
             .await
             .expect("GET");
         assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -963,7 +1073,7 @@ mod tests {
             .expect_err("403");
         assert!(started.elapsed() < Duration::from_millis(500));
         assert!(
-            matches!(err, ImdsError::Status { request: TOKEN_REQUEST, status } if status == StatusCode::FORBIDDEN),
+            matches!(&err, ImdsError::Status { request, status } if request == TOKEN_REQUEST && *status == StatusCode::FORBIDDEN),
             "{err}"
         );
         assert!(err.to_string().contains("/latest/api/token"), "{err}");
@@ -1041,6 +1151,132 @@ mod tests {
             assert!(backoff.next_delay() <= BACKOFF_MAX);
         }
         assert!(backoff.next_delay() >= BACKOFF_MAX / 2);
+    }
+
+    fn serving_paths(paths: &[(&str, &str)]) -> Behaviour {
+        Behaviour {
+            paths: paths
+                .iter()
+                .map(|(p, b)| ((*p).to_owned(), b.as_bytes().to_vec()))
+                .collect(),
+            ..Behaviour::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn one_token_serves_several_reads() {
+        let imds = TestImds::start(serving_paths(&[
+            ("/latest/meta-data/local-ipv4", "10.0.1.23"),
+            ("/latest/meta-data/mac", "0e:49:61:0f:c3:11"),
+        ]))
+        .await;
+        let mut client = MetadataClient::new(&imds.config(SHORT, REQUEST)).expect("client");
+        let ip = client
+            .get("/latest/meta-data/local-ipv4", MAX_METADATA)
+            .await;
+        assert_eq!(ip.expect("read").as_deref(), Some(&b"10.0.1.23"[..]));
+        let mac = client.get("/latest/meta-data/mac", MAX_METADATA).await;
+        assert_eq!(
+            mac.expect("read").as_deref(),
+            Some(&b"0e:49:61:0f:c3:11"[..])
+        );
+        let missing = client.get("/latest/meta-data/nope", MAX_METADATA).await;
+        assert_eq!(missing.expect("404 is an answer"), None);
+        imds.seen(|s| {
+            assert_eq!((s.puts, s.gets, s.unauthorized), (1, 3, 0));
+            assert_eq!(
+                s.paths,
+                [
+                    "/latest/meta-data/local-ipv4",
+                    "/latest/meta-data/mac",
+                    "/latest/meta-data/nope"
+                ]
+            );
+        });
+    }
+
+    #[tokio::test]
+    async fn only_plain_metadata_paths_are_requested() {
+        let imds = TestImds::start(Behaviour::default()).await;
+        let mut client = MetadataClient::new(&imds.config(SHORT, REQUEST)).expect("client");
+        let long = format!("/latest/meta-data/{}", "a".repeat(MAX_PATH));
+        for bad in [
+            "/etc/passwd",
+            "latest/meta-data/mac",
+            "/latest/../api/token",
+            "/latest/meta-data/./mac",
+            "/latest/meta-data//mac",
+            "/latest/meta-data/mac?x=1",
+            "/latest/meta-data/a b",
+            "/latest/meta-data/a\r\nX-Injected: 1",
+            long.as_str(),
+        ] {
+            let err = client.get(bad, MAX_METADATA).await.expect_err(bad);
+            assert!(matches!(err, ImdsError::InvalidPath { .. }), "{bad}: {err}");
+        }
+        assert_eq!(imds.seen(|s| (s.puts, s.gets)), (0, 0));
+        // A trailing slash (a listing) is a plain path.
+        let listing = client.get("/latest/meta-data/network/interfaces/macs/", MAX_METADATA);
+        assert_eq!(listing.await.expect("404"), None);
+    }
+
+    #[tokio::test]
+    async fn metadata_answers_are_bounded() {
+        let big = "1".repeat(MAX_METADATA + 1);
+        let imds = TestImds::start(serving_paths(&[("/latest/meta-data/big", &big)])).await;
+        let mut client = MetadataClient::new(&imds.config(SHORT, REQUEST)).expect("client");
+        let err = client
+            .get("/latest/meta-data/big", MAX_METADATA)
+            .await
+            .expect_err("too large");
+        assert!(matches!(err, ImdsError::BodyTooLarge { .. }), "{err}");
+        assert!(
+            err.to_string().contains("GET /latest/meta-data/big"),
+            "{err}"
+        );
+    }
+
+    // Paused time: the bounds below are on tokio's clock.
+    #[tokio::test(start_paused = true)]
+    async fn reads_after_the_deadline_fail_at_once() {
+        let imds = TestImds::start(Behaviour {
+            slow_paths: vec!["/latest/meta-data/slow".to_owned()],
+            slow_delay: Duration::from_secs(30),
+            ..serving_paths(&[
+                ("/latest/meta-data/slow", "late"),
+                ("/latest/meta-data/fast", "now"),
+            ])
+        })
+        .await;
+        let deadline = Duration::from_secs(1);
+        let mut client = MetadataClient::new(&imds.config(deadline, REQUEST)).expect("client");
+        let started = Instant::now();
+        let err = client
+            .get("/latest/meta-data/slow", MAX_METADATA)
+            .await
+            .expect_err("slow");
+        let ImdsError::DeadlineExceeded { last, .. } = &err else {
+            panic!("{err}");
+        };
+        assert!(matches!(**last, ImdsError::Timeout { .. }), "{err}");
+        assert!(started.elapsed() >= deadline, "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < deadline + REQUEST,
+            "{:?}",
+            started.elapsed()
+        );
+        // The budget is the client's, not the read's: the next read gives up at once.
+        let again = Instant::now();
+        let err = client
+            .get("/latest/meta-data/fast", MAX_METADATA)
+            .await
+            .expect_err("past the deadline");
+        assert!(matches!(err, ImdsError::DeadlineExceeded { .. }), "{err}");
+        assert!(
+            again.elapsed() < Duration::from_millis(50),
+            "{:?}",
+            again.elapsed()
+        );
     }
 
     #[test]
