@@ -886,6 +886,8 @@ const HOSTILE: &[&str] = &[
     "\u{1b}]0;x\u{7}",
     "\u{9b}31m",
     "x\nallow all\ncmdallow all\nserver evil.example.net",
+    // The url crate drops tab, LF and CR: a URL with these parses, with a valid host.
+    "\nallow\tall\ncmdallow\tall\nserver\tevil.example.net",
     "x\n[evil]\nkey = 1",
     "x\nevil: 1",
     "x\"\nevil = \"1",
@@ -903,7 +905,7 @@ const PEM_D: &str = "-----BEGIN CERTIFICATE-----\nMIIBY2x1c3Rlcg==\n-----END CER
 fn every_field_settings() -> Value {
     json!({
         "motd": "motd-text line one\nline two",
-        "ntp": {"time-servers": ["169.254.169.123", "ntp://ntp-a.example.com:123", "ntp-b.example.org"]},
+        "ntp": {"time-servers": ["169.254.169.123", "ntp://ntp-a.example.com:123", "ntp-b.example.org", "ntp://ntp-c.example.net"]},
         "network": {
             "hostname": "node-seven.example.internal",
             "https-proxy": "proxy-host.example.com:3128",
