@@ -22,8 +22,8 @@ pub struct Config {
     /// State directory: generations and pending transactions.
     #[arg(long, default_value = "/var/lib/keel", env = "KEELD_STATE_DIR")]
     pub state_dir: PathBuf,
-    /// How many generations to keep for history and rollback (each commit rewrites them
-    /// all: keep it modest).
+    /// How many generations to keep for history and rollback (a commit appends its own
+    /// generation; all kept ones are rewritten only when the log is compacted).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub history: u64,
     /// services.toml: services, their configuration files and affected settings.

@@ -137,11 +137,11 @@ fn crash_seed() -> u64 {
     }
 }
 
-/// A flipped byte in the newest generation slot: keeld refuses to start, naming the file
-/// and the flag; with `--accept-state-loss` it starts from the older slot, and the
-/// history says so.
+/// A flipped byte in the newest committed record (an append to `generations.log`): keeld
+/// refuses to start, naming the file and the flag; with `--accept-state-loss` it
+/// continues from what is intact, and the history says so.
 #[test]
-fn a_damaged_newest_slot_stops_keeld_until_the_loss_is_accepted() {
+fn a_damaged_newest_record_stops_keeld_until_the_loss_is_accepted() {
     let mut keeld = Keeld::start();
     for n in 0..3 {
         let body = format!("{{\"motd\":\"damage-{n}\"}}");
@@ -158,18 +158,18 @@ fn a_damaged_newest_slot_stops_keeld_until_the_loss_is_accepted() {
         .unwrap();
     keeld.stop();
 
-    let seq = |name: &str| {
-        let bytes = std::fs::read(keeld.state_dir.join(name)).unwrap();
-        u64::from_le_bytes(bytes[8..16].try_into().unwrap())
-    };
-    let newest = if seq("generations.0") > seq("generations.1") {
-        "generations.0"
-    } else {
-        "generations.1"
-    };
-    let path = keeld.state_dir.join(newest);
+    // The header sector of the newest record: magic, and index 0 in its tag (sequence
+    // number at byte 496 of the sector, index at 504).
+    let path = keeld.state_dir.join("generations.log");
     let mut bytes = std::fs::read(&path).unwrap();
-    bytes[512 + 40] ^= 0x01;
+    let newest = bytes
+        .chunks(512)
+        .enumerate()
+        .filter(|(_, s)| s.starts_with(b"KEELLOG1") && s[504..508] == [0, 0, 0, 0])
+        .max_by_key(|(_, s)| u64::from_le_bytes(s[496..504].try_into().unwrap()))
+        .map(|(i, _)| i)
+        .expect("a record in the log");
+    bytes[newest * 512 + 20] ^= 0x01;
     std::fs::write(&path, bytes).unwrap();
 
     let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| keeld.spawn()));
@@ -190,12 +190,12 @@ fn a_damaged_newest_slot_stops_keeld_until_the_loss_is_accepted() {
     assert_eq!(history[0]["tx"], "accept-state-loss", "{history:#}");
     assert!(
         history[0]["generation"].as_u64().unwrap() > live,
-        "{history:#}"
+        "numbered above every generation that may have been lost: {history:#}"
     );
     assert_eq!(
         history[1]["generation"].as_u64().unwrap(),
         live - 1,
-        "{history:#}"
+        "the records before the damaged one are kept: {history:#}"
     );
     assert_eq!(
         keeld.raw("GET", "/settings", None).json()["motd"],

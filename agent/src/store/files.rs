@@ -6,6 +6,12 @@
 //!   durable, and how a torn write is told from damage). `generations.held` marks a
 //!   directory whose slots have been written. A store from before the slots
 //!   (`generations.json`) is read once and then superseded.
+//! - `generations.log` holds what was committed since that snapshot, one appended
+//!   record per durable batch (see [`super::log`]); a slot is written only when the log
+//!   has grown past the snapshot's size (compaction), so a commit's cost does not grow
+//!   with the kept history. A snapshot that uses the log says so (`log-size`, format 2);
+//!   one from before the log (format 1) is read as it is, and the first commit writes a
+//!   snapshot that starts the log.
 //! - `pending-tx-<id>.<rev>.json` holds one pending transaction (its name, id and
 //!   patches); a PATCH or discard touches only the file of its own transaction, so its
 //!   cost does not grow with the number of transactions pending. A write creates the
@@ -41,10 +47,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::log::Log;
 use super::slots::{Loss, Opened, Slots};
 use super::{Caller, Generation, PendingTx, Recovered, Snapshot, StoreError};
 
-const FORMAT: u32 = 1;
+/// The snapshot's form: 1 without a log, 2 with (`log-size`). Written: 2.
+const FORMAT: u32 = 2;
+const FORMAT_NO_LOG: u32 = 1;
 const GENERATIONS: &str = "generations.json";
 const PENDING_PREFIX: &str = "pending-";
 const PENDING_SUFFIX: &str = ".json";
@@ -65,6 +74,9 @@ struct GenerationsFile {
     /// The ids of the transactions pending when this was written.
     #[serde(default)]
     pending_ids: Option<Vec<u64>>,
+    /// The log's size when this was written: the log extends this snapshot (format 2).
+    #[serde(default)]
+    log_size: Option<u64>,
 }
 
 /// The same shape, borrowed, so that writing does not copy the history.
@@ -76,6 +88,21 @@ struct GenerationsFileRef<'a> {
     committed: &'a VecDeque<(u64, u64)>,
     next_tx_id: u64,
     pending_ids: &'a [u64],
+    log_size: u64,
+}
+
+/// One log record: what a durable batch changed.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Delta {
+    /// The generations the batch made, oldest first.
+    generations: Vec<Generation>,
+    /// Their `(generation, transaction id)` pairs.
+    committed: Vec<(u64, u64)>,
+    /// The oldest generation still kept.
+    first_kept: u64,
+    next_tx_id: u64,
+    pending_ids: Vec<u64>,
 }
 
 /// What the committed state says about pending transactions (see the module comment).
@@ -113,6 +140,7 @@ struct TxFileRef<'a> {
 }
 
 const TX_FORMAT: u32 = 2;
+const LEGACY_PENDING_FORMAT: u32 = 1;
 const TX_PREFIX: &str = "pending-tx-";
 
 /// A pending transaction's file on disk.
@@ -141,8 +169,28 @@ pub struct StoreFiles {
     on_disk: BTreeMap<u64, OnDisk>,
     /// What the committed state read at open says about pending transactions.
     record: PendingRecord,
+    log: Log,
+    dir_handle: File,
+    accept_loss: bool,
+    /// Bytes of the last snapshot written or read: the log may grow to this (at least
+    /// [`super::log::MIN_LOG`]) before the next write compacts.
+    snapshot_len: u64,
+    /// The live generation of the last durable write: a log record carries what is newer.
+    durable_generation: u64,
+    /// [`super::log::MIN_LOG`]; lowered by tests.
+    min_log: u64,
+    /// Test hook for the next durable write, wherever it goes.
+    #[cfg(test)]
+    fault: Option<Fault>,
     /// Held for the life of the process; the flock goes with it.
     _lock: File,
+}
+
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Fail,
+    Tear(usize),
 }
 
 impl StoreFiles {
@@ -175,6 +223,7 @@ impl StoreFiles {
             });
         }
         let (slots, opened) = Slots::open(dir, accept_loss)?;
+        let dir_handle = File::open(dir).map_err(io)?;
         Ok(StoreFiles {
             dir: dir.to_owned(),
             slots,
@@ -182,6 +231,14 @@ impl StoreFiles {
             recovered: None,
             on_disk: BTreeMap::new(),
             record: PendingRecord::default(),
+            log: Log::unread(dir),
+            dir_handle,
+            accept_loss,
+            snapshot_len: 0,
+            durable_generation: 0,
+            min_log: super::log::MIN_LOG,
+            #[cfg(test)]
+            fault: None,
             _lock: lock,
         })
     }
@@ -194,8 +251,9 @@ impl StoreFiles {
         let gen_path = self.dir.join(GENERATIONS);
         let Opened {
             payload,
-            must_initialise,
-            loss,
+            mut must_initialise,
+            mut loss,
+            seq: base,
         } = self.opened.take().ok_or_else(|| StoreError::Io {
             path: self.dir.clone(),
             source: std::io::Error::other("the store was loaded twice"),
@@ -208,14 +266,15 @@ impl StoreFiles {
             // No slot written yet: a store from before the slots, or a new one.
             None => fs::read(&gen_path),
         };
-        let (mut history, committed, record) = match stored {
+        let (mut history, mut committed, mut record, log_size) = match stored {
             Ok(bytes) => {
+                self.snapshot_len = bytes.len() as u64;
                 let file: GenerationsFile =
                     serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
                         path: gen_path.clone(),
                         reason: e.to_string(),
                     })?;
-                if file.format != FORMAT {
+                if file.format != FORMAT && file.format != FORMAT_NO_LOG {
                     return Err(StoreError::Corrupt {
                         path: gen_path,
                         reason: format!("unknown format {}", file.format),
@@ -242,7 +301,8 @@ impl StoreFiles {
                             next_tx_id,
                             pending_ids,
                         });
-                (file.generations, committed, record)
+                let log_size = file.log_size.filter(|_| file.format == FORMAT);
+                (file.generations, committed, record, log_size)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
                 vec![Generation {
@@ -257,6 +317,7 @@ impl StoreFiles {
                 }],
                 VecDeque::new(),
                 None,
+                None,
             ),
             Err(source) => {
                 return Err(StoreError::Io {
@@ -265,6 +326,58 @@ impl StoreFiles {
                 })
             }
         };
+
+        // The log extends the snapshot it names. Its sequence numbers count whatever
+        // state is used: a later write must never reuse one.
+        let log_path = self.dir.join(super::log::NAME);
+        let (log, scan) =
+            Log::open(&self.dir, base, log_size.unwrap_or(0)).map_err(|source| StoreError::Io {
+                path: log_path.clone(),
+                source,
+            })?;
+        self.slots.observe_seq(scan.max_seq);
+        // After an accepted loss of a slot the snapshot used is an older one than the log
+        // extends, and the state is rebuilt without the log; a snapshot from before the
+        // log has none.
+        if let (Some(_), None) = (log_size, &loss) {
+            if let Some(torn) = scan.torn {
+                tracing::warn!(
+                    sequence = torn,
+                    "{}: an append torn by a crash before it was acknowledged was cut",
+                    log_path.display()
+                );
+            }
+            let last_read = scan.records.last().map_or(base, |r| r.seq);
+            for entry in &scan.records {
+                let delta: Delta =
+                    serde_json::from_slice(&entry.payload).map_err(|e| StoreError::Corrupt {
+                        path: log_path.clone(),
+                        reason: format!("record {}: {e}", entry.seq),
+                    })?;
+                apply_delta(&mut history, &mut committed, &mut record, delta).map_err(
+                    |reason| StoreError::Corrupt {
+                        path: log_path.clone(),
+                        reason: format!("record {}: {reason}", entry.seq),
+                    },
+                )?;
+            }
+            if let Some((reason, lost_generation)) = scan.damage {
+                if !self.accept_loss {
+                    return Err(StoreError::Damaged {
+                        path: log_path,
+                        reason,
+                    });
+                }
+                // Every write numbered after the last record read may have been lost.
+                loss = Some(Loss {
+                    reason: format!("{}: {reason}", log_path.display()),
+                    lost_generation,
+                    unknown_writes: scan.max_seq.saturating_sub(last_read).max(1),
+                });
+                must_initialise = true;
+            }
+            self.log = log;
+        }
 
         let mut pending = self.load_pending(record.as_ref(), &committed)?;
         if let Some(loss) = loss {
@@ -291,17 +404,11 @@ impl StoreFiles {
                 ),
             pending_ids: ids.collect(),
         };
+        self.durable_generation = history.last().map_or(0, |g| g.generation);
         if must_initialise {
             let next_tx_id = self.record.next_tx_id;
             let pending_ids = self.record.pending_ids.clone();
-            let bytes = self.serialize(&history, &committed, next_tx_id, &pending_ids)?;
-            let generation = history.last().map_or(0, |g| g.generation);
-            self.slots
-                .initialise(&bytes, generation)
-                .map_err(|source| StoreError::Io {
-                    path: self.slots.next_path().to_owned(),
-                    source,
-                })?;
+            self.write_snapshot(&history, &committed, next_tx_id, &pending_ids, true)?;
         }
         Ok(Snapshot {
             history,
@@ -454,7 +561,7 @@ impl StoreFiles {
             let parsed = fs::read(path)
                 .ok()
                 .and_then(|bytes| serde_json::from_slice::<LegacyPendingFile>(&bytes).ok())
-                .filter(|file| file.format == FORMAT);
+                .filter(|file| file.format == LEGACY_PENDING_FORMAT);
             match parsed {
                 Some(file) => {
                     chosen = Some((file.as_of, file.transactions));
@@ -482,29 +589,13 @@ impl StoreFiles {
         self.recovered.take()
     }
 
-    fn serialize(
-        &self,
-        generations: &[Generation],
-        committed: &VecDeque<(u64, u64)>,
-        next_tx_id: u64,
-        pending_ids: &[u64],
-    ) -> Result<Vec<u8>, StoreError> {
-        serde_json::to_vec(&GenerationsFileRef {
-            format: FORMAT,
-            generations,
-            committed,
-            next_tx_id,
-            pending_ids,
-        })
-        .map_err(|e| StoreError::Io {
-            path: self.dir.join(GENERATIONS),
-            source: std::io::Error::other(e),
-        })
-    }
-
-    /// Durably writes the committed state into the next slot (see `slots` for why this is
-    /// atomic and durable), with what it says about pending transactions: `next_tx_id`
-    /// and the ids of those pending now.
+    /// Durably records the committed state (`generations`, the kept history with the
+    /// new generations last; `committed`; what it says about pending transactions:
+    /// `next_tx_id` and the ids of those pending now). Usually one record appended to the
+    /// log, holding only the generations newer than the last durable write (see `log`
+    /// for why an append is atomic and durable); when the log has outgrown the snapshot,
+    /// a compaction: the whole state into the next slot (see `slots`), after which the
+    /// log starts again.
     pub fn write_generations(
         &mut self,
         generations: &[Generation],
@@ -512,27 +603,130 @@ impl StoreFiles {
         next_tx_id: u64,
         pending_ids: &[u64],
     ) -> Result<(), StoreError> {
-        let bytes = self.serialize(generations, committed, next_tx_id, pending_ids)?;
-        let generation = generations.last().map_or(0, |g| g.generation);
-        self.slots
-            .write(&bytes, generation)
+        let live = generations.last().map_or(0, |g| g.generation);
+        if self.log.ready() {
+            let durable = self.durable_generation;
+            let delta = Delta {
+                generations: generations
+                    .iter()
+                    .filter(|g| g.generation > durable)
+                    .cloned()
+                    .collect(),
+                committed: committed
+                    .iter()
+                    .filter(|(generation, _)| *generation > durable)
+                    .copied()
+                    .collect(),
+                first_kept: generations.first().map_or(0, |g| g.generation),
+                next_tx_id,
+                pending_ids: pending_ids.to_vec(),
+            };
+            let bytes = serde_json::to_vec(&delta).map_err(|e| StoreError::Io {
+                path: self.log.path().to_owned(),
+                source: std::io::Error::other(e),
+            })?;
+            // (A `min_log` of 0, set by tests, sends every write to the slots.)
+            let budget = match self.min_log {
+                0 => 0,
+                min => min.max(self.snapshot_len),
+            };
+            if self.log.len() + super::log::record_len(bytes.len()) <= budget {
+                #[cfg(test)]
+                self.arm_fault(true);
+                let seq = self.slots.take_seq();
+                self.log
+                    .append(seq, live, &bytes)
+                    .map_err(|source| StoreError::Io {
+                        path: self.log.path().to_owned(),
+                        source,
+                    })?;
+                self.durable_generation = live;
+                return Ok(());
+            }
+        }
+        self.write_snapshot(generations, committed, next_tx_id, pending_ids, false)
+    }
+
+    /// Writes the whole state into the next slot (`both`: into both, then the marker, for
+    /// a new, migrated or recovered store), then starts the log again. The log file
+    /// exists, durably, before a snapshot that names it; the log starts again only once
+    /// the snapshot is durable, and its old records name an older snapshot, so a crash at
+    /// any point leaves either the previous snapshot with its log, or the new one.
+    fn write_snapshot(
+        &mut self,
+        generations: &[Generation],
+        committed: &VecDeque<(u64, u64)>,
+        next_tx_id: u64,
+        pending_ids: &[u64],
+        both: bool,
+    ) -> Result<(), StoreError> {
+        let log_size = self
+            .log
+            .prepare(&self.dir_handle)
             .map_err(|source| StoreError::Io {
-                path: self.slots.next_path().to_owned(),
+                path: self.log.path().to_owned(),
                 source,
-            })
+            })?;
+        let bytes = serde_json::to_vec(&GenerationsFileRef {
+            format: FORMAT,
+            generations,
+            committed,
+            next_tx_id,
+            pending_ids,
+            log_size,
+        })
+        .map_err(|e| StoreError::Io {
+            path: self.dir.join(GENERATIONS),
+            source: std::io::Error::other(e),
+        })?;
+        let live = generations.last().map_or(0, |g| g.generation);
+        #[cfg(test)]
+        self.arm_fault(false);
+        let written = if both {
+            self.slots.initialise(&bytes, live)
+        } else {
+            self.slots.write(&bytes, live)
+        };
+        written.map_err(|source| StoreError::Io {
+            path: self.slots.next_path().to_owned(),
+            source,
+        })?;
+        self.log.restart(self.slots.seq());
+        self.snapshot_len = bytes.len() as u64;
+        self.durable_generation = live;
+        Ok(())
     }
 
     /// Test hook: the next durable write fails as on a full disk.
     #[cfg(test)]
     pub fn fail_next_write(&mut self) {
-        self.slots.fail_next_write = true;
+        self.fault = Some(Fault::Fail);
     }
 
     /// Test hook: the next durable write lands only its first `sectors` sectors and
     /// fails, as if keeld were killed in the middle of it.
     #[cfg(test)]
     pub fn tear_next_write(&mut self, sectors: usize) {
-        self.slots.tear_next_write = Some(sectors);
+        self.fault = Some(Fault::Tear(sectors));
+    }
+
+    /// Test hook: the log may grow to `bytes` before a compaction (0: every write is a
+    /// compaction, into a slot).
+    #[cfg(test)]
+    pub fn set_min_log(&mut self, bytes: u64) {
+        self.min_log = bytes;
+    }
+
+    /// Hands the test fault to the log (`log`) or the slots, whichever writes next.
+    #[cfg(test)]
+    fn arm_fault(&mut self, log: bool) {
+        match (self.fault.take(), log) {
+            (Some(Fault::Fail), true) => self.log.fail_next_write = true,
+            (Some(Fault::Tear(n)), true) => self.log.tear_next_write = Some(n),
+            (Some(Fault::Fail), false) => self.slots.fail_next_write = true,
+            (Some(Fault::Tear(n)), false) => self.slots.tear_next_write = Some(n),
+            (None, _) => {}
+        }
     }
 
     /// Brings the files of the transactions named in `names` in line with `pending`:
@@ -678,17 +872,13 @@ fn parse_tx_file_name(name: &str) -> Option<(u64, u64)> {
 /// Continues `history` after an accepted loss: a new generation equal to the newest intact
 /// one (or empty), numbered above every generation the lost records can have reached, so
 /// that no number a client may have seen is given again. A lost record's header names its
-/// generation; when the header is gone too, the record was at most one write newer than
-/// the intact one (writes alternate), and one write carries at most
-/// `MAX_GENERATIONS_PER_WRITE` generations.
+/// generation; when the header is gone too, it counts as every write it may stand for (a
+/// slot: one, writes alternate; the log: every number after the last record read), and
+/// one write carries at most `MAX_GENERATIONS_PER_WRITE` generations.
 fn recover(history: &mut Vec<Generation>, loss: Loss, discarded: Vec<String>) -> Recovered {
     let live = history.last().map_or(0, |g| g.generation);
     let known = loss.lost_generation.unwrap_or(0).max(live);
-    let margin = if loss.unknown {
-        super::writer::MAX_GENERATIONS_PER_WRITE
-    } else {
-        0
-    };
+    let margin = super::writer::MAX_GENERATIONS_PER_WRITE.saturating_mul(loss.unknown_writes);
     let generation = (known + margin + 1).max(live + 1);
     let settings = history.last().map_or_else(
         || Arc::new(Value::Object(Default::default())),
@@ -717,4 +907,39 @@ fn recover(history: &mut Vec<Generation>, loss: Loss, discarded: Vec<String>) ->
         generation,
         discarded_pending: discarded,
     }
+}
+
+/// Applies one log record to the state read so far.
+fn apply_delta(
+    history: &mut Vec<Generation>,
+    committed: &mut VecDeque<(u64, u64)>,
+    record: &mut Option<PendingRecord>,
+    delta: Delta,
+) -> Result<(), String> {
+    let live = history.last().map_or(0, |g| g.generation);
+    if let Some(first) = delta.generations.first() {
+        if first.generation <= live {
+            return Err(format!(
+                "generation {} does not follow generation {live}",
+                first.generation
+            ));
+        }
+    }
+    history.extend(delta.generations);
+    history.retain(|g| g.generation >= delta.first_kept);
+    if history.is_empty() {
+        return Err(format!(
+            "no generation is left at or after {}",
+            delta.first_kept
+        ));
+    }
+    committed.extend(delta.committed);
+    while committed.len() > super::COMMITTED_WINDOW {
+        committed.pop_front();
+    }
+    *record = Some(PendingRecord {
+        next_tx_id: delta.next_tx_id,
+        pending_ids: delta.pending_ids,
+    });
+    Ok(())
 }

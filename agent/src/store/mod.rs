@@ -7,6 +7,7 @@
 //! commit answered.
 
 mod files;
+mod log;
 mod slots;
 mod writer;
 
@@ -345,6 +346,13 @@ impl Store {
     #[cfg(test)]
     pub(crate) fn fail_next_write(&self) {
         self.writer.fail_next_write();
+    }
+
+    /// Test hook: the log may grow to `bytes` before a compaction (0: every commit writes
+    /// a slot, as before the log).
+    #[cfg(test)]
+    pub(crate) fn set_min_log(&self, bytes: u64) {
+        self.writer.set_min_log(bytes);
     }
 
     /// Test hook: a lower limit than [`MAX_SETTINGS_BYTES`] on the live settings.

@@ -296,8 +296,8 @@ pub struct Loss {
     pub reason: String,
     /// The highest generation a lost record is known to have reached.
     pub lost_generation: Option<u64>,
-    /// Some lost record's generation is unknown (its header is gone too).
-    pub unknown: bool,
+    /// How many lost writes may have carried generations beyond what is known.
+    pub unknown_writes: u64,
 }
 
 /// What [`Slots::open`] found.
@@ -310,6 +310,8 @@ pub(super) struct Opened {
     pub must_initialise: bool,
     /// Set only when the loss was accepted.
     pub loss: Option<Loss>,
+    /// The sequence number of the state in `payload` (0: none).
+    pub seq: u64,
 }
 
 #[derive(Debug)]
@@ -417,17 +419,21 @@ impl Slots {
                     } => header.generation.is_none(),
                     _ => true,
                 });
+                // A slot whose number is unknown was at most one write newer than the
+                // other (writes alternate).
+                let unknown_writes = u64::from(unknown);
                 (
                     fallback,
                     true,
                     Some(Loss {
                         reason,
                         lost_generation,
-                        unknown,
+                        unknown_writes,
                     }),
                 )
             }
         };
+        let chosen_seq = chosen.and_then(|i| states[i].seq()).unwrap_or(0);
         let payload =
             chosen.and_then(
                 |i| match std::mem::replace(&mut states[i], SlotState::Missing) {
@@ -454,8 +460,26 @@ impl Slots {
                 payload,
                 must_initialise,
                 loss,
+                seq: chosen_seq,
             },
         ))
+    }
+
+    /// Takes the next sequence number, for a write here or in the log: numbers are
+    /// shared and never reused, even by a write that then fails.
+    pub fn take_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// The number of the last write (after a successful [`Slots::write`], its own).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Numbers at least up to `seq` are in use elsewhere (the log).
+    pub fn observe_seq(&mut self, seq: u64) {
+        self.seq = self.seq.max(seq);
     }
 
     /// Durably writes `payload` (whose live generation is `generation`) as the newest
@@ -466,7 +490,7 @@ impl Slots {
         if std::mem::take(&mut self.fail_next_write) {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        let seq = self.seq + 1;
+        let seq = self.take_seq();
         let record = encode(seq, generation, payload);
         let slot = self.next;
         self.prepare(slot)?;
@@ -490,7 +514,6 @@ impl Slots {
         }
         file.write_all_at(&record, 0)?;
         file.sync_data()?;
-        self.seq = seq;
         self.next = 1 - slot;
         Ok(())
     }

@@ -437,11 +437,12 @@ fn committed_settings_equal_a_full_validation() {
 // ---- Damaged state: every case refuses to start, naming the file, unless the loss is
 // ---- accepted; a torn unacknowledged write does not.
 
-/// Commits `motd` values `m1..=mN` (long enough to span several sectors); the live
-/// generation is then N.
+/// Commits `motd` values `m1..=mN` (long enough to span several sectors), each into a
+/// slot (no log: these tests are about the slots); the live generation is then N.
 fn committed_store(dir: &std::path::Path, commits: usize) {
     rt().block_on(async {
         let store = Store::open(dir, 10).unwrap();
+        store.set_min_log(0);
         for i in 1..=commits {
             store.patch("t", json!({"motd": motd(i)})).await.unwrap();
             store.commit("t", Caller::keeld()).await.unwrap();
@@ -588,6 +589,7 @@ fn a_torn_unacknowledged_write_is_not_a_refusal() {
     committed_store(dir.path(), 2);
     rt().block_on(async {
         let store = reopen(dir.path(), 10);
+        store.set_min_log(0);
         store.patch("t", json!({"motd": motd(3)})).await.unwrap();
         // Killed after three of the record's sectors landed: never acknowledged.
         store.tear_next_write(3);
@@ -599,6 +601,7 @@ fn a_torn_unacknowledged_write_is_not_a_refusal() {
     assert_eq!(snapshot.live_settings()["motd"], motd(2));
     // The next write goes over the torn one, with a new sequence number, and a reopen
     // finds it.
+    store.set_min_log(0);
     rt().block_on(async {
         store.patch("t", json!({"motd": motd(4)})).await.unwrap();
         store.commit("t", Caller::keeld()).await.unwrap();
@@ -615,6 +618,7 @@ fn damage_to_the_older_slot_alone_is_not_a_refusal() {
     committed_store(dir.path(), 3);
     flip_byte(&older_slot(dir.path()), 512 + 700);
     let store = reopen(dir.path(), 10);
+    store.set_min_log(0);
     assert_eq!(store.snapshot().live().generation, 3);
     // The next commit overwrites it; nothing to warn about afterwards.
     rt().block_on(async {
@@ -858,4 +862,191 @@ fn settings_over_the_limit_are_refused_naming_it() {
             Err(StoreError::SettingsTooLarge { .. })
         ));
     });
+}
+
+// ---- The generation log: a commit appends what it changed; compaction rewrites the
+// ---- slots only once the log has outgrown them.
+
+fn slot_bytes(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    ["generations.0", "generations.1"]
+        .iter()
+        .map(|name| std::fs::read(dir.join(name)).unwrap())
+        .collect()
+}
+
+/// Commits `motd` values from `from` on, `count` of them, through the log.
+fn commit_through_log(store: &Store, from: usize, count: usize) {
+    rt().block_on(async {
+        for i in from..from + count {
+            store.patch("t", json!({"motd": motd(i)})).await.unwrap();
+            store.commit("t", Caller::keeld()).await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn a_commit_writes_its_generation_not_the_whole_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 1000).unwrap();
+    commit_through_log(&store, 1, 20);
+    // Far more history than the log holds: the slots are not rewritten by a commit.
+    let slots = slot_bytes(dir.path());
+    commit_through_log(&store, 21, 100);
+    assert!(
+        slot_bytes(dir.path()) == slots,
+        "a commit rewrote a slot (the whole history)"
+    );
+    drop(store);
+    let store = reopen(dir.path(), 1000);
+    let snapshot = store.snapshot();
+    assert_eq!(snapshot.live().generation, 120);
+    assert_eq!(snapshot.history.len(), 121);
+    assert_eq!(snapshot.live_settings()["motd"], motd(120));
+    assert_eq!(snapshot.find(7).unwrap().settings["motd"], motd(7));
+}
+
+#[test]
+fn compaction_keeps_the_state_and_starts_the_log_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 5).unwrap();
+    store.set_min_log(16 * 1024);
+    let slots = slot_bytes(dir.path());
+    commit_through_log(&store, 1, 40);
+    assert!(slot_bytes(dir.path()) != slots, "no compaction happened");
+    rt().block_on(async {
+        store.patch("p", json!({"motd": "pending"})).await.unwrap();
+    });
+    drop(store);
+    let store = reopen(dir.path(), 5);
+    let snapshot = store.snapshot();
+    let gens: Vec<u64> = snapshot.history.iter().map(|g| g.generation).collect();
+    assert_eq!(gens, vec![36, 37, 38, 39, 40]);
+    assert_eq!(snapshot.live_settings()["motd"], motd(40));
+    assert!(snapshot.pending.contains_key("p"));
+    assert!(!snapshot.pending.contains_key("t"));
+}
+
+#[test]
+fn a_torn_log_append_is_cut_and_the_log_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 10).unwrap();
+    commit_through_log(&store, 1, 3);
+    rt().block_on(async {
+        store.patch("t", json!({"motd": motd(4)})).await.unwrap();
+        // Killed after two of the record's sectors landed: never acknowledged.
+        store.tear_next_write(2);
+        assert!(store.commit("t", Caller::keeld()).await.is_err());
+    });
+    drop(store);
+    let store = reopen(dir.path(), 10);
+    assert_eq!(store.snapshot().live().generation, 3);
+    commit_through_log(&store, 5, 2);
+    drop(store);
+    let store = reopen(dir.path(), 10);
+    assert_eq!(store.snapshot().live().generation, 5);
+    assert_eq!(store.snapshot().live_settings()["motd"], motd(6));
+}
+
+#[test]
+fn damage_in_the_log_refuses_to_start_and_can_be_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 10).unwrap();
+    commit_through_log(&store, 1, 3);
+    drop(store);
+    let log = dir.path().join("generations.log");
+    // A byte of the second record's payload (the first record spans 9 sectors).
+    flip_byte(&log, 9 * 512 + 100);
+    let (path, message) = refused(dir.path());
+    assert_eq!(path, log, "{message}");
+    let recovered = recover(dir.path()).unwrap();
+    assert_eq!(
+        recovered.continued_from, 1,
+        "up to the record before the damage"
+    );
+    assert!(
+        recovered.generation > 3,
+        "above every generation the log can have held"
+    );
+    let store = reopen(dir.path(), 10);
+    assert_eq!(store.snapshot().live_settings()["motd"], motd(1));
+    assert_eq!(store.snapshot().live().tx, RECOVERY_TX);
+}
+
+#[test]
+fn a_missing_or_cut_log_refuses_to_start() {
+    for cut in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 10).unwrap();
+        commit_through_log(&store, 1, 2);
+        drop(store);
+        let log = dir.path().join("generations.log");
+        if cut {
+            std::fs::File::create(&log).unwrap();
+        } else {
+            std::fs::remove_file(&log).unwrap();
+        }
+        let (path, message) = refused(dir.path());
+        assert_eq!(path, log, "{message}");
+    }
+}
+
+#[test]
+fn a_store_from_before_the_log_is_read_and_starts_one() {
+    let dir = tempfile::tempdir().unwrap();
+    // Slots holding a format 1 snapshot (no log), as the previous keeld wrote them.
+    let snapshot = json!({"format": 1, "generations": [{
+        "generation": 7, "time": "2026-01-01T00:00:00.000Z", "tx": "t", "tx-id": 3,
+        "caller": {"uid": 0, "gid": 0, "pid": 1, "comm": "x"},
+        "changed-keys": ["settings.motd"], "settings": {"motd": "seven"}
+    }], "committed": [[7, 3]], "next-tx-id": 4, "pending-ids": []});
+    let (mut slots, _) = slots::Slots::open(dir.path(), false).unwrap();
+    slots
+        .initialise(snapshot.to_string().as_bytes(), 7)
+        .unwrap();
+    drop(slots);
+    let store = reopen(dir.path(), 10);
+    assert_eq!(store.snapshot().live().generation, 7);
+    commit_through_log(&store, 1, 3);
+    drop(store);
+    let store = reopen(dir.path(), 10);
+    let gens: Vec<u64> = store
+        .snapshot()
+        .history
+        .iter()
+        .map(|g| g.generation)
+        .collect();
+    assert_eq!(gens, vec![7, 8, 9, 10]);
+    assert!(dir.path().join("generations.log").exists());
+}
+
+#[test]
+fn a_torn_compaction_leaves_the_previous_snapshot_and_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 10).unwrap();
+    commit_through_log(&store, 1, 3);
+    // The next write compacts into a slot, and is killed half way.
+    store.set_min_log(0);
+    rt().block_on(async {
+        store.patch("t", json!({"motd": motd(4)})).await.unwrap();
+        store.tear_next_write(3);
+        assert!(store.commit("t", Caller::keeld()).await.is_err());
+    });
+    drop(store);
+    let store = reopen(dir.path(), 10);
+    assert_eq!(store.snapshot().live().generation, 3);
+    assert_eq!(store.snapshot().live_settings()["motd"], motd(3));
+    // The log goes on from the previous snapshot, then compacts for real.
+    commit_through_log(&store, 5, 2);
+    store.set_min_log(0);
+    commit_through_log(&store, 7, 1);
+    drop(store);
+    let store = reopen(dir.path(), 10);
+    let gens: Vec<u64> = store
+        .snapshot()
+        .history
+        .iter()
+        .map(|g| g.generation)
+        .collect();
+    assert_eq!(gens, vec![0, 1, 2, 3, 4, 5, 6]);
+    assert_eq!(store.snapshot().live_settings()["motd"], motd(7));
 }

@@ -268,6 +268,12 @@ impl Writer {
         lock(&self.state).max_settings_bytes = limit;
     }
 
+    /// Test hook: see [`StoreFiles::set_min_log`].
+    #[cfg(test)]
+    pub(super) fn set_min_log(&self, bytes: u64) {
+        lock(&self.state).files.set_min_log(bytes);
+    }
+
     /// Test hook: see [`StoreFiles::tear_next_write`].
     #[cfg(test)]
     pub(super) fn tear_next_write(&self, sectors: usize) {
