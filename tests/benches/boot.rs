@@ -103,9 +103,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn require_root() {
-    // SAFETY: geteuid(2) has no preconditions.
     assert_eq!(
-        unsafe { libc::geteuid() },
+        rustix::process::geteuid().as_raw(),
         0,
         "the boot benchmark runs containers and needs root"
     );

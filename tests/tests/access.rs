@@ -83,7 +83,7 @@ fn a_changed_socket_mode_or_group_is_corrected() {
 
 #[test]
 fn outsiders_cannot_connect_through_the_default_mode() {
-    if unsafe { libc::geteuid() } != 0 {
+    if rustix::process::geteuid().as_raw() != 0 {
         skip("needs root to run a client as another user");
         return;
     }
@@ -99,7 +99,7 @@ fn outsiders_cannot_connect_through_the_default_mode() {
 
 #[test]
 fn outsiders_get_403_on_every_endpoint_and_the_group_is_let_in() {
-    if unsafe { libc::geteuid() } != 0 {
+    if rustix::process::geteuid().as_raw() != 0 {
         skip("needs root to run a client as another user");
         return;
     }

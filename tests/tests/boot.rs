@@ -15,9 +15,8 @@ use keel_e2e::{Keeld, KeeldOptions};
 use serde_json::{json, Value};
 
 fn require_root() {
-    // SAFETY: geteuid(2) has no preconditions.
     assert_eq!(
-        unsafe { libc::geteuid() },
+        rustix::process::geteuid().as_raw(),
         0,
         "these tests run containers and need root"
     );

@@ -218,9 +218,8 @@ exec sleep 100000
 "#;
 
 fn require_root() {
-    // SAFETY: geteuid(2) has no preconditions.
     assert_eq!(
-        unsafe { libc::geteuid() },
+        rustix::process::geteuid().as_raw(),
         0,
         "these tests run containers and need root"
     );

@@ -121,8 +121,11 @@ fn sigkill_during_applies_leaves_no_half_written_file() {
 /// state directory, nothing changes, and commits work again once space is freed.
 #[test]
 fn a_full_state_directory_refuses_commits_and_keeps_the_previous_generation() {
-    // SAFETY: geteuid(2) has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "mounting a tmpfs needs root");
+    assert_eq!(
+        rustix::process::geteuid().as_raw(),
+        0,
+        "mounting a tmpfs needs root"
+    );
     let work = tempfile::tempdir().expect("tempdir");
     let state = work.path().join("state");
     std::fs::create_dir(&state).expect("mkdir");

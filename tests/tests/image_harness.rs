@@ -14,8 +14,7 @@ use keel_e2e::image::{corrupt_archive, ImageBuilder, ImageInfo};
 use keel_e2e::registry::{FailingRegistry, Registry};
 
 fn require_root() {
-    // SAFETY: geteuid(2) has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     assert_eq!(euid, 0, "these tests run containers and need root");
 }
 

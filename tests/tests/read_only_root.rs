@@ -25,9 +25,8 @@ fn in_keeld_namespace(keeld: &Keeld, argv: &[&str]) -> std::process::Output {
 
 #[test]
 fn a_full_boot_on_a_read_only_root() {
-    // SAFETY: geteuid(2) has no preconditions.
     assert_eq!(
-        unsafe { libc::geteuid() },
+        rustix::process::geteuid().as_raw(),
         0,
         "needs root for mount namespaces"
     );

@@ -361,8 +361,7 @@ fn tmpfiles_creates_the_directories() {
     let file = repo_root().join("units/keel.tmpfiles");
     let mut root_arg = std::ffi::OsString::from("--root=");
     root_arg.push(&root);
-    // SAFETY: geteuid(2) has no preconditions.
-    let is_root = unsafe { libc::geteuid() } == 0;
+    let is_root = rustix::process::geteuid().as_raw() == 0;
     // systemd 252's systemd-tmpfiles has no --dry-run. As root, create everything under
     // a temporary root and look at it; otherwise (chown to root would fail) only have the
     // file parsed: --remove acts on r/R/D lines alone, and this file has none.
