@@ -158,8 +158,9 @@ pub struct Snapshot {
     pub history: Vec<Generation>,
     pub pending: BTreeMap<String, PendingTx>,
     /// `(generation, transaction id)` of the last [`COMMITTED_WINDOW`] commits, oldest
-    /// first, kept beyond the history: it tells `open` which entries of a pending file
-    /// written before them are already committed.
+    /// first, kept beyond the history: for a store written before the committed state
+    /// recorded which transactions are pending (see `files`), it tells `open` which
+    /// entries of a pending file written before them are already committed.
     pub committed: std::collections::VecDeque<(u64, u64)>,
 }
 
@@ -217,10 +218,10 @@ pub enum StoreError {
     /// A state file exists but cannot be understood; keeld refuses to guess.
     #[error("state file {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    /// A slot file is damaged, cut short, emptied or gone, and may have held a newer
-    /// acknowledged state than the one still intact (see `slots`): keeld refuses to start
-    /// rather than serve older settings silently. `path` is that file (the state
-    /// directory when both slots are affected).
+    /// A slot or the log is damaged, cut short, emptied or gone, and may have held a
+    /// newer acknowledged state than the one still intact (see `slots` and `log`): keeld
+    /// refuses to start rather than serve older settings silently. `path` is that file
+    /// (the state directory when both slots are affected).
     #[error(
         "{path}: {reason}. Acknowledged commits may be lost, so keeld will not fall back to \
          an older state on its own. Keep a copy of the state directory, then start keeld \

@@ -543,8 +543,8 @@ fn candidate_within(live: &Value, pending: &PendingTx, limit: usize) -> Result<V
 }
 
 /// Refuses settings larger than `limit` bytes as JSON. Every commit writes the live
-/// settings, and each kept generation holds a copy: unbounded settings make every commit
-/// slow and the slots huge.
+/// settings, and each kept generation holds a copy that every compaction rewrites:
+/// unbounded settings make commits slow and the state files huge.
 fn check_size(settings: &Value, limit: usize) -> Result<(), StoreError> {
     /// Counts bytes instead of keeping them.
     struct Count(usize);
