@@ -277,6 +277,8 @@ pub(crate) enum Op {
     Commit {
         tx: String,
         caller: Caller,
+        /// The candidate validated and checked (rendered) before the op was queued.
+        prechecked: Option<Box<writer::Prechecked>>,
         reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
     },
     Rollback {
@@ -292,6 +294,7 @@ pub struct Store {
     snapshot: Arc<ArcSwap<Snapshot>>,
     writer: Arc<writer::Writer>,
     live: tokio::sync::watch::Receiver<u64>,
+    check: Option<Arc<dyn CommitCheck>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -320,7 +323,7 @@ impl Store {
         let writer = Arc::new(writer::Writer::new(
             files,
             keep.max(1),
-            check,
+            check.clone(),
             shared.clone(),
             live_tx,
         ));
@@ -328,6 +331,7 @@ impl Store {
             snapshot: shared,
             writer,
             live,
+            check,
         })
     }
 
@@ -404,13 +408,34 @@ impl Store {
 
     /// Commits `tx` as a new generation; answers the keys whose values changed.
     /// Answers only once the generation is durable.
+    ///
+    /// The candidate is validated and checked (its files test-rendered) on a blocking
+    /// thread before the commit is queued, so the writer, which every PATCH and commit
+    /// goes through, never renders: it reuses that work when nothing changed in
+    /// between (same live generation, same pending patches), and only then does it
+    /// again itself.
     pub async fn commit(&self, tx: &str, caller: Caller) -> Result<Vec<String>, StoreError> {
+        let prechecked = self.precheck(tx).await.map(Box::new);
         self.send(|reply| Op::Commit {
             tx: tx.to_owned(),
             caller,
+            prechecked,
             reply,
         })
         .await
+    }
+
+    /// See [`Store::commit`]: `None` when there is nothing to check (no such
+    /// transaction) or the check could not run.
+    async fn precheck(&self, tx: &str) -> Option<writer::Prechecked> {
+        let snapshot = self.snapshot();
+        let pending = snapshot.pending.get(tx)?.clone();
+        let check = self.check.clone();
+        tokio::task::spawn_blocking(move || {
+            writer::Prechecked::run(snapshot.live(), &pending, check.as_deref())
+        })
+        .await
+        .ok()
     }
 
     /// Makes a new generation equal to `generation`; answers the changed keys.

@@ -390,6 +390,102 @@ fn a_panicking_batch_does_not_wedge_the_writer() {
     });
 }
 
+/// A check that holds until released, and counts its runs.
+#[derive(Debug)]
+struct GatedCheck {
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    started: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    started_rx: Arc<std::sync::Mutex<std::sync::mpsc::Receiver<()>>>,
+    runs: std::sync::atomic::AtomicUsize,
+}
+
+impl GatedCheck {
+    /// Waits (off the async workers) until a check run has started.
+    fn started_rx_wait(&self) -> impl std::future::Future<Output = ()> {
+        let rx = self.started_rx.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                rx.lock()
+                    .unwrap()
+                    .recv_timeout(std::time::Duration::from_secs(10))
+            })
+            .await
+            .unwrap()
+            .expect("a check run started");
+        }
+    }
+}
+
+impl CommitCheck for GatedCheck {
+    fn check(&self, _: &serde_json::Value, _: &[String]) -> Result<(), CheckError> {
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.started.lock().unwrap().send(());
+        let _ = self
+            .release
+            .lock()
+            .unwrap()
+            .recv_timeout(std::time::Duration::from_secs(30));
+        Ok(())
+    }
+}
+
+/// The commit-time check (a render of the affected files) runs before the commit
+/// reaches the writer: a slow one holds no one else's PATCH or commit, and it runs
+/// once, not again in the writer.
+#[test]
+fn a_slow_commit_check_holds_up_no_other_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let check = Arc::new(GatedCheck {
+        release: std::sync::Mutex::new(release_rx),
+        started: std::sync::Mutex::new(started_tx),
+        started_rx: Arc::new(std::sync::Mutex::new(started_rx)),
+        runs: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = Store::open_with_check(dir.path(), 10, Some(check.clone())).unwrap();
+        store.patch("slow", json!({"motd": "x"})).await.unwrap();
+        let committing = tokio::spawn({
+            let store = store.clone();
+            async move { store.commit("slow", Caller::keeld()).await }
+        });
+        check.started_rx_wait().await;
+        // While the check holds, an unrelated PATCH goes through the writer.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            store.patch("other", json!({"ntp": {"time-servers": ["a.example"]}})),
+        )
+        .await
+        .expect("a PATCH waited for another commit's check")
+        .unwrap();
+        release_tx.send(()).unwrap();
+        assert_eq!(committing.await.unwrap().unwrap(), ["settings.motd"]);
+        assert_eq!(check.runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A transaction patched while its commit was being checked is checked again,
+        // in the writer, and the newer patch is what commits.
+        store.patch("again", json!({"motd": "y"})).await.unwrap();
+        let committing = tokio::spawn({
+            let store = store.clone();
+            async move { store.commit("again", Caller::keeld()).await }
+        });
+        let started = check.started_rx_wait();
+        started.await;
+        store.patch("again", json!({"motd": "z"})).await.unwrap();
+        release_tx.send(()).unwrap();
+        check.started_rx_wait().await;
+        release_tx.send(()).unwrap();
+        assert_eq!(committing.await.unwrap().unwrap(), ["settings.motd"]);
+        assert_eq!(check.runs.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(store.snapshot().live_settings()["motd"], "z");
+    });
+}
+
 #[test]
 fn pending_state_is_bounded() {
     let dir = tempfile::tempdir().unwrap();

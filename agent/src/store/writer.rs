@@ -382,8 +382,21 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
                 };
                 answers.push(Answer::Keys(reply, Ok(keys)));
             }
-            Op::Commit { tx, caller, reply } => {
-                let result = commit_tx(&mut work, keep, check, max_settings, &tx, caller);
+            Op::Commit {
+                tx,
+                caller,
+                prechecked,
+                reply,
+            } => {
+                let result = commit_tx(
+                    &mut work,
+                    keep,
+                    check,
+                    max_settings,
+                    &tx,
+                    caller,
+                    prechecked.map(|p| *p),
+                );
                 if let Ok(outcome) = &result {
                     // A commit that made a generation leaves its file until that
                     // generation is durable (the committed state then records it as no
@@ -569,6 +582,67 @@ fn check_size(settings: &Value, limit: usize) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A commit's candidate, validated and checked against one snapshot before the commit
+/// reached the writer (on a blocking thread: the check renders files), with what it
+/// was computed from, so the writer can tell whether it still holds.
+#[derive(Debug)]
+pub(crate) struct Prechecked {
+    generation: u64,
+    tx_id: u64,
+    patches: Vec<Arc<Value>>,
+    limit: usize,
+    /// The candidate and its changed keys, or why it was refused.
+    outcome: Result<(Value, Vec<String>), StoreError>,
+}
+
+impl Prechecked {
+    pub(crate) fn run(
+        live: &Generation,
+        pending: &PendingTx,
+        check: Option<&dyn CommitCheck>,
+    ) -> Prechecked {
+        let limit = super::MAX_SETTINGS_BYTES;
+        Prechecked {
+            generation: live.generation,
+            tx_id: pending.id,
+            patches: pending.patches.clone(),
+            limit,
+            outcome: checked_candidate(&live.settings, pending, check, limit),
+        }
+    }
+
+    /// Whether this was computed from exactly the state the writer now has.
+    fn holds_for(&self, live: u64, pending: &PendingTx, limit: usize) -> bool {
+        self.generation == live
+            && self.tx_id == pending.id
+            && self.limit == limit
+            && self.patches.len() == pending.patches.len()
+            && self
+                .patches
+                .iter()
+                .zip(&pending.patches)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
+/// The candidate of committing `pending` on `live`, its changed keys, and the check.
+fn checked_candidate(
+    live: &Value,
+    pending: &PendingTx,
+    check: Option<&dyn CommitCheck>,
+    limit: usize,
+) -> Result<(Value, Vec<String>), StoreError> {
+    let candidate = candidate_within(live, pending, limit)?;
+    let patches: Vec<&Value> = pending.patches.iter().map(|p| &**p).collect();
+    let changed = changed_keys_touched(live, &candidate, &patches);
+    if let Some(check) = check.filter(|_| !changed.is_empty()) {
+        check
+            .check(&candidate, &changed)
+            .map_err(StoreError::Refused)?;
+    }
+    Ok((candidate, changed))
+}
+
 fn commit_tx(
     work: &mut Snapshot,
     keep: usize,
@@ -576,19 +650,18 @@ fn commit_tx(
     max_settings: usize,
     tx: &str,
     caller: Caller,
+    prechecked: Option<Prechecked>,
 ) -> Result<CommitOutcome, StoreError> {
     let pending = work
         .pending
         .get(tx)
         .ok_or_else(|| StoreError::NothingPending(tx.to_owned()))?;
-    let candidate = candidate_within(work.live_settings(), pending, max_settings)?;
-    let patches: Vec<&Value> = pending.patches.iter().map(|p| &**p).collect();
-    let changed = changed_keys_touched(work.live_settings(), &candidate, &patches);
-    if let Some(check) = check.filter(|_| !changed.is_empty()) {
-        check
-            .check(&candidate, &changed)
-            .map_err(StoreError::Refused)?;
-    }
+    let live = work.live().generation;
+    let (candidate, changed) = match prechecked {
+        Some(p) if p.holds_for(live, pending, max_settings) => p.outcome?,
+        // Something committed or patched in between: check again, here.
+        _ => checked_candidate(work.live_settings(), pending, check, max_settings)?,
+    };
     let tx_id = pending.id;
     work.pending.remove(tx);
     if changed.is_empty() {
