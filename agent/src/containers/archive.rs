@@ -6,24 +6,26 @@
 //! and config are read from those offsets and checked against their digests, and the
 //! layers are streamed into containerd, which checks theirs. Nothing is extracted to
 //! disk, so a hostile archive's paths cannot escape anywhere.
+//!
+//! One of the two image sources (with [`super::registry`]): it uses the shared types
+//! ([`super::oci`]) and the content store ([`super::content`]), never the pipeline
+//! that calls it ([`super::image`]).
 
 use std::collections::HashMap;
 use std::io::SeekFrom;
 use std::path::Path;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::client::Containerd;
-use super::content::{self, MAX_METADATA_BLOB};
-use super::image::{
-    config_gc_labels, is_index, manifest_gc_labels, parse_json, select_platform, verify_digest,
-    Descriptor, ImageError, Index, Manifest,
+use super::content::{self, write_small, MAX_METADATA_BLOB};
+use super::oci::{
+    config_gc_labels, host_platform, manifest_gc_labels, parse_document, parse_json,
+    select_platform, verify_digest, Descriptor, Document, ImageConfiguration, ImageError,
+    ImageIndex, ANNOTATION_REF_NAME,
 };
 
-/// The annotation naming a manifest's tag in an OCI layout's `index.json`.
-const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// More entries than any image layout needs; bounds the scan of a hostile archive.
 const MAX_ENTRIES: usize = 100_000;
 
@@ -64,41 +66,45 @@ pub async fn import(
         .index
         .ok_or_else(|| err("no index.json: not an OCI archive".into()))?;
     let index_bytes = read_span(&mut file, path, index_span).await?;
-    let index: Index = parse_json(&format!("{path}: index.json"), &index_bytes)?;
+    let index: ImageIndex = parse_json(&format!("{path}: index.json"), &index_bytes)?;
     let mut chosen = choose(&index, tag).map_err(err)?.clone();
     // A layout may point at an index (multi-platform image): follow it one level.
     let mut manifest_bytes = read_blob(&mut file, path, &toc, &chosen).await?;
-    let body: serde_json::Value = parse_json("manifest", &manifest_bytes)?;
-    if is_index(&chosen.media_type, &body) {
-        let nested: Index = parse_json("image index", &manifest_bytes)?;
-        let (os, arch) = super::image::host_platform();
-        chosen = select_platform(&nested)
-            .ok_or(ImageError::NoPlatform { os, arch })?
-            .clone();
-        manifest_bytes = read_blob(&mut file, path, &toc, &chosen).await?;
-    }
-    if chosen.media_type.is_empty() {
-        chosen.media_type = super::image::MEDIA_OCI_MANIFEST.to_owned();
-    }
-    chosen.annotations.clear();
-    chosen.platform = None;
-    let manifest: Manifest = parse_json("image manifest", &manifest_bytes)?;
-    let config_bytes = read_blob(&mut file, path, &toc, &manifest.config).await?;
+    let manifest = match parse_document(Some(chosen.media_type()), &manifest_bytes)? {
+        Document::Manifest(manifest) => *manifest,
+        Document::Index(nested) => {
+            let (os, arch) = host_platform();
+            chosen = select_platform(&nested)
+                .ok_or(ImageError::NoPlatform { os, arch })?
+                .clone();
+            manifest_bytes = read_blob(&mut file, path, &toc, &chosen).await?;
+            parse_json("image manifest", &manifest_bytes)?
+        }
+    };
+    // The image record points at the manifest alone (no annotations, no platform).
+    let chosen = Descriptor::new(
+        chosen.media_type().clone(),
+        chosen.size(),
+        chosen.digest().clone(),
+    );
+    let config_bytes = read_blob(&mut file, path, &toc, manifest.config()).await?;
+    let config: ImageConfiguration = parse_json("image config", &config_bytes)?;
 
     // Children before parents: a blob that references others is committed (with its
     // GC labels) only once they exist.
-    for layer in &manifest.layers {
-        if content::has_blob(cd, &layer.digest).await? {
+    for layer in manifest.layers() {
+        let digest = layer.digest().to_string();
+        if content::has_blob(cd, &digest).await? {
             continue;
         }
         let span = *toc
             .blobs
-            .get(&layer.digest)
-            .ok_or_else(|| err(format!("layer {} is missing", layer.digest)))?;
-        if span.size != layer.size {
+            .get(&digest)
+            .ok_or_else(|| err(format!("layer {digest} is missing")))?;
+        if span.size != layer.size() {
             return Err(ImageError::SizeMismatch {
-                digest: layer.digest.clone(),
-                expected: layer.size,
+                digest,
+                expected: layer.size(),
             });
         }
         file.seek(SeekFrom::Start(span.offset))
@@ -119,8 +125,8 @@ pub async fn import(
     }
     write_small(
         cd,
-        &manifest.config,
-        config_gc_labels(&config_bytes)?,
+        manifest.config(),
+        config_gc_labels(&config),
         config_bytes,
     )
     .await?;
@@ -128,34 +134,25 @@ pub async fn import(
     Ok(chosen)
 }
 
-/// Writes a blob already in memory (and verified) unless the store has it.
-pub(crate) async fn write_small(
-    cd: &Containerd,
-    desc: &Descriptor,
-    labels: HashMap<String, String>,
-    bytes: Vec<u8>,
-) -> Result<(), ImageError> {
-    if content::has_blob(cd, &desc.digest).await? {
-        return Ok(());
-    }
-    let stream = futures_util::stream::once(async move { Ok(Bytes::from(bytes)) });
-    content::write_blob(cd, desc, labels, stream).await
-}
-
 /// The manifest the layout's index names by `tag`, or its only one.
-fn choose<'a>(index: &'a Index, tag: Option<&str>) -> Result<&'a Descriptor, String> {
+fn choose<'a>(index: &'a ImageIndex, tag: Option<&str>) -> Result<&'a Descriptor, String> {
     match tag {
         Some(tag) => index
-            .manifests
+            .manifests()
             .iter()
-            .find(|m| m.annotations.get(REF_NAME).is_some_and(|t| t == tag))
+            .find(|m| {
+                m.annotations()
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_REF_NAME))
+                    .is_some_and(|t| t == tag)
+            })
             .ok_or_else(|| format!("no image tagged {tag:?} in index.json")),
-        None => match index.manifests.as_slice() {
+        None => match index.manifests().as_slice() {
             [only] => Ok(only),
             [] => Err("index.json lists no image".into()),
             _ => Err(format!(
                 "index.json lists {} images; name one with oci-archive:/path:<tag>",
-                index.manifests.len()
+                index.manifests().len()
             )),
         },
     }
@@ -167,21 +164,19 @@ async fn read_blob(
     toc: &Toc,
     desc: &Descriptor,
 ) -> Result<Vec<u8>, ImageError> {
-    let span = *toc
-        .blobs
-        .get(&desc.digest)
-        .ok_or_else(|| ImageError::Archive {
-            path: path.to_owned(),
-            why: format!("blob {} is missing", desc.digest),
-        })?;
-    if span.size != desc.size {
+    let digest = desc.digest().to_string();
+    let span = *toc.blobs.get(&digest).ok_or_else(|| ImageError::Archive {
+        path: path.to_owned(),
+        why: format!("blob {digest} is missing"),
+    })?;
+    if span.size != desc.size() {
         return Err(ImageError::SizeMismatch {
-            digest: desc.digest.clone(),
-            expected: desc.size,
+            digest,
+            expected: desc.size(),
         });
     }
     let bytes = read_span(file, path, span).await?;
-    verify_digest(&desc.digest, &bytes)?;
+    verify_digest(desc.digest(), &bytes)?;
     Ok(bytes)
 }
 
@@ -257,6 +252,7 @@ fn scan(path: &Path) -> Result<Toc, ImageError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::oci::{sha256_digest, MediaType};
     use super::*;
 
     fn tar_with(files: &[(&str, &[u8])]) -> tempfile::NamedTempFile {
@@ -278,7 +274,7 @@ mod tests {
     #[test]
     fn scan_finds_index_and_blobs_at_their_offsets() {
         let blob = b"hello";
-        let hex = super::super::image::sha256_digest(blob);
+        let hex = super::super::oci::sha256_digest(blob);
         let name = format!("blobs/sha256/{}", hex.trim_start_matches("sha256:"));
         let archive = tar_with(&[
             ("oci-layout", b"{}"),
@@ -304,16 +300,20 @@ mod tests {
 
     #[test]
     fn choosing_by_tag() {
-        let index: Index = serde_json::from_value(serde_json::json!({
+        let (aa, bb) = (sha256_digest(b"a"), sha256_digest(b"b"));
+        let index: ImageIndex = serde_json::from_value(serde_json::json!({
+            "schemaVersion": 2,
             "manifests": [
-                {"digest": "sha256:aa", "size": 1, "annotations": {REF_NAME: "v1"}},
-                {"digest": "sha256:bb", "size": 1, "annotations": {REF_NAME: "v2"}}
+                {"mediaType": MediaType::ImageManifest, "digest": aa, "size": 1,
+                 "annotations": {ANNOTATION_REF_NAME: "v1"}},
+                {"mediaType": MediaType::ImageManifest, "digest": bb, "size": 1,
+                 "annotations": {ANNOTATION_REF_NAME: "v2"}}
             ]
         }))
         .expect("index");
         assert_eq!(
-            choose(&index, Some("v2")).map(|d| d.digest.as_str()),
-            Ok("sha256:bb")
+            choose(&index, Some("v2")).map(|d| d.digest().to_string()),
+            Ok(bb)
         );
         assert!(choose(&index, Some("v3")).is_err());
         assert!(choose(&index, None)

@@ -1,5 +1,6 @@
 //! Moving blobs in and out of containerd's content store, and the lease that protects
-//! them while an image is being assembled.
+//! them while an image is being assembled. Second in the image pipeline: it uses only
+//! the shared types ([`super::oci`]) and the connection.
 //!
 //! containerd 1.6 has no server-side pull or import: the client writes each blob with
 //! the content service's `Write` stream, and containerd checks the size and digest at
@@ -16,7 +17,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use super::client::{Call, Containerd, ContainerdError};
-use super::image::{Descriptor, ImageError};
+use super::oci::{verify_digest, Descriptor, ImageError};
 
 /// How big a manifest, index or config may be when keeld reads it into memory.
 pub const MAX_METADATA_BLOB: u64 = 4 << 20;
@@ -41,37 +42,52 @@ pub async fn has_blob(cd: &Containerd, digest: &str) -> Result<bool, ContainerdE
 
 /// Reads a small blob (a manifest, index or config) back from the content store.
 pub async fn read_blob(cd: &Containerd, desc: &Descriptor) -> Result<Vec<u8>, ImageError> {
-    if desc.size > MAX_METADATA_BLOB {
+    let digest = desc.digest().to_string();
+    if desc.size() > MAX_METADATA_BLOB {
         return Err(ImageError::TooBig {
-            digest: desc.digest.clone(),
-            size: desc.size,
+            digest,
+            size: desc.size(),
         });
     }
     let mut stream = cd
         .content()
         .read(ReadContentRequest {
-            digest: desc.digest.clone(),
+            digest: digest.clone(),
             offset: 0,
             size: 0,
         })
         .await
-        .during("read blob", &desc.digest)?;
-    let mut out = Vec::with_capacity(usize::try_from(desc.size).unwrap_or(0));
+        .during("read blob", &digest)?;
+    let mut out = Vec::with_capacity(usize::try_from(desc.size()).unwrap_or(0));
     while let Some(part) = stream.message().await.map_err(|status| ContainerdError {
         op: "read blob",
-        subject: desc.digest.clone(),
+        subject: digest.clone(),
         status,
     })? {
         out.extend_from_slice(&part.data);
         if out.len() as u64 > MAX_METADATA_BLOB {
             return Err(ImageError::TooBig {
-                digest: desc.digest.clone(),
+                digest,
                 size: out.len() as u64,
             });
         }
     }
-    super::image::verify_digest(&desc.digest, &out)?;
+    verify_digest(desc.digest(), &out)?;
     Ok(out)
+}
+
+/// Writes a blob already in memory (and verified) unless the store has it.
+pub async fn write_small(
+    cd: &Containerd,
+    desc: &Descriptor,
+    labels: HashMap<String, String>,
+    bytes: Vec<u8>,
+) -> Result<(), ImageError> {
+    if has_blob(cd, desc.digest().as_ref()).await? {
+        return Ok(());
+    }
+    let stream = futures_util::stream::once(async move { Ok(Bytes::from(bytes)) });
+    write_blob(cd, desc, labels, stream).await
 }
 
 /// Writes one blob from `data` into the content store; containerd verifies the total
@@ -87,21 +103,24 @@ pub async fn write_blob<S>(
 where
     S: Stream<Item = Result<Bytes, ImageError>> + Send,
 {
+    let digest = desc.digest().to_string();
+    let size_u64 = desc.size();
     let fail = |status| ContainerdError {
         op: "write blob",
-        subject: desc.digest.clone(),
+        subject: digest.clone(),
         status,
     };
     // A unique ingest ref: a half-finished write from an earlier, interrupted attempt
     // must not be resumed at the wrong offset.
+    // The digest's encoded part is validated by its type ([A-Za-z0-9=_-]).
     let ingest_ref = format!(
         "keel-{}-{:016x}",
-        desc.digest.trim_start_matches("sha256:"),
+        desc.digest().digest(),
         rand::random::<u64>()
     );
-    let size = i64::try_from(desc.size).map_err(|_| ImageError::TooBig {
-        digest: desc.digest.clone(),
-        size: desc.size,
+    let size = i64::try_from(size_u64).map_err(|_| ImageError::TooBig {
+        digest: digest.clone(),
+        size: size_u64,
     })?;
     let (tx, rx) = mpsc::channel::<WriteContentRequest>(2);
     let requests =
@@ -112,16 +131,16 @@ where
         action: WriteAction::Stat as i32,
         r#ref: ingest_ref.clone(),
         total: size,
-        expected: desc.digest.clone(),
+        expected: digest.clone(),
         ..Default::default()
     };
-    let closed = || ImageError::Protocol(format!("content write of {} closed early", desc.digest));
+    let closed = || ImageError::Protocol(format!("content write of {digest} closed early"));
     tx.send(first).await.map_err(|_| closed())?;
     let mut content = cd.content();
     let mut replies = content
         .write(requests)
         .await
-        .during("write blob", &desc.digest)?;
+        .during("write blob", &digest)?;
     replies.message().await.map_err(fail)?.ok_or_else(closed)?;
 
     let mut offset: i64 = 0;
@@ -132,15 +151,15 @@ where
             let len = i64::try_from(piece.len()).unwrap_or(i64::MAX);
             if offset.saturating_add(len) > size {
                 return Err(ImageError::SizeMismatch {
-                    digest: desc.digest.clone(),
-                    expected: desc.size,
+                    digest: digest.clone(),
+                    expected: size_u64,
                 });
             }
             let message = WriteContentRequest {
                 action: WriteAction::Write as i32,
                 r#ref: ingest_ref.clone(),
                 total: size,
-                expected: desc.digest.clone(),
+                expected: digest.clone(),
                 offset,
                 data: piece.to_vec(),
                 ..Default::default()
@@ -152,15 +171,15 @@ where
     }
     if offset != size {
         return Err(ImageError::SizeMismatch {
-            digest: desc.digest.clone(),
-            expected: desc.size,
+            digest: digest.clone(),
+            expected: size_u64,
         });
     }
     let commit = WriteContentRequest {
         action: WriteAction::Commit as i32,
         r#ref: ingest_ref,
         total: size,
-        expected: desc.digest.clone(),
+        expected: digest.clone(),
         offset,
         labels,
         ..Default::default()

@@ -1,389 +1,214 @@
-//! Getting a container's image into containerd: from a registry (pulled by keeld) or a
-//! local OCI archive, then unpacked into the snapshotter.
+//! Getting a container's image ready in containerd: the last stage of the image
+//! pipeline, the only one that knows both sources.
 //!
-//! Both sources end the same way: the platform's manifest, its config and its layers
-//! are blobs in the content store (verified by digest), an image record points at the
-//! manifest, and each layer is applied on top of the one before into a committed
-//! snapshot named by its chain ID. [`ensure_image`] skips whatever is already there, so
-//! a second start is cheap and a host whose registry is unreachable starts from the
-//! cached image.
+//! The pipeline, each module importing only those before it (never one after):
+//!
+//! 1. [`super::oci`]: the shared types (descriptor, index, manifest, config, media
+//!    types from `oci-spec`; [`ImageSource`], [`ArchiveStamp`], digests, [`ImageError`]).
+//! 2. [`super::content`] (blobs, leases) and [`super::snapshot`] (unpacked layers):
+//!    containerd's two stores.
+//! 3. [`super::archive`] and [`super::registry`]: the two sources; each writes the
+//!    platform's manifest, its config and its layers into the content store (verified
+//!    by digest) and answers the manifest's descriptor.
+//! 4. here: [`Images::ensure`] points an image record at that manifest and applies each
+//!    layer on top of the one before into a committed snapshot named by its chain ID.
+//!
+//! Whatever is already there is skipped, so a second start is cheap, and a host whose
+//! registry is unreachable starts from the cached image. An archive that has not
+//! changed since it was imported (same [`ArchiveStamp`]) is not read again: that is
+//! the archive cache, one per runtime, remembered in memory and on the image record (so
+//! that it outlives a keeld restart).
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
-use containerd_client::services::v1::{
-    snapshots::{
-        CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
-    },
-    ApplyRequest, CreateImageRequest, Image, UpdateImageRequest,
-};
-use serde::Deserialize;
-use sha2::{Digest as _, Sha256};
+use containerd_client::services::v1::{CreateImageRequest, Image, UpdateImageRequest};
 
-use super::client::{Call, Containerd, ContainerdError, SNAPSHOTTER};
+use super::client::{Call, Containerd};
 use super::content::{self, Lease};
-use super::registry::{RegistryConfig, RegistryError};
-use super::spec::ImageConfig;
+use super::oci::{
+    chain_ids, from_proto, parse_json, to_proto, ArchiveStamp, Descriptor, ImageConfig,
+    ImageConfiguration, ImageError, ImageManifest, ImageSource,
+};
+use super::registry::RegistryConfig;
+use super::snapshot::{apply_layer, snapshot_exists};
+use super::{archive, registry};
 
-pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-
-/// Why an image could not be made ready. The message is what `apiclient containers`
-/// shows as the container's failure reason.
-#[derive(Debug, thiserror::Error)]
-pub enum ImageError {
-    #[error(transparent)]
-    Containerd(#[from] ContainerdError),
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    #[error("archive {path}: {why}")]
-    Archive { path: String, why: String },
-    #[error("blob {digest} does not match its digest (got {actual})")]
-    DigestMismatch { digest: String, actual: String },
-    #[error("blob {digest} is {size} bytes, more than keeld reads for image metadata")]
-    TooBig { digest: String, size: u64 },
-    #[error("blob {digest} is not {expected} bytes long")]
-    SizeMismatch { digest: String, expected: u64 },
-    #[error("{what} is not valid JSON: {why}")]
-    Json { what: String, why: String },
-    #[error("no manifest for {os}/{arch} in the image index")]
-    NoPlatform {
-        os: &'static str,
-        arch: &'static str,
-    },
-    #[error("unsupported media type {0}")]
-    MediaType(String),
-    #[error("the image config lists {diff_ids} layer digests for {layers} layers")]
-    LayerCount { diff_ids: usize, layers: usize },
-    #[error("layer {digest} unpacked to {actual}, but the config says {expected}")]
-    DiffId {
-        digest: String,
-        expected: String,
-        actual: String,
-    },
-    #[error("{0}")]
-    Protocol(String),
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl ImageError {
-    /// containerd was unreachable: not the image's fault.
-    pub fn is_containerd_down(&self) -> bool {
-        matches!(self, ImageError::Containerd(e) if e.is_unavailable())
-    }
-}
-
-/// An OCI content descriptor (the subset keeld reads and writes).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Descriptor {
-    #[serde(default)]
-    pub media_type: String,
-    pub digest: String,
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub platform: Option<Platform>,
-    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
-    pub annotations: HashMap<String, String>,
-}
-
-impl Descriptor {
-    pub(crate) fn to_proto(&self) -> containerd_client::types::Descriptor {
-        containerd_client::types::Descriptor {
-            media_type: self.media_type.clone(),
-            digest: self.digest.clone(),
-            size: i64::try_from(self.size).unwrap_or(i64::MAX),
-            annotations: HashMap::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-pub struct Platform {
-    #[serde(default)]
-    pub architecture: String,
-    #[serde(default)]
-    pub os: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub variant: Option<String>,
-}
-
-/// An image index (or Docker manifest list).
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Index {
-    #[serde(default)]
-    pub media_type: Option<String>,
-    pub manifests: Vec<Descriptor>,
-}
-
-/// An image manifest.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Manifest {
-    #[serde(default)]
-    pub media_type: Option<String>,
-    pub config: Descriptor,
-    pub layers: Vec<Descriptor>,
-}
-
-/// The host's platform in OCI terms.
-pub fn host_platform() -> (&'static str, &'static str) {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    ("linux", arch)
-}
-
-/// Picks the host's manifest from an index; `None` when the index has none.
-pub fn select_platform(index: &Index) -> Option<&Descriptor> {
-    let (os, arch) = host_platform();
-    index.manifests.iter().find(|m| {
-        m.platform
-            .as_ref()
-            .is_some_and(|p| p.os == os && p.architecture == arch)
-    })
-}
-
-/// Whether a manifest document is an index rather than an image manifest: by its media
-/// type, or by shape when the field is absent.
-pub fn is_index(media_type: &str, body: &serde_json::Value) -> bool {
-    media_type == MEDIA_OCI_INDEX
-        || media_type == MEDIA_DOCKER_LIST
-        || (media_type.is_empty() && body.get("manifests").is_some())
-}
-
-pub fn parse_json<T: serde::de::DeserializeOwned>(
-    what: &str,
-    bytes: &[u8],
-) -> Result<T, ImageError> {
-    serde_json::from_slice(bytes).map_err(|e| ImageError::Json {
-        what: what.to_owned(),
-        why: e.to_string(),
-    })
-}
-
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-/// Checks bytes read into memory against their descriptor's digest.
-pub fn verify_digest(expected: &str, bytes: &[u8]) -> Result<(), ImageError> {
-    let actual = sha256_digest(bytes);
-    if expected.starts_with("sha256:") && actual != expected {
-        return Err(ImageError::DigestMismatch {
-            digest: expected.to_owned(),
-            actual,
-        });
-    }
-    if !expected.starts_with("sha256:") {
-        return Err(ImageError::MediaType(format!(
-            "digest algorithm of {expected}"
-        )));
-    }
-    Ok(())
-}
-
-/// The chain IDs of a stack of layers (the OCI image spec's definition): the first is
-/// the first diff ID; each next is `sha256(previous + " " + diff_id)`.
-pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
-    for diff_id in diff_ids {
-        let next = match out.last() {
-            None => diff_id.clone(),
-            Some(parent) => sha256_digest(format!("{parent} {diff_id}").as_bytes()),
-        };
-        out.push(next);
-    }
-    out
-}
-
-/// Where an image comes from, parsed from a container's `source` setting.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ImageSource {
-    /// A registry reference such as `public.ecr.aws/org/admin:v1`.
-    Registry(String),
-    /// A local OCI archive, `oci-archive:/path[:tag]`.
-    Archive { path: String, tag: Option<String> },
-}
-
-impl ImageSource {
-    pub fn parse(source: &str) -> ImageSource {
-        match source.strip_prefix(settings_model::types::OCI_ARCHIVE_PREFIX) {
-            Some(rest) => match rest.split_once(':') {
-                Some((path, tag)) => ImageSource::Archive {
-                    path: path.to_owned(),
-                    tag: Some(tag.to_owned()),
-                },
-                None => ImageSource::Archive {
-                    path: rest.to_owned(),
-                    tag: None,
-                },
-            },
-            None => ImageSource::Registry(source.to_owned()),
-        }
-    }
-}
+/// The label on an archive's image record: the [`ArchiveStamp`] of the file it was
+/// imported from.
+pub const LABEL_ARCHIVE_STAMP: &str = "io.keel.archive-stamp";
 
 /// An image ready to run: unpacked, with its config read.
 #[derive(Debug, Clone)]
 pub struct ReadyImage {
-    /// The containerd image record's name (the `source` setting).
+    /// The containerd image record's name (the `source` setting as written).
     pub name: String,
     pub manifest_digest: String,
     /// The top layer's chain ID: the snapshot a container's root filesystem starts from.
     pub chain_id: String,
+    /// The image's run configuration (`Entrypoint`, `Cmd`, `Env`, ...); empty when the
+    /// image has none.
     pub config: ImageConfig,
     /// Whether this came from the cache after fetching failed.
     pub from_cache: bool,
 }
 
-/// Fetches (if needed) and unpacks the image `source`, then answers what a container
-/// needs to run it. A registry image is fetched on every call, so a moved tag is
-/// followed; when the registry cannot be reached and containerd already holds the
-/// image, the cached copy is used and the fetch error only logged.
-pub async fn ensure_image(
-    cd: &Containerd,
-    source: &str,
-    registries: &RegistryConfig,
-) -> Result<ReadyImage, ImageError> {
-    if let Some(ready) = unchanged_archive(cd, source).await? {
-        return Ok(ready);
+/// Makes images ready, and remembers the archives it imported: a start from an
+/// archive whose [`ArchiveStamp`] is unchanged costs one `stat` (no containerd call);
+/// after a keeld restart, the stamp on the image record answers instead (a few
+/// containerd calls, no archive read). Registry sources are fetched on every start: a
+/// tag may move.
+#[derive(Debug, Default)]
+pub struct Images {
+    archives: Mutex<HashMap<String, (ArchiveStamp, ReadyImage)>>,
+}
+
+impl Images {
+    pub fn new() -> Images {
+        Images::default()
     }
-    let lease = Lease::create(cd).await?;
-    let result = match cd.with_lease(&lease.id) {
-        Ok(leased) => ensure_leased(&leased, source, registries).await,
-        Err(e) => Err(e.into()),
-    };
-    lease.release(cd).await;
-    result
+
+    fn archives(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ArchiveStamp, ReadyImage)>> {
+        // Entries are replaced whole, so a poisoned lock still holds consistent data.
+        self.archives.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fetches (if needed) and unpacks the image `source`, then answers what a
+    /// container needs to run it. A registry image is fetched on every call, so a
+    /// moved tag is followed; when the registry cannot be reached and containerd
+    /// already holds the image, the cached copy is used and the fetch error only
+    /// logged.
+    pub async fn ensure(
+        &self,
+        cd: &Containerd,
+        source: &ImageSource,
+        registries: &RegistryConfig,
+    ) -> Result<ReadyImage, ImageError> {
+        let name = source.to_string();
+        let stamp = source.archive_path().and_then(ArchiveStamp::of);
+        if let Some(stamp) = stamp {
+            if let Some((known, ready)) = self.archives().get(&name) {
+                if *known == stamp {
+                    return Ok(ready.clone());
+                }
+            }
+            if let Some(ready) = recorded_archive(cd, &name, stamp).await? {
+                self.archives().insert(name, (stamp, ready.clone()));
+                return Ok(ready);
+            }
+        }
+        let lease = Lease::create(cd).await?;
+        let result = match cd.with_lease(&lease.id) {
+            Ok(leased) => ensure_leased(&leased, source, &name, stamp, registries).await,
+            Err(e) => Err(e.into()),
+        };
+        lease.release(cd).await;
+        if let (Some(stamp), Ok(ready)) = (stamp, &result) {
+            if !ready.from_cache {
+                self.archives().insert(name, (stamp, ready.clone()));
+            }
+        }
+        result
+    }
+
+    /// Forgets what is known of `source`: its unpacked image may have been removed
+    /// behind keeld's back, so the next start imports it again.
+    pub fn forget(&self, source: &ImageSource) {
+        self.archives().remove(&source.to_string());
+    }
 }
 
 async fn ensure_leased(
     cd: &Containerd,
-    source: &str,
+    source: &ImageSource,
+    name: &str,
+    stamp: Option<ArchiveStamp>,
     registries: &RegistryConfig,
 ) -> Result<ReadyImage, ImageError> {
-    let fetched = match ImageSource::parse(source) {
-        ImageSource::Archive { path, tag } => {
-            super::archive::import(cd, &path, tag.as_deref()).await
-        }
-        ImageSource::Registry(reference) => super::registry::pull(cd, &reference, registries).await,
+    let fetched = match source {
+        ImageSource::Archive { path, tag } => archive::import(cd, path, tag.as_deref()).await,
+        ImageSource::Registry(reference) => registry::pull(cd, reference, registries).await,
     };
     let (manifest, from_cache) = match fetched {
         Ok(manifest) => (manifest, false),
         Err(e) if e.is_containerd_down() => return Err(e),
-        Err(e) => match cd.image(source).await? {
+        Err(e) => match cd.image(name).await? {
             Some(Image {
                 target: Some(target),
                 ..
             }) => {
-                tracing::warn!(image = %source, error = %e, "fetching the image failed; using the cached copy");
-                let desc = Descriptor {
-                    media_type: target.media_type,
-                    digest: target.digest,
-                    size: u64::try_from(target.size).unwrap_or(0),
-                    platform: None,
-                    annotations: HashMap::new(),
-                };
-                (desc, true)
+                tracing::warn!(image = %name, error = %e, "fetching the image failed; using the cached copy");
+                (from_proto(target)?, true)
             }
             _ => return Err(e),
         },
     };
     if !from_cache {
-        let stamp = match ImageSource::parse(source) {
-            ImageSource::Archive { path, .. } => archive_stamp(&path),
-            ImageSource::Registry(_) => None,
-        };
-        record_image(cd, source, &manifest, stamp).await?;
+        record_image(cd, name, &manifest, stamp).await?;
     }
-    let mut ready = unpack(cd, source, &manifest).await?;
+    let mut ready = unpack(cd, name, &manifest).await?;
     ready.from_cache = from_cache;
     Ok(ready)
 }
 
-/// The label on an archive's image record: which file (device, inode, size, mtime) it
-/// was imported from.
-pub const LABEL_ARCHIVE_STAMP: &str = "io.keel.archive-stamp";
-
-/// What identifies an archive file's content without reading it.
-pub fn archive_stamp(path: &str) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).ok()?;
-    Some(format!(
-        "{}:{}:{}:{}.{:09}",
-        meta.dev(),
-        meta.ino(),
-        meta.len(),
-        meta.mtime(),
-        meta.mtime_nsec()
-    ))
-}
-
-/// An archive source whose image record says it was imported from this very file, and
-/// whose top snapshot exists: ready without reading the archive (three or four
-/// containerd calls instead of a dozen). `None` sends the caller down the full path.
-async fn unchanged_archive(
+/// An archive whose image record says it was imported from this very file (same
+/// stamp), and whose top snapshot exists: ready without reading the archive. `None`
+/// sends the caller down the full path.
+async fn recorded_archive(
     cd: &Containerd,
-    source: &str,
+    name: &str,
+    stamp: ArchiveStamp,
 ) -> Result<Option<ReadyImage>, ImageError> {
-    let ImageSource::Archive { path, .. } = ImageSource::parse(source) else {
+    let Some(image) = cd.image(name).await? else {
         return Ok(None);
     };
-    let Some(stamp) = archive_stamp(&path) else {
-        return Ok(None);
-    };
-    let Some(image) = cd.image(source).await? else {
-        return Ok(None);
-    };
-    if image.labels.get(LABEL_ARCHIVE_STAMP) != Some(&stamp) {
+    if image.labels.get(LABEL_ARCHIVE_STAMP) != Some(&stamp.to_string()) {
         return Ok(None);
     }
     let Some(target) = image.target else {
         return Ok(None);
     };
-    let manifest_desc = Descriptor {
-        media_type: target.media_type,
-        digest: target.digest,
-        size: u64::try_from(target.size).unwrap_or(0),
-        platform: None,
-        annotations: HashMap::new(),
-    };
-    let Ok(manifest_bytes) = content::read_blob(cd, &manifest_desc).await else {
+    let Ok(manifest_desc) = from_proto(target) else {
         return Ok(None);
     };
-    let manifest: Manifest = parse_json("image manifest", &manifest_bytes)?;
-    let Ok(config_bytes) = content::read_blob(cd, &manifest.config).await else {
+    let Ok((_, config)) = read_image(cd, &manifest_desc).await else {
         return Ok(None);
     };
-    let chain = chain_ids(&diff_ids(&config_bytes)?);
-    let Some(top) = chain.last() else {
+    let Some(top) = chain_ids(config.rootfs().diff_ids()).pop() else {
         return Ok(None);
     };
-    if !snapshot_exists(cd, top).await? {
+    if !snapshot_exists(cd, &top).await? {
         return Ok(None);
     }
-    let config_json: serde_json::Value = parse_json("image config", &config_bytes)?;
-    Ok(Some(ReadyImage {
-        name: source.to_owned(),
-        manifest_digest: manifest_desc.digest,
-        chain_id: top.clone(),
-        config: ImageConfig::from_json(
-            config_json
-                .get("config")
-                .unwrap_or(&serde_json::Value::Null),
-        ),
+    Ok(Some(ready_image(name, &manifest_desc, top, config)))
+}
+
+/// The manifest and config of the image whose manifest is `manifest_desc`, read back
+/// from the content store.
+async fn read_image(
+    cd: &Containerd,
+    manifest_desc: &Descriptor,
+) -> Result<(ImageManifest, ImageConfiguration), ImageError> {
+    let manifest_bytes = content::read_blob(cd, manifest_desc).await?;
+    let manifest: ImageManifest = parse_json("image manifest", &manifest_bytes)?;
+    let config_bytes = content::read_blob(cd, manifest.config()).await?;
+    let config: ImageConfiguration = parse_json("image config", &config_bytes)?;
+    Ok((manifest, config))
+}
+
+fn ready_image(
+    name: &str,
+    manifest_desc: &Descriptor,
+    chain_id: String,
+    config: ImageConfiguration,
+) -> ReadyImage {
+    ReadyImage {
+        name: name.to_owned(),
+        manifest_digest: manifest_desc.digest().to_string(),
+        chain_id,
+        config: config.config().clone().unwrap_or_default(),
         from_cache: false,
-    }))
+    }
 }
 
 /// Points image record `name` at `manifest`, creating or updating it; an archive's
@@ -392,13 +217,13 @@ async fn record_image(
     cd: &Containerd,
     name: &str,
     manifest: &Descriptor,
-    stamp: Option<String>,
+    stamp: Option<ArchiveStamp>,
 ) -> Result<(), ImageError> {
     let image = Image {
         name: name.to_owned(),
-        target: Some(manifest.to_proto()),
+        target: Some(to_proto(manifest)),
         labels: stamp
-            .map(|s| HashMap::from([(LABEL_ARCHIVE_STAMP.to_owned(), s)]))
+            .map(|s| HashMap::from([(LABEL_ARCHIVE_STAMP.to_owned(), s.to_string())]))
             .unwrap_or_default(),
         ..Default::default()
     };
@@ -429,49 +254,6 @@ async fn record_image(
     }
 }
 
-/// The labels that make a manifest blob keep its config and layers alive.
-pub fn manifest_gc_labels(manifest: &Manifest) -> HashMap<String, String> {
-    let mut labels = HashMap::from([(
-        "containerd.io/gc.ref.content.config".to_owned(),
-        manifest.config.digest.clone(),
-    )]);
-    for (i, layer) in manifest.layers.iter().enumerate() {
-        labels.insert(
-            format!("containerd.io/gc.ref.content.l.{i}"),
-            layer.digest.clone(),
-        );
-    }
-    labels
-}
-
-/// The label that makes a config blob keep the image's unpacked snapshot alive.
-pub fn config_gc_labels(config: &[u8]) -> Result<HashMap<String, String>, ImageError> {
-    let diff_ids = diff_ids(config)?;
-    Ok(chain_ids(&diff_ids)
-        .last()
-        .map(|top| {
-            HashMap::from([(
-                format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"),
-                top.clone(),
-            )])
-        })
-        .unwrap_or_default())
-}
-
-fn diff_ids(config: &[u8]) -> Result<Vec<String>, ImageError> {
-    #[derive(Deserialize)]
-    struct RootFs {
-        #[serde(default)]
-        diff_ids: Vec<String>,
-    }
-    #[derive(Deserialize)]
-    struct Config {
-        rootfs: RootFs,
-    }
-    let parsed: Config = parse_json("image config", config)?;
-    Ok(parsed.rootfs.diff_ids)
-}
-
 /// Reads the manifest and config back from the content store and applies every layer
 /// not yet unpacked, bottom up.
 async fn unpack(
@@ -479,215 +261,21 @@ async fn unpack(
     name: &str,
     manifest_desc: &Descriptor,
 ) -> Result<ReadyImage, ImageError> {
-    let manifest_bytes = content::read_blob(cd, manifest_desc).await?;
-    let manifest: Manifest = parse_json("image manifest", &manifest_bytes)?;
-    let config_bytes = content::read_blob(cd, &manifest.config).await?;
-    let diff_ids = diff_ids(&config_bytes)?;
-    if diff_ids.len() != manifest.layers.len() {
+    let (manifest, config) = read_image(cd, manifest_desc).await?;
+    let diff_ids = config.rootfs().diff_ids();
+    if diff_ids.len() != manifest.layers().len() {
         return Err(ImageError::LayerCount {
             diff_ids: diff_ids.len(),
-            layers: manifest.layers.len(),
+            layers: manifest.layers().len(),
         });
     }
-    let chain = chain_ids(&diff_ids);
-    for (i, layer) in manifest.layers.iter().enumerate() {
-        let chain_id = &chain[i];
-        if snapshot_exists(cd, chain_id).await? {
-            continue;
+    let chain = chain_ids(diff_ids);
+    let mut parent = String::new();
+    for ((layer, diff_id), chain_id) in manifest.layers().iter().zip(diff_ids).zip(&chain) {
+        if !snapshot_exists(cd, chain_id).await? {
+            apply_layer(cd, layer, diff_id, chain_id, &parent).await?;
         }
-        let parent = if i == 0 {
-            String::new()
-        } else {
-            chain[i - 1].clone()
-        };
-        apply_layer(cd, layer, &diff_ids[i], chain_id, &parent).await?;
+        parent.clone_from(chain_id);
     }
-    let config_json: serde_json::Value = parse_json("image config", &config_bytes)?;
-    let config = ImageConfig::from_json(
-        config_json
-            .get("config")
-            .unwrap_or(&serde_json::Value::Null),
-    );
-    let chain_id = chain.last().cloned().unwrap_or_default();
-    Ok(ReadyImage {
-        name: name.to_owned(),
-        manifest_digest: manifest_desc.digest.clone(),
-        chain_id,
-        config,
-        from_cache: false,
-    })
-}
-
-pub(crate) async fn snapshot_exists(cd: &Containerd, key: &str) -> Result<bool, ContainerdError> {
-    match cd
-        .snapshots()
-        .stat(StatSnapshotRequest {
-            snapshotter: SNAPSHOTTER.to_owned(),
-            key: key.to_owned(),
-        })
-        .await
-        .during("stat snapshot", key)
-    {
-        Ok(_) => Ok(true),
-        Err(e) if e.is_not_found() => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// Unpacks one layer: prepare an active snapshot on `parent`, let containerd's differ
-/// apply the (possibly compressed) layer into it, check the result against the
-/// config's diff ID, and commit it as `chain_id`.
-async fn apply_layer(
-    cd: &Containerd,
-    layer: &Descriptor,
-    diff_id: &str,
-    chain_id: &str,
-    parent: &str,
-) -> Result<(), ImageError> {
-    let key = format!("keel-extract-{:016x} {chain_id}", rand::random::<u64>());
-    let mounts = cd
-        .snapshots()
-        .prepare(PrepareSnapshotRequest {
-            snapshotter: SNAPSHOTTER.to_owned(),
-            key: key.clone(),
-            parent: parent.to_owned(),
-            labels: HashMap::new(),
-        })
-        .await
-        .during("prepare snapshot", &key)?
-        .mounts;
-    let applied = cd
-        .diff()
-        .apply(ApplyRequest {
-            diff: Some(layer.to_proto()),
-            mounts,
-            payloads: HashMap::new(),
-            sync_fs: false,
-        })
-        .await
-        .during("apply layer", &layer.digest);
-    let result = match applied {
-        Ok(r) => {
-            let actual = r.applied.map(|d| d.digest).unwrap_or_default();
-            if actual != diff_id {
-                Err(ImageError::DiffId {
-                    digest: layer.digest.clone(),
-                    expected: diff_id.to_owned(),
-                    actual,
-                })
-            } else {
-                Ok(())
-            }
-        }
-        Err(e) => Err(e.into()),
-    };
-    if let Err(e) = result {
-        remove_snapshot(cd, &key).await;
-        return Err(e);
-    }
-    let committed = cd
-        .snapshots()
-        .commit(CommitSnapshotRequest {
-            snapshotter: SNAPSHOTTER.to_owned(),
-            name: chain_id.to_owned(),
-            key: key.clone(),
-            labels: HashMap::new(),
-        })
-        .await
-        .during("commit snapshot", chain_id);
-    match committed {
-        Ok(_) => Ok(()),
-        // Another unpack of the same layer won the race; ours is redundant.
-        Err(e) if e.is_already_exists() => {
-            remove_snapshot(cd, &key).await;
-            Ok(())
-        }
-        Err(e) => {
-            remove_snapshot(cd, &key).await;
-            Err(e.into())
-        }
-    }
-}
-
-/// Removes snapshot `key`, logging (not failing) when that is impossible.
-pub(crate) async fn remove_snapshot(cd: &Containerd, key: &str) {
-    let removed = cd
-        .snapshots()
-        .remove(RemoveSnapshotRequest {
-            snapshotter: SNAPSHOTTER.to_owned(),
-            key: key.to_owned(),
-        })
-        .await
-        .during("remove snapshot", key);
-    match removed {
-        Err(e) if !e.is_not_found() => {
-            tracing::warn!(snapshot = %key, error = %e, "could not remove snapshot");
-        }
-        _ => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chain_ids_follow_the_image_spec() {
-        let a = sha256_digest(b"a");
-        let b = sha256_digest(b"b");
-        let chain = chain_ids(&[a.clone(), b.clone()]);
-        assert_eq!(chain[0], a);
-        assert_eq!(chain[1], sha256_digest(format!("{a} {b}").as_bytes()));
-        assert!(chain_ids(&[]).is_empty());
-    }
-
-    #[test]
-    fn sources_parse() {
-        assert_eq!(
-            ImageSource::parse("oci-archive:/local/a.tar:v1"),
-            ImageSource::Archive {
-                path: "/local/a.tar".into(),
-                tag: Some("v1".into())
-            }
-        );
-        assert_eq!(
-            ImageSource::parse("oci-archive:/local/a.tar"),
-            ImageSource::Archive {
-                path: "/local/a.tar".into(),
-                tag: None
-            }
-        );
-        assert_eq!(
-            ImageSource::parse("localhost:5000/a:b"),
-            ImageSource::Registry("localhost:5000/a:b".into())
-        );
-    }
-
-    #[test]
-    fn digests_are_checked() {
-        let d = sha256_digest(b"x");
-        assert!(verify_digest(&d, b"x").is_ok());
-        assert!(matches!(
-            verify_digest(&d, b"y"),
-            Err(ImageError::DigestMismatch { .. })
-        ));
-        assert!(verify_digest("md5:abc", b"x").is_err());
-    }
-
-    #[test]
-    fn platform_selection() {
-        let (os, arch) = host_platform();
-        let body = serde_json::json!({
-            "manifests": [
-                {"digest": "sha256:aa", "size": 1, "platform": {"os": "windows", "architecture": arch}},
-                {"digest": "sha256:bb", "size": 1, "platform": {"os": os, "architecture": arch}}
-            ]
-        });
-        let index: Index = serde_json::from_value(body.clone()).expect("index");
-        assert!(is_index("", &body));
-        assert_eq!(
-            select_platform(&index).map(|d| d.digest.as_str()),
-            Some("sha256:bb")
-        );
-    }
+    Ok(ready_image(name, manifest_desc, parent, config))
 }

@@ -7,6 +7,10 @@
 //! `settings.container-registry`, the proxy from `settings.network`, plain HTTP only
 //! for loopback registries or mirrors written with `http://`, platform selection from
 //! an index, and writing each blob into containerd (which verifies it again).
+//!
+//! One of the two image sources (with [`super::archive`]): it uses the shared types
+//! ([`super::oci`]) and the content store ([`super::content`]), never the pipeline
+//! that calls it ([`super::image`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,29 +23,13 @@ use oci_client::{Client, Reference};
 use settings_model::proxy::ProxyRules;
 use settings_model::Settings;
 
-use super::archive::write_small;
 use super::client::Containerd;
-use super::content::{self, MAX_METADATA_BLOB};
-use super::image::{
-    config_gc_labels, is_index, manifest_gc_labels, parse_json, select_platform, verify_digest,
-    Descriptor, ImageError, Index, Manifest, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
+use super::content::{self, write_small, MAX_METADATA_BLOB};
+use super::oci::{
+    config_gc_labels, host_platform, manifest_gc_labels, parse_digest, parse_document, parse_json,
+    select_platform, verify_digest, Descriptor, Document, ImageConfiguration, ImageError,
+    MediaType, RegistryError, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
 };
-
-/// Why a pull failed, per endpoint tried. Never holds a credential.
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("{0:?} is not a valid image reference: {1}")]
-    Reference(String, String),
-    #[error("{}", .0.join("; "))]
-    AllEndpointsFailed(Vec<String>),
-    #[error("{endpoint}: the manifest is {got}, but the reference pins {pinned}")]
-    PinnedDigest {
-        endpoint: String,
-        pinned: String,
-        got: String,
-    },
-}
 
 /// Credentials for one registry host.
 #[derive(Clone)]
@@ -225,7 +213,7 @@ pub async fn pull(
     for endpoint in endpoints {
         match pull_from(cd, &endpoint, config).await {
             Ok(desc) => {
-                tracing::info!(image = %reference, endpoint = %endpoint.host, digest = %desc.digest, "pulled");
+                tracing::info!(image = %reference, endpoint = %endpoint.host, digest = %desc.digest(), "pulled");
                 return Ok(desc);
             }
             // containerd itself failing is not a reason to try the next mirror.
@@ -246,12 +234,15 @@ fn registry_failure(
     ImageError::Protocol(format!("{}: {e}", endpoint.reference.whole()))
 }
 
-const ACCEPTED: [&str; 4] = [
-    MEDIA_OCI_MANIFEST,
-    MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_INDEX,
-    MEDIA_DOCKER_LIST,
-];
+/// The manifest media types keeld asks a registry for.
+fn accepted() -> [String; 4] {
+    [
+        MediaType::ImageManifest.to_string(),
+        MEDIA_DOCKER_MANIFEST.to_owned(),
+        MediaType::ImageIndex.to_string(),
+        MEDIA_DOCKER_LIST.to_owned(),
+    ]
+}
 
 async fn pull_from(
     cd: &Containerd,
@@ -261,8 +252,10 @@ async fn pull_from(
     let client = client_for(endpoint, config);
     let auth = config.auth_for(&endpoint.host);
     let reference = &endpoint.reference;
-    let (mut bytes, mut digest) = client
-        .pull_manifest_raw(reference, &auth, &ACCEPTED)
+    let accepted = accepted();
+    let accepted: Vec<&str> = accepted.iter().map(String::as_str).collect();
+    let (mut bytes, digest) = client
+        .pull_manifest_raw(reference, &auth, &accepted)
         .await
         .map_err(|e| registry_failure(endpoint, e))?;
     if let Some(pinned) = reference.digest() {
@@ -275,47 +268,42 @@ async fn pull_from(
             .into());
         }
     }
+    let mut digest = parse_digest(&digest)?;
     verify_digest(&digest, &bytes)?;
-    let body: serde_json::Value = parse_json("manifest", &bytes)?;
-    let mut media_type = body
-        .get("mediaType")
-        .and_then(|m| m.as_str())
-        .unwrap_or_default()
-        .to_owned();
-    if is_index(&media_type, &body) {
-        let index: Index = parse_json("image index", &bytes)?;
-        let (os, arch) = super::image::host_platform();
-        let chosen = select_platform(&index).ok_or(ImageError::NoPlatform { os, arch })?;
-        let by_digest = reference.clone_with_digest(chosen.digest.clone());
-        let (b, d) = client
-            .pull_manifest_raw(&by_digest, &auth, &ACCEPTED)
-            .await
-            .map_err(|e| registry_failure(endpoint, e))?;
-        if d != chosen.digest {
-            return Err(ImageError::DigestMismatch {
-                digest: chosen.digest.clone(),
-                actual: d,
-            });
+    let mut pointed: Option<MediaType> = None;
+    let manifest = match parse_document(None, &bytes)? {
+        Document::Manifest(manifest) => *manifest,
+        Document::Index(index) => {
+            let (os, arch) = host_platform();
+            let chosen = select_platform(&index).ok_or(ImageError::NoPlatform { os, arch })?;
+            let by_digest = reference.clone_with_digest(chosen.digest().to_string());
+            let (b, d) = client
+                .pull_manifest_raw(&by_digest, &auth, &accepted)
+                .await
+                .map_err(|e| registry_failure(endpoint, e))?;
+            if d != chosen.digest().as_ref() {
+                return Err(ImageError::DigestMismatch {
+                    digest: chosen.digest().to_string(),
+                    actual: d,
+                });
+            }
+            verify_digest(chosen.digest(), &b)?;
+            bytes = b;
+            digest = chosen.digest().clone();
+            pointed = Some(chosen.media_type().clone());
+            parse_json("image manifest", &bytes)?
         }
-        verify_digest(&d, &b)?;
-        bytes = b;
-        digest = d;
-        media_type = chosen.media_type.clone();
-    }
-    if media_type.is_empty() {
-        media_type = MEDIA_OCI_MANIFEST.to_owned();
-    }
-    let manifest: Manifest = parse_json("image manifest", &bytes)?;
-    let manifest_desc = Descriptor {
-        media_type,
-        digest,
-        size: bytes.len() as u64,
-        platform: None,
-        annotations: HashMap::new(),
     };
+    // The manifest's own media type, else the index's word for it, else OCI's.
+    let media_type = manifest
+        .media_type()
+        .clone()
+        .or(pointed)
+        .unwrap_or(MediaType::ImageManifest);
+    let manifest_desc = Descriptor::new(media_type, bytes.len() as u64, digest);
 
-    for layer in &manifest.layers {
-        if content::has_blob(cd, &layer.digest).await? {
+    for layer in manifest.layers() {
+        if content::has_blob(cd, layer.digest().as_ref()).await? {
             continue;
         }
         let stream = client
@@ -328,27 +316,29 @@ async fn pull_from(
         });
         content::write_blob(cd, layer, HashMap::new(), data).await?;
     }
-    let config_bytes = if content::has_blob(cd, &manifest.config.digest).await? {
-        content::read_blob(cd, &manifest.config).await?
+    let config_desc = manifest.config();
+    let config_bytes = if content::has_blob(cd, config_desc.digest().as_ref()).await? {
+        content::read_blob(cd, config_desc).await?
     } else {
-        if manifest.config.size > MAX_METADATA_BLOB {
+        if config_desc.size() > MAX_METADATA_BLOB {
             return Err(ImageError::TooBig {
-                digest: manifest.config.digest.clone(),
-                size: manifest.config.size,
+                digest: config_desc.digest().to_string(),
+                size: config_desc.size(),
             });
         }
         let mut out = Vec::new();
         client
-            .pull_blob(reference, &oci_descriptor(&manifest.config), &mut out)
+            .pull_blob(reference, &oci_descriptor(config_desc), &mut out)
             .await
             .map_err(|e| registry_failure(endpoint, e))?;
-        verify_digest(&manifest.config.digest, &out)?;
+        verify_digest(config_desc.digest(), &out)?;
         out
     };
+    let image_config: ImageConfiguration = parse_json("image config", &config_bytes)?;
     write_small(
         cd,
-        &manifest.config,
-        config_gc_labels(&config_bytes)?,
+        config_desc,
+        config_gc_labels(&image_config),
         config_bytes,
     )
     .await?;
@@ -364,9 +354,9 @@ async fn pull_from(
 
 fn oci_descriptor(desc: &Descriptor) -> OciDescriptor {
     OciDescriptor {
-        media_type: desc.media_type.clone(),
-        digest: desc.digest.clone(),
-        size: i64::try_from(desc.size).unwrap_or(i64::MAX),
+        media_type: desc.media_type().to_string(),
+        digest: desc.digest().to_string(),
+        size: i64::try_from(desc.size()).unwrap_or(i64::MAX),
         ..OciDescriptor::default()
     }
 }

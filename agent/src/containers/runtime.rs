@@ -19,8 +19,10 @@ use containerd_client::services::v1::snapshots::{MountsRequest, PrepareSnapshotR
 
 use super::client::{Call, Containerd, ContainerdError, SNAPSHOTTER};
 use super::desired::DesiredContainer;
-use super::image::{ensure_image, remove_snapshot, ImageError, ImageSource, ReadyImage};
+use super::image::{Images, ReadyImage};
+use super::oci::{ImageError, ImageSource};
 use super::registry::RegistryConfig;
+use super::snapshot::remove_snapshot;
 use super::spec::{self, SpecRequest};
 use super::status::ContainerKind;
 
@@ -150,32 +152,8 @@ impl RuntimePaths {
 pub struct ContainerdRuntime {
     pub cd: Containerd,
     pub paths: RuntimePaths,
-    /// Archives already imported and unpacked, by source, with the file's identity at
-    /// the time: a start from an unchanged archive skips the import (about ten
-    /// containerd round trips). Registry sources are not cached: a tag may move.
-    archives: std::sync::Mutex<HashMap<String, (ArchiveStamp, ReadyImage)>>,
-}
-
-/// What identifies an archive file's content without reading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ArchiveStamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-}
-
-impl ArchiveStamp {
-    fn of(path: &str) -> Option<ArchiveStamp> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(path).ok()?;
-        Some(ArchiveStamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            len: meta.len(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        })
-    }
+    /// The image pipeline's entry, with its archive cache.
+    images: Images,
 }
 
 fn exit_code(status: u32) -> i32 {
@@ -187,48 +165,26 @@ impl ContainerdRuntime {
         ContainerdRuntime {
             cd,
             paths,
-            archives: std::sync::Mutex::new(HashMap::new()),
+            images: Images::new(),
         }
-    }
-
-    fn archive_cache(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (ArchiveStamp, ReadyImage)>> {
-        // Entries are replaced whole, so a poisoned lock still holds consistent data.
-        self.archives.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Gets `source` ready ahead of time (the boot does this for its bootstrap
     /// containers while it renders); a failure is left for the real start to report.
     pub async fn prefetch(&self, source: &str, registries: &RegistryConfig) {
-        if let Err(e) = self.ready_image(source, registries).await {
+        let parsed = ImageSource::parse(source);
+        if let Err(e) = self.ready_image(&parsed, registries).await {
             tracing::debug!(image = %source, error = %e, "prefetch failed; the start will retry");
         }
     }
 
-    /// The image of `source`, from the archive cache when the archive is unchanged.
+    /// The image of `source`, ready to run.
     async fn ready_image(
         &self,
-        source: &str,
+        source: &ImageSource,
         registries: &RegistryConfig,
     ) -> Result<ReadyImage, RunError> {
-        let stamp = match ImageSource::parse(source) {
-            ImageSource::Archive { path, .. } => ArchiveStamp::of(&path),
-            ImageSource::Registry(_) => None,
-        };
-        if let Some(stamp) = stamp {
-            if let Some((cached, image)) = self.archive_cache().get(source) {
-                if *cached == stamp {
-                    return Ok(image.clone());
-                }
-            }
-        }
-        let image = ensure_image(&self.cd, source, registries).await?;
-        if let (Some(stamp), false) = (stamp, image.from_cache) {
-            self.archive_cache()
-                .insert(source.to_owned(), (stamp, image.clone()));
-        }
-        Ok(image)
+        Ok(self.images.ensure(&self.cd, source, registries).await?)
     }
 }
 
@@ -305,7 +261,9 @@ impl Runtime for ContainerdRuntime {
         let config_hash = desired
             .config_hash()
             .map_err(|e| RunError::Failed(e.to_string()))?;
-        let image = self.ready_image(&desired.source, registries).await?;
+        // The source is parsed here, once, and handed down the image pipeline.
+        let source = ImageSource::parse(&desired.source);
+        let image = self.ready_image(&source, registries).await?;
         // File I/O (an fsync on /local) runs off the async workers: a slow disk, or
         // whatever a container planted in its own persistent directory, never stalls
         // the API.
@@ -378,7 +336,7 @@ impl Runtime for ContainerdRuntime {
             let _ = self.cd.delete_container(&id).await;
             // The unpacked image may have been removed behind keeld's back: import
             // it again next time.
-            self.archive_cache().remove(&desired.source);
+            self.images.forget(&source);
             return Err(e.into());
         }
         Ok(Prepared {

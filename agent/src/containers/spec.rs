@@ -50,54 +50,10 @@ impl Tier {
     }
 }
 
-/// The parts of the OCI image config (`config` object of the image config JSON) the spec uses.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ImageConfig {
-    pub env: Vec<String>,
-    pub entrypoint: Vec<String>,
-    pub cmd: Vec<String>,
-    pub working_dir: Option<String>,
-    pub user: Option<String>,
-}
-
-impl ImageConfig {
-    /// Reads `Env`, `Entrypoint`, `Cmd`, `WorkingDir` and `User`. `config` is the image config
-    /// document (the blob a manifest's `config` descriptor points to), whose `config` object is
-    /// read; the inner object itself is accepted too. Missing or null fields, non-string array
-    /// items and empty strings are treated as absent.
-    pub fn from_json(config: &Value) -> Self {
-        let inner = match config.get("config") {
-            Some(inner) if inner.is_object() => inner,
-            _ => config,
-        };
-        let strings = |key: &str| -> Vec<String> {
-            inner
-                .get(key)
-                .and_then(Value::as_array)
-                .map(|items| {
-                    items
-                        .iter()
-                        .filter_map(|item| item.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let string = |key: &str| -> Option<String> {
-            inner
-                .get(key)
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-        };
-        ImageConfig {
-            env: strings("Env"),
-            entrypoint: strings("Entrypoint"),
-            cmd: strings("Cmd"),
-            working_dir: string("WorkingDir"),
-            user: string("User"),
-        }
-    }
-}
+/// The image's run configuration (the `config` object of the OCI image config): `Env`,
+/// `Entrypoint`, `Cmd`, `WorkingDir` and `User` are what the spec uses; an empty string
+/// counts as absent.
+pub use oci_spec::image::Config as ImageConfig;
 
 /// Everything [`build`] needs to know about one container.
 #[derive(Debug)]
@@ -332,15 +288,16 @@ pub fn build(req: &SpecRequest<'_>) -> Result<Value, SpecError> {
     let apiclient = host_path("apiclient", req.apiclient)?;
 
     let args = process_args(req)?;
-    let (uid, gid) = parse_user(req.image.user.as_deref())?;
-    let cwd = match &req.image.working_dir {
+    let (uid, gid) = parse_user(req.image.user().as_deref())?;
+    let cwd = match req.image.working_dir().as_deref().filter(|d| !d.is_empty()) {
         Some(dir) if !dir.starts_with('/') => {
-            return Err(SpecError::RelativeWorkingDir(dir.clone()))
+            return Err(SpecError::RelativeWorkingDir(dir.to_owned()))
         }
-        Some(dir) => dir.clone(),
+        Some(dir) => dir.to_owned(),
         None => "/".to_owned(),
     };
-    let env = environment(&req.image.env, req.environment)?;
+    let image_env = req.image.env().as_deref().unwrap_or_default();
+    let env = environment(image_env, req.environment)?;
     let caps = capabilities(req.tier, req.extra_capabilities, req.host_capabilities)?;
     let resources = resources(req)?;
 
@@ -424,7 +381,13 @@ fn process_args(req: &SpecRequest<'_>) -> Result<Vec<String>, SpecError> {
         Some(command) => Ok(command.to_vec()),
         None => {
             let image = req.image;
-            let args: Vec<String> = image.entrypoint.iter().chain(&image.cmd).cloned().collect();
+            let args: Vec<String> = image
+                .entrypoint()
+                .iter()
+                .flatten()
+                .chain(image.cmd().iter().flatten())
+                .cloned()
+                .collect();
             if args.is_empty() {
                 Err(SpecError::NoCommand)
             } else {
@@ -683,17 +646,16 @@ mod tests {
     use super::*;
 
     fn image() -> ImageConfig {
-        ImageConfig {
-            env: vec![
+        let mut config = ImageConfig::default();
+        config
+            .set_env(Some(vec![
                 "PATH=/opt/bin:/usr/bin".into(),
                 "LANG=C.UTF-8".into(),
                 "MODE=image".into(),
-            ],
-            entrypoint: vec!["/usr/bin/entry".into()],
-            cmd: vec!["--serve".into()],
-            working_dir: None,
-            user: None,
-        }
+            ]))
+            .set_entrypoint(Some(vec!["/usr/bin/entry".into()]))
+            .set_cmd(Some(vec!["--serve".into()]));
+        config
     }
 
     struct Owned {
@@ -1091,7 +1053,7 @@ mod tests {
             ]
         );
 
-        req.image.env = vec!["LANG=C".into()];
+        req.image.set_env(Some(vec!["LANG=C".into()]));
         req.environment = vec![("A".into(), "1".into()), ("A".into(), "2".into())];
         let spec = req.build(Tier::Host).expect("spec");
         assert_eq!(
@@ -1140,12 +1102,12 @@ mod tests {
         ));
 
         req.command = None;
-        req.image.entrypoint.clear();
+        req.image.set_entrypoint(None);
         let spec = req.build(Tier::Host).expect("spec");
         assert_eq!(strings(&spec["process"]["args"]), ["--serve"]);
-        req.image.cmd.clear();
+        req.image.set_cmd(Some(Vec::new()));
         assert!(matches!(req.build(Tier::Host), Err(SpecError::NoCommand)));
-        req.image.entrypoint = vec!["/init".into()];
+        req.image.set_entrypoint(Some(vec!["/init".into()]));
         let spec = req.build(Tier::Host).expect("spec");
         assert_eq!(strings(&spec["process"]["args"]), ["/init"]);
     }
@@ -1154,7 +1116,7 @@ mod tests {
     fn user_and_working_dir() {
         let mut req = Owned::new();
         for (user, uid, gid) in [("1000:1001", 1000, 1001), ("42", 42, 0), ("0:0", 0, 0)] {
-            req.image.user = Some(user.into());
+            req.image.set_user(Some(user.into()));
             let spec = req.build(Tier::Host).expect("spec");
             assert_eq!(
                 spec["process"]["user"],
@@ -1172,17 +1134,23 @@ mod tests {
             "+5",
             "99999999999",
         ] {
-            req.image.user = Some(bad.into());
+            req.image.set_user(Some(bad.into()));
             match req.build(Tier::Host) {
                 Err(SpecError::NonNumericUser(user)) => assert_eq!(user, bad),
                 other => panic!("{bad}: {other:?}"),
             }
         }
-        req.image.user = None;
-        req.image.working_dir = Some("/srv/app".into());
+        req.image.set_user(Some(String::new()));
+        let spec = req.build(Tier::Host).expect("spec");
+        assert_eq!(spec["process"]["user"], json!({ "uid": 0, "gid": 0 }));
+        req.image.set_user(None);
+        req.image.set_working_dir(Some(String::new()));
+        let spec = req.build(Tier::Host).expect("spec");
+        assert_eq!(spec["process"]["cwd"], "/");
+        req.image.set_working_dir(Some("/srv/app".into()));
         let spec = req.build(Tier::Host).expect("spec");
         assert_eq!(spec["process"]["cwd"], "/srv/app");
-        req.image.working_dir = Some("app".into());
+        req.image.set_working_dir(Some("app".into()));
         assert!(matches!(
             req.build(Tier::Host),
             Err(SpecError::RelativeWorkingDir(_))
@@ -1284,7 +1252,7 @@ mod tests {
     }
 
     #[test]
-    fn image_config_from_json() {
+    fn image_config_from_the_image() {
         let document = json!({
             "architecture": "amd64",
             "os": "linux",
@@ -1298,35 +1266,33 @@ mod tests {
             },
             "rootfs": { "type": "layers", "diff_ids": [] },
         });
-        let expected = ImageConfig {
-            env: vec!["PATH=/usr/bin".into(), "A=1".into()],
-            entrypoint: vec!["/entry".into()],
-            cmd: vec!["run".into(), "--fast".into()],
-            working_dir: Some("/work".into()),
-            user: Some("1000:1000".into()),
-        };
-        assert_eq!(ImageConfig::from_json(&document), expected);
-        assert_eq!(ImageConfig::from_json(&document["config"]), expected);
+        let parsed: oci_spec::image::ImageConfiguration =
+            serde_json::from_value(document).expect("config");
+        let config = parsed.config().clone().expect("config object");
+        let mut req = Owned::new();
+        req.image = config;
+        let spec = req.build(Tier::Host).expect("spec");
+        assert_eq!(
+            strings(&spec["process"]["args"]),
+            ["/entry", "run", "--fast"]
+        );
+        assert_eq!(strings(&spec["process"]["env"]), ["PATH=/usr/bin", "A=1"]);
+        assert_eq!(spec["process"]["cwd"], "/work");
+        assert_eq!(spec["process"]["user"], json!({ "uid": 1000, "gid": 1000 }));
 
-        let sparse = json!({
-            "config": { "Entrypoint": null, "Cmd": ["/bin/sh"], "WorkingDir": "", "User": "" }
-        });
-        assert_eq!(
-            ImageConfig::from_json(&sparse),
-            ImageConfig {
-                cmd: vec!["/bin/sh".into()],
-                ..ImageConfig::default()
-            }
-        );
-        assert_eq!(ImageConfig::from_json(&json!({})), ImageConfig::default());
-        assert_eq!(
-            ImageConfig::from_json(&json!({ "config": null })),
-            ImageConfig::default()
-        );
-        assert_eq!(
-            ImageConfig::from_json(&json!([1, 2])),
-            ImageConfig::default()
-        );
+        // Null and empty fields are absent.
+        let sparse: oci_spec::image::ImageConfiguration = serde_json::from_value(json!({
+            "architecture": "amd64", "os": "linux",
+            "config": { "Entrypoint": null, "Cmd": ["/bin/sh"], "WorkingDir": "", "User": "" },
+            "rootfs": { "type": "layers", "diff_ids": [] },
+        }))
+        .expect("sparse config");
+        req.image = sparse.config().clone().expect("config object");
+        let spec = req.build(Tier::Host).expect("spec");
+        assert_eq!(strings(&spec["process"]["args"]), ["/bin/sh"]);
+        assert_eq!(strings(&spec["process"]["env"]), [DEFAULT_PATH_ENV]);
+        assert_eq!(spec["process"]["cwd"], "/");
+        assert_eq!(spec["process"]["user"], json!({ "uid": 0, "gid": 0 }));
     }
 
     #[test]
