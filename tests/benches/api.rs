@@ -327,6 +327,94 @@ fn measure_floor(parent: &Path, secs: f64) -> Floor {
     }
 }
 
+/// The floor under one durable append, as keeld's store writes a commit: `pwrite` of
+/// 4 KiB into a preallocated file, then `fdatasync`.
+fn measure_append_floor(parent: &Path, secs: f64) -> Floor {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir_in(parent).expect("floor temp dir");
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("log"))
+        .expect("create");
+    let block = vec![b'k'; 4096];
+    file.write_all_at(&vec![0u8; 1 << 20], 0).expect("preallocate");
+    file.sync_all().expect("fsync");
+    let mut latencies = Vec::with_capacity(64 * 1024);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let mut offset = 0u64;
+    while Instant::now() < deadline {
+        let began = Instant::now();
+        file.write_all_at(&block, offset).expect("pwrite");
+        file.sync_data().expect("fdatasync");
+        offset = (offset + 4096) % (1 << 20);
+        latencies.push(began.elapsed());
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    Floor {
+        ops: latencies.len(),
+        per_sec: latencies.len() as f64 / elapsed,
+        p50: percentile(&latencies, 50.0),
+        p99: percentile(&latencies, 99.0),
+        max: latencies.last().copied().unwrap_or_default(),
+    }
+}
+
+/// CPU time (user + system, all threads) a process has used.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/<pid>/stat");
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime
+    // the 13th, in clock ticks.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    let hz = rustix::param::clock_ticks_per_second();
+    Duration::from_secs_f64(ticks as f64 / hz as f64)
+}
+
+/// set+commit against a keeld that keeps `history` generations and has already made
+/// `prefill` commits: 1 and 8 clients, and keeld's CPU per cycle in the 1-client run.
+fn history_run(
+    runtime: &tokio::runtime::Runtime,
+    history: u32,
+    prefill: usize,
+    secs: f64,
+) -> (Figures, Figures, Duration) {
+    let keeld = Keeld::start_with(KeeldOptions {
+        history,
+        ..KeeldOptions::default()
+    });
+    let socket = keeld.socket.clone();
+    runtime.block_on(async {
+        let mut conn = Conn::open(&socket).await;
+        for i in 0..prefill {
+            let body = json!({ "motd": format!("prefill {i}") }).to_string();
+            conn.request(http::Method::PATCH, "/settings?tx=prefill", Some(body.as_bytes()))
+                .await
+                .expect("prefill patch");
+            conn.request(http::Method::POST, "/tx/commit?tx=prefill", None)
+                .await
+                .expect("prefill commit");
+        }
+    });
+    let cpu_before = cpu_time(keeld.pid());
+    let one = runtime.block_on(measure(&socket, Workload::SetCommit, 1, secs));
+    let cpu = cpu_time(keeld.pid()).saturating_sub(cpu_before);
+    let eight = runtime.block_on(measure(&socket, Workload::SetCommit, 8, secs));
+    let per_cycle = if one.ops > 0 {
+        cpu / u32::try_from(one.ops).unwrap_or(u32::MAX)
+    } else {
+        Duration::ZERO
+    };
+    (one, eight, per_cycle)
+}
+
 /// `VmRSS` and `VmHWM` of a process, in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status =
@@ -483,6 +571,11 @@ fn main() {
     }
     let (rss_after, rss_peak) = rss_kib(pid);
     let floor = measure_floor(&state_parent, secs);
+    let append_floor = measure_append_floor(&state_parent, secs);
+    // History cost: the same set+commit with 10 and with 10,000 kept generations, the
+    // latter after 2,000 commits.
+    let (h10_c1, h10_c8, h10_cpu) = history_run(&runtime, 10, 200, secs);
+    let (h10k_c1, h10k_c8, h10k_cpu) = history_run(&runtime, 10_000, 2_000, secs);
 
     // The table.
     println!();
@@ -549,6 +642,40 @@ fn main() {
         "{:<44} {:>8.2}",
         "set+commit 8 clients / floor (cycles/ops)",
         ratio(set8.per_sec)
+    );
+    println!();
+    println!(
+        "{:<44} {:>8.0} ops/s",
+        "floor: pwrite 4K + fdatasync", append_floor.per_sec
+    );
+    println!(
+        "{:<28} {:>12} {:>12} {:>14}",
+        "set+commit (cycles/s)", "1 client", "8 clients", "keeld CPU/cycle"
+    );
+    for (label, c1, c8, cpu) in [
+        ("--history 10", &h10_c1, &h10_c8, h10_cpu),
+        ("--history 10000 (2000 in)", &h10k_c1, &h10k_c8, h10k_cpu),
+    ] {
+        println!(
+            "{:<28} {:>12.0} {:>12.0} {:>11.0} µs",
+            label,
+            c1.per_sec,
+            c8.per_sec,
+            cpu.as_secs_f64() * 1e6
+        );
+    }
+    let over = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    println!(
+        "{:<44} {:>8.2} (1 client), {:.2} (8 clients); goal >= 0.9",
+        "history 10000 / history 10",
+        over(h10k_c1.per_sec, h10_c1.per_sec),
+        over(h10k_c8.per_sec, h10_c8.per_sec)
+    );
+    println!(
+        "{:<44} {:>8.2} (1 client; goal >= 0.3), {:.2} (8 clients; goal >= 0.6)",
+        "set+commit / append floor",
+        over(h10_c1.per_sec, append_floor.per_sec),
+        over(h10_c8.per_sec, append_floor.per_sec)
     );
     let noop: u64 = results.iter().map(|f| f.noop_commits).sum();
     println!("{:<44} {:>8}", "commits that changed nothing", noop);
@@ -618,6 +745,11 @@ fn main() {
             "p50_ms": ms(floor.p50),
             "p99_ms": ms(floor.p99),
             "max_ms": ms(floor.max),
+        },
+        "append_floor_per_sec": append_floor.per_sec,
+        "history": {
+            "h10": {"c1": h10_c1.per_sec, "c8": h10_c8.per_sec, "cpu_us_per_cycle": h10_cpu.as_secs_f64() * 1e6},
+            "h10000": {"c1": h10k_c1.per_sec, "c8": h10k_c8.per_sec, "cpu_us_per_cycle": h10k_cpu.as_secs_f64() * 1e6},
         },
         "ratio_set_commit_c1_to_floor": ratio(set1.per_sec),
         "ratio_set_commit_c8_to_floor": ratio(set8.per_sec),
