@@ -65,7 +65,7 @@ impl RegistryConfig {
             ..RegistryConfig::default()
         };
         if let Some(registry) = &settings.container_registry {
-            for mirror in registry.mirrors.iter().flatten() {
+            for mirror in registry.mirrors.iter().flat_map(|m| m.iter()) {
                 let (Some(host), Some(endpoints)) = (&mirror.registry, &mirror.endpoint) else {
                     continue;
                 };
