@@ -258,13 +258,13 @@ impl Containerd {
             .containers)
     }
 
-    /// Creates a container record running `spec` (OCI runtime spec JSON) on snapshot
-    /// `snapshot_key`.
+    /// Creates a container record running `spec` (the OCI runtime spec, sent as its
+    /// JSON) on snapshot `snapshot_key`.
     pub async fn create_container(
         &self,
         id: &str,
         image: &str,
-        spec: &serde_json::Value,
+        spec: &oci_spec::runtime::Spec,
         snapshot_key: &str,
         labels: HashMap<String, String>,
     ) -> Result<(), ContainerdError> {

@@ -10,10 +10,11 @@
 //! Like containerd 1.6, the profile sets no `defaultErrnoRet`: runc answers a refused syscall
 //! with EPERM by default, which is the same effect without a runtime-spec 1.1 field.
 
-use serde_json::{json, Value};
-
-const ALLOW: &str = "SCMP_ACT_ALLOW";
-const ERRNO: &str = "SCMP_ACT_ERRNO";
+use oci_spec::runtime::{
+    Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompArgBuilder,
+    LinuxSeccompBuilder, LinuxSeccompOperator, LinuxSyscall, LinuxSyscallBuilder,
+};
+use oci_spec::OciSpecError;
 
 /// errno returned for `clone3` when CAP_SYS_ADMIN is absent, so that the C library falls back
 /// to `clone` (whose namespace flags the profile can inspect). Same value on x86_64 and aarch64.
@@ -466,7 +467,19 @@ const CAPABILITY_SYSCALLS: &[(&str, &[&str])] = &[
 ];
 
 /// Seccomp architectures of the host: the native one plus the compat ABIs the kernel accepts.
-fn architectures() -> &'static [&'static str] {
+fn architectures() -> &'static [Arch] {
+    if cfg!(target_arch = "x86_64") {
+        &[Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]
+    } else if cfg!(target_arch = "aarch64") {
+        &[Arch::ScmpArchArm, Arch::ScmpArchAarch64]
+    } else {
+        &[]
+    }
+}
+
+/// The same, as the profile's JSON names them (for the JSON builder kept in tests).
+#[cfg(test)]
+fn architecture_names() -> &'static [&'static str] {
     if cfg!(target_arch = "x86_64") {
         &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
     } else if cfg!(target_arch = "aarch64") {
@@ -487,73 +500,191 @@ fn architecture_syscalls() -> &'static [&'static str] {
 }
 
 /// An unconditional allow rule.
-fn allow(names: &[&str]) -> Value {
-    json!({ "names": names, "action": ALLOW })
+fn allow(names: &[&str]) -> Result<LinuxSyscall, OciSpecError> {
+    LinuxSyscallBuilder::default()
+        .names(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+        .action(LinuxSeccompAction::ScmpActAllow)
+        .build()
+}
+
+/// A condition on argument `index`.
+fn arg(
+    index: usize,
+    value: u64,
+    value_two: Option<u64>,
+    op: LinuxSeccompOperator,
+) -> Result<LinuxSeccompArg, OciSpecError> {
+    let builder = LinuxSeccompArgBuilder::default()
+        .index(index)
+        .value(value)
+        .op(op);
+    match value_two {
+        Some(two) => builder.value_two(two).build(),
+        None => builder.build(),
+    }
 }
 
 /// The default profile for a container whose capability bounding set is `bounding_caps`
-/// ("CAP_…" names), plus one more allow rule for `extra_syscalls` when it is not empty
-/// (Keel's bootstrap tier passes `swapon` and `swapoff`).
-pub fn default_profile(bounding_caps: &[String], extra_syscalls: &[&str]) -> Value {
-    let mut rules = vec![allow(ALLOWED_SYSCALLS)];
+/// ("CAP_…" names, in order), plus one more allow rule for `extra_syscalls` when it is
+/// not empty (Keel's bootstrap tier passes `swapon` and `swapoff`).
+pub fn default_profile(
+    bounding_caps: &[&str],
+    extra_syscalls: &[&str],
+) -> Result<LinuxSeccomp, OciSpecError> {
+    let mut rules = vec![allow(ALLOWED_SYSCALLS)?];
     for persona in ALLOWED_PERSONAS {
-        rules.push(json!({
-            "names": ["personality"],
-            "action": ALLOW,
-            "args": [{ "index": 0, "value": persona, "op": "SCMP_CMP_EQ" }],
-        }));
+        rules.push(
+            LinuxSyscallBuilder::default()
+                .names(vec!["personality".to_owned()])
+                .action(LinuxSeccompAction::ScmpActAllow)
+                .args(vec![arg(
+                    0,
+                    persona,
+                    None,
+                    LinuxSeccompOperator::ScmpCmpEq,
+                )?])
+                .build()?,
+        );
     }
-    rules.push(allow(PTRACE_SINCE_LINUX_4_8));
+    rules.push(allow(PTRACE_SINCE_LINUX_4_8)?);
     let arch_names = architecture_syscalls();
     if !arch_names.is_empty() {
-        rules.push(allow(arch_names));
+        rules.push(allow(arch_names)?);
     }
 
     let mut seen: Vec<&str> = Vec::new();
     for cap in bounding_caps {
-        if seen.contains(&cap.as_str()) {
+        if seen.contains(cap) {
             continue;
         }
         seen.push(cap);
         if let Some((_, names)) = CAPABILITY_SYSCALLS.iter().find(|(c, _)| c == cap) {
-            rules.push(allow(names));
+            rules.push(allow(names)?);
         }
     }
 
     if !seen.contains(&"CAP_SYS_ADMIN") {
         // Plain fork/thread creation stays possible; new namespaces do not.
-        rules.push(json!({
-            "names": ["clone"],
-            "action": ALLOW,
-            "args": [{
-                "index": 0,
-                "value": CLONE_NAMESPACE_FLAGS,
-                "valueTwo": 0,
-                "op": "SCMP_CMP_MASKED_EQ",
-            }],
-        }));
+        rules.push(
+            LinuxSyscallBuilder::default()
+                .names(vec!["clone".to_owned()])
+                .action(LinuxSeccompAction::ScmpActAllow)
+                .args(vec![arg(
+                    0,
+                    CLONE_NAMESPACE_FLAGS,
+                    Some(0),
+                    LinuxSeccompOperator::ScmpCmpMaskedEq,
+                )?])
+                .build()?,
+        );
         // clone3 passes its flags in memory, which seccomp cannot inspect: make it look
         // unimplemented so callers fall back to clone.
-        rules.push(json!({ "names": ["clone3"], "action": ERRNO, "errnoRet": ENOSYS }));
+        rules.push(
+            LinuxSyscallBuilder::default()
+                .names(vec!["clone3".to_owned()])
+                .action(LinuxSeccompAction::ScmpActErrno)
+                .errno_ret(ENOSYS)
+                .build()?,
+        );
     }
 
     if !extra_syscalls.is_empty() {
-        rules.push(allow(extra_syscalls));
+        rules.push(allow(extra_syscalls)?);
     }
 
-    json!({
-        "defaultAction": ERRNO,
-        "architectures": architectures(),
-        "syscalls": rules,
-    })
+    // Deliberately no `defaultErrnoRet`, as containerd 1.6 (see the module header).
+    LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActErrno)
+        .architectures(architectures().to_vec())
+        .syscalls(rules)
+        .build()
+}
+
+/// The JSON profile builder keeld used before the profile was typed, kept only to
+/// prove the typed one writes the same profile. Test-only.
+#[cfg(test)]
+pub(crate) mod legacy_json {
+    use super::*;
+    use serde_json::{json, Value};
+
+    const ALLOW: &str = "SCMP_ACT_ALLOW";
+    const ERRNO: &str = "SCMP_ACT_ERRNO";
+
+    /// An unconditional allow rule.
+    fn allow_json(names: &[&str]) -> Value {
+        json!({ "names": names, "action": ALLOW })
+    }
+
+    /// The default profile for a container whose capability bounding set is `bounding_caps`
+    /// ("CAP_…" names), plus one more allow rule for `extra_syscalls` when it is not empty
+    /// (Keel's bootstrap tier passes `swapon` and `swapoff`).
+    pub(crate) fn default_profile(bounding_caps: &[String], extra_syscalls: &[&str]) -> Value {
+        let mut rules = vec![allow_json(ALLOWED_SYSCALLS)];
+        for persona in ALLOWED_PERSONAS {
+            rules.push(json!({
+                "names": ["personality"],
+                "action": ALLOW,
+                "args": [{ "index": 0, "value": persona, "op": "SCMP_CMP_EQ" }],
+            }));
+        }
+        rules.push(allow_json(PTRACE_SINCE_LINUX_4_8));
+        let arch_names = architecture_syscalls();
+        if !arch_names.is_empty() {
+            rules.push(allow_json(arch_names));
+        }
+
+        let mut seen: Vec<&str> = Vec::new();
+        for cap in bounding_caps {
+            if seen.contains(&cap.as_str()) {
+                continue;
+            }
+            seen.push(cap);
+            if let Some((_, names)) = CAPABILITY_SYSCALLS.iter().find(|(c, _)| c == cap) {
+                rules.push(allow_json(names));
+            }
+        }
+
+        if !seen.contains(&"CAP_SYS_ADMIN") {
+            // Plain fork/thread creation stays possible; new namespaces do not.
+            rules.push(json!({
+                "names": ["clone"],
+                "action": ALLOW,
+                "args": [{
+                    "index": 0,
+                    "value": CLONE_NAMESPACE_FLAGS,
+                    "valueTwo": 0,
+                    "op": "SCMP_CMP_MASKED_EQ",
+                }],
+            }));
+            // clone3 passes its flags in memory, which seccomp cannot inspect: make it look
+            // unimplemented so callers fall back to clone.
+            rules.push(json!({ "names": ["clone3"], "action": ERRNO, "errnoRet": ENOSYS }));
+        }
+
+        if !extra_syscalls.is_empty() {
+            rules.push(allow_json(extra_syscalls));
+        }
+
+        json!({
+            "defaultAction": ERRNO,
+            "architectures": architecture_names(),
+            "syscalls": rules,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
-    fn caps(names: &[&str]) -> Vec<String> {
-        names.iter().map(|n| n.to_string()).collect()
+    const ALLOW: &str = "SCMP_ACT_ALLOW";
+    const ERRNO: &str = "SCMP_ACT_ERRNO";
+
+    /// The typed profile as the OCI spec's JSON writes it.
+    fn profile(caps: &[&str], extra: &[&str]) -> Value {
+        let typed = default_profile(caps, extra).expect("the profile builds");
+        serde_json::to_value(typed).expect("the profile serializes")
     }
 
     const DEFAULT_14: [&str; 14] = [
@@ -635,7 +766,7 @@ mod tests {
 
     #[test]
     fn dangerous_syscalls_are_not_allowed_by_default() {
-        let profile = default_profile(&caps(&DEFAULT_14), &[]);
+        let profile = profile(&DEFAULT_14, &[]);
         for name in [
             "mount",
             "umount2",
@@ -669,7 +800,7 @@ mod tests {
 
     #[test]
     fn sys_admin_controls_mount_and_clone() {
-        let without = default_profile(&caps(&DEFAULT_14), &[]);
+        let without = profile(&DEFAULT_14, &[]);
         assert!(!mentioned(&without, "mount"));
         let clone: Vec<&Value> = rules(&without)
             .iter()
@@ -686,9 +817,9 @@ mod tests {
         assert_eq!(clone3["action"], ERRNO);
         assert_eq!(clone3["errnoRet"], 38);
 
-        let mut with = caps(&DEFAULT_14);
-        with.push("CAP_SYS_ADMIN".to_string());
-        let with = default_profile(&with, &[]);
+        let mut with = DEFAULT_14.to_vec();
+        with.push("CAP_SYS_ADMIN");
+        let with = profile(&with, &[]);
         for name in [
             "mount",
             "umount2",
@@ -721,8 +852,8 @@ mod tests {
             ("CAP_PERFMON", &["perf_event_open"]),
         ];
         for (cap, syscalls) in cases {
-            let without = default_profile(&caps(&DEFAULT_14), &[]);
-            let with = default_profile(&caps(&[cap]), &[]);
+            let without = profile(&DEFAULT_14, &[]);
+            let with = profile(&[cap], &[]);
             for name in syscalls {
                 assert!(
                     !allowed_unconditionally(&without, name),
@@ -732,7 +863,7 @@ mod tests {
             }
         }
         // A repeated capability adds its rule once.
-        let twice = default_profile(&caps(&["CAP_SYS_BOOT", "CAP_SYS_BOOT"]), &[]);
+        let twice = profile(&["CAP_SYS_BOOT", "CAP_SYS_BOOT"], &[]);
         assert_eq!(
             rules(&twice)
                 .iter()
@@ -744,10 +875,10 @@ mod tests {
 
     #[test]
     fn extra_syscalls_only_when_requested() {
-        let plain = default_profile(&caps(&DEFAULT_14), &[]);
+        let plain = profile(&DEFAULT_14, &[]);
         assert!(!mentioned(&plain, "swapon"));
         assert!(!mentioned(&plain, "swapoff"));
-        let boot = default_profile(&caps(&DEFAULT_14), &["swapon", "swapoff"]);
+        let boot = profile(&DEFAULT_14, &["swapon", "swapoff"]);
         let last = rules(&boot).last().expect("a rule");
         assert_eq!(names(last), ["swapon", "swapoff"]);
         assert_eq!(last["action"], ALLOW);
@@ -756,7 +887,7 @@ mod tests {
 
     #[test]
     fn personality_rules() {
-        let profile = default_profile(&[], &[]);
+        let profile = profile(&[], &[]);
         let values: Vec<u64> = rules(&profile)
             .iter()
             .filter(|r| names(r) == ["personality"])
@@ -772,7 +903,7 @@ mod tests {
 
     #[test]
     fn json_shape_uses_oci_field_names() {
-        let profile = default_profile(&caps(&DEFAULT_14), &["swapon"]);
+        let profile = profile(&DEFAULT_14, &["swapon"]);
         let top: Vec<&str> = profile
             .as_object()
             .expect("object")
@@ -804,6 +935,32 @@ mod tests {
                         assert!(["index", "value", "valueTwo", "op"].contains(&key.as_str()));
                     }
                 }
+            }
+        }
+    }
+
+    /// The typed profile writes exactly the JSON the untyped builder wrote.
+    #[test]
+    fn typed_profile_equals_the_json_profile() {
+        let every: Vec<&str> = DEFAULT_14
+            .iter()
+            .chain(CAPABILITY_SYSCALLS.iter().map(|(c, _)| c))
+            .copied()
+            .collect();
+        let with_admin: Vec<&str> = DEFAULT_14
+            .iter()
+            .copied()
+            .chain(["CAP_SYS_ADMIN", "CAP_SYS_ADMIN", "CAP_BPF"])
+            .collect();
+        let sets: [&[&str]; 4] = [&[], &DEFAULT_14, &with_admin, &every];
+        for caps in sets {
+            for extra in [&[][..], &["swapon", "swapoff"][..]] {
+                let owned: Vec<String> = caps.iter().map(|c| (*c).to_owned()).collect();
+                assert_eq!(
+                    profile(caps, extra),
+                    legacy_json::default_profile(&owned, extra),
+                    "{caps:?} {extra:?}"
+                );
             }
         }
     }

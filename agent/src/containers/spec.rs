@@ -1,10 +1,19 @@
-//! The OCI runtime spec (runtime-spec 1.0.2 field names) for one Keel container.
+//! The OCI runtime spec of one Keel container, as `oci-spec`'s typed [`Spec`].
 //!
 //! The base is what containerd 1.6 builds by default (its default Linux spec plus its default
 //! unix device rules, checked against containerd 1.6.20): default capabilities, rlimits, the
 //! standard mounts, masked and read-only paths, and the device cgroup rules. The privilege tier
 //! (DESIGN.md, "Containers") then decides capabilities, seccomp, no_new_privileges, the PID
-//! namespace and device access, and adds the mounts Bottlerocket-style images expect.
+//! namespace and device access, and adds the mounts Bottlerocket-style images expect. What a
+//! tier grants is one value, [`Tier::rules`] ([`TierRules`]); [`build`] asks nothing else
+//! about the tier.
+//!
+//! The spec is built field by field, never from `oci-spec`'s defaults, which are not
+//! containerd's: `Spec::default()` sets a hostname ("youki") and empty annotations, its
+//! process holds ambient capabilities, and its Linux section has no deny-all device rule
+//! but masked paths of its own. Each builder below sets every field that has such a
+//! default, and the tests compare the whole spec of each tier with the JSON keeld wrote
+//! before the spec was typed (`testdata/spec-*.json`).
 //!
 //! Namespaces: every tier shares the host's network namespace (no "network" entry) and keeps
 //! private mount, IPC and UTS namespaces, as Bottlerocket's host containers do. The spec sets
@@ -24,10 +33,22 @@
 //! resolution works with the host network.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
-use serde_json::{json, Map, Value};
+pub use oci_spec::runtime::Spec;
+use oci_spec::runtime::{
+    Capabilities, Capability, LinuxBuilder, LinuxCapabilities, LinuxCapabilitiesBuilder,
+    LinuxCpuBuilder, LinuxDeviceCgroup, LinuxDeviceCgroupBuilder, LinuxDeviceType,
+    LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResources,
+    LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType, Process,
+    ProcessBuilder, RootBuilder, SpecBuilder, UserBuilder,
+};
+use oci_spec::OciSpecError;
 
 use super::seccomp;
+
+/// The runtime-spec version keeld writes (containerd 1.6's).
+pub const OCI_VERSION: &str = "1.0.2";
 
 /// A container's privilege tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +69,79 @@ impl Tier {
             Tier::Bootstrap => "bootstrap",
         }
     }
+
+    /// What the tier grants: DESIGN.md's table, one row per field of [`TierRules`].
+    pub fn rules(self) -> TierRules {
+        match self {
+            Tier::Host => TierRules {
+                capabilities: TierCapabilities::DefaultPlus(&[]),
+                seccomp: Some(&[]),
+                no_new_privileges: true,
+                private_pid_namespace: true,
+                all_devices: false,
+                confined_proc_and_sys: true,
+                host_root: false,
+                persistent_dir: HOST_CONTAINERS_DIR,
+            },
+            Tier::Superpowered => TierRules {
+                capabilities: TierCapabilities::AllOfHost,
+                seccomp: None,
+                no_new_privileges: false,
+                private_pid_namespace: false,
+                all_devices: true,
+                confined_proc_and_sys: false,
+                host_root: true,
+                persistent_dir: HOST_CONTAINERS_DIR,
+            },
+            Tier::Bootstrap => TierRules {
+                capabilities: TierCapabilities::DefaultPlus(&BOOTSTRAP_ADDED_CAPABILITIES),
+                seccomp: Some(&BOOTSTRAP_EXTRA_SYSCALLS),
+                no_new_privileges: true,
+                private_pid_namespace: false,
+                all_devices: true,
+                confined_proc_and_sys: true,
+                host_root: false,
+                persistent_dir: BOOTSTRAP_CONTAINERS_DIR,
+            },
+        }
+    }
+}
+
+/// What a privilege tier grants (DESIGN.md, "Privilege tiers"). Network: the host's for
+/// every tier; mounts common to every tier: see [`build`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TierRules {
+    /// The capabilities every container of the tier holds, before its extra ones.
+    pub capabilities: TierCapabilities,
+    /// `Some(extra)`: containerd's default seccomp profile (whose capability-dependent
+    /// rules follow the container's capabilities) plus an allow rule for these syscalls;
+    /// `None`: no seccomp filter.
+    pub seccomp: Option<&'static [&'static str]>,
+    pub no_new_privileges: bool,
+    /// A PID namespace of its own; otherwise the host's.
+    pub private_pid_namespace: bool,
+    /// Every device (an allow-all cgroup rule, the host's `/dev`); otherwise containerd's
+    /// default unix devices in a private `/dev`.
+    pub all_devices: bool,
+    /// containerd's masked and read-only `/proc` paths, and `/sys` and the cgroup file
+    /// system read-only; otherwise none masked and both writable.
+    pub confined_proc_and_sys: bool,
+    /// The host's root file system read-only at [`HOST_ROOTFS_MOUNT`], and the host's
+    /// `/lib/modules`.
+    pub host_root: bool,
+    /// Where the persistent directory appears, as `<persistent_dir>/<name>`.
+    pub persistent_dir: &'static str,
+}
+
+/// A tier's base capabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierCapabilities {
+    /// containerd's default 14 ([`DEFAULT_CAPABILITIES`]) plus these, then the
+    /// container's extra ones.
+    DefaultPlus(&'static [&'static str]),
+    /// Every capability the host's init holds (runc refuses one outside the host's
+    /// bounding set); extra ones add nothing.
+    AllOfHost,
 }
 
 /// The image's run configuration (the `config` object of the OCI image config): `Env`,
@@ -135,6 +229,9 @@ pub enum SpecError {
         "CPU limit of {0} millicores is out of range (the minimum is 10: a 1 ms quota per 100 ms)"
     )]
     InvalidCpuLimit(u64),
+    /// oci-spec refused a value (its builders validate little; this would be a bug).
+    #[error("the OCI runtime spec cannot be built: {0}")]
+    Oci(#[from] OciSpecError),
 }
 
 /// containerd's default capabilities.
@@ -273,7 +370,7 @@ const DEFAULT_DEVICES: [(i64, Option<i64>); 9] = [
 ];
 
 /// Builds the spec for one container. Pure: reads no files.
-pub fn build(req: &SpecRequest<'_>) -> Result<Value, SpecError> {
+pub fn build(req: &SpecRequest<'_>) -> Result<Spec, SpecError> {
     if req.name.is_empty()
         || !req
             .name
@@ -282,11 +379,76 @@ pub fn build(req: &SpecRequest<'_>) -> Result<Value, SpecError> {
     {
         return Err(SpecError::InvalidName(req.name.to_owned()));
     }
+    let rules = req.tier.rules();
     let cgroups_path = format!("/{}/{}", cgroup_parent(req.cgroup_parent)?, req.name);
-    let persistent_dir = host_path("persistent directory", req.persistent_dir)?;
-    let api_socket = host_path("API socket", req.api_socket)?;
-    let apiclient = host_path("apiclient", req.apiclient)?;
+    let paths = HostPaths {
+        persistent_dir: host_path("persistent directory", req.persistent_dir)?,
+        api_socket: host_path("API socket", req.api_socket)?,
+        apiclient: host_path("apiclient", req.apiclient)?,
+    };
+    let caps = capabilities(
+        rules.capabilities,
+        req.extra_capabilities,
+        req.host_capabilities,
+    )?;
 
+    let seccomp = match rules.seccomp {
+        Some(extra) => Some(seccomp::default_profile(&caps, extra)?),
+        None => None,
+    };
+    let (masked, readonly) = if rules.confined_proc_and_sys {
+        (Some(strings(&MASKED_PATHS)), Some(strings(&READONLY_PATHS)))
+    } else {
+        (None, None)
+    };
+    let mut linux = LinuxBuilder::default()
+        .resources(resources(req, &rules)?)
+        .cgroups_path(cgroups_path)
+        .namespaces(namespaces(&rules)?)
+        .build()?;
+    // Set whatever the tier says, present or absent: oci-spec's default Linux section
+    // masks paths of its own.
+    linux
+        .set_seccomp(seccomp)
+        .set_masked_paths(masked)
+        .set_readonly_paths(readonly);
+
+    let mut spec = SpecBuilder::default()
+        .version(OCI_VERSION)
+        .process(process(req, &rules, &caps)?)
+        .root(
+            RootBuilder::default()
+                .path("rootfs")
+                .readonly(false)
+                .build()?,
+        )
+        .mounts(mounts(req, &rules, &paths)?)
+        .linux(linux)
+        .build()?;
+    // No hostname: the container keeps the host's (see the module header). No
+    // annotations. oci-spec's default spec sets both.
+    spec.set_hostname(None).set_annotations(None);
+    Ok(spec)
+}
+
+/// The host paths a spec mounts, checked.
+struct HostPaths<'a> {
+    persistent_dir: &'a str,
+    api_socket: &'a str,
+    apiclient: &'a str,
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// The process: the image's (or configured) command, user, working directory and
+/// environment, the capabilities, containerd's rlimit, and the tier's no_new_privileges.
+fn process(
+    req: &SpecRequest<'_>,
+    rules: &TierRules,
+    caps: &[&'static str],
+) -> Result<Process, SpecError> {
     let args = process_args(req)?;
     let (uid, gid) = parse_user(req.image.user().as_deref())?;
     let cwd = match req.image.working_dir().as_deref().filter(|d| !d.is_empty()) {
@@ -298,57 +460,62 @@ pub fn build(req: &SpecRequest<'_>) -> Result<Value, SpecError> {
     };
     let image_env = req.image.env().as_deref().unwrap_or_default();
     let env = environment(image_env, req.environment)?;
-    let caps = capabilities(req.tier, req.extra_capabilities, req.host_capabilities)?;
-    let resources = resources(req)?;
+    Ok(ProcessBuilder::default()
+        .terminal(false)
+        .user(UserBuilder::default().uid(uid).gid(gid).build()?)
+        .args(args)
+        .env(env)
+        .cwd(cwd)
+        .capabilities(capability_sets(caps)?)
+        .rlimits(vec![PosixRlimitBuilder::default()
+            .typ(PosixRlimitType::RlimitNofile)
+            .hard(1024u64)
+            .soft(1024u64)
+            .build()?])
+        .no_new_privileges(rules.no_new_privileges)
+        .build()?)
+}
 
-    let mut namespaces = Vec::new();
-    if req.tier == Tier::Host {
-        namespaces.push(json!({ "type": "pid" }));
-    }
-    for kind in ["ipc", "uts", "mount"] {
-        namespaces.push(json!({ "type": kind }));
-    }
+/// Bounding, effective and permitted hold `caps`; inheritable none; ambient is absent
+/// (oci-spec's default grants ambient capabilities, containerd's does not).
+fn capability_sets(caps: &[&str]) -> Result<LinuxCapabilities, SpecError> {
+    let set = caps
+        .iter()
+        .map(|name| to_capability(name))
+        .collect::<Result<Capabilities, _>>()?;
+    let mut sets = LinuxCapabilitiesBuilder::default()
+        .bounding(set.clone())
+        .effective(set.clone())
+        .permitted(set)
+        .inheritable(Capabilities::new())
+        .build()?;
+    sets.set_ambient(None);
+    Ok(sets)
+}
 
-    let mut linux = Map::new();
-    linux.insert("resources".into(), resources);
-    linux.insert("cgroupsPath".into(), json!(cgroups_path));
-    linux.insert("namespaces".into(), Value::Array(namespaces));
-    match req.tier {
-        Tier::Host => {
-            linux.insert("seccomp".into(), seccomp::default_profile(&caps, &[]));
-        }
-        Tier::Bootstrap => {
-            let profile = seccomp::default_profile(&caps, &BOOTSTRAP_EXTRA_SYSCALLS);
-            linux.insert("seccomp".into(), profile);
-        }
-        Tier::Superpowered => {}
-    }
-    if req.tier != Tier::Superpowered {
-        linux.insert("maskedPaths".into(), json!(MASKED_PATHS));
-        linux.insert("readonlyPaths".into(), json!(READONLY_PATHS));
-    }
+/// A "CAP_…" name of [`ALL_CAPABILITIES`] as oci-spec's [`Capability`].
+pub fn to_capability(name: &str) -> Result<Capability, SpecError> {
+    name.strip_prefix("CAP_")
+        .filter(|_| ALL_CAPABILITIES.contains(&name))
+        .and_then(|bare| Capability::from_str(bare).ok())
+        .ok_or_else(|| SpecError::UnknownCapability(name.to_owned()))
+}
 
-    Ok(json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": false,
-            "user": { "uid": uid, "gid": gid },
-            "args": args,
-            "env": env,
-            "cwd": cwd,
-            "capabilities": {
-                "bounding": caps,
-                "effective": caps,
-                "inheritable": [],
-                "permitted": caps,
-            },
-            "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }],
-            "noNewPrivileges": req.tier != Tier::Superpowered,
-        },
-        "root": { "path": "rootfs", "readonly": false },
-        "mounts": mounts(req, persistent_dir, api_socket, apiclient),
-        "linux": linux,
-    }))
+/// PID (for a tier with its own), IPC, UTS and mount namespaces; never network.
+fn namespaces(rules: &TierRules) -> Result<Vec<LinuxNamespace>, SpecError> {
+    let mut kinds = Vec::new();
+    if rules.private_pid_namespace {
+        kinds.push(LinuxNamespaceType::Pid);
+    }
+    kinds.extend([
+        LinuxNamespaceType::Ipc,
+        LinuxNamespaceType::Uts,
+        LinuxNamespaceType::Mount,
+    ]);
+    kinds
+        .into_iter()
+        .map(|typ| Ok(LinuxNamespaceBuilder::default().typ(typ).build()?))
+        .collect()
 }
 
 /// The parent cgroup without leading or trailing slashes; its components must be plain names.
@@ -440,62 +607,72 @@ fn environment(
     Ok(env)
 }
 
-fn capabilities(tier: Tier, extra: &[String], host: u64) -> Result<Vec<String>, SpecError> {
-    if let Some(unknown) = extra
+/// The container's capabilities, in order: the tier's, then the extra ones (each once).
+/// Every extra name must be one of [`ALL_CAPABILITIES`], whatever the tier.
+fn capabilities(
+    tier: TierCapabilities,
+    extra: &[String],
+    host: u64,
+) -> Result<Vec<&'static str>, SpecError> {
+    let extra = extra
         .iter()
-        .find(|c| !ALL_CAPABILITIES.contains(&c.as_str()))
-    {
-        return Err(SpecError::UnknownCapability(unknown.clone()));
-    }
-    let mut caps: Vec<String> = Vec::new();
-    let mut add = |cap: &str| {
-        if !caps.iter().any(|c| c == cap) {
-            caps.push(cap.to_owned());
+        .map(|name| {
+            ALL_CAPABILITIES
+                .iter()
+                .copied()
+                .find(|c| c == name)
+                .ok_or_else(|| SpecError::UnknownCapability(name.clone()))
+        })
+        .collect::<Result<Vec<&'static str>, _>>()?;
+    let mut caps: Vec<&'static str> = Vec::new();
+    let mut add = |cap: &'static str| {
+        if !caps.contains(&cap) {
+            caps.push(cap);
         }
     };
     match tier {
         // "All" is what the host can grant: a capability outside the host's bounding
         // set (some hosts drop a few) would make runc refuse to start the container.
-        Tier::Superpowered => ALL_CAPABILITIES
+        TierCapabilities::AllOfHost => ALL_CAPABILITIES
             .iter()
             .enumerate()
             .filter(|(bit, _)| host & (1u64 << bit) != 0)
             .for_each(|(_, c)| add(c)),
-        Tier::Host => {
+        TierCapabilities::DefaultPlus(added) => {
             DEFAULT_CAPABILITIES.iter().for_each(|c| add(c));
-            extra.iter().for_each(|c| add(c));
-        }
-        Tier::Bootstrap => {
-            DEFAULT_CAPABILITIES.iter().for_each(|c| add(c));
-            BOOTSTRAP_ADDED_CAPABILITIES.iter().for_each(|c| add(c));
+            added.iter().for_each(|c| add(c));
             extra.iter().for_each(|c| add(c));
         }
     }
     Ok(caps)
 }
 
-fn resources(req: &SpecRequest<'_>) -> Result<Value, SpecError> {
-    let mut resources = Map::new();
-    let devices: Vec<Value> = if req.tier == Tier::Host {
-        std::iter::once(json!({ "allow": false, "access": "rwm" }))
-            .chain(DEFAULT_DEVICES.iter().map(|&(major, minor)| {
-                let mut rule = json!({ "allow": true, "type": "c", "major": major });
-                if let Some(minor) = minor {
-                    rule["minor"] = json!(minor);
-                }
-                rule["access"] = json!("rwm");
-                rule
-            }))
-            .collect()
-    } else {
-        vec![json!({ "allow": true, "access": "rwm" })]
+/// Device rules, memory and CPU limits.
+fn resources(req: &SpecRequest<'_>, rules: &TierRules) -> Result<LinuxResources, SpecError> {
+    let rwm = |allow: bool| {
+        LinuxDeviceCgroupBuilder::default()
+            .allow(allow)
+            .access("rwm")
     };
-    resources.insert("devices".into(), Value::Array(devices));
+    let devices: Vec<LinuxDeviceCgroup> = if rules.all_devices {
+        vec![rwm(true).build()?]
+    } else {
+        let mut devices = vec![rwm(false).build()?];
+        for &(major, minor) in &DEFAULT_DEVICES {
+            let rule = rwm(true).typ(LinuxDeviceType::C).major(major);
+            devices.push(match minor {
+                Some(minor) => rule.minor(minor).build()?,
+                None => rule.build()?,
+            });
+        }
+        devices
+    };
+    let mut resources = LinuxResourcesBuilder::default().devices(devices);
     if let Some(limit) = req.memory_limit_bytes {
         if limit <= 0 {
             return Err(SpecError::InvalidMemoryLimit(limit));
         }
-        resources.insert("memory".into(), json!({ "limit": limit }));
+        resources = resources.memory(LinuxMemoryBuilder::default().limit(limit).build()?);
     }
     if let Some(millicores) = req.cpu_limit_millicores {
         let quota = millicores
@@ -503,50 +680,59 @@ fn resources(req: &SpecRequest<'_>) -> Result<Value, SpecError> {
             .filter(|&quota| quota >= 1000)
             .and_then(|quota| i64::try_from(quota).ok())
             .ok_or(SpecError::InvalidCpuLimit(millicores))?;
-        resources.insert(
-            "cpu".into(),
-            json!({ "quota": quota, "period": CPU_PERIOD_US }),
+        resources = resources.cpu(
+            LinuxCpuBuilder::default()
+                .quota(quota)
+                .period(CPU_PERIOD_US)
+                .build()?,
         );
     }
-    Ok(Value::Object(resources))
+    Ok(resources.build()?)
 }
 
-fn mount(destination: &str, kind: &str, source: &str, options: &[&str]) -> Value {
-    json!({
-        "destination": destination,
-        "type": kind,
-        "source": source,
-        "options": options,
-    })
+fn mount(
+    destination: &str,
+    kind: &str,
+    source: &str,
+    options: &[&str],
+) -> Result<Mount, OciSpecError> {
+    MountBuilder::default()
+        .destination(destination)
+        .typ(kind)
+        .source(source)
+        .options(strings(options))
+        .build()
 }
 
+/// containerd's standard mounts (as the tier's devices and `/sys` need them), the
+/// host's name resolution files, the persistent directory, the API socket and
+/// `apiclient`, and for a tier that sees the host's root, that root and its modules.
+/// Parents come before what is mounted inside them.
 fn mounts(
     req: &SpecRequest<'_>,
-    persistent_dir: &str,
-    api_socket: &str,
-    apiclient: &str,
-) -> Vec<Value> {
-    let all_devices = req.tier != Tier::Host;
-    let sys_mode = if req.tier == Tier::Superpowered {
-        "rw"
-    } else {
+    rules: &TierRules,
+    paths: &HostPaths<'_>,
+) -> Result<Vec<Mount>, SpecError> {
+    let sys_mode = if rules.confined_proc_and_sys {
         "ro"
+    } else {
+        "rw"
     };
     let mut mounts = vec![mount(
         "/proc",
         "proc",
         "proc",
         &["nosuid", "noexec", "nodev"],
-    )];
-    if all_devices {
-        mounts.push(mount("/dev", "bind", "/dev", &["rbind", "rslave"]));
+    )?];
+    if rules.all_devices {
+        mounts.push(mount("/dev", "bind", "/dev", &["rbind", "rslave"])?);
     } else {
         mounts.push(mount(
             "/dev",
             "tmpfs",
             "tmpfs",
             &["nosuid", "strictatime", "mode=755", "size=65536k"],
-        ));
+        )?);
         mounts.push(mount(
             "/dev/pts",
             "devpts",
@@ -559,67 +745,63 @@ fn mounts(
                 "mode=0620",
                 "gid=5",
             ],
-        ));
+        )?);
     }
     mounts.push(mount(
         "/dev/shm",
         "tmpfs",
         "shm",
         &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
-    ));
+    )?);
     mounts.push(mount(
         "/dev/mqueue",
         "mqueue",
         "mqueue",
         &["nosuid", "noexec", "nodev"],
-    ));
+    )?);
     mounts.push(mount(
         "/sys",
         "sysfs",
         "sysfs",
         &["nosuid", "noexec", "nodev", sys_mode],
-    ));
+    )?);
     mounts.push(mount(
         "/sys/fs/cgroup",
         "cgroup",
         "cgroup",
         &["nosuid", "noexec", "nodev", "relatime", sys_mode],
-    ));
+    )?);
     mounts.push(mount(
         "/run",
         "tmpfs",
         "tmpfs",
         &["nosuid", "strictatime", "mode=755", "size=65536k"],
-    ));
+    )?);
     for file in [HOST_HOSTS, HOST_RESOLV_CONF] {
-        mounts.push(mount(file, "bind", file, &["bind", "ro", "rprivate"]));
+        mounts.push(mount(file, "bind", file, &["bind", "ro", "rprivate"])?);
     }
 
-    let persistent_root = match req.tier {
-        Tier::Host | Tier::Superpowered => HOST_CONTAINERS_DIR,
-        Tier::Bootstrap => BOOTSTRAP_CONTAINERS_DIR,
-    };
-    let persistent_target = format!("{persistent_root}/{}", req.name);
+    let persistent_target = format!("{}/{}", rules.persistent_dir, req.name);
     mounts.push(mount(
         &persistent_target,
         "bind",
-        persistent_dir,
+        paths.persistent_dir,
         &["rbind", "rw", "rprivate"],
-    ));
+    )?);
     mounts.push(mount(
         API_SOCKET_MOUNT,
         "bind",
-        api_socket,
+        paths.api_socket,
         &["bind", "rw", "rprivate"],
-    ));
+    )?);
     mounts.push(mount(
         APICLIENT_MOUNT,
         "bind",
-        apiclient,
+        paths.apiclient,
         &["bind", "ro", "rprivate"],
-    ));
+    )?);
 
-    if req.tier == Tier::Superpowered {
+    if rules.host_root {
         // "ro" applies to the top mount only: file systems mounted below the host's / stay
         // writable (runc would need "rro"). No boundary is lost: the container holds every
         // capability and could remount anyway.
@@ -628,21 +810,30 @@ fn mounts(
             "bind",
             "/",
             &["rbind", "ro", "rslave"],
-        ));
+        )?);
         if req.mount_host_modules {
             mounts.push(mount(
                 HOST_MODULES,
                 "bind",
                 HOST_MODULES,
                 &["rbind", "ro", "rslave"],
-            ));
+            )?);
         }
     }
-    mounts
+    Ok(mounts)
 }
 
 #[cfg(test)]
+#[path = "spec_legacy.rs"]
+mod legacy;
+
+#[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
+    use oci_spec::runtime::{Linux, LinuxSeccompAction};
+    use serde_json::{json, Value};
+
     use super::*;
 
     fn image() -> ImageConfig {
@@ -658,6 +849,7 @@ mod tests {
         config
     }
 
+    /// A request's owned parts, so that tests can vary one at a time.
     struct Owned {
         image: ImageConfig,
         command: Option<Vec<String>>,
@@ -666,6 +858,8 @@ mod tests {
         memory: Option<i64>,
         cpu: Option<u64>,
         parent: String,
+        modules: bool,
+        host_caps: u64,
     }
 
     impl Owned {
@@ -678,19 +872,35 @@ mod tests {
                 memory: None,
                 cpu: None,
                 parent: "keel".into(),
+                modules: true,
+                host_caps: u64::MAX,
             }
         }
 
-        fn build(&self, tier: Tier) -> Result<Value, SpecError> {
-            self.build_named("admin", tier)
+        /// What the golden files' "full" specs were written from.
+        fn full() -> Self {
+            let mut owned = Owned::new();
+            owned
+                .image
+                .set_user(Some("1000:1001".into()))
+                .set_working_dir(Some("/srv".into()));
+            owned.command = Some(vec!["/bin/sh".into(), "-c".into(), "x".into()]);
+            owned.environment = vec![("MODE".into(), "configured".into())];
+            owned.extra = vec!["CAP_SYS_PTRACE".into(), "CAP_NET_ADMIN".into()];
+            owned.memory = Some(256 << 20);
+            owned.cpu = Some(1500);
+            owned.parent = "keel/host".into();
+            owned.modules = false;
+            owned.host_caps = (1u64 << 40) - 1;
+            owned
         }
 
-        fn build_named(&self, name: &str, tier: Tier) -> Result<Value, SpecError> {
+        fn request<'a>(&'a self, name: &'a str, tier: Tier) -> SpecRequest<'a> {
             let persistent = match tier {
-                Tier::Bootstrap => "/local/bootstrap-containers/admin",
-                _ => "/local/host-containers/admin",
+                Tier::Bootstrap => "/local/bootstrap-containers/",
+                _ => "/local/host-containers/",
             };
-            build(&SpecRequest {
+            SpecRequest {
                 name,
                 tier,
                 image: &self.image,
@@ -703,75 +913,170 @@ mod tests {
                 api_socket: Path::new("/run/keel/api.sock"),
                 apiclient: Path::new("/usr/bin/apiclient"),
                 cgroup_parent: &self.parent,
-                mount_host_modules: true,
-                host_capabilities: u64::MAX,
+                mount_host_modules: self.modules,
+                host_capabilities: self.host_caps,
+            }
+        }
+
+        fn build(&self, tier: Tier) -> Result<Spec, SpecError> {
+            self.build_named("admin", tier)
+        }
+
+        fn build_named(&self, name: &str, tier: Tier) -> Result<Spec, SpecError> {
+            let persistent = PathBuf::from(match tier {
+                Tier::Bootstrap => format!("/local/bootstrap-containers/{name}"),
+                _ => format!("/local/host-containers/{name}"),
+            });
+            build(&SpecRequest {
+                persistent_dir: &persistent,
+                ..self.request(name, tier)
             })
         }
     }
 
-    fn spec(tier: Tier) -> Value {
+    const TIERS: [Tier; 3] = [Tier::Host, Tier::Superpowered, Tier::Bootstrap];
+
+    fn spec(tier: Tier) -> Spec {
         Owned::new().build(tier).expect("spec builds")
     }
 
-    fn strings(value: &Value) -> Vec<&str> {
-        value
-            .as_array()
-            .expect("an array")
-            .iter()
-            .map(|v| v.as_str().expect("a string"))
-            .collect()
+    fn process(spec: &Spec) -> &Process {
+        spec.process().as_ref().expect("a process")
     }
 
-    fn find_mount<'v>(spec: &'v Value, destination: &str) -> Option<&'v Value> {
-        spec["mounts"]
-            .as_array()
+    fn linux(spec: &Spec) -> &Linux {
+        spec.linux().as_ref().expect("a linux section")
+    }
+
+    fn find_mount<'s>(spec: &'s Spec, destination: &str) -> Option<&'s Mount> {
+        spec.mounts()
+            .as_ref()
             .expect("mounts")
             .iter()
-            .find(|m| m["destination"] == destination)
+            .find(|m| m.destination() == Path::new(destination))
     }
 
-    fn mount_options<'v>(spec: &'v Value, destination: &str) -> Vec<&'v str> {
-        strings(&find_mount(spec, destination).expect("mount exists")["options"])
+    fn source<'s>(spec: &'s Spec, destination: &str) -> &'s str {
+        find_mount(spec, destination)
+            .and_then(|m| m.source().as_ref())
+            .and_then(|s| s.to_str())
+            .expect("a mount with a source")
     }
 
-    fn namespaces(spec: &Value) -> Vec<&str> {
-        spec["linux"]["namespaces"]
-            .as_array()
-            .expect("namespaces")
+    fn kind<'s>(spec: &'s Spec, destination: &str) -> &'s str {
+        find_mount(spec, destination)
+            .and_then(|m| m.typ().as_deref())
+            .expect("a mount with a type")
+    }
+
+    fn mount_options<'s>(spec: &'s Spec, destination: &str) -> Vec<&'s str> {
+        find_mount(spec, destination)
+            .and_then(|m| m.options().as_ref())
+            .expect("a mount with options")
             .iter()
-            .map(|n| n["type"].as_str().expect("type"))
+            .map(String::as_str)
             .collect()
-    }
-
-    fn seccomp_allows(spec: &Value, name: &str) -> bool {
-        spec["linux"]["seccomp"]["syscalls"]
-            .as_array()
-            .expect("syscalls")
-            .iter()
-            .any(|r| {
-                r["action"] == "SCMP_ACT_ALLOW"
-                    && r.get("args").is_none()
-                    && strings(&r["names"]).contains(&name)
-            })
-    }
-
-    fn caps_of(spec: &Value, set: &str) -> Vec<String> {
-        strings(&spec["process"]["capabilities"][set])
-            .into_iter()
-            .map(str::to_owned)
-            .collect()
-    }
-
-    fn assert_caps(spec: &Value, expected: &[&str]) {
-        for set in ["bounding", "effective", "permitted"] {
-            assert_eq!(caps_of(spec, set), expected, "{set}");
-        }
-        assert_eq!(spec["process"]["capabilities"]["inheritable"], json!([]));
-        assert!(spec["process"]["capabilities"].get("ambient").is_none());
     }
 
     fn is_read_only(options: &[&str]) -> bool {
         options.contains(&"ro") && !options.contains(&"rw")
+    }
+
+    fn namespaces(spec: &Spec) -> Vec<LinuxNamespaceType> {
+        linux(spec)
+            .namespaces()
+            .as_ref()
+            .expect("namespaces")
+            .iter()
+            .map(|n| n.typ())
+            .collect()
+    }
+
+    fn devices(spec: &Spec) -> &[LinuxDeviceCgroup] {
+        linux(spec)
+            .resources()
+            .as_ref()
+            .and_then(|r| r.devices().as_deref())
+            .expect("device rules")
+    }
+
+    fn seccomp_allows(spec: &Spec, name: &str) -> bool {
+        linux(spec)
+            .seccomp()
+            .as_ref()
+            .and_then(|s| s.syscalls().as_ref())
+            .expect("a seccomp profile")
+            .iter()
+            .any(|r| {
+                r.action() == LinuxSeccompAction::ScmpActAllow
+                    && r.args().is_none()
+                    && r.names().iter().any(|n| n == name)
+            })
+    }
+
+    /// Capability names, as the spec's JSON writes them.
+    fn names(set: &Option<Capabilities>) -> BTreeSet<String> {
+        set.as_ref()
+            .expect("a capability set")
+            .iter()
+            .map(|c| match serde_json::to_value(c) {
+                Ok(Value::String(name)) => name,
+                other => panic!("{c:?} serializes as {other:?}"),
+            })
+            .collect()
+    }
+
+    fn assert_caps(spec: &Spec, expected: &[&str]) {
+        let expected: BTreeSet<String> = expected.iter().map(|c| (*c).to_owned()).collect();
+        let sets = process(spec).capabilities().as_ref().expect("capabilities");
+        assert_eq!(names(sets.bounding()), expected, "bounding");
+        assert_eq!(names(sets.effective()), expected, "effective");
+        assert_eq!(names(sets.permitted()), expected, "permitted");
+        assert!(names(sets.inheritable()).is_empty(), "inheritable");
+        assert!(sets.ambient().is_none(), "ambient");
+    }
+
+    fn env(spec: &Spec) -> Vec<&str> {
+        process(spec)
+            .env()
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect()
+    }
+
+    fn args(spec: &Spec) -> Vec<&str> {
+        process(spec)
+            .args()
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect()
+    }
+
+    fn user(spec: &Spec) -> (u32, u32) {
+        let user = process(spec).user();
+        (user.uid(), user.gid())
+    }
+
+    /// The spec as JSON, with each capability list sorted (oci-spec keeps capabilities
+    /// in a set, so their order is not meaningful).
+    fn normalized(mut spec: Value) -> Value {
+        if let Some(sets) = spec
+            .pointer_mut("/process/capabilities")
+            .and_then(Value::as_object_mut)
+        {
+            for list in sets.values_mut() {
+                if let Some(items) = list.as_array_mut() {
+                    items.sort_by_key(|v| v.as_str().map(str::to_owned));
+                }
+            }
+        }
+        spec
+    }
+
+    fn typed_json(spec: &Spec) -> Value {
+        normalized(serde_json::to_value(spec).expect("the spec serializes"))
     }
 
     #[test]
@@ -779,6 +1084,54 @@ mod tests {
         assert_eq!(Tier::Host.as_str(), "host");
         assert_eq!(Tier::Superpowered.as_str(), "superpowered");
         assert_eq!(Tier::Bootstrap.as_str(), "bootstrap");
+    }
+
+    /// DESIGN.md's "Privilege tiers" table.
+    #[test]
+    fn tier_rules_are_the_design_table() {
+        let host = Tier::Host.rules();
+        assert_eq!(host.capabilities, TierCapabilities::DefaultPlus(&[]));
+        assert_eq!(host.seccomp, Some(&[][..]));
+        assert!(host.no_new_privileges);
+        assert!(host.private_pid_namespace);
+        assert!(!host.all_devices);
+        assert!(host.confined_proc_and_sys);
+        assert!(!host.host_root);
+        assert_eq!(host.persistent_dir, "/.bottlerocket/host-containers");
+
+        let superpowered = Tier::Superpowered.rules();
+        assert_eq!(superpowered.capabilities, TierCapabilities::AllOfHost);
+        assert_eq!(superpowered.seccomp, None);
+        assert!(!superpowered.no_new_privileges);
+        assert!(!superpowered.private_pid_namespace);
+        assert!(superpowered.all_devices);
+        assert!(!superpowered.confined_proc_and_sys);
+        assert!(superpowered.host_root);
+        assert_eq!(
+            superpowered.persistent_dir,
+            "/.bottlerocket/host-containers"
+        );
+
+        let bootstrap = Tier::Bootstrap.rules();
+        assert_eq!(
+            bootstrap.capabilities,
+            TierCapabilities::DefaultPlus(&[
+                "CAP_SYS_ADMIN",
+                "CAP_NET_ADMIN",
+                "CAP_SYS_MODULE",
+                "CAP_AUDIT_CONTROL"
+            ])
+        );
+        assert_eq!(bootstrap.seccomp, Some(&["swapon", "swapoff"][..]));
+        assert!(bootstrap.no_new_privileges);
+        assert!(!bootstrap.private_pid_namespace);
+        assert!(bootstrap.all_devices);
+        assert!(bootstrap.confined_proc_and_sys);
+        assert!(!bootstrap.host_root);
+        assert_eq!(
+            bootstrap.persistent_dir,
+            "/.bottlerocket/bootstrap-containers"
+        );
     }
 
     #[test]
@@ -798,46 +1151,68 @@ mod tests {
         assert_eq!(sorted.len(), ALL_CAPABILITIES.len());
     }
 
+    /// Every capability name is one of oci-spec's, and is written back as it was named.
+    #[test]
+    fn capability_names_are_oci_specs() {
+        let mut seen = std::collections::HashSet::new();
+        for name in ALL_CAPABILITIES {
+            let cap = to_capability(name).expect(name);
+            assert_eq!(serde_json::to_value(cap).expect("json"), json!(name));
+            assert!(seen.insert(cap), "{name} maps to a capability twice");
+        }
+        for bad in ["CAP_NOPE", "SYS_ADMIN", "cap_sys_admin", "CAP_", ""] {
+            assert!(matches!(
+                to_capability(bad),
+                Err(SpecError::UnknownCapability(_))
+            ));
+        }
+    }
+
     #[test]
     fn host_tier() {
         let spec = spec(Tier::Host);
         assert_caps(&spec, &DEFAULT_CAPABILITIES);
-        assert_eq!(spec["process"]["noNewPrivileges"], true);
+        assert_eq!(process(&spec).no_new_privileges(), Some(true));
         assert!(seccomp_allows(&spec, "read"));
         assert!(!seccomp_allows(&spec, "mount"));
         assert!(!seccomp_allows(&spec, "swapon"));
-        assert_eq!(namespaces(&spec), ["pid", "ipc", "uts", "mount"]);
+        assert_eq!(
+            namespaces(&spec),
+            [
+                LinuxNamespaceType::Pid,
+                LinuxNamespaceType::Ipc,
+                LinuxNamespaceType::Uts,
+                LinuxNamespaceType::Mount
+            ]
+        );
 
-        let devices = spec["linux"]["resources"]["devices"]
-            .as_array()
-            .expect("devices");
-        assert_eq!(devices[0], json!({ "allow": false, "access": "rwm" }));
+        let devices = devices(&spec);
+        assert!(!devices[0].allow());
+        assert_eq!(devices[0].typ(), None);
+        assert_eq!(devices[0].major(), None);
+        assert_eq!(devices[0].access().as_deref(), Some("rwm"));
         assert_eq!(devices.len(), 10);
         assert!(devices[1..]
             .iter()
-            .all(|d| d["allow"] == true && d["type"] == "c"));
+            .all(|d| d.allow() && d.typ() == Some(LinuxDeviceType::C)));
         assert!(devices
             .iter()
-            .any(|d| d["major"] == 1 && d["minor"] == 3 && d["allow"] == true));
+            .any(|d| d.major() == Some(1) && d.minor() == Some(3) && d.allow()));
         assert!(devices
             .iter()
-            .any(|d| d["major"] == 136 && d.get("minor").is_none()));
+            .any(|d| d.major() == Some(136) && d.minor().is_none()));
 
-        let dev = find_mount(&spec, "/dev").expect("/dev");
-        assert_eq!(dev["type"], "tmpfs");
+        assert_eq!(kind(&spec, "/dev"), "tmpfs");
         assert!(mount_options(&spec, "/dev/pts").contains(&"newinstance"));
         assert!(is_read_only(&mount_options(&spec, "/sys")));
         assert!(is_read_only(&mount_options(&spec, "/sys/fs/cgroup")));
 
-        let persistent = find_mount(&spec, "/.bottlerocket/host-containers/admin").expect("dir");
-        assert_eq!(persistent["source"], "/local/host-containers/admin");
-        assert!(mount_options(&spec, "/.bottlerocket/host-containers/admin").contains(&"rw"));
+        let persistent = "/.bottlerocket/host-containers/admin";
+        assert_eq!(source(&spec, persistent), "/local/host-containers/admin");
+        assert!(mount_options(&spec, persistent).contains(&"rw"));
+        assert_eq!(source(&spec, "/run/api.sock"), "/run/keel/api.sock");
         assert_eq!(
-            find_mount(&spec, "/run/api.sock").expect("sock")["source"],
-            "/run/keel/api.sock"
-        );
-        assert_eq!(
-            find_mount(&spec, "/usr/local/bin/apiclient").expect("apiclient")["source"],
+            source(&spec, "/usr/local/bin/apiclient"),
             "/usr/bin/apiclient"
         );
         assert!(is_read_only(&mount_options(
@@ -848,44 +1223,64 @@ mod tests {
         assert!(find_mount(&spec, "/lib/modules").is_none());
         assert!(find_mount(&spec, "/.bottlerocket/bootstrap-containers/admin").is_none());
 
-        assert_eq!(strings(&spec["linux"]["maskedPaths"]), MASKED_PATHS);
-        assert_eq!(strings(&spec["linux"]["readonlyPaths"]), READONLY_PATHS);
+        assert_eq!(
+            linux(&spec).masked_paths().as_deref(),
+            Some(&strings(&MASKED_PATHS)[..])
+        );
+        assert_eq!(
+            linux(&spec).readonly_paths().as_deref(),
+            Some(&strings(&READONLY_PATHS)[..])
+        );
     }
 
     #[test]
     fn superpowered_tier() {
         let spec = spec(Tier::Superpowered);
         assert_caps(&spec, ALL_CAPABILITIES);
-        assert_eq!(spec["process"]["noNewPrivileges"], false);
-        assert!(spec["linux"].get("seccomp").is_none());
-        assert_eq!(namespaces(&spec), ["ipc", "uts", "mount"]);
+        assert_eq!(process(&spec).no_new_privileges(), Some(false));
+        assert!(linux(&spec).seccomp().is_none());
         assert_eq!(
-            spec["linux"]["resources"]["devices"],
-            json!([{ "allow": true, "access": "rwm" }])
+            namespaces(&spec),
+            [
+                LinuxNamespaceType::Ipc,
+                LinuxNamespaceType::Uts,
+                LinuxNamespaceType::Mount
+            ]
         );
-        let dev = find_mount(&spec, "/dev").expect("/dev");
-        assert_eq!(dev["type"], "bind");
-        assert_eq!(dev["source"], "/dev");
+        let devices = devices(&spec);
+        assert_eq!(devices.len(), 1);
+        assert!(devices[0].allow());
+        assert_eq!(devices[0].typ(), None);
+        assert_eq!(devices[0].access().as_deref(), Some("rwm"));
+        assert_eq!(kind(&spec, "/dev"), "bind");
+        assert_eq!(source(&spec, "/dev"), "/dev");
         assert!(find_mount(&spec, "/dev/pts").is_none());
         assert!(mount_options(&spec, "/sys").contains(&"rw"));
 
-        let rootfs = find_mount(&spec, "/.bottlerocket/rootfs").expect("rootfs");
-        assert_eq!(rootfs["source"], "/");
+        assert_eq!(source(&spec, "/.bottlerocket/rootfs"), "/");
         assert_eq!(
             mount_options(&spec, "/.bottlerocket/rootfs"),
             ["rbind", "ro", "rslave"]
         );
-        assert_eq!(
-            find_mount(&spec, "/lib/modules").expect("modules")["source"],
-            "/lib/modules"
-        );
+        assert_eq!(source(&spec, "/lib/modules"), "/lib/modules");
         assert!(is_read_only(&mount_options(&spec, "/lib/modules")));
         assert!(find_mount(&spec, "/.bottlerocket/host-containers/admin").is_some());
         assert!(find_mount(&spec, "/run/api.sock").is_some());
         assert!(find_mount(&spec, "/usr/local/bin/apiclient").is_some());
 
-        assert!(spec["linux"].get("maskedPaths").is_none());
-        assert!(spec["linux"].get("readonlyPaths").is_none());
+        assert!(linux(&spec).masked_paths().is_none());
+        assert!(linux(&spec).readonly_paths().is_none());
+
+        // A host without loadable modules has no /lib/modules to bind.
+        let mut owned = Owned::new();
+        owned.modules = false;
+        let spec = owned.build(Tier::Superpowered).expect("spec");
+        assert!(find_mount(&spec, "/lib/modules").is_none());
+        assert!(find_mount(&spec, "/.bottlerocket/rootfs").is_some());
+        // "All" capabilities are what the host holds.
+        owned.host_caps = (1u64 << 40) - 1;
+        let spec = owned.build(Tier::Superpowered).expect("spec");
+        assert_caps(&spec, &ALL_CAPABILITIES[..40]);
     }
 
     #[test]
@@ -897,7 +1292,7 @@ mod tests {
             .copied()
             .collect();
         assert_caps(&spec, &expected);
-        assert_eq!(spec["process"]["noNewPrivileges"], true);
+        assert_eq!(process(&spec).no_new_privileges(), Some(true));
         for name in [
             "mount",
             "unshare",
@@ -909,48 +1304,69 @@ mod tests {
             assert!(seccomp_allows(&spec, name), "{name}");
         }
         assert!(!seccomp_allows(&spec, "reboot"));
-        assert_eq!(namespaces(&spec), ["ipc", "uts", "mount"]);
         assert_eq!(
-            spec["linux"]["resources"]["devices"],
-            json!([{ "allow": true, "access": "rwm" }])
+            namespaces(&spec),
+            [
+                LinuxNamespaceType::Ipc,
+                LinuxNamespaceType::Uts,
+                LinuxNamespaceType::Mount
+            ]
         );
-        assert_eq!(find_mount(&spec, "/dev").expect("/dev")["source"], "/dev");
+        let devices = devices(&spec);
+        assert_eq!(devices.len(), 1);
+        assert!(devices[0].allow());
+        assert_eq!(source(&spec, "/dev"), "/dev");
         assert!(is_read_only(&mount_options(&spec, "/sys")));
 
-        let persistent =
-            find_mount(&spec, "/.bottlerocket/bootstrap-containers/admin").expect("dir");
-        assert_eq!(persistent["source"], "/local/bootstrap-containers/admin");
+        let persistent = "/.bottlerocket/bootstrap-containers/admin";
+        assert_eq!(
+            source(&spec, persistent),
+            "/local/bootstrap-containers/admin"
+        );
         assert!(find_mount(&spec, "/.bottlerocket/host-containers/admin").is_none());
         assert!(find_mount(&spec, "/run/api.sock").is_some());
         assert!(find_mount(&spec, "/usr/local/bin/apiclient").is_some());
         assert!(find_mount(&spec, HOST_ROOTFS_MOUNT).is_none());
-        assert_eq!(strings(&spec["linux"]["maskedPaths"]), MASKED_PATHS);
+        assert_eq!(
+            linux(&spec).masked_paths().as_deref(),
+            Some(&strings(&MASKED_PATHS)[..])
+        );
     }
 
     #[test]
     fn common_to_all_tiers() {
-        for tier in [Tier::Host, Tier::Superpowered, Tier::Bootstrap] {
+        for tier in TIERS {
             let spec = spec(tier);
-            assert_eq!(spec["ociVersion"], "1.0.2");
-            assert_eq!(spec["root"], json!({ "path": "rootfs", "readonly": false }));
-            assert!(spec.get("hostname").is_none());
-            assert_eq!(spec["process"]["terminal"], false);
-            assert_eq!(spec["process"]["user"], json!({ "uid": 0, "gid": 0 }));
-            assert_eq!(spec["process"]["cwd"], "/");
+            assert_eq!(spec.version(), "1.0.2");
+            let root = spec.root().as_ref().expect("root");
+            assert_eq!(root.path(), Path::new("rootfs"));
+            assert_eq!(root.readonly(), Some(false));
+            assert_eq!(process(&spec).terminal(), Some(false));
+            assert_eq!(user(&spec), (0, 0));
+            assert_eq!(process(&spec).cwd(), Path::new("/"));
+            let rlimits = process(&spec).rlimits().as_ref().expect("rlimits");
+            assert_eq!(rlimits.len(), 1);
+            assert_eq!(rlimits[0].typ(), PosixRlimitType::RlimitNofile);
+            assert_eq!((rlimits[0].hard(), rlimits[0].soft()), (1024, 1024));
+            assert!(!namespaces(&spec).contains(&LinuxNamespaceType::Network));
             assert_eq!(
-                spec["process"]["rlimits"],
-                json!([{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }])
+                linux(&spec).cgroups_path().as_deref(),
+                Some(Path::new("/keel/admin"))
             );
-            assert!(!namespaces(&spec).contains(&"network"));
-            assert_eq!(spec["linux"]["cgroupsPath"], "/keel/admin");
-            assert!(spec["linux"]["resources"].get("memory").is_none());
-            assert!(spec["linux"]["resources"].get("cpu").is_none());
+            let resources = linux(&spec).resources().as_ref().expect("resources");
+            assert!(resources.memory().is_none());
+            assert!(resources.cpu().is_none());
 
             for file in ["/etc/resolv.conf", "/etc/hosts"] {
-                let m = find_mount(&spec, file).expect("bind mount");
-                assert_eq!(m["source"], file);
+                assert_eq!(source(&spec, file), file);
                 assert!(is_read_only(&mount_options(&spec, file)), "{file}");
             }
+            let targets: Vec<&Path> = spec
+                .mounts()
+                .iter()
+                .flatten()
+                .map(|m| m.destination().as_path())
+                .collect();
             for target in [
                 "/proc",
                 "/dev",
@@ -960,27 +1376,17 @@ mod tests {
                 "/sys/fs/cgroup",
                 "/run",
             ] {
-                assert!(find_mount(&spec, target).is_some(), "{tier:?} {target}");
+                assert!(targets.contains(&Path::new(target)), "{tier:?} {target}");
             }
-            let mounts = spec["mounts"].as_array().expect("mounts");
-            let mut targets: Vec<&str> = mounts
-                .iter()
-                .map(|m| m["destination"].as_str().expect("dest"))
-                .collect();
             // Parents come before what is mounted inside them.
-            let dev = targets.iter().position(|t| *t == "/dev").expect("/dev");
-            let shm = targets
-                .iter()
-                .position(|t| *t == "/dev/shm")
-                .expect("/dev/shm");
-            let run = targets.iter().position(|t| *t == "/run").expect("/run");
-            let sock = targets
-                .iter()
-                .position(|t| *t == "/run/api.sock")
-                .expect("sock");
-            assert!(dev < shm && run < sock);
-            for m in mounts {
-                let keys: Vec<&str> = m
+            let at = |t: &str| targets.iter().position(|p| *p == Path::new(t));
+            assert!(at("/dev") < at("/dev/shm") && at("/run") < at("/run/api.sock"));
+            let unique: BTreeSet<&Path> = targets.iter().copied().collect();
+            assert_eq!(unique.len(), targets.len(), "duplicate mount destination");
+            // Each mount is written with exactly these fields, in this order.
+            for m in spec.mounts().iter().flatten() {
+                let value = serde_json::to_value(m).expect("json");
+                let keys: Vec<&str> = value
                     .as_object()
                     .expect("mount")
                     .keys()
@@ -988,10 +1394,120 @@ mod tests {
                     .collect();
                 assert_eq!(keys, ["destination", "type", "source", "options"]);
             }
-            targets.sort_unstable();
-            let count = targets.len();
-            targets.dedup();
-            assert_eq!(targets.len(), count, "duplicate mount destination");
+        }
+    }
+
+    /// oci-spec's defaults (`Spec::default()` and the builders' fallbacks) are not
+    /// containerd's: none of them survives into a Keel spec.
+    #[test]
+    fn none_of_oci_specs_defaults() {
+        for tier in TIERS {
+            let spec = spec(tier);
+            assert!(spec.hostname().is_none(), "{tier:?}: hostname");
+            assert!(spec.domainname().is_none());
+            assert!(spec.annotations().is_none());
+            assert!(spec.hooks().is_none());
+            let process = process(&spec);
+            let sets = process.capabilities().as_ref().expect("capabilities");
+            assert!(sets.ambient().is_none(), "{tier:?}: ambient capabilities");
+            assert!(!env(&spec).iter().any(|e| e.starts_with("TERM=")));
+            assert!(process.apparmor_profile().is_none());
+            assert!(process.oom_score_adj().is_none());
+            let linux = linux(&spec);
+            assert!(linux.devices().is_none());
+            assert!(linux.sysctl().is_none());
+            assert!(linux.uid_mappings().is_none());
+            assert!(linux.rootfs_propagation().is_none());
+            // A host container's device rules start by denying everything.
+            if tier == Tier::Host {
+                assert!(!devices(&spec)[0].allow());
+            }
+        }
+    }
+
+    /// The typed spec writes exactly the JSON the untyped builder wrote, for every tier
+    /// and every kind of request.
+    #[test]
+    fn typed_spec_equals_the_json_spec() {
+        let mut variants: Vec<(&str, Owned)> =
+            vec![("plain", Owned::new()), ("full", Owned::full())];
+        let mut limits = Owned::new();
+        limits.memory = Some(1);
+        limits.cpu = Some(10);
+        variants.push(("limits", limits));
+        let mut caps = Owned::new();
+        caps.extra = vec![
+            "CAP_SYS_ADMIN".into(),
+            "CAP_CHOWN".into(),
+            "CAP_SYS_BOOT".into(),
+            "CAP_BPF".into(),
+        ];
+        caps.host_caps = 0x3f_ffff_ffff & !(1 << 21);
+        variants.push(("capabilities", caps));
+        let mut env = Owned::new();
+        env.image.set_env(None).set_user(Some("42".into()));
+        env.environment = vec![("PATH".into(), "/custom".into()), ("A".into(), "1".into())];
+        variants.push(("environment", env));
+        for (what, owned) in &variants {
+            for tier in TIERS {
+                for name in ["admin", "control-2"] {
+                    let request = owned.request(name, tier);
+                    let typed = build(&request).expect("typed");
+                    let untyped = legacy::build_json(&request).expect("json");
+                    assert_eq!(
+                        typed_json(&typed),
+                        normalized(untyped),
+                        "{what} {tier:?} {name}"
+                    );
+                }
+            }
+        }
+        // And both refuse the same requests the same way.
+        let mut bad = Owned::new();
+        bad.extra = vec!["CAP_NOPE".into()];
+        for tier in TIERS {
+            let request = bad.request("admin", tier);
+            assert!(matches!(
+                (build(&request), legacy::build_json(&request)),
+                (
+                    Err(SpecError::UnknownCapability(_)),
+                    Err(SpecError::UnknownCapability(_))
+                )
+            ));
+        }
+    }
+
+    /// The spec of each tier is the one keeld wrote before the spec was typed
+    /// (`testdata/spec-<tier>-<plain|full>.json`, written on x86_64, whose seccomp
+    /// architectures they list).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn each_tier_writes_the_recorded_spec() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/containers/testdata");
+        for (variant, owned, name) in [
+            ("plain", Owned::new(), "admin"),
+            ("full", Owned::full(), "full-1"),
+        ] {
+            for tier in TIERS {
+                let file = dir.join(format!("spec-{}-{variant}.json", tier.as_str()));
+                let text = std::fs::read_to_string(&file).expect("a recorded spec");
+                let recorded: Value = serde_json::from_str(&text).expect("recorded JSON");
+                let persistent = PathBuf::from(match tier {
+                    Tier::Bootstrap => format!("/local/bootstrap-containers/{name}"),
+                    _ => format!("/local/host-containers/{name}"),
+                });
+                let typed = build(&SpecRequest {
+                    persistent_dir: &persistent,
+                    ..owned.request(name, tier)
+                })
+                .expect("spec");
+                assert_eq!(
+                    typed_json(&typed),
+                    normalized(recorded),
+                    "{}",
+                    file.display()
+                );
+            }
         }
     }
 
@@ -1026,7 +1542,7 @@ mod tests {
         for bad in ["CAP_NOPE", "net_admin", "NET_ADMIN", ""] {
             let mut req = Owned::new();
             req.extra = vec!["CAP_NET_ADMIN".into(), bad.into()];
-            for tier in [Tier::Host, Tier::Superpowered, Tier::Bootstrap] {
+            for tier in TIERS {
                 match req.build(tier) {
                     Err(SpecError::UnknownCapability(name)) => assert_eq!(name, bad),
                     other => panic!("{bad:?}: {other:?}"),
@@ -1044,7 +1560,7 @@ mod tests {
         ];
         let spec = req.build(Tier::Host).expect("spec");
         assert_eq!(
-            strings(&spec["process"]["env"]),
+            env(&spec),
             [
                 "PATH=/opt/bin:/usr/bin",
                 "LANG=C.UTF-8",
@@ -1056,14 +1572,11 @@ mod tests {
         req.image.set_env(Some(vec!["LANG=C".into()]));
         req.environment = vec![("A".into(), "1".into()), ("A".into(), "2".into())];
         let spec = req.build(Tier::Host).expect("spec");
-        assert_eq!(
-            strings(&spec["process"]["env"]),
-            [DEFAULT_PATH_ENV, "LANG=C", "A=2"]
-        );
+        assert_eq!(env(&spec), [DEFAULT_PATH_ENV, "LANG=C", "A=2"]);
 
         req.environment = vec![("PATH".into(), "/custom".into())];
         let spec = req.build(Tier::Host).expect("spec");
-        assert_eq!(strings(&spec["process"]["env"]), ["LANG=C", "PATH=/custom"]);
+        assert_eq!(env(&spec), ["LANG=C", "PATH=/custom"]);
 
         for bad in ["", "A=B", "NUL\0"] {
             req.environment = vec![(bad.into(), "x".into())];
@@ -1083,17 +1596,11 @@ mod tests {
     fn command_selection() {
         let mut req = Owned::new();
         let spec = req.build(Tier::Host).expect("spec");
-        assert_eq!(
-            strings(&spec["process"]["args"]),
-            ["/usr/bin/entry", "--serve"]
-        );
+        assert_eq!(args(&spec), ["/usr/bin/entry", "--serve"]);
 
         req.command = Some(vec!["/bin/sh".into(), "-c".into(), "sleep 1".into()]);
         let spec = req.build(Tier::Host).expect("spec");
-        assert_eq!(
-            strings(&spec["process"]["args"]),
-            ["/bin/sh", "-c", "sleep 1"]
-        );
+        assert_eq!(args(&spec), ["/bin/sh", "-c", "sleep 1"]);
 
         req.command = Some(Vec::new());
         assert!(matches!(
@@ -1104,25 +1611,21 @@ mod tests {
         req.command = None;
         req.image.set_entrypoint(None);
         let spec = req.build(Tier::Host).expect("spec");
-        assert_eq!(strings(&spec["process"]["args"]), ["--serve"]);
+        assert_eq!(args(&spec), ["--serve"]);
         req.image.set_cmd(Some(Vec::new()));
         assert!(matches!(req.build(Tier::Host), Err(SpecError::NoCommand)));
         req.image.set_entrypoint(Some(vec!["/init".into()]));
         let spec = req.build(Tier::Host).expect("spec");
-        assert_eq!(strings(&spec["process"]["args"]), ["/init"]);
+        assert_eq!(args(&spec), ["/init"]);
     }
 
     #[test]
     fn user_and_working_dir() {
         let mut req = Owned::new();
-        for (user, uid, gid) in [("1000:1001", 1000, 1001), ("42", 42, 0), ("0:0", 0, 0)] {
-            req.image.set_user(Some(user.into()));
+        for (given, uid, gid) in [("1000:1001", 1000, 1001), ("42", 42, 0), ("0:0", 0, 0)] {
+            req.image.set_user(Some(given.into()));
             let spec = req.build(Tier::Host).expect("spec");
-            assert_eq!(
-                spec["process"]["user"],
-                json!({ "uid": uid, "gid": gid }),
-                "{user}"
-            );
+            assert_eq!(user(&spec), (uid, gid), "{given}");
         }
         for bad in [
             "nobody",
@@ -1142,14 +1645,14 @@ mod tests {
         }
         req.image.set_user(Some(String::new()));
         let spec = req.build(Tier::Host).expect("spec");
-        assert_eq!(spec["process"]["user"], json!({ "uid": 0, "gid": 0 }));
+        assert_eq!(user(&spec), (0, 0));
         req.image.set_user(None);
         req.image.set_working_dir(Some(String::new()));
         let spec = req.build(Tier::Host).expect("spec");
-        assert_eq!(spec["process"]["cwd"], "/");
+        assert_eq!(process(&spec).cwd(), Path::new("/"));
         req.image.set_working_dir(Some("/srv/app".into()));
         let spec = req.build(Tier::Host).expect("spec");
-        assert_eq!(spec["process"]["cwd"], "/srv/app");
+        assert_eq!(process(&spec).cwd(), Path::new("/srv/app"));
         req.image.set_working_dir(Some("app".into()));
         assert!(matches!(
             req.build(Tier::Host),
@@ -1163,17 +1666,26 @@ mod tests {
         req.memory = Some(256 * 1024 * 1024);
         req.cpu = Some(1500);
         let spec = req.build(Tier::Superpowered).expect("spec");
-        let resources = &spec["linux"]["resources"];
-        assert_eq!(resources["memory"], json!({ "limit": 268_435_456 }));
+        let resources = linux(&spec).resources().as_ref().expect("resources");
+        let memory = resources.memory().expect("memory");
+        assert_eq!(memory.limit(), Some(268_435_456));
+        let cpu = resources.cpu().as_ref().expect("cpu");
+        assert_eq!((cpu.quota(), cpu.period()), (Some(150_000), Some(100_000)));
+        let json = typed_json(&spec);
         assert_eq!(
-            resources["cpu"],
+            json["linux"]["resources"]["memory"],
+            json!({ "limit": 268_435_456 })
+        );
+        assert_eq!(
+            json["linux"]["resources"]["cpu"],
             json!({ "quota": 150_000, "period": 100_000 })
         );
         req.cpu = Some(10);
         let spec = req.build(Tier::Host).expect("spec");
-        assert_eq!(spec["linux"]["resources"]["cpu"]["quota"], 1000);
+        let resources = linux(&spec).resources().as_ref().expect("resources");
+        assert_eq!(resources.cpu().as_ref().and_then(|c| c.quota()), Some(1000));
         // Device rules stay alongside the limits.
-        assert!(spec["linux"]["resources"]["devices"].is_array());
+        assert_eq!(devices(&spec).len(), 10);
 
         for bad in [0, 9, u64::MAX] {
             req.cpu = Some(bad);
@@ -1194,12 +1706,18 @@ mod tests {
     fn cgroups_path_and_names() {
         let mut req = Owned::new();
         let spec = req.build_named("control-2", Tier::Host).expect("spec");
-        assert_eq!(spec["linux"]["cgroupsPath"], "/keel/control-2");
+        assert_eq!(
+            linux(&spec).cgroups_path().as_deref(),
+            Some(Path::new("/keel/control-2"))
+        );
         assert!(find_mount(&spec, "/.bottlerocket/host-containers/control-2").is_some());
 
         req.parent = "/keel/containers/".into();
         let spec = req.build(Tier::Bootstrap).expect("spec");
-        assert_eq!(spec["linux"]["cgroupsPath"], "/keel/containers/admin");
+        assert_eq!(
+            linux(&spec).cgroups_path().as_deref(),
+            Some(Path::new("/keel/containers/admin"))
+        );
 
         for bad in ["", "/", "keel/../etc", "keel//x", "./keel"] {
             req.parent = bad.into();
@@ -1227,20 +1745,8 @@ mod tests {
     fn host_paths_must_be_absolute() {
         let owned = Owned::new();
         let err = build(&SpecRequest {
-            name: "admin",
-            tier: Tier::Host,
-            image: &owned.image,
-            command: None,
-            environment: &[],
-            extra_capabilities: &[],
-            memory_limit_bytes: None,
-            cpu_limit_millicores: None,
             persistent_dir: Path::new("local/host-containers/admin"),
-            api_socket: Path::new("/run/api.sock"),
-            apiclient: Path::new("/usr/bin/apiclient"),
-            cgroup_parent: "keel",
-            mount_host_modules: true,
-            host_capabilities: u64::MAX,
+            ..owned.request("admin", Tier::Host)
         });
         match err {
             Err(SpecError::InvalidHostPath { what, path }) => {
@@ -1268,17 +1774,13 @@ mod tests {
         });
         let parsed: oci_spec::image::ImageConfiguration =
             serde_json::from_value(document).expect("config");
-        let config = parsed.config().clone().expect("config object");
         let mut req = Owned::new();
-        req.image = config;
+        req.image = parsed.config().clone().expect("config object");
         let spec = req.build(Tier::Host).expect("spec");
-        assert_eq!(
-            strings(&spec["process"]["args"]),
-            ["/entry", "run", "--fast"]
-        );
-        assert_eq!(strings(&spec["process"]["env"]), ["PATH=/usr/bin", "A=1"]);
-        assert_eq!(spec["process"]["cwd"], "/work");
-        assert_eq!(spec["process"]["user"], json!({ "uid": 1000, "gid": 1000 }));
+        assert_eq!(args(&spec), ["/entry", "run", "--fast"]);
+        assert_eq!(env(&spec), ["PATH=/usr/bin", "A=1"]);
+        assert_eq!(process(&spec).cwd(), Path::new("/work"));
+        assert_eq!(user(&spec), (1000, 1000));
 
         // Null and empty fields are absent.
         let sparse: oci_spec::image::ImageConfiguration = serde_json::from_value(json!({
@@ -1289,10 +1791,10 @@ mod tests {
         .expect("sparse config");
         req.image = sparse.config().clone().expect("config object");
         let spec = req.build(Tier::Host).expect("spec");
-        assert_eq!(strings(&spec["process"]["args"]), ["/bin/sh"]);
-        assert_eq!(strings(&spec["process"]["env"]), [DEFAULT_PATH_ENV]);
-        assert_eq!(spec["process"]["cwd"], "/");
-        assert_eq!(spec["process"]["user"], json!({ "uid": 0, "gid": 0 }));
+        assert_eq!(args(&spec), ["/bin/sh"]);
+        assert_eq!(env(&spec), [DEFAULT_PATH_ENV]);
+        assert_eq!(process(&spec).cwd(), Path::new("/"));
+        assert_eq!(user(&spec), (0, 0));
     }
 
     #[test]
