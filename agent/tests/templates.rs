@@ -999,6 +999,33 @@ const NOT_RENDERED: &[&str] = &[
     "aws.config",
     "aws.credentials",
     "aws.profile",
+    // Stored in other forms: `creds` as `credentials`, the table form of the mirrors and
+    // a key's one taint as lists.
+    "container-registry.creds",
+    "container-registry.mirrors.*",
+    "kubernetes.node-taints.*",
+    // Stored, with no effect on a Keel host (services.toml marks them `no-effect`).
+    "updates",
+    "metrics",
+    "oci-hooks",
+    "cloudformation",
+    "autoscaling",
+    "ecs",
+    "kubernetes.hostname-override-source",
+    // Rendered in a later step of this change.
+    "network.hosts",
+    "ntp.options",
+    "oci-defaults",
+    "kubernetes.static-pods",
+    "kubernetes.server-certificate",
+    "kubernetes.server-key",
+    "kubernetes.reserved-cpus",
+    "kubernetes.cpu-manager-policy-options",
+    "kubernetes.container-log-monitor-interval",
+    "kubernetes.image-minimum-gc-age",
+    "kubernetes.image-maximum-gc-age",
+    "kubernetes.image-gc-high-threshold-percent",
+    "kubernetes.image-gc-low-threshold-percent",
 ];
 
 #[derive(Clone, Debug, PartialEq)]
@@ -1090,7 +1117,10 @@ fn schema_at<'a>(root: &'a Value, node: &'a Value, path: &[Seg]) -> Option<&'a V
                 .get("properties")
                 .and_then(|p| p.get(k))
                 .or_else(|| n.get("additionalProperties").filter(|a| a.is_object()))?,
-            Seg::Index(_) => n.get("items")?,
+            Seg::Index(i) => match n.get("items")? {
+                Value::Array(positions) => positions.get(*i)?,
+                items => items,
+            },
         };
         schema_at(root, next, rest)
     })
@@ -1166,8 +1196,15 @@ fn schema_strings(root: &Value, node: &Value, prefix: &str, out: &mut Vec<String
             schema_strings(root, alternative, prefix, out);
         }
     }
-    if let Some(items) = node.get("items") {
-        schema_strings(root, items, &format!("{prefix}[]"), out);
+    match node.get("items") {
+        // A tuple (`network.hosts` entries): each position has its own schema.
+        Some(Value::Array(positions)) => {
+            for position in positions {
+                schema_strings(root, position, &format!("{prefix}[]"), out);
+            }
+        }
+        Some(items) => schema_strings(root, items, &format!("{prefix}[]"), out),
+        None => {}
     }
     if let Some(properties) = node.get("properties").and_then(Value::as_object) {
         for (k, v) in properties {

@@ -15,10 +15,12 @@ use crate::key::format_segment;
 use crate::limits::Limited;
 use crate::types::{
     AwsRegion, Base64, BootParamKey, BootParamValue, BootstrapToken, Capability, CpuQuantity,
-    DnsDomain, Duration, EnvName, EvictionSignal, Hostname, Identifier, ImageRef, IpAddress,
-    IpOrIps, KernelModuleName, LabelKey, LabelValue, MemoryQuantity, Motd, NoProxyEntry, NumaNode,
-    PemBundle, ProxyAddress, Quantity, RegistryAuth, RegistryHost, SecretBase64, SecretString,
-    SingleLineString, SysctlKey, Taint, Threshold, TimeServer, Url,
+    CpuSet, DnsDomain, Duration, EcsAttributeKey, EcsAttributeValue, EnvName, EvictionSignal,
+    FriendlyVersion, Hostname, HostsEntry, Identifier, ImageRef, IntegerPercent, IpAddress,
+    IpOrIps, KernelModuleName, LabelKey, LabelValue, LooseUrl, MemoryQuantity, Motd, NoProxyEntry,
+    NtpOption, NumaNode, OciCapabilityName, PemBundle, PemPrivateKey, ProxyAddress, Quantity,
+    RegistryAuth, RegistryHost, RlimitName, RlimitValue, SecretBase64, SecretString,
+    SingleLineString, StaticPodManifest, SysctlKey, TaintList, Threshold, TimeServer, Url,
 };
 use crate::{Error, KeyPath};
 
@@ -34,9 +36,9 @@ use crate::{Error, KeyPath};
 /// go into one kubelet argument, which Linux caps at 128 KiB.
 pub type NodeLabels = Limited<BTreeMap<LabelKey, LabelValue>, 256>;
 
-/// The taints of one key: at most 3, one per effect (Kubernetes refuses two taints with
-/// the same key and effect).
-pub type KeyTaints = Limited<Vec<Taint>, 3>;
+/// The taints of one key: one `value:Effect` or a list of at most 3, one per effect
+/// (Kubernetes refuses two taints with the same key and effect).
+pub type KeyTaints = TaintList;
 
 /// `settings.kubernetes.node-taints`: at most 64 keys (192 taints), which keeps the one
 /// kubelet argument they go into under Linux's 128 KiB.
@@ -76,9 +78,6 @@ pub type SearchList = Limited<Vec<DnsDomain>, 32>;
 /// The `endpoint` list of one registry mirror: at most 8 URLs.
 pub type MirrorEndpoints = Limited<Vec<Url>, 8>;
 
-/// `settings.container-registry.mirrors`: at most 32 mirrors.
-pub type RegistryMirrors = Limited<Vec<RegistryMirror>, 32>;
-
 /// `settings.container-registry.credentials`: at most 32 credentials.
 pub type RegistryCredentials = Limited<Vec<RegistryCredential>, 32>;
 
@@ -91,6 +90,36 @@ pub type BootParameterValues = Limited<Vec<BootParamValue>, 16>;
 /// `settings.boot.kernel-parameters` and `init-parameters`: at most 64 parameters each
 /// (the kernel's own command line holds 2 KiB on x86-64 and arm64).
 pub type BootParameters = Limited<BTreeMap<BootParamKey, BootParameterValues>, 64>;
+
+/// `settings.network.hosts`: at most 256 `/etc/hosts` entries.
+pub type EtcHosts = Limited<Vec<HostsEntry>, 256>;
+
+/// `settings.ntp.options`: at most 32 options.
+pub type NtpOptions = Limited<Vec<NtpOption>, 32>;
+
+/// `settings.kernel.modules`: at most 256 modules.
+pub type KernelModules = Limited<BTreeMap<KernelModuleName, KernelModule>, 256>;
+
+/// `settings.kubernetes.static-pods`: at most 32 pods, one manifest file each.
+pub type StaticPods = Limited<BTreeMap<Identifier, StaticPod>, 32>;
+
+/// `settings.kubernetes.cpu-manager-policy-options`: at most 8 (the kubelet knows 6).
+pub type CpuManagerPolicyOptions = Limited<Vec<CpuManagerPolicyOption>, 8>;
+
+/// `settings.oci-defaults.capabilities`: at most 64 entries (Linux has 41 capabilities).
+pub type OciCapabilities = Limited<BTreeMap<OciCapabilityName, bool>, 64>;
+
+/// `settings.oci-defaults.resource-limits`: at most 16 entries, one per limit.
+pub type OciResourceLimits = Limited<BTreeMap<RlimitName, ResourceLimit>, 16>;
+
+/// `settings.metrics.service-checks`: at most 64 services.
+pub type ServiceChecks = Limited<Vec<SingleLineString>, 64>;
+
+/// `settings.ecs.logging-drivers`: at most 16 drivers.
+pub type LoggingDrivers = Limited<Vec<SingleLineString>, 16>;
+
+/// `settings.ecs.instance-attributes`: at most 64 attributes.
+pub type EcsAttributes = Limited<BTreeMap<EcsAttributeKey, EcsAttributeValue>, 64>;
 
 /// `settings.pki`: at most 16 bundles (the OS's own CAs stay trusted; settings add to
 /// them).
@@ -133,6 +162,27 @@ pub struct Settings {
     pub pki: Option<PkiBundles>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aws: Option<Aws>,
+    /// Bottlerocket's update settings (stored; no effect on a Keel host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updates: Option<Updates>,
+    /// Bottlerocket's metrics reporting (stored; no effect on a Keel host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    /// The base OCI spec of Kubernetes pods: capabilities and resource limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oci_defaults: Option<OciDefaults>,
+    /// Bottlerocket's OCI hooks (stored; no effect on a Keel host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oci_hooks: Option<OciHooks>,
+    /// CloudFormation signalling (stored; no effect on a Keel host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloudformation: Option<CloudFormation>,
+    /// Auto Scaling lifecycle hooks (stored; no effect on a Keel host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
+    /// The ECS agent (aws-ecs variants; stored, no effect on a Keel host).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ecs: Option<Ecs>,
 }
 
 /// When a bootstrap container or command runs.
@@ -227,19 +277,56 @@ pub enum AuthenticationMode {
     Tls,
 }
 
-/// The kubelet memory manager policy.
+/// The kubelet memory manager policy (`None` or `Static`; lowercase accepted too, as the
+/// kubelet and Bottlerocket do, and stored capitalized).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum MemoryManagerPolicy {
+    #[serde(alias = "none")]
     None,
+    #[serde(alias = "static")]
     Static,
 }
 
-/// The kubelet CPU manager policy.
+/// The kubelet CPU manager policy (`none` or `static`; capitalized accepted too, and
+/// stored lowercase).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuManagerPolicy {
+    #[serde(alias = "None")]
     None,
+    #[serde(alias = "Static")]
     Static,
+}
+
+/// An option of the kubelet's static CPU manager policy (`cpuManagerPolicyOptions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum CpuManagerPolicyOption {
+    FullPcpusOnly,
+    DistributeCpusAcrossNuma,
+    AlignBySocket,
+    DistributeCpusAcrossCores,
+    StrictCpuReservation,
+    PreferAlignCpusByUncorecache,
+}
+
+/// Where the node name comes from when `hostname-override` is not set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostnameOverrideSource {
+    PrivateDnsName,
+    InstanceId,
+}
+
+/// A static pod: the kubelet runs it from a manifest file, without an API server.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StaticPod {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Base64 of the pod's manifest (YAML or JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<StaticPodManifest>,
 }
 
 /// The kubelet topology manager policy.
@@ -371,13 +458,58 @@ pub struct Kubernetes {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container_log_max_files: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub image_gc_high_threshold_percent: Option<i32>,
+    pub image_gc_high_threshold_percent: Option<IntegerPercent>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub image_gc_low_threshold_percent: Option<i32>,
+    pub image_gc_low_threshold_percent: Option<IntegerPercent>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace_period: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace_period_for_critical_pods: Option<Duration>,
+    /// Static pods, by name: one manifest file each.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub static_pods: Option<StaticPods>,
+    /// `false` turns the kubelet's static pod directory off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub static_pods_enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_cfs_quota_enforced: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_manager_policy_options: Option<CpuManagerPolicyOptions>,
+    /// `-1` means no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_pids_limit: Option<i64>,
+    /// The kubelet's log verbosity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<u8>,
+    /// Base64 of the kubelet's serving certificate (PEM); used with `server-key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_certificate: Option<PemBundle>,
+    /// Base64 of the kubelet's serving key (PEM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_key: Option<PemPrivateKey>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seccomp_default: Option<bool>,
+    /// CPUs reserved for the system and Kubernetes daemons (`reservedSystemCPUs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_cpus: Option<CpuSet>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_log_max_workers: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_log_monitor_interval: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_minimum_gc_age: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_maximum_gc_age: Option<Duration>,
+    /// containerd's CRI option of the same name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_ownership_from_security_context: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub single_process_oom_kill: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_parallel_image_pulls: Option<i32>,
+    /// Where Bottlerocket takes the node name from when `hostname-override` is unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname_override_source: Option<HostnameOverrideSource>,
 }
 
 /// Time synchronization.
@@ -386,6 +518,9 @@ pub struct Kubernetes {
 pub struct Ntp {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time_servers: Option<TimeServers>,
+    /// Words added to every server line (`iburst`, `minpoll 4`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub options: Option<NtpOptions>,
 }
 
 /// Host network identity and proxy.
@@ -399,6 +534,9 @@ pub struct Network {
     pub https_proxy: Option<ProxyAddress>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub no_proxy: Option<NoProxyList>,
+    /// Static `/etc/hosts` entries: `[address, [host names]]` pairs, in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<EtcHosts>,
 }
 
 /// Resolver configuration.
@@ -438,6 +576,109 @@ pub struct RegistryCredential {
     pub identitytoken: Option<SecretString>,
 }
 
+/// `settings.container-registry.mirrors`: at most 32 mirrors, as a list of tables or (as
+/// Bottlerocket also accepts) one table from registry to endpoints; stored as the list.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RegistryMirrors(Vec<RegistryMirror>);
+
+impl RegistryMirrors {
+    /// The most mirrors accepted.
+    pub const MAX: usize = 32;
+
+    fn push(&mut self, mirror: RegistryMirror) -> Result<(), String> {
+        if self.0.len() == Self::MAX {
+            return Err(format!(
+                "more than the limit of {} mirrors for this setting",
+                Self::MAX
+            ));
+        }
+        self.0.push(mirror);
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for RegistryMirrors {
+    type Target = Vec<RegistryMirror>;
+    fn deref(&self) -> &Vec<RegistryMirror> {
+        &self.0
+    }
+}
+
+impl Serialize for RegistryMirrors {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for RegistryMirrors {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RegistryMirrors;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of mirrors, or a table from registry to endpoints")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RegistryMirrors, A::Error> {
+                let mut mirrors = RegistryMirrors::default();
+                while let Some(mirror) = seq.next_element::<RegistryMirror>()? {
+                    mirrors.push(mirror).map_err(serde::de::Error::custom)?;
+                }
+                Ok(mirrors)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RegistryMirrors, A::Error> {
+                let mut mirrors = RegistryMirrors::default();
+                while let Some((registry, endpoint)) =
+                    map.next_entry::<RegistryHost, MirrorEndpoints>()?
+                {
+                    mirrors
+                        .push(RegistryMirror {
+                            registry: Some(registry),
+                            endpoint: Some(endpoint),
+                        })
+                        .map_err(serde::de::Error::custom)?;
+                }
+                Ok(mirrors)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl JsonSchema for RegistryMirrors {
+    fn schema_name() -> String {
+        "RegistryMirrors".to_owned()
+    }
+    fn is_referenceable() -> bool {
+        false
+    }
+    fn json_schema(gen: &mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema {
+        use schemars::schema::{Schema, SchemaObject, SubschemaValidation};
+        let limit = u32::try_from(Self::MAX).ok();
+        let mut list = <Vec<RegistryMirror>>::json_schema(gen);
+        if let Schema::Object(list) = &mut list {
+            list.array().max_items = limit;
+        }
+        let mut table = <BTreeMap<RegistryHost, MirrorEndpoints>>::json_schema(gen);
+        if let Schema::Object(table) = &mut table {
+            table.object().max_properties = limit;
+        }
+        SchemaObject {
+            subschemas: Some(Box::new(SubschemaValidation {
+                any_of: Some(vec![list, table]),
+                ..Default::default()
+            })),
+            ..SchemaObject::default()
+        }
+        .into()
+    }
+}
+
 /// Registry mirrors and credentials.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -446,6 +687,9 @@ pub struct ContainerRegistry {
     pub mirrors: Option<RegistryMirrors>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credentials: Option<RegistryCredentials>,
+    /// Bottlerocket's older name for `credentials`: stored as `credentials`.
+    #[serde(default, skip_serializing)]
+    pub creds: Option<RegistryCredentials>,
 }
 
 /// containerd settings.
@@ -478,6 +722,9 @@ pub enum Lockdown {
 pub struct KernelModule {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed: Option<bool>,
+    /// Load it at boot (when allowed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autoload: Option<bool>,
 }
 
 /// Kernel settings.
@@ -489,7 +736,7 @@ pub struct Kernel {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lockdown: Option<Lockdown>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub modules: Option<BTreeMap<KernelModuleName, KernelModule>>,
+    pub modules: Option<KernelModules>,
 }
 
 /// Boot command-line settings.
@@ -531,6 +778,153 @@ pub struct Aws {
     pub credentials: Option<SecretBase64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<SingleLineString>,
+}
+
+/// Bottlerocket's update settings. Keel updates through its image, not through these:
+/// they are stored and validated, with no effect on the host.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Updates {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata_base_url: Option<LooseUrl>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targets_base_url: Option<LooseUrl>,
+    /// The host's place in the update waves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u32>,
+    /// `latest` or the version to update to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version_lock: Option<FriendlyVersion>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ignore_waves: Option<bool>,
+}
+
+/// Bottlerocket's anonymous metrics reporting (stored; no effect on a Keel host).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Metrics {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_url: Option<LooseUrl>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_metrics: Option<bool>,
+    /// The services whose health is reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_checks: Option<ServiceChecks>,
+}
+
+/// The two bounds of one resource limit. One alone applies to both.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ResourceLimit {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hard_limit: Option<RlimitValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soft_limit: Option<RlimitValue>,
+}
+
+/// The base OCI spec of Kubernetes pods (containerd's CRI `base_runtime_spec`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct OciDefaults {
+    /// Capability name → whether pods get it by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<OciCapabilities>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource_limits: Option<OciResourceLimits>,
+}
+
+/// Bottlerocket's OCI hooks (stored; no effect on a Keel host).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct OciHooks {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log4j_hotpatch_enabled: Option<bool>,
+}
+
+/// CloudFormation signalling at boot (stored; no effect on a Keel host).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CloudFormation {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub should_signal: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stack_name: Option<SingleLineString>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logical_resource_id: Option<SingleLineString>,
+}
+
+/// Auto Scaling lifecycle hooks (stored; no effect on a Keel host).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Autoscaling {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub should_wait: Option<bool>,
+}
+
+/// The ECS agent's log level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EcsLogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+    Crit,
+}
+
+/// When the ECS agent pulls images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum EcsImagePullBehavior {
+    Default,
+    Always,
+    Once,
+    PreferCached,
+}
+
+/// The ECS agent of Bottlerocket's aws-ecs variants (stored; no effect on a Keel host).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Ecs {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<SingleLineString>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_attributes: Option<EcsAttributes>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_privileged_containers: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logging_drivers: Option<LoggingDrivers>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loglevel: Option<EcsLogLevel>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_spot_instance_draining: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_pull_behavior: Option<EcsImagePullBehavior>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_stop_timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_cleanup_wait: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata_service_rps: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata_service_burst: Option<i64>,
+    /// MiB of memory the agent keeps from tasks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_memory: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_cleanup_wait: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_cleanup_delete_per_cycle: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_cleanup_enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_cleanup_age: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_host: Option<SingleLineString>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub awsvpc_block_imds: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enable_container_metadata: Option<bool>,
 }
 
 /// Formats a serde_path_to_error path as a `settings.`-prefixed key.
@@ -616,9 +1010,21 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
 
 /// Deserializes `value` into the typed model, naming the failing key on error.
 pub fn parse(value: &Value) -> Result<Settings, Error> {
-    let settings: Settings = serde_path_to_error::deserialize(value).map_err(path_error)?;
+    let mut settings: Settings = serde_path_to_error::deserialize(value).map_err(path_error)?;
     check_rules(&settings)?;
+    normalize(&mut settings);
     Ok(settings)
+}
+
+/// Stores what Bottlerocket accepts under an older name under the current one:
+/// `container-registry.creds` becomes `credentials` (a `creds` in a patch is newer than
+/// the stored `credentials` it is merged with, so it wins).
+fn normalize(settings: &mut Settings) {
+    if let Some(registry) = settings.container_registry.as_mut() {
+        if let Some(creds) = registry.creds.take() {
+            registry.credentials = Some(creds);
+        }
+    }
 }
 
 /// Validates a complete settings value (no `settings` wrapper) and returns its canonical

@@ -466,11 +466,12 @@ const PEM_LABELS: &[&str] = &["CERTIFICATE", "TRUSTED CERTIFICATE"];
 
 /// Why the decoded text of a PEM bundle is not one, if it is not.
 ///
-/// RFC 7468: one or more `-----BEGIN <label>-----` ... `-----END <label>-----` blocks
+/// RFC 7468: one or more `-----BEGIN <label>-----` ... `-----END <label>-----` blocks, each
+/// label one of `labels`,
 /// whose body is base64 (lines may be wrapped and end in CRLF), with explanatory text
 /// allowed between them. The text may hold newline, return and tab, but no other control
 /// character and no noncharacter.
-fn pem_problem(text: &str) -> Option<String> {
+fn pem_problem(text: &str, labels: &[&str]) -> Option<String> {
     if let Some((offset, c)) = first_forbidden(text, &['\n', '\r', '\t']) {
         return Some(format!(
             "the decoded text holds a control character or noncharacter: U+{:04X} at byte {offset}",
@@ -497,9 +498,10 @@ fn pem_problem(text: &str) -> Option<String> {
                     continue; // explanatory text
                 };
                 let label = rest.strip_suffix("-----").unwrap_or_default();
-                if !PEM_LABELS.contains(&label) {
+                if !labels.contains(&label) {
                     return Some(format!(
-                        "line {number}: {line:?} does not begin a CERTIFICATE or TRUSTED CERTIFICATE block"
+                        "line {number}: {line:?} does not begin a {} block",
+                        labels.join(" or ")
                     ));
                 }
                 open = Some((label, number, String::new()));
@@ -537,7 +539,7 @@ fn pem_problem(text: &str) -> Option<String> {
         return Some(format!("the {label} block of line {start} has no END line"));
     }
     if blocks == 0 {
-        return Some("it holds no -----BEGIN CERTIFICATE----- block".to_owned());
+        return Some(format!("it holds no -----BEGIN {}----- block", labels[0]));
     }
     None
 }
@@ -555,7 +557,7 @@ fn check_pem_bundle(s: &str) -> Result<(), String> {
             e.utf8_error().valid_up_to()
         )
     })?;
-    match pem_problem(&text) {
+    match pem_problem(&text, PEM_LABELS) {
         Some(why) => Err(format!("the base64 is not a {what}: {why}")),
         None => Ok(()),
     }
@@ -1979,3 +1981,10 @@ impl JsonSchema for IpOrIps {
         .into()
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The grammars of the settings Bottlerocket's variants add (declared last: the module uses
+// the macros above).
+
+mod bottlerocket;
+pub use bottlerocket::*;

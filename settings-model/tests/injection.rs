@@ -517,8 +517,9 @@ fn the_schema_states_the_limits() {
     let schema = settings_model::schema::json_schema();
     let kubernetes = &schema["definitions"]["Kubernetes"]["properties"];
     assert_eq!(kubernetes["node-labels"]["maxProperties"], NodeLabels::MAX);
+    // One taint, or a list of at most 3.
     assert_eq!(
-        kubernetes["node-taints"]["additionalProperties"]["maxItems"],
+        kubernetes["node-taints"]["additionalProperties"]["anyOf"][1]["maxItems"],
         3
     );
     let motd = schema.to_string();
