@@ -477,18 +477,6 @@ fn architectures() -> &'static [Arch] {
     }
 }
 
-/// The same, as the profile's JSON names them (for the JSON builder kept in tests).
-#[cfg(test)]
-fn architecture_names() -> &'static [&'static str] {
-    if cfg!(target_arch = "x86_64") {
-        &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
-    } else if cfg!(target_arch = "aarch64") {
-        &["SCMP_ARCH_ARM", "SCMP_ARCH_AARCH64"]
-    } else {
-        &[]
-    }
-}
-
 fn architecture_syscalls() -> &'static [&'static str] {
     if cfg!(target_arch = "x86_64") {
         X86_64_SYSCALLS
@@ -598,79 +586,6 @@ pub fn default_profile(
         .architectures(architectures().to_vec())
         .syscalls(rules)
         .build()
-}
-
-/// The JSON profile builder keeld used before the profile was typed, kept only to
-/// prove the typed one writes the same profile. Test-only.
-#[cfg(test)]
-pub(crate) mod legacy_json {
-    use super::*;
-    use serde_json::{json, Value};
-
-    const ALLOW: &str = "SCMP_ACT_ALLOW";
-    const ERRNO: &str = "SCMP_ACT_ERRNO";
-
-    /// An unconditional allow rule.
-    fn allow_json(names: &[&str]) -> Value {
-        json!({ "names": names, "action": ALLOW })
-    }
-
-    /// The default profile for a container whose capability bounding set is `bounding_caps`
-    /// ("CAP_…" names), plus one more allow rule for `extra_syscalls` when it is not empty
-    /// (Keel's bootstrap tier passes `swapon` and `swapoff`).
-    pub(crate) fn default_profile(bounding_caps: &[String], extra_syscalls: &[&str]) -> Value {
-        let mut rules = vec![allow_json(ALLOWED_SYSCALLS)];
-        for persona in ALLOWED_PERSONAS {
-            rules.push(json!({
-                "names": ["personality"],
-                "action": ALLOW,
-                "args": [{ "index": 0, "value": persona, "op": "SCMP_CMP_EQ" }],
-            }));
-        }
-        rules.push(allow_json(PTRACE_SINCE_LINUX_4_8));
-        let arch_names = architecture_syscalls();
-        if !arch_names.is_empty() {
-            rules.push(allow_json(arch_names));
-        }
-
-        let mut seen: Vec<&str> = Vec::new();
-        for cap in bounding_caps {
-            if seen.contains(&cap.as_str()) {
-                continue;
-            }
-            seen.push(cap);
-            if let Some((_, names)) = CAPABILITY_SYSCALLS.iter().find(|(c, _)| c == cap) {
-                rules.push(allow_json(names));
-            }
-        }
-
-        if !seen.contains(&"CAP_SYS_ADMIN") {
-            // Plain fork/thread creation stays possible; new namespaces do not.
-            rules.push(json!({
-                "names": ["clone"],
-                "action": ALLOW,
-                "args": [{
-                    "index": 0,
-                    "value": CLONE_NAMESPACE_FLAGS,
-                    "valueTwo": 0,
-                    "op": "SCMP_CMP_MASKED_EQ",
-                }],
-            }));
-            // clone3 passes its flags in memory, which seccomp cannot inspect: make it look
-            // unimplemented so callers fall back to clone.
-            rules.push(json!({ "names": ["clone3"], "action": ERRNO, "errnoRet": ENOSYS }));
-        }
-
-        if !extra_syscalls.is_empty() {
-            rules.push(allow_json(extra_syscalls));
-        }
-
-        json!({
-            "defaultAction": ERRNO,
-            "architectures": architecture_names(),
-            "syscalls": rules,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -935,32 +850,6 @@ mod tests {
                         assert!(["index", "value", "valueTwo", "op"].contains(&key.as_str()));
                     }
                 }
-            }
-        }
-    }
-
-    /// The typed profile writes exactly the JSON the untyped builder wrote.
-    #[test]
-    fn typed_profile_equals_the_json_profile() {
-        let every: Vec<&str> = DEFAULT_14
-            .iter()
-            .chain(CAPABILITY_SYSCALLS.iter().map(|(c, _)| c))
-            .copied()
-            .collect();
-        let with_admin: Vec<&str> = DEFAULT_14
-            .iter()
-            .copied()
-            .chain(["CAP_SYS_ADMIN", "CAP_SYS_ADMIN", "CAP_BPF"])
-            .collect();
-        let sets: [&[&str]; 4] = [&[], &DEFAULT_14, &with_admin, &every];
-        for caps in sets {
-            for extra in [&[][..], &["swapon", "swapoff"][..]] {
-                let owned: Vec<String> = caps.iter().map(|c| (*c).to_owned()).collect();
-                assert_eq!(
-                    profile(caps, extra),
-                    legacy_json::default_profile(&owned, extra),
-                    "{caps:?} {extra:?}"
-                );
             }
         }
     }

@@ -824,10 +824,6 @@ fn mounts(
 }
 
 #[cfg(test)]
-#[path = "spec_legacy.rs"]
-mod legacy;
-
-#[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
@@ -1422,58 +1418,6 @@ mod tests {
             if tier == Tier::Host {
                 assert!(!devices(&spec)[0].allow());
             }
-        }
-    }
-
-    /// The typed spec writes exactly the JSON the untyped builder wrote, for every tier
-    /// and every kind of request.
-    #[test]
-    fn typed_spec_equals_the_json_spec() {
-        let mut variants: Vec<(&str, Owned)> =
-            vec![("plain", Owned::new()), ("full", Owned::full())];
-        let mut limits = Owned::new();
-        limits.memory = Some(1);
-        limits.cpu = Some(10);
-        variants.push(("limits", limits));
-        let mut caps = Owned::new();
-        caps.extra = vec![
-            "CAP_SYS_ADMIN".into(),
-            "CAP_CHOWN".into(),
-            "CAP_SYS_BOOT".into(),
-            "CAP_BPF".into(),
-        ];
-        caps.host_caps = 0x3f_ffff_ffff & !(1 << 21);
-        variants.push(("capabilities", caps));
-        let mut env = Owned::new();
-        env.image.set_env(None).set_user(Some("42".into()));
-        env.environment = vec![("PATH".into(), "/custom".into()), ("A".into(), "1".into())];
-        variants.push(("environment", env));
-        for (what, owned) in &variants {
-            for tier in TIERS {
-                for name in ["admin", "control-2"] {
-                    let request = owned.request(name, tier);
-                    let typed = build(&request).expect("typed");
-                    let untyped = legacy::build_json(&request).expect("json");
-                    assert_eq!(
-                        typed_json(&typed),
-                        normalized(untyped),
-                        "{what} {tier:?} {name}"
-                    );
-                }
-            }
-        }
-        // And both refuse the same requests the same way.
-        let mut bad = Owned::new();
-        bad.extra = vec!["CAP_NOPE".into()];
-        for tier in TIERS {
-            let request = bad.request("admin", tier);
-            assert!(matches!(
-                (build(&request), legacy::build_json(&request)),
-                (
-                    Err(SpecError::UnknownCapability(_)),
-                    Err(SpecError::UnknownCapability(_))
-                )
-            ));
         }
     }
 
