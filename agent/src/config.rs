@@ -94,7 +94,8 @@ pub struct Config {
     /// The instance metadata service (`imds` provider), http only.
     #[arg(long, default_value = "http://169.254.169.254")]
     pub imds_endpoint: String,
-    /// How long the `imds` provider keeps retrying before the boot fails.
+    /// How long the `imds` provider keeps retrying before the boot fails; then the
+    /// budget of the metadata reads for derived settings (skipped, not failed, past it).
     #[arg(long, default_value = "5m")]
     pub imds_timeout: humantime::Duration,
     /// Run the user-data providers at every boot, not only the first.

@@ -4,7 +4,8 @@
 //! 1. first boot: stage the OS defaults into the `launch` transaction (a default never
 //!    overwrites a value already set);
 //! 2. first boot: run the user-data providers in order ([`providers`]), patching each
-//!    source's settings into `launch`;
+//!    source's settings into `launch`; then, with the `imds` provider, derive from the
+//!    instance metadata what they leave unset ([`derived`]);
 //! 3. commit `launch`, mark the first boot done, render every configuration file and
 //!    run the restart commands;
 //! 4. bootstrap commands, then bootstrap containers, each kind by name: an essential one
@@ -18,6 +19,7 @@
 //! bootstrap container that was running is waited for, never started twice.
 
 pub mod bootstrap;
+pub mod derived;
 pub mod imds;
 pub mod providers;
 pub mod status;
@@ -181,6 +183,7 @@ impl Boot {
                     return self.fall_back_to_defaults(t, reason).await;
                 }
             }
+            self.derive_from_metadata(t).await?;
         }
         t.set_phase(BootPhase::Apply)?;
         if let Err(Halt(reason)) = self.commit_launch(t).await {

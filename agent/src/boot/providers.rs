@@ -9,6 +9,9 @@
 //! A source with nothing to give (a missing file, IMDS answering 404) is skipped. A
 //! source whose text is not valid TOML or whose settings are invalid fails the boot;
 //! the message names the source, then the line or the key.
+//!
+//! With `imds` among them, settings the user-data leaves unset are then derived from
+//! the instance metadata ([`super::derived`]).
 
 use std::path::PathBuf;
 
@@ -37,6 +40,14 @@ impl Provider {
             Provider::Imds(c) => format!("EC2 IMDS {}", c.endpoint),
             Provider::File(p) => format!("user-data file {}", p.display()),
             Provider::Overrides(p) => format!("overrides file {}", p.display()),
+        }
+    }
+
+    /// The metadata service of the `imds` provider.
+    pub fn imds_config(&self) -> Option<&ImdsConfig> {
+        match self {
+            Provider::Imds(config) => Some(config),
+            _ => None,
         }
     }
 
