@@ -1,12 +1,28 @@
 //! Containers: host containers (long-running, supervised) and bootstrap containers
 //! (run to completion at boot), through containerd.
 //!
-//! - [`client`]: the containerd connection (namespace, lease, reconnects).
-//! - [`image`], [`registry`], [`archive`], [`content`]: getting an image into
-//!   containerd's content store from a registry or an OCI archive, and unpacking it.
-//! - [`spec`], [`seccomp`]: the OCI runtime spec of each privilege tier.
-//! - [`desired`]: what the settings ask for; [`runtime`]: the per-container operations;
-//!   [`supervisor`]: one task per host container keeping containerd in line with it.
+//! Where each behaviour lives:
+//!
+//! - [`client`]: the containerd connection (namespace and lease metadata, lazy
+//!   reconnects; `Unavailable` means "retry later", never the container's failure).
+//! - Images, a pipeline in which each module imports only those listed before it:
+//!   1. [`oci`]: the shared types: `oci-spec`'s descriptor, index, manifest, config and
+//!      media types, [`oci::ImageSource`] (a `source` setting, parsed once per start),
+//!      [`oci::ArchiveStamp`], digests, platform selection, chain IDs, GC labels,
+//!      [`oci::ImageError`];
+//!   2. [`content`]: blobs in containerd's content store, leases; [`snapshot`]:
+//!      unpacking one layer, snapshot stat and removal;
+//!   3. the sources: [`archive`] (`oci-archive:` files, read in place) and [`registry`]
+//!      (pulls: mirrors, credentials, proxy, plain HTTP only for loopback or `http://`);
+//!   4. [`image`]: [`image::Images::ensure`]: the image record, unpacking, the archive
+//!      cache, the cached image when a registry is unreachable.
+//! - [`spec`]: a container's OCI runtime spec (`oci-spec`'s typed `Spec`); what each
+//!   privilege tier grants is [`spec::Tier::rules`]; [`seccomp`]: containerd's default
+//!   profile.
+//! - [`desired`]: what the settings ask for, and the config hash; [`runtime`]: the
+//!   per-container operations (prepare, start, wait, stop, remove) behind a trait;
+//!   [`supervisor`]: one task per host container keeping containerd in line with it
+//!   (re-attach, back-off, containerd restarts).
 //! - [`status`]: what `GET /containers` shows; [`logs`]: reading the logger's files.
 //!
 //! This module never writes settings; it follows the store's live generation.
