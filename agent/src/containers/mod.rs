@@ -23,14 +23,24 @@
 //!   per-container operations (prepare, start, wait, stop, remove) behind a trait;
 //!   [`supervisor`]: one task per host container keeping containerd in line with it
 //!   (re-attach, back-off, containerd restarts).
+//! - [`engine`]: what else the boot and the host containers need of containerd: an
+//!   image made ready ahead ([`engine::Prefetch`]), keeld's containers found by label
+//!   ([`engine::Inventory`]).
 //! - [`status`]: what `GET /containers` shows; [`logs`]: reading the logger's files.
 //!
 //! This module never writes settings; it follows the store's live generation.
+//!
+//! The reconciler here and the supervisors are generic over [`Runtime`] +
+//! [`Inventory`]: their logic runs against a fake engine in unit tests (`fake`: paused
+//! time, no root) and against [`runtime::ContainerdRuntime`] in keeld.
 
 pub mod archive;
 pub mod client;
 pub mod content;
 pub mod desired;
+pub mod engine;
+#[cfg(test)]
+pub mod fake;
 pub mod image;
 pub mod logs;
 pub mod oci;
@@ -49,8 +59,9 @@ use tokio::sync::watch;
 
 use crate::store::Store;
 use desired::DesiredContainer;
+use engine::Inventory;
 use registry::RegistryConfig;
-use runtime::{ContainerdRuntime, Runtime, LABEL_KIND, LABEL_MANAGED, LABEL_NAME};
+use runtime::Runtime;
 use status::{ContainerKind, StatusBoard};
 use supervisor::{Inputs, SupervisorConfig};
 
@@ -125,9 +136,9 @@ impl<R: Runtime> HostContainers<R> {
 /// reconciles the host containers.
 /// Host containers that containerd holds from an earlier run but the settings no longer
 /// enable are found by label and removed.
-pub async fn run_host_containers(
+pub async fn run_host_containers<R: Runtime + Inventory>(
     store: Store,
-    runtime: Arc<ContainerdRuntime>,
+    runtime: Arc<R>,
     board: StatusBoard,
     config: SupervisorConfig,
     mut configured: watch::Receiver<crate::boot::BootGate>,
@@ -183,7 +194,7 @@ pub async fn run_host_containers(
     }
     let mut live = store.watch_live();
     let mut hosts = HostContainers::new(runtime.clone(), board, config);
-    let leftovers = find_leftovers(&runtime).await;
+    let leftovers = find_leftovers(&*runtime).await;
     loop {
         live.borrow_and_update();
         let snapshot = store.snapshot();
@@ -203,13 +214,9 @@ pub async fn run_host_containers(
 /// Names of host containers keeld created in an earlier run. When containerd is down
 /// this is retried in the background by each supervisor anyway, so an empty answer is
 /// only a missed clean-up of containers the settings dropped while keeld was stopped.
-async fn find_leftovers(runtime: &ContainerdRuntime) -> Vec<String> {
-    match runtime.cd.containers_labelled(LABEL_MANAGED, "true").await {
-        Ok(records) => records
-            .into_iter()
-            .filter(|c| c.labels.get(LABEL_KIND).map(String::as_str) == Some("host"))
-            .filter_map(|c| c.labels.get(LABEL_NAME).cloned())
-            .collect(),
+async fn find_leftovers<R: Inventory>(runtime: &R) -> Vec<String> {
+    match runtime.managed(ContainerKind::Host).await {
+        Ok(names) => names,
         Err(e) => {
             tracing::warn!(error = %e, "cannot list containers left from an earlier run");
             Vec::new()

@@ -2,153 +2,10 @@
 //! timing, re-attach, restart on changed settings, removal, failures and containerd
 //! outages, deterministically and in milliseconds of real time.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use super::*;
 use crate::containers::client::TaskState;
-use crate::containers::runtime::{Existing, Prepared};
+use crate::containers::fake::Fake;
 use crate::containers::spec::Tier;
-
-#[derive(Default)]
-struct FakeState {
-    /// id → (config hash, task)
-    records: HashMap<String, (String, Option<TaskState>)>,
-    next_pid: u32,
-    /// How long each started task runs before exiting with code 3; `None` = forever.
-    run_for: Option<Duration>,
-    /// Fail this many prepares first.
-    prepare_failures: u32,
-    /// containerd "down": every call fails as unavailable.
-    down: bool,
-    starts: Vec<tokio::time::Instant>,
-    stops: Vec<String>,
-    removes: Vec<String>,
-}
-
-#[derive(Default)]
-struct Fake {
-    state: Mutex<FakeState>,
-}
-
-impl Fake {
-    fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
-        f(&mut self.state.lock().expect("fake lock"))
-    }
-
-    fn check_up(&self) -> Result<(), RunError> {
-        if self.with(|s| s.down) {
-            Err(RunError::Unavailable("connection refused".into()))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl Runtime for Fake {
-    async fn find(&self, id: &str) -> Result<Option<Existing>, RunError> {
-        self.check_up()?;
-        Ok(self.with(|s| {
-            s.records.get(id).map(|(hash, task)| Existing {
-                config_hash: hash.clone(),
-                image_digest: "sha256:feed".into(),
-                task: *task,
-            })
-        }))
-    }
-
-    async fn prepare(
-        &self,
-        desired: &DesiredContainer,
-        _: &RegistryConfig,
-    ) -> Result<Prepared, RunError> {
-        self.check_up()?;
-        self.with(|s| {
-            if s.prepare_failures > 0 {
-                s.prepare_failures -= 1;
-                return Err(RunError::Failed("image: registry answered 500".into()));
-            }
-            let hash = desired
-                .config_hash()
-                .map_err(|e| RunError::Failed(e.to_string()))?;
-            s.records.insert(desired.id(), (hash, None));
-            Ok(Prepared {
-                image_digest: "sha256:feed".into(),
-                from_cache: false,
-            })
-        })
-    }
-
-    async fn start(&self, id: &str) -> Result<u32, RunError> {
-        self.check_up()?;
-        self.with(|s| {
-            s.next_pid += 1;
-            let pid = 100 + s.next_pid;
-            s.starts.push(tokio::time::Instant::now());
-            let record = s
-                .records
-                .get_mut(id)
-                .ok_or_else(|| RunError::Failed("no record".into()))?;
-            record.1 = Some(TaskState {
-                pid,
-                running: true,
-                created_only: false,
-                exit_status: 0,
-            });
-            Ok(pid)
-        })
-    }
-
-    async fn wait(&self, id: &str) -> Result<i32, RunError> {
-        self.check_up()?;
-        let began = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            // containerd going away breaks the wait call; the task runs on.
-            self.check_up()?;
-            let due = self
-                .with(|s| s.run_for)
-                .is_some_and(|d| began.elapsed() >= d);
-            if due {
-                self.with(|s| {
-                    if let Some((_, Some(task))) = s.records.get_mut(id) {
-                        task.running = false;
-                        task.exit_status = 3;
-                    }
-                });
-                return Ok(3);
-            }
-        }
-    }
-
-    async fn stop(&self, id: &str, _grace: Duration) -> Result<Option<i32>, RunError> {
-        self.check_up()?;
-        Ok(self.with(|s| {
-            s.stops.push(id.to_owned());
-            s.records.get_mut(id).and_then(|r| r.1.take()).map(|_| 143)
-        }))
-    }
-
-    async fn delete_task(&self, id: &str) -> Result<Option<i32>, RunError> {
-        self.check_up()?;
-        Ok(self.with(|s| {
-            s.records
-                .get_mut(id)
-                .and_then(|r| r.1.take())
-                .map(|t| t.exit_status as i32)
-        }))
-    }
-
-    async fn remove(&self, kind: ContainerKind, name: &str) -> Result<(), RunError> {
-        self.check_up()?;
-        let id = crate::containers::desired::container_id(kind, name);
-        self.with(|s| {
-            s.records.remove(&id);
-            s.removes.push(id);
-        });
-        Ok(())
-    }
-}
 
 fn desired(user_data: &str) -> DesiredContainer {
     DesiredContainer {
@@ -404,4 +261,101 @@ fn backoff_doubles_and_caps() {
     assert_eq!(seq, [1, 2, 4, 5, 5]);
     b.reset();
     assert_eq!(b.next_delay().as_secs(), 1);
+}
+
+/// The host-container reconciler ([`crate::containers::run_host_containers`]) on a
+/// real store in a temp dir, with the fake engine.
+mod reconciler {
+    use super::*;
+    use crate::boot::BootGate;
+    use crate::store::{Caller, Store};
+
+    struct Node {
+        _dir: tempfile::TempDir,
+        store: Store,
+        fake: Arc<Fake>,
+        board: StatusBoard,
+        gate: watch::Sender<BootGate>,
+    }
+
+    /// A store whose live settings enable host container `admin`, and containerd
+    /// holding `host-old` (running), which the settings no longer mention.
+    async fn node() -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 10).expect("store");
+        let patch = serde_json::json!({"host-containers": {"admin": {
+            "enabled": true, "source": "oci-archive:/admin.tar"
+        }}});
+        store.patch("t", patch).await.expect("patch");
+        store.commit("t", Caller::keeld()).await.expect("commit");
+        let fake = Arc::new(Fake::default());
+        fake.running("host-old", "an-older-hash", 55);
+        let board = StatusBoard::default();
+        let (gate, configured) = watch::channel(BootGate::Pending);
+        tokio::spawn(crate::containers::run_host_containers(
+            store.clone(),
+            fake.clone(),
+            board.clone(),
+            config(),
+            configured,
+        ));
+        Node {
+            _dir: dir,
+            store,
+            fake,
+            board,
+            gate,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn host_containers_wait_for_the_boot_then_start_and_leftovers_are_removed() {
+        let n = node().await;
+        advance(Duration::from_secs(5)).await;
+        let waiting = n.board.get(ContainerKind::Host, "admin").expect("status");
+        assert_eq!(waiting.state, RunState::WaitingForBoot);
+        assert!(n.fake.with(|s| s.started.is_empty() && s.stops.is_empty()));
+
+        n.gate.send_replace(BootGate::Configured);
+        advance(Duration::from_secs(1)).await;
+        assert_eq!(n.fake.with(|s| s.started.clone()), ["host-admin"]);
+        let admin = n.board.get(ContainerKind::Host, "admin").expect("status");
+        assert_eq!(admin.state, RunState::Running);
+        // Found by label, though no setting names it: stopped and removed.
+        assert_eq!(n.fake.with(|s| s.removes.clone()), ["host-old"]);
+        assert!(n.fake.with(|s| s.stops.contains(&"host-old".to_owned())));
+        assert!(n.board.get(ContainerKind::Host, "old").is_none());
+
+        // A commit that disables it reaches its supervisor.
+        let off = serde_json::json!({"host-containers": {"admin": {"enabled": false}}});
+        n.store.patch("t", off).await.expect("patch");
+        n.store.commit("t", Caller::keeld()).await.expect("commit");
+        advance(Duration::from_secs(1)).await;
+        assert!(n
+            .fake
+            .with(|s| s.removes.contains(&"host-admin".to_owned())));
+        assert!(n.board.get(ContainerKind::Host, "admin").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_failed_boot_host_containers_are_not_started() {
+        let n = node().await;
+        n.gate.send_replace(BootGate::Failed);
+        advance(Duration::from_secs(60)).await;
+        let admin = n.board.get(ContainerKind::Host, "admin").expect("status");
+        assert_eq!(admin.state, RunState::NotStarted);
+        assert!(admin.reason.is_some_and(|r| r.contains("the boot failed")));
+        // Nothing reached the engine: not even the leftover was touched.
+        assert!(n
+            .fake
+            .with(|s| s.started.is_empty() && s.stops.is_empty() && s.removes.is_empty()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_boot_that_fell_back_to_the_os_defaults_starts_what_they_enable() {
+        let n = node().await;
+        n.gate.send_replace(BootGate::FailedOnDefaults);
+        advance(Duration::from_secs(1)).await;
+        assert_eq!(n.fake.with(|s| s.started.clone()), ["host-admin"]);
+    }
 }
