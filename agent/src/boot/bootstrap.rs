@@ -7,12 +7,12 @@
 //! afterwards, their persistent directory kept.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
+use super::runtime::BootRuntime;
 use crate::containers::desired::DesiredContainer;
 use crate::containers::registry::RegistryConfig;
-use crate::containers::runtime::{RunError, Runtime};
+use crate::containers::runtime::RunError;
 use crate::containers::status::{ContainerKind, ContainerStatus, RunState, StatusBoard};
 
 /// How long one bootstrap command may run.
@@ -79,8 +79,8 @@ pub enum ContainerRun {
 /// Runs (or, after a keeld restart, resumes) bootstrap container `desired` to its end.
 /// `resume` is true when the boot record shows it was started in this boot already:
 /// it is then waited for, never started again.
-pub async fn run_container<R: Runtime>(
-    runtime: &Arc<R>,
+pub async fn run_container(
+    runtime: &dyn BootRuntime,
     board: &StatusBoard,
     desired: &DesiredContainer,
     registries: &RegistryConfig,
@@ -168,7 +168,7 @@ pub async fn run_container<R: Runtime>(
 }
 
 /// Removes the container record and snapshot; the persistent directory stays.
-async fn cleanup<R: Runtime>(runtime: &Arc<R>, desired: &DesiredContainer) {
+async fn cleanup(runtime: &dyn BootRuntime, desired: &DesiredContainer) {
     if let Err(e) = runtime
         .remove(ContainerKind::Bootstrap, &desired.name)
         .await

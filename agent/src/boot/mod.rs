@@ -22,6 +22,7 @@ pub mod bootstrap;
 pub mod derived;
 pub mod imds;
 pub mod providers;
+pub mod runtime;
 pub mod status;
 
 use std::path::PathBuf;
@@ -34,11 +35,11 @@ use tokio::sync::watch;
 use crate::apply::Applier;
 use crate::containers::desired::{self, DesiredContainer};
 use crate::containers::registry::RegistryConfig;
-use crate::containers::runtime::ContainerdRuntime;
 use crate::containers::status::{RunState, StatusBoard};
 use crate::store::{Caller, Store, StoreError};
 use bootstrap::ContainerRun;
 use providers::Provider;
+use runtime::BootRuntime;
 use settings_model::model::BootstrapMode;
 use status::{BootPhase, BootRecord, BootTracker, StepOutcome};
 
@@ -79,7 +80,9 @@ pub struct Boot {
     pub config: BootConfig,
     pub store: Store,
     pub applier: Applier,
-    pub runtime: Arc<ContainerdRuntime>,
+    /// The container engine (containerd in keeld; a fake in unit tests): see
+    /// [`runtime`] for why it is an object.
+    pub runtime: Arc<dyn BootRuntime>,
     pub board: StatusBoard,
     pub publish: watch::Sender<BootRecord>,
     /// Where the boot ended: host containers wait for it.
@@ -612,7 +615,7 @@ impl Boot {
         }
         let started = Instant::now();
         let ran = bootstrap::run_container(
-            &self.runtime,
+            &*self.runtime,
             &self.board,
             desired,
             registries,

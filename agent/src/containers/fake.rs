@@ -17,7 +17,7 @@ use super::status::ContainerKind;
 /// How a started task behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Script {
-    /// How long it runs before it exits; `None` = until stopped.
+    /// How long it runs, from its start, before it exits; `None` = until stopped.
     pub run_for: Option<Duration>,
     /// Its exit code.
     pub exit_code: i32,
@@ -28,7 +28,8 @@ pub struct FakeState {
     /// id → (config hash, task)
     pub records: HashMap<String, (String, Option<TaskState>)>,
     pub next_pid: u32,
-    /// How long each started task runs before exiting with code 3; `None` = forever.
+    /// How long each task runs from its start before exiting with code 3; `None` =
+    /// forever.
     /// A task with its own entry in `scripts` follows that instead.
     pub run_for: Option<Duration>,
     /// Per container id: how its task behaves (also a task that was already running).
@@ -41,6 +42,9 @@ pub struct FakeState {
     pub starts: Vec<tokio::time::Instant>,
     /// Which container each start was for, in order.
     pub started: Vec<String>,
+    /// When the task of each id started (or was found running, see [`Fake::running`]):
+    /// a task's run is counted from there, whoever waits for it and whenever.
+    pub started_at: HashMap<String, tokio::time::Instant>,
     /// Every stop's container id, and beside it the grace it was given (zero: killed
     /// at once).
     pub stops: Vec<String>,
@@ -69,9 +73,12 @@ impl Fake {
         }
     }
 
-    /// A record for `id` with a running task, as a keeld before a restart left it.
+    /// A record for `id` with a task running since now, as a keeld before a restart
+    /// left it.
     pub fn running(&self, id: &str, config_hash: &str, pid: u32) {
         self.with(|s| {
+            s.started_at
+                .insert(id.to_owned(), tokio::time::Instant::now());
             s.records.insert(
                 id.to_owned(),
                 (
@@ -87,7 +94,7 @@ impl Fake {
         });
     }
 
-    /// The task of `id` behaves as `script` from its start (or its next wait).
+    /// The task of `id` runs for `run_for` from its start, then exits with `exit_code`.
     pub fn script(&self, id: &str, run_for: Option<Duration>, exit_code: i32) {
         self.with(|s| {
             s.scripts
@@ -150,15 +157,17 @@ impl Runtime for Fake {
                 created_only: false,
                 exit_status: 0,
             });
-            s.starts.push(tokio::time::Instant::now());
+            let now = tokio::time::Instant::now();
+            s.starts.push(now);
             s.started.push(id.to_owned());
+            s.started_at.insert(id.to_owned(), now);
             Ok(pid)
         })
     }
 
     async fn wait(&self, id: &str) -> Result<i32, RunError> {
         self.check_up()?;
-        let began = tokio::time::Instant::now();
+        let called = tokio::time::Instant::now();
         loop {
             // An exited task answers at once, as containerd's Wait does; a deleted one
             // is an error.
@@ -176,6 +185,7 @@ impl Runtime for Fake {
                     run_for: s.run_for,
                     exit_code: 3,
                 });
+                let began = s.started_at.get(id).copied().unwrap_or(called);
                 let due = script.run_for.is_some_and(|d| began.elapsed() >= d);
                 if !due {
                     return None;
