@@ -790,6 +790,46 @@ fn services_toml_loads_and_names_existing_templates() {
 }
 
 #[test]
+fn groups_without_a_component_on_this_host_are_marked_no_effect() {
+    let meta = ServicesMeta::load(&packaging().join("services.toml")).unwrap();
+    for key in [
+        "settings.updates.seed",
+        "settings.updates.version-lock",
+        "settings.metrics.send-metrics",
+        "settings.metrics.service-checks[0]",
+        "settings.cloudformation.should-signal",
+        "settings.autoscaling.should-wait",
+        "settings.oci-hooks.log4j-hotpatch-enabled",
+        "settings.ecs.cluster",
+        "settings.ecs.instance-attributes.x",
+        "settings.kernel.lockdown",
+        "settings.kubernetes.hostname-override-source",
+    ] {
+        assert!(meta.has_no_effect(key), "{key} is not marked no-effect");
+    }
+    for key in [
+        "settings.motd",
+        "settings.kubernetes.max-pods",
+        "settings.kubernetes.static-pods.web.manifest",
+        "settings.oci-defaults.capabilities.chown",
+        "settings.network.hosts",
+        "settings.kernel.sysctl.x",
+        "settings.kernel.modules.sctp.allowed",
+        "settings.host-containers.admin.enabled",
+    ] {
+        assert!(!meta.has_no_effect(key), "{key} is marked no-effect");
+    }
+    for (name, service) in &meta.services {
+        if service.no_effect {
+            assert!(
+                service.configuration_files.is_empty() && service.restart_commands.is_empty(),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
 fn bottlerocket_documentation_examples_render() {
     let dir = Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),

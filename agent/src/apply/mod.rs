@@ -85,6 +85,10 @@ pub struct ApplyReport {
     /// A file of a service marked `reboot-required` changed: the change takes effect
     /// at the next boot.
     pub reboot_required: bool,
+    /// The settings of this apply that are stored with no effect on this host (their
+    /// services are marked `no-effect`: a Bottlerocket component Keel does not have).
+    #[serde(default)]
+    pub no_effect: Vec<String>,
     pub duration_ms: u64,
 }
 
@@ -116,6 +120,7 @@ impl ApplyReport {
             commands: Vec::new(),
             success: false,
             reboot_required: false,
+            no_effect: Vec::new(),
             duration_ms: 0,
         }
     }
@@ -193,6 +198,46 @@ impl Applier {
             }
         }
         services
+    }
+
+    /// The settings among `keys` that are stored with no effect on this host: each key,
+    /// or for a key naming a table (`settings`, `settings.metrics`) each setting of
+    /// `settings` under it, whose services are all `no-effect`
+    /// ([`ServicesMeta::has_no_effect`]). A removed key is listed as itself.
+    pub fn no_effect_keys(&self, settings: &Value, keys: &[String]) -> Vec<String> {
+        let meta = &self.inner.meta;
+        if !meta.services.values().any(|s| s.no_effect) {
+            return Vec::new();
+        }
+        let flat = settings_model::patch::flatten(settings);
+        let mut out = BTreeSet::new();
+        for key in keys {
+            let past = format!("{key}[");
+            let mut found = false;
+            for (leaf, value) in flat.range(key.clone()..) {
+                let under = leaf == key
+                    || leaf
+                        .strip_prefix(key.as_str())
+                        .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['));
+                if !under {
+                    // Sorted: `key.x` and `key[0]` sort after `key`, but so may `key-x`,
+                    // which is not under it; stop only past every `key` + separator.
+                    if leaf.as_str() > past.as_str() {
+                        break;
+                    }
+                    continue;
+                }
+                found = true;
+                let empty_table = value.as_object().is_some_and(|m| m.is_empty());
+                if !empty_table && meta.has_no_effect(leaf) {
+                    out.insert(leaf.clone());
+                }
+            }
+            if !found && meta.has_no_effect(key) {
+                out.insert(key.clone());
+            }
+        }
+        out.into_iter().collect()
     }
 
     /// The configuration files of `services`, by name.
@@ -360,6 +405,7 @@ impl Applier {
             services: services.clone(),
         })
         .await;
+        let no_effect = self.no_effect_keys(snapshot.live_settings(), &keys);
         let mut report = ApplyReport {
             id,
             time: crate::store::now_rfc3339(),
@@ -369,6 +415,7 @@ impl Applier {
             commands: Vec::new(),
             success: true,
             reboot_required: false,
+            no_effect,
             duration_ms: 0,
         };
         // Rendering and writing are file I/O and CPU: off the async workers.
@@ -819,6 +866,62 @@ for-each = "settings.kernel.sysctl"
 
     fn keys() -> Vec<String> {
         vec!["settings.kernel.sysctl".to_owned()]
+    }
+
+    #[test]
+    fn no_effect_keys_are_the_settings_under_the_keys_that_nothing_reads() {
+        let text = format!(
+            "{SERVICES}\"settings.metrics\" = [\"metrics\"]\n\"settings.metrics-other\" = [\"sysctl\"]\n\n[services.metrics]\nno-effect = true\n"
+        );
+        let meta = ServicesMeta::parse(Path::new("x"), &text).unwrap();
+        let templates = Templates::from_sources([(
+            "per-key".to_owned(),
+            "{{ item_name }}={{ item }}\n".to_owned(),
+        )])
+        .unwrap();
+        let config = ApplyConfig {
+            render_root: PathBuf::from("/nonexistent"),
+            restart_timeout: Duration::from_secs(1),
+            journal_dir: None,
+        };
+        let a = Applier::new(meta, templates, config, json!({}));
+        let live = json!({
+            "metrics": {"send-metrics": true, "service-checks": ["a", "b"], "empty": {}},
+            "metrics-other": {"x": 1},
+            "kernel": {"sysctl": {"vm.x": "1"}}
+        });
+        let keys = |k: &[&str]| k.iter().map(|k| (*k).to_owned()).collect::<Vec<_>>();
+        // Everything: each stored setting nothing reads.
+        assert_eq!(
+            a.no_effect_keys(&live, &keys(&["settings"])),
+            [
+                "settings.metrics.send-metrics",
+                "settings.metrics.service-checks"
+            ]
+        );
+        assert_eq!(
+            a.no_effect_keys(&live, &keys(&["settings.metrics"])),
+            [
+                "settings.metrics.send-metrics",
+                "settings.metrics.service-checks"
+            ]
+        );
+        // A changed leaf, a removed one, and keys something does read.
+        assert_eq!(
+            a.no_effect_keys(
+                &live,
+                &keys(&[
+                    "settings.metrics.send-metrics",
+                    "settings.metrics.metrics-url",
+                    "settings.kernel.sysctl.\"vm.x\"",
+                    "settings.metrics-other.x"
+                ])
+            ),
+            [
+                "settings.metrics.metrics-url",
+                "settings.metrics.send-metrics"
+            ]
+        );
     }
 
     #[test]

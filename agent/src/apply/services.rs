@@ -33,6 +33,11 @@ pub struct Service {
     /// reported as "reboot required".
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reboot_required: bool,
+    /// Its settings are stored and validated but nothing on this host reads them (a
+    /// Bottlerocket component Keel does not have): it has no files and no commands, and
+    /// an apply lists its keys as "stored, no effect on this host".
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_effect: bool,
 }
 
 /// A configuration file rendered from a template.
@@ -253,6 +258,14 @@ impl ServicesMeta {
             if let Some(i) = service.restart_commands.iter().position(Vec::is_empty) {
                 return Err(format!("service {name:?}: restart-commands[{i}] is empty"));
             }
+            let acts = !service.configuration_files.is_empty()
+                || !service.restart_commands.is_empty()
+                || service.reboot_required;
+            if service.no_effect && acts {
+                return Err(format!(
+                    "service {name:?} is no-effect but has files, commands or reboot-required"
+                ));
+            }
         }
         for (prefix, services) in &self.affected_services {
             for service in services {
@@ -298,6 +311,26 @@ impl ServicesMeta {
             })
             .flat_map(|(_, services)| services.iter().cloned())
             .collect()
+    }
+
+    /// Whether `key` (a leaf key) is stored with no effect on this host: the most specific
+    /// `affected-services` prefix covering it lists only `no-effect` services. A key no
+    /// prefix covers is not "no effect": something other than services (containers, the
+    /// boot) may read it.
+    pub fn has_no_effect(&self, key: &str) -> bool {
+        let covering = self.affected_services.iter().filter(|(prefix, _)| {
+            key == prefix.as_str()
+                || key
+                    .strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        });
+        let Some((_, services)) = covering.max_by_key(|(prefix, _)| prefix.len()) else {
+            return false;
+        };
+        !services.is_empty()
+            && services
+                .iter()
+                .all(|s| self.services.get(s).is_some_and(|s| s.no_effect))
     }
 }
 
@@ -375,6 +408,33 @@ template-path = "chrony-conf"
         assert!(meta.affected_by("settings.ntp").contains("chronyd"));
         assert!(meta.affected_by("settings").contains("chronyd"));
         assert!(meta.affected_by("settings.ntpx").is_empty());
+    }
+
+    #[test]
+    fn no_effect_services_mark_their_keys_and_cannot_act() {
+        let text = format!(
+            "{SAMPLE}\"settings.metrics\" = [\"metrics\"]\n\"settings.ntp.extra\" = [\"metrics\"]\n\n[services.metrics]\nno-effect = true\n"
+        );
+        let meta = ServicesMeta::parse(Path::new("x"), &text).unwrap();
+        assert!(meta.has_no_effect("settings.metrics.send-metrics"));
+        assert!(meta.has_no_effect("settings.metrics"));
+        assert!(meta.has_no_effect("settings.ntp.extra[0]"));
+        assert!(!meta.has_no_effect("settings.ntp.time-servers"));
+        assert!(!meta.has_no_effect("settings.metricsx"));
+        assert!(!meta.has_no_effect("settings.motd"), "no prefix covers it");
+        let json = serde_json::to_value(&meta.services["metrics"]).unwrap();
+        assert_eq!(json["no-effect"], true);
+        assert!(serde_json::to_value(&meta.services["chronyd"])
+            .unwrap()
+            .get("no-effect")
+            .is_none());
+
+        let acting = format!("{text}configuration-files = [\"chrony-conf\"]\n");
+        let err = ServicesMeta::parse(Path::new("x"), &acting).unwrap_err();
+        assert!(
+            err.to_string().contains("is no-effect but has files"),
+            "{err}"
+        );
     }
 
     #[test]

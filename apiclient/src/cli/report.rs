@@ -1,5 +1,6 @@
 //! Human-readable texts built from keeld's JSON answers: the `--dry-run` report (from
-//! `POST /tx/dry-run`) and the failed-apply message (from a `GET /apply/log` record).
+//! `POST /tx/dry-run`), the failed-apply message (from a `GET /apply/log` record) and the
+//! settings an apply stored with no effect on the host (its `no-effect` list).
 //! Pure functions of the JSON, lenient about missing fields: the server is the source of
 //! truth and may grow new ones.
 
@@ -39,6 +40,10 @@ pub fn dry_run_text(answer: &Value) -> String {
         text.push_str(&setting_line(key, change));
         text.push('\n');
     }
+    for line in no_effect_lines(answer) {
+        text.push_str(&line);
+        text.push('\n');
+    }
     for file in files {
         if !text.is_empty() {
             text.push('\n');
@@ -65,6 +70,22 @@ pub fn dry_run_text(answer: &Value) -> String {
         plural(files.len(), "file"),
     ));
     text
+}
+
+/// One line per setting of an apply record (or a dry-run answer) that is stored with no
+/// effect on this host: `= <key>: stored, no effect on this host`. Empty when the answer
+/// has no `no-effect` list.
+pub fn no_effect_lines(answer: &Value) -> Vec<String> {
+    answer
+        .get("no-effect")
+        .and_then(Value::as_array)
+        .map(|keys| {
+            keys.iter()
+                .filter_map(Value::as_str)
+                .map(|key| format!("= {key}: stored, no effect on this host"))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// One settings-diff line; `change` is `{"old": …, "new": …}` with either side absent.
@@ -107,6 +128,16 @@ pub fn apply_failure_text(id: Option<u64>, record: Result<&Value, &str>) -> Stri
     for line in lines {
         text.push_str("\n  ");
         text.push_str(&line);
+    }
+    if let Ok(record) = record {
+        let no_effect = no_effect_lines(record);
+        if !no_effect.is_empty() {
+            text.push_str("\nsettings stored with no effect on this host:");
+            for line in no_effect {
+                text.push_str("\n  ");
+                text.push_str(&line);
+            }
+        }
     }
     text
 }
@@ -309,6 +340,43 @@ mod tests {
              \x20 service slow: sh -c \"sleep 99\": timed out after 30000 ms\n\
              \x20 service gone: /nonexistent: cannot run /nonexistent: No such file or directory"
         );
+    }
+
+    #[test]
+    fn settings_with_no_effect_are_named_in_the_dry_run_and_the_failure() {
+        let answer = json!({
+            "changed-keys": ["settings.metrics.send-metrics", "settings.motd"],
+            "settings": {
+                "settings.metrics.send-metrics": {"new": false},
+                "settings.motd": {"old": "a", "new": "b"}
+            },
+            "no-effect": ["settings.metrics.send-metrics"],
+            "services": {"metrics": ["settings.metrics.send-metrics"], "motd": ["settings.motd"]},
+            "files": []
+        });
+        assert_eq!(
+            dry_run_text(&answer),
+            "+ settings.metrics.send-metrics: false\n\
+             ~ settings.motd: \"a\" → \"b\"\n\
+             = settings.metrics.send-metrics: stored, no effect on this host\n\
+             \n\
+             2 settings, 0 files would change; services affected: metrics, motd\n"
+        );
+        let record = json!({
+            "files": [{"name": "motd", "path": "/etc/motd", "result": "failed", "error": "disk full"}],
+            "commands": [],
+            "no-effect": ["settings.updates.seed", "settings.ecs.cluster"],
+            "success": false
+        });
+        assert_eq!(
+            apply_failure_text(Some(3), Ok(&record)),
+            "settings committed, but applying them failed (apply 3):\n\
+             \x20 file motd (/etc/motd): disk full\n\
+             settings stored with no effect on this host:\n\
+             \x20 = settings.updates.seed: stored, no effect on this host\n\
+             \x20 = settings.ecs.cluster: stored, no effect on this host"
+        );
+        assert!(no_effect_lines(&json!({"success": true})).is_empty());
     }
 
     #[test]
