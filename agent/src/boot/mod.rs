@@ -718,3 +718,6 @@ fn write_marker(path: &std::path::Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

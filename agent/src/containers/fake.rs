@@ -23,6 +23,16 @@ pub struct Script {
     pub exit_code: i32,
 }
 
+/// One call of [`Runtime::stop`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stop {
+    pub id: String,
+    pub grace: Duration,
+    pub at: tokio::time::Instant,
+    /// A running task was stopped (not an exited or absent one).
+    pub ended_a_run: bool,
+}
+
 #[derive(Debug, Default)]
 pub struct FakeState {
     /// id → (config hash, task)
@@ -45,10 +55,11 @@ pub struct FakeState {
     /// When the task of each id started (or was found running, see [`Fake::running`]):
     /// a task's run is counted from there, whoever waits for it and whenever.
     pub started_at: HashMap<String, tokio::time::Instant>,
-    /// Every stop's container id, and beside it the grace it was given (zero: killed
-    /// at once).
+    /// Every stop's container id.
     pub stops: Vec<String>,
-    pub stop_graces: Vec<Duration>,
+    /// Every stop in full: when, with what grace (zero: killed at once), and whether
+    /// it ended a running task.
+    pub stop_log: Vec<Stop>,
     pub removes: Vec<String>,
     /// Image sources prefetched, in order.
     pub prefetched: Vec<String>,
@@ -206,14 +217,14 @@ impl Runtime for Fake {
         self.check_up()?;
         Ok(self.with(|s| {
             s.stops.push(id.to_owned());
-            s.stop_graces.push(grace);
-            s.records.get_mut(id).and_then(|r| r.1.take()).map(|t| {
-                if t.running {
-                    143
-                } else {
-                    t.exit_status as i32
-                }
-            })
+            let task = s.records.get_mut(id).and_then(|r| r.1.take());
+            s.stop_log.push(Stop {
+                id: id.to_owned(),
+                grace,
+                at: tokio::time::Instant::now(),
+                ended_a_run: task.is_some_and(|t| t.running),
+            });
+            task.map(|t| if t.running { 143 } else { t.exit_status as i32 })
         }))
     }
 

@@ -1,0 +1,572 @@
+//! The boot's sequencing and resume against the fake container engine
+//! (`containers::fake`), a real store in a temp dir and a real applier (an empty
+//! services file), with tokio's paused clock: no root, no containerd, and timeouts of
+//! minutes in milliseconds. A keeld restart is the boot's future dropped mid-run (what
+//! SIGKILL leaves: the record in the runtime directory, containers still running) and a
+//! new [`Boot`] on the same directories.
+
+use std::path::PathBuf;
+
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::*;
+use crate::apply::render::Templates;
+use crate::apply::{ApplyConfig, ServicesMeta};
+use crate::containers::fake::Fake;
+use crate::containers::status::ContainerKind;
+
+/// One host: its directories, store, applier and container engine, kept across keeld
+/// restarts (and reboots: a reboot is a new runtime directory).
+struct Node {
+    dir: tempfile::TempDir,
+    store: Store,
+    applier: Applier,
+    fake: Arc<Fake>,
+    board: StatusBoard,
+}
+
+/// A boot under way, and what it publishes.
+struct Running {
+    task: tokio::task::JoinHandle<()>,
+    record: watch::Receiver<BootRecord>,
+    gate: watch::Receiver<BootGate>,
+}
+
+impl Node {
+    fn new(user_data: &str) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for sub in ["state", "run", "render"] {
+            std::fs::create_dir(dir.path().join(sub)).expect("mkdir");
+        }
+        std::fs::write(dir.path().join("user-data.toml"), user_data).expect("user-data");
+        let services = dir.path().join("services.toml");
+        std::fs::write(&services, "").expect("services");
+        let applier = Applier::new(
+            ServicesMeta::load(&services).expect("an empty services file"),
+            Templates::from_sources([]).expect("no templates"),
+            ApplyConfig {
+                render_root: dir.path().join("render"),
+                restart_timeout: Duration::from_secs(1),
+                journal_dir: None,
+            },
+            json!({}),
+        );
+        let store = Store::open(&dir.path().join("state"), 10).expect("store");
+        Node {
+            dir,
+            store,
+            applier,
+            fake: Arc::new(Fake::default()),
+            board: StatusBoard::default(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts keeld's boot (and the host containers waiting on it).
+    fn start(&self) -> Running {
+        let (publish, record) = watch::channel(BootRecord::new(false));
+        let (configured, gate) = watch::channel(BootGate::Pending);
+        let boot = Boot {
+            config: BootConfig {
+                state_dir: self.path("state"),
+                runtime_dir: self.path("run"),
+                os_defaults: self.path("no-defaults.toml"),
+                providers: vec![Provider::File(self.path("user-data.toml"))],
+                user_data_every_boot: false,
+                apiclient: self.path("no-apiclient"),
+                socket: self.path("api.sock"),
+            },
+            store: self.store.clone(),
+            applier: self.applier.clone(),
+            runtime: self.fake.clone(),
+            board: self.board.clone(),
+            publish,
+            configured,
+        };
+        tokio::spawn(crate::containers::run_host_containers(
+            self.store.clone(),
+            self.fake.clone(),
+            self.board.clone(),
+            crate::containers::supervisor::SupervisorConfig::default(),
+            gate.clone(),
+        ));
+        Running {
+            task: tokio::spawn(boot.run()),
+            record,
+            gate,
+        }
+    }
+
+    /// Runs a boot to its end.
+    async fn boot(&self) -> (BootRecord, BootGate) {
+        let mut running = self.start();
+        (&mut running.task).await.expect("the boot panicked");
+        let gate = *running.gate.borrow();
+        let record = running.record.borrow().clone();
+        (record, gate)
+    }
+
+    /// What the runtime directory holds for the next keeld.
+    fn record_on_disk(&self) -> BootRecord {
+        let bytes = std::fs::read(self.path("run/boot.json")).expect("boot.json");
+        serde_json::from_slice(&bytes).expect("a boot record")
+    }
+
+    /// A reboot: the runtime directory is a fresh tmpfs.
+    fn reboot(&self) {
+        std::fs::remove_file(self.path("run/boot.json")).expect("boot.json");
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        self.store.snapshot().live_settings().clone()
+    }
+
+    fn mode(&self, name: &str) -> String {
+        self.settings()["bootstrap-containers"][name]["mode"]
+            .as_str()
+            .unwrap_or("(unset)")
+            .to_owned()
+    }
+
+    fn started(&self) -> Vec<String> {
+        self.fake.with(|s| s.started.clone())
+    }
+
+    fn bootstrap_state(&self, name: &str) -> Option<(RunState, Option<i32>)> {
+        self.board
+            .get(ContainerKind::Bootstrap, name)
+            .map(|s| (s.state, s.last_exit_code))
+    }
+}
+
+fn step<'r>(record: &'r BootRecord, name: &str) -> &'r status::BootStep {
+    record
+        .step(name)
+        .unwrap_or_else(|| panic!("no step {name}: {record:#?}"))
+}
+
+fn outcome(record: &BootRecord, name: &str) -> (StepOutcome, String) {
+    let s = step(record, name);
+    (s.outcome, s.detail.clone().unwrap_or_default())
+}
+
+/// A bootstrap container entry of user-data.
+fn bootstrap(name: &str, mode: &str, essential: bool, extra: &str) -> String {
+    format!(
+        "[settings.bootstrap-containers.{name}]\nsource = \"oci-archive:/images/{name}.tar\"\n\
+         mode = \"{mode}\"\nessential = {essential}\n{extra}\n"
+    )
+}
+
+const ADMIN: &str = "[settings.host-containers.admin]\nenabled = true\n\
+                     source = \"oci-archive:/images/admin.tar\"\n";
+
+#[tokio::test(start_paused = true)]
+async fn bootstrap_containers_run_by_name_once_is_switched_off_and_host_containers_start_after() {
+    let user_data = [
+        bootstrap("b-always", "always", false, ""),
+        bootstrap("a-once", "once", true, ""),
+        bootstrap("c-off", "off", true, ""),
+        ADMIN.to_owned(),
+    ]
+    .concat();
+    let node = Node::new(&user_data);
+    node.fake
+        .script("bootstrap-a-once", Some(Duration::from_secs(2)), 0);
+    node.fake
+        .script("bootstrap-b-always", Some(Duration::from_secs(1)), 0);
+
+    let (record, gate) = node.boot().await;
+    assert_eq!(
+        (record.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    assert!(record.first_boot);
+    for name in ["user-data:file", "commit", "render"] {
+        assert_eq!(
+            step(&record, name).outcome,
+            StepOutcome::Succeeded,
+            "{name}"
+        );
+    }
+    assert_eq!(
+        outcome(&record, "bootstrap-container:a-once"),
+        (StepOutcome::Succeeded, "exited 0".into())
+    );
+    assert_eq!(
+        outcome(&record, "bootstrap-container:b-always"),
+        (StepOutcome::Succeeded, "exited 0".into())
+    );
+    assert_eq!(
+        outcome(&record, "bootstrap-container:c-off"),
+        (StepOutcome::Skipped, "mode off".into())
+    );
+    // One after another, by name; the host container only once the boot is configured.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        node.started(),
+        ["bootstrap-a-once", "bootstrap-b-always", "host-admin"]
+    );
+    // The images of those that run were made ready ahead; not the `off` one's.
+    let mut prefetched = node.fake.with(|s| s.prefetched.clone());
+    prefetched.sort();
+    assert_eq!(
+        prefetched,
+        [
+            "oci-archive:/images/a-once.tar",
+            "oci-archive:/images/b-always.tar"
+        ]
+    );
+    // Each ran to its end and was cleaned up; its status stays.
+    assert_eq!(
+        node.fake.with(|s| s.removes.clone()),
+        ["bootstrap-a-once", "bootstrap-b-always"]
+    );
+    assert!(!node.fake.has_task("bootstrap-a-once"));
+    assert_eq!(
+        node.bootstrap_state("a-once"),
+        Some((RunState::Succeeded, Some(0)))
+    );
+    // `once` became `off` by a committed transaction of its own; the others kept theirs.
+    assert_eq!(
+        (
+            node.mode("a-once"),
+            node.mode("b-always"),
+            node.mode("c-off")
+        ),
+        ("off".into(), "always".into(), "off".into())
+    );
+    let history = node.store.snapshot().history.clone();
+    let switched = history
+        .iter()
+        .find(|g| g.tx == "boot-bootstrap-containers-a-once")
+        .expect("the switch to off is in the history");
+    assert_eq!(
+        switched.changed_keys,
+        ["settings.bootstrap-containers.a-once.mode"]
+    );
+
+    // The next boot: no user-data again, the `once` one stays off, `always` runs again.
+    node.reboot();
+    let (record, gate) = node.boot().await;
+    assert_eq!(
+        (record.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    assert!(!record.first_boot);
+    assert!(record.step("user-data:file").is_none(), "{record:#?}");
+    assert_eq!(
+        outcome(&record, "bootstrap-container:a-once"),
+        (StepOutcome::Skipped, "mode off".into())
+    );
+    assert_eq!(
+        node.started()
+            .iter()
+            .filter(|id| id.starts_with("bootstrap-"))
+            .collect::<Vec<_>>(),
+        [
+            "bootstrap-a-once",
+            "bootstrap-b-always",
+            "bootstrap-b-always"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_essential_failure_halts_the_boot_and_host_containers_are_not_started() {
+    let user_data = [
+        bootstrap("a-setup", "once", true, ""),
+        bootstrap("b-later", "always", false, ""),
+        ADMIN.to_owned(),
+    ]
+    .concat();
+    let node = Node::new(&user_data);
+    node.fake
+        .script("bootstrap-a-setup", Some(Duration::from_secs(1)), 1);
+
+    let (record, gate) = node.boot().await;
+    assert_eq!((record.phase, gate), (BootPhase::Failed, BootGate::Failed));
+    assert_eq!(
+        record.reason.as_deref(),
+        Some("essential bootstrap-container:a-setup failed: exited 1")
+    );
+    assert_eq!(
+        outcome(&record, "bootstrap-container:a-setup"),
+        (StepOutcome::Failed, "exited 1".into())
+    );
+    assert!(step(&record, "bootstrap-container:a-setup").essential);
+    // Nothing after it ran, and no host container starts in this boot.
+    assert!(record.step("bootstrap-container:b-later").is_none());
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(node.started(), ["bootstrap-a-setup"]);
+    let admin = node
+        .board
+        .get(ContainerKind::Host, "admin")
+        .expect("admin status");
+    assert_eq!(admin.state, RunState::NotStarted);
+    assert_eq!(
+        node.bootstrap_state("a-setup"),
+        Some((RunState::Failed, Some(1)))
+    );
+    // A failed `once` stays `once`: the next boot tries it again.
+    assert_eq!(node.mode("a-setup"), "once");
+    // A keeld restart stays failed and starts nothing.
+    let (again, gate) = node.boot().await;
+    assert_eq!((again.phase, gate), (BootPhase::Failed, BootGate::Failed));
+    assert_eq!(node.started(), ["bootstrap-a-setup"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_non_essential_failure_is_recorded_and_the_boot_goes_on() {
+    let user_data = [
+        bootstrap("a-optional", "once", false, ""),
+        bootstrap("b-needed", "once", true, ""),
+        ADMIN.to_owned(),
+    ]
+    .concat();
+    let node = Node::new(&user_data);
+    node.fake
+        .script("bootstrap-a-optional", Some(Duration::from_secs(1)), 2);
+    node.fake
+        .script("bootstrap-b-needed", Some(Duration::from_secs(1)), 0);
+
+    let (record, gate) = node.boot().await;
+    assert_eq!(
+        (record.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    assert_eq!(record.reason, None);
+    let failed = step(&record, "bootstrap-container:a-optional");
+    assert_eq!(
+        (failed.outcome, failed.essential, failed.detail.as_deref()),
+        (StepOutcome::Failed, false, Some("exited 2"))
+    );
+    assert_eq!(
+        step(&record, "bootstrap-container:b-needed").outcome,
+        StepOutcome::Succeeded
+    );
+    assert_eq!(
+        node.bootstrap_state("a-optional"),
+        Some((RunState::Failed, Some(2)))
+    );
+    // Only the one that succeeded is switched off.
+    assert_eq!(
+        (node.mode("a-optional"), node.mode("b-needed")),
+        ("once".into(), "off".into())
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        node.started(),
+        ["bootstrap-a-optional", "bootstrap-b-needed", "host-admin"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_kills_the_container_before_the_next_one_starts() {
+    let user_data = [
+        bootstrap("a-hangs", "always", false, "timeout = \"30s\""),
+        bootstrap("b-next", "always", true, "timeout = \"1h\""),
+    ]
+    .concat();
+    let node = Node::new(&user_data);
+    // a-hangs never exits on its own; b-next is well within its limit.
+    node.fake
+        .script("bootstrap-b-next", Some(Duration::from_secs(5)), 0);
+
+    let began = Instant::now();
+    let (record, gate) = node.boot().await;
+    let took = began.elapsed();
+    assert_eq!(
+        (record.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    assert_eq!(
+        outcome(&record, "bootstrap-container:a-hangs"),
+        (StepOutcome::Failed, "timed out after 30s".into())
+    );
+    assert_eq!(
+        node.bootstrap_state("a-hangs"),
+        Some((RunState::Failed, None))
+    );
+    // Killed at once (no grace) when its 30 s were up, and cleaned up; then b-next ran
+    // its 5 s.
+    let starts = node.fake.with(|s| s.starts.clone());
+    let kills: Vec<_> = node.fake.with(|s| {
+        s.stop_log
+            .iter()
+            .filter(|stop| stop.ended_a_run)
+            .map(|stop| (stop.id.clone(), stop.grace, stop.at - starts[0]))
+            .collect()
+    });
+    assert_eq!(
+        kills,
+        [(
+            "bootstrap-a-hangs".to_owned(),
+            Duration::ZERO,
+            Duration::from_secs(30)
+        )]
+    );
+    assert!(!node.fake.has_task("bootstrap-a-hangs"));
+    assert!(node
+        .fake
+        .with(|s| s.removes.contains(&"bootstrap-a-hangs".to_owned())));
+    assert_eq!(node.started(), ["bootstrap-a-hangs", "bootstrap-b-next"]);
+    assert_eq!(starts[1] - starts[0], Duration::from_secs(30));
+    assert!(
+        took >= Duration::from_secs(35) && took < Duration::from_secs(36),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_essential_timeout_fails_the_boot() {
+    let node = Node::new(&bootstrap("hangs", "once", true, "timeout = \"2m\""));
+    let (record, gate) = node.boot().await;
+    assert_eq!((record.phase, gate), (BootPhase::Failed, BootGate::Failed));
+    assert_eq!(
+        record.reason.as_deref(),
+        Some("essential bootstrap-container:hangs failed: timed out after 2m")
+    );
+    assert!(!node.fake.has_task("bootstrap-hangs"));
+    assert_eq!(node.mode("hangs"), "once");
+}
+
+/// keeld killed while bootstrap container `slow` runs.
+async fn killed_while_slow_runs(node: &Node) {
+    let running = node.start();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(node.started(), ["bootstrap-slow"]);
+    running.task.abort();
+    assert!(running.task.await.is_err_and(|e| e.is_cancelled()));
+    // What the next keeld finds: the step running, the container too.
+    let left = node.record_on_disk();
+    assert_eq!(left.phase, BootPhase::BootstrapContainers);
+    assert_eq!(
+        step(&left, "bootstrap-container:slow").outcome,
+        StepOutcome::Running
+    );
+    assert_eq!(step(&left, "commit").outcome, StepOutcome::Succeeded);
+}
+
+fn slow_node() -> Node {
+    let node = Node::new(&[bootstrap("slow", "once", true, ""), ADMIN.to_owned()].concat());
+    node.fake
+        .script("bootstrap-slow", Some(Duration::from_secs(10)), 0);
+    node
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_keeld_restart_the_running_container_is_waited_for_not_started_again() {
+    let node = slow_node();
+    let began = Instant::now();
+    killed_while_slow_runs(&node).await;
+    assert!(
+        node.fake.has_task("bootstrap-slow"),
+        "the container runs on"
+    );
+
+    let (record, gate) = node.boot().await;
+    assert_eq!(
+        (record.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    // The same run was waited for to its end (10 s from its start), not a second one.
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_secs(10) && took < Duration::from_secs(11),
+        "{took:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(node.started(), ["bootstrap-slow", "host-admin"]);
+    assert_eq!(
+        outcome(&record, "bootstrap-container:slow"),
+        (StepOutcome::Succeeded, "exited 0".into())
+    );
+    assert_eq!(node.mode("slow"), "off");
+    // The steps before it were not run again: the user-data was committed once.
+    let launches = node
+        .store
+        .snapshot()
+        .history
+        .iter()
+        .filter(|g| g.tx == LAUNCH_TX)
+        .count();
+    assert_eq!(launches, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_container_that_ended_while_keeld_was_away_counts_with_its_exit_code() {
+    let node = slow_node();
+    killed_while_slow_runs(&node).await;
+    // It exits while no keeld watches.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    node.fake.with(|s| {
+        if let Some((_, Some(task))) = s.records.get_mut("bootstrap-slow") {
+            task.running = false;
+            task.exit_status = 0;
+        }
+    });
+
+    let (record, gate) = node.boot().await;
+    assert_eq!(
+        (record.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    assert_eq!(
+        outcome(&record, "bootstrap-container:slow"),
+        (StepOutcome::Succeeded, "exited 0".into())
+    );
+    assert_eq!(node.mode("slow"), "off");
+    assert_eq!(
+        node.started().first().map(String::as_str),
+        Some("bootstrap-slow")
+    );
+    assert_eq!(
+        node.started()
+            .iter()
+            .filter(|id| *id == "bootstrap-slow")
+            .count(),
+        1
+    );
+    assert!(node
+        .fake
+        .with(|s| s.removes.contains(&"bootstrap-slow".to_owned())));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_container_gone_after_a_keeld_restart_fails_and_is_not_run_again() {
+    let node = slow_node();
+    killed_while_slow_runs(&node).await;
+    // containerd lost it (say, restarted without its state) while keeld was away.
+    node.fake.with(|s| s.records.remove("bootstrap-slow"));
+
+    let (record, gate) = node.boot().await;
+    assert_eq!((record.phase, gate), (BootPhase::Failed, BootGate::Failed));
+    let (outcome, detail) = outcome(&record, "bootstrap-container:slow");
+    assert_eq!(outcome, StepOutcome::Failed);
+    assert!(detail.contains("not run again in this boot"), "{detail}");
+    assert_eq!(node.started(), ["bootstrap-slow"]);
+    assert_eq!(node.mode("slow"), "once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_after_the_boot_changes_nothing() {
+    let node = slow_node();
+    let (record, _) = node.boot().await;
+    assert_eq!(record.phase, BootPhase::Configured);
+    let generations = node.store.snapshot().history.len();
+    let (again, gate) = node.boot().await;
+    assert_eq!(
+        (again.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    assert_eq!(again.boot_id, record.boot_id);
+    assert_eq!(node.store.snapshot().history.len(), generations);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The host container's supervisor of the second keeld re-attached to the first one's.
+    assert_eq!(node.started(), ["bootstrap-slow", "host-admin"]);
+}
