@@ -3,6 +3,7 @@
 //! back with a real parser for its format, the Bottlerocket documentation examples
 //! render, and undefined values fail naming template, line and key.
 #![allow(clippy::unwrap_used)]
+#![recursion_limit = "256"]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -548,6 +549,399 @@ fn kubelet_config_single_dns_ip_and_standalone_mode() {
     assert_eq!(env["KUBELET_MODE"], "standalone");
 }
 
+/// `settings` validated (the tests render only what the model accepts).
+fn valid(settings: Value) -> Value {
+    settings_model::validate(&settings).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `/etc/hosts` as a resolver reads it: address → names, lines in order.
+fn hosts_lines(text: &str) -> Vec<(String, Vec<String>)> {
+    lines(text)
+        .into_iter()
+        .map(|l| {
+            let mut words = l.split_whitespace().map(str::to_owned);
+            (words.next().unwrap(), words.collect())
+        })
+        .collect()
+}
+
+#[test]
+fn hosts_has_the_network_hosts_entries_merged_by_address() {
+    let s = valid(json!({"network": {
+        "hostname": "node-1.example.internal",
+        "hosts": [
+            ["10.0.0.5", ["db", "db.example.internal"]],
+            ["127.0.0.1", ["local-alias"]],
+            ["fd00::5", ["db6"]],
+            ["10.0.0.5", ["database"]],
+            ["::1", ["local6"]]
+        ]
+    }}));
+    let hosts = hosts_lines(&render("hosts", &s));
+    let names = |addr: &str| -> Vec<String> {
+        hosts
+            .iter()
+            .filter(|(a, _)| a == addr)
+            .flat_map(|(_, n)| n.clone())
+            .collect()
+    };
+    assert_eq!(
+        hosts.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>(),
+        ["127.0.0.1", "::1", "10.0.0.5", "fd00::5"],
+        "one line per address, in first-seen order"
+    );
+    assert_eq!(names("10.0.0.5"), ["db", "db.example.internal", "database"]);
+    assert_eq!(names("fd00::5"), ["db6"]);
+    for (addr, alias) in [("127.0.0.1", "local-alias"), ("::1", "local6")] {
+        let n = names(addr);
+        assert!(n.contains(&"localhost".to_owned()), "{n:?}");
+        assert!(n.contains(&"node-1.example.internal".to_owned()), "{n:?}");
+        assert!(n.contains(&"node-1".to_owned()), "{n:?}");
+        assert_eq!(n.last().map(String::as_str), Some(alias), "{n:?}");
+    }
+    assert!(!names("127.0.0.1").contains(&"local6".to_owned()));
+
+    // A host name the entries give an address is not also put on loopback.
+    let s = valid(json!({"network": {
+        "hostname": "node-1.example.internal",
+        "hosts": [["10.0.0.9", ["node-1.example.internal"]]]
+    }}));
+    let text = render("hosts", &s);
+    let hosts = hosts_lines(&text);
+    assert_eq!(
+        hosts[0].1,
+        [
+            "localhost",
+            "localhost.localdomain",
+            "localhost4",
+            "localhost4.localdomain4"
+        ],
+        "{text}"
+    );
+    assert_eq!(
+        hosts[2],
+        (
+            "10.0.0.9".to_owned(),
+            vec!["node-1.example.internal".to_owned()]
+        )
+    );
+}
+
+#[test]
+fn chrony_adds_the_options_to_every_server() {
+    let s = valid(json!({"ntp": {
+        "time-servers": ["169.254.169.123", "ntp://time.example.com"],
+        "options": ["minpoll 4", "maxpoll", "8", "prefer"]
+    }}));
+    let servers: Vec<String> = lines(&render("chrony-conf", &s))
+        .into_iter()
+        .filter(|l| l.starts_with("server "))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        servers,
+        [
+            "server 169.254.169.123 iburst minpoll 4 maxpoll 8 prefer",
+            "server time.example.com iburst minpoll 4 maxpoll 8 prefer"
+        ]
+    );
+}
+
+#[test]
+fn kernel_modules_are_refused_or_loaded_at_boot() {
+    let s = valid(json!({"kernel": {"modules": {
+        "sctp": {"allowed": false},
+        "br_netfilter": {"allowed": true, "autoload": true},
+        "udf": {"allowed": true},
+        "dccp": {"allowed": false, "autoload": true},
+        "nbd": {"autoload": true}
+    }}}));
+    assert_eq!(
+        lines(&render("modprobe-conf", &s)),
+        ["install dccp /bin/true", "install sctp /bin/true"]
+    );
+    assert_eq!(lines(&render("modules-load-conf", &s)), ["br_netfilter"]);
+    assert!(lines(&render("modprobe-conf", &json!({}))).is_empty());
+    assert!(lines(&render("modules-load-conf", &json!({}))).is_empty());
+}
+
+/// The base runtime spec, parsed.
+fn cri_base(settings: &Value) -> Value {
+    let text = render("containerd-cri-base", settings);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
+}
+
+const CONTAINERD_DEFAULT_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+#[test]
+fn oci_defaults_become_the_base_runtime_spec_of_pods() {
+    // Unset: containerd's own defaults.
+    let spec = cri_base(&json!({}));
+    for set in ["bounding", "effective", "permitted"] {
+        assert_eq!(
+            spec["process"]["capabilities"][set],
+            json!(CONTAINERD_DEFAULT_CAPS),
+            "{set}"
+        );
+    }
+    assert_eq!(
+        spec["process"]["rlimits"],
+        json!([{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}])
+    );
+    assert_eq!(spec["root"]["path"], "rootfs");
+    assert_eq!(spec["linux"]["namespaces"].as_array().unwrap().len(), 5);
+
+    let spec = cri_base(&valid(json!({"oci-defaults": {
+        "capabilities": {"chown": true, "sys-admin": true, "net-raw": false, "dac-read-search": true},
+        "resource-limits": {
+            "max-open-files": {"hard-limit": 1048576, "soft-limit": 65536},
+            "max-processes": {"hard-limit": "unlimited", "soft-limit": -1},
+            "max-locked-memory": {"soft-limit": "4096"},
+            "max-core-file-size": {"hard-limit": 0},
+            "max-stack-size": {}
+        }
+    }})));
+    for set in ["bounding", "effective", "permitted"] {
+        assert_eq!(
+            spec["process"]["capabilities"][set],
+            json!(["CAP_CHOWN", "CAP_DAC_READ_SEARCH", "CAP_SYS_ADMIN"]),
+            "{set}: exactly the capabilities set to true"
+        );
+    }
+    let rlimits: BTreeMap<String, (u64, u64)> = spec["process"]["rlimits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["type"].as_str().unwrap().to_owned(),
+                (r["hard"].as_u64().unwrap(), r["soft"].as_u64().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rlimits,
+        BTreeMap::from([
+            ("RLIMIT_CORE".to_owned(), (0, 0)),
+            ("RLIMIT_MEMLOCK".to_owned(), (4096, 4096)),
+            ("RLIMIT_NOFILE".to_owned(), (1_048_576, 65536)),
+            ("RLIMIT_NPROC".to_owned(), (u64::MAX, u64::MAX)),
+        ])
+    );
+    // No capability at all is a valid spec too.
+    let spec = cri_base(&valid(
+        json!({"oci-defaults": {"capabilities": {"chown": false}, "resource-limits": {}}}),
+    ));
+    assert_eq!(spec["process"]["capabilities"]["bounding"], json!([]));
+    assert_eq!(spec["process"]["rlimits"], json!([]));
+}
+
+#[test]
+fn containerd_uses_the_base_spec_and_the_device_ownership_option() {
+    let s = valid(json!({"kubernetes": {"device-ownership-from-security-context": true}}));
+    let doc = toml_doc(&render("containerd-config", &s));
+    let cri = &doc["plugins"]["io.containerd.grpc.v1.cri"];
+    assert_eq!(
+        cri["device_ownership_from_security_context"].as_bool(),
+        Some(true)
+    );
+    assert_eq!(
+        cri["containerd"]["runtimes"]["runc"]["base_runtime_spec"].as_str(),
+        Some("/etc/containerd/cri-base.json")
+    );
+    let meta = ServicesMeta::load(&packaging().join("services.toml")).unwrap();
+    assert_eq!(
+        meta.configuration_files["containerd-cri-base"].path,
+        "/etc/containerd/cri-base.json"
+    );
+    for key in [
+        "settings.oci-defaults.capabilities.chown",
+        "settings.kubernetes.device-ownership-from-security-context",
+    ] {
+        assert!(meta.affected_by(key).contains("containerd"), "{key}");
+    }
+}
+
+#[test]
+fn kubelet_config_has_the_bottlerocket_kubernetes_settings() {
+    let s = valid(json!({"kubernetes": {
+        "cpu-cfs-quota-enforced": false,
+        "cpu-manager-policy": "static",
+        "cpu-manager-policy-options": ["full-pcpus-only", "distribute-cpus-across-numa"],
+        "pod-pids-limit": 4096,
+        "log-level": 4,
+        "seccomp-default": true,
+        "reserved-cpus": "0-1",
+        "container-log-max-workers": 3,
+        "container-log-monitor-interval": "15s",
+        "image-gc-high-threshold-percent": "85",
+        "image-gc-low-threshold-percent": 75,
+        "image-minimum-gc-age": "2m",
+        "image-maximum-gc-age": "168h",
+        "single-process-oom-kill": true,
+        "max-parallel-image-pulls": 5,
+        "server-tls-bootstrap": true
+    }}));
+    let doc = yaml(&render("kubelet-config", &s));
+    assert_eq!(doc["cpuCFSQuota"].as_bool(), Some(false));
+    assert_eq!(doc["cpuManagerPolicy"].as_str(), Some("static"));
+    let options = doc["cpuManagerPolicyOptions"].as_mapping().unwrap();
+    assert_eq!(options.len(), 2);
+    assert_eq!(
+        doc["cpuManagerPolicyOptions"]["full-pcpus-only"].as_str(),
+        Some("true")
+    );
+    assert_eq!(
+        doc["cpuManagerPolicyOptions"]["distribute-cpus-across-numa"].as_str(),
+        Some("true")
+    );
+    assert_eq!(doc["podPidsLimit"].as_i64(), Some(4096));
+    assert_eq!(doc["logging"]["verbosity"].as_u64(), Some(4));
+    assert_eq!(doc["seccompDefault"].as_bool(), Some(true));
+    assert_eq!(doc["reservedSystemCPUs"].as_str(), Some("0-1"));
+    assert_eq!(doc["containerLogMaxWorkers"].as_i64(), Some(3));
+    assert_eq!(doc["containerLogMonitorInterval"].as_str(), Some("15s"));
+    assert_eq!(
+        doc["imageGCHighThresholdPercent"].as_i64(),
+        Some(85),
+        "the text form is a number"
+    );
+    assert_eq!(doc["imageGCLowThresholdPercent"].as_i64(), Some(75));
+    assert_eq!(doc["imageMinimumGCAge"].as_str(), Some("2m"));
+    assert_eq!(doc["imageMaximumGCAge"].as_str(), Some("168h"));
+    assert_eq!(doc["singleProcessOOMKill"].as_bool(), Some(true));
+    assert_eq!(doc["maxParallelImagePulls"].as_i64(), Some(5));
+    assert_eq!(doc["serializeImagePulls"].as_bool(), Some(false));
+    assert_eq!(
+        doc["staticPodPath"].as_str(),
+        Some("/etc/kubernetes/static-pods")
+    );
+    assert_eq!(doc["serverTLSBootstrap"].as_bool(), Some(true));
+    assert!(doc.get("tlsCertFile").is_none());
+
+    // Static pods off; one pull at a time needs no change to serial pulls.
+    let s =
+        valid(json!({"kubernetes": {"static-pods-enabled": false, "max-parallel-image-pulls": 1}}));
+    let doc = yaml(&render("kubelet-config", &s));
+    assert!(doc.get("staticPodPath").is_none());
+    assert!(doc.get("serializeImagePulls").is_none());
+    // Unset: the kubelet's own defaults.
+    let doc = yaml(&render("kubelet-config", &json!({})));
+    for field in [
+        "podPidsLimit",
+        "cpuCFSQuota",
+        "logging",
+        "seccompDefault",
+        "tlsCertFile",
+    ] {
+        assert!(doc.get(field).is_none(), "{field}");
+    }
+    assert_eq!(
+        doc["staticPodPath"].as_str(),
+        Some("/etc/kubernetes/static-pods")
+    );
+}
+
+/// The blocks of a PEM file: (label, decoded DER), checked as RFC 7468 text.
+fn pem_blocks(text: &str) -> Vec<(String, Vec<u8>)> {
+    let mut blocks = Vec::new();
+    let mut open: Option<(String, String)> = None;
+    for line in text.lines() {
+        match (
+            &mut open,
+            line.strip_prefix("-----BEGIN "),
+            line.strip_prefix("-----END "),
+        ) {
+            (None, Some(rest), _) => {
+                let label = rest.strip_suffix("-----").expect("a BEGIN line");
+                open = Some((label.to_owned(), String::new()));
+            }
+            (Some((label, body)), _, Some(rest)) => {
+                assert_eq!(rest.strip_suffix("-----"), Some(label.as_str()), "{text}");
+                let der = base64::engine::general_purpose::STANDARD
+                    .decode(body.as_bytes())
+                    .unwrap_or_else(|e| panic!("not base64 ({e}):\n{text}"));
+                blocks.push((label.clone(), der));
+                open = None;
+            }
+            (Some((_, body)), None, None) => body.push_str(line.trim()),
+            (None, None, _) => assert!(line.trim().is_empty(), "text outside a block: {line:?}"),
+            _ => panic!("unexpected line {line:?} in\n{text}"),
+        }
+    }
+    assert!(open.is_none(), "an unterminated block:\n{text}");
+    blocks
+}
+
+#[test]
+fn the_kubelet_serves_with_the_configured_certificate_and_key() {
+    let cert = "-----BEGIN CERTIFICATE-----\nMIIBc2VydmluZyBjZXJ0\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nMIIBaW50ZXJtZWRpYXRl\n-----END CERTIFICATE-----\n";
+    let key = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIGtleS1tYXRlcmlhbA==\n-----END EC PRIVATE KEY-----\n";
+    let s = valid(json!({"kubernetes": {
+        "server-certificate": b64(cert),
+        "server-key": b64(key),
+        "server-tls-bootstrap": true
+    }}));
+    let doc = yaml(&render("kubelet-config", &s));
+    assert_eq!(
+        doc["tlsCertFile"].as_str(),
+        Some("/etc/kubernetes/pki/kubelet-server.crt")
+    );
+    assert_eq!(
+        doc["tlsPrivateKeyFile"].as_str(),
+        Some("/etc/kubernetes/pki/private/kubelet-server.key")
+    );
+    assert!(
+        doc.get("serverTLSBootstrap").is_none(),
+        "a given certificate replaces bootstrapping"
+    );
+
+    let crt = render("kubelet-server-crt", &s);
+    let blocks = pem_blocks(&crt);
+    assert_eq!(blocks.len(), 2);
+    assert!(blocks.iter().all(|(label, _)| label == "CERTIFICATE"));
+    assert_eq!(blocks[0].1, b"0\x82\x01serving cert".to_vec());
+    let key_text = render("kubelet-server-key", &s);
+    let blocks = pem_blocks(&key_text);
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(blocks[0].0, "EC PRIVATE KEY");
+    assert!(blocks[0].1.ends_with(b"key-material"));
+
+    let meta = ServicesMeta::load(&packaging().join("services.toml")).unwrap();
+    let key_file = &meta.configuration_files["kubelet-server-key"];
+    assert_eq!(
+        key_file.path,
+        "/etc/kubernetes/pki/private/kubelet-server.key"
+    );
+    assert_eq!(key_file.mode, "0600");
+    assert_eq!(
+        meta.configuration_files["kubelet-server-crt"].path,
+        "/etc/kubernetes/pki/kubelet-server.crt"
+    );
+    // One of the two alone is not used; unset, both files are empty.
+    let s = valid(json!({"kubernetes": {"server-certificate": b64(cert)}}));
+    assert!(yaml(&render("kubelet-config", &s))
+        .get("tlsCertFile")
+        .is_none());
+    assert_eq!(render("kubelet-server-key", &json!({})), "");
+    assert_eq!(render("kubelet-server-crt", &json!({})), "");
+}
+
 #[test]
 fn kubelet_env_has_labels_and_taints() {
     let env = env_file(&render("kubelet-env", &full_settings()));
@@ -878,6 +1272,10 @@ fn bottlerocket_documentation_examples_render() {
                     serde_norway::from_str::<serde_norway::Value>(&out)
                         .unwrap_or_else(|e| panic!("{file} / {name}: not YAML ({e}):\n{out}"));
                 }
+                "containerd-cri-base" => {
+                    serde_json::from_str::<Value>(&out)
+                        .unwrap_or_else(|e| panic!("{file} / {name}: not JSON ({e}):\n{out}"));
+                }
                 _ => {}
             }
         }
@@ -949,17 +1347,30 @@ const PEM_B: &str =
     "-----BEGIN CERTIFICATE-----\nMIIBbWFueSBjZXJ0cw==\n-----END CERTIFICATE-----\n";
 const PEM_C: &str = "-----BEGIN CERTIFICATE-----\nMIIBZGlzdHJ1c3Q=\n-----END CERTIFICATE-----\n";
 const PEM_D: &str = "-----BEGIN CERTIFICATE-----\nMIIBY2x1c3Rlcg==\n-----END CERTIFICATE-----\n";
+const PEM_E: &str = "-----BEGIN CERTIFICATE-----\nMIIBc2VydmluZw==\n-----END CERTIFICATE-----\n";
+const KEY_A: &str = "-----BEGIN PRIVATE KEY-----\nMIIBa2V5LXRlc3Q=\n-----END PRIVATE KEY-----\n";
 
 /// Settings with every string that reaches a template, each value distinct and no value
 /// a part of another, so that a changed value can be found in the rendered files.
 fn every_field_settings() -> Value {
     json!({
         "motd": "motd-text line one\nline two",
-        "ntp": {"time-servers": ["169.254.169.123", "ntp://ntp-a.example.com:123", "ntp-b.example.org", "ntp://ntp-c.example.net"]},
+        "ntp": {
+            "time-servers": ["169.254.169.123", "ntp://ntp-a.example.com:123", "ntp-b.example.org", "ntp://ntp-c.example.net"],
+            "options": ["xleave", "prefer"]
+        },
         "network": {
             "hostname": "node-seven.example.internal",
             "https-proxy": "proxy-host.example.com:3128",
-            "no-proxy": ["skip-a.example.net", "192.0.2.0/24"]
+            "no-proxy": ["skip-a.example.net", "192.0.2.0/24"],
+            "hosts": [["10.0.5.9", ["hosts-alias-one", "hosts-alias-two.example"]], ["fd00:ab::99", ["hosts-alias-six"]]]
+        },
+        "oci-defaults": {
+            "capabilities": {"chown": true, "net-raw": true, "sys-admin": false},
+            "resource-limits": {
+                "max-open-files": {"hard-limit": 1048576, "soft-limit": "65535"},
+                "max-processes": {"hard-limit": "unlimited"}
+            }
         },
         "dns": {
             "name-servers": ["10.11.0.2", "fd00:ab::53"],
@@ -975,8 +1386,20 @@ fn every_field_settings() -> Value {
                 {"registry": "creds-b.example.com", "auth": b64("authuser:authpass"), "identitytoken": "identity-token-value"}
             ]
         },
-        "kernel": {"sysctl": {"net.core.somaxconn": "sysctl-value-one", "vm.max_map_count": "262144"}},
+        "kernel": {
+            "sysctl": {"net.core.somaxconn": "sysctl-value-one", "vm.max_map_count": "262144"},
+            "modules": {"mod-alpha": {"allowed": false}, "mod_beta": {"allowed": true, "autoload": true}}
+        },
         "kubernetes": {
+            "server-certificate": b64(PEM_E),
+            "server-key": b64(KEY_A),
+            "reserved-cpus": "2-3,6",
+            "cpu-manager-policy-options": ["full-pcpus-only", "align-by-socket"],
+            "container-log-monitor-interval": "11s",
+            "image-minimum-gc-age": "3m",
+            "image-maximum-gc-age": "99h",
+            "image-gc-high-threshold-percent": "86",
+            "image-gc-low-threshold-percent": "79",
             "api-server": "https://api-server.example.com:6443",
             "cluster-name": "cluster-name-prod",
             "cluster-certificate": b64(PEM_D),
@@ -1017,7 +1440,7 @@ fn every_field_settings() -> Value {
         "aws": {"region": "us-west-2"},
         "boot": {
             "kernel-parameters": {"console": ["tty0", "ttyS1,115200n8"], "nosmt": []},
-            "init-parameters": {"systemd.log_level": ["debug"]}
+            "init-parameters": {"systemd.log_level": ["notice"]}
         },
         "pki": {
             "trusted-ca": {"data": b64(PEM_A), "trusted": true},
@@ -1033,7 +1456,6 @@ const NOT_RENDERED: &[&str] = &[
     "host-containers",
     "bootstrap-containers",
     "bootstrap-commands",
-    "kernel.modules",
     "kernel.lockdown",
     "kubernetes.bootstrap-token",
     "aws.config",
@@ -1053,19 +1475,7 @@ const NOT_RENDERED: &[&str] = &[
     "ecs",
     "kubernetes.hostname-override-source",
     // Rendered in a later step of this change.
-    "network.hosts",
-    "ntp.options",
-    "oci-defaults",
     "kubernetes.static-pods",
-    "kubernetes.server-certificate",
-    "kubernetes.server-key",
-    "kubernetes.reserved-cpus",
-    "kubernetes.cpu-manager-policy-options",
-    "kubernetes.container-log-monitor-interval",
-    "kubernetes.image-minimum-gc-age",
-    "kubernetes.image-maximum-gc-age",
-    "kubernetes.image-gc-high-threshold-percent",
-    "kubernetes.image-gc-low-threshold-percent",
 ];
 
 #[derive(Clone, Debug, PartialEq)]
@@ -1148,8 +1558,10 @@ fn schema_at<'a>(root: &'a Value, node: &'a Value, path: &[Seg]) -> Option<&'a V
         return Some(node);
     };
     let mut options = vec![node];
-    if let Some(any) = node.get("anyOf").and_then(Value::as_array) {
-        options.extend(any.iter().map(|n| resolve(root, n)));
+    for combinator in ["anyOf", "allOf"] {
+        if let Some(list) = node.get(combinator).and_then(Value::as_array) {
+            options.extend(list.iter().map(|n| resolve(root, n)));
+        }
     }
     options.into_iter().find_map(|n| {
         let next = match seg {
@@ -1231,9 +1643,11 @@ fn schema_strings(root: &Value, node: &Value, prefix: &str, out: &mut Vec<String
     if types.contains(&"string") || node.get("enum").is_some() {
         out.push(prefix.to_owned());
     }
-    if let Some(any) = node.get("anyOf").and_then(Value::as_array) {
-        for alternative in any {
-            schema_strings(root, alternative, prefix, out);
+    for combinator in ["anyOf", "allOf"] {
+        if let Some(list) = node.get(combinator).and_then(Value::as_array) {
+            for alternative in list {
+                schema_strings(root, alternative, prefix, out);
+            }
         }
     }
     match node.get("items") {
@@ -1297,6 +1711,22 @@ fn parsed(name: &str, text: &str) -> Vec<(String, String)> {
             other => out.push((path, format!("v:{other:?}"))),
         }
     }
+    fn walk_json(v: &Value, path: String, out: &mut Vec<(String, String)>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    walk_json(v, format!("{path}\0{k}"), out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    walk_json(v, format!("{path}\0[{i}]"), out);
+                }
+            }
+            Value::String(s) => out.push((path, format!("s:{s}"))),
+            other => out.push((path, format!("v:{other}"))),
+        }
+    }
     /// A value of a `KEY=value` line as systemd's EnvironmentFile= and sh read what
     /// `shell_env_quote` writes: plain characters, `'...'` and `\'`; anything else
     /// (spaces, `$`, backquotes, double quotes) is not in the file format we write.
@@ -1347,12 +1777,26 @@ fn parsed(name: &str, text: &str) -> Vec<(String, String)> {
                 }
             }
         }
-        "chrony-conf" | "hosts" | "resolv-conf" => {
+        "hosts" | "resolv-conf" | "modprobe-conf" | "modules-load-conf" => {
             for line in lines(text) {
                 let mut words = line.split_whitespace();
                 let directive = words.next().unwrap_or_default().to_owned();
                 out.push((directive, words.collect::<Vec<_>>().join("\0")));
             }
+        }
+        "chrony-conf" => {
+            // chrony splits a line into words at spaces: a value's own spaces (an option
+            // such as "minpoll 4") separate words, as they do in the settings.
+            for line in lines(text) {
+                let mut words = line.split_whitespace();
+                let directive = words.next().unwrap_or_default().to_owned();
+                out.push((directive, words.collect::<Vec<_>>().join(" ")));
+            }
+        }
+        "containerd-cri-base" => {
+            let doc: Value = serde_json::from_str(text)
+                .unwrap_or_else(|e| panic!("{name}: not JSON ({e}):\n{text}"));
+            walk_json(&doc, String::new(), &mut out);
         }
         "sysctl-conf" => {
             // systemd-sysctl: `key = value`, both trimmed; `#` and `;` start comments.
@@ -1379,7 +1823,8 @@ fn parsed(name: &str, text: &str) -> Vec<(String, String)> {
                 out.push((key.to_owned(), value.to_owned()));
             }
         }
-        "ca-bundle" | "ca-distrust" | "kubernetes-ca" | "motd" | "hostname" => {
+        "ca-bundle" | "ca-distrust" | "kubernetes-ca" | "kubelet-server-crt"
+        | "kubelet-server-key" | "motd" | "hostname" => {
             out.push((String::new(), text.to_owned()));
         }
         other => panic!("no parser for template {other}: add one"),
@@ -1424,7 +1869,8 @@ fn assert_no_raw_controls(file: &str, template: &str, text: &str) {
     let allowed: &[char] = match template {
         // A tab is a value's own: systemd and sh keep it (quoted in the env files).
         "motd" | "sysctl-conf" | "kubelet-env" | "proxy-env" => &['\n', '\t'],
-        "ca-bundle" | "ca-distrust" | "kubernetes-ca" => &['\n', '\r', '\t'],
+        "ca-bundle" | "ca-distrust" | "kubernetes-ca" | "kubelet-server-crt"
+        | "kubelet-server-key" => &['\n', '\r', '\t'],
         _ => &['\n'],
     };
     if let Some(c) = text
