@@ -943,6 +943,53 @@ fn the_kubelet_serves_with_the_configured_certificate_and_key() {
 }
 
 #[test]
+fn static_pods_are_one_manifest_file_each_in_the_kubelets_directory() {
+    let web = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  containers:\n    - name: web\n      image: nginx:1.27\n";
+    let s = valid(json!({"kubernetes": {"static-pods": {
+        "web": {"enabled": true, "manifest": b64(web)},
+        "off": {"enabled": false, "manifest": b64(web)},
+        "no-manifest": {"enabled": true}
+    }}}));
+    let meta = ServicesMeta::load(&packaging().join("services.toml")).unwrap();
+    let file = &meta.configuration_files["static-pods"];
+    assert!(file.item_is_file());
+    assert_eq!(file.mode, "0644");
+    let kubelet = yaml(&render("kubelet-config", &s));
+    let (dir, suffix) = file.pattern_parts().unwrap();
+    assert_eq!(
+        kubelet["staticPodPath"].as_str(),
+        Some(dir),
+        "the kubelet reads that directory"
+    );
+    assert_eq!(suffix, ".yaml");
+    let mut rendered = BTreeMap::new();
+    for item in file.items(&s).unwrap() {
+        let text = render_item("static-pod", &s, &item.value, &item.name);
+        rendered.insert(file.item_path(&item.segment.unwrap()), text);
+    }
+    let pod = yaml(&rendered["/etc/kubernetes/static-pods/web.yaml"]);
+    assert_eq!(pod["kind"].as_str(), Some("Pod"));
+    assert_eq!(pod["metadata"]["name"].as_str(), Some("web"));
+    assert_eq!(
+        pod["spec"]["containers"][0]["image"].as_str(),
+        Some("nginx:1.27")
+    );
+    // A disabled pod, or one without a manifest, renders nothing: the apply writes no
+    // file for it (and removes the one it had).
+    assert_eq!(rendered["/etc/kubernetes/static-pods/off.yaml"].trim(), "");
+    assert_eq!(
+        rendered["/etc/kubernetes/static-pods/no-manifest.yaml"].trim(),
+        ""
+    );
+    assert!(meta
+        .affected_by("settings.kubernetes.static-pods.web.manifest")
+        .contains("kubelet"));
+    assert!(meta.services["kubelet"]
+        .configuration_files
+        .contains(&"static-pods".to_owned()));
+}
+
+#[test]
 fn kubelet_env_has_labels_and_taints() {
     let env = env_file(&render("kubelet-env", &full_settings()));
     assert_eq!(env["NODE_LABELS"], "example.com/role=worker,label1=foo");
@@ -1347,6 +1394,8 @@ const PEM_B: &str =
     "-----BEGIN CERTIFICATE-----\nMIIBbWFueSBjZXJ0cw==\n-----END CERTIFICATE-----\n";
 const PEM_C: &str = "-----BEGIN CERTIFICATE-----\nMIIBZGlzdHJ1c3Q=\n-----END CERTIFICATE-----\n";
 const PEM_D: &str = "-----BEGIN CERTIFICATE-----\nMIIBY2x1c3Rlcg==\n-----END CERTIFICATE-----\n";
+const STATIC_POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: static-web-pod\n  namespace: kube-system\nspec:\n  containers:\n    - name: static-web-container\n      image: static-image.example.com/web:1\n";
+const STATIC_POD_OFF: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: static-off-pod\n";
 const PEM_E: &str = "-----BEGIN CERTIFICATE-----\nMIIBc2VydmluZw==\n-----END CERTIFICATE-----\n";
 const KEY_A: &str = "-----BEGIN PRIVATE KEY-----\nMIIBa2V5LXRlc3Q=\n-----END PRIVATE KEY-----\n";
 
@@ -1391,6 +1440,10 @@ fn every_field_settings() -> Value {
             "modules": {"mod-alpha": {"allowed": false}, "mod_beta": {"allowed": true, "autoload": true}}
         },
         "kubernetes": {
+            "static-pods": {
+                "static-web": {"enabled": true, "manifest": b64(STATIC_POD)},
+                "static-off": {"enabled": false, "manifest": b64(STATIC_POD_OFF)}
+            },
             "server-certificate": b64(PEM_E),
             "server-key": b64(KEY_A),
             "reserved-cpus": "2-3,6",
@@ -1474,8 +1527,6 @@ const NOT_RENDERED: &[&str] = &[
     "autoscaling",
     "ecs",
     "kubernetes.hostname-override-source",
-    // Rendered in a later step of this change.
-    "kubernetes.static-pods",
 ];
 
 #[derive(Clone, Debug, PartialEq)]
@@ -1754,7 +1805,7 @@ fn parsed(name: &str, text: &str) -> Vec<(String, String)> {
         "registries" | "containerd-config" | "containerd-hosts" => {
             walk_toml(&toml::Value::Table(toml_doc(text)), String::new(), &mut out);
         }
-        "kubelet-config" | "kubeconfig" | "credential-provider-config" => {
+        "kubelet-config" | "kubeconfig" | "credential-provider-config" | "static-pod" => {
             walk_yaml(&yaml(text), String::new(), &mut out);
         }
         "kubelet-env" | "proxy-env" => {
@@ -1869,6 +1920,8 @@ fn assert_no_raw_controls(file: &str, template: &str, text: &str) {
     let allowed: &[char] = match template {
         // A tab is a value's own: systemd and sh keep it (quoted in the env files).
         "motd" | "sysctl-conf" | "kubelet-env" | "proxy-env" => &['\n', '\t'],
+        // A manifest is the user's YAML as given.
+        "static-pod" => &['\n', '\r', '\t'],
         "ca-bundle" | "ca-distrust" | "kubernetes-ca" | "kubelet-server-crt"
         | "kubelet-server-key" => &['\n', '\r', '\t'],
         _ => &['\n'],

@@ -8,9 +8,10 @@
 //! [`Applier::apply`] (render affected files, run restart commands, record the outcome).
 //!
 //! A configuration file with `for-each` is a multi-file: one concrete file per item of a
-//! settings list or map (`{item}` in its path), and an apply removes the files (and
-//! emptied directories) of items that are gone; each concrete file is reported as
-//! `name[item]`.
+//! settings list or map (`{item}` in its path, as a directory or as the file name before a
+//! suffix), and an apply removes the files (and emptied directories) of items that are
+//! gone, or whose file renders empty (a disabled static pod); each concrete file is
+//! reported as `name[item]`.
 
 mod detached;
 pub mod dry_run;
@@ -288,10 +289,15 @@ impl Applier {
         for item in meta.items(settings).map_err(items_error)? {
             let segment = item.segment.map_err(items_error)?;
             let context = Templates::item_context(context, &item.value, &item.name);
+            let content = self.inner.templates.render_in(template, &context)?;
+            // An item whose file renders empty has no file.
+            if has_no_file(&content) {
+                continue;
+            }
             out.push(Rendered {
                 name: item_label(name, &item.name),
                 path: meta.item_path(&segment),
-                content: self.inner.templates.render_in(template, &context)?,
+                content,
             });
         }
         Ok(out)
@@ -603,12 +609,16 @@ impl Applier {
                 }
             };
             let path = meta.item_path(&segment);
-            keep.insert(path.clone());
             let context = Templates::item_context(context, &item.value, &item.name);
             let content = self
                 .inner
                 .templates
                 .render_in(&meta.template_path, &context);
+            // An item whose file renders empty has no file: a file it had is stale.
+            if content.as_deref().is_ok_and(has_no_file) {
+                continue;
+            }
+            keep.insert(path.clone());
             outcomes.push(self.write_one(label, path, meta.mode_bits(), content));
         }
         for stale in stale_items(&self.inner.config.render_root, name, meta, &keep) {
@@ -719,6 +729,11 @@ fn current_text(target: &Path) -> Result<String, String> {
     }
 }
 
+/// Whether a multi-file item's rendered `content` means "no file" (it is empty).
+fn has_no_file(content: &str) -> bool {
+    content.trim().is_empty()
+}
+
 /// The report name of one item of a multi-file: `containerd-hosts[docker.io]`.
 fn item_label(file: &str, item: &str) -> String {
     format!("{file}[{item}]")
@@ -777,6 +792,37 @@ fn stale_items(
         return Vec::new();
     };
     let mut stale = Vec::new();
+    if meta.item_is_file() {
+        // `{item}<suffix>` files directly in the directory.
+        for entry in entries.flatten() {
+            let Ok(file_name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let Some(segment) = file_name.strip_suffix(after) else {
+                continue;
+            };
+            let item = services::segment_item(segment);
+            if services::item_segment(&item).as_deref() != Ok(segment) {
+                continue;
+            }
+            if !entry.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            let path = meta.item_path(segment);
+            if keep.contains(&path) {
+                continue;
+            }
+            // No directory of its own to remove: the item's "directory" is the file.
+            stale.push(Stale {
+                name: item_label(name, &item),
+                path,
+                target: entry.path(),
+                item_dir: entry.path(),
+            });
+        }
+        stale.sort_by(|a, b| a.path.cmp(&b.path));
+        return stale;
+    }
     for entry in entries.flatten() {
         let Ok(segment) = entry.file_name().into_string() else {
             continue;
@@ -866,6 +912,118 @@ for-each = "settings.kernel.sysctl"
 
     fn keys() -> Vec<String> {
         vec!["settings.kernel.sysctl".to_owned()]
+    }
+
+    /// An applier whose multi-file names each item's file `{item}.conf`, and renders
+    /// nothing for an item whose value is "off".
+    fn file_item_applier(root: &Path) -> Applier {
+        let text = SERVICES.replace("/etc/per-key/{item}/value", "/etc/per-key/{item}.conf");
+        let meta = ServicesMeta::parse(Path::new("x"), &text).unwrap();
+        let templates = Templates::from_sources([(
+            "per-key".to_owned(),
+            "{% if item != \"off\" %}{{ item_name }}={{ item }}\n{% endif %}".to_owned(),
+        )])
+        .unwrap();
+        let config = ApplyConfig {
+            render_root: root.to_owned(),
+            restart_timeout: Duration::from_secs(1),
+            journal_dir: None,
+        };
+        Applier::new(meta, templates, config, json!({}))
+    }
+
+    #[test]
+    fn items_named_by_file_are_written_and_removed_and_empty_renders_have_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = file_item_applier(dir.path());
+        let meta = a.meta().configuration_files["per-key"].clone();
+        let results = |outcomes: Vec<FileOutcome>| -> Vec<(String, String, String)> {
+            outcomes
+                .into_iter()
+                .map(|o| (o.name, o.path, format!("{:?}", o.result).to_lowercase()))
+                .collect()
+        };
+        let settings = json!({"kernel": {"sysctl": {"vm.a": "1", "vm.b": "2", "vm.c": "off"}}});
+        let context = a.context(&settings);
+        assert_eq!(
+            results(a.write_items("per-key", &meta, &settings, &context)),
+            [
+                (
+                    "per-key[vm.a]".to_owned(),
+                    "/etc/per-key/vm.a.conf".to_owned(),
+                    "written".to_owned()
+                ),
+                (
+                    "per-key[vm.b]".to_owned(),
+                    "/etc/per-key/vm.b.conf".to_owned(),
+                    "written".to_owned()
+                ),
+            ],
+            "vm.c renders empty: no file"
+        );
+        let files = dir.path().join("etc/per-key");
+        assert_eq!(
+            std::fs::read_to_string(files.join("vm.a.conf")).unwrap(),
+            "vm.a=1\n"
+        );
+        assert!(!files.join("vm.c.conf").exists());
+        // What is not one of ours stays: other suffixes, hidden files, directories.
+        for other in ["notes.txt", ".vm.x.conf", "vm.a.conf.bak"] {
+            std::fs::write(files.join(other), "x").unwrap();
+        }
+        std::fs::create_dir(files.join("vm.d.conf")).unwrap();
+
+        // vm.a turned off, vm.b gone: both files removed; a dry run shows them deleted.
+        let settings = json!({"kernel": {"sysctl": {"vm.a": "off", "vm.c": "3"}}});
+        let plan = a.plan(&settings, &keys()).unwrap();
+        let summary: Vec<(&str, bool)> = plan
+            .iter()
+            .map(|d| (d.name.as_str(), d.diff.contains("+++ /dev/null")))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("per-key[vm.c]", false),
+                ("per-key[vm.a]", true),
+                ("per-key[vm.b]", true)
+            ]
+        );
+        let context = a.context(&settings);
+        assert_eq!(
+            results(a.write_items("per-key", &meta, &settings, &context)),
+            [
+                (
+                    "per-key[vm.c]".to_owned(),
+                    "/etc/per-key/vm.c.conf".to_owned(),
+                    "written".to_owned()
+                ),
+                (
+                    "per-key[vm.a]".to_owned(),
+                    "/etc/per-key/vm.a.conf".to_owned(),
+                    "removed".to_owned()
+                ),
+                (
+                    "per-key[vm.b]".to_owned(),
+                    "/etc/per-key/vm.b.conf".to_owned(),
+                    "removed".to_owned()
+                ),
+            ]
+        );
+        let mut left: Vec<String> = std::fs::read_dir(&files)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".vm.x.conf",
+                "notes.txt",
+                "vm.a.conf.bak",
+                "vm.c.conf",
+                "vm.d.conf"
+            ]
+        );
     }
 
     #[test]

@@ -52,7 +52,10 @@ pub struct ConfigurationFile {
     #[serde(default = "default_mode")]
     pub mode: String,
     /// Render one file per item of this settings list or map (`settings.x.y`); `path`
-    /// then holds `{item}` as one whole segment, replaced by each item's name.
+    /// then holds `{item}`, replaced by each item's name: as a whole directory segment
+    /// (`/etc/containerd/certs.d/{item}/hosts.toml`), or as the file name before a fixed
+    /// suffix (`/etc/kubernetes/static-pods/{item}.yaml`) for a reader that takes every
+    /// file of one directory. An item whose file renders empty has no file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub for_each: Option<String>,
     /// For a list: the member of each item that names it. A map's items are named by
@@ -94,8 +97,17 @@ impl ConfigurationFile {
         self.path.replacen(ITEM, segment, 1)
     }
 
+    /// Whether `{item}` names the file itself (`{item}.yaml`) rather than a directory.
+    pub fn item_is_file(&self) -> bool {
+        self.path
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| last.starts_with(ITEM))
+    }
+
     /// The path around `{item}`: the directory before it (`/etc/containerd/certs.d`)
-    /// and the rest after it (`hosts.toml`), both without the separating slashes.
+    /// and the rest after it (`hosts.toml`, or the file name's suffix `.yaml`), both
+    /// without the separating slashes.
     pub fn pattern_parts(&self) -> Option<(&str, &str)> {
         let (before, after) = self.path.split_once(ITEM)?;
         Some((before.trim_end_matches('/'), after.trim_start_matches('/')))
@@ -364,6 +376,17 @@ fn check_multi(file: &ConfigurationFile) -> Result<(), String> {
         ));
     }
     let segments: Vec<&str> = file.path.split('/').collect();
+    // The file form: `{item}` then a fixed suffix (`.yaml`) as the file name, which tells
+    // this file's stale copies apart from whatever else shares the directory.
+    if let Some(suffix) = segments.last().and_then(|last| last.strip_prefix(ITEM)) {
+        if !suffix.starts_with('.') || suffix.len() < 2 {
+            return Err(format!(
+                "path {:?}: a file name {ITEM}<suffix> needs a suffix such as .yaml",
+                file.path
+            ));
+        }
+        return Ok(());
+    }
     let Some(at) = segments.iter().position(|s| *s == ITEM) else {
         return Err(format!(
             "path {:?}: {ITEM} must be a whole path segment",
@@ -474,6 +497,27 @@ item-name = "registry"
     }
 
     #[test]
+    fn an_item_may_name_the_file_before_a_suffix() {
+        let text = MULTI.replace(
+            "/etc/containerd/certs.d/{item}/hosts.toml",
+            "/etc/kubernetes/static-pods/{item}.yaml",
+        );
+        let meta = ServicesMeta::parse(Path::new("x"), &text).unwrap();
+        let file = &meta.configuration_files["hosts"];
+        assert!(file.item_is_file());
+        assert_eq!(
+            file.pattern_parts(),
+            Some(("/etc/kubernetes/static-pods", ".yaml"))
+        );
+        assert_eq!(
+            file.item_path("web"),
+            "/etc/kubernetes/static-pods/web.yaml"
+        );
+        let dirs = ServicesMeta::parse(Path::new("x"), MULTI).unwrap();
+        assert!(!dirs.configuration_files["hosts"].item_is_file());
+    }
+
+    #[test]
     fn multi_files_parse_and_serialize_their_fields() {
         let meta = ServicesMeta::parse(Path::new("x"), MULTI).unwrap();
         let file = &meta.configuration_files["hosts"];
@@ -505,6 +549,7 @@ item-name = "registry"
         assert_eq!(multi_error(ok, each, Some("registry")), "");
         assert_eq!(multi_error(ok, each, None), "", "a map needs no item-name");
         assert_eq!(multi_error("/{item}/x", each, None), "");
+        assert_eq!(multi_error("/etc/pods/{item}.yaml", each, None), "");
         for (path, for_each, item_name, expected) in [
             (ok, None, None, "holds {item} but for-each is not set"),
             (
@@ -518,7 +563,11 @@ item-name = "registry"
             ("/etc/{item}/{item}/x", each, None, "exactly once"),
             ("/etc/{item}.d/x", each, None, "whole path segment"),
             ("/etc/x-{item}/x", each, None, "whole path segment"),
-            ("/etc/certs.d/{item}", each, None, "must name a directory"),
+            ("/etc/certs.d/{item}", each, None, "needs a suffix"),
+            ("/etc/pods/{item}yaml", each, None, "needs a suffix"),
+            ("/etc/pods/{item}.", each, None, "needs a suffix"),
+            ("/etc/pods/x-{item}.yaml", each, None, "whole path segment"),
+            ("/etc/{item}/{item}.yaml", each, None, "exactly once"),
             ("/etc/certs.d/{item}/", each, None, "must name a directory"),
             (
                 ok,
