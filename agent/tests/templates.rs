@@ -1245,6 +1245,11 @@ fn groups_without_a_component_on_this_host_are_marked_no_effect() {
         "settings.ecs.instance-attributes.x",
         "settings.kernel.lockdown",
         "settings.kubernetes.hostname-override-source",
+        "settings.kubernetes.bootstrap-token",
+        "settings.aws.config",
+        "settings.aws.credentials",
+        "settings.aws.profile",
+        "settings.boot.reboot-to-reconcile",
     ] {
         assert!(meta.has_no_effect(key), "{key} is not marked no-effect");
     }
@@ -1257,6 +1262,9 @@ fn groups_without_a_component_on_this_host_are_marked_no_effect() {
         "settings.kernel.sysctl.x",
         "settings.kernel.modules.sctp.allowed",
         "settings.host-containers.admin.enabled",
+        "settings.aws.region",
+        "settings.boot.kernel-parameters.console",
+        "settings.kubernetes.api-server",
     ] {
         assert!(!meta.has_no_effect(key), "{key} is marked no-effect");
     }
