@@ -401,8 +401,10 @@ validated_string! {
     format = None, pattern = Some(concat!("^[^\\n", forbidden_class!(), "]*$"))
 }
 
-/// The longest message of the day accepted.
-pub const MOTD_MAX: usize = 16 * 1024;
+/// The longest message of the day accepted. Generous (Bottlerocket sets no limit, and
+/// user-data written for it must not be refused for a long banner); the motd renders
+/// linearly and the whole model is bounded by the store (4 MiB).
+pub const MOTD_MAX: usize = 1024 * 1024;
 
 fn check_motd(s: &str) -> Result<(), String> {
     check_len(s, "message of the day", MOTD_MAX)?;
