@@ -277,9 +277,23 @@ pub enum AuthenticationMode {
     Tls,
 }
 
+/// A JSON Schema string enum of `values` (every spelling the model accepts).
+fn string_enum(description: &str, values: &[&str]) -> schemars::schema::Schema {
+    schemars::schema::SchemaObject {
+        instance_type: Some(schemars::schema::InstanceType::String.into()),
+        enum_values: Some(values.iter().map(|v| Value::from(*v)).collect()),
+        metadata: Some(Box::new(schemars::schema::Metadata {
+            description: Some(description.to_owned()),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+    .into()
+}
+
 /// The kubelet memory manager policy (`None` or `Static`; lowercase accepted too, as the
 /// kubelet and Bottlerocket do, and stored capitalized).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemoryManagerPolicy {
     #[serde(alias = "none")]
     None,
@@ -287,15 +301,39 @@ pub enum MemoryManagerPolicy {
     Static,
 }
 
+impl JsonSchema for MemoryManagerPolicy {
+    fn schema_name() -> String {
+        "MemoryManagerPolicy".to_owned()
+    }
+    fn json_schema(_: &mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema {
+        string_enum(
+            "The kubelet memory manager policy",
+            &["None", "Static", "none", "static"],
+        )
+    }
+}
+
 /// The kubelet CPU manager policy (`none` or `static`; capitalized accepted too, and
 /// stored lowercase).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuManagerPolicy {
     #[serde(alias = "None")]
     None,
     #[serde(alias = "Static")]
     Static,
+}
+
+impl JsonSchema for CpuManagerPolicy {
+    fn schema_name() -> String {
+        "CpuManagerPolicy".to_owned()
+    }
+    fn json_schema(_: &mut schemars::gen::SchemaGenerator) -> schemars::schema::Schema {
+        string_enum(
+            "The kubelet CPU manager policy",
+            &["none", "static", "None", "Static"],
+        )
+    }
 }
 
 /// An option of the kubelet's static CPU manager policy (`cpuManagerPolicyOptions`).

@@ -192,6 +192,15 @@ fn forms_bottlerocket_also_accepts_are_stored_as_bottlerocket_stores_them() {
         "u"
     );
     assert!(stored["container-registry"].get("creds").is_none());
+    // The schema takes every spelling the model takes.
+    let schema = settings_model::schema::json_schema();
+    for (name, spelling) in [
+        ("CpuManagerPolicy", "Static"),
+        ("MemoryManagerPolicy", "static"),
+    ] {
+        let values = schema["definitions"][name]["enum"].as_array().unwrap();
+        assert!(values.contains(&json!(spelling)), "{name}: {values:?}");
+    }
     // A `creds` merged over stored `credentials` replaces them.
     let stored = validate(&json!({"container-registry": {
         "credentials": [{"registry": "old.example.com", "username": "old"}],
