@@ -258,7 +258,10 @@ fn motd_refuses_terminal_escape_sequences() {
     ] {
         validate_patch(&json!({ "motd": ok })).unwrap();
     }
-    let err = refused(json!({"motd": "m".repeat(1024 * 1024 + 1)}), "settings.motd");
+    let err = refused(
+        json!({"motd": "m".repeat(1024 * 1024 + 1)}),
+        "settings.motd",
+    );
     assert!(err.reason().contains("at most 1048576 bytes"), "{err}");
 }
 

@@ -257,3 +257,30 @@ fn apply_without_keys_renders_every_file() {
         );
     }
 }
+
+/// A key this host stores but does not act on is said to be so, in the dry run and in
+/// the apply log.
+#[test]
+fn settings_without_effect_on_this_host_are_named_in_dry_runs_and_applies() {
+    let keeld = Keeld::start();
+    let r = keeld.raw(
+        "PATCH",
+        "/settings?tx=u",
+        Some(br#"{"updates": {"ignore-waves": true}, "motd": "m"}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let dry = keeld.raw("POST", "/tx/dry-run?tx=u", None).json();
+    assert_eq!(
+        dry["no-effect"],
+        json!(["settings.updates.ignore-waves"]),
+        "{dry:#}"
+    );
+    let out = keeld.apiclient(&["raw", "-m", "POST", "-u", "/tx/commit_and_apply?tx=u"]);
+    ok(&out);
+    let log = keeld.raw("GET", "/apply/log?limit=1", None).json();
+    assert_eq!(
+        log["applies"][0]["no-effect"],
+        json!(["settings.updates.ignore-waves"]),
+        "{log:#}"
+    );
+}

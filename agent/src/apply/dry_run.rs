@@ -19,6 +19,10 @@ pub struct DryRun {
     pub settings: Map<String, Value>,
     pub services: BTreeMap<String, Vec<String>>,
     pub files: Vec<FileDiff>,
+    /// Changed keys this host stores but does not act on (no component of Keel's
+    /// reads them): "stored, no effect on this host".
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub no_effect: Vec<String>,
 }
 
 /// Why a dry run has no answer.
@@ -59,7 +63,9 @@ impl Applier {
             })
             .collect();
         let files = self.plan(&candidate, &changed)?;
+        let no_effect = self.no_effect_keys(&candidate, &changed);
         Ok(DryRun {
+            no_effect,
             tx: tx.to_owned(),
             services: self.affected(&changed),
             changed_keys: changed,
