@@ -339,7 +339,8 @@ fn measure_append_floor(parent: &Path, secs: f64) -> Floor {
         .open(dir.path().join("log"))
         .expect("create");
     let block = vec![b'k'; 4096];
-    file.write_all_at(&vec![0u8; 1 << 20], 0).expect("preallocate");
+    file.write_all_at(&vec![0u8; 1 << 20], 0)
+        .expect("preallocate");
     file.sync_all().expect("fsync");
     let mut latencies = Vec::with_capacity(64 * 1024);
     let start = Instant::now();
@@ -395,9 +396,13 @@ fn history_run(
         let mut conn = Conn::open(&socket).await;
         for i in 0..prefill {
             let body = json!({ "motd": format!("prefill {i}") }).to_string();
-            conn.request(http::Method::PATCH, "/settings?tx=prefill", Some(body.as_bytes()))
-                .await
-                .expect("prefill patch");
+            conn.request(
+                http::Method::PATCH,
+                "/settings?tx=prefill",
+                Some(body.as_bytes()),
+            )
+            .await
+            .expect("prefill patch");
             conn.request(http::Method::POST, "/tx/commit?tx=prefill", None)
                 .await
                 .expect("prefill commit");
