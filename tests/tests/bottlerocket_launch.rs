@@ -373,3 +373,89 @@ fn a_bad_value_from_user_data_is_refused_naming_its_key_and_changes_nothing() {
     assert_eq!(r.status, 422, "nothing was staged: {}", r.text());
     assert_eq!(send(&keeld, "GET", "/settings", "").json(), before);
 }
+
+/// keeld's own boot takes the same three sources as its user-data providers and reaches
+/// `configured` with every effect rendered; with one bad value in the user-data, the
+/// boot fails naming the key, only the OS defaults are committed, and the host
+/// container the defaults enable (the control container) is let start.
+#[test]
+fn keelds_own_boot_takes_the_same_user_data_and_survives_one_bad_value() {
+    for bad in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = user_data();
+        if bad {
+            text = text.replace("pod-pids-limit = 4096", "pod-pids-limit = \"lots\"");
+        }
+        let files = [
+            ("defaults.toml", DEFAULTS.to_owned()),
+            ("user-data.toml", text),
+            ("overrides.toml", OVERRIDES.to_owned()),
+        ];
+        for (name, content) in &files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
+        let arg = |name: &str| dir.path().join(name).display().to_string();
+        let keeld = Keeld::start_with(keel_e2e::KeeldOptions {
+            wait_for_boot: false,
+            extra_args: vec![
+                "--os-defaults".to_owned(),
+                keel_e2e::repo_root()
+                    .join("packaging/defaults.toml")
+                    .display()
+                    .to_string(),
+                "--user-data-providers".to_owned(),
+                "defaults,file,overrides".to_owned(),
+                "--user-data-defaults".to_owned(),
+                arg("defaults.toml"),
+                "--user-data-file".to_owned(),
+                arg("user-data.toml"),
+                "--user-data-overrides".to_owned(),
+                arg("overrides.toml"),
+            ],
+            ..keel_e2e::KeeldOptions::default()
+        });
+        let record = keeld.wait_boot(std::time::Duration::from_secs(60));
+        let settings = send(&keeld, "GET", "/settings", "").json();
+        if !bad {
+            assert_eq!(record["phase"], "configured", "{record:#}\n{}", keeld.log());
+            assert_eq!(settings["motd"], "Bottlerocket user-data on Keel");
+            assert!(read(&keeld, "etc/hosts").contains("db.internal"));
+            assert!(read(&keeld, "etc/kubernetes/static-pods/web.yaml").contains("nginx"));
+            assert!(read(&keeld, "etc/kubernetes/kubelet/config").contains("4096"));
+            continue;
+        }
+        assert_eq!(record["phase"], "failed", "{record:#}");
+        assert_eq!(record["defaults-only"], true, "{record:#}");
+        let reason = record["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("user-data.toml")
+                && reason.contains("settings.kubernetes.pod-pids-limit"),
+            "{reason}"
+        );
+        // Only the OS defaults: none of the three sources' values.
+        assert_eq!(settings["motd"], "Welcome to Keel!", "{settings:#}");
+        assert!(settings.get("updates").is_none(), "{settings:#}");
+        assert!(read(&keeld, "etc/motd").contains("Welcome to Keel!"));
+        // The control container the defaults enable is being started (this harness has
+        // no containerd, so it cannot get further), not held back by the failed boot.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let hosts = send(&keeld, "GET", "/containers?kind=host", "").json();
+            let control = hosts
+                .as_array()
+                .and_then(|a| a.iter().find(|c| c["name"] == "control"))
+                .cloned()
+                .unwrap_or(Value::Null);
+            let state = control["state"].as_str().unwrap_or_default().to_owned();
+            if !state.is_empty() && state != "waiting-for-boot" {
+                assert_ne!(state, "not-started", "{hosts:#}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "control never left waiting-for-boot: {hosts:#}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
