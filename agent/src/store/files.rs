@@ -63,7 +63,7 @@ const LOCK: &str = "state.lock";
 #[serde(rename_all = "kebab-case")]
 struct GenerationsFile {
     format: u32,
-    generations: Vec<Generation>,
+    generations: Vec<Arc<Generation>>,
     /// `(generation, transaction id)` of recent commits, oldest first.
     #[serde(default)]
     committed: VecDeque<(u64, u64)>,
@@ -84,7 +84,7 @@ struct GenerationsFile {
 #[serde(rename_all = "kebab-case")]
 struct GenerationsFileRef<'a> {
     format: u32,
-    generations: &'a [Generation],
+    generations: &'a [Arc<Generation>],
     committed: &'a VecDeque<(u64, u64)>,
     next_tx_id: u64,
     pending_ids: &'a [u64],
@@ -96,7 +96,7 @@ struct GenerationsFileRef<'a> {
 #[serde(rename_all = "kebab-case")]
 struct Delta {
     /// The generations the batch made, oldest first.
-    generations: Vec<Generation>,
+    generations: Vec<Arc<Generation>>,
     /// Their `(generation, transaction id)` pairs.
     committed: Vec<(u64, u64)>,
     /// The oldest generation still kept.
@@ -305,7 +305,7 @@ impl StoreFiles {
                 (file.generations, committed, record, log_size)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
-                vec![Generation {
+                vec![Arc::new(Generation {
                     generation: 0,
                     time: super::now_rfc3339(),
                     tx: "initial".to_owned(),
@@ -314,7 +314,7 @@ impl StoreFiles {
                     changed_keys: Vec::new(),
                     rollback_of: None,
                     settings: Arc::new(Value::Object(Default::default())),
-                }],
+                })],
                 VecDeque::new(),
                 None,
                 None,
@@ -598,7 +598,7 @@ impl StoreFiles {
     /// log starts again.
     pub fn write_generations(
         &mut self,
-        generations: &[Generation],
+        generations: &[Arc<Generation>],
         committed: &VecDeque<(u64, u64)>,
         next_tx_id: u64,
         pending_ids: &[u64],
@@ -654,7 +654,7 @@ impl StoreFiles {
     /// any point leaves either the previous snapshot with its log, or the new one.
     fn write_snapshot(
         &mut self,
-        generations: &[Generation],
+        generations: &[Arc<Generation>],
         committed: &VecDeque<(u64, u64)>,
         next_tx_id: u64,
         pending_ids: &[u64],
@@ -875,7 +875,7 @@ fn parse_tx_file_name(name: &str) -> Option<(u64, u64)> {
 /// generation; when the header is gone too, it counts as every write it may stand for (a
 /// slot: one, writes alternate; the log: every number after the last record read), and
 /// one write carries at most `MAX_GENERATIONS_PER_WRITE` generations.
-fn recover(history: &mut Vec<Generation>, loss: Loss, discarded: Vec<String>) -> Recovered {
+fn recover(history: &mut Vec<Arc<Generation>>, loss: Loss, discarded: Vec<String>) -> Recovered {
     let live = history.last().map_or(0, |g| g.generation);
     let known = loss.lost_generation.unwrap_or(0).max(live);
     let margin = super::writer::MAX_GENERATIONS_PER_WRITE.saturating_mul(loss.unknown_writes);
@@ -891,7 +891,7 @@ fn recover(history: &mut Vec<Generation>, loss: Loss, discarded: Vec<String>) ->
         discarded_pending = ?discarded,
         "--accept-state-loss: continuing from the newest intact state; what the damaged file held is lost"
     );
-    history.push(Generation {
+    history.push(Arc::new(Generation {
         generation,
         time: super::now_rfc3339(),
         tx: super::RECOVERY_TX.to_owned(),
@@ -900,7 +900,7 @@ fn recover(history: &mut Vec<Generation>, loss: Loss, discarded: Vec<String>) ->
         changed_keys: Vec::new(),
         rollback_of: None,
         settings,
-    });
+    }));
     Recovered {
         reason: loss.reason,
         continued_from: live,
@@ -911,7 +911,7 @@ fn recover(history: &mut Vec<Generation>, loss: Loss, discarded: Vec<String>) ->
 
 /// Applies one log record to the state read so far.
 fn apply_delta(
-    history: &mut Vec<Generation>,
+    history: &mut Vec<Arc<Generation>>,
     committed: &mut VecDeque<(u64, u64)>,
     record: &mut Option<PendingRecord>,
     delta: Delta,

@@ -154,8 +154,10 @@ pub const MAX_PATCHES_PER_TX: usize = 4096;
 /// An immutable view of the store, swapped in whole after each persisted batch.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// Oldest first; never empty: generation 0 is the empty model.
-    pub history: Vec<Generation>,
+    /// Oldest first; never empty: generation 0 is the empty model. Shared (`Arc`): the
+    /// writer copies the snapshot for each batch, and a copy of the history must cost a
+    /// pointer per generation, not a copy of every kept model.
+    pub history: Vec<Arc<Generation>>,
     pub pending: BTreeMap<String, PendingTx>,
     /// `(generation, transaction id)` of the last [`COMMITTED_WINDOW`] commits, oldest
     /// first, kept beyond the history: for a store written before the committed state
@@ -189,7 +191,10 @@ impl Snapshot {
     }
 
     pub fn find(&self, generation: u64) -> Option<&Generation> {
-        self.history.iter().find(|g| g.generation == generation)
+        self.history
+            .iter()
+            .find(|g| g.generation == generation)
+            .map(|g| &**g)
     }
 }
 

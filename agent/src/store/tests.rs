@@ -151,7 +151,7 @@ fn a_transaction_committed_before_a_crash_is_not_pending_after() {
     let mut files = open_files(dir.path(), false).unwrap();
     let snapshot = files.load().unwrap();
     let mut history = snapshot.history.clone();
-    history.push(Generation {
+    history.push(Arc::new(Generation {
         generation: 1,
         time: "2026-01-01T00:00:00.000Z".to_owned(),
         tx: "t".to_owned(),
@@ -160,7 +160,7 @@ fn a_transaction_committed_before_a_crash_is_not_pending_after() {
         changed_keys: vec!["settings.motd".to_owned()],
         rollback_of: None,
         settings: Arc::new(json!({"motd": "x"})),
-    });
+    }));
     files
         .write_generations(&history, &[(1, id)].into_iter().collect(), id + 1, &[])
         .unwrap();

@@ -741,7 +741,7 @@ fn push_generation(
             work.committed.pop_front();
         }
     }
-    work.history.push(Generation {
+    work.history.push(Arc::new(Generation {
         generation,
         time: super::now_rfc3339(),
         tx,
@@ -750,7 +750,7 @@ fn push_generation(
         changed_keys: changed.to_vec(),
         rollback_of,
         settings: Arc::new(settings),
-    });
+    }));
     if work.history.len() > keep {
         let excess = work.history.len() - keep;
         work.history.drain(..excess);
