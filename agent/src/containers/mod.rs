@@ -154,7 +154,11 @@ pub async fn run_host_containers<R: Runtime + Inventory>(
                     .map(|d| (d.name.clone(), d.tier_name, d.source.clone()))
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_else(|e| {
+                // Committed settings always validate; this would be a bug, not bad input.
+                tracing::error!(error = %e, "live settings do not parse; no host container listed as waiting");
+                Vec::new()
+            })
     };
     let show = |state: status::RunState, reason: &str| {
         for (name, tier, source) in enabled(&store) {
