@@ -41,9 +41,14 @@ pub struct Config {
     /// Reboot command (argv, no shell) run by `POST /actions/reboot`.
     #[arg(long, num_args = 1.., default_values = ["systemctl", "reboot"])]
     pub reboot_command: Vec<String>,
-    /// Variant reported by `GET /os`.
+    /// Variant reported by `GET /os` when there is no --os-release.
     #[arg(long, default_value = "keel-dev")]
     pub variant: String,
+    /// The image's os-release file, whose VERSION_ID, VARIANT_ID, BUILD_ID and
+    /// PRETTY_NAME `GET /os` reports (a Keel OS image sets it to /usr/lib/os-release);
+    /// without it, keeld's own version and --variant.
+    #[arg(long, env = "KEELD_OS_RELEASE")]
+    pub os_release: Option<PathBuf>,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -79,8 +84,14 @@ pub struct Config {
     #[arg(long, default_value = "/usr/share/keel/defaults.toml")]
     pub os_defaults: PathBuf,
     /// User-data providers in the order they run at first boot, comma-separated, from
-    /// defaults, imds, file, overrides (EC2 hosts add imds).
-    #[arg(long, default_value = "defaults,file,overrides", value_parser = parse_providers)]
+    /// defaults, imds, qemu, file, overrides (EC2 hosts add imds; a qemu guest given
+    /// user-data with `-fw_cfg name=opt/keel/user-data,file=…` adds qemu).
+    #[arg(
+        long,
+        default_value = "defaults,file,overrides",
+        env = "KEELD_USER_DATA_PROVIDERS",
+        value_parser = parse_providers
+    )]
     pub user_data_providers: String,
     /// The `defaults` provider's file.
     #[arg(long, default_value = "/local/user-data-defaults.toml")]
@@ -143,6 +154,9 @@ impl Config {
             .iter()
             .filter_map(|name| match name.as_str() {
                 "defaults" => Some(Provider::Defaults(self.user_data_defaults.clone())),
+                "qemu" => Some(Provider::Qemu(PathBuf::from(
+                    crate::boot::providers::QEMU_FW_CFG_USER_DATA,
+                ))),
                 "imds" => Some(Provider::Imds(crate::boot::imds::ImdsConfig {
                     endpoint: self.imds_endpoint.clone(),
                     deadline: self.imds_timeout.into(),

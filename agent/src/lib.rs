@@ -30,6 +30,8 @@ pub enum AgentError {
     Socket(#[from] api::server::SocketError),
     #[error("containerd: {0}")]
     Containerd(#[from] containers::client::ConnectError),
+    #[error("os-release: {0}")]
+    OsRelease(#[from] os::OsReleaseError),
     #[error("API group {0:?} does not exist (looked up in /etc/group)")]
     UnknownGroup(String),
 }
@@ -39,7 +41,10 @@ pub enum AgentError {
 pub async fn run(config: Config, activation: api::server::Activation) -> Result<(), AgentError> {
     let meta = apply::ServicesMeta::load(&config.services)?;
     let templates = apply::render::Templates::load(&config.templates)?;
-    let os = os::OsInfo::current(&config.variant);
+    let os = match &config.os_release {
+        Some(path) => os::OsInfo::from_os_release(path)?,
+        None => os::OsInfo::current(&config.variant),
+    };
     let applier = apply::Applier::new(
         meta,
         templates,

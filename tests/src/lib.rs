@@ -7,6 +7,8 @@
 
 pub mod containerd;
 pub mod image;
+pub mod imds;
+pub mod vm;
 pub mod registry;
 
 use std::io::{Read, Write};

@@ -229,10 +229,15 @@ fn unit_flags_exist() {
             "keeld has no flag {flag}:\n{keeld_help}"
         );
     }
-    // This unit is for EC2 hosts.
+    // This unit is for EC2 hosts: the providers come from the environment (a drop-in
+    // may replace them per platform), and keeld reads that variable for the flag.
     assert_eq!(
-        flag_value(&argv, "--user-data-providers"),
-        "defaults,imds,file,overrides"
+        directive(&unit_text("keeld.service"), "Environment"),
+        "KEELD_USER_DATA_PROVIDERS=defaults,imds,file,overrides"
+    );
+    assert!(
+        keeld_help.contains("[env: KEELD_USER_DATA_PROVIDERS=]"),
+        "{keeld_help}"
     );
 
     let exec = directive(&unit_text("keel-boot.service"), "ExecStart");

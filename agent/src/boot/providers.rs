@@ -3,6 +3,9 @@
 //!
 //! - `defaults`: a local user-data defaults file (`/local/user-data-defaults.toml`);
 //! - `imds`: EC2 instance metadata, IMDSv2 ([`super::imds`]);
+//! - `qemu`: a file passed to a qemu guest with `-fw_cfg name=opt/keel/user-data,file=…`,
+//!   read from the kernel's fw_cfg sysfs interface (for a local host with no metadata
+//!   service; `packaging/image/run.sh` uses it);
 //! - `file`: the local user-data file (`/local/user-data.toml`);
 //! - `overrides`: a local overrides file (`/local/user-data-overrides.toml`).
 //!
@@ -25,12 +28,17 @@ const MAX_USER_DATA: u64 = 16 << 20;
 pub enum Provider {
     Defaults(PathBuf),
     Imds(ImdsConfig),
+    /// The fw_cfg file's `raw` contents in sysfs.
+    Qemu(PathBuf),
     File(PathBuf),
     Overrides(PathBuf),
 }
 
 /// What `--user-data-providers` accepts.
-pub const PROVIDER_NAMES: [&str; 4] = ["defaults", "imds", "file", "overrides"];
+pub const PROVIDER_NAMES: [&str; 5] = ["defaults", "imds", "qemu", "file", "overrides"];
+
+/// Where the kernel's qemu_fw_cfg driver shows the `opt/keel/user-data` fw_cfg file.
+pub const QEMU_FW_CFG_USER_DATA: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/keel/user-data/raw";
 
 impl Provider {
     /// The name in the boot record and in error messages.
@@ -38,6 +46,7 @@ impl Provider {
         match self {
             Provider::Defaults(p) => format!("defaults file {}", p.display()),
             Provider::Imds(c) => format!("EC2 IMDS {}", c.endpoint),
+            Provider::Qemu(p) => format!("qemu fw_cfg opt/keel/user-data ({})", p.display()),
             Provider::File(p) => format!("user-data file {}", p.display()),
             Provider::Overrides(p) => format!("overrides file {}", p.display()),
         }
@@ -56,6 +65,7 @@ impl Provider {
         match self {
             Provider::Defaults(_) => "user-data:defaults",
             Provider::Imds(_) => "user-data:imds",
+            Provider::Qemu(_) => "user-data:qemu",
             Provider::File(_) => "user-data:file",
             Provider::Overrides(_) => "user-data:overrides",
         }
@@ -64,9 +74,10 @@ impl Provider {
     /// The source's user-data text, or `None` when it has none.
     pub async fn fetch(&self) -> Result<Option<String>, String> {
         let bytes = match self {
-            Provider::Defaults(p) | Provider::File(p) | Provider::Overrides(p) => {
-                read_local(p.clone()).await?
-            }
+            Provider::Defaults(p)
+            | Provider::Qemu(p)
+            | Provider::File(p)
+            | Provider::Overrides(p) => read_local(p.clone()).await?,
             Provider::Imds(config) => imds::fetch_user_data(config)
                 .await
                 .map_err(|e| e.to_string())?,

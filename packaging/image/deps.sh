@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building and booting Keel OS needs on Debian 12. Idempotent.
+# qemu-system-x86 comes from bookworm-backports, to match the backports qemu-utils some
+# machines have (bookworm's qemu-system-x86 conflicts with it).
+set -euo pipefail
+bash "$(dirname "$0")/../dev/deps.sh"
+packages=(mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools fdisk e2fsprogs cpio gzip jq ovmf kmod)
+missing=()
+for p in "${packages[@]}" qemu-system-x86; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+((${#missing[@]})) || exit 0
+export DEBIAN_FRONTEND=noninteractive
+backports=/etc/apt/sources.list.d/bookworm-backports.sources
+if [[ ! -e $backports ]] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    cat > "$backports" <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+echo "image deps: installing ${missing[*]}"
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null

@@ -1,0 +1,450 @@
+//! Keel OS booted under qemu: the image `packaging/image/build.sh` builds, with keeld as
+//! the host's agent under real systemd, on a read-only root verified by dm-verity.
+//!
+//! Each test boots the image (35–45 s under TCG), so there are few, and each checks a
+//! lot. The harness sees the guest only as a user does: the serial console, the boot
+//! report port (keel-report.service), the metadata service it serves, qemu's power
+//! button and the disk. Inside the guest, checks run as the admin container's user-data
+//! script (the admin image runs its user-data when it starts with `#!`), which prints
+//! `KEEL-PROBE key=value` lines on the console; no test code is in keeld or the image.
+//!
+//! Run after the other tests, alone (`cargo test -p keel-e2e --test vm -- --test-threads 1`,
+//! as packaging/dev/test.sh does): a boot must not share the 2 cores with a build. Needs
+//! root, qemu-system-x86 and the image tools (packaging/image/deps.sh installs them).
+//! A failing test prints the serial console.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use keel_e2e::vm::{report_json, report_phase, Firmware, Image, UserData, Vm, VmConfig};
+
+/// One boot's budget: TCG on a busy 2-core machine takes up to ~90 s to `configured`.
+const BOOT: Duration = Duration::from_secs(300);
+
+fn require_root() {
+    assert_eq!(
+        rustix::process::geteuid().as_raw(),
+        0,
+        "the VM tests build an image (mmdebstrap, chroot) and need root"
+    );
+}
+
+fn image() -> Image {
+    require_root();
+    Image::build(&[])
+}
+
+fn b64(text: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+/// The probe the admin container runs at every start. It counts its boots in its
+/// persistent directory and checks, from inside the host, what a user would check.
+const PROBE: &str = r#"#!/bin/sh
+say() { echo "KEEL-PROBE $*" > /dev/console; }
+host() { nsenter -t 1 -m -u -i -n -p -- "$@"; }
+state=/.bottlerocket/host-containers/admin/boots
+n=$(( $(cat $state 2>/dev/null || echo 0) + 1 ))
+echo $n > $state.tmp && sync && mv $state.tmp $state && sync
+say "boot=$n"
+say "findmnt=$(host findmnt -n -o SOURCE,FSTYPE,OPTIONS / | tr -s ' ' ' ')"
+say "dm=$(host cat /sys/block/$(basename $(host readlink -f /dev/mapper/keel-root))/dm/name)"
+say "usr-write=$(host touch /usr/keel-probe 2>&1 | tr -d '\n')"
+say "etc-motd=$(host cat /etc/motd | tr '\n' ' ')"
+say "etc-hostname=$(host cat /etc/hostname)"
+say "sysctl=$(host cat /proc/sys/vm/max_map_count)"
+say "capeff=$(grep CapEff /proc/self/status | tr -d '\t' )"
+say "apiclient-motd=$(apiclient get settings.motd | tr -d '\n ')"
+say "bootstrap-runs=$(cat /.bottlerocket/rootfs/local/bootstrap-containers/setup/runs 2>/dev/null | tr '\n' ' ')"
+say "history=$(apiclient raw -u /history | tr -d '\n' | grep -o '"generation"' | wc -l)"
+say "machine-id=$(host cat /etc/machine-id)"
+if [ "$n" = 1 ]; then
+    say "rebooting"
+    apiclient raw -m POST -u /actions/reboot
+    exit 0
+fi
+if [ "$n" = 2 ]; then
+    say "containers-before=$(apiclient raw -u /containers | tr -d '\n')"
+    old=$(host pidof keeld)
+    say "keeld-before=$old"
+    kill -9 $old
+    i=0
+    while [ $i -lt 120 ]; do
+        new=$(host pidof keeld)
+        if [ -n "$new" ] && [ "$new" != "$old" ] && apiclient get settings.motd >/dev/null 2>&1; then
+            break
+        fi
+        sleep 1; i=$((i + 1))
+    done
+    say "keeld-after=$(host pidof keeld)"
+    say "apiclient-after=$(apiclient get settings.motd | tr -d '\n ')"
+    say "containers-after=$(apiclient raw -u /containers | tr -d '\n')"
+    say "done"
+fi
+"#;
+
+/// The `once` essential bootstrap container: counts its runs on the data partition.
+const SETUP: &str = r#"#!/bin/sh
+dir=/.bottlerocket/rootfs/local/bootstrap-containers/setup
+date +%s >> $dir/runs && sync
+"#;
+
+fn user_data(motd: &str) -> String {
+    format!(
+        r#"[settings]
+motd = "{motd}"
+
+[settings.network]
+hostname = "keel-vm-test"
+
+[settings.kernel.sysctl]
+"vm.max_map_count" = "262144"
+
+[settings.bootstrap-containers.setup]
+source = "oci-archive:/usr/share/keel/images/admin.tar"
+mode = "once"
+essential = true
+user-data = "{setup}"
+
+[settings.host-containers.admin]
+enabled = true
+superpowered = true
+user-data = "{probe}"
+"#,
+        setup = b64(SETUP),
+        probe = b64(PROBE),
+    )
+}
+
+/// The `KEEL-PROBE` values on the console, in order (a key seen twice keeps both).
+fn probe_values(serial: &str) -> Vec<(String, String)> {
+    serial
+        .lines()
+        .filter_map(|l| l.split_once("KEEL-PROBE ").map(|(_, rest)| rest))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// The values printed in the probe's `boot=n` run.
+fn probe_boot(serial: &str, n: usize) -> BTreeMap<String, String> {
+    let mut current = 0;
+    let mut out = BTreeMap::new();
+    for (k, v) in probe_values(serial) {
+        if k == "boot" {
+            current = v.parse().unwrap_or(0);
+            continue;
+        }
+        if current == n {
+            out.insert(k, v);
+        }
+    }
+    out
+}
+
+struct Booted {
+    vm: Vm,
+    _dir: tempfile::TempDir,
+}
+
+fn boot(image: &Image, user_data: UserData, dir: tempfile::TempDir) -> Booted {
+    let disk = dir.path().join("disk.qcow2");
+    if !disk.exists() {
+        image.overlay_disk(&disk, "4G");
+    }
+    let vm = Vm::boot(&VmConfig {
+        image: image.clone(),
+        disk,
+        user_data,
+        firmware: Firmware::DirectKernel,
+        memory_mib: 1024,
+        dir: dir.path().to_owned(),
+        interactive: false,
+        imds_port: None,
+    });
+    Booted { vm, _dir: dir }
+}
+
+/// Panics with the serial console attached.
+fn check(vm: &Vm, ok: bool, what: &str) {
+    if !ok {
+        panic!("{what}\n--- serial console ---\n{}", vm.serial());
+    }
+}
+
+/// First boot from IMDSv2 user-data, a reboot through `apiclient reboot`, and keeld
+/// killed: the host's whole first day.
+#[test]
+fn first_boot_reboot_and_a_killed_keeld() {
+    let image = image();
+    let motd = "hello from the vm test";
+    let mut booted = boot(
+        &image,
+        UserData::Imds(user_data(motd).into_bytes()),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let vm = &mut booted.vm;
+
+    // Boot 1: configured from IMDS.
+    let report = vm.wait_report(1, BOOT);
+    check(vm, report.is_ok(), &format!("first boot: {report:?}"));
+    let report = report.unwrap_or_default();
+    check(
+        vm,
+        report_phase(&report).as_deref() == Some("configured"),
+        &format!("first boot not configured:\n{report}"),
+    );
+    let settings = report_json(&report, "settings").unwrap_or_default();
+    check(
+        vm,
+        settings["settings"]["motd"] == motd,
+        &format!("settings in the report:\n{report}"),
+    );
+    let imds = vm.imds.as_ref().expect("imds");
+    let seen = imds.seen();
+    check(
+        vm,
+        seen.first()
+            .is_some_and(|s| s.path == "/latest/api/token" && s.method == "PUT"),
+        &format!("IMDSv2 token first: {seen:?}"),
+    );
+    check(
+        vm,
+        imds.user_data_reads() == 1,
+        &format!("user-data read once: {seen:?}"),
+    );
+
+    let waited = vm.wait_serial("KEEL-PROBE rebooting", 1, BOOT);
+    check(vm, waited.is_ok(), &format!("{waited:?}"));
+    let one = probe_boot(&vm.serial(), 1);
+    let findmnt = one.get("findmnt").cloned().unwrap_or_default();
+    check(
+        vm,
+        findmnt.starts_with("/dev/mapper/keel-root erofs ro"),
+        &format!("/ is not the verity-backed erofs, read-only: {findmnt:?}"),
+    );
+    check(
+        vm,
+        one.get("dm").map(String::as_str) == Some("keel-root"),
+        &format!("{one:?}"),
+    );
+    check(
+        vm,
+        one.get("usr-write")
+            .is_some_and(|w| w.contains("Read-only file system")),
+        &format!("a write to /usr must fail with EROFS: {one:?}"),
+    );
+    check(
+        vm,
+        one.get("etc-motd").is_some_and(|m| m.contains(motd)),
+        &format!("/etc/motd: {one:?}"),
+    );
+    check(
+        vm,
+        one.get("etc-hostname").map(String::as_str) == Some("keel-vm-test"),
+        &format!("/etc/hostname: {one:?}"),
+    );
+    check(
+        vm,
+        one.get("sysctl").map(String::as_str) == Some("262144"),
+        &format!("vm.max_map_count: {one:?}"),
+    );
+    // Superpowered: the host tier's full capability set (CapEff 000001ffffffffff on 6.1).
+    check(
+        vm,
+        one.get("capeff")
+            .is_some_and(|c| c.trim_start_matches("CapEff:") == "000001ffffffffff"),
+        &format!("the superpowered admin container's capabilities: {one:?}"),
+    );
+    check(
+        vm,
+        one.get("apiclient-motd").map(String::as_str)
+            == Some(&format!("\"{}\"", motd.replace(' ', ""))),
+        &format!("apiclient get inside the admin container: {one:?}"),
+    );
+    check(
+        vm,
+        one.get("bootstrap-runs")
+            .is_some_and(|r| r.split_whitespace().count() == 1),
+        &format!("the once bootstrap container ran once: {one:?}"),
+    );
+
+    // Boot 2: after `apiclient reboot`: nothing fetched or run again, state kept.
+    let report = vm.wait_report(2, BOOT);
+    check(vm, report.is_ok(), &format!("second boot: {report:?}"));
+    let report = report.unwrap_or_default();
+    check(
+        vm,
+        report_phase(&report).as_deref() == Some("configured"),
+        &format!("second boot not configured:\n{report}"),
+    );
+    let waited = vm.wait_serial("KEEL-PROBE done", 1, BOOT);
+    check(vm, waited.is_ok(), &format!("{waited:?}"));
+    let two = probe_boot(&vm.serial(), 2);
+    let imds = vm.imds.as_ref().expect("imds");
+    check(
+        vm,
+        imds.user_data_reads() == 1,
+        &format!(
+            "user-data fetched again after the reboot: {:?}",
+            imds.seen()
+        ),
+    );
+    check(
+        vm,
+        two.get("bootstrap-runs")
+            .is_some_and(|r| r.split_whitespace().count() == 1),
+        &format!("the once bootstrap container ran again: {two:?}"),
+    );
+    check(
+        vm,
+        two.get("etc-motd").is_some_and(|m| m.contains(motd)),
+        &format!("settings lost across the reboot: {two:?}"),
+    );
+    check(
+        vm,
+        two.get("history") == one.get("history"),
+        &format!("history changed across the reboot: {one:?} {two:?}"),
+    );
+    check(
+        vm,
+        two.get("machine-id") == one.get("machine-id")
+            && two.get("machine-id").is_some_and(|m| m.len() == 32),
+        &format!("the machine id changed across the reboot: {one:?} {two:?}"),
+    );
+
+    // keeld SIGKILLed: systemd restarts it, the admin container keeps its pid, and the
+    // API answers inside it again.
+    check(
+        vm,
+        two.get("keeld-before") != two.get("keeld-after")
+            && two.get("keeld-after").is_some_and(|p| !p.is_empty()),
+        &format!("keeld was not restarted: {two:?}"),
+    );
+    check(
+        vm,
+        two.get("apiclient-after").map(String::as_str)
+            == Some(&format!("\"{}\"", motd.replace(' ', ""))),
+        &format!("apiclient inside the admin container after keeld's restart: {two:?}"),
+    );
+    let pid_of = |key: &str| -> Option<u64> {
+        let list: serde_json::Value = serde_json::from_str(two.get(key)?).ok()?;
+        list.as_array()?
+            .iter()
+            .find(|c| c["name"] == "admin")?
+            .get("pid")?
+            .as_u64()
+    };
+    check(
+        vm,
+        pid_of("containers-before").is_some()
+            && pid_of("containers-before") == pid_of("containers-after"),
+        &format!("the admin container's pid changed across keeld's restart: {two:?}"),
+    );
+
+    vm.shutdown(Duration::from_secs(90));
+}
+
+/// One byte changed in the root partition: the boot stops in the initramfs, with the
+/// reason on the console, and the host powers off instead of booting it.
+#[test]
+fn a_tampered_root_does_not_boot() {
+    let image = image();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("disk.qcow2");
+    image.overlay_disk(&disk, "4G");
+    flip_byte_in_partition(&disk, &image.dir.join("disk.raw"), "keel-root-a", 0.6);
+    let mut booted = boot(&image, UserData::None, dir);
+    let vm = &mut booted.vm;
+    let waited = vm.wait_serial("keel-initrd: FATAL: dm-verity", 1, BOOT);
+    check(vm, waited.is_ok(), &format!("{waited:?}"));
+    let exited = vm.wait_exit(Duration::from_secs(120));
+    check(
+        vm,
+        exited.is_ok(),
+        &format!("the host did not power off: {exited:?}"),
+    );
+    check(
+        vm,
+        !vm.serial().contains("Welcome to") && !vm.serial().contains("Reached target"),
+        "systemd started on a tampered root",
+    );
+}
+
+/// User-data keeld refuses: the boot ends `failed` with the reason, and the API is up
+/// (the report itself comes from apiclient).
+#[test]
+fn bad_user_data_fails_the_boot_with_the_reason() {
+    let image = image();
+    let bad =
+        "[settings]\nmotd = \"fine\"\n\n[settings.kernel.sysctl]\n\"vm.max_map_count\" = 262144\n";
+    let mut booted = boot(
+        &image,
+        UserData::Imds(bad.as_bytes().to_vec()),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let vm = &mut booted.vm;
+    let report = vm.wait_report(1, BOOT);
+    check(vm, report.is_ok(), &format!("{report:?}"));
+    let report = report.unwrap_or_default();
+    check(
+        vm,
+        report_phase(&report).as_deref() == Some("failed"),
+        &format!("expected a failed boot:\n{report}"),
+    );
+    let status = report_json(&report, "boot status").unwrap_or_default();
+    let reason = status.to_string();
+    check(
+        vm,
+        reason.contains("vm.max_map_count") || reason.contains("sysctl"),
+        &format!("the failure does not name the key:\n{report}"),
+    );
+    vm.shutdown(Duration::from_secs(90));
+}
+
+/// Writes one changed byte into the overlay disk, inside partition `label` at `fraction`
+/// of its length (qemu-io writes through the qcow2 overlay; the image stays pristine).
+fn flip_byte_in_partition(overlay: &Path, raw: &Path, label: &str, fraction: f64) {
+    let out = std::process::Command::new("sfdisk")
+        .arg("--json")
+        .arg(raw)
+        .output()
+        .expect("sfdisk");
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sfdisk json");
+    let part = table["partitiontable"]["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .find(|p| p["name"] == label)
+        .unwrap_or_else(|| panic!("no partition {label}"));
+    let start = part["start"].as_u64().expect("start") * 512;
+    let size = part["size"].as_u64().expect("size") * 512;
+    // Inside the erofs image itself (not the unused tail of the partition).
+    let used = std::fs::metadata(raw.parent().expect("dir").join("root.erofs"))
+        .expect("root.erofs")
+        .len()
+        .min(size);
+    let offset = start + (used as f64 * fraction) as u64;
+    let read = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("read -v {offset} 1"))
+        .arg(overlay)
+        .output()
+        .expect("qemu-io read");
+    let text = String::from_utf8_lossy(&read.stdout).into_owned();
+    // "00000000:  ab  ." → the byte.
+    let byte = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|h| u8::from_str_radix(h, 16).ok())
+        .unwrap_or_else(|| panic!("qemu-io read: {text}"));
+    let status = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("write -P {} {offset} 1", byte ^ 0xff))
+        .arg(overlay)
+        .status()
+        .expect("qemu-io write");
+    assert!(status.success(), "qemu-io write failed");
+}
