@@ -1,6 +1,7 @@
 //! The `apiclient` binary: parses the command line, runs the command on a
 //! single-threaded runtime, prints its output or error, and sets the exit status
-//! (0 success, 1 failure, 2 usage error — the last from clap).
+//! (0 success, 1 failure, 2 usage error — from clap or the command —, 124 a wait that
+//! timed out; see `CliError::exit_code`).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -30,7 +31,7 @@ fn main() -> ExitCode {
         }
         Err(error) => {
             eprintln!("{error}");
-            ExitCode::FAILURE
+            ExitCode::from(error.exit_code())
         }
     }
 }

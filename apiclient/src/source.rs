@@ -1,6 +1,7 @@
-//! User-data sources named on the command line: a path, a `file://` URI or `-` for
-//! standard input. Owns turning such an argument into text and a name that error
-//! messages can show; parsing the text is `settings-model`'s job.
+//! User-data sources named on the command line: a path, a `file://` URI, an `http://` or
+//! `https://` URL (as Bottlerocket's `apiclient apply` takes) or `-` for standard input.
+//! Owns turning such an argument into text and a name that error messages can show;
+//! parsing the text is `settings-model`'s job.
 
 use std::ffi::OsString;
 use std::io::Read;
@@ -20,7 +21,16 @@ pub enum Source {
         arg: String,
         path: PathBuf,
     },
+    /// A document fetched with GET from an `http://` or `https://` URL (the proxy from
+    /// `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`, the system's trusted CAs).
+    Url { arg: String },
 }
+
+/// The most a fetched document may hold: what one API request body may carry.
+pub const MAX_FETCHED_BYTES: usize = 2 << 20;
+
+/// How long a fetch may take in all.
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Why a source could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +46,20 @@ pub enum SourceError {
 
     #[error("{name}: not UTF-8 text")]
     NotUtf8 { name: String },
+
+    #[error(
+        "{arg}: {scheme}:// sources are not supported (use a path, file://, http:// or https://)"
+    )]
+    UnsupportedScheme { arg: String, scheme: String },
+
+    #[error("{name}: cannot fetch: {reason}")]
+    Fetch { name: String, reason: String },
+
+    #[error("{name}: the server answered {status}")]
+    FetchStatus { name: String, status: u16 },
+
+    #[error("{name}: larger than {limit} bytes")]
+    TooLarge { name: String, limit: usize },
 }
 
 impl Source {
@@ -44,6 +68,27 @@ impl Source {
     pub fn parse(arg: &str) -> Result<Self, SourceError> {
         if arg == "-" {
             return Ok(Self::Stdin);
+        }
+        if let Some((scheme, _)) = arg.split_once("://") {
+            let is_scheme = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+            match scheme.to_ascii_lowercase().as_str() {
+                "http" | "https" => {
+                    return Ok(Self::Url {
+                        arg: arg.to_owned(),
+                    })
+                }
+                "file" => {}
+                _ if is_scheme => {
+                    return Err(SourceError::UnsupportedScheme {
+                        arg: arg.to_owned(),
+                        scheme: scheme.to_owned(),
+                    })
+                }
+                _ => {}
+            }
         }
         let path = match arg.strip_prefix("file://") {
             Some(rest) => {
@@ -72,14 +117,21 @@ impl Source {
     pub fn name(&self) -> &str {
         match self {
             Self::Stdin => "stdin",
-            Self::File { arg, .. } => arg,
+            Self::File { arg, .. } | Self::Url { arg } => arg,
         }
     }
 
-    /// Reads the whole document; `stdin` is only consulted for [`Source::Stdin`].
+    /// Reads the whole document of a local source; `stdin` is only consulted for
+    /// [`Source::Stdin`]. A URL is not local: see [`Source::read`].
     pub fn read_from(&self, stdin: impl Read) -> Result<String, SourceError> {
         let name = self.name().to_owned();
         let bytes = match self {
+            Self::Url { .. } => {
+                return Err(SourceError::Fetch {
+                    name,
+                    reason: "a URL is fetched, not read".to_owned(),
+                })
+            }
             Self::Stdin => {
                 let mut bytes = Vec::new();
                 let mut stdin = stdin;
@@ -99,10 +151,72 @@ impl Source {
         String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8 { name })
     }
 
-    /// Reads the whole document, from the process's standard input for `-`.
-    pub fn read(&self) -> Result<String, SourceError> {
-        self.read_from(std::io::stdin().lock())
+    /// Reads the whole document: from the process's standard input for `-`, from the
+    /// network for a URL.
+    pub async fn read(&self) -> Result<String, SourceError> {
+        match self {
+            Self::Url { arg } => fetch(arg).await,
+            // A CLI's one task: blocking on a file or stdin here holds up nothing else.
+            _ => self.read_from(std::io::stdin().lock()),
+        }
     }
+}
+
+/// GETs `url` and returns its body as text, refusing a non-2xx answer and anything
+/// larger than [`MAX_FETCHED_BYTES`].
+async fn fetch(url: &str) -> Result<String, SourceError> {
+    let failed = |error: reqwest::Error| SourceError::Fetch {
+        name: url.to_owned(),
+        reason: error_chain(&error),
+    };
+    let client = reqwest::Client::builder()
+        .timeout(FETCH_TIMEOUT)
+        .build()
+        .map_err(failed)?;
+    let mut response = client.get(url).send().await.map_err(failed)?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(SourceError::FetchStatus {
+            name: url.to_owned(),
+            status: status.as_u16(),
+        });
+    }
+    let too_large = || SourceError::TooLarge {
+        name: url.to_owned(),
+        limit: MAX_FETCHED_BYTES,
+    };
+    if response
+        .content_length()
+        .is_some_and(|length| length > MAX_FETCHED_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(failed)? {
+        if bytes.len() + chunk.len() > MAX_FETCHED_BYTES {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8 {
+        name: url.to_owned(),
+    })
+}
+
+/// An error and its causes, `: `-separated (reqwest's own text says only "error
+/// sending request"; the cause says "connection refused").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -137,6 +251,32 @@ mod tests {
         assert!(
             matches!(source, Source::File { path, .. } if path.as_path() == std::path::Path::new("/x.toml"))
         );
+    }
+
+    #[test]
+    fn urls_and_unknown_schemes() {
+        assert_eq!(
+            Source::parse("https://example.com/user-data.toml").unwrap(),
+            Source::Url {
+                arg: "https://example.com/user-data.toml".to_owned()
+            }
+        );
+        assert!(matches!(
+            Source::parse("HTTP://example.com/x").unwrap(),
+            Source::Url { .. }
+        ));
+        let error = Source::parse("s3://bucket/user-data.toml").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("s3:// sources are not supported"),
+            "{error}"
+        );
+        // Not a scheme: a path that happens to hold `://`.
+        assert!(matches!(
+            Source::parse("./odd://name.toml").unwrap(),
+            Source::File { .. }
+        ));
     }
 
     #[test]

@@ -686,3 +686,73 @@ fn a_fifo_planted_at_user_data_fails_the_start_and_never_blocks_keeld() {
         "the FIFO is left alone, not replaced"
     );
 }
+
+/// `apiclient logs --follow` prints every line a container writes exactly once, in
+/// order, and carries on across a keeld restart (the container and its log outlive
+/// keeld); it ends when its reader goes away.
+#[test]
+fn logs_follow_prints_every_line_once_across_a_keeld_restart() {
+    use std::io::BufRead;
+    require_root();
+    let containerd = Containerd::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let counter = script_image(
+        work.path(),
+        "i=0; while :; do i=$((i+1)); echo \"line $i\"; sleep 0.05; done",
+    );
+    let mut keeld = keeld_on(&containerd, &[]);
+    set(
+        &keeld,
+        json!({"host-containers": {"admin": {"enabled": true, "source": source(&counter)}}}),
+    );
+    wait_status(&keeld, "admin", Duration::from_secs(30), running);
+    let mut follow = std::process::Command::new(bin("apiclient"))
+        .arg("--socket-path")
+        .arg(&keeld.socket)
+        .args(["logs", "--follow", "--tail", "0", "admin"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("apiclient logs --follow");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = follow.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let number = |line: &str| -> u64 {
+        line.strip_prefix("line ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected output line {line:?}"))
+    };
+    let next = || -> u64 {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a line within 20s");
+        number(&line)
+    };
+    let first = next();
+    let mut last = first;
+    for _ in 0..10 {
+        let n = next();
+        assert_eq!(n, last + 1, "every line once, in order");
+        last = n;
+    }
+    keeld.kill();
+    std::thread::sleep(Duration::from_millis(700));
+    keeld.spawn();
+    // Lines written while keeld was down come through after it is back, none twice.
+    for _ in 0..40 {
+        let n = next();
+        assert_eq!(n, last + 1, "every line once, in order, across the restart");
+        last = n;
+    }
+    let _ = follow.kill();
+    let output = follow.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("lost"), "no gap was reported: {stderr}");
+}

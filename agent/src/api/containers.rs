@@ -48,20 +48,37 @@ fn parse_kind(kind: Option<&str>) -> ApiResult<Option<ContainerKind>> {
     }
 }
 
-/// `GET /containers/{name}/logs[?tail=<bytes>][&kind=host|bootstrap]`: the end of the
-/// container's combined stdout and stderr, as text.
+/// `GET /containers/{name}/logs[?tail=<bytes>|since=<cursor>][&kind=host|bootstrap]`:
+/// the end of the container's combined stdout and stderr, as text, or (with `since`)
+/// what it wrote after that cursor. The answer's `x-keel-log-cursor` header is the
+/// cursor to ask with next (`apiclient logs --follow` polls with it); `x-keel-log-gap:
+/// true` says output was lost in between (rotated away) and the body is the newest
+/// output instead.
 pub async fn logs(
     State(state): State<AppState>,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
-    let query = Query::parse(q.as_deref(), &["tail", "kind"])?;
+    let query = Query::parse(q.as_deref(), &["tail", "kind", "since"])?;
     let tail = match query.get("tail") {
         None => 64 * 1024,
         Some(t) => t.parse::<u64>().map_err(|_| {
             ApiError::bad_request(format!("tail must be a number of bytes, not {t:?}"))
                 .with_key("tail")
         })?,
+    };
+    let since = match query.get("since") {
+        None => None,
+        Some(_) if query.get("tail").is_some() => {
+            return Err(ApiError::bad_request("give tail or since, not both").with_key("since"))
+        }
+        Some(text) => Some(logs::Cursor::parse(text).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "since must be a cursor from the x-keel-log-cursor header \
+                 (<inode>-<offset>), not {text:?}"
+            ))
+            .with_key("since")
+        })?),
     };
     if settings_model::types::Identifier::new(&name).is_err() {
         return Err(
@@ -81,7 +98,11 @@ pub async fn logs(
             .with_key("name")
         })?;
     let dir = state.containers.log_dir.join(container_id(kind, &name));
-    let bytes = tokio::task::spawn_blocking(move || logs::read_tail(&dir, tail))
+    let read = move || match since {
+        Some(cursor) => logs::read_since(&dir, cursor, logs::MAX_TAIL),
+        None => logs::read_tail_chunk(&dir, tail),
+    };
+    let chunk = tokio::task::spawn_blocking(read)
         .await
         .map_err(|e| {
             ApiError::new(
@@ -95,5 +116,20 @@ pub async fn logs(
                 format!("reading logs: {e}"),
             )
         })?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], bytes).into_response())
+    let gap = if chunk.gap { "true" } else { "false" };
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+            (
+                header::HeaderName::from_static("x-keel-log-cursor"),
+                chunk.cursor.to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-keel-log-gap"),
+                gap.to_owned(),
+            ),
+        ],
+        chunk.bytes,
+    )
+        .into_response())
 }

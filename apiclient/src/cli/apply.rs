@@ -1,5 +1,5 @@
 //! `apiclient apply`: applies user-data documents (TOML or JSON with a `settings` table)
-//! from files, `file://` URIs or stdin, all in one transaction.
+//! from files, `file://` URIs, `http(s)://` URLs or stdin, all in one transaction.
 
 use clap::Args;
 use serde_json::Value;
@@ -11,7 +11,8 @@ use crate::source::Source;
 
 /// Applies user-data documents (TOML or JSON) in one transaction
 ///
-/// Every source is checked locally first, then PATCHed into one transaction in the order
+/// A source is a path, a `file://` URI, an `http://` or `https://` URL, or `-` for
+/// stdin (the default). Every source is checked locally first, then PATCHed into one transaction in the order
 /// given, which is committed and applied. Prints nothing on success. With --dry-run,
 /// prints what would change instead (settings diff, file diffs, summary) and changes
 /// nothing.
@@ -26,7 +27,7 @@ Examples:
   apiclient apply --dry-run user-data.toml
   apiclient apply --dry-run --output json user-data.toml | jq '.files[].path'")]
 pub struct ApplyArgs {
-    /// Paths, `file://` URIs, or `-` for stdin (the default).
+    /// Paths, `file://` URIs, `http(s)://` URLs, or `-` for stdin (the default).
     #[arg(value_name = "SOURCE")]
     pub sources: Vec<String>,
 
@@ -35,7 +36,7 @@ pub struct ApplyArgs {
 }
 
 /// Reads and checks every source; the patches (without `settings` wrapper) in order.
-pub fn read_sources(args: &[String]) -> Result<Vec<Value>, CliError> {
+pub async fn read_sources(args: &[String]) -> Result<Vec<Value>, CliError> {
     let default = ["-".to_owned()];
     let args = if args.is_empty() { &default[..] } else { args };
     if args.iter().filter(|arg| *arg == "-").count() > 1 {
@@ -43,14 +44,15 @@ pub fn read_sources(args: &[String]) -> Result<Vec<Value>, CliError> {
             "stdin (`-`) can be given only once".to_owned(),
         ));
     }
-    args.iter()
-        .map(|arg| {
-            let source = Source::parse(arg)?;
-            let text = source.read()?;
-            settings_model::userdata::parse_user_data(source.name(), &text)
-                .map_err(|error| in_source(source.name(), error))
-        })
-        .collect()
+    let mut patches = Vec::with_capacity(args.len());
+    for arg in args {
+        let source = Source::parse(arg)?;
+        let text = source.read().await?;
+        let patch = settings_model::userdata::parse_user_data(source.name(), &text)
+            .map_err(|error| in_source(source.name(), error))?;
+        patches.push(patch);
+    }
+    Ok(patches)
 }
 
 /// Makes sure the message names the source: syntax errors already do, errors about a
@@ -67,7 +69,7 @@ fn in_source(name: &str, error: settings_model::Error) -> CliError {
 }
 
 pub async fn run(client: &Client, args: ApplyArgs) -> Result<Output, CliError> {
-    let patches = read_sources(&args.sources)?;
+    let patches = read_sources(&args.sources).await?;
     let fills: Vec<Fill<'_>> = patches.iter().map(Fill::Settings).collect();
     change(client, "apply", &fills, &args.dry_run).await
 }
@@ -82,6 +84,14 @@ mod tests {
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
         path.to_str().unwrap().to_owned()
+    }
+
+    fn read_sources(args: &[String]) -> Result<Vec<Value>, CliError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(super::read_sources(args))
     }
 
     #[test]

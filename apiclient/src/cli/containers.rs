@@ -1,8 +1,9 @@
-//! `apiclient containers` and `apiclient logs`: what keeld runs (Keel's addition).
+//! `apiclient containers`: what keeld runs (Keel's addition).
 
 use clap::{Args, ValueEnum};
 use serde_json::Value;
 
+use super::output::{self, cell, Format, Table};
 use super::{CliError, Output};
 use crate::client::Client;
 
@@ -13,18 +14,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Kind::Host => "host",
             Kind::Bootstrap => "bootstrap",
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    Table,
-    Json,
 }
 
 /// Shows every host and bootstrap container: kind, tier, state, pid, restarts, last
@@ -33,13 +28,20 @@ pub enum Format {
 #[command(after_help = "\
 Examples:
   apiclient containers
+  apiclient containers -o yaml
   apiclient containers --kind host --output json | jq '.[] | select(.state != \"running\")'")]
 pub struct ContainersArgs {
     /// Only host or only bootstrap containers.
     #[arg(long, value_enum)]
     pub kind: Option<Kind>,
-    /// A table for people, or keeld's JSON.
-    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    /// `table` (the default), or keeld's answer as `json` or `yaml`.
+    #[arg(
+        long,
+        short = 'o',
+        value_name = "FORMAT",
+        value_enum,
+        default_value = "table"
+    )]
     pub output: Format,
 }
 
@@ -49,10 +51,7 @@ pub async fn run(client: &Client, args: ContainersArgs) -> Result<Output, CliErr
         None => "/containers".to_owned(),
     };
     let answer = client.get_json(&uri).await?;
-    match args.output {
-        Format::Json => Ok(Output::Json(answer)),
-        Format::Table => Ok(Output::Text(table(&answer)?)),
-    }
+    output::render(args.output, answer, table)
 }
 
 /// One row per container; a failure's reason on its own indented line below.
@@ -63,20 +62,11 @@ pub fn table(answer: &Value) -> Result<String, CliError> {
     if rows.is_empty() {
         return Ok("no containers\n".into());
     }
-    let field = |row: &Value, key: &str| -> String {
-        match row.get(key) {
-            None | Some(Value::Null) => "-".into(),
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-        }
-    };
-    let header = [
+    let mut table = Table::new(&[
         "NAME", "KIND", "TIER", "STATE", "PID", "RESTARTS", "EXIT", "SINCE", "DIGEST",
-    ];
-    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|h| (*h).to_owned()).collect()];
-    let mut reasons = Vec::new();
+    ]);
     for row in rows {
-        let digest = field(row, "image-digest");
+        let digest = cell(row, "image-digest");
         let short = digest
             .strip_prefix("sha256:")
             // The server's text: never slice it by bytes (a multi-byte character would
@@ -84,71 +74,23 @@ pub fn table(answer: &Value) -> Result<String, CliError> {
             .map_or(digest.clone(), |hex| {
                 format!("sha256:{}", hex.chars().take(12).collect::<String>())
             });
-        cells.push(vec![
-            field(row, "name"),
-            field(row, "kind"),
-            field(row, "tier"),
-            field(row, "state"),
-            field(row, "pid"),
-            field(row, "restarts"),
-            field(row, "last-exit-code"),
-            field(row, "since"),
-            short,
-        ]);
-        reasons.push(row.get("reason").and_then(Value::as_str).map(str::to_owned));
+        let reason = row.get("reason").and_then(Value::as_str);
+        table.row(
+            vec![
+                cell(row, "name"),
+                cell(row, "kind"),
+                cell(row, "tier"),
+                cell(row, "state"),
+                cell(row, "pid"),
+                cell(row, "restarts"),
+                cell(row, "last-exit-code"),
+                cell(row, "since"),
+                short,
+            ],
+            reason.map(|r| format!("reason: {r}")).into_iter().collect(),
+        );
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            cells
-                .iter()
-                .map(|r| r[i].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for (n, row) in cells.iter().enumerate() {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-        if let Some(Some(reason)) = n.checked_sub(1).and_then(|i| reasons.get(i)) {
-            out.push_str(&format!("  reason: {reason}\n"));
-        }
-    }
-    Ok(out)
-}
-
-/// Prints the end of a container's output (stdout and stderr together)
-#[derive(Debug, Args)]
-#[command(after_help = "\
-Examples:
-  apiclient logs admin
-  apiclient logs --kind bootstrap --tail 4096 setup")]
-pub struct LogsArgs {
-    /// The container's name.
-    pub name: String,
-    /// How many bytes from the end (at most 2 MiB).
-    #[arg(long, default_value_t = 65536)]
-    pub tail: u64,
-    /// Host or bootstrap container, when both have this name (default: host).
-    #[arg(long, value_enum)]
-    pub kind: Option<Kind>,
-}
-
-pub async fn logs(client: &Client, args: LogsArgs) -> Result<Output, CliError> {
-    let name: String =
-        percent_encoding::utf8_percent_encode(&args.name, percent_encoding::NON_ALPHANUMERIC)
-            .to_string();
-    let mut uri = format!("/containers/{name}/logs?tail={}", args.tail);
-    if let Some(kind) = args.kind {
-        uri.push_str(&format!("&kind={}", kind.as_str()));
-    }
-    let response = client.call(http::Method::GET, &uri, None).await?;
-    Ok(Output::Text(response.text()))
+    Ok(table.render())
 }
 
 #[cfg(test)]

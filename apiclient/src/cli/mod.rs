@@ -1,10 +1,17 @@
 //! The `apiclient` command line: flag parsing (clap) and dispatch to one module per
 //! subcommand. Owns the exit-code contract: commands return an [`Output`] to print or a
-//! [`CliError`] to show on stderr; `main.rs` only prints and exits. Nothing here prints.
+//! [`CliError`] to show on stderr, whose [`CliError::exit_code`] is the exit status;
+//! `main.rs` only prints and exits. Commands print nothing themselves, except what
+//! streams while they run (`logs --follow`, `boot wait`'s progress on a terminal,
+//! `raw -v`'s status line).
+//!
+//! Bottlerocket's command lines parse unchanged: `raw` is the default subcommand
+//! (`apiclient -u /settings`), `-s/--socket-path`, `-v/--verbose` and `--log-level` are
+//! accepted anywhere, and its `report`/`ephemeral-storage` get a clear refusal.
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 
 use crate::client::Client;
@@ -14,10 +21,16 @@ use crate::source::SourceError;
 pub mod apply;
 pub mod apply_log;
 pub mod boot;
+pub mod bottlerocket_only;
+pub mod color;
+pub mod completions;
 pub mod containers;
 pub mod get;
 pub mod history;
+pub mod logs;
+pub mod output;
 pub mod raw;
+pub mod reboot;
 pub mod report;
 pub mod rollback;
 pub mod schema;
@@ -25,28 +38,52 @@ pub mod set;
 pub mod transaction;
 pub mod unset;
 
+/// The exit status of a command that waited and gave up (`boot wait --timeout`), as
+/// `timeout(1)` has it.
+pub const EXIT_TIMED_OUT: u8 = 124;
+
 const EXAMPLES: &str = "\
 Examples:
   apiclient get settings.motd
   apiclient set motd=\"hello from keel\"
   apiclient apply user-data.toml
   apiclient set --dry-run motd=\"hello\"
+  apiclient -u /settings
   apiclient apply-log --limit 1
   apiclient boot wait --timeout 10m
   apiclient containers
-  apiclient logs admin
+  apiclient logs -f admin
   apiclient -s /tmp/keel/api.sock get os";
 
 /// Talks to keeld, Keel's host agent, through its local API.
 ///
 /// Exit status: 0 on success, 1 when the API or the system refuses (the reason is on
-/// stderr) or when settings were committed but applying them failed, 2 on a usage error.
+/// stderr) or when settings were committed but applying them failed, 2 on a usage
+/// error, 124 when `boot wait` timed out.
 ///
-/// `set`, `apply` and `unset` take --dry-run to show what would change without changing
-/// anything, and --output json to print that report as keeld's JSON.
+/// With no subcommand, apiclient sends the request given by -u/-m/-d (as `raw` does, and
+/// as Bottlerocket's apiclient does). `set`, `apply` and `unset` take --dry-run to show
+/// what would change without changing anything. Commands that print records take
+/// -o/--output json|table|yaml.
 #[derive(Debug, Parser)]
 #[command(name = "apiclient", version, after_help = EXAMPLES)]
 pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(
+        flatten,
+        next_help_heading = "Raw request (when no subcommand is given)"
+    )]
+    pub request: raw::RequestArgs,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Options every subcommand takes, before or after its name.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
     /// The API's Unix socket.
     #[arg(
         short = 's',
@@ -57,8 +94,48 @@ pub struct Cli {
     )]
     pub socket_path: PathBuf,
 
-    #[command(subcommand)]
-    pub command: Command,
+    /// More detail on stderr: `raw` prints the answer's status line (as Bottlerocket's).
+    #[arg(short = 'v', long, global = true)]
+    pub verbose: bool,
+
+    /// Bottlerocket's logging flag: `debug` and `trace` are -v, the others change
+    /// nothing.
+    #[arg(
+        long,
+        value_name = "LEVEL",
+        value_enum,
+        ignore_case = true,
+        global = true
+    )]
+    pub log_level: Option<LogLevel>,
+
+    /// When to colour output (dry-run diffs): `auto` (a terminal, and `NO_COLOR` unset
+    /// or empty), `always` or `never`.
+    #[arg(
+        long,
+        value_name = "WHEN",
+        value_enum,
+        default_value = "auto",
+        global = true
+    )]
+    pub color: color::ColorChoice,
+}
+
+impl GlobalArgs {
+    pub fn is_verbose(&self) -> bool {
+        self.verbose || matches!(self.log_level, Some(LogLevel::Debug | LogLevel::Trace))
+    }
+}
+
+/// Bottlerocket's `--log-level` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
 }
 
 /// The subcommands; each has its own module.
@@ -69,13 +146,21 @@ pub enum Command {
     Set(set::SetArgs),
     Apply(apply::ApplyArgs),
     Unset(unset::UnsetArgs),
+    Reboot(reboot::RebootArgs),
     History(history::HistoryArgs),
     ApplyLog(apply_log::ApplyLogArgs),
     Rollback(rollback::RollbackArgs),
     Schema(schema::SchemaArgs),
     Boot(boot::BootArgs),
     Containers(containers::ContainersArgs),
-    Logs(containers::LogsArgs),
+    Logs(logs::LogsArgs),
+    Completions(completions::CompletionsArgs),
+    #[command(hide = true)]
+    Man(completions::ManArgs),
+    #[command(hide = true)]
+    Report(bottlerocket_only::AnyArgs),
+    #[command(hide = true)]
+    EphemeralStorage(bottlerocket_only::AnyArgs),
 }
 
 /// What a successful command prints on stdout.
@@ -142,24 +227,64 @@ pub enum CliError {
     /// A request or answer had a shape the command cannot use.
     #[error("{0}")]
     Invalid(String),
+
+    /// The command line is wrong in a way clap cannot see (exit 2, like clap's own).
+    #[error("error: {0}\n\nFor more information, try '--help'.")]
+    Usage(String),
+
+    /// A wait gave up (exit [`EXIT_TIMED_OUT`]).
+    #[error("{0}")]
+    TimedOut(String),
+
+    /// A Bottlerocket command Keel does not have.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl CliError {
+    /// The process's exit status for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::TimedOut(_) => EXIT_TIMED_OUT,
+            _ => 1,
+        }
+    }
 }
 
 /// Runs a parsed command line to completion.
 pub async fn run(cli: Cli) -> Result<Output, CliError> {
-    let client = Client::new(cli.socket_path);
-    match cli.command {
-        Command::Raw(args) => raw::run(&client, args).await,
+    color::set_choice(cli.global.color);
+    let verbose = cli.global.is_verbose();
+    let client = Client::new(cli.global.socket_path);
+    if cli.request.is_given() && !matches!(cli.command, None | Some(Command::Raw(_))) {
+        return Err(CliError::Usage(
+            "-u/--uri, -m/--method and -d/--data make a raw request: \
+             give them without a subcommand, or after `raw`"
+                .to_owned(),
+        ));
+    }
+    let Some(command) = cli.command else {
+        return raw::run(&client, cli.request, verbose).await;
+    };
+    match command {
+        Command::Raw(args) => raw::run(&client, cli.request.merged(args.request)?, verbose).await,
         Command::Get(args) => get::run(&client, args).await,
         Command::Set(args) => set::run(&client, args).await,
         Command::Apply(args) => apply::run(&client, args).await,
         Command::Unset(args) => unset::run(&client, args).await,
+        Command::Reboot(args) => reboot::run(&client, args).await,
         Command::History(args) => history::run(&client, args).await,
         Command::ApplyLog(args) => apply_log::run(&client, args).await,
         Command::Rollback(args) => rollback::run(&client, args).await,
         Command::Schema(args) => schema::run(args),
         Command::Boot(args) => boot::run(&client, args).await,
         Command::Containers(args) => containers::run(&client, args).await,
-        Command::Logs(args) => containers::logs(&client, args).await,
+        Command::Logs(args) => logs::run(&client, args).await,
+        Command::Completions(args) => Ok(completions::completions(args)),
+        Command::Man(args) => completions::man(args),
+        Command::Report(args) => Err(bottlerocket_only::report(args)),
+        Command::EphemeralStorage(args) => Err(bottlerocket_only::ephemeral_storage(args)),
     }
 }
 

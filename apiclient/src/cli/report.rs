@@ -6,11 +6,19 @@
 
 use serde_json::{Map, Value};
 
+use super::color::Palette;
+
 /// The `--dry-run` report for a `POST /tx/dry-run` answer: one line per changed setting
 /// (`~ key: old → new`, `+ key: new`, `- key: old`, values as compact JSON), then each
 /// file's unified diff under a `=== file <name> (<path>)` line, then a summary line. Says
 /// `Nothing would change.` when nothing would.
 pub fn dry_run_text(answer: &Value) -> String {
+    dry_run_report(answer, Palette::plain())
+}
+
+/// [`dry_run_text`], coloured with `palette`: additions green, removals red, changes
+/// yellow, hunk headers cyan, file and diff headers bold.
+pub fn dry_run_report(answer: &Value, palette: Palette) -> String {
     let empty = Map::new();
     let settings = answer
         .get("settings")
@@ -37,11 +45,17 @@ pub fn dry_run_text(answer: &Value) -> String {
 
     let mut text = String::new();
     for (key, change) in settings {
-        text.push_str(&setting_line(key, change));
+        let line = setting_line(key, change);
+        let line = match (change.get("old"), change.get("new")) {
+            (None, Some(_)) => palette.added(&line),
+            (Some(_), None) => palette.removed(&line),
+            _ => palette.changed(&line),
+        };
+        text.push_str(&line);
         text.push('\n');
     }
     for line in no_effect_lines(answer) {
-        text.push_str(&line);
+        text.push_str(&palette.dim(&line));
         text.push('\n');
     }
     for file in files {
@@ -49,12 +63,11 @@ pub fn dry_run_text(answer: &Value) -> String {
             text.push('\n');
         }
         let field = |name: &str| file.get(name).and_then(Value::as_str).unwrap_or("?");
-        text.push_str(&format!("=== file {} ({})\n", field("name"), field("path")));
+        let heading = format!("=== file {} ({})", field("name"), field("path"));
+        text.push_str(&palette.heading(&heading));
+        text.push('\n');
         let diff = file.get("diff").and_then(Value::as_str).unwrap_or("");
-        text.push_str(diff);
-        if !diff.is_empty() && !diff.ends_with('\n') {
-            text.push('\n');
-        }
+        text.push_str(&paint_diff(diff, palette));
     }
     if !text.is_empty() {
         text.push('\n');
@@ -70,6 +83,33 @@ pub fn dry_run_text(answer: &Value) -> String {
         plural(files.len(), "file"),
     ));
     text
+}
+
+/// A unified diff, newline-terminated, each line painted by its role: the `---`/`+++`
+/// headers before the first hunk bold, `@@` lines cyan, then `+` green and `-` red.
+/// (Inside a hunk, a removed line reading `-- x` is a removal, not a header.)
+pub fn paint_diff(diff: &str, palette: Palette) -> String {
+    let mut out = String::with_capacity(diff.len());
+    let mut in_hunk = false;
+    // Not `lines()`: it would also drop a `\r` that belongs to the file's content.
+    for line in diff.split_inclusive('\n') {
+        let line = line.strip_suffix('\n').unwrap_or(line);
+        let painted = if line.starts_with("@@") {
+            in_hunk = true;
+            palette.hunk(line)
+        } else if !in_hunk && (line.starts_with("--- ") || line.starts_with("+++ ")) {
+            palette.heading(line)
+        } else if line.starts_with('+') {
+            palette.added(line)
+        } else if line.starts_with('-') {
+            palette.removed(line)
+        } else {
+            line.to_owned()
+        };
+        out.push_str(&painted);
+        out.push('\n');
+    }
+    out
 }
 
 /// One line per setting of an apply record (or a dry-run answer) that is stored with no
@@ -229,6 +269,36 @@ mod tests {
     use serde_json::json;
 
     const MOTD_DIFF: &str = "--- a/etc/motd\n+++ b/etc/motd\n@@ -1 +1 @@\n-a\n+b\n";
+
+    #[test]
+    fn coloured_reports_paint_each_line_by_its_role() {
+        let answer = json!({
+            "changed-keys": ["settings.motd", "settings.ntp"],
+            "settings": {"settings.motd": {"old": "a", "new": "b"}, "settings.ntp": {"new": 1}},
+            "services": ["motd"],
+            "files": [{"name": "motd", "path": "/etc/motd",
+                       "diff": "--- a/etc/motd\n+++ b/etc/motd\n@@ -1,2 +1 @@\n--- dashes\n-a\r\n+b"}]
+        });
+        let palette = Palette { on: true };
+        let text = dry_run_report(&answer, palette);
+        for expected in [
+            "\x1b[33m~ settings.motd: \"a\" → \"b\"\x1b[0m\n",
+            "\x1b[32m+ settings.ntp: 1\x1b[0m\n",
+            "\x1b[1m=== file motd (/etc/motd)\x1b[0m\n",
+            "\x1b[1m--- a/etc/motd\x1b[0m\n\x1b[1m+++ b/etc/motd\x1b[0m\n",
+            "\x1b[36m@@ -1,2 +1 @@\x1b[0m\n",
+            "\x1b[31m--- dashes\x1b[0m\n",
+            "\x1b[31m-a\r\x1b[0m\n",
+            "\x1b[32m+b\x1b[0m\n",
+        ] {
+            assert!(text.contains(expected), "{expected:?} in {text:?}");
+        }
+        // Without colour, the same text as ever, byte for byte.
+        let plain = dry_run_report(&answer, Palette::plain());
+        assert_eq!(plain, dry_run_text(&answer));
+        assert!(!plain.contains('\x1b'));
+        assert!(plain.contains("-a\r\n+b\n"), "{plain:?}");
+    }
 
     #[test]
     fn settings_lines_mark_changes_additions_and_removals() {

@@ -58,15 +58,23 @@ fn parse_json_object(text: &str) -> Result<Map<String, Value>, String> {
     }
 }
 
-/// The merge-patch to send for `--json`: the object itself, or what its `settings`
-/// wrapper holds.
+/// The merge-patch to send for `--json`: the object itself, with what a top-level
+/// `settings` wrapper holds lifted beside its other keys (as Bottlerocket's apiclient
+/// does). A key both inside and beside the wrapper is ambiguous and refused.
 pub fn json_patch(mut object: Map<String, Value>) -> Result<Value, CliError> {
     match object.remove("settings") {
         None => Ok(Value::Object(object)),
-        Some(inner @ Value::Object(_)) if object.is_empty() => Ok(inner),
-        Some(Value::Object(_)) => Err(CliError::Invalid(
-            "--json: a top-level `settings` object cannot sit beside other keys".to_owned(),
-        )),
+        Some(Value::Object(inner)) => {
+            for (key, value) in inner {
+                if object.contains_key(&key) {
+                    return Err(CliError::Invalid(format!(
+                        "--json: `{key}` is given both inside and beside the `settings` object"
+                    )));
+                }
+                object.insert(key, value);
+            }
+            Ok(Value::Object(object))
+        }
         Some(_) => Err(CliError::Invalid(
             "--json: `settings` must be a JSON object".to_owned(),
         )),
@@ -105,8 +113,10 @@ mod tests {
     }
 
     #[test]
-    fn a_wrapper_beside_other_keys_is_refused() {
-        assert!(json_patch(object(json!({"settings": {}, "motd": "x"}))).is_err());
+    fn a_wrapper_beside_other_keys_is_lifted_unless_ambiguous() {
+        let patch = json_patch(object(json!({"settings": {"motd": "hi"}, "ntp": {}}))).unwrap();
+        assert_eq!(patch, json!({"ntp": {}, "motd": "hi"}));
+        assert!(json_patch(object(json!({"settings": {"motd": "a"}, "motd": "b"}))).is_err());
         assert!(json_patch(object(json!({"settings": 1}))).is_err());
     }
 

@@ -4,11 +4,12 @@
 //! the commit. With `--dry-run`: fill it, ask keeld what committing it would change, and
 //! discard it whatever happened.
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use http::Method;
 use serde_json::Value;
 
-use super::report;
+use super::output::{self, Format};
+use super::{color, report};
 use super::{CliError, Output};
 use crate::client::Client;
 use crate::error::ClientError;
@@ -29,19 +30,17 @@ pub struct DryRunArgs {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// How to print the --dry-run report: `text` (the default) or `json` (keeld's answer
-    /// to `POST /tx/dry-run`). Not `--json`: for `set`, that flag gives the settings.
-    #[arg(long, value_name = "FORMAT", value_enum, requires = "dry_run")]
+    /// How to print the --dry-run report: `table` (the default: settings and file
+    /// diffs, coloured on a terminal), `json` or `yaml` (keeld's answer to
+    /// `POST /tx/dry-run`). Not `--json`: for `set`, that flag gives the settings.
+    #[arg(
+        short = 'o',
+        long,
+        value_name = "FORMAT",
+        value_enum,
+        requires = "dry_run"
+    )]
     pub output: Option<Format>,
-}
-
-/// The format of a `--dry-run` report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Readable: settings diff, file diffs, summary.
-    Text,
-    /// keeld's JSON answer, pretty-printed.
-    Json,
 }
 
 /// Fills a new `apiclient-<kind>-…` transaction with `fills`, then commits and applies it
@@ -55,9 +54,8 @@ pub async fn change(
 ) -> Result<Output, CliError> {
     if args.dry_run {
         let answer = fill_and_dry_run(client, kind, fills).await?;
-        return Ok(match args.output.unwrap_or(Format::Text) {
-            Format::Text => Output::Text(report::dry_run_text(&answer)),
-            Format::Json => Output::Json(answer),
+        return output::render(args.output.unwrap_or(Format::Table), answer, |answer| {
+            Ok(report::dry_run_report(answer, color::stdout_palette()))
         });
     }
     let commit = fill_and_commit(client, kind, fills).await?;
