@@ -8,8 +8,8 @@
 pub mod containerd;
 pub mod image;
 pub mod imds;
-pub mod vm;
 pub mod registry;
+pub mod vm;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
