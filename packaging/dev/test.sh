@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash packaging/dev/deps.sh
+bash packaging/image/deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # Licenses, banned/duplicate crates and sources (deny.toml). cargo-deny is built from
@@ -20,3 +21,7 @@ cargo build --workspace --bins
 # A proof that cannot run here fails instead of printing SKIPPED (root, ../shared).
 export KEEL_REQUIRE_ALL_TESTS=1
 cargo test --workspace -- --test-threads=2
+# Keel OS under qemu (tests/tests/vm.rs): the image is built (cached by its inputs) and
+# booted a few times, after every other test so that no build shares the CPUs with a
+# boot, one VM at a time.
+cargo test -p keel-e2e --test vm -- --ignored --test-threads=1

@@ -239,7 +239,8 @@ ln -sf ../usr/lib/os-release "$root/etc/os-release"
 chroot_systemctl() { systemctl --root="$root" --quiet "$@"; }
 chroot_systemctl disable containerd.service e2scrub_reap.service remote-fs.target getty@tty1.service 2>/dev/null || true
 chroot_systemctl enable keeld.socket keeld.service keel-configured.target host-containerd.service \
-    local.mount var-lib.mount keel-data-setup.service keel-report.service systemd-networkd.service
+    local.mount var-lib.mount keel-data-setup.service keel-report.service systemd-networkd.service \
+    efi.mount keel-boot-assess.service
 mkdir -p "$root/etc/systemd/system/sysinit.target.wants"
 ln -sf /usr/lib/systemd/system/systemd-repart.service "$root/etc/systemd/system/sysinit.target.wants/"
 chroot_systemctl mask serial-getty@ttyS0.service getty@tty1.service console-getty.service \
