@@ -77,6 +77,19 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         &config.containerd_socket,
         &config.containerd_namespace,
     )?;
+    let exec_engine =
+        containers::exec::ContainerdExec::new(cd.clone(), board.clone(), &config.runtime_dir);
+    {
+        // Exec processes a keeld that died left behind: killed, removed.
+        let (cd, dir) = (cd.clone(), exec_engine.dir().to_owned());
+        tokio::spawn(async move {
+            let found = containers::exec::sweep_leftovers(&cd, &dir).await;
+            if found > 0 {
+                tracing::info!(found, "exec processes of an earlier keeld removed");
+            }
+        });
+    }
+    let exec = api::exec::ExecService::new(exec_engine);
     let runtime = Arc::new(containers::runtime::ContainerdRuntime::new(
         cd,
         containers::runtime::RuntimePaths {
@@ -114,6 +127,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
             board: board.clone(),
             log_dir,
         },
+        exec: exec.clone(),
     };
     let policy = api::AccessPolicy {
         api_gid: gid,
@@ -181,6 +195,11 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
     )
     .await;
     tracing::info!(drained, "keeld stopping");
+    // Exec sessions outlive their HTTP connection (an upgrade): end them, killing their
+    // processes, so that none is left running without its client.
+    if !exec.stop(api::server::SHUTDOWN_GRACE).await {
+        tracing::warn!("exec sessions still running after the shutdown grace");
+    }
     // Applies run on tasks of their own (a request that hung up does not cancel them):
     // let the one running, and those queued, finish before the runtime is dropped.
     if tokio::time::timeout(api::server::SHUTDOWN_GRACE, stop_applier.idle())

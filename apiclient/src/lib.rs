@@ -4,13 +4,14 @@
 //! Owns: talking HTTP/1.1 to keeld over its Unix socket ([`Client`]), the error texts users
 //! see ([`ClientError`]), query-string encoding ([`uri`]), transaction names, the
 //! patch → commit → discard-on-failure sequence, dry runs and the apply-status headers
-//! ([`transaction`]), reading user-data sources ([`source`]) and the command-line
-//! interface ([`cli`]). Must not interpret settings itself beyond what `settings-model`
+//! ([`transaction`]), reading user-data sources ([`source`]), the WebSocket of `/exec`
+//! ([`exec`]) and the command-line interface ([`cli`]). Must not interpret settings itself beyond what `settings-model`
 //! offers: the server is the judge of what is valid.
 
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod exec;
 pub mod merge;
 pub mod source;
 pub mod transaction;

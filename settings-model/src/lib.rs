@@ -9,6 +9,7 @@
 //! (`{"motd":"hi"}`); key paths, errors and listings carry the `settings.` prefix.
 
 pub mod error;
+pub mod exec;
 pub mod key;
 pub mod keypair;
 pub mod limits;

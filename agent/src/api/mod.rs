@@ -9,6 +9,7 @@ pub mod actions;
 pub mod boot;
 pub mod containers;
 pub mod error;
+pub mod exec;
 pub mod history;
 pub mod input;
 pub mod metadata;
@@ -25,6 +26,7 @@ use axum::routing::{get, patch, post};
 use axum::Router;
 
 use crate::apply::Applier;
+use crate::containers::exec::ContainerdExec;
 use crate::os::OsInfo;
 use crate::store::Store;
 use error::ApiError;
@@ -40,6 +42,13 @@ pub struct AppState {
     pub reboot_command: Arc<Vec<String>>,
     pub containers: containers::ContainersView,
     pub boot: tokio::sync::watch::Receiver<crate::boot::status::BootRecord>,
+    pub exec: exec::ExecService<ContainerdExec>,
+}
+
+impl axum::extract::FromRef<AppState> for exec::ExecService<ContainerdExec> {
+    fn from_ref(state: &AppState) -> Self {
+        state.exec.clone()
+    }
 }
 
 /// The whole API, with the access check layered over every route.
@@ -71,6 +80,7 @@ pub fn router(state: AppState, policy: AccessPolicy) -> Router {
         .route("/boot", get(boot::status))
         .route("/containers", get(containers::list))
         .route("/containers/{name}/logs", get(containers::logs))
+        .route("/exec", get(exec::upgrade::<ContainerdExec>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

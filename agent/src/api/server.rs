@@ -237,7 +237,11 @@ pub async fn serve(
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(TokioIo::new(stream), service)
+                // `/exec` upgrades its connection to a WebSocket; the upgraded
+                // connection then lives on in its session's task, outside this slot
+                // (sessions have their own bound, `exec::MAX_SESSIONS`).
+                .with_upgrades();
             tokio::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,

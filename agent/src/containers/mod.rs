@@ -27,6 +27,8 @@
 //!   image made ready ahead ([`engine::Prefetch`]), keeld's containers found by label
 //!   ([`engine::Inventory`]).
 //! - [`status`]: what `GET /containers` shows; [`logs`]: reading the logger's files.
+//! - [`exec`]: a process started in a running host container (`apiclient exec`), with
+//!   the container's own process spec, its stdio FIFOs and their clean-up.
 //!
 //! This module never writes settings; it follows the store's live generation.
 //!
@@ -39,6 +41,7 @@ pub mod client;
 pub mod content;
 pub mod desired;
 pub mod engine;
+pub mod exec;
 #[cfg(test)]
 pub mod fake;
 pub mod image;

@@ -25,6 +25,7 @@ pub mod bottlerocket_only;
 pub mod color;
 pub mod completions;
 pub mod containers;
+pub mod exec;
 pub mod get;
 pub mod history;
 pub mod logs;
@@ -161,6 +162,7 @@ pub enum Command {
     Report(bottlerocket_only::AnyArgs),
     #[command(hide = true)]
     EphemeralStorage(bottlerocket_only::AnyArgs),
+    Exec(exec::ExecArgs),
 }
 
 /// What a successful command prints on stdout.
@@ -285,6 +287,7 @@ pub async fn run(cli: Cli) -> Result<Output, CliError> {
         Command::Man(args) => completions::man(args),
         Command::Report(args) => Err(bottlerocket_only::report(args)),
         Command::EphemeralStorage(args) => Err(bottlerocket_only::ephemeral_storage(args)),
+        Command::Exec(args) => exec::run(&client, args).await,
     }
 }
 
