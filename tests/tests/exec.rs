@@ -38,11 +38,18 @@ struct Node {
     keeld: Keeld,
     containerd: Containerd,
     _work: tempfile::TempDir,
+    /// Dropped last: the next test starts once this one's containers are gone.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+/// One node at a time: containers of the same name under two containerds share a
+/// cgroup (`keel/host/host-c`), and `ctr task ps` lists the cgroup's processes.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 impl Node {
     fn boot() -> Node {
         require_root();
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let containerd = Containerd::start();
         let work = tempfile::tempdir().expect("tempdir");
         let archive = work.path().join("sleeper.tar");
@@ -103,6 +110,7 @@ mode = "once"
             keeld,
             containerd,
             _work: work,
+            _serial: serial,
         };
         node.wait_running("c");
         node.wait_running("su");
@@ -171,9 +179,21 @@ mode = "once"
 
     /// Waits until `c` runs its own process alone and no FIFO is left.
     fn assert_no_exec_left(&self) {
-        wait_until("no exec process left", Duration::from_secs(20), || {
-            self.task_processes("c").len() == 1 && self.exec_leftovers().is_empty()
-        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (processes, fifos) = (self.task_processes("c"), self.exec_leftovers());
+            if processes.len() == 1 && fifos.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "exec processes left: {processes:?}, FIFOs left: {fifos:?}\nkeeld: {}\nkeeld log:\n{}",
+                std::fs::read_to_string(format!("/proc/{}/stat", self.keeld.pid()))
+                    .unwrap_or_else(|e| e.to_string()),
+                self.keeld.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn rss_kib(&self) -> u64 {
@@ -559,7 +579,7 @@ fn a_vanished_client_leaves_nothing_and_a_flood_stays_bounded() {
     let mut first = [0u8; 8];
     stdout.read_exact(&mut first).expect("output");
     assert_eq!(&first, b"started\n");
-    assert_eq!(node.task_processes("c").len(), 2, "the exec runs");
+    assert!(node.task_processes("c").len() >= 2, "the exec runs");
     child.kill().expect("kill apiclient");
     let _ = child.wait();
     node.assert_no_exec_left();

@@ -269,6 +269,7 @@ impl Session {
         }
         let input = Input::start(io.stdin, process.clone(), self.outgoing.clone());
         let end = self.steer(&*process, request.tty, input).await;
+        tracing::debug!(exec = %process.id(), ?end, "exec session ends");
         match &end {
             End::Exited(status) => {
                 // The output the process wrote before it exited goes first.
@@ -462,30 +463,32 @@ impl Session {
     }
 
     /// Sends the close frame and waits (bounded) for it and what was queued before it
-    /// to leave.
+    /// to leave; the writer ends after a close frame.
     async fn close(self, code: u16, reason: &str) {
         let frame = CloseFrame {
             code,
             reason: Utf8Bytes::from(truncate(reason, MAX_REASON)),
         };
-        let _ = tokio::time::timeout(FINAL_FLUSH, self.outgoing.send(Message::Close(Some(frame))))
-            .await;
-        self.finish_writer().await;
-    }
-
-    async fn finish_writer(self) {
         let Session {
             outgoing,
             mut writer,
             ..
         } = self;
-        drop(outgoing);
-        if tokio::time::timeout(FINAL_FLUSH, &mut writer)
-            .await
-            .is_err()
-        {
+        let flushed = tokio::time::timeout(FINAL_FLUSH, async {
+            if outgoing.send(Message::Close(Some(frame))).await.is_ok() {
+                let _ = (&mut writer).await;
+            }
+        })
+        .await;
+        if flushed.is_err() {
             writer.abort();
         }
+    }
+
+    /// The client is gone: nothing more is sent. (The output pumps still hold the
+    /// queue while they drain, so the writer would not end by itself.)
+    async fn finish_writer(self) {
+        self.writer.abort();
     }
 }
 

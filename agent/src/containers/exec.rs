@@ -499,6 +499,7 @@ impl ExecProcess for ContainerdExecProcess {
     }
 
     async fn remove(&self, exited: bool) {
+        tracing::debug!(exec = %self.exec_id, exited, "removing an exec process");
         if !exited {
             let log = |e: ContainerdError| tracing::warn!(exec = %self.exec_id, error = %e, "cannot kill an exec process");
             if let Err(e) = self.kill(libc::SIGTERM).await {
