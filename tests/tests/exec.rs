@@ -118,13 +118,24 @@ mode = "once"
     }
 
     fn wait_running(&self, name: &str) {
-        wait_until(&format!("{name} running"), Duration::from_secs(60), || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
             let r = self.keeld.raw("GET", "/containers?kind=host", None);
-            r.json().as_array().is_some_and(|all| {
+            let all = r.json();
+            let running = all.as_array().is_some_and(|all| {
                 all.iter()
                     .any(|s| s["name"] == name && s["state"] == "running")
-            })
-        });
+            });
+            if running {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} not running: {all:#}\nkeeld log:\n{}",
+                self.keeld.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn exec(&self, args: &[&str]) -> Output {
