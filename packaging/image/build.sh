@@ -98,16 +98,24 @@ if [[ ! -s $root_tar ]]; then
 fi
 
 # --- The admin container image ------------------------------------------------------------
-# busybox and apiclient; at start it runs its user-data as a script when that starts with
-# `#!` (see packaging/image/README.md), then stays up for `apiclient exec`.
+# busybox and apiclient. At start it runs its user-data as a script when that starts with
+# `#!` (see packaging/image/README.md); as a host container it then stays up for
+# `apiclient exec`, as a bootstrap container it ends with the script's exit status.
 work=$(mktemp -d /tmp/keel-image.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 admin_tar="$work/admin.tar"
 "$oci_image" "$admin_tar" --with "$rel/apiclient" -- /bin/sh -c '
-ud=/.bottlerocket/host-containers/admin/user-data
-if [ -s "$ud" ] && [ "$(head -c 2 "$ud")" = "#!" ]; then
-    cp "$ud" /tmp/startup && chmod 0700 /tmp/startup && /tmp/startup
+if [ -d /.bottlerocket/bootstrap-containers ]; then
+    for ud in /.bottlerocket/bootstrap-containers/*/user-data; do
+        [ -s "$ud" ] && [ "$(head -c 2 "$ud")" = "#!" ] || exit 0
+        cp "$ud" /tmp/startup && chmod 0700 /tmp/startup && exec /tmp/startup
+    done
+    exit 0
 fi
+for ud in /.bottlerocket/host-containers/*/user-data; do
+    [ -s "$ud" ] && [ "$(head -c 2 "$ud")" = "#!" ] || break
+    cp "$ud" /tmp/startup && chmod 0700 /tmp/startup && /tmp/startup
+done
 exec sleep 2147483647' >/dev/null
 
 # --- The input hash: the image is rebuilt only when one of these changes ----------------------

@@ -21,8 +21,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use keel_e2e::vm::{report_json, report_phase, Firmware, Image, UserData, Vm, VmConfig};
 
-/// One boot's budget: TCG on a busy 2-core machine takes up to ~90 s to `configured`.
-const BOOT: Duration = Duration::from_secs(300);
+/// One boot's budget: TCG takes 40–60 s to `configured` on an idle 2-core machine, and
+/// over 2 minutes when builds share the CPUs.
+const BOOT: Duration = Duration::from_secs(420);
 
 fn require_root() {
     assert_eq!(
@@ -51,7 +52,7 @@ n=$(( $(cat $state 2>/dev/null || echo 0) + 1 ))
 echo $n > $state.tmp && sync && mv $state.tmp $state && sync
 say "boot=$n"
 say "findmnt=$(host findmnt -n -o SOURCE,FSTYPE,OPTIONS / | tr -s ' ' ' ')"
-say "dm=$(host cat /sys/block/$(basename $(host readlink -f /dev/mapper/keel-root))/dm/name)"
+say "verity=$(host veritysetup status keel-root | tr -s ' \n' ' ')"
 say "usr-write=$(host touch /usr/keel-probe 2>&1 | tr -d '\n')"
 say "etc-motd=$(host cat /etc/motd | tr '\n' ' ')"
 say "etc-hostname=$(host cat /etc/hostname)"
@@ -87,9 +88,10 @@ if [ "$n" = 2 ]; then
 fi
 "#;
 
-/// The `once` essential bootstrap container: counts its runs on the data partition.
+/// The `once` essential bootstrap container: counts its runs in its persistent directory
+/// (`/local/bootstrap-containers/setup` on the host's data partition).
 const SETUP: &str = r#"#!/bin/sh
-dir=/.bottlerocket/rootfs/local/bootstrap-containers/setup
+dir=/.bottlerocket/bootstrap-containers/setup
 date +%s >> $dir/runs && sync
 "#;
 
@@ -230,8 +232,9 @@ fn first_boot_reboot_and_a_killed_keeld() {
     );
     check(
         vm,
-        one.get("dm").map(String::as_str) == Some("keel-root"),
-        &format!("{one:?}"),
+        one.get("verity")
+            .is_some_and(|v| v.contains("type: VERITY") && v.contains("status: verified")),
+        &format!("keel-root is not an active, verified dm-verity mapping: {one:?}"),
     );
     check(
         vm,
@@ -263,8 +266,8 @@ fn first_boot_reboot_and_a_killed_keeld() {
     );
     check(
         vm,
-        one.get("apiclient-motd").map(String::as_str)
-            == Some(&format!("\"{}\"", motd.replace(' ', ""))),
+        one.get("apiclient-motd")
+            .is_some_and(|m| m.contains(&format!("\"{}\"", motd.replace(' ', "")))),
         &format!("apiclient get inside the admin container: {one:?}"),
     );
     check(
@@ -348,8 +351,8 @@ fn first_boot_reboot_and_a_killed_keeld() {
     );
     check(
         vm,
-        two.get("apiclient-after").map(String::as_str)
-            == Some(&format!("\"{}\"", motd.replace(' ', ""))),
+        two.get("apiclient-after")
+            .is_some_and(|m| m.contains(&format!("\"{}\"", motd.replace(' ', "")))),
         &format!("apiclient inside the admin container after keeld's restart: {two:?}"),
     );
     let pid_of = |key: &str| -> Option<u64> {
