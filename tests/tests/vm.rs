@@ -65,7 +65,7 @@ say "machine-id=$(host cat /etc/machine-id)"
 say "os=$(apiclient raw -u /os | tr -d "\n ")"
 if [ "$n" = 1 ]; then
     say "rebooting"
-    apiclient raw -m POST -u /actions/reboot
+    apiclient reboot
     exit 0
 fi
 if [ "$n" = 2 ]; then
