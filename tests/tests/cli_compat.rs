@@ -19,8 +19,9 @@
 //! - [O] bottlerocket-os/bottlerocket-update-operator `agent/src/apiclient.rs`: the
 //!   command lines its agent runs (`apiclient raw -u <uri> [-m POST]`).
 //!
-//! Not here: `exec` ([R] `apiclient exec admin bash`) and `update` ([M]) are tested where
-//! they are built.
+//! `exec` ([R] `apiclient exec admin bash`) and `update` ([M]) run against a real
+//! container and a real update repository in their own tests (exec.rs, updates.rs);
+//! here their command lines are only checked to parse.
 
 #![allow(clippy::unwrap_used)]
 
@@ -542,6 +543,11 @@ fn usage_errors_are_exit_2_and_name_the_problem() {
         &["-m", "POST", "-u", "/tx/commit", "raw"][..],
         &["raw", "-X", "PATCH", "-u", "/settings", "-d", "{}"][..],
         &["get", "/updates/status"][..],
+        // [R], [A]: exec, whose own tests run it against a real container.
+        &["exec", "admin", "bash"][..],
+        &["exec", "admin", "cat", "/file"][..],
+        &["exec", "-t", "admin", "bash"][..],
+        &["exec", "--no-tty", "admin", "ls", "-s", "-v"][..],
     ] {
         let out = node_less(args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
