@@ -198,9 +198,7 @@ mode = "once"
             }
             assert!(
                 Instant::now() < deadline,
-                "exec processes left: {processes:?}, FIFOs left: {fifos:?}\nkeeld: {}\nkeeld log:\n{}",
-                std::fs::read_to_string(format!("/proc/{}/stat", self.keeld.pid()))
-                    .unwrap_or_else(|e| e.to_string()),
+                "exec processes left: {processes:?}, FIFOs left: {fifos:?}\nkeeld log:\n{}",
                 self.keeld.log()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -843,4 +841,44 @@ fn bad_input_is_refused_and_leaves_nothing() {
     });
     node.assert_no_exec_left();
     node.assert_keeld_answers();
+}
+
+/// keeld stopping (SIGTERM) ends every session, killing its process, and tells the
+/// client; a keeld that dies (SIGKILL) leaves its exec processes running, and the next
+/// keeld kills and removes them.
+#[test]
+fn execs_end_with_keeld_and_a_crashed_keeld_s_are_swept() {
+    let mut node = Node::boot();
+
+    // SIGKILL: the process outlives keeld (the shim holds it); the next start sweeps it.
+    let mut child = node.exec_command(&["c", "sh", "-c", "echo started; exec sleep 1000"]);
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 8];
+    stdout.read_exact(&mut first).expect("output");
+    node.keeld.kill();
+    let out = child.wait_with_output().expect("apiclient");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        node.task_processes("c").len() >= 2,
+        "the exec outlives keeld"
+    );
+    assert_eq!(node.exec_leftovers().len(), 1);
+    node.keeld.spawn();
+    node.assert_no_exec_left();
+
+    // SIGTERM: the session ends with 1001 and the process is killed before keeld exits.
+    node.wait_running("c");
+    let mut child = node.exec_command(&["c", "sh", "-c", "echo started; exec sleep 1000"]);
+    let mut stdout = child.stdout.take().expect("stdout");
+    stdout.read_exact(&mut first).expect("output");
+    let status = node.keeld.stop();
+    assert!(status.success(), "keeld stopped with {status}");
+    let out = child.wait_with_output().expect("apiclient");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("keeld is stopping (close code 1001)"),
+        "{}",
+        text(&out.stderr)
+    );
+    node.assert_no_exec_left();
 }
