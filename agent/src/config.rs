@@ -49,6 +49,27 @@ pub struct Config {
     /// without it, keeld's own version and --variant.
     #[arg(long, env = "KEELD_OS_RELEASE")]
     pub os_release: Option<PathBuf>,
+    /// The update repository's trusted root.json, shipped in the image.
+    #[arg(long, default_value = "/usr/share/keel/updates/root.json")]
+    pub update_root: PathBuf,
+    /// The socket of keel-slot-writer, the helper that writes the inactive slot and the
+    /// ESP (keel-slot-writer.socket).
+    #[arg(long, default_value = "/run/keel-slot-writer/writer.sock")]
+    pub update_writer_socket: PathBuf,
+    /// Instead of the socket: the slot writer command keeld starts for each update
+    /// command, arguments separated by spaces (e.g. "/usr/bin/keel-slot-writer --esp /efi").
+    #[arg(long)]
+    pub update_writer_command: Option<String>,
+    /// Boot attempts a newly activated slot gets before the boot loader falls back.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub update_tries: u32,
+    /// Time to connect to the update repository.
+    #[arg(long, default_value = "10s")]
+    pub update_connect_timeout: humantime::Duration,
+    /// Time the update repository may go without sending anything (its answer, or the
+    /// next piece of a download) before the command fails.
+    #[arg(long, default_value = "30s")]
+    pub update_read_timeout: humantime::Duration,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -167,6 +188,33 @@ impl Config {
                 _ => None,
             })
             .collect()
+    }
+
+    /// How keeld updates this host.
+    pub fn updates(&self) -> crate::updates::UpdatesConfig {
+        use crate::updates::writer_client::WriterEndpoint;
+        let writer = match &self.update_writer_command {
+            Some(command) => WriterEndpoint::Command(
+                command
+                    .split_ascii_whitespace()
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+            None => WriterEndpoint::Socket(self.update_writer_socket.clone()),
+        };
+        crate::updates::UpdatesConfig {
+            repository: crate::updates::repository::RepositoryConfig {
+                root: self.update_root.clone(),
+                datastore: self.state_dir.join("updates/tuf"),
+                timeouts: crate::updates::transport::Timeouts {
+                    connect: self.update_connect_timeout.into(),
+                    read: self.update_read_timeout.into(),
+                },
+            },
+            writer: Some(writer),
+            record: self.state_dir.join("updates/status.json"),
+            tries: self.update_tries,
+        }
     }
 
     /// The API group's id: numeric as given, or looked up by name in /etc/group.

@@ -2,7 +2,8 @@
 //!
 //! Modules, one per concern: [`api`] (routes, one file per resource), [`store`]
 //! (datastore, transactions, generations), [`apply`] (services metadata, render and
-//! restart), [`config`] (flags), [`os`] (what `/os` reports).
+//! restart), [`config`] (flags), [`os`] (what `/os` reports), [`updates`] (A/B image
+//! updates from a TUF repository, Bottlerocket's update API).
 
 pub mod api;
 pub mod apply;
@@ -12,6 +13,7 @@ pub mod containers;
 pub mod os;
 pub mod sandbox;
 pub mod store;
+pub mod updates;
 
 use std::sync::Arc;
 
@@ -117,11 +119,18 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
     let (configured_tx, configured_rx) = tokio::sync::watch::channel(boot::BootGate::Pending);
     let apiclient = runtime.paths.apiclient.clone();
     let stop_applier = applier.clone();
+    let os = Arc::new(os);
+    let updates = updates::Updates::open(config.updates(), store.clone(), os.clone());
+    tokio::spawn({
+        let updates = updates.clone();
+        async move { updates.reconcile().await }
+    });
     let state = api::AppState {
         store: store.clone(),
         applier: applier.clone(),
         boot: boot_view,
-        os: Arc::new(os),
+        updates,
+        os,
         reboot_command: Arc::new(config.reboot_command.clone()),
         containers: api::containers::ContainersView {
             board: board.clone(),

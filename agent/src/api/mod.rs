@@ -18,6 +18,7 @@ pub mod root;
 pub mod server;
 pub mod settings;
 pub mod tx;
+pub mod updates;
 
 use std::sync::Arc;
 
@@ -43,6 +44,7 @@ pub struct AppState {
     pub containers: containers::ContainersView,
     pub boot: tokio::sync::watch::Receiver<crate::boot::status::BootRecord>,
     pub exec: exec::ExecService<ContainerdExec>,
+    pub updates: crate::updates::Updates,
 }
 
 impl axum::extract::FromRef<AppState> for exec::ExecService<ContainerdExec> {
@@ -75,6 +77,11 @@ pub fn router(state: AppState, policy: AccessPolicy) -> Router {
         .route("/services", get(metadata::services))
         .route("/configuration-files", get(metadata::configuration_files))
         .route("/actions/reboot", post(actions::reboot))
+        .route("/updates/status", get(updates::status))
+        .route("/actions/refresh-updates", post(updates::refresh))
+        .route("/actions/prepare-update", post(updates::prepare))
+        .route("/actions/activate-update", post(updates::activate))
+        .route("/actions/deactivate-update", post(updates::deactivate))
         .route("/history", get(history::list))
         .route("/history/rollback", post(history::rollback))
         .route("/boot", get(boot::status))

@@ -1,0 +1,71 @@
+//! Bottlerocket's update API: `GET /updates/status` and `POST /actions/refresh-updates`,
+//! `/actions/prepare-update`, `/actions/activate-update`, `/actions/deactivate-update`.
+//!
+//! Each action is checked against the state at once (409 not allowed in this state, 404
+//! nothing chosen or staged, 423 another update command running) and then runs in the
+//! background: 204 means started; `most_recent_command` in the status tells how it ended,
+//! `running_command` shows it (with download progress) meanwhile. Unlike Bottlerocket,
+//! the status answers while a command runs (200, never 423), so progress can be watched.
+//! Parses and answers only; `updates::machine` does the work.
+
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::Json;
+
+use super::error::{ApiError, ApiResult};
+use super::input::Query;
+use super::AppState;
+use crate::updates::status::{CommandType, UpdateStatus};
+use crate::updates::CommandRefused;
+
+pub async fn status(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<UpdateStatus>> {
+    Query::parse(q.as_deref(), &[])?;
+    Ok(Json(state.updates.status()))
+}
+
+async fn start(state: &AppState, q: Option<&str>, command: CommandType) -> ApiResult<StatusCode> {
+    Query::parse(q, &[])?;
+    state.updates.start(command).await.map_err(|refused| {
+        let status = match &refused {
+            CommandRefused::Locked(_) => StatusCode::LOCKED,
+            CommandRefused::Disallowed { .. } => StatusCode::CONFLICT,
+            CommandRefused::UpdateDoesNotExist | CommandRefused::NoStagedImage => {
+                StatusCode::NOT_FOUND
+            }
+            CommandRefused::Persist(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, refused.to_string())
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn refresh(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<StatusCode> {
+    start(&state, q.as_deref(), CommandType::Refresh).await
+}
+
+pub async fn prepare(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<StatusCode> {
+    start(&state, q.as_deref(), CommandType::Prepare).await
+}
+
+pub async fn activate(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<StatusCode> {
+    start(&state, q.as_deref(), CommandType::Activate).await
+}
+
+pub async fn deactivate(
+    State(state): State<AppState>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<StatusCode> {
+    start(&state, q.as_deref(), CommandType::Deactivate).await
+}

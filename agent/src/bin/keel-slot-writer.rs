@@ -1,0 +1,71 @@
+//! keel-slot-writer: the one process that writes the inactive slot's partitions and the
+//! ESP, for keeld's update commands. One session on stdin/stdout: started by systemd per
+//! connection (`keel-slot-writer.socket`, `Accept=yes`) or by keeld itself
+//! (`--update-writer-command`). See `keel_agent::updates::writer` for what it checks.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use keel_agent::updates::loader::EspLayout;
+use keel_agent::updates::slots::SlotLayout;
+use keel_agent::updates::writer::{serve, WriterConfig};
+
+/// Writes the inactive A/B slot and its boot files for keeld; never the running slot.
+#[derive(Debug, Parser)]
+#[command(name = "keel-slot-writer", version, about, long_about = None)]
+struct Args {
+    /// Directory of partition labels holding keel-root-{a,b} and keel-verity-{a,b}.
+    #[arg(long, default_value = "/dev/disk/by-partlabel")]
+    partitions: PathBuf,
+    /// The EFI system partition's mount point.
+    #[arg(long, default_value = "/efi")]
+    esp: PathBuf,
+    /// The kernel command line (its keel.slot= names the running slot).
+    #[arg(long, default_value = "/proc/cmdline")]
+    cmdline: PathBuf,
+    /// This boot's id.
+    #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
+    boot_id: PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KEELD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let config = WriterConfig {
+        slots: SlotLayout {
+            partitions: args.partitions,
+            cmdline: args.cmdline,
+        },
+        esp: EspLayout { esp: args.esp },
+        boot_id: args.boot_id,
+    };
+    let swept = keel_agent::updates::durable::sweep_temps(&config.esp.entries_dir());
+    if swept > 0 {
+        tracing::info!(
+            files = swept,
+            "removed temporary loader entries a crash left"
+        );
+    }
+    for slot in [
+        keel_agent::updates::slots::Slot::A,
+        keel_agent::updates::slots::Slot::B,
+    ] {
+        keel_agent::updates::durable::sweep_temps(&config.esp.slot_dir(slot));
+    }
+    let mut input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
+    let mut output = std::io::stdout().lock();
+    match serve(&config, &mut input, &mut output) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "session failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,818 @@
+//! The update state machine (Bottlerocket's): which command is allowed in which state,
+//! the one lock, commands run in the background, and the record kept across keeld
+//! restarts and reboots.
+//!
+//! Transitions, as `thar-be-updates` has them:
+//! - `refresh-updates` in any state; from `Idle`/`Available` it goes to `Available` when an
+//!   update is chosen, else `Idle`; later states keep their state;
+//! - `prepare-update` from `Available` or `Staged` (404 without a chosen update) → `Staged`;
+//! - `activate-update` from `Staged` (404 without a staged image) → `Ready`;
+//! - `deactivate-update` from `Ready` → `Staged`;
+//! - anything else is 409; any command while another runs is 423.
+//!
+//! A command is checked and recorded as started (durably) before the API answers 204; it
+//! then runs on its own task, and its outcome goes into `most_recent_command` and the
+//! state, durably, in one write. A prepare that fails after the inactive slot was given up
+//! leaves `Available` (nothing is staged any more). At start, keeld reconciles the record
+//! with the disk: a command the record shows as running ended with the previous keeld; an
+//! activation made in an earlier boot either booted (the running slot is the activated
+//! one: `last_boot.outcome = updated`) or rolled back (`rolled-back`, with what the
+//! boot loader's counter says).
+//!
+//! Must not parse HTTP: `api/updates.rs` does.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use semver::Version;
+
+use super::loader::EntryInfo;
+use super::manifest::{choose, Wanted, MAX_SEED};
+use super::prepare::{prepare, PrepareInput};
+use super::protocol::{Inspection, Request};
+use super::repository::{RepositoryConfig, UpdateRepository};
+use super::settings::UpdateSettings;
+use super::slots::Slot;
+use super::status::{
+    self, BootOutcome, CommandResult, CommandStatus, CommandType, LastBoot, Progress,
+    RunningCommand, StagedImage, UpdateImage, UpdateRecord, UpdateState, UpdateStatus,
+};
+use super::writer_client::{WriterEndpoint, WriterSession};
+use crate::os::OsInfo;
+use crate::store::Store;
+
+/// How keeld updates this host.
+#[derive(Debug, Clone)]
+pub struct UpdatesConfig {
+    pub repository: RepositoryConfig,
+    /// The slot writer; `None` on a host without A/B slots (every prepare, activate and
+    /// deactivate then fails saying so).
+    pub writer: Option<WriterEndpoint>,
+    /// The durable record (`<state-dir>/updates/status.json`).
+    pub record: PathBuf,
+    /// Boot attempts a newly activated slot gets.
+    pub tries: u32,
+}
+
+/// Why a command was not started: answered to the caller at once.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandRefused {
+    /// 423, as Bottlerocket.
+    #[error("Update lock held: another update command ({0}) is running")]
+    Locked(String),
+    /// 409.
+    #[error("{command} is not allowed when the update state is {state:?}{needs}")]
+    Disallowed {
+        command: &'static str,
+        state: UpdateState,
+        needs: &'static str,
+    },
+    /// 404.
+    #[error("No update has been chosen: run refresh-updates first")]
+    UpdateDoesNotExist,
+    /// 404.
+    #[error("No update image applied to staging partition")]
+    NoStagedImage,
+    /// The record could not be written: nothing started (503).
+    #[error("{0}")]
+    Persist(String),
+}
+
+struct Inner {
+    config: UpdatesConfig,
+    store: Store,
+    os: Arc<OsInfo>,
+    /// Held by the command running (and by the start-up reconciliation).
+    lock: Arc<tokio::sync::Mutex<CommandType>>,
+    record: Mutex<UpdateRecord>,
+    running: Mutex<Option<RunningCommand>>,
+}
+
+/// The update machinery; cheap to clone.
+#[derive(Clone)]
+pub struct Updates {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Updates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Updates").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Updates {
+    /// Loads the record (a new one, with a random seed, on first use). Reconciliation
+    /// with the disk runs in the background ([`Updates::reconcile`]), holding the lock.
+    pub fn open(config: UpdatesConfig, store: Store, os: Arc<OsInfo>) -> Updates {
+        let record = match status::load(&config.record) {
+            Ok(Some(record)) => record,
+            Ok(None) => UpdateRecord::new(rand::random::<u32>() % (MAX_SEED + 1)),
+            Err(e) => {
+                // Unreadable: start over rather than refuse to serve; the slots and the
+                // loader entries on disk are the truth reconciliation reads.
+                tracing::error!(error = %e, "the update record is unreadable; starting a new one");
+                UpdateRecord::new(rand::random::<u32>() % (MAX_SEED + 1))
+            }
+        };
+        let updates = Updates {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                os,
+                lock: Arc::new(tokio::sync::Mutex::new(CommandType::Refresh)),
+                record: Mutex::new(record),
+                running: Mutex::new(None),
+            }),
+        };
+        updates.set_active_partition(None);
+        updates
+    }
+
+    fn running_version(&self) -> Result<Version, String> {
+        Version::parse(&self.inner.os.version_id).map_err(|e| {
+            format!(
+                "the running version {:?} is not a semantic version: {e}",
+                self.inner.os.version_id
+            )
+        })
+    }
+
+    fn running_image(&self) -> Option<UpdateImage> {
+        Some(UpdateImage {
+            arch: self.inner.os.arch.clone(),
+            version: self.running_version().ok()?,
+            variant: self.inner.os.variant_id.clone(),
+        })
+    }
+
+    /// Keeps `active_partition` in line with the running image and the state.
+    fn set_active_partition(&self, slot: Option<Slot>) {
+        let image = self.running_image();
+        let mut record = lock(&self.inner.record);
+        let slot = slot.or(record.status.active_partition.as_ref().and_then(|p| p.slot));
+        let ready = record.status.update_state == UpdateState::Ready;
+        record.status.active_partition = image.map(|image| StagedImage {
+            image,
+            next_to_boot: !ready,
+            slot,
+        });
+    }
+
+    /// `GET /updates/status`: the record, with the command in progress.
+    pub fn status(&self) -> UpdateStatus {
+        let mut status = lock(&self.inner.record).status.clone();
+        status.running_command = lock(&self.inner.running).clone();
+        status
+    }
+
+    async fn save(&self) -> Result<(), String> {
+        let record = lock(&self.inner.record).clone();
+        let path = self.inner.config.record.clone();
+        tokio::task::spawn_blocking(move || status::save(&path, &record))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Checks `command` against the state, records it as started (durably) and runs it
+    /// on its own task. Answers once it started.
+    pub async fn start(&self, command: CommandType) -> Result<(), CommandRefused> {
+        let guard = match self.inner.lock.clone().try_lock_owned() {
+            Ok(guard) => guard,
+            Err(_) => {
+                let running = lock(&self.inner.running)
+                    .as_ref()
+                    .map_or("start-up reconciliation", |r| r.cmd_type.action());
+                return Err(CommandRefused::Locked(running.to_owned()));
+            }
+        };
+        {
+            let record = lock(&self.inner.record);
+            let state = record.status.update_state;
+            let disallowed = |needs| CommandRefused::Disallowed {
+                command: command.action(),
+                state,
+                needs,
+            };
+            match command {
+                CommandType::Refresh => {}
+                CommandType::Prepare => {
+                    if !matches!(state, UpdateState::Available | UpdateState::Staged) {
+                        return Err(disallowed(" (it needs Available or Staged)"));
+                    }
+                    if record.status.chosen_update.is_none() {
+                        return Err(CommandRefused::UpdateDoesNotExist);
+                    }
+                }
+                CommandType::Activate => {
+                    if state != UpdateState::Staged {
+                        return Err(disallowed(" (it needs Staged)"));
+                    }
+                    if record.staged.is_none() {
+                        return Err(CommandRefused::NoStagedImage);
+                    }
+                }
+                CommandType::Deactivate => {
+                    if state != UpdateState::Ready {
+                        return Err(disallowed(" (it needs Ready)"));
+                    }
+                    if record.staged.is_none() {
+                        return Err(CommandRefused::NoStagedImage);
+                    }
+                }
+            }
+        }
+        let started = status::next_timestamp(None);
+        lock(&self.inner.record).interrupted = Some(command);
+        if let Err(e) = self.save().await {
+            lock(&self.inner.record).interrupted = None;
+            return Err(CommandRefused::Persist(format!(
+                "cannot record the start of {}: {e}",
+                command.action()
+            )));
+        }
+        *lock(&self.inner.running) = Some(RunningCommand {
+            cmd_type: command,
+            started,
+            progress: None,
+        });
+        tracing::info!(command = command.action(), "update command started");
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let outcome = this.run(command).await;
+            this.finish(command, outcome).await;
+        });
+        Ok(())
+    }
+
+    /// Records the outcome of `command` (durably) and ends it.
+    async fn finish(&self, command: CommandType, outcome: Result<(), String>) {
+        {
+            let mut record = lock(&self.inner.record);
+            let previous = record
+                .status
+                .most_recent_command
+                .as_ref()
+                .map(|c| c.timestamp.clone());
+            let (cmd_status, exit_status, stderr) = match &outcome {
+                Ok(()) => (CommandStatus::Success, 0, String::new()),
+                Err(reason) => (CommandStatus::Failed, 1, reason.clone()),
+            };
+            record.status.most_recent_command = Some(CommandResult {
+                cmd_type: command,
+                cmd_status,
+                timestamp: status::next_timestamp(previous.as_deref()),
+                exit_status,
+                stderr,
+            });
+            record.interrupted = None;
+        }
+        self.set_active_partition(None);
+        if let Err(e) = self.save().await {
+            tracing::error!(error = %e, "cannot record the outcome of an update command");
+        }
+        *lock(&self.inner.running) = None;
+        let state = lock(&self.inner.record).status.update_state;
+        match &outcome {
+            Ok(()) => {
+                tracing::info!(command = command.action(), state = ?state, "update command succeeded")
+            }
+            Err(reason) => {
+                tracing::warn!(command = command.action(), state = ?state, error = %reason, "update command failed")
+            }
+        }
+    }
+
+    fn writer(&self) -> Result<&WriterEndpoint, String> {
+        self.inner.config.writer.as_ref().ok_or_else(|| {
+            "this host has no slot writer (keeld's --update-writer-socket or \
+             --update-writer-command): it cannot install updates"
+                .to_owned()
+        })
+    }
+
+    fn settings(&self) -> Result<UpdateSettings, String> {
+        let snapshot = self.inner.store.snapshot();
+        UpdateSettings::from_live(snapshot.live_settings()).map_err(|e| e.to_string())
+    }
+
+    fn seed(&self, settings: &UpdateSettings) -> u32 {
+        let mut record = lock(&self.inner.record);
+        let seed = settings.seed.unwrap_or(record.own_seed);
+        record.status.seed = seed;
+        seed
+    }
+
+    async fn run(&self, command: CommandType) -> Result<(), String> {
+        match command {
+            CommandType::Refresh => self.refresh().await,
+            CommandType::Prepare => self.prepare().await,
+            CommandType::Activate => self.activate().await,
+            CommandType::Deactivate => self.deactivate().await,
+        }
+    }
+
+    async fn refresh(&self) -> Result<(), String> {
+        let settings = self.settings()?;
+        let seed = self.seed(&settings);
+        let running = self.running_version()?;
+        let repo = UpdateRepository::load(
+            &self.inner.config.repository,
+            settings.metadata.clone(),
+            settings.targets.clone(),
+            settings.proxy.as_ref(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let manifest = repo.manifest().await.map_err(|e| e.to_string())?;
+        let choice = choose(
+            &manifest,
+            &Wanted {
+                variant: &self.inner.os.variant_id,
+                arch: &self.inner.os.arch,
+                running: &running,
+                lock: &settings.lock,
+                seed,
+                ignore_waves: settings.ignore_waves,
+                now: jiff::Timestamp::now(),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        tracing::info!(chosen = ?choice.chosen.as_ref().map(|u| u.version.to_string()), reason = %choice.reason, "updates refreshed");
+        let mut record = lock(&self.inner.record);
+        record.status.available_updates = choice.available;
+        record.status.chosen_update = choice.chosen.as_ref().map(|u| UpdateImage {
+            arch: u.arch.clone(),
+            version: u.version.clone(),
+            variant: u.variant.clone(),
+        });
+        record.status.chosen_update_reason = Some(choice.reason);
+        if matches!(
+            record.status.update_state,
+            UpdateState::Idle | UpdateState::Available
+        ) {
+            record.status.update_state = if choice.chosen.is_some() {
+                UpdateState::Available
+            } else {
+                UpdateState::Idle
+            };
+        }
+        Ok(())
+    }
+
+    async fn prepare(&self) -> Result<(), String> {
+        let writer = self.writer()?.clone();
+        let settings = self.settings()?;
+        let seed = self.seed(&settings);
+        let running = self.running_version()?;
+        let chosen = lock(&self.inner.record)
+            .status
+            .chosen_update
+            .clone()
+            .ok_or_else(|| "no update is chosen".to_owned())?;
+        let progress_sink = {
+            let this = self.clone();
+            Arc::new(move |progress: Progress| {
+                if let Some(running) = lock(&this.inner.running).as_mut() {
+                    running.progress = Some(progress);
+                }
+            })
+        };
+        let lock_setting = settings.lock.clone();
+        let ignore_waves = settings.ignore_waves;
+        let result = prepare(PrepareInput {
+            repository: &self.inner.config.repository,
+            writer: &writer,
+            settings,
+            wanted: Wanted {
+                variant: &self.inner.os.variant_id,
+                arch: &self.inner.os.arch,
+                running: &running,
+                lock: &lock_setting,
+                seed,
+                ignore_waves,
+                now: jiff::Timestamp::now(),
+            },
+            chosen: &chosen,
+            progress: progress_sink,
+        })
+        .await;
+        let mut record = lock(&self.inner.record);
+        match result {
+            Ok(staged) => {
+                record.status.staging_partition = Some(StagedImage {
+                    image: staged.image.clone(),
+                    next_to_boot: false,
+                    slot: Some(staged.slot),
+                });
+                record.staged = Some(staged);
+                record.status.update_state = UpdateState::Staged;
+                Ok(())
+            }
+            Err(failure) => {
+                if failure.touched {
+                    // The inactive slot no longer holds what was staged, if anything.
+                    record.staged = None;
+                    record.status.staging_partition = None;
+                    record.status.update_state = UpdateState::Available;
+                }
+                Err(failure.message)
+            }
+        }
+    }
+
+    async fn activate(&self) -> Result<(), String> {
+        let writer = self.writer()?.clone();
+        let staged = lock(&self.inner.record)
+            .staged
+            .clone()
+            .ok_or_else(|| "no update is staged".to_owned())?;
+        let mut session = WriterSession::open(&writer)
+            .await
+            .map_err(|e| e.to_string())?;
+        let inspection = session.inspect().await.map_err(|e| e.to_string())?;
+        session
+            .simple(&Request::Activate {
+                slot: staged.slot,
+                os_version: staged.image.version.to_string(),
+                root_hash: staged.root_hash.clone(),
+                tries: self.inner.config.tries,
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        session.close().await;
+        let mut record = lock(&self.inner.record);
+        if let Some(staged) = record.staged.as_mut() {
+            staged.activated_in_boot = Some(inspection.boot_id.clone());
+            staged.activated_from = self.running_version().ok();
+        }
+        if let Some(partition) = record.status.staging_partition.as_mut() {
+            partition.next_to_boot = true;
+        }
+        record.status.update_state = UpdateState::Ready;
+        Ok(())
+    }
+
+    async fn deactivate(&self) -> Result<(), String> {
+        let writer = self.writer()?.clone();
+        let slot = lock(&self.inner.record)
+            .staged
+            .as_ref()
+            .map(|s| s.slot)
+            .ok_or_else(|| "no update is staged".to_owned())?;
+        let mut session = WriterSession::open(&writer)
+            .await
+            .map_err(|e| e.to_string())?;
+        session
+            .simple(&Request::Deactivate { slot })
+            .await
+            .map_err(|e| e.to_string())?;
+        session.close().await;
+        let mut record = lock(&self.inner.record);
+        if let Some(staged) = record.staged.as_mut() {
+            staged.activated_in_boot = None;
+            staged.activated_from = None;
+        }
+        if let Some(partition) = record.status.staging_partition.as_mut() {
+            partition.next_to_boot = false;
+        }
+        record.status.update_state = UpdateState::Staged;
+        Ok(())
+    }
+
+    /// At start: brings the record in line with what happened while keeld was not
+    /// running (a command cut short, a reboot into the activated slot, a rollback), holding
+    /// the lock meanwhile (a command asked for then gets 423). Without a slot writer only
+    /// an interrupted command is closed.
+    pub async fn reconcile(&self) {
+        let _guard = self.inner.lock.clone().lock_owned().await;
+        let inspection = match &self.inner.config.writer {
+            Some(endpoint) => match inspect(endpoint).await {
+                Ok(inspection) => Some(inspection),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot inspect the slots; the update status shows what was recorded");
+                    None
+                }
+            },
+            None => None,
+        };
+        let running = self.running_version().ok();
+        {
+            let mut record = lock(&self.inner.record);
+            close_interrupted(&mut record, inspection.as_ref());
+            if let (Some(inspection), Some(running)) = (&inspection, &running) {
+                after_reboot(&mut record, inspection, running);
+            }
+        }
+        self.set_active_partition(inspection.as_ref().map(|i| i.active));
+        if let Err(e) = self.save().await {
+            tracing::error!(error = %e, "cannot save the reconciled update record");
+        }
+        let status = self.status();
+        tracing::info!(state = ?status.update_state, last_boot = ?status.last_boot, "update state reconciled");
+    }
+}
+
+async fn inspect(endpoint: &WriterEndpoint) -> Result<Inspection, String> {
+    let mut session = WriterSession::open(endpoint)
+        .await
+        .map_err(|e| e.to_string())?;
+    let inspection = session.inspect().await.map_err(|e| e.to_string());
+    session.close().await;
+    inspection
+}
+
+fn entry_of(inspection: &Inspection, slot: Slot) -> Option<&EntryInfo> {
+    inspection.entries.iter().find(|e| e.slot == slot)
+}
+
+/// A command the record shows as running ended with the previous keeld.
+fn close_interrupted(record: &mut UpdateRecord, inspection: Option<&Inspection>) {
+    let Some(command) = record.interrupted.take() else {
+        return;
+    };
+    let mut reason = format!("keeld stopped during {}", command.action());
+    match command {
+        CommandType::Refresh => {}
+        CommandType::Prepare => {
+            let slot = inspection.map(|i| i.active.other());
+            reason.push_str(&match slot {
+                Some(slot) => format!(
+                    ": slot {slot} may hold a partial image; no loader entry names it, so the \
+                     running slot stays the boot choice. Run prepare-update again"
+                ),
+                None => ": the inactive slot may hold a partial image and is not bootable. \
+                          Run prepare-update again"
+                    .to_owned(),
+            });
+            record.staged = None;
+            record.status.staging_partition = None;
+            record.status.update_state = if record.status.chosen_update.is_some() {
+                UpdateState::Available
+            } else {
+                UpdateState::Idle
+            };
+        }
+        CommandType::Activate | CommandType::Deactivate => {
+            // Each is one file written or removed: the disk says which happened.
+            let staged_slot = record.staged.as_ref().map(|s| s.slot);
+            let entry = inspection
+                .zip(staged_slot)
+                .and_then(|(i, slot)| entry_of(i, slot));
+            let activated = entry.is_some_and(|e| !e.is_bad());
+            record.status.update_state = if activated {
+                UpdateState::Ready
+            } else {
+                UpdateState::Staged
+            };
+            if let Some(partition) = record.status.staging_partition.as_mut() {
+                partition.next_to_boot = activated;
+            }
+            if !activated {
+                if let Some(staged) = record.staged.as_mut() {
+                    staged.activated_in_boot = None;
+                }
+            }
+            reason.push_str(&format!(
+                "; the staged slot's loader entry is {}: the state is {:?}",
+                if activated { "present" } else { "absent" },
+                record.status.update_state
+            ));
+        }
+    }
+    let previous = record
+        .status
+        .most_recent_command
+        .as_ref()
+        .map(|c| c.timestamp.clone());
+    record.status.most_recent_command = Some(CommandResult {
+        cmd_type: command,
+        cmd_status: CommandStatus::Failed,
+        timestamp: status::next_timestamp(previous.as_deref()),
+        exit_status: 1,
+        stderr: reason,
+    });
+}
+
+/// An activation made in an earlier boot: did the host boot the new slot?
+fn after_reboot(record: &mut UpdateRecord, inspection: &Inspection, running: &Version) {
+    let Some(staged) = record.staged.clone() else {
+        return;
+    };
+    let Some(activated_in) = staged.activated_in_boot.as_deref() else {
+        return;
+    };
+    if activated_in == inspection.boot_id {
+        // keeld restarted within the boot of the activation: nothing happened yet.
+        return;
+    }
+    let previous_version = staged
+        .activated_from
+        .clone()
+        .unwrap_or_else(|| running.clone());
+    let noticed = status::next_timestamp(None);
+    if inspection.active == staged.slot {
+        record.status.last_boot = Some(LastBoot {
+            outcome: BootOutcome::Updated,
+            slot: staged.slot,
+            version: staged.image.version.clone(),
+            previous_version: previous_version.clone(),
+            detail: format!(
+                "booted slot {} with {} (was {previous_version})",
+                staged.slot, running
+            ),
+            noticed,
+        });
+        record.staged = None;
+        record.status.staging_partition = None;
+        record.status.chosen_update = None;
+        record.status.available_updates.clear();
+        record.status.chosen_update_reason = None;
+        record.status.update_state = UpdateState::Idle;
+    } else {
+        let entry = entry_of(inspection, staged.slot);
+        let why = match entry {
+            Some(e) if e.is_bad() => format!(
+                "slot {} ({}) did not complete its boot in {} tries (loader entry {}), so the \
+                 boot loader went back to slot {} ({running})",
+                staged.slot,
+                staged.image.version,
+                e.tries_done.unwrap_or(0),
+                e.file,
+                inspection.active
+            ),
+            Some(e) => format!(
+                "slot {} ({}) was activated, but slot {} ({running}) booted instead; its \
+                 loader entry {} still has tries left",
+                staged.slot, staged.image.version, inspection.active, e.file
+            ),
+            None => format!(
+                "slot {} ({}) was activated, but slot {} ({running}) booted and no loader \
+                 entry names slot {} any more",
+                staged.slot, staged.image.version, inspection.active, staged.slot
+            ),
+        };
+        record.status.last_boot = Some(LastBoot {
+            outcome: BootOutcome::RolledBack,
+            slot: staged.slot,
+            version: staged.image.version.clone(),
+            previous_version: running.clone(),
+            detail: why,
+            noticed,
+        });
+        // The image is still on the slot, but it failed: it is not offered again by
+        // itself (refresh, prepare and activate to retry).
+        if let Some(partition) = record.status.staging_partition.as_mut() {
+            partition.next_to_boot = false;
+        }
+        record.staged = None;
+        record.status.chosen_update = None;
+        record.status.update_state = UpdateState::Idle;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::updates::status::StagedSlot;
+
+    fn inspection(active: Slot, boot_id: &str, entries: Vec<EntryInfo>) -> Inspection {
+        Inspection {
+            active,
+            boot_id: boot_id.into(),
+            root_size: 1,
+            hash_size: 1,
+            entries,
+        }
+    }
+
+    fn entry(file: &str) -> EntryInfo {
+        let (slot, tries_left, tries_done) =
+            crate::updates::loader::parse_entry_name(file).expect("entry name");
+        EntryInfo {
+            file: file.into(),
+            slot,
+            tries_left,
+            tries_done,
+            sort_version: Some(2),
+            os_version: Some("1.1.0".into()),
+            root_hash: None,
+        }
+    }
+
+    fn activated_record() -> UpdateRecord {
+        let mut record = UpdateRecord::new(1);
+        let image = UpdateImage {
+            arch: "x86_64".into(),
+            version: Version::new(1, 1, 0),
+            variant: "keel-dev".into(),
+        };
+        record.status.update_state = UpdateState::Ready;
+        record.status.chosen_update = Some(image.clone());
+        record.status.staging_partition = Some(StagedImage {
+            image: image.clone(),
+            next_to_boot: true,
+            slot: Some(Slot::B),
+        });
+        record.staged = Some(StagedSlot {
+            slot: Slot::B,
+            image,
+            root_hash: "ab".repeat(32),
+            activated_in_boot: Some("boot-1".into()),
+            activated_from: Some(Version::new(1, 0, 0)),
+        });
+        record
+    }
+
+    #[test]
+    fn a_reboot_into_the_activated_slot_is_an_update() {
+        let mut record = activated_record();
+        after_reboot(
+            &mut record,
+            &inspection(Slot::B, "boot-2", vec![entry("keel-b.conf")]),
+            &Version::new(1, 1, 0),
+        );
+        assert_eq!(record.status.update_state, UpdateState::Idle);
+        let last = record.status.last_boot.expect("last boot");
+        assert_eq!(last.outcome, BootOutcome::Updated);
+        assert_eq!(last.detail, "booted slot b with 1.1.0 (was 1.0.0)");
+        assert_eq!(record.status.staging_partition, None);
+        assert_eq!(record.staged, None);
+    }
+
+    #[test]
+    fn a_bad_entry_and_the_old_slot_running_is_a_rollback_with_the_reason() {
+        let mut record = activated_record();
+        after_reboot(
+            &mut record,
+            &inspection(
+                Slot::A,
+                "boot-5",
+                vec![entry("keel-a.conf"), entry("keel-b+0-3.conf")],
+            ),
+            &Version::new(1, 0, 0),
+        );
+        assert_eq!(record.status.update_state, UpdateState::Idle);
+        let last = record.status.last_boot.expect("last boot");
+        assert_eq!(last.outcome, BootOutcome::RolledBack);
+        assert_eq!(
+            last.detail,
+            "slot b (1.1.0) did not complete its boot in 3 tries (loader entry \
+             keel-b+0-3.conf), so the boot loader went back to slot a (1.0.0)"
+        );
+        assert_eq!(
+            record.status.staging_partition.map(|p| p.next_to_boot),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn a_restart_within_the_boot_of_the_activation_changes_nothing() {
+        let mut record = activated_record();
+        let before = record.clone();
+        after_reboot(
+            &mut record,
+            &inspection(Slot::A, "boot-1", vec![entry("keel-b+3.conf")]),
+            &Version::new(1, 0, 0),
+        );
+        assert_eq!(record, before);
+    }
+
+    #[test]
+    fn a_prepare_cut_short_leaves_nothing_staged_and_says_why() {
+        let mut record = activated_record();
+        record.status.update_state = UpdateState::Available;
+        record.interrupted = Some(CommandType::Prepare);
+        close_interrupted(&mut record, Some(&inspection(Slot::A, "boot-1", vec![])));
+        assert_eq!(record.status.update_state, UpdateState::Available);
+        assert_eq!(record.staged, None);
+        let command = record.status.most_recent_command.expect("command");
+        assert_eq!(command.cmd_type, CommandType::Prepare);
+        assert_eq!(command.cmd_status, CommandStatus::Failed);
+        assert!(
+            command.stderr.contains("no loader entry names it"),
+            "{}",
+            command.stderr
+        );
+        assert_eq!(record.interrupted, None);
+    }
+
+    #[test]
+    fn an_activation_cut_short_is_ready_or_staged_as_the_disk_says() {
+        for (entries, state) in [
+            (vec![entry("keel-b+3.conf")], UpdateState::Ready),
+            (vec![], UpdateState::Staged),
+        ] {
+            let mut record = activated_record();
+            record.status.update_state = UpdateState::Staged;
+            record.interrupted = Some(CommandType::Activate);
+            close_interrupted(&mut record, Some(&inspection(Slot::A, "boot-1", entries)));
+            assert_eq!(record.status.update_state, state);
+        }
+    }
+}

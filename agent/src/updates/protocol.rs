@@ -1,0 +1,112 @@
+//! The requests keeld sends to `keel-slot-writer`, the small privileged helper that alone
+//! may write the inactive slot's partitions and the ESP, and its answers.
+//!
+//! Owns the wire format, shared by both ends: one request per line (JSON), followed, for
+//! the two writes, by exactly `size` raw bytes; one answer per line (JSON), `{"ok":true,
+//! …}` or `{"ok":false,"error":"…"}`. A session is one connection (socket activation,
+//! `Accept=yes`) or one spawned process (tests, `--update-writer-command`); requests run
+//! in order. Must not decide anything: `writer.rs` checks, `machine.rs` decides.
+
+use serde::{Deserialize, Serialize};
+
+use super::loader::EntryInfo;
+use super::slots::{Part, Slot};
+
+/// Longest request line either end accepts.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A boot file of a slot on the ESP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootFile {
+    Kernel,
+    Initrd,
+}
+
+impl BootFile {
+    pub fn file_name(self) -> &'static str {
+        match self {
+            BootFile::Kernel => super::loader::KERNEL,
+            BootFile::Initrd => super::loader::INITRD,
+        }
+    }
+}
+
+/// One request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Which slot runs, this boot's id, the inactive slot's partition sizes, the entries.
+    Inspect,
+    /// Removes `slot`'s loader entries, durably, before any of its bytes change.
+    Invalidate { slot: Slot },
+    /// `size` bytes follow: written from the start of `part` of `slot`, then `fdatasync`.
+    /// The writer refuses unless what it wrote hashes to `sha256`; for the root it also
+    /// recomputes the dm-verity tree (the hash part must be written first) and refuses
+    /// unless it matches the hash part and `root_hash`.
+    WritePartition {
+        slot: Slot,
+        part: Part,
+        size: u64,
+        sha256: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        root_hash: Option<String>,
+    },
+    /// `size` bytes follow: `<esp>/keel/<slot>/<file>`, replaced atomically.
+    WriteBootFile {
+        slot: Slot,
+        file: BootFile,
+        size: u64,
+        sha256: String,
+    },
+    /// Writes `slot`'s loader entry with `tries` boot attempts, sorted first.
+    Activate {
+        slot: Slot,
+        os_version: String,
+        root_hash: String,
+        tries: u32,
+    },
+    /// Removes `slot`'s loader entries (same as `Invalidate`, named for what it means).
+    Deactivate { slot: Slot },
+}
+
+/// What `Inspect` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inspection {
+    pub active: Slot,
+    pub boot_id: String,
+    /// Sizes of the inactive slot's partitions, in bytes.
+    pub root_size: u64,
+    pub hash_size: u64,
+    pub entries: Vec<EntryInfo>,
+}
+
+/// What a partition write answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Written {
+    pub bytes: u64,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_hash: Option<String>,
+    /// The loader entry written (`Activate`) or removed (`Invalidate`, `Deactivate`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<String>,
+}
+
+/// One answer line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Answer {
+    Inspection { ok: bool, inspection: Inspection },
+    Written { ok: bool, written: Written },
+    Failed { ok: bool, error: String },
+}
+
+impl Answer {
+    pub fn failed(error: impl std::fmt::Display) -> Answer {
+        Answer::Failed {
+            ok: false,
+            error: error.to_string(),
+        }
+    }
+}

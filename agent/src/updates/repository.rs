@@ -1,0 +1,284 @@
+//! The update repository: TUF metadata verified by `tough` from the image's trusted
+//! `root.json`, the manifest, and the signed length and sha256 of each target, whose bytes
+//! `tough` checks as they stream.
+//!
+//! Owns the trust decisions and how their failures read: metadata must be signed by the
+//! roles' keys, not expired, and not older than what this host has seen (`tough` keeps
+//! the versions it trusted in the datastore under the state directory, so an old but
+//! validly signed repository cannot be replayed after a reboot); a target must have the
+//! signed length and hash. Must not write slots.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tough::{Repository, RepositoryLoader, TargetName};
+use url::Url;
+
+use super::manifest::{Manifest, ManifestError};
+use super::transport::{FetchError, RepositoryTransport, Timeouts};
+use settings_model::proxy::ProxyRules;
+
+/// The manifest's target name, as Bottlerocket's.
+pub const MANIFEST: &str = "manifest.json";
+/// Largest manifest read.
+const MAX_MANIFEST: u64 = 16 * 1024 * 1024;
+
+/// Where the repository is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct RepositoryConfig {
+    /// The trusted root.json the image ships.
+    pub root: PathBuf,
+    /// Where `tough` keeps the metadata it trusted (rollback and freeze protection).
+    pub datastore: PathBuf,
+    pub timeouts: Timeouts,
+}
+
+/// Why the repository could not be used, as the user reads it.
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryError {
+    #[error("cannot read the trusted root {path}: {source}")]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Settings(String),
+    #[error("{what} is not a URL: {url:?}")]
+    Url { what: &'static str, url: String },
+    #[error("the repository's {role} metadata has expired: refusing stale metadata")]
+    Expired { role: String },
+    #[error("the repository's {role} metadata is not validly signed: {reason}")]
+    BadSignature { role: String, reason: String },
+    #[error(
+        "the repository offers {role} metadata version {offered}, older than version {seen} \
+         this host already trusted: refusing a rollback"
+    )]
+    Rollback {
+        role: String,
+        offered: u64,
+        seen: u64,
+    },
+    #[error("fetching {url}: {reason}")]
+    Fetch { url: String, reason: String },
+    #[error("target {name}: {reason}")]
+    Target { name: String, reason: String },
+    #[error("target {0} is not in the repository's signed targets")]
+    MissingTarget(String),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The reason inside a transport error: the one `transport.rs` gave, without `tough`'s
+/// wrapping.
+fn transport_reason(error: &tough::TransportError) -> String {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(e) = cause {
+        if let Some(fetch) = e.downcast_ref::<FetchError>() {
+            return fetch.to_string();
+        }
+        cause = e.source();
+    }
+    error.to_string()
+}
+
+/// Maps `tough`'s error to what the user is told. `target` names the target being read,
+/// if any.
+fn explain(error: tough::error::Error, target: Option<&str>) -> RepositoryError {
+    use tough::error::Error as E;
+    let role_of = |role: &dyn std::fmt::Display| role.to_string();
+    match error {
+        E::ExpiredMetadata { role, .. } => RepositoryError::Expired {
+            role: role_of(&role),
+        },
+        E::VerifyMetadata { role, source, .. } => RepositoryError::BadSignature {
+            role: role_of(&role),
+            reason: source.to_string(),
+        },
+        E::VerifyRoleMetadata { role, source, .. } => RepositoryError::BadSignature {
+            role,
+            reason: source.to_string(),
+        },
+        E::VerifyTrustedMetadata { source, .. } => RepositoryError::BadSignature {
+            role: "root".to_owned(),
+            reason: source.to_string(),
+        },
+        E::OlderMetadata {
+            role,
+            current_version,
+            new_version,
+            ..
+        } => RepositoryError::Rollback {
+            role: role_of(&role),
+            offered: new_version,
+            seen: current_version,
+        },
+        E::Transport { url, source, .. } => {
+            let reason = transport_reason(&source);
+            match target {
+                Some(name) => RepositoryError::Target {
+                    name: name.to_owned(),
+                    reason,
+                },
+                None => RepositoryError::Fetch {
+                    url: url.to_string(),
+                    reason,
+                },
+            }
+        }
+        E::HashMismatch {
+            calculated,
+            expected,
+            ..
+        } => RepositoryError::Target {
+            name: target.unwrap_or("metadata").to_owned(),
+            reason: format!(
+                "its sha256 is {calculated}, but the signed metadata says {expected}: refused"
+            ),
+        },
+        E::MaxSizeExceeded {
+            max_size,
+            specifier,
+            ..
+        } => match target {
+            Some(name) => RepositoryError::Target {
+                name: name.to_owned(),
+                reason: format!("it is longer than its signed length of {max_size} bytes: refused"),
+            },
+            None => RepositoryError::Other(format!(
+                "a metadata file is larger than {max_size} bytes ({specifier}): refused"
+            )),
+        },
+        other => match target {
+            Some(name) => RepositoryError::Target {
+                name: name.to_owned(),
+                reason: other.to_string(),
+            },
+            None => RepositoryError::Other(other.to_string()),
+        },
+    }
+}
+
+/// A target's signed length and sha256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetInfo {
+    pub name: String,
+    pub length: u64,
+    pub sha256: String,
+}
+
+/// A loaded, verified repository.
+#[derive(Debug)]
+pub struct UpdateRepository {
+    repo: Repository,
+}
+
+/// A URL from the settings, with the trailing `/` TUF's relative names need and
+/// `http://` for Bottlerocket's scheme-less form.
+pub fn base_url(what: &'static str, text: &str) -> Result<Url, RepositoryError> {
+    let with_scheme = if text.contains("://") {
+        text.to_owned()
+    } else {
+        format!("http://{text}")
+    };
+    let with_slash = if with_scheme.ends_with('/') {
+        with_scheme
+    } else {
+        format!("{with_scheme}/")
+    };
+    Url::parse(&with_slash).map_err(|_| RepositoryError::Url {
+        what,
+        url: text.to_owned(),
+    })
+}
+
+impl UpdateRepository {
+    /// Fetches and verifies the metadata from `metadata` (targets from `targets`).
+    pub async fn load(
+        config: &RepositoryConfig,
+        metadata: Url,
+        targets: Url,
+        proxy: Option<&ProxyRules>,
+    ) -> Result<UpdateRepository, RepositoryError> {
+        let root = tokio::fs::read(&config.root)
+            .await
+            .map_err(|source| RepositoryError::Root {
+                path: config.root.clone(),
+                source,
+            })?;
+        tokio::fs::create_dir_all(&config.datastore)
+            .await
+            .map_err(|e| {
+                RepositoryError::Other(format!(
+                    "cannot create the TUF datastore {}: {e}",
+                    config.datastore.display()
+                ))
+            })?;
+        let transport = RepositoryTransport::new(config.timeouts, proxy)
+            .map_err(|e| RepositoryError::Settings(e.to_string()))?;
+        let repo = RepositoryLoader::new(&root, metadata, targets)
+            .transport(transport)
+            .datastore(config.datastore.clone())
+            .load()
+            .await
+            .map_err(|e| explain(e, None))?;
+        Ok(UpdateRepository { repo })
+    }
+
+    /// The signed length and sha256 of target `name`.
+    pub fn target(&self, name: &str) -> Result<TargetInfo, RepositoryError> {
+        let target_name =
+            TargetName::new(name).map_err(|_| RepositoryError::MissingTarget(name.to_owned()))?;
+        let target = self
+            .repo
+            .targets()
+            .signed
+            .find_target(&target_name, false)
+            .map_err(|_| RepositoryError::MissingTarget(name.to_owned()))?;
+        Ok(TargetInfo {
+            name: name.to_owned(),
+            length: target.length,
+            sha256: hex::encode(&target.hashes.sha256),
+        })
+    }
+
+    /// The bytes of target `name`, checked by `tough` as they come: the stream ends in an
+    /// error (after its last bytes) when the length or hash is not the signed one, so
+    /// nothing read may be used before the stream ended without one.
+    pub async fn stream(
+        &self,
+        name: &str,
+    ) -> Result<impl Stream<Item = Result<Bytes, RepositoryError>> + Send + use<>, RepositoryError>
+    {
+        let target_name =
+            TargetName::new(name).map_err(|_| RepositoryError::MissingTarget(name.to_owned()))?;
+        let stream = self
+            .repo
+            .read_target(&target_name)
+            .await
+            .map_err(|e| explain(e, Some(name)))?
+            .ok_or_else(|| RepositoryError::MissingTarget(name.to_owned()))?;
+        let owned = name.to_owned();
+        Ok(stream.map(move |item| item.map_err(|e| explain(e, Some(&owned)))))
+    }
+
+    /// The manifest, read whole (it is small) and checked.
+    pub async fn manifest(&self) -> Result<Manifest, RepositoryError> {
+        let info = self.target(MANIFEST)?;
+        if info.length > MAX_MANIFEST {
+            return Err(RepositoryError::Target {
+                name: MANIFEST.to_owned(),
+                reason: format!("{} bytes, over the limit of {MAX_MANIFEST}", info.length),
+            });
+        }
+        let mut stream = Box::pin(self.stream(MANIFEST).await?);
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk?);
+        }
+        Ok(Manifest::parse(&bytes)?)
+    }
+}

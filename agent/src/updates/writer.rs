@@ -1,0 +1,536 @@
+//! The slot writer's side of a session (`keel-slot-writer`): reads requests (see
+//! `protocol.rs`), writes the inactive slot's partitions and boot files, checks what it
+//! wrote, and answers. Synchronous and single-session: keeld runs one update command at a
+//! time.
+//!
+//! Owns the checks made where the bytes land, whatever keeld asked: the running slot is
+//! refused (command line, and `O_EXCL` on block devices); a write larger than its
+//! partition is refused before a byte is written; the sha256 of what was written must be
+//! the target's; the dm-verity tree recomputed from the root image must equal the hash
+//! partition's and give the manifest's root hash; loader entries change only as
+//! `loader.rs` says. Memory stays bounded: the payload passes through in 1 MiB chunks,
+//! with at most [`IN_FLIGHT`] chunks queued to the hashing threads.
+
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::loader::{EspLayout, NewEntry};
+use super::protocol::{Answer, BootFile, Inspection, Request, Written, MAX_LINE};
+use super::slots::{boot_id, Part, Slot, SlotLayout};
+use super::verity::{Superblock, TreeBuilder, SUPERBLOCK_BYTES};
+
+/// Payload chunk size.
+const CHUNK: usize = 1024 * 1024;
+/// Chunks queued to each hashing thread at most.
+const IN_FLIGHT: usize = 4;
+/// Most boot attempts an entry may be given.
+const MAX_TRIES: u32 = 16;
+
+/// What the writer may touch.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub slots: SlotLayout,
+    pub esp: EspLayout,
+    /// `/proc/sys/kernel/random/boot_id`.
+    pub boot_id: PathBuf,
+}
+
+/// A refusal, with the message keeld shows to the user. `desync` when the payload of the
+/// request was not read whole, so the session cannot go on.
+#[derive(Debug)]
+struct Refusal {
+    message: String,
+    desync: bool,
+}
+
+fn refuse(message: impl std::fmt::Display) -> Refusal {
+    Refusal {
+        message: message.to_string(),
+        desync: false,
+    }
+}
+
+fn refuse_desync(message: impl std::fmt::Display) -> Refusal {
+    Refusal {
+        message: message.to_string(),
+        desync: true,
+    }
+}
+
+/// Serves one session until its input ends. Answers every request; a request whose
+/// payload could not be read whole ends the session after its answer.
+pub fn serve(
+    config: &WriterConfig,
+    input: &mut impl BufRead,
+    output: &mut impl Write,
+) -> std::io::Result<()> {
+    loop {
+        let mut line = Vec::new();
+        let read = input
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        if read == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_LINE {
+            answer(output, &Answer::failed("request line too long"))?;
+            return Ok(());
+        }
+        let request: Request = match serde_json::from_slice(&line) {
+            Ok(request) => request,
+            Err(e) => {
+                // Whether a payload follows is unknown: the session cannot go on.
+                answer(output, &Answer::failed(format!("malformed request: {e}")))?;
+                return Ok(());
+            }
+        };
+        let result = handle(config, &request, input);
+        match result {
+            Ok(reply) => answer(output, &reply)?,
+            Err(refusal) => {
+                tracing::warn!(request = ?request, error = %refusal.message, "refused");
+                answer(output, &Answer::failed(&refusal.message))?;
+                if refusal.desync {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn answer(output: &mut impl Write, answer: &Answer) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(answer).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    output.write_all(&line)?;
+    output.flush()
+}
+
+fn written(written: Written) -> Answer {
+    Answer::Written { ok: true, written }
+}
+
+fn handle(
+    config: &WriterConfig,
+    request: &Request,
+    input: &mut impl BufRead,
+) -> Result<Answer, Refusal> {
+    match request {
+        Request::Inspect => inspect(config).map(|inspection| Answer::Inspection {
+            ok: true,
+            inspection,
+        }),
+        Request::Invalidate { slot } => {
+            let active = inactive_only(config, *slot)?;
+            config.esp.check_running_blessed(active).map_err(refuse)?;
+            let entries = config.esp.invalidate(*slot).map_err(refuse)?;
+            tracing::info!(slot = %slot, removed = ?entries, "slot invalidated");
+            Ok(written(Written {
+                bytes: 0,
+                sha256: String::new(),
+                root_hash: None,
+                entries,
+            }))
+        }
+        Request::WritePartition {
+            slot,
+            part,
+            size,
+            sha256,
+            root_hash,
+        } => write_partition(
+            config,
+            *slot,
+            *part,
+            *size,
+            sha256,
+            root_hash.as_deref(),
+            input,
+        )
+        .map(written),
+        Request::WriteBootFile {
+            slot,
+            file,
+            size,
+            sha256,
+        } => write_boot_file(config, *slot, *file, *size, sha256, input).map(written),
+        Request::Activate {
+            slot,
+            os_version,
+            root_hash,
+            tries,
+        } => {
+            let active = inactive_only(config, *slot)?;
+            if !(1..=MAX_TRIES).contains(tries) {
+                return Err(refuse(format!(
+                    "tries must be 1 to {MAX_TRIES}, not {tries}"
+                )));
+            }
+            if root_hash.len() != 64 || !root_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(refuse(format!("{root_hash:?} is not a sha256 root hash")));
+            }
+            if os_version.is_empty()
+                || os_version.len() > 128
+                || !os_version
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-+_".contains(&b))
+            {
+                return Err(refuse(format!("{os_version:?} is not a version")));
+            }
+            let cmdline = std::fs::read_to_string(&config.slots.cmdline).unwrap_or_default();
+            let extra = config
+                .esp
+                .carried_options(active, &cmdline)
+                .map_err(refuse)?;
+            let file = config
+                .esp
+                .activate(
+                    NewEntry {
+                        slot: *slot,
+                        os_version,
+                        root_hash: &root_hash.to_ascii_lowercase(),
+                        sort_version: 0,
+                        extra_options: &extra,
+                    },
+                    *tries,
+                )
+                .map_err(refuse)?;
+            tracing::info!(slot = %slot, entry = %file, "slot activated for the next boot");
+            Ok(written(Written {
+                bytes: 0,
+                sha256: String::new(),
+                root_hash: Some(root_hash.clone()),
+                entries: vec![file],
+            }))
+        }
+        Request::Deactivate { slot } => {
+            inactive_only(config, *slot)?;
+            let entries = config.esp.invalidate(*slot).map_err(refuse)?;
+            tracing::info!(slot = %slot, removed = ?entries, "slot deactivated");
+            Ok(written(Written {
+                bytes: 0,
+                sha256: String::new(),
+                root_hash: None,
+                entries,
+            }))
+        }
+    }
+}
+
+/// The running slot, after checking `slot` is not it.
+fn inactive_only(config: &WriterConfig, slot: Slot) -> Result<Slot, Refusal> {
+    let active = config.slots.active().map_err(refuse)?;
+    if active == slot {
+        return Err(refuse(super::slots::SlotError::Running(slot)));
+    }
+    Ok(active)
+}
+
+fn inspect(config: &WriterConfig) -> Result<Inspection, Refusal> {
+    let active = config.slots.active().map_err(refuse)?;
+    let inactive = active.other();
+    Ok(Inspection {
+        active,
+        boot_id: boot_id(&config.boot_id),
+        root_size: config.slots.size(inactive, Part::Root).map_err(refuse)?,
+        hash_size: config.slots.size(inactive, Part::Hash).map_err(refuse)?,
+        entries: config
+            .esp
+            .entries()
+            .map_err(refuse)?
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect(),
+    })
+}
+
+fn check_hex(what: &str, hex_text: &str) -> Result<(), Refusal> {
+    if hex_text.len() == 64 && hex_text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(refuse_desync(format!(
+            "{what} {hex_text:?} is not a sha256 digest"
+        )))
+    }
+}
+
+/// Reads the superblock of `slot`'s hash partition.
+fn read_superblock(config: &WriterConfig, slot: Slot) -> Result<Superblock, Refusal> {
+    let path = config.slots.path(slot, Part::Hash);
+    let mut bytes = vec![0u8; SUPERBLOCK_BYTES];
+    std::fs::File::open(&path)
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| refuse_desync(format!("cannot read {}: {e}", path.display())))?;
+    Superblock::parse(&bytes).map_err(|e| {
+        refuse_desync(format!(
+            "{} ({}): {e}; the hash image is written before the root image",
+            Part::Hash.label(slot),
+            path.display()
+        ))
+    })
+}
+
+/// A thread hashing the chunks it is sent.
+struct Hashing<T> {
+    sender: mpsc::SyncSender<Arc<Vec<u8>>>,
+    handle: std::thread::JoinHandle<T>,
+}
+
+impl<T: Send + 'static> Hashing<T> {
+    fn start<S: Send + 'static>(
+        mut state: S,
+        mut feed: impl FnMut(&mut S, &[u8]) + Send + 'static,
+        finish: impl FnOnce(S) -> T + Send + 'static,
+    ) -> Hashing<T> {
+        let (sender, receiver) = mpsc::sync_channel::<Arc<Vec<u8>>>(IN_FLIGHT);
+        let handle = std::thread::spawn(move || {
+            for chunk in receiver {
+                feed(&mut state, &chunk);
+            }
+            finish(state)
+        });
+        Hashing { sender, handle }
+    }
+
+    fn send(&self, chunk: Arc<Vec<u8>>) {
+        // A hashing thread only stops when its sender is dropped.
+        let _ = self.sender.send(chunk);
+    }
+
+    fn finish(self) -> Result<T, Refusal> {
+        drop(self.sender);
+        self.handle
+            .join()
+            .map_err(|_| refuse("a hashing thread panicked"))
+    }
+}
+
+/// Copies exactly `size` payload bytes into `sink`, feeding each chunk to `hashers`.
+fn copy_payload(
+    input: &mut impl BufRead,
+    size: u64,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+    mut hashers: impl FnMut(Arc<Vec<u8>>),
+) -> Result<(), Refusal> {
+    let mut done = 0u64;
+    while done < size {
+        let want = usize::try_from((size - done).min(CHUNK as u64)).unwrap_or(CHUNK);
+        let mut chunk = vec![0u8; want];
+        input.read_exact(&mut chunk).map_err(|e| {
+            refuse_desync(format!(
+                "the data stopped after {done} of {size} bytes ({e}); nothing was marked \
+                 bootable"
+            ))
+        })?;
+        sink(&chunk).map_err(|e| refuse_desync(format!("write failed after {done} bytes: {e}")))?;
+        done += want as u64;
+        hashers(Arc::new(chunk));
+    }
+    Ok(())
+}
+
+fn write_partition(
+    config: &WriterConfig,
+    slot: Slot,
+    part: Part,
+    size: u64,
+    sha256: &str,
+    root_hash: Option<&str>,
+    input: &mut impl BufRead,
+) -> Result<Written, Refusal> {
+    check_hex("sha256", sha256)?;
+    let label = part.label(slot);
+    let (mut file, capacity) = config
+        .slots
+        .open_partition(slot, part)
+        .map_err(refuse_desync)?;
+    if size > capacity {
+        return Err(refuse_desync(format!(
+            "the {} image ({size} bytes) does not fit partition {label} ({capacity} bytes)",
+            match part {
+                Part::Root => "root",
+                Part::Hash => "hash",
+            }
+        )));
+    }
+    let superblock = match part {
+        Part::Hash => None,
+        Part::Root => {
+            let expected =
+                root_hash.ok_or_else(|| refuse_desync("a root write needs the root hash"))?;
+            check_hex("root hash", expected)?;
+            let sb = read_superblock(config, slot)?;
+            if sb.data_bytes() != size {
+                return Err(refuse_desync(format!(
+                    "the root image is {size} bytes, but the hash tree on {} describes {} \
+                     bytes ({} blocks of {})",
+                    Part::Hash.label(slot),
+                    sb.data_bytes(),
+                    sb.data_blocks,
+                    sb.data_block_size
+                )));
+            }
+            Some(sb)
+        }
+    };
+    let sha = Hashing::start(
+        Sha256::new(),
+        |h, c| h.update(c),
+        |h| hex::encode(h.finalize()),
+    );
+    let tree = superblock.clone().map(|sb| {
+        Hashing::start(
+            TreeBuilder::new(sb),
+            |t, c| t.update(c),
+            TreeBuilder::finish,
+        )
+    });
+    copy_payload(
+        input,
+        size,
+        |chunk| file.write_all(chunk),
+        |chunk| {
+            if let Some(tree) = &tree {
+                tree.send(chunk.clone());
+            }
+            sha.send(chunk);
+        },
+    )?;
+    // The data is on the device before the answer says it was written.
+    file.sync_data()
+        .map_err(|e| refuse(format!("fdatasync of {label}: {e}")))?;
+    drop(file);
+    let digest = sha.finish()?;
+    if digest != sha256.to_ascii_lowercase() {
+        return Err(refuse(format!(
+            "the {size} bytes written to {label} have sha256 {digest}, but the target's is \
+             {sha256}: refused"
+        )));
+    }
+    let mut computed_root = None;
+    if let (Some(tree), Some(sb)) = (tree, superblock) {
+        let tree = tree.finish()?.map_err(refuse)?;
+        let expected = root_hash.unwrap_or_default().to_ascii_lowercase();
+        if tree.root_hash_hex() != expected {
+            return Err(refuse(format!(
+                "the dm-verity root hash of the image written to {label} is {}, but the \
+                 manifest's is {expected}: refused",
+                tree.root_hash_hex()
+            )));
+        }
+        compare_hash_area(config, slot, &sb, &tree.hash_area)?;
+        computed_root = Some(tree.root_hash_hex());
+    }
+    tracing::info!(slot = %slot, partition = %label, bytes = size, "partition written and verified");
+    Ok(Written {
+        bytes: size,
+        sha256: digest,
+        root_hash: computed_root,
+        entries: Vec::new(),
+    })
+}
+
+/// Checks the hash partition holds the tree recomputed from the root image, so that
+/// dm-verity will accept every block at boot.
+fn compare_hash_area(
+    config: &WriterConfig,
+    slot: Slot,
+    sb: &Superblock,
+    area: &[u8],
+) -> Result<(), Refusal> {
+    let path = config.slots.path(slot, Part::Hash);
+    let label = Part::Hash.label(slot);
+    let mut file = std::fs::File::open(&path).map_err(|e| refuse(format!("{label}: {e}")))?;
+    file.seek(SeekFrom::Start(sb.hash_area_offset()))
+        .map_err(|e| refuse(format!("{label}: {e}")))?;
+    let mut offset = 0usize;
+    let mut buf = vec![0u8; CHUNK];
+    while offset < area.len() {
+        let want = (area.len() - offset).min(CHUNK);
+        file.read_exact(&mut buf[..want]).map_err(|e| {
+            refuse(format!(
+                "{label} is shorter than the hash tree of the root image ({e})"
+            ))
+        })?;
+        if buf[..want] != area[offset..offset + want] {
+            return Err(refuse(format!(
+                "the hash tree on {label} does not match the root image written beside it \
+                 (they differ within bytes {}..{} of the hash area): refused",
+                offset,
+                offset + want
+            )));
+        }
+        offset += want;
+    }
+    Ok(())
+}
+
+fn write_boot_file(
+    config: &WriterConfig,
+    slot: Slot,
+    which: BootFile,
+    size: u64,
+    sha256: &str,
+    input: &mut impl BufRead,
+) -> Result<Written, Refusal> {
+    check_hex("sha256", sha256)?;
+    if let Err(e) = inactive_only(config, slot) {
+        return Err(refuse_desync(e.message));
+    }
+    let dir = config.esp.slot_dir(slot);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| refuse_desync(format!("ESP {}: {e}", dir.display())))?;
+    let target = dir.join(which.file_name());
+    let mut outcome: Result<String, Refusal> = Err(refuse("not written"));
+    let replaced = super::durable::replace_with(&target, |file| {
+        let sha = Hashing::start(
+            Sha256::new(),
+            |h, c| h.update(c),
+            |h| hex::encode(h.finalize()),
+        );
+        let copied = copy_payload(
+            input,
+            size,
+            |chunk| file.write_all(chunk),
+            |chunk| sha.send(chunk),
+        );
+        let digest = sha.finish();
+        match (copied, digest) {
+            (Err(e), _) | (Ok(()), Err(e)) => {
+                let message = e.message.clone();
+                outcome = Err(e);
+                Err(std::io::Error::other(message))
+            }
+            (Ok(()), Ok(digest)) if digest != sha256.to_ascii_lowercase() => {
+                let message = format!(
+                    "the {size} bytes of {} have sha256 {digest}, but the target's is {sha256}: \
+                     refused",
+                    which.file_name()
+                );
+                outcome = Err(refuse(&message));
+                // Not renamed into place: the old file stays.
+                Err(std::io::Error::other(message))
+            }
+            (Ok(()), Ok(digest)) => {
+                outcome = Ok(digest);
+                Ok(())
+            }
+        }
+    });
+    match (replaced, outcome) {
+        (Ok(()), Ok(digest)) => {
+            tracing::info!(slot = %slot, file = %target.display(), bytes = size, "boot file written");
+            Ok(Written {
+                bytes: size,
+                sha256: digest,
+                root_hash: None,
+                entries: Vec::new(),
+            })
+        }
+        (_, Err(refusal)) => Err(refusal),
+        (Err(e), Ok(_)) => Err(refuse(format!("ESP {}: {e}", target.display()))),
+    }
+}
