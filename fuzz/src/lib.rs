@@ -225,11 +225,14 @@ pub fn key_value(data: &[u8]) {
 /// manifest documents (`parse_document`, `select_platform`, the GC labels) from the same
 /// bytes.
 pub fn image_ref(data: &[u8]) {
+    // A `&str` from here on: `Cow::as_ref` is ambiguous once a crate in the graph adds
+    // another `AsRef` impl for `Cow<str>` (typed-path, through tough, does).
     let text = String::from_utf8_lossy(data);
-    let source = ImageSource::parse(&text);
+    let text: &str = &text;
+    let source = ImageSource::parse(text);
     match &source {
         ImageSource::Registry(name) => {
-            assert_eq!(name.as_str(), text.as_ref());
+            assert_eq!(name.as_str(), text);
             assert!(!text.starts_with(OCI_ARCHIVE_PREFIX));
         }
         ImageSource::Archive { path, tag } => {
@@ -238,17 +241,17 @@ pub fn image_ref(data: &[u8]) {
                 rebuilt.push(':');
                 rebuilt.push_str(tag);
             }
-            assert_eq!(rebuilt, text.as_ref(), "ImageSource::parse lost characters");
+            assert_eq!(rebuilt, text, "ImageSource::parse lost characters");
         }
     }
     assert_eq!(
         source.to_string(),
-        text.as_ref(),
+        text,
         "ImageSource does not print as written"
     );
-    match ImageRef::new(text.as_ref()) {
+    match ImageRef::new(text) {
         Ok(reference) => {
-            assert_eq!(reference.as_str(), text.as_ref());
+            assert_eq!(reference.as_str(), text);
             if let ImageSource::Archive { path, .. } = &source {
                 assert!(
                     path.starts_with('/') && !path.contains(':'),

@@ -6,9 +6,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod containerd;
+pub mod http_server;
 pub mod image;
 pub mod imds;
 pub mod registry;
+pub mod tuf;
+pub mod updates;
 pub mod vm;
 
 use std::io::{Read, Write};

@@ -266,13 +266,13 @@ fn settings_without_effect_on_this_host_are_named_in_dry_runs_and_applies() {
     let r = keeld.raw(
         "PATCH",
         "/settings?tx=u",
-        Some(br#"{"updates": {"ignore-waves": true}, "motd": "m"}"#),
+        Some(br#"{"metrics": {"send-metrics": true}, "motd": "m"}"#),
     );
     assert_eq!(r.status, 204, "{}", r.text());
     let dry = keeld.raw("POST", "/tx/dry-run?tx=u", None).json();
     assert_eq!(
         dry["no-effect"],
-        json!(["settings.updates.ignore-waves"]),
+        json!(["settings.metrics.send-metrics"]),
         "{dry:#}"
     );
     let out = keeld.apiclient(&["raw", "-m", "POST", "-u", "/tx/commit_and_apply?tx=u"]);
@@ -280,7 +280,7 @@ fn settings_without_effect_on_this_host_are_named_in_dry_runs_and_applies() {
     let log = keeld.raw("GET", "/apply/log?limit=1", None).json();
     assert_eq!(
         log["applies"][0]["no-effect"],
-        json!(["settings.updates.ignore-waves"]),
+        json!(["settings.metrics.send-metrics"]),
         "{log:#}"
     );
 }

@@ -308,12 +308,20 @@ fn early_boot_config_then_settings_committer_then_apply() {
     assert_eq!(apply["keys"], json!(["settings"]));
     assert_eq!(apply["success"], true, "{apply:#}");
     let no_effect: Vec<String> = serde_json::from_value(apply["no-effect"].clone()).unwrap();
+    // keeld's update commands read settings.updates: they have an effect.
     for key in [
         "settings.updates.metadata-base-url",
         "settings.updates.targets-base-url",
         "settings.updates.seed",
         "settings.updates.version-lock",
         "settings.updates.ignore-waves",
+    ] {
+        assert!(
+            !no_effect.contains(&key.to_owned()),
+            "{key} in {no_effect:?}"
+        );
+    }
+    for key in [
         "settings.metrics.metrics-url",
         "settings.metrics.send-metrics",
         "settings.metrics.service-checks",

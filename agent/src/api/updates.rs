@@ -4,13 +4,17 @@
 //! Each action is checked against the state at once (409 not allowed in this state, 404
 //! nothing chosen or staged, 423 another update command running) and then runs in the
 //! background: 204 means started; `most_recent_command` in the status tells how it ended,
-//! `running_command` shows it (with download progress) meanwhile. Unlike Bottlerocket,
-//! the status answers while a command runs (200, never 423), so progress can be watched.
-//! Parses and answers only; `updates::machine` does the work.
+//! `running_command` shows it (with download progress) meanwhile. As with Bottlerocket,
+//! `GET /updates/status` answers 423 while a command runs (Bottlerocket's update operator
+//! and `apiclient update` wait on that); Keel's 423 body carries the status too, under
+//! `update_status`, so the progress of a download can be watched. Parses and answers
+//! only; `updates::machine` does the work.
 
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde_json::json;
 
 use super::error::{ApiError, ApiResult};
 use super::input::Query;
@@ -18,12 +22,23 @@ use super::AppState;
 use crate::updates::status::{CommandType, UpdateStatus};
 use crate::updates::CommandRefused;
 
-pub async fn status(
-    State(state): State<AppState>,
-    RawQuery(q): RawQuery,
-) -> ApiResult<Json<UpdateStatus>> {
+pub async fn status(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
     Query::parse(q.as_deref(), &[])?;
-    Ok(Json(state.updates.status()))
+    let status: UpdateStatus = state.updates.status();
+    Ok(match &status.running_command {
+        None => Json(status).into_response(),
+        Some(running) => (
+            StatusCode::LOCKED,
+            Json(json!({
+                "error": format!(
+                    "Update lock held: {} is running",
+                    running.cmd_type.action()
+                ),
+                "update_status": status,
+            })),
+        )
+            .into_response(),
+    })
 }
 
 async fn start(state: &AppState, q: Option<&str>, command: CommandType) -> ApiResult<StatusCode> {

@@ -72,34 +72,28 @@ pub enum RepositoryError {
     Other(String),
 }
 
-/// The reason inside a transport error: the one `transport.rs` gave, without `tough`'s
-/// wrapping.
-fn transport_reason(error: &tough::TransportError) -> String {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    while let Some(e) = cause {
-        if let Some(fetch) = e.downcast_ref::<FetchError>() {
-            return fetch.to_string();
-        }
-        cause = e.source();
-    }
-    error.to_string()
-}
-
 /// Maps `tough`'s error to what the user is told. `target` names the target being read,
-/// if any.
-fn explain(error: tough::error::Error, target: Option<&str>) -> RepositoryError {
+/// if any. A transport error may carry the real reason inside: the fetch's own
+/// ([`FetchError`]) or, for a target, `tough`'s check of the bytes (hash, length).
+fn explain(error: &tough::error::Error, target: Option<&str>) -> RepositoryError {
     use tough::error::Error as E;
-    let role_of = |role: &dyn std::fmt::Display| role.to_string();
+    let target_error = |reason: String| match target {
+        Some(name) => RepositoryError::Target {
+            name: name.to_owned(),
+            reason,
+        },
+        None => RepositoryError::Other(reason),
+    };
     match error {
         E::ExpiredMetadata { role, .. } => RepositoryError::Expired {
-            role: role_of(&role),
+            role: role.to_string(),
         },
         E::VerifyMetadata { role, source, .. } => RepositoryError::BadSignature {
-            role: role_of(&role),
+            role: role.to_string(),
             reason: source.to_string(),
         },
         E::VerifyRoleMetadata { role, source, .. } => RepositoryError::BadSignature {
-            role,
+            role: role.clone(),
             reason: source.to_string(),
         },
         E::VerifyTrustedMetadata { source, .. } => RepositoryError::BadSignature {
@@ -112,53 +106,56 @@ fn explain(error: tough::error::Error, target: Option<&str>) -> RepositoryError 
             new_version,
             ..
         } => RepositoryError::Rollback {
-            role: role_of(&role),
-            offered: new_version,
-            seen: current_version,
+            role: role.to_string(),
+            offered: *new_version,
+            seen: *current_version,
         },
         E::Transport { url, source, .. } => {
-            let reason = transport_reason(&source);
-            match target {
-                Some(name) => RepositoryError::Target {
-                    name: name.to_owned(),
-                    reason,
-                },
-                None => RepositoryError::Fetch {
-                    url: url.to_string(),
-                    reason,
-                },
+            let mut cause: Option<&(dyn std::error::Error + 'static)> =
+                std::error::Error::source(source);
+            while let Some(e) = cause {
+                if let Some(fetch) = e.downcast_ref::<FetchError>() {
+                    return match target {
+                        Some(name) => RepositoryError::Target {
+                            name: name.to_owned(),
+                            reason: fetch.to_string(),
+                        },
+                        None => RepositoryError::Fetch {
+                            url: url.to_string(),
+                            reason: fetch.to_string(),
+                        },
+                    };
+                }
+                if let Some(inner) = e.downcast_ref::<tough::error::Error>() {
+                    return explain(inner, target);
+                }
+                cause = e.source();
+            }
+            RepositoryError::Fetch {
+                url: url.to_string(),
+                reason: source.to_string(),
             }
         }
         E::HashMismatch {
             calculated,
             expected,
             ..
-        } => RepositoryError::Target {
-            name: target.unwrap_or("metadata").to_owned(),
-            reason: format!(
-                "its sha256 is {calculated}, but the signed metadata says {expected}: refused"
-            ),
-        },
+        } => target_error(format!(
+            "its sha256 is {calculated}, but the signed metadata says {expected}: refused"
+        )),
         E::MaxSizeExceeded {
             max_size,
             specifier,
             ..
         } => match target {
-            Some(name) => RepositoryError::Target {
-                name: name.to_owned(),
-                reason: format!("it is longer than its signed length of {max_size} bytes: refused"),
-            },
+            Some(_) => target_error(format!(
+                "it is longer than its signed length of {max_size} bytes: refused"
+            )),
             None => RepositoryError::Other(format!(
                 "a metadata file is larger than {max_size} bytes ({specifier}): refused"
             )),
         },
-        other => match target {
-            Some(name) => RepositoryError::Target {
-                name: name.to_owned(),
-                reason: other.to_string(),
-            },
-            None => RepositoryError::Other(other.to_string()),
-        },
+        other => target_error(other.to_string()),
     }
 }
 
@@ -224,7 +221,7 @@ impl UpdateRepository {
             .datastore(config.datastore.clone())
             .load()
             .await
-            .map_err(|e| explain(e, None))?;
+            .map_err(|e| explain(&e, None))?;
         Ok(UpdateRepository { repo })
     }
 
@@ -259,10 +256,10 @@ impl UpdateRepository {
             .repo
             .read_target(&target_name)
             .await
-            .map_err(|e| explain(e, Some(name)))?
+            .map_err(|e| explain(&e, Some(name)))?
             .ok_or_else(|| RepositoryError::MissingTarget(name.to_owned()))?;
         let owned = name.to_owned();
-        Ok(stream.map(move |item| item.map_err(|e| explain(e, Some(&owned)))))
+        Ok(stream.map(move |item| item.map_err(|e| explain(&e, Some(&owned)))))
     }
 
     /// The manifest, read whole (it is small) and checked.

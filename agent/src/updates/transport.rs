@@ -2,16 +2,22 @@
 //! keeld's own time limits and the proxy from `settings.network`.
 //!
 //! Owns the network rules of repository fetches: a connection must be made within the
-//! connect timeout; once connected, the answer and then every next piece of the body must
-//! arrive within the read timeout, so a repository that stalls, before or in the middle
-//! of a target, fails the command instead of hanging it; `https-proxy` (with `no-proxy`)
+//! connect timeout (reqwest's, the only time limit given to the client, so that a
+//! time-out it reports is a connect time-out); once connected, the answer and then every
+//! next piece of the body must arrive within the read timeout (kept here, around the
+//! client), so a repository that stalls, before or in the middle of a target, fails the
+//! command instead of hanging it; `https-proxy` (with `no-proxy`)
 //! applies to the repository's URLs as to registry pulls (`ProxyRules`, the one
 //! computation of the proxy rules); only `http` and `https` URLs are fetched. Must not
 //! verify anything: `tough` checks every byte against the signed metadata.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::TryStreamExt;
+use bytes::Bytes;
+use futures_util::Stream;
 use settings_model::proxy::ProxyRules;
 use tough::{Transport, TransportError, TransportErrorKind, TransportStream};
 use url::Url;
@@ -52,23 +58,72 @@ pub enum FetchError {
     Other(String),
 }
 
-/// The reason of a failed request or body read, in the user's words.
+/// The reason of a failed request or body read, in the user's words. The client has no
+/// time limit but the connect one: a time-out it reports is that one.
 fn describe(error: &reqwest::Error, timeouts: &Timeouts) -> FetchError {
     // The innermost cause is the one that says what happened.
     let mut cause: &dyn std::error::Error = error;
     while let Some(next) = cause.source() {
         cause = next;
     }
-    if error.is_connect() {
-        if error.is_timeout() {
-            FetchError::ConnectTimeout(timeouts.connect)
-        } else {
-            FetchError::Connect(cause.to_string())
-        }
-    } else if error.is_timeout() {
-        FetchError::Stalled(timeouts.read)
+    if error.is_timeout() {
+        FetchError::ConnectTimeout(timeouts.connect)
+    } else if error.is_connect() {
+        FetchError::Connect(cause.to_string())
     } else {
         FetchError::Other(cause.to_string())
+    }
+}
+
+/// A body that fails with [`FetchError::Stalled`] when no piece arrives for `period`.
+struct IdleLimited<S> {
+    inner: Pin<Box<S>>,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    period: Duration,
+    timeouts: Timeouts,
+    url: String,
+    done: bool,
+}
+
+impl<S> Stream for IdleLimited<S>
+where
+    S: Stream<Item = reqwest::Result<Bytes>>,
+{
+    type Item = Result<Bytes, TransportError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(item)) => {
+                let deadline = tokio::time::Instant::now() + self.period;
+                self.sleep.as_mut().reset(deadline);
+                let timeouts = self.timeouts;
+                Poll::Ready(Some(item.map_err(|e| {
+                    TransportError::new_with_cause(
+                        TransportErrorKind::Other,
+                        self.url.as_str(),
+                        describe(&e, &timeouts),
+                    )
+                })))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => match self.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.done = true;
+                    Poll::Ready(Some(Err(TransportError::new_with_cause(
+                        TransportErrorKind::Other,
+                        self.url.as_str(),
+                        FetchError::Stalled(self.period),
+                    ))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 
@@ -84,7 +139,6 @@ impl RepositoryTransport {
     pub fn new(timeouts: Timeouts, proxy: Option<&ProxyRules>) -> Result<Self, FetchError> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
-            .read_timeout(timeouts.read)
             .user_agent(concat!("keeld/", env!("CARGO_PKG_VERSION")))
             // Environment variables are not keeld's configuration: settings.network is.
             .no_proxy();
@@ -112,7 +166,21 @@ impl Transport for RepositoryTransport {
             ));
         }
         let timeouts = self.timeouts;
-        let response = self.client.get(url.clone()).send().await.map_err(|e| {
+        // Connecting takes at most the connect time-out (the client's own); what remains
+        // of this limit is the read time-out for the answer's head.
+        let answer = tokio::time::timeout(
+            timeouts.connect + timeouts.read,
+            self.client.get(url.clone()).send(),
+        )
+        .await
+        .map_err(|_| {
+            TransportError::new_with_cause(
+                TransportErrorKind::Other,
+                url.as_str(),
+                FetchError::Stalled(timeouts.read),
+            )
+        })?;
+        let response = answer.map_err(|e| {
             TransportError::new_with_cause(
                 TransportErrorKind::Other,
                 url.as_str(),
@@ -137,14 +205,14 @@ impl Transport for RepositoryTransport {
             ));
         }
         tracing::debug!(url = %url, "fetching");
-        let source = url.to_string();
-        let stream = response.bytes_stream().map_err(move |e| {
-            TransportError::new_with_cause(
-                TransportErrorKind::Other,
-                source.as_str(),
-                describe(&e, &timeouts),
-            )
-        });
+        let stream = IdleLimited {
+            inner: Box::pin(response.bytes_stream()),
+            sleep: Box::pin(tokio::time::sleep(timeouts.read)),
+            period: timeouts.read,
+            timeouts,
+            url: url.to_string(),
+            done: false,
+        };
         Ok(Box::pin(stream))
     }
 }

@@ -236,6 +236,29 @@ impl TreeBuilder {
     }
 }
 
+/// A hash image (superblock + tree) for `data`, as `veritysetup format --salt=<salt>`
+/// with 4 KiB blocks writes it, and its root hash: for tests that need a consistent pair
+/// without the tool.
+#[cfg(test)]
+pub(crate) fn format_for_tests(data: &[u8], salt: &[u8]) -> (Vec<u8>, String) {
+    let blocks = (data.len() / 4096) as u64;
+    let mut sb = vec![0u8; 4096];
+    sb[..8].copy_from_slice(SIGNATURE);
+    sb[8..12].copy_from_slice(&1u32.to_le_bytes());
+    sb[12..16].copy_from_slice(&1u32.to_le_bytes());
+    sb[32..38].copy_from_slice(b"sha256");
+    sb[64..68].copy_from_slice(&4096u32.to_le_bytes());
+    sb[68..72].copy_from_slice(&4096u32.to_le_bytes());
+    sb[72..80].copy_from_slice(&blocks.to_le_bytes());
+    sb[80..82].copy_from_slice(&(salt.len() as u16).to_le_bytes());
+    sb[88..88 + salt.len()].copy_from_slice(salt);
+    let mut builder = TreeBuilder::new(Superblock::parse(&sb).expect("superblock"));
+    builder.update(data);
+    let tree = builder.finish().expect("tree");
+    sb.extend_from_slice(&tree.hash_area);
+    (sb, tree.root_hash_hex())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

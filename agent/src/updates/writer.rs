@@ -534,3 +534,322 @@ fn write_boot_file(
         (Err(e), Ok(_)) => Err(refuse(format!("ESP {}: {e}", target.display()))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::updates::verity::format_for_tests;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        config: WriterConfig,
+    }
+
+    /// Slots of 64 KiB (root) and 16 KiB (hash) as files, slot `a` running, an ESP with
+    /// slot a's entry.
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let parts = dir.path().join("by-partlabel");
+        std::fs::create_dir_all(&parts).expect("mkdir");
+        for slot in ["a", "b"] {
+            std::fs::write(parts.join(format!("keel-root-{slot}")), vec![0xeeu8; 65536])
+                .expect("w");
+            std::fs::write(
+                parts.join(format!("keel-verity-{slot}")),
+                vec![0xeeu8; 16384],
+            )
+            .expect("w");
+        }
+        std::fs::write(dir.path().join("cmdline"), "keel.slot=a console=ttyS0").expect("w");
+        std::fs::write(dir.path().join("boot_id"), "boot-1\n").expect("w");
+        let esp = dir.path().join("esp");
+        std::fs::create_dir_all(esp.join("loader/entries")).expect("mkdir");
+        std::fs::write(
+            esp.join("loader/entries/keel-a.conf"),
+            "title Keel 1.0.0\nsort-key keel\nversion 1\noptions keel.slot=a keel.roothash=00 console=ttyS0\n",
+        )
+        .expect("w");
+        let config = WriterConfig {
+            slots: SlotLayout {
+                partitions: parts,
+                cmdline: dir.path().join("cmdline"),
+            },
+            esp: EspLayout { esp },
+            boot_id: dir.path().join("boot_id"),
+        };
+        Fixture { dir, config }
+    }
+
+    fn sha(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    /// Runs one session of `requests` (each with its payload) and answers the answers.
+    fn session(config: &WriterConfig, requests: &[(Request, &[u8])]) -> Vec<Answer> {
+        let mut input = Vec::new();
+        for (request, payload) in requests {
+            input.extend_from_slice(&serde_json::to_vec(request).expect("json"));
+            input.push(b'\n');
+            input.extend_from_slice(payload);
+        }
+        let mut output = Vec::new();
+        serve(config, &mut std::io::Cursor::new(input), &mut output).expect("serve");
+        output
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("answer"))
+            .collect()
+    }
+
+    fn error(answer: &Answer) -> &str {
+        match answer {
+            Answer::Failed { error, .. } => error,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn root_image() -> (Vec<u8>, Vec<u8>, String) {
+        let data: Vec<u8> = (0..8 * 4096).map(|i| (i % 251) as u8).collect();
+        let (hash, root) = format_for_tests(&data, &[7u8; 32]);
+        (data, hash, root)
+    }
+
+    fn write(slot: Slot, part: Part, payload: &[u8], root_hash: Option<&str>) -> Request {
+        Request::WritePartition {
+            slot,
+            part,
+            size: payload.len() as u64,
+            sha256: sha(payload),
+            root_hash: root_hash.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_whole_update_lands_in_the_inactive_slot_and_its_entry_boots_next() {
+        let f = fixture();
+        let (data, hash, root) = root_image();
+        let kernel = b"kernel-bytes".to_vec();
+        let answers = session(
+            &f.config,
+            &[
+                (Request::Inspect, &[]),
+                (Request::Invalidate { slot: Slot::B }, &[]),
+                (write(Slot::B, Part::Hash, &hash, None), &hash),
+                (write(Slot::B, Part::Root, &data, Some(&root)), &data),
+                (
+                    Request::WriteBootFile {
+                        slot: Slot::B,
+                        file: BootFile::Kernel,
+                        size: kernel.len() as u64,
+                        sha256: sha(&kernel),
+                    },
+                    &kernel,
+                ),
+                (
+                    Request::WriteBootFile {
+                        slot: Slot::B,
+                        file: BootFile::Initrd,
+                        size: 3,
+                        sha256: sha(b"ird"),
+                    },
+                    b"ird",
+                ),
+                (
+                    Request::Activate {
+                        slot: Slot::B,
+                        os_version: "1.1.0".into(),
+                        root_hash: root.clone(),
+                        tries: 3,
+                    },
+                    &[],
+                ),
+            ],
+        );
+        assert_eq!(answers.len(), 7, "{answers:?}");
+        match &answers[0] {
+            Answer::Inspection { inspection, .. } => {
+                assert_eq!(inspection.active, Slot::A);
+                assert_eq!(inspection.boot_id, "boot-1");
+                assert_eq!((inspection.root_size, inspection.hash_size), (65536, 16384));
+            }
+            other => panic!("{other:?}"),
+        }
+        match &answers[3] {
+            Answer::Written { written, .. } => {
+                assert_eq!(written.root_hash.as_deref(), Some(root.as_str()));
+                assert_eq!(written.bytes, data.len() as u64);
+            }
+            other => panic!("{other:?}"),
+        }
+        let parts = &f.config.slots.partitions;
+        let b_root = std::fs::read(parts.join("keel-root-b")).expect("read");
+        assert_eq!(&b_root[..data.len()], &data[..]);
+        // The running slot is untouched.
+        assert!(std::fs::read(parts.join("keel-root-a"))
+            .expect("read")
+            .iter()
+            .all(|b| *b == 0xee));
+        assert!(std::fs::read(parts.join("keel-verity-a"))
+            .expect("read")
+            .iter()
+            .all(|b| *b == 0xee));
+        let esp = &f.config.esp;
+        assert_eq!(
+            std::fs::read(esp.slot_dir(Slot::B).join("vmlinuz")).expect("read"),
+            kernel
+        );
+        let entry =
+            std::fs::read_to_string(esp.entries_dir().join("keel-b+3.conf")).expect("entry");
+        assert!(entry.contains(&format!("keel.roothash={root}")), "{entry}");
+        assert!(entry.contains("console=ttyS0"), "{entry}");
+        // Deactivation removes it.
+        let answers = session(&f.config, &[(Request::Deactivate { slot: Slot::B }, &[])]);
+        assert!(matches!(answers[0], Answer::Written { .. }), "{answers:?}");
+        assert!(!esp.entries_dir().join("keel-b+3.conf").exists());
+        drop(f.dir);
+    }
+
+    #[test]
+    fn the_running_slot_is_refused_for_every_write() {
+        let f = fixture();
+        let (data, hash, root) = root_image();
+        for (request, payload) in [
+            (write(Slot::A, Part::Hash, &hash, None), &hash[..]),
+            (write(Slot::A, Part::Root, &data, Some(&root)), &data[..]),
+        ] {
+            let answers = session(&f.config, &[(request, payload)]);
+            assert_eq!(
+                error(&answers[0]),
+                "slot a is the running slot: the running slot is never written"
+            );
+        }
+        for request in [
+            Request::Invalidate { slot: Slot::A },
+            Request::Deactivate { slot: Slot::A },
+            Request::Activate {
+                slot: Slot::A,
+                os_version: "1.1.0".into(),
+                root_hash: root.clone(),
+                tries: 3,
+            },
+        ] {
+            let answers = session(&f.config, &[(request, &[])]);
+            assert!(error(&answers[0]).contains("running slot"), "{answers:?}");
+        }
+        let parts = &f.config.slots.partitions;
+        assert!(std::fs::read(parts.join("keel-root-a"))
+            .expect("read")
+            .iter()
+            .all(|b| *b == 0xee));
+        assert!(f.config.esp.entries_dir().join("keel-a.conf").exists());
+    }
+
+    #[test]
+    fn bytes_that_do_not_match_the_target_or_the_root_hash_are_refused() {
+        let f = fixture();
+        let (data, hash, root) = root_image();
+        // The announced sha256 is another one.
+        let mut request = write(Slot::B, Part::Hash, &hash, None);
+        if let Request::WritePartition { sha256, .. } = &mut request {
+            *sha256 = sha(b"something else");
+        }
+        let answers = session(&f.config, &[(request, &hash)]);
+        assert!(
+            error(&answers[0]).starts_with(&format!(
+                "the {} bytes written to keel-verity-b have sha256 {}, but the target's is",
+                hash.len(),
+                sha(&hash)
+            )),
+            "{answers:?}"
+        );
+        // A root image whose tree gives another root hash than the manifest's.
+        let wrong_root = "11".repeat(32);
+        let answers = session(
+            &f.config,
+            &[
+                (write(Slot::B, Part::Hash, &hash, None), &hash),
+                (write(Slot::B, Part::Root, &data, Some(&wrong_root)), &data),
+            ],
+        );
+        assert_eq!(
+            error(&answers[1]),
+            format!(
+                "the dm-verity root hash of the image written to keel-root-b is {root}, but \
+                 the manifest's is {wrong_root}: refused"
+            )
+        );
+        // A root image another than the one the hash tree was made from.
+        let mut other = data.clone();
+        other[5000] ^= 1;
+        let (_, other_root) = format_for_tests(&other, &[7u8; 32]);
+        let answers = session(
+            &f.config,
+            &[(
+                write(Slot::B, Part::Root, &other, Some(&other_root)),
+                &other,
+            )],
+        );
+        assert!(
+            error(&answers[0])
+                .starts_with("the hash tree on keel-verity-b does not match the root image"),
+            "{answers:?}"
+        );
+    }
+
+    #[test]
+    fn an_image_larger_than_its_partition_is_refused_before_a_byte_is_written() {
+        let f = fixture();
+        let big = vec![1u8; 65536 + 4096];
+        let answers = session(&f.config, &[(write(Slot::B, Part::Hash, &big, None), &big)]);
+        assert_eq!(
+            error(&answers[0]),
+            "the hash image (69632 bytes) does not fit partition keel-verity-b (16384 bytes)"
+        );
+        let parts = &f.config.slots.partitions;
+        assert!(std::fs::read(parts.join("keel-verity-b"))
+            .expect("read")
+            .iter()
+            .all(|b| *b == 0xee));
+    }
+
+    #[test]
+    fn a_payload_cut_short_is_refused_and_ends_the_session() {
+        let f = fixture();
+        let kernel = vec![3u8; 10_000];
+        let request = Request::WriteBootFile {
+            slot: Slot::B,
+            file: BootFile::Kernel,
+            size: kernel.len() as u64,
+            sha256: sha(&kernel),
+        };
+        let answers = session(&f.config, &[(request, &kernel[..4000])]);
+        assert_eq!(answers.len(), 1);
+        assert!(
+            error(&answers[0]).starts_with("the data stopped after 0 of 10000 bytes"),
+            "{answers:?}"
+        );
+        // Nothing was renamed into place.
+        assert!(!f.config.esp.slot_dir(Slot::B).join("vmlinuz").exists());
+    }
+
+    #[test]
+    fn a_running_slot_on_trial_keeps_its_fallback() {
+        let f = fixture();
+        std::fs::rename(
+            f.config.esp.entries_dir().join("keel-a.conf"),
+            f.config.esp.entries_dir().join("keel-a+2-1.conf"),
+        )
+        .expect("rename");
+        std::fs::write(
+            f.config.esp.entries_dir().join("keel-b.conf"),
+            "version 1\n",
+        )
+        .expect("w");
+        let answers = session(&f.config, &[(Request::Invalidate { slot: Slot::B }, &[])]);
+        assert!(
+            error(&answers[0]).contains("is not marked good yet"),
+            "{answers:?}"
+        );
+        assert!(f.config.esp.entries_dir().join("keel-b.conf").exists());
+    }
+}

@@ -38,6 +38,7 @@ pub mod schema;
 pub mod set;
 pub mod transaction;
 pub mod unset;
+pub mod update;
 
 /// The exit status of a command that waited and gave up (`boot wait --timeout`), as
 /// `timeout(1)` has it.
@@ -163,6 +164,8 @@ pub enum Command {
     #[command(hide = true)]
     EphemeralStorage(bottlerocket_only::AnyArgs),
     Exec(exec::ExecArgs),
+    /// Checks for, applies and cancels image updates (Bottlerocket's update API)
+    Update(update::UpdateArgs),
 }
 
 /// What a successful command prints on stdout.
@@ -288,6 +291,7 @@ pub async fn run(cli: Cli) -> Result<Output, CliError> {
         Command::Report(args) => Err(bottlerocket_only::report(args)),
         Command::EphemeralStorage(args) => Err(bottlerocket_only::ephemeral_storage(args)),
         Command::Exec(args) => exec::run(&client, args).await,
+        Command::Update(args) => update::run(&client, args).await,
     }
 }
 
