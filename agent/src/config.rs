@@ -49,6 +49,10 @@ pub struct Config {
     /// without it, keeld's own version and --variant.
     #[arg(long, env = "KEELD_OS_RELEASE")]
     pub os_release: Option<PathBuf>,
+    /// The image's settings migrations (packaging/migrations.toml); absent: none
+    /// (settings format 1).
+    #[arg(long, default_value = "/usr/share/keel/migrations.toml")]
+    pub migrations: PathBuf,
     /// The update repository's trusted root.json, shipped in the image.
     #[arg(long, default_value = "/usr/share/keel/updates/root.json")]
     pub update_root: PathBuf,

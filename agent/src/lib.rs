@@ -62,6 +62,31 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         usize::try_from(config.history).unwrap_or(usize::MAX),
         Some(Arc::new(applier.clone())),
     )?;
+    // Before anything reads the settings: carry them to this image's format (up after
+    // an update, down after a rollback).
+    match store::migrate::load_image_migrations(&config.migrations) {
+        Ok(migrations) => {
+            match store::migrate::at_start(&store, &config.state_dir, &migrations).await {
+                Ok(Some(done)) => tracing::info!(
+                    from_low = done.from_low,
+                    from_high = done.from_high,
+                    to = done.to,
+                    changed = ?done.changed,
+                    "settings migrated"
+                ),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "settings migration failed; the settings stay as they were")
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the image's settings migrations; none run")
+        }
+    }
+    if let Err(e) = settings_model::validate(store.snapshot().live_settings()) {
+        tracing::error!(error = %e, "the live settings do not pass this keeld's model (a settings migration missing from the image?)");
+    }
     // The apply journal of an earlier keeld in this boot: its log, and an apply it did
     // not finish (read before serving, so /apply/log never starts empty).
     let journal = applier.load_journal();

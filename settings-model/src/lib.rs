@@ -2,7 +2,8 @@
 //!
 //! Owns: the settings types and their validated newtypes, dotted key paths, RFC 7396
 //! merge-patch, the flattening used for key listings and diffs, typed `key=value`
-//! conversion, user-data parsing and the JSON Schema. Must not do I/O: everything here is
+//! conversion, user-data parsing, the JSON Schema and the vocabulary of settings
+//! migrations between image versions. Must not do I/O: everything here is
 //! a pure function of its inputs, so the agent, the CLI and the tests share one truth.
 //!
 //! Values travel as `serde_json::Value` *without* the `settings` wrapper
@@ -13,6 +14,7 @@ pub mod exec;
 pub mod key;
 pub mod keypair;
 pub mod limits;
+pub mod migration;
 pub mod model;
 pub mod patch;
 pub mod proxy;

@@ -422,6 +422,13 @@ fn apiclient_update_check_apply_with_reboot_and_cancel() {
     assert_eq!(status["update_state"], "Available");
     assert_eq!(status["chosen_update"]["version"], "1.1.0");
 
+    // Slow enough for the progress to show.
+    let name = update.names(VARIANT)[0].0.clone();
+    f.server.set_faults(vec![Fault::Throttle {
+        suffix: format!(".{name}"),
+        chunk: 256 << 10,
+        pause: Duration::from_millis(50),
+    }]);
     let out = f.keeld.apiclient(&["update", "apply", "--reboot"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -431,6 +438,10 @@ fn apiclient_update_check_apply_with_reboot_and_cancel() {
         "{stderr}"
     );
     assert!(stderr.lines().any(|l| l.contains("100%")), "{stderr}");
+    assert!(
+        stderr.contains("1.1.0 is written to slot b and verified."),
+        "{stderr}"
+    );
     assert!(stderr.contains("Rebooting"), "{stderr}");
     assert!(marker.exists(), "the reboot command did not run");
     assert_eq!(f.status()["update_state"], "Ready");

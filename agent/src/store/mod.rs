@@ -8,6 +8,7 @@
 
 mod files;
 mod log;
+pub mod migrate;
 mod slots;
 mod writer;
 
@@ -291,6 +292,13 @@ pub(crate) enum Op {
         caller: Caller,
         reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
     },
+    /// A settings migration: a new generation holding `settings` (validated in full),
+    /// named `tx`; see `migrate.rs`.
+    Migrate {
+        tx: String,
+        settings: Value,
+        reply: oneshot::Sender<Result<Vec<String>, StoreError>>,
+    },
 }
 
 /// The handle the API and boot code hold. Cheap to clone.
@@ -452,6 +460,20 @@ impl Store {
         self.send(|reply| Op::Rollback {
             generation,
             caller,
+            reply,
+        })
+        .await
+    }
+
+    /// Makes `settings` (a migration's result) the live settings as a generation named
+    /// `tx`, validated in full against this keeld's model but not test-rendered (the
+    /// migration is the image's, and must land for the image to read its settings);
+    /// answers the changed keys (none: no generation).
+    pub async fn migrate(&self, tx: &str, settings: Value) -> Result<Vec<String>, StoreError> {
+        let settings = settings_model::validate(&settings)?;
+        self.send(|reply| Op::Migrate {
+            tx: tx.to_owned(),
+            settings,
             reply,
         })
         .await

@@ -18,7 +18,7 @@ use settings_model::patch::{changed_keys, changed_keys_touched};
 use tokio::sync::oneshot;
 
 use super::files::StoreFiles;
-use super::{Caller, CommitCheck, Generation, Op, PendingTx, Snapshot, StoreError};
+use super::{Caller, CheckError, CommitCheck, Generation, Op, PendingTx, Snapshot, StoreError};
 
 /// Batches one leader runs before handing the rest of the queue to a blocking task, so
 /// that a request is not held up indefinitely serving others under sustained load.
@@ -72,7 +72,10 @@ pub(super) const MAX_GENERATIONS_PER_WRITE: u64 = MAX_BATCH as u64;
 const LINGER: std::time::Duration = std::time::Duration::from_micros(150);
 
 fn is_durable(op: &Op) -> bool {
-    matches!(op, Op::Commit { .. } | Op::Rollback { .. })
+    matches!(
+        op,
+        Op::Commit { .. } | Op::Rollback { .. } | Op::Migrate { .. }
+    )
 }
 
 pub(super) struct Writer {
@@ -244,7 +247,7 @@ fn split_cheap(batch: &mut Vec<Op>) -> Vec<Op> {
                 committed.insert(tx.clone());
                 durable.push(op);
             }
-            Op::Rollback { .. } => durable.push(op),
+            Op::Rollback { .. } | Op::Migrate { .. } => durable.push(op),
             Op::Patch { tx, .. } | Op::Discard { tx, .. } if !committed.contains(tx) => {
                 cheap.push(op)
             }
@@ -417,6 +420,15 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
                 reply,
             } => {
                 let result = rollback(&mut work, keep, check, max_settings, generation, caller);
+                generations_dirty |= result.as_ref().is_ok_and(|k| !k.is_empty());
+                answers.push(Answer::Keys(reply, result));
+            }
+            Op::Migrate {
+                tx,
+                settings,
+                reply,
+            } => {
+                let result = migrate(&mut work, keep, max_settings, tx, settings);
                 generations_dirty |= result.as_ref().is_ok_and(|k| !k.is_empty());
                 answers.push(Answer::Keys(reply, result));
             }
@@ -699,6 +711,23 @@ fn rollback(
     let target = work
         .find(generation)
         .ok_or(StoreError::UnknownGeneration(generation))?;
+    // A generation from before a settings migration holds settings in another format
+    // than this keeld reads.
+    if let Some(migration) = work
+        .history
+        .iter()
+        .rev()
+        .find(|g| g.tx.starts_with(super::migrate::TX_PREFIX))
+        .filter(|m| m.generation > generation)
+    {
+        return Err(StoreError::Refused(CheckError {
+            message: format!(
+                "generation {generation} predates the settings migration of generation {}                  ({}): its settings are in another format; roll back to generation {} or                  later",
+                migration.generation, migration.tx, migration.generation
+            ),
+            key: None,
+        }));
+    }
     let settings = Value::clone(&target.settings);
     // Kept from before a lower limit, perhaps: the limit holds for what becomes live.
     check_size(&settings, max_settings)?;
@@ -717,6 +746,30 @@ fn rollback(
             caller,
             &changed,
             Some(generation),
+            settings,
+        );
+    }
+    Ok(changed)
+}
+
+fn migrate(
+    work: &mut Snapshot,
+    keep: usize,
+    max_settings: usize,
+    tx: String,
+    settings: Value,
+) -> Result<Vec<String>, StoreError> {
+    check_size(&settings, max_settings)?;
+    let changed = changed_keys(work.live_settings(), &settings);
+    if !changed.is_empty() {
+        push_generation(
+            work,
+            keep,
+            tx,
+            None,
+            Caller::keeld(),
+            &changed,
+            None,
             settings,
         );
     }

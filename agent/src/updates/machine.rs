@@ -86,6 +86,8 @@ struct Inner {
     lock: Arc<tokio::sync::Mutex<CommandType>>,
     record: Mutex<UpdateRecord>,
     running: Mutex<Option<RunningCommand>>,
+    /// Set once the start-up reconciliation ended: commands asked for before wait for it.
+    reconciled: tokio::sync::watch::Sender<bool>,
 }
 
 /// The update machinery; cheap to clone.
@@ -126,6 +128,7 @@ impl Updates {
                 lock: Arc::new(tokio::sync::Mutex::new(CommandType::Refresh)),
                 record: Mutex::new(record),
                 running: Mutex::new(None),
+                reconciled: tokio::sync::watch::channel(false).0,
             }),
         };
         updates.set_active_partition(None);
@@ -181,6 +184,14 @@ impl Updates {
     /// Checks `command` against the state, records it as started (durably) and runs it
     /// on its own task. Answers once it started.
     pub async fn start(&self, command: CommandType) -> Result<(), CommandRefused> {
+        // Right after keeld started, the record may not yet say what happened while it
+        // was down: wait for that (it takes one look at the slots), not 423.
+        let mut reconciled = self.inner.reconciled.subscribe();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            reconciled.wait_for(|done| *done),
+        )
+        .await;
         let guard = match self.inner.lock.clone().try_lock_owned() {
             Ok(guard) => guard,
             Err(_) => {
@@ -490,7 +501,7 @@ impl Updates {
     /// the lock meanwhile (a command asked for then gets 423). Without a slot writer only
     /// an interrupted command is closed.
     pub async fn reconcile(&self) {
-        let _guard = self.inner.lock.clone().lock_owned().await;
+        let guard = self.inner.lock.clone().lock_owned().await;
         let inspection = match &self.inner.config.writer {
             Some(endpoint) => match inspect(endpoint).await {
                 Ok(inspection) => Some(inspection),
@@ -513,6 +524,8 @@ impl Updates {
         if let Err(e) = self.save().await {
             tracing::error!(error = %e, "cannot save the reconciled update record");
         }
+        drop(guard);
+        self.inner.reconciled.send_replace(true);
         let status = self.status();
         tracing::info!(state = ?status.update_state, last_boot = ?status.last_boot, "update state reconciled");
     }

@@ -117,6 +117,9 @@ async fn apply(client: &Client, args: ApplyArgs) -> Result<Output, CliError> {
             ))
         })?;
     bar.finish();
+    note(&format!(
+        "{version} is written to slot {slot} and verified."
+    ));
     note("Marking the update for the next boot...");
     let status = wait_for(client, "activate-update", "activate", ACTIVATE, &mut Quiet).await?;
     if args.reboot {
