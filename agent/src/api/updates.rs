@@ -6,8 +6,9 @@
 //! background: 204 means started; `most_recent_command` in the status tells how it ended,
 //! `running_command` shows it (with download progress) meanwhile. As with Bottlerocket,
 //! `GET /updates/status` answers 423 while a command runs (Bottlerocket's update operator
-//! and `apiclient update` wait on that); Keel's 423 body carries the status too, under
-//! `update_status`, so the progress of a download can be watched. Parses and answers
+//! and `apiclient update` wait on that), and also while keeld, just started, reads the
+//! slots to learn what happened while it was down; Keel's 423 body carries the status
+//! too, under `update_status`, so the progress of a download can be watched. Parses and answers
 //! only; `updates::machine` does the work.
 
 use axum::extract::{RawQuery, State};
@@ -25,17 +26,21 @@ use crate::updates::CommandRefused;
 pub async fn status(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<Response> {
     Query::parse(q.as_deref(), &[])?;
     let status: UpdateStatus = state.updates.status();
-    Ok(match &status.running_command {
+    let held = match &status.running_command {
+        Some(running) => Some(format!(
+            "Update lock held: {} is running",
+            running.cmd_type.action()
+        )),
+        None if state.updates.reconciling() => {
+            Some("Update lock held: keeld is reading the slots after its start".to_owned())
+        }
+        None => None,
+    };
+    Ok(match held {
         None => Json(status).into_response(),
-        Some(running) => (
+        Some(error) => (
             StatusCode::LOCKED,
-            Json(json!({
-                "error": format!(
-                    "Update lock held: {} is running",
-                    running.cmd_type.action()
-                ),
-                "update_status": status,
-            })),
+            Json(json!({"error": error, "update_status": status})),
         )
             .into_response(),
     })

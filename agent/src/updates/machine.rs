@@ -165,6 +165,12 @@ impl Updates {
         });
     }
 
+    /// Whether the start-up reconciliation is still running (the status is then what was
+    /// recorded before keeld started, not yet what happened meanwhile).
+    pub fn reconciling(&self) -> bool {
+        !*self.inner.reconciled.borrow()
+    }
+
     /// `GET /updates/status`: the record, with the command in progress.
     pub fn status(&self) -> UpdateStatus {
         let mut status = lock(&self.inner.record).status.clone();
