@@ -222,3 +222,59 @@ fn a_clean_stop_removes_the_socket() {
     assert!(keeld.stop().success());
     assert!(!keeld.socket.exists(), "the socket is removed on SIGTERM");
 }
+
+/// Every command that prints records takes `-o json|table|yaml`: the YAML reads back as
+/// the JSON, and the table is text for people (not JSON), against a real keeld.
+#[test]
+fn record_commands_print_json_table_and_yaml() {
+    let keeld = Keeld::start();
+    let out = keeld.apiclient(&["set", "motd=records"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for command in [
+        &["history", "--limit", "2"][..],
+        &["apply-log", "--limit", "1"][..],
+        &["boot", "status"][..],
+        &["containers"][..],
+        &["set", "--dry-run", "motd=other"][..],
+        &["unset", "--dry-run", "motd"][..],
+    ] {
+        let with = |format: &str| {
+            let mut args = command.to_vec();
+            args.extend(["-o", format]);
+            let out = keeld.apiclient(&args);
+            assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let mut json: serde_json::Value = serde_json::from_str(&with("json")).unwrap();
+        let mut yaml: serde_json::Value = serde_norway::from_str(&with("yaml")).unwrap();
+        // A dry run's transaction has a fresh name each time.
+        for value in [&mut json, &mut yaml] {
+            if let Some(record) = value.as_object_mut() {
+                record.remove("tx");
+            }
+        }
+        assert_eq!(yaml, json, "{command:?}");
+        let table = with("table");
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&table).is_err() && !table.is_empty(),
+            "{command:?}: {table}"
+        );
+    }
+    // The tables say what the records say.
+    let history = String::from_utf8(keeld.apiclient(&["history", "-o", "table"]).stdout).unwrap();
+    assert!(history.starts_with("GEN "), "{history}");
+    assert!(history.contains("settings.motd"), "{history}");
+    let boot =
+        String::from_utf8(keeld.apiclient(&["boot", "status", "-o", "table"]).stdout).unwrap();
+    assert!(boot.starts_with("phase: configured"), "{boot}");
+    let dry = String::from_utf8(
+        keeld
+            .apiclient(&["set", "--dry-run", "motd=other", "-o", "table"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        dry.contains("~ settings.motd: \"records\" → \"other\""),
+        "{dry}"
+    );
+}
