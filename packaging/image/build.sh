@@ -122,7 +122,7 @@ exec sleep 2147483647' >/dev/null
 input_hash=$( {
     echo "version=$version variant=$variant esp=$ESP_MIB root=$ROOT_MIB verity=$VERITY_MIB"
     echo "$lock_hash"
-    (cd "$repo" && find packaging/image units packaging/services.toml packaging/templates \
+    (cd "$repo" && find packaging/image units packaging/services.toml packaging/migrations.toml packaging/templates \
         -type f ! -name '*.md' -print0 | sort -z | xargs -0 sha256sum)
     sha256sum "$rel/keeld" "$rel/apiclient" "$rel/keel-logger" | cut -d' ' -f1
     # The archive's manifest digest names its content (the tar itself has timestamps).
@@ -223,6 +223,7 @@ while IFS= read -r line; do
     printf '%s\n' "$line"
 done < "$repo/packaging/services.toml" > "$root/usr/share/keel/services.toml"
 install -m 0644 "$here/defaults.toml" "$root/usr/share/keel/defaults.toml"
+install -m 0644 "$repo/packaging/migrations.toml" "$root/usr/share/keel/migrations.toml"
 cp -r "$repo/packaging/templates" "$root/usr/share/keel/templates"
 for unit in keeld.service keeld.socket keel-boot.service keel-configured.target; do
     install -m 0644 "$repo/units/$unit" "$root/usr/lib/systemd/system/$unit"
