@@ -293,6 +293,25 @@ fn lines() -> Vec<Line> {
             },
         },
         Line {
+            source: "U",
+            line: "apiclient get /updates/status",
+            check: |_, out, _| {
+                assert!(out.status.success());
+                let status = stdout_json(out);
+                assert!(status["update_state"].is_string(), "{status}");
+                assert!(status["available_updates"].is_array(), "{status}");
+            },
+        },
+        Line {
+            source: "O",
+            line: "apiclient raw -u /updates/status",
+            check: |_, out, _| {
+                assert!(out.status.success());
+                let status = stdout_json(out);
+                assert!(status.get("most_recent_command").is_some(), "{status}");
+            },
+        },
+        Line {
             source: "H",
             line: "apiclient apply \"file://$PWD/user-data.toml\"",
             check: |node, out, _| {
@@ -548,6 +567,12 @@ fn usage_errors_are_exit_2_and_name_the_problem() {
         &["exec", "admin", "cat", "/file"][..],
         &["exec", "-t", "admin", "bash"][..],
         &["exec", "--no-tty", "admin", "ls", "-s", "-v"][..],
+        // [R], [M]: update, whose own tests run it against a real update repository.
+        &["update", "check"][..],
+        &["update", "apply"][..],
+        &["update", "apply", "--check", "--reboot"][..],
+        &["update", "apply", "-c", "-r"][..],
+        &["update", "cancel"][..],
     ] {
         let out = node_less(args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
