@@ -141,6 +141,10 @@ pub struct Config {
     /// seccomp filter.
     #[arg(long)]
     pub no_sandbox: bool,
+    /// How many events `GET /events` keeps for clients to read or resume from (`?since=`);
+    /// a client that falls further behind is told how many it lost.
+    #[arg(long, default_value_t = crate::events::DEFAULT_CAPACITY as u64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub event_buffer: u64,
     /// Recovery, by hand, once: if a damaged, cut-short or missing generation slot
     /// stops keeld from starting, continue from the newest intact state (an empty store if
     /// none is left) and record that as a generation named `accept-state-loss`; what the

@@ -2,14 +2,16 @@
 //!
 //! Modules, one per concern: [`api`] (routes, one file per resource), [`store`]
 //! (datastore, transactions, generations), [`apply`] (services metadata, render and
-//! restart), [`config`] (flags), [`os`] (what `/os` reports), [`updates`] (A/B image
-//! updates from a TUF repository, Bottlerocket's update API).
+//! restart), [`events`] (the event bus behind `GET /events`), [`config`] (flags), [`os`]
+//! (what `/os` reports), [`updates`] (A/B image updates from a TUF repository,
+//! Bottlerocket's update API).
 
 pub mod api;
 pub mod apply;
 pub mod boot;
 pub mod config;
 pub mod containers;
+pub mod events;
 pub mod os;
 pub mod sandbox;
 pub mod store;
@@ -47,6 +49,8 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         Some(path) => os::OsInfo::from_os_release(path)?,
         None => os::OsInfo::current(&config.variant),
     };
+    // One bus for every publisher; its stream id is this start's (see `events`).
+    let events = events::EventBus::new(usize::try_from(config.event_buffer).unwrap_or(usize::MAX));
     let applier = apply::Applier::new(
         meta,
         templates,
@@ -54,6 +58,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
             render_root: config.render_root.clone(),
             restart_timeout: config.restart_timeout.into(),
             journal_dir: Some(config.runtime_dir.clone()),
+            events: events.clone(),
         },
         serde_json::to_value(&os).unwrap_or_default(),
     );
@@ -61,6 +66,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         &config.state_dir,
         usize::try_from(config.history).unwrap_or(usize::MAX),
         Some(Arc::new(applier.clone())),
+        events.clone(),
     )?;
     // Before anything reads the settings: carry them to this image's format (up after
     // an update, down after a rollback).
@@ -98,7 +104,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         );
     }
     let gid = config.api_gid()?;
-    let board = containers::status::StatusBoard::default();
+    let board = containers::status::StatusBoard::new(events.clone());
     let log_dir = config.runtime_dir.join("logs");
     let cd = containers::client::Containerd::connect(
         &config.containerd_socket,
@@ -162,6 +168,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
             log_dir,
         },
         exec: exec.clone(),
+        events: events.clone(),
     };
     let policy = api::AccessPolicy {
         api_gid: gid,
@@ -205,6 +212,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         runtime: runtime.clone(),
         board: board.clone(),
         publish: boot_publish,
+        events: events.clone(),
         configured: configured_tx,
     };
     let (recovery_applier, recovery_store) = (boot.applier.clone(), store.clone());
@@ -221,10 +229,16 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         supervision,
         configured_rx,
     ));
+    // Stopping ends the event streams that follow (after what is buffered), so that
+    // they do not hold the drain up until the grace runs out.
+    let stopping = async move {
+        shutdown_signal().await;
+        events.close();
+    };
     let drained = api::server::serve(
         listener,
         api::router(state, policy),
-        shutdown_signal(),
+        stopping,
         api::server::SHUTDOWN_GRACE,
     )
     .await;

@@ -9,6 +9,7 @@ pub mod actions;
 pub mod boot;
 pub mod containers;
 pub mod error;
+pub mod events;
 pub mod exec;
 pub mod history;
 pub mod input;
@@ -43,6 +44,7 @@ pub struct AppState {
     pub reboot_command: Arc<Vec<String>>,
     pub containers: containers::ContainersView,
     pub boot: tokio::sync::watch::Receiver<crate::boot::status::BootRecord>,
+    pub events: crate::events::EventBus,
     pub exec: exec::ExecService<ContainerdExec>,
     pub updates: crate::updates::Updates,
 }
@@ -88,6 +90,7 @@ pub fn router(state: AppState, policy: AccessPolicy) -> Router {
         .route("/containers", get(containers::list))
         .route("/containers/{name}/logs", get(containers::logs))
         .route("/exec", get(exec::upgrade::<ContainerdExec>))
+        .route("/events", get(events::stream))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

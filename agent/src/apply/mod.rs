@@ -149,6 +149,8 @@ pub struct ApplyConfig {
     /// both survive a keeld restart within one boot: keeld's runtime directory. `None`
     /// keeps them in memory only (tests).
     pub journal_dir: Option<PathBuf>,
+    /// Hears of every apply once it finished.
+    pub events: crate::events::EventBus,
 }
 
 #[derive(Debug, Clone)]
@@ -403,10 +405,11 @@ impl Applier {
         let _serial = self.inner.serial.lock().await;
         let started = std::time::Instant::now();
         let snapshot = store.snapshot();
+        let generation = snapshot.live().generation;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         self.journal(journal::InFlight {
             id,
-            generation: snapshot.live().generation,
+            generation,
             keys: keys.clone(),
             services: services.clone(),
         })
@@ -478,6 +481,12 @@ impl Applier {
             log.push_back(report.clone());
         }
         self.journal_done().await;
+        self.inner
+            .config
+            .events
+            .publish(crate::events::EventBody::Apply(
+                crate::events::ApplyEvent::of(&report, generation),
+            ));
         report
     }
 
@@ -906,6 +915,7 @@ for-each = "settings.kernel.sysctl"
             render_root: root.to_owned(),
             restart_timeout: Duration::from_secs(1),
             journal_dir: None,
+            events: Default::default(),
         };
         Applier::new(meta, templates, config, json!({}))
     }
@@ -928,6 +938,7 @@ for-each = "settings.kernel.sysctl"
             render_root: root.to_owned(),
             restart_timeout: Duration::from_secs(1),
             journal_dir: None,
+            events: Default::default(),
         };
         Applier::new(meta, templates, config, json!({}))
     }
@@ -1041,6 +1052,7 @@ for-each = "settings.kernel.sysctl"
             render_root: PathBuf::from("/nonexistent"),
             restart_timeout: Duration::from_secs(1),
             journal_dir: None,
+            events: Default::default(),
         };
         let a = Applier::new(meta, templates, config, json!({}));
         let live = json!({

@@ -85,6 +85,8 @@ pub struct Boot {
     pub runtime: Arc<dyn BootRuntime>,
     pub board: StatusBoard,
     pub publish: watch::Sender<BootRecord>,
+    /// Hears of each change of phase.
+    pub events: crate::events::EventBus,
     /// Where the boot ended: host containers wait for it.
     pub configured: watch::Sender<BootGate>,
 }
@@ -110,6 +112,7 @@ impl Boot {
             &self.config.runtime_dir,
             || every || !marker.exists(),
             self.publish.clone(),
+            self.events.clone(),
         );
         match tracker.record().phase {
             BootPhase::Configured => {

@@ -5,6 +5,7 @@
 //! within the same boot finds it and resumes from it, and a reboot starts with none. It
 //! is written before each step starts and after it ends (temp file + rename), so
 //! a step that was running when keeld died is known, and never started a second time.
+//! Each change of phase is published as a `boot-phase` event.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -12,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+use crate::events::{BootPhaseEvent, EventBody, EventBus};
 
 /// Where the boot is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,20 +129,24 @@ pub struct RecordError {
     pub source: std::io::Error,
 }
 
-/// Owns the record: every change is saved, then published to `GET /boot`.
+/// Owns the record: every change is saved, then published to `GET /boot` (and a change
+/// of phase to the event bus).
 #[derive(Debug)]
 pub struct BootTracker {
     path: PathBuf,
     record: BootRecord,
     publish: watch::Sender<BootRecord>,
+    events: EventBus,
 }
 
 impl BootTracker {
-    /// The record of this boot (from the runtime directory), or a new one.
+    /// The record of this boot (from the runtime directory), or a new one. Its phase is
+    /// the first `boot-phase` event of this keeld (`from` null).
     pub fn open(
         runtime_dir: &Path,
         first_boot: impl FnOnce() -> bool,
         publish: watch::Sender<BootRecord>,
+        events: EventBus,
     ) -> BootTracker {
         let path = runtime_dir.join("boot.json");
         let record = std::fs::read(&path)
@@ -153,10 +160,12 @@ impl BootTracker {
             })
             .unwrap_or_else(|| BootRecord::new(first_boot()));
         publish.send_replace(record.clone());
+        events.publish(phase_event(&record, None));
         BootTracker {
             path,
             record,
             publish,
+            events,
         }
     }
 
@@ -169,8 +178,12 @@ impl BootTracker {
     /// no record anyway. Writing a temp file and renaming it over the record is atomic
     /// against a crash (the page cache outlives the process), so no fsync is needed.
     pub fn update(&mut self, change: impl FnOnce(&mut BootRecord)) -> Result<(), RecordError> {
+        let before = self.record.phase;
         change(&mut self.record);
         self.publish.send_replace(self.record.clone());
+        if self.record.phase != before {
+            self.events.publish(phase_event(&self.record, Some(before)));
+        }
         let err = |source| RecordError {
             path: self.path.clone(),
             source,
@@ -263,6 +276,16 @@ impl BootTracker {
     }
 }
 
+/// The event of `record` reaching its phase from `from`.
+fn phase_event(record: &BootRecord, from: Option<BootPhase>) -> EventBody {
+    EventBody::BootPhase(BootPhaseEvent {
+        boot_id: record.boot_id.clone(),
+        from,
+        to: record.phase,
+        reason: record.reason.clone(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,7 +300,7 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         std::fs::write(dir.path().join("boot.json.tmp"), "x").expect("write");
         let (publish, _view) = watch::channel(BootRecord::new(true));
-        let mut tracker = BootTracker::open(dir.path(), || true, publish);
+        let mut tracker = BootTracker::open(dir.path(), || true, publish, EventBus::default());
         tracker.set_phase(BootPhase::Defaults).expect("update");
         let mode = std::fs::metadata(&path).expect("stat").mode() & 0o777;
         assert_eq!(mode, 0o600, "boot.json mode {mode:o}");
@@ -287,13 +310,13 @@ mod tests {
     fn a_record_survives_a_restart_and_a_new_runtime_dir_starts_over() {
         let dir = tempfile::tempdir().expect("dir");
         let (tx, rx) = watch::channel(BootRecord::new(true));
-        let mut tracker = BootTracker::open(dir.path(), || true, tx);
+        let mut tracker = BootTracker::open(dir.path(), || true, tx, EventBus::default());
         tracker.begin("bootstrap-container:a", true).expect("begin");
         assert_eq!(rx.borrow().steps.len(), 1);
         drop(tracker);
 
         let (tx, _rx) = watch::channel(BootRecord::new(false));
-        let again = BootTracker::open(dir.path(), || false, tx);
+        let again = BootTracker::open(dir.path(), || false, tx, EventBus::default());
         let step = again.record().step("bootstrap-container:a").expect("step");
         assert_eq!(step.outcome, StepOutcome::Running);
         assert!(
@@ -303,8 +326,50 @@ mod tests {
 
         let fresh = tempfile::tempdir().expect("dir");
         let (tx, _rx) = watch::channel(BootRecord::new(false));
-        let new = BootTracker::open(fresh.path(), || false, tx);
+        let new = BootTracker::open(fresh.path(), || false, tx, EventBus::default());
         assert!(new.record().steps.is_empty());
         assert_eq!(new.record().phase, BootPhase::Defaults);
+    }
+
+    #[tokio::test]
+    async fn each_change_of_phase_is_an_event() {
+        let dir = tempfile::tempdir().expect("dir");
+        let events = EventBus::new(16);
+        let (tx, _rx) = watch::channel(BootRecord::new(true));
+        let mut tracker = BootTracker::open(dir.path(), || true, tx, events.clone());
+        tracker.begin("defaults", false).expect("begin");
+        tracker.set_phase(BootPhase::UserData).expect("phase");
+        tracker.set_phase(BootPhase::UserData).expect("phase");
+        tracker
+            .finish(
+                BootPhase::Failed,
+                Some("bad".into()),
+                std::time::Duration::ZERO,
+            )
+            .expect("finish");
+        let mut sub = events
+            .subscribe(crate::events::Resume::Start, false, None)
+            .expect("subscribe");
+        let mut seen = Vec::new();
+        while let Some(batch) = sub.next_batch().await {
+            for item in batch {
+                seen.push(serde_json::from_slice::<serde_json::Value>(&item.line()).expect("json"));
+            }
+        }
+        let phases: Vec<_> = seen
+            .iter()
+            .map(|e| (e["from"].clone(), e["to"].clone()))
+            .collect();
+        assert_eq!(
+            phases,
+            vec![
+                (serde_json::Value::Null, "defaults".into()),
+                ("defaults".into(), "user-data".into()),
+                ("user-data".into(), "failed".into()),
+            ]
+        );
+        assert_eq!(seen[2]["kind"], "boot-phase");
+        assert_eq!(seen[2]["reason"], "bad");
+        assert_eq!(seen[2]["boot-id"], tracker.record().boot_id.as_str());
     }
 }

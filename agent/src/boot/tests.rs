@@ -49,6 +49,7 @@ impl Node {
                 render_root: dir.path().join("render"),
                 restart_timeout: Duration::from_secs(1),
                 journal_dir: None,
+                events: Default::default(),
             },
             json!({}),
         );
@@ -85,6 +86,7 @@ impl Node {
             runtime: self.fake.clone(),
             board: self.board.clone(),
             publish,
+            events: Default::default(),
             configured,
         };
         tokio::spawn(crate::containers::run_host_containers(

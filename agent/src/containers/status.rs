@@ -1,10 +1,13 @@
 //! What keeld knows about each container it runs, as `GET /containers` and
-//! `apiclient containers` show it. Written only by the supervisors and the boot runner.
+//! `apiclient containers` show it. Written only by the supervisors and the boot runner;
+//! each change of a container's state is published as a `container` event.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
+
+use crate::events::{ContainerEvent, EventBody, EventBus};
 
 /// Host container or bootstrap container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, PartialOrd, Ord)]
@@ -99,9 +102,18 @@ impl ContainerStatus {
 #[derive(Debug, Clone, Default)]
 pub struct StatusBoard {
     inner: Arc<Mutex<BTreeMap<(ContainerKind, String), ContainerStatus>>>,
+    events: EventBus,
 }
 
 impl StatusBoard {
+    /// An empty board that publishes state changes on `events`.
+    pub fn new(events: EventBus) -> Self {
+        StatusBoard {
+            inner: Default::default(),
+            events,
+        }
+    }
+
     fn lock(
         &self,
     ) -> std::sync::MutexGuard<'_, BTreeMap<(ContainerKind, String), ContainerStatus>> {
@@ -136,11 +148,98 @@ impl StatusBoard {
         new: impl FnOnce() -> ContainerStatus,
     ) {
         let mut map = self.lock();
-        let entry = map.entry((kind, name.to_owned())).or_insert_with(new);
+        let key = (kind, name.to_owned());
+        let before = map.get(&key).map(|s| s.state);
+        let entry = map.entry(key).or_insert_with(new);
         change(entry);
+        if before != Some(entry.state) {
+            // Under the board's lock, so that one container's events keep their order;
+            // publishing only takes the bus's own short lock.
+            let event = state_change(entry, before, Some(entry.state));
+            self.events.publish(EventBody::Container(event));
+        }
     }
 
     pub fn remove(&self, kind: ContainerKind, name: &str) {
-        self.lock().remove(&(kind, name.to_owned()));
+        let mut map = self.lock();
+        if let Some(gone) = map.remove(&(kind, name.to_owned())) {
+            let event = state_change(&gone, Some(gone.state), None);
+            self.events.publish(EventBody::Container(event));
+        }
+    }
+}
+
+/// The event of `status`'s container going from `from` to `to` (`None`: no longer
+/// tracked).
+fn state_change(
+    status: &ContainerStatus,
+    from: Option<RunState>,
+    to: Option<RunState>,
+) -> ContainerEvent {
+    ContainerEvent {
+        name: status.name.clone(),
+        container_kind: status.kind,
+        from,
+        to,
+        reason: status.reason.clone(),
+        last_exit_code: status.last_exit_code,
+        restarts: status.restarts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::events::{Item, Resume};
+
+    async fn published(events: &EventBus) -> Vec<serde_json::Value> {
+        let mut sub = events.subscribe(Resume::Start, false, None).unwrap();
+        let mut all = Vec::new();
+        while let Some(batch) = sub.next_batch().await {
+            all.extend(
+                batch
+                    .iter()
+                    .map(|i: &Item| serde_json::from_slice(&i.line()).unwrap()),
+            );
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn a_change_of_state_is_an_event_and_other_changes_are_not() {
+        let events = EventBus::new(16);
+        let board = StatusBoard::new(events.clone());
+        let new = || ContainerStatus::new("admin", ContainerKind::Host, "host", "src");
+        board.update(ContainerKind::Host, "admin", |_| {}, new);
+        board.update(ContainerKind::Host, "admin", |s| s.pid = Some(4), new);
+        board.update(
+            ContainerKind::Host,
+            "admin",
+            |s| {
+                s.state = RunState::Exited;
+                s.last_exit_code = Some(3);
+            },
+            new,
+        );
+        board.remove(ContainerKind::Host, "admin");
+        board.remove(ContainerKind::Host, "admin");
+        let seen = published(&events).await;
+        let states: Vec<_> = seen
+            .iter()
+            .map(|e| (e["from"].clone(), e["to"].clone()))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                (serde_json::Value::Null, "starting".into()),
+                ("starting".into(), "exited".into()),
+                ("exited".into(), serde_json::Value::Null),
+            ]
+        );
+        assert_eq!(seen[1]["kind"], "container");
+        assert_eq!(seen[1]["name"], "admin");
+        assert_eq!(seen[1]["container-kind"], "host");
+        assert_eq!(seen[1]["last-exit-code"], 3);
     }
 }

@@ -320,14 +320,16 @@ impl Store {
     /// Opens (or creates) the store in `dir`, keeping at most `keep` generations, and
     /// starts its writer thread.
     pub fn open(dir: &Path, keep: usize) -> Result<Store, StoreError> {
-        Self::open_with_check(dir, keep, None)
+        Self::open_with_check(dir, keep, None, crate::events::EventBus::default())
     }
 
-    /// Like [`Store::open`], with a check that every commit and rollback must pass.
+    /// Like [`Store::open`], with a check that every commit and rollback must pass, and
+    /// the bus that hears of each new generation once it is durable.
     pub fn open_with_check(
         dir: &Path,
         keep: usize,
         check: Option<Arc<dyn CommitCheck>>,
+        events: crate::events::EventBus,
     ) -> Result<Store, StoreError> {
         let mut files = StoreFiles::new(dir)?;
         let snapshot = files.load()?;
@@ -339,6 +341,7 @@ impl Store {
             check.clone(),
             shared.clone(),
             live_tx,
+            events,
         ));
         Ok(Store {
             snapshot: shared,

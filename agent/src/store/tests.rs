@@ -377,7 +377,13 @@ impl CommitCheck for PanickingCheck {
 fn a_panicking_batch_does_not_wedge_the_writer() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
-        let store = Store::open_with_check(dir.path(), 10, Some(Arc::new(PanickingCheck))).unwrap();
+        let store = Store::open_with_check(
+            dir.path(),
+            10,
+            Some(Arc::new(PanickingCheck)),
+            crate::events::EventBus::default(),
+        )
+        .unwrap();
         store.patch("t", json!({"motd": "x"})).await.unwrap();
         assert!(matches!(
             store.commit("t", Caller::keeld()).await,
@@ -449,7 +455,13 @@ fn a_slow_commit_check_holds_up_no_other_writer() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let store = Store::open_with_check(dir.path(), 10, Some(check.clone())).unwrap();
+        let store = Store::open_with_check(
+            dir.path(),
+            10,
+            Some(check.clone()),
+            crate::events::EventBus::default(),
+        )
+        .unwrap();
         store.patch("slow", json!({"motd": "x"})).await.unwrap();
         let committing = tokio::spawn({
             let store = store.clone();
@@ -1145,4 +1157,80 @@ fn a_torn_compaction_leaves_the_previous_snapshot_and_its_log() {
         .collect();
     assert_eq!(gens, vec![0, 1, 2, 3, 4, 5, 6]);
     assert_eq!(store.snapshot().live_settings()["motd"], motd(7));
+}
+
+/// Each generation made durable is published once on the event bus, in order, before its
+/// commit is answered; a commit that changed nothing or failed to persist publishes
+/// nothing. Generations the history no longer keeps (here: it keeps one) are published
+/// all the same.
+#[test]
+fn each_durable_generation_is_one_commit_event() {
+    use crate::events::{EventBus, Resume};
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let events = EventBus::new(256);
+        let store = Store::open_with_check(dir.path(), 1, None, events.clone()).unwrap();
+        let caller = Caller {
+            uid: 7,
+            gid: 8,
+            pid: 9,
+            comm: "tester".into(),
+        };
+        store.patch("a", json!({"motd": "one"})).await.unwrap();
+        store.commit("a", caller.clone()).await.unwrap();
+        assert_eq!(events.latest(), 1, "published before the commit answered");
+        store.patch("same", json!({"motd": "one"})).await.unwrap();
+        assert!(store
+            .commit("same", caller.clone())
+            .await
+            .unwrap()
+            .is_empty());
+        store.patch("lost", json!({"motd": "two"})).await.unwrap();
+        store.fail_next_write();
+        assert!(store.commit("lost", caller.clone()).await.is_err());
+        assert_eq!(events.latest(), 1, "nothing made, nothing published");
+        // Concurrent commits share batches; each generation is its own event.
+        let commits: Vec<_> = (0..20)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let tx = format!("c{n}");
+                    store
+                        .patch(&tx, json!({"kernel": {"sysctl": {format!("k.{n}"): "1"}}}))
+                        .await
+                        .unwrap();
+                    store.commit(&tx, Caller::keeld()).await.unwrap()
+                })
+            })
+            .collect();
+        for commit in commits {
+            assert_eq!(commit.await.unwrap().len(), 1);
+        }
+        let mut sub = events.subscribe(Resume::Start, false, None).unwrap();
+        let mut seen = Vec::new();
+        while let Some(batch) = sub.next_batch().await {
+            for item in batch {
+                seen.push(serde_json::from_slice::<serde_json::Value>(&item.line()).unwrap());
+            }
+        }
+        assert_eq!(seen.len(), 21, "{seen:#?}");
+        assert_eq!(seen[0]["kind"], "commit");
+        assert_eq!(seen[0]["tx"], "a");
+        assert_eq!(seen[0]["changed-keys"], json!(["settings.motd"]));
+        assert_eq!(
+            seen[0]["caller"],
+            json!({"uid": 7, "gid": 8, "pid": 9, "comm": "tester"})
+        );
+        let generations: Vec<u64> = seen
+            .iter()
+            .map(|e| e["generation"].as_u64().unwrap())
+            .collect();
+        assert_eq!(generations, (1..=21).collect::<Vec<_>>());
+        assert_eq!(store.snapshot().history.len(), 1);
+    });
 }

@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 
 use super::files::StoreFiles;
 use super::{Caller, CheckError, CommitCheck, Generation, Op, PendingTx, Snapshot, StoreError};
+use crate::events::{CommitEvent, EventBody, EventBus};
 
 /// Batches one leader runs before handing the rest of the queue to a blocking task, so
 /// that a request is not held up indefinitely serving others under sustained load.
@@ -37,6 +38,8 @@ struct WriterState {
     pending_behind: Behind,
     /// [`super::MAX_SETTINGS_BYTES`]; lowered by tests.
     max_settings_bytes: usize,
+    /// Hears of each generation once it is durable, before its commit is answered.
+    events: EventBus,
 }
 
 /// Pending transactions whose files may not match memory.
@@ -96,6 +99,7 @@ impl Writer {
         check: Option<Arc<dyn CommitCheck>>,
         shared: Arc<ArcSwap<Snapshot>>,
         live: tokio::sync::watch::Sender<u64>,
+        events: EventBus,
     ) -> Writer {
         let next_tx_id = {
             let recorded = files.next_tx_id();
@@ -124,6 +128,7 @@ impl Writer {
                 next_tx_id,
                 pending_behind: Behind::default(),
                 max_settings_bytes: super::MAX_SETTINGS_BYTES,
+                events,
             }),
             shared,
             live,
@@ -344,6 +349,7 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
         next_tx_id,
         pending_behind,
         max_settings_bytes,
+        events,
     } = state;
     let keep = *keep;
     let max_settings = *max_settings_bytes;
@@ -360,6 +366,9 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
     // generation is durable.
     let mut committed_ids = HashSet::new();
     let mut answers = Vec::with_capacity(batch.len());
+    // The generations this batch makes, in order, for the event bus. Taken as they are
+    // made: the history may keep fewer than one batch makes.
+    let mut made: Vec<CommitEvent> = Vec::new();
 
     for op in batch.drain(..) {
         match op {
@@ -408,6 +417,7 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
                     if outcome.new_generation {
                         generations_dirty = true;
                         committed_ids.insert(outcome.tx_id);
+                        made.push(CommitEvent::of(work.live()));
                     } else {
                         dirty.insert(tx);
                     }
@@ -420,7 +430,10 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
                 reply,
             } => {
                 let result = rollback(&mut work, keep, check, max_settings, generation, caller);
-                generations_dirty |= result.as_ref().is_ok_and(|k| !k.is_empty());
+                if result.as_ref().is_ok_and(|k| !k.is_empty()) {
+                    generations_dirty = true;
+                    made.push(CommitEvent::of(work.live()));
+                }
                 answers.push(Answer::Keys(reply, result));
             }
             Op::Migrate {
@@ -429,7 +442,10 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
                 reply,
             } => {
                 let result = migrate(&mut work, keep, max_settings, tx, settings);
-                generations_dirty |= result.as_ref().is_ok_and(|k| !k.is_empty());
+                if result.as_ref().is_ok_and(|k| !k.is_empty()) {
+                    generations_dirty = true;
+                    made.push(CommitEvent::of(work.live()));
+                }
                 answers.push(Answer::Keys(reply, result));
             }
         }
@@ -455,7 +471,12 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
     match &failure {
         None => {
             files.forget(&committed_ids);
-            shared.store(Arc::new(work))
+            shared.store(Arc::new(work));
+            // Durable and visible, not yet answered: a commit's event comes before
+            // anything its caller does next (the apply that follows it).
+            for commit in made {
+                events.publish(EventBody::Commit(commit));
+            }
         }
         Some(e) => {
             pending_behind.names = dirty;

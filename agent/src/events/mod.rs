@@ -1,0 +1,433 @@
+//! The event bus: what happened in keeld, in order, for `GET /events`.
+//!
+//! Owns a bounded in-memory ring of [`Event`]s. Each event gets a cursor (1, 2, 3, … from
+//! each keeld start) and the [`EventBus::stream`] id of that start: cursors are not
+//! persisted, so after a keeld restart they begin again at 1 under a new stream id, and a
+//! client that resumes with the old id is told (a [`Gap`] with reason `new-stream`)
+//! instead of being handed cursors that mean something else now.
+//!
+//! Publishers (the store's writer for commits, the applier, the container status board,
+//! the boot tracker, and the updates API) call [`EventBus::publish`]. It never waits for
+//! a reader: it takes one short lock that readers hold only to copy out pointers,
+//! pushes, drops the oldest event when the ring is full, and wakes subscribers. A reader
+//! ([`Subscription`]) that fell behind the ring gets a [`Gap`] naming the cursors it lost,
+//! never a silent hole. Must not do I/O nor serialize on the publisher's path (an event's
+//! JSON is made once, by its first reader).
+
+pub mod kinds;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::watch;
+
+pub use kinds::{
+    ApplyCommand, ApplyEvent, ApplyFile, BootPhaseEvent, CommitEvent, ContainerEvent, EventBody,
+    Kind, UpdateEvent,
+};
+
+/// Events kept when keeld is not told otherwise (`--event-buffer`). Events are small (a
+/// commit's is its keys and caller; an apply's its files and commands, without their
+/// output): a few MiB at most.
+pub const DEFAULT_CAPACITY: usize = 4096;
+
+/// Most events one read hands out: bounds the time a reader holds the ring's lock and
+/// the size of one chunk written to a client.
+const MAX_READ: usize = 256;
+
+/// Most subscribers following at once. Each holds one of the API's connections
+/// (`api::server::MAX_CONNECTIONS`); half of them stay for everything else.
+pub const MAX_FOLLOWERS: usize = 256;
+
+/// One thing that happened.
+#[derive(Debug, Serialize)]
+pub struct Event {
+    /// Position in this stream: 1 for the first event after keeld started, +1 for each.
+    pub cursor: u64,
+    /// The keeld start this cursor belongs to (see [`EventBus::stream`]).
+    pub stream: Arc<str>,
+    /// When it was published (RFC 3339, UTC).
+    pub time: String,
+    #[serde(flatten)]
+    pub body: EventBody,
+    /// The JSON line, made by the first reader that needs it.
+    #[serde(skip)]
+    line: OnceLock<Bytes>,
+}
+
+impl Event {
+    pub fn kind(&self) -> Kind {
+        self.body.kind()
+    }
+
+    /// The event as one line of JSON, newline included.
+    pub fn line(&self) -> Bytes {
+        self.line.get_or_init(|| json_line(self)).clone()
+    }
+}
+
+/// Why a subscriber is told that events are missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GapReason {
+    /// The subscriber asked for (or read too slowly to keep) cursors the ring no longer
+    /// holds: `first-lost` to `last-lost` are gone.
+    FellBehind,
+    /// The subscriber named a stream, or a cursor, of another keeld start: what happened
+    /// since is unknown; it must re-read the state it cares about. What follows is
+    /// everything this keeld still holds, from its oldest event.
+    NewStream,
+}
+
+/// Events a subscriber will never see. Not stored in the ring: each subscriber gets its
+/// own. Its `cursor` is the last one lost (0 for [`GapReason::NewStream`]), so resuming
+/// after it with `since=<cursor>` continues right behind the gap.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Gap {
+    pub cursor: u64,
+    pub stream: Arc<str>,
+    pub time: String,
+    /// Always `"gap"`.
+    pub kind: Kind,
+    pub reason: GapReason,
+    /// The first and last cursor lost, and how many (unknown for a new stream).
+    pub first_lost: Option<u64>,
+    pub last_lost: Option<u64>,
+    pub lost: Option<u64>,
+}
+
+/// What a subscriber reads: an event, or a note that some are missing.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Event(Arc<Event>),
+    Gap(Gap),
+}
+
+impl Item {
+    /// The item as one line of JSON, newline included.
+    pub fn line(&self) -> Bytes {
+        match self {
+            Item::Event(event) => event.line(),
+            Item::Gap(gap) => json_line(gap),
+        }
+    }
+
+    pub fn cursor(&self) -> u64 {
+        match self {
+            Item::Event(event) => event.cursor,
+            Item::Gap(gap) => gap.cursor,
+        }
+    }
+}
+
+fn json_line(value: &impl Serialize) -> Bytes {
+    // Every field is a string, number, bool, list or map with string keys: serializing
+    // cannot fail. Should it ever, the line still parses and says so.
+    let mut bytes = serde_json::to_vec(value).unwrap_or_else(|e| {
+        serde_json::to_vec(&serde_json::json!({ "kind": "error", "error": e.to_string() }))
+            .unwrap_or_default()
+    });
+    bytes.push(b'\n');
+    Bytes::from(bytes)
+}
+
+/// The bus: cheap to clone; every clone publishes into the same ring.
+#[derive(Debug, Clone)]
+pub struct EventBus {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    stream: Arc<str>,
+    capacity: usize,
+    ring: Mutex<Ring>,
+    /// Wakes subscribers: changed on every publish and on close.
+    signal: watch::Sender<Signal>,
+    followers: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Ring {
+    events: VecDeque<Arc<Event>>,
+    /// The cursor the next event gets.
+    next: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Signal {
+    closed: bool,
+}
+
+impl Default for EventBus {
+    /// A bus of [`DEFAULT_CAPACITY`] events (components built without one in tests get
+    /// their own, which nobody reads).
+    fn default() -> Self {
+        EventBus::new(DEFAULT_CAPACITY)
+    }
+}
+
+impl EventBus {
+    /// A bus keeping the last `capacity` events (at least one), with a new stream id.
+    pub fn new(capacity: usize) -> EventBus {
+        let capacity = capacity.max(1);
+        EventBus {
+            shared: Arc::new(Shared {
+                stream: Arc::from(format!("{:032x}", rand::random::<u128>())),
+                capacity,
+                ring: Mutex::new(Ring {
+                    events: VecDeque::with_capacity(capacity.min(DEFAULT_CAPACITY)),
+                    next: 1,
+                }),
+                signal: watch::Sender::new(Signal::default()),
+                followers: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// This keeld start's stream id (32 hex digits, random): cursors are only comparable
+    /// within one stream.
+    pub fn stream(&self) -> &str {
+        &self.shared.stream
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.shared.capacity
+    }
+
+    /// The newest cursor given (0 before the first event).
+    pub fn latest(&self) -> u64 {
+        self.ring().next - 1
+    }
+
+    /// Publishes `body` as the next event; answers its cursor. Never waits for readers.
+    pub fn publish(&self, body: EventBody) -> u64 {
+        let time = crate::store::now_rfc3339();
+        let cursor = {
+            let mut ring = self.ring();
+            let cursor = ring.next;
+            ring.next += 1;
+            if ring.events.len() == self.shared.capacity {
+                ring.events.pop_front();
+            }
+            ring.events.push_back(Arc::new(Event {
+                cursor,
+                stream: self.shared.stream.clone(),
+                time,
+                body,
+                line: OnceLock::new(),
+            }));
+            cursor
+        };
+        // Not under the ring's lock: a subscriber woken here takes that lock at once.
+        self.shared.signal.send_modify(|_| {});
+        cursor
+    }
+
+    /// Ends every following subscription once it has read what is buffered (keeld is
+    /// stopping: long-lived streams must not hold the shutdown up). Events published
+    /// afterwards are still kept, for non-following reads.
+    pub fn close(&self) {
+        self.shared.signal.send_modify(|s| s.closed = true);
+    }
+
+    /// A reader starting at `from`. `follow`: wait for new events (until [`close`]);
+    /// otherwise end after the events published before this call.
+    ///
+    /// [`close`]: EventBus::close
+    pub fn subscribe(
+        &self,
+        from: Resume,
+        follow: bool,
+        kinds: Option<Vec<Kind>>,
+    ) -> Result<Subscription, TooManyFollowers> {
+        let follower = if follow {
+            Some(FollowerSlot::take(&self.shared)?)
+        } else {
+            None
+        };
+        let latest = self.latest();
+        let (after, leading) = match from {
+            Resume::Start => (0, None),
+            Resume::After { stream, cursor } => {
+                let foreign = stream.as_deref().is_some_and(|s| s != self.stream());
+                // A cursor this stream never gave was given by another keeld start.
+                if foreign || cursor > latest {
+                    (0, Some(self.new_stream_gap()))
+                } else {
+                    (cursor, None)
+                }
+            }
+        };
+        Ok(Subscription {
+            bus: self.clone(),
+            signal: self.shared.signal.subscribe(),
+            after,
+            until: (!follow).then_some(latest),
+            leading,
+            kinds,
+            _follower: follower,
+        })
+    }
+
+    fn new_stream_gap(&self) -> Gap {
+        Gap {
+            cursor: 0,
+            stream: self.shared.stream.clone(),
+            time: crate::store::now_rfc3339(),
+            kind: Kind::Gap,
+            reason: GapReason::NewStream,
+            first_lost: None,
+            last_lost: None,
+            lost: None,
+        }
+    }
+
+    fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
+        // Every change under this lock is a push and a pop: a panic cannot leave the
+        // ring half changed, so a poisoned lock is safe to use.
+        self.shared
+            .ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Copies out the events after cursor `after` (at most [`MAX_READ`], none beyond
+    /// `until`); answers the lost cursors `(first, last)` when the oldest kept event is
+    /// past `after + 1`.
+    fn read(
+        &self,
+        after: u64,
+        until: Option<u64>,
+        out: &mut Vec<Arc<Event>>,
+    ) -> Option<(u64, u64)> {
+        let ring = self.ring();
+        let oldest = ring.events.front().map_or(ring.next, |e| e.cursor);
+        let mut from = after + 1;
+        let limit = until.unwrap_or(u64::MAX);
+        let gap = (from < oldest && from <= limit).then(|| {
+            let lost = (from, (oldest - 1).min(limit));
+            from = oldest;
+            lost
+        });
+        let skip = usize::try_from(from - oldest).unwrap_or(usize::MAX);
+        if skip < ring.events.len() {
+            out.extend(
+                ring.events
+                    .range(skip..)
+                    .take_while(|e| e.cursor <= limit)
+                    .take(MAX_READ)
+                    .cloned(),
+            );
+        }
+        gap
+    }
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// With the oldest event kept.
+    Start,
+    /// After `cursor` of `stream` (this keeld's if `None`).
+    After { stream: Option<String>, cursor: u64 },
+}
+
+/// [`MAX_FOLLOWERS`] subscribers follow already.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("{MAX_FOLLOWERS} clients follow the event stream already; try again later")]
+pub struct TooManyFollowers;
+
+/// A following subscriber's place, given back when the subscription is dropped.
+#[derive(Debug)]
+struct FollowerSlot(Arc<Shared>);
+
+impl FollowerSlot {
+    fn take(shared: &Arc<Shared>) -> Result<FollowerSlot, TooManyFollowers> {
+        shared
+            .followers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_FOLLOWERS).then_some(n + 1)
+            })
+            .map(|_| FollowerSlot(shared.clone()))
+            .map_err(|_| TooManyFollowers)
+    }
+}
+
+impl Drop for FollowerSlot {
+    fn drop(&mut self) {
+        self.0.followers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One reader's position in the stream.
+#[derive(Debug)]
+pub struct Subscription {
+    bus: EventBus,
+    signal: watch::Receiver<Signal>,
+    /// The last cursor handed out (or skipped by the filter, or lost).
+    after: u64,
+    /// Not following: the newest cursor to hand out.
+    until: Option<u64>,
+    /// A gap to hand out first (a resume from another stream).
+    leading: Option<Gap>,
+    kinds: Option<Vec<Kind>>,
+    _follower: Option<FollowerSlot>,
+}
+
+impl Subscription {
+    /// The next items, in cursor order, as soon as there are any; `None` once the
+    /// subscription is over (not following: everything up to the start was read;
+    /// following: the bus was closed and everything buffered was read).
+    pub async fn next_batch(&mut self) -> Option<Vec<Item>> {
+        let mut events = Vec::new();
+        loop {
+            let mut items: Vec<Item> = self.leading.take().map(Item::Gap).into_iter().collect();
+            // Marked seen before reading: a publish from here on wakes `changed`.
+            let closed = self.signal.borrow_and_update().closed;
+            events.clear();
+            if let Some((first, last)) = self.bus.read(self.after, self.until, &mut events) {
+                items.push(Item::Gap(Gap {
+                    cursor: last,
+                    stream: self.bus.shared.stream.clone(),
+                    time: crate::store::now_rfc3339(),
+                    kind: Kind::Gap,
+                    reason: GapReason::FellBehind,
+                    first_lost: Some(first),
+                    last_lost: Some(last),
+                    lost: Some(last - first + 1),
+                }));
+                self.after = last;
+            }
+            let full = events.len() == MAX_READ;
+            for event in events.drain(..) {
+                self.after = event.cursor;
+                if self.wants(event.kind()) {
+                    items.push(Item::Event(event));
+                }
+            }
+            if !items.is_empty() {
+                return Some(items);
+            }
+            if full {
+                // All filtered out, and there is more to read.
+                continue;
+            }
+            if self.until.is_some() || closed {
+                return None;
+            }
+            self.signal.changed().await.ok()?;
+        }
+    }
+
+    fn wants(&self, kind: Kind) -> bool {
+        self.kinds.as_ref().is_none_or(|k| k.contains(&kind))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,313 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::*;
+
+fn update(n: u64) -> EventBody {
+    EventBody::Update(UpdateEvent::new(format!("s{n}"), None, json!(n)))
+}
+
+fn lines(items: &[Item]) -> Vec<Value> {
+    items
+        .iter()
+        .map(|i| serde_json::from_slice(&i.line()).expect("JSON line"))
+        .collect()
+}
+
+/// Everything a non-following subscription hands out.
+async fn drain(mut sub: Subscription) -> Vec<Item> {
+    let mut all = Vec::new();
+    while let Some(batch) = sub.next_batch().await {
+        all.extend(batch);
+    }
+    all
+}
+
+fn cursors(items: &[Item]) -> Vec<u64> {
+    items.iter().map(Item::cursor).collect()
+}
+
+#[tokio::test]
+async fn cursors_count_from_one_and_the_ring_keeps_the_newest() {
+    let bus = EventBus::new(4);
+    assert_eq!(bus.latest(), 0);
+    for n in 1..=10 {
+        assert_eq!(bus.publish(update(n)), n);
+    }
+    assert_eq!(bus.latest(), 10);
+    // From the start: the first six went round the ring, and the reader is told.
+    let items = drain(bus.subscribe(Resume::Start, false, None).unwrap()).await;
+    let json = lines(&items);
+    assert_eq!(json[0]["kind"], "gap");
+    assert_eq!(json[0]["reason"], "fell-behind");
+    assert_eq!(json[0]["first-lost"], 1);
+    assert_eq!(json[0]["last-lost"], 6);
+    assert_eq!(json[0]["lost"], 6);
+    assert_eq!(
+        json[0]["cursor"], 6,
+        "resuming after the gap continues behind it"
+    );
+    assert_eq!(cursors(&items[1..]), vec![7, 8, 9, 10]);
+    // From a cursor still held: exactly what followed, no gap.
+    let after = Resume::After {
+        stream: Some(bus.stream().to_owned()),
+        cursor: 8,
+    };
+    let items = drain(bus.subscribe(after, false, None).unwrap()).await;
+    assert_eq!(cursors(&items), vec![9, 10]);
+    // From the newest: nothing.
+    let after = Resume::After {
+        stream: None,
+        cursor: 10,
+    };
+    assert!(drain(bus.subscribe(after, false, None).unwrap())
+        .await
+        .is_empty());
+}
+
+#[tokio::test]
+async fn an_empty_ring_has_nothing_and_no_gap() {
+    let bus = EventBus::new(3);
+    assert!(drain(bus.subscribe(Resume::Start, false, None).unwrap())
+        .await
+        .is_empty());
+}
+
+#[tokio::test]
+async fn the_envelope_and_a_body_share_one_json_object() {
+    let bus = EventBus::new(8);
+    bus.publish(EventBody::Commit(CommitEvent {
+        generation: 7,
+        tx: "apiclient-set-x".into(),
+        changed_keys: vec!["settings.motd".into()],
+        caller: crate::store::Caller {
+            uid: 0,
+            gid: 0,
+            pid: 42,
+            comm: "apiclient".into(),
+        },
+        rollback_of: None,
+    }));
+    let items = drain(bus.subscribe(Resume::Start, false, None).unwrap()).await;
+    let line = items[0].line();
+    assert!(line.ends_with(b"\n") && !line[..line.len() - 1].contains(&b'\n'));
+    let json = &lines(&items)[0];
+    assert_eq!(json["cursor"], 1);
+    assert_eq!(json["stream"], bus.stream());
+    assert_eq!(json["kind"], "commit");
+    assert_eq!(json["generation"], 7);
+    assert_eq!(json["tx"], "apiclient-set-x");
+    assert_eq!(json["changed-keys"], json!(["settings.motd"]));
+    assert_eq!(json["caller"]["pid"], 42);
+    assert!(json.get("rollback-of").is_none());
+    assert!(json["time"].as_str().unwrap().ends_with('Z'));
+}
+
+#[tokio::test]
+async fn a_reader_from_another_stream_is_told_and_starts_over() {
+    let bus = EventBus::new(8);
+    for n in 1..=3 {
+        bus.publish(update(n));
+    }
+    for from in [
+        Resume::After {
+            stream: Some("0123".into()),
+            cursor: 2,
+        },
+        // A cursor this stream never gave: from an earlier keeld.
+        Resume::After {
+            stream: None,
+            cursor: 99,
+        },
+    ] {
+        let items = drain(bus.subscribe(from, false, None).unwrap()).await;
+        let json = lines(&items);
+        assert_eq!(json[0]["kind"], "gap");
+        assert_eq!(json[0]["reason"], "new-stream");
+        assert_eq!(json[0]["cursor"], 0);
+        assert_eq!(json[0]["lost"], Value::Null);
+        assert_eq!(cursors(&items[1..]), vec![1, 2, 3]);
+    }
+}
+
+#[tokio::test]
+async fn a_filter_skips_other_kinds_but_never_gaps() {
+    let bus = EventBus::new(2);
+    bus.publish(update(1));
+    bus.publish(EventBody::BootPhase(BootPhaseEvent {
+        boot_id: "b".into(),
+        from: None,
+        to: crate::boot::status::BootPhase::Configured,
+        reason: None,
+    }));
+    bus.publish(update(3));
+    let items = drain(
+        bus.subscribe(Resume::Start, false, Some(vec![Kind::BootPhase]))
+            .unwrap(),
+    )
+    .await;
+    let json = lines(&items);
+    assert_eq!(json.len(), 2, "{json:?}");
+    assert_eq!(json[0]["kind"], "gap");
+    assert_eq!(json[1]["kind"], "boot-phase");
+    assert_eq!(json[1]["to"], "configured");
+}
+
+#[tokio::test]
+async fn a_filtered_reader_reads_past_a_full_batch_of_other_kinds() {
+    let bus = EventBus::new(2 * MAX_READ);
+    for n in 0..(MAX_READ as u64 + 10) {
+        bus.publish(update(n));
+    }
+    bus.publish(EventBody::BootPhase(BootPhaseEvent {
+        boot_id: "b".into(),
+        from: None,
+        to: crate::boot::status::BootPhase::Apply,
+        reason: None,
+    }));
+    let items = drain(
+        bus.subscribe(Resume::Start, false, Some(vec![Kind::BootPhase]))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(cursors(&items), vec![MAX_READ as u64 + 11]);
+}
+
+#[tokio::test]
+async fn a_reader_that_does_not_follow_stops_at_what_was_there() {
+    let bus = EventBus::new(8);
+    bus.publish(update(1));
+    let mut sub = bus.subscribe(Resume::Start, false, None).unwrap();
+    bus.publish(update(2));
+    assert_eq!(cursors(&sub.next_batch().await.unwrap()), vec![1]);
+    assert!(sub.next_batch().await.is_none());
+}
+
+#[tokio::test]
+async fn a_follower_wakes_for_new_events_and_ends_on_close() {
+    let bus = EventBus::new(8);
+    let mut sub = bus.subscribe(Resume::Start, true, None).unwrap();
+    let waiting = tokio::spawn(async move {
+        let first = sub.next_batch().await;
+        let rest = sub.next_batch().await;
+        let end = sub.next_batch().await;
+        (first, rest, end)
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!waiting.is_finished(), "nothing to read yet");
+    bus.publish(update(1));
+    // Published, then closed at once: the follower reads it before it ends.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    bus.publish(update(2));
+    bus.close();
+    let (first, rest, end) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the follower ended")
+        .unwrap();
+    assert_eq!(cursors(&first.unwrap()), vec![1]);
+    assert_eq!(cursors(&rest.unwrap()), vec![2]);
+    assert!(end.is_none());
+}
+
+#[tokio::test]
+async fn a_slow_follower_gets_a_gap_never_a_silent_hole() {
+    let bus = EventBus::new(4);
+    let mut sub = bus.subscribe(Resume::Start, true, None).unwrap();
+    bus.publish(update(1));
+    assert_eq!(cursors(&sub.next_batch().await.unwrap()), vec![1]);
+    // The reader sleeps while ten more go by.
+    for n in 2..=11 {
+        bus.publish(update(n));
+    }
+    let batch = sub.next_batch().await.unwrap();
+    let json = lines(&batch);
+    assert_eq!(json[0]["kind"], "gap");
+    assert_eq!(
+        (json[0]["first-lost"].clone(), json[0]["last-lost"].clone()),
+        (json!(2), json!(7))
+    );
+    assert_eq!(cursors(&batch[1..]), vec![8, 9, 10, 11]);
+}
+
+#[tokio::test]
+async fn followers_are_bounded_and_give_their_place_back() {
+    let bus = EventBus::new(4);
+    let held: Vec<Subscription> = (0..MAX_FOLLOWERS)
+        .map(|_| bus.subscribe(Resume::Start, true, None).unwrap())
+        .collect();
+    assert!(bus.subscribe(Resume::Start, true, None).is_err());
+    // Reading without following is always possible.
+    assert!(bus.subscribe(Resume::Start, false, None).is_ok());
+    drop(held);
+    assert!(bus.subscribe(Resume::Start, true, None).is_ok());
+}
+
+/// Many publishers at once, on threads, against followers reading on the runtime: every
+/// cursor is handed out once, each follower sees them in order, each either as an event
+/// or inside a gap, and never anything twice.
+#[test]
+fn concurrent_publishers_give_every_follower_each_cursor_once_in_order() {
+    const PUBLISHERS: u64 = 8;
+    const EACH: u64 = 2000;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let bus = EventBus::new(64);
+    let followers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut sub = bus.subscribe(Resume::Start, true, None).unwrap();
+            runtime.spawn(async move {
+                let mut next = 1;
+                let (mut seen, mut lost) = (0u64, 0u64);
+                while let Some(batch) = sub.next_batch().await {
+                    for item in batch {
+                        match item {
+                            Item::Event(e) => {
+                                assert_eq!(e.cursor, next, "in order, none twice, no hole");
+                                seen += 1;
+                                next += 1;
+                            }
+                            Item::Gap(g) => {
+                                assert_eq!(g.first_lost, Some(next));
+                                let last = g.last_lost.unwrap();
+                                lost += last - next + 1;
+                                next = last + 1;
+                            }
+                        }
+                    }
+                }
+                (seen, lost, next - 1)
+            })
+        })
+        .collect();
+    let threads: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let bus = bus.clone();
+            std::thread::spawn(move || {
+                let mut mine = Vec::new();
+                for n in 0..EACH {
+                    mine.push(bus.publish(update(p * EACH + n)));
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut given: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    given.sort_unstable();
+    let total = PUBLISHERS * EACH;
+    assert_eq!(given, (1..=total).collect::<Vec<_>>(), "each cursor once");
+    bus.close();
+    for follower in followers {
+        let (seen, lost, last) = runtime.block_on(follower).unwrap();
+        assert_eq!(last, total);
+        assert_eq!(seen + lost, total);
+    }
+}
