@@ -21,6 +21,26 @@ pub struct Client {
     socket_path: PathBuf,
 }
 
+/// A 2xx answer whose body is read as it arrives (`GET /events?follow=true`).
+#[derive(Debug)]
+pub struct Streaming {
+    pub headers: HeaderMap,
+    body: hyper::body::Incoming,
+}
+
+impl Streaming {
+    /// The next piece of the body as the server sent it; `None` at its end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, ClientError> {
+        while let Some(frame) = self.body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                return Ok(Some(data));
+            }
+            // A trailers frame: not data, read on.
+        }
+        Ok(None)
+    }
+}
+
 /// An answer from the API, whatever its status.
 #[derive(Debug, Clone, Default)]
 pub struct Response {
@@ -77,6 +97,44 @@ impl Client {
         uri: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Response, ClientError> {
+        let answer = self.send(method, uri, body).await?;
+        let status = answer.status().as_u16();
+        let (parts, body) = answer.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Response {
+            status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// `GET uri`, requiring a 2xx answer whose body is then read piece by piece as the
+    /// server sends it (a stream that may stay open).
+    pub async fn stream(&self, uri: &str) -> Result<Streaming, ClientError> {
+        let answer = self.send(Method::GET, uri, None).await?;
+        let (parts, body) = answer.into_parts();
+        if parts.status.is_success() {
+            return Ok(Streaming {
+                headers: parts.headers,
+                body,
+            });
+        }
+        let body = body.collect().await?.to_bytes();
+        Err(ClientError::Status {
+            code: parts.status.as_u16(),
+            method: Method::GET.as_str().to_owned(),
+            uri: uri.to_owned(),
+            body: String::from_utf8_lossy(&body).trim_end().to_owned(),
+        })
+    }
+
+    /// Sends one request on a new connection; answers the head, with the body unread.
+    async fn send(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, ClientError> {
         let request = build_request(method, uri, body)?;
         let stream = UnixStream::connect(&self.socket_path)
             .await
@@ -89,15 +147,7 @@ impl Client {
         // The connection future drives the socket; it ends once `sender` is dropped and
         // the exchange is over. Its own error, if any, also surfaces through `sender`.
         tokio::spawn(connection);
-        let answer = sender.send_request(request).await?;
-        let status = answer.status().as_u16();
-        let (parts, body) = answer.into_parts();
-        let body = body.collect().await?.to_bytes();
-        Ok(Response {
-            status,
-            headers: parts.headers,
-            body,
-        })
+        Ok(sender.send_request(request).await?)
     }
 
     /// Like [`Client::request`], but a non-2xx answer becomes [`ClientError::Status`].

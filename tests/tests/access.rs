@@ -128,6 +128,7 @@ fn outsiders_get_403_on_every_endpoint_and_the_group_is_let_in() {
         &["raw", "-u", "/boot"],
         &["raw", "-u", "/containers"],
         &["raw", "-u", "/containers/admin/logs"],
+        &["raw", "-u", "/events?follow=true"],
         &["raw", "-u", "/apply/log"],
         &["raw", "-u", "/tx?tx=x"],
         &["raw", "-m", "DELETE", "-u", "/tx?tx=x"],
@@ -153,6 +154,8 @@ fn outsiders_get_403_on_every_endpoint_and_the_group_is_let_in() {
         &["set", "motd=pwned"],
         &["boot", "status"],
         &["containers"],
+        &["events"],
+        &["events", "--follow"],
     ];
     for args in requests {
         let out = apiclient_as(&keeld, NOBODY, NOBODY, args);

@@ -9,6 +9,21 @@ use crate::boot::status::BootPhase;
 use crate::containers::status::{ContainerKind, RunState};
 use crate::store::Caller;
 
+/// Most keys an event lists (a commit's changed keys, an apply's keys): an event stays
+/// small whatever the commit (the ring holds thousands), and the rest are counted; the
+/// whole list is in `GET /history` (by generation) or `GET /apply/log` (by id).
+pub const MAX_KEYS: usize = 64;
+
+/// The first [`MAX_KEYS`] of `keys`, and how many more there are.
+fn first_keys(keys: &[String]) -> (Vec<String>, usize) {
+    let shown = keys.iter().take(MAX_KEYS).cloned().collect();
+    (shown, keys.len().saturating_sub(MAX_KEYS))
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 /// The kind of an event, as the `kind` field and the `kinds=` filter name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -78,7 +93,11 @@ pub struct CommitEvent {
     pub generation: u64,
     /// The transaction committed (`rollback-to-<N>` for a rollback).
     pub tx: String,
+    /// The keys whose values changed, sorted; at most [`MAX_KEYS`].
     pub changed_keys: Vec<String>,
+    /// How many more changed (not listed); absent when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub changed_keys_omitted: usize,
     /// Who asked (the API caller's `SO_PEERCRED`; keeld itself for the boot's commits).
     pub caller: Caller,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -88,10 +107,12 @@ pub struct CommitEvent {
 impl CommitEvent {
     /// The event of `generation` (its settings are not carried: only what changed).
     pub fn of(generation: &crate::store::Generation) -> CommitEvent {
+        let (changed_keys, changed_keys_omitted) = first_keys(&generation.changed_keys);
         CommitEvent {
             generation: generation.generation,
             tx: generation.tx.clone(),
-            changed_keys: generation.changed_keys.clone(),
+            changed_keys,
+            changed_keys_omitted,
             caller: generation.caller.clone(),
             rollback_of: generation.rollback_of,
         }
@@ -106,8 +127,11 @@ pub struct ApplyEvent {
     pub id: u64,
     /// The live generation the apply rendered.
     pub generation: u64,
-    /// The keys it applied (`settings` for everything).
+    /// The keys it applied (`settings` for everything); at most [`MAX_KEYS`].
     pub keys: Vec<String>,
+    /// How many more it applied (not listed); absent when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub keys_omitted: usize,
     /// The services it affected.
     pub services: Vec<String>,
     pub files: Vec<ApplyFile>,
@@ -144,10 +168,12 @@ pub struct ApplyCommand {
 impl ApplyEvent {
     /// The event of `report`, an apply of generation `generation`.
     pub fn of(report: &crate::apply::ApplyReport, generation: u64) -> ApplyEvent {
+        let (keys, keys_omitted) = first_keys(&report.keys);
         ApplyEvent {
             id: report.id,
             generation,
-            keys: report.keys.clone(),
+            keys,
+            keys_omitted,
             services: report.services.keys().cloned().collect(),
             files: report
                 .files

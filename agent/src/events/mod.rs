@@ -30,13 +30,14 @@ pub use kinds::{
 };
 
 /// Events kept when keeld is not told otherwise (`--event-buffer`). Events are small (a
-/// commit's is its keys and caller; an apply's its files and commands, without their
-/// output): a few MiB at most.
+/// commit's is at most [`kinds::MAX_KEYS`] keys and its caller; an apply's its files and
+/// commands, without their output): typically a few hundred bytes, so about a MiB.
 pub const DEFAULT_CAPACITY: usize = 4096;
 
 /// Most events one read hands out: bounds the time a reader holds the ring's lock and
-/// the size of one chunk written to a client.
-const MAX_READ: usize = 256;
+/// the size of one chunk written to a client (events are at most a few KiB: see
+/// [`kinds::MAX_KEYS`]).
+const MAX_READ: usize = 64;
 
 /// Most subscribers following at once. Each holds one of the API's connections
 /// (`api::server::MAX_CONNECTIONS`); half of them stay for everything else.

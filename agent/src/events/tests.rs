@@ -83,6 +83,7 @@ async fn the_envelope_and_a_body_share_one_json_object() {
         generation: 7,
         tx: "apiclient-set-x".into(),
         changed_keys: vec!["settings.motd".into()],
+        changed_keys_omitted: 0,
         caller: crate::store::Caller {
             uid: 0,
             gid: 0,
@@ -103,6 +104,7 @@ async fn the_envelope_and_a_body_share_one_json_object() {
     assert_eq!(json["changed-keys"], json!(["settings.motd"]));
     assert_eq!(json["caller"]["pid"], 42);
     assert!(json.get("rollback-of").is_none());
+    assert!(json.get("changed-keys-omitted").is_none());
     assert!(json["time"].as_str().unwrap().ends_with('Z'));
 }
 
@@ -310,4 +312,25 @@ fn concurrent_publishers_give_every_follower_each_cursor_once_in_order() {
         assert_eq!(last, total);
         assert_eq!(seen + lost, total);
     }
+}
+
+#[test]
+fn a_commit_event_lists_so_many_keys_and_counts_the_rest() {
+    let generation = crate::store::Generation {
+        generation: 3,
+        time: String::new(),
+        tx: "t".into(),
+        tx_id: None,
+        caller: crate::store::Caller::keeld(),
+        changed_keys: (0..100).map(|n| format!("settings.k{n:03}")).collect(),
+        rollback_of: Some(1),
+        settings: Default::default(),
+    };
+    let event = CommitEvent::of(&generation);
+    assert_eq!(event.changed_keys.len(), kinds::MAX_KEYS);
+    assert_eq!(event.changed_keys[0], "settings.k000");
+    assert_eq!(event.changed_keys_omitted, 100 - kinds::MAX_KEYS);
+    let json = serde_json::to_value(EventBody::Commit(event)).unwrap();
+    assert_eq!(json["changed-keys-omitted"], 100 - kinds::MAX_KEYS);
+    assert_eq!(json["rollback-of"], 1);
 }

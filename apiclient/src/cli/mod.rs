@@ -2,8 +2,8 @@
 //! subcommand. Owns the exit-code contract: commands return an [`Output`] to print or a
 //! [`CliError`] to show on stderr, whose [`CliError::exit_code`] is the exit status;
 //! `main.rs` only prints and exits. Commands print nothing themselves, except what
-//! streams while they run (`logs --follow`, `boot wait`'s progress on a terminal,
-//! `raw -v`'s status line).
+//! streams while they run (`logs --follow`, `events`, `boot wait`'s progress on a
+//! terminal, `raw -v`'s status line).
 //!
 //! Bottlerocket's command lines parse unchanged: `raw` is the default subcommand
 //! (`apiclient -u /settings`), `-s/--socket-path`, `-v/--verbose` and `--log-level` are
@@ -25,6 +25,7 @@ pub mod bottlerocket_only;
 pub mod color;
 pub mod completions;
 pub mod containers;
+pub mod events;
 pub mod exec;
 pub mod get;
 pub mod history;
@@ -166,6 +167,7 @@ pub enum Command {
     Exec(exec::ExecArgs),
     /// Checks for, applies and cancels image updates (Bottlerocket's update API)
     Update(update::UpdateArgs),
+    Events(events::EventsArgs),
 }
 
 /// What a successful command prints on stdout.
@@ -292,6 +294,7 @@ pub async fn run(cli: Cli) -> Result<Output, CliError> {
         Command::EphemeralStorage(args) => Err(bottlerocket_only::ephemeral_storage(args)),
         Command::Exec(args) => exec::run(&client, args).await,
         Command::Update(args) => update::run(&client, args).await,
+        Command::Events(args) => events::run(&client, args, &mut std::io::stdout()).await,
     }
 }
 
