@@ -233,6 +233,11 @@ struct Latency {
     /// Commit answered → the event read by every follower (0 when all had it before the
     /// answer arrived).
     after_answer_p99: Duration,
+    /// The first follower's read → the last one's: the fan-out to all followers once
+    /// keeld has published (the first read is as close to the publication as a client
+    /// can see).
+    spread_p50: Duration,
+    spread_p99: Duration,
 }
 
 /// Sequential commits, each timed from the request to its event at all followers.
@@ -254,10 +259,13 @@ async fn latency_run(socket: &Path, commits: usize) -> Latency {
     let mut all = Vec::with_capacity(commits);
     let mut each = Vec::with_capacity(commits * FOLLOWERS);
     let mut after_answer = Vec::with_capacity(commits);
+    let mut spread = Vec::with_capacity(commits);
     for n in 0..commits {
         // Index 0 is the probe.
         let times: Vec<Instant> = per_follower.iter().map(|seen| seen[n + 1]).collect();
         let last = *times.iter().max().unwrap();
+        let first = *times.iter().min().unwrap();
+        spread.push(last - first);
         all.push(last - sent[n]);
         each.extend(times.iter().map(|t| *t - sent[n]));
         after_answer.push(last.saturating_duration_since(answered[n]));
@@ -268,6 +276,7 @@ async fn latency_run(socket: &Path, commits: usize) -> Latency {
     all.sort_unstable();
     each.sort_unstable();
     after_answer.sort_unstable();
+    spread.sort_unstable();
     Latency {
         commits,
         commit_p50: percentile(&commit_times, 50.0),
@@ -277,6 +286,8 @@ async fn latency_run(socket: &Path, commits: usize) -> Latency {
         all_max: all.last().copied().unwrap_or_default(),
         each_p99: percentile(&each, 99.0),
         after_answer_p99: percentile(&after_answer, 99.0),
+        spread_p50: percentile(&spread, 50.0),
+        spread_p99: percentile(&spread, 99.0),
     }
 }
 
@@ -312,16 +323,83 @@ async fn throughput(socket: &Path, secs: f64) -> f64 {
     total as f64 / start.elapsed().as_secs_f64()
 }
 
+/// CPU time (user + system, all threads) of process `pid` so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // After the command name (which may hold spaces): utime is the 12th field, stime the
+    // 13th, in clock ticks.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    Duration::from_secs_f64(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
+/// What the throughput runs of one mode measured.
+#[derive(Default)]
+struct Mode {
+    rates: Vec<f64>,
+    /// keeld's and this process's CPU time per commit, each run.
+    keeld_cpu: Vec<Duration>,
+    bench_cpu: Vec<Duration>,
+}
+
+impl Mode {
+    async fn run(&mut self, socket: &Path, keeld: u32, secs: f64) {
+        let (k, b) = (cpu_time(keeld), cpu_time(std::process::id()));
+        let before = newest_cursor(socket);
+        let rate = throughput(socket, secs).await;
+        let made = u32::try_from(newest_cursor(socket) - before)
+            .unwrap_or(u32::MAX)
+            .max(1);
+        self.keeld_cpu.push((cpu_time(keeld) - k) / made);
+        self.bench_cpu
+            .push((cpu_time(std::process::id()) - b) / made);
+        self.rates.push(rate);
+    }
+
+    fn rate(&self) -> f64 {
+        median(&self.rates)
+    }
+
+    fn keeld_us(&self) -> f64 {
+        median(
+            &self
+                .keeld_cpu
+                .iter()
+                .map(|d| d.as_secs_f64() * 1e6)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn bench_us(&self) -> f64 {
+        median(
+            &self
+                .bench_cpu
+                .iter()
+                .map(|d| d.as_secs_f64() * 1e6)
+                .collect::<Vec<_>>(),
+        )
+    }
+}
+
 /// Commit throughput with no follower and with `FOLLOWERS`, alternating, `rounds` times
-/// each; answers the rates and whether every follower read every commit.
-async fn throughput_runs(socket: &Path, secs: f64, rounds: usize) -> (Vec<f64>, Vec<f64>, bool) {
-    let (mut none, mut with) = (Vec::new(), Vec::new());
+/// each; answers both modes and whether every follower read every commit.
+async fn throughput_runs(
+    socket: &Path,
+    keeld: u32,
+    secs: f64,
+    rounds: usize,
+) -> (Mode, Mode, bool) {
+    let (mut none, mut with) = (Mode::default(), Mode::default());
     let mut complete = true;
     for _ in 0..rounds {
-        none.push(throughput(socket, secs).await);
+        none.run(socket, keeld, secs).await;
         let followers = Followers::attach(socket).await;
         let before = newest_cursor(socket);
-        with.push(throughput(socket, secs).await);
+        with.run(socket, keeld, secs).await;
         let made = newest_cursor(socket) - before;
         // Each follower must have read them all (it follows commits only).
         complete &= followers.wait_for(1 + made as usize).await;
@@ -356,9 +434,9 @@ fn main() {
     let socket = keeld.socket.clone();
     let latency = runtime.block_on(latency_run(&socket, commits));
     let rounds = 3;
-    let (none, with, complete) = runtime.block_on(throughput_runs(&socket, secs, rounds));
-    let (none_median, with_median) = (median(&none), median(&with));
-    let ratio = with_median / none_median;
+    let (none, with, complete) =
+        runtime.block_on(throughput_runs(&socket, keeld.pid(), secs, rounds));
+    let ratio = with.rate() / none.rate();
 
     println!();
     println!(
@@ -390,24 +468,26 @@ fn main() {
         "  commit answered -> event at all          p99 {:>7.3} ms",
         ms(latency.after_answer_p99)
     );
+    println!(
+        "  first follower -> all {FOLLOWERS} (fan-out)       p50 {:>7.3} ms   p99 {:>7.3} ms",
+        ms(latency.spread_p50),
+        ms(latency.spread_p99)
+    );
     println!();
     println!("commit throughput, {COMMITTERS} committing clients, {secs} s per run, {rounds} runs each, alternating:");
-    println!(
-        "  no follower          {:>8.0} commits/s   (runs: {})",
-        none_median,
-        none.iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!(
-        "  {FOLLOWERS} followers        {:>8.0} commits/s   (runs: {})",
-        with_median,
-        with.iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    for (label, mode) in [("no follower", &none), ("100 followers", &with)] {
+        println!(
+            "  {label:<15} {:>8.0} commits/s   CPU per commit: keeld {:>6.1} µs, this process {:>6.1} µs   (runs: {})",
+            mode.rate(),
+            mode.keeld_us(),
+            mode.bench_us(),
+            mode.rates
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     println!(
         "  ratio                {:>8.3}   (goal >= 0.9); every follower read every commit: {complete}",
         ratio
@@ -425,8 +505,14 @@ fn main() {
             "event_all_max_ms": ms(latency.all_max),
             "event_each_p99_ms": ms(latency.each_p99),
             "event_after_answer_p99_ms": ms(latency.after_answer_p99),
-            "throughput_none": none,
-            "throughput_followers": with,
+            "fanout_p50_ms": ms(latency.spread_p50),
+            "fanout_p99_ms": ms(latency.spread_p99),
+            "throughput_none": none.rates,
+            "throughput_followers": with.rates,
+            "keeld_cpu_us_per_commit_none": none.keeld_us(),
+            "keeld_cpu_us_per_commit_followers": with.keeld_us(),
+            "bench_cpu_us_per_commit_none": none.bench_us(),
+            "bench_cpu_us_per_commit_followers": with.bench_us(),
             "throughput_ratio": ratio,
             "followers_complete": complete,
         })

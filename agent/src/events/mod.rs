@@ -8,8 +8,9 @@
 //!
 //! Publishers (the store's writer for commits, the applier, the container status board,
 //! the boot tracker, and the updates API) call [`EventBus::publish`]. It never waits for
-//! a reader: it takes one short lock that readers hold only to copy out pointers,
-//! pushes, drops the oldest event when the ring is full, and wakes subscribers. A reader
+//! a reader: it takes one short write lock (readers hold the lock only to copy out
+//! pointers), pushes, drops the oldest event when the ring is full, and wakes
+//! subscribers. A reader
 //! ([`Subscription`]) that fell behind the ring gets a [`Gap`] naming the cursors it lost,
 //! never a silent hole. Must not do I/O nor serialize on the publisher's path (an event's
 //! JSON is made once, by its first reader).
@@ -18,7 +19,7 @@ pub mod kinds;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -146,7 +147,9 @@ pub struct EventBus {
 struct Shared {
     stream: Arc<str>,
     capacity: usize,
-    ring: Mutex<Ring>,
+    /// Written by publishers, read by every follower at once (an `RwLock`: a hundred
+    /// followers woken by one publish copy out side by side).
+    ring: RwLock<Ring>,
     /// Wakes subscribers: changed on every publish and on close.
     signal: watch::Sender<Signal>,
     followers: AtomicUsize,
@@ -180,7 +183,7 @@ impl EventBus {
             shared: Arc::new(Shared {
                 stream: Arc::from(format!("{:032x}", rand::random::<u128>())),
                 capacity,
-                ring: Mutex::new(Ring {
+                ring: RwLock::new(Ring {
                     events: VecDeque::with_capacity(capacity.min(DEFAULT_CAPACITY)),
                     next: 1,
                 }),
@@ -202,31 +205,47 @@ impl EventBus {
 
     /// The newest cursor given (0 before the first event).
     pub fn latest(&self) -> u64 {
-        self.ring().next - 1
+        self.read_ring().next - 1
     }
 
     /// Publishes `body` as the next event; answers its cursor. Never waits for readers.
     pub fn publish(&self, body: EventBody) -> u64 {
+        self.publish_all([body])
+    }
+
+    /// Publishes `bodies` as consecutive events and wakes the readers once (a batch of
+    /// commits: one wake-up per follower, not one per commit); answers the last cursor
+    /// (the newest one before, if `bodies` is empty).
+    pub fn publish_all(&self, bodies: impl IntoIterator<Item = EventBody>) -> u64 {
         let time = crate::store::now_rfc3339();
-        let cursor = {
-            let mut ring = self.ring();
-            let cursor = ring.next;
-            ring.next += 1;
-            if ring.events.len() == self.shared.capacity {
-                ring.events.pop_front();
+        let (last, published) = {
+            let mut ring = self
+                .shared
+                .ring
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let before = ring.next;
+            for body in bodies {
+                let cursor = ring.next;
+                ring.next += 1;
+                if ring.events.len() == self.shared.capacity {
+                    ring.events.pop_front();
+                }
+                ring.events.push_back(Arc::new(Event {
+                    cursor,
+                    stream: self.shared.stream.clone(),
+                    time: time.clone(),
+                    body,
+                    line: OnceLock::new(),
+                }));
             }
-            ring.events.push_back(Arc::new(Event {
-                cursor,
-                stream: self.shared.stream.clone(),
-                time,
-                body,
-                line: OnceLock::new(),
-            }));
-            cursor
+            (ring.next - 1, ring.next > before)
         };
-        // Not under the ring's lock: a subscriber woken here takes that lock at once.
-        self.shared.signal.send_modify(|_| {});
-        cursor
+        if published {
+            // Not under the ring's lock: a subscriber woken here takes that lock at once.
+            self.shared.signal.send_modify(|_| {});
+        }
+        last
     }
 
     /// Ends every following subscription once it has read what is buffered (keeld is
@@ -288,12 +307,12 @@ impl EventBus {
         }
     }
 
-    fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
+    fn read_ring(&self) -> std::sync::RwLockReadGuard<'_, Ring> {
         // Every change under this lock is a push and a pop: a panic cannot leave the
-        // ring half changed, so a poisoned lock is safe to use.
+        // ring half changed, so a poisoned lock is safe to use (and so in `publish_all`).
         self.shared
             .ring
-            .lock()
+            .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -306,7 +325,7 @@ impl EventBus {
         until: Option<u64>,
         out: &mut Vec<Arc<Event>>,
     ) -> Option<(u64, u64)> {
-        let ring = self.ring();
+        let ring = self.read_ring();
         let oldest = ring.events.front().map_or(ring.next, |e| e.cursor);
         let mut from = after + 1;
         let limit = until.unwrap_or(u64::MAX);

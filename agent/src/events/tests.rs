@@ -334,3 +334,14 @@ fn a_commit_event_lists_so_many_keys_and_counts_the_rest() {
     assert_eq!(json["changed-keys-omitted"], 100 - kinds::MAX_KEYS);
     assert_eq!(json["rollback-of"], 1);
 }
+
+#[tokio::test]
+async fn a_batch_gets_consecutive_cursors_and_one_wake_up() {
+    let bus = EventBus::new(8);
+    let mut sub = bus.subscribe(Resume::Start, true, None).unwrap();
+    assert_eq!(bus.publish_all([]), 0, "nothing published");
+    assert_eq!(bus.publish_all((1..=3).map(update)), 3);
+    assert_eq!(cursors(&sub.next_batch().await.unwrap()), vec![1, 2, 3]);
+    assert_eq!(bus.publish(update(4)), 4);
+    assert_eq!(cursors(&sub.next_batch().await.unwrap()), vec![4]);
+}

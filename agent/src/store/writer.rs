@@ -474,9 +474,7 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
             shared.store(Arc::new(work));
             // Durable and visible, not yet answered: a commit's event comes before
             // anything its caller does next (the apply that follows it).
-            for commit in made {
-                events.publish(EventBody::Commit(commit));
-            }
+            events.publish_all(made.into_iter().map(EventBody::Commit));
         }
         Some(e) => {
             pending_behind.names = dirty;
