@@ -183,4 +183,38 @@ fn the_contract_s_http_sequence() {
     // Nothing left to commit: 422, and the agent discards.
     let empty = keeld.raw("POST", &format!("/tx/commit_and_apply?tx={tx}"), None);
     assert_eq!(empty.status, 422, "{}", empty.text());
+
+    // "Watching the node": the commits and applies are in the event stream, with the
+    // changed keys, and resuming after the last cursor seen gives nothing twice.
+    let events = |query: &str| -> Vec<Value> {
+        let r = keeld.raw("GET", &format!("/events?{query}"), None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.text()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    let seen = events("kinds=commit,apply");
+    let commits: Vec<&Value> = seen
+        .iter()
+        .filter(|e| e["kind"] == "commit" && e["tx"] == tx)
+        .collect();
+    assert_eq!(commits.len(), 2, "{seen:#?}");
+    assert!(commits[0]["changed-keys"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("settings.kubernetes.node-labels.\"example.com/pool\"")));
+    let applied = seen
+        .iter()
+        .find(|e| e["kind"] == "apply" && e["generation"] == commits[0]["generation"])
+        .expect("the apply of the first commit");
+    assert_eq!(applied["success"], true);
+    let last = seen.last().unwrap();
+    let (cursor, stream) = (last["cursor"].clone(), last["stream"].as_str().unwrap());
+    assert!(events(&format!("since={cursor}&stream={stream}&kinds=commit,apply")).is_empty());
+    // A cursor from another keeld start: an explicit gap, never a silent hole.
+    let other = "0".repeat(32);
+    let after_restart = events(&format!("since=1&stream={other}"));
+    assert_eq!(after_restart[0]["kind"], "gap");
+    assert_eq!(after_restart[0]["reason"], "new-stream");
 }
