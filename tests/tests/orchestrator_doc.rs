@@ -203,7 +203,9 @@ fn the_contract_s_http_sequence() {
     assert!(commits[0]["changed-keys"]
         .as_array()
         .unwrap()
-        .contains(&json!("settings.kubernetes.node-labels.\"example.com/pool\"")));
+        .contains(&json!(
+            "settings.kubernetes.node-labels.\"example.com/pool\""
+        )));
     let applied = seen
         .iter()
         .find(|e| e["kind"] == "apply" && e["generation"] == commits[0]["generation"])
@@ -211,7 +213,10 @@ fn the_contract_s_http_sequence() {
     assert_eq!(applied["success"], true);
     let last = seen.last().unwrap();
     let (cursor, stream) = (last["cursor"].clone(), last["stream"].as_str().unwrap());
-    assert!(events(&format!("since={cursor}&stream={stream}&kinds=commit,apply")).is_empty());
+    assert!(events(&format!(
+        "since={cursor}&stream={stream}&kinds=commit,apply"
+    ))
+    .is_empty());
     // A cursor from another keeld start: an explicit gap, never a silent hole.
     let other = "0".repeat(32);
     let after_restart = events(&format!("since=1&stream={other}"));
