@@ -456,6 +456,29 @@ fn apiclient_update_check_apply_with_reboot_and_cancel() {
     assert_eq!(status["update_state"], "Staged");
     assert_eq!(f.host.entries(), vec!["keel-a.conf"]);
 
+    // On a terminal (script(1) gives one): one progress bar, redrawn in place.
+    let command = format!(
+        "'{}' --socket-path '{}' update apply",
+        keel_e2e::bin("apiclient").display(),
+        f.keeld.socket.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("\r["), "no bar redrawn in place: {shown:?}");
+    assert!(shown.contains("100%"), "{shown:?}");
+    assert_eq!(f.status()["update_state"], "Ready");
+    let out = f.keeld.apiclient(&["update", "cancel"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Nothing to cancel now: the refusal is shown as the API gave it.
     let out = f.keeld.apiclient(&["update", "cancel"]);
     assert_eq!(out.status.code(), Some(1));
@@ -546,6 +569,14 @@ fn expired_metadata_is_refused() {
         "the repository's timestamp metadata has expired: refusing stale metadata"
     );
     assert_eq!(status["update_state"], "Idle");
+    // What `apiclient update check` shows.
+    let out = f.keeld.apiclient(&["update", "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        "Failed to check for updates: refresh attempt failed with status 'Failed' (1): the \
+         repository's timestamp metadata has expired: refusing stale metadata"
+    );
 }
 
 #[test]
