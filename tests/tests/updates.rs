@@ -1022,3 +1022,52 @@ fn without_a_repository_the_failure_names_the_setting() {
     let r = f.keeld.raw("POST", "/actions/refresh-updates?now=1", None);
     assert_eq!(r.status, 400, "{}", r.text());
 }
+
+/// Each command's outcome, and what start-up found, go on the event stream.
+#[test]
+fn update_state_changes_are_published_as_events() {
+    let mut f = Fixture::new();
+    let update = f.build("1.1.0", 1 << 20);
+    f.publish(&[&update]);
+    f.run_ok("refresh-updates");
+    f.run_ok("prepare-update");
+    f.run_ok("activate-update");
+    let events = |keeld: &Keeld| -> Vec<Value> {
+        let r = keeld.raw("GET", "/events?kinds=update", None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|e: &Value| e["kind"] == "update")
+            .collect()
+    };
+    let seen: Vec<(String, String, String)> = events(&f.keeld)
+        .iter()
+        .map(|e| {
+            (
+                e["previous-state"].as_str().unwrap().to_owned(),
+                e["state"].as_str().unwrap().to_owned(),
+                e["detail"]["command"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String)> = [
+        ("Idle", "Available", "refresh"),
+        ("Available", "Staged", "prepare"),
+        ("Staged", "Ready", "activate"),
+    ]
+    .iter()
+    .map(|(a, b, c)| ((*a).to_owned(), (*b).to_owned(), (*c).to_owned()))
+    .collect();
+    assert_eq!(seen, expected);
+    let last = events(&f.keeld).pop().unwrap();
+    assert_eq!(last["detail"]["outcome"], "Success");
+    assert_eq!(last["detail"]["staged-slot"], "b");
+    // After the reboot into b, the new keeld's stream says what happened.
+    f.reboot(|slot| if slot == "b" { "1.1.0" } else { "1.0.0" }.to_owned());
+    let found = events(&f.keeld);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["previous-state"], "Ready");
+    assert_eq!(found[0]["state"], "Idle");
+    assert_eq!(found[0]["detail"]["last-boot"]["outcome"], "updated");
+}
