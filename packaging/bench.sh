@@ -41,6 +41,8 @@ echo "== host container start (keeld vs ctr run, $KEEL_BENCH_ITERS each)"
 bench containers 1
 echo "== boot with 3 bootstrap containers (keeld vs ctr run, $KEEL_BENCH_ITERS each)"
 bench boot 1
+echo "== update: download + verify + write of a root image (keeld vs dd, $KEEL_BENCH_ITERS each)"
+bench updates 1
 
 # One JSON document: per figure, median/min/max over the runs (the container benches
 # report their own medians over their iterations).
@@ -49,6 +51,7 @@ jq -n \
   --slurpfile apply <(cat "$raw"/apply.*.json) \
   --slurpfile containers "$raw/containers.1.json" \
   --slurpfile boot "$raw/boot.1.json" \
+  --slurpfile updates "$raw/updates.1.json" \
   --argjson runs "$runs" --argjson secs "$KEEL_BENCH_SECS" '
   def stats: sort as $s | {median: (if ($s|length) % 2 == 1 then $s[($s|length)/2|floor] else ($s[($s|length)/2 - 1] + $s[($s|length)/2]) / 2 end), min: $s[0], max: $s[-1]};
   def over($runs; f): [$runs[] | f] | stats;
@@ -67,6 +70,7 @@ jq -n \
     full_render_ms: {p50: over($apply; .full_render_ms.p50), files: $apply[0].full_render_ms.files},
     host_container_start: $containers[0],
     boot: $boot[0],
+    update: $updates[0],
     rss_kib: {idle: over($api; .rss_kib.idle), after_load: over($api; .rss_kib.after_load)},
     binary_bytes: $api[0].binary_bytes
   }' >"$out_json"
@@ -90,6 +94,7 @@ jq -r '
   row("full render of all files, p50 ms"; s(.full_render_ms.p50; f2); "\(.full_render_ms.files) files"),
   row("host container start, keeld, ms"; "\(.host_container_start.keeld_start_ms.median | f1)  [\(.host_container_start.keeld_start_ms.min | f1) – \(.host_container_start.keeld_start_ms.max | f1)]"; "ctr run \(.host_container_start.ctr_start_ms.median | f1) ms; ratio \(.host_container_start.ratio_keeld_to_ctr | f2)"),
   row("boot to configured (3 bootstrap), ms"; "\(.boot.keeld_boot_ms.median | f1)  [\(.boot.keeld_boot_ms.min | f1) – \(.boot.keeld_boot_ms.max | f1)]"; "3× ctr run \(.boot.ctr_three_ms.median | f1) ms; ratio \(.boot.ratio_keeld_to_ctr | f2)"),
+  row("update prepare (download+verify+write), MB/s"; "\(.update.prepare_mb_per_s.median | f1)  [\(.update.prepare_mb_per_s.min | f1) – \(.update.prepare_mb_per_s.max | f1)]"; "dd conv=fsync \(.update.dd_mb_per_s.median | f1) MB/s; ratio \(.update.ratio_prepare_to_dd | f2)"),
   row("keeld RSS idle / after load, MiB"; "\(.rss_kib.idle.median / 1024 | f1) / \(.rss_kib.after_load.median / 1024 | f1)"; "—"),
   row("binary sizes, MiB"; "keeld \(.binary_bytes.keeld / 1048576 | f1), apiclient \(.binary_bytes.apiclient / 1048576 | f1)"; "—")
 ' "$out_json"

@@ -13,3 +13,5 @@ cargo bench -p keel-e2e --bench apply
 cargo bench -p keel-e2e --bench containers
 # Boot to `configured` with three bootstrap containers, keeld next to three `ctr run --rm`.
 cargo bench -p keel-e2e --bench boot
+# Update download + verify + write of a root image, keeld next to dd conv=fsync.
+cargo bench -p keel-e2e --bench updates

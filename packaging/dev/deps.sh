@@ -6,7 +6,7 @@ set -euo pipefail
 # containerd, runc, busybox-static, skopeo and docker-registry: the container tests
 # run a private containerd, build images from busybox and push them to a local registry.
 # systemd: `systemd-analyze verify` checks the units.
-packages=(build-essential pkg-config protobuf-compiler jq curl containerd runc busybox-static skopeo docker-registry iproute2 util-linux systemd)
+packages=(build-essential pkg-config protobuf-compiler jq curl containerd runc busybox-static skopeo docker-registry iproute2 util-linux systemd cryptsetup-bin erofs-utils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

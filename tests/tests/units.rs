@@ -17,11 +17,13 @@ use std::process::{Command, Output};
 
 use keel_e2e::{bin, repo_root};
 
-const UNITS: [&str; 4] = [
+const UNITS: [&str; 6] = [
     "keeld.socket",
     "keeld.service",
     "keel-boot.service",
     "keel-configured.target",
+    "keel-slot-writer.socket",
+    "keel-slot-writer@.service",
 ];
 
 /// The installed binary paths the units use, and the built binaries standing in for them.
@@ -30,6 +32,7 @@ fn binaries() -> Vec<(&'static str, PathBuf)> {
         ("/usr/bin/keeld", bin("keeld")),
         ("/usr/bin/apiclient", bin("apiclient")),
         ("/usr/bin/keel-logger", bin("keel-logger")),
+        ("/usr/bin/keel-slot-writer", bin("keel-slot-writer")),
     ]
 }
 
@@ -239,6 +242,27 @@ fn unit_flags_exist() {
         keeld_help.contains("[env: KEELD_USER_DATA_PROVIDERS=]"),
         "{keeld_help}"
     );
+
+    // keeld's defaults reach the slot writer's socket and the image's update files.
+    let socket = directive(&unit_text("keel-slot-writer.socket"), "ListenStream");
+    assert!(
+        keeld_help.contains(&format!("[default: {socket}]")),
+        "keeld's --update-writer-socket default is not {socket}:\n{keeld_help}"
+    );
+    let exec = directive(&unit_text("keel-slot-writer@.service"), "ExecStart");
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(argv[0], "/usr/bin/keel-slot-writer");
+    let help = Command::new(bin("keel-slot-writer"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    for flag in argv.iter().filter(|a| a.starts_with("--")) {
+        assert!(
+            help.contains(&format!("{flag} <")),
+            "keel-slot-writer has no flag {flag}:\n{help}"
+        );
+    }
 
     let exec = directive(&unit_text("keel-boot.service"), "ExecStart");
     let argv: Vec<&str> = exec.split_whitespace().collect();

@@ -456,6 +456,29 @@ fn apiclient_update_check_apply_with_reboot_and_cancel() {
     assert_eq!(status["update_state"], "Staged");
     assert_eq!(f.host.entries(), vec!["keel-a.conf"]);
 
+    // On a terminal (script(1) gives one): one progress bar, redrawn in place.
+    let command = format!(
+        "'{}' --socket-path '{}' update apply",
+        keel_e2e::bin("apiclient").display(),
+        f.keeld.socket.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("\r["), "no bar redrawn in place: {shown:?}");
+    assert!(shown.contains("100%"), "{shown:?}");
+    assert_eq!(f.status()["update_state"], "Ready");
+    let out = f.keeld.apiclient(&["update", "cancel"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Nothing to cancel now: the refusal is shown as the API gave it.
     let out = f.keeld.apiclient(&["update", "cancel"]);
     assert_eq!(out.status.code(), Some(1));
@@ -546,6 +569,14 @@ fn expired_metadata_is_refused() {
         "the repository's timestamp metadata has expired: refusing stale metadata"
     );
     assert_eq!(status["update_state"], "Idle");
+    // What `apiclient update check` shows.
+    let out = f.keeld.apiclient(&["update", "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        "Failed to check for updates: refresh attempt failed with status 'Failed' (1): the \
+         repository's timestamp metadata has expired: refusing stale metadata"
+    );
 }
 
 #[test]
@@ -990,4 +1021,53 @@ fn without_a_repository_the_failure_names_the_setting() {
     }
     let r = f.keeld.raw("POST", "/actions/refresh-updates?now=1", None);
     assert_eq!(r.status, 400, "{}", r.text());
+}
+
+/// Each command's outcome, and what start-up found, go on the event stream.
+#[test]
+fn update_state_changes_are_published_as_events() {
+    let mut f = Fixture::new();
+    let update = f.build("1.1.0", 1 << 20);
+    f.publish(&[&update]);
+    f.run_ok("refresh-updates");
+    f.run_ok("prepare-update");
+    f.run_ok("activate-update");
+    let events = |keeld: &Keeld| -> Vec<Value> {
+        let r = keeld.raw("GET", "/events?kinds=update", None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|e: &Value| e["kind"] == "update")
+            .collect()
+    };
+    let seen: Vec<(String, String, String)> = events(&f.keeld)
+        .iter()
+        .map(|e| {
+            (
+                e["previous-state"].as_str().unwrap().to_owned(),
+                e["state"].as_str().unwrap().to_owned(),
+                e["detail"]["command"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String)> = [
+        ("Idle", "Available", "refresh"),
+        ("Available", "Staged", "prepare"),
+        ("Staged", "Ready", "activate"),
+    ]
+    .iter()
+    .map(|(a, b, c)| ((*a).to_owned(), (*b).to_owned(), (*c).to_owned()))
+    .collect();
+    assert_eq!(seen, expected);
+    let last = events(&f.keeld).pop().unwrap();
+    assert_eq!(last["detail"]["outcome"], "Success");
+    assert_eq!(last["detail"]["staged-slot"], "b");
+    // After the reboot into b, the new keeld's stream says what happened.
+    f.reboot(|slot| if slot == "b" { "1.1.0" } else { "1.0.0" }.to_owned());
+    let found = events(&f.keeld);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["previous-state"], "Ready");
+    assert_eq!(found[0]["state"], "Idle");
+    assert_eq!(found[0]["detail"]["last-boot"]["outcome"], "updated");
 }

@@ -19,6 +19,9 @@
 //! one: `last_boot.outcome = updated`) or rolled back (`rolled-back`, with what the
 //! boot loader's counter says).
 //!
+//! Every change it records is published on the event bus (`update` events): the end of
+//! each command (its outcome, the state before and after) and what start-up found.
+//!
 //! Must not parse HTTP: `api/updates.rs` does.
 
 use std::path::PathBuf;
@@ -38,6 +41,7 @@ use super::status::{
     RunningCommand, StagedImage, UpdateImage, UpdateRecord, UpdateState, UpdateStatus,
 };
 use super::writer_client::{WriterEndpoint, WriterSession};
+use crate::events::{EventBody, EventBus, UpdateEvent};
 use crate::os::OsInfo;
 use crate::store::Store;
 
@@ -88,6 +92,7 @@ struct Inner {
     running: Mutex<Option<RunningCommand>>,
     /// Set once the start-up reconciliation ended: commands asked for before wait for it.
     reconciled: tokio::sync::watch::Sender<bool>,
+    events: EventBus,
 }
 
 /// The update machinery; cheap to clone.
@@ -109,7 +114,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Updates {
     /// Loads the record (a new one, with a random seed, on first use). Reconciliation
     /// with the disk runs in the background ([`Updates::reconcile`]), holding the lock.
-    pub fn open(config: UpdatesConfig, store: Store, os: Arc<OsInfo>) -> Updates {
+    pub fn open(config: UpdatesConfig, store: Store, os: Arc<OsInfo>, events: EventBus) -> Updates {
         let record = match status::load(&config.record) {
             Ok(Some(record)) => record,
             Ok(None) => UpdateRecord::new(rand::random::<u32>() % (MAX_SEED + 1)),
@@ -129,6 +134,7 @@ impl Updates {
                 record: Mutex::new(record),
                 running: Mutex::new(None),
                 reconciled: tokio::sync::watch::channel(false).0,
+                events,
             }),
         };
         updates.set_active_partition(None);
@@ -176,6 +182,29 @@ impl Updates {
         let mut status = lock(&self.inner.record).status.clone();
         status.running_command = lock(&self.inner.running).clone();
         status
+    }
+
+    /// Publishes an `update` event: the state now, the state before, and `detail`.
+    fn publish(&self, previous: UpdateState, detail: serde_json::Value) {
+        let status = self.status();
+        let name = |state: UpdateState| format!("{state:?}");
+        let mut detail = detail;
+        if let serde_json::Value::Object(map) = &mut detail {
+            if let Some(chosen) = &status.chosen_update {
+                map.insert("chosen-version".into(), chosen.version.to_string().into());
+            }
+            if let Some(staged) = &status.staging_partition {
+                map.insert("staged-version".into(), staged.image.version.to_string().into());
+                if let Some(slot) = staged.slot {
+                    map.insert("staged-slot".into(), slot.as_str().into());
+                }
+            }
+        }
+        self.inner.events.publish(EventBody::Update(UpdateEvent::new(
+            name(status.update_state),
+            Some(&name(previous)),
+            detail,
+        )));
     }
 
     async fn save(&self) -> Result<(), String> {
@@ -259,16 +288,17 @@ impl Updates {
         });
         tracing::info!(command = command.action(), "update command started");
         let this = self.clone();
+        let previous = lock(&self.inner.record).status.update_state;
         tokio::spawn(async move {
             let _guard = guard;
             let outcome = this.run(command).await;
-            this.finish(command, outcome).await;
+            this.finish(command, previous, outcome).await;
         });
         Ok(())
     }
 
     /// Records the outcome of `command` (durably) and ends it.
-    async fn finish(&self, command: CommandType, outcome: Result<(), String>) {
+    async fn finish(&self, command: CommandType, previous: UpdateState, outcome: Result<(), String>) {
         {
             let mut record = lock(&self.inner.record);
             let previous = record
@@ -294,6 +324,14 @@ impl Updates {
             tracing::error!(error = %e, "cannot record the outcome of an update command");
         }
         *lock(&self.inner.running) = None;
+        self.publish(
+            previous,
+            serde_json::json!({
+                "command": command,
+                "outcome": if outcome.is_ok() { "Success" } else { "Failed" },
+                "error": outcome.as_ref().err(),
+            }),
+        );
         let state = lock(&self.inner.record).status.update_state;
         match &outcome {
             Ok(()) => {
@@ -519,6 +557,14 @@ impl Updates {
             None => None,
         };
         let running = self.running_version().ok();
+        let (previous, interrupted, last_boot_before) = {
+            let record = lock(&self.inner.record);
+            (
+                record.status.update_state,
+                record.interrupted,
+                record.status.last_boot.clone(),
+            )
+        };
         {
             let mut record = lock(&self.inner.record);
             close_interrupted(&mut record, inspection.as_ref());
@@ -533,6 +579,16 @@ impl Updates {
         drop(guard);
         self.inner.reconciled.send_replace(true);
         let status = self.status();
+        if interrupted.is_some() || status.last_boot != last_boot_before {
+            self.publish(
+                previous,
+                serde_json::json!({
+                    "at-start": true,
+                    "interrupted": interrupted,
+                    "last-boot": if status.last_boot != last_boot_before { serde_json::to_value(&status.last_boot).unwrap_or_default() } else { serde_json::Value::Null },
+                }),
+            );
+        }
         tracing::info!(state = ?status.update_state, last_boot = ?status.last_boot, "update state reconciled");
     }
 }

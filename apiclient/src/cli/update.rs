@@ -53,9 +53,22 @@ pub struct ApplyArgs {
 }
 
 pub async fn run(client: &Client, args: UpdateArgs) -> Result<Output, CliError> {
+    // An update command that ran and failed reads as Bottlerocket's apiclient has it; an
+    // API refusal keeps its `Status <code> when …` line.
+    let context = |what: &'static str| {
+        move |e: CliError| match e {
+            CliError::Invalid(reason) => CliError::Invalid(format!("Failed to {what}: {reason}")),
+            other => other,
+        }
+    };
     match args.command {
-        UpdateCommand::Check => check(client).await.map(Output::Json),
-        UpdateCommand::Apply(apply_args) => apply(client, apply_args).await,
+        UpdateCommand::Check => check(client)
+            .await
+            .map(Output::Json)
+            .map_err(context("check for updates")),
+        UpdateCommand::Apply(apply_args) => apply(client, apply_args)
+            .await
+            .map_err(context("apply update")),
         UpdateCommand::Cancel => wait_for(
             client,
             "deactivate-update",
@@ -64,7 +77,8 @@ pub async fn run(client: &Client, args: UpdateArgs) -> Result<Output, CliError> 
             &mut Quiet,
         )
         .await
-        .map(Output::Json),
+        .map(Output::Json)
+        .map_err(context("cancel update")),
     }
 }
 
@@ -112,8 +126,8 @@ async fn apply(client: &Client, args: ApplyArgs) -> Result<Output, CliError> {
         .await
         .map_err(|e| {
             CliError::Invalid(format!(
-                "Failed to prepare the update: {e}. `apiclient update check` shows the \
-                 state; a Ready update can be cancelled with `apiclient update cancel`."
+                "{e}. `apiclient update check` shows the state; a Ready update can be \
+                 cancelled with `apiclient update cancel`"
             ))
         })?;
     bar.finish();
@@ -288,7 +302,7 @@ async fn wait_for(
                     return Ok(status);
                 }
                 return Err(CliError::Invalid(format!(
-                    "{cmd_type} failed ({}, exit status {}): {}",
+                    "{cmd_type} attempt failed with status '{}' ({}): {}",
                     command["cmd_status"].as_str().unwrap_or("?"),
                     command["exit_status"],
                     command["stderr"].as_str().unwrap_or("")
