@@ -151,7 +151,8 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
     let apiclient = runtime.paths.apiclient.clone();
     let stop_applier = applier.clone();
     let os = Arc::new(os);
-    let updates = updates::Updates::open(config.updates(), store.clone(), os.clone(), events.clone());
+    let updates =
+        updates::Updates::open(config.updates(), store.clone(), os.clone(), events.clone());
     tokio::spawn({
         let updates = updates.clone();
         async move { updates.reconcile().await }

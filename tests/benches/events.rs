@@ -87,6 +87,10 @@ struct Follower {
     task: tokio::task::JoinHandle<Vec<Instant>>,
 }
 
+/// Reads that brought at least one event, over all followers: events per read says how
+/// much keeld batches each follower's wake-ups.
+static READS: AtomicU64 = AtomicU64::new(0);
+
 impl Follower {
     /// Follows commit events after cursor `since`, counting them into `events_seen`.
     async fn start(
@@ -131,6 +135,9 @@ impl Follower {
                         count += 1;
                     }
                     last = b;
+                }
+                if count > 0 {
+                    READS.fetch_add(1, Ordering::Relaxed);
                 }
                 seen.extend(std::iter::repeat_n(now, count));
                 events_seen.fetch_add(count as u64, Ordering::Relaxed);
@@ -341,6 +348,8 @@ fn cpu_time(pid: u32) -> Duration {
 #[derive(Default)]
 struct Mode {
     rates: Vec<f64>,
+    /// Events each follower read per read (system call), each run.
+    per_read: Vec<f64>,
     /// keeld's and this process's CPU time per commit, each run.
     keeld_cpu: Vec<Duration>,
     bench_cpu: Vec<Duration>,
@@ -362,6 +371,14 @@ impl Mode {
 
     fn rate(&self) -> f64 {
         median(&self.rates)
+    }
+
+    fn per_read(&self) -> String {
+        if self.per_read.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.1}", median(&self.per_read))
+        }
     }
 
     fn keeld_us(&self) -> f64 {
@@ -399,10 +416,14 @@ async fn throughput_runs(
         none.run(socket, keeld, secs).await;
         let followers = Followers::attach(socket).await;
         let before = newest_cursor(socket);
+        let reads_before = READS.load(Ordering::Relaxed);
         with.run(socket, keeld, secs).await;
         let made = newest_cursor(socket) - before;
         // Each follower must have read them all (it follows commits only).
         complete &= followers.wait_for(1 + made as usize).await;
+        let reads = READS.load(Ordering::Relaxed) - reads_before;
+        with.per_read
+            .push((made * FOLLOWERS as u64) as f64 / reads.max(1) as f64);
         followers.detach().await;
     }
     (none, with, complete)
@@ -477,10 +498,11 @@ fn main() {
     println!("commit throughput, {COMMITTERS} committing clients, {secs} s per run, {rounds} runs each, alternating:");
     for (label, mode) in [("no follower", &none), ("100 followers", &with)] {
         println!(
-            "  {label:<15} {:>8.0} commits/s   CPU per commit: keeld {:>6.1} µs, this process {:>6.1} µs   (runs: {})",
+            "  {label:<15} {:>8.0} commits/s   CPU per commit: keeld {:>6.1} µs, this process {:>6.1} µs   events per read {}   (runs: {})",
             mode.rate(),
             mode.keeld_us(),
             mode.bench_us(),
+            mode.per_read(),
             mode.rates
                 .iter()
                 .map(|r| format!("{r:.0}"))

@@ -56,11 +56,15 @@ pub async fn stream(State(state): State<AppState>, RawQuery(q): RawQuery) -> Api
         |mut sub: Subscription| async move {
             let items = sub.next_batch().await?;
             // One chunk per batch: a follower woken for many events writes them at once.
-            let mut chunk = Vec::new();
-            for item in &items {
-                chunk.extend_from_slice(&item.line());
-            }
-            Some((Ok::<_, std::convert::Infallible>(Bytes::from(chunk)), sub))
+            // A lone event is its shared line as it is, not a copy.
+            let chunk = match items.as_slice() {
+                [one] => one.line(),
+                _ => {
+                    let lines: Vec<Bytes> = items.iter().map(|item| item.line()).collect();
+                    Bytes::from(lines.concat())
+                }
+            };
+            Some((Ok::<_, std::convert::Infallible>(chunk), sub))
         },
     ));
     let mut response = (

@@ -194,17 +194,22 @@ impl Updates {
                 map.insert("chosen-version".into(), chosen.version.to_string().into());
             }
             if let Some(staged) = &status.staging_partition {
-                map.insert("staged-version".into(), staged.image.version.to_string().into());
+                map.insert(
+                    "staged-version".into(),
+                    staged.image.version.to_string().into(),
+                );
                 if let Some(slot) = staged.slot {
                     map.insert("staged-slot".into(), slot.as_str().into());
                 }
             }
         }
-        self.inner.events.publish(EventBody::Update(UpdateEvent::new(
-            name(status.update_state),
-            Some(&name(previous)),
-            detail,
-        )));
+        self.inner
+            .events
+            .publish(EventBody::Update(UpdateEvent::new(
+                name(status.update_state),
+                Some(&name(previous)),
+                detail,
+            )));
     }
 
     async fn save(&self) -> Result<(), String> {
@@ -298,7 +303,12 @@ impl Updates {
     }
 
     /// Records the outcome of `command` (durably) and ends it.
-    async fn finish(&self, command: CommandType, previous: UpdateState, outcome: Result<(), String>) {
+    async fn finish(
+        &self,
+        command: CommandType,
+        previous: UpdateState,
+        outcome: Result<(), String>,
+    ) {
         {
             let mut record = lock(&self.inner.record);
             let previous = record
@@ -579,13 +589,16 @@ impl Updates {
         drop(guard);
         self.inner.reconciled.send_replace(true);
         let status = self.status();
-        if interrupted.is_some() || status.last_boot != last_boot_before {
+        let last_boot_changed = status.last_boot != last_boot_before;
+        if interrupted.is_some() || last_boot_changed {
+            // `null` when the last boot says nothing new.
+            let last_boot = last_boot_changed.then(|| status.last_boot.clone()).flatten();
             self.publish(
                 previous,
                 serde_json::json!({
                     "at-start": true,
                     "interrupted": interrupted,
-                    "last-boot": if status.last_boot != last_boot_before { serde_json::to_value(&status.last_boot).unwrap_or_default() } else { serde_json::Value::Null },
+                    "last-boot": last_boot,
                 }),
             );
         }
