@@ -592,7 +592,9 @@ impl Updates {
         let last_boot_changed = status.last_boot != last_boot_before;
         if interrupted.is_some() || last_boot_changed {
             // `null` when the last boot says nothing new.
-            let last_boot = last_boot_changed.then(|| status.last_boot.clone()).flatten();
+            let last_boot = last_boot_changed
+                .then(|| status.last_boot.clone())
+                .flatten();
             self.publish(
                 previous,
                 serde_json::json!({
