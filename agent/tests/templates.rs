@@ -1234,8 +1234,6 @@ fn services_toml_loads_and_names_existing_templates() {
 fn groups_without_a_component_on_this_host_are_marked_no_effect() {
     let meta = ServicesMeta::load(&packaging().join("services.toml")).unwrap();
     for key in [
-        "settings.updates.seed",
-        "settings.updates.version-lock",
         "settings.metrics.send-metrics",
         "settings.metrics.service-checks[0]",
         "settings.cloudformation.should-signal",
@@ -1265,6 +1263,10 @@ fn groups_without_a_component_on_this_host_are_marked_no_effect() {
         "settings.aws.region",
         "settings.boot.kernel-parameters.console",
         "settings.kubernetes.api-server",
+        // Read by keeld's update commands.
+        "settings.updates.seed",
+        "settings.updates.version-lock",
+        "settings.updates.metadata-base-url",
     ] {
         assert!(!meta.has_no_effect(key), "{key} is marked no-effect");
     }

@@ -16,8 +16,10 @@ if [ -d "${CARGO_HOME:-$HOME/.cargo}/advisory-dbs" ]; then
 else
   echo "cargo deny: advisories not checked: the RustSec database is fetched from GitHub, which this machine cannot reach"
 fi
-# The end-to-end tests run the real binaries: build them first.
-cargo build --workspace --bins
+# The end-to-end tests run the real binaries: build them first, with the features the
+# tests use (a `--bins` build resolves features without dev-dependencies and would
+# compile many dependencies a second time).
+cargo build --workspace --all-targets
 # A proof that cannot run here fails instead of printing SKIPPED (root, ../shared).
 export KEEL_REQUIRE_ALL_TESTS=1
 cargo test --workspace -- --test-threads=2

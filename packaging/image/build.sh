@@ -2,7 +2,8 @@
 # Builds Keel OS: a bootable GPT disk image whose root is a read-only erofs verified by
 # dm-verity, with keeld as the host agent. One command:
 #
-#   bash packaging/image/build.sh [--version V] [--variant NAME] [--out DIR] [--update-lock]
+#   bash packaging/image/build.sh [--version V] [--variant NAME] [--out DIR]
+#                                 [--update-root ROOT.JSON] [--update-lock]
 #
 # prints the directory of the built image (disk.raw, vmlinuz, initrd.img, cmdline,
 # roothash, root.erofs, root.verity, manifest). The output is cached by a hash of every
@@ -17,6 +18,8 @@
 #   packaging/image/initramfs/init the initramfs that verifies and mounts the root
 #   packaging/image/defaults.toml  the variant's OS defaults
 #   units/, packaging/{services.toml,templates/}, Keel's release binaries
+#   --update-root: the update repository's trusted TUF root.json (docs/updates.md);
+#                  without it the image has none and `apiclient update` says so
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -25,6 +28,7 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n1)
 variant=keel-qemu
 out_root="$repo/target/image"
 update_lock=0
+update_root=""
 mirror=${KEEL_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 suite=bookworm
 cache=${KEEL_IMAGE_CACHE:-/var/cache/keel/image}
@@ -35,12 +39,17 @@ while (($#)); do
         --variant) variant=$2; shift 2 ;;
         --out) out_root=$2; shift 2 ;;
         --update-lock) update_lock=1; shift ;;
+        --update-root) update_root=$(realpath "$2"); shift 2 ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 [[ $version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "build.sh: --version must be MAJOR.MINOR.PATCH, got $version" >&2; exit 2; }
 [[ $variant =~ ^[a-z0-9][a-z0-9-]*$ ]] || { echo "build.sh: --variant must be lowercase letters, digits and -" >&2; exit 2; }
+if [[ -n $update_root ]]; then
+    jq -e '.signed._type == "root"' "$update_root" >/dev/null 2>&1 \
+        || { echo "build.sh: --update-root $update_root is not a TUF root.json" >&2; exit 2; }
+fi
 
 # Partition sizes (MiB). Two root slots for A/B updates; the data partition is made by
 # systemd-repart on first boot from the rest of the disk.
@@ -54,7 +63,7 @@ bash "$here/deps.sh"
 mkdir -p "$cache/apt" "$out_root"
 
 # --- Keel's binaries -------------------------------------------------------------------
-log "building keeld, apiclient and keel-logger (release) and the OCI image tool"
+log "building keeld, keel-slot-writer, apiclient and keel-logger (release) and the OCI image tool"
 (cd "$repo" && cargo build --release --quiet -p keel-agent -p apiclient \
     && cargo build --quiet -p keel-e2e --example oci-image)
 rel="${CARGO_TARGET_DIR:-$repo/target}/release"
@@ -124,7 +133,8 @@ input_hash=$( {
     echo "$lock_hash"
     (cd "$repo" && find packaging/image units packaging/services.toml packaging/migrations.toml packaging/templates \
         -type f ! -name '*.md' -print0 | sort -z | xargs -0 sha256sum)
-    sha256sum "$rel/keeld" "$rel/apiclient" "$rel/keel-logger" | cut -d' ' -f1
+    sha256sum "$rel/keeld" "$rel/keel-slot-writer" "$rel/apiclient" "$rel/keel-logger" | cut -d' ' -f1
+    [[ -z $update_root ]] || sha256sum "$update_root" | cut -d' ' -f1
     # The archive's manifest digest names its content (the tar itself has timestamps).
     tar -xOf "$admin_tar" index.json
 } | sha256sum | cut -c1-16)
@@ -198,7 +208,10 @@ mkdir -p "$root/local" "$root/efi"
 
 # Keel.
 cp -a "$here/rootfs/." "$root/"
-install -m 0755 "$rel/keeld" "$rel/apiclient" "$rel/keel-logger" "$root/usr/bin/"
+install -m 0755 "$rel/keeld" "$rel/keel-slot-writer" "$rel/apiclient" "$rel/keel-logger" "$root/usr/bin/"
+if [[ -n $update_root ]]; then
+    install -D -m 0644 "$update_root" "$root/usr/share/keel/updates/root.json"
+fi
 install -d "$root/usr/share/keel/images"
 install -m 0644 "$admin_tar" "$root/usr/share/keel/images/admin.tar"
 # The variant's services: a restart command whose program or systemd unit this image
@@ -225,7 +238,8 @@ done < "$repo/packaging/services.toml" > "$root/usr/share/keel/services.toml"
 install -m 0644 "$here/defaults.toml" "$root/usr/share/keel/defaults.toml"
 install -m 0644 "$repo/packaging/migrations.toml" "$root/usr/share/keel/migrations.toml"
 cp -r "$repo/packaging/templates" "$root/usr/share/keel/templates"
-for unit in keeld.service keeld.socket keel-boot.service keel-configured.target; do
+for unit in keeld.service keeld.socket keel-boot.service keel-configured.target \
+    keel-slot-writer.socket keel-slot-writer@.service; do
     install -m 0644 "$repo/units/$unit" "$root/usr/lib/systemd/system/$unit"
 done
 install -m 0644 "$repo/units/keel.sysusers" "$root/usr/lib/sysusers.d/keel.conf"
@@ -248,6 +262,7 @@ ln -sf ../usr/lib/os-release "$root/etc/os-release"
 chroot_systemctl() { systemctl --root="$root" --quiet "$@"; }
 chroot_systemctl disable containerd.service e2scrub_reap.service remote-fs.target getty@tty1.service 2>/dev/null || true
 chroot_systemctl enable keeld.socket keeld.service keel-configured.target host-containerd.service \
+    keel-slot-writer.socket \
     local.mount var-lib.mount keel-data-setup.service keel-report.service systemd-networkd.service \
     efi.mount keel-boot-assess.service
 mkdir -p "$root/etc/systemd/system/sysinit.target.wants"
@@ -266,6 +281,12 @@ chroot_systemctl set-default multi-user.target
     echo "kernel=$kver"
     echo "keeld_sha256=$(sha256sum "$rel/keeld" | cut -d' ' -f1)"
     echo "apiclient_sha256=$(sha256sum "$rel/apiclient" | cut -d' ' -f1)"
+    echo "keel_slot_writer_sha256=$(sha256sum "$rel/keel-slot-writer" | cut -d' ' -f1)"
+    if [[ -n $update_root ]]; then
+        echo "update_root_sha256=$(sha256sum "$update_root" | cut -d' ' -f1)"
+    else
+        echo "update_root=none (no update repository is trusted)"
+    fi
     echo "admin_image=$(tar -xOf "$admin_tar" index.json | grep -o 'sha256:[0-9a-f]*' | head -n1)"
     cat "$work/dropped"
     echo "# packages (Debian $suite, $mirror)"
@@ -322,11 +343,15 @@ mcopy -i "$esp" "$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi" ::/EFI/BOOT
 mcopy -i "$esp" "$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi" ::/EFI/systemd/systemd-bootx64.efi
 mcopy -i "$esp" "$work/vmlinuz" ::/keel/a/vmlinuz
 mcopy -i "$esp" "$work/initrd.img" ::/keel/a/initrd.img
-printf 'timeout 0\ndefault keel-*\neditor no\nconsole-mode keep\n' > "$work/loader.conf"
+# No `default`: systemd-boot's own order picks the slot (sort-key, then version, newest
+# first, entries with no tries left last), which is what updates and rollback rely on.
+printf 'timeout 0\neditor no\nconsole-mode keep\n' > "$work/loader.conf"
 mcopy -i "$esp" "$work/loader.conf" ::/loader/loader.conf
 cat > "$work/keel-a.conf" <<EOF
+# keel-os-version $version
 title Keel OS $version (slot a)
-version $version
+sort-key keel
+version 1
 linux /keel/a/vmlinuz
 initrd /keel/a/initrd.img
 options $cmdline
@@ -365,5 +390,9 @@ sync "$staged"/*
 rm -rf "$out"
 mv "$staged" "$out"
 ln -sfn "$(basename "$out")" "$out_root/latest"
+# Earlier builds of this variant and version (other inputs) are superseded: remove them.
+for old in "$out_root/$variant-$version"-*; do
+    [[ $old == "$out" || ! -d $old ]] || rm -rf "$old"
+done
 log "built in $(($(date +%s) - started)) s: root $((root_bytes / 1024 / 1024)) MiB (erofs, lz4hc), root hash $roothash"
 echo "$out"
