@@ -132,6 +132,7 @@ input_hash=$( {
     echo "version=$version variant=$variant esp=$ESP_MIB root=$ROOT_MIB verity=$VERITY_MIB"
     echo "$lock_hash"
     (cd "$repo" && find packaging/image units packaging/services.toml packaging/migrations.toml packaging/templates \
+        packaging/dev/cli-assets.sh \
         -type f ! -name '*.md' -print0 | sort -z | xargs -0 sha256sum)
     sha256sum "$rel/keeld" "$rel/keel-slot-writer" "$rel/apiclient" "$rel/keel-logger" | cut -d' ' -f1
     [[ -z $update_root ]] || sha256sum "$update_root" | cut -d' ' -f1
@@ -212,6 +213,8 @@ install -m 0755 "$rel/keeld" "$rel/keel-slot-writer" "$rel/apiclient" "$rel/keel
 if [[ -n $update_root ]]; then
     install -D -m 0644 "$update_root" "$root/usr/share/keel/updates/root.json"
 fi
+# apiclient's shell completions and man pages, generated from the binary the image ships.
+APICLIENT="$rel/apiclient" bash "$repo/packaging/dev/cli-assets.sh" "$root/usr" >/dev/null
 install -d "$root/usr/share/keel/images"
 install -m 0644 "$admin_tar" "$root/usr/share/keel/images/admin.tar"
 # The variant's services: a restart command whose program or systemd unit this image

@@ -66,6 +66,7 @@ fn boot_until(image: &Image, masked: bool, needle: &str) -> (Duration, String) {
         dir: dir.path().to_owned(),
         interactive: false,
         imds_port: None,
+        repo_port: None,
     });
     if let Err(why) = vm.wait_serial(needle, 1, BOOT) {
         panic!("{why}\n{}", vm.serial());

@@ -44,51 +44,68 @@ pub fn days_from_now(days: i64) -> jiff::Timestamp {
         .unwrap()
 }
 
+/// The repository key (`key.pk8`, Ed25519, one for the four roles) and the `root.json`
+/// it signs, in `keys_dir`, made there when absent. Answers the `root.json` to trust.
+pub fn ensure_keys(keys_dir: &Path) -> PathBuf {
+    let (key, root_json) = (keys_dir.join("key.pk8"), keys_dir.join("root.json"));
+    if key.is_file() && root_json.is_file() {
+        return root_json;
+    }
+    std::fs::create_dir_all(keys_dir).unwrap();
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let pkcs8 = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    std::fs::write(&key, pkcs8.as_ref()).unwrap();
+    let pair = tough::sign::parse_keypair(pkcs8.as_ref()).unwrap();
+    let tuf_key = pair.tuf_key();
+    let key_id = tuf_key.key_id().unwrap();
+    let role_keys = || RoleKeys {
+        keyids: vec![key_id.clone()],
+        threshold: NonZeroU64::new(1).unwrap(),
+        _extra: HashMap::new(),
+    };
+    let root = Root {
+        spec_version: "1.0.0".to_owned(),
+        consistent_snapshot: true,
+        version: NonZeroU64::new(1).unwrap(),
+        expires: days_from_now(365),
+        keys: HashMap::from([(key_id.clone(), tuf_key)]),
+        roles: HashMap::from([
+            (RoleType::Root, role_keys()),
+            (RoleType::Snapshot, role_keys()),
+            (RoleType::Targets, role_keys()),
+            (RoleType::Timestamp, role_keys()),
+        ]),
+        _extra: HashMap::new(),
+    };
+    let signed = runtime().block_on(async {
+        SignedRole::new(root.clone(), &KeyHolder::Root(root), &keys(&key), &rng)
+            .await
+            .unwrap()
+    });
+    // Written last: a key without its root is made again.
+    std::fs::write(&root_json, signed.buffer()).unwrap();
+    root_json
+}
+
 impl TufRepo {
     /// A new, empty repository under `dir` with a fresh key.
     pub fn create(dir: &Path) -> TufRepo {
+        TufRepo::create_with_keys(dir, dir)
+    }
+
+    /// A new, empty repository under `dir` signed with the key in `keys_dir` (see
+    /// [`ensure_keys`]): images built with that `root.json` trust every repository made
+    /// this way, so the VM tests' cached images stay valid across runs.
+    pub fn create_with_keys(dir: &Path, keys_dir: &Path) -> TufRepo {
         std::fs::create_dir_all(dir.join("metadata")).unwrap();
         std::fs::create_dir_all(dir.join("targets")).unwrap();
         std::fs::create_dir_all(dir.join("staging")).unwrap();
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        let pkcs8 = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
-        let key = dir.join("key.pk8");
-        std::fs::write(&key, pkcs8.as_ref()).unwrap();
-        let pair = tough::sign::parse_keypair(pkcs8.as_ref()).unwrap();
-        let tuf_key = pair.tuf_key();
-        let key_id = tuf_key.key_id().unwrap();
-        let role_keys = || RoleKeys {
-            keyids: vec![key_id.clone()],
-            threshold: NonZeroU64::new(1).unwrap(),
-            _extra: HashMap::new(),
-        };
-        let root = Root {
-            spec_version: "1.0.0".to_owned(),
-            consistent_snapshot: true,
-            version: NonZeroU64::new(1).unwrap(),
-            expires: days_from_now(365),
-            keys: HashMap::from([(key_id.clone(), tuf_key)]),
-            roles: HashMap::from([
-                (RoleType::Root, role_keys()),
-                (RoleType::Snapshot, role_keys()),
-                (RoleType::Targets, role_keys()),
-                (RoleType::Timestamp, role_keys()),
-            ]),
-            _extra: HashMap::new(),
-        };
-        let signed = runtime().block_on(async {
-            SignedRole::new(root.clone(), &KeyHolder::Root(root), &keys(&key), &rng)
-                .await
-                .unwrap()
-        });
-        let root_json = dir.join("root.json");
-        std::fs::write(&root_json, signed.buffer()).unwrap();
-        runtime()
-            .block_on(signed.write(dir.join("metadata"), true))
-            .unwrap();
+        let root_json = ensure_keys(keys_dir);
+        // Consistent snapshots: the root of version 1 is served as 1.root.json.
+        std::fs::copy(&root_json, dir.join("metadata/1.root.json")).unwrap();
         TufRepo {
             dir: dir.to_owned(),
-            key,
+            key: keys_dir.join("key.pk8"),
             root_json,
             version: 0,
         }

@@ -119,6 +119,10 @@ pub struct VmConfig {
     pub interactive: bool,
     /// The metadata service to relay to, when the caller runs one across boots.
     pub imds_port: Option<u16>,
+    /// An HTTP server on the host's loopback (an update repository) the guest reaches at
+    /// `http://169.254.169.254:8080/`, through the same kind of relay as the metadata
+    /// service; no other address or port is reachable.
+    pub repo_port: Option<u16>,
 }
 
 /// A running VM. Dropping it kills qemu.
@@ -281,11 +285,18 @@ impl Vm {
         ));
         qemu.args(["-device", "virtio-blk-pci,drive=disk0"]);
         qemu.args(["-device", "virtio-rng-pci"]);
-        qemu.arg("-netdev").arg(format!(
+        let mut netdev = format!(
             "user,id=n0,restrict=on,net=169.254.0.0/16,host=169.254.0.2,dhcpstart=169.254.0.15,\
              guestfwd=tcp:169.254.169.254:80-cmd:{} relay 127.0.0.1:{imds_port}",
             relay.display()
-        ));
+        );
+        if let Some(port) = config.repo_port {
+            netdev.push_str(&format!(
+                ",guestfwd=tcp:169.254.169.254:8080-cmd:{} relay 127.0.0.1:{port}",
+                relay.display()
+            ));
+        }
+        qemu.arg("-netdev").arg(netdev);
         // No option ROM: nothing boots from the network, and iPXE costs seconds under TCG.
         qemu.args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
         if let UserData::FwCfg(path) = &config.user_data {

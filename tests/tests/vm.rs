@@ -19,6 +19,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine as _;
+use keel_e2e::http_server::{Fault, FileServer};
+use keel_e2e::tuf::{days_from_now, TufRepo, UpdateArtifacts};
 use keel_e2e::vm::{report_json, report_phase, Firmware, Image, UserData, Vm, VmConfig};
 
 /// One boot's budget: TCG takes 40–60 s to `configured` on an idle 2-core machine, and
@@ -33,10 +35,33 @@ fn require_root() {
     );
 }
 
-fn image() -> Image {
-    require_root();
-    Image::build(&[])
+/// The update repository's key and trusted root, kept beside the built images so that a
+/// rebuild with unchanged inputs is a cache hit.
+fn update_keys() -> std::path::PathBuf {
+    keel_e2e::vm::repo_root().join("target/image/test-update-keys")
 }
+
+/// Version `version` of the test image: every VM test boots one of these, built with
+/// the test repository's `root.json` as the trusted update root.
+fn image_version(version: &str) -> Image {
+    require_root();
+    let root = keel_e2e::tuf::ensure_keys(&update_keys());
+    Image::build(&[
+        "--version",
+        version,
+        "--update-root",
+        root.to_str().expect("utf-8 path"),
+    ])
+}
+
+/// Version N of the tests.
+fn image() -> Image {
+    image_version(N)
+}
+
+const N: &str = "1.0.0";
+const N1: &str = "1.1.0";
+const N2: &str = "1.2.0";
 
 fn b64(text: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(text)
@@ -167,6 +192,7 @@ fn boot(image: &Image, user_data: UserData, dir: tempfile::TempDir) -> Booted {
         dir: dir.path().to_owned(),
         interactive: false,
         imds_port: None,
+        repo_port: None,
     });
     Booted { vm, _dir: dir }
 }
@@ -475,4 +501,301 @@ fn flip_byte_in_partition(overlay: &Path, raw: &Path, label: &str, fraction: f64
         .status()
         .expect("qemu-io write");
     assert!(status.success(), "qemu-io write failed");
+}
+
+/// The admin container's script in the update test: prints what it sees at every boot
+/// and drives the update from inside the host, as an operator with `apiclient` would.
+/// `@N@`, `@N1@`, `@N2@` are the three versions.
+const UPDATER: &str = r#"#!/bin/sh
+say() { echo "KEEL-PROBE $*" > /dev/console; }
+dir=/.bottlerocket/host-containers/admin
+# The status once keeld answers it (423 while it reads the slots at start or runs a command).
+status() {
+    i=0
+    while [ $i -lt 120 ]; do
+        s=$(apiclient raw -u /updates/status 2>/dev/null | tr -d '\n ')
+        case "$s" in *'"update_state"'*) echo "$s"; return;; esac
+        sleep 1; i=$((i + 1))
+    done
+}
+# Apply and reboot; retried while refused (a slot booted on trial is blessed only once
+# the host is configured: until then its fallback may not be overwritten).
+apply() {
+    n=0
+    until out=$(apiclient update apply --check --reboot 2>&1); do
+        n=$((n + 1))
+        say "apply-refused=$(echo "$out" | tail -n 1)"
+        [ $n -lt 24 ] || break
+        sleep 5
+    done
+    say "apply=$(echo "$out" | tail -n 2 | tr '\n' ' ')"
+}
+v=$(apiclient raw -u /os | tr -d '\n ' | sed -n 's/.*"version_id":"\([^"]*\)".*/\1/p')
+say "boot-of=$v"
+say "slot=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^keel.slot=//p')"
+say "starts=$(cat $dir/starts 2>/dev/null | wc -l)"
+date +%s >> $dir/starts && sync
+say "motd=$(apiclient get settings.motd | tr -d '\n ')"
+say "status=$(status)"
+case "$v" in
+@N@)
+    if [ ! -e $dir/cut ]; then
+        touch $dir/cut && sync
+        say "check=$(apiclient update check 2>&1 | tr -d '\n ')"
+        apiclient update apply >/dev/null 2>&1 &
+        i=0
+        while [ $i -lt 600 ]; do
+            case "$(apiclient raw -u /updates/status 2>&1 | tr -d '\n ')" in
+                *'"bytes_done":'[1-9]*) say "cut-now=writing"; break;;
+            esac
+            sleep 1; i=$((i + 1))
+        done
+        sleep 100000
+    fi
+    apply
+    ;;
+@N1@)
+    case "$(status)" in
+        *'"outcome":"rolled-back"'*) say "done=rolled-back"; exit 0;;
+    esac
+    say "waiting-for=@N2@"
+    i=0
+    while [ $i -lt 300 ]; do
+        case "$(apiclient update check 2>&1 | tr -d '\n ')" in *'"@N2@"'*) break;; esac
+        sleep 2; i=$((i + 1))
+    done
+    apply
+    ;;
+esac
+"#;
+
+/// An essential bootstrap container that refuses to let version `@N2@` reach
+/// `configured`: the broken release the rollback is for.
+const GATE: &str = r#"#!/bin/sh
+v=$(apiclient raw -u /os | tr -d '\n ' | sed -n 's/.*"version_id":"\([^"]*\)".*/\1/p')
+if [ "$v" = "@N2@" ]; then
+    echo "KEEL-PROBE gate=refused $v" > /dev/console
+    exit 1
+fi
+"#;
+
+fn versions(script: &str) -> String {
+    script
+        .replace("@N@", N)
+        .replace("@N1@", N1)
+        .replace("@N2@", N2)
+}
+
+/// A built image as an update: its root, hash tree, kernel and initrd, and root hash.
+fn update_artifacts(image: &Image, version: &str) -> UpdateArtifacts {
+    UpdateArtifacts {
+        version: version.to_owned(),
+        root: image.dir.join("root.erofs"),
+        hash: image.dir.join("root.verity"),
+        kernel: image.dir.join("vmlinuz"),
+        initrd: image.dir.join("initrd.img"),
+        root_hash: std::fs::read_to_string(image.dir.join("roothash"))
+            .expect("roothash")
+            .trim()
+            .to_owned(),
+    }
+}
+
+/// Signs `updates` into the repository with their manifest.
+fn publish(repo: &mut TufRepo, dir: &Path, updates: &[&UpdateArtifacts]) {
+    const VARIANT: &str = "keel-qemu";
+    let entries: Vec<serde_json::Value> = updates
+        .iter()
+        .map(|u| u.manifest_entry(VARIANT, serde_json::json!({})))
+        .collect();
+    let manifest = dir.join("manifest.json");
+    std::fs::write(
+        &manifest,
+        serde_json::to_vec_pretty(&serde_json::json!({"updates": entries, "migrations": {}}))
+            .expect("manifest"),
+    )
+    .expect("write manifest");
+    let mut files = vec![("manifest.json".to_owned(), manifest)];
+    for update in updates {
+        for (name, path) in update.names(VARIANT) {
+            files.push((name, path.to_owned()));
+        }
+    }
+    let refs: Vec<(&str, &Path)> = files
+        .iter()
+        .map(|(n, p)| (n.as_str(), p.as_path()))
+        .collect();
+    repo.publish(&refs, days_from_now(7));
+}
+
+/// The `KEEL-PROBE` values of the run that printed `boot-of=<version>` for the `nth`
+/// time (1-based).
+fn probe_run(serial: &str, version: &str, nth: usize) -> BTreeMap<String, String> {
+    let mut seen = 0;
+    let mut out = BTreeMap::new();
+    let mut inside = false;
+    for (k, v) in probe_values(serial) {
+        if k == "boot-of" {
+            if inside {
+                break;
+            }
+            if v == version {
+                seen += 1;
+                inside = seen == nth;
+            }
+            continue;
+        }
+        if inside {
+            out.insert(k, v);
+        }
+    }
+    out
+}
+
+/// A/B updates on a booted host, under UEFI with systemd-boot: version N is told of
+/// N+1 by a signed repository on the host's loopback; a power cut while N+1 is being
+/// written leaves N booting; `apiclient update apply --reboot` brings the host up on
+/// N+1 in the other slot with its settings and admin container data; N+2, which cannot
+/// reach `configured` (an essential bootstrap container refuses it), uses up its tries
+/// and the boot loader goes back to N+1, whose status says it rolled back.
+#[test]
+#[ignore = "boots qemu: packaging/dev/test.sh runs it after the other tests, alone"]
+fn update_power_cut_and_rollback() {
+    let n = image_version(N);
+    let n1 = update_artifacts(&image_version(N1), N1);
+    let n2 = update_artifacts(&image_version(N2), N2);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut repo = TufRepo::create_with_keys(&dir.path().join("repo"), &update_keys());
+    publish(&mut repo, dir.path(), &[&n1]);
+    let server = FileServer::start("127.0.0.1", repo.dir.clone());
+    // The first download is slow enough to be cut in the middle of its write.
+    server.set_faults(vec![Fault::Throttle {
+        suffix: "root.erofs".to_owned(),
+        chunk: 1 << 20,
+        pause: Duration::from_millis(100),
+    }]);
+
+    let motd = "updated host";
+    let user_data = format!(
+        r#"[settings]
+motd = "{motd}"
+
+[settings.updates]
+metadata-base-url = "http://169.254.169.254:8080/metadata/"
+targets-base-url = "http://169.254.169.254:8080/targets/"
+
+[settings.bootstrap-containers.gate]
+source = "oci-archive:/usr/share/keel/images/admin.tar"
+mode = "always"
+essential = true
+user-data = "{gate}"
+
+[settings.host-containers.admin]
+enabled = true
+superpowered = true
+user-data = "{updater}"
+"#,
+        gate = b64(&versions(GATE)),
+        updater = b64(&versions(UPDATER)),
+    );
+    let disk = dir.path().join("disk.qcow2");
+    n.overlay_disk(&disk, "4G");
+    let imds = keel_e2e::imds::Imds::start(keel_e2e::imds::Instance::with_user_data(Some(
+        user_data.into_bytes(),
+    )))
+    .expect("metadata service");
+    let config = VmConfig {
+        image: n.clone(),
+        disk,
+        user_data: UserData::None,
+        firmware: Firmware::Uefi,
+        memory_mib: 1024,
+        dir: dir.path().join("vm"),
+        interactive: false,
+        imds_port: Some(imds.addr.port()),
+        repo_port: Some(server.addr.port()),
+    };
+
+    // Power 1: N is told of N+1 and starts writing it; the plug is pulled mid-write.
+    let mut vm = Vm::boot(&config);
+    let waited = vm.wait_serial("KEEL-PROBE cut-now=writing", 1, BOOT * 2);
+    check(&vm, waited.is_ok(), &format!("{waited:?}"));
+    let first = probe_run(&vm.serial(), N, 1);
+    check(
+        &vm,
+        first.get("slot").map(String::as_str) == Some("a")
+            && first.get("check").is_some_and(|c| c.contains(N1)),
+        &format!("N on slot a, told of N+1 by `apiclient update check`: {first:?}"),
+    );
+    vm.power_cut();
+    let cut_log = vm.serial();
+    server.set_faults(Vec::new());
+
+    // Power 2: N again, the interrupted write on record; then the update, for real.
+    let mut vm = Vm::boot(&config);
+    let waited = vm.wait_serial(&format!("KEEL-PROBE boot-of={N1}"), 1, BOOT * 3);
+    check(
+        &vm,
+        waited.is_ok(),
+        &format!("{waited:?}\n--- before the power cut ---\n{cut_log}"),
+    );
+    let serial = vm.serial();
+    let after_cut = probe_run(&serial, N, 1);
+    check(
+        &vm,
+        after_cut.get("slot").map(String::as_str) == Some("a")
+            && after_cut
+                .get("status")
+                .is_some_and(|s| s.contains("prepare")),
+        &format!("after the power cut: N on slot a, the cut prepare on record: {after_cut:?}"),
+    );
+    let waited = vm.wait_serial(&format!("KEEL-PROBE waiting-for={N2}"), 1, BOOT);
+    check(&vm, waited.is_ok(), &format!("{waited:?}"));
+    let on_n1 = probe_run(&vm.serial(), N1, 1);
+    let status: serde_json::Value =
+        serde_json::from_str(on_n1.get("status").map(String::as_str).unwrap_or("null"))
+            .unwrap_or_default();
+    check(
+        &vm,
+        on_n1.get("slot").map(String::as_str) == Some("b")
+            && status["last_boot"]["outcome"] == "updated"
+            && status["active_partition"]["image"]["version"] == N1,
+        &format!("N+1 on slot b, its status says updated: {on_n1:?}"),
+    );
+    check(
+        &vm,
+        on_n1
+            .get("motd")
+            .is_some_and(|m| m.contains(&motd.replace(' ', "")))
+            && on_n1
+                .get("starts")
+                .is_some_and(|s| s.parse::<u32>().unwrap_or(0) >= 2),
+        &format!("settings and the admin container's data survive the update: {on_n1:?}"),
+    );
+
+    // N+2 cannot reach `configured`: three tries, then N+1 again, which says so.
+    publish(&mut repo, dir.path(), &[&n1, &n2]);
+    let waited = vm.wait_serial("KEEL-PROBE done=rolled-back", 1, BOOT * 5);
+    check(&vm, waited.is_ok(), &format!("{waited:?}"));
+    let serial = vm.serial();
+    let refused = serial
+        .matches(&format!("KEEL-PROBE gate=refused {N2}"))
+        .count();
+    check(
+        &vm,
+        refused == 3,
+        &format!("N+2 should have been tried 3 times, was tried {refused}"),
+    );
+    let back = probe_run(&serial, N1, 2);
+    let status: serde_json::Value =
+        serde_json::from_str(back.get("status").map(String::as_str).unwrap_or("null"))
+            .unwrap_or_default();
+    check(
+        &vm,
+        back.get("slot").map(String::as_str) == Some("b")
+            && status["last_boot"]["outcome"] == "rolled-back"
+            && status["active_partition"]["image"]["version"] == N1,
+        &format!("back on N+1 in slot b, the status says rolled back: {back:?}"),
+    );
+    vm.shutdown(Duration::from_secs(90));
 }

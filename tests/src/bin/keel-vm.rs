@@ -91,6 +91,7 @@ fn main() {
         dir: dir.path().to_owned(),
         interactive: !until,
         imds_port: None,
+        repo_port: None,
     };
     let mut vm = Vm::boot(&config);
     eprintln!(
