@@ -223,6 +223,20 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         recovery_applier.recover(&recovery_store, journal).await;
         boot.run().await
     });
+    // A boot on trial after an update is good once it is configured.
+    tokio::spawn({
+        let updates = state.updates.clone();
+        let mut configured = configured_rx.clone();
+        async move {
+            if configured
+                .wait_for(|gate| *gate == boot::BootGate::Configured)
+                .await
+                .is_ok()
+            {
+                updates.boot_configured().await;
+            }
+        }
+    });
     tokio::spawn(containers::run_host_containers(
         store,
         runtime,

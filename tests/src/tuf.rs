@@ -155,11 +155,13 @@ impl TufRepo {
             }
             editor.add_target_paths(paths).await.unwrap();
             let signed = editor.sign(&keys(&key)).await.unwrap();
-            signed.write(&metadata).await.unwrap();
+            // Targets first, then the metadata that names them: a client that refreshes
+            // in between sees the previous publication whole, never a target missing.
             signed
                 .copy_targets(&staging, &targets, PathExists::Replace)
                 .await
                 .unwrap();
+            signed.write(&metadata).await.unwrap();
         });
     }
 

@@ -509,12 +509,16 @@ fn flip_byte_in_partition(overlay: &Path, raw: &Path, label: &str, fraction: f64
 const UPDATER: &str = r#"#!/bin/sh
 say() { echo "KEEL-PROBE $*" > /dev/console; }
 dir=/.bottlerocket/host-containers/admin
-# The status once keeld answers it (423 while it reads the slots at start or runs a command).
+# The status once keeld answers it (423 while it reads the slots at start or runs a
+# command) and a boot on trial is over (it ends when the host is configured).
 status() {
     i=0
     while [ $i -lt 120 ]; do
         s=$(apiclient raw -u /updates/status 2>/dev/null | tr -d '\n ')
-        case "$s" in *'"update_state"'*) echo "$s"; return;; esac
+        case "$s" in
+            *'"outcome":"on-trial"'*) ;;
+            *'"update_state"'*) echo "$s"; return;;
+        esac
         sleep 1; i=$((i + 1))
     done
 }

@@ -38,7 +38,7 @@ use super::settings::UpdateSettings;
 use super::slots::Slot;
 use super::status::{
     self, BootOutcome, CommandResult, CommandStatus, CommandType, LastBoot, Progress,
-    RunningCommand, StagedImage, UpdateImage, UpdateRecord, UpdateState, UpdateStatus,
+    RunningCommand, StagedImage, StagedSlot, UpdateImage, UpdateRecord, UpdateState, UpdateStatus,
 };
 use super::writer_client::{WriterEndpoint, WriterSession};
 use crate::events::{EventBody, EventBus, UpdateEvent};
@@ -550,6 +550,51 @@ impl Updates {
         Ok(())
     }
 
+    /// The boot reached `configured`: a slot on trial is good (systemd-bless-boot marks
+    /// its loader entry next), so the update is done. Waits for the start-up
+    /// reconciliation first; nothing to do when no trial is on record.
+    pub async fn boot_configured(&self) {
+        let mut reconciled = self.inner.reconciled.subscribe();
+        if reconciled.wait_for(|done| *done).await.is_err() {
+            return;
+        }
+        let guard = self.inner.lock.clone().lock_owned().await;
+        let previous = {
+            let mut record = lock(&self.inner.record);
+            let on_trial = record
+                .status
+                .last_boot
+                .as_ref()
+                .filter(|b| b.outcome == BootOutcome::OnTrial)
+                .cloned();
+            let (Some(trial), Some(staged)) = (on_trial, record.staged.clone()) else {
+                return;
+            };
+            if staged.slot != trial.slot {
+                return;
+            }
+            let previous = record.status.update_state;
+            updated(
+                &mut record,
+                &staged,
+                &trial.previous_version,
+                &trial.version,
+                status::next_timestamp(None),
+            );
+            previous
+        };
+        if let Err(e) = self.save().await {
+            tracing::error!(error = %e, "cannot save the update record after the trial boot");
+        }
+        drop(guard);
+        let status = self.status();
+        tracing::info!(last_boot = ?status.last_boot, "the boot on trial reached configured: update done");
+        self.publish(
+            previous,
+            serde_json::json!({ "configured": true, "last-boot": status.last_boot }),
+        );
+    }
+
     /// At start: brings the record in line with what happened while keeld was not
     /// running (a command cut short, a reboot into the activated slot, a rollback), holding
     /// the lock meanwhile (a command asked for then gets 423). Without a slot writer only
@@ -707,23 +752,34 @@ fn after_reboot(record: &mut UpdateRecord, inspection: &Inspection, running: &Ve
         .unwrap_or_else(|| running.clone());
     let noticed = status::next_timestamp(None);
     if inspection.active == staged.slot {
-        record.status.last_boot = Some(LastBoot {
-            outcome: BootOutcome::Updated,
-            slot: staged.slot,
-            version: staged.image.version.clone(),
-            previous_version: previous_version.clone(),
-            detail: format!(
-                "booted slot {} with {} (was {previous_version})",
-                staged.slot, running
-            ),
-            noticed,
-        });
-        record.staged = None;
-        record.status.staging_partition = None;
-        record.status.chosen_update = None;
-        record.status.available_updates.clear();
-        record.status.chosen_update_reason = None;
-        record.status.update_state = UpdateState::Idle;
+        if let Some(entry) = entry_of(inspection, staged.slot).filter(|e| e.is_counting()) {
+            // On trial: the boot loader counts this boot against the entry's tries.
+            // The activation stays on record, so that a later start on the other slot
+            // knows it was a rollback; `configured` ends the trial ([`Updates::boot_configured`]).
+            let already = record
+                .status
+                .last_boot
+                .as_ref()
+                .is_some_and(|b| b.outcome == BootOutcome::OnTrial && b.slot == staged.slot);
+            if !already {
+                record.status.last_boot = Some(LastBoot {
+                    outcome: BootOutcome::OnTrial,
+                    slot: staged.slot,
+                    version: staged.image.version.clone(),
+                    previous_version: previous_version.clone(),
+                    detail: format!(
+                        "booted slot {} with {running} (was {previous_version}) on trial \
+                         (loader entry {}): it counts as updated once the host is configured",
+                        staged.slot, entry.file
+                    ),
+                    noticed,
+                });
+            }
+            record.status.staging_partition = None;
+            record.status.update_state = UpdateState::Idle;
+            return;
+        }
+        updated(record, &staged, &previous_version, running, noticed);
     } else {
         let entry = entry_of(inspection, staged.slot);
         let why = match entry {
@@ -766,10 +822,36 @@ fn after_reboot(record: &mut UpdateRecord, inspection: &Inspection, running: &Ve
     }
 }
 
+/// The host runs the staged slot and its boot is good: the update is done.
+fn updated(
+    record: &mut UpdateRecord,
+    staged: &StagedSlot,
+    previous_version: &Version,
+    running: &Version,
+    noticed: String,
+) {
+    record.status.last_boot = Some(LastBoot {
+        outcome: BootOutcome::Updated,
+        slot: staged.slot,
+        version: staged.image.version.clone(),
+        previous_version: previous_version.clone(),
+        detail: format!(
+            "booted slot {} with {running} (was {previous_version})",
+            staged.slot
+        ),
+        noticed,
+    });
+    record.staged = None;
+    record.status.staging_partition = None;
+    record.status.chosen_update = None;
+    record.status.available_updates.clear();
+    record.status.chosen_update_reason = None;
+    record.status.update_state = UpdateState::Idle;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::updates::status::StagedSlot;
 
     fn inspection(active: Slot, boot_id: &str, entries: Vec<EntryInfo>) -> Inspection {
         Inspection {
@@ -859,6 +941,76 @@ mod tests {
             record.status.staging_partition.map(|p| p.next_to_boot),
             Some(false)
         );
+    }
+
+    /// The case the VM test found: the new slot boots on trial, its keeld starts, and
+    /// the boot never reaches configured. The activation must stay on record, or the
+    /// start on the old slot after the tries cannot tell a rollback.
+    #[test]
+    fn a_boot_on_trial_is_not_an_update_until_configured_and_can_still_roll_back() {
+        let mut record = activated_record();
+        after_reboot(
+            &mut record,
+            &inspection(
+                Slot::B,
+                "boot-2",
+                vec![entry("keel-a.conf"), entry("keel-b+2-1.conf")],
+            ),
+            &Version::new(1, 1, 0),
+        );
+        let last = record.status.last_boot.clone().expect("last boot");
+        assert_eq!(last.outcome, BootOutcome::OnTrial);
+        assert!(last.detail.contains("keel-b+2-1.conf"), "{}", last.detail);
+        assert!(record.staged.is_some(), "the activation stays on record");
+        // A keeld restart in the same trial keeps what it said.
+        let before = record.clone();
+        after_reboot(
+            &mut record,
+            &inspection(
+                Slot::B,
+                "boot-2",
+                vec![entry("keel-a.conf"), entry("keel-b+2-1.conf")],
+            ),
+            &Version::new(1, 1, 0),
+        );
+        assert_eq!(record, before);
+        // The tries run out: the old slot boots, and it is a rollback.
+        after_reboot(
+            &mut record,
+            &inspection(
+                Slot::A,
+                "boot-5",
+                vec![entry("keel-a.conf"), entry("keel-b+0-3.conf")],
+            ),
+            &Version::new(1, 0, 0),
+        );
+        let last = record.status.last_boot.expect("last boot");
+        assert_eq!(last.outcome, BootOutcome::RolledBack);
+        assert_eq!(record.staged, None);
+    }
+
+    #[test]
+    fn a_trial_that_reaches_configured_is_an_update() {
+        let mut record = activated_record();
+        after_reboot(
+            &mut record,
+            &inspection(Slot::B, "boot-2", vec![entry("keel-b+2-1.conf")]),
+            &Version::new(1, 1, 0),
+        );
+        let staged = record.staged.clone().expect("staged");
+        let trial = record.status.last_boot.clone().expect("trial");
+        updated(
+            &mut record,
+            &staged,
+            &trial.previous_version,
+            &trial.version,
+            "now".into(),
+        );
+        let last = record.status.last_boot.expect("last boot");
+        assert_eq!(last.outcome, BootOutcome::Updated);
+        assert_eq!(last.detail, "booted slot b with 1.1.0 (was 1.0.0)");
+        assert_eq!(record.staged, None);
+        assert_eq!(record.status.update_state, UpdateState::Idle);
     }
 
     #[test]

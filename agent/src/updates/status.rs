@@ -129,6 +129,10 @@ pub struct LastBoot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BootOutcome {
+    /// The new slot booted from an entry that still counts tries: it is good once the
+    /// host reaches `configured` (then `updated`); a boot that does not get there uses a
+    /// try, and when they are gone the old slot boots (then `rolled-back`).
+    OnTrial,
     Updated,
     RolledBack,
 }
