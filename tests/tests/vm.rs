@@ -785,10 +785,14 @@ user-data = "{updater}"
     let refused = serial
         .matches(&format!("KEEL-PROBE gate=refused {N2}"))
         .count();
+    // A boot the harness's watchdog reset (a TCG hang) used up a try of its own.
     check(
         &vm,
-        refused == 3,
-        &format!("N+2 should have been tried 3 times, was tried {refused}"),
+        (1..=3).contains(&refused) && refused + vm.resets.len() >= 3,
+        &format!(
+            "N+2 should have been tried 3 times: refused {refused} times, resets {:?}",
+            vm.resets
+        ),
     );
     let back = probe_run(&serial, N1, 2);
     let status: serde_json::Value =
