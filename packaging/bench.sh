@@ -9,6 +9,8 @@
 #   KEEL_BENCH_SECS=S     seconds per API measurement (default 2)
 #   KEEL_BENCH_ITERS=N    starts/boots per side in the container benchmarks (default 7)
 #   KEEL_BENCH_JSON=path  where the JSON goes (default target/bench/keel-bench.json)
+#   KEEL_BENCH_IMAGE=1    also the Keel OS image figures (builds the image, boots it twice
+#                         under qemu: 3-5 more minutes under TCG; tests/benches/image.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash packaging/dev/deps.sh
@@ -43,6 +45,16 @@ echo "== boot with 3 bootstrap containers (keeld vs ctr run, $KEEL_BENCH_ITERS e
 bench boot 1
 echo "== update: download + verify + write of a root image (keeld vs dd, $KEEL_BENCH_ITERS each)"
 bench updates 1
+echo "== exec: round trip and throughput (apiclient exec vs ctr task exec)"
+bench exec 1
+echo "== events: commit to 100 followers, commit throughput with and without them"
+bench events 1
+echo "== render of the largest model the limits accept"
+bench render_max 1
+if [ "${KEEL_BENCH_IMAGE:-0}" = 1 ]; then
+  echo "== Keel OS image: build, size, boot to configured vs Keel masked (qemu)"
+  cargo bench -q -p keel-e2e --bench image 2>/dev/null | grep -v '^build.sh' >"$raw/image.txt"
+fi
 
 # One JSON document: per figure, median/min/max over the runs (the container benches
 # report their own medians over their iterations).
@@ -52,6 +64,9 @@ jq -n \
   --slurpfile containers "$raw/containers.1.json" \
   --slurpfile boot "$raw/boot.1.json" \
   --slurpfile updates "$raw/updates.1.json" \
+  --slurpfile exec "$raw/exec.1.json" \
+  --slurpfile events "$raw/events.1.json" \
+  --slurpfile render_max "$raw/render_max.1.json" \
   --argjson runs "$runs" --argjson secs "$KEEL_BENCH_SECS" '
   def stats: sort as $s | {median: (if ($s|length) % 2 == 1 then $s[($s|length)/2|floor] else ($s[($s|length)/2 - 1] + $s[($s|length)/2]) / 2 end), min: $s[0], max: $s[-1]};
   def over($runs; f): [$runs[] | f] | stats;
@@ -71,6 +86,9 @@ jq -n \
     host_container_start: $containers[0],
     boot: $boot[0],
     update: $updates[0],
+    exec: $exec[0],
+    events: $events[0],
+    render_max_ms: $render_max[0].render_max_ms,
     rss_kib: {idle: over($api; .rss_kib.idle), after_load: over($api; .rss_kib.after_load)},
     binary_bytes: $api[0].binary_bytes
   }' >"$out_json"
@@ -95,8 +113,17 @@ jq -r '
   row("host container start, keeld, ms"; "\(.host_container_start.keeld_start_ms.median | f1)  [\(.host_container_start.keeld_start_ms.min | f1) – \(.host_container_start.keeld_start_ms.max | f1)]"; "ctr run \(.host_container_start.ctr_start_ms.median | f1) ms; ratio \(.host_container_start.ratio_keeld_to_ctr | f2)"),
   row("boot to configured (3 bootstrap), ms"; "\(.boot.keeld_boot_ms.median | f1)  [\(.boot.keeld_boot_ms.min | f1) – \(.boot.keeld_boot_ms.max | f1)]"; "3× ctr run \(.boot.ctr_three_ms.median | f1) ms; ratio \(.boot.ratio_keeld_to_ctr | f2)"),
   row("update prepare (download+verify+write), MB/s"; "\(.update.prepare_mb_per_s.median | f1)  [\(.update.prepare_mb_per_s.min | f1) – \(.update.prepare_mb_per_s.max | f1)]"; "dd conv=fsync \(.update.dd_mb_per_s.median | f1) MB/s; ratio \(.update.ratio_prepare_to_dd | f2)"),
+  row("exec round trip (true), ms"; "\(.exec.round_trip_ms.apiclient.median | f1)  [\(.exec.round_trip_ms.apiclient.min | f1) – \(.exec.round_trip_ms.apiclient.max | f1)]"; "ctr task exec \(.exec.round_trip_ms.ctr.median | f1) ms; ratio \(.exec.round_trip_ms.ratio | f2)"),
+  row("exec throughput, MB/s"; "\(.exec.throughput_mb_s.apiclient.median | f1)  [\(.exec.throughput_mb_s.apiclient.min | f1) – \(.exec.throughput_mb_s.apiclient.max | f1)]"; "ctr task exec \(.exec.throughput_mb_s.ctr.median | f1) MB/s; ratio \(.exec.throughput_mb_s.ratio | f2)"),
+  row("commit → event at 100 followers, p99 ms"; "\(.events.event_all_p99_ms | f2)  (p50 \(.events.event_all_p50_ms | f2))"; "commit round trip p99 \(.events.commit_p99_ms | f2) ms"),
+  row("commits/s with 100 followers"; "\(.events.throughput_followers | sort | .[length/2|floor] | round)"; "none \(.events.throughput_none | sort | .[length/2|floor] | round)/s; ratio \(.events.throughput_ratio | f2)"),
+  row("render of the largest model, worst ms"; "\(.render_max_ms.max | f1)"; "\(.render_max_ms.bytes) bytes rendered"),
   row("keeld RSS idle / after load, MiB"; "\(.rss_kib.idle.median / 1024 | f1) / \(.rss_kib.after_load.median / 1024 | f1)"; "—"),
   row("binary sizes, MiB"; "keeld \(.binary_bytes.keeld / 1048576 | f1), apiclient \(.binary_bytes.apiclient / 1048576 | f1)"; "—")
 ' "$out_json"
+if [ -s "$raw/image.txt" ]; then
+  echo
+  cat "$raw/image.txt"
+fi
 echo
 echo "JSON: $out_json   ($(( $(date +%s) - started )) s of measuring, $runs runs of the short benches)"
