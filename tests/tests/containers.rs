@@ -739,7 +739,13 @@ fn logs_follow_prints_every_line_once_across_a_keeld_restart() {
     let mut last = first;
     for _ in 0..10 {
         let n = next();
-        assert_eq!(n, last + 1, "every line once, in order");
+        assert_eq!(
+            n,
+            last + 1,
+            "every line once, in order; status {:?}\n{}",
+            status_of(&keeld, "admin"),
+            keeld.log()
+        );
         last = n;
     }
     keeld.kill();
@@ -748,7 +754,13 @@ fn logs_follow_prints_every_line_once_across_a_keeld_restart() {
     // Lines written while keeld was down come through after it is back, none twice.
     for _ in 0..40 {
         let n = next();
-        assert_eq!(n, last + 1, "every line once, in order, across the restart");
+        assert_eq!(
+            n,
+            last + 1,
+            "every line once, in order, across the restart; status {:?}\n{}",
+            status_of(&keeld, "admin"),
+            keeld.log()
+        );
         last = n;
     }
     let _ = follow.kill();

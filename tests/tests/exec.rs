@@ -42,8 +42,9 @@ struct Node {
     _serial: std::sync::MutexGuard<'static, ()>,
 }
 
-/// One node at a time: containers of the same name under two containerds share a
-/// cgroup (`keel/host/host-c`), and `ctr task ps` lists the cgroup's processes.
+/// One node at a time: the tests count processes and measure exec latency, which a
+/// second node's containers would disturb. (Containers of the same name under two
+/// keelds no longer share a cgroup: each containerd namespace has its own tree.)
 static SERIAL: Mutex<()> = Mutex::new(());
 
 impl Node {

@@ -282,6 +282,18 @@ impl Runtime for ContainerdRuntime {
                 RunError::Failed(format!("writing the persistent directory stopped: {e}"))
             })??
         };
+        // One cgroup tree per containerd namespace (`keel/host/<name>` on a host, whose
+        // namespace is `keel`): two keelds with containers of the same name (the tests
+        // run several side by side) never share a cgroup, where runc's kill of one
+        // container's cgroup would take the other's processes with it.
+        let cgroup_parent = format!(
+            "{}/{}",
+            self.cd.namespace(),
+            match desired.kind {
+                ContainerKind::Host => "host",
+                ContainerKind::Bootstrap => "bootstrap",
+            }
+        );
         let request = SpecRequest {
             name: &desired.name,
             tier: desired.tier,
@@ -294,10 +306,7 @@ impl Runtime for ContainerdRuntime {
             persistent_dir: &persistent,
             api_socket: &self.paths.api_socket,
             apiclient: &self.paths.apiclient,
-            cgroup_parent: match desired.kind {
-                ContainerKind::Host => "keel/host",
-                ContainerKind::Bootstrap => "keel/bootstrap",
-            },
+            cgroup_parent: &cgroup_parent,
             mount_host_modules: Path::new("/lib/modules").is_dir(),
             host_capabilities: spec::host_capabilities(),
         };
