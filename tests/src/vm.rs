@@ -373,7 +373,8 @@ impl Vm {
             if Instant::now() > deadline {
                 return Err(format!("no boot report {n} within {timeout:?}"));
             }
-            self.watchdog();
+            let serial = self.serial();
+            self.watchdog(&serial);
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -387,7 +388,8 @@ impl Vm {
     ) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.serial().matches(needle).count() >= count {
+            let serial = self.serial();
+            if serial.matches(needle).count() >= count {
                 return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -398,7 +400,7 @@ impl Vm {
                     "{needle:?} x{count} not on the console within {timeout:?}"
                 ));
             }
-            self.watchdog();
+            self.watchdog(&serial);
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -410,8 +412,7 @@ impl Vm {
     /// [`HUNG_BOOT`] is reset, as a watchdog or an operator's BMC would; the reset is
     /// recorded in [`Vm::resets`] (a test counting boot tries must count it: the boot
     /// loader had already counted the try). Called by the waits above.
-    fn watchdog(&mut self) {
-        let serial = self.serial();
+    fn watchdog(&mut self, serial: &str) {
         let marker = "reboot: Restarting system";
         let start = serial.rfind(marker).map_or(0, |i| i + marker.len());
         if serial[start..].contains("keel-initrd:") {
