@@ -272,13 +272,17 @@ impl Session {
         tracing::debug!(exec = %process.id(), ?end, "exec session ends");
         match &end {
             End::Exited(status) => {
-                // The output the process wrote before it exited goes first.
+                // The output the process wrote before it exited goes first. The idle
+                // time counts from the exit at the earliest: output written just before
+                // it (after a quiet spell) may still be on its way through the shim.
+                let exited_at = epoch.elapsed();
                 let _ = tokio::time::timeout(FINAL_FLUSH, async {
                     loop {
                         if pumps.iter().all(|p| p.is_finished()) {
                             return;
                         }
-                        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                        let last =
+                            Duration::from_millis(activity.load(Ordering::Relaxed)).max(exited_at);
                         if epoch.elapsed().saturating_sub(last) > AFTER_EXIT_IDLE {
                             return;
                         }
