@@ -91,7 +91,8 @@ const OUTPUT_CHUNK: usize = 32 * 1024;
 /// what a session holds of the process's output, whatever the client's speed.
 const OUTGOING_QUEUE: usize = 8;
 /// After the process exited, output still arriving is forwarded until both streams end,
-/// or nothing came for this long (a child of the process may hold them open).
+/// or nothing came for this long while the client kept up (a child of the process may
+/// hold them open).
 const AFTER_EXIT_IDLE: Duration = Duration::from_millis(500);
 /// How long the close frame and the output before it may take to reach the client.
 const FINAL_FLUSH: Duration = Duration::from_secs(30);
@@ -275,14 +276,21 @@ impl Session {
                 // The output the process wrote before it exited goes first. The idle
                 // time counts from the exit at the earliest: output written just before
                 // it (after a quiet spell) may still be on its way through the shim.
+                // And a full queue is a slow client, not a quiet process: the pumps wait
+                // to send, and what is still in the pipes was written before the exit.
                 let exited_at = epoch.elapsed();
                 let _ = tokio::time::timeout(FINAL_FLUSH, async {
+                    let mut client_behind_at = Duration::ZERO;
                     loop {
                         if pumps.iter().all(|p| p.is_finished()) {
                             return;
                         }
-                        let last =
-                            Duration::from_millis(activity.load(Ordering::Relaxed)).max(exited_at);
+                        if self.outgoing.capacity() == 0 && !self.outgoing.is_closed() {
+                            client_behind_at = epoch.elapsed();
+                        }
+                        let last = Duration::from_millis(activity.load(Ordering::Relaxed))
+                            .max(exited_at)
+                            .max(client_behind_at);
                         if epoch.elapsed().saturating_sub(last) > AFTER_EXIT_IDLE {
                             return;
                         }
@@ -856,3 +864,7 @@ mod tests {
         assert_eq!(truncate("7", MAX_REASON), "7");
     }
 }
+
+#[cfg(test)]
+#[path = "exec_session_tests.rs"]
+mod session_tests;
