@@ -104,6 +104,54 @@ fn commit_loop(
     samples
 }
 
+/// Clients committing and applying at once.
+const CLIENTS: usize = 8;
+
+/// `CLIENTS` threads, each making `n / CLIENTS` PATCH + commit_and_apply cycles on its
+/// own transaction. Answers cycles per second and applies per commit (from the apply
+/// ids keeld answers with: concurrent requests share an apply).
+fn concurrent_commit_and_apply(keeld: &Keeld, n: usize) -> (f64, f64) {
+    let per_client = (n / CLIENTS).max(1);
+    let started = Instant::now();
+    let ids: Vec<Vec<String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|client| {
+                scope.spawn(move || {
+                    let mut ids = Vec::new();
+                    for i in 0..per_client {
+                        let tx = format!("/settings?tx=c{client}");
+                        let body = json!({ "motd": format!("client {client} cycle {i}") });
+                        let body = body.to_string();
+                        let patched =
+                            raw_request(&keeld.socket, "PATCH", &tx, Some(body.as_bytes()));
+                        assert_eq!(patched.status, 204);
+                        let commit = format!("/tx/commit_and_apply?tx=c{client}");
+                        let answer = raw_request(&keeld.socket, "POST", &commit, None);
+                        assert_eq!(answer.status, 200);
+                        let id = answer
+                            .headers
+                            .iter()
+                            .find(|(name, _)| name.eq_ignore_ascii_case("x-keel-apply-id"))
+                            .map(|(_, value)| value.clone())
+                            .expect("an apply id");
+                        ids.push(id);
+                    }
+                    ids
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let commits = ids.iter().map(Vec::len).sum::<usize>();
+    let applies = ids
+        .into_iter()
+        .flatten()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    (commits as f64 / elapsed, applies as f64 / commits as f64)
+}
+
 fn main() {
     let n: usize = std::env::var("KEEL_BENCH_COMMITS")
         .ok()
@@ -122,6 +170,8 @@ fn main() {
 
     let commit = summary(commit_loop(&keeld, n, "/tx/commit", false, "c"));
     let applied = summary(commit_loop(&keeld, n, "/tx/commit_and_apply", true, "a"));
+
+    let (concurrent_rate, concurrent_applies) = concurrent_commit_and_apply(&keeld, n);
 
     let templates = Templates::load(&repo_root().join("packaging/templates")).unwrap();
     let meta = ServicesMeta::load(&repo_root().join("packaging/services.toml")).unwrap();
@@ -170,6 +220,12 @@ fn main() {
         ""
     );
     println!(
+        "{:<52} {:>9.0} cycles/s, {:.2} applies per commit",
+        format!("{CLIENTS} clients, PATCH + commit_and_apply each"),
+        concurrent_rate,
+        concurrent_applies
+    );
+    println!(
         "{:<52} {:>9.3} {:>9.3} {:>9.3}",
         format!(
             "render all {} files from a full settings set ({bytes} B)",
@@ -186,6 +242,7 @@ fn main() {
             "commit_ms": {"p50": commit.0, "p99": commit.1, "max": commit.2},
             "commit_to_file_ms": {"p50": applied.0, "p99": applied.1, "max": applied.2},
             "beyond_commit_p50_ms": applied.0 - commit.0,
+            "concurrent": {"clients": CLIENTS, "cycles_per_sec": concurrent_rate, "applies_per_commit": concurrent_applies},
             "full_render_ms": {"p50": render.0, "p99": render.1, "max": render.2, "files": singles.len(), "bytes": bytes},
         })
     );

@@ -87,6 +87,12 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::apply::ApplyTaskFailed> for ApiError {
+    fn from(e: crate::apply::ApplyTaskFailed) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
 impl From<settings_model::Error> for ApiError {
     fn from(e: settings_model::Error) -> Self {
         ApiError::invalid(StatusCode::BAD_REQUEST, &e)

@@ -81,21 +81,18 @@ pub async fn rollback(
         ApiError::bad_request(format!("generation {text:?} is not a non-negative integer"))
             .with_key("generation")
     })?;
-    let changed = state.store.rollback(generation, peer.caller()).await?;
-    tracing::info!(
-        generation,
-        uid = peer.uid,
-        changed = changed.len(),
-        "rolled back"
-    );
-    if !changed.is_empty() {
-        let report = state
-            .applier
-            .apply_detached(&state.store, changed.clone())
-            .await;
-        if !report.success {
-            return Err(super::tx::apply_failed(&report));
-        }
+    let store = state.store.clone();
+    let caller = peer.caller();
+    let uid = peer.uid;
+    let rollback = async move {
+        let changed = store.rollback(generation, caller).await?;
+        tracing::info!(generation, uid, changed = changed.len(), "rolled back");
+        Ok::<_, ApiError>(changed)
+    };
+    // As for a commit: the rollback and its apply are one task (see `apply::detached`).
+    let (changed, report) = state.applier.after_commit(&state.store, rollback).await?;
+    if let Some(report) = report.filter(|r| !r.success) {
+        return Err(super::tx::apply_failed(&report));
     }
     Ok(Json(changed))
 }

@@ -50,19 +50,28 @@ pub async fn commit(
     Extension(peer): Extension<Peer>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<Vec<String>>> {
-    Ok(Json(commit_tx(&state, &peer, q.as_deref()).await?))
+    Ok(Json(commit_tx(&state, &peer, q.as_deref())?.await?))
 }
 
-/// Commits the transaction named by the query; answers the changed keys.
-async fn commit_tx(state: &AppState, peer: &Peer, query: Option<&str>) -> ApiResult<Vec<String>> {
+/// The commit of the transaction named by the query, as a future that owns what it
+/// needs (so that it can run on a task of its own); answers the changed keys.
+fn commit_tx(
+    state: &AppState,
+    peer: &Peer,
+    query: Option<&str>,
+) -> ApiResult<impl std::future::Future<Output = ApiResult<Vec<String>>> + Send + 'static> {
     let tx = Query::parse(query, &["tx"])?.tx()?;
-    let changed = state
-        .store
-        .commit(&tx, peer.caller())
-        .await
-        .map_err(ApiError::from_commit)?;
-    tracing::info!(tx = %tx, uid = peer.uid, changed = changed.len(), "committed");
-    Ok(changed)
+    let store = state.store.clone();
+    let caller = peer.caller();
+    let uid = peer.uid;
+    Ok(async move {
+        let changed = store
+            .commit(&tx, caller)
+            .await
+            .map_err(ApiError::from_commit)?;
+        tracing::info!(tx = %tx, uid, changed = changed.len(), "committed");
+        Ok(changed)
+    })
 }
 
 pub async fn apply(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<StatusCode> {
@@ -119,14 +128,13 @@ pub async fn commit_and_apply(
     Extension(peer): Extension<Peer>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
-    let changed = commit_tx(&state, &peer, q.as_deref()).await?;
-    if changed.is_empty() {
+    let commit = commit_tx(&state, &peer, q.as_deref())?;
+    // Commit and apply run on a task of their own: a client that hangs up cannot leave
+    // the commit without its apply (see `apply::detached`).
+    let (changed, report) = state.applier.after_commit(&state.store, commit).await?;
+    let Some(report) = report else {
         return Ok(Json(changed).into_response());
-    }
-    let report = state
-        .applier
-        .apply_detached(&state.store, changed.clone())
-        .await;
+    };
     // Bottlerocket's body (the changed keys) stays as it is, for its clients; the header
     // tells Keel's apiclient whether apply succeeded.
     let status = if report.success { "ok" } else { "failed" };

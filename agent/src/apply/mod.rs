@@ -22,6 +22,8 @@ pub mod render;
 pub mod restart;
 pub mod services;
 
+pub use detached::ApplyTaskFailed;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -170,6 +172,8 @@ struct Inner {
     /// One apply at a time: each renders from the live settings of the moment it runs,
     /// so the last apply to finish leaves the files matching the newest generation.
     serial: tokio::sync::Mutex<()>,
+    /// Applies requested on behalf of API requests (see `detached`).
+    queue: detached::Queue,
 }
 
 impl Applier {
@@ -184,6 +188,7 @@ impl Applier {
                 next_id: AtomicU64::new(1),
                 reboot_required: AtomicBool::new(false),
                 serial: tokio::sync::Mutex::new(()),
+                queue: detached::Queue::default(),
             }),
         }
     }
