@@ -41,9 +41,9 @@ pub enum Request {
     /// Removes `slot`'s loader entries, durably, before any of its bytes change.
     Invalidate { slot: Slot },
     /// `size` bytes follow: written from the start of `part` of `slot`, then `fdatasync`.
-    /// The writer refuses unless what it wrote hashes to `sha256`; for the root it also
-    /// recomputes the dm-verity tree (the hash part must be written first) and refuses
-    /// unless it matches the hash part and `root_hash`.
+    /// The writer refuses a hash part unless what it wrote hashes to `sha256`; a root
+    /// unless the dm-verity tree it recomputes (the hash part must be written first)
+    /// matches the hash part and `root_hash`, which authenticates every block.
     WritePartition {
         slot: Slot,
         part: Part,
@@ -85,7 +85,10 @@ pub struct Inspection {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Written {
     pub bytes: u64,
-    pub sha256: String,
+    /// The sha256 of what was written; not computed for a root image, whose dm-verity
+    /// tree is checked instead (see `writer.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_hash: Option<String>,
     /// The loader entry written (`Activate`) or removed (`Invalidate`, `Deactivate`).

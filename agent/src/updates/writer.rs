@@ -6,8 +6,9 @@
 //! Owns the checks made where the bytes land, whatever keeld asked: the running slot is
 //! refused (command line, and `O_EXCL` on block devices); a write larger than its
 //! partition is refused before a byte is written; the sha256 of what was written must be
-//! the target's; the dm-verity tree recomputed from the root image must equal the hash
-//! partition's and give the manifest's root hash; loader entries change only as
+//! the target's (hash partition, boot files); the dm-verity tree recomputed from the root
+//! image must equal the hash partition's and give the manifest's root hash (which
+//! authenticates every block of the root, so the root needs no sha256 pass of its own); loader entries change only as
 //! `loader.rs` says. Memory stays bounded: the payload passes through in 1 MiB chunks,
 //! with at most [`IN_FLIGHT`] chunks queued to the hashing threads.
 
@@ -130,7 +131,7 @@ fn handle(
             tracing::info!(slot = %slot, removed = ?entries, "slot invalidated");
             Ok(written(Written {
                 bytes: 0,
-                sha256: String::new(),
+                sha256: None,
                 root_hash: None,
                 entries,
             }))
@@ -201,7 +202,7 @@ fn handle(
             tracing::info!(slot = %slot, entry = %file, "slot activated for the next boot");
             Ok(written(Written {
                 bytes: 0,
-                sha256: String::new(),
+                sha256: None,
                 root_hash: Some(root_hash.clone()),
                 entries: vec![file],
             }))
@@ -212,7 +213,7 @@ fn handle(
             tracing::info!(slot = %slot, removed = ?entries, "slot deactivated");
             Ok(written(Written {
                 bytes: 0,
-                sha256: String::new(),
+                sha256: None,
                 root_hash: None,
                 entries,
             }))
@@ -376,11 +377,18 @@ fn write_partition(
             Some(sb)
         }
     };
-    let sha = Hashing::start(
-        Sha256::new(),
-        |h, c| h.update(c),
-        |h| hex::encode(h.finalize()),
-    );
+    // The root is checked by its dm-verity tree alone: recomputed from these bytes and
+    // compared with the manifest's root hash (signed, through the TUF targets), it
+    // authenticates every block, so a whole-image sha256 of the same bytes would be a
+    // third pass over them (keeld's TUF check is the first) for nothing. The hash
+    // partition, which no tree covers, is checked by its sha256.
+    let sha = superblock.is_none().then(|| {
+        Hashing::start(
+            Sha256::new(),
+            |h, c| h.update(c),
+            |h| hex::encode(h.finalize()),
+        )
+    });
     let tree = superblock.clone().map(|sb| {
         Hashing::start(
             TreeBuilder::new(sb),
@@ -396,15 +404,23 @@ fn write_partition(
             if let Some(tree) = &tree {
                 tree.send(chunk.clone());
             }
-            sha.send(chunk);
+            if let Some(sha) = &sha {
+                sha.send(chunk);
+            }
         },
     )?;
     // The data is on the device before the answer says it was written.
     file.sync_data()
         .map_err(|e| refuse(format!("fdatasync of {label}: {e}")))?;
     drop(file);
-    let digest = sha.finish()?;
-    if digest != sha256.to_ascii_lowercase() {
+    let digest = match sha {
+        Some(sha) => Some(sha.finish()?),
+        None => None,
+    };
+    if let Some(digest) = digest
+        .as_deref()
+        .filter(|d| *d != sha256.to_ascii_lowercase())
+    {
         return Err(refuse(format!(
             "the {size} bytes written to {label} have sha256 {digest}, but the target's is \
              {sha256}: refused"
@@ -525,7 +541,7 @@ fn write_boot_file(
             tracing::info!(slot = %slot, file = %target.display(), bytes = size, "boot file written");
             Ok(Written {
                 bytes: size,
-                sha256: digest,
+                sha256: Some(digest),
                 root_hash: None,
                 entries: Vec::new(),
             })
