@@ -1502,6 +1502,15 @@ validated_string! {
 }
 
 fn check_duration(s: &str) -> Result<(), String> {
+    parse_duration(s).map(|_| ())
+}
+
+/// The most a [`Duration`] may be: Go's limit (an `int64` of nanoseconds, about 292
+/// years), so that a value Bottlerocket's tools accept is one Keel accepts, and no larger.
+const MAX_DURATION_NANOS: u128 = i64::MAX as u128;
+
+/// A Go-syntax duration (`30s`, `1.5h`, `1h30m`, `0`): its length, or why it is not one.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let bad = || {
         invalid(
             s,
@@ -1510,27 +1519,59 @@ fn check_duration(s: &str) -> Result<(), String> {
         )
     };
     if s == "0" {
-        return Ok(());
+        return Ok(std::time::Duration::ZERO);
     }
-    let mut rest = s;
-    if rest.is_empty() {
+    if s.is_empty() {
         return Err(bad());
     }
+    let too_long = || invalid(s, "duration", "longer than 2562047h (Go's limit)");
+    let mut rest = s;
+    let mut nanos: u128 = 0;
     while !rest.is_empty() {
         let number_len = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .ok_or_else(bad)?;
-        if !is_decimal(&rest[..number_len]) {
+        let number = &rest[..number_len];
+        if !is_decimal(number) {
             return Err(bad());
         }
         rest = &rest[number_len..];
-        let unit = ["ns", "us", "µs", "ms", "s", "m", "h"]
-            .into_iter()
-            .find(|u| rest.starts_with(u) && !(*u == "m" && rest.starts_with("ms")))
-            .ok_or_else(bad)?;
+        let (unit, per_unit) = [
+            ("ns", 1u128),
+            ("us", 1_000),
+            ("µs", 1_000),
+            ("ms", 1_000_000),
+            ("s", 1_000_000_000),
+            ("m", 60_000_000_000),
+            ("h", 3_600_000_000_000),
+        ]
+        .into_iter()
+        .find(|(u, _)| rest.starts_with(u) && !(*u == "m" && rest.starts_with("ms")))
+        .ok_or_else(bad)?;
         rest = &rest[unit.len()..];
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        let whole: u128 = whole.parse().map_err(|_| too_long())?;
+        // Digits beyond the 18th are below a nanosecond for every unit: dropped, as Go
+        // drops them.
+        let fraction = &fraction[..fraction.len().min(18)];
+        let scale = 10u128.pow(u32::try_from(fraction.len()).unwrap_or(18));
+        let fraction: u128 = if fraction.is_empty() {
+            0
+        } else {
+            fraction.parse().map_err(|_| bad())?
+        };
+        let part = whole
+            .checked_mul(per_unit)
+            .and_then(|w| w.checked_add(fraction * per_unit / scale))
+            .ok_or_else(too_long)?;
+        nanos = nanos.checked_add(part).ok_or_else(too_long)?;
+        if nanos > MAX_DURATION_NANOS {
+            return Err(too_long());
+        }
     }
-    Ok(())
+    let secs = u64::try_from(nanos / 1_000_000_000).map_err(|_| too_long())?;
+    let subsec = u32::try_from(nanos % 1_000_000_000).map_err(|_| too_long())?;
+    Ok(std::time::Duration::new(secs, subsec))
 }
 
 validated_string! {
@@ -1538,6 +1579,15 @@ validated_string! {
     Duration, check = check_duration,
     description = "A duration such as 30s, 5m, 12h or 1h30m",
     format = None, pattern = Some("^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$|^0$")
+}
+
+impl Duration {
+    /// The length this duration names, as the runtime uses it. Every validated value
+    /// has one (validation parses it the same way); the error is for a value that
+    /// bypassed validation.
+    pub fn to_std(&self) -> Result<std::time::Duration, String> {
+        parse_duration(self.as_str())
+    }
 }
 
 fn check_sysctl_key(s: &str) -> Result<(), String> {

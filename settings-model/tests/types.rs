@@ -139,3 +139,41 @@ fn durations_sysctls_capabilities() {
     assert!(Capability::new("CAP_BPF").is_ok());
     assert!(Capability::new("net_admin").is_err());
 }
+
+/// Every accepted duration has the length Go gives it, and the runtime reads that same
+/// length (`Duration::to_std`): `1.5h` is not "no timeout".
+#[test]
+fn durations_mean_what_go_means() {
+    use std::time::Duration as Std;
+    for (text, expected) in [
+        ("0", Std::ZERO),
+        ("30s", Std::from_secs(30)),
+        ("1h30m", Std::from_secs(5400)),
+        ("1.5h", Std::from_secs(5400)),
+        ("1.5m", Std::from_secs(90)),
+        ("250ms", Std::from_millis(250)),
+        ("1µs", Std::from_micros(1)),
+        ("2us", Std::from_micros(2)),
+        ("7ns", Std::from_nanos(7)),
+        ("0.000000001s", Std::from_nanos(1)),
+        // Below a nanosecond: dropped, as Go drops it.
+        ("0.0000000019s", Std::from_nanos(1)),
+        ("1m1m", Std::from_secs(120)),
+        ("2562047h", Std::from_secs(2_562_047 * 3600)),
+    ] {
+        let d = Duration::new(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(d.to_std().unwrap(), expected, "{text}");
+    }
+    // Beyond Go's int64 of nanoseconds: refused, not wrapped or saturated.
+    for too_long in [
+        "2562048h",
+        "9223372037s",
+        "99999999999999999999999999999999999999999h",
+        "2562047h2562047h",
+    ] {
+        let err = Duration::new(too_long)
+            .err()
+            .unwrap_or_else(|| panic!("{too_long} accepted"));
+        assert!(err.to_string().contains("limit"), "{too_long}: {err}");
+    }
+}

@@ -244,13 +244,18 @@ impl Boot {
             else {
                 continue;
             };
+            // The model's own reading of the duration: the one its validation accepted
+            // (Go syntax, `1.5m` included), never a silent "no timeout".
+            let timeout = bc
+                .timeout
+                .as_ref()
+                .map(|d| d.to_std())
+                .transpose()
+                .map_err(|e| Halt(format!("settings.bootstrap-containers.{name}.timeout: {e}")))?;
             let spec = StepSpec {
                 mode: bc.mode.unwrap_or(BootstrapMode::Off),
                 essential: bc.essential.unwrap_or(false),
-                timeout: bc
-                    .timeout
-                    .as_ref()
-                    .and_then(|d| humantime::parse_duration(d.as_str()).ok()),
+                timeout,
             };
             self.run_container(t, desired, &registries, spec).await?;
         }

@@ -424,6 +424,28 @@ async fn a_timeout_kills_the_container_before_the_next_one_starts() {
     );
 }
 
+/// A timeout the model accepts in a form humantime does not read (more than nine
+/// decimals: its "number overflow") is honoured, not taken as "no timeout".
+#[tokio::test(start_paused = true)]
+async fn a_fractional_timeout_is_honoured() {
+    let node = Node::new(&bootstrap(
+        "hangs",
+        "always",
+        false,
+        "timeout = \"0.5000000000m\"",
+    ));
+    let boot = tokio::time::timeout(Duration::from_secs(3600), node.boot()).await;
+    let (record, gate) = boot.expect("the boot never ended: the timeout was not honoured");
+    assert_eq!(
+        (record.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    assert_eq!(
+        outcome(&record, "bootstrap-container:hangs"),
+        (StepOutcome::Failed, "timed out after 30s".into())
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_essential_timeout_fails_the_boot() {
     let node = Node::new(&bootstrap("hangs", "once", true, "timeout = \"2m\""));
