@@ -73,7 +73,12 @@ pub async fn run_commands(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContainerRun {
     Exited(i32),
-    TimedOut(Duration),
+    /// Ran past its limit; `kill_failed` says why it could not be stopped (it may still
+    /// run), `None` when it was.
+    TimedOut {
+        limit: Duration,
+        kill_failed: Option<String>,
+    },
 }
 
 /// Runs (or, after a keeld restart, resumes) bootstrap container `desired` to its end.
@@ -118,7 +123,9 @@ pub async fn run_container(
             Some(task) => {
                 // It finished while keeld was away; its exit status is still there.
                 let code = i32::try_from(task.exit_status).unwrap_or(i32::MAX);
-                let _ = runtime.delete_task(&id).await;
+                if let Err(e) = runtime.delete_task(&id).await {
+                    tracing::warn!(container = %id, error = %e, "cannot delete the exited bootstrap task");
+                }
                 cleanup(runtime, desired).await;
                 return Ok(ContainerRun::Exited(code));
             }
@@ -152,15 +159,24 @@ pub async fn run_container(
     };
     let outcome = match waited {
         Some(Ok(code)) => {
-            let _ = runtime.delete_task(&id).await;
+            // An exited task left behind is replaced at the next start; say so only.
+            if let Err(e) = runtime.delete_task(&id).await {
+                tracing::warn!(container = %id, error = %e, "cannot delete the exited bootstrap task");
+            }
             ContainerRun::Exited(code)
         }
         Some(Err(e)) => return Err(e),
         None => {
             let limit = timeout.unwrap_or_default();
             tracing::warn!(container = %id, timeout = ?limit, "bootstrap container timed out; killing it");
-            let _ = runtime.stop(&id, Duration::ZERO).await;
-            ContainerRun::TimedOut(limit)
+            let kill_failed = match runtime.stop(&id, Duration::ZERO).await {
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!(container = %id, error = %e, "cannot kill the timed-out bootstrap container; it may still run");
+                    Some(e.to_string())
+                }
+            };
+            ContainerRun::TimedOut { limit, kill_failed }
         }
     };
     cleanup(runtime, desired).await;

@@ -656,8 +656,13 @@ impl Boot {
                 );
                 format!("exited {code}")
             }
-            Ok(ContainerRun::TimedOut(limit)) => {
-                let reason = format!("timed out after {}", humantime::format_duration(limit));
+            Ok(ContainerRun::TimedOut { limit, kill_failed }) => {
+                let mut reason = format!("timed out after {}", humantime::format_duration(limit));
+                if let Some(e) = kill_failed {
+                    reason.push_str(&format!(
+                        ", and could not be killed (it may still run): {e}"
+                    ));
+                }
                 bootstrap::report_end(
                     &self.board,
                     desired,

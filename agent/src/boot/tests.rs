@@ -446,6 +446,21 @@ async fn a_fractional_timeout_is_honoured() {
     );
 }
 
+/// A timed-out container that cannot be killed is reported so, not as killed.
+#[tokio::test(start_paused = true)]
+async fn a_timed_out_container_that_cannot_be_killed_says_so() {
+    let node = Node::new(&bootstrap("hangs", "always", false, "timeout = \"30s\""));
+    node.fake.with(|s| s.stop_failures = 1);
+    let (record, _) = node.boot().await;
+    let (outcome, reason) = outcome(&record, "bootstrap-container:hangs");
+    assert_eq!(outcome, StepOutcome::Failed);
+    assert!(
+        reason.starts_with("timed out after 30s, and could not be killed (it may still run): ")
+            && reason.contains("the fake refused to stop bootstrap-hangs"),
+        "{reason}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_essential_timeout_fails_the_boot() {
     let node = Node::new(&bootstrap("hangs", "once", true, "timeout = \"2m\""));

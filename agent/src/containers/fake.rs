@@ -46,6 +46,8 @@ pub struct FakeState {
     pub scripts: HashMap<String, Script>,
     /// Fail this many prepares first.
     pub prepare_failures: u32,
+    /// Fail this many stops of a running task first (the task keeps running).
+    pub stop_failures: u32,
     /// containerd "down": every call fails as unavailable.
     pub down: bool,
     /// When each start happened.
@@ -215,6 +217,21 @@ impl Runtime for Fake {
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<Option<i32>, RunError> {
         self.check_up()?;
+        let refused = self.with(|s| {
+            let running = s
+                .records
+                .get(id)
+                .and_then(|r| r.1.as_ref())
+                .is_some_and(|t| t.running);
+            let refused = running && s.stop_failures > 0;
+            if refused {
+                s.stop_failures -= 1;
+            }
+            refused
+        });
+        if refused {
+            return Err(RunError::Failed(format!("the fake refused to stop {id}")));
+        }
         Ok(self.with(|s| {
             s.stops.push(id.to_owned());
             let task = s.records.get_mut(id).and_then(|r| r.1.take());
