@@ -157,7 +157,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         let updates = updates.clone();
         async move { updates.reconcile().await }
     });
-    let state = api::AppState {
+    let state = api::AppState::new(api::Services {
         store: store.clone(),
         applier: applier.clone(),
         boot: boot_view,
@@ -170,7 +170,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         },
         exec: exec.clone(),
         events: events.clone(),
-    };
+    });
     let policy = api::AccessPolicy {
         api_gid: gid,
         own_uid: rustix::process::geteuid().as_raw(),

@@ -34,9 +34,27 @@ use crate::store::Store;
 use error::ApiError;
 pub use peer::{AccessPolicy, Peer};
 
-/// Everything a handler may touch.
+/// Everything a handler may touch. axum hands each request its own copy of the state:
+/// one shared pointer, not one reference count per service.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> Self {
+        AppState(Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+#[derive(Debug)]
+pub struct Services {
     pub store: Store,
     pub applier: Applier,
     pub os: Arc<OsInfo>,
