@@ -45,6 +45,10 @@ pub struct RegistryConfig {
     /// (parsed when used, so that one that does not parse is reported, not skipped).
     mirrors: Vec<(String, Vec<String>)>,
     credentials: HashMap<String, Credential>,
+    /// Registry host → why its credentials cannot serve keeld's own pulls (they may
+    /// still serve containerd's CRI pulls, which read them from the rendered config).
+    /// Such a pull goes anonymously, and a failure says why.
+    unusable: HashMap<String, &'static str>,
     proxy: Option<ProxyRules>,
 }
 
@@ -53,6 +57,7 @@ impl std::fmt::Debug for RegistryConfig {
         f.debug_struct("RegistryConfig")
             .field("mirrors", &self.mirrors)
             .field("credentials", &self.credentials.keys().collect::<Vec<_>>())
+            .field("unusable", &self.unusable)
             .field("proxy", &self.proxy)
             .finish()
     }
@@ -88,8 +93,22 @@ impl RegistryConfig {
                     }),
                     _ => None,
                 };
-                if let Some(c) = from_pair.or(from_auth) {
-                    config.credentials.insert(host.as_str().to_owned(), c);
+                match from_pair.or(from_auth) {
+                    Some(c) => {
+                        config.credentials.insert(host.as_str().to_owned(), c);
+                    }
+                    None => {
+                        let why = if cred.identitytoken.is_some() {
+                            "they hold only an identitytoken, which containerd's CRI pulls \
+                             use and keeld's own pulls do not"
+                        } else if cred.username.is_some() || cred.password.is_some() {
+                            "they have a username without a password or a password \
+                             without a username"
+                        } else {
+                            "they have neither username and password nor auth"
+                        };
+                        config.unusable.insert(host.as_str().to_owned(), why);
+                    }
                 }
             }
         }
@@ -229,9 +248,20 @@ pub async fn pull(
 
 fn registry_failure(
     endpoint: &Endpoint,
+    config: &RegistryConfig,
     e: oci_client::errors::OciDistributionError,
 ) -> ImageError {
-    ImageError::Protocol(format!("{}: {e}", endpoint.reference.whole()))
+    let note = config
+        .unusable
+        .get(&endpoint.host)
+        .map(|why| {
+            format!(
+                " (settings.container-registry.credentials for {} were not used: {why})",
+                endpoint.host
+            )
+        })
+        .unwrap_or_default();
+    ImageError::Protocol(format!("{}: {e}{note}", endpoint.reference.whole()))
 }
 
 /// The manifest media types keeld asks a registry for.
@@ -257,7 +287,7 @@ async fn pull_from(
     let (mut bytes, digest) = client
         .pull_manifest_raw(reference, &auth, &accepted)
         .await
-        .map_err(|e| registry_failure(endpoint, e))?;
+        .map_err(|e| registry_failure(endpoint, config, e))?;
     if let Some(pinned) = reference.digest() {
         if pinned != digest {
             return Err(RegistryError::PinnedDigest {
@@ -280,7 +310,7 @@ async fn pull_from(
             let (b, d) = client
                 .pull_manifest_raw(&by_digest, &auth, &accepted)
                 .await
-                .map_err(|e| registry_failure(endpoint, e))?;
+                .map_err(|e| registry_failure(endpoint, config, e))?;
             if d != chosen.digest().as_ref() {
                 return Err(ImageError::DigestMismatch {
                     digest: chosen.digest().to_string(),
@@ -309,7 +339,7 @@ async fn pull_from(
         let stream = client
             .pull_blob_stream(reference, &oci_descriptor(layer))
             .await
-            .map_err(|e| registry_failure(endpoint, e))?;
+            .map_err(|e| registry_failure(endpoint, config, e))?;
         let owned = endpoint.reference.whole();
         let data = stream.stream.map(move |r| {
             r.map_err(|e| ImageError::Protocol(format!("{owned}: download failed: {e}")))
@@ -330,7 +360,7 @@ async fn pull_from(
         client
             .pull_blob(reference, &oci_descriptor(config_desc), &mut out)
             .await
-            .map_err(|e| registry_failure(endpoint, e))?;
+            .map_err(|e| registry_failure(endpoint, config, e))?;
         verify_digest(config_desc.digest(), &out)?;
         out
     };
@@ -378,6 +408,52 @@ mod tests {
         }
         for no in ["registry.example.com", "10.0.0.1:5000", "public.ecr.aws"] {
             assert!(!is_loopback(no), "{no}");
+        }
+    }
+
+    /// Credentials keeld cannot use are not silently dropped: a pull from that registry
+    /// goes anonymously, and its failure says which credentials were not used and why.
+    #[test]
+    fn credentials_keeld_cannot_use_are_named_in_the_pull_error() {
+        let settings: Settings = serde_json::from_value(serde_json::json!({
+            "container-registry": {
+                "credentials": [
+                    {"registry": "token.example.com", "identitytoken": "refresh-token"},
+                    {"registry": "half.example.com", "username": "u"},
+                    {"registry": "full.example.com", "username": "u", "password": "p"}
+                ]
+            }
+        }))
+        .expect("settings");
+        let config = RegistryConfig::from_settings(&settings);
+        assert!(matches!(
+            config.auth_for("full.example.com"),
+            RegistryAuth::Basic(..)
+        ));
+        for (host, why) in [
+            ("token.example.com", "only an identitytoken"),
+            ("half.example.com", "a username without a password"),
+        ] {
+            assert!(matches!(config.auth_for(host), RegistryAuth::Anonymous));
+            let reference: Reference = format!("{host}/app:1").parse().expect("ref");
+            let (list, _) = endpoints(&reference, &config);
+            let failure = registry_failure(
+                &list[0],
+                &config,
+                oci_client::errors::OciDistributionError::AuthenticationFailure(
+                    "401 Unauthorized".into(),
+                ),
+            )
+            .to_string();
+            assert!(
+                failure.contains(&format!(
+                    "settings.container-registry.credentials for {host} were not used"
+                )) && failure.contains(why)
+                    && failure.contains("401 Unauthorized"),
+                "{failure}"
+            );
+            // The secret itself is never in the message.
+            assert!(!failure.contains("refresh-token"), "{failure}");
         }
     }
 
