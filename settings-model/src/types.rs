@@ -1613,6 +1613,11 @@ fn check_sysctl_key(s: &str) -> Result<(), String> {
     {
         return Err(invalid(s, what, "empty parts are not allowed"));
     }
+    // systemd-sysctl reads a leading '-' as "ignore errors for this key", not as part of
+    // the key: the rendered line would mean something else than the setting.
+    if s.starts_with('-') {
+        return Err(invalid(s, what, "must not start with '-'"));
+    }
     Ok(())
 }
 
@@ -1620,7 +1625,7 @@ validated_string! {
     /// A sysctl key such as `vm.max_map_count` (`/` separators accepted too).
     SysctlKey, check = check_sysctl_key,
     description = "A sysctl key such as vm.max_map_count",
-    format = None, pattern = Some("^[A-Za-z0-9_-]+([./][A-Za-z0-9_-]+)*$")
+    format = None, pattern = Some("^[A-Za-z0-9_][A-Za-z0-9_-]*([./][A-Za-z0-9_-]+)*$")
 }
 
 /// The Linux capability names, without the `CAP_` prefix.

@@ -130,6 +130,9 @@ fn durations_sysctls_capabilities() {
     assert!(SysctlKey::new("net.ipv4.ip_forward").is_ok());
     assert!(SysctlKey::new("net/ipv4/ip_forward").is_ok());
     assert!(SysctlKey::new(".vm").is_err());
+    // systemd-sysctl's "ignore errors" marker is not part of a key.
+    assert!(SysctlKey::new("-kernel.panic").is_err());
+    assert!(SysctlKey::new("net.ipv4.conf.eth-0.rp_filter").is_ok());
     assert!(SysctlKey::new("vm x").is_err());
     assert!(Capability::new("NET_ADMIN").is_ok());
     assert_eq!(
