@@ -277,6 +277,13 @@ impl Harness {
     }
 
     /// The process the engine started next.
+    /// Connects, sends `init` and waits for the process it starts.
+    async fn session(&mut self, init: &ClientMessage) -> (Client, Controls) {
+        let mut client = self.connect().await;
+        client.control(init).await;
+        (client, self.next_process().await)
+    }
+
     async fn next_process(&mut self) -> Controls {
         timeout(WAIT, self.started.recv())
             .await
@@ -465,11 +472,9 @@ async fn the_exit_status_is_the_close_reason_after_the_output() {
 #[tokio::test]
 async fn output_written_just_after_the_exit_arrives_after_a_quiet_spell() {
     let mut keeld = Harness::start();
-    let mut client = keeld.connect().await;
-    client
-        .control(&initialize(&["sh"], "admin", None, false))
+    let (mut client, mut process) = keeld
+        .session(&initialize(&["sh"], "admin", None, false))
         .await;
-    let mut process = keeld.next_process().await;
     assert_eq!(client.next().await, capacity(0));
     process.stdout.write_all(b"early\n").await.unwrap();
     assert_eq!(client.next().await, Data(b"early\n".to_vec()));
@@ -493,11 +498,9 @@ async fn output_written_just_after_the_exit_arrives_after_a_quiet_spell() {
 #[tokio::test]
 async fn input_reaches_stdin_in_order_then_content_complete_closes_it() {
     let mut keeld = Harness::start();
-    let mut client = keeld.connect().await;
-    client
-        .control(&initialize(&["cat"], "admin", None, false))
+    let (mut client, mut process) = keeld
+        .session(&initialize(&["cat"], "admin", None, false))
         .await;
-    let mut process = keeld.next_process().await;
     for chunk in ["one ", "two ", "three"] {
         client.data(chunk.as_bytes()).await;
     }
@@ -528,11 +531,9 @@ async fn input_reaches_stdin_in_order_then_content_complete_closes_it() {
 async fn keel_clients_get_started_then_output_tagged_by_stream() {
     let mut keeld = Harness::start();
 
-    let mut client = keeld.connect().await;
-    client
-        .control(&initialize(&["sh"], "admin", None, true))
+    let (mut client, mut process) = keeld
+        .session(&initialize(&["sh"], "admin", None, true))
         .await;
-    let mut process = keeld.next_process().await;
     // Output written at once still comes after Started.
     process.stdout.write_all(b"out").await.unwrap();
     assert_eq!(client.next().await, capacity(0));
@@ -569,11 +570,9 @@ async fn keel_clients_get_started_then_output_tagged_by_stream() {
 #[tokio::test]
 async fn bottlerocket_clients_get_untagged_output_and_no_keel_messages() {
     let mut keeld = Harness::start();
-    let mut client = keeld.connect().await;
-    client
-        .control(&initialize(&["sh"], "admin", None, false))
+    let (mut client, mut process) = keeld
+        .session(&initialize(&["sh"], "admin", None, false))
         .await;
-    let mut process = keeld.next_process().await;
     process.stdout.write_all(b"out").await.unwrap();
     assert_eq!(client.next().await, capacity(0));
     assert_eq!(client.next().await, Data(b"out".to_vec()));
@@ -665,11 +664,9 @@ async fn signals_and_window_sizes_reach_the_process_or_are_refused() {
 #[tokio::test]
 async fn without_keel_s_protocol_or_a_terminal_control_messages_are_quiet() {
     let mut keeld = Harness::start();
-    let mut client = keeld.connect().await;
-    client
-        .control(&initialize(&["sh"], "admin", None, false))
+    let (mut client, mut process) = keeld
+        .session(&initialize(&["sh"], "admin", None, false))
         .await;
-    let mut process = keeld.next_process().await;
     client
         .control(&ClientMessage::Winch(Size {
             rows: 50,
@@ -837,11 +834,9 @@ async fn bad_input_is_closed_with_its_own_code_and_leaves_no_process() {
 async fn a_client_that_goes_away_takes_its_process_with_it() {
     let mut keeld = Harness::start();
 
-    let mut client = keeld.connect().await;
-    client
-        .control(&initialize(&["sh"], "admin", None, true))
+    let (mut client, mut process) = keeld
+        .session(&initialize(&["sh"], "admin", None, true))
         .await;
-    let mut process = keeld.next_process().await;
     process.stdout.write_all(b"tick").await.unwrap();
     assert_eq!(client.next().await, capacity(0));
     assert_eq!(client.next().await, started(true));
@@ -853,11 +848,9 @@ async fn a_client_that_goes_away_takes_its_process_with_it() {
         [Call::Remove { exited: false }]
     );
 
-    let mut client = keeld.connect().await;
-    client
-        .control(&initialize(&["sh"], "admin", None, true))
+    let (mut client, mut process) = keeld
+        .session(&initialize(&["sh"], "admin", None, true))
         .await;
-    let mut process = keeld.next_process().await;
     assert_eq!(client.next().await, capacity(0));
     assert_eq!(client.next().await, started(true));
     client.ws.close(None).await.unwrap();
@@ -871,11 +864,9 @@ async fn a_client_that_goes_away_takes_its_process_with_it() {
 #[tokio::test]
 async fn capacity_is_reported_at_the_start_and_every_128_messages_written() {
     let mut keeld = Harness::start();
-    let mut client = keeld.connect().await;
-    client
-        .control(&initialize(&["cat"], "admin", None, false))
+    let (mut client, mut process) = keeld
+        .session(&initialize(&["cat"], "admin", None, false))
         .await;
-    let mut process = keeld.next_process().await;
     assert_eq!(client.next().await, capacity(0));
     let messages = 2 * wire::CAPACITY_UPDATE_INTERVAL + 5;
     for i in 0..messages {
@@ -906,11 +897,9 @@ async fn capacity_is_reported_at_the_start_and_every_128_messages_written() {
 #[tokio::test]
 async fn a_client_that_overruns_its_capacity_is_closed_with_1009() {
     let mut keeld = Harness::with_buffers(1, PIPE);
-    let mut client = keeld.connect().await;
-    client
-        .control(&initialize(&["sleep", "100"], "admin", None, true))
+    let (mut client, mut process) = keeld
+        .session(&initialize(&["sleep", "100"], "admin", None, true))
         .await;
-    let mut process = keeld.next_process().await;
     assert_eq!(client.next().await, capacity(0));
     assert_eq!(client.next().await, started(true));
     for _ in 0..MAX_MESSAGES_OUTSTANDING {
@@ -951,11 +940,9 @@ async fn a_client_that_does_not_read_holds_back_the_process_s_output() {
     const FLOOD: usize = 16 << 20;
     const BOUND: usize = 4 << 20;
     let mut keeld = Harness::start();
-    let mut client = keeld.connect().await;
-    client
-        .control(&initialize(&["yes"], "admin", None, false))
+    let (mut client, mut process) = keeld
+        .session(&initialize(&["yes"], "admin", None, false))
         .await;
-    let mut process = keeld.next_process().await;
     let accepted = Arc::new(AtomicUsize::new(0));
     let pattern: Vec<u8> = (0..FLOOD).map(|i| (i % 251) as u8).collect();
     let pattern = Arc::new(pattern);
@@ -1019,11 +1006,9 @@ async fn a_slow_client_gets_all_the_output_of_a_process_that_exited() {
     // FIFO together may.
     const BUFFERED: usize = 1 << 20;
     let mut keeld = Harness::with_buffers(PIPE, BUFFERED);
-    let mut client = keeld.connect().await;
-    client
-        .control(&initialize(&["cat", "big"], "admin", None, false))
+    let (mut client, mut process) = keeld
+        .session(&initialize(&["cat", "big"], "admin", None, false))
         .await;
-    let mut process = keeld.next_process().await;
     // The client reads nothing yet, so keeld's queue fills and the rest stays in the
     // pipe; the process wrote it all, and exits.
     let output: Vec<u8> = (0..BUFFERED).map(|i| (i % 251) as u8).collect();
@@ -1052,11 +1037,9 @@ async fn a_slow_client_gets_all_the_output_of_a_process_that_exited() {
 async fn stopping_ends_sessions_with_1001_and_removes_their_processes() {
     let mut keeld = Harness::start();
     let mut waiting = keeld.connect().await;
-    let mut client = keeld.connect().await;
-    client
-        .control(&initialize(&["sh"], "admin", None, true))
+    let (mut client, mut process) = keeld
+        .session(&initialize(&["sh"], "admin", None, true))
         .await;
-    let mut process = keeld.next_process().await;
     assert_eq!(client.next().await, capacity(0));
     assert_eq!(client.next().await, started(true));
     assert!(keeld.service.stop(WAIT).await, "the sessions finished");

@@ -17,12 +17,12 @@
 //! The queue coalesces. Applies run one at a time, each rendering the live settings of
 //! the moment it starts. A request that arrives while one runs joins the next, which
 //! starts after the request's generation is live and so covers it, with the keys of every
-//! request that joined. Eight clients that commit at once cost two applies, not eight;
+//! request that joined. Eight clients that commit at once cost about three applies, not eight;
 //! each client gets the report of the apply that covered its keys.
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 
 use tokio::sync::oneshot;
 
@@ -31,12 +31,7 @@ use crate::store::Store;
 
 /// Requests waiting for the next apply, and whether the queue's task is running.
 #[derive(Debug, Default)]
-pub(super) struct Queue {
-    waiting: Mutex<Waiting>,
-}
-
-#[derive(Debug, Default)]
-struct Waiting {
+pub(super) struct Waiting {
     keys: BTreeSet<String>,
     replies: Vec<oneshot::Sender<Arc<ApplyReport>>>,
     /// The task that runs applies while any request waits.
@@ -150,7 +145,6 @@ impl Applier {
     fn queue(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.inner
             .queue
-            .waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }

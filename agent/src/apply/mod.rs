@@ -173,7 +173,7 @@ struct Inner {
     /// so the last apply to finish leaves the files matching the newest generation.
     serial: tokio::sync::Mutex<()>,
     /// Applies requested on behalf of API requests (see `detached`).
-    queue: detached::Queue,
+    queue: Mutex<detached::Waiting>,
 }
 
 impl Applier {
@@ -188,7 +188,7 @@ impl Applier {
                 next_id: AtomicU64::new(1),
                 reboot_required: AtomicBool::new(false),
                 serial: tokio::sync::Mutex::new(()),
-                queue: detached::Queue::default(),
+                queue: Mutex::default(),
             }),
         }
     }
