@@ -198,10 +198,11 @@ impl Config {
             .collect()
     }
 
-    /// How keeld updates this host.
-    pub fn updates(&self) -> crate::updates::UpdatesConfig {
+    /// How keeld reaches keel-slot-writer (updates, and the boot parameters in the loader
+    /// entries).
+    pub fn update_writer(&self) -> crate::updates::writer_client::WriterEndpoint {
         use crate::updates::writer_client::WriterEndpoint;
-        let writer = match &self.update_writer_command {
+        match &self.update_writer_command {
             Some(command) => WriterEndpoint::Command(
                 command
                     .split_ascii_whitespace()
@@ -209,7 +210,28 @@ impl Config {
                     .collect(),
             ),
             None => WriterEndpoint::Socket(self.update_writer_socket.clone()),
-        };
+        }
+    }
+
+    /// Where `settings.boot`'s parameters go: the slot writer, when Keel's loader entries
+    /// booted this host (`keel.slot=` on the kernel command line) or a writer command is
+    /// given (tests); `None` on other hosts, where setting them fails the apply.
+    pub fn boot_loader(&self) -> Option<crate::apply::BootLoader> {
+        let keel_boot = std::fs::read_to_string("/proc/cmdline")
+            .map(|line| {
+                line.split_ascii_whitespace()
+                    .any(|w| w.starts_with("keel.slot="))
+            })
+            .unwrap_or(false);
+        (keel_boot || self.update_writer_command.is_some()).then(|| crate::apply::BootLoader {
+            writer: self.update_writer(),
+            staged: self.state_dir.join("boot-parameters"),
+        })
+    }
+
+    /// How keeld updates this host.
+    pub fn updates(&self) -> crate::updates::UpdatesConfig {
+        let writer = self.update_writer();
         crate::updates::UpdatesConfig {
             repository: crate::updates::repository::RepositoryConfig {
                 root: self.update_root.clone(),

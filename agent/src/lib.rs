@@ -59,6 +59,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
             restart_timeout: config.restart_timeout.into(),
             journal_dir: Some(config.runtime_dir.clone()),
             events: events.clone(),
+            boot_loader: config.boot_loader(),
         },
         serde_json::to_value(&os).unwrap_or_default(),
     );

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use keel_agent::apply::render::Templates;
 use keel_agent::apply::ServicesMeta;
-use keel_e2e::{raw_request, repo_root, Keeld};
+use keel_e2e::updates::SlotHost;
+use keel_e2e::{raw_request, repo_root, Keeld, KeeldOptions};
 use serde_json::json;
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -157,7 +158,14 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let keeld = Keeld::start();
+    // The boot parameters of the full settings go to loader entries: slots and an ESP as
+    // files, through the real keel-slot-writer.
+    let host_dir = tempfile::tempdir().unwrap();
+    let host = SlotHost::create(host_dir.path(), 1 << 20, 1 << 16);
+    let keeld = Keeld::start_with(KeeldOptions {
+        extra_args: vec!["--update-writer-command".into(), host.writer_command()],
+        ..KeeldOptions::default()
+    });
     // Warm up, and make the model realistic.
     let body = full_settings().to_string();
     raw_request(
@@ -166,7 +174,10 @@ fn main() {
         "/settings?tx=seed",
         Some(body.as_bytes()),
     );
-    raw_request(&keeld.socket, "POST", "/tx/commit_and_apply?tx=seed", None);
+    let seeded = raw_request(&keeld.socket, "POST", "/tx/commit_and_apply?tx=seed", None);
+    assert_eq!(seeded.status, 200, "{}", seeded.text());
+    let log = raw_request(&keeld.socket, "GET", "/apply/log", None).json();
+    assert_eq!(log["applies"][0]["success"], true, "{log}");
 
     let commit = summary(commit_loop(&keeld, n, "/tx/commit", false, "c"));
     let applied = summary(commit_loop(&keeld, n, "/tx/commit_and_apply", true, "a"));

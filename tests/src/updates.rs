@@ -194,14 +194,29 @@ impl SlotHost {
                 .then(b.file.cmp(&a.file))
         });
         let chosen = entries.first().expect("no loader entry to boot").clone();
+        let text = std::fs::read_to_string(dir.join(&chosen.file)).unwrap();
         if let Some(left) = chosen.left.filter(|l| *l > 0) {
             let id = chosen.file.split('+').next().unwrap();
             let renamed = format!("{id}+{}-{}.conf", left - 1, chosen.done + 1);
             std::fs::rename(dir.join(&chosen.file), dir.join(renamed)).unwrap();
         }
         self.boots += 1;
-        self.set_running(&chosen.slot);
+        // The kernel's command line: `initrd=` for the EFI stub, then the entry's
+        // `options` lines joined, as systemd-boot makes it.
+        let mut cmdline = vec![format!("initrd=\\keel\\{}\\initrd.img", chosen.slot)];
+        for line in text.lines() {
+            if let Some(options) = line.trim().strip_prefix("options ") {
+                cmdline.extend(options.split_whitespace().map(str::to_owned));
+            }
+        }
+        std::fs::write(self.dir.join("cmdline"), cmdline.join(" ") + "\n").unwrap();
+        std::fs::write(self.dir.join("boot_id"), format!("boot-{}\n", self.boots)).unwrap();
         chosen.slot
+    }
+
+    /// The kernel command line of the running boot.
+    pub fn cmdline(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cmdline")).unwrap()
     }
 
     /// systemd-bless-boot after `boot-complete.target`: the running slot's entry loses its

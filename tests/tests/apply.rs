@@ -6,6 +6,7 @@
 
 use std::os::unix::fs::MetadataExt;
 
+use keel_e2e::updates::SlotHost;
 use keel_e2e::{repo_root, Keeld, KeeldOptions};
 use serde_json::json;
 
@@ -172,9 +173,19 @@ fn dry_run_shows_diffs_and_changes_nothing() {
     assert!(motd.contains("old text"));
 }
 
+/// settings.boot reaches the boot loader's entries through the real keel-slot-writer
+/// (slots and ESP as files): the running slot's entry gets the parameters, a reboot's
+/// command line (systemd-boot's, simulated) carries them, kernel's before `--`, init's
+/// after; a change replaces them; a host without a reachable slot writer says that the
+/// parameters cannot take effect.
 #[test]
-fn boot_parameters_are_staged_and_reboot_required_is_reported() {
-    let keeld = Keeld::start();
+fn boot_parameters_reach_the_next_boots_command_line_or_the_apply_says_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = SlotHost::create(&dir.path().join("host"), 1 << 20, 1 << 16);
+    let keeld = Keeld::start_with(KeeldOptions {
+        extra_args: vec!["--update-writer-command".into(), host.writer_command()],
+        ..KeeldOptions::default()
+    });
     assert_eq!(
         keeld.raw("GET", "/apply/log", None).json()["reboot-required"],
         false
@@ -182,15 +193,82 @@ fn boot_parameters_are_staged_and_reboot_required_is_reported() {
     ok(&keeld.apiclient(&[
         "set",
         "-j",
-        r#"{"boot": {"kernel-parameters": {"console": ["tty0", "ttyS1,115200n8"]}}}"#,
+        r#"{"boot": {"kernel-parameters": {"console": ["tty0", "ttyS1,115200n8"], "nosmt": []},
+            "init-parameters": {"systemd.log_level": ["debug"]}}}"#,
     ]));
     let staged =
         std::fs::read_to_string(keeld.render_root().join("etc/keel/boot/kernel-parameters"))
             .unwrap();
     assert!(staged.contains("console=tty0,ttyS1,115200n8"), "{staged:?}");
     let log = keeld.raw("GET", "/apply/log", None).json();
-    assert_eq!(log["reboot-required"], true);
-    assert_eq!(log["applies"][0]["reboot-required"], true);
+    assert_eq!(log["reboot-required"], true, "{log}");
+    let apply = &log["applies"][0];
+    assert_eq!(apply["reboot-required"], true, "{apply}");
+    assert_eq!(apply["success"], true, "{apply}");
+    assert_eq!(
+        apply["commands"][0]["argv"],
+        json!(["keel-slot-writer", "set-boot-parameters"]),
+        "{apply}"
+    );
+    assert!(
+        apply["commands"][0]["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("keel-a.conf"),
+        "{apply}"
+    );
+    // The running slot's entry keeps the image's options and Keel's keys.
+    assert_eq!(host.reboot(), "a");
+    let cmdline = host.cmdline();
+    assert!(
+        cmdline.trim().ends_with(
+            "console=ttyS0 console=tty0,ttyS1,115200n8 nosmt -- systemd.log_level=debug"
+        ) && cmdline.contains("keel.slot=a keel.roothash="),
+        "{cmdline}"
+    );
+
+    // A change replaces them; removing them all leaves the image's line.
+    ok(&keeld.apiclient(&[
+        "set",
+        "-j",
+        r#"{"boot": {"kernel-parameters": null, "init-parameters": null}}"#,
+    ]));
+    assert_eq!(host.reboot(), "a");
+    let cmdline = host.cmdline();
+    assert!(
+        cmdline.trim().ends_with("console=ttyS0") && !cmdline.contains("--"),
+        "{cmdline}"
+    );
+    drop(keeld);
+
+    // A slot writer that cannot be reached, and a host whose boot loader entries are
+    // not Keel's (no keel.slot= on this machine's command line): the apply fails, naming
+    // why, and no reboot is said to help.
+    for (args, why) in [
+        (
+            vec![
+                "--update-writer-command".into(),
+                "/nonexistent/keel-slot-writer".into(),
+            ],
+            "cannot reach the slot writer",
+        ),
+        (Vec::new(), "no boot loader entries Keel manages"),
+    ] {
+        let keeld = Keeld::start_with(KeeldOptions {
+            extra_args: args,
+            ..KeeldOptions::default()
+        });
+        let out = keeld.apiclient(&["set", "boot.kernel-parameters.nosmt=[]"]);
+        assert!(!out.status.success());
+        let log = keeld.raw("GET", "/apply/log", None).json();
+        let apply = &log["applies"][0];
+        let error = apply["commands"][0]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("settings.boot cannot reach the next boot") && error.contains(why),
+            "{log}"
+        );
+        assert_eq!(log["reboot-required"], false, "{log}");
+    }
 }
 
 #[test]

@@ -537,6 +537,8 @@ apply() {
 v=$(apiclient raw -u /os | tr -d '\n ' | sed -n 's/.*"version_id":"\([^"]*\)".*/\1/p')
 say "boot-of=$v"
 say "slot=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^keel.slot=//p')"
+say "boot-params=$(tr ' ' '\n' < /proc/cmdline | grep -x -e 'keeltest.kernel=on' -e '--' -e 'keeltest.init=on' | tr '\n' ' ')"
+say "init-argv=$(tr '\0' ' ' < /proc/1/cmdline)"
 say "starts=$(cat $dir/starts 2>/dev/null | wc -l)"
 date +%s >> $dir/starts && sync
 say "motd=$(apiclient get settings.motd | tr -d '\n ')"
@@ -684,6 +686,12 @@ fn update_power_cut_and_rollback() {
         r#"[settings]
 motd = "{motd}"
 
+[settings.boot.kernel-parameters]
+"keeltest.kernel" = ["on"]
+
+[settings.boot.init-parameters]
+"keeltest.init" = ["on"]
+
 [settings.updates]
 metadata-base-url = "http://169.254.169.254:8080/metadata/"
 targets-base-url = "http://169.254.169.254:8080/targets/"
@@ -731,6 +739,13 @@ user-data = "{updater}"
             && first.get("check").is_some_and(|c| c.contains(N1)),
         &format!("N on slot a, told of N+1 by `apiclient update check`: {first:?}"),
     );
+    // settings.boot is in the user-data: the image's entry has no parameters, so this
+    // first boot's command line has none of them.
+    check(
+        &vm,
+        first.get("boot-params").map(String::as_str) == Some(""),
+        &format!("the first boot's command line has no settings.boot parameters: {first:?}"),
+    );
     vm.power_cut();
     let cut_log = vm.serial();
     server.set_faults(Vec::new());
@@ -752,6 +767,19 @@ user-data = "{updater}"
                 .get("status")
                 .is_some_and(|s| s.contains("prepare")),
         &format!("after the power cut: N on slot a, the cut prepare on record: {after_cut:?}"),
+    );
+    // The first boot's apply wrote settings.boot into slot a's loader entry: the kernel
+    // has them now, init's after `--`, and init (PID 1) got those as arguments.
+    let boot_params = |run: &BTreeMap<String, String>| {
+        run.get("boot-params").map(String::as_str) == Some("keeltest.kernel=on -- keeltest.init=on")
+            && run
+                .get("init-argv")
+                .is_some_and(|a| a.split_whitespace().any(|w| w == "keeltest.init=on"))
+    };
+    check(
+        &vm,
+        boot_params(&after_cut),
+        &format!("settings.boot on the second boot's command line: {after_cut:?}"),
     );
     let waited = vm.wait_serial(&format!("KEEL-PROBE waiting-for={N2}"), 1, BOOT);
     check(&vm, waited.is_ok(), &format!("{waited:?}"));
@@ -775,6 +803,11 @@ user-data = "{updater}"
                 .get("starts")
                 .is_some_and(|s| s.parse::<u32>().unwrap_or(0) >= 2),
         &format!("settings and the admin container's data survive the update: {on_n1:?}"),
+    );
+    check(
+        &vm,
+        boot_params(&on_n1),
+        &format!("activation carried settings.boot into slot b's entry: {on_n1:?}"),
     );
 
     // N+2 cannot reach `configured`: three tries, then N+1 again, which says so.

@@ -195,6 +195,7 @@ template-path = "motd"
             restart_timeout: Duration::from_secs(10),
             journal_dir: None,
             events: Default::default(),
+            boot_loader: None,
         };
         Applier::new(meta, templates, config, json!({}))
     }

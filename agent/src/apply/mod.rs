@@ -38,6 +38,7 @@ use services::ConfigurationFile;
 pub use services::{ServicesError, ServicesMeta};
 
 use crate::store::{CheckError, CommitCheck, Store};
+use crate::updates::loader::BootParameters;
 use render::{RenderError, Templates};
 
 /// Applies kept for `GET /apply/log` (in memory and in the journal).
@@ -153,6 +154,32 @@ pub struct ApplyConfig {
     pub journal_dir: Option<PathBuf>,
     /// Hears of every apply once it finished.
     pub events: crate::events::EventBus,
+    /// Where a `boot-parameters` service's lines go to reach the next boot. `None`: this
+    /// host has no boot loader entries Keel manages, and an apply that sets parameters
+    /// says so and fails.
+    pub boot_loader: Option<BootLoader>,
+}
+
+/// The boot loader entries of a Keel host, as the apply reaches them.
+#[derive(Debug, Clone)]
+pub struct BootLoader {
+    /// The slot writer, which alone writes the entries.
+    pub writer: crate::updates::writer_client::WriterEndpoint,
+    /// The parameters the entries were last given (one `options` line; none = the
+    /// image's entries, which hold none), in the state directory: an apply whose lines
+    /// are these asks nothing of the writer, so a boot does not depend on it.
+    pub staged: PathBuf,
+}
+
+impl BootLoader {
+    /// The parameters last staged; a record that cannot be read counts as unknown.
+    fn last_staged(&self) -> Option<String> {
+        match crate::updates::durable::read_bounded(&self.staged, 64 * 1024) {
+            Ok(bytes) => String::from_utf8(bytes).ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(String::new()),
+            Err(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -436,13 +463,18 @@ impl Applier {
         let this = self.clone();
         let services = report.services.clone();
         let written = tokio::task::spawn_blocking(move || {
-            this.write_services(snapshot.live_settings(), &services)
+            let settings = snapshot.live_settings();
+            let (files, reboot_required) = this.write_services(settings, &services);
+            let boot = this.boot_parameters(settings, &services, &files);
+            (files, reboot_required, boot)
         })
         .await;
+        let mut boot = Vec::new();
         match written {
-            Ok((files, reboot_required)) => {
+            Ok((files, reboot_required, parameters)) => {
                 report.files = files;
                 report.reboot_required = reboot_required;
+                boot = parameters;
             }
             Err(e) => report.files.push(FileOutcome::failed(
                 "(apply)",
@@ -470,6 +502,24 @@ impl Applier {
                 report.success &= outcome.success;
                 report.commands.push(outcome);
             }
+        }
+        for (service, parameters) in boot {
+            if let Ok(p) = &parameters {
+                let in_place = match &self.inner.config.boot_loader {
+                    // No entries that could hold any: only "none" is in effect.
+                    None => p.options().is_empty(),
+                    Some(loader) => loader.last_staged().as_deref() == Some(&p.options()),
+                };
+                if in_place {
+                    continue;
+                }
+            }
+            let outcome = self.stage_boot_parameters(&service, parameters).await;
+            report.success &= outcome.success;
+            // The rendered lines changed, but no boot will read them: a reboot would not
+            // bring them into effect.
+            report.reboot_required &= outcome.success;
+            report.commands.push(outcome);
         }
         if report.reboot_required {
             self.inner.reboot_required.store(true, Ordering::Relaxed);
@@ -527,6 +577,136 @@ impl Applier {
             }
         }
         (files, reboot_required)
+    }
+
+    /// For each `boot-parameters` service among `services` whose files this apply
+    /// changed (and wrote without failure): its two lines rendered from `settings`.
+    fn boot_parameters(
+        &self,
+        settings: &Value,
+        services: &BTreeMap<String, Vec<String>>,
+        files: &[FileOutcome],
+    ) -> Vec<(String, Result<BootParameters, String>)> {
+        let context = self.context(settings);
+        let mut out = Vec::new();
+        for service in services.keys() {
+            let Some(names) = self
+                .inner
+                .meta
+                .services
+                .get(service)
+                .and_then(|s| s.boot_parameters.as_ref())
+            else {
+                continue;
+            };
+            let of_service = |f: &&FileOutcome| f.name == names.kernel || f.name == names.init;
+            let outcomes: Vec<&FileOutcome> = files.iter().filter(of_service).collect();
+            let failed = outcomes.iter().any(|f| f.result == FileResult::Failed);
+            if failed || !outcomes.iter().any(|f| f.result.changed()) {
+                continue;
+            }
+            let line = |name: &str| {
+                self.inner
+                    .templates
+                    .render_in(self.template_of(name), &context)
+                    .map(|text| text.trim().to_owned())
+                    .map_err(|e| e.to_string())
+            };
+            let parameters = line(&names.kernel).and_then(|kernel| {
+                Ok(BootParameters {
+                    kernel,
+                    init: line(&names.init)?,
+                })
+            });
+            out.push((service.clone(), parameters));
+        }
+        out
+    }
+
+    /// Hands a service's boot parameters to the boot loader's entries; the outcome is
+    /// reported beside the restart commands.
+    async fn stage_boot_parameters(
+        &self,
+        service: &str,
+        parameters: Result<BootParameters, String>,
+    ) -> CommandOutcome {
+        let started = std::time::Instant::now();
+        let result = match (parameters, &self.inner.config.boot_loader) {
+            (Err(e), _) => Err(e),
+            (Ok(_), None) => Err("this host has no boot loader entries Keel manages: the \
+                 parameters are rendered but no boot will use them"
+                .to_owned()),
+            (Ok(parameters), Some(loader)) => {
+                let options = parameters.options();
+                let set =
+                    crate::updates::writer_client::set_boot_parameters(&loader.writer, parameters)
+                        .await
+                        .map_err(|e| e.to_string());
+                // Recorded once the entries hold them (durably: written, fsync'd, renamed,
+                // directory fsync'd). A crash before leaves the old record, and the next
+                // apply asks the writer again, which finds the entries already done.
+                let record = options.into_bytes();
+                match set {
+                    Ok(entries) => {
+                        let path = loader.staged.clone();
+                        tokio::task::spawn_blocking(move || {
+                            crate::updates::durable::replace(&path, &record)
+                        })
+                        .await
+                        .map_err(std::io::Error::other)
+                        .and_then(|r| r)
+                        .map(|()| entries)
+                        .map_err(|e| {
+                            format!(
+                                "the entries hold them, but {} cannot record it: {e}",
+                                loader.staged.display()
+                            )
+                        })
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let argv = vec![
+            "keel-slot-writer".to_owned(),
+            "set-boot-parameters".to_owned(),
+        ];
+        match result {
+            Ok(entries) => {
+                tracing::info!(service, entries = ?entries, "boot parameters staged for the next boot");
+                CommandOutcome {
+                    service: service.to_owned(),
+                    argv,
+                    exit_code: Some(0),
+                    success: true,
+                    timed_out: false,
+                    duration_ms,
+                    stdout: if entries.is_empty() {
+                        "the loader entries already hold these parameters\n".to_owned()
+                    } else {
+                        format!("loader entries written: {}\n", entries.join(", "))
+                    },
+                    stderr: String::new(),
+                    error: None,
+                }
+            }
+            Err(e) => {
+                let error = format!("settings.boot cannot reach the next boot: {e}");
+                tracing::warn!(service, error = %error, "boot parameters not staged");
+                CommandOutcome {
+                    service: service.to_owned(),
+                    argv,
+                    exit_code: None,
+                    success: false,
+                    timed_out: false,
+                    duration_ms,
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    error: Some(error),
+                }
+            }
+        }
     }
 
     fn write_file(&self, name: &str, context: &minijinja::Value) -> FileOutcome {
@@ -921,6 +1101,7 @@ for-each = "settings.kernel.sysctl"
             restart_timeout: Duration::from_secs(1),
             journal_dir: None,
             events: Default::default(),
+            boot_loader: None,
         };
         Applier::new(meta, templates, config, json!({}))
     }
@@ -944,6 +1125,7 @@ for-each = "settings.kernel.sysctl"
             restart_timeout: Duration::from_secs(1),
             journal_dir: None,
             events: Default::default(),
+            boot_loader: None,
         };
         Applier::new(meta, templates, config, json!({}))
     }
@@ -1058,6 +1240,7 @@ for-each = "settings.kernel.sysctl"
             restart_timeout: Duration::from_secs(1),
             journal_dir: None,
             events: Default::default(),
+            boot_loader: None,
         };
         let a = Applier::new(meta, templates, config, json!({}));
         let live = json!({

@@ -33,11 +33,26 @@ pub struct Service {
     /// reported as "reboot required".
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reboot_required: bool,
+    /// Its files are the kernel's and init's command-line parameters: after an apply
+    /// that changes them, keeld hands both rendered lines to the boot loader's entries
+    /// (through `keel-slot-writer`), where the next boot reads them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_parameters: Option<BootParameterFiles>,
     /// Its settings are stored and validated but nothing on this host reads them (a
     /// Bottlerocket component Keel does not have): it has no files and no commands, and
     /// an apply lists its keys as "stored, no effect on this host".
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_effect: bool,
+}
+
+/// The two configuration files of a `boot-parameters` service, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootParameterFiles {
+    /// One line of kernel parameters.
+    pub kernel: String,
+    /// One line of init parameters (placed after `--`).
+    pub init: String,
 }
 
 /// A configuration file rendered from a template.
@@ -267,11 +282,26 @@ impl ServicesMeta {
                     ));
                 }
             }
+            if let Some(files) = &service.boot_parameters {
+                for file in [&files.kernel, &files.init] {
+                    let plain = self
+                        .configuration_files
+                        .get(file)
+                        .is_some_and(|f| !f.is_multi());
+                    if !service.configuration_files.contains(file) || !plain {
+                        return Err(format!(
+                            "service {name:?}: boot-parameters names {file:?}, which is not \
+                             one of its own single configuration files"
+                        ));
+                    }
+                }
+            }
             if let Some(i) = service.restart_commands.iter().position(Vec::is_empty) {
                 return Err(format!("service {name:?}: restart-commands[{i}] is empty"));
             }
             let acts = !service.configuration_files.is_empty()
                 || !service.restart_commands.is_empty()
+                || service.boot_parameters.is_some()
                 || service.reboot_required;
             if service.no_effect && acts {
                 return Err(format!(

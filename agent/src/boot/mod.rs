@@ -518,12 +518,12 @@ impl Boot {
             .filter(|f| f.result == crate::apply::FileResult::Failed)
             .map(|f| format!("{}: {}", f.path, f.error.clone().unwrap_or_default()))
             .chain(report.commands.iter().filter(|c| !c.success).map(|c| {
-                format!(
-                    "{} exited {}",
-                    c.argv.join(" "),
-                    c.exit_code
-                        .map_or("without a code".to_owned(), |x| x.to_string())
-                )
+                let how = match (&c.error, c.exit_code) {
+                    (Some(error), _) => error.clone(),
+                    (None, Some(code)) => format!("exited {code}"),
+                    (None, None) => "exited without a code".to_owned(),
+                };
+                format!("{}: {how}", c.argv.join(" "))
             }))
             .collect();
         let reason = format!("rendering configuration failed: {}", failures.join("; "));

@@ -50,6 +50,7 @@ impl Node {
                 restart_timeout: Duration::from_secs(1),
                 journal_dir: None,
                 events: Default::default(),
+                boot_loader: None,
             },
             json!({}),
         );

@@ -21,6 +21,21 @@
 //!   slot with `tries` attempts, then falls back;
 //! - deactivation removes that file: the running slot is again the only choice.
 //!
+//! `settings.boot`'s kernel and init parameters live in every Keel entry, on a second
+//! `options` line after [`PARAMETERS_MARK`] (the Boot Loader Specification joins an
+//! entry's `options` lines in order): keeld hands the rendered lines to the slot writer
+//! at each apply that changes them ([`EspLayout::set_parameters`]), and activation
+//! carries them into the new slot's entry, so they take effect at the next boot of either
+//! slot. Rewriting an entry keeps its name, boot counter included (the same replace as
+//! above: a power cut leaves the old text or the new). One window is left: a rewrite of
+//! the running slot's entry in the instant `systemd-bless-boot` renames it (once per
+//! trial boot, right after `configured`) can leave a second, counting entry of that slot
+//! with the same version, which boots first and is counted down to "bad" while the
+//! blessed one stays.
+//!
+//! Every change of the entries holds [`EspLayout::lock`], so a parameter change and an
+//! activation (separate writer sessions) never interleave.
+//!
 //! Must not touch anything under the ESP but `keel/<slot>/` and `loader/entries/keel-*`.
 
 use std::path::{Path, PathBuf};
@@ -38,6 +53,11 @@ pub const KERNEL: &str = "vmlinuz";
 pub const INITRD: &str = "initrd.img";
 /// Longest loader entry read (they are a few hundred bytes).
 const MAX_ENTRY_BYTES: u64 = 64 * 1024;
+/// The comment line before the `options` line that holds `settings.boot`'s parameters.
+pub const PARAMETERS_MARK: &str = "# settings.boot (keeld): kernel parameters -- init parameters";
+/// The longest kernel command line x86_64 Linux takes (`COMMAND_LINE_SIZE`, with its
+/// terminating NUL): a longer one is cut, silently, and loses its last parameters.
+pub const MAX_COMMAND_LINE: usize = 2047;
 
 /// Why the ESP could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +74,12 @@ pub enum LoaderError {
         file: &'static str,
         path: PathBuf,
     },
+    #[error(
+        "the kernel command line of {file} would be {bytes} bytes with these parameters, and \
+         Linux takes at most {MAX_COMMAND_LINE}: shorten settings.boot.kernel-parameters or \
+         init-parameters"
+    )]
+    CommandLineTooLong { file: String, bytes: usize },
     #[error(
         "the running slot {slot} booted from a loader entry that is not marked good yet \
          ({file}): the boot has not completed, so the other slot is still its fallback and \
@@ -125,6 +151,71 @@ pub struct NewEntry<'a> {
     /// Kernel options beyond Keel's own (console flags…), carried over from the running
     /// slot's entry.
     pub extra_options: &'a str,
+    /// `settings.boot`'s parameters, carried over from the running slot's entry.
+    pub parameters: &'a BootParameters,
+}
+
+/// `settings.boot`'s parameters as they go on the kernel command line: the kernel's,
+/// then, after `--`, init's (each a space-separated line, as the templates render them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootParameters {
+    pub kernel: String,
+    pub init: String,
+}
+
+impl BootParameters {
+    /// The `options` value: `kernel -- init`, `kernel` alone without init parameters.
+    pub fn options(&self) -> String {
+        let kernel = self.kernel.split_ascii_whitespace();
+        let init = self.init.split_ascii_whitespace();
+        let mut words: Vec<&str> = kernel.collect();
+        let init: Vec<&str> = init.collect();
+        if !init.is_empty() {
+            words.push("--");
+            words.extend(init);
+        }
+        words.join(" ")
+    }
+
+    /// Parses an `options` value written by [`BootParameters::options`].
+    fn parse(options: &str) -> BootParameters {
+        let words: Vec<&str> = options.split_ascii_whitespace().collect();
+        let (kernel, init) = match words.iter().position(|w| *w == "--") {
+            Some(i) => (&words[..i], &words[i + 1..]),
+            None => (&words[..], &[][..]),
+        };
+        BootParameters {
+            kernel: kernel.join(" "),
+            init: init.join(" "),
+        }
+    }
+
+    /// Why these words cannot go on the command line: a word a kernel or init parameter
+    /// cannot be (Keel's own `keel.*` keys, a bare `--`, quotes, controls, non-ASCII).
+    pub fn check(&self) -> Result<(), String> {
+        for (what, line) in [("kernel", &self.kernel), ("init", &self.init)] {
+            for word in line.split_ascii_whitespace() {
+                if !word.bytes().all(|b| b.is_ascii_graphic() && b != b'"') || word.starts_with('-')
+                {
+                    return Err(format!(
+                        "{what} parameter {word:?} is not a parameter (printable ASCII without \
+                         quotes, not starting with '-')"
+                    ));
+                }
+                if what == "kernel" && (word.starts_with("keel.") || word.starts_with("initrd=")) {
+                    return Err(format!(
+                        "kernel parameter {word:?} is the boot loader's or Keel's own"
+                    ));
+                }
+            }
+            if line.len() > MAX_COMMAND_LINE {
+                return Err(format!(
+                    "{what} parameters are longer than {MAX_COMMAND_LINE} bytes"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The options line of a slot: Keel's keys, then `extra`.
@@ -145,7 +236,7 @@ pub fn options_line(slot: Slot, root_hash: &str, extra: &str) -> String {
 /// The text of a loader entry.
 pub fn render_entry(entry: &NewEntry<'_>) -> String {
     let slot = entry.slot;
-    format!(
+    let text = format!(
         "# Written by keeld (updates): slot {slot}, Keel {version}.\n\
          # keel-os-version {version}\n\
          title Keel {version} (slot {slot})\n\
@@ -157,18 +248,76 @@ pub fn render_entry(entry: &NewEntry<'_>) -> String {
         version = entry.os_version,
         sort = entry.sort_version,
         options = options_line(slot, entry.root_hash, entry.extra_options),
-    )
+    );
+    with_parameters(&text, entry.parameters)
 }
 
-/// The options of an entry's text other than Keel's own keys.
+/// An entry's lines, each with whether it is the marked `options` line of the parameters
+/// (or the mark itself).
+fn parameter_lines(entry_text: &str) -> impl Iterator<Item = (&str, bool)> {
+    let mut after_mark = false;
+    entry_text.lines().map(move |line| {
+        let is_mark = line.trim() == PARAMETERS_MARK;
+        let is_parameters = after_mark && line.trim_start().starts_with("options");
+        after_mark = is_mark;
+        (line, is_mark || is_parameters)
+    })
+}
+
+/// The options of an entry's text other than Keel's own keys and `settings.boot`'s
+/// parameters: what the image put there.
 pub fn extra_options(entry_text: &str) -> String {
-    entry_text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("options"))
+    parameter_lines(entry_text)
+        .filter(|(_, parameters)| !parameters)
+        .filter_map(|(l, _)| l.trim().strip_prefix("options"))
         .flat_map(str::split_ascii_whitespace)
         .filter(|w| !w.starts_with("keel."))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `settings.boot`'s parameters in an entry's text (empty when it has none).
+pub fn entry_parameters(entry_text: &str) -> BootParameters {
+    parameter_lines(entry_text)
+        .filter(|(_, parameters)| *parameters)
+        .find_map(|(l, _)| l.trim().strip_prefix("options"))
+        .map(BootParameters::parse)
+        .unwrap_or_default()
+}
+
+/// The entry's text with its parameters replaced by `parameters` (the mark and its
+/// `options` line last; neither when there are none).
+pub fn with_parameters(entry_text: &str, parameters: &BootParameters) -> String {
+    let mut text: String = parameter_lines(entry_text)
+        .filter(|(_, p)| !p)
+        .map(|(l, _)| format!("{l}\n"))
+        .collect();
+    let options = parameters.options();
+    if !options.is_empty() {
+        text.push_str(PARAMETERS_MARK);
+        text.push('\n');
+        text.push_str("options ");
+        text.push_str(&options);
+        text.push('\n');
+    }
+    text
+}
+
+/// The command line systemd-boot makes of an entry: `initrd=<path>` for the EFI stub,
+/// then its `options` lines joined.
+pub fn command_line(entry_text: &str) -> String {
+    let mut words: Vec<String> = Vec::new();
+    if let Some(initrd) = entry_field(entry_text, "initrd") {
+        words.push(format!("initrd={}", initrd.replace('/', "\\")));
+    }
+    for line in entry_text.lines() {
+        if let Some(options) = line.trim().strip_prefix("options") {
+            if options.starts_with(char::is_whitespace) {
+                words.extend(options.split_ascii_whitespace().map(str::to_owned));
+            }
+        }
+    }
+    words.join(" ")
 }
 
 fn entry_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
@@ -236,9 +385,21 @@ impl EspLayout {
         Ok(found)
     }
 
+    /// Holds off every other change of Keel's entries (another writer session) until
+    /// dropped: an exclusive `flock` on the entries directory.
+    pub fn lock(&self) -> Result<std::fs::File, LoaderError> {
+        let dir = self.entries_dir();
+        std::fs::create_dir_all(&dir).map_err(Self::io(&dir))?;
+        let file = std::fs::File::open(&dir).map_err(Self::io(&dir))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| Self::io(&dir)(e.into()))?;
+        Ok(file)
+    }
+
     /// Removes every entry of `slot` (durably): from now on no entry names it. Answers
     /// the files removed.
     pub fn invalidate(&self, slot: Slot) -> Result<Vec<String>, LoaderError> {
+        let _lock = self.lock()?;
         let mut removed = Vec::new();
         for (entry, _) in self.entries()? {
             if entry.slot == slot {
@@ -270,6 +431,7 @@ impl EspLayout {
     /// Requires the slot's kernel and initrd on the ESP; replaces any older entry of the
     /// slot (the new one first: at no point is there no entry where one was).
     pub fn activate(&self, mut entry: NewEntry<'_>, tries: u32) -> Result<String, LoaderError> {
+        let _lock = self.lock()?;
         for file in [KERNEL, INITRD] {
             let path = self.slot_dir(entry.slot).join(file);
             if !path.is_file() {
@@ -289,9 +451,10 @@ impl EspLayout {
         entry.sort_version = entry.sort_version.max(highest + 1);
         let file = format!("keel-{}+{tries}.conf", entry.slot);
         let dir = self.entries_dir();
-        std::fs::create_dir_all(&dir).map_err(Self::io(&dir))?;
         let path = dir.join(&file);
-        durable::replace(&path, render_entry(&entry).as_bytes()).map_err(Self::io(&path))?;
+        let text = render_entry(&entry);
+        check_length(&file, &text)?;
+        durable::replace(&path, text.as_bytes()).map_err(Self::io(&path))?;
         for (old, _) in existing {
             if old.slot == entry.slot && old.file != file {
                 let path = dir.join(&old.file);
@@ -301,23 +464,63 @@ impl EspLayout {
         Ok(file)
     }
 
-    /// The options of the running slot's entry beyond Keel's own keys (console flags the
-    /// image set), or of the kernel command line when no entry names the running slot.
-    pub fn carried_options(&self, running: Slot, cmdline: &str) -> Result<String, LoaderError> {
+    /// What a new entry carries over from the running slot's: the options beyond Keel's
+    /// own keys (console flags the image set) and `settings.boot`'s parameters; from the
+    /// kernel command line, up to a `--`, when no entry names the running slot.
+    pub fn carried(
+        &self,
+        running: Slot,
+        cmdline: &str,
+    ) -> Result<(String, BootParameters), LoaderError> {
         if let Some((_, text)) = self.entries()?.into_iter().find(|(e, _)| e.slot == running) {
-            return Ok(extra_options(&text));
+            return Ok((extra_options(&text), entry_parameters(&text)));
         }
         // systemd-boot adds initrd= for the EFI stub; BOOT_IMAGE comes from other loaders.
-        Ok(cmdline
+        let extra = cmdline
             .split_ascii_whitespace()
+            .take_while(|w| *w != "--")
             .filter(|w| {
                 !w.starts_with("keel.")
                     && !w.starts_with("initrd=")
                     && !w.starts_with("BOOT_IMAGE=")
             })
             .collect::<Vec<_>>()
-            .join(" "))
+            .join(" ");
+        Ok((extra, BootParameters::default()))
     }
+
+    /// Writes `parameters` into every Keel entry (each keeps its name and counter), so the
+    /// next boot of either slot has them. Nothing is written when one entry's command line
+    /// would be too long. Answers the entries rewritten; an entry that already holds them
+    /// is left alone.
+    pub fn set_parameters(&self, parameters: &BootParameters) -> Result<Vec<String>, LoaderError> {
+        let _lock = self.lock()?;
+        let mut changed = Vec::new();
+        for (entry, text) in self.entries()? {
+            let new = with_parameters(&text, parameters);
+            if new != text {
+                check_length(&entry.file, &new)?;
+                changed.push((entry.file, new));
+            }
+        }
+        let dir = self.entries_dir();
+        for (file, text) in &changed {
+            let path = dir.join(file);
+            durable::replace(&path, text.as_bytes()).map_err(Self::io(&path))?;
+        }
+        Ok(changed.into_iter().map(|(file, _)| file).collect())
+    }
+}
+
+fn check_length(file: &str, text: &str) -> Result<(), LoaderError> {
+    let bytes = command_line(text).len();
+    if bytes > MAX_COMMAND_LINE {
+        return Err(LoaderError::CommandLineTooLong {
+            file: file.to_owned(),
+            bytes,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -372,8 +575,9 @@ mod tests {
         )
         .expect("write");
         boot_files(&esp, Slot::B);
-        let extra = esp.carried_options(Slot::A, "").expect("options");
+        let (extra, parameters) = esp.carried(Slot::A, "").expect("options");
         assert_eq!(extra, "console=ttyS0");
+        assert_eq!(parameters, BootParameters::default());
         let file = esp
             .activate(
                 NewEntry {
@@ -382,6 +586,7 @@ mod tests {
                     root_hash: "bb",
                     sort_version: 0,
                     extra_options: &extra,
+                    parameters: &parameters,
                 },
                 3,
             )
@@ -424,6 +629,7 @@ mod tests {
             root_hash: "bb",
             sort_version: 0,
             extra_options: "",
+            parameters: &BootParameters::default(),
         };
         assert!(matches!(
             esp.activate(entry, 3),
@@ -451,12 +657,131 @@ mod tests {
     #[test]
     fn options_come_from_the_command_line_without_an_entry() {
         let (_dir, esp) = esp();
-        let extra = esp
-            .carried_options(
+        let (extra, parameters) = esp
+            .carried(
                 Slot::A,
-                "initrd=\\keel\\a\\initrd.img keel.slot=a console=ttyS0,115200 quiet",
+                "initrd=\\keel\\a\\initrd.img keel.slot=a console=ttyS0,115200 quiet -- splash",
             )
             .expect("options");
         assert_eq!(extra, "console=ttyS0,115200 quiet");
+        assert_eq!(parameters, BootParameters::default());
+    }
+
+    const IMAGE_ENTRY: &str =
+        "# keel-os-version 1.0.0\ntitle Keel 1.0.0\nsort-key keel\nversion 1\n\
+        linux /keel/a/vmlinuz\ninitrd /keel/a/initrd.img\noptions keel.slot=a keel.roothash=aa \
+        console=ttyS0 quiet\n";
+
+    fn parameters(kernel: &str, init: &str) -> BootParameters {
+        BootParameters {
+            kernel: kernel.to_owned(),
+            init: init.to_owned(),
+        }
+    }
+
+    #[test]
+    fn parameters_go_on_their_own_options_line_and_come_back_apart_from_the_images() {
+        let set = parameters("console=tty0,ttyS1 nosmt", "systemd.log_level=debug splash");
+        let text = with_parameters(IMAGE_ENTRY, &set);
+        assert!(text.starts_with(IMAGE_ENTRY), "{text}");
+        assert!(
+            text.ends_with(&format!(
+                "{PARAMETERS_MARK}\noptions console=tty0,ttyS1 nosmt -- systemd.log_level=debug splash\n"
+            )),
+            "{text}"
+        );
+        assert_eq!(entry_parameters(&text), set);
+        assert_eq!(extra_options(&text), "console=ttyS0 quiet");
+        assert_eq!(
+            command_line(&text),
+            "initrd=\\keel\\a\\initrd.img keel.slot=a keel.roothash=aa console=ttyS0 quiet \
+             console=tty0,ttyS1 nosmt -- systemd.log_level=debug splash"
+        );
+        // Replaced, not added to; removed when empty; kernel or init alone.
+        let other = parameters("", "splash");
+        assert_eq!(entry_parameters(&with_parameters(&text, &other)), other);
+        assert_eq!(
+            with_parameters(&text, &other)
+                .matches(PARAMETERS_MARK)
+                .count(),
+            1
+        );
+        assert_eq!(
+            with_parameters(&text, &BootParameters::default()),
+            IMAGE_ENTRY
+        );
+        assert_eq!(
+            entry_parameters(&with_parameters(IMAGE_ENTRY, &parameters("nosmt", ""))).options(),
+            "nosmt"
+        );
+    }
+
+    #[test]
+    fn parameters_reach_every_entry_keep_their_counters_and_move_with_activation() {
+        let (_dir, esp) = esp();
+        std::fs::write(esp.entries_dir().join("keel-a.conf"), IMAGE_ENTRY).expect("write");
+        boot_files(&esp, Slot::B);
+        let set = parameters("nosmt", "splash");
+        assert_eq!(esp.set_parameters(&set).expect("set"), vec!["keel-a.conf"]);
+        // Unchanged: nothing rewritten.
+        assert!(esp.set_parameters(&set).expect("set").is_empty());
+        // Activation carries them into the new slot's entry.
+        let (extra, carried) = esp.carried(Slot::A, "").expect("carried");
+        assert_eq!(carried, set);
+        let entry = NewEntry {
+            slot: Slot::B,
+            os_version: "1.1.0",
+            root_hash: "bb",
+            sort_version: 0,
+            extra_options: &extra,
+            parameters: &carried,
+        };
+        let file = esp.activate(entry, 3).expect("activate");
+        let b = std::fs::read_to_string(esp.entries_dir().join(&file)).expect("read");
+        assert_eq!(entry_parameters(&b), set);
+        assert_eq!(extra_options(&b), "console=ttyS0 quiet");
+        // A change reaches both entries, each under its own name.
+        let changed = parameters("mitigations=off", "");
+        assert_eq!(
+            esp.set_parameters(&changed).expect("set"),
+            vec!["keel-a.conf", "keel-b+3.conf"]
+        );
+        for (entry, text) in esp.entries().expect("entries") {
+            assert_eq!(entry_parameters(&text), changed, "{}", entry.file);
+        }
+    }
+
+    #[test]
+    fn a_command_line_linux_would_cut_is_refused_and_nothing_is_written() {
+        let (_dir, esp) = esp();
+        std::fs::write(esp.entries_dir().join("keel-a.conf"), IMAGE_ENTRY).expect("write");
+        let long = parameters(&vec!["x=0123456789"; 180].join(" "), "");
+        assert!(matches!(
+            esp.set_parameters(&long),
+            Err(LoaderError::CommandLineTooLong { .. })
+        ));
+        assert_eq!(
+            std::fs::read_to_string(esp.entries_dir().join("keel-a.conf")).expect("read"),
+            IMAGE_ENTRY
+        );
+        let fits = parameters(&vec!["x=0123456789"; 150].join(" "), "");
+        esp.set_parameters(&fits).expect("fits");
+    }
+
+    #[test]
+    fn words_that_are_no_parameter_or_keels_own_are_refused() {
+        for bad in [
+            parameters("keel.slot=b", ""),
+            parameters("initrd=/x", ""),
+            parameters("--", ""),
+            parameters("a \"b", ""),
+            parameters("", "-x"),
+            parameters("caf\u{e9}", ""),
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+        parameters("console=tty0,ttyS1 nosmt", "systemd.unit=rescue.target")
+            .check()
+            .expect("good");
     }
 }

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::loader::EntryInfo;
+use super::loader::{BootParameters, EntryInfo};
 use super::slots::{Part, Slot};
 
 /// Longest request line either end accepts.
@@ -68,6 +68,9 @@ pub enum Request {
     },
     /// Removes `slot`'s loader entries (same as `Invalidate`, named for what it means).
     Deactivate { slot: Slot },
+    /// Writes `settings.boot`'s parameters into every Keel loader entry (the running
+    /// slot's and an activated one's), for the next boot.
+    SetBootParameters { parameters: BootParameters },
 }
 
 /// What `Inspect` answers.

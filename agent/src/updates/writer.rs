@@ -182,10 +182,7 @@ fn handle(
                 return Err(refuse(format!("{os_version:?} is not a version")));
             }
             let cmdline = std::fs::read_to_string(&config.slots.cmdline).unwrap_or_default();
-            let extra = config
-                .esp
-                .carried_options(active, &cmdline)
-                .map_err(refuse)?;
+            let (extra, parameters) = config.esp.carried(active, &cmdline).map_err(refuse)?;
             let file = config
                 .esp
                 .activate(
@@ -195,6 +192,7 @@ fn handle(
                         root_hash: &root_hash.to_ascii_lowercase(),
                         sort_version: 0,
                         extra_options: &extra,
+                        parameters: &parameters,
                     },
                     *tries,
                 )
@@ -211,6 +209,17 @@ fn handle(
             inactive_only(config, *slot)?;
             let entries = config.esp.invalidate(*slot).map_err(refuse)?;
             tracing::info!(slot = %slot, removed = ?entries, "slot deactivated");
+            Ok(written(Written {
+                bytes: 0,
+                sha256: None,
+                root_hash: None,
+                entries,
+            }))
+        }
+        Request::SetBootParameters { parameters } => {
+            parameters.check().map_err(refuse)?;
+            let entries = config.esp.set_parameters(parameters).map_err(refuse)?;
+            tracing::info!(entries = ?entries, "boot parameters written for the next boot");
             Ok(written(Written {
                 bytes: 0,
                 sha256: None,
@@ -554,6 +563,7 @@ fn write_boot_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::updates::loader::BootParameters;
     use crate::updates::verity::format_for_tests;
 
     struct Fixture {
@@ -723,6 +733,40 @@ mod tests {
         assert!(matches!(answers[0], Answer::Written { .. }), "{answers:?}");
         assert!(!esp.entries_dir().join("keel-b+3.conf").exists());
         drop(f.dir);
+    }
+
+    #[test]
+    fn boot_parameters_reach_the_entries_and_bad_ones_change_nothing() {
+        let f = fixture();
+        let esp = &f.config.esp;
+        let set = |kernel: &str, init: &str| Request::SetBootParameters {
+            parameters: BootParameters {
+                kernel: kernel.to_owned(),
+                init: init.to_owned(),
+            },
+        };
+        let answers = session(
+            &f.config,
+            &[
+                (set("console=tty0,ttyS1 nosmt", "splash"), &[]),
+                (set("keel.roothash=00", ""), &[]),
+                (set("nosmt", "a\"b"), &[]),
+            ],
+        );
+        match &answers[0] {
+            Answer::Written { written, .. } => assert_eq!(written.entries, ["keel-a.conf"]),
+            other => panic!("{other:?}"),
+        }
+        assert!(error(&answers[1]).contains("Keel's own"), "{answers:?}");
+        assert!(
+            error(&answers[2]).contains("not a parameter"),
+            "{answers:?}"
+        );
+        let text = std::fs::read_to_string(esp.entries_dir().join("keel-a.conf")).expect("read");
+        assert_eq!(
+            super::super::loader::command_line(&text),
+            "keel.slot=a keel.roothash=00 console=ttyS0 console=tty0,ttyS1 nosmt -- splash"
+        );
     }
 
     #[test]

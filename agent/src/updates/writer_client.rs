@@ -11,6 +11,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
+use super::loader::BootParameters;
 use super::protocol::{Answer, Inspection, Request, Written, MAX_LINE};
 use super::repository::RepositoryError;
 
@@ -217,6 +218,20 @@ impl WriterSession {
             let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
         }
     }
+}
+
+/// One session that writes `settings.boot`'s parameters into the loader entries (see
+/// `loader.rs`); answers the entries rewritten.
+pub async fn set_boot_parameters(
+    endpoint: &WriterEndpoint,
+    parameters: BootParameters,
+) -> Result<Vec<String>, WriterError> {
+    let mut session = WriterSession::open(endpoint).await?;
+    let written = session
+        .simple(&Request::SetBootParameters { parameters })
+        .await;
+    session.close().await;
+    Ok(written?.entries)
 }
 
 fn written(answer: Answer) -> Result<Written, WriterError> {
