@@ -13,6 +13,7 @@ pub mod config;
 pub mod containers;
 pub mod events;
 pub mod os;
+pub mod reboot;
 pub mod sandbox;
 pub mod store;
 pub mod updates;
@@ -208,6 +209,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
             user_data_every_boot: config.user_data_every_boot,
             apiclient,
             socket: config.socket.clone(),
+            reboot_command: config.reboot_command.clone(),
         },
         store: store.clone(),
         applier,

@@ -271,6 +271,115 @@ fn boot_parameters_reach_the_next_boots_command_line_or_the_apply_says_why_not()
     }
 }
 
+/// `settings.boot.reboot-to-reconcile`: user-data that sets boot parameters makes the
+/// first boot reboot once (before host containers), so that they are in effect when the
+/// host is configured; the boot after, whose kernel got them, is configured without
+/// rebooting; without the flag nothing reboots.
+#[test]
+fn reboot_to_reconcile_reboots_once_for_parameters_the_kernel_does_not_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = SlotHost::create(&dir.path().join("host"), 1 << 20, 1 << 16);
+    let reboots = dir.path().join("reboots");
+    let recorder = dir.path().join("reboot");
+    std::fs::write(
+        &recorder,
+        format!("#!/bin/sh\necho reboot >> {}\n", reboots.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &recorder,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let user_data = dir.path().join("user-data.toml");
+    std::fs::write(
+        &user_data,
+        "[settings.boot]\nreboot-to-reconcile = true\n\n\
+         [settings.boot.kernel-parameters]\nnosmt = []\n",
+    )
+    .unwrap();
+    let mut keeld = Keeld::start_with(KeeldOptions {
+        extra_args: vec![
+            "--update-writer-command".into(),
+            host.writer_command(),
+            "--reboot-command".into(),
+            recorder.display().to_string(),
+            "--user-data-file".into(),
+            user_data.display().to_string(),
+        ],
+        wait_for_boot: false,
+        ..KeeldOptions::default()
+    });
+    let phase_of = |keeld: &Keeld| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let record = keeld.raw("GET", "/boot", None).json();
+            if ["configured", "failed", "rebooting"]
+                .contains(&record["phase"].as_str().unwrap_or(""))
+            {
+                return record;
+            }
+            assert!(std::time::Instant::now() < deadline, "{record:#}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let first = phase_of(&keeld);
+    assert_eq!(first["phase"], "rebooting", "{first:#}");
+    let reason = first["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("the kernel got none, the next boot gets \"nosmt\""),
+        "{first:#}"
+    );
+    assert_eq!(std::fs::read_to_string(&reboots).unwrap(), "reboot\n");
+
+    // The reboot: systemd-boot reads the entry, keeld starts on the same state.
+    assert_eq!(host.reboot(), "a");
+    assert!(
+        host.cmdline().trim().ends_with(" nosmt"),
+        "{}",
+        host.cmdline()
+    );
+    keeld.reboot();
+    let second = phase_of(&keeld);
+    assert_eq!(second["phase"], "configured", "{second:#}");
+    assert_eq!(second["booted-parameters"], "nosmt", "{second:#}");
+    assert_eq!(std::fs::read_to_string(&reboots).unwrap(), "reboot\n");
+
+    drop(keeld);
+
+    // Without the flag, the same first boot is configured and waits for a reboot
+    // someone asks for.
+    std::fs::write(
+        &user_data,
+        "[settings.boot.kernel-parameters]\nnosmt = []\n",
+    )
+    .unwrap();
+    let host = SlotHost::create(&dir.path().join("host2"), 1 << 20, 1 << 16);
+    let keeld = Keeld::start_with(KeeldOptions {
+        extra_args: vec![
+            "--update-writer-command".into(),
+            host.writer_command(),
+            "--reboot-command".into(),
+            recorder.display().to_string(),
+            "--user-data-file".into(),
+            user_data.display().to_string(),
+        ],
+        wait_for_boot: false,
+        ..KeeldOptions::default()
+    });
+    let record = phase_of(&keeld);
+    assert_eq!(record["phase"], "configured", "{record:#}");
+    assert_eq!(record["booted-parameters"], "", "{record:#}");
+    assert_eq!(std::fs::read_to_string(&reboots).unwrap(), "reboot\n");
+    assert!(
+        host.cmdline().trim().ends_with("console=ttyS0"),
+        "{}",
+        host.cmdline()
+    );
+    let entry = std::fs::read_to_string(host.entries_dir().join("keel-a.conf")).unwrap();
+    assert!(entry.trim_end().ends_with("options nosmt"), "{entry}");
+}
+
 #[test]
 fn an_apply_finishes_even_if_the_client_goes_away() {
     use std::io::Write;

@@ -874,6 +874,16 @@ impl Applier {
         report
     }
 
+    /// `settings.boot`'s parameters Keel's loader entries were last given (`""` for none);
+    /// `None` on a host without them, or when the record cannot be read.
+    pub fn staged_boot_parameters(&self) -> Option<String> {
+        self.inner
+            .config
+            .boot_loader
+            .as_ref()
+            .and_then(BootLoader::last_staged)
+    }
+
     /// Waits until no apply runs or waits to run (applies take turns in order, so the
     /// turn after every queued one comes last).
     pub async fn idle(&self) {

@@ -11,7 +11,10 @@
 //! 4. bootstrap commands, then bootstrap containers, each kind by name: an essential one
 //!    that fails halts the boot in `failed` (the API stays up); a `once` one that
 //!    succeeded is switched to `off` by a committed transaction;
-//! 5. `configured`: host containers may start.
+//! 5. with `settings.boot.reboot-to-reconcile`, when the kernel and init parameters the
+//!    next boot gets differ from the ones this boot got (user-data or a bootstrap
+//!    container changed them): `rebooting`, through the reboot command;
+//! 6. otherwise `configured`: host containers may start.
 //!
 //! Socket binding and `READY=1` happen before this runs (in [`crate::run`]), so the API
 //! answers while the boot goes on. A keeld restart in the middle of a boot resumes it
@@ -60,6 +63,8 @@ pub struct BootConfig {
     pub user_data_every_boot: bool,
     pub apiclient: PathBuf,
     pub socket: PathBuf,
+    /// Run for `reboot-to-reconcile` (argv, no shell).
+    pub reboot_command: Vec<String>,
 }
 
 /// How far the boot got, for what waits on it (the host containers).
@@ -95,6 +100,17 @@ pub struct Boot {
 #[derive(Debug)]
 struct Halt(String);
 
+/// How the steps ended when nothing halted them.
+#[derive(Debug, PartialEq, Eq)]
+enum Finish {
+    Configured,
+    /// The reboot command was run (`reboot-to-reconcile`); the detail says why.
+    Rebooting(String),
+}
+
+/// The boot step that reboots for changed boot parameters.
+const RECONCILE_STEP: &str = "reboot-to-reconcile";
+
 impl From<status::RecordError> for Halt {
     fn from(e: status::RecordError) -> Self {
         Halt(e.to_string())
@@ -114,7 +130,20 @@ impl Boot {
             self.publish.clone(),
             self.events.clone(),
         );
+        if tracker.record().booted_parameters.is_none() && !tracker.record().is_done() {
+            // First thing in this boot: what the loader entries held is what this
+            // boot's kernel got (a later keeld start in the same boot keeps it).
+            if let Some(booted) = self.applier.staged_boot_parameters() {
+                if let Err(e) = tracker.update(|r| r.booted_parameters = Some(booted)) {
+                    tracing::error!(error = %e, "could not record this boot's parameters");
+                }
+            }
+        }
         match tracker.record().phase {
+            BootPhase::Rebooting => {
+                tracing::warn!("the reboot to reconcile boot parameters was already requested (keeld restarted)");
+                return;
+            }
             BootPhase::Configured => {
                 tracing::info!("boot already configured (keeld restarted)");
                 self.configured.send_replace(BootGate::Configured);
@@ -133,7 +162,12 @@ impl Boot {
             _ => {}
         }
         match self.steps(&mut tracker).await {
-            Ok(()) => {
+            Ok(Finish::Rebooting(why)) => {
+                if let Err(e) = tracker.finish(BootPhase::Rebooting, Some(why), began.elapsed()) {
+                    tracing::error!(error = %e, "could not record the reboot");
+                }
+            }
+            Ok(Finish::Configured) => {
                 let finished = tracker.finish(BootPhase::Configured, None, began.elapsed());
                 if let Err(e) = finished {
                     tracing::error!(error = %e, "could not record the end of boot");
@@ -156,7 +190,7 @@ impl Boot {
         }
     }
 
-    async fn steps(&self, t: &mut BootTracker) -> Result<(), Halt> {
+    async fn steps(&self, t: &mut BootTracker) -> Result<Finish, Halt> {
         if t.record().defaults_only {
             // keeld restarted in the middle of falling back: finish that.
             let reason = t
@@ -166,7 +200,10 @@ impl Boot {
                 .find(|s| s.outcome == StepOutcome::Failed)
                 .and_then(|s| s.detail.clone())
                 .unwrap_or_else(|| "user-data refused".to_owned());
-            return self.fall_back_to_defaults(t, reason).await;
+            return self
+                .fall_back_to_defaults(t, reason)
+                .await
+                .map(|()| Finish::Configured);
         }
         if t.record().first_boot {
             t.set_phase(BootPhase::Defaults)?;
@@ -186,7 +223,10 @@ impl Boot {
                     None => self.run_provider(t, provider).await,
                 };
                 if let Err(Halt(reason)) = result {
-                    return self.fall_back_to_defaults(t, reason).await;
+                    return self
+                        .fall_back_to_defaults(t, reason)
+                        .await
+                        .map(|()| Finish::Configured);
                 }
             }
             self.derive_from_metadata(t).await?;
@@ -197,7 +237,10 @@ impl Boot {
             // across keys, a file that cannot render): on a first boot that is the
             // user-data's doing.
             if t.record().first_boot && !t.record().defaults_only {
-                return self.fall_back_to_defaults(t, reason).await;
+                return self
+                    .fall_back_to_defaults(t, reason)
+                    .await
+                    .map(|()| Finish::Configured);
             }
             return Err(Halt(reason));
         }
@@ -259,7 +302,68 @@ impl Boot {
             };
             self.run_container(t, desired, &registries, spec).await?;
         }
-        Ok(())
+        self.reboot_to_reconcile(t).await
+    }
+
+    /// With `settings.boot.reboot-to-reconcile`, reboots when the parameters Keel's
+    /// loader entries now hold (this boot's applies, through user-data or a bootstrap
+    /// container) differ from the ones this boot's kernel got. Never on a host without
+    /// such entries; never twice for the same parameters (the next boot got them).
+    async fn reboot_to_reconcile(&self, t: &mut BootTracker) -> Result<Finish, Halt> {
+        let settings = self.live_settings()?;
+        let wanted = settings
+            .boot
+            .as_ref()
+            .and_then(|b| b.reboot_to_reconcile)
+            .unwrap_or(false);
+        let Some(booted) = t.record().booted_parameters.clone() else {
+            return Ok(Finish::Configured);
+        };
+        // Every apply of this boot has finished (the boot's own, and any a bootstrap
+        // container asked for) before the entries are compared.
+        self.applier.idle().await;
+        let next = self.applier.staged_boot_parameters();
+        if !wanted || next.as_deref() == Some(booted.as_str()) {
+            return Ok(Finish::Configured);
+        }
+        let next = next.unwrap_or_default();
+        let show = |p: &str| {
+            if p.is_empty() {
+                "none".to_owned()
+            } else {
+                format!("{p:?}")
+            }
+        };
+        let why = format!(
+            "settings.boot changed in this boot (reboot-to-reconcile): the kernel got {}, \
+             the next boot gets {}",
+            show(&booted),
+            show(&next)
+        );
+        let started = Instant::now();
+        t.begin(RECONCILE_STEP, true)?;
+        match crate::reboot::reboot(&self.config.reboot_command).await {
+            Ok(()) => {
+                t.end(
+                    RECONCILE_STEP,
+                    StepOutcome::Succeeded,
+                    Some(why.clone()),
+                    started.elapsed(),
+                )?;
+                tracing::warn!(reason = %why, "rebooting so that the boot parameters take effect");
+                Ok(Finish::Rebooting(why))
+            }
+            Err(e) => {
+                let reason = format!("{why}; the reboot failed: {e}");
+                t.end(
+                    RECONCILE_STEP,
+                    StepOutcome::Failed,
+                    Some(reason.clone()),
+                    started.elapsed(),
+                )?;
+                Err(Halt(reason))
+            }
+        }
     }
 
     fn live_settings(&self) -> Result<settings_model::Settings, Halt> {

@@ -32,6 +32,10 @@ pub enum BootPhase {
     Configured,
     /// An essential step failed; `reason` says which and why. The API stays up.
     Failed,
+    /// `settings.boot` changed during this boot and `reboot-to-reconcile` is set: the
+    /// host reboots so that its kernel gets the new parameters. Host containers do not
+    /// start in this boot.
+    Rebooting,
 }
 
 /// How a step ended.
@@ -86,6 +90,10 @@ pub struct BootRecord {
     /// the operator can get in. The boot is `failed` all the same.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub defaults_only: bool,
+    /// `settings.boot`'s parameters this boot's kernel got: what Keel's loader entries
+    /// held when keeld first started in this boot (absent on a host without them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booted_parameters: Option<String>,
     pub steps: Vec<BootStep>,
 }
 
@@ -100,6 +108,7 @@ impl BootRecord {
             duration_ms: None,
             reason: None,
             defaults_only: false,
+            booted_parameters: None,
             steps: Vec::new(),
         }
     }
@@ -109,7 +118,10 @@ impl BootRecord {
     }
 
     pub fn is_done(&self) -> bool {
-        matches!(self.phase, BootPhase::Configured | BootPhase::Failed)
+        matches!(
+            self.phase,
+            BootPhase::Configured | BootPhase::Failed | BootPhase::Rebooting
+        )
     }
 }
 

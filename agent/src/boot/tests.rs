@@ -24,6 +24,8 @@ struct Node {
     applier: Applier,
     fake: Arc<Fake>,
     board: StatusBoard,
+    /// `--reboot-command`.
+    reboot_command: Vec<String>,
 }
 
 /// A boot under way, and what it publishes.
@@ -35,6 +37,13 @@ struct Running {
 
 impl Node {
     fn new(user_data: &str) -> Node {
+        Self::with_boot_loader(user_data, false)
+    }
+
+    /// A node whose boot loader entries Keel manages (`boot_loader`): what they were last
+    /// given is the file `boot-parameters` (no slot writer is reached: the empty services
+    /// file has no boot parameters to hand it).
+    fn with_boot_loader(user_data: &str, boot_loader: bool) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         for sub in ["state", "run", "render"] {
             std::fs::create_dir(dir.path().join(sub)).expect("mkdir");
@@ -50,7 +59,12 @@ impl Node {
                 restart_timeout: Duration::from_secs(1),
                 journal_dir: None,
                 events: Default::default(),
-                boot_loader: None,
+                boot_loader: boot_loader.then(|| crate::apply::BootLoader {
+                    writer: crate::updates::writer_client::WriterEndpoint::Command(vec![
+                        "/nonexistent/keel-slot-writer".to_owned(),
+                    ]),
+                    staged: dir.path().join("boot-parameters"),
+                }),
             },
             json!({}),
         );
@@ -61,6 +75,7 @@ impl Node {
             applier,
             fake: Arc::new(Fake::default()),
             board: StatusBoard::default(),
+            reboot_command: Vec::new(),
         }
     }
 
@@ -81,6 +96,7 @@ impl Node {
                 user_data_every_boot: false,
                 apiclient: self.path("no-apiclient"),
                 socket: self.path("api.sock"),
+                reboot_command: self.reboot_command.clone(),
             },
             store: self.store.clone(),
             applier: self.applier.clone(),
@@ -609,4 +625,117 @@ async fn a_restart_after_the_boot_changes_nothing() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The host container's supervisor of the second keeld re-attached to the first one's.
     assert_eq!(node.started(), ["bootstrap-slow", "host-admin"]);
+}
+
+/// reboot-to-reconcile: a bootstrap container changes the boot parameters (here: what
+/// the loader entries were given) during the boot, so the boot reboots instead of
+/// reaching `configured`, host containers never start, and a keeld restart in that boot
+/// neither reboots again nor starts them; a reboot command that fails fails the boot.
+#[tokio::test]
+async fn changed_boot_parameters_reboot_once_before_host_containers() {
+    let user_data = [
+        "[settings.boot]\nreboot-to-reconcile = true\n".to_owned(),
+        bootstrap("change", "always", true, ""),
+        ADMIN.to_owned(),
+    ]
+    .concat();
+    let mut node = Node::with_boot_loader(&user_data, true);
+    let reboots = node.path("reboots");
+    node.reboot_command = vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        format!("echo reboot >> {}", reboots.display()),
+    ];
+    node.fake
+        .script("bootstrap-change", Some(Duration::from_millis(500)), 0);
+    let staged = node.path("boot-parameters");
+    std::fs::write(&staged, "quiet").expect("staged");
+
+    let mut running = node.start();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.bootstrap_state("change").map(|s| s.0) != Some(RunState::Running) {
+        assert!(Instant::now() < deadline, "{:#?}", running.record.borrow());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // What `apiclient set boot.kernel-parameters…` in the container would leave.
+    std::fs::write(&staged, "quiet nosmt").expect("staged");
+    (&mut running.task).await.expect("the boot panicked");
+    let record = running.record.borrow().clone();
+    assert_eq!(record.phase, BootPhase::Rebooting, "{record:#?}");
+    assert_eq!(record.booted_parameters.as_deref(), Some("quiet"));
+    assert!(
+        record.reason.as_deref().is_some_and(
+            |r| r.contains("the kernel got \"quiet\", the next boot gets \"quiet nosmt\"")
+        ),
+        "{record:#?}"
+    );
+    assert_eq!(outcome(&record, RECONCILE_STEP).0, StepOutcome::Succeeded);
+    assert_eq!(*running.gate.borrow(), BootGate::Pending);
+    assert_eq!(
+        std::fs::read_to_string(&reboots).expect("reboots"),
+        "reboot\n"
+    );
+    assert!(
+        !node.started().iter().any(|s| s.contains("admin")),
+        "{:?}",
+        node.started()
+    );
+
+    // keeld restarted before the reboot took the host down: nothing more happens.
+    let (again, gate) = node.boot().await;
+    assert_eq!(
+        (again.phase, gate),
+        (BootPhase::Rebooting, BootGate::Pending)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&reboots).expect("reboots"),
+        "reboot\n"
+    );
+
+    // The boot after got them: configured, no second reboot.
+    node.reboot();
+    let (after, gate) = node.boot().await;
+    assert_eq!(
+        (after.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    assert_eq!(after.booted_parameters.as_deref(), Some("quiet nosmt"));
+    assert_eq!(
+        std::fs::read_to_string(&reboots).expect("reboots"),
+        "reboot\n"
+    );
+}
+
+#[tokio::test]
+async fn a_reboot_to_reconcile_that_cannot_run_fails_the_boot_with_the_reason() {
+    let user_data = [
+        "[settings.boot]\nreboot-to-reconcile = true\n".to_owned(),
+        bootstrap("change", "always", false, ""),
+    ]
+    .concat();
+    let mut node = Node::with_boot_loader(&user_data, true);
+    node.reboot_command = vec!["/nonexistent/reboot".to_owned()];
+    node.fake
+        .script("bootstrap-change", Some(Duration::from_millis(500)), 0);
+    std::fs::write(node.path("boot-parameters"), "nosmt").expect("staged");
+    let mut running = node.start();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.bootstrap_state("change").map(|s| s.0) != Some(RunState::Running) {
+        assert!(Instant::now() < deadline, "{:#?}", running.record.borrow());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    std::fs::write(node.path("boot-parameters"), "").expect("staged");
+    (&mut running.task).await.expect("the boot panicked");
+    let record = running.record.borrow().clone();
+    assert_eq!(record.phase, BootPhase::Failed, "{record:#?}");
+    assert!(
+        record
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("the next boot gets none")
+                && r.contains("the reboot failed")
+                && r.contains("/nonexistent/reboot")),
+        "{record:#?}"
+    );
+    assert_eq!(outcome(&record, RECONCILE_STEP).0, StepOutcome::Failed);
 }

@@ -32,7 +32,8 @@ Examples:
     Status(StatusArgs),
     /// Waits until the boot is configured (exit 0) or failed (exit 1, with the reason)
     ///
-    /// Exit status: 0 configured, 1 failed (the reason on stderr), 124 timed out (the
+    /// Exit status: 0 configured, 1 failed or rebooting for `reboot-to-reconcile` (the
+    /// reason on stderr), 124 timed out (the
     /// phase reached on stderr), 2 usage error. keeld not answering (yet) is waited
     /// out. On a terminal, each phase and step is shown on stderr as the boot reaches
     /// it.
@@ -144,12 +145,17 @@ async fn wait_for(client: &Client, timeout: Option<Duration>) -> Result<Output, 
                     .to_owned();
                 match phase.as_str() {
                     "configured" => return Ok(Output::Text("configured".into())),
-                    "failed" => {
+                    "failed" | "rebooting" => {
                         let reason = record
                             .get("reason")
                             .and_then(Value::as_str)
                             .unwrap_or("no reason recorded");
-                        return Err(CliError::Invalid(format!("boot failed: {reason}")));
+                        let what = if phase == "failed" {
+                            "boot failed"
+                        } else {
+                            "the host is rebooting instead of reaching configured"
+                        };
+                        return Err(CliError::Invalid(format!("{what}: {reason}")));
                     }
                     _ => last_phase = phase,
                 }
