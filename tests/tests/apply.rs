@@ -268,6 +268,21 @@ fn boot_parameters_reach_the_next_boots_command_line_or_the_apply_says_why_not()
             "{log}"
         );
         assert_eq!(log["reboot-required"], false, "{log}");
+        // Applied again (the rendered file unchanged): tried again, failed again,
+        // never taken for done.
+        let again = keeld.raw("POST", "/tx/apply", None);
+        assert_eq!(again.status, 500, "{}", again.text());
+        assert!(again.text().contains(why), "{}", again.text());
+        let log = keeld.raw("GET", "/apply/log", None).json();
+        assert_eq!(log["applies"][0]["success"], false, "{log}");
+        let boot = log["applies"][0]["commands"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["service"] == "boot").cloned())
+            .unwrap_or_default();
+        assert!(
+            boot["error"].as_str().is_some_and(|e| e.contains(why)),
+            "{log}"
+        );
     }
 }
 

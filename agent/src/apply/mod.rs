@@ -465,7 +465,7 @@ impl Applier {
         let written = tokio::task::spawn_blocking(move || {
             let settings = snapshot.live_settings();
             let (files, reboot_required) = this.write_services(settings, &services);
-            let boot = this.boot_parameters(settings, &services, &files);
+            let boot = this.boot_parameters(settings, &services);
             (files, reboot_required, boot)
         })
         .await;
@@ -504,21 +504,11 @@ impl Applier {
             }
         }
         for (service, parameters) in boot {
-            if let Ok(p) = &parameters {
-                let in_place = match &self.inner.config.boot_loader {
-                    // No entries that could hold any: only "none" is in effect.
-                    None => p.options().is_empty(),
-                    Some(loader) => loader.last_staged().as_deref() == Some(&p.options()),
-                };
-                if in_place {
-                    continue;
-                }
-            }
             let outcome = self.stage_boot_parameters(&service, parameters).await;
             report.success &= outcome.success;
-            // The rendered lines changed, but no boot will read them: a reboot would not
-            // bring them into effect.
-            report.reboot_required &= outcome.success;
+            // Handed over: the next boot differs. Not handed over: no boot will read them,
+            // so a reboot would not bring them into effect.
+            report.reboot_required = outcome.success;
             report.commands.push(outcome);
         }
         if report.reboot_required {
@@ -579,13 +569,15 @@ impl Applier {
         (files, reboot_required)
     }
 
-    /// For each `boot-parameters` service among `services` whose files this apply
-    /// changed (and wrote without failure): its two lines rendered from `settings`.
+    /// For each `boot-parameters` service among `services`: its two lines rendered from
+    /// `settings`, unless they are what the loader entries already hold (or, on a host
+    /// without entries Keel manages, unless there are none). Compared with the record, not
+    /// with the rendered files: a hand-off that failed is tried again by the next apply
+    /// of the same values.
     fn boot_parameters(
         &self,
         settings: &Value,
         services: &BTreeMap<String, Vec<String>>,
-        files: &[FileOutcome],
     ) -> Vec<(String, Result<BootParameters, String>)> {
         let context = self.context(settings);
         let mut out = Vec::new();
@@ -599,12 +591,6 @@ impl Applier {
             else {
                 continue;
             };
-            let of_service = |f: &&FileOutcome| f.name == names.kernel || f.name == names.init;
-            let outcomes: Vec<&FileOutcome> = files.iter().filter(of_service).collect();
-            let failed = outcomes.iter().any(|f| f.result == FileResult::Failed);
-            if failed || !outcomes.iter().any(|f| f.result.changed()) {
-                continue;
-            }
             let line = |name: &str| {
                 self.inner
                     .templates
@@ -618,6 +604,16 @@ impl Applier {
                     init: line(&names.init)?,
                 })
             });
+            if let Ok(p) = &parameters {
+                let in_place = match &self.inner.config.boot_loader {
+                    // No entries that could hold any: only "none" is in effect.
+                    None => p.options().is_empty(),
+                    Some(loader) => loader.last_staged().as_deref() == Some(&p.options()),
+                };
+                if in_place {
+                    continue;
+                }
+            }
             out.push((service.clone(), parameters));
         }
         out
@@ -876,12 +872,12 @@ impl Applier {
 
     /// `settings.boot`'s parameters Keel's loader entries were last given (`""` for none);
     /// `None` on a host without them, or when the record cannot be read.
-    pub fn staged_boot_parameters(&self) -> Option<String> {
-        self.inner
-            .config
-            .boot_loader
-            .as_ref()
-            .and_then(BootLoader::last_staged)
+    pub async fn staged_boot_parameters(&self) -> Option<String> {
+        let loader = self.inner.config.boot_loader.clone()?;
+        tokio::task::spawn_blocking(move || loader.last_staged())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Waits until no apply runs or waits to run (applies take turns in order, so the

@@ -133,7 +133,7 @@ impl Boot {
         if tracker.record().booted_parameters.is_none() && !tracker.record().is_done() {
             // First thing in this boot: what the loader entries held is what this
             // boot's kernel got (a later keeld start in the same boot keeps it).
-            if let Some(booted) = self.applier.staged_boot_parameters() {
+            if let Some(booted) = self.applier.staged_boot_parameters().await {
                 if let Err(e) = tracker.update(|r| r.booted_parameters = Some(booted)) {
                     tracing::error!(error = %e, "could not record this boot's parameters");
                 }
@@ -322,7 +322,7 @@ impl Boot {
         // Every apply of this boot has finished (the boot's own, and any a bootstrap
         // container asked for) before the entries are compared.
         self.applier.idle().await;
-        let next = self.applier.staged_boot_parameters();
+        let next = self.applier.staged_boot_parameters().await;
         if !wanted || next.as_deref() == Some(booted.as_str()) {
             return Ok(Finish::Configured);
         }
