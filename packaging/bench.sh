@@ -11,6 +11,9 @@
 #   KEEL_BENCH_JSON=path  where the JSON goes (default target/bench/keel-bench.json)
 #   KEEL_BENCH_IMAGE=1    also the Keel OS image figures (builds the image, boots it twice
 #                         under qemu: 3-5 more minutes under TCG; tests/benches/image.rs)
+#                         and reboot-to-configured of an activated update against plain
+#                         reboots (two image versions, four UEFI boots: 6-10 more
+#                         minutes; tests/benches/update_reboot.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash packaging/dev/deps.sh
@@ -54,6 +57,8 @@ bench render_max 1
 if [ "${KEEL_BENCH_IMAGE:-0}" = 1 ]; then
   echo "== Keel OS image: build, size, boot to configured vs Keel masked (qemu)"
   cargo bench -q -p keel-e2e --bench image 2>/dev/null | grep -v '^build.sh' >"$raw/image.txt"
+  echo "== Keel OS update: activate-update + reboot vs plain reboots, to configured (qemu, UEFI)"
+  cargo bench -q -p keel-e2e --bench update_reboot 2>/dev/null | grep -v '^build.sh' >>"$raw/image.txt"
 fi
 
 # One JSON document: per figure, median/min/max over the runs (the container benches

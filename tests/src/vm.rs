@@ -540,3 +540,73 @@ pub fn report_phase(report: &str) -> Option<String> {
         .as_str()
         .map(str::to_owned)
 }
+
+/// The update repository's key and trusted root for the VM tests and benchmarks, kept
+/// beside the built images so that a rebuild with unchanged inputs is a cache hit.
+pub fn update_keys() -> PathBuf {
+    repo_root().join("target/image/test-update-keys")
+}
+
+/// Version `version` of the test image, built with the test repository's `root.json`
+/// as its trusted update root. Needs root (mmdebstrap, chroot).
+pub fn image_version(version: &str) -> Image {
+    assert_eq!(
+        rustix::process::geteuid().as_raw(),
+        0,
+        "building an image (mmdebstrap, chroot) needs root"
+    );
+    let root = crate::tuf::ensure_keys(&update_keys());
+    Image::build(&[
+        "--version",
+        version,
+        "--update-root",
+        root.to_str().expect("utf-8 path"),
+    ])
+}
+
+/// A built image as an update: its root, hash tree, kernel and initrd, and root hash.
+pub fn update_artifacts(image: &Image, version: &str) -> crate::tuf::UpdateArtifacts {
+    crate::tuf::UpdateArtifacts {
+        version: version.to_owned(),
+        root: image.dir.join("root.erofs"),
+        hash: image.dir.join("root.verity"),
+        kernel: image.dir.join("vmlinuz"),
+        initrd: image.dir.join("initrd.img"),
+        root_hash: std::fs::read_to_string(image.dir.join("roothash"))
+            .expect("roothash")
+            .trim()
+            .to_owned(),
+    }
+}
+
+/// Signs `updates` (of the test image's variant) into `repo` with their manifest, whose
+/// file is written in `dir`.
+pub fn publish(
+    repo: &mut crate::tuf::TufRepo,
+    dir: &Path,
+    updates: &[&crate::tuf::UpdateArtifacts],
+) {
+    const VARIANT: &str = "keel-qemu";
+    let entries: Vec<serde_json::Value> = updates
+        .iter()
+        .map(|u| u.manifest_entry(VARIANT, serde_json::json!({})))
+        .collect();
+    let manifest = dir.join("manifest.json");
+    std::fs::write(
+        &manifest,
+        serde_json::to_vec_pretty(&serde_json::json!({"updates": entries, "migrations": {}}))
+            .expect("manifest"),
+    )
+    .expect("write manifest");
+    let mut files = vec![("manifest.json".to_owned(), manifest)];
+    for update in updates {
+        for (name, path) in update.names(VARIANT) {
+            files.push((name, path.to_owned()));
+        }
+    }
+    let refs: Vec<(&str, &Path)> = files
+        .iter()
+        .map(|(n, p)| (n.as_str(), p.as_path()))
+        .collect();
+    repo.publish(&refs, crate::tuf::days_from_now(7));
+}

@@ -20,39 +20,15 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use keel_e2e::http_server::{Fault, FileServer};
-use keel_e2e::tuf::{days_from_now, TufRepo, UpdateArtifacts};
-use keel_e2e::vm::{report_json, report_phase, Firmware, Image, UserData, Vm, VmConfig};
+use keel_e2e::tuf::TufRepo;
+use keel_e2e::vm::{
+    image_version, publish, report_json, report_phase, update_artifacts, update_keys, Firmware,
+    Image, UserData, Vm, VmConfig,
+};
 
 /// One boot's budget: TCG takes 40–60 s to `configured` on an idle 2-core machine, and
 /// over 2 minutes when builds share the CPUs.
 const BOOT: Duration = Duration::from_secs(420);
-
-fn require_root() {
-    assert_eq!(
-        rustix::process::geteuid().as_raw(),
-        0,
-        "the VM tests build an image (mmdebstrap, chroot) and need root"
-    );
-}
-
-/// The update repository's key and trusted root, kept beside the built images so that a
-/// rebuild with unchanged inputs is a cache hit.
-fn update_keys() -> std::path::PathBuf {
-    keel_e2e::vm::repo_root().join("target/image/test-update-keys")
-}
-
-/// Version `version` of the test image: every VM test boots one of these, built with
-/// the test repository's `root.json` as the trusted update root.
-fn image_version(version: &str) -> Image {
-    require_root();
-    let root = keel_e2e::tuf::ensure_keys(&update_keys());
-    Image::build(&[
-        "--version",
-        version,
-        "--update-root",
-        root.to_str().expect("utf-8 path"),
-    ])
-}
 
 /// Version N of the tests.
 fn image() -> Image {
@@ -590,48 +566,6 @@ fn versions(script: &str) -> String {
         .replace("@N@", N)
         .replace("@N1@", N1)
         .replace("@N2@", N2)
-}
-
-/// A built image as an update: its root, hash tree, kernel and initrd, and root hash.
-fn update_artifacts(image: &Image, version: &str) -> UpdateArtifacts {
-    UpdateArtifacts {
-        version: version.to_owned(),
-        root: image.dir.join("root.erofs"),
-        hash: image.dir.join("root.verity"),
-        kernel: image.dir.join("vmlinuz"),
-        initrd: image.dir.join("initrd.img"),
-        root_hash: std::fs::read_to_string(image.dir.join("roothash"))
-            .expect("roothash")
-            .trim()
-            .to_owned(),
-    }
-}
-
-/// Signs `updates` into the repository with their manifest.
-fn publish(repo: &mut TufRepo, dir: &Path, updates: &[&UpdateArtifacts]) {
-    const VARIANT: &str = "keel-qemu";
-    let entries: Vec<serde_json::Value> = updates
-        .iter()
-        .map(|u| u.manifest_entry(VARIANT, serde_json::json!({})))
-        .collect();
-    let manifest = dir.join("manifest.json");
-    std::fs::write(
-        &manifest,
-        serde_json::to_vec_pretty(&serde_json::json!({"updates": entries, "migrations": {}}))
-            .expect("manifest"),
-    )
-    .expect("write manifest");
-    let mut files = vec![("manifest.json".to_owned(), manifest)];
-    for update in updates {
-        for (name, path) in update.names(VARIANT) {
-            files.push((name, path.to_owned()));
-        }
-    }
-    let refs: Vec<(&str, &Path)> = files
-        .iter()
-        .map(|(n, p)| (n.as_str(), p.as_path()))
-        .collect();
-    repo.publish(&refs, days_from_now(7));
 }
 
 /// The `KEEL-PROBE` values of the run that printed `boot-of=<version>` for the `nth`
