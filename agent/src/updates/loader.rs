@@ -202,9 +202,10 @@ impl BootParameters {
                          quotes, not starting with '-')"
                     ));
                 }
-                if what == "kernel" && (word.starts_with("keel.") || word.starts_with("initrd=")) {
+                // Not even after `--`: the initramfs reads every `keel.*` word of the line.
+                if word.starts_with("keel.") || word.starts_with("initrd=") {
                     return Err(format!(
-                        "kernel parameter {word:?} is the boot loader's or Keel's own"
+                        "{what} parameter {word:?} is the boot loader's or Keel's own"
                     ));
                 }
             }
@@ -776,6 +777,7 @@ mod tests {
             parameters("--", ""),
             parameters("a \"b", ""),
             parameters("", "-x"),
+            parameters("", "keel.roothash=00"),
             parameters("caf\u{e9}", ""),
         ] {
             assert!(bad.check().is_err(), "{bad:?}");
