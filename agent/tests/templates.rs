@@ -1247,7 +1247,6 @@ fn groups_without_a_component_on_this_host_are_marked_no_effect() {
         "settings.aws.config",
         "settings.aws.credentials",
         "settings.aws.profile",
-        "settings.boot.reboot-to-reconcile",
     ] {
         assert!(meta.has_no_effect(key), "{key} is not marked no-effect");
     }
@@ -1262,6 +1261,8 @@ fn groups_without_a_component_on_this_host_are_marked_no_effect() {
         "settings.host-containers.admin.enabled",
         "settings.aws.region",
         "settings.boot.kernel-parameters.console",
+        // Read by the boot (reboot-to-reconcile).
+        "settings.boot.reboot-to-reconcile",
         "settings.kubernetes.api-server",
         // Read by keeld's update commands.
         "settings.updates.seed",
