@@ -295,13 +295,23 @@ fn check_boot_param_key(s: &str) -> Result<(), String> {
             "it cannot start with '-' (\"--\" ends the kernel's own parameters)",
         ));
     }
+    // Keel's initramfs reads every `keel.*` word of the command line (the slot, its root
+    // hash and verity devices), kernel's or init's; `initrd=` is the boot loader's.
+    if s.starts_with("keel.") || s == "initrd" {
+        return Err(invalid(
+            s,
+            what,
+            "keel.* and initrd are Keel's and the boot loader's own parameters",
+        ));
+    }
     Ok(())
 }
 
 validated_string! {
     /// A kernel or init command-line parameter name (`console`, `usbcore.quirks`): ASCII
     /// letters, digits, `_`, `.` and `-`, not starting with `-` (a bare `--` on the kernel
-    /// command line ends the kernel's parameters), at most 128 bytes.
+    /// command line ends the kernel's parameters), at most 128 bytes; not `keel.*` or
+    /// `initrd` (Keel's and the boot loader's own).
     BootParamKey, check = check_boot_param_key,
     description = "A kernel or init command-line parameter name",
     format = None, pattern = Some("^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,127}$")

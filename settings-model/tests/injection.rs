@@ -319,6 +319,30 @@ fn a_kernel_parameter_named_dash_dash_is_refused() {
 }
 
 #[test]
+fn keels_own_parameters_are_not_settings() {
+    for key in ["keel.slot", "keel.roothash", "keel.", "initrd"] {
+        for group in ["kernel-parameters", "init-parameters"] {
+            // A dotted name is quoted in the key path.
+            let shown = if key.contains('.') {
+                format!("{key:?}")
+            } else {
+                key.to_owned()
+            };
+            let err = refused(
+                json!({"boot": {group: {key: ["x"]}}}),
+                &format!("settings.boot.{group}.{shown}"),
+            );
+            assert!(
+                err.reason().contains("Keel's and the boot loader's own"),
+                "{err}"
+            );
+        }
+    }
+    validate_patch(&json!({"boot": {"kernel-parameters": {"keelx": [], "initrd_x": ["1"]}}}))
+        .unwrap();
+}
+
+#[test]
 fn kernel_parameter_values_are_printable_ascii() {
     // U+00E0 is C3 A0 in UTF-8, and the kernel's ctype calls 0xA0 a space.
     for bad in ["\u{e0}", "a\u{a0}b", "x y", "\"q\"", "a\tb", "\u{2028}"] {
