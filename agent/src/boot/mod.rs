@@ -322,11 +322,21 @@ impl Boot {
         // Every apply of this boot has finished (the boot's own, and any a bootstrap
         // container asked for) before the entries are compared.
         self.applier.idle().await;
-        let next = self.applier.staged_boot_parameters().await;
-        if !wanted || next.as_deref() == Some(booted.as_str()) {
+        if !wanted {
             return Ok(Finish::Configured);
         }
-        let next = next.unwrap_or_default();
+        // An unreadable record says nothing about the next boot: no reboot on a guess,
+        // and the boot says why it did not reconcile.
+        let Some(next) = self.applier.staged_boot_parameters().await else {
+            return Err(Halt(
+                "reboot-to-reconcile: the record of the boot parameters handed to the loader \
+                 entries cannot be read, so whether this boot has them is unknown"
+                    .to_owned(),
+            ));
+        };
+        if next == booted {
+            return Ok(Finish::Configured);
+        }
         let show = |p: &str| {
             if p.is_empty() {
                 "none".to_owned()
