@@ -82,6 +82,11 @@ impl WriterSession {
                 let stream = tokio::net::UnixStream::connect(path)
                     .await
                     .map_err(|e| connect(e.to_string()))?;
+                // A larger send buffer: fewer wake-ups of either side per payload (the
+                // kernel caps it at net.core.wmem_max; the default still works, slower).
+                if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(&stream, PIECE) {
+                    tracing::debug!(error = %e, "cannot enlarge the socket to the slot writer");
+                }
                 let (read, write) = stream.into_split();
                 Ok(WriterSession {
                     reader: BufReader::new(Box::new(read)),
@@ -104,6 +109,11 @@ impl WriterSession {
                 let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
                     return Err(connect("no pipes to the writer".to_owned()));
                 };
+                // A larger pipe: fewer wake-ups of either side per payload. The default
+                // (64 KiB) still works, only slower.
+                if let Err(e) = rustix::pipe::fcntl_setpipe_size(&stdin, PIECE) {
+                    tracing::debug!(error = %e, "cannot enlarge the pipe to the slot writer");
+                }
                 Ok(WriterSession {
                     reader: BufReader::new(Box::new(stdout)),
                     writer: Box::new(stdin),
@@ -168,6 +178,10 @@ impl WriterSession {
     /// `progress` with the bytes sent so far. Fails with [`WriterError::Source`] when the
     /// source fails or yields another length than announced: the writer then gets less
     /// than it was told and refuses, and the session is over.
+    ///
+    /// The source is read ahead by its own task (the download and `tough`'s sha256 run
+    /// there), so receiving and hashing the next bytes overlaps handing these to the
+    /// writer; at most [`READ_AHEAD`] pieces of [`PIECE`] bytes wait between the two.
     pub async fn write<S>(
         &mut self,
         request: &Request,
@@ -176,26 +190,22 @@ impl WriterSession {
         mut progress: impl FnMut(u64),
     ) -> Result<Written, WriterError>
     where
-        S: Stream<Item = Result<Bytes, RepositoryError>> + Send,
+        S: Stream<Item = Result<Bytes, RepositoryError>> + Send + 'static,
     {
         self.send_line(request).await?;
-        let mut source = std::pin::pin!(source);
+        let (pieces, mut received) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let _reader = AbortOnDrop(tokio::spawn(read_ahead(source, size, pieces)));
         let mut sent = 0u64;
-        while let Some(chunk) = source.next().await {
-            let chunk = chunk.map_err(WriterError::Source)?;
-            if sent + chunk.len() as u64 > size {
-                return Err(WriterError::Source(RepositoryError::Other(format!(
-                    "the target is longer than its announced {size} bytes"
-                ))));
-            }
-            if let Err(e) = self.writer.write_all(&chunk).await {
+        while let Some(piece) = received.recv().await {
+            let piece = piece.map_err(WriterError::Source)?;
+            if let Err(e) = self.writer.write_all(&piece).await {
                 // The writer stopped reading: its answer says why.
                 return Err(match self.read_answer(Duration::from_secs(5)).await {
                     Ok(Answer::Failed { error, .. }) => WriterError::Refused(error),
                     _ => WriterError::Gone(e.to_string()),
                 });
             }
-            sent += chunk.len() as u64;
+            sent += piece.len() as u64;
             progress(sent);
         }
         if sent != size {
@@ -234,10 +244,199 @@ pub async fn set_boot_parameters(
     Ok(written?.entries)
 }
 
+/// Bytes handed to the writer per write, at least: the download yields pieces of a few
+/// KiB, and each write to the writer's socket or pipe wakes it.
+const PIECE: usize = 1 << 20;
+/// Pieces read ahead of the writer, at most.
+const READ_AHEAD: usize = 8;
+
+/// Reads `source` into pieces of at least [`PIECE`] bytes for `pieces`; a failure of the
+/// source, or more bytes than `size`, is the last item. Ends early when the receiver is
+/// gone.
+async fn read_ahead<S>(
+    source: S,
+    size: u64,
+    pieces: tokio::sync::mpsc::Sender<Result<Bytes, RepositoryError>>,
+) where
+    S: Stream<Item = Result<Bytes, RepositoryError>> + Send,
+{
+    let mut source = std::pin::pin!(source);
+    let mut piece = bytes::BytesMut::new();
+    let mut read = 0u64;
+    while let Some(chunk) = source.next().await {
+        let chunk = match chunk {
+            Ok(chunk) if read + chunk.len() as u64 <= size => chunk,
+            Ok(_) => {
+                let _ = pieces
+                    .send(Err(RepositoryError::Other(format!(
+                        "the target is longer than its announced {size} bytes"
+                    ))))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let _ = pieces.send(Err(e)).await;
+                return;
+            }
+        };
+        read += chunk.len() as u64;
+        let whole = if piece.is_empty() && chunk.len() >= PIECE {
+            chunk
+        } else {
+            if piece.capacity() == 0 {
+                piece.reserve(PIECE);
+            }
+            piece.extend_from_slice(&chunk);
+            if piece.len() < PIECE {
+                continue;
+            }
+            piece.split().freeze()
+        };
+        if pieces.send(Ok(whole)).await.is_err() {
+            return;
+        }
+    }
+    if !piece.is_empty() {
+        let _ = pieces.send(Ok(piece.freeze())).await;
+    }
+}
+
+/// Aborts the task when dropped: a write that fails stops its read-ahead (and the
+/// download under it) at once.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn written(answer: Answer) -> Result<Written, WriterError> {
     match answer {
         Answer::Written { written, .. } => Ok(written),
         Answer::Failed { error, .. } => Err(WriterError::Refused(error)),
         Answer::Inspection { .. } => Err(WriterError::Gone("unexpected answer".to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::updates::protocol::{Answer, Written};
+    use crate::updates::slots::{Part, Slot};
+    use futures_util::stream;
+
+    fn chunks(count: usize, len: usize) -> Vec<Result<Bytes, RepositoryError>> {
+        (0..count)
+            .map(|i| Ok(Bytes::from(vec![(i % 251) as u8; len])))
+            .collect()
+    }
+
+    fn request(size: u64) -> Request {
+        Request::WritePartition {
+            slot: Slot::B,
+            part: Part::Hash,
+            size,
+            sha256: "00".repeat(32),
+            root_hash: None,
+        }
+    }
+
+    /// A slot writer on a socket that takes one write and answers what it received.
+    async fn fake_writer(
+        dir: &std::path::Path,
+    ) -> (WriterEndpoint, tokio::task::JoinHandle<Vec<u8>>) {
+        let path = dir.join("writer.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let task = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            let mut read = BufReader::new(read);
+            let mut line = Vec::new();
+            read.read_until(b'\n', &mut line).await.expect("line");
+            let Ok(Request::WritePartition { size, .. }) = serde_json::from_slice(&line) else {
+                panic!("not a write: {}", String::from_utf8_lossy(&line));
+            };
+            let mut payload = Vec::new();
+            let _ = (&mut read).take(size).read_to_end(&mut payload).await;
+            let answer = Answer::Written {
+                ok: true,
+                written: Written {
+                    bytes: payload.len() as u64,
+                    sha256: None,
+                    root_hash: None,
+                    entries: Vec::new(),
+                },
+            };
+            let mut reply = serde_json::to_vec(&answer).expect("json");
+            reply.push(b'\n');
+            let _ = write.write_all(&reply).await;
+            payload
+        });
+        (WriterEndpoint::Socket(path), task)
+    }
+
+    #[tokio::test]
+    async fn small_pieces_of_the_download_reach_the_writer_whole_and_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (endpoint, writer) = fake_writer(dir.path()).await;
+        let source = chunks(3000, 1000);
+        let expected: Vec<u8> = source
+            .iter()
+            .flat_map(|c| c.as_ref().expect("chunk").to_vec())
+            .collect();
+        let mut session = WriterSession::open(&endpoint).await.expect("open");
+        let mut seen = Vec::new();
+        let written = session
+            .write(&request(3_000_000), 3_000_000, stream::iter(source), |n| {
+                seen.push(n)
+            })
+            .await
+            .expect("write");
+        assert_eq!(written.bytes, 3_000_000);
+        assert_eq!(writer.await.expect("writer"), expected);
+        // Progress rises to the whole size, a piece of at least PIECE bytes at a time.
+        assert_eq!(seen.last(), Some(&3_000_000));
+        assert!(seen
+            .windows(2)
+            .all(|w| w[1] - w[0] >= PIECE as u64 || w[1] == 3_000_000));
+        assert!(seen[0] >= PIECE as u64);
+    }
+
+    #[tokio::test]
+    async fn a_source_longer_or_shorter_than_announced_or_failing_fails_the_write() {
+        let cases: Vec<(u64, Vec<Result<Bytes, RepositoryError>>, &str)> = vec![
+            (
+                2_500_000,
+                chunks(3000, 1000),
+                "longer than its announced 2500000 bytes",
+            ),
+            (
+                3_500_000,
+                chunks(3000, 1000),
+                "ended after 3000000 of its 3500000 bytes",
+            ),
+            (
+                3_000_000,
+                chunks(1500, 1000)
+                    .into_iter()
+                    .chain([Err(RepositoryError::Other("the repository stalled".into()))])
+                    .collect(),
+                "the repository stalled",
+            ),
+        ];
+        for (size, source, expected) in cases {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (endpoint, _writer) = fake_writer(dir.path()).await;
+            let mut session = WriterSession::open(&endpoint).await.expect("open");
+            let error = session
+                .write(&request(size), size, stream::iter(source), |_| {})
+                .await
+                .expect_err("must fail");
+            assert!(
+                matches!(&error, WriterError::Source(e) if e.to_string().contains(expected)),
+                "{expected}: {error}"
+            );
+        }
     }
 }
