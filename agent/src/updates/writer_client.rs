@@ -326,7 +326,9 @@ mod tests {
     use crate::updates::slots::{Part, Slot};
     use futures_util::stream;
 
-    fn chunks(count: usize, len: usize) -> Vec<Result<Bytes, RepositoryError>> {
+    type Source = Vec<Result<Bytes, RepositoryError>>;
+
+    fn chunks(count: usize, len: usize) -> Source {
         (0..count)
             .map(|i| Ok(Bytes::from(vec![(i % 251) as u8; len])))
             .collect()
@@ -405,7 +407,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_source_longer_or_shorter_than_announced_or_failing_fails_the_write() {
-        let cases: Vec<(u64, Vec<Result<Bytes, RepositoryError>>, &str)> = vec![
+        let cases: Vec<(u64, Source, &str)> = vec![
             (
                 2_500_000,
                 chunks(3000, 1000),
