@@ -49,7 +49,7 @@ use serde_json::Value;
 
 use super::log::Log;
 use super::slots::{Loss, Opened, Slots};
-use super::{Caller, Generation, PendingTx, Recovered, Snapshot, StoreError};
+use super::{Caller, Generation, History, PendingTx, Recovered, Snapshot, StoreError};
 
 /// The snapshot's form: 1 without a log, 2 with (`log-size`). Written: 2.
 const FORMAT: u32 = 2;
@@ -84,7 +84,7 @@ struct GenerationsFile {
 #[serde(rename_all = "kebab-case")]
 struct GenerationsFileRef<'a> {
     format: u32,
-    generations: &'a [Arc<Generation>],
+    generations: &'a History,
     committed: &'a VecDeque<(u64, u64)>,
     next_tx_id: u64,
     pending_ids: &'a [u64],
@@ -404,6 +404,7 @@ impl StoreFiles {
                 ),
             pending_ids: ids.collect(),
         };
+        let history = History::from(history);
         self.durable_generation = history.last().map_or(0, |g| g.generation);
         if must_initialise {
             let next_tx_id = self.record.next_tx_id;
@@ -598,7 +599,7 @@ impl StoreFiles {
     /// log starts again.
     pub fn write_generations(
         &mut self,
-        generations: &[Arc<Generation>],
+        generations: &History,
         committed: &VecDeque<(u64, u64)>,
         next_tx_id: u64,
         pending_ids: &[u64],
@@ -606,12 +607,16 @@ impl StoreFiles {
         let live = generations.last().map_or(0, |g| g.generation);
         if self.log.ready() {
             let durable = self.durable_generation;
+            // The new generations are the newest: read from the end, not the whole history.
+            let mut new: Vec<Arc<Generation>> = generations
+                .iter()
+                .rev()
+                .take_while(|g| g.generation > durable)
+                .cloned()
+                .collect();
+            new.reverse();
             let delta = Delta {
-                generations: generations
-                    .iter()
-                    .filter(|g| g.generation > durable)
-                    .cloned()
-                    .collect(),
+                generations: new,
                 committed: committed
                     .iter()
                     .filter(|(generation, _)| *generation > durable)
@@ -654,7 +659,7 @@ impl StoreFiles {
     /// any point leaves either the previous snapshot with its log, or the new one.
     fn write_snapshot(
         &mut self,
-        generations: &[Arc<Generation>],
+        generations: &History,
         committed: &VecDeque<(u64, u64)>,
         next_tx_id: u64,
         pending_ids: &[u64],

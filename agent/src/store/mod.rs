@@ -7,6 +7,7 @@
 //! commit answered.
 
 mod files;
+mod history;
 mod log;
 pub mod migrate;
 mod slots;
@@ -20,6 +21,8 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
+
+pub use history::History;
 
 pub use files::StoreFiles;
 pub(crate) use writer::candidate_of;
@@ -155,10 +158,10 @@ pub const MAX_PATCHES_PER_TX: usize = 4096;
 /// An immutable view of the store, swapped in whole after each persisted batch.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// Oldest first; never empty: generation 0 is the empty model. Shared (`Arc`): the
-    /// writer copies the snapshot for each batch, and a copy of the history must cost a
-    /// pointer per generation, not a copy of every kept model.
-    pub history: Vec<Arc<Generation>>,
+    /// Oldest first; never empty: generation 0 is the empty model. The writer copies
+    /// the snapshot for each batch: a copy of the history shares its generations in
+    /// chunks (see [`History`]), so it costs the same however many are kept.
+    pub history: History,
     pub pending: BTreeMap<String, PendingTx>,
     /// `(generation, transaction id)` of the last [`COMMITTED_WINDOW`] commits, oldest
     /// first, kept beyond the history: for a store written before the committed state

@@ -825,6 +825,6 @@ fn push_generation(
     }));
     if work.history.len() > keep {
         let excess = work.history.len() - keep;
-        work.history.drain(..excess);
+        work.history.drop_oldest(excess);
     }
 }
