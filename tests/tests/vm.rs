@@ -510,6 +510,48 @@ apply() {
     done
     say "apply=$(echo "$out" | tail -n 2 | tr '\n' ' ')"
 }
+# Bottlerocket's update operator (brupop) drives a node with `apiclient raw`, call by
+# call, retrying a call answered "Status 423" (another update command runs); each 423 it
+# met is a line of $dir/locked.
+raw() {
+    n=0
+    until out=$(apiclient raw "$@" 2>&1); do
+        case "$out" in
+            *'Status 423'*) echo 423 >> $dir/locked;;
+            *) echo "$out"; return 1;;
+        esac
+        n=$((n + 1)); [ $n -lt 900 ] || return 1
+        sleep 1
+    done
+    echo "$out"
+}
+# The operator's get_update_status: refresh, then the status.
+op_status() {
+    raw -u /actions/refresh-updates -m POST >/dev/null || return 1
+    raw -u /updates/status | tr -d '\n '
+}
+# The operator's sequence: status (an update chosen), prepare, status (Staged), activate,
+# status (Ready), reboot.
+operator() {
+    : > $dir/locked
+    n=0
+    while :; do
+        s=$(op_status)
+        case "$s" in *'"chosen_update":{'*) ;; *) say "operator=nothing-chosen $s"; return;; esac
+        if raw -u /actions/prepare-update -m POST >/dev/null; then
+            s=$(op_status)
+            case "$s" in *'"update_state":"Staged"'*) break;; esac
+        fi
+        n=$((n + 1))
+        [ $n -lt 24 ] || { say "operator=not-staged $s"; return; }
+        sleep 5
+    done
+    raw -u /actions/activate-update -m POST >/dev/null
+    s=$(op_status)
+    case "$s" in *'"update_state":"Ready"'*) ;; *) say "operator=not-ready $s"; return;; esac
+    say "operator=ready locked=$(wc -l < $dir/locked)"
+    raw -u /actions/reboot -m POST >/dev/null
+}
 v=$(apiclient raw -u /os | tr -d '\n ' | sed -n 's/.*"version_id":"\([^"]*\)".*/\1/p')
 say "boot-of=$v"
 say "slot=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^keel.slot=//p')"
@@ -546,7 +588,7 @@ case "$v" in
         case "$(apiclient update check 2>&1 | tr -d '\n ')" in *'"@N2@"'*) break;; esac
         sleep 2; i=$((i + 1))
     done
-    apply
+    operator
     ;;
 esac
 "#;
@@ -595,9 +637,11 @@ fn probe_run(serial: &str, version: &str, nth: usize) -> BTreeMap<String, String
 /// A/B updates on a booted host, under UEFI with systemd-boot: version N is told of
 /// N+1 by a signed repository on the host's loopback; a power cut while N+1 is being
 /// written leaves N booting; `apiclient update apply --reboot` brings the host up on
-/// N+1 in the other slot with its settings and admin container data; N+2, which cannot
-/// reach `configured` (an essential bootstrap container refuses it), uses up its tries
-/// and the boot loader goes back to N+1, whose status says it rolled back.
+/// N+1 in the other slot with its settings and admin container data; N+1 goes to N+2
+/// the way Bottlerocket's update operator drives a node (its `apiclient raw` calls, each
+/// retried on 423); N+2, which cannot reach `configured` (an essential bootstrap
+/// container refuses it), uses up its tries and the boot loader goes back to N+1, whose
+/// status says it rolled back.
 #[test]
 #[ignore = "boots qemu: packaging/dev/test.sh runs it after the other tests, alone"]
 fn update_power_cut_and_rollback() {
@@ -744,11 +788,25 @@ user-data = "{updater}"
         &format!("activation carried settings.boot into slot b's entry: {on_n1:?}"),
     );
 
-    // N+2 cannot reach `configured`: three tries, then N+1 again, which says so.
+    // N+2 cannot reach `configured`: three tries, then N+1 again, which says so. N+1
+    // goes to N+2 as Bottlerocket's update operator drives a node: its `apiclient raw`
+    // calls, retried on 423.
     publish(&mut repo, dir.path(), &[&n1, &n2]);
     let waited = vm.wait_serial("KEEL-PROBE done=rolled-back", 1, BOOT * 5);
     check(&vm, waited.is_ok(), &format!("{waited:?}"));
     let serial = vm.serial();
+    let operator = probe_run(&serial, N1, 1);
+    check(
+        &vm,
+        operator
+            .get("operator")
+            .and_then(|o| o.strip_prefix("ready locked="))
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .is_some_and(|n| n > 0),
+        &format!(
+            "the operator's call sequence reached Ready on N+1, retrying on 423: {operator:?}"
+        ),
+    );
     let refused = serial
         .matches(&format!("KEEL-PROBE gate=refused {N2}"))
         .count();
