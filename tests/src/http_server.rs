@@ -119,12 +119,13 @@ fn serve(stream: TcpStream, root: &std::path::Path, state: &Mutex<Shared>) {
             return;
         }
         let path = root.join(path.trim_start_matches('/'));
-        let Some((mut file, length)) = std::fs::File::open(&path)
-            .and_then(|f| f.metadata().map(|m| (f, m)))
-            .ok()
-            .filter(|(_, m)| m.is_file())
-            .map(|(f, m)| (f, m.len()))
-        else {
+        let file = std::fs::File::open(&path).ok();
+        let length = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len());
+        let (Some(mut file), Some(length)) = (file, length) else {
             let _ = stream.write_all(
                 b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n",
             );

@@ -194,7 +194,10 @@ impl WriterSession {
     {
         self.send_line(request).await?;
         let (pieces, mut received) = tokio::sync::mpsc::channel(READ_AHEAD);
-        let _reader = AbortOnDrop(tokio::spawn(read_ahead(source, size, pieces)));
+        // Dropped on every way out: a write that fails stops the download at once.
+        let _reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(read_ahead(
+            source, size, pieces,
+        )));
         let mut sent = 0u64;
         while let Some(piece) = received.recv().await {
             let piece = piece.map_err(WriterError::Source)?;
@@ -298,16 +301,6 @@ async fn read_ahead<S>(
     }
     if !piece.is_empty() {
         let _ = pieces.send(Ok(piece.freeze())).await;
-    }
-}
-
-/// Aborts the task when dropped: a write that fails stops its read-ahead (and the
-/// download under it) at once.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
