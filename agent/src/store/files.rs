@@ -12,34 +12,25 @@
 //!   with the kept history. A snapshot that uses the log says so (`log-size`, format 2);
 //!   one from before the log (format 1) is read as it is, and the first commit writes a
 //!   snapshot that starts the log.
-//! - `pending-tx-<id>.<rev>.json` holds one pending transaction (its name, id and
-//!   patches); a PATCH or discard touches only the file of its own transaction, so its
-//!   cost does not grow with the number of transactions pending. A write creates the
-//!   next revision's file and then unlinks the previous one; `load` takes, per id, the
-//!   highest revision that parses. A keeld crash (SIGKILL, panic) can leave a torn newest
-//!   file only while the previous one still exists, so nothing is lost. These files are
-//!   not fsync'd, and deliberately not renamed over an existing file either (ext4
-//!   flushes data on rename-over-existing, which would cost as much as the fsync we
-//!   avoid): a pending transaction is uncommitted work, and paying a flush on every
-//!   PATCH would halve commit throughput. After a power loss the pending transactions
-//!   may be older, or gone; committed generations are not affected.
-//! - A commit does not wait for its pending file: the file is unlinked after the
-//!   committed state is durable, and the committed state records which transactions
-//!   were still pending when it was written (`pending-ids`) and the next id to be given
-//!   (`next-tx-id`). On `load`, a pending file whose id is below that next id but not
-//!   among those pending was committed (or discarded) before the last durable write, and
-//!   is dropped; any other is genuinely pending. That holds however long a transaction
-//!   stays pending and however many commits happen meanwhile.
-//! - `pending-<seq>.json` (all transactions in one file, rewritten on every change) is
-//!   the previous form: read once, with its older rule (the ids of the last
-//!   `COMMITTED_WINDOW` commits, and the generation the file was written at), and
-//!   migrated.
+//! - `pending.log` holds the pending transactions, one appended line per change to one
+//!   of them (see [`super::pending`]): a PATCH or discard writes only its own
+//!   transaction, not fsync'd, and creates no file.
+//! - A commit does not write the pending log: the committed state records which
+//!   transactions were still pending when it was written (`pending-ids`) and the next id
+//!   to be given (`next-tx-id`). On `load`, a pending transaction whose id is below that
+//!   next id but not among those pending was committed (or discarded) before the last
+//!   durable write, and is dropped; any other is genuinely pending. That holds however
+//!   long a transaction stays pending and however many commits happen meanwhile.
+//! - Previous forms of the pending transactions, read once and migrated into the log:
+//!   `pending-tx-<id>.<rev>.json` (one file per transaction and revision; per id, the
+//!   highest revision that parses) and, before that, `pending-<seq>.json` (all
+//!   transactions in one file, with its older rule: the ids of the last
+//!   `COMMITTED_WINDOW` commits, and the generation the file was written at).
 //!
 //! `state.lock` (flock) keeps a second keeld away from the same directory.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::log::Log;
+use super::pending::{self, Change, PendingLog};
 use super::slots::{Loss, Opened, Slots};
 use super::{Caller, Generation, History, PendingTx, Recovered, Snapshot, StoreError};
 
@@ -132,28 +124,19 @@ struct TxFile {
     tx: PendingTx,
 }
 
-#[derive(Serialize)]
-struct TxFileRef<'a> {
-    format: u32,
-    name: &'a str,
-    tx: &'a PendingTx,
-}
-
 const TX_FORMAT: u32 = 2;
 const LEGACY_PENDING_FORMAT: u32 = 1;
 const TX_PREFIX: &str = "pending-tx-";
 
-/// A pending transaction's file on disk.
-#[derive(Debug, Clone)]
-struct OnDisk {
-    name: String,
-    rev: u64,
-}
-
 /// Where a pending transaction found by `load` came from.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Source {
-    Tx,
+    /// `pending-<seq>.json`, the oldest form.
     Legacy,
+    /// `pending-tx-<id>.<rev>.json`.
+    TxFile,
+    /// `pending.log`, today's form.
+    Log,
 }
 
 /// The state directory, locked for this process.
@@ -165,8 +148,8 @@ pub struct StoreFiles {
     opened: Option<Opened>,
     /// What `load` recovered from, with `--accept-state-loss`.
     recovered: Option<Recovered>,
-    /// The pending transaction files on disk, by id.
-    on_disk: BTreeMap<u64, OnDisk>,
+    /// The pending transactions on disk.
+    pending: PendingLog,
     /// What the committed state read at open says about pending transactions.
     record: PendingRecord,
     log: Log,
@@ -229,7 +212,7 @@ impl StoreFiles {
             slots,
             opened: Some(opened),
             recovered: None,
-            on_disk: BTreeMap::new(),
+            pending: PendingLog::new(dir),
             record: PendingRecord::default(),
             log: Log::unread(dir),
             dir_handle,
@@ -379,14 +362,23 @@ impl StoreFiles {
             self.log = log;
         }
 
-        let mut pending = self.load_pending(record.as_ref(), &committed)?;
+        let (mut pending, previous_forms) = self.load_pending(record.as_ref(), &committed)?;
         if let Some(loss) = loss {
             // Some of them may have been committed in what was lost: never revive one.
             let discarded: Vec<String> = pending.keys().cloned().collect();
-            let names: BTreeSet<String> = pending.keys().cloned().collect();
             pending.clear();
-            self.write_pending(&pending, &names, &HashSet::new())?;
             self.recovered = Some(recover(&mut history, loss, discarded));
+        }
+        // Always written afresh: drops what was committed, discarded or torn, and
+        // migrates the previous forms, whose files go only once the log holds them.
+        self.pending
+            .rewrite(&pending)
+            .map_err(|source| StoreError::Io {
+                path: self.pending.path(),
+                source,
+            })?;
+        for path in previous_forms {
+            let _ = fs::remove_file(path);
         }
         let ids = pending.values().map(|tx| tx.id);
         self.record = PendingRecord {
@@ -424,33 +416,49 @@ impl StoreFiles {
         self.record.next_tx_id
     }
 
-    /// Reads the pending transactions: the per-transaction files, and a `pending-<seq>.json`
-    /// of the previous form (migrated here). Drops those the committed state shows as
-    /// committed or discarded (see the module comment), and superseded or torn files.
+    /// Reads the pending transactions: the log, and the files of the previous forms
+    /// (returned, to remove once the log holds what they held). Drops those the committed
+    /// state shows as committed or discarded (see the module comment).
     fn load_pending(
         &mut self,
         record: Option<&PendingRecord>,
         committed: &VecDeque<(u64, u64)>,
-    ) -> Result<BTreeMap<String, PendingTx>, StoreError> {
-        let (as_of, legacy, legacy_files) = self.load_legacy_pending();
-        let mut found: BTreeMap<String, (PendingTx, Source)> = BTreeMap::new();
-        for (name, tx) in legacy {
-            found.insert(name, (tx, Source::Legacy));
+    ) -> Result<(BTreeMap<String, PendingTx>, Vec<PathBuf>), StoreError> {
+        let (as_of, legacy, mut previous_forms) = self.load_legacy_pending();
+        let (tx_files, tx_paths) = self.load_tx_files();
+        previous_forms.extend(tx_paths);
+        let log = PendingLog::read(&self.dir).map_err(|source| StoreError::Io {
+            path: self.pending.path(),
+            source,
+        })?;
+        if log.unreadable > 0 {
+            tracing::warn!(
+                lines = log.unreadable,
+                "pending log lines unreadable (crash or power loss?); those changes to pending transactions are lost"
+            );
         }
-        for (name, tx) in self.load_tx_files() {
+        let candidates = legacy
+            .into_iter()
+            .map(|(name, tx)| (name, tx, Source::Legacy))
+            .chain(
+                tx_files
+                    .into_iter()
+                    .map(|(name, tx)| (name, tx, Source::TxFile)),
+            )
+            .chain(
+                log.transactions
+                    .into_values()
+                    .map(|(name, tx)| (name, tx, Source::Log)),
+            );
+        let mut found: BTreeMap<String, (PendingTx, Source)> = BTreeMap::new();
+        for (name, tx, source) in candidates {
             // Two ids under one name (a discard and a new transaction, cut by a crash):
-            // the newer id is the later transaction. Same id: the per-transaction file is
-            // the newer form.
-            match found.get(&name) {
-                Some((held, _)) if held.id > tx.id => self.remove_tx(tx.id),
-                Some((held, Source::Tx)) => {
-                    let older = held.id;
-                    self.remove_tx(older);
-                    found.insert(name, (tx, Source::Tx));
-                }
-                _ => {
-                    found.insert(name, (tx, Source::Tx));
-                }
+            // the newer id is the later transaction. The same id: the newer form.
+            let newer = found
+                .get(&name)
+                .is_none_or(|(held, held_source)| (tx.id, source) > (held.id, *held_source));
+            if newer {
+                found.insert(name, (tx, source));
             }
         }
         let window_ids: HashSet<u64> = committed.iter().map(|(_, id)| *id).collect();
@@ -466,32 +474,22 @@ impl StoreFiles {
                 // was written may have left the window: uncommitted work is lost, never
                 // revived).
                 None => {
-                    let stale = matches!(source, Source::Legacy) && legacy_too_old;
+                    let stale = source == Source::Legacy && legacy_too_old;
                     !window_ids.contains(&tx.id) && !stale
                 }
             };
             if !keep {
                 tracing::info!(tx = %name, "dropping a pending transaction already committed or discarded");
-                if matches!(source, Source::Tx) {
-                    self.remove_tx(tx.id);
-                }
                 continue;
-            }
-            if matches!(source, Source::Legacy) {
-                self.write_tx(&name, &tx)?;
             }
             pending.insert(name, tx);
         }
-        // Migrated (or superseded): the previous form's files go.
-        for path in legacy_files {
-            let _ = fs::remove_file(path);
-        }
-        Ok(pending)
+        Ok((pending, previous_forms))
     }
 
-    /// The per-transaction files: per id, the highest revision that parses; the others
-    /// (older revisions, a torn newer one) are removed.
-    fn load_tx_files(&mut self) -> Vec<(String, PendingTx)> {
+    /// The per-transaction files of the previous form: per id, the highest revision
+    /// that parses; and every such file.
+    fn load_tx_files(&self) -> (Vec<(String, PendingTx)>, Vec<PathBuf>) {
         let mut by_id: BTreeMap<u64, Vec<(u64, PathBuf)>> = BTreeMap::new();
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let Some(file_name) = entry.file_name().into_string().ok() else {
@@ -503,40 +501,26 @@ impl StoreFiles {
             by_id.entry(id).or_default().push((rev, entry.path()));
         }
         let mut found = Vec::new();
+        let mut paths = Vec::new();
         for (id, mut revs) in by_id {
             revs.sort();
-            let mut chosen = None;
-            for (rev, path) in revs.iter().rev() {
+            for (_, path) in revs.iter().rev() {
                 let parsed = fs::read(path)
                     .ok()
                     .and_then(|bytes| serde_json::from_slice::<TxFile>(&bytes).ok())
                     .filter(|file| file.format == TX_FORMAT && file.tx.id == id);
                 match parsed {
                     Some(file) => {
-                        chosen = Some((*rev, file));
+                        found.push((file.name, file.tx));
                         break;
                     }
                     None => tracing::warn!(path = %path.display(),
                         "pending transaction file unreadable (crash or power loss?); trying an older one"),
                 }
             }
-            for (rev, path) in &revs {
-                if chosen.as_ref().is_none_or(|(kept, _)| kept != rev) {
-                    let _ = fs::remove_file(path);
-                }
-            }
-            if let Some((rev, file)) = chosen {
-                self.on_disk.insert(
-                    id,
-                    OnDisk {
-                        name: file.name.clone(),
-                        rev,
-                    },
-                );
-                found.push((file.name, file.tx));
-            }
+            paths.extend(revs.into_iter().map(|(_, path)| path));
         }
-        found
+        (found, paths)
     }
 
     /// The newest `pending-<seq>.json` (previous form) that parses, with the generation it
@@ -581,6 +565,7 @@ impl StoreFiles {
     }
 
     fn remove_temp_files(&self) {
+        let _ = fs::remove_file(self.dir.join(pending::TMP));
         let _ = fs::remove_file(self.dir.join(format!("{GENERATIONS}.tmp")));
         let _ = fs::remove_file(self.dir.join(format!("{}.tmp", super::slots::MARKER)));
     }
@@ -734,134 +719,60 @@ impl StoreFiles {
         }
     }
 
-    /// Brings the files of the transactions named in `names` in line with `pending`:
-    /// each one there gets its file rewritten (the next revision, then the previous one
-    /// unlinked; see the module comment for why that is safe and why no fsync), and the
-    /// files of other ids under those names are unlinked, except `committed` ids, whose
-    /// files go only once the committed state is durable ([`StoreFiles::forget`]).
-    /// Transactions not named are not touched.
+    /// Brings the pending log in line with `pending` for the transactions named in
+    /// `names`: each one there gets a `put` line, and other ids under those names a
+    /// `gone` line, except `committed` ids, which `load` drops once the committed state
+    /// is durable (see the module comment). One write; transactions not named are not
+    /// touched.
     pub fn write_pending(
         &mut self,
         pending: &BTreeMap<String, PendingTx>,
         names: &BTreeSet<String>,
         committed: &HashSet<u64>,
     ) -> Result<(), StoreError> {
+        let mut changes = Vec::new();
         for name in names {
             let current = pending.get(name);
             if let Some(tx) = current {
-                self.write_tx(name, tx)?;
+                changes.push(Change::Put { name, tx });
             }
-            let stale: Vec<u64> = self
-                .on_disk
-                .iter()
-                .filter(|(id, disk)| {
-                    disk.name == *name
-                        && Some(**id) != current.map(|tx| tx.id)
-                        && !committed.contains(*id)
-                })
-                .map(|(id, _)| *id)
-                .collect();
-            for id in stale {
-                self.unlink_tx(id)?;
-            }
+            changes.extend(
+                self.pending
+                    .ids_named(name)
+                    .filter(|id| Some(*id) != current.map(|tx| tx.id) && !committed.contains(id))
+                    .map(|id| Change::Gone { id }),
+            );
         }
-        Ok(())
-    }
-
-    /// The names of the transactions with a file on disk.
-    pub fn pending_names(&self) -> BTreeSet<String> {
-        self.on_disk
-            .values()
-            .map(|disk| disk.name.clone())
-            .collect()
-    }
-
-    /// Removes the files of transactions the durable committed state now records as
-    /// committed. A failure only leaves a file that `load` drops.
-    pub fn forget(&mut self, committed: &HashSet<u64>) {
-        for id in committed {
-            self.remove_tx(*id);
-        }
-    }
-
-    /// Writes `tx`'s next revision, then unlinks the previous one.
-    fn write_tx(&mut self, name: &str, tx: &PendingTx) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(&TxFileRef {
-            format: TX_FORMAT,
-            name,
-            tx,
-        })
-        .map_err(|e| StoreError::Io {
-            path: self.dir.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        let previous = self.on_disk.get(&tx.id).map(|disk| disk.rev);
-        let mut rev = previous.map_or(1, |r| r + 1);
-        loop {
-            let path = self.tx_path(tx.id, rev);
-            let written = OpenOptions::new()
-                .create_new(true)
-                .write(true)
-                .mode(0o600)
-                .open(&path)
-                .and_then(|mut file| file.write_all(&bytes));
-            match written {
-                Ok(()) => break,
-                // Left by a write whose clean-up failed: never overwrite a file in
-                // place (a torn overwrite would lose both revisions); take the next.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && rev < u64::MAX => {
-                    rev += 1;
-                }
-                Err(source) => {
-                    let _ = fs::remove_file(&path);
-                    return Err(StoreError::Io { path, source });
-                }
-            }
-        }
-        self.on_disk.insert(
-            tx.id,
-            OnDisk {
-                name: name.to_owned(),
-                rev,
-            },
-        );
-        if let Some(old) = previous {
-            let path = self.tx_path(tx.id, old);
-            if let Err(e) = fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a superseded pending file");
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Unlinks the file of transaction `id`; it must go (a discarded transaction whose
-    /// file stayed would come back at the next start).
-    fn unlink_tx(&mut self, id: u64) -> Result<(), StoreError> {
-        let Some(disk) = self.on_disk.get(&id) else {
+        if changes.is_empty() {
             return Ok(());
-        };
-        let path = self.tx_path(id, disk.rev);
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(StoreError::Io { path, source }),
         }
-        self.on_disk.remove(&id);
-        Ok(())
+        self.pending
+            .append(&changes)
+            .map_err(|source| StoreError::Io {
+                path: self.pending.path(),
+                source,
+            })
     }
 
-    /// [`StoreFiles::unlink_tx`] where a failure is only logged.
-    fn remove_tx(&mut self, id: u64) {
-        if let Err(e) = self.unlink_tx(id) {
-            tracing::warn!(error = %e, "cannot remove a pending transaction file");
-        }
+    /// The names of the transactions the pending log holds.
+    pub fn pending_names(&self) -> BTreeSet<String> {
+        self.pending.names().map(str::to_owned).collect()
     }
 
-    fn tx_path(&self, id: u64, rev: u64) -> PathBuf {
-        self.dir
-            .join(format!("{TX_PREFIX}{id}.{rev}{PENDING_SUFFIX}"))
+    /// After a durable batch: the transactions it `committed` leave the pending log's
+    /// count of what it holds, and the log is compacted to `pending` (all that is
+    /// pending now) when it has outgrown that. A failed compaction is only logged: the
+    /// log as it is stays correct.
+    pub fn settle(&mut self, committed: &HashSet<u64>, pending: &BTreeMap<String, PendingTx>) {
+        for id in committed {
+            self.pending.forget(*id);
+        }
+        if self.pending.compaction_due() {
+            if let Err(e) = self.pending.rewrite(pending) {
+                tracing::warn!(path = %self.pending.path().display(), error = %e,
+                    "cannot compact the pending log; appending to it as it is");
+            }
+        }
     }
 }
 

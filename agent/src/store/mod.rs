@@ -10,6 +10,7 @@ mod files;
 mod history;
 mod log;
 pub mod migrate;
+mod pending;
 mod slots;
 mod writer;
 

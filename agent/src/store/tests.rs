@@ -220,37 +220,40 @@ fn committed_transactions_never_come_back_even_with_a_short_history() {
 }
 
 #[test]
-fn a_torn_newest_pending_file_falls_back_to_the_previous_one() {
+fn a_torn_newest_pending_line_falls_back_to_the_previous_state() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let store = Store::open(dir.path(), 10).unwrap();
         store.patch("kept", json!({"motd": "k"})).await.unwrap();
+        store.patch("kept", json!({"motd": "k2"})).await.unwrap();
     });
-    // A crash in the middle of writing the next revision leaves it torn; the previous
-    // revision is only removed after the next one is complete.
-    let (file, _) = tx_files(dir.path())["kept"].clone();
-    let (id, rev) = file
-        .strip_prefix("pending-tx-")
-        .and_then(|f| f.strip_suffix(".json"))
-        .and_then(|f| f.split_once('.'))
-        .unwrap();
-    let rev: u64 = rev.parse().unwrap();
-    std::fs::write(
-        dir.path().join(format!("pending-tx-{id}.{}.json", rev + 1)),
-        b"{\"format\":2,\"name\":\"kept\",\"tx\":{\"id\"",
-    )
-    .unwrap();
+    // A crash in the middle of appending the newest line leaves it torn.
+    let path = dir.path().join("pending.log");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.truncate(bytes.len() - 10);
+    std::fs::write(&path, &bytes).unwrap();
     let store = reopen(dir.path(), 10);
     assert_eq!(
         store.snapshot().pending["kept"].view(),
         json!({"motd": "k"})
     );
-    let names: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with("pending-"))
-        .collect();
-    assert_eq!(names, vec![file], "the torn file is cleaned up");
+    assert_eq!(
+        log_lines(dir.path()),
+        vec![put("kept", 1)],
+        "the log is written afresh, without the torn line"
+    );
+    drop(store);
+    // Appends after the reopen are not swallowed by what was torn.
+    let store = reopen(dir.path(), 10);
+    rt().block_on(async {
+        store.patch("kept", json!({"motd": "k3"})).await.unwrap();
+    });
+    drop(store);
+    let store = reopen(dir.path(), 10);
+    assert_eq!(
+        store.snapshot().pending["kept"].view(),
+        json!({"motd": "k3"})
+    );
 }
 
 /// Opens the state files once the previous handle has let go of the lock.
@@ -801,27 +804,39 @@ fn accepting_the_loss_of_both_slots_starts_an_empty_store() {
     assert_eq!(store.snapshot().live().tx, RECOVERY_TX);
 }
 
-// ---- Pending transactions: one file each, written only when that transaction changes.
+// ---- Pending transactions: one log, a line per change to one transaction.
 
-/// `name -> (file name, inode)` of every pending transaction file.
-fn tx_files(dir: &std::path::Path) -> BTreeMap<String, (String, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir)
+/// `(kind, name, id)` of each line of the pending log: `put` names its transaction,
+/// `gone` only its id.
+fn log_lines(dir: &std::path::Path) -> Vec<(String, String, u64)> {
+    std::fs::read(dir.join("pending.log"))
         .unwrap()
-        .map(|e| e.unwrap())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("pending-tx-"))
-        .map(|e| {
-            let file: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
-            (
-                file["name"].as_str().unwrap().to_owned(),
-                (
-                    e.file_name().into_string().unwrap(),
-                    e.metadata().unwrap().ino(),
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            let record: serde_json::Value = serde_json::from_slice(&line[9..]).unwrap();
+            let (kind, body) = record.as_object().unwrap().iter().next().unwrap();
+            match kind.as_str() {
+                "put" => put(
+                    body["name"].as_str().unwrap(),
+                    body["tx"]["id"].as_u64().unwrap(),
                 ),
-            )
+                _ => (
+                    "gone".to_owned(),
+                    String::new(),
+                    body["id"].as_u64().unwrap(),
+                ),
+            }
         })
         .collect()
+}
+
+fn put(name: &str, id: u64) -> (String, String, u64) {
+    ("put".to_owned(), name.to_owned(), id)
+}
+
+fn gone(id: u64) -> (String, String, u64) {
+    ("gone".to_owned(), String::new(), id)
 }
 
 #[test]
@@ -832,28 +847,106 @@ fn a_patch_writes_only_its_own_transaction() {
         for name in ["a", "b", "c"] {
             store.patch(name, json!({"motd": name})).await.unwrap();
         }
-        let before = tx_files(dir.path());
-        assert_eq!(before.len(), 3, "{before:?}");
+        let ids: BTreeMap<String, u64> = store
+            .snapshot()
+            .pending
+            .iter()
+            .map(|(name, tx)| (name.clone(), tx.id))
+            .collect();
+        let lines = log_lines(dir.path());
+        assert_eq!(
+            lines,
+            vec![put("a", ids["a"]), put("b", ids["b"]), put("c", ids["c"])]
+        );
         store.patch("c", json!({"motd": "c2"})).await.unwrap();
-        let after = tx_files(dir.path());
-        assert_eq!(after["a"], before["a"], "untouched");
-        assert_eq!(after["b"], before["b"], "untouched");
-        assert_ne!(after["c"], before["c"], "rewritten");
+        assert_eq!(log_lines(dir.path())[3..], [put("c", ids["c"])]);
         store.discard("b").await.unwrap();
-        let after_discard = tx_files(dir.path());
-        assert!(!after_discard.contains_key("b"));
-        assert_eq!(after_discard["a"], before["a"], "untouched");
-        assert_eq!(after_discard["c"], after["c"], "untouched");
-        // A commit removes its own file once the generation is durable, nothing else.
+        assert_eq!(log_lines(dir.path())[4..], [gone(ids["b"])]);
+        // A commit that makes a generation writes nothing here: the committed state
+        // says the transaction is no longer pending.
         store.commit("c", Caller::keeld()).await.unwrap();
-        let after_commit = tx_files(dir.path());
-        assert_eq!(after_commit.len(), 1, "{after_commit:?}");
-        assert_eq!(after_commit["a"], before["a"], "untouched");
+        assert_eq!(log_lines(dir.path()).len(), 5);
+        // One that makes none leaves no trace.
+        store.patch("a", json!({"motd": "c2"})).await.unwrap();
+        store.commit("a", Caller::keeld()).await.unwrap();
+        assert_eq!(
+            log_lines(dir.path())[5..],
+            [put("a", ids["a"]), gone(ids["a"])]
+        );
+        store.patch("d", json!({"motd": "d"})).await.unwrap();
     });
     let store = reopen(dir.path(), 10);
     let pending = &store.snapshot().pending;
-    assert_eq!(pending.keys().collect::<Vec<_>>(), vec!["a"]);
-    assert_eq!(pending["a"].view(), json!({"motd": "a"}));
+    assert_eq!(pending.keys().collect::<Vec<_>>(), vec!["d"]);
+    assert_eq!(pending["d"].view(), json!({"motd": "d"}));
+    assert_eq!(log_lines(dir.path()), vec![put("d", pending["d"].id)]);
+}
+
+#[test]
+fn the_pending_log_is_compacted_and_stays_small() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 2).unwrap();
+        store.patch("long", json!({"motd": "long"})).await.unwrap();
+        for i in 0..2_000 {
+            store
+                .patch("t", json!({"kernel": {"sysctl": {"a.b": i.to_string()}}}))
+                .await
+                .unwrap();
+            store.commit("t", Caller::keeld()).await.unwrap();
+        }
+        store.patch("t", json!({"motd": "last"})).await.unwrap();
+    });
+    let size = std::fs::metadata(dir.path().join("pending.log"))
+        .unwrap()
+        .len();
+    assert!(size <= super::pending::COMPACT_MIN + 1024, "{size} bytes");
+    assert!(!dir.path().join("pending.log.tmp").exists());
+    let store = reopen(dir.path(), 2);
+    let pending = &store.snapshot().pending;
+    assert_eq!(pending.keys().collect::<Vec<_>>(), vec!["long", "t"]);
+    assert_eq!(pending["long"].view(), json!({"motd": "long"}));
+    assert_eq!(pending["t"].view(), json!({"motd": "last"}));
+    assert_eq!(
+        store.snapshot().live_settings()["kernel"]["sysctl"]["a.b"],
+        "1999"
+    );
+}
+
+#[test]
+fn pending_transaction_files_of_the_previous_form_are_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        store.patch("c", json!({"motd": "c"})).await.unwrap();
+        store.commit("c", Caller::keeld()).await.unwrap();
+    });
+    // Next tx id is 2 now: id 1 was committed, id 2 is pending in the previous form, with
+    // a torn newer revision; a leftover of the committed one is dropped.
+    let file = |name: &str, id: u64, motd: &str| {
+        json!({"format": 2, "name": name, "tx": {"id": id, "patches": [{"motd": motd}], "bytes": 10}})
+            .to_string()
+    };
+    std::fs::remove_file(dir.path().join("pending.log")).unwrap();
+    std::fs::write(dir.path().join("pending-tx-1.3.json"), file("c", 1, "c")).unwrap();
+    std::fs::write(dir.path().join("pending-tx-2.1.json"), file("p", 2, "old")).unwrap();
+    std::fs::write(dir.path().join("pending-tx-2.2.json"), file("p", 2, "p")).unwrap();
+    std::fs::write(
+        dir.path().join("pending-tx-2.3.json"),
+        b"{\"format\":2,\"na",
+    )
+    .unwrap();
+    let store = reopen(dir.path(), 10);
+    let pending = &store.snapshot().pending;
+    assert_eq!(pending.keys().collect::<Vec<_>>(), vec!["p"]);
+    assert_eq!(pending["p"].view(), json!({"motd": "p"}));
+    assert_eq!(log_lines(dir.path()), vec![put("p", 2)]);
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("pending-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]
@@ -883,21 +976,30 @@ fn a_long_pending_transaction_survives_many_commits_and_a_restart() {
 #[test]
 fn a_discarded_and_renewed_transaction_cut_by_a_crash_keeps_the_newer() {
     let dir = tempfile::tempdir().unwrap();
-    let saved = dir.path().join("saved");
     rt().block_on(async {
         let store = Store::open(dir.path(), 10).unwrap();
         store.patch("t", json!({"motd": "old"})).await.unwrap();
-        let (file, _) = tx_files(dir.path())["t"].clone();
-        std::fs::copy(dir.path().join(&file), &saved).unwrap();
         store.discard("t").await.unwrap();
         store.patch("t", json!({"motd": "new"})).await.unwrap();
-        // As if the old file's unlink never happened.
-        std::fs::copy(&saved, dir.path().join(file)).unwrap();
-        std::fs::remove_file(&saved).unwrap();
     });
+    // As if the discard's line were lost: two ids under one name.
+    let path = dir.path().join("pending.log");
+    let kept: Vec<u8> = std::fs::read(&path)
+        .unwrap()
+        .split_inclusive(|b| *b == b'\n')
+        .filter(|line| !line.windows(6).any(|w| w == b"\"gone\""))
+        .flatten()
+        .copied()
+        .collect();
+    std::fs::write(&path, kept).unwrap();
+    assert_eq!(log_lines(dir.path()), vec![put("t", 1), put("t", 2)]);
     let store = reopen(dir.path(), 10);
     assert_eq!(store.snapshot().pending["t"].view(), json!({"motd": "new"}));
-    assert_eq!(tx_files(dir.path()).len(), 1, "the older file is removed");
+    assert_eq!(
+        log_lines(dir.path()),
+        vec![put("t", 2)],
+        "the older one is dropped"
+    );
 }
 
 #[test]
@@ -919,8 +1021,8 @@ fn pending_transactions_in_the_previous_single_file_are_migrated() {
     drop(reopen(dir.path(), 10));
     assert!(!dir.path().join("pending-5.json").exists());
     assert_eq!(
-        tx_files(dir.path()).keys().collect::<Vec<_>>(),
-        vec!["p"],
+        log_lines(dir.path()),
+        vec![put("p", 2)],
         "the committed one is dropped, the pending one migrated"
     );
     let store = reopen(dir.path(), 10);

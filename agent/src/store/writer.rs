@@ -33,8 +33,8 @@ struct WriterState {
     /// The id the next new pending transaction gets: ids are sequential (small in the
     /// files) and never reused, starting above every id the store has seen.
     next_tx_id: u64,
-    /// Transactions whose files on disk may differ from memory (a batch wrote them, then
-    /// failed): the next batch rewrites them from memory.
+    /// Transactions whose state in the pending log may differ from memory (a batch
+    /// wrote them, then failed): the next batch writes them again from memory.
     pending_behind: Behind,
     /// [`super::MAX_SETTINGS_BYTES`]; lowered by tests.
     max_settings_bytes: usize,
@@ -42,7 +42,7 @@ struct WriterState {
     events: EventBus,
 }
 
-/// Pending transactions whose files may not match memory.
+/// Pending transactions whose state in the pending log may not match memory.
 #[derive(Debug, Default)]
 struct Behind {
     names: std::collections::BTreeSet<String>,
@@ -356,14 +356,14 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
     let check = check.as_deref();
     let mut work: Snapshot = Snapshot::clone(&shared.load());
     let mut generations_dirty = false;
-    // The transactions whose files this batch must bring in line with memory.
+    // The transactions whose pending-log state this batch must bring in line with memory.
     let mut dirty = std::mem::take(&mut pending_behind.names);
     if std::mem::take(&mut pending_behind.all) {
         dirty.extend(work.pending.keys().cloned());
         dirty.extend(files.pending_names());
     }
-    // Transactions this batch commits into a new generation: their files go once that
-    // generation is durable.
+    // Transactions this batch commits into a new generation: the pending log stops
+    // counting them once that generation is durable.
     let mut committed_ids = HashSet::new();
     let mut answers = Vec::with_capacity(batch.len());
     // The generations this batch makes, in order, for the event bus. Taken as they are
@@ -410,10 +410,10 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
                     prechecked.map(|p| *p),
                 );
                 if let Ok(outcome) = &result {
-                    // A commit that made a generation leaves its file until that
-                    // generation is durable (the committed state then records it as no
-                    // longer pending, and `load` drops the file even if it stays). One
-                    // that made none leaves no trace: its file goes with this batch.
+                    // A commit that made a generation writes nothing to the pending
+                    // log: once the generation is durable, the committed state records
+                    // it as no longer pending, and `load` drops its lines. One that made
+                    // none leaves no trace: its `gone` line goes with this batch.
                     if outcome.new_generation {
                         generations_dirty = true;
                         committed_ids.insert(outcome.tx_id);
@@ -451,10 +451,10 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
         }
     }
 
-    // The pending files first, only those of the transactions this batch changed: if
-    // they cannot be written, the committed state is not (and nothing changes). If they
-    // were written but the committed state then fails, they run ahead of memory: the
-    // next batch rewrites them from memory, and until then a crash could only lose or
+    // The pending log first, only the transactions this batch changed: if it cannot be
+    // written, the committed state is not (and nothing changes). If it was written but
+    // the committed state then fails, it runs ahead of memory: the next batch writes
+    // those transactions again from memory, and until then a crash could only lose or
     // revive uncommitted work.
     let mut failure = None;
     if !dirty.is_empty() {
@@ -470,7 +470,7 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
     }
     match &failure {
         None => {
-            files.forget(&committed_ids);
+            files.settle(&committed_ids, &work.pending);
             shared.store(Arc::new(work));
             // Durable and visible, not yet answered: a commit's event comes before
             // anything its caller does next (the apply that follows it).
