@@ -51,10 +51,16 @@ fn main() -> std::process::ExitCode {
     }
     // Before any thread exists: taking the descriptors unsets environment variables.
     let activation = keel_agent::api::server::Activation::take();
-    // A commit's leader blocks its worker on disk I/O for one batch (store::writer); with
-    // four workers the others keep serving reads even on a two-core host.
+    // A commit's leader blocks its worker on disk I/O for one batch (store::writer), so
+    // there are at least two workers: the other keeps serving reads. More workers than
+    // cores cost more than they give: an idle worker woken for each request is a context
+    // switch (with four on two cores, futex wake-ups were a sixth of keeld's CPU per
+    // commit).
+    let workers = std::thread::available_parallelism()
+        .map_or(2, std::num::NonZeroUsize::get)
+        .clamp(2, 4);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
+        .worker_threads(workers)
         .enable_all()
         .build()
     {

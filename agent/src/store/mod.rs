@@ -312,6 +312,7 @@ pub struct Store {
     writer: Arc<writer::Writer>,
     live: tokio::sync::watch::Receiver<u64>,
     check: Option<Arc<dyn CommitCheck>>,
+    precheck_cost: Arc<Cost>,
 }
 
 impl std::fmt::Debug for Store {
@@ -352,6 +353,7 @@ impl Store {
             writer,
             live,
             check,
+            precheck_cost: Arc::new(Cost::unknown()),
         })
     }
 
@@ -429,11 +431,13 @@ impl Store {
     /// Commits `tx` as a new generation; answers the keys whose values changed.
     /// Answers only once the generation is durable.
     ///
-    /// The candidate is validated and checked (its files test-rendered) on a blocking
-    /// thread before the commit is queued, so the writer, which every PATCH and commit
-    /// goes through, never renders: it reuses that work when nothing changed in
-    /// between (same live generation, same pending patches), and only then does it
-    /// again itself.
+    /// The candidate is validated and checked (its files test-rendered) before the
+    /// commit is queued, so the writer, which every PATCH and commit goes through, never
+    /// renders: it reuses that work when nothing changed in between (same live
+    /// generation, same pending patches), and only then does it again itself. The check
+    /// runs on a blocking thread, unless recent ones took less than
+    /// [`INLINE_PRECHECK`]: then on this task, since the hand-off there and back would
+    /// cost more than the check.
     pub async fn commit(&self, tx: &str, caller: Caller) -> Result<Vec<String>, StoreError> {
         let prechecked = self.precheck(tx).await.map(Box::new);
         self.send(|reply| Op::Commit {
@@ -451,11 +455,18 @@ impl Store {
         let snapshot = self.snapshot();
         let pending = snapshot.pending.get(tx)?.clone();
         let check = self.check.clone();
-        tokio::task::spawn_blocking(move || {
-            writer::Prechecked::run(snapshot.live(), &pending, check.as_deref())
-        })
-        .await
-        .ok()
+        let cost = Arc::clone(&self.precheck_cost);
+        let run = move || {
+            let started = std::time::Instant::now();
+            let checked = writer::Prechecked::run(snapshot.live(), &pending, check.as_deref());
+            cost.record(started.elapsed());
+            checked
+        };
+        if self.precheck_cost.expected() < INLINE_PRECHECK {
+            Some(run())
+        } else {
+            tokio::task::spawn_blocking(run).await.ok()
+        }
     }
 
     /// Makes a new generation equal to `generation`; answers the changed keys.
@@ -498,6 +509,43 @@ impl Store {
         // enough workers for that (see main.rs).
         self.writer.submit(op);
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// A commit's check expected to take less than this runs on the committing task (see
+/// [`Store::commit`]): about what a round trip through the blocking pool costs.
+const INLINE_PRECHECK: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// A running estimate of how long an operation takes: it follows a slower run at once
+/// and a faster one slowly, so one cheap run after expensive ones does not make the
+/// next expensive one block a worker thread.
+#[derive(Debug)]
+struct Cost {
+    micros: std::sync::atomic::AtomicU64,
+}
+
+impl Cost {
+    /// No run yet: counts as slow.
+    fn unknown() -> Cost {
+        Cost {
+            micros: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn expected(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.micros.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn record(&self, took: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let _ = self.micros.fetch_update(Relaxed, Relaxed, |old| {
+            Some(if sample >= old || old == u64::MAX {
+                sample
+            } else {
+                (old / 4) * 3 + sample / 4
+            })
+        });
     }
 }
 

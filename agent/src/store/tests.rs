@@ -1336,3 +1336,31 @@ fn each_durable_generation_is_one_commit_event() {
         assert_eq!(store.snapshot().history.len(), 1);
     });
 }
+
+#[test]
+fn a_commit_check_cost_follows_a_slow_run_at_once_and_a_fast_one_slowly() {
+    use super::{Cost, INLINE_PRECHECK};
+    use std::time::Duration;
+    let cost = Cost::unknown();
+    assert!(
+        cost.expected() >= INLINE_PRECHECK,
+        "unmeasured counts as slow"
+    );
+    cost.record(Duration::from_micros(10));
+    assert_eq!(cost.expected(), Duration::from_micros(10));
+    cost.record(Duration::from_millis(4));
+    assert_eq!(
+        cost.expected(),
+        Duration::from_millis(4),
+        "a slow run at once"
+    );
+    cost.record(Duration::from_micros(10));
+    assert!(
+        cost.expected() >= INLINE_PRECHECK,
+        "one fast run is not enough"
+    );
+    for _ in 0..30 {
+        cost.record(Duration::from_micros(10));
+    }
+    assert!(cost.expected() < INLINE_PRECHECK, "{:?}", cost.expected());
+}
