@@ -3,7 +3,8 @@
 # dm-verity, with keeld as the host agent. One command:
 #
 #   bash packaging/image/build.sh [--version V] [--variant NAME] [--out DIR]
-#                                 [--update-root ROOT.JSON] [--update-lock]
+#                                 [--update-root ROOT.JSON] [--migrations FILE]
+#                                 [--update-lock]
 #
 # prints the directory of the built image (disk.raw, vmlinuz, initrd.img, cmdline,
 # roothash, root.erofs, root.verity, manifest). The output is cached by a hash of every
@@ -20,6 +21,8 @@
 #   units/, packaging/{services.toml,templates/}, Keel's release binaries
 #   --update-root: the update repository's trusted TUF root.json (docs/updates.md);
 #                  without it the image has none and `apiclient update` says so
+#   --migrations:  the image's settings migrations (default packaging/migrations.toml):
+#                  a release that adds or renames settings ships its steps here
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -29,6 +32,7 @@ variant=keel-qemu
 out_root="$repo/target/image"
 update_lock=0
 update_root=""
+migrations="$repo/packaging/migrations.toml"
 mirror=${KEEL_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 suite=bookworm
 cache=${KEEL_IMAGE_CACHE:-/var/cache/keel/image}
@@ -40,7 +44,8 @@ while (($#)); do
         --out) out_root=$2; shift 2 ;;
         --update-lock) update_lock=1; shift ;;
         --update-root) update_root=$(realpath "$2"); shift 2 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        --migrations) migrations=$(realpath "$2"); shift 2 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -131,11 +136,12 @@ exec sleep 2147483647' >/dev/null
 input_hash=$( {
     echo "version=$version variant=$variant esp=$ESP_MIB root=$ROOT_MIB verity=$VERITY_MIB"
     echo "$lock_hash"
-    (cd "$repo" && find packaging/image units packaging/services.toml packaging/migrations.toml packaging/templates \
+    (cd "$repo" && find packaging/image units packaging/services.toml packaging/templates \
         packaging/dev/cli-assets.sh \
         -type f ! -name '*.md' -print0 | sort -z | xargs -0 sha256sum)
     sha256sum "$rel/keeld" "$rel/keel-slot-writer" "$rel/apiclient" "$rel/keel-logger" | cut -d' ' -f1
     [[ -z $update_root ]] || sha256sum "$update_root" | cut -d' ' -f1
+    sha256sum "$migrations" | cut -d' ' -f1
     # The archive's manifest digest names its content (the tar itself has timestamps).
     tar -xOf "$admin_tar" index.json
 } | sha256sum | cut -c1-16)
@@ -239,7 +245,7 @@ while IFS= read -r line; do
     printf '%s\n' "$line"
 done < "$repo/packaging/services.toml" > "$root/usr/share/keel/services.toml"
 install -m 0644 "$here/defaults.toml" "$root/usr/share/keel/defaults.toml"
-install -m 0644 "$repo/packaging/migrations.toml" "$root/usr/share/keel/migrations.toml"
+install -m 0644 "$migrations" "$root/usr/share/keel/migrations.toml"
 cp -r "$repo/packaging/templates" "$root/usr/share/keel/templates"
 for unit in keeld.service keeld.socket keel-boot.service keel-configured.target \
     keel-slot-writer.socket keel-slot-writer@.service; do

@@ -550,18 +550,28 @@ pub fn update_keys() -> PathBuf {
 /// Version `version` of the test image, built with the test repository's `root.json`
 /// as its trusted update root. Needs root (mmdebstrap, chroot).
 pub fn image_version(version: &str) -> Image {
+    image_version_with(version, None)
+}
+
+/// [`image_version`] shipping the settings migrations in `migrations` (a
+/// `packaging/migrations.toml` of its own) instead of the repository's.
+pub fn image_version_with(version: &str, migrations: Option<&Path>) -> Image {
     assert_eq!(
         rustix::process::geteuid().as_raw(),
         0,
         "building an image (mmdebstrap, chroot) needs root"
     );
     let root = crate::tuf::ensure_keys(&update_keys());
-    Image::build(&[
+    let mut args = vec![
         "--version",
         version,
         "--update-root",
         root.to_str().expect("utf-8 path"),
-    ])
+    ];
+    if let Some(path) = migrations {
+        args.extend(["--migrations", path.to_str().expect("utf-8 path")]);
+    }
+    Image::build(&args)
 }
 
 /// A built image as an update: its root, hash tree, kernel and initrd, and root hash.

@@ -22,8 +22,8 @@ use base64::Engine as _;
 use keel_e2e::http_server::{Fault, FileServer};
 use keel_e2e::tuf::TufRepo;
 use keel_e2e::vm::{
-    image_version, publish, report_json, report_phase, update_artifacts, update_keys, Firmware,
-    Image, UserData, Vm, VmConfig,
+    image_version, image_version_with, publish, report_json, report_phase, update_artifacts,
+    update_keys, Firmware, Image, UserData, Vm, VmConfig,
 };
 
 /// One boot's budget: TCG takes 40–60 s to `configured` on an idle 2-core machine, and
@@ -560,6 +560,7 @@ say "init-argv=$(tr '\0' ' ' < /proc/1/cmdline)"
 say "starts=$(cat $dir/starts 2>/dev/null | wc -l)"
 date +%s >> $dir/starts && sync
 say "motd=$(apiclient get settings.motd | tr -d '\n ')"
+say "metrics=$(apiclient get settings.metrics 2>&1 | tr -d '\n ')"
 say "status=$(status)"
 case "$v" in
 @N@)
@@ -598,6 +599,7 @@ esac
 const GATE: &str = r#"#!/bin/sh
 v=$(apiclient raw -u /os | tr -d '\n ' | sed -n 's/.*"version_id":"\([^"]*\)".*/\1/p')
 if [ "$v" = "@N2@" ]; then
+    echo "KEEL-PROBE gate-metrics=$(apiclient get settings.metrics 2>&1 | tr -d '\n ')" > /dev/console
     echo "KEEL-PROBE gate=refused $v" > /dev/console
     exit 1
 fi
@@ -637,18 +639,40 @@ fn probe_run(serial: &str, version: &str, nth: usize) -> BTreeMap<String, String
 /// A/B updates on a booted host, under UEFI with systemd-boot: version N is told of
 /// N+1 by a signed repository on the host's loopback; a power cut while N+1 is being
 /// written leaves N booting; `apiclient update apply --reboot` brings the host up on
-/// N+1 in the other slot with its settings and admin container data; N+1 goes to N+2
-/// the way Bottlerocket's update operator drives a node (its `apiclient raw` calls, each
-/// retried on 423); N+2, which cannot reach `configured` (an essential bootstrap
-/// container refuses it), uses up its tries and the boot loader goes back to N+1, whose
-/// status says it rolled back.
+/// N+1 in the other slot with its settings and admin container data, and the setting
+/// N+1 adds (a settings migration it ships); N+1 goes to N+2 the way Bottlerocket's
+/// update operator drives a node (its `apiclient raw` calls, each retried on 423); N+2,
+/// which cannot reach `configured` (an essential bootstrap container refuses it), uses
+/// up its tries and the boot loader goes back to N+1, whose status says it rolled back
+/// and whose settings are carried back down from N+2's format.
 #[test]
 #[ignore = "boots qemu: packaging/dev/test.sh runs it after the other tests, alone"]
 fn update_power_cut_and_rollback() {
-    let n = image_version(N);
-    let n1 = update_artifacts(&image_version(N1), N1);
-    let n2 = update_artifacts(&image_version(N2), N2);
     let dir = tempfile::tempdir().expect("tempdir");
+    // N has no settings migrations (format 1); N+1 adds a setting (format 2), N+2 another
+    // (format 3). N+1 must come up with its new setting, and after the rollback from N+2
+    // without N+2's, carried back by the step N+2 recorded.
+    let step_2 = r#"
+[[step]]
+from = 1
+to = 2
+up = [{ op = "set-default", key = "settings.metrics.send-metrics", value = false }]
+down = [{ op = "remove", key = "settings.metrics.send-metrics" }]
+"#;
+    let step_3 = r#"
+[[step]]
+from = 2
+to = 3
+up = [{ op = "set-default", key = "settings.metrics.metrics-url", value = "https://metrics.keel.example/" }]
+down = [{ op = "remove", key = "settings.metrics.metrics-url" }]
+"#;
+    let migrations_n1 = dir.path().join("migrations-n1.toml");
+    let migrations_n2 = dir.path().join("migrations-n2.toml");
+    std::fs::write(&migrations_n1, step_2).expect("write migrations");
+    std::fs::write(&migrations_n2, format!("{step_2}{step_3}")).expect("write migrations");
+    let n = image_version(N);
+    let n1 = update_artifacts(&image_version_with(N1, Some(&migrations_n1)), N1);
+    let n2 = update_artifacts(&image_version_with(N2, Some(&migrations_n2)), N2);
     let mut repo = TufRepo::create_with_keys(&dir.path().join("repo"), &update_keys());
     publish(&mut repo, dir.path(), &[&n1]);
     let server = FileServer::start("127.0.0.1", repo.dir.clone());
@@ -716,6 +740,13 @@ user-data = "{updater}"
         first.get("slot").map(String::as_str) == Some("a")
             && first.get("check").is_some_and(|c| c.contains(N1)),
         &format!("N on slot a, told of N+1 by `apiclient update check`: {first:?}"),
+    );
+    check(
+        &vm,
+        first
+            .get("metrics")
+            .is_some_and(|m| m.starts_with('{') && !m.contains("send-metrics")),
+        &format!("N (settings format 1) has no settings.metrics: {first:?}"),
     );
     // settings.boot is in the user-data: the image's entry has no parameters, so this
     // first boot's command line has none of them.
@@ -787,6 +818,12 @@ user-data = "{updater}"
         boot_params(&on_n1),
         &format!("activation carried settings.boot into slot b's entry: {on_n1:?}"),
     );
+    let n1_metrics = |m: &str| m.contains("\"send-metrics\":false") && !m.contains("metrics-url");
+    check(
+        &vm,
+        on_n1.get("metrics").is_some_and(|m| n1_metrics(m)),
+        &format!("N+1 migrated the settings up to its format 2: its new setting: {on_n1:?}"),
+    );
 
     // N+2 cannot reach `configured`: three tries, then N+1 again, which says so. N+1
     // goes to N+2 as Bottlerocket's update operator drives a node: its `apiclient raw`
@@ -819,6 +856,19 @@ user-data = "{updater}"
             vm.resets
         ),
     );
+    let gate_metrics: Vec<&str> = serial
+        .lines()
+        .filter_map(|l| l.split("KEEL-PROBE gate-metrics=").nth(1))
+        .collect();
+    check(
+        &vm,
+        !gate_metrics.is_empty()
+            && gate_metrics.iter().all(|m| {
+                m.contains("\"send-metrics\":false")
+                    && m.contains("\"metrics-url\":\"https://metrics.keel.example/\"")
+            }),
+        &format!("N+2 migrated the settings up to its format 3: {gate_metrics:?}"),
+    );
     let back = probe_run(&serial, N1, 2);
     let status: serde_json::Value =
         serde_json::from_str(back.get("status").map(String::as_str).unwrap_or("null"))
@@ -829,6 +879,14 @@ user-data = "{updater}"
             && status["last_boot"]["outcome"] == "rolled-back"
             && status["active_partition"]["image"]["version"] == N1,
         &format!("back on N+1 in slot b, the status says rolled back: {back:?}"),
+    );
+    check(
+        &vm,
+        back.get("metrics").is_some_and(|m| n1_metrics(m)),
+        &format!(
+            "back on N+1, the settings were carried down to format 2 by the step N+2 \
+             recorded (N+1 does not ship it): {back:?}"
+        ),
     );
     vm.shutdown(Duration::from_secs(90));
 }
