@@ -290,6 +290,8 @@ struct Floor {
     p50: Duration,
     p99: Duration,
     max: Duration,
+    /// CPU (user + system) of the measuring thread per op.
+    cpu: Duration,
 }
 
 fn measure_floor(parent: &Path, secs: f64) -> Floor {
@@ -324,6 +326,7 @@ fn measure_floor(parent: &Path, secs: f64) -> Floor {
         p50: percentile(&latencies, 50.0),
         p99: percentile(&latencies, 99.0),
         max: latencies.last().copied().unwrap_or_default(),
+        cpu: Duration::ZERO,
     }
 }
 
@@ -343,6 +346,7 @@ fn measure_append_floor(parent: &Path, secs: f64) -> Floor {
         .expect("preallocate");
     file.sync_all().expect("fsync");
     let mut latencies = Vec::with_capacity(64 * 1024);
+    let cpu_before = cpu_time_of("thread-self");
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
     let mut offset = 0u64;
@@ -354,6 +358,7 @@ fn measure_append_floor(parent: &Path, secs: f64) -> Floor {
         latencies.push(began.elapsed());
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu = cpu_time_of("thread-self").saturating_sub(cpu_before);
     latencies.sort_unstable();
     Floor {
         ops: latencies.len(),
@@ -361,12 +366,18 @@ fn measure_append_floor(parent: &Path, secs: f64) -> Floor {
         p50: percentile(&latencies, 50.0),
         p99: percentile(&latencies, 99.0),
         max: latencies.last().copied().unwrap_or_default(),
+        cpu: cpu / u32::try_from(latencies.len().max(1)).unwrap_or(u32::MAX),
     }
 }
 
 /// CPU time (user + system, all threads) a process has used.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/<pid>/stat");
+    cpu_time_of(&pid.to_string())
+}
+
+/// CPU time (user + system) of `/proc/<what>`: a process id, or `thread-self`.
+fn cpu_time_of(what: &str) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{what}/stat")).expect("read /proc/<pid>/stat");
     // Fields after the command name (which may hold spaces): utime is the 12th, stime
     // the 13th, in clock ticks.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -569,9 +580,17 @@ fn main() {
         .len();
 
     let mut results = Vec::new();
+    // keeld's CPU per request of the cheapest one: what serving any request costs.
+    let mut get_cpu = Duration::ZERO;
     for workload in [Workload::GetAll, Workload::GetKey, Workload::SetCommit] {
         for clients in CLIENT_COUNTS {
-            results.push(runtime.block_on(measure(&socket_ref, workload, clients, secs)));
+            let cpu_before = cpu_time(pid);
+            let figures = runtime.block_on(measure(&socket_ref, workload, clients, secs));
+            if workload == Workload::GetKey && clients == 1 && figures.requests > 0 {
+                get_cpu = cpu_time(pid).saturating_sub(cpu_before)
+                    / u32::try_from(figures.requests).unwrap_or(u32::MAX);
+            }
+            results.push(figures);
         }
     }
     let (rss_after, rss_peak) = rss_kib(pid);
@@ -676,6 +695,24 @@ fn main() {
         over(h10k_c1.per_sec, h10_c1.per_sec),
         over(h10k_c8.per_sec, h10_c8.per_sec)
     );
+    // What a PATCH + commit cycle cannot cost less than: two requests (each at least
+    // what the cheapest GET costs keeld) and one durable append.
+    let cycle_floor = get_cpu * 2 + append_floor.cpu;
+    println!(
+        "{:<44} {:>8.0} µs per request (GET ?keys, 1 client)",
+        "keeld CPU serving a request",
+        get_cpu.as_secs_f64() * 1e6
+    );
+    println!(
+        "{:<44} {:>8.0} µs per op",
+        "CPU of pwrite 4K + fdatasync",
+        append_floor.cpu.as_secs_f64() * 1e6
+    );
+    println!(
+        "{:<44} {:>8.0} µs (2 requests + 1 append); goal for a cycle <= 100 µs",
+        "CPU floor of a PATCH+commit cycle",
+        cycle_floor.as_secs_f64() * 1e6
+    );
     println!(
         "{:<44} {:>8.2} (1 client; goal >= 0.3), {:.2} (8 clients; goal >= 0.6)",
         "set+commit / append floor",
@@ -752,6 +789,11 @@ fn main() {
             "max_ms": ms(floor.max),
         },
         "append_floor_per_sec": append_floor.per_sec,
+        "cpu_us": {
+            "keeld_per_get": get_cpu.as_secs_f64() * 1e6,
+            "append_floor_per_op": append_floor.cpu.as_secs_f64() * 1e6,
+            "cycle_floor": cycle_floor.as_secs_f64() * 1e6,
+        },
         "history": {
             "h10": {"c1": h10_c1.per_sec, "c8": h10_c8.per_sec, "cpu_us_per_cycle": h10_cpu.as_secs_f64() * 1e6},
             "h10000": {"c1": h10k_c1.per_sec, "c8": h10k_c8.per_sec, "cpu_us_per_cycle": h10k_cpu.as_secs_f64() * 1e6},
