@@ -21,11 +21,12 @@
 //!
 //! Transactions committed into a generation get no line: the committed state records
 //! which ids were still pending and the next id to be given, and the store's `load`
-//! drops the others (see `files`). When the log has grown past four times what it holds
-//! live (at least [`COMPACT_MIN`]), the live transactions are written to
+//! drops the others (see `files`). When the log has grown past twice what it holds live
+//! (at least [`COMPACT_MIN`]), the live transactions are written to
 //! `pending.log.tmp`, which is renamed over the log (ext4 starts writeback of a file
 //! renamed over another, so the replacement rarely lands empty even after a power
-//! loss); each byte appended is so rewritten at most about a quarter of a time. `load`
+//! loss); each byte appended is so rewritten at most about once, and the file stays
+//! within twice the pending transactions' size (at most 128 of 4 MiB each). `load`
 //! always writes the log afresh, which also cuts a torn tail before anything is
 //! appended after it.
 
@@ -229,7 +230,7 @@ impl PendingLog {
 
     /// Whether the log has grown enough past what it holds to be rewritten.
     pub(super) fn compaction_due(&self) -> bool {
-        self.len > COMPACT_MIN.max(self.live_bytes.saturating_mul(4))
+        self.len > COMPACT_MIN.max(self.live_bytes.saturating_mul(2))
     }
 
     /// Bytes written since the last rewrite, and after it.
