@@ -150,7 +150,8 @@ pub async fn run_host_containers<R: Runtime + Inventory>(
     // Host containers start once the boot is configured (never after a failed boot);
     // until then each enabled one is listed as waiting, with why.
     let enabled = |store: &Store| -> Vec<(String, &'static str, String)> {
-        serde_json::from_value::<settings_model::Settings>(store.snapshot().live_settings().clone())
+        // Read in place (`&Value` is a deserializer): no copy of the whole settings.
+        <settings_model::Settings as serde::Deserialize>::deserialize(store.snapshot().live_settings())
             .map(|s| {
                 desired::host_containers(&s)
                     .into_values()
@@ -205,7 +206,9 @@ pub async fn run_host_containers<R: Runtime + Inventory>(
     loop {
         live.borrow_and_update();
         let snapshot = store.snapshot();
-        match serde_json::from_value::<settings_model::Settings>(snapshot.live_settings().clone()) {
+        match <settings_model::Settings as serde::Deserialize>::deserialize(
+            snapshot.live_settings(),
+        ) {
             Ok(settings) => hosts.reconcile(&settings, &leftovers),
             // Committed settings always validate; this would be a bug, not bad input.
             Err(e) => {
