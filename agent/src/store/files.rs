@@ -437,7 +437,9 @@ impl StoreFiles {
                 "pending log lines unreadable (crash or power loss?); those changes to pending transactions are lost"
             );
         }
-        let candidates = legacy
+        // The log is the newest form: an id it names (even as gone) is its to say, whatever
+        // an older form's leftover file holds for that id.
+        let older = legacy
             .into_iter()
             .map(|(name, tx)| (name, tx, Source::Legacy))
             .chain(
@@ -445,11 +447,12 @@ impl StoreFiles {
                     .into_iter()
                     .map(|(name, tx)| (name, tx, Source::TxFile)),
             )
-            .chain(
-                log.transactions
-                    .into_values()
-                    .map(|(name, tx)| (name, tx, Source::Log)),
-            );
+            .filter(|(_, tx, _)| !log.seen.contains(&tx.id));
+        let candidates = older.chain(
+            log.transactions
+                .into_values()
+                .map(|(name, tx)| (name, tx, Source::Log)),
+        );
         let mut found: BTreeMap<String, (PendingTx, Source)> = BTreeMap::new();
         for (name, tx, source) in candidates {
             // Two ids under one name (a discard and a new transaction, cut by a crash):
@@ -466,7 +469,14 @@ impl StoreFiles {
         let window_start = committed.front().map_or(0, |(generation, _)| *generation);
         let legacy_too_old = window_full && as_of + 1 < window_start;
         let mut pending = BTreeMap::new();
+        let mut ids = HashSet::new();
         for (name, (tx, source)) in found {
+            // One id under two names (forms written by different keelds, after a
+            // downgrade and an upgrade): the pending log counts an id once.
+            if !ids.insert(tx.id) {
+                tracing::warn!(tx = %name, id = tx.id, "dropping a pending transaction whose id another one holds");
+                continue;
+            }
             let keep = match record {
                 Some(record) => tx.id >= record.next_tx_id || record.pending_ids.contains(&tx.id),
                 // A committed state from before the record: the window of committed ids,

@@ -312,7 +312,6 @@ pub struct Store {
     writer: Arc<writer::Writer>,
     live: tokio::sync::watch::Receiver<u64>,
     check: Option<Arc<dyn CommitCheck>>,
-    precheck_cost: Arc<Cost>,
 }
 
 impl std::fmt::Debug for Store {
@@ -353,7 +352,6 @@ impl Store {
             writer,
             live,
             check,
-            precheck_cost: Arc::new(Cost::unknown()),
         })
     }
 
@@ -435,9 +433,9 @@ impl Store {
     /// commit is queued, so the writer, which every PATCH and commit goes through, never
     /// renders: it reuses that work when nothing changed in between (same live
     /// generation, same pending patches), and only then does it again itself. The check
-    /// runs on a blocking thread, unless recent ones took less than
-    /// [`INLINE_PRECHECK`]: then on this task, since the hand-off there and back would
-    /// cost more than the check.
+    /// runs on a blocking thread, unless the settings and the transaction are small (see
+    /// [`small_enough_to_check_inline`]): then on this task, since the hand-off there and
+    /// back would cost more than the check.
     pub async fn commit(&self, tx: &str, caller: Caller) -> Result<Vec<String>, StoreError> {
         let prechecked = self.precheck(tx).await.map(Box::new);
         self.send(|reply| Op::Commit {
@@ -455,15 +453,12 @@ impl Store {
         let snapshot = self.snapshot();
         let pending = snapshot.pending.get(tx)?.clone();
         let check = self.check.clone();
-        let cost = Arc::clone(&self.precheck_cost);
-        let run = move || {
-            let started = std::time::Instant::now();
-            let checked = writer::Prechecked::run(snapshot.live(), &pending, check.as_deref());
-            cost.record(started.elapsed());
-            checked
-        };
-        if self.precheck_cost.expected() < INLINE_PRECHECK {
-            Some(run())
+        let inline = small_enough_to_check_inline(snapshot.live_settings(), &pending);
+        let run = move || writer::Prechecked::run(snapshot.live(), &pending, check.as_deref());
+        if inline {
+            // A panicking check (a bug) fails only the precheck, as on the blocking pool:
+            // the writer then checks again under its own guard.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).ok()
         } else {
             tokio::task::spawn_blocking(run).await.ok()
         }
@@ -512,41 +507,32 @@ impl Store {
     }
 }
 
-/// A commit's check expected to take less than this runs on the committing task (see
-/// [`Store::commit`]): about what a round trip through the blocking pool costs.
-const INLINE_PRECHECK: std::time::Duration = std::time::Duration::from_micros(50);
+/// Most JSON values (objects, arrays and scalars, counted through the tree) the live
+/// settings may hold for a commit's check to run on the committing task.
+const INLINE_CHECK_VALUES: usize = 512;
+/// Most bytes of patches the transaction may hold for the same.
+const INLINE_CHECK_PATCH_BYTES: usize = 16 * 1024;
 
-/// A running estimate of how long an operation takes: it follows a slower run at once
-/// and a faster one slowly, so one cheap run after expensive ones does not make the
-/// next expensive one block a worker thread.
-#[derive(Debug)]
-struct Cost {
-    micros: std::sync::atomic::AtomicU64,
-}
-
-impl Cost {
-    /// No run yet: counts as slow.
-    fn unknown() -> Cost {
-        Cost {
-            micros: std::sync::atomic::AtomicU64::new(u64::MAX),
+/// Whether a commit's check (validation of the touched groups and a test render of the
+/// affected files, both proportional to the settings) costs less than a round trip
+/// through the blocking pool, which it would otherwise take: small settings, a small
+/// transaction. Decided from the input alone, so that a large commit never holds a
+/// worker thread (a host has as few as two) whatever ran before it. The count stops at
+/// the limit: at most [`INLINE_CHECK_VALUES`] values are visited.
+fn small_enough_to_check_inline(live: &Value, pending: &PendingTx) -> bool {
+    fn within(value: &Value, budget: &mut usize) -> bool {
+        if *budget == 0 {
+            return false;
+        }
+        *budget -= 1;
+        match value {
+            Value::Object(map) => map.values().all(|v| within(v, budget)),
+            Value::Array(items) => items.iter().all(|v| within(v, budget)),
+            _ => true,
         }
     }
-
-    fn expected(&self) -> std::time::Duration {
-        std::time::Duration::from_micros(self.micros.load(std::sync::atomic::Ordering::Relaxed))
-    }
-
-    fn record(&self, took: std::time::Duration) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let _ = self.micros.fetch_update(Relaxed, Relaxed, |old| {
-            Some(if sample >= old || old == u64::MAX {
-                sample
-            } else {
-                (old / 4) * 3 + sample / 4
-            })
-        });
-    }
+    let mut budget = INLINE_CHECK_VALUES;
+    pending.bytes <= INLINE_CHECK_PATCH_BYTES && within(live, &mut budget)
 }
 
 /// What [`Store::recover`] did.

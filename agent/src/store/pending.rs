@@ -10,8 +10,10 @@
 //!
 //! A line is `<crc32 of the JSON, 8 hex digits> <JSON>\n`; JSON strings escape newlines,
 //! so a line is one record. Appends go at the end of the last good write (`pwrite` at a
-//! remembered offset, not `O_APPEND`), so a failed or short write is overwritten by the
-//! next one, and whatever of it is left beyond reads as a line that fails its check.
+//! remembered offset, not `O_APPEND`). A write that fails may still have landed some of
+//! its lines whole (a short write, then ENOSPC): they belong to a batch that was refused,
+//! so the file is cut back to the last good write at once, and no append goes out
+//! before that cut has succeeded.
 //!
 //! Nothing here is fsync'd, deliberately: a pending transaction is uncommitted work, and
 //! a flush per PATCH would halve commit throughput. A keeld crash (SIGKILL, panic) loses
@@ -67,6 +69,9 @@ pub(super) enum Change<'a> {
 pub(super) struct Read {
     /// Per id, its name and last state.
     pub transactions: BTreeMap<u64, (String, PendingTx)>,
+    /// Every id a good line names, pending or gone: the log speaks for these ids over
+    /// the files of the previous forms.
+    pub seen: std::collections::BTreeSet<u64>,
     /// Lines that failed their check (a torn tail, or what a power loss left).
     pub unreadable: usize,
 }
@@ -89,6 +94,8 @@ pub(super) struct PendingLog {
     live_bytes: u64,
     /// The line buffer, kept between appends.
     buffer: Vec<u8>,
+    /// A failed write may have left lines beyond `len`: cut them before the next append.
+    cut_pending: bool,
 }
 
 impl PendingLog {
@@ -100,6 +107,7 @@ impl PendingLog {
             live: BTreeMap::new(),
             live_bytes: 0,
             buffer: Vec::new(),
+            cut_pending: false,
         }
     }
 
@@ -155,6 +163,7 @@ impl PendingLog {
                 self.len = len;
                 self.live = live;
                 self.live_bytes = live_bytes;
+                self.cut_pending = false;
                 Ok(())
             }
             Err(e) => {
@@ -164,11 +173,16 @@ impl PendingLog {
         }
     }
 
-    /// Appends `changes` in one write. On an error nothing counts as written.
+    /// Appends `changes` in one write. On an error nothing counts as written, and what
+    /// of it landed is cut off (see the module comment).
     pub(super) fn append(&mut self, changes: &[Change<'_>]) -> io::Result<()> {
         let Some(file) = &self.file else {
             return Err(io::Error::other("the pending log was not opened"));
         };
+        if self.cut_pending {
+            file.set_len(self.len)?;
+            self.cut_pending = false;
+        }
         let mut buffer = std::mem::take(&mut self.buffer);
         buffer.clear();
         let mut sizes = Vec::with_capacity(changes.len());
@@ -184,6 +198,9 @@ impl PendingLog {
         }
         if result.is_ok() {
             result = file.write_all_at(&buffer, self.len);
+            if result.is_err() {
+                self.cut_pending = file.set_len(self.len).is_err();
+            }
         }
         if result.is_ok() {
             self.len += buffer.len() as u64;
@@ -260,9 +277,11 @@ fn parse(bytes: &[u8]) -> Read {
         }
         match decode(line) {
             Some(Record::Put { name, tx }) => {
+                read.seen.insert(tx.id);
                 read.transactions.insert(tx.id, (name, tx));
             }
             Some(Record::Gone { id }) => {
+                read.seen.insert(id);
                 read.transactions.remove(&id);
             }
             None => read.unreadable += 1,
@@ -379,6 +398,65 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["a", "b"]);
         assert_eq!(read.unreadable, 1, "the rest of the short write");
+    }
+
+    #[test]
+    fn lines_of_a_failed_write_that_landed_are_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = PendingLog::new(dir.path());
+        log.rewrite(&BTreeMap::new()).unwrap();
+        log.append(&[Change::Put {
+            name: "a",
+            tx: &tx(1, "a"),
+        }])
+        .unwrap();
+        let good = log.len();
+        // The file is read-only to the writer from now on: the next write fails.
+        let path = log.path();
+        log.file = Some(File::open(&path).unwrap());
+        assert!(log
+            .append(&[Change::Put {
+                name: "b",
+                tx: &tx(2, "b"),
+            }])
+            .is_err());
+        assert_eq!(log.len(), good);
+        // The cut could not be made either (read-only handle): the next append tries
+        // it first and fails rather than writing after what may have landed.
+        assert!(log.cut_pending);
+        // Lines of the refused write that landed whole, as after a short write.
+        let refused = {
+            let mut buffer = Vec::new();
+            encode(
+                &mut buffer,
+                &Change::Put {
+                    name: "b",
+                    tx: &tx(2, "b"),
+                },
+            )
+            .unwrap();
+            buffer
+        };
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&refused, good)
+            .unwrap();
+        log.file = Some(OpenOptions::new().write(true).open(&path).unwrap());
+        log.append(&[Change::Put {
+            name: "c",
+            tx: &tx(3, "c"),
+        }])
+        .unwrap();
+        let read = PendingLog::read(dir.path()).unwrap();
+        let names: Vec<_> = read
+            .transactions
+            .values()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(names, vec!["a", "c"], "the refused b is not revived");
+        assert_eq!(read.unreadable, 0);
     }
 
     #[test]
