@@ -317,6 +317,22 @@ mod tests {
         }
     }
 
+    /// Appends one `put` of transaction `id` under `name`, holding `motd`.
+    fn put(log: &mut PendingLog, name: &str, id: u64, motd: &str) -> io::Result<()> {
+        log.append(&[Change::Put {
+            name,
+            tx: &tx(id, motd),
+        }])
+    }
+
+    /// The names of the transactions a read found, by id.
+    fn names(read: &Read) -> Vec<&str> {
+        read.transactions
+            .values()
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
     #[test]
     fn the_last_good_line_of_each_id_wins_and_gone_ends_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -342,16 +358,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = PendingLog::new(dir.path());
         log.rewrite(&BTreeMap::new()).unwrap();
-        log.append(&[Change::Put {
-            name: "a",
-            tx: &tx(1, "old"),
-        }])
-        .unwrap();
-        log.append(&[Change::Put {
-            name: "a",
-            tx: &tx(1, "new"),
-        }])
-        .unwrap();
+        put(&mut log, "a", 1, "old").unwrap();
+        put(&mut log, "a", 1, "new").unwrap();
         let path = dir.path().join(NAME);
         let whole = fs::read(&path).unwrap();
         // One byte of the newest line's JSON flipped: its check fails.
@@ -376,27 +384,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = PendingLog::new(dir.path());
         log.rewrite(&BTreeMap::new()).unwrap();
-        log.append(&[Change::Put {
-            name: "a",
-            tx: &tx(1, "a"),
-        }])
-        .unwrap();
+        put(&mut log, "a", 1, "a").unwrap();
         // What a write cut short left beyond the last good one.
         let file = OpenOptions::new().write(true).open(log.path()).unwrap();
         let torn = format!("0123abcd {{\"put\":{{\"name\":\"{}", "x".repeat(300));
         file.write_all_at(torn.as_bytes(), log.len()).unwrap();
-        log.append(&[Change::Put {
-            name: "b",
-            tx: &tx(2, "b"),
-        }])
-        .unwrap();
+        put(&mut log, "b", 2, "b").unwrap();
         let read = PendingLog::read(dir.path()).unwrap();
-        let names: Vec<_> = read
-            .transactions
-            .values()
-            .map(|(n, _)| n.as_str())
-            .collect();
-        assert_eq!(names, vec!["a", "b"]);
+        assert_eq!(names(&read), vec!["a", "b"]);
         assert_eq!(read.unreadable, 1, "the rest of the short write");
     }
 
@@ -405,11 +400,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = PendingLog::new(dir.path());
         log.rewrite(&BTreeMap::new()).unwrap();
-        log.append(&[Change::Put {
-            name: "a",
-            tx: &tx(1, "a"),
-        }])
-        .unwrap();
+        put(&mut log, "a", 1, "a").unwrap();
         let good = log.len();
         // The file is read-only to the writer from now on: the next write fails.
         let path = log.path();
@@ -444,18 +435,9 @@ mod tests {
             .write_all_at(&refused, good)
             .unwrap();
         log.file = Some(OpenOptions::new().write(true).open(&path).unwrap());
-        log.append(&[Change::Put {
-            name: "c",
-            tx: &tx(3, "c"),
-        }])
-        .unwrap();
+        put(&mut log, "c", 3, "c").unwrap();
         let read = PendingLog::read(dir.path()).unwrap();
-        let names: Vec<_> = read
-            .transactions
-            .values()
-            .map(|(n, _)| n.as_str())
-            .collect();
-        assert_eq!(names, vec!["a", "c"], "the refused b is not revived");
+        assert_eq!(names(&read), vec!["a", "c"], "the refused b is not revived");
         assert_eq!(read.unreadable, 0);
     }
 
