@@ -3,11 +3,11 @@
 //! A commit appends one record holding only what it changed (its new generations, their
 //! transaction ids, the first generation still kept, and the pending-transaction
 //! record), so its cost follows the size of one generation, not of the whole kept
-//! history. When the log has grown past the size of the snapshot (at least
-//! [`MIN_LOG`]), the next write compacts instead: the whole state goes into a slot, as
-//! before the log existed, and the log starts again from its beginning. Each byte of
-//! history is so written at most about twice: the cost of a commit does not grow with
-//! the length of the history.
+//! history. When the log has grown past twice the size of the snapshot (at least
+//! [`MIN_LOG`]; `files` decides), the next write compacts instead: the whole state goes
+//! into a slot, as before the log existed, and the log starts again from its beginning.
+//! Each byte of history is so written about one and a half times: the cost of a commit
+//! does not grow with the length of the history.
 //!
 //! # The record
 //!

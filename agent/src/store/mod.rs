@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-pub use history::History;
+pub use history::{Chunked, History};
 
 pub use files::StoreFiles;
 pub(crate) use writer::candidate_of;
@@ -168,7 +168,7 @@ pub struct Snapshot {
     /// first, kept beyond the history: for a store written before the committed state
     /// recorded which transactions are pending (see `files`), it tells `open` which
     /// entries of a pending file written before them are already committed.
-    pub committed: std::collections::VecDeque<(u64, u64)>,
+    pub committed: Chunked<(u64, u64)>,
 }
 
 /// How many commits [`Snapshot::committed`] remembers. The committed transactions a

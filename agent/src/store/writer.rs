@@ -808,10 +808,9 @@ fn push_generation(
 ) {
     let generation = work.live().generation + 1;
     if let Some(id) = tx_id {
-        work.committed.push_back((generation, id));
-        while work.committed.len() > super::COMMITTED_WINDOW {
-            work.committed.pop_front();
-        }
+        work.committed.push((generation, id));
+        let excess = work.committed.len().saturating_sub(super::COMMITTED_WINDOW);
+        work.committed.drop_oldest(excess);
     }
     work.history.push(Arc::new(Generation {
         generation,
