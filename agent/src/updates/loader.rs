@@ -27,11 +27,13 @@
 //! at each apply that changes them ([`EspLayout::set_parameters`]), and activation
 //! carries them into the new slot's entry, so they take effect at the next boot of either
 //! slot. Rewriting an entry keeps its name, boot counter included (the same replace as
-//! above: a power cut leaves the old text or the new). One window is left: a rewrite of
-//! the running slot's entry in the instant `systemd-bless-boot` renames it (once per
-//! trial boot, right after `configured`) can leave a second, counting entry of that slot
-//! with the same version, which boots first and is counted down to "bad" while the
-//! blessed one stays.
+//! above: a power cut leaves the old text or the new). `systemd-bless-boot` renames the
+//! running slot's entry once per trial boot, right after `configured`, and may do so in
+//! the middle of a rewrite, bringing back a counting copy beside the blessed entry: the
+//! rewrite repeats until a pass finds nothing to do, and removes such a copy
+//! ([`EspLayout::set_parameters`]). Only a power cut inside that instant can still leave
+//! the copy; it then boots first and is blessed over the other (or counted down to "bad"
+//! while the blessed one stays), and the next parameter change removes it.
 //!
 //! Every change of the entries holds [`EspLayout::lock`], so a parameter change and an
 //! activation (separate writer sessions) never interleave.
@@ -494,22 +496,95 @@ impl EspLayout {
     /// next boot of either slot has them. Nothing is written when one entry's command line
     /// would be too long. Answers the entries rewritten; an entry that already holds them
     /// is left alone.
+    ///
+    /// `systemd-bless-boot` renames the running slot's entry (drops its counter) once per
+    /// trial boot, without this lock. If it does so between a pass's read and its replace,
+    /// the replace brings the counting name back beside the blessed one, which still holds
+    /// the old parameters; if between the listing and the read, the read finds the file
+    /// gone. So passes repeat until one finds nothing to do: a later pass rewrites the
+    /// blessed entry and then removes the counting copy of it (see [`parameters_pass`]).
+    /// The rename happens once, so the second pass normally settles it.
     pub fn set_parameters(&self, parameters: &BootParameters) -> Result<Vec<String>, LoaderError> {
+        const PASSES: usize = 4;
         let _lock = self.lock()?;
-        let mut changed = Vec::new();
-        for (entry, text) in self.entries()? {
-            let new = with_parameters(&text, parameters);
-            if new != text {
+        let mut written: Vec<String> = Vec::new();
+        for _ in 0..PASSES {
+            // `None`: an entry was renamed between the listing and its read; list again.
+            let Some((rewritten, removed)) = self.parameters_pass(parameters)? else {
+                continue;
+            };
+            if rewritten.is_empty() && removed == 0 {
+                return Ok(written);
+            }
+            for file in rewritten {
+                if !written.contains(&file) {
+                    written.push(file);
+                }
+            }
+        }
+        Err(LoaderError::Io {
+            path: self.entries_dir(),
+            source: std::io::Error::other(format!(
+                "the loader entries kept changing while keeld wrote the boot parameters                  ({PASSES} passes)"
+            )),
+        })
+    }
+
+    /// One pass of [`EspLayout::set_parameters`]: rewrites each entry that does not hold
+    /// `parameters`, then removes each counting entry that duplicates a blessed entry of
+    /// the same slot and version (what a rewrite racing `systemd-bless-boot` leaves; no
+    /// other path makes two entries of one slot, since activation replaces the slot's
+    /// entries). The blessed entry is rewritten first, so the slot always has an entry
+    /// with the parameters. Answers the files rewritten and how many were removed (none
+    /// of either when settled), or `None` when an entry listed was gone when read.
+    fn parameters_pass(
+        &self,
+        parameters: &BootParameters,
+    ) -> Result<Option<(Vec<String>, usize)>, LoaderError> {
+        let entries = match self.entries() {
+            Ok(entries) => entries,
+            Err(LoaderError::Io { path, source })
+                if source.kind() == std::io::ErrorKind::NotFound && path != self.entries_dir() =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let duplicate = |entry: &EntryInfo| {
+            entry.is_counting()
+                && entries.iter().any(|(other, _)| {
+                    other.slot == entry.slot
+                        && !other.is_counting()
+                        && other.sort_version == entry.sort_version
+                })
+        };
+        let mut rewrite = Vec::new();
+        let mut remove = Vec::new();
+        for (entry, text) in &entries {
+            if duplicate(entry) {
+                remove.push(entry.file.clone());
+                continue;
+            }
+            let new = with_parameters(text, parameters);
+            if &new != text {
                 check_length(&entry.file, &new)?;
-                changed.push((entry.file, new));
+                rewrite.push((entry.file.clone(), new));
             }
         }
         let dir = self.entries_dir();
-        for (file, text) in &changed {
+        for (file, text) in &rewrite {
             let path = dir.join(file);
             durable::replace(&path, text.as_bytes()).map_err(Self::io(&path))?;
         }
-        Ok(changed.into_iter().map(|(file, _)| file).collect())
+        for file in &remove {
+            tracing::info!(file = %file, "removing a counting copy of a blessed loader entry (a parameter rewrite raced systemd-bless-boot)");
+            let path = dir.join(file);
+            durable::remove(&path).map_err(Self::io(&path))?;
+        }
+        Ok(Some((
+            rewrite.into_iter().map(|(file, _)| file).collect(),
+            remove.len(),
+        )))
     }
 }
 
@@ -750,6 +825,56 @@ mod tests {
         for (entry, text) in esp.entries().expect("entries") {
             assert_eq!(entry_parameters(&text), changed, "{}", entry.file);
         }
+    }
+
+    #[test]
+    fn a_rewrite_that_raced_systemd_bless_boot_leaves_one_entry_with_the_parameters() {
+        let (_dir, esp) = esp();
+        let dir = esp.entries_dir();
+        std::fs::write(dir.join("keel-a.conf"), IMAGE_ENTRY).expect("write");
+        boot_files(&esp, Slot::B);
+        let entry = NewEntry {
+            slot: Slot::B,
+            os_version: "1.1.0",
+            root_hash: "bb",
+            sort_version: 0,
+            extra_options: "console=ttyS0",
+            parameters: &BootParameters::default(),
+        };
+        let trial = esp.activate(entry, 3).expect("activate");
+        // Booted once (systemd-boot moved the counter), then the race: bless renames the
+        // entry between a rewrite's read and its replace, and the replace brings the
+        // counting name back with the new parameters beside the blessed, old entry.
+        let counting = "keel-b+2-1.conf";
+        std::fs::rename(dir.join(&trial), dir.join(counting)).expect("count");
+        let old = std::fs::read_to_string(dir.join(counting)).expect("read");
+        std::fs::rename(dir.join(counting), dir.join("keel-b.conf")).expect("bless");
+        let set = parameters("nosmt", "");
+        std::fs::write(dir.join(counting), with_parameters(&old, &set)).expect("replace");
+        let mut written = esp.set_parameters(&set).expect("set");
+        written.sort();
+        assert_eq!(written, vec!["keel-a.conf", "keel-b.conf"]);
+        let entries = esp.entries().expect("entries");
+        let files: Vec<&str> = entries.iter().map(|(e, _)| e.file.as_str()).collect();
+        assert_eq!(files, vec!["keel-a.conf", "keel-b.conf"]);
+        for (entry, text) in &entries {
+            assert_eq!(entry_parameters(text), set, "{}", entry.file);
+        }
+        // The running slot's boot is blessed again: a prepare may go ahead.
+        esp.check_running_blessed(Slot::B).expect("blessed");
+        // A counting entry of another version is not a copy: it stays.
+        let other = NewEntry {
+            slot: Slot::A,
+            os_version: "1.2.0",
+            root_hash: "cc",
+            sort_version: 0,
+            extra_options: "",
+            parameters: &set,
+        };
+        boot_files(&esp, Slot::A);
+        let a = esp.activate(other, 3).expect("activate a");
+        assert!(esp.set_parameters(&set).expect("set").is_empty());
+        assert!(dir.join(&a).is_file() && dir.join("keel-b.conf").is_file());
     }
 
     #[test]
