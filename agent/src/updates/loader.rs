@@ -32,8 +32,9 @@
 //! the middle of a rewrite, bringing back a counting copy beside the blessed entry: the
 //! rewrite repeats until a pass finds nothing to do, and removes such a copy
 //! ([`EspLayout::set_parameters`]). Only a power cut inside that instant can still leave
-//! the copy; it then boots first and is blessed over the other (or counted down to "bad"
-//! while the blessed one stays), and the next parameter change removes it.
+//! the copy: both entries boot the same slot, the copy is blessed over the other at its
+//! first good boot (or counted down while the blessed one stays), it does not hold up a
+//! prepare, and the next parameter change removes it.
 //!
 //! Every change of the entries holds [`EspLayout::lock`], so a parameter change and an
 //! activation (separate writer sessions) never interleave.
@@ -415,12 +416,20 @@ impl EspLayout {
     }
 
     /// Refuses when the running slot booted from an entry still counting tries: the boot
-    /// has not been blessed, so the other slot's entry is its fallback.
+    /// has not been blessed, so the other slot's entry is its fallback. A counting copy
+    /// of a blessed entry of the same version (see [`EspLayout::set_parameters`]) does
+    /// not count: that version has been blessed.
     pub fn check_running_blessed(&self, running: Slot) -> Result<(), LoaderError> {
-        match self
-            .entries()?
-            .into_iter()
-            .find(|(e, _)| e.slot == running && e.is_counting())
+        let entries = self.entries()?;
+        let blessed = |e: &EntryInfo| {
+            entries.iter().any(|(other, _)| {
+                other.slot == e.slot && !other.is_counting() && other.sort_version == e.sort_version
+            })
+        };
+        match entries
+            .iter()
+            .find(|(e, _)| e.slot == running && e.is_counting() && !blessed(e))
+            .cloned()
         {
             Some((entry, _)) => Err(LoaderError::RunningNotBlessed {
                 slot: running,
@@ -851,6 +860,9 @@ mod tests {
         std::fs::rename(dir.join(counting), dir.join("keel-b.conf")).expect("bless");
         let set = parameters("nosmt", "");
         std::fs::write(dir.join(counting), with_parameters(&old, &set)).expect("replace");
+        // The copy does not hold up a prepare: its version was blessed.
+        esp.check_running_blessed(Slot::B)
+            .expect("blessed with a copy");
         let mut written = esp.set_parameters(&set).expect("set");
         written.sort();
         assert_eq!(written, vec!["keel-a.conf", "keel-b.conf"]);
