@@ -111,6 +111,11 @@ impl TufRepo {
         }
     }
 
+    /// The metadata version of the last publication.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     pub fn metadata_dir(&self) -> PathBuf {
         self.dir.join("metadata")
     }

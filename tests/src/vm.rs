@@ -596,6 +596,16 @@ pub fn publish(
     dir: &Path,
     updates: &[&crate::tuf::UpdateArtifacts],
 ) {
+    publish_expiring(repo, dir, updates, crate::tuf::days_from_now(7));
+}
+
+/// [`publish`] with metadata that expires at `expires`.
+pub fn publish_expiring(
+    repo: &mut crate::tuf::TufRepo,
+    dir: &Path,
+    updates: &[&crate::tuf::UpdateArtifacts],
+    expires: jiff::Timestamp,
+) {
     const VARIANT: &str = "keel-qemu";
     let entries: Vec<serde_json::Value> = updates
         .iter()
@@ -618,5 +628,5 @@ pub fn publish(
         .iter()
         .map(|(n, p)| (n.as_str(), p.as_path()))
         .collect();
-    repo.publish(&refs, crate::tuf::days_from_now(7));
+    repo.publish(&refs, expires);
 }

@@ -890,3 +890,262 @@ user-data = "{updater}"
     );
     vm.shutdown(Duration::from_secs(90));
 }
+
+/// The admin container's script in the refusals test: runs, in order, the command the
+/// harness posts as `control/<k>` on the repository's server (`check`: `apiclient update
+/// check`; `apply`: `apiclient update apply`; `done`: the status, and stop), and prints
+/// `step-<k> rc=<exit code> out=<its output on one line>` for each.
+const REFUSALS: &str = r#"#!/bin/sh
+say() { echo "KEEL-PROBE $*" > /dev/console; }
+base=http://169.254.169.254:8080/control
+# keeld answers the update API once it has read the slots (423 until then).
+i=0
+until apiclient raw -u /updates/status >/dev/null 2>&1; do
+    sleep 1; i=$((i + 1)); [ $i -lt 300 ] || break
+done
+say "refusals-ready"
+k=1
+while [ $k -lt 50 ]; do
+    i=0
+    until cmd=$(wget -q -O - "$base/$k" 2>/dev/null); do
+        sleep 1; i=$((i + 1)); [ $i -lt 900 ] || { say "step-$k gave-up"; exit 1; }
+    done
+    case "$cmd" in
+        check) out=$(apiclient update check 2>&1); rc=$?;;
+        apply) out=$(apiclient update apply 2>&1); rc=$?;;
+        done) say "refusals-done status=$(apiclient raw -u /updates/status | tr -d '\n ')"; exit 0;;
+        *) out="unknown command $cmd"; rc=99;;
+    esac
+    say "step-$k rc=$rc out=$(echo "$out" | tr '\n' ' ' | tr -s ' ')"
+    k=$((k + 1))
+done
+"#;
+
+/// The harness side of [`REFUSALS`]: posts each command and reads back what the host
+/// printed for it.
+struct Steps<'a> {
+    vm: &'a mut Vm,
+    control: std::path::PathBuf,
+    next: usize,
+}
+
+impl Steps<'_> {
+    /// Runs `command` in the guest; answers its exit code and output.
+    fn run(&mut self, command: &str) -> (i32, String) {
+        let k = self.next;
+        self.next += 1;
+        std::fs::write(self.control.join(k.to_string()), command).expect("write control");
+        let marker = format!("KEEL-PROBE step-{k} ");
+        let waited = self.vm.wait_serial(&marker, 1, Duration::from_secs(300));
+        check(
+            self.vm,
+            waited.is_ok(),
+            &format!("step {k} ({command}): {waited:?}"),
+        );
+        let serial = self.vm.serial();
+        let line = serial
+            .lines()
+            .find_map(|l| {
+                l.split_once(&marker)
+                    .map(|(_, rest)| rest.trim_end().to_owned())
+            })
+            .unwrap_or_default();
+        let (rc, out) = line
+            .strip_prefix("rc=")
+            .and_then(|rest| rest.split_once(" out="))
+            .unwrap_or(("", ""));
+        (rc.parse().unwrap_or(-1), out.trim().to_owned())
+    }
+
+    /// Ends the script; answers the update status it printed last.
+    fn finish(&mut self) -> String {
+        std::fs::write(self.control.join(self.next.to_string()), "done").expect("done");
+        let marker = "KEEL-PROBE refusals-done status=";
+        let waited = self.vm.wait_serial(marker, 1, Duration::from_secs(120));
+        check(self.vm, waited.is_ok(), &format!("{waited:?}"));
+        self.vm
+            .serial()
+            .lines()
+            .find_map(|l| l.split_once(marker).map(|(_, s)| s.trim_end().to_owned()))
+            .unwrap_or_default()
+    }
+
+    /// Runs `command`, which must fail with `expected` in what the user sees.
+    fn refused(&mut self, command: &str, expected: &str) {
+        let (rc, out) = self.run(command);
+        check(
+            self.vm,
+            rc == 1 && out.contains(expected),
+            &format!("`apiclient update {command}`: rc {rc}, expected {expected:?} in: {out}"),
+        );
+    }
+
+    /// Runs `command`, which must succeed with `expected` in its output.
+    fn ok(&mut self, command: &str, expected: &str) {
+        let (rc, out) = self.run(command);
+        check(
+            self.vm,
+            rc == 0 && out.contains(expected),
+            &format!("`apiclient update {command}`: rc {rc}, expected {expected:?} in: {out}"),
+        );
+    }
+}
+
+/// The repository's refusals seen from inside a booted host, with the words the user
+/// reads from `apiclient update`: a target whose hash or length is not the signed one,
+/// metadata with a bad signature, expired metadata, metadata older than what the host
+/// trusted, a repository that stalls, and a version older than the running one. Every
+/// publication has higher metadata versions than the last one the host trusted, so one
+/// host sees them all in turn; the running slot stays the boot choice throughout.
+#[test]
+#[ignore = "boots qemu: packaging/dev/test.sh runs it after the other tests, alone"]
+fn update_refusals_in_a_booted_host() {
+    let n = image();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = keel_e2e::tuf::build_update(dir.path(), N1, 1 << 20);
+    let older = keel_e2e::tuf::build_update(dir.path(), "0.9.0", 1 << 20);
+    let mut repo = TufRepo::create_with_keys(&dir.path().join("repo"), &update_keys());
+    let control = repo.dir.join("control");
+    std::fs::create_dir_all(&control).expect("control dir");
+    publish(&mut repo, dir.path(), &[&good]);
+    let server = FileServer::start("127.0.0.1", repo.dir.clone());
+    let user_data = format!(
+        r#"[settings]
+motd = "refusals"
+
+[settings.updates]
+metadata-base-url = "http://169.254.169.254:8080/metadata/"
+targets-base-url = "http://169.254.169.254:8080/targets/"
+
+[settings.host-containers.admin]
+enabled = true
+superpowered = true
+user-data = "{script}"
+"#,
+        script = b64(REFUSALS),
+    );
+    let disk = dir.path().join("disk.qcow2");
+    n.overlay_disk(&disk, "4G");
+    let imds = keel_e2e::imds::Imds::start(keel_e2e::imds::Instance::with_user_data(Some(
+        user_data.into_bytes(),
+    )))
+    .expect("metadata service");
+    let config = VmConfig {
+        image: n.clone(),
+        disk,
+        user_data: UserData::None,
+        firmware: Firmware::Uefi,
+        memory_mib: 1024,
+        dir: dir.path().join("vm"),
+        interactive: false,
+        imds_port: Some(imds.addr.port()),
+        repo_port: Some(server.addr.port()),
+    };
+    let mut vm = Vm::boot(&config);
+    let waited = vm.wait_serial("KEEL-PROBE refusals-ready", 1, BOOT);
+    check(&vm, waited.is_ok(), &format!("{waited:?}"));
+    let mut steps = Steps {
+        vm: &mut vm,
+        control,
+        next: 1,
+    };
+    let apply_failed = "Failed to apply update: prepare attempt failed with status 'Failed' (1): ";
+    let check_failed =
+        "Failed to check for updates: refresh attempt failed with status 'Failed' (1): ";
+
+    // Offered and chosen.
+    steps.ok("check", &format!("\"{N1}\""));
+    // The root image with one byte changed, then longer than signed.
+    let name = good.names("keel-qemu")[0].0.clone();
+    let served = repo.target_file(&name);
+    let bytes = std::fs::read(&served).expect("read target");
+    let mut bad = bytes.clone();
+    bad[4096] ^= 0xff;
+    std::fs::write(&served, &bad).expect("tamper");
+    let sha = |b: &[u8]| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(b))
+    };
+    steps.refused(
+        "apply",
+        &format!(
+            "{apply_failed}target {name}: its sha256 is {}, but the signed metadata says {}: \
+             refused",
+            sha(&bad),
+            sha(&bytes)
+        ),
+    );
+    let mut longer = bytes.clone();
+    longer.extend_from_slice(b"more");
+    std::fs::write(&served, &longer).expect("tamper");
+    steps.refused(
+        "apply",
+        &format!(
+            "{apply_failed}target {name}: it is longer than its signed length of {} bytes: \
+             refused",
+            bytes.len()
+        ),
+    );
+    std::fs::write(&served, &bytes).expect("restore");
+    // Signed content changed after signing.
+    publish(&mut repo, dir.path(), &[&good]);
+    let timestamp = repo.metadata_dir().join("timestamp.json");
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&timestamp).expect("read")).expect("json");
+    doc["signed"]["expires"] = serde_json::json!("2099-01-01T00:00:00Z");
+    std::fs::write(&timestamp, serde_json::to_vec(&doc).expect("json")).expect("write");
+    steps.refused(
+        "check",
+        &format!("{check_failed}the repository's timestamp metadata is not validly signed: "),
+    );
+    // Expired yesterday.
+    keel_e2e::vm::publish_expiring(
+        &mut repo,
+        dir.path(),
+        &[&good],
+        keel_e2e::tuf::days_from_now(-1),
+    );
+    steps.refused(
+        "check",
+        &format!(
+            "{check_failed}the repository's timestamp metadata has expired: refusing stale \
+             metadata"
+        ),
+    );
+    // A mirror replays a timestamp older than the one the host trusted last.
+    publish(&mut repo, dir.path(), &[&good]);
+    let old = std::fs::read(&timestamp).expect("read");
+    let old_version = repo.version();
+    publish(&mut repo, dir.path(), &[&good]);
+    steps.ok("check", &format!("\"{N1}\""));
+    std::fs::write(&timestamp, &old).expect("replay");
+    steps.refused(
+        "check",
+        &format!(
+            "{check_failed}the repository offers timestamp metadata version {old_version}, \
+             older than version {} this host already trusted: refusing a rollback",
+            repo.version()
+        ),
+    );
+    // A repository that stops sending in the middle of a file (keeld's read limit: 30 s).
+    publish(&mut repo, dir.path(), &[&good]);
+    server.set_faults(vec![Fault::StallAfter {
+        suffix: "timestamp.json".to_owned(),
+        bytes: 16,
+    }]);
+    steps.refused("check", "the repository stalled: nothing received for 30s");
+    server.set_faults(Vec::new());
+    // Only an older version on offer: nothing is chosen.
+    publish(&mut repo, dir.path(), &[&older]);
+    steps.ok("check", &format!("no update newer than the running {N}"));
+    // And the repository put right: offered again, and the host never left slot a.
+    publish(&mut repo, dir.path(), &[&good]);
+    steps.ok("check", &format!("\"{N1}\""));
+    let status = steps.finish();
+    check(
+        &vm,
+        status.contains("\"update_state\":\"Available\"") && !status.contains("\"Ready\""),
+        &format!("after the refusals: {status}"),
+    );
+    vm.shutdown(Duration::from_secs(90));
+}

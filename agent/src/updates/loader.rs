@@ -32,9 +32,10 @@
 //! the middle of a rewrite, bringing back a counting copy beside the blessed entry: the
 //! rewrite repeats until a pass finds nothing to do, and removes such a copy
 //! ([`EspLayout::set_parameters`]). Only a power cut inside that instant can still leave
-//! the copy: both entries boot the same slot, the copy is blessed over the other at its
-//! first good boot (or counted down while the blessed one stays), it does not hold up a
-//! prepare, and the next parameter change removes it.
+//! the copy: both entries boot the same slot; `systemd-bless-boot` does not rename over
+//! an existing file, so the copy counts down at each boot from it until it is "bad" and
+//! the blessed entry is chosen; it does not hold up a prepare; and the next parameter
+//! change removes it.
 //!
 //! Every change of the entries holds [`EspLayout::lock`], so a parameter change and an
 //! activation (separate writer sessions) never interleave.
@@ -517,12 +518,22 @@ impl EspLayout {
         const PASSES: usize = 4;
         let _lock = self.lock()?;
         let mut written: Vec<String> = Vec::new();
+        let mut vanished = false;
         for _ in 0..PASSES {
-            // `None`: an entry was renamed between the listing and its read; list again.
+            // `None`: an entry was gone when read, as when renamed after the listing; list
+            // again, once: an entry that stays unreadable that way (a dangling link) is an
+            // error of its own, which a last listing reports.
             let Some((rewritten, removed)) = self.parameters_pass(parameters)? else {
+                if vanished {
+                    self.entries()?;
+                }
+                vanished = true;
                 continue;
             };
             if rewritten.is_empty() && removed == 0 {
+                // A file a pass rewrote may be the copy a later pass removed.
+                let dir = self.entries_dir();
+                written.retain(|file| dir.join(file).exists());
                 return Ok(written);
             }
             for file in rewritten {
@@ -534,7 +545,8 @@ impl EspLayout {
         Err(LoaderError::Io {
             path: self.entries_dir(),
             source: std::io::Error::other(format!(
-                "the loader entries kept changing while keeld wrote the boot parameters                  ({PASSES} passes)"
+                "the loader entries kept changing while keeld wrote the boot parameters \
+                 ({PASSES} passes)"
             )),
         })
     }
