@@ -440,7 +440,36 @@ impl Vm {
         self.qmp("system_powerdown")
     }
 
-    fn qmp(&self, command: &str) -> Result<(), String> {
+    /// Limits the disk's writes to `iops` requests a second (0: no limit), as qemu's
+    /// `block_set_io_throttle` does: each write waits its turn, so the writes of a step
+    /// in the guest spread out in time and can be counted.
+    pub fn throttle_writes(&self, iops: u64) -> Result<(), String> {
+        self.qmp_call(
+            "block_set_io_throttle",
+            serde_json::json!({
+                "device": "disk0", "bps": 0, "bps_rd": 0, "bps_wr": 0,
+                "iops": 0, "iops_rd": 0, "iops_wr": iops,
+            }),
+        )
+        .map(|_| ())
+    }
+
+    /// Write requests the disk has completed since qemu started (`query-blockstats`).
+    pub fn writes_done(&self) -> Result<u64, String> {
+        let stats = self.qmp_call("query-blockstats", serde_json::json!({}))?;
+        stats
+            .as_array()
+            .and_then(|all| all.iter().find(|d| d["device"] == "disk0"))
+            .and_then(|d| d["stats"]["wr_operations"].as_u64())
+            .ok_or_else(|| format!("query-blockstats: no disk0 in {stats}"))
+    }
+
+    /// Runs one QMP command with `arguments`; answers its `return` value.
+    fn qmp_call(
+        &self,
+        execute: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
         let stream = UnixStream::connect(&self.monitor).map_err(|e| format!("monitor: {e}"))?;
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -449,20 +478,32 @@ impl Vm {
         let mut writer = stream;
         let mut line = String::new();
         reader.read_line(&mut line).map_err(|e| e.to_string())?; // greeting
-        for cmd in ["qmp_capabilities", command] {
-            writeln!(writer, "{{\"execute\":\"{cmd}\"}}").map_err(|e| e.to_string())?;
+        let commands = [
+            serde_json::json!({"execute": "qmp_capabilities"}),
+            serde_json::json!({"execute": execute, "arguments": arguments}),
+        ];
+        let mut answer = serde_json::Value::Null;
+        for command in commands {
+            writeln!(writer, "{command}").map_err(|e| e.to_string())?;
             loop {
                 line.clear();
                 reader.read_line(&mut line).map_err(|e| e.to_string())?;
-                if line.contains("\"return\"") {
+                let reply: serde_json::Value = serde_json::from_str(&line)
+                    .map_err(|e| format!("monitor: {execute}: {e}: {line:?}"))?;
+                if let Some(value) = reply.get("return") {
+                    answer = value.clone();
                     break;
                 }
-                if line.contains("\"error\"") || line.is_empty() {
-                    return Err(format!("monitor: {cmd}: {line}"));
+                if reply.get("error").is_some() {
+                    return Err(format!("monitor: {execute}: {line}"));
                 }
             }
         }
-        Ok(())
+        Ok(answer)
+    }
+
+    fn qmp(&self, command: &str) -> Result<(), String> {
+        self.qmp_call(command, serde_json::json!({})).map(|_| ())
     }
 
     /// Waits for qemu to exit (the guest powered off).

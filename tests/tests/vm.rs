@@ -605,6 +605,22 @@ if [ "$v" = "@N2@" ]; then
 fi
 "#;
 
+/// N+1's settings migration: it adds `settings.metrics.send-metrics`.
+const STEP_2: &str = r#"
+[[step]]
+from = 1
+to = 2
+up = [{ op = "set-default", key = "settings.metrics.send-metrics", value = false }]
+down = [{ op = "remove", key = "settings.metrics.send-metrics" }]
+"#;
+
+/// N+1 as the update test builds it (the same inputs: the same cached image).
+fn image_n1(dir: &Path) -> Image {
+    let migrations = dir.join("migrations-n1.toml");
+    std::fs::write(&migrations, STEP_2).expect("write migrations");
+    image_version_with(N1, Some(&migrations))
+}
+
 fn versions(script: &str) -> String {
     script
         .replace("@N@", N)
@@ -652,13 +668,7 @@ fn update_power_cut_and_rollback() {
     // N has no settings migrations (format 1); N+1 adds a setting (format 2), N+2 another
     // (format 3). N+1 must come up with its new setting, and after the rollback from N+2
     // without N+2's, carried back by the step N+2 recorded.
-    let step_2 = r#"
-[[step]]
-from = 1
-to = 2
-up = [{ op = "set-default", key = "settings.metrics.send-metrics", value = false }]
-down = [{ op = "remove", key = "settings.metrics.send-metrics" }]
-"#;
+    let step_2 = STEP_2;
     let step_3 = r#"
 [[step]]
 from = 2
@@ -666,12 +676,10 @@ to = 3
 up = [{ op = "set-default", key = "settings.metrics.metrics-url", value = "https://metrics.keel.example/" }]
 down = [{ op = "remove", key = "settings.metrics.metrics-url" }]
 "#;
-    let migrations_n1 = dir.path().join("migrations-n1.toml");
     let migrations_n2 = dir.path().join("migrations-n2.toml");
-    std::fs::write(&migrations_n1, step_2).expect("write migrations");
     std::fs::write(&migrations_n2, format!("{step_2}{step_3}")).expect("write migrations");
     let n = image_version(N);
-    let n1 = update_artifacts(&image_version_with(N1, Some(&migrations_n1)), N1);
+    let n1 = update_artifacts(&image_n1(dir.path()), N1);
     let n2 = update_artifacts(&image_version_with(N2, Some(&migrations_n2)), N2);
     let mut repo = TufRepo::create_with_keys(&dir.path().join("repo"), &update_keys());
     publish(&mut repo, dir.path(), &[&n1]);
@@ -1146,6 +1154,238 @@ user-data = "{script}"
         &vm,
         status.contains("\"update_state\":\"Available\"") && !status.contains("\"Ready\""),
         &format!("after the refusals: {status}"),
+    );
+    vm.shutdown(Duration::from_secs(90));
+}
+
+/// The admin container's script in the activation test: at every boot it prints the
+/// version, slot and update status; on N it prepares N+1 if nothing is staged, then
+/// waits for the harness's `control/<boot>` and activates (the harness may pull the
+/// plug while it does). Boots are counted by the kernel's boot id, so that a restart of
+/// the container in one boot is not taken for a boot.
+const ACTIVATION: &str = r#"#!/bin/sh
+say() { echo "KEEL-PROBE $*" > /dev/console; }
+dir=/.bottlerocket/host-containers/admin
+base=http://169.254.169.254:8080/control
+id=$(cat /proc/sys/kernel/random/boot_id)
+grep -qx "$id" $dir/boot-ids 2>/dev/null || { echo "$id" >> $dir/boot-ids && sync; }
+boot=$(wc -l < $dir/boot-ids)
+# The status once keeld answers it and a boot on trial is over.
+status() {
+    i=0
+    while [ $i -lt 300 ]; do
+        s=$(apiclient raw -u /updates/status 2>/dev/null | tr -d '\n ')
+        case "$s" in
+            *'"outcome":"on-trial"'*) ;;
+            *'"update_state"'*) echo "$s"; return;;
+        esac
+        sleep 1; i=$((i + 1))
+    done
+}
+v=$(apiclient raw -u /os | tr -d '\n ' | sed -n 's/.*"version_id":"\([^"]*\)".*/\1/p')
+say "boot-of=$v"
+say "slot=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^keel.slot=//p')"
+s=$(status)
+say "status=$s"
+[ "$v" = "@N@" ] || exec sleep 1000000
+case "$s" in
+    *'"update_state":"Staged"'*) ;;
+    *)
+        apiclient update check >/dev/null 2>&1
+        apiclient raw -m POST -u /actions/prepare-update >/dev/null 2>&1
+        i=0
+        until [ $i -ge 600 ]; do
+            case "$(apiclient raw -u /updates/status 2>/dev/null | tr -d '\n ')" in
+                *'"update_state":"Staged"'*) break;;
+            esac
+            sleep 1; i=$((i + 1))
+        done
+        ;;
+esac
+say "staged=$boot"
+until [ "$(wget -q -O - "$base/$boot" 2>/dev/null)" = go ]; do sleep 1; done
+say "activating=$boot"
+# The action starts the command; its end shows in the status.
+apiclient raw -m POST -u /actions/activate-update >/dev/null 2>&1
+i=0
+until [ $i -ge 600 ]; do
+    s=$(apiclient raw -u /updates/status 2>/dev/null | tr -d '\n ')
+    case "$s" in
+        *'"update_state":"Ready"'*|*'"cmd_status":"Failed"'*) break;;
+    esac
+    sleep 1; i=$((i + 1))
+done
+say "activated=$boot $s"
+exec sleep 1000000
+"#;
+
+/// The `KEEL-PROBE` values printed after the `nth` `boot-of=` line (1-based), whatever
+/// its version.
+fn nth_boot(serial: &str, nth: usize) -> BTreeMap<String, String> {
+    let mut seen = 0;
+    let mut out = BTreeMap::new();
+    for (k, v) in probe_values(serial) {
+        if k == "boot-of" {
+            seen += 1;
+            if seen > nth {
+                break;
+            }
+        }
+        if seen == nth {
+            out.insert(k, v);
+        }
+    }
+    out
+}
+
+/// Power cuts during activation: with N+1 staged in slot b, the harness slows the disk's
+/// writes (qemu's I/O throttle) so that the activation's writes (keeld's record, the
+/// loader entry on the ESP: temporary file, fsync, rename, fsync) come one at a time,
+/// and pulls the plug after a few of them. Each time the host boots again whole: N in
+/// slot a with N+1 still staged, or, when the entry was complete, N+1 in slot b on
+/// trial, then updated. After the cuts an uninterrupted activation takes the host to
+/// N+1.
+#[test]
+#[ignore = "boots qemu: packaging/dev/test.sh runs it after the other tests, alone"]
+fn activation_power_cut_boots_one_whole_slot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = image_version(N);
+    let n1 = update_artifacts(&image_n1(dir.path()), N1);
+    let mut repo = TufRepo::create_with_keys(&dir.path().join("repo"), &update_keys());
+    let control = repo.dir.join("control");
+    std::fs::create_dir_all(&control).expect("control dir");
+    publish(&mut repo, dir.path(), &[&n1]);
+    let server = FileServer::start("127.0.0.1", repo.dir.clone());
+    let user_data = format!(
+        r#"[settings]
+motd = "activation"
+
+[settings.updates]
+metadata-base-url = "http://169.254.169.254:8080/metadata/"
+targets-base-url = "http://169.254.169.254:8080/targets/"
+
+[settings.host-containers.admin]
+enabled = true
+superpowered = true
+user-data = "{script}"
+"#,
+        script = b64(&versions(ACTIVATION)),
+    );
+    let disk = dir.path().join("disk.qcow2");
+    n.overlay_disk(&disk, "4G");
+    let imds = keel_e2e::imds::Imds::start(keel_e2e::imds::Instance::with_user_data(Some(
+        user_data.into_bytes(),
+    )))
+    .expect("metadata service");
+    let config = VmConfig {
+        image: n.clone(),
+        disk,
+        user_data: UserData::None,
+        firmware: Firmware::Uefi,
+        memory_mib: 1024,
+        dir: dir.path().join("vm"),
+        interactive: false,
+        imds_port: Some(imds.addr.port()),
+        repo_port: Some(server.addr.port()),
+    };
+    let mut vm = Vm::boot(&config);
+    let mut log = String::new();
+    // Writes after which the plug is pulled, one boot each; then no cut.
+    let cuts = [3u64, 8];
+    for (i, cut) in cuts.iter().map(Some).chain([None]).enumerate() {
+        let boot = i + 1;
+        let waited = vm.wait_serial(&format!("KEEL-PROBE staged={boot}"), 1, BOOT * 2);
+        check(&vm, waited.is_ok(), &format!("{waited:?}\n{log}"));
+        let this = nth_boot(&vm.serial(), 1);
+        check(
+            &vm,
+            this.get("boot-of").map(String::as_str) == Some(N)
+                && this.get("slot").map(String::as_str) == Some("a"),
+            &format!("boot {boot}: N in slot a: {this:?}\n{log}"),
+        );
+        if i > 0 {
+            check(
+                &vm,
+                this.get("status")
+                    .is_some_and(|s| s.contains("\"update_state\":\"Staged\"")),
+                &format!("boot {boot}: after the cut, N+1 is still staged: {this:?}\n{log}"),
+            );
+        }
+        let before = vm.writes_done().expect("blockstats");
+        if cut.is_some() {
+            vm.throttle_writes(2).expect("throttle");
+        }
+        std::fs::write(control.join(boot.to_string()), "go").expect("go");
+        let Some(&cut) = cut else {
+            let waited = vm.wait_serial(&format!("KEEL-PROBE activated={boot}"), 1, BOOT);
+            check(&vm, waited.is_ok(), &format!("{waited:?}\n{log}"));
+            let this = nth_boot(&vm.serial(), 1);
+            check(
+                &vm,
+                this.get("activated")
+                    .is_some_and(|s| s.contains("\"update_state\":\"Ready\"")),
+                &format!("boot {boot}: the activation ran whole: {this:?}\n{log}"),
+            );
+            break;
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        loop {
+            let done = vm.writes_done().expect("blockstats");
+            if done >= before + cut {
+                break;
+            }
+            check(
+                &vm,
+                std::time::Instant::now() < deadline,
+                &format!("boot {boot}: only {} writes after the go", done - before),
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        vm.power_cut();
+        let serial = vm.serial();
+        let activated = serial.contains(&format!("KEEL-PROBE activated={boot}"));
+        log.push_str(&format!(
+            "--- boot {boot}: cut after {cut} writes (activation answered before: {activated}) ---\n{serial}\n"
+        ));
+        vm = Vm::boot(&config);
+        // The next boot is N again (the entry was not complete) or N+1 on slot b.
+        let waited = vm.wait_serial("KEEL-PROBE status=", 1, BOOT * 2);
+        check(&vm, waited.is_ok(), &format!("{waited:?}\n{log}"));
+        let next = nth_boot(&vm.serial(), 1);
+        if next.get("boot-of").map(String::as_str) == Some(N1) {
+            check(
+                &vm,
+                next.get("slot").map(String::as_str) == Some("b")
+                    && next
+                        .get("status")
+                        .is_some_and(|s| s.contains("\"outcome\":\"updated\"")),
+                &format!("after the cut, N+1 booted whole in slot b: {next:?}\n{log}"),
+            );
+            eprintln!("activation cut after {cut} writes: the entry was complete, N+1 booted");
+            vm.shutdown(Duration::from_secs(90));
+            return;
+        }
+        // N again: the loop checks it is whole, with N+1 still staged. (A fresh VM's
+        // serial log starts empty: this boot is its first.)
+        eprintln!("activation cut after {cut} writes: N booted again");
+    }
+    // The activation ran whole: the next boot is N+1 in slot b.
+    vm.power_button().ok();
+    let _ = vm.wait_exit(Duration::from_secs(120));
+    vm.power_cut();
+    let mut vm = Vm::boot(&config);
+    let waited = vm.wait_serial(&format!("KEEL-PROBE boot-of={N1}"), 1, BOOT * 2);
+    check(&vm, waited.is_ok(), &format!("{waited:?}\n{log}"));
+    let waited = vm.wait_serial("KEEL-PROBE status=", 1, BOOT);
+    check(&vm, waited.is_ok(), &format!("{waited:?}\n{log}"));
+    let last = nth_boot(&vm.serial(), 1);
+    check(
+        &vm,
+        last.get("slot").map(String::as_str) == Some("b")
+            && last
+                .get("status")
+                .is_some_and(|s| s.contains("\"outcome\":\"updated\"")),
+        &format!("N+1 in slot b, updated: {last:?}\n{log}"),
     );
     vm.shutdown(Duration::from_secs(90));
 }

@@ -3,11 +3,17 @@
 //!
 //! Owns the one sequence used for all of them: write a temporary file beside the target
 //! (a name the boot loader ignores: it starts with `.` and does not end in `.conf`),
-//! `fsync` it, `rename` it over the target, `fsync` the directory. A crash before the
-//! rename leaves the old file (and a temporary file, removed by [`sweep_temps`]); after
-//! the directory's `fsync`, the new one. In between the directory holds one name or the
-//! other, never a file with part of the new content: the data was durable before the
-//! name pointed at it.
+//! `fsync` it, `rename` it over the target, `fsync` it again under its new name, `fsync`
+//! the directory. A crash before the rename leaves the old file (and a temporary file,
+//! removed by [`sweep_temps`]); after the directory's `fsync`, the new one. In between
+//! the directory holds one name or the other, never a file with part of the new
+//! content: the data was durable before the name pointed at it.
+//!
+//! The second `fsync` is for vfat: its rename writes the new directory entry empty and
+//! fills in the file's first cluster and size only when the file's inode is written
+//! back, so after an `fsync` of the directory alone a power cut left the name with no
+//! content (found by the VM test `activation_power_cut_boots_one_whole_slot`: a
+//! prepared slot's `initrd.img` gone after a cut seconds after it was written).
 //!
 //! On the ESP (vfat) the kernel gives weaker guarantees than on ext4 (no journal: a cut
 //! during the rename can leave the directory entry half updated, which `fsck.vfat`
@@ -61,6 +67,11 @@ pub fn replace_with(
         file.sync_all()?;
         drop(file);
         std::fs::rename(&temp, target)?;
+        // On vfat the renamed file's directory entry is written with no data (cluster 0,
+        // size 0) and filled in only when the file's inode is written back: an `fsync`
+        // of the directory alone makes the name durable without its content. The
+        // file's own `fsync` writes that entry (on ext4 it has nothing left to do).
+        File::open(target)?.sync_all()?;
         // The rename is durable before the caller goes on (and, for the boot files,
         // before a loader entry can name them).
         sync_dir(dir)
