@@ -12,11 +12,10 @@
 
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use keel_e2e::http_server::FileServer;
 use keel_e2e::tuf::TufRepo;
 use keel_e2e::vm::{
-    image_version, publish, update_artifacts, update_keys, Firmware, UserData, Vm, VmConfig,
+    image_version, publish, update_artifacts, update_host, update_keys, update_user_data, Vm,
 };
 
 const BOOT: Duration = Duration::from_secs(600);
@@ -64,31 +63,13 @@ fn main() {
     let script = SCRIPT
         .replace("@PLAIN@", &PLAIN.to_string())
         .replace("@N@", N);
-    let user_data = format!(
-        "[settings.updates]\n\
-         metadata-base-url = \"http://169.254.169.254:8080/metadata/\"\n\
-         targets-base-url = \"http://169.254.169.254:8080/targets/\"\n\n\
-         [settings.host-containers.admin]\nenabled = true\nsuperpowered = true\n\
-         user-data = \"{}\"\n",
-        base64::engine::general_purpose::STANDARD.encode(script)
+    let (_imds, config) = update_host(
+        &n,
+        dir.path(),
+        update_user_data("", &script),
+        server.addr.port(),
     );
-    let imds = keel_e2e::imds::Imds::start(keel_e2e::imds::Instance::with_user_data(Some(
-        user_data.into_bytes(),
-    )))
-    .expect("metadata service");
-    let disk = dir.path().join("disk.qcow2");
-    n.overlay_disk(&disk, "4G");
-    let mut vm = Vm::boot(&VmConfig {
-        image: n.clone(),
-        disk,
-        user_data: UserData::None,
-        firmware: Firmware::Uefi,
-        memory_mib: 1024,
-        dir: dir.path().join("vm"),
-        interactive: false,
-        imds_port: Some(imds.addr.port()),
-        repo_port: Some(server.addr.port()),
-    });
+    let mut vm = Vm::boot(&config);
     let accel = keel_e2e::vm::accel(&n);
     let fail = |vm: &Vm, why: String| -> ! { panic!("{why}\n{}", vm.serial()) };
 

@@ -630,6 +630,52 @@ pub fn update_artifacts(image: &Image, version: &str) -> crate::tuf::UpdateArtif
     }
 }
 
+/// User-data for an updatable host: `extra` (more TOML), the test repository's URLs (the
+/// harness serves it to the guest through qemu's guestfwd, see [`VmConfig::repo_port`])
+/// and a superpowered admin container whose user-data is `admin_script`.
+pub fn update_user_data(extra: &str, admin_script: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        r#"{extra}[settings.updates]
+metadata-base-url = "http://169.254.169.254:8080/metadata/"
+targets-base-url = "http://169.254.169.254:8080/targets/"
+
+[settings.host-containers.admin]
+enabled = true
+superpowered = true
+user-data = "{}"
+"#,
+        base64::engine::general_purpose::STANDARD.encode(admin_script)
+    )
+}
+
+/// An updatable host to boot under UEFI: a fresh overlay of `image` in `dir`, its
+/// `user_data` from a metadata service (answered with the config: keep it as long as the
+/// VM runs) and the update repository served on `repo_port`.
+pub fn update_host(
+    image: &Image,
+    dir: &Path,
+    user_data: String,
+    repo_port: u16,
+) -> (Imds, VmConfig) {
+    let disk = dir.join("disk.qcow2");
+    image.overlay_disk(&disk, "4G");
+    let imds = Imds::start(Instance::with_user_data(Some(user_data.into_bytes())))
+        .expect("metadata service");
+    let config = VmConfig {
+        image: image.clone(),
+        disk,
+        user_data: UserData::None,
+        firmware: Firmware::Uefi,
+        memory_mib: 1024,
+        dir: dir.join("vm"),
+        interactive: false,
+        imds_port: Some(imds.addr.port()),
+        repo_port: Some(repo_port),
+    };
+    (imds, config)
+}
+
 /// Signs `updates` (of the test image's variant) into `repo` with their manifest, whose
 /// file is written in `dir`.
 pub fn publish(

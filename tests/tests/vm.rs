@@ -23,7 +23,7 @@ use keel_e2e::http_server::{Fault, FileServer};
 use keel_e2e::tuf::TufRepo;
 use keel_e2e::vm::{
     image_version, image_version_with, publish, report_json, report_phase, update_artifacts,
-    update_keys, Firmware, Image, UserData, Vm, VmConfig,
+    update_host, update_keys, update_user_data, Firmware, Image, UserData, Vm, VmConfig,
 };
 
 /// One boot's budget: TCG takes 40–60 s to `configured` on an idle 2-core machine, and
@@ -720,23 +720,7 @@ user-data = "{updater}"
         gate = b64(&versions(GATE)),
         updater = b64(&versions(UPDATER)),
     );
-    let disk = dir.path().join("disk.qcow2");
-    n.overlay_disk(&disk, "4G");
-    let imds = keel_e2e::imds::Imds::start(keel_e2e::imds::Instance::with_user_data(Some(
-        user_data.into_bytes(),
-    )))
-    .expect("metadata service");
-    let config = VmConfig {
-        image: n.clone(),
-        disk,
-        user_data: UserData::None,
-        firmware: Firmware::Uefi,
-        memory_mib: 1024,
-        dir: dir.path().join("vm"),
-        interactive: false,
-        imds_port: Some(imds.addr.port()),
-        repo_port: Some(server.addr.port()),
-    };
+    let (_imds, config) = update_host(&n, dir.path(), user_data, server.addr.port());
 
     // Power 1: N is told of N+1 and starts writing it; the plug is pulled mid-write.
     let mut vm = Vm::boot(&config);
@@ -1017,38 +1001,8 @@ fn update_refusals_in_a_booted_host() {
     std::fs::create_dir_all(&control).expect("control dir");
     publish(&mut repo, dir.path(), &[&good]);
     let server = FileServer::start("127.0.0.1", repo.dir.clone());
-    let user_data = format!(
-        r#"[settings]
-motd = "refusals"
-
-[settings.updates]
-metadata-base-url = "http://169.254.169.254:8080/metadata/"
-targets-base-url = "http://169.254.169.254:8080/targets/"
-
-[settings.host-containers.admin]
-enabled = true
-superpowered = true
-user-data = "{script}"
-"#,
-        script = b64(REFUSALS),
-    );
-    let disk = dir.path().join("disk.qcow2");
-    n.overlay_disk(&disk, "4G");
-    let imds = keel_e2e::imds::Imds::start(keel_e2e::imds::Instance::with_user_data(Some(
-        user_data.into_bytes(),
-    )))
-    .expect("metadata service");
-    let config = VmConfig {
-        image: n.clone(),
-        disk,
-        user_data: UserData::None,
-        firmware: Firmware::Uefi,
-        memory_mib: 1024,
-        dir: dir.path().join("vm"),
-        interactive: false,
-        imds_port: Some(imds.addr.port()),
-        repo_port: Some(server.addr.port()),
-    };
+    let user_data = update_user_data("[settings]\nmotd = \"refusals\"\n\n", REFUSALS);
+    let (_imds, config) = update_host(&n, dir.path(), user_data, server.addr.port());
     let mut vm = Vm::boot(&config);
     let waited = vm.wait_serial("KEEL-PROBE refusals-ready", 1, BOOT);
     check(&vm, waited.is_ok(), &format!("{waited:?}"));
@@ -1256,38 +1210,11 @@ fn activation_power_cut_boots_one_whole_slot() {
     std::fs::create_dir_all(&control).expect("control dir");
     publish(&mut repo, dir.path(), &[&n1]);
     let server = FileServer::start("127.0.0.1", repo.dir.clone());
-    let user_data = format!(
-        r#"[settings]
-motd = "activation"
-
-[settings.updates]
-metadata-base-url = "http://169.254.169.254:8080/metadata/"
-targets-base-url = "http://169.254.169.254:8080/targets/"
-
-[settings.host-containers.admin]
-enabled = true
-superpowered = true
-user-data = "{script}"
-"#,
-        script = b64(&versions(ACTIVATION)),
+    let user_data = update_user_data(
+        "[settings]\nmotd = \"activation\"\n\n",
+        &versions(ACTIVATION),
     );
-    let disk = dir.path().join("disk.qcow2");
-    n.overlay_disk(&disk, "4G");
-    let imds = keel_e2e::imds::Imds::start(keel_e2e::imds::Instance::with_user_data(Some(
-        user_data.into_bytes(),
-    )))
-    .expect("metadata service");
-    let config = VmConfig {
-        image: n.clone(),
-        disk,
-        user_data: UserData::None,
-        firmware: Firmware::Uefi,
-        memory_mib: 1024,
-        dir: dir.path().join("vm"),
-        interactive: false,
-        imds_port: Some(imds.addr.port()),
-        repo_port: Some(server.addr.port()),
-    };
+    let (_imds, config) = update_host(&n, dir.path(), user_data, server.addr.port());
     let mut vm = Vm::boot(&config);
     let mut log = String::new();
     // Writes after which the plug is pulled, one boot each; then no cut.
