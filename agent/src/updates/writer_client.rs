@@ -200,15 +200,16 @@ impl WriterSession {
         )));
         let mut sent = 0u64;
         while let Some(piece) = received.recv().await {
-            let piece = piece.map_err(WriterError::Source)?;
-            if let Err(e) = self.writer.write_all(&piece).await {
+            let mut piece = piece.map_err(WriterError::Source)?;
+            let len = piece.len();
+            if let Err(e) = write_piece(&mut self.writer, &mut piece).await {
                 // The writer stopped reading: its answer says why.
                 return Err(match self.read_answer(Duration::from_secs(5)).await {
                     Ok(Answer::Failed { error, .. }) => WriterError::Refused(error),
                     _ => WriterError::Gone(e.to_string()),
                 });
             }
-            sent += piece.len() as u64;
+            sent += len as u64;
             progress(sent);
         }
         if sent != size {
@@ -247,11 +248,99 @@ pub async fn set_boot_parameters(
     Ok(written?.entries)
 }
 
-/// Bytes handed to the writer per write, at least: the download yields pieces of a few
-/// KiB, and each write to the writer's socket or pipe wakes it.
+/// Bytes handed to the writer per piece, at least: the download yields pieces of a few
+/// KiB to a few hundred, and each write to the writer's socket or pipe wakes it.
 const PIECE: usize = 1 << 20;
 /// Pieces read ahead of the writer, at most.
 const READ_AHEAD: usize = 8;
+/// Downloaded chunks shorter than this are copied together; longer ones are handed on as
+/// they are (one `writev` takes them all), so most bytes are not copied in keeld at all.
+const SMALL: usize = 32 * 1024;
+/// Slices per `writev`: well under the kernel's `IOV_MAX` (1024).
+const SLICES: usize = 64;
+
+/// At least [`PIECE`] bytes of the download, in the chunks it came in (short ones joined).
+#[derive(Debug, Default)]
+struct Piece {
+    parts: std::collections::VecDeque<Bytes>,
+    /// Short chunks being joined; its spare capacity is reused from piece to piece.
+    small: bytes::BytesMut,
+    len: usize,
+}
+
+impl Piece {
+    fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len();
+        if chunk.len() >= SMALL {
+            self.seal_small();
+            self.parts.push_back(chunk);
+        } else {
+            if self.small.capacity() - self.small.len() < chunk.len() {
+                self.seal_small();
+                self.small.reserve(PIECE);
+            }
+            self.small.extend_from_slice(&chunk);
+        }
+    }
+
+    fn seal_small(&mut self) {
+        if !self.small.is_empty() {
+            self.parts.push_back(self.small.split().freeze());
+        }
+    }
+
+    /// The bytes gathered so far, as a piece of their own; `self` starts again empty
+    /// (keeping the spare capacity of its buffer for short chunks).
+    fn take(&mut self) -> Piece {
+        self.seal_small();
+        Piece {
+            parts: std::mem::take(&mut self.parts),
+            small: bytes::BytesMut::new(),
+            len: std::mem::take(&mut self.len),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Writes all of `piece` with vectored writes, consuming it.
+async fn write_piece<W: AsyncWrite + Unpin + ?Sized>(
+    writer: &mut W,
+    piece: &mut Piece,
+) -> std::io::Result<()> {
+    use bytes::Buf;
+    while !piece.parts.is_empty() {
+        let slices: Vec<std::io::IoSlice<'_>> = piece
+            .parts
+            .iter()
+            .take(SLICES)
+            .map(|part| std::io::IoSlice::new(part))
+            .collect();
+        let mut written = writer.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let Some(front) = piece.parts.front_mut() else {
+                break;
+            };
+            if written >= front.len() {
+                written -= front.len();
+                piece.parts.pop_front();
+            } else {
+                front.advance(written);
+                written = 0;
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Reads `source` into pieces of at least [`PIECE`] bytes for `pieces`; a failure of the
 /// source, or more bytes than `size`, is the last item. Ends early when the receiver is
@@ -259,12 +348,12 @@ const READ_AHEAD: usize = 8;
 async fn read_ahead<S>(
     source: S,
     size: u64,
-    pieces: tokio::sync::mpsc::Sender<Result<Bytes, RepositoryError>>,
+    pieces: tokio::sync::mpsc::Sender<Result<Piece, RepositoryError>>,
 ) where
     S: Stream<Item = Result<Bytes, RepositoryError>> + Send,
 {
     let mut source = std::pin::pin!(source);
-    let mut piece = bytes::BytesMut::new();
+    let mut piece = Piece::default();
     let mut read = 0u64;
     while let Some(chunk) = source.next().await {
         let chunk = match chunk {
@@ -283,24 +372,13 @@ async fn read_ahead<S>(
             }
         };
         read += chunk.len() as u64;
-        let whole = if piece.is_empty() && chunk.len() >= PIECE {
-            chunk
-        } else {
-            if piece.capacity() == 0 {
-                piece.reserve(PIECE);
-            }
-            piece.extend_from_slice(&chunk);
-            if piece.len() < PIECE {
-                continue;
-            }
-            piece.split().freeze()
-        };
-        if pieces.send(Ok(whole)).await.is_err() {
+        piece.push(chunk);
+        if piece.len() >= PIECE && pieces.send(Ok(piece.take())).await.is_err() {
             return;
         }
     }
     if !piece.is_empty() {
-        let _ = pieces.send(Ok(piece.freeze())).await;
+        let _ = pieces.send(Ok(piece.take())).await;
     }
 }
 
@@ -396,6 +474,37 @@ mod tests {
             .windows(2)
             .all(|w| w[1] - w[0] >= PIECE as u64 || w[1] == 3_000_000));
         assert!(seen[0] >= PIECE as u64);
+    }
+
+    #[tokio::test]
+    async fn chunks_long_and_short_reach_the_writer_whole_and_in_order() {
+        // Long chunks go on as they are, short ones are joined, and a writev the socket
+        // takes only in part goes on where it stopped.
+        let lens = [1000, 50_000, 7, 300_000, SMALL - 1, SMALL, 3 * PIECE, 1];
+        let source: Source = (0..40)
+            .map(|i| {
+                let len = lens[i % lens.len()];
+                Ok(Bytes::from(
+                    (0..len)
+                        .map(|j| ((i * 31 + j) % 253) as u8)
+                        .collect::<Vec<u8>>(),
+                ))
+            })
+            .collect();
+        let expected: Vec<u8> = source
+            .iter()
+            .flat_map(|c| c.as_ref().expect("chunk").to_vec())
+            .collect();
+        let size = expected.len() as u64;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (endpoint, writer) = fake_writer(dir.path()).await;
+        let mut session = WriterSession::open(&endpoint).await.expect("open");
+        let written = session
+            .write(&request(size), size, stream::iter(source), |_| {})
+            .await
+            .expect("write");
+        assert_eq!(written.bytes, size);
+        assert!(writer.await.expect("writer") == expected, "bytes differ");
     }
 
     #[tokio::test]
