@@ -4,7 +4,7 @@
 //! (datastore, transactions, generations), [`apply`] (services metadata, render and
 //! restart), [`events`] (the event bus behind `GET /events`), [`config`] (flags), [`os`]
 //! (what `/os` reports), [`updates`] (A/B image updates from a TUF repository,
-//! Bottlerocket's update API).
+//! Bottlerocket's update API), [`log_budget`] (routine log lines under load).
 
 pub mod api;
 pub mod apply;
@@ -12,6 +12,7 @@ pub mod boot;
 pub mod config;
 pub mod containers;
 pub mod events;
+pub mod log_budget;
 pub mod os;
 pub mod reboot;
 pub mod sandbox;

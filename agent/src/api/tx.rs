@@ -9,6 +9,10 @@ use serde_json::Value;
 use super::error::{ApiError, ApiResult};
 use super::input::Query;
 use super::{AppState, Peer};
+use crate::log_budget::LogBudget;
+
+/// The "committed" lines (see `log_budget`).
+static COMMITS: LogBudget = LogBudget::new("commits");
 
 pub async fn get_tx(
     State(state): State<AppState>,
@@ -69,7 +73,9 @@ fn commit_tx(
             .commit(&tx, caller)
             .await
             .map_err(ApiError::from_commit)?;
-        tracing::info!(tx = %tx, uid, changed = changed.len(), "committed");
+        if COMMITS.admit() {
+            tracing::info!(tx = %tx, uid, changed = changed.len(), "committed");
+        }
         Ok(changed)
     })
 }

@@ -43,6 +43,8 @@ use render::{RenderError, Templates};
 
 /// Applies kept for `GET /apply/log` (in memory and in the journal).
 const LOG_SIZE: usize = 64;
+/// The "applied" lines of successful applies (see `log_budget`).
+static APPLIES: crate::log_budget::LogBudget = crate::log_budget::LogBudget::new("applies");
 
 /// What happened to one configuration file in an apply.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -515,10 +517,13 @@ impl Applier {
             self.inner.reboot_required.store(true, Ordering::Relaxed);
         }
         report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        tracing::info!(id = report.id, keys = report.keys.len(), services = ?report.services.keys().collect::<Vec<_>>(),
-            written = report.files.iter().filter(|f| f.result == FileResult::Written).count(),
-            removed = report.files.iter().filter(|f| f.result == FileResult::Removed).count(),
-            commands = report.commands.len(), success = report.success, "applied");
+        // A failed apply is always logged; a successful one within the budget.
+        if !report.success || APPLIES.admit() {
+            tracing::info!(id = report.id, keys = report.keys.len(), services = ?report.services.keys().collect::<Vec<_>>(),
+                written = report.files.iter().filter(|f| f.result == FileResult::Written).count(),
+                removed = report.files.iter().filter(|f| f.result == FileResult::Removed).count(),
+                commands = report.commands.len(), success = report.success, "applied");
+        }
         if let Ok(mut log) = self.inner.log.lock() {
             if log.len() == LOG_SIZE {
                 log.pop_front();
