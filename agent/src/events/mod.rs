@@ -10,7 +10,8 @@
 //! the boot tracker, and the updates API) call [`EventBus::publish`]. It never waits for
 //! a reader: it takes one short write lock (readers hold the lock only to copy out
 //! pointers), pushes, drops the oldest event when the ring is full, and wakes
-//! subscribers. A reader
+//! subscribers, at most once per [`PACE`] (a wake-up due later is one timer task for the
+//! bus). A reader
 //! ([`Subscription`]) that fell behind the ring gets a [`Gap`] naming the cursors it lost,
 //! never a silent hole. Must not do I/O nor serialize on the publisher's path (an event's
 //! JSON is made once, by its first reader).
@@ -19,7 +20,7 @@ pub mod kinds;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -150,9 +151,25 @@ struct Shared {
     /// Written by publishers, read by every follower at once (an `RwLock`: a hundred
     /// followers woken by one publish copy out side by side).
     ring: RwLock<Ring>,
-    /// Wakes subscribers: changed on every publish and on close.
+    /// Wakes subscribers: changed on publishes (at most once per [`PACE`]) and on close.
     signal: watch::Sender<Signal>,
+    pacer: Mutex<Pacer>,
     followers: AtomicUsize,
+}
+
+/// Followers are woken at most once per this: events that come in quick succession
+/// (thousands of commits a second) then reach each follower together, in one write and
+/// one wake-up, instead of one write per event to every follower, which would take a
+/// share of commit throughput growing with the number of followers. An event after a
+/// quiet moment wakes them at once; in a stream of events, one waits at most this long
+/// (plus the timer's tick) before its wake-up.
+pub const PACE: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// When followers were last woken, and whether a wake-up is already due.
+#[derive(Debug, Default)]
+struct Pacer {
+    last: Option<tokio::time::Instant>,
+    due: bool,
 }
 
 #[derive(Debug)]
@@ -188,6 +205,7 @@ impl EventBus {
                     next: 1,
                 }),
                 signal: watch::Sender::new(Signal::default()),
+                pacer: Mutex::new(Pacer::default()),
                 followers: AtomicUsize::new(0),
             }),
         }
@@ -243,9 +261,48 @@ impl EventBus {
         };
         if published {
             // Not under the ring's lock: a subscriber woken here takes that lock at once.
-            self.shared.signal.send_modify(|_| {});
+            self.wake();
         }
         last
+    }
+
+    /// Wakes the subscribers now, or, if they were woken less than [`PACE`] ago, once
+    /// that has passed (one timer for the bus, not one per follower). Nothing waits here.
+    fn wake(&self) {
+        let now = tokio::time::Instant::now();
+        {
+            let mut pacer = self
+                .shared
+                .pacer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if pacer.due {
+                // The wake-up already due reads this event too.
+                return;
+            }
+            if let Some(at) = pacer.last.map(|last| last + PACE).filter(|at| *at > now) {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    pacer.due = true;
+                    let shared = self.shared.clone();
+                    runtime.spawn(async move {
+                        tokio::time::sleep_until(at).await;
+                        {
+                            let mut pacer = shared
+                                .pacer
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            pacer.due = false;
+                            pacer.last = Some(tokio::time::Instant::now());
+                        }
+                        shared.signal.send_modify(|_| {});
+                    });
+                    return;
+                }
+                // No runtime to wait on: wake them now.
+            }
+            pacer.last = Some(now);
+        }
+        self.shared.signal.send_modify(|_| {});
     }
 
     /// Ends every following subscription once it has read what is buffered (keeld is

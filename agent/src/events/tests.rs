@@ -345,3 +345,38 @@ async fn a_batch_gets_consecutive_cursors_and_one_wake_up() {
     assert_eq!(bus.publish(update(4)), 4);
     assert_eq!(cursors(&sub.next_batch().await.unwrap()), vec![4]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn events_in_quick_succession_wake_a_follower_once_per_pace() {
+    let bus = EventBus::new(64);
+    let mut sub = bus.subscribe(Resume::Start, true, None).unwrap();
+    let started = tokio::time::Instant::now();
+    let (seen, mut batches) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(batch) = sub.next_batch().await {
+            let _ = seen.send((started.elapsed(), cursors(&batch)));
+        }
+    });
+    tokio::task::yield_now().await;
+    // After a quiet moment: at once.
+    bus.publish(update(1));
+    assert_eq!(batches.recv().await.unwrap(), (Duration::ZERO, vec![1]));
+    // Three more within PACE of that wake-up: one wake-up, PACE after it, with all three.
+    for n in 2..=4 {
+        bus.publish(update(n));
+    }
+    let (at, cursors) = batches.recv().await.unwrap();
+    assert_eq!(cursors, vec![2, 3, 4]);
+    assert!(at >= PACE && at < PACE * 3, "{at:?}");
+    // Quiet again: at once.
+    tokio::time::sleep(PACE * 10).await;
+    let quiet = started.elapsed();
+    bus.publish(update(5));
+    assert_eq!(batches.recv().await.unwrap(), (quiet, vec![5]));
+    // A close is not paced: the follower reads what is left and ends.
+    bus.publish(update(6));
+    bus.close();
+    let (_, last) = batches.recv().await.unwrap();
+    assert_eq!(last, vec![6]);
+    assert!(batches.recv().await.is_none());
+}
