@@ -136,6 +136,17 @@ impl Keeld {
         self.dir.path().join("run")
     }
 
+    /// Whether the apply journal (`apply-journal.jsonl` in the runtime directory) ends
+    /// with an apply that started and has not finished.
+    pub fn apply_in_flight(&self) -> bool {
+        let text = std::fs::read_to_string(self.runtime_dir().join("apply-journal.jsonl"))
+            .unwrap_or_default();
+        text.lines()
+            .rev()
+            .find_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .is_some_and(|record| record.get("started").is_some())
+    }
+
     /// The persistent directory (`host-containers/<name>`, `bootstrap-containers/<name>`).
     pub fn persistent_dir(&self) -> PathBuf {
         self.dir.path().join("local")

@@ -25,7 +25,6 @@ fn motd(keeld: &Keeld) -> String {
 #[test]
 fn a_commit_acknowledged_before_a_crash_is_applied_at_the_next_start() {
     let mut keeld = Keeld::start();
-    let in_flight = keeld.runtime_dir().join("apply-inflight.json");
     // A slow apply (chronyd's restart takes a second) holds the apply queue...
     keeld.slow_restarts_of("chronyd");
     let socket = keeld.socket.clone();
@@ -41,7 +40,7 @@ fn a_commit_acknowledged_before_a_crash_is_applied_at_the_next_start() {
         })
     });
     wait_until("the slow apply to start", Duration::from_secs(10), || {
-        in_flight.exists()
+        keeld.apply_in_flight()
     });
     // ...while a motd commit is acknowledged, its apply queued behind.
     assert_eq!(
@@ -97,7 +96,10 @@ fn a_commit_acknowledged_before_a_crash_is_applied_at_the_next_start() {
         "{recovery:#}"
     );
     assert!(recovery["services"].get("motd").is_some(), "{recovery:#}");
-    assert!(!in_flight.exists(), "the journal is cleared");
+    assert!(
+        !keeld.apply_in_flight(),
+        "the apply cut short is dealt with"
+    );
     let ids: Vec<u64> = applies.iter().map(|a| a["id"].as_u64().unwrap()).collect();
     let mut unique = ids.clone();
     unique.sort_unstable();
@@ -132,7 +134,6 @@ fn a_restart_with_nothing_to_catch_up_applies_nothing() {
 fn sigterm_finishes_the_commit_in_flight() {
     let mut keeld = Keeld::start();
     keeld.slow_restarts_of("chronyd");
-    let in_flight = keeld.runtime_dir().join("apply-inflight.json");
     let socket = keeld.socket.clone();
     let client = std::thread::spawn(move || {
         keel_e2e::try_raw_request(
@@ -144,7 +145,7 @@ fn sigterm_finishes_the_commit_in_flight() {
         .and_then(|_| keel_e2e::try_raw_request(&socket, "POST", "/tx/commit_and_apply?tx=t", None))
     });
     wait_until("the apply to start", Duration::from_secs(10), || {
-        in_flight.exists()
+        keeld.apply_in_flight()
     });
     let status = keeld.stop();
     assert!(status.success(), "keeld exited {status}: {}", keeld.log());
@@ -159,7 +160,7 @@ fn sigterm_finishes_the_commit_in_flight() {
         "the apply ran to the end: {:?}",
         keeld.restarts()
     );
-    assert!(!in_flight.exists(), "and was journaled as finished");
+    assert!(!keeld.apply_in_flight(), "and was journaled as finished");
 }
 
 #[test]

@@ -203,6 +203,8 @@ struct Inner {
     serial: tokio::sync::Mutex<()>,
     /// Applies requested on behalf of API requests (see `detached`).
     queue: Mutex<detached::Waiting>,
+    /// The apply journal, open for appending (see `journal`).
+    journal: Mutex<journal::JournalFile>,
 }
 
 impl Applier {
@@ -218,6 +220,7 @@ impl Applier {
                 reboot_required: AtomicBool::new(false),
                 serial: tokio::sync::Mutex::new(()),
                 queue: Mutex::default(),
+                journal: Mutex::default(),
             }),
         }
     }
@@ -426,9 +429,9 @@ impl Applier {
 
     /// The apply of `services` (each with the keys that affect it), on behalf of `keys`.
     ///
-    /// Journaled: before anything is written, the apply in progress is recorded in the
-    /// journal directory; it is cleared once the apply's report is in the (journaled)
-    /// log. A keeld killed in between finds the record at its next start and
+    /// Journaled: before anything is written, a `started` record goes into the journal;
+    /// a `finished` record with the report follows once it is done. A keeld killed in
+    /// between finds the `started` record alone at its next start and
     /// [`Applier::recover`] finishes the job.
     async fn apply_services(
         &self,
@@ -441,13 +444,12 @@ impl Applier {
         let snapshot = store.snapshot();
         let generation = snapshot.live().generation;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        self.journal(journal::InFlight {
+        self.journal(&journal::InFlight {
             id,
             generation,
             keys: keys.clone(),
             services: services.clone(),
-        })
-        .await;
+        });
         let no_effect = self.no_effect_keys(snapshot.live_settings(), &keys);
         let mut report = ApplyReport {
             id,
@@ -530,7 +532,7 @@ impl Applier {
             }
             log.push_back(report.clone());
         }
-        self.journal_done().await;
+        self.journal_done(&report);
         self.inner
             .config
             .events
