@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use keel_e2e::{bin_dir, Keeld, KeeldOptions};
+use keel_e2e::{bin_dir, cpu_time, cpu_time_of, Keeld, KeeldOptions};
 use serde_json::{json, Value};
 use tokio::net::UnixStream;
 
@@ -368,26 +368,6 @@ fn measure_append_floor(parent: &Path, secs: f64) -> Floor {
         max: latencies.last().copied().unwrap_or_default(),
         cpu: cpu / u32::try_from(latencies.len().max(1)).unwrap_or(u32::MAX),
     }
-}
-
-/// CPU time (user + system, all threads) a process has used.
-fn cpu_time(pid: u32) -> Duration {
-    cpu_time_of(&pid.to_string())
-}
-
-/// CPU time (user + system) of `/proc/<what>`: a process id, or `thread-self`.
-fn cpu_time_of(what: &str) -> Duration {
-    let stat = fs::read_to_string(format!("/proc/{what}/stat")).expect("read /proc/<pid>/stat");
-    // Fields after the command name (which may hold spaces): utime is the 12th, stime
-    // the 13th, in clock ticks.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    let hz = rustix::param::clock_ticks_per_second();
-    Duration::from_secs_f64(ticks as f64 / hz as f64)
 }
 
 /// Rounds of the history comparison. Each round measures both keelds in turn, the order

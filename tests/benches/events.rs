@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use keel_e2e::{Keeld, KeeldOptions};
+use keel_e2e::{cpu_time, Keeld, KeeldOptions};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -328,20 +328,6 @@ async fn throughput(socket: &Path, secs: f64) -> f64 {
         total += t.await.unwrap();
     }
     total as f64 / start.elapsed().as_secs_f64()
-}
-
-/// CPU time (user + system, all threads) of process `pid` so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
-    // After the command name (which may hold spaces): utime is the 12th field, stime the
-    // 13th, in clock ticks.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    Duration::from_secs_f64(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
 }
 
 /// What the throughput runs of one mode measured.

@@ -28,6 +28,25 @@ pub fn bin_dir() -> PathBuf {
     dir.to_owned()
 }
 
+/// CPU time (user + system, all threads) process `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    cpu_time_of(&pid.to_string())
+}
+
+/// CPU time (user + system) of `/proc/<what>`: a process id, or `thread-self`.
+pub fn cpu_time_of(what: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{what}/stat")).expect("/proc/<pid>/stat");
+    // After the command name (which may hold spaces): utime is the 12th field, stime the
+    // 13th, in clock ticks.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    Duration::from_secs_f64(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
     assert!(
@@ -74,6 +93,11 @@ pub struct KeeldOptions {
     pub socket_activation: bool,
     /// Extra environment for keeld (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
+    /// Render root and runtime directory on a tmpfs (under `/dev/shm`), as on a Keel
+    /// host, where both are tmpfs; default: under the test's temporary directory, on
+    /// whatever file system that is. The apply benchmark uses it, so that an apply costs
+    /// what it costs on a host (a rendered file's fsync is free on tmpfs).
+    pub tmpfs_render: bool,
 }
 
 impl Default for KeeldOptions {
@@ -91,6 +115,7 @@ impl Default for KeeldOptions {
             state_dir: None,
             socket_activation: false,
             env: Vec::new(),
+            tmpfs_render: false,
         }
     }
 }
@@ -98,6 +123,9 @@ impl Default for KeeldOptions {
 /// A running keeld with its own temporary socket and state directory.
 pub struct Keeld {
     pub dir: tempfile::TempDir,
+    /// With [`KeeldOptions::tmpfs_render`]: the tmpfs directory holding the render root
+    /// and the runtime directory.
+    shm: Option<tempfile::TempDir>,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub options: KeeldOptions,
@@ -120,8 +148,12 @@ impl Keeld {
             .state_dir
             .clone()
             .unwrap_or_else(|| dir.path().join("state"));
+        let shm = options.tmpfs_render.then(|| {
+            tempfile::tempdir_in("/dev/shm").expect("a temporary directory on /dev/shm (tmpfs)")
+        });
         let mut keeld = Keeld {
             dir,
+            shm,
             socket,
             state_dir,
             options,
@@ -133,7 +165,7 @@ impl Keeld {
 
     /// keeld's runtime directory (container logs under `logs/`).
     pub fn runtime_dir(&self) -> PathBuf {
-        self.dir.path().join("run")
+        self.shm.as_ref().unwrap_or(&self.dir).path().join("run")
     }
 
     /// Whether the apply journal (`apply-journal.jsonl` in the runtime directory) ends
@@ -154,7 +186,7 @@ impl Keeld {
 
     /// The render root (a plain directory standing in for the host's tmpfs).
     pub fn render_root(&self) -> PathBuf {
-        self.dir.path().join("root")
+        self.shm.as_ref().unwrap_or(&self.dir).path().join("root")
     }
 
     /// Lines written by the restart-command recorder, one per command run:
