@@ -631,6 +631,13 @@ fn versions(script: &str) -> String {
 /// The `KEEL-PROBE` values of the run that printed `boot-of=<version>` for the `nth`
 /// time (1-based).
 fn probe_run(serial: &str, version: &str, nth: usize) -> BTreeMap<String, String> {
+    boot_run(serial, Some(version), nth)
+}
+
+/// The `KEEL-PROBE` values of the run whose `boot-of=` line is the `nth` (1-based) of
+/// those naming `version` (any version: `None`), that line included; a run ends at the
+/// next `boot-of=` line.
+fn boot_run(serial: &str, version: Option<&str>, nth: usize) -> BTreeMap<String, String> {
     let mut seen = 0;
     let mut out = BTreeMap::new();
     let mut inside = false;
@@ -639,17 +646,28 @@ fn probe_run(serial: &str, version: &str, nth: usize) -> BTreeMap<String, String
             if inside {
                 break;
             }
-            if v == version {
+            if version.is_none_or(|version| v == version) {
                 seen += 1;
                 inside = seen == nth;
             }
-            continue;
         }
         if inside {
             out.insert(k, v);
         }
     }
     out
+}
+
+#[test]
+fn a_boot_run_is_its_boot_of_line_up_to_the_next() {
+    let serial = "KEEL-PROBE boot-of=1\nKEEL-PROBE slot=a\nKEEL-PROBE boot-of=2\n\
+                  KEEL-PROBE slot=b\nKEEL-PROBE boot-of=1\nKEEL-PROBE slot=a2\n";
+    let run = |version, nth| boot_run(serial, version, nth);
+    assert_eq!(run(Some("1"), 2)["slot"], "a2");
+    assert_eq!(run(Some("2"), 1)["slot"], "b");
+    assert_eq!(run(None, 2)["slot"], "b");
+    assert_eq!(run(None, 3)["boot-of"], "1");
+    assert!(run(Some("2"), 2).is_empty());
 }
 
 /// A/B updates on a booted host, under UEFI with systemd-boot: version N is told of
@@ -1173,25 +1191,6 @@ say "activated=$boot $s"
 exec sleep 1000000
 "#;
 
-/// The `KEEL-PROBE` values printed after the `nth` `boot-of=` line (1-based), whatever
-/// its version.
-fn nth_boot(serial: &str, nth: usize) -> BTreeMap<String, String> {
-    let mut seen = 0;
-    let mut out = BTreeMap::new();
-    for (k, v) in probe_values(serial) {
-        if k == "boot-of" {
-            seen += 1;
-            if seen > nth {
-                break;
-            }
-        }
-        if seen == nth {
-            out.insert(k, v);
-        }
-    }
-    out
-}
-
 /// Power cuts during activation: with N+1 staged in slot b, the harness slows the disk's
 /// writes (qemu's I/O throttle) so that the activation's writes (keeld's record, the
 /// loader entry on the ESP: temporary file, fsync, rename, fsync) come one at a time,
@@ -1223,7 +1222,7 @@ fn activation_power_cut_boots_one_whole_slot() {
         let boot = i + 1;
         let waited = vm.wait_serial(&format!("KEEL-PROBE staged={boot}"), 1, BOOT * 2);
         check(&vm, waited.is_ok(), &format!("{waited:?}\n{log}"));
-        let this = nth_boot(&vm.serial(), 1);
+        let this = boot_run(&vm.serial(), None, 1);
         check(
             &vm,
             this.get("boot-of").map(String::as_str) == Some(N)
@@ -1246,7 +1245,7 @@ fn activation_power_cut_boots_one_whole_slot() {
         let Some(&cut) = cut else {
             let waited = vm.wait_serial(&format!("KEEL-PROBE activated={boot}"), 1, BOOT);
             check(&vm, waited.is_ok(), &format!("{waited:?}\n{log}"));
-            let this = nth_boot(&vm.serial(), 1);
+            let this = boot_run(&vm.serial(), None, 1);
             check(
                 &vm,
                 this.get("activated")
@@ -1278,7 +1277,7 @@ fn activation_power_cut_boots_one_whole_slot() {
         // The next boot is N again (the entry was not complete) or N+1 on slot b.
         let waited = vm.wait_serial("KEEL-PROBE status=", 1, BOOT * 2);
         check(&vm, waited.is_ok(), &format!("{waited:?}\n{log}"));
-        let next = nth_boot(&vm.serial(), 1);
+        let next = boot_run(&vm.serial(), None, 1);
         if next.get("boot-of").map(String::as_str) == Some(N1) {
             check(
                 &vm,
@@ -1305,7 +1304,7 @@ fn activation_power_cut_boots_one_whole_slot() {
     check(&vm, waited.is_ok(), &format!("{waited:?}\n{log}"));
     let waited = vm.wait_serial("KEEL-PROBE status=", 1, BOOT);
     check(&vm, waited.is_ok(), &format!("{waited:?}\n{log}"));
-    let last = nth_boot(&vm.serial(), 1);
+    let last = boot_run(&vm.serial(), None, 1);
     check(
         &vm,
         last.get("slot").map(String::as_str) == Some("b")
