@@ -1005,6 +1005,46 @@ fn keeld_killed_mid_write_restarts_consistent_and_the_old_slot_still_boots() {
     assert_eq!(head(&f.host.partition("keel-root-b"), root.len()), root);
 }
 
+/// The ESP is FAT, written outside keeld too: a staged slot can lose a boot file while
+/// keeld is down. At start keeld stages it no more, removes its entry (the boot loader
+/// could not boot it), and says why where the command's result goes.
+#[test]
+fn a_staged_slot_that_lost_a_boot_file_while_keeld_was_down_is_staged_no_more() {
+    let mut f = Fixture::new();
+    let update = f.build("1.1.0", 1 << 20);
+    f.publish(&[&update]);
+    f.run_ok("refresh-updates");
+    f.run_ok("prepare-update");
+    f.run_ok("activate-update");
+    assert_eq!(f.host.entries(), vec!["keel-a.conf", "keel-b+3.conf"]);
+    f.keeld.kill();
+    std::fs::remove_file(f.host.esp().join("keel/b/vmlinuz")).unwrap();
+    f.keeld.spawn();
+    f.wait_reconciled();
+    let status = f.status();
+    assert_eq!(status["update_state"], "Available", "{status:#}");
+    assert_eq!(status["staging_partition"], Value::Null);
+    let command = &status["most_recent_command"];
+    assert_eq!(command["cmd_type"], "activate", "{status:#}");
+    assert_eq!(command["cmd_status"], "Failed");
+    let stderr = command["stderr"].as_str().unwrap();
+    assert!(
+        stderr.starts_with(
+            "at start, the update staged in slot b (1.1.0) is incomplete: its vmlinuz is not \
+             on the ESP ("
+        ) && stderr.ends_with("). Run prepare-update again"),
+        "{stderr}"
+    );
+    // The entry that named the incomplete slot is gone: the next boot is slot a.
+    assert_eq!(f.host.entries(), vec!["keel-a.conf"]);
+    assert_eq!(f.reboot(|_| "1.0.0".to_owned()), "a");
+    // A prepare and activation again make it whole.
+    f.run_ok("prepare-update");
+    f.run_ok("activate-update");
+    assert!(f.host.esp().join("keel/b/vmlinuz").is_file());
+    assert_eq!(f.reboot(|_| "1.1.0".to_owned()), "b");
+}
+
 #[test]
 fn without_a_repository_the_failure_names_the_setting() {
     let f = Fixture::new();

@@ -348,6 +348,18 @@ impl EspLayout {
         self.esp.join("keel").join(slot.as_str())
     }
 
+    /// `slot`'s kernel and initrd are on the ESP (an entry needs both to boot), or which
+    /// is missing.
+    pub fn boot_files_present(&self, slot: Slot) -> Result<(), LoaderError> {
+        for file in [KERNEL, INITRD] {
+            let path = self.slot_dir(slot).join(file);
+            if !path.is_file() {
+                return Err(LoaderError::MissingBootFile { slot, file, path });
+            }
+        }
+        Ok(())
+    }
+
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LoaderError + '_ {
         move |source| LoaderError::Io {
             path: path.to_owned(),
@@ -445,16 +457,7 @@ impl EspLayout {
     /// slot (the new one first: at no point is there no entry where one was).
     pub fn activate(&self, mut entry: NewEntry<'_>, tries: u32) -> Result<String, LoaderError> {
         let _lock = self.lock()?;
-        for file in [KERNEL, INITRD] {
-            let path = self.slot_dir(entry.slot).join(file);
-            if !path.is_file() {
-                return Err(LoaderError::MissingBootFile {
-                    slot: entry.slot,
-                    file,
-                    path,
-                });
-            }
-        }
+        self.boot_files_present(entry.slot)?;
         let existing = self.entries()?;
         let highest = existing
             .iter()

@@ -17,7 +17,9 @@
 //! with the disk: a command the record shows as running ended with the previous keeld; an
 //! activation made in an earlier boot either booted (the running slot is the activated
 //! one: `last_boot.outcome = updated`) or rolled back (`rolled-back`, with what the
-//! boot loader's counter says).
+//! boot loader's counter says); and a staged or activated slot whose kernel or initrd is
+//! no longer on the ESP is staged no more (its loader entry removed: an entry without
+//! them would fail in the boot loader), with the reason where a failed command's goes.
 //!
 //! Every change it records is published on the event bus (`update` events): the end of
 //! each command (its outcome, the state before and after) and what start-up found.
@@ -627,6 +629,28 @@ impl Updates {
                 after_reboot(&mut record, inspection, running);
             }
         }
+        let lost = inspection.as_ref().and_then(|inspection| {
+            let record = lock(&self.inner.record);
+            staged_files_lost(&record, inspection)
+        });
+        if let Some(lost) = &lost {
+            // The entry goes first: if that fails, the record still says Ready, and an
+            // activation or deactivation asked for later meets the same error.
+            let removed = match (&self.inner.config.writer, lost.had_entry) {
+                (Some(endpoint), true) => deactivate(endpoint, lost.slot).await,
+                _ => Ok(()),
+            };
+            match removed {
+                Ok(()) => {
+                    tracing::error!(slot = %lost.slot, reason = %lost.reason, "the staged update is gone");
+                    forget_lost(&mut lock(&self.inner.record), lost);
+                }
+                Err(e) => tracing::error!(
+                    slot = %lost.slot, reason = %lost.reason, error = %e,
+                    "the staged update is gone, and its loader entry cannot be removed"
+                ),
+            }
+        }
         self.set_active_partition(inspection.as_ref().map(|i| i.active));
         if let Err(e) = self.save().await {
             tracing::error!(error = %e, "cannot save the reconciled update record");
@@ -635,7 +659,7 @@ impl Updates {
         self.inner.reconciled.send_replace(true);
         let status = self.status();
         let last_boot_changed = status.last_boot != last_boot_before;
-        if interrupted.is_some() || last_boot_changed {
+        if interrupted.is_some() || last_boot_changed || lost.is_some() {
             // `null` when the last boot says nothing new.
             let last_boot = last_boot_changed
                 .then(|| status.last_boot.clone())
@@ -646,6 +670,7 @@ impl Updates {
                     "at-start": true,
                     "interrupted": interrupted,
                     "last-boot": last_boot,
+                    "staged-lost": lost.as_ref().map(|l| &l.reason),
                 }),
             );
         }
@@ -660,6 +685,84 @@ async fn inspect(endpoint: &WriterEndpoint) -> Result<Inspection, String> {
     let inspection = session.inspect().await.map_err(|e| e.to_string());
     session.close().await;
     inspection
+}
+
+async fn deactivate(endpoint: &WriterEndpoint, slot: Slot) -> Result<(), String> {
+    let mut session = WriterSession::open(endpoint)
+        .await
+        .map_err(|e| e.to_string())?;
+    let done = session
+        .simple(&Request::Deactivate { slot })
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    session.close().await;
+    done
+}
+
+/// A staged slot found without its boot files at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LostStage {
+    slot: Slot,
+    /// It was activated: its loader entry must go.
+    had_entry: bool,
+    reason: String,
+}
+
+/// At start, after the record is reconciled: is the slot it shows as staged (or
+/// activated, and not running) still missing a kernel or initrd on the ESP? Activation
+/// would refuse it, and a boot of its entry would fail in the boot loader.
+fn staged_files_lost(record: &UpdateRecord, inspection: &Inspection) -> Option<LostStage> {
+    let state = record.status.update_state;
+    if !matches!(state, UpdateState::Staged | UpdateState::Ready) {
+        return None;
+    }
+    let staged = record.staged.as_ref()?;
+    if staged.slot == inspection.active {
+        return None;
+    }
+    let (_, missing) = inspection
+        .missing_boot_files
+        .iter()
+        .find(|(slot, _)| *slot == staged.slot)?;
+    Some(LostStage {
+        slot: staged.slot,
+        had_entry: state == UpdateState::Ready || entry_of(inspection, staged.slot).is_some(),
+        reason: format!(
+            "at start, the update staged in slot {} ({}) is incomplete: {missing}. Run \
+             prepare-update again",
+            staged.slot, staged.image.version
+        ),
+    })
+}
+
+/// What [`staged_files_lost`] found, once the entry is gone: nothing is staged, and the
+/// command that staged (or activated) it reads as failed, with the reason.
+fn forget_lost(record: &mut UpdateRecord, lost: &LostStage) {
+    let cmd_type = if record.status.update_state == UpdateState::Ready {
+        CommandType::Activate
+    } else {
+        CommandType::Prepare
+    };
+    record.staged = None;
+    record.status.staging_partition = None;
+    record.status.update_state = if record.status.chosen_update.is_some() {
+        UpdateState::Available
+    } else {
+        UpdateState::Idle
+    };
+    let previous = record
+        .status
+        .most_recent_command
+        .as_ref()
+        .map(|c| c.timestamp.clone());
+    record.status.most_recent_command = Some(CommandResult {
+        cmd_type,
+        cmd_status: CommandStatus::Failed,
+        timestamp: status::next_timestamp(previous.as_deref()),
+        exit_status: 1,
+        stderr: lost.reason.clone(),
+    });
 }
 
 fn entry_of(inspection: &Inspection, slot: Slot) -> Option<&EntryInfo> {
@@ -860,6 +963,7 @@ mod tests {
             root_size: 1,
             hash_size: 1,
             entries,
+            missing_boot_files: vec![],
         }
     }
 
@@ -1042,6 +1146,73 @@ mod tests {
             command.stderr
         );
         assert_eq!(record.interrupted, None);
+    }
+
+    fn missing_kernel(inspection: &mut Inspection, slot: Slot) {
+        inspection.missing_boot_files.push((
+            slot,
+            "its vmlinuz is not on the ESP (/efi/keel/b/vmlinuz)".into(),
+        ));
+    }
+
+    #[test]
+    fn an_activated_slot_without_its_kernel_is_staged_no_more_and_its_entry_goes() {
+        let mut record = activated_record();
+        let mut disk = inspection(Slot::A, "boot-1", vec![entry("keel-b+3.conf")]);
+        missing_kernel(&mut disk, Slot::B);
+        let lost = staged_files_lost(&record, &disk).expect("lost");
+        assert_eq!(lost.slot, Slot::B);
+        assert!(lost.had_entry);
+        assert_eq!(
+            lost.reason,
+            "at start, the update staged in slot b (1.1.0) is incomplete: its vmlinuz is not \
+             on the ESP (/efi/keel/b/vmlinuz). Run prepare-update again"
+        );
+        forget_lost(&mut record, &lost);
+        assert_eq!(record.status.update_state, UpdateState::Available);
+        assert_eq!(record.staged, None);
+        assert_eq!(record.status.staging_partition, None);
+        let command = record.status.most_recent_command.expect("command");
+        assert_eq!(command.cmd_type, CommandType::Activate);
+        assert_eq!(command.cmd_status, CommandStatus::Failed);
+        assert_eq!(command.stderr, lost.reason);
+    }
+
+    #[test]
+    fn a_staged_slot_without_its_kernel_goes_back_to_available_as_a_failed_prepare() {
+        let mut record = activated_record();
+        record.status.update_state = UpdateState::Staged;
+        record.staged.as_mut().expect("staged").activated_in_boot = None;
+        let mut disk = inspection(Slot::A, "boot-1", vec![]);
+        missing_kernel(&mut disk, Slot::B);
+        let lost = staged_files_lost(&record, &disk).expect("lost");
+        assert!(!lost.had_entry, "nothing to deactivate");
+        forget_lost(&mut record, &lost);
+        assert_eq!(record.status.update_state, UpdateState::Available);
+        let command = record.status.most_recent_command.expect("command");
+        assert_eq!(command.cmd_type, CommandType::Prepare);
+    }
+
+    #[test]
+    fn complete_slots_the_running_one_and_other_states_are_left_alone() {
+        let record = activated_record();
+        // Complete: nothing to do.
+        let disk = inspection(Slot::A, "boot-1", vec![entry("keel-b+3.conf")]);
+        assert_eq!(staged_files_lost(&record, &disk), None);
+        // The staged slot is the running one (a boot on trial): not this check's business.
+        let mut running_b = inspection(Slot::B, "boot-2", vec![entry("keel-b+2-1.conf")]);
+        missing_kernel(&mut running_b, Slot::B);
+        assert_eq!(staged_files_lost(&record, &running_b), None);
+        // Only the other slot misses files.
+        let mut other = inspection(Slot::A, "boot-1", vec![entry("keel-b+3.conf")]);
+        missing_kernel(&mut other, Slot::A);
+        assert_eq!(staged_files_lost(&record, &other), None);
+        // Nothing staged any more.
+        let mut idle = activated_record();
+        idle.status.update_state = UpdateState::Idle;
+        let mut disk = inspection(Slot::A, "boot-1", vec![]);
+        missing_kernel(&mut disk, Slot::B);
+        assert_eq!(staged_files_lost(&idle, &disk), None);
     }
 
     #[test]

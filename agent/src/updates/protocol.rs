@@ -82,6 +82,10 @@ pub struct Inspection {
     pub root_size: u64,
     pub hash_size: u64,
     pub entries: Vec<EntryInfo>,
+    /// What is missing of each slot's boot files (kernel, initrd) on the ESP, in the
+    /// user's words; a slot not named has both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_boot_files: Vec<(Slot, String)>,
 }
 
 /// What a partition write answers.

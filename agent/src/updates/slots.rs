@@ -118,12 +118,17 @@ pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
 }
 
 impl SlotLayout {
-    /// The running slot, from `keel.slot=` on the kernel command line.
-    pub fn active(&self) -> Result<Slot, SlotError> {
-        let text = std::fs::read_to_string(&self.cmdline).map_err(|source| SlotError::Cmdline {
+    /// The kernel command line of this boot.
+    pub fn read_cmdline(&self) -> Result<String, SlotError> {
+        std::fs::read_to_string(&self.cmdline).map_err(|source| SlotError::Cmdline {
             path: self.cmdline.clone(),
             source,
-        })?;
+        })
+    }
+
+    /// The running slot, from `keel.slot=` on the kernel command line.
+    pub fn active(&self) -> Result<Slot, SlotError> {
+        let text = self.read_cmdline()?;
         cmdline_value(&text, "keel.slot")
             .and_then(Slot::parse)
             .ok_or_else(|| SlotError::NoSlot {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::loader::{EspLayout, NewEntry};
+use super::loader::{EspLayout, LoaderError, NewEntry};
 use super::protocol::{Answer, BootFile, Inspection, Request, Written, MAX_LINE};
 use super::slots::{boot_id, Part, Slot, SlotLayout};
 use super::verity::{Superblock, TreeBuilder, SUPERBLOCK_BYTES};
@@ -182,7 +182,7 @@ fn handle(
             {
                 return Err(refuse(format!("{os_version:?} is not a version")));
             }
-            let cmdline = std::fs::read_to_string(&config.slots.cmdline).unwrap_or_default();
+            let cmdline = config.slots.read_cmdline().map_err(refuse)?;
             let (extra, parameters) = config.esp.carried(active, &cmdline).map_err(refuse)?;
             let file = config
                 .esp
@@ -254,6 +254,17 @@ fn inspect(config: &WriterConfig) -> Result<Inspection, Refusal> {
             .map_err(refuse)?
             .into_iter()
             .map(|(e, _)| e)
+            .collect(),
+        missing_boot_files: [Slot::A, Slot::B]
+            .into_iter()
+            .filter_map(|slot| match config.esp.boot_files_present(slot) {
+                Ok(()) => None,
+                Err(LoaderError::MissingBootFile { file, path, .. }) => Some((
+                    slot,
+                    format!("its {file} is not on the ESP ({})", path.display()),
+                )),
+                Err(other) => Some((slot, other.to_string())),
+            })
             .collect(),
     })
 }
@@ -747,6 +758,14 @@ mod tests {
                 assert_eq!(inspection.active, Slot::A);
                 assert_eq!(inspection.boot_id, "boot-1");
                 assert_eq!((inspection.root_size, inspection.hash_size), (65536, 16384));
+                let missing: Vec<_> = inspection.missing_boot_files.iter().collect();
+                assert_eq!(missing.len(), 2, "{missing:?}");
+                let (slot, text) = &missing[1];
+                assert_eq!(*slot, Slot::B);
+                assert!(
+                    text.starts_with("its vmlinuz is not on the ESP ("),
+                    "{text}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -782,6 +801,26 @@ mod tests {
         let answers = session(&f.config, &[(Request::Deactivate { slot: Slot::B }, &[])]);
         assert!(matches!(answers[0], Answer::Written { .. }), "{answers:?}");
         assert!(!esp.entries_dir().join("keel-b+3.conf").exists());
+        // Slot b's boot files are all there now; removing one is seen.
+        let inspect =
+            |config: &WriterConfig| match session(config, &[(Request::Inspect, &[])]).remove(0) {
+                Answer::Inspection { inspection, .. } => inspection.missing_boot_files,
+                other => panic!("{other:?}"),
+            };
+        assert!(
+            inspect(&f.config).iter().all(|(slot, _)| *slot != Slot::B),
+            "slot b is complete"
+        );
+        std::fs::remove_file(esp.slot_dir(Slot::B).join("initrd.img")).expect("rm");
+        let missing = inspect(&f.config);
+        let (_, text) = missing
+            .iter()
+            .find(|(slot, _)| *slot == Slot::B)
+            .expect("slot b misses its initrd");
+        assert!(
+            text.starts_with("its initrd.img is not on the ESP"),
+            "{text}"
+        );
         drop(f.dir);
     }
 
