@@ -152,6 +152,32 @@ impl Fixture {
         }
     }
 
+    /// A host running 1.0.0 from slot a, with `version` published, prepared into slot b
+    /// and activated for the next boot.
+    fn activated(version: &str) -> (Fixture, UpdateArtifacts) {
+        let mut f = Fixture::new();
+        let update = f.build(version, 1 << 20);
+        f.publish(&[&update]);
+        f.run_ok("refresh-updates");
+        f.run_ok("prepare-update");
+        f.run_ok("activate-update");
+        (f, update)
+    }
+
+    /// Starts keeld (after a kill) and asserts that start-up found nothing staged any
+    /// more: `Available`, and `cmd_type` failed; answers its stderr.
+    fn restart_unstaged(&mut self, cmd_type: &str) -> String {
+        self.keeld.spawn();
+        self.wait_reconciled();
+        let status = self.status();
+        assert_eq!(status["update_state"], "Available", "{status:#}");
+        assert_eq!(status["staging_partition"], Value::Null);
+        let command = &status["most_recent_command"];
+        assert_eq!(command["cmd_type"], cmd_type, "{status:#}");
+        assert_eq!(command["cmd_status"], "Failed");
+        command["stderr"].as_str().unwrap().to_owned()
+    }
+
     /// POSTs `/actions/<action>` (204) and waits for its outcome; answers the status.
     fn run(&self, action: &str) -> Value {
         let before = self.status()["most_recent_command"]["timestamp"].clone();
@@ -336,12 +362,7 @@ fn check_prepare_activate_deactivate_and_the_reboot_into_the_new_slot() {
 
 #[test]
 fn a_slot_that_never_completes_its_boot_rolls_back_and_the_status_says_so() {
-    let mut f = Fixture::new();
-    let update = f.build("1.1.0", 1 << 20);
-    f.publish(&[&update]);
-    f.run_ok("refresh-updates");
-    f.run_ok("prepare-update");
-    f.run_ok("activate-update");
+    let (mut f, _update) = Fixture::activated("1.1.0");
     // Three boots of b that never reach configured (never blessed)...
     let version_of = |slot: &str| if slot == "b" { "1.1.0" } else { "1.0.0" }.to_owned();
     for left in [2, 1, 0] {
@@ -374,12 +395,7 @@ fn a_slot_that_never_completes_its_boot_rolls_back_and_the_status_says_so() {
 
 #[test]
 fn a_blessed_new_slot_stays_and_the_next_update_goes_to_the_old_one() {
-    let mut f = Fixture::new();
-    let v11 = f.build("1.1.0", 1 << 20);
-    f.publish(&[&v11]);
-    f.run_ok("refresh-updates");
-    f.run_ok("prepare-update");
-    f.run_ok("activate-update");
+    let (mut f, v11) = Fixture::activated("1.1.0");
     let version_of = |slot: &str| if slot == "b" { "1.1.0" } else { "1.0.0" }.to_owned();
     assert_eq!(f.reboot(version_of), "b");
     f.host.bless();
@@ -981,16 +997,8 @@ fn keeld_killed_mid_write_restarts_consistent_and_the_old_slot_still_boots() {
     f.server.set_faults(vec![]);
     // The slot b's root is half written; no entry names it.
     assert_eq!(f.host.entries(), vec!["keel-a.conf"]);
-    f.keeld.spawn();
-    f.wait_reconciled();
-    let status = f.status();
-    assert_eq!(status["update_state"], "Available", "{status:#}");
-    assert_eq!(status["staging_partition"], Value::Null);
-    let command = &status["most_recent_command"];
-    assert_eq!(command["cmd_type"], "prepare");
-    assert_eq!(command["cmd_status"], "Failed");
     assert_eq!(
-        command["stderr"],
+        f.restart_unstaged("prepare"),
         "keeld stopped during prepare-update: slot b may hold a partial image; no loader entry \
          names it, so the running slot stays the boot choice. Run prepare-update again"
     );
@@ -1010,24 +1018,11 @@ fn keeld_killed_mid_write_restarts_consistent_and_the_old_slot_still_boots() {
 /// could not boot it), and says why where the command's result goes.
 #[test]
 fn a_staged_slot_that_lost_a_boot_file_while_keeld_was_down_is_staged_no_more() {
-    let mut f = Fixture::new();
-    let update = f.build("1.1.0", 1 << 20);
-    f.publish(&[&update]);
-    f.run_ok("refresh-updates");
-    f.run_ok("prepare-update");
-    f.run_ok("activate-update");
+    let (mut f, _update) = Fixture::activated("1.1.0");
     assert_eq!(f.host.entries(), vec!["keel-a.conf", "keel-b+3.conf"]);
     f.keeld.kill();
     std::fs::remove_file(f.host.esp().join("keel/b/vmlinuz")).unwrap();
-    f.keeld.spawn();
-    f.wait_reconciled();
-    let status = f.status();
-    assert_eq!(status["update_state"], "Available", "{status:#}");
-    assert_eq!(status["staging_partition"], Value::Null);
-    let command = &status["most_recent_command"];
-    assert_eq!(command["cmd_type"], "activate", "{status:#}");
-    assert_eq!(command["cmd_status"], "Failed");
-    let stderr = command["stderr"].as_str().unwrap();
+    let stderr = f.restart_unstaged("activate");
     assert!(
         stderr.starts_with(
             "at start, the update staged in slot b (1.1.0) is incomplete: its vmlinuz is not \
@@ -1077,12 +1072,7 @@ fn without_a_repository_the_failure_names_the_setting() {
 /// Each command's outcome, and what start-up found, go on the event stream.
 #[test]
 fn update_state_changes_are_published_as_events() {
-    let mut f = Fixture::new();
-    let update = f.build("1.1.0", 1 << 20);
-    f.publish(&[&update]);
-    f.run_ok("refresh-updates");
-    f.run_ok("prepare-update");
-    f.run_ok("activate-update");
+    let (mut f, _update) = Fixture::activated("1.1.0");
     let events = |keeld: &Keeld| -> Vec<Value> {
         let r = keeld.raw("GET", "/events?kinds=update", None);
         assert_eq!(r.status, 200, "{}", r.text());

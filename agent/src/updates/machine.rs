@@ -313,22 +313,7 @@ impl Updates {
     ) {
         {
             let mut record = lock(&self.inner.record);
-            let previous = record
-                .status
-                .most_recent_command
-                .as_ref()
-                .map(|c| c.timestamp.clone());
-            let (cmd_status, exit_status, stderr) = match &outcome {
-                Ok(()) => (CommandStatus::Success, 0, String::new()),
-                Err(reason) => (CommandStatus::Failed, 1, reason.clone()),
-            };
-            record.status.most_recent_command = Some(CommandResult {
-                cmd_type: command,
-                cmd_status,
-                timestamp: status::next_timestamp(previous.as_deref()),
-                exit_status,
-                stderr,
-            });
+            record_outcome(&mut record, command, outcome.clone());
             record.interrupted = None;
         }
         self.set_active_partition(None);
@@ -744,6 +729,12 @@ fn forget_lost(record: &mut UpdateRecord, lost: &LostStage) {
     } else {
         CommandType::Prepare
     };
+    unstage(record);
+    record_outcome(record, cmd_type, Err(lost.reason.clone()));
+}
+
+/// Nothing is staged: back to `Available` if an update is chosen, else `Idle`.
+fn unstage(record: &mut UpdateRecord) {
     record.staged = None;
     record.status.staging_partition = None;
     record.status.update_state = if record.status.chosen_update.is_some() {
@@ -751,17 +742,26 @@ fn forget_lost(record: &mut UpdateRecord, lost: &LostStage) {
     } else {
         UpdateState::Idle
     };
+}
+
+/// `most_recent_command` becomes `cmd_type` with `outcome` (a failure's reason as its
+/// stderr), stamped after the one it replaces.
+fn record_outcome(record: &mut UpdateRecord, cmd_type: CommandType, outcome: Result<(), String>) {
     let previous = record
         .status
         .most_recent_command
         .as_ref()
         .map(|c| c.timestamp.clone());
+    let (cmd_status, exit_status, stderr) = match outcome {
+        Ok(()) => (CommandStatus::Success, 0, String::new()),
+        Err(reason) => (CommandStatus::Failed, 1, reason),
+    };
     record.status.most_recent_command = Some(CommandResult {
         cmd_type,
-        cmd_status: CommandStatus::Failed,
+        cmd_status,
         timestamp: status::next_timestamp(previous.as_deref()),
-        exit_status: 1,
-        stderr: lost.reason.clone(),
+        exit_status,
+        stderr,
     });
 }
 
@@ -788,13 +788,7 @@ fn close_interrupted(record: &mut UpdateRecord, inspection: Option<&Inspection>)
                           Run prepare-update again"
                     .to_owned(),
             });
-            record.staged = None;
-            record.status.staging_partition = None;
-            record.status.update_state = if record.status.chosen_update.is_some() {
-                UpdateState::Available
-            } else {
-                UpdateState::Idle
-            };
+            unstage(record);
         }
         CommandType::Activate | CommandType::Deactivate => {
             // Each is one file written or removed: the disk says which happened.
@@ -823,18 +817,7 @@ fn close_interrupted(record: &mut UpdateRecord, inspection: Option<&Inspection>)
             ));
         }
     }
-    let previous = record
-        .status
-        .most_recent_command
-        .as_ref()
-        .map(|c| c.timestamp.clone());
-    record.status.most_recent_command = Some(CommandResult {
-        cmd_type: command,
-        cmd_status: CommandStatus::Failed,
-        timestamp: status::next_timestamp(previous.as_deref()),
-        exit_status: 1,
-        stderr: reason,
-    });
+    record_outcome(record, command, Err(reason));
 }
 
 /// An activation made in an earlier boot: did the host boot the new slot?
