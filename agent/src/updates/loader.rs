@@ -454,9 +454,29 @@ impl EspLayout {
 
     /// Writes the entry that makes `entry.slot` the next boot with `tries` attempts.
     /// Requires the slot's kernel and initrd on the ESP; replaces any older entry of the
-    /// slot (the new one first: at no point is there no entry where one was).
-    pub fn activate(&self, mut entry: NewEntry<'_>, tries: u32) -> Result<String, LoaderError> {
+    /// slot (the new one first: at no point is there no entry where one was). With
+    /// `carry_from` (the running slot and the kernel command line), the entry's extra
+    /// options and parameters are [`Self::carried`] over, read under the same lock, so a
+    /// parameter change ([`Self::set_parameters`]) lands before or after, never lost
+    /// between the read and the write.
+    pub fn activate(
+        &self,
+        entry: NewEntry<'_>,
+        carry_from: Option<(Slot, &str)>,
+        tries: u32,
+    ) -> Result<String, LoaderError> {
         let _lock = self.lock()?;
+        let carried = carry_from
+            .map(|(running, cmdline)| self.carried(running, cmdline))
+            .transpose()?;
+        let mut entry = match &carried {
+            Some((extra, parameters)) => NewEntry {
+                extra_options: extra,
+                parameters,
+                ..entry
+            },
+            None => entry,
+        };
         self.boot_files_present(entry.slot)?;
         let existing = self.entries()?;
         let highest = existing
@@ -685,9 +705,10 @@ mod tests {
                     os_version: "1.1.0",
                     root_hash: "bb",
                     sort_version: 0,
-                    extra_options: &extra,
-                    parameters: &parameters,
+                    extra_options: "",
+                    parameters: &BootParameters::default(),
                 },
+                Some((Slot::A, "")),
                 3,
             )
             .expect("activate");
@@ -732,7 +753,7 @@ mod tests {
             parameters: &BootParameters::default(),
         };
         assert!(matches!(
-            esp.activate(entry, 3),
+            esp.activate(entry, None, 3),
             Err(LoaderError::MissingBootFile { file: KERNEL, .. })
         ));
         assert!(esp.entries().expect("entries").is_empty());
@@ -836,7 +857,7 @@ mod tests {
             extra_options: &extra,
             parameters: &carried,
         };
-        let file = esp.activate(entry, 3).expect("activate");
+        let file = esp.activate(entry, None, 3).expect("activate");
         let b = std::fs::read_to_string(esp.entries_dir().join(&file)).expect("read");
         assert_eq!(entry_parameters(&b), set);
         assert_eq!(extra_options(&b), "console=ttyS0 quiet");
@@ -865,7 +886,7 @@ mod tests {
             extra_options: "console=ttyS0",
             parameters: &BootParameters::default(),
         };
-        let trial = esp.activate(entry, 3).expect("activate");
+        let trial = esp.activate(entry, None, 3).expect("activate");
         // Booted once (systemd-boot moved the counter), then the race: bless renames the
         // entry between a rewrite's read and its replace, and the replace brings the
         // counting name back with the new parameters beside the blessed, old entry.
@@ -899,7 +920,7 @@ mod tests {
             parameters: &set,
         };
         boot_files(&esp, Slot::A);
-        let a = esp.activate(other, 3).expect("activate a");
+        let a = esp.activate(other, None, 3).expect("activate a");
         assert!(esp.set_parameters(&set).expect("set").is_empty());
         assert!(dir.join(&a).is_file() && dir.join("keel-b.conf").is_file());
     }

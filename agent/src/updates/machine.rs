@@ -29,6 +29,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use futures_util::FutureExt;
 use semver::Version;
 
 use super::loader::EntryInfo;
@@ -42,10 +43,14 @@ use super::status::{
     self, BootOutcome, CommandResult, CommandStatus, CommandType, LastBoot, Progress,
     RunningCommand, StagedImage, StagedSlot, UpdateImage, UpdateRecord, UpdateState, UpdateStatus,
 };
-use super::writer_client::{WriterEndpoint, WriterSession};
+use super::writer_client::{WriterEndpoint, WriterError, WriterSession};
 use crate::events::{EventBody, EventBus, UpdateEvent};
 use crate::os::OsInfo;
 use crate::store::Store;
+
+/// How long a command asked for waits for the lock while no command runs (see
+/// [`Updates::start`]).
+const BOOKKEEPING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How keeld updates this host.
 #[derive(Debug, Clone)]
@@ -234,14 +239,28 @@ impl Updates {
             reconciled.wait_for(|done| *done),
         )
         .await;
+        let running = || lock(&self.inner.running).as_ref().map(|r| r.cmd_type);
         let guard = match self.inner.lock.clone().try_lock_owned() {
             Ok(guard) => guard,
-            Err(_) => {
-                let running = lock(&self.inner.running)
-                    .as_ref()
-                    .map_or("start-up reconciliation", |r| r.cmd_type.action());
-                return Err(CommandRefused::Locked(running.to_owned()));
-            }
+            Err(_) => match running() {
+                Some(command) => return Err(CommandRefused::Locked(command.action().to_owned())),
+                // No command runs: the lock is held for bookkeeping (a command's outcome
+                // being saved after its status already shows it, the end of a trial
+                // boot), which takes a moment. A client that saw the outcome and asks for
+                // the next command waits for it, not 423.
+                None => match tokio::time::timeout(
+                    BOOKKEEPING_WAIT,
+                    self.inner.lock.clone().lock_owned(),
+                )
+                .await
+                {
+                    Ok(guard) => guard,
+                    Err(_) => {
+                        let holder = running().map_or("update bookkeeping", |c| c.action());
+                        return Err(CommandRefused::Locked(holder.to_owned()));
+                    }
+                },
+            },
         };
         {
             let record = lock(&self.inner.record);
@@ -298,7 +317,18 @@ impl Updates {
         let previous = lock(&self.inner.record).status.update_state;
         tokio::spawn(async move {
             let _guard = guard;
-            let outcome = this.run(command).await;
+            // A panic (a bug) must still end the command, or every later one gets 423
+            // until keeld restarts.
+            let outcome = std::panic::AssertUnwindSafe(this.run(command))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!(command = command.action(), "the update command panicked");
+                    Err(format!(
+                        "{} failed unexpectedly (a bug in keeld; its log has the details)",
+                        command.action()
+                    ))
+                });
             this.finish(command, previous, outcome).await;
         });
         Ok(())
@@ -488,26 +518,79 @@ impl Updates {
             .await
             .map_err(|e| e.to_string())?;
         let inspection = session.inspect().await.map_err(|e| e.to_string())?;
-        session
+        // Written ahead, durably: once the entry exists, a crash or power cut before this
+        // command's outcome is saved must still leave a record that knows the activation
+        // happened in this boot, or the next start could not tell a trial boot or a
+        // rollback (it would read `Ready` for a slot already running).
+        {
+            let mut record = lock(&self.inner.record);
+            if let Some(staged) = record.staged.as_mut() {
+                staged.activated_in_boot = Some(inspection.boot_id.clone());
+                staged.activated_from = self.running_version().ok();
+            }
+        }
+        if let Err(e) = self.save().await {
+            if let Some(staged) = lock(&self.inner.record).staged.as_mut() {
+                staged.activated_in_boot = None;
+                staged.activated_from = None;
+            }
+            session.close().await;
+            return Err(format!(
+                "cannot record the activation before making it: {e}"
+            ));
+        }
+        let activated = session
             .simple(&Request::Activate {
                 slot: staged.slot,
                 os_version: staged.image.version.to_string(),
                 root_hash: staged.root_hash.clone(),
                 tries: self.inner.config.tries,
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await;
         session.close().await;
+        let outcome = match activated {
+            Ok(_) => Ok(()),
+            // Refused before anything was written: the entry is as it was.
+            Err(e @ WriterError::Refused(_)) => Err((e.to_string(), Some(false))),
+            // The answer was lost: the disk says whether the entry was written.
+            Err(e) => {
+                let written = inspect(&writer)
+                    .await
+                    .ok()
+                    .map(|i| entry_of(&i, staged.slot).is_some_and(|e| !e.is_bad()));
+                match written {
+                    Some(true) => {
+                        tracing::warn!(slot = %staged.slot, error = %e, "the slot writer's answer was lost, but the slot's loader entry is written: activated");
+                        Ok(())
+                    }
+                    other => Err((e.to_string(), other)),
+                }
+            }
+        };
         let mut record = lock(&self.inner.record);
-        if let Some(staged) = record.staged.as_mut() {
-            staged.activated_in_boot = Some(inspection.boot_id.clone());
-            staged.activated_from = self.running_version().ok();
+        match outcome {
+            Ok(()) => {
+                if let Some(partition) = record.status.staging_partition.as_mut() {
+                    partition.next_to_boot = true;
+                }
+                record.status.update_state = UpdateState::Ready;
+                Ok(())
+            }
+            Err((error, Some(false))) => {
+                if let Some(staged) = record.staged.as_mut() {
+                    staged.activated_in_boot = None;
+                    staged.activated_from = None;
+                }
+                Err(error)
+            }
+            // Unknown: the activation stays on record, so that the boot that follows
+            // is read for what it was either way.
+            Err((error, _)) => Err(format!(
+                "{error}; whether slot {} is the next boot is unknown: run \
+                 deactivate-update to be sure it is not, or activate-update again",
+                staged.slot
+            )),
         }
-        if let Some(partition) = record.status.staging_partition.as_mut() {
-            partition.next_to_boot = true;
-        }
-        record.status.update_state = UpdateState::Ready;
-        Ok(())
     }
 
     async fn deactivate(&self) -> Result<(), String> {
@@ -771,9 +854,17 @@ fn entry_of(inspection: &Inspection, slot: Slot) -> Option<&EntryInfo> {
 
 /// A command the record shows as running ended with the previous keeld.
 fn close_interrupted(record: &mut UpdateRecord, inspection: Option<&Inspection>) {
-    let Some(command) = record.interrupted.take() else {
+    let Some(command) = record.interrupted else {
         return;
     };
+    if inspection.is_none() && matches!(command, CommandType::Activate | CommandType::Deactivate) {
+        // Whether the entry was written or removed is on the ESP, which the slot writer
+        // could not be asked about: the record stays as it is, and the next start
+        // looks again.
+        tracing::warn!(command = ?command, "an interrupted update command cannot be closed without the slot writer");
+        return;
+    }
+    record.interrupted = None;
     let mut reason = format!("keeld stopped during {}", command.action());
     match command {
         CommandType::Refresh => {}
@@ -868,8 +959,22 @@ fn after_reboot(record: &mut UpdateRecord, inspection: &Inspection, running: &Ve
         updated(record, &staged, &previous_version, running, noticed);
     } else {
         let entry = entry_of(inspection, staged.slot);
+        if let Some(e) = entry.filter(|e| !e.is_bad()) {
+            // The old slot booted although the new one's entry has tries left: chosen in
+            // the boot menu, or a one-time entry. That entry is still the next boot, so
+            // the activation stays, as made in this boot.
+            tracing::info!(slot = %staged.slot, entry = %e.file, running = %inspection.active, "the activated slot was not booted this time; its entry stays the next boot");
+            if let Some(staged) = record.staged.as_mut() {
+                staged.activated_in_boot = Some(inspection.boot_id.clone());
+            }
+            if let Some(partition) = record.status.staging_partition.as_mut() {
+                partition.next_to_boot = true;
+            }
+            record.status.update_state = UpdateState::Ready;
+            return;
+        }
         let why = match entry {
-            Some(e) if e.is_bad() => format!(
+            Some(e) => format!(
                 "slot {} ({}) did not complete its boot in {} tries (loader entry {}), so the \
                  boot loader went back to slot {} ({running})",
                 staged.slot,
@@ -877,11 +982,6 @@ fn after_reboot(record: &mut UpdateRecord, inspection: &Inspection, running: &Ve
                 e.tries_done.unwrap_or(0),
                 e.file,
                 inspection.active
-            ),
-            Some(e) => format!(
-                "slot {} ({}) was activated, but slot {} ({running}) booted instead; its \
-                 loader entry {} still has tries left",
-                staged.slot, staged.image.version, inspection.active, e.file
             ),
             None => format!(
                 "slot {} ({}) was activated, but slot {} ({running}) booted and no loader \
@@ -1196,6 +1296,60 @@ mod tests {
         let mut disk = inspection(Slot::A, "boot-1", vec![]);
         missing_kernel(&mut disk, Slot::B);
         assert_eq!(staged_files_lost(&idle, &disk), None);
+    }
+
+    /// The activation is recorded before its entry is written: a power cut after the
+    /// entry and before the outcome was saved still reads as a trial boot.
+    #[test]
+    fn a_power_cut_between_the_entry_and_the_outcome_still_boots_on_trial() {
+        let mut record = activated_record();
+        record.status.update_state = UpdateState::Staged;
+        record.interrupted = Some(CommandType::Activate);
+        let disk = inspection(Slot::B, "boot-2", vec![entry("keel-b+2-1.conf")]);
+        close_interrupted(&mut record, Some(&disk));
+        assert_eq!(record.status.update_state, UpdateState::Ready);
+        after_reboot(&mut record, &disk, &Version::new(1, 1, 0));
+        let last = record.status.last_boot.clone().expect("last boot");
+        assert_eq!(last.outcome, BootOutcome::OnTrial);
+        assert_eq!(record.status.update_state, UpdateState::Idle);
+        assert!(record.staged.is_some(), "the trial is still on record");
+    }
+
+    #[test]
+    fn an_interrupted_activation_waits_for_the_slot_writer_to_be_closed() {
+        let mut record = activated_record();
+        record.status.update_state = UpdateState::Staged;
+        record.interrupted = Some(CommandType::Activate);
+        let before = record.clone();
+        close_interrupted(&mut record, None);
+        assert_eq!(record, before, "nothing is known without the disk");
+    }
+
+    #[test]
+    fn the_old_slot_booted_while_the_new_entry_has_tries_keeps_the_activation() {
+        let mut record = activated_record();
+        after_reboot(
+            &mut record,
+            &inspection(
+                Slot::A,
+                "boot-2",
+                vec![entry("keel-a.conf"), entry("keel-b+3.conf")],
+            ),
+            &Version::new(1, 0, 0),
+        );
+        assert_eq!(record.status.update_state, UpdateState::Ready);
+        assert_eq!(record.status.last_boot, None, "not a rollback");
+        let staged = record.staged.clone().expect("still staged");
+        assert_eq!(staged.activated_in_boot.as_deref(), Some("boot-2"));
+        // The next boot is the new slot, on trial.
+        after_reboot(
+            &mut record,
+            &inspection(Slot::B, "boot-3", vec![entry("keel-b+2-1.conf")]),
+            &Version::new(1, 1, 0),
+        );
+        let last = record.status.last_boot.expect("last boot");
+        assert_eq!(last.outcome, BootOutcome::OnTrial);
+        assert!(last.detail.contains("(was 1.0.0)"), "{}", last.detail);
     }
 
     #[test]

@@ -89,6 +89,12 @@ pub enum SlotError {
          from a Keel A/B image"
     )]
     NoSlot { path: PathBuf },
+    #[error("cannot read this boot's id {path}: {source}")]
+    BootId {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("slot {0} is the running slot: the running slot is never written")]
     Running(Slot),
     #[error("partition {label} ({path}): {source}")]
@@ -184,11 +190,21 @@ impl SlotLayout {
 }
 
 /// This boot's identity (`/proc/sys/kernel/random/boot_id`), to tell a keeld restart from
-/// a reboot; empty if it cannot be read.
-pub fn boot_id(path: &Path) -> String {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+/// a reboot. Without it every start would look like the boot of an activation, so an
+/// unreadable or empty one is an error.
+pub fn boot_id(path: &Path) -> Result<String, SlotError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SlotError::BootId {
+        path: path.to_owned(),
+        source,
+    })?;
+    let id = text.trim();
+    if id.is_empty() {
+        return Err(SlotError::BootId {
+            path: path.to_owned(),
+            source: std::io::Error::other("it is empty"),
+        });
+    }
+    Ok(id.to_owned())
 }
 
 #[cfg(test)]
@@ -211,6 +227,18 @@ mod tests {
             cmdline: dir.path().join("cmdline"),
         };
         (dir, layout)
+    }
+
+    #[test]
+    fn a_boot_id_that_is_missing_or_empty_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("boot_id");
+        assert!(boot_id(&path).is_err());
+        std::fs::write(&path, "\n").expect("write");
+        let error = boot_id(&path).expect_err("empty").to_string();
+        assert!(error.ends_with("it is empty"), "{error}");
+        std::fs::write(&path, "6d1c0a0e-aaaa\n").expect("write");
+        assert_eq!(boot_id(&path).expect("id"), "6d1c0a0e-aaaa");
     }
 
     #[test]

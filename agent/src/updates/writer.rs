@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::loader::{EspLayout, LoaderError, NewEntry};
+use super::loader::{BootParameters, EspLayout, LoaderError, NewEntry};
 use super::protocol::{Answer, BootFile, Inspection, Request, Written, MAX_LINE};
 use super::slots::{boot_id, Part, Slot, SlotLayout};
 use super::verity::{Superblock, TreeBuilder, SUPERBLOCK_BYTES};
@@ -183,7 +183,6 @@ fn handle(
                 return Err(refuse(format!("{os_version:?} is not a version")));
             }
             let cmdline = config.slots.read_cmdline().map_err(refuse)?;
-            let (extra, parameters) = config.esp.carried(active, &cmdline).map_err(refuse)?;
             let file = config
                 .esp
                 .activate(
@@ -192,9 +191,10 @@ fn handle(
                         os_version,
                         root_hash: &root_hash.to_ascii_lowercase(),
                         sort_version: 0,
-                        extra_options: &extra,
-                        parameters: &parameters,
+                        extra_options: "",
+                        parameters: &BootParameters::default(),
                     },
+                    Some((active, &cmdline)),
                     *tries,
                 )
                 .map_err(refuse)?;
@@ -245,7 +245,7 @@ fn inspect(config: &WriterConfig) -> Result<Inspection, Refusal> {
     let inactive = active.other();
     Ok(Inspection {
         active,
-        boot_id: boot_id(&config.boot_id),
+        boot_id: boot_id(&config.boot_id).map_err(refuse)?,
         root_size: config.slots.size(inactive, Part::Root).map_err(refuse)?,
         hash_size: config.slots.size(inactive, Part::Hash).map_err(refuse)?,
         entries: config
@@ -570,7 +570,9 @@ fn write_boot_file(
     std::fs::create_dir_all(&dir)
         .map_err(|e| refuse_desync(format!("ESP {}: {e}", dir.display())))?;
     let target = dir.join(which.file_name());
-    let mut outcome: Result<String, Refusal> = Err(refuse("not written"));
+    // `None` until the payload was read: if the temporary file cannot even be made, the
+    // payload is still in the stream, and the session cannot go on.
+    let mut outcome: Option<Result<String, Refusal>> = None;
     let replaced = super::durable::replace_with(&target, |file| {
         let sha = Hashing::start(
             Sha256::new(),
@@ -587,7 +589,7 @@ fn write_boot_file(
         match (copied, digest) {
             (Err(e), _) | (Ok(()), Err(e)) => {
                 let message = e.message.clone();
-                outcome = Err(e);
+                outcome = Some(Err(e));
                 Err(std::io::Error::other(message))
             }
             (Ok(()), Ok(digest)) if digest != sha256.to_ascii_lowercase() => {
@@ -596,18 +598,18 @@ fn write_boot_file(
                      refused",
                     which.file_name()
                 );
-                outcome = Err(refuse(&message));
+                outcome = Some(Err(refuse(&message)));
                 // Not renamed into place: the old file stays.
                 Err(std::io::Error::other(message))
             }
             (Ok(()), Ok(digest)) => {
-                outcome = Ok(digest);
+                outcome = Some(Ok(digest));
                 Ok(())
             }
         }
     });
     match (replaced, outcome) {
-        (Ok(()), Ok(digest)) => {
+        (Ok(()), Some(Ok(digest))) => {
             tracing::info!(slot = %slot, file = %target.display(), bytes = size, "boot file written");
             Ok(Written {
                 bytes: size,
@@ -616,8 +618,13 @@ fn write_boot_file(
                 entries: Vec::new(),
             })
         }
-        (_, Err(refusal)) => Err(refusal),
-        (Err(e), Ok(_)) => Err(refuse(format!("ESP {}: {e}", target.display()))),
+        (_, Some(Err(refusal))) => Err(refusal),
+        (Err(e), Some(Ok(_))) => Err(refuse(format!("ESP {}: {e}", target.display()))),
+        (Err(e), None) => Err(refuse_desync(format!("ESP {}: {e}", target.display()))),
+        (Ok(()), None) => Err(refuse_desync(format!(
+            "ESP {}: the file was replaced without its payload",
+            target.display()
+        ))),
     }
 }
 
@@ -1013,6 +1020,30 @@ mod tests {
         );
         // Nothing was renamed into place.
         assert!(!f.config.esp.slot_dir(Slot::B).join("vmlinuz").exists());
+    }
+
+    /// The temporary file cannot be made: the real error is the answer, and the unread
+    /// payload ends the session (it must not be read as the next request).
+    #[test]
+    fn a_boot_file_that_cannot_be_created_answers_why_and_ends_the_session() {
+        let f = fixture();
+        let target = f.config.esp.slot_dir(Slot::B).join("vmlinuz");
+        std::fs::create_dir_all(crate::updates::durable::temp_path(&target)).expect("mkdir");
+        let kernel = b"{\"inspect\":null}\n".to_vec();
+        let request = Request::WriteBootFile {
+            slot: Slot::B,
+            file: BootFile::Kernel,
+            size: kernel.len() as u64,
+            sha256: sha(&kernel),
+        };
+        let answers = session(&f.config, &[(request, &kernel), (Request::Inspect, &[])]);
+        assert_eq!(answers.len(), 1, "the session ended: {answers:?}");
+        let text = error(&answers[0]);
+        assert!(
+            text.starts_with("ESP ") && text.contains("vmlinuz") && text.contains("directory"),
+            "{text}"
+        );
+        assert!(!target.exists());
     }
 
     #[test]
