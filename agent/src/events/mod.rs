@@ -384,9 +384,13 @@ impl EventBus {
     ) -> Option<(u64, u64)> {
         let ring = self.read_ring();
         let oldest = ring.events.front().map_or(ring.next, |e| e.cursor);
-        let mut from = after + 1;
+        let mut from = after.saturating_add(1);
         let limit = until.unwrap_or(u64::MAX);
-        let gap = (from < oldest && from <= limit).then(|| {
+        if from > limit {
+            // A reader that is not following has read up to where it stops.
+            return None;
+        }
+        let gap = (from < oldest).then(|| {
             let lost = (from, (oldest - 1).min(limit));
             from = oldest;
             lost

@@ -180,6 +180,8 @@ pub struct StoreFiles {
 enum Fault {
     Fail,
     Tear(usize),
+    /// Only for the log.
+    FailSync,
 }
 
 impl StoreFiles {
@@ -710,6 +712,12 @@ impl StoreFiles {
         self.fault = Some(Fault::Fail);
     }
 
+    /// Test hook: the next log append lands whole, then its `fdatasync` fails.
+    #[cfg(test)]
+    pub fn fail_next_sync(&mut self) {
+        self.fault = Some(Fault::FailSync);
+    }
+
     /// Test hook: the next durable write lands only its first `sectors` sectors and
     /// fails, as if keeld were killed in the middle of it.
     #[cfg(test)]
@@ -732,6 +740,8 @@ impl StoreFiles {
             (Some(Fault::Tear(n)), true) => self.log.tear_next_write = Some(n),
             (Some(Fault::Fail), false) => self.slots.fail_next_write = true,
             (Some(Fault::Tear(n)), false) => self.slots.tear_next_write = Some(n),
+            (Some(Fault::FailSync), true) => self.log.fail_next_sync = true,
+            (Some(Fault::FailSync), false) => self.fault = Some(Fault::FailSync),
             (None, _) => {}
         }
     }

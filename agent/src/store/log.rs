@@ -23,10 +23,17 @@
 //! # Appending
 //!
 //! A record is written at the end of the log with one `pwrite`, then `fdatasync`. The
-//! file is preallocated and grows in chunks, each growth made durable (`set_len` +
-//! `fsync`) before a record uses it, so a record never reaches past the durable end of
-//! the file. After a compaction the log is written from its start again: its old records
-//! name an older `base`, so they are never taken for part of the new log.
+//! file's size runs ahead of its records by whole chunks, each growth made durable
+//! (`set_len` + `fsync`) before a record uses it, so a record never reaches past the
+//! durable end of the file (`set_len` leaves the new chunk sparse: its blocks are
+//! allocated as records land, and each record's `fdatasync` makes that allocation
+//! durable with it). After a compaction the log is written from its start again: its
+//! old records name an older `base`, so they are never taken for part of the new log.
+//!
+//! A record whose `pwrite` or `fdatasync` fails is refused, yet may have landed: its
+//! header sector is then zeroed, durably, so that a restart reads the log as ending
+//! before it; if even that fails, the error says the commit may be there after a
+//! restart.
 //!
 //! # Reading, and what a crash leaves
 //!
@@ -106,6 +113,9 @@ pub(super) struct Log {
     /// Test hooks, as for the slots.
     #[cfg(test)]
     pub fail_next_write: bool,
+    /// The record is written whole, then `fdatasync` fails (EIO).
+    #[cfg(test)]
+    pub fail_next_sync: bool,
     #[cfg(test)]
     pub tear_next_write: Option<usize>,
 }
@@ -361,6 +371,8 @@ impl Log {
                 #[cfg(test)]
                 fail_next_write: false,
                 #[cfg(test)]
+                fail_next_sync: false,
+                #[cfg(test)]
                 tear_next_write: None,
             },
             scan,
@@ -380,15 +392,20 @@ impl Log {
             #[cfg(test)]
             fail_next_write: false,
             #[cfg(test)]
+            fail_next_sync: false,
+            #[cfg(test)]
             tear_next_write: None,
         }
     }
 
-    /// Makes sure the file exists, preallocated, durably (with its directory entry):
-    /// done before a snapshot that says the log is in use. Answers its size, which the
-    /// snapshot records.
+    /// Makes sure the file exists, preallocated to whole chunks, durably (with its
+    /// directory entry): done before a snapshot that says the log is in use. Answers its
+    /// size, which the snapshot records. A file left at a size `open` refuses (cut in the
+    /// middle of a sector, when a damaged log was accepted as lost) is grown to whole
+    /// chunks here, so the snapshot never records a size its own reader would refuse.
     pub(super) fn prepare(&mut self, dir_handle: &File) -> io::Result<u64> {
-        if self.file.is_none() {
+        let created = self.file.is_none();
+        if created {
             let file = OpenOptions::new()
                 .create(true)
                 .truncate(false)
@@ -396,12 +413,20 @@ impl Log {
                 .write(true)
                 .mode(0o600)
                 .open(&self.path)?;
-            let size = file.metadata()?.len().max(CHUNK);
-            file.set_len(size)?;
-            file.sync_all()?;
-            dir_handle.sync_all()?;
-            self.size = size;
+            self.size = file.metadata()?.len();
             self.file = Some(file);
+        }
+        let aligned = self.size.max(CHUNK).div_ceil(CHUNK) * CHUNK;
+        if created || aligned != self.size {
+            let Some(file) = &self.file else {
+                return Err(io::Error::other("the generation log is not open"));
+            };
+            file.set_len(aligned)?;
+            file.sync_all()?;
+            if created {
+                dir_handle.sync_all()?;
+            }
+            self.size = aligned;
         }
         Ok(self.size)
     }
@@ -450,8 +475,33 @@ impl Log {
             file.write_all_at(&record[..(sectors * SECTOR).min(record.len())], self.end)?;
             return Err(io::Error::other("torn by a simulated crash"));
         }
-        file.write_all_at(&record, self.end)?;
-        file.sync_data()?;
+        let written = file.write_all_at(&record, self.end).and_then(|()| {
+            #[cfg(test)]
+            if std::mem::take(&mut self.fail_next_sync) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            file.sync_data()
+        });
+        if let Err(e) = written {
+            // The commit is refused, but some or all of the record may be on the disk
+            // (a failed `fdatasync` says nothing of what landed): a restart before the
+            // next append overwrites it would read it as committed. Zeroing its header
+            // sector, durably, ends the log before it. If even that fails, say that
+            // the outcome is unknown.
+            let erased = file
+                .write_all_at(&[0u8; SECTOR], self.end)
+                .and_then(|()| file.sync_data());
+            return Err(match erased {
+                Ok(()) => e,
+                Err(erase) => io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e}; the record may still be on the disk (erasing it failed too: \
+                         {erase}), so after a restart this commit may be there"
+                    ),
+                ),
+            });
+        }
         self.end = needed;
         self.last = seq;
         Ok(())

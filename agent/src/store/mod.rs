@@ -386,6 +386,12 @@ impl Store {
         self.writer.set_max_settings_bytes(limit);
     }
 
+    /// Test hook: the next log append lands whole, then its `fdatasync` fails.
+    #[cfg(test)]
+    pub(crate) fn fail_next_sync(&self) {
+        self.writer.fail_next_sync();
+    }
+
     /// Test hook: the next durable write lands only its first `sectors` 512-byte sectors
     /// and fails, as if keeld were killed in the middle of it.
     #[cfg(test)]

@@ -287,6 +287,12 @@ impl Writer {
     pub(super) fn tear_next_write(&self, sectors: usize) {
         lock(&self.state).files.tear_next_write(sectors);
     }
+
+    /// Test hook: see [`StoreFiles::fail_next_sync`].
+    #[cfg(test)]
+    pub(super) fn fail_next_sync(&self) {
+        lock(&self.state).files.fail_next_sync();
+    }
 }
 
 /// A poisoned lock only means a panic elsewhere while holding it; the data (a queue, the
