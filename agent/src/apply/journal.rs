@@ -10,7 +10,10 @@
 //! `finished` after it is the apply that was in progress; [`Applier::recover`] renders
 //! every file against the live settings and re-applies the services whose files differ
 //! from what is on disk, plus those of the apply in progress (its restart commands may
-//! not have run).
+//! not have run). The load takes the applies' turn before the API serves, and the
+//! recovery keeps it until its own `started` record is written: an apply a client asks
+//! for meanwhile waits, so the record of the apply cut short cannot be buried under
+//! records of others before one that covers it exists.
 //!
 //! An apply costs two appended lines, whatever the length of the log: the journal is
 //! written again whole (a temp file renamed into place) only when it has grown past
@@ -90,6 +93,11 @@ pub struct Loaded {
     /// what it rendered then.
     pub existed: bool,
     pub in_flight: Option<InFlight>,
+    /// The applies' turn, taken when the journal existed, before the API serves: no
+    /// apply asked for by a client can journal itself before the recovery does, so the
+    /// apply cut short stays the last `started` record until one that covers it is
+    /// written (were keeld to die again before that, the next start still finds it).
+    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 /// What the records of a journal say.
@@ -100,8 +108,9 @@ struct Replay {
     reboot_required: bool,
     /// The last record, if it is a `started` one. Applies run one at a time, so only the
     /// newest can have been cut short; and the first apply after a restart is the
-    /// recovery, which takes over the services of the one cut short, so a `started`
-    /// record followed by any other record has been dealt with.
+    /// recovery (it holds the applies' turn from the load on: [`Loaded`]), which takes
+    /// over the services of the one cut short, so a `started` record followed by any
+    /// other record has been dealt with.
     in_flight: Option<InFlight>,
     /// The highest apply id seen.
     last_id: u64,
@@ -196,9 +205,14 @@ impl Applier {
             journal.records = replay.records;
             journal.damaged = replay.damaged;
         }
+        let existed = replay.records > 0;
         Loaded {
-            existed: replay.records > 0,
+            existed,
             in_flight: replay.in_flight,
+            // Nothing else runs yet: the turn is free.
+            turn: existed
+                .then(|| self.inner.serial.clone().try_lock_owned().ok())
+                .flatten(),
         }
     }
 
@@ -229,6 +243,11 @@ impl Applier {
             let line = line(record)?;
             if journal.damaged || journal.records >= COMPACT_AFTER {
                 self.rewrite(dir, &path, &mut journal)?;
+                if matches!(record, RecordRef::Finished { .. }) {
+                    // Its report is at the end of the in-memory log, so the rewrite
+                    // wrote it already.
+                    return Ok(());
+                }
             }
             if journal.file.is_none() {
                 std::fs::create_dir_all(dir)?;
@@ -294,6 +313,7 @@ impl Applier {
         if !loaded.existed {
             return None;
         }
+        let turn = loaded.turn;
         let mut services: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut keys = BTreeSet::new();
         if let Some(in_flight) = loaded.in_flight {
@@ -355,8 +375,12 @@ impl Applier {
             service_keys.dedup();
         }
         tracing::info!(services = ?services.keys().collect::<Vec<_>>(), "the render root is behind the live settings; applying");
+        let turn = match turn {
+            Some(turn) => turn,
+            None => self.inner.serial.clone().lock_owned().await,
+        };
         Some(
-            self.apply_services(store, keys.into_iter().collect(), services)
+            self.apply_services_in_turn(turn, store, keys.into_iter().collect(), services)
                 .await,
         )
     }
@@ -443,10 +467,16 @@ mod tests {
         let second = applier(dir.path());
         let loaded = second.load_journal();
         assert!(loaded.existed);
+        assert!(
+            second.inner.serial.try_lock().is_err(),
+            "no client's apply can journal itself before the recovery"
+        );
         assert_eq!(
-            loaded.in_flight.map(|f| (f.id, f.generation)),
+            loaded.in_flight.as_ref().map(|f| (f.id, f.generation)),
             Some((cut, cut * 10))
         );
+        drop(loaded);
+        assert!(second.inner.serial.try_lock().is_ok());
         assert_eq!(log_ids(&second), vec![1, 2]);
         assert!(second.inner.reboot_required.load(Ordering::Relaxed));
         assert_eq!(second.inner.next_id.load(Ordering::Relaxed), cut + 1);
@@ -524,5 +554,25 @@ mod tests {
             vec![1, 2, 3],
             "the rewrite holds what the failed append lost"
         );
+    }
+
+    /// A rewrite made on the way to a `finished` record already holds that report: it is
+    /// not written a second time.
+    #[test]
+    fn a_rewrite_before_a_finished_record_does_not_write_it_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = applier(dir.path());
+        apply(&a, true, false);
+        let cut = apply(&a, false, false);
+        a.inner.journal.lock().unwrap().damaged = true;
+        let mut report = ApplyReport::failed(format!("apply {cut}"));
+        report.id = cut;
+        a.inner.log.lock().unwrap().push_back(report.clone());
+        a.journal_done(&report);
+        let b = applier(dir.path());
+        let loaded = b.load_journal();
+        assert!(loaded.in_flight.is_none());
+        assert_eq!(log_ids(&b), vec![1, cut]);
+        assert_eq!(records_in_file(dir.path()), 2);
     }
 }

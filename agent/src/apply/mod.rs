@@ -200,7 +200,9 @@ struct Inner {
     reboot_required: AtomicBool,
     /// One apply at a time: each renders from the live settings of the moment it runs,
     /// so the last apply to finish leaves the files matching the newest generation.
-    serial: tokio::sync::Mutex<()>,
+    /// Taken at [`Applier::load_journal`] when the journal says an earlier keeld ran in
+    /// this boot, and held until the recovery's own apply is journaled (see `journal`).
+    serial: Arc<tokio::sync::Mutex<()>>,
     /// Applies requested on behalf of API requests (see `detached`).
     queue: Mutex<detached::Waiting>,
     /// The apply journal, open for appending (see `journal`).
@@ -218,7 +220,7 @@ impl Applier {
                 log: Mutex::new(VecDeque::new()),
                 next_id: AtomicU64::new(1),
                 reboot_required: AtomicBool::new(false),
-                serial: tokio::sync::Mutex::new(()),
+                serial: Arc::new(tokio::sync::Mutex::new(())),
                 queue: Mutex::default(),
                 journal: Mutex::default(),
             }),
@@ -439,7 +441,19 @@ impl Applier {
         keys: Vec<String>,
         services: BTreeMap<String, Vec<String>>,
     ) -> ApplyReport {
-        let _serial = self.inner.serial.lock().await;
+        let turn = self.inner.serial.clone().lock_owned().await;
+        self.apply_services_in_turn(turn, store, keys, services)
+            .await
+    }
+
+    /// [`Self::apply_services`] once it is this apply's turn (`_turn` held throughout).
+    async fn apply_services_in_turn(
+        &self,
+        _turn: tokio::sync::OwnedMutexGuard<()>,
+        store: &Store,
+        keys: Vec<String>,
+        services: BTreeMap<String, Vec<String>>,
+    ) -> ApplyReport {
         let started = std::time::Instant::now();
         let snapshot = store.snapshot();
         let generation = snapshot.live().generation;
