@@ -127,8 +127,11 @@ impl Updates {
             Ok(None) => UpdateRecord::new(rand::random::<u32>() % (MAX_SEED + 1)),
             Err(e) => {
                 // Unreadable: start over rather than refuse to serve; the slots and the
-                // loader entries on disk are the truth reconciliation reads.
-                tracing::error!(error = %e, "the update record is unreadable; starting a new one");
+                // loader entries on disk are the truth reconciliation reads. The file
+                // is kept beside, for whoever looks into why.
+                let aside = config.record.with_extension("json.unreadable");
+                let kept = std::fs::rename(&config.record, &aside).map_err(|e| e.to_string());
+                tracing::error!(error = %e, kept_as = %aside.display(), kept = ?kept, "the update record is unreadable; starting a new one");
                 UpdateRecord::new(rand::random::<u32>() % (MAX_SEED + 1))
             }
         };
