@@ -65,6 +65,35 @@ pub fn repo_root() -> PathBuf {
         .to_owned()
 }
 
+/// packaging/services.toml written into `dir` with each restart command's argv run as
+/// `wrapper SERVICE ARGV...`, so that no test touches the host's services: a recorder,
+/// or `/bin/true`. Answers the file's path.
+pub fn services_wrapped(dir: &Path, wrapper: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(repo_root().join("packaging/services.toml")).unwrap();
+    let mut doc: toml::Table = toml::from_str(&text).unwrap();
+    if let Some(toml::Value::Table(services)) = doc.get_mut("services") {
+        for (name, service) in services.iter_mut() {
+            let Some(toml::Value::Array(commands)) = service.get_mut("restart-commands") else {
+                continue;
+            };
+            for command in commands.iter_mut() {
+                let toml::Value::Array(argv) = command else {
+                    continue;
+                };
+                let mut wrapped = vec![
+                    toml::Value::String(wrapper.display().to_string()),
+                    toml::Value::String(name.clone()),
+                ];
+                wrapped.append(argv);
+                *argv = wrapped;
+            }
+        }
+    }
+    let path = dir.join("services.toml");
+    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+    path
+}
+
 /// Options for starting keeld.
 #[derive(Clone, Debug)]
 pub struct KeeldOptions {
@@ -214,29 +243,7 @@ impl Keeld {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .unwrap();
-        let text = std::fs::read_to_string(repo_root().join("packaging/services.toml")).unwrap();
-        let mut doc: toml::Table = toml::from_str(&text).unwrap();
-        if let Some(toml::Value::Table(services)) = doc.get_mut("services") {
-            for (name, service) in services.iter_mut() {
-                let Some(toml::Value::Array(commands)) = service.get_mut("restart-commands") else {
-                    continue;
-                };
-                for command in commands.iter_mut() {
-                    let toml::Value::Array(argv) = command else {
-                        continue;
-                    };
-                    let mut wrapped = vec![
-                        toml::Value::String(recorder.display().to_string()),
-                        toml::Value::String(name.clone()),
-                    ];
-                    wrapped.append(argv);
-                    *argv = wrapped;
-                }
-            }
-        }
-        let path = self.dir.path().join("services.toml");
-        std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
-        path
+        services_wrapped(self.dir.path(), &recorder)
     }
 
     /// Makes the recorder take a second for `service`'s restart commands.
