@@ -150,8 +150,18 @@ fn touched(
     prefix: &str,
     out: &mut std::collections::BTreeSet<String>,
 ) {
+    let is_table = |v: Option<&Value>| v.is_none_or(Value::is_object);
     match patch {
-        Value::Object(members) if !members.is_empty() => {
+        Value::Object(members) if !members.is_empty() && is_table(old) && is_table(new) => {
+            // A member the patch sets that is not in the result was stored in another
+            // shape or under another name (validation canonicalizes: `creds` becomes
+            // `credentials`, a table of mirrors a list): compare this whole level.
+            let moved = members
+                .iter()
+                .any(|(k, member)| !member.is_null() && new.and_then(|n| n.get(k)).is_none());
+            if moved {
+                return differing(old, new, prefix, out);
+            }
             for (k, member) in members {
                 let key = format!("{prefix}.{}", format_segment(k));
                 touched(
@@ -163,28 +173,36 @@ fn touched(
                 );
             }
         }
-        _ => {
-            let is_empty_table = |v: &Value| v.as_object().is_some_and(|m| m.is_empty());
-            let mut before = BTreeMap::new();
-            let mut after = BTreeMap::new();
-            if let Some(o) = old {
-                flatten_into(o, prefix, &mut before);
-            }
-            if let Some(n) = new {
-                flatten_into(n, prefix, &mut after);
-            }
-            before.retain(|_, v| !is_empty_table(v));
-            after.retain(|_, v| !is_empty_table(v));
-            for (k, v) in &before {
-                if after.get(k) != Some(v) {
-                    out.insert(k.clone());
-                }
-            }
-            for k in after.keys() {
-                if !before.contains_key(k) {
-                    out.insert(k.clone());
-                }
-            }
+        _ => differing(old, new, prefix, out),
+    }
+}
+
+/// The keys under `prefix` whose leaves differ between `old` and `new`.
+fn differing(
+    old: Option<&Value>,
+    new: Option<&Value>,
+    prefix: &str,
+    out: &mut std::collections::BTreeSet<String>,
+) {
+    let is_empty_table = |v: &Value| v.as_object().is_some_and(|m| m.is_empty());
+    let mut before = BTreeMap::new();
+    let mut after = BTreeMap::new();
+    if let Some(o) = old {
+        flatten_into(o, prefix, &mut before);
+    }
+    if let Some(n) = new {
+        flatten_into(n, prefix, &mut after);
+    }
+    before.retain(|_, v| !is_empty_table(v));
+    after.retain(|_, v| !is_empty_table(v));
+    for (k, v) in &before {
+        if after.get(k) != Some(v) {
+            out.insert(k.clone());
+        }
+    }
+    for k in after.keys() {
+        if !before.contains_key(k) {
+            out.insert(k.clone());
         }
     }
 }

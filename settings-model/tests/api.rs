@@ -348,6 +348,35 @@ fn kind_at_describes_types() {
     assert!(kind_at(&KeyPath::parse_setting("motd.deeper").unwrap()).is_none());
 }
 
+/// Validation stores some accepted forms under another name or shape (`creds` as
+/// `credentials`, a table of mirrors as a list): the keys a patch names are then not where
+/// the change is, and the changed keys must still find it.
+#[test]
+fn changed_keys_touched_finds_what_validation_stored_elsewhere() {
+    use settings_model::patch::{changed_keys, changed_keys_touched, merge_patch};
+    let old = settings_model::validate(&json!({"motd": "a"})).unwrap();
+    let patches = [
+        json!({"container-registry": {"creds": [
+            {"registry": "docker.io", "username": "u", "password": "p"}]}}),
+        json!({"container-registry": {"mirrors": {"docker.io": ["https://m.example.com"]}}}),
+        json!({"container-registry": {"mirrors": {"docker.io": ["https://m.example.com"]}},
+               "motd": "b"}),
+    ];
+    for patch in &patches {
+        let mut merged = old.clone();
+        merge_patch(&mut merged, patch);
+        let new = settings_model::validate(&merged).unwrap();
+        let changed = changed_keys(&old, &new);
+        assert!(
+            changed
+                .iter()
+                .any(|k| k.starts_with("settings.container-registry.")),
+            "{patch}: {changed:?}"
+        );
+        assert_eq!(changed_keys_touched(&old, &new, &[patch]), changed, "{patch}");
+    }
+}
+
 #[test]
 fn changed_keys_touched_agrees_with_changed_keys() {
     use settings_model::patch::{changed_keys, changed_keys_touched, merge_patch};
