@@ -19,22 +19,48 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Converts TOML to JSON; datetimes become their TOML text.
-fn toml_to_json(value: toml::Value) -> Value {
-    match value {
+/// Converts TOML to JSON; datetimes become their TOML text. `key` is the dotted path of
+/// `value`, for the one refusal: a float JSON cannot hold (`nan`, `inf`), which would
+/// otherwise become `null`, and so remove the setting.
+fn toml_to_json(value: toml::Value, key: &str, source_name: &str) -> Result<Value, Error> {
+    Ok(match value {
         toml::Value::String(s) => Value::String(s),
         toml::Value::Integer(i) => Value::from(i),
-        toml::Value::Float(f) => serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number),
+        toml::Value::Float(f) => match serde_json::Number::from_f64(f) {
+            Some(n) => Value::Number(n),
+            None => {
+                return Err(Error::Invalid {
+                    key: key.to_owned(),
+                    reason: format!(
+                        "{source_name}: {f} is not a value a setting can hold (nan and inf \
+                         are not numbers here)"
+                    ),
+                })
+            }
+        },
         toml::Value::Boolean(b) => Value::Bool(b),
         toml::Value::Datetime(d) => Value::String(d.to_string()),
-        toml::Value::Array(items) => Value::Array(items.into_iter().map(toml_to_json).collect()),
+        toml::Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| toml_to_json(v, &format!("{key}[{i}]"), source_name))
+                .collect::<Result<_, _>>()?,
+        ),
         toml::Value::Table(table) => Value::Object(
             table
                 .into_iter()
-                .map(|(k, v)| (k, toml_to_json(v)))
-                .collect::<Map<String, Value>>(),
+                .map(|(k, v)| {
+                    let path = if key.is_empty() {
+                        format_segment(&k)
+                    } else {
+                        format!("{key}.{}", format_segment(&k))
+                    };
+                    Ok((k, toml_to_json(v, &path, source_name)?))
+                })
+                .collect::<Result<Map<String, Value>, Error>>()?,
         ),
-    }
+    })
 }
 
 fn parse_document(source_name: &str, text: &str) -> Result<Value, Error> {
@@ -63,7 +89,7 @@ fn parse_document(source_name: &str, text: &str) -> Result<Value, Error> {
                 .join(": "),
         }
     })?;
-    Ok(toml_to_json(toml::Value::Table(table)))
+    toml_to_json(toml::Value::Table(table), "", source_name)
 }
 
 /// Parses user-data and returns its `settings` table as a validated merge-patch (no

@@ -373,7 +373,11 @@ fn changed_keys_touched_finds_what_validation_stored_elsewhere() {
                 .any(|k| k.starts_with("settings.container-registry.")),
             "{patch}: {changed:?}"
         );
-        assert_eq!(changed_keys_touched(&old, &new, &[patch]), changed, "{patch}");
+        assert_eq!(
+            changed_keys_touched(&old, &new, &[patch]),
+            changed,
+            "{patch}"
+        );
     }
 }
 

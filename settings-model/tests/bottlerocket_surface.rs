@@ -643,3 +643,27 @@ fn the_server_key_is_a_secret() {
     let debug = format!("{settings:?}");
     assert!(!debug.contains(&b64(KEY)), "{debug}");
 }
+
+/// TOML's `nan` and `inf` have no JSON form: refused with the key, not turned into a
+/// `null` that would remove the setting.
+#[test]
+fn nan_and_inf_in_user_data_are_refused_by_key() {
+    for (text, key) in [
+        ("[settings]\nmotd = nan\n", "settings.motd"),
+        (
+            "[settings.kubernetes]\nmax-pods = inf\n",
+            "settings.kubernetes.max-pods",
+        ),
+        (
+            "[settings.ntp]\ntime-servers = [\"a\", -inf]\n",
+            "settings.ntp.time-servers[1]",
+        ),
+    ] {
+        let err = settings_model::userdata::parse_user_data("user-data", text).unwrap_err();
+        assert_eq!(err.key(), Some(key), "{err}");
+        assert!(
+            err.to_string().contains("not a value a setting can hold"),
+            "{err}"
+        );
+    }
+}

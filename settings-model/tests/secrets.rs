@@ -128,3 +128,23 @@ fn debug_hides_valid_secrets_and_serialize_keeps_them() {
         assert!(debug.ends_with("(<redacted>)"), "{debug}");
     }
 }
+
+/// Container user-data is base64 of scripts and tokens: a refusal (here the common
+/// mistake, base64 wrapped at 76 columns) names the key and the offset, never the value.
+#[test]
+fn bad_container_user_data_is_not_quoted_in_the_error() {
+    let wrapped = format!("{}\n{}", "SGVudGVyMlNlY3JldA".repeat(4), "SGVudGVy");
+    for group in ["host-containers", "bootstrap-containers"] {
+        let settings = json!({group: {"x": {
+            "source": "public.ecr.aws/bottlerocket/bottlerocket-admin:v0.11.0",
+            "user-data": wrapped}}});
+        let err = settings_model::validate(&settings).unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains("SGVudGVy"), "{text}");
+        assert!(text.contains("offset 72"), "{text}");
+        assert_eq!(
+            err.key(),
+            Some(format!("settings.{group}.x.user-data").as_str())
+        );
+    }
+}

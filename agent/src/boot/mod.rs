@@ -388,6 +388,28 @@ impl Boot {
             .is_some_and(|s| s.outcome != StepOutcome::Running)
     }
 
+    /// For a bootstrap item found done at a resume: a `once` item that succeeded, whose
+    /// settings still say `once`, had its switch to `off` cut short by the restart (it is
+    /// committed after the step is recorded); it is committed now, or the next boot would
+    /// run the item again.
+    async fn finish_once(
+        &self,
+        t: &BootTracker,
+        step: &str,
+        mode: BootstrapMode,
+        group: &str,
+        name: &str,
+    ) -> Result<(), Halt> {
+        let succeeded = t
+            .record()
+            .step(step)
+            .is_some_and(|s| s.outcome == StepOutcome::Succeeded);
+        if succeeded && mode == BootstrapMode::Once {
+            self.switch_off(group, name).await?;
+        }
+        Ok(())
+    }
+
     async fn stage_os_defaults(&self, t: &mut BootTracker) -> Result<(), Halt> {
         const STEP: &str = "os-defaults";
         if Self::done(t, STEP) {
@@ -660,7 +682,9 @@ impl Boot {
         let mode = command.mode.unwrap_or(BootstrapMode::Off);
         let essential = command.essential.unwrap_or(false);
         if Self::done(t, &step) {
-            return Ok(());
+            return self
+                .finish_once(t, &step, mode, "bootstrap-commands", name)
+                .await;
         }
         if mode == BootstrapMode::Off {
             t.skip(&step, "mode off")?;
@@ -725,7 +749,9 @@ impl Boot {
     ) -> Result<(), Halt> {
         let step = format!("bootstrap-container:{}", desired.name);
         if Self::done(t, &step) {
-            return Ok(());
+            return self
+                .finish_once(t, &step, spec.mode, "bootstrap-containers", &desired.name)
+                .await;
         }
         if spec.mode == BootstrapMode::Off {
             t.skip(&step, "mode off")?;

@@ -609,6 +609,60 @@ async fn a_container_gone_after_a_keeld_restart_fails_and_is_not_run_again() {
     assert_eq!(node.mode("slow"), "once");
 }
 
+/// A `once` container's success is recorded, then its `mode = off` committed: a keeld
+/// killed in between finds the step done and the settings still `once`. The resume
+/// commits the switch, or the next boot would run it again.
+#[tokio::test(start_paused = true)]
+async fn a_once_container_whose_switch_off_was_cut_short_is_switched_off_at_the_resume() {
+    let node = Node::new(
+        &[
+            bootstrap("a-quick", "once", false, ""),
+            bootstrap("slow", "once", true, ""),
+            ADMIN.to_owned(),
+        ]
+        .concat(),
+    );
+    node.fake
+        .script("bootstrap-a-quick", Some(Duration::from_secs(1)), 0);
+    node.fake
+        .script("bootstrap-slow", Some(Duration::from_secs(10)), 0);
+    let running = node.start();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    running.task.abort();
+    assert!(running.task.await.is_err_and(|e| e.is_cancelled()));
+    assert_eq!(
+        step(&node.record_on_disk(), "bootstrap-container:a-quick").outcome,
+        StepOutcome::Succeeded
+    );
+    // As if the kill had come before the switch was committed.
+    node.store
+        .patch(
+            "undo",
+            json!({"bootstrap-containers": {"a-quick": {"mode": "once"}}}),
+        )
+        .await
+        .expect("patch");
+    node.store
+        .commit("undo", Caller::keeld())
+        .await
+        .expect("commit");
+    assert_eq!(node.mode("a-quick"), "once");
+
+    let (record, gate) = node.boot().await;
+    assert_eq!(
+        (record.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    assert_eq!(node.mode("a-quick"), "off");
+    assert_eq!(node.mode("slow"), "off");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        node.started(),
+        ["bootstrap-a-quick", "bootstrap-slow", "host-admin"],
+        "nothing ran twice"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_restart_after_the_boot_changes_nothing() {
     let node = slow_node();
