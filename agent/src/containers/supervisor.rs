@@ -378,6 +378,9 @@ impl Reporter {
             }
             s.state = RunState::Running;
             s.pid = Some(pid);
+            // Whatever kept it from running (waiting for the boot or for containerd)
+            // is over; a re-attach comes here without passing through `starting`.
+            s.reason = None;
             s.next_start = None;
         });
     }

@@ -247,6 +247,7 @@ async fn while_containerd_is_down_it_waits_then_reattaches() {
     advance(Duration::from_secs(1)).await;
     let after = h.status().expect("status");
     assert_eq!((after.state, after.pid), (RunState::Running, Some(pid)));
+    assert_eq!(after.reason, None, "the outage is over: {after:?}");
     assert_eq!(
         h.fake.with(|s| s.starts.len()),
         1,
