@@ -459,9 +459,19 @@ impl Session {
     /// would fail on the message: it only gets the log line).
     async fn refuse<P: ExecProcess>(&self, process: &P, message: String) {
         tracing::info!(exec = %process.id(), %message, "exec control message refused");
-        if self.keel {
-            self.send_control(&ServerMessage::Refused(Refused { message }))
-                .await;
+        if !self.keel {
+            return;
+        }
+        // Never waits for room: a client that floods refused messages without reading
+        // must not park the session, which has the process's exit, the client's silence
+        // and keeld's stop to watch. The refusal is dropped instead; it is only advice.
+        match serde_json::to_string(&ServerMessage::Refused(Refused { message })) {
+            Ok(text) => {
+                if self.outgoing.try_send(Message::Text(text.into())).is_err() {
+                    tracing::debug!(exec = %process.id(), "the client is not reading: refusal not sent");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode an exec control message"),
         }
     }
 
