@@ -279,6 +279,13 @@ impl Boot {
         let settings = self.live_settings()?;
         let registries = RegistryConfig::from_settings(&settings);
         let containers = desired::bootstrap_containers(&settings);
+        // One that is to run but names no image cannot run: said so, not skipped.
+        for (name, bc) in settings.bootstrap_containers.iter().flatten() {
+            let mode = bc.mode.unwrap_or(BootstrapMode::Off);
+            if bc.source.is_none() && mode != BootstrapMode::Off {
+                self.fail_sourceless(t, name.as_str(), bc.essential.unwrap_or(false))?;
+            }
+        }
         for (name, desired) in &containers {
             let Some(bc) = settings
                 .bootstrap_containers
@@ -386,6 +393,38 @@ impl Boot {
         t.record()
             .step(step)
             .is_some_and(|s| s.outcome != StepOutcome::Running)
+    }
+
+    /// A bootstrap container whose mode runs it but that has no `source`.
+    fn fail_sourceless(
+        &self,
+        t: &mut BootTracker,
+        name: &str,
+        essential: bool,
+    ) -> Result<(), Halt> {
+        let step = format!("bootstrap-container:{name}");
+        if Self::done(t, &step) {
+            return Ok(());
+        }
+        let reason = format!(
+            "settings.bootstrap-containers.{}.source is not set: there is no image to run",
+            settings_model::key::format_segment(name)
+        );
+        if t.record().step(&step).is_none() {
+            t.begin(&step, essential)?;
+        }
+        t.end(
+            &step,
+            StepOutcome::Failed,
+            Some(reason.clone()),
+            Duration::ZERO,
+        )?;
+        if essential {
+            Err(Halt(format!("essential {step} failed: {reason}")))
+        } else {
+            tracing::warn!(%step, %reason, "non-essential bootstrap container cannot run; boot goes on");
+            Ok(())
+        }
     }
 
     /// For a bootstrap item found done at a resume: a `once` item that succeeded, whose

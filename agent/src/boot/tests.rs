@@ -663,6 +663,33 @@ async fn a_once_container_whose_switch_off_was_cut_short_is_switched_off_at_the_
     );
 }
 
+/// A bootstrap container set to run with no `source` is a failed step that names the
+/// setting (essential: the boot fails), not a container silently left out.
+#[tokio::test(start_paused = true)]
+async fn a_bootstrap_container_without_a_source_fails_its_step() {
+    for essential in [false, true] {
+        let user_data = format!(
+            "[settings.bootstrap-containers.setup]\nmode = \"once\"\nessential = {essential}\n{ADMIN}"
+        );
+        let node = Node::new(&user_data);
+        let (record, gate) = node.boot().await;
+        let (outcome, detail) = outcome(&record, "bootstrap-container:setup");
+        assert_eq!(outcome, StepOutcome::Failed, "{detail}");
+        assert_eq!(
+            detail,
+            "settings.bootstrap-containers.setup.source is not set: there is no image to run"
+        );
+        if essential {
+            assert_eq!(gate, BootGate::Failed, "{record:?}");
+        } else {
+            assert_eq!(
+                (record.phase, gate),
+                (BootPhase::Configured, BootGate::Configured)
+            );
+        }
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_restart_after_the_boot_changes_nothing() {
     let node = slow_node();

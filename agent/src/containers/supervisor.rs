@@ -156,6 +156,9 @@ pub async fn supervise<R: Runtime>(
                     status.set(|s| {
                         s.image_digest =
                             Some(existing.image_digest.clone()).filter(|d| !d.is_empty());
+                        // Whatever kept it from running (waiting for the boot or for
+                        // containerd) is over: a re-attach does not pass `starting`.
+                        s.reason = None;
                     });
                     attached = Some(task.pid);
                     started_before = true;
@@ -378,9 +381,6 @@ impl Reporter {
             }
             s.state = RunState::Running;
             s.pid = Some(pid);
-            // Whatever kept it from running (waiting for the boot or for containerd)
-            // is over; a re-attach comes here without passing through `starting`.
-            s.reason = None;
             s.next_start = None;
         });
     }
