@@ -116,14 +116,19 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
     let exec_engine =
         containers::exec::ContainerdExec::new(cd.clone(), board.clone(), &config.runtime_dir);
     {
-        // Exec processes a keeld that died left behind: killed, removed.
-        let (cd, dir) = (cd.clone(), exec_engine.dir().to_owned());
-        tokio::spawn(async move {
-            let found = containers::exec::sweep_leftovers(&cd, &dir).await;
-            if found > 0 {
-                tracing::info!(found, "exec processes of an earlier keeld removed");
-            }
-        });
+        // Exec processes a keeld that died left behind: killed, removed. Listed now,
+        // before the API serves, so that none of this keeld's sessions is among them.
+        let leftovers = containers::exec::leftovers(exec_engine.dir());
+        if !leftovers.is_empty() {
+            tracing::info!(
+                found = leftovers.len(),
+                "removing exec processes of an earlier keeld"
+            );
+            let (cd, dir) = (cd.clone(), exec_engine.dir().to_owned());
+            tokio::spawn(
+                async move { containers::exec::sweep_leftovers(&cd, &dir, leftovers).await },
+            );
+        }
     }
     let exec = api::exec::ExecService::new(exec_engine);
     let runtime = Arc::new(containers::runtime::ContainerdRuntime::new(

@@ -883,3 +883,55 @@ fn execs_end_with_keeld_and_a_crashed_keeld_s_are_swept() {
     );
     node.assert_no_exec_left();
 }
+
+/// containerd down when a session ends, or when keeld starts and finds a crashed
+/// keeld's session: the process cannot be removed yet, so its FIFOs stay (they are how
+/// it is found again) and keeld retries until containerd answers, then removes both.
+#[test]
+fn an_exec_containerd_could_not_remove_goes_once_containerd_answers() {
+    let mut node = Node::boot();
+    let long_wait = Duration::from_secs(60);
+
+    // The client goes away while containerd is down.
+    let mut child = node.exec_command(&["c", "sh", "-c", "echo started; exec sleep 1000"]);
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 8];
+    stdout.read_exact(&mut first).expect("output");
+    node.containerd.kill();
+    child.kill().expect("kill apiclient");
+    let _ = child.wait();
+    wait_until("the failed removal logged", long_wait, || {
+        node.keeld
+            .log()
+            .contains("cannot delete an exec process; retrying in the background")
+    });
+    assert_eq!(
+        node.exec_leftovers().len(),
+        1,
+        "the FIFOs stay while the process may live"
+    );
+    node.containerd.restart();
+    wait_until("the exec removed", long_wait, || {
+        node.task_processes("c").len() == 1 && node.exec_leftovers().is_empty()
+    });
+
+    // keeld crashes with a session open and starts again while containerd is down.
+    let mut child = node.exec_command(&["c", "sh", "-c", "echo started; exec sleep 1000"]);
+    let mut stdout = child.stdout.take().expect("stdout");
+    stdout.read_exact(&mut first).expect("output");
+    node.keeld.kill();
+    let _ = child.wait();
+    node.containerd.kill();
+    node.keeld.spawn();
+    wait_until("the failed sweep logged", long_wait, || {
+        node.keeld
+            .log()
+            .contains("cannot remove an exec process left by an earlier keeld yet")
+    });
+    assert_eq!(node.exec_leftovers().len(), 1);
+    node.containerd.restart();
+    wait_until("the crashed keeld's exec removed", long_wait, || {
+        node.task_processes("c").len() == 1 && node.exec_leftovers().is_empty()
+    });
+    node.assert_keeld_answers();
+}

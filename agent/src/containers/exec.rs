@@ -49,6 +49,10 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// Bound on each containerd call of the clean-up (wait after SIGKILL, delete).
 const CLEANUP_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Pause between attempts to remove an exec process containerd could not remove (it is
+/// down, or the shim is stuck): doubles from the first to the last.
+const RETIRE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(8));
+
 /// What to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecRequest {
@@ -137,8 +141,10 @@ pub trait ExecProcess: Send + Sync + 'static {
     /// ended it).
     fn wait(&self) -> impl Future<Output = Result<u32, ExecError>> + Send;
     /// Kills the process unless it `exited` (SIGTERM, [`KILL_GRACE`], SIGKILL), removes
-    /// it from containerd and its FIFOs from disk. Never fails: what it cannot do is
-    /// logged, and [`sweep_leftovers`] retries at the next start. The caller keeps
+    /// it from containerd and its FIFOs from disk. Never fails: what it cannot do (e.g.
+    /// containerd is down) is logged and retried in the background until containerd has
+    /// forgotten the process; only then do its FIFOs go, so a keeld that stops meanwhile
+    /// leaves them for [`sweep_leftovers`] at its next start. The caller keeps
     /// reading stdout and stderr meanwhile (the shim drains them before it forgets the
     /// process).
     fn remove(&self, exited: bool) -> impl Future<Output = ()> + Send;
@@ -317,7 +323,7 @@ impl ExecEngine for ContainerdExec {
 }
 
 /// An exec process on containerd.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ContainerdExecProcess {
     cd: Containerd,
     container: String,
@@ -515,15 +521,53 @@ impl ExecProcess for ContainerdExecProcess {
             tracing::info!(container = %self.container, exec = %self.exec_id, "exec process killed: its client went away");
         }
         match tokio::time::timeout(CLEANUP_CALL_TIMEOUT, self.delete_process()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(exec = %self.exec_id, error = %e, "cannot delete an exec process")
-            }
-            Err(_) => {
-                tracing::warn!(exec = %self.exec_id, "deleting an exec process takes too long (a child of it may hold its output open)")
+            Ok(Ok(())) => self.remove_fifos().await,
+            failed => {
+                match failed {
+                    Ok(Err(e)) => {
+                        tracing::warn!(exec = %self.exec_id, error = %e, "cannot delete an exec process; retrying in the background")
+                    }
+                    _ => {
+                        tracing::warn!(exec = %self.exec_id, "deleting an exec process takes too long (a child of it may hold its output open); retrying in the background")
+                    }
+                }
+                // The FIFO directory stays until containerd forgot the process: it is
+                // what finds the process again, here or at keeld's next start.
+                tokio::spawn(self.clone().retire());
             }
         }
-        self.remove_fifos().await;
+    }
+}
+
+impl ContainerdExecProcess {
+    /// SIGKILL, a bounded wait, and the delete, with the output FIFOs drained meanwhile
+    /// (nobody reads them any more: full, they would keep the shim from finishing).
+    /// Answers whether containerd has forgotten the process.
+    async fn kill_and_delete(&self) -> bool {
+        if let Err(e) = self.kill(libc::SIGKILL).await {
+            tracing::debug!(exec = %self.exec_id, error = %e, "cannot kill an exec process");
+        }
+        let _ = tokio::time::timeout(CLEANUP_CALL_TIMEOUT, self.wait()).await;
+        let drain = drain_fifos(self.fifo_dir.clone());
+        let deleted = tokio::time::timeout(CLEANUP_CALL_TIMEOUT, self.delete_process()).await;
+        drain.abort();
+        matches!(deleted, Ok(Ok(())))
+    }
+
+    /// Kills and deletes the process until containerd answers that it is gone, then
+    /// removes its FIFOs. Runs until then or until keeld stops (the directory is then
+    /// left for [`sweep_leftovers`]).
+    async fn retire(self) {
+        let mut pause = RETIRE_BACKOFF.0;
+        loop {
+            tokio::time::sleep(pause).await;
+            if self.kill_and_delete().await {
+                self.remove_fifos().await;
+                tracing::info!(container = %self.container, exec = %self.exec_id, "exec process removed after containerd answered again");
+                return;
+            }
+            pause = (pause * 2).min(RETIRE_BACKOFF.1);
+        }
     }
 }
 
@@ -569,31 +613,32 @@ fn make_fifos(dir: &Path, tty: bool) -> Result<(), ExecError> {
     Ok(())
 }
 
-/// Removes what a keeld that stopped without cleaning up (a crash, SIGKILL) left in
-/// `dir` (`<runtime dir>/exec`): each exec process still known to containerd is
-/// killed and deleted, and its FIFOs removed. Answers how many were found.
-pub async fn sweep_leftovers(cd: &Containerd, dir: &Path) -> usize {
-    let listed = {
-        let dir = dir.to_owned();
-        tokio::task::spawn_blocking(move || -> Vec<String> {
-            std::fs::read_dir(&dir)
-                .map(|entries| {
-                    entries
-                        .filter_map(Result::ok)
-                        .filter_map(|e| e.file_name().into_string().ok())
-                        .collect()
-                })
-                .unwrap_or_default()
-        })
-        .await
-        .unwrap_or_default()
-    };
-    let mut found = 0;
-    for name in listed {
+/// The exec sessions a keeld that stopped without cleaning up (a crash, SIGKILL) left
+/// in `dir` (`<runtime dir>/exec`), one `<container id>.<exec id>` directory each.
+/// Read before the API serves, so that no session of this keeld is among them.
+pub fn leftovers(dir: &Path) -> Vec<String> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| name.contains('.'))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot list the exec sessions of an earlier keeld");
+            Vec::new()
+        }
+    }
+}
+
+/// Removes the exec processes named by [`leftovers`]: each one still known to
+/// containerd is killed and deleted, and its FIFOs removed. One that containerd cannot
+/// remove now (it is down) is retried in the background, its FIFOs kept until then.
+pub async fn sweep_leftovers(cd: &Containerd, dir: &Path, leftovers: Vec<String>) {
+    for name in leftovers {
         let Some((container, exec_id)) = name.split_once('.') else {
             continue;
         };
-        found += 1;
         let process = ContainerdExecProcess {
             cd: cd.clone(),
             container: container.to_owned(),
@@ -601,22 +646,14 @@ pub async fn sweep_leftovers(cd: &Containerd, dir: &Path) -> usize {
             fifo_dir: dir.join(&name),
         };
         // Nobody reads its output any more: SIGKILL, not the grace of a live session.
-        if let Err(e) = process.kill(libc::SIGKILL).await {
-            tracing::warn!(exec = %exec_id, error = %e, "cannot kill an exec process left by an earlier keeld");
+        if process.kill_and_delete().await {
+            process.remove_fifos().await;
+            tracing::info!(container = %container, exec = %exec_id, "removed an exec process left by an earlier keeld");
+        } else {
+            tracing::warn!(container = %container, exec = %exec_id, "cannot remove an exec process left by an earlier keeld yet; retrying in the background");
+            tokio::spawn(process.retire());
         }
-        let _ = tokio::time::timeout(CLEANUP_CALL_TIMEOUT, process.wait()).await;
-        // Its output FIFOs may be full with nobody reading: drain them while the shim
-        // finishes, or deleting the process would wait for the copy forever.
-        let drain = drain_fifos(process.fifo_dir.clone());
-        let deleted = tokio::time::timeout(CLEANUP_CALL_TIMEOUT, process.delete_process()).await;
-        drain.abort();
-        if !matches!(deleted, Ok(Ok(()))) {
-            tracing::warn!(exec = %exec_id, "cannot delete an exec process left by an earlier keeld");
-        }
-        process.remove_fifos().await;
-        tracing::info!(container = %container, exec = %exec_id, "removed an exec process left by an earlier keeld");
     }
-    found
 }
 
 /// Reads and discards the output FIFOs in `dir` until they end.
