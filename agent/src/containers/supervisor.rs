@@ -12,7 +12,10 @@
 //!   and re-attaches (the shim, and so the container, outlives containerd).
 //! - New settings for this container (a different config hash) stop it (SIGTERM, grace
 //!   period, SIGKILL) and start it again; settings that do not change its hash do
-//!   nothing. Disabled or removed: stopped, and record, snapshot and user-data removed.
+//!   nothing. Disabled or removed: stopped, and record, snapshot and user-data removed;
+//!   a removal that fails is shown as `failed` and retried on the back-off.
+//! - A task that exited while keeld was away counts as an exit seen: its code is
+//!   recorded and its restart waits the back-off.
 //! - When keeld itself stops, supervisors just end: containers keep running.
 
 use std::sync::Arc;
@@ -111,7 +114,17 @@ pub async fn supervise<R: Runtime>(
         let Some(desired) = desired else {
             // Removed or disabled: clean up, then idle until enabled again (the
             // supervisor stays, so there is never a second one for the same name).
-            if !remove(&*runtime, &status, &config, kind, &name, &mut inputs).await {
+            if !remove(
+                &*runtime,
+                &status,
+                &config,
+                &mut backoff,
+                kind,
+                &name,
+                &mut inputs,
+            )
+            .await
+            {
                 return;
             }
             if inputs.desired.borrow().is_none() && inputs.desired.changed().await.is_err() {
@@ -162,6 +175,33 @@ pub async fn supervise<R: Runtime>(
                     });
                     attached = Some(task.pid);
                     started_before = true;
+                }
+                Some(task) if !task.running => {
+                    // It exited while keeld was away: recorded as an exit seen here,
+                    // and restarted after the same back-off (a container that crashes
+                    // at once must not restart at full speed across keeld restarts).
+                    let code = task.exit_status as i32;
+                    if let Err(e) = runtime.delete_task(&id).await {
+                        let delay = status.failed(&e, &config, &mut backoff);
+                        if !pause(&mut inputs.desired, delay).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    started_before = true;
+                    if existing.config_hash == hash {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(container = %id, exit_code = code, restart_in = ?delay, "exited while keeld was away");
+                        status.exited(code, delay);
+                        if !pause(&mut inputs.desired, delay).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    // Its settings changed meanwhile: recreated now, as a running one
+                    // would be.
+                    tracing::info!(container = %id, exit_code = code, "exited while keeld was away; settings changed");
+                    status.set(|s| s.last_exit_code = Some(code));
                 }
                 Some(_) => {
                     status.state(RunState::Stopping, None);
@@ -267,12 +307,15 @@ pub async fn supervise<R: Runtime>(
     }
 }
 
-/// Stops and removes the container, retrying while containerd is away. `false` when
-/// keeld is stopping.
+/// Stops and removes the container, retrying while containerd is away and, on the
+/// same back-off as a failed start, while the removal fails (the container is then
+/// shown as `failed` with the reason: it may still run). `false` when keeld is
+/// stopping.
 async fn remove<R: Runtime>(
     runtime: &R,
     status: &Reporter,
     config: &SupervisorConfig,
+    backoff: &mut Backoff,
     kind: ContainerKind,
     name: &str,
     inputs: &mut Inputs,
@@ -287,7 +330,7 @@ async fn remove<R: Runtime>(
             Ok(_) => runtime.remove(kind, name).await,
             Err(e) => Err(e),
         };
-        match removed {
+        let delay = match removed {
             Ok(()) => {
                 tracing::info!(container = %id, "stopped and removed");
                 status.remove();
@@ -295,19 +338,21 @@ async fn remove<R: Runtime>(
             }
             Err(e) if e.is_unavailable() => {
                 status.state(RunState::WaitingForContainerd, Some(e.to_string()));
-                if !pause(&mut inputs.desired, config.containerd_poll).await {
-                    return false;
-                }
-                if inputs.desired.borrow().is_some() {
-                    // Enabled again meanwhile: the main loop recreates it anyway.
-                    return true;
-                }
+                config.containerd_poll
             }
             Err(e) => {
-                tracing::warn!(container = %id, error = %e, "removal failed; giving up");
-                status.remove();
-                return true;
+                let delay = backoff.next_delay();
+                tracing::warn!(container = %id, error = %e, retry_in = ?delay, "removal failed");
+                status.state(RunState::Failed, Some(format!("cannot remove it: {e}")));
+                delay
             }
+        };
+        if !pause(&mut inputs.desired, delay).await {
+            return false;
+        }
+        if inputs.desired.borrow().is_some() {
+            // Enabled again meanwhile: the main loop recreates it anyway.
+            return true;
         }
     }
 }

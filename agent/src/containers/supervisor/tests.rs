@@ -255,6 +255,91 @@ async fn while_containerd_is_down_it_waits_then_reattaches() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_removal_that_fails_is_shown_and_retried_not_forgotten() {
+    let h = start(Fake::default(), Some(desired("a")));
+    advance(Duration::from_millis(10)).await;
+    h.fake.with(|s| s.stop_failures = 2);
+    h.desired.send_replace(None);
+    advance(Duration::from_millis(10)).await;
+    let during = h
+        .status()
+        .expect("a container that may still run stays on the board");
+    assert_eq!(during.state, RunState::Failed, "{during:?}");
+    assert!(
+        during
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("cannot remove it: the fake refused to stop")),
+        "{during:?}"
+    );
+    assert!(h.fake.with(|s| s.removes.is_empty()));
+    // Retried after 1 s, then 2 s: the third try removes it.
+    advance(Duration::from_secs(4)).await;
+    assert_eq!(h.fake.with(|s| s.removes.clone()), ["host-admin"]);
+    assert!(h.status().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_that_exited_while_keeld_was_away_counts_as_an_exit() {
+    let fake = Fake::default();
+    let d = desired("x");
+    fake.with(|s| {
+        s.records.insert(
+            d.id(),
+            (
+                d.config_hash().expect("hash"),
+                Some(TaskState {
+                    pid: 4242,
+                    running: false,
+                    created_only: false,
+                    exit_status: 7,
+                }),
+            ),
+        )
+    });
+    let h = start(fake, Some(d));
+    advance(Duration::from_millis(500)).await;
+    let status = h.status().expect("status");
+    assert_eq!(
+        (status.state, status.last_exit_code),
+        (RunState::Exited, Some(7)),
+        "{status:?}"
+    );
+    assert!(status.next_start.is_some());
+    assert!(
+        h.fake.with(|s| s.starts.is_empty()),
+        "not before the back-off"
+    );
+    advance(Duration::from_secs(1)).await;
+    let status = h.status().expect("status");
+    assert_eq!((status.state, status.restarts), (RunState::Running, 1));
+    assert_eq!(status.last_exit_code, Some(7));
+
+    // Exited with settings changed meanwhile: recreated at once, its code kept.
+    let fake = Fake::default();
+    let old = desired("old");
+    fake.with(|s| {
+        s.records.insert(
+            old.id(),
+            (
+                old.config_hash().expect("hash"),
+                Some(TaskState {
+                    pid: 4242,
+                    running: false,
+                    created_only: false,
+                    exit_status: 9,
+                }),
+            ),
+        )
+    });
+    let h = start(fake, Some(desired("new")));
+    advance(Duration::from_millis(10)).await;
+    let status = h.status().expect("status");
+    assert_eq!(status.state, RunState::Running, "{status:?}");
+    assert_eq!(status.last_exit_code, Some(9));
+}
+
 #[test]
 fn backoff_doubles_and_caps() {
     let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
