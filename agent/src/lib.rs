@@ -216,6 +216,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
             apiclient,
             socket: config.socket.clone(),
             reboot_command: config.reboot_command.clone(),
+            clock: boot::BootClock::kernel(),
         },
         store: store.clone(),
         applier,

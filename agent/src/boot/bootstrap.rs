@@ -83,13 +83,15 @@ pub enum ContainerRun {
 
 /// Runs (or, after a keeld restart, resumes) bootstrap container `desired` to its end.
 /// `resume` is true when the boot record shows it was started in this boot already:
-/// it is then waited for, never started again.
+/// it is then waited for, never started again, and its `timeout` has `ran_before` of
+/// it used up.
 pub async fn run_container(
     runtime: &dyn BootRuntime,
     board: &StatusBoard,
     desired: &DesiredContainer,
     registries: &RegistryConfig,
     timeout: Option<Duration>,
+    ran_before: Duration,
     resume: bool,
 ) -> Result<ContainerRun, RunError> {
     let id = desired.id();
@@ -154,7 +156,10 @@ pub async fn run_container(
         ));
     }
     let waited = match timeout {
-        Some(limit) => tokio::time::timeout(limit, runtime.wait(&id)).await.ok(),
+        Some(limit) => {
+            let left = limit.saturating_sub(ran_before);
+            tokio::time::timeout(left, runtime.wait(&id)).await.ok()
+        }
         None => Some(runtime.wait(&id).await),
     };
     let outcome = match waited {

@@ -65,6 +65,42 @@ pub struct BootConfig {
     pub socket: PathBuf,
     /// Run for `reboot-to-reconcile` (argv, no shell).
     pub reboot_command: Vec<String>,
+    /// Times steps across keeld restarts.
+    pub clock: BootClock,
+}
+
+/// Time since the kernel booted: what a bootstrap container's timeout counts in, so
+/// that a keeld restarted while the container runs waits only what is left of it.
+#[derive(Clone)]
+pub struct BootClock(Arc<dyn Fn() -> Duration + Send + Sync>);
+
+impl BootClock {
+    /// `CLOCK_BOOTTIME`: monotonic, shared by every process of this boot, and counting
+    /// suspend.
+    pub fn kernel() -> BootClock {
+        BootClock(Arc::new(|| {
+            let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+            Duration::new(
+                u64::try_from(t.tv_sec).unwrap_or(0),
+                u32::try_from(t.tv_nsec).unwrap_or(0),
+            )
+        }))
+    }
+
+    /// Any source of "time since boot" (tests use tokio's paused clock).
+    pub fn from_fn(now: impl Fn() -> Duration + Send + Sync + 'static) -> BootClock {
+        BootClock(Arc::new(now))
+    }
+
+    pub fn now(&self) -> Duration {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for BootClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BootClock({:?})", self.now())
+    }
 }
 
 /// How far the boot got, for what waits on it (the host containers).
@@ -797,16 +833,30 @@ impl Boot {
             return Ok(());
         }
         let resume = t.record().step(&step).is_some();
-        if !resume {
-            t.begin(&step, spec.essential)?;
-        }
-        let started = Instant::now();
+        let now = self.config.clock.now();
+        // How long it ran under an earlier keeld of this boot: its timeout and duration
+        // count from its start, not from this keeld's (a record without the time, from
+        // an older keeld, counts from now).
+        let ran_before = if resume {
+            t.record()
+                .step(&step)
+                .and_then(|s| s.started_boottime_ms)
+                .map_or(Duration::ZERO, |ms| {
+                    now.saturating_sub(Duration::from_millis(ms))
+                })
+        } else {
+            t.begin_at(&step, spec.essential, Some(now))?;
+            Duration::ZERO
+        };
+        let began = now.saturating_sub(ran_before);
+        let elapsed = || self.config.clock.now().saturating_sub(began);
         let ran = bootstrap::run_container(
             &*self.runtime,
             &self.board,
             desired,
             registries,
             spec.timeout,
+            ran_before,
             resume,
         )
         .await;
@@ -817,7 +867,7 @@ impl Boot {
                     &step,
                     StepOutcome::Succeeded,
                     Some("exited 0".into()),
-                    started.elapsed(),
+                    elapsed(),
                 )?;
                 if spec.mode == BootstrapMode::Once {
                     self.switch_off("bootstrap-containers", &desired.name)
@@ -863,12 +913,7 @@ impl Boot {
                 reason
             }
         };
-        t.end(
-            &step,
-            StepOutcome::Failed,
-            Some(failure.clone()),
-            started.elapsed(),
-        )?;
+        t.end(&step, StepOutcome::Failed, Some(failure.clone()), elapsed())?;
         if spec.essential {
             Err(Halt(format!("essential {step} failed: {failure}")))
         } else {

@@ -67,6 +67,11 @@ pub struct BootStep {
     /// What happened, or why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// When it began, in milliseconds since the kernel booted (`CLOCK_BOOTTIME`, which
+    /// neither a keeld restart nor a change of the wall clock disturbs): a step resumed
+    /// by a later keeld counts its timeout and duration from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_boottime_ms: Option<u64>,
 }
 
 /// The whole record.
@@ -229,6 +234,18 @@ impl BootTracker {
 
     /// Records that step `name` started (replacing an earlier entry of that name).
     pub fn begin(&mut self, name: &str, essential: bool) -> Result<(), RecordError> {
+        self.begin_at(name, essential, None)
+    }
+
+    /// [`Self::begin`], recording also when, as time since the kernel booted.
+    pub fn begin_at(
+        &mut self,
+        name: &str,
+        essential: bool,
+        since_kernel_boot: Option<std::time::Duration>,
+    ) -> Result<(), RecordError> {
+        let started_boottime_ms =
+            since_kernel_boot.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self.update(|r| {
             r.steps.retain(|s| s.name != name);
             r.steps.push(BootStep {
@@ -239,6 +256,7 @@ impl BootTracker {
                 finished: None,
                 duration_ms: None,
                 detail: None,
+                started_boottime_ms,
             });
         })
     }

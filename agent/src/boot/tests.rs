@@ -26,6 +26,9 @@ struct Node {
     board: StatusBoard,
     /// `--reboot-command`.
     reboot_command: Vec<String>,
+    /// Time since this node's kernel booted: tokio's (paused) clock since the node was
+    /// made, shared by every keeld of the node.
+    clock: BootClock,
 }
 
 /// A boot under way, and what it publishes.
@@ -76,6 +79,10 @@ impl Node {
             fake: Arc::new(Fake::default()),
             board: StatusBoard::default(),
             reboot_command: Vec::new(),
+            clock: {
+                let booted = Instant::now();
+                BootClock::from_fn(move || booted.elapsed())
+            },
         }
     }
 
@@ -97,6 +104,7 @@ impl Node {
                 apiclient: self.path("no-apiclient"),
                 socket: self.path("api.sock"),
                 reboot_command: self.reboot_command.clone(),
+                clock: self.clock.clone(),
             },
             store: self.store.clone(),
             applier: self.applier.clone(),
@@ -552,6 +560,42 @@ async fn after_a_keeld_restart_the_running_container_is_waited_for_not_started_a
         .filter(|g| g.tx == LAUNCH_TX)
         .count();
     assert_eq!(launches, 1);
+}
+
+/// The timeout counts from the container's start, not from the keeld that resumed
+/// waiting for it: `slow` (10 s) with a 5 s limit, keeld killed after 3 s, is killed
+/// 5 s after its start, and its step's duration says 5 s.
+#[tokio::test(start_paused = true)]
+async fn a_timeout_resumed_after_a_keeld_restart_counts_from_the_start() {
+    let node = Node::new(
+        &[
+            bootstrap("slow", "once", false, "timeout = \"5s\""),
+            ADMIN.to_owned(),
+        ]
+        .concat(),
+    );
+    node.fake
+        .script("bootstrap-slow", Some(Duration::from_secs(10)), 0);
+    let began = Instant::now();
+    killed_while_slow_runs(&node).await;
+
+    let (record, _) = node.boot().await;
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(6),
+        "killed {took:?} after its start"
+    );
+    assert_eq!(
+        outcome(&record, "bootstrap-container:slow"),
+        (StepOutcome::Failed, "timed out after 5s".into())
+    );
+    let duration = step(&record, "bootstrap-container:slow").duration_ms;
+    assert!(
+        duration.is_some_and(|ms| (5000..6000).contains(&ms)),
+        "{duration:?}"
+    );
+    assert!(!node.fake.has_task("bootstrap-slow"));
+    assert_eq!(node.started(), ["bootstrap-slow", "host-admin"]);
 }
 
 #[tokio::test(start_paused = true)]
