@@ -3,8 +3,9 @@
 //! Bootstrap commands are `apiclient` invocations (the model refuses anything else),
 //! run without a shell against keeld's own socket, one after another; the first that
 //! fails ends the list. Bootstrap containers run in the bootstrap tier, with an
-//! optional timeout after which they are killed; their record and snapshot are removed
-//! afterwards, their persistent directory kept.
+//! optional timeout after which they are killed; their task, record and snapshot are
+//! removed once their outcome is recorded ([`clean_up`]), their persistent directory
+//! kept.
 
 use std::path::Path;
 use std::time::Duration;
@@ -123,12 +124,9 @@ pub async fn run_container(
                 true
             }
             Some(task) => {
-                // It finished while keeld was away; its exit status is still there.
+                // It finished while keeld was away; its exit status is still there
+                // (and stays until [`clean_up`], after the outcome is recorded).
                 let code = i32::try_from(task.exit_status).unwrap_or(i32::MAX);
-                if let Err(e) = runtime.delete_task(&id).await {
-                    tracing::warn!(container = %id, error = %e, "cannot delete the exited bootstrap task");
-                }
-                cleanup(runtime, desired).await;
                 return Ok(ContainerRun::Exited(code));
             }
             None => false,
@@ -163,13 +161,7 @@ pub async fn run_container(
         None => Some(runtime.wait(&id).await),
     };
     let outcome = match waited {
-        Some(Ok(code)) => {
-            // An exited task left behind is replaced at the next start; say so only.
-            if let Err(e) = runtime.delete_task(&id).await {
-                tracing::warn!(container = %id, error = %e, "cannot delete the exited bootstrap task");
-            }
-            ContainerRun::Exited(code)
-        }
+        Some(Ok(code)) => ContainerRun::Exited(code),
         Some(Err(e)) => return Err(e),
         None => {
             let limit = timeout.unwrap_or_default();
@@ -184,12 +176,18 @@ pub async fn run_container(
             ContainerRun::TimedOut { limit, kill_failed }
         }
     };
-    cleanup(runtime, desired).await;
     Ok(outcome)
 }
 
-/// Removes the container record and snapshot; the persistent directory stays.
-async fn cleanup(runtime: &dyn BootRuntime, desired: &DesiredContainer) {
+/// Removes what a bootstrap container that ended leaves: its exited task, record and
+/// snapshot (the persistent directory stays). Called once its outcome is recorded: the
+/// exited task is where a keeld restarted before that finds the exit code again.
+pub async fn clean_up(runtime: &dyn BootRuntime, desired: &DesiredContainer) {
+    let id = desired.id();
+    // An exited task left behind is replaced at the next start; say so only.
+    if let Err(e) = runtime.delete_task(&id).await {
+        tracing::warn!(container = %id, error = %e, "cannot delete the exited bootstrap task");
+    }
     if let Err(e) = runtime
         .remove(ContainerKind::Bootstrap, &desired.name)
         .await

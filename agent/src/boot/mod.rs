@@ -824,6 +824,11 @@ impl Boot {
     ) -> Result<(), Halt> {
         let step = format!("bootstrap-container:{}", desired.name);
         if Self::done(t, &step) {
+            // A keeld stopped between recording the outcome and cleaning up left the
+            // container behind.
+            if let Ok(Some(_)) = self.runtime.find(&desired.id()).await {
+                bootstrap::clean_up(&*self.runtime, desired).await;
+            }
             return self
                 .finish_once(t, &step, spec.mode, "bootstrap-containers", &desired.name)
                 .await;
@@ -869,6 +874,7 @@ impl Boot {
                     Some("exited 0".into()),
                     elapsed(),
                 )?;
+                bootstrap::clean_up(&*self.runtime, desired).await;
                 if spec.mode == BootstrapMode::Once {
                     self.switch_off("bootstrap-containers", &desired.name)
                         .await?;
@@ -914,6 +920,7 @@ impl Boot {
             }
         };
         t.end(&step, StepOutcome::Failed, Some(failure.clone()), elapsed())?;
+        bootstrap::clean_up(&*self.runtime, desired).await;
         if spec.essential {
             Err(Halt(format!("essential {step} failed: {failure}")))
         } else {

@@ -637,6 +637,41 @@ async fn a_container_that_ended_while_keeld_was_away_counts_with_its_exit_code()
         .with(|s| s.removes.contains(&"bootstrap-slow".to_owned())));
 }
 
+/// keeld crashes right after deleting the exited task: its outcome was recorded
+/// before, so the next keeld finds the step done (not "task gone") and finishes it.
+#[tokio::test(start_paused = true)]
+async fn a_crash_while_cleaning_up_keeps_the_outcome() {
+    let node = slow_node();
+    node.fake
+        .with(|s| s.crash_after_deleting_task = Some("bootstrap-slow".into()));
+    let running = node.start();
+    let crashed = running.task.await;
+    assert!(crashed.is_err_and(|e| e.is_panic()));
+    assert_eq!(
+        outcome(&node.record_on_disk(), "bootstrap-container:slow"),
+        (StepOutcome::Succeeded, "exited 0".into())
+    );
+
+    let (record, gate) = node.boot().await;
+    assert_eq!(
+        (record.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    assert_eq!(node.mode("slow"), "off");
+    assert!(
+        node.fake
+            .with(|s| !s.records.contains_key("bootstrap-slow")),
+        "the record left behind is removed"
+    );
+    assert_eq!(
+        node.started()
+            .iter()
+            .filter(|id| *id == "bootstrap-slow")
+            .count(),
+        1
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_container_gone_after_a_keeld_restart_fails_and_is_not_run_again() {
     let node = slow_node();

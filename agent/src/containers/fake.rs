@@ -65,6 +65,9 @@ pub struct FakeState {
     pub removes: Vec<String>,
     /// Image sources prefetched, in order.
     pub prefetched: Vec<String>,
+    /// Panic (what keeld's crash is to the code under test) right after deleting this
+    /// container's task, once.
+    pub crash_after_deleting_task: Option<String>,
 }
 
 /// The fake engine; share it as `Arc<Fake>`.
@@ -247,12 +250,20 @@ impl Runtime for Fake {
 
     async fn delete_task(&self, id: &str) -> Result<Option<i32>, RunError> {
         self.check_up()?;
-        Ok(self.with(|s| {
-            s.records
+        let (deleted, crash) = self.with(|s| {
+            let deleted = s
+                .records
                 .get_mut(id)
                 .and_then(|r| r.1.take())
-                .map(|t| t.exit_status as i32)
-        }))
+                .map(|t| t.exit_status as i32);
+            let crash = s.crash_after_deleting_task.as_deref() == Some(id);
+            if crash {
+                s.crash_after_deleting_task = None;
+            }
+            (deleted, crash)
+        });
+        assert!(!crash, "simulated crash after deleting the task of {id}");
+        Ok(deleted)
     }
 
     async fn remove(&self, kind: ContainerKind, name: &str) -> Result<(), RunError> {
