@@ -1040,6 +1040,45 @@ fn a_staged_slot_that_lost_a_boot_file_while_keeld_was_down_is_staged_no_more() 
     assert_eq!(f.reboot(|_| "1.1.0".to_owned()), "b");
 }
 
+/// The update record is unreadable at start while slot b is activated: keeld starts a
+/// new record, and the counting entry that nothing on record vouches for is withdrawn
+/// (the next boot stays on slot a) with the reason where the command's result goes.
+#[test]
+fn an_activation_the_record_lost_is_withdrawn_at_start() {
+    let (mut f, _update) = Fixture::activated("1.1.0");
+    assert_eq!(f.host.entries(), vec!["keel-a.conf", "keel-b+3.conf"]);
+    f.keeld.kill();
+    let record = f.keeld.state_dir.join("updates/status.json");
+    std::fs::write(&record, b"{ torn").unwrap();
+    f.keeld.spawn();
+    f.wait_reconciled();
+    let status = f.status();
+    let command = &status["most_recent_command"];
+    assert_eq!(
+        (&command["cmd_type"], &command["cmd_status"]),
+        (&json!("activate"), &json!("Failed")),
+        "{status:#}"
+    );
+    let stderr = command["stderr"].as_str().unwrap();
+    assert!(
+        stderr.starts_with("at start, loader entry keel-b+3.conf would boot slot b on trial"),
+        "{stderr}"
+    );
+    assert_eq!(status["staging_partition"], Value::Null);
+    assert!(f
+        .keeld
+        .state_dir
+        .join("updates/status.json.unreadable")
+        .is_file());
+    assert_eq!(f.host.entries(), vec!["keel-a.conf"]);
+    assert_eq!(f.reboot(|_| "1.0.0".to_owned()), "a");
+    // The update can be made again.
+    f.run_ok("refresh-updates");
+    f.run_ok("prepare-update");
+    f.run_ok("activate-update");
+    assert_eq!(f.reboot(|_| "1.1.0".to_owned()), "b");
+}
+
 #[test]
 fn without_a_repository_the_failure_names_the_setting() {
     let f = Fixture::new();

@@ -722,6 +722,29 @@ impl Updates {
                 ),
             }
         }
+        let untracked = inspection.as_ref().and_then(|inspection| {
+            let record = lock(&self.inner.record);
+            untracked_activation(&record, inspection)
+        });
+        if let (Some(untracked), Some(endpoint)) = (&untracked, &self.inner.config.writer) {
+            // Booting it would put the host on a version nothing on record vouches for
+            // (and whose trial nothing would follow): it is withdrawn, and the
+            // update can be prepared again.
+            match deactivate(endpoint, untracked.slot).await {
+                Ok(()) => {
+                    tracing::error!(slot = %untracked.slot, entry = %untracked.entry, "a loader entry activated the inactive slot without a record of it; removed");
+                    record_outcome(
+                        &mut lock(&self.inner.record),
+                        CommandType::Activate,
+                        Err(untracked.reason()),
+                    );
+                }
+                Err(e) => tracing::error!(
+                    slot = %untracked.slot, entry = %untracked.entry, error = %e,
+                    "a loader entry activates the inactive slot without a record of it, and cannot be removed"
+                ),
+            }
+        }
         self.set_active_partition(inspection.as_ref().map(|i| i.active));
         if let Err(e) = self.save().await {
             tracing::error!(error = %e, "cannot save the reconciled update record");
@@ -730,7 +753,7 @@ impl Updates {
         self.inner.reconciled.send_replace(true);
         let status = self.status();
         let last_boot_changed = status.last_boot != last_boot_before;
-        if interrupted.is_some() || last_boot_changed || lost.is_some() {
+        if interrupted.is_some() || last_boot_changed || lost.is_some() || untracked.is_some() {
             // `null` when the last boot says nothing new.
             let last_boot = last_boot_changed
                 .then(|| status.last_boot.clone())
@@ -742,6 +765,7 @@ impl Updates {
                     "interrupted": interrupted,
                     "last-boot": last_boot,
                     "staged-lost": lost.as_ref().map(|l| &l.reason),
+                    "untracked-entry": untracked.as_ref().map(|u| &u.entry),
                 }),
             );
         }
@@ -804,6 +828,41 @@ fn staged_files_lost(record: &UpdateRecord, inspection: &Inspection) -> Option<L
              prepare-update again",
             staged.slot, staged.image.version
         ),
+    })
+}
+
+/// A loader entry that would boot the inactive slot on trial, with nothing staged on
+/// record for it: the record was unreadable (and started over) or lost after the
+/// activation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct UntrackedActivation {
+    slot: Slot,
+    entry: String,
+}
+
+impl UntrackedActivation {
+    fn reason(&self) -> String {
+        format!(
+            "at start, loader entry {} would boot slot {} on trial, but no update staged              there is on record (the update record was unreadable or lost): the entry was              removed, and the next boot stays on this slot. Run prepare-update again",
+            self.entry, self.slot
+        )
+    }
+}
+
+fn untracked_activation(
+    record: &UpdateRecord,
+    inspection: &Inspection,
+) -> Option<UntrackedActivation> {
+    let entry = inspection
+        .entries
+        .iter()
+        .find(|e| e.slot != inspection.active && e.is_counting() && !e.is_bad())?;
+    if record.staged.as_ref().is_some_and(|s| s.slot == entry.slot) {
+        return None;
+    }
+    Some(UntrackedActivation {
+        slot: entry.slot,
+        entry: entry.file.clone(),
     })
 }
 
@@ -1089,6 +1148,42 @@ mod tests {
             activated_from: Some(Version::new(1, 0, 0)),
         });
         record
+    }
+
+    #[test]
+    fn a_counting_entry_of_the_inactive_slot_without_a_record_is_untracked() {
+        let counting = inspection(
+            Slot::A,
+            "boot-1",
+            vec![entry("keel-a.conf"), entry("keel-b+3.conf")],
+        );
+        // A fresh record (the old one was unreadable): nothing vouches for slot b.
+        assert_eq!(
+            untracked_activation(&UpdateRecord::new(1), &counting),
+            Some(UntrackedActivation {
+                slot: Slot::B,
+                entry: "keel-b+3.conf".into()
+            })
+        );
+        // On record: tracked.
+        assert_eq!(untracked_activation(&activated_record(), &counting), None);
+        // Blessed, spent, or the running slot's own trial: nothing to withdraw.
+        for entries in [
+            vec![entry("keel-a.conf"), entry("keel-b.conf")],
+            vec![entry("keel-a.conf"), entry("keel-b+0-3.conf")],
+        ] {
+            let found = untracked_activation(
+                &UpdateRecord::new(1),
+                &inspection(Slot::A, "boot-1", entries),
+            );
+            assert_eq!(found, None);
+        }
+        let on_trial = inspection(
+            Slot::B,
+            "boot-2",
+            vec![entry("keel-a.conf"), entry("keel-b+2-1.conf")],
+        );
+        assert_eq!(untracked_activation(&UpdateRecord::new(1), &on_trial), None);
     }
 
     #[test]
