@@ -711,7 +711,7 @@ fn oci_defaults_become_the_base_runtime_spec_of_pods() {
         "resource-limits": {
             "max-open-files": {"hard-limit": 1048576, "soft-limit": 65536},
             "max-processes": {"hard-limit": "unlimited", "soft-limit": -1},
-            "max-locked-memory": {"soft-limit": "4096"},
+            "max-locked-memory": {"soft-limit": "04096"},
             "max-core-file-size": {"hard-limit": 0},
             "max-stack-size": {}
         }
@@ -822,6 +822,13 @@ fn kubelet_config_has_the_bottlerocket_kubernetes_settings() {
         "the text form is a number"
     );
     assert_eq!(doc["imageGCLowThresholdPercent"].as_i64(), Some(75));
+    // Leading zeros (which YAML 1.1 reads as octal) are not written.
+    let zeros = valid(json!({"kubernetes": {"image-gc-high-threshold-percent": "010"}}));
+    let text = render("kubelet-config", &zeros);
+    assert!(
+        text.contains("\nimageGCHighThresholdPercent: 10\n"),
+        "{text}"
+    );
     assert_eq!(doc["imageMinimumGCAge"].as_str(), Some("2m"));
     assert_eq!(doc["imageMaximumGCAge"].as_str(), Some("168h"));
     assert_eq!(doc["singleProcessOOMKill"].as_bool(), Some(true));

@@ -3,7 +3,6 @@
 //! (0 success, 1 failure, 2 usage error — from clap or the command —, 124 a wait that
 //! timed out; see `CliError::exit_code`).
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use apiclient::cli::{self, Cli};
@@ -22,13 +21,16 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(cli::run(cli)) {
-        Ok(output) => {
-            let mut stdout = std::io::stdout().lock();
-            // A closed pipe (`apiclient get | head -1`) is not worth a panic.
-            let _ = stdout.write_all(output.render().as_bytes());
-            let _ = stdout.flush();
-            ExitCode::SUCCESS
-        }
+        Ok(output) => match output.write_to(&mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            // A closed pipe (`apiclient get | head -1`): the reader had what it wanted.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            // A full disk or an I/O error: what was asked for did not get out.
+            Err(e) => {
+                eprintln!("cannot write the output: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Err(error) => {
             eprintln!("{error}");
             ExitCode::from(error.exit_code())

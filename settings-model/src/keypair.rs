@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::patch::merge_patch;
+use crate::patch::compose_patch;
 use crate::schema::{kind_at, Kinds};
 use crate::{Error, KeyPath};
 
@@ -86,12 +86,13 @@ pub fn parse_pair(s: &str) -> Result<(KeyPath, Value), Error> {
 }
 
 /// Merges several `key=value` pairs into one patch (no `settings` wrapper); later pairs
-/// win over earlier ones.
+/// win over earlier ones, and a `null` inside a value (`kernel.sysctl={"a":null}`)
+/// stays a removal.
 pub fn pairs_to_patch(pairs: &[String]) -> Result<Value, Error> {
     let mut patch = Value::Object(Map::new());
     for pair in pairs {
         let (key, value) = parse_pair(pair)?;
-        merge_patch(&mut patch, &key.to_patch(value));
+        compose_patch(&mut patch, &key.to_patch(value));
     }
     Ok(patch)
 }

@@ -34,6 +34,28 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
+/// Folds merge patch `next` into merge patch `acc`, so that applying `acc` then does
+/// what applying both in turn would: members of `next` replace those of `acc`, objects
+/// fold recursively, and a `null` (a removal) is kept, not applied. (One case has no
+/// single-patch form: a member removed by `acc` and set to an object by `next` becomes
+/// that object, merged into the stored value rather than replacing it.)
+pub fn compose_patch(acc: &mut Value, next: &Value) {
+    let (Value::Object(acc_map), Value::Object(next_map)) = (&mut *acc, next) else {
+        *acc = next.clone();
+        return;
+    };
+    for (key, value) in next_map {
+        match acc_map.get_mut(key) {
+            Some(existing) if existing.is_object() && value.is_object() => {
+                compose_patch(existing, value)
+            }
+            _ => {
+                acc_map.insert(key.clone(), value.clone());
+            }
+        }
+    }
+}
+
 /// Flattens `value` into dotted keys under `prefix` (empty: no prefix). Leaves are
 /// non-objects (arrays included) and empty objects.
 fn flatten_into(value: &Value, prefix: &str, out: &mut BTreeMap<String, Value>) {

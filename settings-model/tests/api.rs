@@ -260,6 +260,30 @@ fn pairs_merge_into_one_patch() {
     );
 }
 
+/// A `null` inside a pair's value is a removal, as it is in a JSON patch, whether one
+/// pair or several make the patch; a later pair wins over an earlier one.
+#[test]
+fn pairs_keep_their_removals() {
+    let one = pairs_to_patch(&[r#"kernel.sysctl={"vm.swappiness":null}"#.to_owned()]).unwrap();
+    assert_eq!(one, json!({"kernel": {"sysctl": {"vm.swappiness": null}}}));
+    let two = pairs_to_patch(&[
+        r#"kernel.sysctl={"vm.swappiness":null,"vm.a":"1"}"#.to_owned(),
+        r#"kernel.sysctl."vm.swappiness"=10"#.to_owned(),
+        r#"kubernetes.node-labels={"gone":null}"#.to_owned(),
+    ])
+    .unwrap();
+    assert_eq!(
+        two,
+        json!({
+            "kernel": {"sysctl": {"vm.swappiness": "10", "vm.a": "1"}},
+            "kubernetes": {"node-labels": {"gone": null}}
+        })
+    );
+    let mut stored = json!({"kernel": {"sysctl": {"vm.swappiness": "60", "vm.b": "2"}}});
+    merge_patch(&mut stored, &one);
+    assert_eq!(stored, json!({"kernel": {"sysctl": {"vm.b": "2"}}}));
+}
+
 // ----------------------------------------------------------------------- validate_patch
 
 #[test]

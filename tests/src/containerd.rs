@@ -550,7 +550,7 @@ pub(crate) fn find_in_path(tool: &str) -> Option<PathBuf> {
 }
 
 /// Runs `command` (stdin closed, output captured); kills it and errs after `timeout`.
-pub(crate) fn output_within(mut command: Command, timeout: Duration) -> Result<Output, String> {
+pub fn output_within(mut command: Command, timeout: Duration) -> Result<Output, String> {
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -377,6 +377,16 @@ fn cases() -> Vec<Case> {
                 404,
             )
         },
+        Case {
+            key: Some("name"),
+            ..case(
+                "logs of an unknown container of a kind",
+                "GET",
+                "/containers/nobody/logs?kind=host",
+                None,
+                404,
+            )
+        },
         case("POST to the read-only /boot", "POST", "/boot", None, 405),
         // Nothing to commit.
         case(

@@ -7,6 +7,9 @@
 
 use std::process::{Command, Output};
 
+use std::time::Duration;
+
+use keel_e2e::containerd::output_within;
 use keel_e2e::{bin, Keeld};
 
 /// Runs apiclient with `args` on a pseudo-terminal (stdin, stdout and stderr all on
@@ -73,6 +76,83 @@ fn boot_wait_times_out_with_exit_124() {
     assert_eq!(
         text(&out.stderr),
         "timed out waiting for the boot; phase: unknown (keeld not answering)\n"
+    );
+
+    // A socket that accepts and never answers (systemd holding keeld's socket while
+    // keeld hangs): the limit still holds.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let started = std::time::Instant::now();
+    let mut wait = Command::new(bin("apiclient"));
+    wait.arg("--socket-path")
+        .arg(&socket)
+        .args(["boot", "wait", "--timeout", "500ms"]);
+    let out =
+        output_within(wait, Duration::from_secs(20)).expect("boot wait ignored its --timeout");
+    assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    // exec waiting there for keeld's answer: Ctrl-C (or SIGTERM) ends it, 128 + n.
+    for (signal, code) in [
+        (rustix::process::Signal::INT, 130),
+        (rustix::process::Signal::TERM, 143),
+    ] {
+        let mut exec = Command::new(bin("apiclient"))
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(["exec", "-T", "admin", "true"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let pid = rustix::process::Pid::from_raw(exec.id() as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = exec.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = exec.kill();
+                panic!("exec ignored signal {signal:?} while connecting");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(status.code(), Some(code));
+    }
+
+    // A limit too large for the clock is no limit, not a crash.
+    let mut wait = Command::new(bin("apiclient"));
+    wait.args(["--socket-path", "/nonexistent/keel/api.sock"])
+        .args(["boot", "wait", "--timeout", "18446744073709551615s"]);
+    let out = output_within(wait, Duration::from_secs(2));
+    assert!(
+        out.as_ref().is_err_and(|e| e.starts_with("did not finish")),
+        "it waits: {out:?}"
+    );
+}
+
+/// Output that cannot be written (a full disk) is a failure, not a silent success; a
+/// closed pipe is not.
+#[test]
+fn an_output_that_cannot_be_written_fails() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(bin("apiclient"))
+        .args(["completions", "bash"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).starts_with("cannot write the output: "),
+        "{}",
+        text(&out.stderr)
     );
 }
 

@@ -87,16 +87,20 @@ pub async fn logs(
     }
     let kind = parse_kind(query.get("kind"))?;
     // A name alone means the host container, else the bootstrap container of that name.
+    // With `kind`, that container must exist too: a log left by a removed container is
+    // not served (a follower learns from the 404 that its container is gone).
     let known = state.containers.board.find(&name);
-    let kind = kind
-        .or_else(|| known.iter().map(|s| s.kind).min())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no container named {name:?}"),
-            )
-            .with_key("name")
-        })?;
+    let kind = match kind {
+        Some(kind) => known.iter().any(|s| s.kind == kind).then_some(kind),
+        None => known.iter().map(|s| s.kind).min(),
+    }
+    .ok_or_else(|| {
+        let what = kind.map_or("container", |k| match k {
+            ContainerKind::Host => "host container",
+            ContainerKind::Bootstrap => "bootstrap container",
+        });
+        ApiError::new(StatusCode::NOT_FOUND, format!("no {what} named {name:?}")).with_key("name")
+    })?;
     let dir = state.containers.log_dir.join(container_id(kind, &name));
     let read = move || match since {
         Some(cursor) => logs::read_since(&dir, cursor, logs::MAX_TAIL),

@@ -747,7 +747,9 @@ fn rollback(
     {
         return Err(StoreError::Refused(CheckError {
             message: format!(
-                "generation {generation} predates the settings migration of generation {}                  ({}): its settings are in another format; roll back to generation {} or                  later",
+                "generation {generation} predates the settings migration of generation {} \
+                 ({}): its settings are in another format; roll back to generation {} or \
+                 later",
                 migration.generation, migration.tx, migration.generation
             ),
             key: None,

@@ -722,10 +722,14 @@ impl Updates {
                 ),
             }
         }
-        let untracked = inspection.as_ref().and_then(|inspection| {
-            let record = lock(&self.inner.record);
-            untracked_activation(&record, inspection)
-        });
+        // (After a lost stage the inspection is stale: its entry was just removed.)
+        let untracked = inspection
+            .as_ref()
+            .filter(|_| lost.is_none())
+            .and_then(|inspection| {
+                let record = lock(&self.inner.record);
+                untracked_activation(&record, inspection)
+            });
         if let (Some(untracked), Some(endpoint)) = (&untracked, &self.inner.config.writer) {
             // Booting it would put the host on a version nothing on record vouches for
             // (and whose trial nothing would follow): it is withdrawn, and the
@@ -843,7 +847,9 @@ struct UntrackedActivation {
 impl UntrackedActivation {
     fn reason(&self) -> String {
         format!(
-            "at start, loader entry {} would boot slot {} on trial, but no update staged              there is on record (the update record was unreadable or lost): the entry was              removed, and the next boot stays on this slot. Run prepare-update again",
+            "at start, loader entry {} would boot slot {} on trial, but no update staged \
+             there is on record (the update record was unreadable or lost): the entry was \
+             removed, and the next boot stays on this slot. Run prepare-update again",
             self.entry, self.slot
         )
     }

@@ -124,15 +124,23 @@ pub fn table(record: &Value) -> Result<String, CliError> {
 }
 
 async fn wait_for(client: &Client, timeout: Option<Duration>) -> Result<Output, CliError> {
-    let deadline = timeout.map(|t| Instant::now() + t);
+    // A limit past what the clock can hold is no limit.
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
     let mut last_phase = String::new();
     let mut progress = std::io::stderr()
         .is_terminal()
         .then(|| Progress::new(Instant::now()));
     loop {
-        // keeld may be (re)starting: a refused connection is waited out, not fatal.
-        match client.get_json("/boot").await {
-            Ok(record) => {
+        // keeld may be (re)starting: a refused connection is waited out, not fatal. A
+        // request is bounded by the deadline too: behind a socket that systemd holds
+        // (socket activation) the connection succeeds while nobody answers.
+        let polled = match deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), client.get_json("/boot")).await,
+            None => Ok(client.get_json("/boot").await),
+        };
+        match polled {
+            Err(_elapsed) => {}
+            Ok(Ok(record)) => {
                 if let Some(progress) = progress.as_mut() {
                     for line in progress.lines(&record, Instant::now()) {
                         eprintln!("{line}");
@@ -160,8 +168,8 @@ async fn wait_for(client: &Client, timeout: Option<Duration>) -> Result<Output, 
                     _ => last_phase = phase,
                 }
             }
-            Err(e) if e.is_connection() => {}
-            Err(e) => return Err(e.into()),
+            Ok(Err(e)) if e.is_connection() => {}
+            Ok(Err(e)) => return Err(e.into()),
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             let phase = if last_phase.is_empty() {

@@ -80,7 +80,20 @@ pub async fn run(client: &Client, args: ExecArgs) -> Result<Output, CliError> {
     };
     // Handlers first: from here on no signal can end apiclient with the terminal raw.
     let mut signals = Signals::new().map_err(|e| io_error("cannot handle signals", e))?;
-    let socket = wire::connect(client.socket_path()).await?;
+    // Waiting for keeld (which may be restarting behind a socket systemd holds): a
+    // signal that would have ended apiclient ends it, as 128 + its number.
+    let connect = wire::connect(client.socket_path());
+    tokio::pin!(connect);
+    let socket = loop {
+        tokio::select! {
+            connected = &mut connect => break connected?,
+            signal = signals.recv() => match signal {
+                Some(libc::SIGWINCH) => {}
+                Some(n) => std::process::exit(128 + n),
+                None => break connect.await?,
+            },
+        }
+    };
     let terminal = match tty {
         true => RawMode::enter(),
         false => None,

@@ -61,7 +61,7 @@ pub async fn run(client: &Client, args: LogsArgs) -> Result<Output, CliError> {
         .call(Method::GET, &logs_uri(&args, ("tail", &tail)), None)
         .await?;
     if !args.follow {
-        return Ok(Output::Text(response.text()));
+        return Ok(Output::Bytes(response.body.to_vec()));
     }
     let mut stdout = std::io::stdout().lock();
     let mut cursor = cursor_of(&response)?;

@@ -180,6 +180,9 @@ pub enum Output {
     Json(Value),
     /// Text that is not JSON, printed as it came.
     Text(String),
+    /// Bytes printed exactly as they came, with no newline added (a container's log:
+    /// its output need not be UTF-8, and a `--tail` may start mid-character).
+    Bytes(Vec<u8>),
 }
 
 impl Output {
@@ -187,6 +190,7 @@ impl Output {
     pub fn render(&self) -> String {
         let mut text = match self {
             Self::Nothing => return String::new(),
+            Self::Bytes(bytes) => return String::from_utf8_lossy(bytes).into_owned(),
             // Serializing a `Value` cannot fail: its keys are strings.
             Self::Json(value) => serde_json::to_string_pretty(value).unwrap_or_default(),
             Self::Text(text) => text.clone(),
@@ -195,6 +199,15 @@ impl Output {
             text.push('\n');
         }
         text
+    }
+
+    /// Writes what [`Self::render`] shows, [`Output::Bytes`] byte for byte.
+    pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        match self {
+            Self::Bytes(bytes) => out.write_all(bytes)?,
+            other => out.write_all(other.render().as_bytes())?,
+        }
+        out.flush()
     }
 
     /// A response body as output: nothing if empty, JSON if it parses, text otherwise.
@@ -318,5 +331,10 @@ mod tests {
         );
         assert_eq!(Output::Nothing.render(), "");
         assert_eq!(Output::Text("plain".into()).render(), "plain\n");
+        let mut written = Vec::new();
+        Output::Bytes(b"\xff\xfeno newline".to_vec())
+            .write_to(&mut written)
+            .expect("write");
+        assert_eq!(written, b"\xff\xfeno newline");
     }
 }
