@@ -79,6 +79,27 @@ fn unchanged_files_are_not_rewritten() {
     let files = log["applies"][0]["files"].as_array().unwrap();
     let motd = files.iter().find(|f| f["name"] == "motd").unwrap();
     assert_eq!(motd["result"], "unchanged");
+
+    // A key without its `settings.` prefix means the same as everywhere in the API.
+    let r = keeld.raw("POST", "/tx/apply?keys=motd", None);
+    assert_eq!(r.status, 204, "{}", r.text());
+    let log = keeld.apiclient_json(&["apply-log", "--limit", "1"]);
+    let files = log["applies"][0]["files"].as_array().unwrap();
+    assert!(files.iter().any(|f| f["name"] == "motd"), "{log:#}");
+    let affected = keeld.raw("GET", "/metadata/affected-services?keys=motd", None);
+    assert_eq!(
+        affected.json(),
+        keeld
+            .raw(
+                "GET",
+                "/metadata/affected-services?keys=settings.motd",
+                None
+            )
+            .json()["settings.motd"]
+            .as_array()
+            .map(|services| json!({ "motd": services }))
+            .unwrap()
+    );
 }
 
 #[test]

@@ -308,6 +308,26 @@ fn cases() -> Vec<Case> {
             None,
             400,
         ),
+        Case {
+            key: Some("keys"),
+            ..case(
+                "affected-services with an empty keys",
+                "GET",
+                "/metadata/affected-services?keys=",
+                None,
+                400,
+            )
+        },
+        Case {
+            key: Some("keys"),
+            ..case(
+                "apply with an empty keys",
+                "POST",
+                "/tx/apply?keys=",
+                None,
+                400,
+            )
+        },
         case(
             "rollback generation not a number",
             "POST",

@@ -81,6 +81,25 @@ impl Query {
     pub fn list(&self, name: &str) -> Option<Vec<String>> {
         self.get(name).map(split_list)
     }
+
+    /// `name` as a list of settings keys: each as given, and canonical (`motd` means
+    /// `settings.motd`, as everywhere else in the API). `None` when absent; a list that
+    /// is present but empty, or a key that does not parse, is a 400 naming it.
+    pub fn setting_keys(&self, name: &str) -> ApiResult<Option<Vec<(String, String)>>> {
+        let Some(keys) = self.list(name) else {
+            return Ok(None);
+        };
+        if keys.is_empty() {
+            return Err(ApiError::bad_request(format!("query {name}: no key given")).with_key(name));
+        }
+        keys.into_iter()
+            .map(|key| {
+                let canonical = settings_model::KeyPath::parse_setting(&key)?.to_string();
+                Ok((key, canonical))
+            })
+            .collect::<ApiResult<Vec<_>>>()
+            .map(Some)
+    }
 }
 
 fn decode(text: &str, what: &str) -> ApiResult<String> {

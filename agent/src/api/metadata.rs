@@ -16,14 +16,18 @@ pub async fn affected_services(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<BTreeMap<String, Vec<String>>>> {
     let query = Query::parse(q.as_deref(), &["keys"])?;
-    let keys = query.list("keys").ok_or_else(|| {
+    let keys = query.setting_keys("keys")?.ok_or_else(|| {
         ApiError::bad_request("query parameter \"keys\" is required").with_key("keys")
     })?;
     let mut answer = BTreeMap::new();
-    for key in keys {
-        settings_model::KeyPath::parse(&key)?;
-        let services = state.applier.meta().affected_by(&key).into_iter().collect();
-        answer.insert(key, services);
+    for (given, canonical) in keys {
+        let services = state
+            .applier
+            .meta()
+            .affected_by(&canonical)
+            .into_iter()
+            .collect();
+        answer.insert(given, services);
     }
     Ok(Json(answer))
 }
