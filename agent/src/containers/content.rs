@@ -137,11 +137,22 @@ where
     let closed = || ImageError::Protocol(format!("content write of {digest} closed early"));
     tx.send(first).await.map_err(|_| closed())?;
     let mut content = cd.content();
-    let mut replies = content
-        .write(requests)
-        .await
-        .during("write blob", &digest)?;
-    replies.message().await.map_err(fail)?.ok_or_else(closed)?;
+    let already = |status: &containerd_client::tonic::Status| {
+        status.code() == containerd_client::tonic::Code::AlreadyExists
+    };
+    let mut replies = match content.write(requests).await {
+        Ok(replies) => replies.into_inner(),
+        // Another writer (a pull of the same layer for another container) committed
+        // the blob since it was looked for: the content is there.
+        Err(status) if already(&status) => return Ok(()),
+        Err(status) => return Err(fail(status).into()),
+    };
+    match replies.message().await {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err(closed()),
+        Err(status) if already(&status) => return Ok(()),
+        Err(status) => return Err(fail(status).into()),
+    }
 
     let mut offset: i64 = 0;
     let mut data = std::pin::pin!(data);
@@ -189,7 +200,7 @@ where
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(closed()),
         // Another writer committed the same blob first: the content is there.
-        Err(status) if status.code() == containerd_client::tonic::Code::AlreadyExists => Ok(()),
+        Err(status) if already(&status) => Ok(()),
         Err(status) => Err(fail(status).into()),
     }
 }
@@ -205,7 +216,9 @@ pub struct Lease {
 impl Lease {
     pub async fn create(cd: &Containerd) -> Result<Lease, ContainerdError> {
         let id = format!("keel-{:016x}", rand::random::<u64>());
-        let expire = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+        // A day, as containerd's own client: a pull and unpack of a large image over a
+        // slow link must finish before its layers lose their protection.
+        let expire = std::time::SystemTime::now() + std::time::Duration::from_secs(24 * 3600);
         let labels = HashMap::from([(
             "containerd.io/gc.expire".to_owned(),
             humantime::format_rfc3339_seconds(expire).to_string(),

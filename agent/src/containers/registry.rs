@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
@@ -30,6 +30,12 @@ use super::oci::{
     select_platform, verify_digest, Descriptor, Document, ImageConfiguration, ImageError,
     MediaType, RegistryError, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST,
 };
+
+/// How long a manifest or an image config may take to arrive whole. They are small
+/// (keeld refuses a config over 4 MiB); a registry that sends one slowly or without
+/// end fails the endpoint, instead of holding the container's start (or the boot)
+/// forever: the client's read timeout restarts with every chunk.
+const METADATA_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Credentials for one registry host.
 #[derive(Clone)]
@@ -172,14 +178,18 @@ fn endpoints(reference: &Reference, config: &RegistryConfig) -> (Vec<Endpoint>, 
             Some(port) => format!("{host}:{port}"),
             None => host.to_owned(),
         };
+        // A path (`https://nexus.example.com/repository/dockerhub`) is kept, and `/v2`
+        // goes after it unless it ends so, as containerd does with the same setting:
+        // the registry oci-client puts before `/v2/` carries it.
+        let path = url.path().trim_end_matches('/');
+        let path = path.strip_suffix("/v2").unwrap_or(path);
+        let registry = format!("{host}{path}");
         let reference = match (reference.digest(), reference.tag()) {
-            (Some(d), _) => Reference::with_digest(
-                host.clone(),
-                reference.repository().to_owned(),
-                d.to_owned(),
-            ),
+            (Some(d), _) => {
+                Reference::with_digest(registry, reference.repository().to_owned(), d.to_owned())
+            }
             (None, t) => Reference::with_tag(
-                host.clone(),
+                registry,
                 reference.repository().to_owned(),
                 t.unwrap_or("latest").to_owned(),
             ),
@@ -200,7 +210,9 @@ fn endpoints(reference: &Reference, config: &RegistryConfig) -> (Vec<Endpoint>, 
 
 fn client_for(endpoint: &Endpoint, config: &RegistryConfig) -> Client {
     let protocol = if endpoint.plain_http {
-        ClientProtocol::HttpsExcept(vec![endpoint.host.clone()])
+        // oci-client picks the scheme by the registry it builds URLs from (with a
+        // mirror's path, if any).
+        ClientProtocol::HttpsExcept(vec![endpoint.reference.resolve_registry().to_owned()])
     } else {
         ClientProtocol::Https
     };
@@ -208,9 +220,14 @@ fn client_for(endpoint: &Endpoint, config: &RegistryConfig) -> Client {
         protocol,
         connect_timeout: Some(Duration::from_secs(10)),
         read_timeout: Some(Duration::from_secs(60)),
+        // As containerd gets it (`HTTPS_PROXY` only): plain HTTP goes direct.
         https_proxy: config.proxy.as_ref().map(|p| p.https_proxy().to_owned()),
-        http_proxy: config.proxy.as_ref().map(|p| p.https_proxy().to_owned()),
-        no_proxy: config.proxy.as_ref().map(ProxyRules::no_proxy_joined),
+        http_proxy: None,
+        // Go never proxies a loopback address; reqwest does unless told.
+        no_proxy: config
+            .proxy
+            .as_ref()
+            .map(|p| format!("{},127.0.0.0/8,::1", p.no_proxy_joined())),
         ..ClientConfig::default()
     })
 }
@@ -230,7 +247,23 @@ pub async fn pull(
         tracing::warn!(image = %reference, error = %failure, "mirror skipped");
     }
     for endpoint in endpoints {
-        match pull_from(cd, &endpoint, config).await {
+        // oci-client panics on some registry answers (a token that is no valid header
+        // value): that is this endpoint's failure, not the end of the task pulling.
+        let pulled = std::panic::AssertUnwindSafe(pull_from(cd, &endpoint, config))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown".to_owned());
+                Err(ImageError::Protocol(format!(
+                    "{}: the registry client failed on the registry's answer ({what})",
+                    endpoint.reference.whole()
+                )))
+            });
+        match pulled {
             Ok(desc) => {
                 tracing::info!(image = %reference, endpoint = %endpoint.host, digest = %desc.digest(), "pulled");
                 return Ok(desc);
@@ -284,10 +317,13 @@ async fn pull_from(
     let reference = &endpoint.reference;
     let accepted = accepted();
     let accepted: Vec<&str> = accepted.iter().map(String::as_str).collect();
-    let (mut bytes, digest) = client
-        .pull_manifest_raw(reference, &auth, &accepted)
-        .await
-        .map_err(|e| registry_failure(endpoint, config, e))?;
+    let (mut bytes, digest) = within_deadline(
+        endpoint,
+        "the manifest",
+        client.pull_manifest_raw(reference, &auth, &accepted),
+    )
+    .await?
+    .map_err(|e| registry_failure(endpoint, config, e))?;
     if let Some(pinned) = reference.digest() {
         if pinned != digest {
             return Err(RegistryError::PinnedDigest {
@@ -307,10 +343,13 @@ async fn pull_from(
             let (os, arch) = host_platform();
             let chosen = select_platform(&index).ok_or(ImageError::NoPlatform { os, arch })?;
             let by_digest = reference.clone_with_digest(chosen.digest().to_string());
-            let (b, d) = client
-                .pull_manifest_raw(&by_digest, &auth, &accepted)
-                .await
-                .map_err(|e| registry_failure(endpoint, config, e))?;
+            let (b, d) = within_deadline(
+                endpoint,
+                "the platform's manifest",
+                client.pull_manifest_raw(&by_digest, &auth, &accepted),
+            )
+            .await?
+            .map_err(|e| registry_failure(endpoint, config, e))?;
             if d != chosen.digest().as_ref() {
                 return Err(ImageError::DigestMismatch {
                     digest: chosen.digest().to_string(),
@@ -356,13 +395,18 @@ async fn pull_from(
                 size: config_desc.size(),
             });
         }
-        let mut out = Vec::new();
-        client
-            .pull_blob(reference, &oci_descriptor(config_desc), &mut out)
-            .await
-            .map_err(|e| registry_failure(endpoint, config, e))?;
-        verify_digest(config_desc.digest(), &out)?;
-        out
+        // Held to its declared size: a registry that sends more is cut off there, not
+        // kept in memory until the digest check at the end.
+        let mut out = Capped::new(config_desc.size());
+        within_deadline(
+            endpoint,
+            "the image config",
+            client.pull_blob(reference, &oci_descriptor(config_desc), &mut out),
+        )
+        .await?
+        .map_err(|e| registry_failure(endpoint, config, e))?;
+        verify_digest(config_desc.digest(), &out.bytes)?;
+        out.bytes
     };
     let image_config: ImageConfiguration = parse_json("image config", &config_bytes)?;
     write_small(
@@ -380,6 +424,70 @@ async fn pull_from(
     )
     .await?;
     Ok(manifest_desc)
+}
+
+/// `fetch` of `what` from `endpoint`, failed after [`METADATA_DEADLINE`].
+async fn within_deadline<T>(
+    endpoint: &Endpoint,
+    what: &str,
+    fetch: impl std::future::Future<Output = T>,
+) -> Result<T, ImageError> {
+    tokio::time::timeout(METADATA_DEADLINE, fetch)
+        .await
+        .map_err(|_| {
+            ImageError::Protocol(format!(
+                "{}: {what} did not arrive whole within {}",
+                endpoint.reference.whole(),
+                humantime::format_duration(METADATA_DEADLINE)
+            ))
+        })
+}
+
+/// A buffer that refuses to grow past `limit` bytes.
+struct Capped {
+    bytes: Vec<u8>,
+    limit: u64,
+}
+
+impl Capped {
+    fn new(limit: u64) -> Capped {
+        Capped {
+            bytes: Vec::new(),
+            limit,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Capped {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let after = self.bytes.len() as u64 + buf.len() as u64;
+        if after > self.limit {
+            let limit = self.limit;
+            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                "the registry sent more than the {limit} bytes the manifest gives"
+            ))));
+        }
+        self.bytes.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 fn oci_descriptor(desc: &Descriptor) -> OciDescriptor {
@@ -497,6 +605,102 @@ mod tests {
             RegistryAuth::Anonymous
         ));
         assert!(!format!("{config:?}").contains("\"p\""));
+    }
+
+    /// A registry whose token endpoint answers a token that is no valid header value
+    /// (oci-client panics on it): the pull fails with a reason, the task goes on.
+    #[tokio::test]
+    async fn a_registry_answer_that_panics_the_client_fails_the_endpoint() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut request = vec![0u8; 4096];
+                    let n = conn.read(&mut request).await.unwrap_or(0);
+                    let request = String::from_utf8_lossy(&request[..n]).into_owned();
+                    let (status, headers, body) = if request.starts_with("GET /token") {
+                        ("200 OK", String::new(), "{\"token\":\"abc\\u0001\"}")
+                    } else {
+                        (
+                            "401 Unauthorized",
+                            format!(
+                                "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"t\"\r\n"
+                            ),
+                            "",
+                        )
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        let cd = Containerd::connect(std::path::Path::new("/nonexistent/containerd.sock"), "t")
+            .expect("lazy client");
+        let reference = format!("127.0.0.1:{port}/app:1");
+        let failed = pull(&cd, &reference, &RegistryConfig::default())
+            .await
+            .expect_err("no image from that registry");
+        assert!(
+            failed
+                .to_string()
+                .contains("the registry client failed on the registry's answer"),
+            "{failed}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_capped_buffer_refuses_more_than_its_limit() {
+        use tokio::io::AsyncWriteExt;
+        let mut capped = Capped::new(4);
+        capped.write_all(b"abcd").await.expect("within the limit");
+        let more = capped.write_all(b"e").await.expect_err("past the limit");
+        assert!(more.to_string().contains("more than the 4 bytes"), "{more}");
+        assert_eq!(capped.bytes, b"abcd");
+    }
+
+    /// A mirror with a path is reached under it, `/v2` after the path (once), as
+    /// containerd reaches it from the same setting.
+    #[test]
+    fn a_mirror_s_path_is_kept() {
+        let config = RegistryConfig {
+            mirrors: vec![(
+                "docker.io".to_owned(),
+                vec![
+                    "https://nexus.example.com/repository/dockerhub/".to_owned(),
+                    "http://[::1]:5000/v2".to_owned(),
+                ],
+            )],
+            ..RegistryConfig::default()
+        };
+        let reference: Reference = "docker.io/library/busybox:1".parse().expect("ref");
+        let (list, unusable) = endpoints(&reference, &config);
+        assert!(unusable.is_empty(), "{unusable:?}");
+        let registries: Vec<_> = list
+            .iter()
+            .map(|e| (e.host.as_str(), e.reference.resolve_registry()))
+            .collect();
+        assert_eq!(
+            registries,
+            [
+                (
+                    "nexus.example.com",
+                    "nexus.example.com/repository/dockerhub"
+                ),
+                ("[::1]:5000", "[::1]:5000"),
+                ("docker.io", "index.docker.io"),
+            ]
+        );
+        assert!(list[1].plain_http);
     }
 
     #[test]
