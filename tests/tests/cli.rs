@@ -278,3 +278,33 @@ fn record_commands_print_json_table_and_yaml() {
         "{dry}"
     );
 }
+
+/// Command lines that are wrong in ways clap cannot see exit 2 (usage), as clap's own
+/// errors do, before anything reaches keeld.
+#[test]
+fn command_line_mistakes_are_usage_errors() {
+    for (args, says) in [
+        (
+            &["apply", "-", "-"][..],
+            "stdin (`-`) can be given only once",
+        ),
+        (&["unset", "settings"][..], "name a key below `settings`"),
+        (
+            &["set", "-j", r#"{"settings":1}"#][..],
+            "`settings` must be a JSON object",
+        ),
+        (
+            &["set", "-j", r#"{"settings":{"motd":"a"},"motd":"b"}"#][..],
+            "is given both inside and beside",
+        ),
+    ] {
+        let out = std::process::Command::new(keel_e2e::bin("apiclient"))
+            .args(["--socket-path", "/nonexistent/keel/api.sock"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("apiclient");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+}

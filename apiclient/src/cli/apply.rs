@@ -40,7 +40,7 @@ pub async fn read_sources(args: &[String]) -> Result<Vec<Value>, CliError> {
     let default = ["-".to_owned()];
     let args = if args.is_empty() { &default[..] } else { args };
     if args.iter().filter(|arg| *arg == "-").count() > 1 {
-        return Err(CliError::Invalid(
+        return Err(CliError::Usage(
             "stdin (`-`) can be given only once".to_owned(),
         ));
     }
@@ -128,6 +128,6 @@ mod tests {
     #[test]
     fn stdin_only_once() {
         let args = ["-".to_owned(), "-".to_owned()];
-        assert!(matches!(read_sources(&args), Err(CliError::Invalid(_))));
+        assert!(matches!(read_sources(&args), Err(CliError::Usage(_))));
     }
 }

@@ -67,7 +67,7 @@ pub fn json_patch(mut object: Map<String, Value>) -> Result<Value, CliError> {
         Some(Value::Object(inner)) => {
             for (key, value) in inner {
                 if object.contains_key(&key) {
-                    return Err(CliError::Invalid(format!(
+                    return Err(CliError::Usage(format!(
                         "--json: `{key}` is given both inside and beside the `settings` object"
                     )));
                 }
@@ -75,7 +75,7 @@ pub fn json_patch(mut object: Map<String, Value>) -> Result<Value, CliError> {
             }
             Ok(Value::Object(object))
         }
-        Some(_) => Err(CliError::Invalid(
+        Some(_) => Err(CliError::Usage(
             "--json: `settings` must be a JSON object".to_owned(),
         )),
     }

@@ -34,7 +34,7 @@ pub fn removal_patch(keys: &[String]) -> Result<Value, CliError> {
     for key in keys {
         let path = KeyPath::parse_setting(key)?;
         if path.segments().len() < 2 {
-            return Err(CliError::Invalid(format!(
+            return Err(CliError::Usage(format!(
                 "{key}: name a key below `settings`"
             )));
         }
