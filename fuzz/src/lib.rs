@@ -201,8 +201,9 @@ pub fn key_value(data: &[u8]) {
             if let Err(error) = settings_model::validate_patch(&one) {
                 panic!("parse_pair accepted a pair whose patch is invalid: {error}\npatch: {one}");
             }
+            // One pair is its own patch, removals (`null`) kept.
             let mut expected = empty_object();
-            patch::merge_patch(&mut expected, &one);
+            patch::compose_patch(&mut expected, &one);
             let merged = keypair::pairs_to_patch(&[text.to_string()]).unwrap_or_else(|e| {
                 panic!("pairs_to_patch refuses a pair parse_pair accepts: {e}")
             });

@@ -15,11 +15,11 @@ use crate::key::format_segment;
 use crate::limits::Limited;
 use crate::types::{
     AwsRegion, Base64, BootParamKey, BootParamValue, BootstrapToken, Capability, CpuQuantity,
-    CpuSet, DnsDomain, Duration, EcsAttributeKey, EcsAttributeValue, EnvName, EvictionSignal,
-    FriendlyVersion, Hostname, HostsEntry, Identifier, ImageRef, IntegerPercent, IpAddress,
-    IpOrIps, KernelModuleName, LabelKey, LabelValue, LooseUrl, MemoryQuantity, Motd, NoProxyEntry,
-    NtpOption, NumaNode, OciCapabilityName, PemBundle, PemPrivateKey, ProxyAddress, Quantity,
-    RegistryAuth, RegistryHost, RlimitName, RlimitValue, SecretBase64, SecretString,
+    CpuSet, DnsDomain, Duration, EcsAttributeKey, EcsAttributeValue, EnvName, EnvValue,
+    EvictionSignal, FriendlyVersion, Hostname, HostsEntry, Identifier, ImageRef, IntegerPercent,
+    IpAddress, IpOrIps, KernelModuleName, LabelKey, LabelValue, LooseUrl, MemoryQuantity, Motd,
+    NoProxyEntry, NtpOption, NumaNode, OciCapabilityName, PemBundle, PemPrivateKey, ProxyAddress,
+    Quantity, RegistryAuth, RegistryHost, RlimitName, RlimitValue, SecretBase64, SecretString,
     SingleLineString, StaticPodManifest, SysctlKey, TaintList, Threshold, TimeServer, Url,
 };
 use crate::{Error, KeyPath};
@@ -61,7 +61,7 @@ pub type CredentialProviders = Limited<BTreeMap<Identifier, CredentialProvider>,
 pub type ImagePatterns = Limited<Vec<SingleLineString>, 32>;
 
 /// The `environment` of one credential provider: at most 32 variables.
-pub type ProviderEnvironment = Limited<BTreeMap<EnvName, SingleLineString>, 32>;
+pub type ProviderEnvironment = Limited<BTreeMap<EnvName, EnvValue>, 32>;
 
 /// `settings.ntp.time-servers`: at most 32 servers.
 pub type TimeServers = Limited<Vec<TimeServer>, 32>;
@@ -216,7 +216,7 @@ pub struct HostContainer {
     pub command: Option<Vec<String>>,
     /// Keel: extra environment variables.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub environment: Option<BTreeMap<EnvName, SingleLineString>>,
+    pub environment: Option<BTreeMap<EnvName, EnvValue>>,
     /// Keel: capabilities added for a non-superpowered container.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Vec<Capability>>,
@@ -247,7 +247,7 @@ pub struct BootstrapContainer {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub environment: Option<BTreeMap<EnvName, SingleLineString>>,
+    pub environment: Option<BTreeMap<EnvName, EnvValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Vec<Capability>>,
     #[serde(skip_serializing_if = "Option::is_none")]

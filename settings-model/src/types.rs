@@ -411,6 +411,27 @@ validated_string! {
     format = None, pattern = Some(concat!("^[^\\n", forbidden_class!(), "]*$"))
 }
 
+fn check_env_value(s: &str) -> Result<(), String> {
+    check_len(s, "single line of text", SINGLE_LINE_MAX)?;
+    if let Some((offset, c)) = first_forbidden(s, &['\t']) {
+        // Not quoted: environment variables carry secrets (credential providers' keys),
+        // and errors are logged and served by GET /boot.
+        return Err(format!(
+            "the value must be a single line (no newlines, control characters or noncharacters: U+{:04X} at byte {offset})",
+            u32::from(c)
+        ));
+    }
+    Ok(())
+}
+
+validated_string! {
+    /// An environment variable's value: a [`SingleLineString`] whose errors never quote
+    /// it (such values often hold secrets).
+    EnvValue, check = check_env_value,
+    description = "A single line of text (tabs allowed; no other control characters)",
+    format = None, pattern = Some(concat!("^[^\\n", forbidden_class!(), "]*$"))
+}
+
 /// The longest message of the day accepted. Generous (Bottlerocket sets no limit, and
 /// user-data written for it must not be refused for a long banner); the motd renders
 /// linearly and the whole model is bounded by the store (4 MiB).
@@ -1697,8 +1718,9 @@ impl Capability {
 
 fn check_aws_region(s: &str) -> Result<(), String> {
     let parts: Vec<&str> = s.split('-').collect();
+    // The first part is not always two letters: `eusc-de-east-1` (the European
+    // Sovereign Cloud) is a region too.
     let ok = parts.len() >= 3
-        && parts[0].len() == 2
         && parts[..parts.len() - 1]
             .iter()
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
@@ -1719,7 +1741,7 @@ validated_string! {
     /// An AWS region name such as `us-west-2`.
     AwsRegion, check = check_aws_region,
     description = "An AWS region such as us-west-2",
-    format = None, pattern = Some("^[a-z]{2}(-[a-z]+)+-[0-9]+$")
+    format = None, pattern = Some("^[a-z]+(-[a-z]+)+-[0-9]+$")
 }
 
 // ---------------------------------------------------------------------------------------

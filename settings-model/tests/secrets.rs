@@ -148,3 +148,33 @@ fn bad_container_user_data_is_not_quoted_in_the_error() {
         );
     }
 }
+
+/// Environment variables carry secrets (a credential provider's AWS keys): a value
+/// refused for a newline is named by its key, never quoted.
+#[test]
+fn an_environment_value_is_not_echoed() {
+    let cases = [
+        (
+            json!({"kubernetes": {"credential-providers": {"ecr-credential-provider": {
+                "image-patterns": ["*.dkr.ecr.*.amazonaws.com"],
+                "environment": {"AWS_SECRET_ACCESS_KEY": format!("{SECRET}\n")}
+            }}}}),
+            "settings.kubernetes.credential-providers.ecr-credential-provider.environment.AWS_SECRET_ACCESS_KEY",
+        ),
+        (
+            json!({"host-containers": {"admin": {"environment": {"TOKEN": format!("{SECRET}\n")}}}}),
+            "settings.host-containers.admin.environment.TOKEN",
+        ),
+        (
+            json!({"bootstrap-containers": {"setup": {"environment": {"TOKEN": format!("{SECRET}\n")}}}}),
+            "settings.bootstrap-containers.setup.environment.TOKEN",
+        ),
+    ];
+    for (patch, key) in cases {
+        let err = settings_model::validate_patch(&patch).unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains(SECRET), "{text}");
+        assert!(text.contains("must be a single line"), "{text}");
+        assert_eq!(err.key(), Some(key), "{text}");
+    }
+}

@@ -180,3 +180,23 @@ fn durations_mean_what_go_means() {
         assert!(err.to_string().contains("limit"), "{too_long}: {err}");
     }
 }
+
+#[test]
+fn aws_regions_of_every_partition_are_accepted() {
+    for region in [
+        "us-west-2",
+        "us-gov-west-1",
+        "cn-north-1",
+        "us-isob-east-1",
+        "eusc-de-east-1",
+    ] {
+        settings_model::validate_patch(&serde_json::json!({"aws": {"region": region}}))
+            .unwrap_or_else(|e| panic!("{region}: {e}"));
+    }
+    for bad in ["us-west", "US-west-2", "us--west-2", "west2", "us-west-2a"] {
+        assert!(
+            settings_model::validate_patch(&serde_json::json!({"aws": {"region": bad}})).is_err(),
+            "{bad}"
+        );
+    }
+}

@@ -117,14 +117,12 @@ pub enum ImdsError {
     BodyTooLarge { request: RequestName, limit: usize },
     #[error("PUT /latest/api/token: the answer is not a usable token (empty or not a valid header value)")]
     InvalidToken,
-    #[error(
-        "GET /latest/user-data: the user-data is gzip-compressed but does not decompress: {source}"
-    )]
+    #[error("the user-data is gzip-compressed but does not decompress: {source}")]
     Decompress {
         #[source]
         source: std::io::Error,
     },
-    #[error("GET /latest/user-data: the decompressed user-data exceeds {limit} bytes")]
+    #[error("the decompressed user-data exceeds {limit} bytes")]
     DecompressedTooLarge { limit: usize },
     #[error("gave up on the instance metadata service after {attempts} attempts (deadline {deadline:?}); last error: {last}")]
     DeadlineExceeded {
@@ -367,17 +365,34 @@ pub fn decode_user_data(raw: Vec<u8>) -> Result<Vec<u8>, ImdsError> {
         return Ok(raw);
     }
     let mut out = Vec::new();
-    // One byte past the limit tells "exactly at the limit" from "over it".
-    let read_limit = u64::try_from(MAX_USER_DATA)
-        .unwrap_or(u64::MAX)
-        .saturating_add(1);
-    flate2::read::MultiGzDecoder::new(raw.as_slice())
-        .take(read_limit)
-        .read_to_end(&mut out)
-        .map_err(|source| ImdsError::Decompress { source })?;
-    if out.len() > MAX_USER_DATA {
-        return Err(ImdsError::DecompressedTooLarge {
-            limit: MAX_USER_DATA,
+    // Member after member (`cat a.gz b.gz` is gzip too); what follows the last one may
+    // be padding (NULs, whitespace: a trailing newline added by a tool), which is
+    // ignored, as Bottlerocket's reader (one member, then stop) ignores it.
+    let mut rest: &[u8] = &raw;
+    while rest.starts_with(&GZIP_MAGIC) {
+        // One byte past the limit tells "exactly at the limit" from "over it".
+        let room = (MAX_USER_DATA + 1).saturating_sub(out.len());
+        let mut member = flate2::bufread::GzDecoder::new(rest);
+        (&mut member)
+            .take(u64::try_from(room).unwrap_or(u64::MAX))
+            .read_to_end(&mut out)
+            .map_err(|source| ImdsError::Decompress { source })?;
+        if out.len() > MAX_USER_DATA {
+            return Err(ImdsError::DecompressedTooLarge {
+                limit: MAX_USER_DATA,
+            });
+        }
+        rest = member.into_inner();
+    }
+    if let Some(at) = rest
+        .iter()
+        .position(|b| *b != 0 && !b.is_ascii_whitespace())
+    {
+        let offset = raw.len() - rest.len() + at;
+        return Err(ImdsError::Decompress {
+            source: std::io::Error::other(format!(
+                "bytes after the gzip data, at offset {offset}, are neither gzip nor padding"
+            )),
         });
     }
     Ok(out)
@@ -961,6 +976,31 @@ pub(crate) mod tests {
         let imds = TestImds::start(serving(&gzip(&plain))).await;
         let got = fetch_user_data(&imds.config(SHORT, REQUEST)).await;
         assert_eq!(got.expect("user-data"), Some(plain));
+    }
+
+    /// Several members are read in turn; padding after the last (a newline a tool
+    /// added, NULs) is ignored, as Bottlerocket ignores it; anything else is refused.
+    #[test]
+    fn gzip_members_and_padding() {
+        let mut two = gzip(b"[settings]\n");
+        two.extend(gzip(b"motd = \"hi\"\n"));
+        assert_eq!(
+            decode_user_data(two.clone()).expect("two members"),
+            b"[settings]\nmotd = \"hi\"\n"
+        );
+        let mut padded = two.clone();
+        padded.extend(b"\n\0\0 ");
+        assert_eq!(
+            decode_user_data(padded).expect("padding"),
+            b"[settings]\nmotd = \"hi\"\n"
+        );
+        let mut garbage = two;
+        garbage.extend(b"\nmotd = 1");
+        let err = decode_user_data(garbage).expect_err("garbage after the data");
+        assert!(
+            err.to_string().contains("neither gzip nor padding"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

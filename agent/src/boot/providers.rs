@@ -77,7 +77,13 @@ impl Provider {
             Provider::Defaults(p)
             | Provider::Qemu(p)
             | Provider::File(p)
-            | Provider::Overrides(p) => read_local(p.clone()).await?,
+            // gzip'd or not, as from the metadata service (and as Bottlerocket reads
+            // the same files).
+            | Provider::Overrides(p) => read_local(p.clone())
+                .await?
+                .map(imds::decode_user_data)
+                .transpose()
+                .map_err(|e| e.to_string())?,
             Provider::Imds(config) => imds::fetch_user_data(config)
                 .await
                 .map_err(|e| e.to_string())?,
@@ -180,6 +186,22 @@ pub fn missing_only(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A local user-data file may be gzip'd, as EC2 user-data may (Bottlerocket reads
+    /// the same files that way).
+    #[tokio::test]
+    async fn a_gzip_local_file_is_decompressed() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("user-data-overrides.toml");
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder
+            .write_all(b"[settings]\nmotd = \"zipped\"\n")
+            .expect("gzip");
+        std::fs::write(&path, encoder.finish().expect("gzip")).expect("write");
+        let text = Provider::Overrides(path).fetch().await.expect("fetch");
+        assert_eq!(text.as_deref(), Some("[settings]\nmotd = \"zipped\"\n"));
+    }
 
     #[test]
     fn defaults_never_overwrite() {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use serde::Serialize;
 use settings_model::proxy::ProxyRules;
-use settings_model::types::{Capability, CpuQuantity, EnvName, MemoryQuantity, SingleLineString};
+use settings_model::types::{Capability, CpuQuantity, EnvName, EnvValue, MemoryQuantity};
 use settings_model::Settings;
 use sha2::{Digest as _, Sha256};
 
@@ -150,7 +150,7 @@ pub fn bootstrap_containers(settings: &Settings) -> BTreeMap<String, DesiredCont
 struct Parts<'a> {
     user_data: Option<&'a str>,
     command: Option<&'a Vec<String>>,
-    environment: Option<&'a BTreeMap<EnvName, SingleLineString>>,
+    environment: Option<&'a BTreeMap<EnvName, EnvValue>>,
     capabilities: Option<&'a Vec<Capability>>,
     memory_limit: Option<&'a MemoryQuantity>,
     cpu_limit: Option<&'a CpuQuantity>,
