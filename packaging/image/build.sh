@@ -214,7 +214,8 @@ mkdir -p "$root/local" "$root/efi"
 : > "$root/etc/machine-id"
 
 # Keel.
-cp -a "$here/rootfs/." "$root/"
+# Owned by root whoever owns the checkout (cp -a would carry its uid onto /, /etc, /usr).
+cp -a --no-preserve=ownership "$here/rootfs/." "$root/"
 install -m 0755 "$rel/keeld" "$rel/keel-slot-writer" "$rel/apiclient" "$rel/keel-logger" "$root/usr/bin/"
 if [[ -n $update_root ]]; then
     install -D -m 0644 "$update_root" "$root/usr/share/keel/updates/root.json"
@@ -273,7 +274,7 @@ chroot_systemctl disable containerd.service e2scrub_reap.service remote-fs.targe
 chroot_systemctl enable keeld.socket keeld.service keel-configured.target host-containerd.service \
     keel-slot-writer.socket \
     local.mount var-lib.mount keel-data-setup.service keel-report.service systemd-networkd.service \
-    efi.mount keel-boot-assess.service
+    efi.mount keel-boot-assess.service keel-emergency-reboot.service keel-hostname.service
 mkdir -p "$root/etc/systemd/system/sysinit.target.wants"
 ln -sf /usr/lib/systemd/system/systemd-repart.service "$root/etc/systemd/system/sysinit.target.wants/"
 chroot_systemctl mask serial-getty@ttyS0.service getty@tty1.service console-getty.service \

@@ -5,8 +5,11 @@
 set -euo pipefail
 bash "$(dirname "$0")/../dev/deps.sh"
 packages=(mmdebstrap erofs-utils cryptsetup-bin dosfstools mtools fdisk e2fsprogs cpio gzip jq ovmf kmod)
+# qemu-img (the tests' copy-on-write disks): qemu-system-x86 only recommends it. It comes
+# from backports with qemu-system-x86, whose version it must match.
+qemu=(qemu-system-x86 qemu-utils)
 missing=()
-for p in "${packages[@]}" qemu-system-x86; do
+for p in "${packages[@]}" "${qemu[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 ((${#missing[@]})) || exit 0
@@ -21,7 +24,8 @@ Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
-echo "image deps: installing ${missing[*]}"
+# On stderr: build.sh's caller reads the image path from its stdout.
+echo "image deps: installing ${missing[*]}" >&2
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+apt-get install -y -qq --no-install-recommends -t bookworm-backports "${qemu[@]}" >/dev/null
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null

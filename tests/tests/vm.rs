@@ -57,6 +57,13 @@ say "verity=$(host veritysetup status keel-root | tr -s ' \n' ' ')"
 say "usr-write=$(host touch /usr/keel-probe 2>&1 | tr -d '\n')"
 say "etc-motd=$(host cat /etc/motd | tr '\n' ' ')"
 say "etc-hostname=$(host cat /etc/hostname)"
+# keel-hostname.service sets the kernel's name once the boot is configured, beside this
+# container's start: give it a moment.
+i=0
+while [ "$(host cat /proc/sys/kernel/hostname)" != "$(host cat /etc/hostname)" ] && [ $i -lt 30 ]; do
+    sleep 1; i=$((i + 1))
+done
+say "kernel-hostname=$(host cat /proc/sys/kernel/hostname)"
 say "sysctl=$(host cat /proc/sys/vm/max_map_count)"
 say "capeff=$(grep CapEff /proc/self/status | tr -d '\t' )"
 say "apiclient-motd=$(apiclient get settings.motd | tr -d '\n ')"
@@ -253,6 +260,11 @@ fn first_boot_reboot_and_a_killed_keeld() {
         vm,
         one.get("etc-hostname").map(String::as_str) == Some("keel-vm-test"),
         &format!("/etc/hostname: {one:?}"),
+    );
+    check(
+        vm,
+        one.get("kernel-hostname").map(String::as_str) == Some("keel-vm-test"),
+        &format!("the kernel's host name: {one:?}"),
     );
     check(
         vm,
