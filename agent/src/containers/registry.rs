@@ -282,7 +282,7 @@ pub async fn pull(
 fn registry_failure(
     endpoint: &Endpoint,
     config: &RegistryConfig,
-    e: oci_client::errors::OciDistributionError,
+    e: impl std::fmt::Display,
 ) -> ImageError {
     let note = config
         .unusable
@@ -295,6 +295,117 @@ fn registry_failure(
         })
         .unwrap_or_default();
     ImageError::Protocol(format!("{}: {e}{note}", endpoint.reference.whole()))
+}
+
+/// GETs `reference`'s manifest as oci-client would (its token, the media types keeld
+/// accepts) but reads at most [`MAX_METADATA_BLOB`] bytes of the answer: oci-client
+/// reads a manifest body whole, so a registry sending one without end would grow
+/// keeld's memory for as long as the deadline lets it. Answers the body and its sha256
+/// digest, which must match the registry's `Docker-Content-Digest` when it gives one.
+async fn fetch_manifest(
+    client: &Client,
+    endpoint: &Endpoint,
+    config: &RegistryConfig,
+    reference: &Reference,
+    auth: &RegistryAuth,
+) -> Result<(Vec<u8>, String), ImageError> {
+    let token = client
+        .auth(reference, auth, oci_client::RegistryOperation::Pull)
+        .await
+        .map_err(|e| registry_failure(endpoint, config, e))?;
+    let scheme = if endpoint.plain_http { "http" } else { "https" };
+    let url = format!(
+        "{scheme}://{}/v2/{}/manifests/{}",
+        reference.resolve_registry(),
+        reference.repository(),
+        reference
+            .digest()
+            .or_else(|| reference.tag())
+            .unwrap_or("latest")
+    );
+    let request = http_for(endpoint, config)?
+        .get(&url)
+        .header(reqwest::header::ACCEPT, accepted().join(", "));
+    let request = match (&token, auth) {
+        (Some(token), _) => request.bearer_auth(token),
+        (None, RegistryAuth::Basic(username, password)) => {
+            request.basic_auth(username, Some(password))
+        }
+        (None, _) => request,
+    };
+    let mut response = request
+        .send()
+        .await
+        .map_err(|e| registry_failure(endpoint, config, format!("GET {url}: {e}")))?;
+    let status = response.status();
+    let header_digest = response
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let limit = usize::try_from(MAX_METADATA_BLOB).unwrap_or(usize::MAX);
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| registry_failure(endpoint, config, format!("GET {url}: {e}")))?
+    {
+        if body.len() + chunk.len() > limit {
+            if !status.is_success() {
+                break;
+            }
+            return Err(registry_failure(
+                endpoint,
+                config,
+                format!("GET {url}: the manifest is larger than {limit} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if !status.is_success() {
+        // What the registry says, bounded and on one line.
+        let said: String = String::from_utf8_lossy(&body)
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect();
+        return Err(registry_failure(
+            endpoint,
+            config,
+            format!("GET {url}: {status}: {said}"),
+        ));
+    }
+    // The digest is always the body's own; a registry that names another one (for the
+    // same algorithm) sent something else than it meant, and nothing of it is used.
+    let digest = super::oci::sha256_digest(&body);
+    if let Some(said) = header_digest.filter(|d| d.starts_with("sha256:")) {
+        if said != digest {
+            return Err(ImageError::DigestMismatch {
+                digest: said,
+                actual: digest,
+            });
+        }
+    }
+    Ok((body, digest))
+}
+
+/// A plain HTTP client for `endpoint`, with the time limits and proxy of [`client_for`].
+fn http_for(endpoint: &Endpoint, config: &RegistryConfig) -> Result<reqwest::Client, ImageError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .no_proxy();
+    if let (Some(rules), false) = (&config.proxy, endpoint.plain_http) {
+        let no_proxy =
+            reqwest::NoProxy::from_string(&format!("{},127.0.0.0/8,::1", rules.no_proxy_joined()));
+        let proxy = reqwest::Proxy::https(rules.https_proxy())
+            .map_err(|e| ImageError::Protocol(format!("the proxy of settings.network: {e}")))?
+            .no_proxy(no_proxy);
+        builder = builder.proxy(proxy);
+    }
+    builder
+        .build()
+        .map_err(|e| ImageError::Protocol(format!("cannot make an HTTP client: {e}")))
 }
 
 /// The manifest media types keeld asks a registry for.
@@ -315,15 +426,12 @@ async fn pull_from(
     let client = client_for(endpoint, config);
     let auth = config.auth_for(&endpoint.host);
     let reference = &endpoint.reference;
-    let accepted = accepted();
-    let accepted: Vec<&str> = accepted.iter().map(String::as_str).collect();
     let (mut bytes, digest) = within_deadline(
         endpoint,
         "the manifest",
-        client.pull_manifest_raw(reference, &auth, &accepted),
+        fetch_manifest(&client, endpoint, config, reference, &auth),
     )
-    .await?
-    .map_err(|e| registry_failure(endpoint, config, e))?;
+    .await??;
     if let Some(pinned) = reference.digest() {
         if pinned != digest {
             return Err(RegistryError::PinnedDigest {
@@ -346,10 +454,9 @@ async fn pull_from(
             let (b, d) = within_deadline(
                 endpoint,
                 "the platform's manifest",
-                client.pull_manifest_raw(&by_digest, &auth, &accepted),
+                fetch_manifest(&client, endpoint, config, &by_digest, &auth),
             )
-            .await?
-            .map_err(|e| registry_failure(endpoint, config, e))?;
+            .await??;
             if d != chosen.digest().as_ref() {
                 return Err(ImageError::DigestMismatch {
                     digest: chosen.digest().to_string(),
@@ -611,51 +718,205 @@ mod tests {
     /// (oci-client panics on it): the pull fails with a reason, the task goes on.
     #[tokio::test]
     async fn a_registry_answer_that_panics_the_client_fails_the_endpoint() {
+        let port = fake_registry(|request, port| {
+            if request.starts_with("GET /token") {
+                Answer::Whole(http_answer("200 OK", "", "{\"token\":\"abc\\u0001\"}"))
+            } else {
+                Answer::Whole(http_answer(
+                    "401 Unauthorized",
+                    &format!(
+                        "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"t\"\r\n"
+                    ),
+                    "",
+                ))
+            }
+        })
+        .await;
+        let failed = pull(
+            &lazy_client(),
+            &format!("127.0.0.1:{port}/app:1"),
+            &RegistryConfig::default(),
+        )
+        .await
+        .expect_err("no image from that registry");
+        // The token is no valid header value: the pull fails with the reason, and the
+        // task goes on (whether keeld's request refuses it or oci-client panics on it).
+        assert!(
+            failed
+                .to_string()
+                .contains(&format!("127.0.0.1:{port}/app:1")),
+            "{failed}"
+        );
+    }
+
+    /// A registry that sends a manifest without end: keeld stops reading at the limit,
+    /// instead of holding it all in memory.
+    #[tokio::test]
+    async fn an_endless_manifest_is_cut_off_at_the_limit() {
+        let port = fake_registry(|request, _| {
+            if request.contains("/manifests/") {
+                Answer::Endless(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: 1000000000000\r\nConnection: close\r\n\r\n",
+                )
+            } else {
+                Answer::Whole(http_answer("200 OK", "", ""))
+            }
+        })
+        .await;
+        let failed = pull(
+            &lazy_client(),
+            &format!("127.0.0.1:{port}/app:1"),
+            &RegistryConfig::default(),
+        )
+        .await
+        .expect_err("no manifest without end");
+        assert!(
+            failed
+                .to_string()
+                .contains("the manifest is larger than 4194304 bytes"),
+            "{failed}"
+        );
+    }
+
+    /// A manifest whose `Docker-Content-Digest` is not its own is refused, tag or not.
+    #[tokio::test]
+    async fn a_manifest_that_is_not_what_its_digest_header_says_is_refused() {
+        let port = fake_registry(|request, _| {
+            if request.contains("/manifests/") {
+                Answer::Whole(http_answer(
+                    "200 OK",
+                    &format!("Docker-Content-Digest: sha256:{}\r\n", "0".repeat(64)),
+                    "{\"schemaVersion\":2}",
+                ))
+            } else {
+                Answer::Whole(http_answer("200 OK", "", ""))
+            }
+        })
+        .await;
+        let failed = pull(
+            &lazy_client(),
+            &format!("127.0.0.1:{port}/app:1"),
+            &RegistryConfig::default(),
+        )
+        .await
+        .expect_err("a manifest that is not what the registry says");
+        assert!(
+            failed.to_string().contains(&format!("{} ", "0".repeat(64))),
+            "{failed}"
+        );
+    }
+
+    /// keeld's own manifest request carries the credentials: the user's (Basic) where
+    /// the registry asks for them, a token where it sends clients to a token service.
+    /// The fake registry answers an authorised manifest request with a body that is no
+    /// manifest, so the pull gets past authorisation and fails on parsing.
+    #[tokio::test]
+    async fn the_manifest_request_carries_the_credentials() {
+        fn authorised(request: &str, wanted: &str) -> bool {
+            request
+                .lines()
+                .any(|l| l.eq_ignore_ascii_case(&format!("authorization: {wanted}")))
+        }
+        let basic = fake_registry(|request, _| {
+            // base64("u:p")
+            if authorised(request, "Basic dTpw") && request.contains("/manifests/") {
+                Answer::Whole(http_answer("200 OK", "", "not a manifest"))
+            } else {
+                Answer::Whole(http_answer(
+                    "401 Unauthorized",
+                    "WWW-Authenticate: Basic realm=\"r\"\r\n",
+                    "",
+                ))
+            }
+        })
+        .await;
+        let bearer = fake_registry(|request, port| {
+            if request.starts_with("GET /token") {
+                Answer::Whole(http_answer("200 OK", "", "{\"token\":\"t0k3n\"}"))
+            } else if authorised(request, "Bearer t0k3n") && request.contains("/manifests/") {
+                Answer::Whole(http_answer("200 OK", "", "not a manifest"))
+            } else {
+                Answer::Whole(http_answer(
+                    "401 Unauthorized",
+                    &format!(
+                        "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"t\"\r\n"
+                    ),
+                    "",
+                ))
+            }
+        })
+        .await;
+        for port in [basic, bearer] {
+            let settings: Settings = serde_json::from_value(serde_json::json!({
+                "container-registry": {"credentials": [
+                    {"registry": format!("127.0.0.1:{port}"), "username": "u", "password": "p"}
+                ]}
+            }))
+            .expect("settings");
+            let failed = pull(
+                &lazy_client(),
+                &format!("127.0.0.1:{port}/app:1"),
+                &RegistryConfig::from_settings(&settings),
+            )
+            .await
+            .expect_err("no manifest in the answer");
+            let failed = failed.to_string();
+            assert!(!failed.contains("401"), "port {port}: {failed}");
+            assert!(
+                failed.contains("JSON") || failed.contains("json"),
+                "port {port}: {failed}"
+            );
+        }
+    }
+
+    /// What a fake registry sends back to one request.
+    enum Answer {
+        Whole(String),
+        /// This head, then spaces until the client hangs up.
+        Endless(&'static str),
+    }
+
+    fn http_answer(status: &str, headers: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// A registry on loopback answering each request (its first 4 KiB, and the port)
+    /// with `answer`; answers the port.
+    async fn fake_registry(answer: fn(&str, u16) -> Answer) -> u16 {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         tokio::spawn(async move {
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
-                    return;
-                };
+            while let Ok((mut conn, _)) = listener.accept().await {
                 tokio::spawn(async move {
                     let mut request = vec![0u8; 4096];
                     let n = conn.read(&mut request).await.unwrap_or(0);
-                    let request = String::from_utf8_lossy(&request[..n]).into_owned();
-                    let (status, headers, body) = if request.starts_with("GET /token") {
-                        ("200 OK", String::new(), "{\"token\":\"abc\\u0001\"}")
-                    } else {
-                        (
-                            "401 Unauthorized",
-                            format!(
-                                "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"t\"\r\n"
-                            ),
-                            "",
-                        )
-                    };
-                    let answer = format!(
-                        "HTTP/1.1 {status}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = conn.write_all(answer.as_bytes()).await;
+                    match answer(&String::from_utf8_lossy(&request[..n]), port) {
+                        Answer::Whole(text) => {
+                            let _ = conn.write_all(text.as_bytes()).await;
+                        }
+                        Answer::Endless(head) => {
+                            if conn.write_all(head.as_bytes()).await.is_ok() {
+                                let chunk = vec![b' '; 64 * 1024];
+                                while conn.write_all(&chunk).await.is_ok() {}
+                            }
+                        }
+                    }
                 });
             }
         });
-        let cd = Containerd::connect(std::path::Path::new("/nonexistent/containerd.sock"), "t")
-            .expect("lazy client");
-        let reference = format!("127.0.0.1:{port}/app:1");
-        let failed = pull(&cd, &reference, &RegistryConfig::default())
-            .await
-            .expect_err("no image from that registry");
-        assert!(
-            failed
-                .to_string()
-                .contains("the registry client failed on the registry's answer"),
-            "{failed}"
-        );
+        port
+    }
+
+    /// A containerd client that connects only when used; these tests fail before.
+    fn lazy_client() -> Containerd {
+        Containerd::connect(std::path::Path::new("/nonexistent/containerd.sock"), "t")
+            .expect("lazy client")
     }
 
     #[tokio::test]
