@@ -1327,3 +1327,80 @@ fn activation_power_cut_boots_one_whole_slot() {
     );
     vm.shutdown(Duration::from_secs(90));
 }
+
+/// A slot on trial whose root does not verify: N+1 is staged and activated in slot b,
+/// the harness then changes one byte of slot b's root while the host is off. Each try
+/// of slot b stops in the initramfs (`keel-initrd: FATAL: dm-verity`), which reboots
+/// rather than powering off because systemd-boot is counting the entry's tries; once
+/// they are used up the boot loader goes back to N in slot a, whose status says the
+/// update rolled back. (A blessed slot that does not verify powers off instead:
+/// [`a_tampered_root_does_not_boot`].)
+#[test]
+#[ignore = "boots qemu: packaging/dev/test.sh runs it after the other tests, alone"]
+fn a_trial_slot_that_does_not_verify_rolls_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = image_version(N);
+    let n1 = update_artifacts(&image_n1(dir.path()), N1);
+    let mut repo = TufRepo::create_with_keys(&dir.path().join("repo"), &update_keys());
+    let control = repo.dir.join("control");
+    std::fs::create_dir_all(&control).expect("control dir");
+    publish(&mut repo, dir.path(), &[&n1]);
+    let server = FileServer::start("127.0.0.1", repo.dir.clone());
+    let user_data = update_user_data("[settings]\nmotd = \"trial\"\n\n", &versions(ACTIVATION));
+    let (_imds, config) = update_host(&n, dir.path(), user_data, server.addr.port());
+
+    let mut vm = Vm::boot(&config);
+    let waited = vm.wait_serial("KEEL-PROBE staged=1", 1, BOOT * 2);
+    check(&vm, waited.is_ok(), &format!("{waited:?}"));
+    std::fs::write(control.join("1"), "go").expect("go");
+    let waited = vm.wait_serial("KEEL-PROBE activated=1", 1, BOOT);
+    check(&vm, waited.is_ok(), &format!("{waited:?}"));
+    let first = boot_run(&vm.serial(), None, 1);
+    check(
+        &vm,
+        first
+            .get("activated")
+            .is_some_and(|s| s.contains("\"update_state\":\"Ready\"")),
+        &format!("N+1 activated in slot b: {first:?}"),
+    );
+    vm.shutdown(Duration::from_secs(90));
+    let before = vm.serial();
+
+    flip_byte_in_partition(&config.disk, &n.dir.join("disk.raw"), "keel-root-b", 0.3);
+    let mut vm = Vm::boot(&config);
+    let waited = vm.wait_serial("KEEL-PROBE status=", 1, BOOT * 5);
+    check(
+        &vm,
+        waited.is_ok(),
+        &format!("{waited:?}\n--- before ---\n{before}"),
+    );
+    let serial = vm.serial();
+    let refused = serial.matches("keel-initrd: FATAL: dm-verity").count();
+    // A boot the harness's watchdog reset (a TCG hang) used up a try of its own.
+    check(
+        &vm,
+        (1..=3).contains(&refused) && refused + vm.resets.len() >= 3,
+        &format!(
+            "slot b should have been tried 3 times: refused {refused} times, resets {:?}",
+            vm.resets
+        ),
+    );
+    check(
+        &vm,
+        serial.matches("rebooting in 10 s").count() == refused,
+        "each refused try of the slot on trial rebooted",
+    );
+    let back = boot_run(&serial, None, 1);
+    let status: serde_json::Value =
+        serde_json::from_str(back.get("status").map(String::as_str).unwrap_or("null"))
+            .unwrap_or_default();
+    check(
+        &vm,
+        back.get("boot-of").map(String::as_str) == Some(N)
+            && back.get("slot").map(String::as_str) == Some("a")
+            && status["last_boot"]["outcome"] == "rolled-back"
+            && status["active_partition"]["image"]["version"] == N,
+        &format!("back on N in slot a, the status says rolled back: {back:?}"),
+    );
+    vm.shutdown(Duration::from_secs(90));
+}
