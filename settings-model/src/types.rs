@@ -392,15 +392,21 @@ validated_string! {
 /// The longest single-line string accepted.
 pub const SINGLE_LINE_MAX: usize = 4096;
 
-fn check_single_line(s: &str) -> Result<(), String> {
+/// That `s` is one line of text; an error names it as `name()` does.
+fn check_one_line(s: &str, name: impl FnOnce() -> String) -> Result<(), String> {
     check_len(s, "single line of text", SINGLE_LINE_MAX)?;
     if let Some((offset, c)) = first_forbidden(s, &['\t']) {
         return Err(format!(
-            "{s:?} must be a single line (no newlines, control characters or noncharacters: U+{:04X} at byte {offset})",
+            "{} must be a single line (no newlines, control characters or noncharacters: U+{:04X} at byte {offset})",
+            name(),
             u32::from(c)
         ));
     }
     Ok(())
+}
+
+fn check_single_line(s: &str) -> Result<(), String> {
+    check_one_line(s, || format!("{s:?}"))
 }
 
 validated_string! {
@@ -412,16 +418,9 @@ validated_string! {
 }
 
 fn check_env_value(s: &str) -> Result<(), String> {
-    check_len(s, "single line of text", SINGLE_LINE_MAX)?;
-    if let Some((offset, c)) = first_forbidden(s, &['\t']) {
-        // Not quoted: environment variables carry secrets (credential providers' keys),
-        // and errors are logged and served by GET /boot.
-        return Err(format!(
-            "the value must be a single line (no newlines, control characters or noncharacters: U+{:04X} at byte {offset})",
-            u32::from(c)
-        ));
-    }
-    Ok(())
+    // Not quoted: environment variables carry secrets (credential providers' keys), and
+    // errors are logged and served by GET /boot.
+    check_one_line(s, || "the value".to_owned())
 }
 
 validated_string! {
