@@ -1203,6 +1203,40 @@ say "activated=$boot $s"
 exec sleep 1000000
 "#;
 
+/// A host of version N whose admin container runs [`ACTIVATION`], N+1 published in a
+/// signed repository it reaches; `control` is where the harness posts each boot's "go".
+struct ActivationHost {
+    n: Image,
+    config: VmConfig,
+    control: std::path::PathBuf,
+    _server: FileServer,
+    _imds: keel_e2e::imds::Imds,
+}
+
+impl ActivationHost {
+    fn new(dir: &Path, motd: &str) -> ActivationHost {
+        let n = image_version(N);
+        let n1 = update_artifacts(&image_n1(dir), N1);
+        let mut repo = TufRepo::create_with_keys(&dir.join("repo"), &update_keys());
+        let control = repo.dir.join("control");
+        std::fs::create_dir_all(&control).expect("control dir");
+        publish(&mut repo, dir, &[&n1]);
+        let server = FileServer::start("127.0.0.1", repo.dir.clone());
+        let user_data = update_user_data(
+            &format!("[settings]\nmotd = \"{motd}\"\n\n"),
+            &versions(ACTIVATION),
+        );
+        let (imds, config) = update_host(&n, dir, user_data, server.addr.port());
+        ActivationHost {
+            n,
+            config,
+            control,
+            _server: server,
+            _imds: imds,
+        }
+    }
+}
+
 /// Power cuts during activation: with N+1 staged in slot b, the harness slows the disk's
 /// writes (qemu's I/O throttle) so that the activation's writes (keeld's record, the
 /// loader entry on the ESP: temporary file, fsync, rename, fsync) come one at a time,
@@ -1214,19 +1248,9 @@ exec sleep 1000000
 #[ignore = "boots qemu: packaging/dev/test.sh runs it after the other tests, alone"]
 fn activation_power_cut_boots_one_whole_slot() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let n = image_version(N);
-    let n1 = update_artifacts(&image_n1(dir.path()), N1);
-    let mut repo = TufRepo::create_with_keys(&dir.path().join("repo"), &update_keys());
-    let control = repo.dir.join("control");
-    std::fs::create_dir_all(&control).expect("control dir");
-    publish(&mut repo, dir.path(), &[&n1]);
-    let server = FileServer::start("127.0.0.1", repo.dir.clone());
-    let user_data = update_user_data(
-        "[settings]\nmotd = \"activation\"\n\n",
-        &versions(ACTIVATION),
-    );
-    let (_imds, config) = update_host(&n, dir.path(), user_data, server.addr.port());
-    let mut vm = Vm::boot(&config);
+    let host = ActivationHost::new(dir.path(), "activation");
+    let (config, control) = (&host.config, &host.control);
+    let mut vm = Vm::boot(config);
     let mut log = String::new();
     // Writes after which the plug is pulled, one boot each; then no cut.
     let cuts = [3u64, 8];
@@ -1285,7 +1309,7 @@ fn activation_power_cut_boots_one_whole_slot() {
         log.push_str(&format!(
             "--- boot {boot}: cut after {cut} writes (activation answered before: {activated}) ---\n{serial}\n"
         ));
-        vm = Vm::boot(&config);
+        vm = Vm::boot(config);
         // The next boot is N again (the entry was not complete) or N+1 on slot b.
         let waited = vm.wait_serial("KEEL-PROBE status=", 1, BOOT * 2);
         check(&vm, waited.is_ok(), &format!("{waited:?}\n{log}"));
@@ -1311,7 +1335,7 @@ fn activation_power_cut_boots_one_whole_slot() {
     vm.power_button().ok();
     let _ = vm.wait_exit(Duration::from_secs(120));
     vm.power_cut();
-    let mut vm = Vm::boot(&config);
+    let mut vm = Vm::boot(config);
     let waited = vm.wait_serial(&format!("KEEL-PROBE boot-of={N1}"), 1, BOOT * 2);
     check(&vm, waited.is_ok(), &format!("{waited:?}\n{log}"));
     let waited = vm.wait_serial("KEEL-PROBE status=", 1, BOOT);
@@ -1339,17 +1363,10 @@ fn activation_power_cut_boots_one_whole_slot() {
 #[ignore = "boots qemu: packaging/dev/test.sh runs it after the other tests, alone"]
 fn a_trial_slot_that_does_not_verify_rolls_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let n = image_version(N);
-    let n1 = update_artifacts(&image_n1(dir.path()), N1);
-    let mut repo = TufRepo::create_with_keys(&dir.path().join("repo"), &update_keys());
-    let control = repo.dir.join("control");
-    std::fs::create_dir_all(&control).expect("control dir");
-    publish(&mut repo, dir.path(), &[&n1]);
-    let server = FileServer::start("127.0.0.1", repo.dir.clone());
-    let user_data = update_user_data("[settings]\nmotd = \"trial\"\n\n", &versions(ACTIVATION));
-    let (_imds, config) = update_host(&n, dir.path(), user_data, server.addr.port());
+    let host = ActivationHost::new(dir.path(), "trial");
+    let (config, control) = (&host.config, &host.control);
 
-    let mut vm = Vm::boot(&config);
+    let mut vm = Vm::boot(config);
     let waited = vm.wait_serial("KEEL-PROBE staged=1", 1, BOOT * 2);
     check(&vm, waited.is_ok(), &format!("{waited:?}"));
     std::fs::write(control.join("1"), "go").expect("go");
@@ -1366,8 +1383,13 @@ fn a_trial_slot_that_does_not_verify_rolls_back() {
     vm.shutdown(Duration::from_secs(90));
     let before = vm.serial();
 
-    flip_byte_in_partition(&config.disk, &n.dir.join("disk.raw"), "keel-root-b", 0.3);
-    let mut vm = Vm::boot(&config);
+    flip_byte_in_partition(
+        &config.disk,
+        &host.n.dir.join("disk.raw"),
+        "keel-root-b",
+        0.3,
+    );
+    let mut vm = Vm::boot(config);
     let waited = vm.wait_serial("KEEL-PROBE status=", 1, BOOT * 5);
     check(
         &vm,

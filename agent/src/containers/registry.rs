@@ -722,23 +722,11 @@ mod tests {
             if request.starts_with("GET /token") {
                 Answer::Whole(http_answer("200 OK", "", "{\"token\":\"abc\\u0001\"}"))
             } else {
-                Answer::Whole(http_answer(
-                    "401 Unauthorized",
-                    &format!(
-                        "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"t\"\r\n"
-                    ),
-                    "",
-                ))
+                bearer_challenge(port)
             }
         })
         .await;
-        let failed = pull(
-            &lazy_client(),
-            &format!("127.0.0.1:{port}/app:1"),
-            &RegistryConfig::default(),
-        )
-        .await
-        .expect_err("no image from that registry");
+        let failed = failed_pull(port, &RegistryConfig::default()).await;
         // The token is no valid header value: the pull fails with the reason, and the
         // task goes on (whether keeld's request refuses it or oci-client panics on it).
         assert!(
@@ -763,13 +751,7 @@ mod tests {
             }
         })
         .await;
-        let failed = pull(
-            &lazy_client(),
-            &format!("127.0.0.1:{port}/app:1"),
-            &RegistryConfig::default(),
-        )
-        .await
-        .expect_err("no manifest without end");
+        let failed = failed_pull(port, &RegistryConfig::default()).await;
         assert!(
             failed
                 .to_string()
@@ -793,13 +775,7 @@ mod tests {
             }
         })
         .await;
-        let failed = pull(
-            &lazy_client(),
-            &format!("127.0.0.1:{port}/app:1"),
-            &RegistryConfig::default(),
-        )
-        .await
-        .expect_err("a manifest that is not what the registry says");
+        let failed = failed_pull(port, &RegistryConfig::default()).await;
         assert!(
             failed.to_string().contains(&format!("{} ", "0".repeat(64))),
             "{failed}"
@@ -836,13 +812,7 @@ mod tests {
             } else if authorised(request, "Bearer t0k3n") && request.contains("/manifests/") {
                 Answer::Whole(http_answer("200 OK", "", "not a manifest"))
             } else {
-                Answer::Whole(http_answer(
-                    "401 Unauthorized",
-                    &format!(
-                        "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"t\"\r\n"
-                    ),
-                    "",
-                ))
+                bearer_challenge(port)
             }
         })
         .await;
@@ -853,14 +823,9 @@ mod tests {
                 ]}
             }))
             .expect("settings");
-            let failed = pull(
-                &lazy_client(),
-                &format!("127.0.0.1:{port}/app:1"),
-                &RegistryConfig::from_settings(&settings),
-            )
-            .await
-            .expect_err("no manifest in the answer");
-            let failed = failed.to_string();
+            let failed = failed_pull(port, &RegistryConfig::from_settings(&settings))
+                .await
+                .to_string();
             assert!(!failed.contains("401"), "port {port}: {failed}");
             assert!(
                 failed.contains("JSON") || failed.contains("json"),
@@ -874,6 +839,17 @@ mod tests {
         Whole(String),
         /// This head, then spaces until the client hangs up.
         Endless(&'static str),
+    }
+
+    /// A 401 that sends the client to this fake registry's `/token` for a token.
+    fn bearer_challenge(port: u16) -> Answer {
+        Answer::Whole(http_answer(
+            "401 Unauthorized",
+            &format!(
+                "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"t\"\r\n"
+            ),
+            "",
+        ))
     }
 
     fn http_answer(status: &str, headers: &str, body: &str) -> String {
@@ -913,10 +889,14 @@ mod tests {
         port
     }
 
-    /// A containerd client that connects only when used; these tests fail before.
-    fn lazy_client() -> Containerd {
-        Containerd::connect(std::path::Path::new("/nonexistent/containerd.sock"), "t")
-            .expect("lazy client")
+    /// Pulls `127.0.0.1:{port}/app:1`, which must fail before keeld needs containerd
+    /// (its client connects only when used, to a socket that does not exist).
+    async fn failed_pull(port: u16, config: &RegistryConfig) -> ImageError {
+        let cd = Containerd::connect(std::path::Path::new("/nonexistent/containerd.sock"), "t")
+            .expect("lazy client");
+        pull(&cd, &format!("127.0.0.1:{port}/app:1"), config)
+            .await
+            .expect_err("the pull should fail")
     }
 
     #[tokio::test]
