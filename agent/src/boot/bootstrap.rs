@@ -82,10 +82,33 @@ pub enum ContainerRun {
     },
 }
 
+/// How long the first wait for containerd lasts when it stops answering in the middle
+/// of a bootstrap container; doubled each time up to [`OUTAGE_MAX`].
+const OUTAGE_FIRST: Duration = Duration::from_secs(1);
+const OUTAGE_MAX: Duration = Duration::from_secs(8);
+
+/// What [`run_container`] does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Start it afresh (replacing whatever is there).
+    Start,
+    /// Ask containerd what is there. `gone_is_failure`: the task was started in this
+    /// boot, so a missing task means it is gone, not that it still has to start.
+    Look { gone_is_failure: bool },
+    /// Wait for the running task to end.
+    Wait,
+}
+
 /// Runs (or, after a keeld restart, resumes) bootstrap container `desired` to its end.
 /// `resume` is true when the boot record shows it was started in this boot already:
 /// it is then waited for, never started again, and its `timeout` has `ran_before` of
 /// it used up.
+///
+/// containerd not answering (it restarted, or is not up yet) is not the container's
+/// failure: keeld waits for it (1 s, doubling to 8 s), then looks at what is there and
+/// goes on from it. A task keeps running while containerd is away (its shim holds it),
+/// so a wait cut short is resumed, not taken for an exit; a task that was created and
+/// never started is started afresh. The timeout keeps counting through an outage.
 pub async fn run_container(
     runtime: &dyn BootRuntime,
     board: &StatusBoard,
@@ -106,77 +129,114 @@ pub async fn run_container(
             )
         })
     };
-    // Only a resume needs to know what exists; a fresh start replaces whatever a
-    // crashed keeld left (prepare and start clear stale records and tasks).
-    let existing = if resume {
-        runtime.find(&id).await?
+    let deadline =
+        timeout.map(|limit| tokio::time::Instant::now() + limit.saturating_sub(ran_before));
+    let mut outage = crate::containers::supervisor::Backoff::new(OUTAGE_FIRST, OUTAGE_MAX);
+    let mut next = if resume {
+        Next::Look {
+            gone_is_failure: true,
+        }
     } else {
-        None
+        Next::Start
     };
-    let started_task = match (resume, existing) {
-        (true, Some(existing)) => match existing.task {
-            Some(task) if task.running => {
-                tracing::info!(container = %id, pid = task.pid, "resuming: waiting for the bootstrap container started before keeld restarted");
-                report(&|s| {
-                    s.state = RunState::Running;
-                    s.pid = Some(task.pid);
-                });
-                true
-            }
-            Some(task) => {
-                // It finished while keeld was away; its exit status is still there
-                // (and stays until [`clean_up`], after the outcome is recorded).
-                let code = i32::try_from(task.exit_status).unwrap_or(i32::MAX);
-                return Ok(ContainerRun::Exited(code));
-            }
-            None => false,
-        },
-        (true, None) => false,
-        (false, _) => {
-            // A task left from an earlier boot (not this one: the record says this one
-            // never started it) goes first.
-            runtime.stop(&id, Duration::ZERO).await?;
-            report(&|s| s.state = RunState::Starting);
-            let prepared = runtime.prepare(desired, registries).await?;
-            let pid = runtime.start(&id).await?;
-            report(&|s| {
-                s.state = RunState::Running;
-                s.pid = Some(pid);
-                s.image_digest = Some(prepared.image_digest.clone());
-                s.since = crate::store::now_rfc3339();
-            });
-            true
-        }
-    };
-    if !started_task {
-        return Err(RunError::Failed(
-            "keeld restarted while it ran and its task is gone; not run again in this boot".into(),
-        ));
-    }
-    let waited = match timeout {
-        Some(limit) => {
-            let left = limit.saturating_sub(ran_before);
-            tokio::time::timeout(left, runtime.wait(&id)).await.ok()
-        }
-        None => Some(runtime.wait(&id).await),
-    };
-    let outcome = match waited {
-        Some(Ok(code)) => ContainerRun::Exited(code),
-        Some(Err(e)) => return Err(e),
-        None => {
-            let limit = timeout.unwrap_or_default();
-            tracing::warn!(container = %id, timeout = ?limit, "bootstrap container timed out; killing it");
-            let kill_failed = match runtime.stop(&id, Duration::ZERO).await {
-                Ok(_) => None,
-                Err(e) => {
-                    tracing::error!(container = %id, error = %e, "cannot kill the timed-out bootstrap container; it may still run");
-                    Some(e.to_string())
+    loop {
+        let step: Result<Option<ContainerRun>, RunError> = match next {
+            Next::Start => {
+                // A task left from an earlier boot (not this one: the record says this
+                // one never started it), or created and never started, goes first.
+                async {
+                    runtime.stop(&id, Duration::ZERO).await?;
+                    report(&|s| s.state = RunState::Starting);
+                    let prepared = runtime.prepare(desired, registries).await?;
+                    let pid = runtime.start(&id).await?;
+                    report(&|s| {
+                        s.state = RunState::Running;
+                        s.pid = Some(pid);
+                        s.image_digest = Some(prepared.image_digest.clone());
+                        s.since = crate::store::now_rfc3339();
+                    });
+                    next = Next::Wait;
+                    Ok(None)
                 }
-            };
-            ContainerRun::TimedOut { limit, kill_failed }
+                .await
+            }
+            Next::Look { gone_is_failure } => match runtime.find(&id).await {
+                Err(e) => Err(e),
+                Ok(found) => match found.and_then(|existing| existing.task) {
+                    Some(task) if task.created_only => {
+                        tracing::info!(container = %id, "its task was created and never started; starting it afresh");
+                        next = Next::Start;
+                        Ok(None)
+                    }
+                    Some(task) if task.running => {
+                        tracing::info!(container = %id, pid = task.pid, "waiting for the bootstrap container started before");
+                        report(&|s| {
+                            s.state = RunState::Running;
+                            s.pid = Some(task.pid);
+                        });
+                        next = Next::Wait;
+                        Ok(None)
+                    }
+                    // It finished while keeld was away or containerd did not answer;
+                    // its exit status is still there (and stays until [`clean_up`],
+                    // after the outcome is recorded).
+                    Some(task) => Ok(Some(ContainerRun::Exited(
+                        i32::try_from(task.exit_status).unwrap_or(i32::MAX),
+                    ))),
+                    None if gone_is_failure => Err(RunError::Failed(
+                        "it was started in this boot and its task is gone; not run again in this boot"
+                            .into(),
+                    )),
+                    None => {
+                        next = Next::Start;
+                        Ok(None)
+                    }
+                },
+            },
+            Next::Wait => {
+                let waited = match deadline {
+                    Some(deadline) => tokio::time::timeout_at(deadline, runtime.wait(&id))
+                        .await
+                        .ok(),
+                    None => Some(runtime.wait(&id).await),
+                };
+                match waited {
+                    Some(Ok(code)) => Ok(Some(ContainerRun::Exited(code))),
+                    Some(Err(e)) => Err(e),
+                    None => {
+                        let limit = timeout.unwrap_or_default();
+                        tracing::warn!(container = %id, timeout = ?limit, "bootstrap container timed out; killing it");
+                        let kill_failed = match runtime.stop(&id, Duration::ZERO).await {
+                            Ok(_) => None,
+                            Err(e) => {
+                                tracing::error!(container = %id, error = %e, "cannot kill the timed-out bootstrap container; it may still run");
+                                Some(e.to_string())
+                            }
+                        };
+                        Ok(Some(ContainerRun::TimedOut { limit, kill_failed }))
+                    }
+                }
+            }
+        };
+        match step {
+            Ok(Some(run)) => return Ok(run),
+            Ok(None) => outage.reset(),
+            Err(e) if e.is_unavailable() => {
+                let delay = outage.next_delay();
+                tracing::warn!(container = %id, error = %e, retry_in = ?delay, "containerd does not answer; the bootstrap container waits for it");
+                tokio::time::sleep(delay).await;
+                // Whatever was under way may or may not have reached containerd: look.
+                next = Next::Look {
+                    gone_is_failure: match next {
+                        Next::Start => false,
+                        Next::Look { gone_is_failure } => gone_is_failure,
+                        Next::Wait => true,
+                    },
+                };
+            }
+            Err(e) => return Err(e),
         }
-    };
-    Ok(outcome)
+    }
 }
 
 /// Removes what a bootstrap container that ended leaves: its exited task, record and

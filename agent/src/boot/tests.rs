@@ -899,3 +899,82 @@ async fn a_reboot_to_reconcile_that_cannot_run_fails_the_boot_with_the_reason() 
     );
     assert_eq!(outcome(&record, RECONCILE_STEP).0, StepOutcome::Failed);
 }
+
+/// containerd goes away while an essential bootstrap container runs and comes back: the
+/// container ran on (its shim holds it), so keeld waits it out and waits for it again;
+/// it is not killed, not started again, and the boot does not fail for it.
+#[tokio::test(start_paused = true)]
+async fn containerd_going_away_while_a_bootstrap_container_runs_is_waited_out() {
+    let node = slow_node();
+    let began = Instant::now();
+    let running = node.start();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(node.started(), ["bootstrap-slow"]);
+    node.fake.with(|s| s.down = true);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(!running.task.is_finished(), "the boot waits for containerd");
+    node.fake.with(|s| s.down = false);
+    running.task.await.expect("the boot panicked");
+    let record = node.record_on_disk();
+    assert_eq!(record.phase, BootPhase::Configured, "{record:#?}");
+    assert_eq!(
+        outcome(&record, "bootstrap-container:slow"),
+        (StepOutcome::Succeeded, "exited 0".into())
+    );
+    assert_eq!(slow_starts(&node), 1);
+    assert!(
+        node.fake
+            .with(|s| s.stop_log.iter().all(|stop| !stop.ended_a_run)),
+        "nothing was killed"
+    );
+    // It ended when its script says (10 s from its start), seen within a back-off.
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        began.elapsed()
+    );
+}
+
+/// containerd not up yet when a bootstrap container is due: it starts once containerd
+/// answers, instead of failing the boot.
+#[tokio::test(start_paused = true)]
+async fn a_bootstrap_container_due_while_containerd_is_down_starts_once_it_answers() {
+    let node = slow_node();
+    node.fake.with(|s| s.down = true);
+    let running = node.start();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(node.started().is_empty());
+    node.fake.with(|s| s.down = false);
+    running.task.await.expect("the boot panicked");
+    let record = node.record_on_disk();
+    assert_eq!(record.phase, BootPhase::Configured, "{record:#?}");
+    assert_eq!(slow_starts(&node), 1);
+}
+
+/// A keeld that died between creating the task and starting it left a task that never
+/// ran: the resume starts it afresh, instead of waiting for a process that never runs.
+#[tokio::test(start_paused = true)]
+async fn a_task_created_and_never_started_is_started_at_the_resume() {
+    let node = slow_node();
+    killed_while_slow_runs(&node).await;
+    node.fake.with(|s| {
+        if let Some((_, Some(task))) = s.records.get_mut("bootstrap-slow") {
+            task.created_only = true;
+        }
+    });
+    let (record, gate) = tokio::time::timeout(Duration::from_secs(60), node.boot())
+        .await
+        .expect("the resume does not wait for a task that never runs");
+    assert_eq!(
+        (record.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    assert_eq!(slow_starts(&node), 2);
+}
+
+fn slow_starts(node: &Node) -> usize {
+    node.started()
+        .iter()
+        .filter(|id| *id == "bootstrap-slow")
+        .count()
+}

@@ -410,8 +410,10 @@ impl Containerd {
             .find(|t| t.container_id == id || (t.id == id && t.container_id.is_empty()))
             .map(|t| TaskState {
                 pid: t.pid,
-                running: t.status == containerd_client::types::v1::Status::Running as i32
-                    || t.status == containerd_client::types::v1::Status::Created as i32,
+                // Anything but stopped has not exited: created, running, paused, or
+                // unknown (its shim does not answer); only a stopped task's exit
+                // status means anything.
+                running: t.status != containerd_client::types::v1::Status::Stopped as i32,
                 created_only: t.status == containerd_client::types::v1::Status::Created as i32,
                 exit_status: t.exit_status,
             }))
@@ -422,7 +424,7 @@ impl Containerd {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskState {
     pub pid: u32,
-    /// Created or running (not yet exited).
+    /// Not yet exited: created, running, paused or unknown.
     pub running: bool,
     /// Created but never started (keeld died between create and start).
     pub created_only: bool,
