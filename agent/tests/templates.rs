@@ -394,6 +394,16 @@ fn containerd_hosts_per_mirror() {
     );
     assert_eq!(hosts_of(&text), ["http://10.0.0.9:5000"]);
 
+    // An endpoint written twice is one table (twice is not TOML); case counts.
+    let twice = json!({"registry": "quay.io", "endpoint": [
+        "https://m.example.com", "https://M.example.com", "https://m.example.com"]});
+    let text = render_item("containerd-hosts", &s, &twice, "quay.io");
+    assert_eq!(
+        hosts_of(&text),
+        ["https://m.example.com", "https://M.example.com"],
+        "{text}"
+    );
+
     // A mirror without endpoints still parses, with the server only.
     let bare = render_item(
         "containerd-hosts",
@@ -427,6 +437,42 @@ fn containerd_config_is_toml_with_cri_options() {
     let empty = toml_doc(&render("containerd-config", &json!({})));
     assert!(empty["plugins"]["io.containerd.grpc.v1.cri"]
         .get("max_concurrent_downloads")
+        .is_none());
+}
+
+/// CRI pulls (Kubernetes pods) use settings.container-registry.credentials too: as
+/// containerd 1.6 reads them, per host it pulls from (docker.io's is
+/// registry-1.docker.io); a host listed twice keeps its first credentials.
+#[test]
+fn containerd_config_carries_registry_credentials_for_cri_pulls() {
+    let settings = json!({"container-registry": {"credentials": [
+        {"registry": "docker.io", "username": "u", "password": "p\"w'd"},
+        {"registry": "registry.example.com:5000", "auth": "dTpw"},
+        {"registry": "registry-1.docker.io", "username": "second", "password": "x"},
+        {"registry": "ecr.example.com", "identitytoken": "tok"}
+    ]}});
+    let text = render("containerd-config", &settings);
+    let doc = toml_doc(&text);
+    let configs = doc["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["configs"]
+        .as_table()
+        .unwrap_or_else(|| panic!("no registry.configs:\n{text}"));
+    let auth = |host: &str| configs[host]["auth"].as_table().unwrap().clone();
+    let docker = auth("registry-1.docker.io");
+    assert_eq!(docker["username"].as_str(), Some("u"));
+    assert_eq!(docker["password"].as_str(), Some("p\"w'd"));
+    assert_eq!(
+        auth("registry.example.com:5000")["auth"].as_str(),
+        Some("dTpw")
+    );
+    assert_eq!(
+        auth("ecr.example.com")["identitytoken"].as_str(),
+        Some("tok")
+    );
+    assert_eq!(configs.len(), 3, "{text}");
+    // Without credentials there is no configs table at all.
+    let none = toml_doc(&render("containerd-config", &json!({})));
+    assert!(none["plugins"]["io.containerd.grpc.v1.cri"]["registry"]
+        .get("configs")
         .is_none());
 }
 
@@ -1796,27 +1842,9 @@ fn parsed(name: &str, text: &str) -> Vec<(String, String)> {
             other => out.push((path, format!("v:{other}"))),
         }
     }
-    /// A value of a `KEY=value` line as systemd's EnvironmentFile= and sh read what
-    /// `shell_env_quote` writes: plain characters, `'...'` and `\'`; anything else
-    /// (spaces, `$`, backquotes, double quotes) is not in the file format we write.
+    /// A value of a `KEY=value` line as systemd's EnvironmentFile= reads it.
     fn env_value(raw: &str) -> String {
-        let mut out = String::new();
-        let mut chars = raw.chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '\'' => loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(q) => out.push(q),
-                        None => panic!("unterminated quote in {raw:?}"),
-                    }
-                },
-                '\\' => out.push(chars.next().expect("an escaped character")),
-                c if c.is_ascii_alphanumeric() || "_-+.,:/=@%".contains(c) => out.push(c),
-                c => panic!("{c:?} unquoted in {raw:?}"),
-            }
-        }
-        out
+        keel_agent::apply::filters::environment_file_value(raw)
     }
     let mut out = Vec::new();
     match name {

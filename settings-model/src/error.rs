@@ -34,12 +34,9 @@ pub enum Error {
     BadKey { key: String, reason: String },
 
     /// The text on the right of `key=value` cannot become a value of the key's type.
-    #[error("{key}: cannot set {value:?}: {reason}")]
-    BadValue {
-        key: String,
-        value: String,
-        reason: String,
-    },
+    /// The text is not repeated: it may be a secret (a password, an environment map).
+    #[error("{key}: cannot set the value given: {reason}")]
+    BadValue { key: String, reason: String },
 }
 
 impl Error {

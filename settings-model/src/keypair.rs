@@ -27,7 +27,6 @@ fn split_pair(s: &str) -> Option<(&str, &str)> {
 fn convert(key: &str, text: &str, kinds: Kinds) -> Result<Value, Error> {
     let bad = |reason: &str| Error::BadValue {
         key: key.to_owned(),
-        value: text.to_owned(),
         reason: reason.to_owned(),
     };
     let as_json = || {

@@ -19,8 +19,9 @@ use crate::types::{
     EvictionSignal, FriendlyVersion, Hostname, HostsEntry, Identifier, ImageRef, IntegerPercent,
     IpAddress, IpOrIps, KernelModuleName, LabelKey, LabelValue, LooseUrl, MemoryQuantity, Motd,
     NoProxyEntry, NtpOption, NumaNode, OciCapabilityName, PemBundle, PemPrivateKey, ProxyAddress,
-    Quantity, RegistryAuth, RegistryHost, RlimitName, RlimitValue, SecretBase64, SecretString,
-    SingleLineString, StaticPodManifest, SysctlKey, TaintList, Threshold, TimeServer, Url,
+    Quantity, RegistryAuth, RegistryHost, RegistryImageRef, RlimitName, RlimitValue, SecretBase64,
+    SecretString, SingleLineString, StaticPodManifest, SysctlKey, TaintList, Threshold, TimeServer,
+    Url,
 };
 use crate::{Error, KeyPath};
 
@@ -162,7 +163,7 @@ pub struct Settings {
     pub pki: Option<PkiBundles>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aws: Option<Aws>,
-    /// Bottlerocket's update settings (stored; no effect on a Keel host).
+    /// The update repository and the choice of version, as Bottlerocket names them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub updates: Option<Updates>,
     /// Bottlerocket's metrics reporting (stored; no effect on a Keel host).
@@ -468,7 +469,7 @@ pub struct Kubernetes {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authentication_mode: Option<AuthenticationMode>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod_infra_container_image: Option<ImageRef>,
+    pub pod_infra_container_image: Option<RegistryImageRef>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_ip: Option<IpAddress>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -818,8 +819,8 @@ pub struct Aws {
     pub profile: Option<SingleLineString>,
 }
 
-/// Bottlerocket's update settings. Keel updates through its image, not through these:
-/// they are stored and validated, with no effect on the host.
+/// Bottlerocket's update settings, which keeld's update commands read (the TUF
+/// repository's URLs, the version lock, waves and the seed; `agent/src/updates`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Updates {
@@ -1040,6 +1041,63 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
                         ),
                     })
                 }
+            }
+        }
+    }
+    // An argument cannot hold a NUL (execve ends it there): refused here, not when the
+    // container or command fails to start.
+    let argvs = settings
+        .host_containers
+        .iter()
+        .flatten()
+        .map(|(name, c)| ("host-containers", name, &c.command))
+        .chain(
+            settings
+                .bootstrap_containers
+                .iter()
+                .flatten()
+                .map(|(name, c)| ("bootstrap-containers", name, &c.command)),
+        );
+    for (group, name, command) in argvs {
+        if let Some(i) = command.iter().flatten().position(|a| a.contains('\0')) {
+            return Err(Error::Invalid {
+                key: format!(
+                    "settings.{group}.{}.command[{i}]",
+                    format_segment(name.as_str())
+                ),
+                reason: "an argument cannot contain a NUL character".to_owned(),
+            });
+        }
+    }
+    for (name, command) in settings.bootstrap_commands.iter().flatten() {
+        for (i, argv) in command.commands.iter().flatten().enumerate() {
+            if let Some(j) = argv.iter().position(|a| a.contains('\0')) {
+                return Err(Error::Invalid {
+                    key: format!(
+                        "settings.bootstrap-commands.{}.commands[{i}][{j}]",
+                        format_segment(name.as_str())
+                    ),
+                    reason: "an argument cannot contain a NUL character".to_owned(),
+                });
+            }
+        }
+    }
+    // runc refuses a soft limit above its hard limit (setrlimit: EINVAL), so every pod
+    // would fail to start.
+    let limits = settings
+        .oci_defaults
+        .as_ref()
+        .and_then(|o| o.resource_limits.as_ref());
+    for (name, limit) in limits.into_iter().flat_map(|l| l.iter()) {
+        if let (Some(hard), Some(soft)) = (&limit.hard_limit, &limit.soft_limit) {
+            if soft.value() > hard.value() {
+                return Err(Error::Invalid {
+                    key: format!(
+                        "settings.oci-defaults.resource-limits.{}.soft-limit",
+                        format_segment(name.as_str())
+                    ),
+                    reason: "the soft limit is above the hard limit (runc refuses it, and every pod would fail to start)".to_owned(),
+                });
             }
         }
     }

@@ -128,9 +128,29 @@ macro_rules! validated_string {
             }
         }
 
-        validated_string!(@impl $name, $check, $desc, $format, $pattern);
+        validated_string!(@impl $name, $check, $desc, $format, $pattern, String::deserialize);
+    };
+    (
+        $(#[$doc:meta])*
+        $name:ident, check = $check:path, description = $desc:expr,
+        format = $format:expr, pattern = $pattern:expr, debug = $debug:path, read = $read:path
+    ) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(String);
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_tuple(stringify!($name)).field(&$debug(&self.0)).finish()
+            }
+        }
+
+        validated_string!(@impl $name, $check, $desc, $format, $pattern, $read);
     };
     (@impl $name:ident, $check:path, $desc:expr, $format:expr, $pattern:expr) => {
+        validated_string!(@impl $name, $check, $desc, $format, $pattern, String::deserialize);
+    };
+    (@impl $name:ident, $check:path, $desc:expr, $format:expr, $pattern:expr, $read:path) => {
 
         impl $name {
             /// Validates `s`; the error is the reason text shown to users.
@@ -173,7 +193,7 @@ macro_rules! validated_string {
 
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(deserializer)?;
+                let s = $read(deserializer)?;
                 Self::new(s).map_err(serde::de::Error::custom)
             }
         }
@@ -423,12 +443,24 @@ fn check_env_value(s: &str) -> Result<(), String> {
     check_one_line(s, || "the value".to_owned())
 }
 
+/// An environment value read from a document: a value of another type is refused
+/// without being quoted, as a secret's is.
+fn deserialize_env_value<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    deserialize_secret(deserializer, "environment value")
+}
+
+/// What `Debug` shows of a value that may be a secret.
+fn redacted(_: &str) -> &'static str {
+    "<redacted>"
+}
+
 validated_string! {
-    /// An environment variable's value: a [`SingleLineString`] whose errors never quote
-    /// it (such values often hold secrets).
+    /// An environment variable's value: a [`SingleLineString`] that errors and `Debug`
+    /// never show (such values often hold secrets).
     EnvValue, check = check_env_value,
     description = "A single line of text (tabs allowed; no other control characters)",
-    format = None, pattern = Some(concat!("^[^\\n", forbidden_class!(), "]*$"))
+    format = None, pattern = Some(concat!("^[^\\n", forbidden_class!(), "]*$")),
+    debug = redacted, read = deserialize_env_value
 }
 
 /// The longest message of the day accepted. Generous (Bottlerocket sets no limit, and
@@ -443,7 +475,7 @@ fn check_motd(s: &str) -> Result<(), String> {
 
 validated_string! {
     /// The message of the day, shown as is on login terminals: any lines of text up to
-    /// 16 KiB, with newlines and tabs but no other control character (no ESC, so no
+    /// 1 MiB, with newlines and tabs but no other control character (no ESC, so no
     /// ANSI CSI or OSC sequence; no return, no C1 control) and no Unicode noncharacter.
     Motd, check = check_motd,
     description = "Lines of text (newlines and tabs allowed; no other control characters, no escape sequences)",
@@ -700,6 +732,13 @@ fn check_url(s: &str) -> Result<(), String> {
             &format!("{c:?} is not allowed (only RFC 3986 characters; percent-encode others)"),
         ));
     }
+    if !percent_escapes_are_whole(s) {
+        return Err(invalid(
+            s,
+            what,
+            "a % must start an escape of two hex digits (%25 for % itself)",
+        ));
+    }
     Ok(())
 }
 
@@ -746,7 +785,31 @@ fn check_proxy(s: &str) -> Result<(), String> {
     if s.chars().any(|c| c.is_whitespace() || is_forbidden_char(c)) {
         return Err(bad("spaces and control characters are not allowed"));
     }
+    // containerd and the kubelet (Go) refuse what the url crate would repair: only
+    // RFC 3986 characters, and `%` only as an escape. Which character is not said: it
+    // may be in the password.
+    if !s.chars().all(is_uri_char) {
+        return Err(bad(
+            "only RFC 3986 characters are allowed (ASCII letters, digits and -._~:/?#[]@!$&'()*+,;=%); percent-encode others",
+        ));
+    }
+    if !percent_escapes_are_whole(s) {
+        return Err(bad(
+            "a % must start an escape of two hex digits (%25 for % itself)",
+        ));
+    }
     Ok(())
+}
+
+/// Whether each `%` in `s` is followed by two hex digits, as Go's URL parser demands.
+fn percent_escapes_are_whole(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    })
 }
 
 validated_string! {
@@ -1051,6 +1114,26 @@ validated_string! {
     /// a local OCI archive, `oci-archive:/path[:tag]`.
     ImageRef, check = check_image_ref,
     description = "A container image reference, e.g. public.ecr.aws/org/image:tag, or oci-archive:/path/to/image.tar",
+    format = None, pattern = None
+}
+
+fn check_registry_image_ref(s: &str) -> Result<(), String> {
+    if s.starts_with(OCI_ARCHIVE_PREFIX) {
+        return Err(invalid(
+            s,
+            "registry image reference",
+            "containerd's CRI pulls it from a registry: an oci-archive: path is not a reference it can use",
+        ));
+    }
+    check_image_ref(s)
+}
+
+validated_string! {
+    /// An image reference in a registry, `[registry[:port]/]path[:tag][@sha256:<hex>]`:
+    /// an [`ImageRef`] that is not an `oci-archive:`, for what containerd's CRI pulls
+    /// itself (the pod sandbox image).
+    RegistryImageRef, check = check_registry_image_ref,
+    description = "A container image reference in a registry, e.g. public.ecr.aws/org/image:tag",
     format = None, pattern = None
 }
 

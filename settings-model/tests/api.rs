@@ -437,3 +437,66 @@ fn changed_keys_touched_agrees_with_changed_keys() {
         changed_keys(&old, &new)
     );
 }
+
+#[test]
+fn the_pod_sandbox_image_must_be_in_a_registry() {
+    let err = settings_model::validate(&json!({
+        "kubernetes": {"pod-infra-container-image": "oci-archive:/local/pause.tar"}
+    }))
+    .unwrap_err();
+    assert_eq!(
+        err.key(),
+        Some("settings.kubernetes.pod-infra-container-image")
+    );
+    settings_model::validate(&json!({
+        "kubernetes": {"pod-infra-container-image": "registry.k8s.io/pause:3.9"}
+    }))
+    .unwrap();
+}
+
+#[test]
+fn a_soft_limit_above_its_hard_limit_is_refused() {
+    for (hard, soft) in [(json!(1024), json!("unlimited")), (json!("10"), json!(11))] {
+        let err = settings_model::validate(&json!({
+            "oci-defaults": {"resource-limits": {"max-open-files": {"hard-limit": hard, "soft-limit": soft}}}
+        }))
+        .unwrap_err();
+        assert_eq!(
+            err.key(),
+            Some("settings.oci-defaults.resource-limits.max-open-files.soft-limit"),
+            "{err}"
+        );
+    }
+    for (hard, soft) in [
+        (json!("unlimited"), json!(1024)),
+        (json!(-1), json!(-1)),
+        (json!(8), json!(8)),
+    ] {
+        settings_model::validate(&json!({
+            "oci-defaults": {"resource-limits": {"max-open-files": {"hard-limit": hard, "soft-limit": soft}}}
+        }))
+        .unwrap();
+    }
+}
+
+#[test]
+fn an_argument_with_a_nul_is_refused_with_its_place() {
+    for (settings, key) in [
+        (
+            json!({"host-containers": {"a": {"command": ["sh", "-c", "x\u{0}y"]}}}),
+            "settings.host-containers.a.command[2]",
+        ),
+        (
+            json!({"bootstrap-commands": {"b": {"commands": [["apiclient", "set", "motd=\u{0}"]]}}}),
+            "settings.bootstrap-commands.b.commands[0][2]",
+        ),
+    ] {
+        let err = settings_model::validate(&settings).unwrap_err();
+        assert_eq!(err.key(), Some(key), "{err}");
+    }
+    // Newlines and tabs stay allowed: `sh -c` scripts have them.
+    settings_model::validate(
+        &json!({"host-containers": {"a": {"command": ["sh", "-c", "a\n\tb"]}}}),
+    )
+    .unwrap();
+}

@@ -178,3 +178,31 @@ fn an_environment_value_is_not_echoed() {
         assert_eq!(err.key(), Some(key), "{text}");
     }
 }
+
+/// Environment values often hold secrets: a value of the wrong type, or a malformed
+/// `key=value` pair, is refused without being repeated, and `Debug` does not show one.
+#[test]
+fn environment_values_are_never_echoed() {
+    let err = settings_model::validate(&json!({"host-containers": {"x": {
+        "source": "public.ecr.aws/bottlerocket/bottlerocket-admin:v0.11.0",
+        "environment": {"PIN": 918273645}}}}))
+    .unwrap_err();
+    assert!(!err.to_string().contains("918273645"), "{err}");
+    assert_eq!(
+        err.key(),
+        Some("settings.host-containers.x.environment.PIN")
+    );
+
+    let err = keypair::parse_pair(&format!(
+        "settings.host-containers.x.environment={{\"TOKEN\":\"{SECRET}\""
+    ))
+    .unwrap_err();
+    assert!(!err.to_string().contains(SECRET), "{err}");
+
+    let settings = settings_model::model::parse(&json!({"host-containers": {"x": {
+        "source": "public.ecr.aws/bottlerocket/bottlerocket-admin:v0.11.0",
+        "environment": {"TOKEN": SECRET}}}}))
+    .unwrap();
+    let debug = format!("{settings:?}");
+    assert!(!debug.contains(SECRET), "{debug}");
+}

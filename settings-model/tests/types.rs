@@ -65,12 +65,30 @@ fn urls_and_proxies() {
         "proxy",
         "http://proxy:3128",
         "https://u:p@proxy.example.com",
+        "http://u:it's%25@proxy:3128",
     ] {
         assert!(ProxyAddress::new(ok).is_ok(), "{ok}");
     }
-    for bad in ["socks5://proxy:1080", "proxy:99999", "proxy:80/x", "pro xy"] {
-        assert!(ProxyAddress::new(bad).is_err(), "{bad}");
+    // The last four: what Go's URL parser (containerd, the kubelet) refuses though the
+    // url crate repairs it.
+    for bad in [
+        "socks5://proxy:1080",
+        "proxy:99999",
+        "proxy:80/x",
+        "pro xy",
+        "http://u:p%ss@proxy:3128",
+        "http://u:p\u{e4}@proxy:3128",
+        "http://u:p{w@proxy:3128",
+        "http://proxy:3128\\",
+    ] {
+        let refused = ProxyAddress::new(bad).expect_err(bad).to_string();
+        assert!(
+            !refused.contains("p%ss") && !refused.contains("p{w"),
+            "{refused}"
+        );
     }
+    assert!(Url::new("https://mirror.example.com/a%2").is_err());
+    assert!(Url::new("https://mirror.example.com/a%2Fb").is_ok());
 }
 
 #[test]

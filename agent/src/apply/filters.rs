@@ -104,8 +104,10 @@ fn double_quoted(value: &str, special: impl Fn(char) -> Option<&'static str>) ->
 
 /// Quotes `value` for a `KEY=value` environment file read by systemd's
 /// `EnvironmentFile=` or sourced by a POSIX shell: plain when it only has characters
-/// neither treats specially, otherwise single-quoted with `'` written as `'\''`.
-/// Newlines cannot be represented portably and are refused.
+/// neither treats specially, otherwise single-quoted with `'` written as `'"'"'` (close,
+/// a double-quoted `'`, reopen). Not `'\''`: systemd reads a quote that follows an
+/// escaped character as a literal one, so `'it'\''s'` is `it''s'` to it. Newlines cannot
+/// be represented portably and are refused.
 pub fn shell_env_quote(value: &str) -> Result<String, Error> {
     if value.contains(['\n', '\r', '\0']) {
         return Err(Error::new(
@@ -120,7 +122,71 @@ pub fn shell_env_quote(value: &str) -> Result<String, Error> {
     if plain {
         return Ok(value.to_owned());
     }
-    Ok(format!("'{}'", value.replace('\'', "'\\''")))
+    Ok(format!("'{}'", value.replace('\'', "'\"'\"'")))
+}
+
+/// The value of one `KEY=value` line of an environment file as systemd's
+/// `EnvironmentFile=` reads it (`raw` is what follows the `=`): leading blanks skipped;
+/// `'…'` literal; `"…"` with `\` escaping only `"`, `\`, `` ` `` and `$`; outside quotes
+/// `\` escapes the next character, and a quote is literal once an unquoted character
+/// came before it; trailing blanks of an unquoted run dropped. The tests check what
+/// keeld writes with it, since no systemd runs where they do.
+pub fn environment_file_value(raw: &str) -> String {
+    #[derive(PartialEq)]
+    enum State {
+        PreValue,
+        Value,
+        Single,
+        Double,
+    }
+    let mut state = State::PreValue;
+    let mut out = String::new();
+    // Where the last run of unquoted blanks began (dropped if nothing follows).
+    let mut blanks_from: Option<usize> = None;
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        match state {
+            State::PreValue | State::Value => match c {
+                ' ' | '\t' if state == State::PreValue => {}
+                '\'' if state == State::PreValue => state = State::Single,
+                '"' if state == State::PreValue => state = State::Double,
+                '\\' => {
+                    blanks_from = None;
+                    out.extend(chars.next());
+                    state = State::Value;
+                }
+                c => {
+                    if c == ' ' || c == '\t' {
+                        blanks_from.get_or_insert(out.len());
+                    } else {
+                        blanks_from = None;
+                    }
+                    out.push(c);
+                    state = State::Value;
+                }
+            },
+            State::Single => match c {
+                '\'' => state = State::PreValue,
+                c => out.push(c),
+            },
+            State::Double => match c {
+                '"' => state = State::PreValue,
+                '\\' => match chars.next() {
+                    Some(e) if "\"\\`$".contains(e) => out.push(e),
+                    Some(e) => {
+                        out.push('\\');
+                        out.push(e);
+                    }
+                    None => out.push('\\'),
+                },
+                c => out.push(c),
+            },
+        }
+    }
+    if let Some(from) = blanks_from {
+        out.truncate(from);
+    }
+    out
 }
 
 /// A proxy address as a URL: `http://` is added when it has no scheme, as
@@ -256,27 +322,6 @@ mod tests {
         assert_eq!(parsed["v"].as_str().unwrap(), s, "{toml_doc}");
     }
 
-    /// Unquotes the way `sh` and systemd's EnvironmentFile= do for the forms we emit.
-    fn unquote(s: &str) -> String {
-        let mut out = String::new();
-        let mut chars = s.chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '\'' => {
-                    for q in chars.by_ref() {
-                        if q == '\'' {
-                            break;
-                        }
-                        out.push(q);
-                    }
-                }
-                '\\' => out.extend(chars.next()),
-                c => out.push(c),
-            }
-        }
-        out
-    }
-
     #[test]
     fn shell_env_quote_quotes_only_when_needed() {
         assert_eq!(
@@ -286,23 +331,44 @@ mod tests {
         assert_eq!(shell_env_quote("a,b=c").unwrap(), "a,b=c");
         assert_eq!(shell_env_quote("").unwrap(), "''");
         assert_eq!(shell_env_quote("a b").unwrap(), "'a b'");
-        for s in ["it's", "$HOME `x` \"q\" \\", "a b", "x'y'z"] {
-            assert_eq!(unquote(&shell_env_quote(s).unwrap()), s);
-        }
         assert!(shell_env_quote("a\nb").is_err());
+    }
+
+    /// Values systemd and sh must both read back unchanged.
+    const AWKWARD: [&str; 9] = [
+        "it's",
+        "http://u:it's@proxy:3128",
+        "'",
+        "''a''",
+        "$HOME `x` \"q\" \\",
+        "a b ",
+        " lead",
+        "x'y'z\\'",
+        "p@ss w'rd $X `y` \\z",
+    ];
+
+    #[test]
+    fn shell_env_quote_agrees_with_systemd() {
+        for s in AWKWARD {
+            let quoted = shell_env_quote(s).unwrap();
+            assert_eq!(environment_file_value(&quoted), s, "{quoted}");
+        }
+        // The reader itself, on the forms systemd documents.
+        assert_eq!(environment_file_value("'it'\\''s'"), "it''s'");
+        assert_eq!(environment_file_value("  plain value  "), "plain value");
+        assert_eq!(environment_file_value("\"a \\\" \\n\""), "a \" \\n");
     }
 
     #[test]
     fn shell_env_quote_agrees_with_sh() {
-        let value = "p@ss w'rd $X `y` \\z";
-        let quoted = shell_env_quote(value).unwrap();
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("V={quoted}; printf %s \"$V\""))
-            .output();
-        // No shell on the machine is not this filter's failure.
-        if let Ok(out) = out {
-            assert_eq!(String::from_utf8(out.stdout).unwrap(), value);
+        for value in AWKWARD {
+            let quoted = shell_env_quote(value).unwrap();
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("V={quoted}; printf %s \"$V\""))
+                .output()
+                .expect("sh runs");
+            assert_eq!(String::from_utf8(out.stdout).unwrap(), value, "{quoted}");
         }
     }
 

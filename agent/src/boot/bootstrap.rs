@@ -42,7 +42,7 @@ pub async fn run_commands(
             Err(_) => {
                 return Err(format!(
                     "command {i} ({}) timed out after {COMMAND_TIMEOUT:?}",
-                    argv.join(" ")
+                    shown(argv)
                 ))
             }
             Ok(Err(e)) => {
@@ -61,13 +61,29 @@ pub async fn run_commands(
                 .unwrap_or(stderr.len());
             return Err(format!(
                 "command {i} ({}) failed ({}): {}",
-                argv.join(" "),
+                shown(argv),
                 output.status,
                 stderr[tail_start..].trim()
             ));
         }
     }
     Ok(format!("{} command(s) succeeded", commands.len()))
+}
+
+/// A command as the boot record shows it: `apiclient` and its subcommand; the rest is
+/// counted, not shown (`apiclient set` arguments may be passwords or tokens, and the
+/// record is served by GET /boot and logged).
+fn shown(argv: &[String]) -> String {
+    let words = argv
+        .iter()
+        .take(2)
+        .take_while(|w| !w.contains('=') && !w.starts_with('{'))
+        .count();
+    let mut out = argv[..words].join(" ");
+    if argv.len() > words {
+        out.push_str(&format!(" (+{} arguments)", argv.len() - words));
+    }
+    out
 }
 
 /// How a bootstrap container ended.
@@ -286,4 +302,29 @@ pub fn report_end(
             )
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failing bootstrap command is named by its subcommand; its arguments (values
+    /// being set, maybe secrets) stay out of the boot record.
+    #[test]
+    fn a_command_is_shown_without_its_arguments() {
+        let argv = |words: &[&str]| words.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            shown(&argv(&[
+                "apiclient",
+                "set",
+                "container-registry.credentials.0.password=hunter2"
+            ])),
+            "apiclient set (+1 arguments)"
+        );
+        assert_eq!(shown(&argv(&["apiclient", "apply"])), "apiclient apply");
+        assert_eq!(
+            shown(&argv(&["apiclient", "motd=x"])),
+            "apiclient (+1 arguments)"
+        );
+    }
 }
