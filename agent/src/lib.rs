@@ -131,6 +131,14 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         }
     }
     let exec = api::exec::ExecService::new(exec_engine);
+    // Containers mount copies of the host's /etc/hosts and /etc/resolv.conf that
+    // follow the originals in place (a bind mount of the original would keep its first
+    // inode); made before any container starts.
+    let host_files = containers::host_files::HostFiles::new(config.runtime_dir.join("host-etc"));
+    if let Err(e) = host_files.sync() {
+        tracing::error!(error = %e, "cannot copy /etc/hosts and /etc/resolv.conf for containers; retried every 2 s; until then containers cannot start");
+    }
+    tokio::spawn(host_files.clone().follow());
     let runtime = Arc::new(containers::runtime::ContainerdRuntime::new(
         cd,
         containers::runtime::RuntimePaths {
@@ -145,6 +153,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
                 .clone()
                 .unwrap_or_else(|| config::sibling_binary("keel-logger")),
             log_dir: log_dir.clone(),
+            host_files: host_files.clone(),
         },
     ));
     let supervision = containers::supervisor::SupervisorConfig {

@@ -49,6 +49,16 @@ impl Inventory for ContainerdRuntime {
             .into_iter()
             .filter(|c| c.labels.get(LABEL_KIND).map(String::as_str) == Some(kind.as_str()))
             .filter_map(|c| c.labels.get(LABEL_NAME).cloned())
+            // The name becomes a path keeld removes from (`remove`): only a name the
+            // settings model could have given (a label written by someone else that
+            // says `../x` is not keeld's container).
+            .filter(|name| {
+                let valid = settings_model::types::Identifier::new(name.as_str()).is_ok();
+                if !valid {
+                    tracing::warn!(kind = kind.as_str(), name = %name.escape_debug(), "a container labelled as keeld's has a name keeld never gives; left alone");
+                }
+                valid
+            })
             .collect())
     }
 }

@@ -27,6 +27,8 @@
 //!   image made ready ahead ([`engine::Prefetch`]), keeld's containers found by label
 //!   ([`engine::Inventory`]).
 //! - [`status`]: what `GET /containers` shows; [`logs`]: reading the logger's files.
+//! - [`host_files`]: the copies of `/etc/hosts` and `/etc/resolv.conf` containers
+//!   mount, kept up to date in place.
 //! - [`exec`]: a process started in a running host container (`apiclient exec`), with
 //!   the container's own process spec, its stdio FIFOs and their clean-up.
 //!
@@ -44,6 +46,7 @@ pub mod engine;
 pub mod exec;
 #[cfg(test)]
 pub mod fake;
+pub mod host_files;
 pub mod image;
 pub mod logs;
 pub mod oci;
@@ -57,6 +60,7 @@ pub mod supervisor;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -202,34 +206,56 @@ pub async fn run_host_containers<R: Runtime + Inventory>(
     }
     let mut live = store.watch_live();
     let mut hosts = HostContainers::new(runtime.clone(), board, config);
-    let leftovers = find_leftovers(&*runtime).await;
+    // Listed in the background: while containerd does not answer, the settings'
+    // containers are reconciled (their supervisors wait for containerd on their own),
+    // and the leftovers join once it does.
+    let mut found = {
+        let runtime = runtime.clone();
+        tokio::spawn(async move { find_leftovers(&*runtime).await })
+    };
+    let mut leftovers: Option<Vec<String>> = None;
     loop {
         live.borrow_and_update();
         let snapshot = store.snapshot();
         match <settings_model::Settings as serde::Deserialize>::deserialize(
             snapshot.live_settings(),
         ) {
-            Ok(settings) => hosts.reconcile(&settings, &leftovers),
+            Ok(settings) => hosts.reconcile(&settings, leftovers.as_deref().unwrap_or_default()),
             // Committed settings always validate; this would be a bug, not bad input.
             Err(e) => {
                 tracing::error!(error = %e, "live settings do not parse; containers unchanged")
             }
         }
-        if live.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = live.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            names = &mut found, if leftovers.is_none() => {
+                leftovers = Some(names.unwrap_or_default());
+            }
         }
     }
 }
 
-/// Names of host containers keeld created in an earlier run. When containerd is down
-/// this is retried in the background by each supervisor anyway, so an empty answer is
-/// only a missed clean-up of containers the settings dropped while keeld was stopped.
+/// Names of host containers keeld created in an earlier run (and may have to remove:
+/// the settings dropped them while keeld was stopped). Asked until containerd answers
+/// (1 s, doubling to 8 s); another failure is said and leaves the list empty.
 async fn find_leftovers<R: Inventory>(runtime: &R) -> Vec<String> {
-    match runtime.managed(ContainerKind::Host).await {
-        Ok(names) => names,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list containers left from an earlier run");
-            Vec::new()
+    let mut backoff = supervisor::Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+    loop {
+        match runtime.managed(ContainerKind::Host).await {
+            Ok(names) => return names,
+            Err(e) if e.is_unavailable() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot list containers left from an earlier run yet");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list containers left from an earlier run");
+                return Vec::new();
+            }
         }
     }
 }

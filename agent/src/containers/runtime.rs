@@ -131,6 +131,8 @@ pub struct RuntimePaths {
     pub logger: PathBuf,
     /// Where the logger keeps `<id>/console.log`.
     pub log_dir: PathBuf,
+    /// The copies of `/etc/hosts` and `/etc/resolv.conf` containers mount.
+    pub host_files: super::host_files::HostFiles,
 }
 
 impl RuntimePaths {
@@ -294,6 +296,10 @@ impl Runtime for ContainerdRuntime {
                 ContainerKind::Bootstrap => "bootstrap",
             }
         );
+        let (hosts, resolv_conf) = (
+            self.paths.host_files.hosts(),
+            self.paths.host_files.resolv_conf(),
+        );
         let request = SpecRequest {
             name: &desired.name,
             tier: desired.tier,
@@ -306,6 +312,8 @@ impl Runtime for ContainerdRuntime {
             persistent_dir: &persistent,
             api_socket: &self.paths.api_socket,
             apiclient: &self.paths.apiclient,
+            hosts: &hosts,
+            resolv_conf: &resolv_conf,
             cgroup_parent: &cgroup_parent,
             mount_host_modules: Path::new("/lib/modules").is_dir(),
             host_capabilities: spec::host_capabilities(),

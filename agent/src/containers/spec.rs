@@ -173,6 +173,10 @@ pub struct SpecRequest<'a> {
     pub api_socket: &'a Path,
     /// Host path of the `apiclient` binary, bind-mounted read-only at `/usr/local/bin/apiclient`.
     pub apiclient: &'a Path,
+    /// Host paths bind-mounted read-only at `/etc/hosts` and `/etc/resolv.conf`: copies
+    /// of the host's that keeld updates in place (see `host_files`).
+    pub hosts: &'a Path,
+    pub resolv_conf: &'a Path,
     /// Parent cgroup, e.g. "keel": `cgroupsPath` is `/<cgroup_parent>/<name>`.
     pub cgroup_parent: &'a str,
     /// Whether the host has `/lib/modules` to bind into a superpowered container (a
@@ -385,6 +389,8 @@ pub fn build(req: &SpecRequest<'_>) -> Result<Spec, SpecError> {
         persistent_dir: host_path("persistent directory", req.persistent_dir)?,
         api_socket: host_path("API socket", req.api_socket)?,
         apiclient: host_path("apiclient", req.apiclient)?,
+        hosts: host_path("hosts file", req.hosts)?,
+        resolv_conf: host_path("resolv.conf", req.resolv_conf)?,
     };
     let caps = capabilities(
         rules.capabilities,
@@ -436,6 +442,8 @@ struct HostPaths<'a> {
     persistent_dir: &'a str,
     api_socket: &'a str,
     apiclient: &'a str,
+    hosts: &'a str,
+    resolv_conf: &'a str,
 }
 
 fn strings(items: &[&str]) -> Vec<String> {
@@ -777,8 +785,11 @@ fn mounts(
         "tmpfs",
         &["nosuid", "strictatime", "mode=755", "size=65536k"],
     )?);
-    for file in [HOST_HOSTS, HOST_RESOLV_CONF] {
-        mounts.push(mount(file, "bind", file, &["bind", "ro", "rprivate"])?);
+    for (target, source) in [
+        (HOST_HOSTS, paths.hosts),
+        (HOST_RESOLV_CONF, paths.resolv_conf),
+    ] {
+        mounts.push(mount(target, "bind", source, &["bind", "ro", "rprivate"])?);
     }
 
     let persistent_target = format!("{}/{}", rules.persistent_dir, req.name);
@@ -908,6 +919,8 @@ mod tests {
                 persistent_dir: Path::new(persistent),
                 api_socket: Path::new("/run/keel/api.sock"),
                 apiclient: Path::new("/usr/bin/apiclient"),
+                hosts: Path::new("/run/keel/host-etc/hosts"),
+                resolv_conf: Path::new("/run/keel/host-etc/resolv.conf"),
                 cgroup_parent: &self.parent,
                 mount_host_modules: self.modules,
                 host_capabilities: self.host_caps,
@@ -1353,8 +1366,13 @@ mod tests {
             assert!(resources.memory().is_none());
             assert!(resources.cpu().is_none());
 
-            for file in ["/etc/resolv.conf", "/etc/hosts"] {
-                assert_eq!(source(&spec, file), file);
+            // Copies keeld keeps up to date in place (a bind mount of the host's own
+            // file would keep the inode it was made with).
+            for (file, copy) in [
+                ("/etc/resolv.conf", "/run/keel/host-etc/resolv.conf"),
+                ("/etc/hosts", "/run/keel/host-etc/hosts"),
+            ] {
+                assert_eq!(source(&spec, file), copy);
                 assert!(is_read_only(&mount_options(&spec, file)), "{file}");
             }
             let targets: Vec<&Path> = spec

@@ -423,6 +423,22 @@ mod reconciler {
         assert!(n.board.get(ContainerKind::Host, "admin").is_none());
     }
 
+    /// containerd does not answer when the boot is configured: the leftover is removed
+    /// once it does (before, the list was asked once, and a container the settings
+    /// dropped while keeld was stopped ran on unseen).
+    #[tokio::test(start_paused = true)]
+    async fn leftovers_are_found_once_containerd_answers() {
+        let n = node().await;
+        n.fake.with(|s| s.down = true);
+        n.gate.send_replace(BootGate::Configured);
+        advance(Duration::from_secs(5)).await;
+        assert!(n.fake.with(|s| s.removes.is_empty()));
+        n.fake.with(|s| s.down = false);
+        advance(Duration::from_secs(10)).await;
+        assert_eq!(n.fake.with(|s| s.removes.clone()), ["host-old"]);
+        assert_eq!(n.fake.with(|s| s.started.clone()), ["host-admin"]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn after_a_failed_boot_host_containers_are_not_started() {
         let n = node().await;

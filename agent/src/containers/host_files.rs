@@ -1,0 +1,194 @@
+//! The host's `/etc/hosts` and `/etc/resolv.conf` as host and bootstrap containers see
+//! them.
+//!
+//! A container gets each as a read-only bind mount of one file. keeld (and the OS's
+//! own network tools) replace these files by rename, and a bind mount of a file keeps
+//! the inode it was made with: a running container would go on reading the old name
+//! servers until it is recreated. So containers mount copies kept in keeld's runtime
+//! directory, whose inodes never change: [`HostFiles::sync`] rewrites a copy in place
+//! when its source differs, and [`HostFiles::follow`] does so every [`FOLLOW_PERIOD`]
+//! (a change made by an apply or by DHCP reaches running containers within it).
+//!
+//! The rewrite writes the new bytes over the old from offset 0, then cuts the file to
+//! their length: a reader in that instant may see the old file's tail after the new
+//! content (never an empty file); resolvers re-read `resolv.conf` when its mtime changes,
+//! which the cut updates last.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How often the sources are compared with the copies.
+pub const FOLLOW_PERIOD: Duration = Duration::from_secs(2);
+
+/// The largest source copied; a larger one is copied cut to this length (these files
+/// are a few hundred bytes: `settings.network.hosts` has at most 256 entries).
+const MAX_BYTES: u64 = 1 << 20;
+
+/// The copies in one directory, each with its source on the host.
+#[derive(Debug, Clone)]
+pub struct HostFiles {
+    dir: PathBuf,
+    hosts_source: PathBuf,
+    resolv_source: PathBuf,
+}
+
+impl HostFiles {
+    /// Copies of the host's `/etc/hosts` and `/etc/resolv.conf` in `dir`.
+    pub fn new(dir: PathBuf) -> HostFiles {
+        HostFiles::with_sources(dir, "/etc/hosts".into(), "/etc/resolv.conf".into())
+    }
+
+    /// Copies of other sources (tests).
+    pub fn with_sources(dir: PathBuf, hosts_source: PathBuf, resolv_source: PathBuf) -> Self {
+        HostFiles {
+            dir,
+            hosts_source,
+            resolv_source,
+        }
+    }
+
+    /// What containers mount at `/etc/hosts`.
+    pub fn hosts(&self) -> PathBuf {
+        self.dir.join("hosts")
+    }
+
+    /// What containers mount at `/etc/resolv.conf`.
+    pub fn resolv_conf(&self) -> PathBuf {
+        self.dir.join("resolv.conf")
+    }
+
+    /// Brings each copy up to its source, in place; answers how many changed. A missing
+    /// source is an empty file (a container still starts, and resolves nothing).
+    pub fn sync(&self) -> std::io::Result<usize> {
+        std::fs::create_dir_all(&self.dir)?;
+        let mut changed = 0;
+        for (source, copy) in [
+            (&self.hosts_source, self.hosts()),
+            (&self.resolv_source, self.resolv_conf()),
+        ] {
+            if sync_one(source, &copy)? {
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Keeps the copies up to date for as long as keeld runs. A failure is logged once
+    /// per kind, and retried at the next period.
+    pub async fn follow(self) {
+        let mut last_error: Option<String> = None;
+        loop {
+            tokio::time::sleep(FOLLOW_PERIOD).await;
+            let this = self.clone();
+            let synced = tokio::task::spawn_blocking(move || this.sync())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            match synced {
+                Ok(0) => last_error = None,
+                Ok(n) => {
+                    last_error = None;
+                    tracing::info!(
+                        files = n,
+                        "the host's hosts or resolv.conf changed; containers see it"
+                    );
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    if last_error.as_deref() != Some(&text) {
+                        tracing::warn!(dir = %self.dir.display(), error = %text, "cannot update the containers' copies of /etc/hosts and /etc/resolv.conf");
+                    }
+                    last_error = Some(text);
+                }
+            }
+        }
+    }
+}
+
+/// Rewrites `copy` in place with `source`'s bytes when they differ; answers whether it
+/// did.
+fn sync_one(source: &Path, copy: &Path) -> std::io::Result<bool> {
+    let wanted = match std::fs::File::open(source) {
+        Ok(file) => {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_BYTES), &mut bytes)?;
+            bytes
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(copy)?;
+    let mut current = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(&file, MAX_BYTES + 1), &mut current)?;
+    if current == wanted {
+        return Ok(false);
+    }
+    file.write_all_at(&wanted, 0)?;
+    file.set_len(wanted.len() as u64)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn files() -> (tempfile::TempDir, HostFiles) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = HostFiles::with_sources(
+            dir.path().join("copies"),
+            dir.path().join("hosts"),
+            dir.path().join("resolv.conf"),
+        );
+        (dir, files)
+    }
+
+    /// A source replaced by rename (as keeld's apply replaces it) reaches the copy,
+    /// whose inode (what a container's bind mount holds) stays the same.
+    #[test]
+    fn a_replaced_source_is_copied_in_place() {
+        let (dir, files) = files();
+        std::fs::write(
+            dir.path().join("resolv.conf"),
+            "nameserver 10.0.0.2\nsearch a.example b.example\n",
+        )
+        .expect("write");
+        // resolv.conf copied; no hosts source: its copy is made empty, no change.
+        assert_eq!(files.sync().expect("sync"), 1);
+        let inode = std::fs::metadata(files.resolv_conf()).expect("stat").ino();
+        let next = dir.path().join("resolv.conf.new");
+        std::fs::write(&next, "nameserver 10.0.0.3\n").expect("write");
+        std::fs::rename(&next, dir.path().join("resolv.conf")).expect("rename");
+        assert_eq!(files.sync().expect("sync"), 1);
+        assert_eq!(
+            std::fs::read_to_string(files.resolv_conf()).expect("read"),
+            "nameserver 10.0.0.3\n"
+        );
+        assert_eq!(
+            std::fs::metadata(files.resolv_conf()).expect("stat").ino(),
+            inode
+        );
+        // Nothing changed: nothing written.
+        assert_eq!(files.sync().expect("sync"), 0);
+    }
+
+    /// No /etc/hosts on the host: the copy is an empty file, so a container mounting
+    /// it still starts; once the source appears it is copied.
+    #[test]
+    fn a_missing_source_is_an_empty_copy_until_it_appears() {
+        let (dir, files) = files();
+        files.sync().expect("sync");
+        assert_eq!(std::fs::read(files.hosts()).expect("read"), b"");
+        std::fs::write(dir.path().join("hosts"), "127.0.0.1 localhost\n").expect("write");
+        assert_eq!(files.sync().expect("sync"), 1);
+        assert_eq!(
+            std::fs::read_to_string(files.hosts()).expect("read"),
+            "127.0.0.1 localhost\n"
+        );
+    }
+}
