@@ -1163,3 +1163,59 @@ fn update_state_changes_are_published_as_events() {
     assert_eq!(found[1]["detail"]["last-boot"]["outcome"], "updated");
     assert_eq!(f.status()["last_boot"]["outcome"], "updated");
 }
+
+/// The slot writer refuses an activation after the entry's rename (say its fsync
+/// failed): keeld looks at the entries, finds the slot's, and counts the update as
+/// activated (`Ready`), instead of forgetting the activation while the next boot tries
+/// slot b with nothing on record.
+#[test]
+fn an_activation_refused_after_its_entry_was_written_counts_as_activated() {
+    let mut f = Fixture::new();
+    let update = f.build("1.1.0", 1 << 20);
+    f.publish(&[&update]);
+    f.run_ok("refresh-updates");
+    f.run_ok("prepare-update");
+    // The real writer, whose answer to an activation session's second request (inspect,
+    // then activate) is replaced by a refusal while the flag file exists.
+    let flag = f.dir.join("refuse-next-activation");
+    let wrapper = f.dir.join("writer-refusing.sh");
+    let real = f.host.writer_command();
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ -e {flag} ]; then\n  rm -f {flag}\n  {real} | {{ IFS= read -r a; \
+             printf '%s\\n' \"$a\"; IFS= read -r b; \
+             echo '{{\"ok\":false,\"error\":\"fsync of the entry failed\"}}'; cat; }}\n\
+             else\n  exec {real}\nfi\n",
+            flag = flag.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    f.keeld.kill();
+    let args = &mut f.keeld.options.extra_args;
+    let at = args
+        .iter()
+        .position(|a| a == "--update-writer-command")
+        .unwrap();
+    args[at + 1] = wrapper.display().to_string();
+    f.keeld.spawn();
+    f.wait_reconciled();
+
+    std::fs::write(&flag, "").unwrap();
+    let status = f.run_ok("activate-update");
+    assert!(!flag.exists(), "the refusing writer ran");
+    assert_eq!(status["update_state"], "Ready", "{status:#}");
+    assert_eq!(f.host.entries(), vec!["keel-a.conf", "keel-b+3.conf"]);
+    assert!(
+        f.keeld.log().contains("did not answer that it activated"),
+        "{}",
+        f.keeld.log()
+    );
+    assert_eq!(f.reboot(|_| "1.1.0".to_owned()), "b");
+    assert_eq!(f.status()["last_boot"]["outcome"], "updated");
+}

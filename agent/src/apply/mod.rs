@@ -526,7 +526,8 @@ impl Applier {
             report.success &= outcome.success;
             // Handed over: the next boot differs. Not handed over: no boot will read them,
             // so a reboot would not bring them into effect.
-            report.reboot_required = outcome.success;
+            // Ored: another service's changed files may need the reboot too.
+            report.reboot_required |= outcome.success;
             report.commands.push(outcome);
         }
         if report.reboot_required {
@@ -582,7 +583,11 @@ impl Applier {
                     _ => vec![self.write_file(name, &context)],
                 };
                 for outcome in outcomes {
-                    reboot_required |= def.reboot_required && outcome.result.changed();
+                    // A boot-parameters service's reboot is decided by whether its
+                    // lines reach the loader entries (see `apply`), not by its files.
+                    reboot_required |= def.reboot_required
+                        && def.boot_parameters.is_none()
+                        && outcome.result.changed();
                     files.push(outcome);
                 }
             }

@@ -28,13 +28,31 @@ use std::path::{Path, PathBuf};
 const TEMP_PREFIX: &str = ".keel-";
 const TEMP_SUFFIX: &str = ".tmp";
 
-/// The temporary name beside `target`.
+/// The temporary name beside `target`: it names this process, so that two writers
+/// (two slot-writer sessions, one staging boot parameters while another streams a
+/// prepare) never share one, and [`sweep_temps`] leaves a live writer's alone.
 pub fn temp_path(target: &Path) -> PathBuf {
     let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    target.with_file_name(format!("{TEMP_PREFIX}{name}{TEMP_SUFFIX}"))
+    target.with_file_name(format!(
+        "{TEMP_PREFIX}{name}.{}{TEMP_SUFFIX}",
+        std::process::id()
+    ))
+}
+
+/// Whether the temporary file `name` may belong to a live writer: it names a process
+/// that exists (a pid reused since only keeps the file until a later sweep).
+fn writer_alive(name: &str) -> bool {
+    let Some(pid) = name
+        .strip_suffix(TEMP_SUFFIX)
+        .and_then(|n| n.rsplit_once('.'))
+        .and_then(|(_, pid)| pid.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    Path::new("/proc").join(pid.to_string()).exists()
 }
 
 /// `fsync` of a directory, so that a rename or unlink in it is durable.
@@ -96,7 +114,8 @@ pub fn remove(target: &Path) -> std::io::Result<bool> {
     }
 }
 
-/// Removes the temporary files a crash left in `dir`; answers how many.
+/// Removes the temporary files a crash left in `dir` (those of writers no longer
+/// running); answers how many.
 pub fn sweep_temps(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -105,7 +124,7 @@ pub fn sweep_temps(dir: &Path) -> usize {
         .flatten()
         .filter(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)
+            name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) && !writer_alive(&name)
         })
         .filter(|e| std::fs::remove_file(e.path()).is_ok())
         .count()
@@ -164,9 +183,20 @@ mod tests {
             .to_string_lossy()
             .into_owned();
         assert!(name.starts_with('.') && !name.ends_with(".conf"), "{name}");
-        std::fs::write(&temp, b"crash").expect("write");
         std::fs::write(dir.path().join("keep.conf"), b"x").expect("write");
-        assert_eq!(sweep_temps(dir.path()), 1);
+        // This process's temporary file is a live writer's: kept.
+        std::fs::write(&temp, b"being written").expect("write");
+        assert_eq!(sweep_temps(dir.path()), 0);
+        // A writer that is gone (a process that ran and was reaped), and a name from a
+        // release before names carried the writer: swept.
+        let mut gone = std::process::Command::new("true").spawn().expect("true");
+        let pid = gone.id();
+        gone.wait().expect("wait");
+        let dead = dir.path().join(format!(".keel-keel-a+3.conf.{pid}.tmp"));
+        std::fs::write(&dead, b"crash").expect("write");
+        std::fs::write(dir.path().join(".keel-vmlinuz.tmp"), b"crash").expect("write");
+        assert_eq!(sweep_temps(dir.path()), 2);
+        assert!(temp.exists() && !dead.exists());
         assert!(dir.path().join("keep.conf").exists());
     }
 }

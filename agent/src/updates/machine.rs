@@ -43,7 +43,7 @@ use super::status::{
     self, BootOutcome, CommandResult, CommandStatus, CommandType, LastBoot, Progress,
     RunningCommand, StagedImage, StagedSlot, UpdateImage, UpdateRecord, UpdateState, UpdateStatus,
 };
-use super::writer_client::{WriterEndpoint, WriterError, WriterSession};
+use super::writer_client::{WriterEndpoint, WriterSession};
 use crate::events::{EventBody, EventBus, UpdateEvent};
 use crate::os::OsInfo;
 use crate::store::Store;
@@ -553,9 +553,9 @@ impl Updates {
         session.close().await;
         let outcome = match activated {
             Ok(_) => Ok(()),
-            // Refused before anything was written: the entry is as it was.
-            Err(e @ WriterError::Refused(_)) => Err((e.to_string(), Some(false))),
-            // The answer was lost: the disk says whether the entry was written.
+            // The answer was lost, or a refusal came after the entry's rename (its
+            // fsync, or removing an older entry, failed): the disk says whether the
+            // entry is there. A staged slot has none before its activation.
             Err(e) => {
                 let written = inspect(&writer)
                     .await
@@ -563,7 +563,7 @@ impl Updates {
                     .map(|i| entry_of(&i, staged.slot).is_some_and(|e| !e.is_bad()));
                 match written {
                     Some(true) => {
-                        tracing::warn!(slot = %staged.slot, error = %e, "the slot writer's answer was lost, but the slot's loader entry is written: activated");
+                        tracing::warn!(slot = %staged.slot, error = %e, "the slot writer did not answer that it activated, but the slot's loader entry is written: activated");
                         Ok(())
                     }
                     other => Err((e.to_string(), other)),
@@ -606,11 +606,19 @@ impl Updates {
         let mut session = WriterSession::open(&writer)
             .await
             .map_err(|e| e.to_string())?;
-        session
-            .simple(&Request::Deactivate { slot })
-            .await
-            .map_err(|e| e.to_string())?;
+        let deactivated = session.simple(&Request::Deactivate { slot }).await;
         session.close().await;
+        if let Err(e) = deactivated {
+            // The answer may be lost after the entry went: the disk says.
+            let gone = inspect(&writer)
+                .await
+                .ok()
+                .map(|i| entry_of(&i, slot).is_none());
+            if gone != Some(true) {
+                return Err(e.to_string());
+            }
+            tracing::warn!(%slot, error = %e, "the slot writer did not answer that it deactivated, but the slot's loader entry is gone: deactivated");
+        }
         let mut record = lock(&self.inner.record);
         if let Some(staged) = record.staged.as_mut() {
             staged.activated_in_boot = None;

@@ -32,6 +32,10 @@ const IN_FLIGHT: usize = 4;
 /// Most boot attempts an entry may be given.
 const MAX_TRIES: u32 = 16;
 
+/// Space on the ESP a boot file may not take: the loader entries' (a few hundred bytes
+/// each, written through temporary files) and then some.
+const ESP_RESERVE: u64 = 1 << 20;
+
 /// What the writer may touch.
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
@@ -207,7 +211,10 @@ fn handle(
             }))
         }
         Request::Deactivate { slot } => {
-            inactive_only(config, *slot)?;
+            // While the running slot is on trial, the other slot's entry is its way
+            // back: it stays.
+            let active = inactive_only(config, *slot)?;
+            config.esp.check_running_blessed(active).map_err(refuse)?;
             let entries = config.esp.invalidate(*slot).map_err(refuse)?;
             tracing::info!(slot = %slot, removed = ?entries, "slot deactivated");
             Ok(written(Written {
@@ -238,6 +245,30 @@ fn inactive_only(config: &WriterConfig, slot: Slot) -> Result<Slot, Refusal> {
         return Err(refuse(super::slots::SlotError::Running(slot)));
     }
     Ok(active)
+}
+
+/// Whether `slot` may be written now: not the running slot, the running slot blessed
+/// (until then the other slot is its fallback), and no loader entry naming `slot` (an
+/// `Invalidate` comes first, so no boot can pick a slot while it is half written).
+/// keeld asks in that order; checked here again whatever it asked.
+fn writable(config: &WriterConfig, slot: Slot) -> Result<(), Refusal> {
+    let active = inactive_only(config, slot)?;
+    config.esp.check_running_blessed(active).map_err(refuse)?;
+    let naming: Vec<String> = config
+        .esp
+        .entries()
+        .map_err(refuse)?
+        .into_iter()
+        .filter(|(entry, _)| entry.slot == slot)
+        .map(|(entry, _)| entry.file)
+        .collect();
+    if !naming.is_empty() {
+        return Err(refuse(format!(
+            "slot {slot} is still named by loader entry {}: invalidate it before writing it",
+            naming.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 fn inspect(config: &WriterConfig) -> Result<Inspection, Refusal> {
@@ -403,6 +434,9 @@ fn write_partition(
     input: &mut impl BufRead,
 ) -> Result<Written, Refusal> {
     check_hex("sha256", sha256)?;
+    if let Err(e) = writable(config, slot) {
+        return Err(refuse_desync(e.message));
+    }
     let label = part.label(slot);
     let (mut file, capacity) = config
         .slots
@@ -563,12 +597,25 @@ fn write_boot_file(
     input: &mut impl BufRead,
 ) -> Result<Written, Refusal> {
     check_hex("sha256", sha256)?;
-    if let Err(e) = inactive_only(config, slot) {
+    if let Err(e) = writable(config, slot) {
         return Err(refuse_desync(e.message));
     }
     let dir = config.esp.slot_dir(slot);
     std::fs::create_dir_all(&dir)
         .map_err(|e| refuse_desync(format!("ESP {}: {e}", dir.display())))?;
+    // The temporary file sits beside the old one until the rename: it must fit in what
+    // is free, with room left for the loader entries (a full ESP fails every entry
+    // write, the running slot's included).
+    let free = rustix::fs::statvfs(&dir)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .map_err(|e| refuse_desync(format!("ESP {}: {e}", dir.display())))?;
+    if size.saturating_add(ESP_RESERVE) > free {
+        return Err(refuse_desync(format!(
+            "the {} is {size} bytes and the ESP has {free} free ({ESP_RESERVE} are kept for the \
+             loader entries): refused",
+            which.file_name()
+        )));
+    }
     let target = dir.join(which.file_name());
     // `None` until the payload was read: if the temporary file cannot even be made, the
     // payload is still in the stream, and the session cannot go on.
@@ -1046,6 +1093,25 @@ mod tests {
         assert!(!target.exists());
     }
 
+    /// A boot file larger than what the ESP has free is refused before a byte is
+    /// written (a full ESP would fail every loader entry write), and the session ends.
+    #[test]
+    fn a_boot_file_larger_than_the_free_esp_is_refused_unwritten() {
+        let f = fixture();
+        let request = Request::WriteBootFile {
+            slot: Slot::B,
+            file: BootFile::Initrd,
+            size: 1 << 60,
+            sha256: sha(b""),
+        };
+        let answers = session(&f.config, &[(request, b"x"), (Request::Inspect, &[])]);
+        assert_eq!(answers.len(), 1, "the session ended: {answers:?}");
+        let text = error(&answers[0]);
+        assert!(text.contains("free") && text.contains("initrd"), "{text}");
+        let dir = f.config.esp.slot_dir(Slot::B);
+        assert_eq!(std::fs::read_dir(&dir).expect("ls").count(), 0);
+    }
+
     #[test]
     fn a_running_slot_on_trial_keeps_its_fallback() {
         let f = fixture();
@@ -1059,11 +1125,53 @@ mod tests {
             "version 1\n",
         )
         .expect("w");
-        let answers = session(&f.config, &[(Request::Invalidate { slot: Slot::B }, &[])]);
-        assert!(
-            error(&answers[0]).contains("is not marked good yet"),
-            "{answers:?}"
-        );
+        // Neither invalidated, nor written over, nor deactivated: whatever keeld asks.
+        let (_, hash, _) = root_image();
+        for (request, payload) in [
+            (Request::Invalidate { slot: Slot::B }, &[][..]),
+            (write(Slot::B, Part::Hash, &hash, None), &hash[..]),
+            (Request::Deactivate { slot: Slot::B }, &[][..]),
+        ] {
+            let answers = session(&f.config, &[(request, payload)]);
+            assert!(
+                error(&answers[0]).contains("is not marked good yet"),
+                "{answers:?}"
+            );
+        }
         assert!(f.config.esp.entries_dir().join("keel-b.conf").exists());
+    }
+
+    /// A slot a loader entry still names is not written: a boot could pick it half
+    /// written. (keeld invalidates first; the writer checks again.)
+    #[test]
+    fn a_slot_still_named_by_an_entry_is_not_written() {
+        let f = fixture();
+        std::fs::write(
+            f.config.esp.entries_dir().join("keel-b+3.conf"),
+            "version 1\n",
+        )
+        .expect("w");
+        let (_, hash, _) = root_image();
+        let kernel = b"kernel-bytes".to_vec();
+        for (request, payload) in [
+            (write(Slot::B, Part::Hash, &hash, None), &hash[..]),
+            (
+                Request::WriteBootFile {
+                    slot: Slot::B,
+                    file: BootFile::Kernel,
+                    size: kernel.len() as u64,
+                    sha256: sha(&kernel),
+                },
+                &kernel[..],
+            ),
+        ] {
+            let answers = session(&f.config, &[(request, payload)]);
+            let text = error(&answers[0]);
+            assert!(
+                text.contains("still named by loader entry keel-b+3.conf"),
+                "{text}"
+            );
+        }
+        assert!(!f.config.esp.slot_dir(Slot::B).join("vmlinuz").exists());
     }
 }
