@@ -65,6 +65,15 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         },
         serde_json::to_value(&os).unwrap_or_default(),
     );
+    // Temporary files of whole-file replacements (the settings-format record, staged
+    // boot parameters, the update record) a crash of an earlier keeld left; each names
+    // its writer's process, so a live one's would be kept.
+    for dir in [config.state_dir.clone(), config.state_dir.join("updates")] {
+        let swept = updates::durable::sweep_temps(&dir);
+        if swept > 0 {
+            tracing::info!(dir = %dir.display(), files = swept, "removed temporary files a crash left");
+        }
+    }
     let store = store::Store::open_with_check(
         &config.state_dir,
         usize::try_from(config.history).unwrap_or(usize::MAX),

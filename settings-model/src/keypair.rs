@@ -70,8 +70,10 @@ fn convert(key: &str, text: &str, kinds: Kinds) -> Result<Value, Error> {
 /// optional. The one-key patch it makes is validated.
 pub fn parse_pair(s: &str) -> Result<(KeyPath, Value), Error> {
     let (key_text, value_text) = split_pair(s).ok_or_else(|| Error::BadKey {
-        key: s.to_owned(),
-        reason: "expected key=value".to_owned(),
+        // Up to the first `=` only: what follows may be a value (a secret) behind an
+        // unbalanced quote.
+        key: s.split('=').next().unwrap_or_default().to_owned(),
+        reason: "expected key=value (a key's quotes must be balanced)".to_owned(),
     })?;
     let key = KeyPath::parse_setting(key_text)?;
     let key_string = key.to_string();

@@ -198,6 +198,10 @@ fn environment_values_are_never_echoed() {
     ))
     .unwrap_err();
     assert!(!err.to_string().contains(SECRET), "{err}");
+    // An unbalanced quote in the key hides the `=` from the split: still not echoed.
+    let err = keypair::parse_pair(&format!("host-containers.\"a.environment.TOKEN={SECRET}"))
+        .unwrap_err();
+    assert!(!err.to_string().contains(SECRET), "{err}");
 
     let settings = settings_model::model::parse(&json!({"host-containers": {"x": {
         "source": "public.ecr.aws/bottlerocket/bottlerocket-admin:v0.11.0",

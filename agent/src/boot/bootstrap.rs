@@ -124,7 +124,9 @@ enum Next {
 /// failure: keeld waits for it (1 s, doubling to 8 s), then looks at what is there and
 /// goes on from it. A task keeps running while containerd is away (its shim holds it),
 /// so a wait cut short is resumed, not taken for an exit; a task that was created and
-/// never started is started afresh. The timeout keeps counting through an outage.
+/// never started is started afresh. The timeout counts from the start and keeps counting
+/// through an outage: a container whose time is up while containerd does not answer
+/// ends as timed out, not killed (it may still run).
 pub async fn run_container(
     runtime: &dyn BootRuntime,
     board: &StatusBoard,
@@ -145,8 +147,18 @@ pub async fn run_container(
             )
         })
     };
-    let deadline =
-        timeout.map(|limit| tokio::time::Instant::now() + limit.saturating_sub(ran_before));
+    // The timeout counts from the container's start (not from the image pull or a wait
+    // for containerd before it): set once the task is started, or, at a resume, from
+    // what an earlier keeld used of it.
+    let mut deadline = match resume {
+        true => timeout.map(|limit| tokio::time::Instant::now() + limit.saturating_sub(ran_before)),
+        false => None,
+    };
+    let started_now = |deadline: &mut Option<tokio::time::Instant>| {
+        if deadline.is_none() {
+            *deadline = timeout.map(|limit| tokio::time::Instant::now() + limit);
+        }
+    };
     let mut outage = crate::containers::supervisor::Backoff::new(OUTAGE_FIRST, OUTAGE_MAX);
     let mut next = if resume {
         Next::Look {
@@ -165,6 +177,7 @@ pub async fn run_container(
                     report(&|s| s.state = RunState::Starting);
                     let prepared = runtime.prepare(desired, registries).await?;
                     let pid = runtime.start(&id).await?;
+                    started_now(&mut deadline);
                     report(&|s| {
                         s.state = RunState::Running;
                         s.pid = Some(pid);
@@ -184,7 +197,12 @@ pub async fn run_container(
                         next = Next::Start;
                         Ok(None)
                     }
+                    Some(task) if task.unknown => Err(RunError::Failed(format!(
+                        "containerd cannot say what its task is doing (its shim does not answer; pid {})",
+                        task.pid
+                    ))),
                     Some(task) if task.running => {
+                        started_now(&mut deadline);
                         tracing::info!(container = %id, pid = task.pid, "waiting for the bootstrap container started before");
                         report(&|s| {
                             s.state = RunState::Running;
@@ -238,7 +256,21 @@ pub async fn run_container(
             Ok(Some(run)) => return Ok(run),
             Ok(None) => outage.reset(),
             Err(e) if e.is_unavailable() => {
-                let delay = outage.next_delay();
+                // Started, and its time is up while containerd does not answer: it
+                // cannot be killed now, and the boot does not wait for ever.
+                if let (Some(limit), Some(due)) = (timeout, deadline) {
+                    if tokio::time::Instant::now() >= due {
+                        tracing::error!(container = %id, error = %e, "bootstrap container timed out while containerd does not answer; it may still run");
+                        return Ok(ContainerRun::TimedOut {
+                            limit,
+                            kill_failed: Some(e.to_string()),
+                        });
+                    }
+                }
+                let mut delay = outage.next_delay();
+                if let Some(due) = deadline {
+                    delay = delay.min(due.saturating_duration_since(tokio::time::Instant::now()));
+                }
                 tracing::warn!(container = %id, error = %e, retry_in = ?delay, "containerd does not answer; the bootstrap container waits for it");
                 tokio::time::sleep(delay).await;
                 // Whatever was under way may or may not have reached containerd: look.

@@ -973,8 +973,74 @@ async fn a_task_created_and_never_started_is_started_at_the_resume() {
 }
 
 fn slow_starts(node: &Node) -> usize {
-    node.started()
-        .iter()
-        .filter(|id| *id == "bootstrap-slow")
-        .count()
+    slow_starts_of(node, "bootstrap-slow")
+}
+
+/// The timeout counts from the container's start: containerd not answering for 10 s
+/// before it starts does not use up its 5 s.
+#[tokio::test(start_paused = true)]
+async fn a_wait_for_containerd_before_the_start_does_not_count_against_the_timeout() {
+    let node = Node::new(
+        &[
+            bootstrap("quick", "always", true, "timeout = \"5s\""),
+            ADMIN.to_owned(),
+        ]
+        .concat(),
+    );
+    node.fake
+        .script("bootstrap-quick", Some(Duration::from_secs(2)), 0);
+    node.fake.with(|s| s.down = true);
+    let running = node.start();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    node.fake.with(|s| s.down = false);
+    running.task.await.expect("the boot panicked");
+    let record = node.record_on_disk();
+    assert_eq!(record.phase, BootPhase::Configured, "{record:#?}");
+    assert_eq!(
+        outcome(&record, "bootstrap-container:quick"),
+        (StepOutcome::Succeeded, "exited 0".into())
+    );
+}
+
+/// Started, then containerd stops answering for good: when its 5 s are up the step ends
+/// as timed out, saying it could not be killed, instead of waiting for ever.
+#[tokio::test(start_paused = true)]
+async fn a_timeout_that_passes_while_containerd_is_down_ends_the_step() {
+    let node = Node::new(
+        &[
+            bootstrap("hangs", "always", false, "timeout = \"5s\""),
+            ADMIN.to_owned(),
+        ]
+        .concat(),
+    );
+    let began = Instant::now();
+    let running = node.start();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(slow_starts_of(&node, "bootstrap-hangs"), 1);
+    node.fake.with(|s| s.down = true);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while node.bootstrap_state("hangs").map(|s| s.0) != Some(RunState::Failed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the step ends");
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    node.fake.with(|s| s.down = false);
+    running.task.await.expect("the boot panicked");
+    let record = node.record_on_disk();
+    let (outcome, detail) = outcome(&record, "bootstrap-container:hangs");
+    assert_eq!(outcome, StepOutcome::Failed);
+    assert!(
+        detail.starts_with("timed out after 5s, and could not be killed"),
+        "{detail}"
+    );
+}
+
+fn slow_starts_of(node: &Node, id: &str) -> usize {
+    node.started().iter().filter(|s| *s == id).count()
 }

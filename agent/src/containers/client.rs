@@ -397,6 +397,7 @@ impl Containerd {
 
     /// The task of container `id`: `(pid, running)`, or `None` when it has no task.
     pub async fn task(&self, id: &str) -> Result<Option<TaskState>, ContainerdError> {
+        use containerd_client::types::v1::Status;
         let listed = self
             .tasks()
             .list(ListTasksRequest {
@@ -410,10 +411,17 @@ impl Containerd {
             .find(|t| t.container_id == id || (t.id == id && t.container_id.is_empty()))
             .map(|t| TaskState {
                 pid: t.pid,
-                // Anything but stopped has not exited: created, running, paused, or
-                // unknown (its shim does not answer); only a stopped task's exit
-                // status means anything.
-                running: t.status != containerd_client::types::v1::Status::Stopped as i32,
+                // Created, running or paused: not exited. Stopped: its exit status is
+                // final. Unknown (its shim does not answer): neither, said apart.
+                running: [
+                    Status::Created,
+                    Status::Running,
+                    Status::Paused,
+                    Status::Pausing,
+                ]
+                .iter()
+                .any(|s| t.status == *s as i32),
+                unknown: t.status == Status::Unknown as i32,
                 created_only: t.status == containerd_client::types::v1::Status::Created as i32,
                 exit_status: t.exit_status,
             }))
@@ -424,8 +432,11 @@ impl Containerd {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskState {
     pub pid: u32,
-    /// Not yet exited: created, running, paused or unknown.
+    /// Not yet exited: created, running or paused.
     pub running: bool,
+    /// containerd cannot say (its shim does not answer): not running, and its exit
+    /// status means nothing.
+    pub unknown: bool,
     /// Created but never started (keeld died between create and start).
     pub created_only: bool,
     pub exit_status: u32,

@@ -103,6 +103,7 @@ impl Fake {
                         pid,
                         running: true,
                         created_only: false,
+                        unknown: false,
                         exit_status: 0,
                     }),
                 ),
@@ -171,6 +172,7 @@ impl Runtime for Fake {
                 pid,
                 running: true,
                 created_only: false,
+                unknown: false,
                 exit_status: 0,
             });
             let now = tokio::time::Instant::now();

@@ -296,6 +296,11 @@ impl Runtime for ContainerdRuntime {
                 ContainerKind::Bootstrap => "bootstrap",
             }
         );
+        // Up to date now, not at the next period: a bootstrap container started right
+        // after the boot's first apply sees what it rendered.
+        if let Err(e) = self.paths.host_files.sync() {
+            tracing::warn!(container = %id, error = %e, "cannot update the copies of /etc/hosts and /etc/resolv.conf; the container gets the last ones");
+        }
         let (hosts, resolv_conf) = (
             self.paths.host_files.hosts(),
             self.paths.host_files.resolv_conf(),

@@ -43,7 +43,7 @@ use super::status::{
     self, BootOutcome, CommandResult, CommandStatus, CommandType, LastBoot, Progress,
     RunningCommand, StagedImage, StagedSlot, UpdateImage, UpdateRecord, UpdateState, UpdateStatus,
 };
-use super::writer_client::{WriterEndpoint, WriterSession};
+use super::writer_client::{WriterEndpoint, WriterError, WriterSession};
 use crate::events::{EventBody, EventBus, UpdateEvent};
 use crate::os::OsInfo;
 use crate::store::Store;
@@ -551,6 +551,7 @@ impl Updates {
             })
             .await;
         session.close().await;
+        let refused = matches!(activated, Err(WriterError::Refused(_)));
         let outcome = match activated {
             Ok(_) => Ok(()),
             // The answer was lost, or a refusal came after the entry's rename (its
@@ -566,6 +567,9 @@ impl Updates {
                         tracing::warn!(slot = %staged.slot, error = %e, "the slot writer did not answer that it activated, but the slot's loader entry is written: activated");
                         Ok(())
                     }
+                    // Refused, and the entries cannot be read: a refusal comes before the
+                    // write far more often than after it.
+                    None if refused => Err((e.to_string(), Some(false))),
                     other => Err((e.to_string(), other)),
                 }
             }
