@@ -118,17 +118,11 @@ macro_rules! validated_string {
         $name:ident, check = $check:path, description = $desc:expr,
         format = $format:expr, pattern = $pattern:expr, debug = $debug:path
     ) => {
-        $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub struct $name(String);
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.debug_tuple(stringify!($name)).field(&$debug(&self.0)).finish()
-            }
+        validated_string! {
+            $(#[$doc])*
+            $name, check = $check, description = $desc,
+            format = $format, pattern = $pattern, debug = $debug, read = String::deserialize
         }
-
-        validated_string!(@impl $name, $check, $desc, $format, $pattern, String::deserialize);
     };
     (
         $(#[$doc:meta])*
