@@ -251,6 +251,26 @@ fn motd_and_hostname() {
 }
 
 #[test]
+fn a_host_name_longer_than_the_kernel_holds_is_shortened_to_its_first_label() {
+    // 64 bytes is the kernel's limit (HOST_NAME_MAX): taken whole.
+    let at_limit = format!("{}.{}", "a".repeat(31), "b".repeat(32));
+    assert_eq!(at_limit.len(), 64);
+    let s = valid(json!({"network": {"hostname": at_limit}}));
+    assert_eq!(render("hostname", &s), format!("{at_limit}\n"));
+
+    let long = format!("node-7.{}.example.internal", "c".repeat(60));
+    assert!(long.len() > 64);
+    let s = valid(json!({"network": {"hostname": long}}));
+    assert_eq!(render("hostname", &s), "node-7\n");
+    // The whole name still resolves to this host.
+    let hosts = hosts_lines(&render("hosts", &s));
+    for (addr, names) in &hosts[..2] {
+        assert!(names.contains(&long), "{addr}: {names:?}");
+        assert!(names.contains(&"node-7".to_owned()), "{addr}: {names:?}");
+    }
+}
+
+#[test]
 fn chrony_has_one_server_per_time_server() {
     let text = render("chrony-conf", &full_settings());
     let servers: Vec<Vec<&str>> = lines(&text)
