@@ -140,10 +140,13 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         }
     }
     let exec = api::exec::ExecService::new(exec_engine);
-    // Containers mount copies of the host's /etc/hosts and /etc/resolv.conf that
-    // follow the originals in place (a bind mount of the original would keep its first
-    // inode); made before any container starts.
-    let host_files = containers::host_files::HostFiles::new(config.runtime_dir.join("host-etc"));
+    // Containers mount copies of /etc/hosts and /etc/resolv.conf (as rendered under the
+    // render root) that follow the originals in place (a bind mount of the original
+    // would keep its first inode); made before any container starts.
+    let host_files = containers::host_files::HostFiles::new(
+        config.runtime_dir.join("host-etc"),
+        &config.render_root,
+    );
     if let Err(e) = host_files.sync() {
         tracing::error!(error = %e, "cannot copy /etc/hosts and /etc/resolv.conf for containers; retried every 2 s; until then containers cannot start");
     }

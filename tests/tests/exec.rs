@@ -22,6 +22,7 @@ use futures_util::{SinkExt, StreamExt};
 use keel_e2e::containerd::Containerd;
 use keel_e2e::image::ImageBuilder;
 use keel_e2e::{bin, Keeld, KeeldOptions};
+use serde_json::json;
 
 fn require_root() {
     assert_eq!(
@@ -520,6 +521,53 @@ fn modes(fd: impl AsFd) -> String {
 /// `stty size`, Ctrl-C to the process and not to apiclient, the exit status, and the
 /// user's terminal back in its own mode afterwards, after a normal end and after
 /// signals.
+/// A running container's `/etc/resolv.conf` and `/etc/hosts` are what keeld renders from
+/// `settings.dns` and `settings.network`, and follow a change without the container
+/// being recreated (its pid 1 keeps its start time).
+#[test]
+fn dns_and_hosts_settings_reach_a_running_container() {
+    let node = Node::boot();
+    let started = |node: &Node| {
+        let out = node.exec(&["c", "cat", "/proc/1/stat"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        // Field 22, after the command name in parentheses: the start time.
+        let stat = text(&out.stdout);
+        let after = &stat[stat.rfind(')').expect("comm") + 2..];
+        after
+            .split_whitespace()
+            .nth(19)
+            .expect("starttime")
+            .to_owned()
+    };
+    let first_start = started(&node);
+    let patch = json!({
+        "dns": {"name-servers": ["10.9.8.7"], "search-list": ["corp.example"]},
+        "network": {"hosts": [["10.1.2.3", ["db.corp.example"]]]}
+    });
+    let r = node.keeld.raw(
+        "PATCH",
+        "/settings?tx=dns",
+        Some(patch.to_string().as_bytes()),
+    );
+    assert_eq!(r.status, 204, "PATCH: {}", r.text());
+    let r = node.keeld.raw("POST", "/tx/commit_and_apply?tx=dns", None);
+    assert_eq!(r.status, 200, "commit: {}", r.text());
+    let read = |file: &str| text(&node.exec(&["c", "cat", file]).stdout);
+    wait_until("the new resolv.conf in c", Duration::from_secs(10), || {
+        let resolv = read("/etc/resolv.conf");
+        resolv.contains("nameserver 10.9.8.7") && resolv.contains("search corp.example")
+    });
+    wait_until("the new hosts in c", Duration::from_secs(10), || {
+        read("/etc/hosts")
+            .lines()
+            .any(|l| l.split_whitespace().eq(["10.1.2.3", "db.corp.example"]))
+    });
+    assert_eq!(started(&node), first_start, "c was recreated");
+    // Still read-only from inside.
+    let out = node.exec(&["c", "sh", "-c", "echo x >> /etc/resolv.conf"]);
+    assert_ne!(out.status.code(), Some(0), "resolv.conf is writable in c");
+}
+
 #[test]
 fn exec_in_a_terminal() {
     let node = Node::boot();

@@ -1,5 +1,7 @@
 //! The host's `/etc/hosts` and `/etc/resolv.conf` as host and bootstrap containers see
-//! them.
+//! them: the files under keeld's render root, which keeld renders from
+//! `settings.network` and `settings.dns` (on Keel OS the render root is `/`, so they are
+//! the host's own).
 //!
 //! A container gets each as a read-only bind mount of one file. keeld (and the OS's
 //! own network tools) replace these files by rename, and a bind mount of a file keeps
@@ -34,9 +36,13 @@ pub struct HostFiles {
 }
 
 impl HostFiles {
-    /// Copies of the host's `/etc/hosts` and `/etc/resolv.conf` in `dir`.
-    pub fn new(dir: PathBuf) -> HostFiles {
-        HostFiles::with_sources(dir, "/etc/hosts".into(), "/etc/resolv.conf".into())
+    /// Copies in `dir` of `etc/hosts` and `etc/resolv.conf` under `render_root`.
+    pub fn new(dir: PathBuf, render_root: &Path) -> HostFiles {
+        HostFiles::with_sources(
+            dir,
+            render_root.join("etc/hosts"),
+            render_root.join("etc/resolv.conf"),
+        )
     }
 
     /// Copies of other sources (tests).
