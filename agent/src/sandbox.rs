@@ -689,8 +689,52 @@ pub fn unavailable_filter() -> Result<BpfProgram, SandboxError> {
     compile(rules, libc::ENOSYS)
 }
 
+/// x86_64's x32 ABI runs under the same audit architecture as x86_64, with system call
+/// numbers that have bit 30 set (`__X32_SYSCALL_BIT`). [`filter`] is keyed by x86_64
+/// numbers and never sees them: on a kernel with x32 on (`CONFIG_X86_X32_ABI` and
+/// `syscall.x32=y`; Debian builds it in but off) every call it refuses would pass
+/// under its x32 number, in keeld and in every child. keeld is a native x86_64 program
+/// and makes none: this program refuses them all with `EPERM`, whatever the kernel.
+/// (Other architectures' numbers are [`filter`]'s: it kills a call whose architecture
+/// is not the native one.)
+#[cfg(target_arch = "x86_64")]
+pub fn x32_filter() -> BpfProgram {
+    use seccompiler::sock_filter;
+    // <linux/filter.h>, <linux/seccomp.h>, <linux/audit.h>.
+    // BPF_LD (0) | BPF_W (0) | BPF_ABS.
+    const BPF_LD_W_ABS: u16 = 0x20;
+    const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10;
+    const BPF_JMP_JGE_K: u16 = 0x05 | 0x30;
+    const BPF_RET_K: u16 = 0x06;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    // struct seccomp_data: the call's number at offset 0, its architecture at 4.
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    let op = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    vec![
+        op(BPF_LD_W_ABS, 0, 0, ARCH),
+        // Not x86_64 (i386 compat): allow here, [`filter`] kills it.
+        op(BPF_JMP_JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
+        op(BPF_LD_W_ABS, 0, 0, NR),
+        op(BPF_JMP_JGE_K, 0, 1, X32_SYSCALL_BIT),
+        op(BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        op(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+    ]
+}
+
+/// Every filter program keeld installs, in order.
+pub fn programs() -> Result<Vec<BpfProgram>, SandboxError> {
+    let mut programs = vec![filter()?, unavailable_filter()?];
+    #[cfg(target_arch = "x86_64")]
+    programs.push(x32_filter());
+    Ok(programs)
+}
+
 fn install_filters() -> Result<(), SandboxError> {
-    for program in [filter()?, unavailable_filter()?] {
+    for program in programs()? {
         seccompiler::apply_filter_all_threads(&program)
             .map_err(|e| SandboxError::Install(e.to_string()))?;
     }
@@ -904,7 +948,47 @@ mod tests {
     }
 
     fn programs() -> Vec<BpfProgram> {
-        vec![filter().unwrap(), unavailable_filter().unwrap()]
+        super::programs().unwrap()
+    }
+
+    /// A refused call under its x32 number is refused too, by the filter and not by a
+    /// kernel that lacks x32 (which answers ENOSYS); native calls still work.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn x32_numbers_are_refused() {
+        const X32: i64 = 0x4000_0000;
+        let x32 = |what: &str, nr: i64, args: &[u64; 6]| Call {
+            what: what.to_owned(),
+            nr: nr | X32,
+            args: *args,
+        };
+        let calls = [
+            // The x32 ABI's own numbers for these calls are the x86_64 ones.
+            x32(
+                "x32 unshare(CLONE_NEWUSER)",
+                libc::SYS_unshare,
+                &[0x1000_0000, 0, 0, 0, 0, 0],
+            ),
+            x32("x32 getpid", libc::SYS_getpid, &[0; 6]),
+            x32("x32 bpf", libc::SYS_bpf, &[u64::MAX; 6]),
+        ];
+        let filtered = in_child(&programs(), &calls);
+        assert_eq!(filtered, vec![Err(libc::EPERM); 3]);
+        // Native numbers are [`filter`]'s business: getpid still works.
+        let getpid = Call {
+            what: "getpid".to_owned(),
+            nr: libc::SYS_getpid,
+            args: [0; 6],
+        };
+        let native = in_child(&programs(), &[getpid]);
+        assert!(native[0].is_ok(), "{native:?}");
+        // Without the x32 program, the kernel (x32 off) or the call itself answers:
+        // never the filter's EPERM for getpid.
+        let without = in_child(
+            &[filter().unwrap(), unavailable_filter().unwrap()],
+            &calls[1..2],
+        );
+        assert_ne!(without, vec![Err(libc::EPERM)], "getpid's x32 number");
     }
 
     #[test]

@@ -239,6 +239,37 @@ fn clone3_namespaces() -> Value {
 }
 
 /// `unshare(CLONE_NEWUSER)`, in a forked child so the probe itself stays where it is.
+/// unshare(CLONE_NEWUSER) under its x32 number (x86_64 only): a filter keyed by x86_64
+/// numbers would let it through on a kernel with x32 on. Where x32 is off, the kernel
+/// itself answers ENOSYS.
+fn x32_unshare() -> Value {
+    if !cfg!(target_arch = "x86_64") {
+        return outcome(false, libc::ENOSYS, "no x32 ABI on this architecture");
+    }
+    const X32_SYSCALL_BIT: libc::c_long = 0x4000_0000;
+    // SAFETY: plain fork-like clone, as above.
+    let rc = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+    if rc == 0 {
+        // SAFETY: unshare(2) takes flags only; a raw call by number.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_unshare | X32_SYSCALL_BIT,
+                libc::c_long::from(libc::CLONE_NEWUSER),
+            )
+        };
+        let code = if rc == 0 { 0 } else { errno() };
+        // SAFETY: leaves the child.
+        unsafe { libc::_exit(code) };
+    }
+    match sys(rc) {
+        Ok(pid) => match wait_child(pid_t(pid)) {
+            0 => outcome(true, 0, "x32 unshare(CLONE_NEWUSER) worked"),
+            e => outcome(false, e, "x32 unshare refused"),
+        },
+        Err(e) => outcome(false, e, "could not fork"),
+    }
+}
+
 fn unshare_user_namespace() -> Value {
     // SAFETY: plain fork-like clone, as above.
     let rc = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
@@ -487,6 +518,7 @@ fn main() {
     results.insert("mount_api_in_new_namespaces".into(), mounted);
     results.insert("clone3_newuser_newns".into(), clone3_namespaces());
     results.insert("unshare_newuser".into(), unshare_user_namespace());
+    results.insert("x32_unshare_newuser".into(), x32_unshare());
 
     // 3. The new mount API where the probe is.
     results.insert("mount_api".into(), mount_api_here());
