@@ -40,8 +40,8 @@ fn main() -> std::process::ExitCode {
         .init();
     let config = WriterConfig {
         slots: SlotLayout {
-            partitions: args.partitions,
             cmdline: args.cmdline,
+            ..SlotLayout::host(args.partitions)
         },
         esp: EspLayout { esp: args.esp },
         boot_id: args.boot_id,

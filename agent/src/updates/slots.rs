@@ -7,12 +7,19 @@
 //! regular files in tests), and the running slot given by `keel.slot=` on the kernel
 //! command line. Sizes always come from the device (or file) itself.
 //!
+//! A label names a partition on *some* disk: attach a second Keel disk (an old root
+//! volume, to recover its data) and udev points `/dev/disk/by-partlabel/keel-root-b`
+//! at whichever disk it saw last. So where a label is a block device, the partition
+//! used is the one with that label on the disk the running root is on (found through
+//! `/sys`: the device of `/`, the partitions under dm-verity, their disk), never one on
+//! another disk (see [`SlotLayout::device`]).
+//!
 //! Must not write anything but the partitions of the slot it is asked for, and refuses
 //! the running slot (see [`SlotLayout::open_partition`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -104,6 +111,17 @@ pub enum SlotError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot tell which disk the running root is on: {0}")]
+    RunningDisk(String),
+    #[error(
+        "disk {disk}, which holds the running root, has {count} partitions labelled {label} \
+         (expected one)"
+    )]
+    OnRunningDisk {
+        label: String,
+        disk: String,
+        count: usize,
+    },
 }
 
 /// Where the slots are and which one runs.
@@ -113,6 +131,20 @@ pub struct SlotLayout {
     pub partitions: PathBuf,
     /// The kernel command line (`/proc/cmdline`).
     pub cmdline: PathBuf,
+    /// Where sysfs is mounted (`/sys`): which disk the running root is on, and its
+    /// partitions' labels.
+    pub sys: PathBuf,
+}
+
+impl SlotLayout {
+    /// The host's layout: labels in `partitions`, `/proc/cmdline`, `/sys`.
+    pub fn host(partitions: PathBuf) -> SlotLayout {
+        SlotLayout {
+            partitions,
+            cmdline: "/proc/cmdline".into(),
+            sys: "/sys".into(),
+        }
+    }
 }
 
 /// The value of `key=` on a kernel command line (the last one wins, as for the kernel).
@@ -142,14 +174,44 @@ impl SlotLayout {
             })
     }
 
-    /// The path of `part` of `slot`.
-    pub fn path(&self, slot: Slot, part: Part) -> PathBuf {
-        self.partitions.join(part.label(slot))
+    /// What to open for `part` of `slot`. Where its label is a block device: the
+    /// partition with that label on the disk the running root is on, which is not
+    /// necessarily the one udev's link names (see the module doc). Otherwise (tests:
+    /// regular files) the label's own entry.
+    pub fn device(&self, slot: Slot, part: Part) -> Result<PathBuf, SlotError> {
+        let label = part.label(slot);
+        let path = self.partitions.join(&label);
+        let block = std::fs::metadata(&path)
+            .map_err(|source| SlotError::Partition {
+                label: label.clone(),
+                path: path.clone(),
+                source,
+            })?
+            .file_type()
+            .is_block_device();
+        if !block {
+            return Ok(path);
+        }
+        let root = std::fs::metadata("/")
+            .map_err(|e| SlotError::RunningDisk(format!("stat /: {e}")))?
+            .dev();
+        let disk = running_disk(&self.sys, (libc::major(root), libc::minor(root)))?;
+        let name = partition_on(&disk, &label)?;
+        let device = Path::new("/dev").join(&name);
+        if std::fs::canonicalize(&path).ok().as_deref() != Some(device.as_path()) {
+            tracing::warn!(
+                label,
+                link = %path.display(),
+                using = %device.display(),
+                "the partition label's link names a partition on another disk than the running root's: using the running root's disk"
+            );
+        }
+        Ok(device)
     }
 
     /// The size of `part` of `slot`, from the device (or file) itself.
     pub fn size(&self, slot: Slot, part: Part) -> Result<u64, SlotError> {
-        let path = self.path(slot, part);
+        let path = self.device(slot, part)?;
         let error = |source| SlotError::Partition {
             label: part.label(slot),
             path: path.clone(),
@@ -167,7 +229,7 @@ impl SlotLayout {
         if self.active()? == slot {
             return Err(SlotError::Running(slot));
         }
-        let path = self.path(slot, part);
+        let path = self.device(slot, part)?;
         let error = |source| SlotError::Partition {
             label: part.label(slot),
             path: path.clone(),
@@ -186,6 +248,90 @@ impl SlotLayout {
         let size = file.seek(SeekFrom::End(0)).map_err(error)?;
         file.seek(SeekFrom::Start(0)).map_err(error)?;
         Ok((file, size))
+    }
+}
+
+/// The sysfs directory of the disk that device `major:minor` (the running root's) is
+/// on: a partition's parent, or, for a device-mapper device such as dm-verity's, the
+/// one disk all its underlying devices (`slaves/`) are partitions of.
+fn running_disk(sys: &Path, (major, minor): (u32, u32)) -> Result<PathBuf, SlotError> {
+    let error = |what: String| SlotError::RunningDisk(what);
+    let node = sys.join(format!("dev/block/{major}:{minor}"));
+    let device =
+        std::fs::canonicalize(&node).map_err(|e| error(format!("{}: {e}", node.display())))?;
+    let disk_of = |partition: &Path| -> Result<PathBuf, SlotError> {
+        if !partition.join("partition").exists() {
+            return Err(error(format!("{} is not a partition", partition.display())));
+        }
+        partition
+            .parent()
+            .map(Path::to_owned)
+            .ok_or_else(|| error(format!("{} has no parent", partition.display())))
+    };
+    let slaves = device.join("slaves");
+    if !slaves.is_dir() {
+        return disk_of(&device);
+    }
+    let mut disk: Option<PathBuf> = None;
+    let entries =
+        std::fs::read_dir(&slaves).map_err(|e| error(format!("{}: {e}", slaves.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| error(format!("{}: {e}", slaves.display())))?;
+        let under = std::fs::canonicalize(entry.path())
+            .map_err(|e| error(format!("{}: {e}", entry.path().display())))?;
+        let this = disk_of(&under)?;
+        match &disk {
+            Some(d) if *d != this => {
+                return Err(error(format!(
+                    "{} spans disks {} and {}",
+                    device.display(),
+                    d.display(),
+                    this.display()
+                )))
+            }
+            _ => disk = Some(this),
+        }
+    }
+    disk.ok_or_else(|| error(format!("{} has no underlying device", device.display())))
+}
+
+/// The device name (`vda5`) of the one partition of `disk` (a sysfs disk directory)
+/// labelled `label`, from each partition's `uevent` (`PARTNAME=`, `DEVNAME=`).
+fn partition_on(disk: &Path, label: &str) -> Result<String, SlotError> {
+    let name = disk
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let entries = std::fs::read_dir(disk)
+        .map_err(|e| SlotError::RunningDisk(format!("{}: {e}", disk.display())))?;
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !dir.join("partition").exists() {
+            continue;
+        }
+        let Ok(uevent) = std::fs::read_to_string(dir.join("uevent")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            uevent
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_owned)
+        };
+        if field("PARTNAME").as_deref() == Some(label) {
+            if let Some(devname) = field("DEVNAME") {
+                found.push(devname);
+            }
+        }
+    }
+    match <[String; 1]>::try_from(found) {
+        Ok([one]) => Ok(one),
+        Err(found) => Err(SlotError::OnRunningDisk {
+            label: label.to_owned(),
+            disk: name,
+            count: found.len(),
+        }),
     }
 }
 
@@ -225,6 +371,7 @@ mod tests {
         let layout = SlotLayout {
             partitions: dir.path().to_owned(),
             cmdline: dir.path().join("cmdline"),
+            sys: dir.path().join("sys"),
         };
         (dir, layout)
     }
@@ -261,6 +408,93 @@ mod tests {
                 "{line}"
             );
         }
+    }
+
+    /// A sysfs tree: disk vda (partitions 3-6: root-a, verity-a, root-b, verity-b) with
+    /// dm-0 (253:0) over vda3 and vda4, and a second disk vdb that also has a
+    /// keel-root-b (vdb5). vda3 is 254:3.
+    fn sysfs() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sys = dir.path().to_owned();
+        let part = |disk: &str, name: &str, label: &str| {
+            let p = sys.join(format!("devices/pci0/{disk}/block/{disk}/{name}"));
+            std::fs::create_dir_all(&p).expect("mkdir");
+            std::fs::write(p.join("partition"), "1\n").expect("partition");
+            std::fs::write(
+                p.join("uevent"),
+                format!("MAJOR=254\nMINOR=0\nDEVNAME={name}\nDEVTYPE=partition\nPARTN=1\nPARTNAME={label}\n"),
+            )
+            .expect("uevent");
+            p
+        };
+        let vda3 = part("vda", "vda3", "keel-root-a");
+        let vda4 = part("vda", "vda4", "keel-verity-a");
+        part("vda", "vda5", "keel-root-b");
+        part("vda", "vda6", "keel-verity-b");
+        part("vdb", "vdb5", "keel-root-b");
+        let dm = sys.join("devices/virtual/block/dm-0");
+        std::fs::create_dir_all(dm.join("slaves")).expect("mkdir");
+        std::os::unix::fs::symlink(&vda3, dm.join("slaves/vda3")).expect("link");
+        std::os::unix::fs::symlink(&vda4, dm.join("slaves/vda4")).expect("link");
+        std::fs::create_dir_all(sys.join("dev/block")).expect("mkdir");
+        std::os::unix::fs::symlink(&dm, sys.join("dev/block/253:0")).expect("link");
+        std::os::unix::fs::symlink(&vda3, sys.join("dev/block/254:3")).expect("link");
+        (dir, sys)
+    }
+
+    #[test]
+    fn a_label_is_looked_up_on_the_running_root_s_disk_only() {
+        let (_dir, sys) = sysfs();
+        let vda = std::fs::canonicalize(sys.join("devices/pci0/vda/block/vda")).expect("vda");
+        // Under dm-verity, and directly on a partition.
+        assert_eq!(running_disk(&sys, (253, 0)).expect("disk"), vda);
+        assert_eq!(running_disk(&sys, (254, 3)).expect("disk"), vda);
+        // vdb5 is labelled keel-root-b too: never chosen.
+        assert_eq!(partition_on(&vda, "keel-root-b").expect("b"), "vda5");
+        assert_eq!(partition_on(&vda, "keel-verity-b").expect("b"), "vda6");
+    }
+
+    #[test]
+    fn a_running_disk_that_cannot_be_told_or_an_ambiguous_label_is_refused() {
+        let (_dir, sys) = sysfs();
+        let vda = std::fs::canonicalize(sys.join("devices/pci0/vda/block/vda")).expect("vda");
+        // No such device.
+        assert!(matches!(
+            running_disk(&sys, (8, 0)),
+            Err(SlotError::RunningDisk(_))
+        ));
+        // dm-0 over partitions of two disks.
+        let vdb5 = sys.join("devices/pci0/vdb/block/vdb/vdb5");
+        std::os::unix::fs::symlink(&vdb5, sys.join("devices/virtual/block/dm-0/slaves/vdb5"))
+            .expect("link");
+        let error = running_disk(&sys, (253, 0))
+            .expect_err("two disks")
+            .to_string();
+        assert!(error.contains("spans disks"), "{error}");
+        // A whole disk is no partition.
+        std::os::unix::fs::symlink(&vda, sys.join("dev/block/254:0")).expect("link");
+        let error = running_disk(&sys, (254, 0))
+            .expect_err("a disk")
+            .to_string();
+        assert!(error.contains("is not a partition"), "{error}");
+        // Two partitions with one label on the running disk, or none.
+        let vda7 = vda.join("vda7");
+        std::fs::create_dir_all(&vda7).expect("mkdir");
+        std::fs::write(vda7.join("partition"), "7\n").expect("partition");
+        std::fs::write(vda7.join("uevent"), "DEVNAME=vda7\nPARTNAME=keel-root-b\n")
+            .expect("uevent");
+        assert!(matches!(
+            partition_on(&vda, "keel-root-b"),
+            Err(SlotError::OnRunningDisk { count: 2, .. })
+        ));
+        let error = partition_on(&vda, "keel-root-c")
+            .expect_err("none")
+            .to_string();
+        assert_eq!(
+            error,
+            "disk vda, which holds the running root, has 0 partitions labelled keel-root-c \
+             (expected one)"
+        );
     }
 
     #[test]

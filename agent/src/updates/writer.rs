@@ -312,7 +312,10 @@ fn check_hex(what: &str, hex_text: &str) -> Result<(), Refusal> {
 
 /// Reads the superblock of `slot`'s hash partition.
 fn read_superblock(config: &WriterConfig, slot: Slot) -> Result<Superblock, Refusal> {
-    let path = config.slots.path(slot, Part::Hash);
+    let path = config
+        .slots
+        .device(slot, Part::Hash)
+        .map_err(|e| refuse_desync(e.to_string()))?;
     let mut bytes = vec![0u8; SUPERBLOCK_BYTES];
     std::fs::File::open(&path)
         .and_then(|mut f| f.read_exact(&mut bytes))
@@ -561,7 +564,7 @@ fn compare_hash_area(
     sb: &Superblock,
     area: &[u8],
 ) -> Result<(), Refusal> {
-    let path = config.slots.path(slot, Part::Hash);
+    let path = config.slots.device(slot, Part::Hash).map_err(refuse)?;
     let label = Part::Hash.label(slot);
     let mut file = std::fs::File::open(&path).map_err(|e| refuse(format!("{label}: {e}")))?;
     file.seek(SeekFrom::Start(sb.hash_area_offset()))
@@ -714,6 +717,7 @@ mod tests {
             slots: SlotLayout {
                 partitions: parts,
                 cmdline: dir.path().join("cmdline"),
+                sys: dir.path().join("sys"),
             },
             esp: EspLayout { esp },
             boot_id: dir.path().join("boot_id"),
