@@ -727,10 +727,14 @@ pub fn x32_filter() -> BpfProgram {
 
 /// Every filter program keeld installs, in order.
 pub fn programs() -> Result<Vec<BpfProgram>, SandboxError> {
-    let mut programs = vec![filter()?, unavailable_filter()?];
     #[cfg(target_arch = "x86_64")]
-    programs.push(x32_filter());
-    Ok(programs)
+    let native_only = Some(x32_filter());
+    #[cfg(not(target_arch = "x86_64"))]
+    let native_only = None;
+    Ok([filter()?, unavailable_filter()?]
+        .into_iter()
+        .chain(native_only)
+        .collect())
 }
 
 fn install_filters() -> Result<(), SandboxError> {

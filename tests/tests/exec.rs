@@ -517,10 +517,6 @@ fn modes(fd: impl AsFd) -> String {
     )
 }
 
-/// A terminal session: a pty inside (`tty`), the initial size and a resize seen by
-/// `stty size`, Ctrl-C to the process and not to apiclient, the exit status, and the
-/// user's terminal back in its own mode afterwards, after a normal end and after
-/// signals.
 /// A running container's `/etc/resolv.conf` and `/etc/hosts` are what keeld renders from
 /// `settings.dns` and `settings.network`, and follow a change without the container
 /// being recreated (its pid 1 keeps its start time).
@@ -568,6 +564,10 @@ fn dns_and_hosts_settings_reach_a_running_container() {
     assert_ne!(out.status.code(), Some(0), "resolv.conf is writable in c");
 }
 
+/// A terminal session: a pty inside (`tty`), the initial size and a resize seen by
+/// `stty size`, Ctrl-C to the process and not to apiclient, the exit status, and the
+/// user's terminal back in its own mode afterwards, after a normal end and after
+/// signals.
 #[test]
 fn exec_in_a_terminal() {
     let node = Node::boot();

@@ -9,7 +9,7 @@
 //! servers until it is recreated. So containers mount copies kept in keeld's runtime
 //! directory, whose inodes never change: [`HostFiles::sync`] rewrites a copy in place
 //! when its source differs, and [`HostFiles::follow`] does so every [`FOLLOW_PERIOD`]
-//! (a change made by an apply or by DHCP reaches running containers within it).
+//! (a change made by an apply reaches running containers within it).
 //!
 //! The rewrite writes the new bytes over the old from offset 0, then cuts the file to
 //! their length: a reader in that instant may see the old file's tail after the new

@@ -9,10 +9,12 @@
 //!
 //! A label names a partition on *some* disk: attach a second Keel disk (an old root
 //! volume, to recover its data) and udev points `/dev/disk/by-partlabel/keel-root-b`
-//! at whichever disk it saw last. So where a label is a block device, the partition
-//! used is the one with that label on the disk the running root is on (found through
-//! `/sys`: the device of `/`, the partitions under dm-verity, their disk), never one on
-//! another disk (see [`SlotLayout::device`]).
+//! at whichever disk it saw last. So where a label is a block device, it must name the
+//! partition with that label on the disk the running root is on (found through `/sys`:
+//! the device of `/`, the partitions under dm-verity, their disk), and the ESP must be
+//! on that disk too; otherwise nothing is written (see [`SlotLayout::device`] and
+//! [`SlotLayout::check_on_running_disk`]). The writer's unit allows only the devices the
+//! links named when it started, so refusing is all it could do anyway.
 //!
 //! Must not write anything but the partitions of the slot it is asked for, and refuses
 //! the running slot (see [`SlotLayout::open_partition`]).
@@ -114,6 +116,15 @@ pub enum SlotError {
     #[error("cannot tell which disk the running root is on: {0}")]
     RunningDisk(String),
     #[error(
+        "{what} ({path}) is not on disk {disk}, which holds the running root: another disk \
+         carries Keel's partition labels; detach it to update this host"
+    )]
+    OtherDisk {
+        what: String,
+        path: PathBuf,
+        disk: String,
+    },
+    #[error(
         "disk {disk}, which holds the running root, has {count} partitions labelled {label} \
          (expected one)"
     )]
@@ -174,10 +185,9 @@ impl SlotLayout {
             })
     }
 
-    /// What to open for `part` of `slot`. Where its label is a block device: the
-    /// partition with that label on the disk the running root is on, which is not
-    /// necessarily the one udev's link names (see the module doc). Otherwise (tests:
-    /// regular files) the label's own entry.
+    /// What to open for `part` of `slot`: the label's entry, once checked, where it is a
+    /// block device, to be the partition with that label on the disk the running root
+    /// is on (see the module doc). Regular files (tests) are taken as they are.
     pub fn device(&self, slot: Slot, part: Part) -> Result<PathBuf, SlotError> {
         let label = part.label(slot);
         let path = self.partitions.join(&label);
@@ -192,21 +202,54 @@ impl SlotLayout {
         if !block {
             return Ok(path);
         }
+        let disk = self.running_disk()?;
+        let device = Path::new("/dev").join(partition_on(&disk, &label)?);
+        let named = std::fs::canonicalize(&path).map_err(|source| SlotError::Partition {
+            label: label.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        if named != device {
+            return Err(SlotError::OtherDisk {
+                what: format!("partition label {label}"),
+                path: named,
+                disk: disk_name(&disk),
+            });
+        }
+        Ok(device)
+    }
+
+    /// The sysfs directory of the disk the running root is on.
+    fn running_disk(&self) -> Result<PathBuf, SlotError> {
         let root = std::fs::metadata("/")
             .map_err(|e| SlotError::RunningDisk(format!("stat /: {e}")))?
             .dev();
-        let disk = running_disk(&self.sys, (libc::major(root), libc::minor(root)))?;
-        let name = partition_on(&disk, &label)?;
-        let device = Path::new("/dev").join(&name);
-        if std::fs::canonicalize(&path).ok().as_deref() != Some(device.as_path()) {
-            tracing::warn!(
-                label,
-                link = %path.display(),
-                using = %device.display(),
-                "the partition label's link names a partition on another disk than the running root's: using the running root's disk"
-            );
+        running_disk(&self.sys, (libc::major(root), libc::minor(root)))
+    }
+
+    /// Refuses `path` (the ESP's mount point) unless its file system is on a partition
+    /// of the disk the running root is on. Only on a host whose slots are block devices
+    /// (tests keep both in directories).
+    pub fn check_on_running_disk(&self, what: &str, path: &Path) -> Result<(), SlotError> {
+        let slot_is_block = std::fs::metadata(self.partitions.join(Part::Root.label(Slot::A)))
+            .is_ok_and(|m| m.file_type().is_block_device());
+        if !slot_is_block {
+            return Ok(());
         }
-        Ok(device)
+        let disk = self.running_disk()?;
+        let dev = std::fs::metadata(path)
+            .map_err(|e| SlotError::RunningDisk(format!("stat {}: {e}", path.display())))?
+            .dev();
+        let on = disk_of_partition(&self.sys, (libc::major(dev), libc::minor(dev)));
+        if on.as_deref() == Some(disk.as_path()) {
+            Ok(())
+        } else {
+            Err(SlotError::OtherDisk {
+                what: what.to_owned(),
+                path: path.to_owned(),
+                disk: disk_name(&disk),
+            })
+        }
     }
 
     /// The size of `part` of `slot`, from the device (or file) itself.
@@ -295,13 +338,26 @@ fn running_disk(sys: &Path, (major, minor): (u32, u32)) -> Result<PathBuf, SlotE
     disk.ok_or_else(|| error(format!("{} has no underlying device", device.display())))
 }
 
+/// The sysfs directory of the disk that partition `major:minor` is on; `None` when it
+/// is no partition (or unknown).
+fn disk_of_partition(sys: &Path, (major, minor): (u32, u32)) -> Option<PathBuf> {
+    std::fs::canonicalize(sys.join(format!("dev/block/{major}:{minor}")))
+        .ok()
+        .filter(|p| p.join("partition").exists())
+        .and_then(|p| p.parent().map(Path::to_owned))
+}
+
+/// `vda` of `/sys/devices/…/block/vda`.
+fn disk_name(disk: &Path) -> String {
+    disk.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// The device name (`vda5`) of the one partition of `disk` (a sysfs disk directory)
 /// labelled `label`, from each partition's `uevent` (`PARTNAME=`, `DEVNAME=`).
 fn partition_on(disk: &Path, label: &str) -> Result<String, SlotError> {
-    let name = disk
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = disk_name(disk);
     let entries = std::fs::read_dir(disk)
         .map_err(|e| SlotError::RunningDisk(format!("{}: {e}", disk.display())))?;
     let mut found = Vec::new();
@@ -410,9 +466,10 @@ mod tests {
         }
     }
 
-    /// A sysfs tree: disk vda (partitions 3-6: root-a, verity-a, root-b, verity-b) with
-    /// dm-0 (253:0) over vda3 and vda4, and a second disk vdb that also has a
-    /// keel-root-b (vdb5). vda3 is 254:3.
+    /// A sysfs tree: disk vda (partitions 1 and 3-6: efi, root-a, verity-a, root-b,
+    /// verity-b) with dm-0 (253:0) over vda3 and vda4, and a second disk vdb that also
+    /// has a keel-efi (vdb1) and a keel-root-b (vdb5). vda1 is 254:1, vda3 254:3, vdb1
+    /// 254:17.
     fn sysfs() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let sys = dir.path().to_owned();
@@ -427,6 +484,8 @@ mod tests {
             .expect("uevent");
             p
         };
+        let vda1 = part("vda", "vda1", "keel-efi");
+        let vdb1 = part("vdb", "vdb1", "keel-efi");
         let vda3 = part("vda", "vda3", "keel-root-a");
         let vda4 = part("vda", "vda4", "keel-verity-a");
         part("vda", "vda5", "keel-root-b");
@@ -439,6 +498,8 @@ mod tests {
         std::fs::create_dir_all(sys.join("dev/block")).expect("mkdir");
         std::os::unix::fs::symlink(&dm, sys.join("dev/block/253:0")).expect("link");
         std::os::unix::fs::symlink(&vda3, sys.join("dev/block/254:3")).expect("link");
+        std::os::unix::fs::symlink(&vda1, sys.join("dev/block/254:1")).expect("link");
+        std::os::unix::fs::symlink(&vdb1, sys.join("dev/block/254:17")).expect("link");
         (dir, sys)
     }
 
@@ -452,6 +513,13 @@ mod tests {
         // vdb5 is labelled keel-root-b too: never chosen.
         assert_eq!(partition_on(&vda, "keel-root-b").expect("b"), "vda5");
         assert_eq!(partition_on(&vda, "keel-verity-b").expect("b"), "vda6");
+        // The ESP's file system: on vda1 it is the running disk's, on vdb1 not; dm-0 is
+        // no partition.
+        let vdb = std::fs::canonicalize(sys.join("devices/pci0/vdb/block/vdb")).expect("vdb");
+        assert_eq!(disk_of_partition(&sys, (254, 1)), Some(vda));
+        assert_eq!(disk_of_partition(&sys, (254, 17)), Some(vdb));
+        assert_eq!(disk_of_partition(&sys, (253, 0)), None);
+        assert_eq!(disk_of_partition(&sys, (8, 1)), None);
     }
 
     #[test]

@@ -124,6 +124,12 @@ fn handle(
     request: &Request,
     input: &mut impl BufRead,
 ) -> Result<Answer, Refusal> {
+    // Before anything is read or written: the ESP this writer would touch is the
+    // running disk's (a payload may follow, so a refusal ends the session).
+    config
+        .slots
+        .check_on_running_disk("the ESP", &config.esp.esp)
+        .map_err(|e| refuse_desync(e.to_string()))?;
     match request {
         Request::Inspect => inspect(config).map(|inspection| Answer::Inspection {
             ok: true,

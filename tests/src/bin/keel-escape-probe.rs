@@ -238,7 +238,6 @@ fn clone3_namespaces() -> Value {
     }
 }
 
-/// `unshare(CLONE_NEWUSER)`, in a forked child so the probe itself stays where it is.
 /// unshare(CLONE_NEWUSER) under its x32 number (x86_64 only): a filter keyed by x86_64
 /// numbers would let it through on a kernel with x32 on. Where x32 is off, the kernel
 /// itself answers ENOSYS.
@@ -270,6 +269,7 @@ fn x32_unshare() -> Value {
     }
 }
 
+/// `unshare(CLONE_NEWUSER)`, in a forked child so the probe itself stays where it is.
 fn unshare_user_namespace() -> Value {
     // SAFETY: plain fork-like clone, as above.
     let rc = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
