@@ -237,7 +237,9 @@ impl SlotLayout {
             return Ok(());
         }
         let disk = self.running_disk()?;
-        let dev = std::fs::metadata(path)
+        // Through `path/.`: stat of a mount point itself would not trigger an automount
+        // there, and would answer the autofs placeholder's device.
+        let dev = std::fs::metadata(path.join("."))
             .map_err(|e| SlotError::RunningDisk(format!("stat {}: {e}", path.display())))?
             .dev();
         let on = disk_of_partition(&self.sys, (libc::major(dev), libc::minor(dev)));
