@@ -209,6 +209,7 @@ p=/.bottlerocket/host-containers/$NAME
   echo "motd=$(apiclient get settings.motd | tr -d ' \n')"
   echo "proxy=$HTTPS_PROXY"
   echo "mem=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max 2>/dev/null)"
+  echo "memsw=$(cat /sys/fs/cgroup/memory/memory.memsw.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.swap.max 2>/dev/null)"
   echo "cpu=$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d' ' -f1 /sys/fs/cgroup/cpu.max 2>/dev/null)"
   echo "greeting=$GREETING"
   echo done=1
@@ -280,6 +281,14 @@ fn privilege_tiers_from_inside() {
     // Keel's per-container settings, seen from inside: environment and limits.
     assert_eq!(plain["greeting"], "hello");
     assert_eq!(plain["mem"], (64u64 << 20).to_string(), "memory-limit 64Mi");
+    // No swap past the limit: cgroup v1's memory+swap is the limit, v2's swap is 0.
+    let cgroup_v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let no_swap = if cgroup_v2 {
+        "0".to_owned()
+    } else {
+        (64u64 << 20).to_string()
+    };
+    assert_eq!(plain["memsw"], no_swap, "memory-limit bounds swap too");
     assert_eq!(plain["cpu"], "50000", "cpu-limit 500m = 50 ms per 100 ms");
 
     // Superpowered: every capability the host has (init's bounding set).

@@ -313,6 +313,7 @@ impl Runtime for ContainerdRuntime {
             environment: &desired.environment,
             extra_capabilities: &desired.capabilities,
             memory_limit_bytes: desired.memory_limit_bytes,
+            limit_swap: spec::host_limits_swap(),
             cpu_limit_millicores: desired.cpu_limit_millicores,
             persistent_dir: &persistent,
             api_socket: &self.paths.api_socket,

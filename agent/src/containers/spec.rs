@@ -164,6 +164,10 @@ pub struct SpecRequest<'a> {
     /// is checked against [`ALL_CAPABILITIES`] whatever the tier.
     pub extra_capabilities: &'a [String],
     pub memory_limit_bytes: Option<i64>,
+    /// Whether the host's cgroups can bound swap ([`host_limits_swap`]): a memory limit
+    /// then bounds memory and swap together (the container gets no swap), as
+    /// Kubernetes' default does; without it, a container could swap past its limit.
+    pub limit_swap: bool,
     /// Becomes a CFS quota over a [`CPU_PERIOD_US`] period; at least 10 (a 1 ms quota).
     pub cpu_limit_millicores: Option<u64>,
     /// Host directory mounted read-write at `/.bottlerocket/host-containers/<name>`
@@ -185,6 +189,15 @@ pub struct SpecRequest<'a> {
     /// The host's capability bounding set (bit n = capability n), which limits what a
     /// superpowered container gets; `u64::MAX` for all.
     pub host_capabilities: u64,
+}
+
+/// Whether a container's swap can be bounded on this host: cgroup v2 (runc writes
+/// `memory.swap.max`, and leaves a kernel without swap accounting alone when the value
+/// is 0), or cgroup v1 with swap accounting (`memory.memsw.limit_in_bytes`). On v1
+/// without it, runc fails a container that asks for a swap limit.
+pub fn host_limits_swap() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+        || Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
 }
 
 /// The capability bounding set of the host's init process, which nothing on the host can
@@ -680,7 +693,12 @@ fn resources(req: &SpecRequest<'_>, rules: &TierRules) -> Result<LinuxResources,
         if limit <= 0 {
             return Err(SpecError::InvalidMemoryLimit(limit));
         }
-        resources = resources.memory(LinuxMemoryBuilder::default().limit(limit).build()?);
+        let mut memory = LinuxMemoryBuilder::default().limit(limit);
+        if req.limit_swap {
+            // OCI's `swap` is memory + swap: equal to the limit, no swap at all.
+            memory = memory.swap(limit);
+        }
+        resources = resources.memory(memory.build()?);
     }
     if let Some(millicores) = req.cpu_limit_millicores {
         let quota = millicores
@@ -863,6 +881,7 @@ mod tests {
         environment: Vec<(String, String)>,
         extra: Vec<String>,
         memory: Option<i64>,
+        swap: bool,
         cpu: Option<u64>,
         parent: String,
         modules: bool,
@@ -877,6 +896,7 @@ mod tests {
                 environment: Vec::new(),
                 extra: Vec::new(),
                 memory: None,
+                swap: false,
                 cpu: None,
                 parent: "keel".into(),
                 modules: true,
@@ -895,6 +915,7 @@ mod tests {
             owned.environment = vec![("MODE".into(), "configured".into())];
             owned.extra = vec!["CAP_SYS_PTRACE".into(), "CAP_NET_ADMIN".into()];
             owned.memory = Some(256 << 20);
+            owned.swap = true;
             owned.cpu = Some(1500);
             owned.parent = "keel/host".into();
             owned.modules = false;
@@ -915,6 +936,7 @@ mod tests {
                 environment: &self.environment,
                 extra_capabilities: &self.extra,
                 memory_limit_bytes: self.memory,
+                limit_swap: self.swap,
                 cpu_limit_millicores: self.cpu,
                 persistent_dir: Path::new(persistent),
                 api_socket: Path::new("/run/keel/api.sock"),
@@ -1636,8 +1658,17 @@ mod tests {
         let json = typed_json(&spec);
         assert_eq!(
             json["linux"]["resources"]["memory"],
-            json!({ "limit": 268_435_456 })
+            json!({ "limit": 268_435_456 }),
+            "a host that cannot bound swap gets no swap limit"
         );
+        req.swap = true;
+        let json = typed_json(&req.build(Tier::Host).expect("spec"));
+        assert_eq!(
+            json["linux"]["resources"]["memory"],
+            json!({ "limit": 268_435_456, "swap": 268_435_456 }),
+            "memory + swap = the limit: no swap"
+        );
+        req.swap = false;
         assert_eq!(
             json["linux"]["resources"]["cpu"],
             json!({ "quota": 150_000, "period": 100_000 })
