@@ -304,18 +304,13 @@ fn running_disk(sys: &Path, (major, minor): (u32, u32)) -> Result<PathBuf, SlotE
     let node = sys.join(format!("dev/block/{major}:{minor}"));
     let device =
         std::fs::canonicalize(&node).map_err(|e| error(format!("{}: {e}", node.display())))?;
-    let disk_of = |partition: &Path| -> Result<PathBuf, SlotError> {
-        if !partition.join("partition").exists() {
-            return Err(error(format!("{} is not a partition", partition.display())));
-        }
-        partition
-            .parent()
-            .map(Path::to_owned)
-            .ok_or_else(|| error(format!("{} has no parent", partition.display())))
+    let disk_or_error = |partition: &Path| {
+        disk_of(partition)
+            .ok_or_else(|| error(format!("{} is not a partition", partition.display())))
     };
     let slaves = device.join("slaves");
     if !slaves.is_dir() {
-        return disk_of(&device);
+        return disk_or_error(&device);
     }
     let mut disk: Option<PathBuf> = None;
     let entries =
@@ -324,7 +319,7 @@ fn running_disk(sys: &Path, (major, minor): (u32, u32)) -> Result<PathBuf, SlotE
         let entry = entry.map_err(|e| error(format!("{}: {e}", slaves.display())))?;
         let under = std::fs::canonicalize(entry.path())
             .map_err(|e| error(format!("{}: {e}", entry.path().display())))?;
-        let this = disk_of(&under)?;
+        let this = disk_or_error(&under)?;
         match &disk {
             Some(d) if *d != this => {
                 return Err(error(format!(
@@ -343,10 +338,16 @@ fn running_disk(sys: &Path, (major, minor): (u32, u32)) -> Result<PathBuf, SlotE
 /// The sysfs directory of the disk that partition `major:minor` is on; `None` when it
 /// is no partition (or unknown).
 fn disk_of_partition(sys: &Path, (major, minor): (u32, u32)) -> Option<PathBuf> {
-    std::fs::canonicalize(sys.join(format!("dev/block/{major}:{minor}")))
-        .ok()
-        .filter(|p| p.join("partition").exists())
-        .and_then(|p| p.parent().map(Path::to_owned))
+    disk_of(&std::fs::canonicalize(sys.join(format!("dev/block/{major}:{minor}"))).ok()?)
+}
+
+/// The disk directory a partition's sysfs directory (canonical) sits in; `None` when it
+/// is no partition.
+fn disk_of(partition: &Path) -> Option<PathBuf> {
+    if !partition.join("partition").exists() {
+        return None;
+    }
+    partition.parent().map(Path::to_owned)
 }
 
 /// `vda` of `/sys/devices/…/block/vda`.

@@ -246,47 +246,29 @@ fn x32_unshare() -> Value {
         return outcome(false, libc::ENOSYS, "no x32 ABI on this architecture");
     }
     const X32_SYSCALL_BIT: libc::c_long = 0x4000_0000;
+    unshare_newuser_as(libc::SYS_unshare | X32_SYSCALL_BIT, "x32 unshare")
+}
+
+/// `unshare(CLONE_NEWUSER)`, in a forked child so the probe itself stays where it is.
+fn unshare_user_namespace() -> Value {
+    unshare_newuser_as(libc::SYS_unshare, "unshare")
+}
+
+/// `unshare(CLONE_NEWUSER)` made as system call number `nr`, in a forked child.
+fn unshare_newuser_as(nr: libc::c_long, what: &str) -> Value {
     // SAFETY: plain fork-like clone, as above.
     let rc = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
     if rc == 0 {
         // SAFETY: unshare(2) takes flags only; a raw call by number.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_unshare | X32_SYSCALL_BIT,
-                libc::c_long::from(libc::CLONE_NEWUSER),
-            )
-        };
+        let rc = unsafe { libc::syscall(nr, libc::c_long::from(libc::CLONE_NEWUSER)) };
         let code = if rc == 0 { 0 } else { errno() };
         // SAFETY: leaves the child.
         unsafe { libc::_exit(code) };
     }
     match sys(rc) {
         Ok(pid) => match wait_child(pid_t(pid)) {
-            0 => outcome(true, 0, "x32 unshare(CLONE_NEWUSER) worked"),
-            e => outcome(false, e, "x32 unshare refused"),
-        },
-        Err(e) => outcome(false, e, "could not fork"),
-    }
-}
-
-/// `unshare(CLONE_NEWUSER)`, in a forked child so the probe itself stays where it is.
-fn unshare_user_namespace() -> Value {
-    // SAFETY: plain fork-like clone, as above.
-    let rc = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
-    if rc == 0 {
-        // SAFETY: unshare(2) takes flags only.
-        let code = if unsafe { libc::unshare(libc::CLONE_NEWUSER) } == 0 {
-            0
-        } else {
-            errno()
-        };
-        // SAFETY: leaves the child.
-        unsafe { libc::_exit(code) };
-    }
-    match sys(rc) {
-        Ok(pid) => match wait_child(pid_t(pid)) {
-            0 => outcome(true, 0, "unshare(CLONE_NEWUSER) worked"),
-            e => outcome(false, e, "unshare refused"),
+            0 => outcome(true, 0, format!("{what}(CLONE_NEWUSER) worked")),
+            e => outcome(false, e, format!("{what} refused")),
         },
         Err(e) => outcome(false, e, "could not fork"),
     }
