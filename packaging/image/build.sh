@@ -323,7 +323,9 @@ ln -s usr/lib "$ird/lib"
 ln -s usr/lib64 "$ird/lib64"
 cp "$root/usr/bin/busybox" "$ird/bin/busybox"
 install -m 0755 "$here/initramfs/init" "$ird/init"
-# veritysetup and the libraries it loads, from the image's own root.
+# veritysetup, util-linux's blkid (partition UUIDs, to find the boot disk: busybox's
+# blkid has none; busybox --install leaves the real one in place) and the libraries they
+# load, from the image's own root.
 copy_with_libs() {
     local bin=$1
     cp "$root$bin" "$ird/bin/"
@@ -334,6 +336,7 @@ copy_with_libs() {
     done
 }
 copy_with_libs /usr/sbin/veritysetup
+copy_with_libs /usr/sbin/blkid
 mkdir -p "$ird/usr/lib/modules"
 cp -a "$root/usr/lib/modules/$kver" "$ird/usr/lib/modules/"
 grep -v '^\s*#' "$here/initramfs/modules.txt" | tr -s ' ' '\n' | sed '/^$/d' > "$ird/etc/keel-initrd-modules"

@@ -60,6 +60,7 @@ fn boot_until(image: &Image, masked: bool, needle: &str) -> (Duration, String) {
     let mut vm = Vm::boot(&VmConfig {
         image,
         disk,
+        other_disks: Vec::new(),
         user_data: UserData::Imds(user_data.into_bytes()),
         firmware: Firmware::DirectKernel,
         memory_mib: 1024,

@@ -108,8 +108,13 @@ pub fn repo_root() -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub image: Image,
-    /// The VM's disk (see [`Image::overlay_disk`]); kept across boots.
+    /// The VM's disk (see [`Image::overlay_disk`]); kept across boots. The guest sees it
+    /// with the serial number `keel-boot-disk` (`/sys/block/vdX/serial`).
     pub disk: PathBuf,
+    /// More disks (raw or qcow2), attached ahead of `disk` (so the guest names them
+    /// first: vda, …), with the serial numbers `keel-other-0`, …; the firmware boots
+    /// `disk`.
+    pub other_disks: Vec<PathBuf>,
     pub user_data: UserData,
     pub firmware: Firmware,
     pub memory_mib: u32,
@@ -282,16 +287,31 @@ impl Vm {
                     ));
             }
         }
-        let format = if is_qcow2(&config.disk) {
-            "qcow2"
-        } else {
-            "raw"
-        };
+        let format = |path: &Path| if is_qcow2(path) { "qcow2" } else { "raw" };
+        for (i, other) in config.other_disks.iter().enumerate() {
+            qemu.arg("-drive").arg(format!(
+                "if=none,id=other{i},format={},file={},cache=unsafe",
+                format(other),
+                other.display()
+            ));
+            qemu.arg("-device").arg(format!(
+                "virtio-blk-pci,drive=other{i},serial=keel-other-{i}"
+            ));
+        }
         qemu.arg("-drive").arg(format!(
-            "if=none,id=disk0,format={format},file={},cache=unsafe",
+            "if=none,id=disk0,format={},file={},cache=unsafe",
+            format(&config.disk),
             config.disk.display()
         ));
-        qemu.args(["-device", "virtio-blk-pci,drive=disk0"]);
+        // With other disks the firmware must still boot this one (its boot order).
+        let bootindex = if config.other_disks.is_empty() {
+            ""
+        } else {
+            ",bootindex=0"
+        };
+        qemu.arg("-device").arg(format!(
+            "virtio-blk-pci,drive=disk0,serial=keel-boot-disk{bootindex}"
+        ));
         qemu.args(["-device", "virtio-rng-pci"]);
         let mut netdev = format!(
             "user,id=n0,restrict=on,net=169.254.0.0/16,host=169.254.0.2,dhcpstart=169.254.0.15,\
@@ -665,6 +685,7 @@ pub fn update_host(
     let config = VmConfig {
         image: image.clone(),
         disk,
+        other_disks: Vec::new(),
         user_data: UserData::None,
         firmware: Firmware::Uefi,
         memory_mib: 1024,

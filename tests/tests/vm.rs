@@ -169,6 +169,7 @@ fn boot(image: &Image, user_data: UserData, dir: tempfile::TempDir) -> Booted {
     let vm = Vm::boot(&VmConfig {
         image: image.clone(),
         disk,
+        other_disks: Vec::new(),
         user_data,
         firmware: Firmware::DirectKernel,
         memory_mib: 1024,
@@ -444,6 +445,199 @@ fn bad_user_data_fails_the_boot_with_the_reason() {
         &format!("the failure does not name the key:\n{report}"),
     );
     vm.shutdown(Duration::from_secs(90));
+}
+
+/// What the admin container reports of the host's disks: each disk's serial number,
+/// the partitions under the verified root, the sources of /efi and /local, and where
+/// each /dev/disk/keel-boot link leads.
+const DISKS_PROBE: &str = r#"#!/bin/sh
+say() { echo "KEEL-PROBE $*" > /dev/console; }
+host() { nsenter -t 1 -m -u -i -n -p -- "$@"; }
+say "disks=$(host sh -c 'for d in /sys/block/vd*; do printf "%s=%s " "${d##*/}" "$(cat "$d/serial")"; done')"
+say "root-under=$(host sh -c 'ls /sys/block/$(basename $(readlink -f /dev/mapper/keel-root))/slaves' | tr '\n' ' ')"
+say "efi=$(host findmnt -n -o SOURCE /efi)"
+say "local=$(host findmnt -n -o SOURCE /local)"
+say "links=$(host sh -c 'for l in /dev/disk/keel-boot/*; do printf "%s=%s " "${l##*/}" "$(readlink -f "$l")"; done')"
+say "disks-done"
+"#;
+
+/// A raw copy of the image's disk at `to` (sparse). With `new_uuids` it gets a disk
+/// UUID and partition UUIDs of its own, as another build of Keel OS has; without, it is
+/// an exact copy, as the root volume of another host made from the same image is.
+fn copy_image_disk(image: &Image, to: &Path, new_uuids: bool) {
+    let status = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(image.dir.join("disk.raw"))
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(status.success(), "cp disk.raw failed");
+    if !new_uuids {
+        return;
+    }
+    let uuid = || {
+        std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+            .expect("random uuid")
+            .trim()
+            .to_owned()
+    };
+    let mut sfdisk: Vec<Vec<String>> = vec![vec!["--disk-id".into(), String::new(), uuid()]];
+    for n in 1..=5 {
+        sfdisk.push(vec![
+            "--part-uuid".into(),
+            String::new(),
+            n.to_string(),
+            uuid(),
+        ]);
+    }
+    for mut args in sfdisk {
+        args[1] = to.display().to_string();
+        let out = std::process::Command::new("sfdisk")
+            .args(&args)
+            .output()
+            .expect("sfdisk");
+        assert!(
+            out.status.success(),
+            "sfdisk {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn sha256_of(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A second disk carrying Keel's labels (another host's root volume, attached to read its
+/// data) is never used: booted through UEFI with that disk attached ahead of its own (so
+/// the guest names it first, and by-label lookups would find it first), the host takes
+/// its root, hash tree, ESP and data partition from the disk systemd-boot started from,
+/// links only that disk's partitions under /dev/disk/keel-boot, and writes nothing to
+/// the other one (byte for byte the same after the boot). An exact copy of the boot disk
+/// (the same partition UUIDs: another host made from the same image) cannot be told
+/// apart from it, and the boot stops with both disks named instead of guessing.
+#[test]
+#[ignore = "boots qemu: packaging/dev/test.sh runs it after the other tests, alone"]
+fn a_second_keel_disk_is_left_alone() {
+    let image = image();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("disk.qcow2");
+    image.overlay_disk(&disk, "4G");
+    let other = dir.path().join("other.raw");
+    copy_image_disk(&image, &other, true);
+    let other_before = sha256_of(&other);
+    let user_data = format!(
+        "[settings.host-containers.admin]\nenabled = true\nsuperpowered = true\nuser-data = \"{}\"\n",
+        b64(DISKS_PROBE)
+    );
+    let mut config = VmConfig {
+        image: image.clone(),
+        disk,
+        other_disks: vec![other.clone()],
+        user_data: UserData::Imds(user_data.into_bytes()),
+        firmware: Firmware::Uefi,
+        memory_mib: 1024,
+        dir: dir.path().join("vm"),
+        interactive: false,
+        imds_port: None,
+        repo_port: None,
+    };
+    let mut vm = Vm::boot(&config);
+    let waited = vm.wait_serial("KEEL-PROBE disks-done", 1, BOOT);
+    check(&vm, waited.is_ok(), &format!("{waited:?}"));
+    let seen: BTreeMap<String, String> = probe_values(&vm.serial()).into_iter().collect();
+    let value = |key: &str| seen.get(key).cloned().unwrap_or_default();
+    let name_of = |serial: &str| {
+        value("disks")
+            .split_whitespace()
+            .find_map(|kv| kv.split_once('=').filter(|(_, s)| *s == serial))
+            .map(|(name, _)| name.to_owned())
+    };
+    let (Some(own), Some(foreign)) = (name_of("keel-boot-disk"), name_of("keel-other-0")) else {
+        panic!("the guest's disks: {seen:?}\n{}", vm.serial());
+    };
+    check(
+        &vm,
+        foreign < own,
+        &format!("the other disk is named first ({foreign} < {own}): {seen:?}"),
+    );
+    let on_own = |dev: &str| {
+        dev.trim_start_matches("/dev/")
+            .strip_prefix(own.as_str())
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let under: Vec<String> = value("root-under")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    check(
+        &vm,
+        under.len() == 2 && under.iter().all(|p| on_own(p)),
+        &format!("the verified root is on {own}: {seen:?}"),
+    );
+    check(
+        &vm,
+        value("efi") == format!("/dev/{own}1") && on_own(&value("local")),
+        &format!("/efi and /local are on {own}: {seen:?}"),
+    );
+    let links: BTreeMap<String, String> = value("links")
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let labels: Vec<&str> = links.keys().map(String::as_str).collect();
+    check(
+        &vm,
+        labels
+            == [
+                "keel-data",
+                "keel-efi",
+                "keel-root-a",
+                "keel-root-b",
+                "keel-verity-a",
+                "keel-verity-b",
+            ]
+            && links.values().all(|dev| on_own(dev)),
+        &format!("/dev/disk/keel-boot links {own}'s six partitions: {seen:?}"),
+    );
+    vm.shutdown(Duration::from_secs(90));
+    assert_eq!(
+        sha256_of(&other),
+        other_before,
+        "the other disk was written to"
+    );
+
+    // An exact copy of the image's disk, attached ahead of the host's own.
+    let copy = dir.path().join("copy.raw");
+    copy_image_disk(&image, &copy, false);
+    config.other_disks = vec![copy];
+    let mut vm = Vm::boot(&config);
+    let waited = vm.wait_serial("keel-initrd: FATAL:", 1, BOOT);
+    check(&vm, waited.is_ok(), &format!("{waited:?}"));
+    let serial = vm.serial();
+    check(
+        &vm,
+        serial.contains(&format!(
+            "keel-initrd: FATAL: disks {foreign}, {own} all carry the EFI system partition the boot loader was started from"
+        )),
+        "the refusal names both disks and why",
+    );
+    let exited = vm.wait_exit(Duration::from_secs(120));
+    check(
+        &vm,
+        exited.is_ok(),
+        &format!("the host did not power off: {exited:?}"),
+    );
+    check(
+        &vm,
+        !vm.serial().contains("Welcome to"),
+        "systemd started although the boot disk could not be told",
+    );
 }
 
 /// Writes one changed byte into the overlay disk, inside partition `label` at `fraction`

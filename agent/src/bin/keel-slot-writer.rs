@@ -15,7 +15,7 @@ use keel_agent::updates::writer::{serve, WriterConfig};
 #[command(name = "keel-slot-writer", version, about, long_about = None)]
 struct Args {
     /// Directory of partition labels holding keel-root-{a,b} and keel-verity-{a,b}.
-    #[arg(long, default_value = "/dev/disk/by-partlabel")]
+    #[arg(long, default_value = "/dev/disk/keel-boot")]
     partitions: PathBuf,
     /// The EFI system partition's mount point.
     #[arg(long, default_value = "/efi")]

@@ -3,13 +3,15 @@
 //!
 //! Owns the disk contract with the image (packaging/image): partitions labelled
 //! `keel-root-a`, `keel-verity-a`, `keel-root-b`, `keel-verity-b`, found under a
-//! directory of partition labels (`/dev/disk/by-partlabel` on a host; a directory of
+//! directory of partition labels (on Keel OS `/dev/disk/keel-boot`, which the
+//! initramfs's udev rule fills with the boot disk's partitions only; a directory of
 //! regular files in tests), and the running slot given by `keel.slot=` on the kernel
 //! command line. Sizes always come from the device (or file) itself.
 //!
-//! A label names a partition on *some* disk: attach a second Keel disk (an old root
+//! A label alone names a partition on *some* disk: attach a second Keel disk (an old root
 //! volume, to recover its data) and udev points `/dev/disk/by-partlabel/keel-root-b`
-//! at whichever disk it saw last. So where a label is a block device, it must name the
+//! at whichever disk it saw last. So, whatever directory the writer is given, where a
+//! label is a block device it must name the
 //! partition with that label on the disk the running root is on (found through `/sys`:
 //! the device of `/`, the partitions under dm-verity, their disk), and the ESP must be
 //! on that disk too; otherwise nothing is written (see [`SlotLayout::device`] and
@@ -138,7 +140,7 @@ pub enum SlotError {
 /// Where the slots are and which one runs.
 #[derive(Debug, Clone)]
 pub struct SlotLayout {
-    /// Directory of partition labels (`/dev/disk/by-partlabel`).
+    /// Directory of partition labels (`/dev/disk/keel-boot` on Keel OS).
     pub partitions: PathBuf,
     /// The kernel command line (`/proc/cmdline`).
     pub cmdline: PathBuf,

@@ -85,6 +85,7 @@ fn main() {
     let config = VmConfig {
         image,
         disk: disk.clone(),
+        other_disks: Vec::new(),
         user_data,
         firmware,
         memory_mib: memory,
