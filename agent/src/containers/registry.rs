@@ -37,6 +37,18 @@ use super::oci::{
 /// forever: the client's read timeout restarts with every chunk.
 const METADATA_DEADLINE: Duration = Duration::from_secs(120);
 
+/// The slowest average rate a layer may arrive at, in bytes per second (512 kbit/s).
+/// The client's read timeout restarts with every chunk, so without an overall deadline
+/// a registry (or a proxy) that sends a byte a minute would hold the container's start,
+/// or the boot, for ever; with it, a layer gets [`METADATA_DEADLINE`] plus its size at
+/// this rate (a 100 MB layer: about half an hour), then fails with the reason.
+const MIN_LAYER_RATE: u64 = 64 * 1024;
+
+/// How long a layer of `size` bytes may take to arrive whole (see [`MIN_LAYER_RATE`]).
+fn layer_deadline(size: u64) -> Duration {
+    METADATA_DEADLINE + Duration::from_secs(size / MIN_LAYER_RATE)
+}
+
 /// Credentials for one registry host.
 #[derive(Clone)]
 struct Credential {
@@ -482,14 +494,28 @@ async fn pull_from(
         if content::has_blob(cd, layer.digest().as_ref()).await? {
             continue;
         }
-        let stream = client
-            .pull_blob_stream(reference, &oci_descriptor(layer))
-            .await
-            .map_err(|e| registry_failure(endpoint, config, e))?;
+        let allowed = layer_deadline(layer.size());
+        let deadline = tokio::time::Instant::now() + allowed;
+        let late = format!(
+            "{}: layer {} ({} bytes) did not arrive whole within {} (slower than {} KiB/s on average)",
+            endpoint.reference.whole(),
+            layer.digest(),
+            layer.size(),
+            humantime::format_duration(allowed),
+            MIN_LAYER_RATE / 1024
+        );
+        let stream = tokio::time::timeout_at(
+            deadline,
+            client.pull_blob_stream(reference, &oci_descriptor(layer)),
+        )
+        .await
+        .map_err(|_| ImageError::Protocol(late.clone()))?
+        .map_err(|e| registry_failure(endpoint, config, e))?;
         let owned = endpoint.reference.whole();
         let data = stream.stream.map(move |r| {
             r.map_err(|e| ImageError::Protocol(format!("{owned}: download failed: {e}")))
         });
+        let data = until_deadline(data, deadline, late);
         content::write_blob(cd, layer, HashMap::new(), data).await?;
     }
     let config_desc = manifest.config();
@@ -548,6 +574,29 @@ async fn within_deadline<T>(
                 humantime::format_duration(METADATA_DEADLINE)
             ))
         })
+}
+
+/// `stream`, ended at `deadline` with an error saying `late` (the consumer stops at the
+/// first error: the download is given up, and the content write with it).
+fn until_deadline<T, S>(
+    stream: S,
+    deadline: tokio::time::Instant,
+    late: String,
+) -> impl futures_util::Stream<Item = Result<T, ImageError>>
+where
+    S: futures_util::Stream<Item = Result<T, ImageError>>,
+{
+    futures_util::stream::unfold(
+        (Box::pin(stream), Some(late)),
+        move |(mut stream, late)| async move {
+            let why = late?;
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(item)) => Some((item, (stream, Some(why)))),
+                Ok(None) => None,
+                Err(_) => Some((Err(ImageError::Protocol(why)), (stream, None))),
+            }
+        },
+    )
 }
 
 /// A buffer that refuses to grow past `limit` bytes.
@@ -609,6 +658,39 @@ fn oci_descriptor(desc: &Descriptor) -> OciDescriptor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A layer that arrives at a byte a minute is given up at its deadline, with the
+    /// reason; one that arrives in time is passed through whole.
+    #[tokio::test(start_paused = true)]
+    async fn a_layer_slower_than_its_deadline_is_given_up() {
+        let deadline = tokio::time::Instant::now() + layer_deadline(10);
+        assert_eq!(layer_deadline(10), METADATA_DEADLINE);
+        assert_eq!(
+            layer_deadline(100 * 1024 * 1024),
+            METADATA_DEADLINE + Duration::from_secs(1600)
+        );
+        let trickle = futures_util::stream::unfold(0u32, |n| async move {
+            tokio::time::sleep(Duration::from_secs(59)).await;
+            Some((Ok::<_, ImageError>(vec![n as u8]), n + 1))
+        });
+        let got: Vec<Result<Vec<u8>, ImageError>> =
+            until_deadline(trickle, deadline, "too slow".to_owned())
+                .collect()
+                .await;
+        assert_eq!(
+            got.len(),
+            3,
+            "two bytes by 118 s, then the deadline: {got:?}"
+        );
+        assert!(matches!(&got[2], Err(ImageError::Protocol(why)) if why == "too slow"));
+
+        let deadline = tokio::time::Instant::now() + layer_deadline(10);
+        let quick = futures_util::stream::iter([Ok::<_, ImageError>(vec![1u8]), Ok(vec![2])]);
+        let got: Vec<_> = until_deadline(quick, deadline, "too slow".to_owned())
+            .collect()
+            .await;
+        assert!(matches!(got.as_slice(), [Ok(a), Ok(b)] if a == &[1] && b == &[2]));
+    }
 
     #[test]
     fn loopback_hosts() {

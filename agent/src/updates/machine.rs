@@ -994,6 +994,7 @@ fn close_interrupted(record: &mut UpdateRecord, inspection: Option<&Inspection>)
 /// An activation made in an earlier boot: did the host boot the new slot?
 fn after_reboot(record: &mut UpdateRecord, inspection: &Inspection, running: &Version) {
     let Some(staged) = record.staged.clone() else {
+        blessing_lost(record, inspection, running);
         return;
     };
     let Some(activated_in) = staged.activated_in_boot.as_deref() else {
@@ -1086,6 +1087,39 @@ fn after_reboot(record: &mut UpdateRecord, inspection: &Inspection, running: &Ve
         record.status.chosen_update = None;
         record.status.update_state = UpdateState::Idle;
     }
+}
+
+/// keeld records an update as done when the trial boot reaches `configured`, and
+/// systemd-bless-boot marks the slot's loader entry good right after. A power cut between
+/// the two leaves the record saying `updated` and the entry still counting; once its
+/// tries run out the boot loader goes back to the other slot. Found at a start on the
+/// other slot with that slot's entry spent, the outcome becomes what it was: a rollback.
+fn blessing_lost(record: &mut UpdateRecord, inspection: &Inspection, running: &Version) {
+    let Some(last) = record
+        .status
+        .last_boot
+        .clone()
+        .filter(|b| b.outcome == BootOutcome::Updated && b.slot != inspection.active)
+    else {
+        return;
+    };
+    let Some(entry) = entry_of(inspection, last.slot).filter(|e| e.is_bad()) else {
+        return;
+    };
+    tracing::warn!(slot = %last.slot, entry = %entry.file, running = %inspection.active, "the updated slot's loader entry was never marked good, and its tries ran out");
+    record.status.last_boot = Some(LastBoot {
+        outcome: BootOutcome::RolledBack,
+        slot: last.slot,
+        version: last.version.clone(),
+        previous_version: running.clone(),
+        detail: format!(
+            "slot {} ({}) reached configured, but the host went down before its loader entry \
+             was marked good, and once its tries ran out (loader entry {}) the boot loader \
+             went back to slot {} ({running})",
+            last.slot, last.version, entry.file, inspection.active
+        ),
+        noticed: status::next_timestamp(None),
+    });
 }
 
 /// The host runs the staged slot and its boot is good: the update is done.
@@ -1314,6 +1348,68 @@ mod tests {
         assert_eq!(last.detail, "booted slot b with 1.1.0 (was 1.0.0)");
         assert_eq!(record.staged, None);
         assert_eq!(record.status.update_state, UpdateState::Idle);
+    }
+
+    /// A power cut after keeld concluded the update but before systemd-bless-boot's
+    /// rename reached the disk: the entry kept counting, and when its tries ran out the
+    /// old slot booted. The record's `updated` becomes a rollback; while the entry has
+    /// tries left (the old slot chosen by hand), or on the updated slot, it stays.
+    #[test]
+    fn an_update_whose_entry_was_never_blessed_and_ran_out_of_tries_is_a_rollback() {
+        let mut record = activated_record();
+        after_reboot(
+            &mut record,
+            &inspection(Slot::B, "boot-2", vec![entry("keel-b+2-1.conf")]),
+            &Version::new(1, 1, 0),
+        );
+        let staged = record.staged.clone().expect("staged");
+        let trial = record.status.last_boot.clone().expect("trial");
+        updated(
+            &mut record,
+            &staged,
+            &trial.previous_version,
+            &trial.version,
+            "now".into(),
+        );
+        let concluded = record.clone();
+        for (active, entries) in [
+            (
+                Slot::B,
+                vec![entry("keel-a.conf"), entry("keel-b+1-2.conf")],
+            ),
+            (Slot::B, vec![entry("keel-a.conf"), entry("keel-b.conf")]),
+            (
+                Slot::A,
+                vec![entry("keel-a.conf"), entry("keel-b+1-2.conf")],
+            ),
+        ] {
+            let mut again = concluded.clone();
+            after_reboot(
+                &mut again,
+                &inspection(active, "boot-3", entries),
+                &Version::new(1, 1, 0),
+            );
+            assert_eq!(again, concluded);
+        }
+        after_reboot(
+            &mut record,
+            &inspection(
+                Slot::A,
+                "boot-5",
+                vec![entry("keel-a.conf"), entry("keel-b+0-3.conf")],
+            ),
+            &Version::new(1, 0, 0),
+        );
+        let last = record.status.last_boot.expect("last boot");
+        assert_eq!(last.outcome, BootOutcome::RolledBack);
+        assert_eq!(last.slot, Slot::B);
+        assert_eq!(last.version, Version::new(1, 1, 0));
+        assert_eq!(last.previous_version, Version::new(1, 0, 0));
+        assert!(
+            last.detail.contains("keel-b+0-3.conf") && last.detail.contains("marked good"),
+            "{}",
+            last.detail
+        );
     }
 
     #[test]
