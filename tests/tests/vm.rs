@@ -70,6 +70,8 @@ say "apiclient-motd=$(apiclient get settings.motd | tr -d '\n ')"
 say "bootstrap-runs=$(cat /.bottlerocket/rootfs/local/bootstrap-containers/setup/runs 2>/dev/null | tr '\n' ' ')"
 say "history=$(apiclient raw -u /history | tr -d '\n' | grep -o '"generation"' | wc -l)"
 say "machine-id=$(host cat /etc/machine-id)"
+say "esp-fsck=$(host journalctl -b -o cat -u 'systemd-fsck@dev-disk-keel\x2dboot-keel\x2defi.service' | tr '\n' ' ')"
+say "data-fsck=$(host systemctl show -P ActiveState 'systemd-fsck@dev-disk-keel\x2dboot-keel\x2ddata.service')"
 say "os=$(apiclient raw -u /os | tr -d "\n ")"
 if [ "$n" = 1 ]; then
     say "rebooting"
@@ -189,17 +191,18 @@ fn check(vm: &Vm, ok: bool, what: &str) {
 }
 
 /// First boot from IMDSv2 user-data, a reboot through `apiclient reboot`, and keeld
-/// killed: the host's whole first day.
+/// killed: the host's whole first day. Its ESP starts with a lost cluster (what a power
+/// cut during a FAT write leaves), which the boot's fsck repairs before /efi is mounted.
 #[test]
 #[ignore = "boots qemu: packaging/dev/test.sh runs it after the other tests, alone"]
 fn first_boot_reboot_and_a_killed_keeld() {
     let image = image();
     let motd = "hello from the vm test";
-    let mut booted = boot(
-        &image,
-        UserData::Imds(user_data(motd).into_bytes()),
-        tempfile::tempdir().expect("tempdir"),
-    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = dir.path().join("disk.qcow2");
+    image.overlay_disk(&disk, "4G");
+    lose_a_cluster_on_the_esp(&disk, &image.dir.join("disk.raw"));
+    let mut booted = boot(&image, UserData::Imds(user_data(motd).into_bytes()), dir);
     let vm = &mut booted.vm;
 
     // Boot 1: configured from IMDS.
@@ -290,6 +293,17 @@ fn first_boot_reboot_and_a_killed_keeld() {
         one.get("bootstrap-runs")
             .is_some_and(|r| r.split_whitespace().count() == 1),
         &format!("the once bootstrap container ran once: {one:?}"),
+    );
+    check(
+        vm,
+        one.get("esp-fsck")
+            .is_some_and(|f| f.contains("Reclaimed 1 unused cluster")),
+        &format!("the ESP's lost cluster was repaired before /efi was mounted: {one:?}"),
+    );
+    check(
+        vm,
+        one.get("data-fsck").map(String::as_str) == Some("active"),
+        &format!("the data partition was checked before /local was mounted: {one:?}"),
     );
 
     // GET /os: the image's own version, variant and build id (its manifest).
@@ -638,6 +652,48 @@ fn a_second_keel_disk_is_left_alone() {
         !vm.serial().contains("Welcome to"),
         "systemd started although the boot disk could not be told",
     );
+}
+
+/// Marks a free cluster of the ESP as in use, in both FATs, through the overlay: a lost
+/// cluster, which `fsck.vfat -a` reclaims. The ESP is FAT16 (build.sh's mkfs.vfat for
+/// its size), read from its boot sector.
+fn lose_a_cluster_on_the_esp(overlay: &Path, raw: &Path) {
+    let out = std::process::Command::new("sfdisk")
+        .arg("--json")
+        .arg(raw)
+        .output()
+        .expect("sfdisk");
+    let table: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sfdisk json");
+    let esp = table["partitiontable"]["partitions"]
+        .as_array()
+        .and_then(|parts| parts.iter().find(|p| p["name"] == "keel-efi"))
+        .and_then(|p| p["start"].as_u64())
+        .expect("the ESP's start")
+        * 512;
+    let mut boot = vec![0u8; 512];
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(raw).expect("disk.raw");
+        f.seek(SeekFrom::Start(esp)).expect("seek");
+        f.read_exact(&mut boot).expect("the ESP's boot sector");
+    }
+    let u16_at = |o: usize| u64::from(u16::from_le_bytes([boot[o], boot[o + 1]]));
+    assert_eq!(&boot[54..62], b"FAT16   ", "the ESP is FAT16");
+    let (sector, reserved, fats, fat_sectors) =
+        (u16_at(11), u16_at(14), u64::from(boot[16]), u16_at(22));
+    // A cluster far past the image's files (about 10,000 of 49,000 clusters are used).
+    let cluster = 40_000u64;
+    for fat in 0..fats {
+        let offset = esp + (reserved + fat * fat_sectors) * sector + cluster * 2;
+        let status = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c"])
+            .arg(format!("write -P 0xff {offset} 2"))
+            .arg(overlay)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("qemu-io write");
+        assert!(status.success(), "qemu-io write failed");
+    }
 }
 
 /// Writes one changed byte into the overlay disk, inside partition `label` at `fraction`
