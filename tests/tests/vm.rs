@@ -468,7 +468,7 @@ const DISKS_PROBE: &str = r#"#!/bin/sh
 say() { echo "KEEL-PROBE $*" > /dev/console; }
 host() { nsenter -t 1 -m -u -i -n -p -- "$@"; }
 say "disks=$(host sh -c 'for d in /sys/block/vd*; do printf "%s=%s " "${d##*/}" "$(cat "$d/serial")"; done')"
-say "root-under=$(host sh -c 'ls /sys/block/$(basename $(readlink -f /dev/mapper/keel-root))/slaves' | tr '\n' ' ')"
+say "root-under=$(host sh -c 'ls /sys/dev/block/$(mountpoint -d /)/slaves' | tr '\n' ' ')"
 say "efi=$(host findmnt -n -o SOURCE /efi)"
 say "local=$(host findmnt -n -o SOURCE /local)"
 say "links=$(host sh -c 'for l in /dev/disk/keel-boot/*; do printf "%s=%s " "${l##*/}" "$(readlink -f "$l")"; done')"
