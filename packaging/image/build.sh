@@ -343,7 +343,10 @@ grep -v '^\s*#' "$here/initramfs/modules.txt" | tr -s ' ' '\n' | sed '/^$/d' > "
 (cd "$ird" && find . -print0 | sort -z | cpio --null --create --format=newc --quiet --reproducible) \
     | gzip -9n > "$work/initrd.img"
 
-cmdline="keel.slot=a keel.root=PARTLABEL=keel-root-a keel.verity=PARTLABEL=keel-verity-a keel.roothash=$roothash ro console=ttyS0,115200 systemd.gpt_auto=0 systemd.show_status=error quiet panic=10"
+# fsck.repair=yes: systemd-fsck repairs whatever fsck can (`-y`) instead of stopping in
+# emergency mode, where a host with no login would stay; the flags after Keel's keys are
+# carried into every entry an update writes.
+cmdline="keel.slot=a keel.root=PARTLABEL=keel-root-a keel.verity=PARTLABEL=keel-verity-a keel.roothash=$roothash ro console=ttyS0,115200 systemd.gpt_auto=0 systemd.show_status=error fsck.repair=yes quiet panic=10"
 echo "$cmdline" > "$work/cmdline"
 echo "$roothash" > "$work/roothash"
 

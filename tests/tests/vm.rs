@@ -681,8 +681,28 @@ fn lose_a_cluster_on_the_esp(overlay: &Path, raw: &Path) {
     assert_eq!(&boot[54..62], b"FAT16   ", "the ESP is FAT16");
     let (sector, reserved, fats, fat_sectors) =
         (u16_at(11), u16_at(14), u64::from(boot[16]), u16_at(22));
-    // A cluster far past the image's files (about 10,000 of 49,000 clusters are used).
+    // A cluster far past the image's files (about 10,000 of 49,000 clusters are used),
+    // checked to be in the file system and free.
     let cluster = 40_000u64;
+    let (root_entries, per_cluster) = (u16_at(17), u64::from(boot[13]));
+    let total = match u16_at(19) {
+        0 => u64::from(u32::from_le_bytes([boot[32], boot[33], boot[34], boot[35]])),
+        small => small,
+    };
+    let data_start = reserved + fats * fat_sectors + (root_entries * 32).div_ceil(sector);
+    assert!(
+        cluster < (total - data_start) / per_cluster + 2,
+        "cluster {cluster} is past the ESP's end"
+    );
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(raw).expect("disk.raw");
+        let mut entry = [0u8; 2];
+        f.seek(SeekFrom::Start(esp + reserved * sector + cluster * 2))
+            .expect("seek");
+        f.read_exact(&mut entry).expect("the FAT entry");
+        assert_eq!(entry, [0, 0], "cluster {cluster} of the ESP is in use");
+    }
     for fat in 0..fats {
         let offset = esp + (reserved + fat * fat_sectors) * sector + cluster * 2;
         let status = std::process::Command::new("qemu-io")

@@ -878,6 +878,17 @@ fn untracked_activation(
     if record.staged.as_ref().is_some_and(|s| s.slot == entry.slot) {
         return None;
     }
+    // An update concluded on that slot whose entry systemd-bless-boot never renamed (the
+    // host went down between the two, then the old slot was chosen by hand): the record
+    // vouches for it, and its next boot is a trial that blesses it.
+    if record
+        .status
+        .last_boot
+        .as_ref()
+        .is_some_and(|b| b.outcome == BootOutcome::Updated && b.slot == entry.slot)
+    {
+        return None;
+    }
     Some(UntrackedActivation {
         slot: entry.slot,
         entry: entry.file.clone(),
@@ -1384,12 +1395,11 @@ mod tests {
             ),
         ] {
             let mut again = concluded.clone();
-            after_reboot(
-                &mut again,
-                &inspection(active, "boot-3", entries),
-                &Version::new(1, 1, 0),
-            );
+            let inspection = inspection(active, "boot-3", entries);
+            after_reboot(&mut again, &inspection, &Version::new(1, 1, 0));
             assert_eq!(again, concluded);
+            // The entry still counting is the update's own, not one to withdraw.
+            assert_eq!(untracked_activation(&again, &inspection), None);
         }
         after_reboot(
             &mut record,
