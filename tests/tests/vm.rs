@@ -654,29 +654,35 @@ fn a_second_keel_disk_is_left_alone() {
     );
 }
 
-/// Marks a free cluster of the ESP as in use, in both FATs, through the overlay: a lost
-/// cluster, which `fsck.vfat -a` reclaims. The ESP is FAT16 (build.sh's mkfs.vfat for
-/// its size), read from its boot sector.
-fn lose_a_cluster_on_the_esp(overlay: &Path, raw: &Path) {
+/// Where partition `label` of the disk image `raw` starts, and its size, in bytes.
+fn partition_in(raw: &Path, label: &str) -> (u64, u64) {
     let out = std::process::Command::new("sfdisk")
         .arg("--json")
         .arg(raw)
         .output()
         .expect("sfdisk");
     let table: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sfdisk json");
-    let esp = table["partitiontable"]["partitions"]
+    let part = table["partitiontable"]["partitions"]
         .as_array()
-        .and_then(|parts| parts.iter().find(|p| p["name"] == "keel-efi"))
-        .and_then(|p| p["start"].as_u64())
-        .expect("the ESP's start")
-        * 512;
-    let mut boot = vec![0u8; 512];
-    {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = std::fs::File::open(raw).expect("disk.raw");
-        f.seek(SeekFrom::Start(esp)).expect("seek");
-        f.read_exact(&mut boot).expect("the ESP's boot sector");
-    }
+        .expect("partitions")
+        .iter()
+        .find(|p| p["name"] == label)
+        .unwrap_or_else(|| panic!("no partition {label}"));
+    let sectors = |key: &str| part[key].as_u64().unwrap_or_else(|| panic!("{key}")) * 512;
+    (sectors("start"), sectors("size"))
+}
+
+/// Marks a free cluster of the ESP as in use, in both FATs, through the overlay: a lost
+/// cluster, which `fsck.vfat -a` reclaims. The ESP is FAT16 (build.sh's mkfs.vfat for
+/// its size), read from its boot sector.
+fn lose_a_cluster_on_the_esp(overlay: &Path, raw: &Path) {
+    use std::os::unix::fs::FileExt;
+    let (esp, _) = partition_in(raw, "keel-efi");
+    let image = std::fs::File::open(raw).expect("disk.raw");
+    let mut boot = [0u8; 512];
+    image
+        .read_exact_at(&mut boot, esp)
+        .expect("the ESP's boot sector");
     let u16_at = |o: usize| u64::from(u16::from_le_bytes([boot[o], boot[o + 1]]));
     assert_eq!(&boot[54..62], b"FAT16   ", "the ESP is FAT16");
     let (sector, reserved, fats, fat_sectors) =
@@ -694,15 +700,11 @@ fn lose_a_cluster_on_the_esp(overlay: &Path, raw: &Path) {
         cluster < (total - data_start) / per_cluster + 2,
         "cluster {cluster} is past the ESP's end"
     );
-    {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = std::fs::File::open(raw).expect("disk.raw");
-        let mut entry = [0u8; 2];
-        f.seek(SeekFrom::Start(esp + reserved * sector + cluster * 2))
-            .expect("seek");
-        f.read_exact(&mut entry).expect("the FAT entry");
-        assert_eq!(entry, [0, 0], "cluster {cluster} of the ESP is in use");
-    }
+    let mut entry = [0u8; 2];
+    image
+        .read_exact_at(&mut entry, esp + reserved * sector + cluster * 2)
+        .expect("the FAT entry");
+    assert_eq!(entry, [0, 0], "cluster {cluster} of the ESP is in use");
     for fat in 0..fats {
         let offset = esp + (reserved + fat * fat_sectors) * sector + cluster * 2;
         let status = std::process::Command::new("qemu-io")
@@ -719,20 +721,7 @@ fn lose_a_cluster_on_the_esp(overlay: &Path, raw: &Path) {
 /// Writes one changed byte into the overlay disk, inside partition `label` at `fraction`
 /// of its length (qemu-io writes through the qcow2 overlay; the image stays pristine).
 fn flip_byte_in_partition(overlay: &Path, raw: &Path, label: &str, fraction: f64) {
-    let out = std::process::Command::new("sfdisk")
-        .arg("--json")
-        .arg(raw)
-        .output()
-        .expect("sfdisk");
-    let table: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sfdisk json");
-    let part = table["partitiontable"]["partitions"]
-        .as_array()
-        .expect("partitions")
-        .iter()
-        .find(|p| p["name"] == label)
-        .unwrap_or_else(|| panic!("no partition {label}"));
-    let start = part["start"].as_u64().expect("start") * 512;
-    let size = part["size"].as_u64().expect("size") * 512;
+    let (start, size) = partition_in(raw, label);
     // Inside the erofs image itself (not the unused tail of the partition).
     let used = std::fs::metadata(raw.parent().expect("dir").join("root.erofs"))
         .expect("root.erofs")

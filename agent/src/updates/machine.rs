@@ -1337,8 +1337,8 @@ mod tests {
         assert_eq!(record.staged, None);
     }
 
-    #[test]
-    fn a_trial_that_reaches_configured_is_an_update() {
+    /// Slot b activated, booted on trial, and its boot reached `configured`.
+    fn concluded_record() -> UpdateRecord {
         let mut record = activated_record();
         after_reboot(
             &mut record,
@@ -1354,6 +1354,12 @@ mod tests {
             &trial.version,
             "now".into(),
         );
+        record
+    }
+
+    #[test]
+    fn a_trial_that_reaches_configured_is_an_update() {
+        let record = concluded_record();
         let last = record.status.last_boot.expect("last boot");
         assert_eq!(last.outcome, BootOutcome::Updated);
         assert_eq!(last.detail, "booted slot b with 1.1.0 (was 1.0.0)");
@@ -1367,21 +1373,7 @@ mod tests {
     /// tries left (the old slot chosen by hand), or on the updated slot, it stays.
     #[test]
     fn an_update_whose_entry_was_never_blessed_and_ran_out_of_tries_is_a_rollback() {
-        let mut record = activated_record();
-        after_reboot(
-            &mut record,
-            &inspection(Slot::B, "boot-2", vec![entry("keel-b+2-1.conf")]),
-            &Version::new(1, 1, 0),
-        );
-        let staged = record.staged.clone().expect("staged");
-        let trial = record.status.last_boot.clone().expect("trial");
-        updated(
-            &mut record,
-            &staged,
-            &trial.previous_version,
-            &trial.version,
-            "now".into(),
-        );
+        let mut record = concluded_record();
         let concluded = record.clone();
         for (active, entries) in [
             (
