@@ -324,8 +324,8 @@ ln -s usr/lib64 "$ird/lib64"
 cp "$root/usr/bin/busybox" "$ird/bin/busybox"
 install -m 0755 "$here/initramfs/init" "$ird/init"
 # veritysetup, util-linux's blkid (partition UUIDs, to find the boot disk: busybox's
-# blkid has none; busybox --install leaves the real one in place) and the libraries they
-# load, from the image's own root.
+# blkid has none; busybox --install leaves the real one in place), sfdisk (a disk's own
+# UUIDs at its first boot) and the libraries they load, from the image's own root.
 copy_with_libs() {
     local bin=$1
     cp "$root$bin" "$ird/bin/"
@@ -337,6 +337,7 @@ copy_with_libs() {
 }
 copy_with_libs /usr/sbin/veritysetup
 copy_with_libs /usr/sbin/blkid
+copy_with_libs /usr/sbin/sfdisk
 mkdir -p "$ird/usr/lib/modules"
 cp -a "$root/usr/lib/modules/$kver" "$ird/usr/lib/modules/"
 grep -v '^\s*#' "$here/initramfs/modules.txt" | tr -s ' ' '\n' | sed '/^$/d' > "$ird/etc/keel-initrd-modules"

@@ -528,23 +528,31 @@ fn sha256_of(path: &Path) -> String {
 }
 
 /// A second disk carrying Keel's labels (another host's root volume, attached to read its
-/// data) is never used: booted through UEFI with that disk attached ahead of its own (so
-/// the guest names it first, and by-label lookups would find it first), the host takes
-/// its root, hash tree, ESP and data partition from the disk systemd-boot started from,
-/// links only that disk's partitions under /dev/disk/keel-boot, and writes nothing to
-/// the other one (byte for byte the same after the boot). An exact copy of the boot disk
-/// (the same partition UUIDs: another host made from the same image) cannot be told
-/// apart from it, and the boot stops with both disks named instead of guessing.
+/// data) is never used. Three UEFI boots of one host, each with a second disk attached
+/// ahead of its own (so the guest names it first, and by-label lookups would find it
+/// first):
+/// 1. The host's never-booted disk and an exact copy of the image: the two carry the same
+///    UUIDs, the disk systemd-boot started from cannot be told, and the boot stops with
+///    both disks named instead of guessing; the host's disk is not given new UUIDs.
+/// 2. A copy with UUIDs of its own: the host boots from its disk, which, at its first
+///    boot, gets UUIDs of its own.
+/// 3. The exact copy again: the host's disk is now told apart from it, and the host boots
+///    from its own.
+///
+/// In 2 and 3 the host takes its root, hash tree, ESP and data partition from its own
+/// disk, links only that disk's partitions under /dev/disk/keel-boot, and writes nothing
+/// to the other one (byte for byte the same after the boot).
 #[test]
 #[ignore = "boots qemu: packaging/dev/test.sh runs it after the other tests, alone"]
 fn a_second_keel_disk_is_left_alone() {
+    const FIRST_BOOT: &str = "the disk and its partitions have new UUIDs of their own";
     let image = image();
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = dir.path().join("disk.qcow2");
     image.overlay_disk(&disk, "4G");
-    let other = dir.path().join("other.raw");
-    copy_image_disk(&image, &other, true);
-    let other_before = sha256_of(&other);
+    let copy = dir.path().join("copy.raw");
+    copy_image_disk(&image, &copy, false);
+    let copy_before = sha256_of(&copy);
     let user_data = format!(
         "[settings.host-containers.admin]\nenabled = true\nsuperpowered = true\nuser-data = \"{}\"\n",
         b64(DISKS_PROBE)
@@ -552,7 +560,7 @@ fn a_second_keel_disk_is_left_alone() {
     let mut config = VmConfig {
         image: image.clone(),
         disk,
-        other_disks: vec![other.clone()],
+        other_disks: vec![copy.clone()],
         user_data: UserData::Imds(user_data.into_bytes()),
         firmware: Firmware::Uefi,
         memory_mib: 1024,
@@ -561,9 +569,67 @@ fn a_second_keel_disk_is_left_alone() {
         imds_port: None,
         repo_port: None,
     };
+
+    // 1. Two never-booted copies of the image: the other disk is vda, the host's vdb.
     let mut vm = Vm::boot(&config);
-    let waited = vm.wait_serial("KEEL-PROBE disks-done", 1, BOOT);
+    let waited = vm.wait_serial("keel-initrd: FATAL:", 1, BOOT);
     check(&vm, waited.is_ok(), &format!("{waited:?}"));
+    check(
+        &vm,
+        vm.serial().contains(
+            "keel-initrd: FATAL: disks vda, vdb all carry the EFI system partition the boot loader was started from",
+        ),
+        "the refusal names both disks and why",
+    );
+    let exited = vm.wait_exit(Duration::from_secs(120));
+    check(
+        &vm,
+        exited.is_ok(),
+        &format!("the host did not power off: {exited:?}"),
+    );
+    let serial = vm.serial();
+    check(
+        &vm,
+        !serial.contains("Welcome to") && !serial.contains(FIRST_BOOT),
+        "systemd started, or the host's disk was changed, although the boot disk could not be told",
+    );
+    drop(vm);
+
+    // 2. Another host's volume (UUIDs of its own) beside this host's first boot.
+    let other = dir.path().join("other.raw");
+    copy_image_disk(&image, &other, true);
+    let other_before = sha256_of(&other);
+    config.other_disks = vec![other.clone()];
+    let mut vm = Vm::boot(&config);
+    let own = boots_from_its_own_disk(&mut vm);
+    check(
+        &vm,
+        vm.serial()
+            .contains(&format!("keel-initrd: first boot of disk {own}: {FIRST_BOOT}")),
+        "the host's disk got UUIDs of its own at its first boot",
+    );
+    vm.shutdown(Duration::from_secs(90));
+    assert_eq!(sha256_of(&other), other_before, "the other disk was written to");
+
+    // 3. The never-booted copy again: the host's disk is its own now.
+    config.other_disks = vec![copy.clone()];
+    let mut vm = Vm::boot(&config);
+    boots_from_its_own_disk(&mut vm);
+    check(
+        &vm,
+        !vm.serial().contains(FIRST_BOOT),
+        "the host's disk was given new UUIDs again: its data partition was not seen",
+    );
+    vm.shutdown(Duration::from_secs(90));
+    assert_eq!(sha256_of(&copy), copy_before, "the copy of the image was written to");
+}
+
+/// Waits for [`DISKS_PROBE`]'s report and checks that the host booted from its own disk
+/// (serial `keel-boot-disk`), named after the other one: the verified root's partitions,
+/// /efi, /local and every /dev/disk/keel-boot link are on it. Answers its name (vdb).
+fn boots_from_its_own_disk(vm: &mut Vm) -> String {
+    let waited = vm.wait_serial("KEEL-PROBE disks-done", 1, BOOT);
+    check(vm, waited.is_ok(), &format!("{waited:?}"));
     let seen: BTreeMap<String, String> = probe_values(&vm.serial()).into_iter().collect();
     let value = |key: &str| seen.get(key).cloned().unwrap_or_default();
     let name_of = |serial: &str| {
@@ -576,7 +642,7 @@ fn a_second_keel_disk_is_left_alone() {
         panic!("the guest's disks: {seen:?}\n{}", vm.serial());
     };
     check(
-        &vm,
+        vm,
         foreign < own,
         &format!("the other disk is named first ({foreign} < {own}): {seen:?}"),
     );
@@ -590,12 +656,12 @@ fn a_second_keel_disk_is_left_alone() {
         .map(str::to_owned)
         .collect();
     check(
-        &vm,
+        vm,
         under.len() == 2 && under.iter().all(|p| on_own(p)),
         &format!("the verified root is on {own}: {seen:?}"),
     );
     check(
-        &vm,
+        vm,
         value("efi") == format!("/dev/{own}1") && on_own(&value("local")),
         &format!("/efi and /local are on {own}: {seen:?}"),
     );
@@ -606,7 +672,7 @@ fn a_second_keel_disk_is_left_alone() {
         .collect();
     let labels: Vec<&str> = links.keys().map(String::as_str).collect();
     check(
-        &vm,
+        vm,
         labels
             == [
                 "keel-data",
@@ -619,39 +685,7 @@ fn a_second_keel_disk_is_left_alone() {
             && links.values().all(|dev| on_own(dev)),
         &format!("/dev/disk/keel-boot links {own}'s six partitions: {seen:?}"),
     );
-    vm.shutdown(Duration::from_secs(90));
-    assert_eq!(
-        sha256_of(&other),
-        other_before,
-        "the other disk was written to"
-    );
-
-    // An exact copy of the image's disk, attached ahead of the host's own.
-    let copy = dir.path().join("copy.raw");
-    copy_image_disk(&image, &copy, false);
-    config.other_disks = vec![copy];
-    let mut vm = Vm::boot(&config);
-    let waited = vm.wait_serial("keel-initrd: FATAL:", 1, BOOT);
-    check(&vm, waited.is_ok(), &format!("{waited:?}"));
-    let serial = vm.serial();
-    check(
-        &vm,
-        serial.contains(&format!(
-            "keel-initrd: FATAL: disks {foreign}, {own} all carry the EFI system partition the boot loader was started from"
-        )),
-        "the refusal names both disks and why",
-    );
-    let exited = vm.wait_exit(Duration::from_secs(120));
-    check(
-        &vm,
-        exited.is_ok(),
-        &format!("the host did not power off: {exited:?}"),
-    );
-    check(
-        &vm,
-        !vm.serial().contains("Welcome to"),
-        "systemd started although the boot disk could not be told",
-    );
+    own
 }
 
 /// Where partition `label` of the disk image `raw` starts, and its size, in bytes.
