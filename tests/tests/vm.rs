@@ -604,12 +604,17 @@ fn a_second_keel_disk_is_left_alone() {
     let own = boots_from_its_own_disk(&mut vm);
     check(
         &vm,
-        vm.serial()
-            .contains(&format!("keel-initrd: first boot of disk {own}: {FIRST_BOOT}")),
+        vm.serial().contains(&format!(
+            "keel-initrd: first boot of disk {own}: {FIRST_BOOT}"
+        )),
         "the host's disk got UUIDs of its own at its first boot",
     );
     vm.shutdown(Duration::from_secs(90));
-    assert_eq!(sha256_of(&other), other_before, "the other disk was written to");
+    assert_eq!(
+        sha256_of(&other),
+        other_before,
+        "the other disk was written to"
+    );
 
     // 3. The never-booted copy again: the host's disk is its own now.
     config.other_disks = vec![copy.clone()];
@@ -621,7 +626,11 @@ fn a_second_keel_disk_is_left_alone() {
         "the host's disk was given new UUIDs again: its data partition was not seen",
     );
     vm.shutdown(Duration::from_secs(90));
-    assert_eq!(sha256_of(&copy), copy_before, "the copy of the image was written to");
+    assert_eq!(
+        sha256_of(&copy),
+        copy_before,
+        "the copy of the image was written to"
+    );
 }
 
 /// Waits for [`DISKS_PROBE`]'s report and checks that the host booted from its own disk
