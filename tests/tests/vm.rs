@@ -369,6 +369,16 @@ fn first_boot_reboot_and_a_killed_keeld() {
             && two.get("machine-id").is_some_and(|m| m.len() == 32),
         &format!("the machine id changed across the reboot: {one:?} {two:?}"),
     );
+    // Booted without systemd-boot (the one disk with the root's label), the disk still
+    // gets UUIDs of its own at its first boot, and only then.
+    check(
+        vm,
+        vm.serial()
+            .matches("keel-initrd: first boot of disk vda: the disk and its partitions have new UUIDs of their own")
+            .count()
+            == 1,
+        "the disk got new UUIDs at its first boot, and only at its first",
+    );
 
     // keeld SIGKILLed: systemd restarts it, the admin container keeps its pid, and the
     // API answers inside it again.
