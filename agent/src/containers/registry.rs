@@ -259,22 +259,11 @@ pub async fn pull(
         tracing::warn!(image = %reference, error = %failure, "mirror skipped");
     }
     for endpoint in endpoints {
-        // oci-client panics on some registry answers (a token that is no valid header
-        // value): that is this endpoint's failure, not the end of the task pulling.
-        let pulled = std::panic::AssertUnwindSafe(pull_from(cd, &endpoint, config))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown".to_owned());
-                Err(ImageError::Protocol(format!(
-                    "{}: the registry client failed on the registry's answer ({what})",
-                    endpoint.reference.whole()
-                )))
-            });
+        let pulled = panic_as_failure(
+            &endpoint.reference.whole(),
+            pull_from(cd, &endpoint, config),
+        )
+        .await;
         match pulled {
             Ok(desc) => {
                 tracing::info!(image = %reference, endpoint = %endpoint.host, digest = %desc.digest(), "pulled");
@@ -289,6 +278,28 @@ pub async fn pull(
         }
     }
     Err(RegistryError::AllEndpointsFailed(failures).into())
+}
+
+/// Awaits one endpoint's pull. oci-client has panicked on registry answers (a token that
+/// is no valid header value): a panic is then that endpoint's failure, naming `what` (the
+/// reference as pulled from there), not the end of the task pulling.
+async fn panic_as_failure<T>(
+    what: &str,
+    pulling: impl std::future::Future<Output = Result<T, ImageError>>,
+) -> Result<T, ImageError> {
+    std::panic::AssertUnwindSafe(pulling)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".to_owned());
+            Err(ImageError::Protocol(format!(
+                "{what}: the registry client failed on the registry's answer ({why})"
+            )))
+        })
 }
 
 fn registry_failure(
@@ -799,7 +810,7 @@ mod tests {
     /// A registry whose token endpoint answers a token that is no valid header value
     /// (oci-client used to panic on it; keeld's own manifest request now refuses it
     /// first): the pull fails with a reason naming the image, the task goes on. The
-    /// `catch_unwind` around each endpoint stays for other panics; no test reaches it.
+    /// `catch_unwind` around each endpoint (`panic_as_failure`) stays for other panics.
     #[tokio::test]
     async fn a_token_that_is_no_header_value_fails_the_endpoint() {
         let port = fake_registry(|request, port| {
@@ -981,6 +992,38 @@ mod tests {
         pull(&cd, &format!("127.0.0.1:{port}/app:1"), config)
             .await
             .expect_err("the pull should fail")
+    }
+
+    /// A panic in one endpoint's pull (the registry client's, on an answer it did not
+    /// expect) is that endpoint's failure, named after it with the panic's message; the
+    /// task pulling goes on (to the next endpoint). A pull that does not panic passes
+    /// through unchanged.
+    #[tokio::test]
+    async fn a_panicking_pull_is_that_endpoint_s_failure() {
+        let formatted = panic_as_failure::<()>("mirror.example/app:1", async {
+            panic!("bad header value {}", 7)
+        })
+        .await
+        .expect_err("a panic fails the endpoint");
+        assert_eq!(
+            formatted.to_string(),
+            "mirror.example/app:1: the registry client failed on the registry's answer (bad header value 7)"
+        );
+        let literal = panic_as_failure::<()>("r/app:1", async { panic!("no token") })
+            .await
+            .expect_err("a panic fails the endpoint");
+        assert!(
+            literal.to_string().contains(
+                "r/app:1: the registry client failed on the registry's answer (no token)"
+            ),
+            "{literal}"
+        );
+        let other = panic_as_failure::<()>("r/app:1", async { std::panic::panic_any(5u8) })
+            .await
+            .expect_err("a panic fails the endpoint");
+        assert!(other.to_string().ends_with("(unknown)"), "{other}");
+        let fine = panic_as_failure("r/app:1", async { Ok::<_, ImageError>(3) }).await;
+        assert_eq!(fine.expect("no panic"), 3);
     }
 
     #[tokio::test]
