@@ -73,6 +73,8 @@ say "machine-id=$(host cat /etc/machine-id)"
 say "esp-fsck=$(host journalctl -b -o cat -u 'systemd-fsck@dev-disk-keel\x2dboot-keel\x2defi.service' | tr '\n' ' ')"
 say "data-fsck=$(host systemctl show -P ActiveState 'systemd-fsck@dev-disk-keel\x2dboot-keel\x2ddata.service')"
 say "os=$(apiclient raw -u /os | tr -d "\n ")"
+wd=/sys/class/watchdog/watchdog0
+say "watchdog=$(host cat $wd/identity)/$(host cat $wd/state)/$(host cat $wd/timeout)"
 if [ "$n" = 1 ]; then
     say "rebooting"
     apiclient reboot
@@ -274,6 +276,13 @@ fn first_boot_reboot_and_a_killed_keeld() {
         vm,
         one.get("sysctl").map(String::as_str) == Some("262144"),
         &format!("vm.max_map_count: {one:?}"),
+    );
+    // systemd holds the watchdog open with the image's RuntimeWatchdogSec=2min: a hung
+    // PID 1 resets the host.
+    check(
+        vm,
+        one.get("watchdog").map(String::as_str) == Some("Software Watchdog/active/120"),
+        &format!("the watchdog systemd pets: {one:?}"),
     );
     // Superpowered: the host tier's full capability set (CapEff 000001ffffffffff on 6.1).
     check(
