@@ -425,16 +425,24 @@ impl Vm {
         }
     }
 
-    /// The hardware watchdog this emulated machine lacks. Under TCG a warm reset now and
-    /// then leaves the next kernel hung before its initramfs runs (RCU stall reports:
-    /// "timer wakeup didn't happen", no other output); seen once in about ten reboots on
-    /// this machine, never on a cold start. A boot whose initramfs has not spoken within
-    /// [`HUNG_BOOT`] is reset, as a watchdog or an operator's BMC would; the reset is
-    /// recorded in [`Vm::resets`] (a test counting boot tries must count it: the boot
-    /// loader had already counted the try). Called by the waits above.
+    /// A hardware watchdog for the start of a boot, which this emulated machine lacks
+    /// (the guest's own, softdog, runs only once its systemd has opened it). Under TCG a
+    /// warm reset now and then leaves the next kernel hung before its initramfs runs (RCU
+    /// stall reports: "timer wakeup didn't happen", no other output); seen once in about
+    /// ten reboots on this machine, never on a cold start. A boot whose initramfs has not
+    /// spoken within [`HUNG_BOOT`] is reset, as a watchdog or an operator's BMC would; the
+    /// reset is recorded in [`Vm::resets`] (a test counting boot tries must count it: the
+    /// boot loader had already counted the try). A boot begins after the last reboot the
+    /// kernel announced, by reboot(2) or by softdog's reset. Called by the waits above.
     fn watchdog(&mut self, serial: &str) {
-        let marker = "reboot: Restarting system";
-        let start = serial.rfind(marker).map_or(0, |i| i + marker.len());
+        let start = [
+            "reboot: Restarting system",
+            "softdog: Initiating system reboot",
+        ]
+        .iter()
+        .filter_map(|marker| serial.rfind(marker).map(|i| i + marker.len()))
+        .max()
+        .unwrap_or(0);
         if serial[start..].contains("keel-initrd:") {
             self.watched = None;
             return;
