@@ -134,6 +134,10 @@ user-data = "{probe}"
     )
 }
 
+/// What the initramfs logs (after `keel-initrd: first boot of disk <name>: `) when it has
+/// given a disk at its first boot new UUIDs.
+const FIRST_BOOT: &str = "the disk and its partitions have new UUIDs of their own";
+
 /// The `KEEL-PROBE` values on the console, in order (a key seen twice keeps both).
 fn probe_values(serial: &str) -> Vec<(String, String)> {
     serial
@@ -383,7 +387,9 @@ fn first_boot_reboot_and_a_killed_keeld() {
     check(
         vm,
         vm.serial()
-            .matches("keel-initrd: first boot of disk vda: the disk and its partitions have new UUIDs of their own")
+            .matches(&format!(
+                "keel-initrd: first boot of disk vda: {FIRST_BOOT}"
+            ))
             .count()
             == 1,
         "the disk got new UUIDs at its first boot, and only at its first",
@@ -564,7 +570,6 @@ fn sha256_of(path: &Path) -> String {
 #[test]
 #[ignore = "boots qemu: packaging/dev/test.sh runs it after the other tests, alone"]
 fn a_second_keel_disk_is_left_alone() {
-    const FIRST_BOOT: &str = "the disk and its partitions have new UUIDs of their own";
     let image = image();
     let dir = tempfile::tempdir().expect("tempdir");
     let disk = dir.path().join("disk.qcow2");
