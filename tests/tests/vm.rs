@@ -1541,6 +1541,11 @@ struct ActivationHost {
 
 impl ActivationHost {
     fn new(dir: &Path, motd: &str) -> ActivationHost {
+        ActivationHost::with_settings(dir, &format!("[settings]\nmotd = \"{motd}\"\n\n"))
+    }
+
+    /// The host with `settings` (TOML, ending in a blank line) in its user-data.
+    fn with_settings(dir: &Path, settings: &str) -> ActivationHost {
         let n = image_version(N);
         let n1 = update_artifacts(&image_n1(dir), N1);
         let mut repo = TufRepo::create_with_keys(&dir.join("repo"), &update_keys());
@@ -1548,10 +1553,7 @@ impl ActivationHost {
         std::fs::create_dir_all(&control).expect("control dir");
         publish(&mut repo, dir, &[&n1]);
         let server = FileServer::start("127.0.0.1", repo.dir.clone());
-        let user_data = update_user_data(
-            &format!("[settings]\nmotd = \"{motd}\"\n\n"),
-            &versions(ACTIVATION),
-        );
+        let user_data = update_user_data(settings, &versions(ACTIVATION));
         let (imds, config) = update_host(&n, dir, user_data, server.addr.port());
         ActivationHost {
             n,
@@ -1751,4 +1753,131 @@ fn a_trial_slot_that_does_not_verify_rolls_back() {
         &format!("back on N in slot a, the status says rolled back: {back:?}"),
     );
     vm.shutdown(Duration::from_secs(90));
+}
+
+/// The console line keel-emergency-reboot.service writes before it reboots.
+const EMERGENCY_REBOOT: &str = "keel: this boot is a counted try and fell into emergency mode";
+
+/// What sulogin prints in emergency mode: root's password is locked, no shell is given.
+const EMERGENCY_LOCKED: &str = "the root account is locked";
+
+/// A slot on trial whose boot falls into emergency mode (here because every Keel entry
+/// carries `systemd.unit=emergency.target`, from `settings.boot.kernel-parameters`; a
+/// mount local-fs.target needs that fails ends the same way) never runs keeld nor
+/// keel-boot-assess: keel-emergency-reboot.service reboots each try, so the boot loader
+/// uses up slot b's tries and goes back to slot a. Slot a is blessed: the unit does not
+/// run there, and the host stays in emergency mode, with its console saying why, instead
+/// of rebooting for ever.
+#[test]
+#[ignore = "boots qemu: packaging/dev/test.sh runs it after the other tests, alone"]
+fn a_trial_boot_in_emergency_mode_reboots_and_a_blessed_one_stays() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The first boot's apply writes the parameter into slot a's entry (it takes effect at
+    // that slot's next boot), and the activation carries it into slot b's.
+    let host = ActivationHost::with_settings(
+        dir.path(),
+        "[settings]\nmotd = \"emergency\"\n\n\
+         [settings.boot.kernel-parameters]\n\"systemd.unit\" = [\"emergency.target\"]\n\n",
+    );
+    let (config, control) = (&host.config, &host.control);
+
+    let mut vm = Vm::boot(config);
+    let waited = vm.wait_serial("KEEL-PROBE staged=1", 1, BOOT * 2);
+    check(&vm, waited.is_ok(), &format!("{waited:?}"));
+    std::fs::write(control.join("1"), "go").expect("go");
+    let waited = vm.wait_serial("KEEL-PROBE activated=1", 1, BOOT);
+    check(&vm, waited.is_ok(), &format!("{waited:?}"));
+    let first = boot_run(&vm.serial(), None, 1);
+    check(
+        &vm,
+        first
+            .get("activated")
+            .is_some_and(|s| s.contains("\"update_state\":\"Ready\"")),
+        &format!("N+1 activated in slot b: {first:?}"),
+    );
+    check(
+        &vm,
+        !vm.serial().contains(EMERGENCY_REBOOT),
+        "the first boot (no parameter yet) is not in emergency mode",
+    );
+    vm.shutdown(Duration::from_secs(90));
+    let before = vm.serial();
+
+    // The next boots: slot b's tries, then slot a, whose initramfs says so first.
+    let mut vm = Vm::boot(config);
+    let waited = vm.wait_serial("; slot a: root", 1, BOOT * 4);
+    check(
+        &vm,
+        waited.is_ok(),
+        &format!("{waited:?}\n--- before ---\n{before}"),
+    );
+    let deadline = std::time::Instant::now() + BOOT;
+    let on_a = loop {
+        let serial = vm.serial();
+        // Slot a's boot starts with its initramfs's line naming the boot disk.
+        let from = serial
+            .find("; slot a: root")
+            .and_then(|at| serial[..at].rfind("keel-initrd: boot disk "))
+            .unwrap_or(0);
+        if serial[from..].contains(EMERGENCY_LOCKED) {
+            break from;
+        }
+        check(
+            &vm,
+            std::time::Instant::now() < deadline,
+            "slot a did not reach emergency mode",
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    // Time for a reboot that should not come (the unit runs as emergency.target starts,
+    // before sulogin's prompt).
+    std::thread::sleep(Duration::from_secs(45));
+    let serial = vm.serial();
+    let tries: Vec<&str> = serial[..on_a]
+        .split("keel-initrd: boot disk ")
+        .skip(1)
+        .collect();
+    check(
+        &vm,
+        tries.len() + vm.resets.len() >= 3
+            && tries.iter().all(|boot| boot.contains("; slot b: root")),
+        &format!(
+            "slot b tried 3 times before slot a: {} boots seen, resets {:?}",
+            tries.len(),
+            vm.resets
+        ),
+    );
+    // Each try the harness did not reset reached emergency mode and rebooted from there.
+    let reset = vm.resets.len();
+    let rebooted = tries
+        .iter()
+        .filter(|boot| {
+            boot.find(EMERGENCY_REBOOT)
+                .is_some_and(|at| boot[at..].contains("reboot: Restarting system"))
+        })
+        .count();
+    check(
+        &vm,
+        rebooted >= 3usize.saturating_sub(reset) && rebooted <= tries.len(),
+        &format!(
+            "each try of slot b rebooted from emergency mode: {rebooted} of {}",
+            tries.len()
+        ),
+    );
+    eprintln!(
+        "slot b tried {} times ({rebooted} rebooted from emergency mode, {reset} reset by the harness), then slot a stayed in emergency mode",
+        tries.len()
+    );
+    let after = &serial[on_a..];
+    check(
+        &vm,
+        !after.contains(EMERGENCY_REBOOT) && !after.contains("reboot: Restarting system"),
+        "slot a, blessed, stays in emergency mode",
+    );
+    check(
+        &vm,
+        !serial.contains("KEEL-PROBE"),
+        "no boot after the first started keeld's containers",
+    );
+    vm.power_cut();
 }
