@@ -8,6 +8,17 @@
 //! ([`exec`]) and the command-line interface ([`cli`]). Must not interpret settings itself beyond what `settings-model`
 //! offers: the server is the judge of what is valid.
 
+/// `eprintln!` that never panics: a message that cannot reach stderr (closed, a full
+/// disk) is dropped, and the exit status still tells what happened. (`eprintln!` panics
+/// on a failed write, which would turn exit status 1 into 101.)
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod cli;
 pub mod client;
 pub mod error;

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("cannot start the async runtime: {error}");
+            apiclient::note!("cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
@@ -27,12 +27,12 @@ fn main() -> ExitCode {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
             // A full disk or an I/O error: what was asked for did not get out.
             Err(e) => {
-                eprintln!("cannot write the output: {e}");
+                apiclient::note!("cannot write the output: {e}");
                 ExitCode::FAILURE
             }
         },
         Err(error) => {
-            eprintln!("{error}");
+            apiclient::note!("{error}");
             ExitCode::from(error.exit_code())
         }
     }

@@ -23,7 +23,26 @@ pub enum Source {
     },
     /// A document fetched with GET from an `http://` or `https://` URL (the proxy from
     /// `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`, the system's trusted CAs).
-    Url { arg: String },
+    Url {
+        arg: String,
+        /// The URL as errors show it: without its user and password.
+        shown: String,
+    },
+}
+
+/// `arg` as messages show it: a URL's user information (`user:password@`) replaced by
+/// `<redacted>`, so a password typed into the URL never reaches a terminal or a log.
+fn shown(arg: &str) -> String {
+    let Some(start) = arg.find("://").map(|i| i + 3) else {
+        return arg.to_owned();
+    };
+    let authority = arg[start..]
+        .find(['/', '?', '#'])
+        .map_or(&arg[start..], |end| &arg[start..start + end]);
+    match authority.rfind('@') {
+        Some(at) => format!("{}<redacted>{}", &arg[..start], &arg[start + at..]),
+        None => arg.to_owned(),
+    }
 }
 
 /// The most a fetched document may hold: what one API request body may carry.
@@ -78,19 +97,25 @@ impl Source {
                 "http" | "https" => {
                     return Ok(Self::Url {
                         arg: arg.to_owned(),
+                        shown: shown(arg),
                     })
                 }
                 "file" => {}
                 _ if is_scheme => {
                     return Err(SourceError::UnsupportedScheme {
-                        arg: arg.to_owned(),
+                        arg: shown(arg),
                         scheme: scheme.to_owned(),
                     })
                 }
                 _ => {}
             }
         }
-        let path = match arg.strip_prefix("file://") {
+        // The scheme in any case, as for http(s) (RFC 3986: schemes are case-insensitive).
+        let file_uri = arg
+            .get(..7)
+            .filter(|prefix| prefix.eq_ignore_ascii_case("file://"))
+            .map(|_| &arg[7..]);
+        let path = match file_uri {
             Some(rest) => {
                 let (host, path) = match rest.find('/') {
                     Some(slash) => rest.split_at(slash),
@@ -113,11 +138,13 @@ impl Source {
         })
     }
 
-    /// The name errors use: the argument as typed, or `stdin`.
+    /// The name errors use: the argument as typed (a URL without its user and
+    /// password), or `stdin`.
     pub fn name(&self) -> &str {
         match self {
             Self::Stdin => "stdin",
-            Self::File { arg, .. } | Self::Url { arg } => arg,
+            Self::File { arg, .. } => arg,
+            Self::Url { shown, .. } => shown,
         }
     }
 
@@ -155,7 +182,7 @@ impl Source {
     /// network for a URL.
     pub async fn read(&self) -> Result<String, SourceError> {
         match self {
-            Self::Url { arg } => fetch(arg).await,
+            Self::Url { arg, shown } => fetch(arg, shown).await,
             // A CLI's one task: blocking on a file or stdin here holds up nothing else.
             _ => self.read_from(std::io::stdin().lock()),
         }
@@ -163,10 +190,10 @@ impl Source {
 }
 
 /// GETs `url` and returns its body as text, refusing a non-2xx answer and anything
-/// larger than [`MAX_FETCHED_BYTES`].
-async fn fetch(url: &str) -> Result<String, SourceError> {
+/// larger than [`MAX_FETCHED_BYTES`]; errors name it as `shown`.
+async fn fetch(url: &str, shown: &str) -> Result<String, SourceError> {
     let failed = |error: reqwest::Error| SourceError::Fetch {
-        name: url.to_owned(),
+        name: shown.to_owned(),
         reason: error_chain(&error),
     };
     let client = reqwest::Client::builder()
@@ -177,12 +204,12 @@ async fn fetch(url: &str) -> Result<String, SourceError> {
     let status = response.status();
     if !status.is_success() {
         return Err(SourceError::FetchStatus {
-            name: url.to_owned(),
+            name: shown.to_owned(),
             status: status.as_u16(),
         });
     }
     let too_large = || SourceError::TooLarge {
-        name: url.to_owned(),
+        name: shown.to_owned(),
         limit: MAX_FETCHED_BYTES,
     };
     if response
@@ -199,7 +226,7 @@ async fn fetch(url: &str) -> Result<String, SourceError> {
         bytes.extend_from_slice(&chunk);
     }
     String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8 {
-        name: url.to_owned(),
+        name: shown.to_owned(),
     })
 }
 
@@ -258,7 +285,8 @@ mod tests {
         assert_eq!(
             Source::parse("https://example.com/user-data.toml").unwrap(),
             Source::Url {
-                arg: "https://example.com/user-data.toml".to_owned()
+                arg: "https://example.com/user-data.toml".to_owned(),
+                shown: "https://example.com/user-data.toml".to_owned(),
             }
         );
         assert!(matches!(
@@ -277,6 +305,34 @@ mod tests {
             Source::parse("./odd://name.toml").unwrap(),
             Source::File { .. }
         ));
+    }
+
+    #[test]
+    fn a_url_s_password_is_never_shown() {
+        let source = Source::parse("https://ops:hunter2@example.com/u@d.toml?v=1").unwrap();
+        assert_eq!(source.name(), "https://<redacted>@example.com/u@d.toml?v=1");
+        let error = source.read_from(std::io::empty()).unwrap_err();
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        // A password holding '@' is redacted whole.
+        let source = Source::parse("http://ops:a@b@example.com/x").unwrap();
+        assert_eq!(source.name(), "http://<redacted>@example.com/x");
+        let error = Source::parse("ftp://ops:hunter2@example.com/x").unwrap_err();
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        assert!(
+            error.to_string().contains("ftp://<redacted>@example.com/x"),
+            "{error}"
+        );
+        // Without user information, the URL as typed.
+        let source = Source::parse("https://example.com/a@b").unwrap();
+        assert_eq!(source.name(), "https://example.com/a@b");
+    }
+
+    #[test]
+    fn a_file_uri_s_scheme_is_read_in_any_case() {
+        let source = Source::parse("FILE:///etc/user-data.toml").unwrap();
+        assert!(
+            matches!(source, Source::File { path, .. } if path.as_path() == std::path::Path::new("/etc/user-data.toml"))
+        );
     }
 
     #[test]

@@ -565,6 +565,39 @@ fn apiclient_events_prints_reads_and_follows_across_a_restart() {
     let first: Value = serde_json::from_str(&seen[1]).unwrap();
     assert_eq!(first["cursor"], 1);
     assert_ne!(first["stream"], commit["stream"]);
+
+    // Output that cannot be written (a full disk) ends a follow with an error; reading
+    // the stream again would not help, so it is not retried for ever.
+    let mut full = Command::new(bin("apiclient"))
+        .arg("--socket-path")
+        .arg(&keeld.socket)
+        .args(["events", "--follow"])
+        .stdin(Stdio::null())
+        .stdout(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = full.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = full.kill();
+            panic!("apiclient events --follow > /dev/full still runs after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut full.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot write the events"), "{stderr}");
+    assert!(!stderr.contains("reconnecting"), "{stderr}");
 }
 
 fn require_root() {

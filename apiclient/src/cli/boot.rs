@@ -143,7 +143,7 @@ async fn wait_for(client: &Client, timeout: Option<Duration>) -> Result<Output, 
             Ok(Ok(record)) => {
                 if let Some(progress) = progress.as_mut() {
                     for line in progress.lines(&record, Instant::now()) {
-                        eprintln!("{line}");
+                        crate::note!("{line}");
                     }
                 }
                 let phase = record

@@ -141,7 +141,7 @@ pub async fn run(
             Ok(mut stream) => {
                 connected = true;
                 if reconnecting {
-                    eprintln!("apiclient: connected to keeld again; resuming");
+                    crate::note!("apiclient: connected to keeld again; resuming");
                     reconnecting = false;
                 }
                 read(&mut stream, &mut position, &mut printer).await
@@ -151,6 +151,9 @@ pub async fn run(
         match ended {
             // The printer's reader went away (`| head`): nothing more to do.
             Err(Stop::Closed) => return Ok(Output::Nothing),
+            // The output cannot be written, or keeld sent what is not an event: neither
+            // goes away by reading the stream again.
+            Err(Stop::Fatal(e)) => return Err(e),
             Ok(()) if !args.follow => break,
             Err(Stop::Failed(e)) if !args.follow => return Err(e),
             // A refusal (bad --stream, too many followers) will not go away by retrying.
@@ -161,7 +164,7 @@ pub async fn run(
             Err(Stop::Failed(e)) if !connected => return Err(e),
             _ => {
                 if !reconnecting {
-                    eprintln!("apiclient: lost keeld's event stream; reconnecting");
+                    crate::note!("apiclient: lost keeld's event stream; reconnecting");
                     reconnecting = true;
                 }
                 tokio::time::sleep(RECONNECT_DELAY).await;
@@ -171,7 +174,7 @@ pub async fn run(
     if printer.printed == 0 && printer.format == Format::Table {
         match printer.write(b"no events\n").and_then(|()| printer.flush()) {
             Ok(()) | Err(Stop::Closed) => {}
-            Err(Stop::Failed(e)) => return Err(e),
+            Err(Stop::Fatal(e) | Stop::Failed(e)) => return Err(e),
         }
     }
     Ok(Output::Nothing)
@@ -182,12 +185,18 @@ pub async fn run(
 enum Stop {
     /// The output is gone (a closed pipe).
     Closed,
+    /// Reading again would fail the same way (the output cannot be written, an event
+    /// line is not JSON): never retried, even when following.
+    Fatal(CliError),
+    /// The stream failed (keeld went away, a refusal): retried when following and the
+    /// error is the connection's.
     Failed(CliError),
 }
 
+/// apiclient's own failures (an event it cannot print): never retried.
 impl From<CliError> for Stop {
     fn from(e: CliError) -> Self {
-        Stop::Failed(e)
+        Stop::Fatal(e)
     }
 }
 
@@ -214,16 +223,23 @@ async fn read(
                 continue;
             }
             let event: Value = serde_json::from_slice(line).map_err(|e| {
-                CliError::Invalid(format!(
+                Stop::Fatal(CliError::Invalid(format!(
                     "keeld sent an event that is not JSON ({e}): {}",
                     String::from_utf8_lossy(line)
-                ))
+                )))
             })?;
             position.advance(&event);
             printer.event(line, &event)?;
         }
         pending.drain(..start);
         printer.flush()?;
+    }
+    // keeld ends every event with a newline: a stream that stops inside one was cut
+    // (keeld stopped). The event is not printed; following, it is read again.
+    if !pending.iter().all(u8::is_ascii_whitespace) {
+        return Err(Stop::Failed(CliError::Invalid(
+            "keeld's event stream ended in the middle of an event".to_owned(),
+        )));
     }
     Ok(())
 }
@@ -273,7 +289,7 @@ fn io_stop(e: std::io::Error) -> Stop {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         Stop::Closed
     } else {
-        Stop::Failed(CliError::Invalid(format!("cannot write the events: {e}")))
+        Stop::Fatal(CliError::Invalid(format!("cannot write the events: {e}")))
     }
 }
 

@@ -204,11 +204,14 @@ async fn session(
                     },
                     Message::Close(frame) => {
                         break match frame {
+                            // An exit status is 0–255 (a process killed by a signal: 128 +
+                            // its number); anything else would be cut to its low byte by
+                            // exit(3), and 256 would read as success.
                             Some(f) if f.code == CloseCode::Normal => f
                                 .reason
-                                .parse::<u16>()
+                                .parse::<u8>()
                                 .map(i32::from)
-                                .map_err(|_| format!("keeld closed the session without an exit status: {:?}", f.reason.as_str())),
+                                .map_err(|_| format!("keeld closed the session without an exit status (0-255): {:?}", f.reason.as_str())),
                             Some(f) => Err(format!("{} (close code {})", f.reason, u16::from(f.code))),
                             None => Err("keeld closed the session without an exit status".to_owned()),
                         };

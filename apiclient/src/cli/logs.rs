@@ -65,8 +65,8 @@ pub async fn run(client: &Client, args: LogsArgs) -> Result<Output, CliError> {
     }
     let mut stdout = std::io::stdout().lock();
     let mut cursor = cursor_of(&response)?;
-    if write(&mut stdout, &response).is_err() {
-        return Ok(Output::Nothing);
+    if let Some(ended) = written(write(&mut stdout, &response)) {
+        return ended;
     }
     drop(stdout);
     let mut keeld_gone = false;
@@ -78,7 +78,7 @@ pub async fn run(client: &Client, args: LogsArgs) -> Result<Output, CliError> {
             // keeld restarting: the container (and its log) carry on; so do we.
             Err(error) if error.is_connection() => {
                 if !keeld_gone {
-                    eprintln!("apiclient: keeld is not answering; still following");
+                    crate::note!("apiclient: keeld is not answering; still following");
                     keeld_gone = true;
                 }
                 continue;
@@ -87,16 +87,15 @@ pub async fn run(client: &Client, args: LogsArgs) -> Result<Output, CliError> {
         };
         keeld_gone = false;
         if response.header("x-keel-log-gap") == Some("true") {
-            eprintln!(
+            crate::note!(
                 "apiclient: some output of {} was lost (rotated away between two reads)",
                 args.name
             );
         }
         cursor = cursor_of(&response)?;
         let mut stdout = std::io::stdout().lock();
-        // A closed pipe (`logs -f admin | head`) ends the follow, quietly.
-        if write(&mut stdout, &response).is_err() {
-            return Ok(Output::Nothing);
+        if let Some(ended) = written(write(&mut stdout, &response)) {
+            return ended;
         }
     }
 }
@@ -110,6 +109,18 @@ fn cursor_of(response: &Response) -> Result<String, CliError> {
         })
 }
 
+/// Whether following ends after a write: a closed pipe (`logs -f admin | head`) ends it
+/// quietly, any other failure (a full disk) as an error, as for every other command.
+fn written(result: std::io::Result<()>) -> Option<Result<Output, CliError>> {
+    match result {
+        Ok(()) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Some(Ok(Output::Nothing)),
+        Err(e) => Some(Err(CliError::Invalid(format!(
+            "cannot write the output: {e}"
+        )))),
+    }
+}
+
 fn write(out: &mut impl Write, response: &Response) -> std::io::Result<()> {
     if response.body.is_empty() {
         return Ok(());
@@ -121,6 +132,21 @@ fn write(out: &mut impl Write, response: &Response) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_closed_pipe_ends_following_quietly() {
+        use std::io::{Error, ErrorKind};
+        assert!(written(Ok(())).is_none());
+        assert!(matches!(
+            written(Err(Error::from(ErrorKind::BrokenPipe))),
+            Some(Ok(Output::Nothing))
+        ));
+        let full = written(Err(Error::from_raw_os_error(28)));
+        assert!(
+            matches!(&full, Some(Err(CliError::Invalid(m))) if m.starts_with("cannot write the output")),
+            "{full:?}"
+        );
+    }
 
     #[test]
     fn uris_encode_the_name_and_carry_the_kind() {

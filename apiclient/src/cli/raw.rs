@@ -86,8 +86,8 @@ pub async fn run(client: &Client, args: RequestArgs, verbose: bool) -> Result<Ou
     let response = client.call(method, &uri, body).await?;
     if verbose {
         match http::StatusCode::from_u16(response.status) {
-            Ok(status) => eprintln!("{status}"),
-            Err(_) => eprintln!("{}", response.status),
+            Ok(status) => crate::note!("{status}"),
+            Err(_) => crate::note!("{}", response.status),
         }
     }
     Ok(Output::from_body(&response))

@@ -35,8 +35,10 @@ pub struct SetArgs {
     pub pairs: Vec<String>,
 
     /// A JSON object of settings, with or without a top-level `settings` wrapper.
-    #[arg(short = 'j', long, value_parser = parse_json_object)]
-    pub json: Option<Map<String, Value>>,
+    /// Parsed by `run`, not by clap: clap's error for a value it refuses repeats the
+    /// whole value, and this one may hold secrets (a key, a password).
+    #[arg(short = 'j', long, value_name = "JSON")]
+    pub json: Option<String>,
 
     #[command(flatten)]
     pub dry_run: DryRunArgs,
@@ -50,11 +52,13 @@ fn parse_pair(text: &str) -> Result<String, String> {
     }
 }
 
-fn parse_json_object(text: &str) -> Result<Map<String, Value>, String> {
+/// The `--json` object; an error says where the JSON is wrong (line and column), never
+/// what it holds.
+fn parse_json_object(text: &str) -> Result<Map<String, Value>, CliError> {
     match serde_json::from_str(text) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err("expected a JSON object".to_owned()),
-        Err(error) => Err(format!("invalid JSON: {error}")),
+        Ok(_) => Err(CliError::Usage("--json: expected a JSON object".to_owned())),
+        Err(error) => Err(CliError::Usage(format!("--json: invalid JSON: {error}"))),
     }
 }
 
@@ -83,8 +87,8 @@ pub fn json_patch(mut object: Map<String, Value>) -> Result<Value, CliError> {
 
 pub async fn run(client: &Client, args: SetArgs) -> Result<Output, CliError> {
     match args.json {
-        Some(object) => {
-            let patch = json_patch(object)?;
+        Some(text) => {
+            let patch = json_patch(parse_json_object(&text)?)?;
             change(client, "set", &[Fill::Settings(&patch)], &args.dry_run).await
         }
         None => change(client, "set", &[Fill::Keypairs(&args.pairs)], &args.dry_run).await,
@@ -121,10 +125,21 @@ mod tests {
     }
 
     #[test]
-    fn arguments_are_checked_by_clap() {
+    fn arguments_are_checked() {
         assert!(parse_pair("motd").is_err());
         assert_eq!(parse_pair("motd=a=b").unwrap(), "motd=a=b");
         assert!(parse_json_object("[1]").is_err());
         assert!(parse_json_object("{").is_err());
+    }
+
+    #[test]
+    fn bad_json_is_a_usage_error_that_does_not_repeat_the_json() {
+        let secret = "LS0tLS1CRUdJTiBQUklWQVRFIEtFWS0tLS0t";
+        let text = format!(r#"{{"kubernetes": {{"server-key": "{secret}"}}"#);
+        let error = parse_json_object(&text).unwrap_err();
+        assert_eq!(error.exit_code(), 2, "{error}");
+        let message = error.to_string();
+        assert!(message.contains("--json: invalid JSON: "), "{message}");
+        assert!(!message.contains(secret), "{message}");
     }
 }

@@ -254,7 +254,10 @@ impl Watch for ProgressView {
             let _ = stderr.flush();
             self.drawn = true;
         } else {
-            let tenth = (done * 10).checked_div(total).unwrap_or(10);
+            // keeld's figures, whatever they are: no overflow, a tenth in 0..=10.
+            let tenth = (u128::from(done) * 10)
+                .checked_div(u128::from(total))
+                .map_or(10, |t| u64::try_from(t.min(10)).unwrap_or(10));
             if self.last_tenth != Some(tenth) {
                 self.last_tenth = Some(tenth);
                 let _ = writeln!(stderr, "{line}");
