@@ -328,6 +328,67 @@ fn cases() -> Vec<Case> {
                 400,
             )
         },
+        Case {
+            key: Some("keys"),
+            ..case(
+                "settings with an empty keys",
+                "GET",
+                "/settings?keys=",
+                None,
+                400,
+            )
+        },
+        Case {
+            key: Some("prefix"),
+            ..case(
+                "settings with both keys and prefix",
+                "GET",
+                "/settings?keys=motd&prefix=kernel",
+                None,
+                400,
+            )
+        },
+        Case {
+            key: Some("settings.motdd"),
+            ..case(
+                "apply of a key the model does not have",
+                "POST",
+                "/tx/apply?keys=settings.motd,settings.motdd",
+                None,
+                400,
+            )
+        },
+        Case {
+            key: Some("settings.nope"),
+            ..case(
+                "affected-services of a key the model does not have",
+                "GET",
+                "/metadata/affected-services?keys=nope",
+                None,
+                400,
+            )
+        },
+        case("boot with a parameter", "GET", "/boot?since=1", None, 400),
+        Case {
+            key: Some("name"),
+            ..case(
+                "logs of a container name that is not UTF-8",
+                "GET",
+                "/containers/%FF/logs",
+                None,
+                400,
+            )
+        },
+        Case {
+            key: Some("request_payload"),
+            ..case(
+                "keypair body of the wrong shape",
+                "PATCH",
+                "/settings/keypair?tx=bad",
+                Some(r#"{"request_payload": "motd=x"}"#),
+                400,
+            )
+        },
         case(
             "rollback generation not a number",
             "POST",

@@ -1,6 +1,7 @@
 //! `/containers` and `/containers/{name}/logs`: what keeld runs, and its output.
 //! Read-only; containers are changed through settings.
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -56,9 +57,15 @@ fn parse_kind(kind: Option<&str>) -> ApiResult<Option<ContainerKind>> {
 /// output instead.
 pub async fn logs(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
     RawQuery(q): RawQuery,
 ) -> ApiResult<Response> {
+    // axum's own refusal (a name that is not UTF-8 once decoded) is plain text: answer
+    // it as every other error, naming the part of the path.
+    let Path(name) = name.map_err(|e| {
+        ApiError::bad_request(format!("the container name in the path: {}", e.body_text()))
+            .with_key("name")
+    })?;
     let query = Query::parse(q.as_deref(), &["tail", "kind", "since"])?;
     let tail = match query.get("tail") {
         None => 64 * 1024,
@@ -74,8 +81,8 @@ pub async fn logs(
         }
         Some(text) => Some(logs::Cursor::parse(text).ok_or_else(|| {
             ApiError::bad_request(format!(
-                "since must be a cursor from the x-keel-log-cursor header \
-                 (<inode>-<offset>), not {text:?}"
+                "since must be a cursor as the x-keel-log-cursor header gave it \
+                 (five numbers joined by '-'; opaque to clients), not {text:?}"
             ))
             .with_key("since")
         })?),

@@ -191,6 +191,25 @@ struct Session {
     writer: tokio::task::JoinHandle<()>,
     stopping: watch::Receiver<bool>,
     keel: bool,
+    /// Control messages refused so far: the first few are logged at info, the rest at
+    /// debug, so that a client cannot fill the journal with refusals.
+    refused: std::sync::atomic::AtomicU32,
+}
+
+/// Refused control messages of one session logged at info level.
+const REFUSALS_LOGGED: u32 = 4;
+
+/// Most characters of a client's text (a signal name) repeated in a refusal.
+const ECHO_MAX: usize = 64;
+
+/// `text` as a refusal repeats it: quoted and escaped, at most [`ECHO_MAX`] characters.
+fn echoed(text: &str) -> String {
+    if text.chars().count() <= ECHO_MAX {
+        format!("{text:?}")
+    } else {
+        let head: String = text.chars().take(ECHO_MAX).collect();
+        format!("{head:?}… ({} bytes)", text.len())
+    }
 }
 
 impl Session {
@@ -204,6 +223,7 @@ impl Session {
             writer,
             stopping,
             keel: false,
+            refused: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -230,9 +250,9 @@ impl Session {
             Some(Err(e)) => {
                 let code = close_code_of(&e);
                 if code == close_code::ERROR {
-                    tracing::error!(target_container = %request.target, error = %e, "exec failed to start");
+                    tracing::error!(target_container = ?request.target, error = %e, "exec failed to start");
                 } else {
-                    tracing::info!(target_container = %request.target, error = %e, "exec refused");
+                    tracing::info!(target_container = ?request.target, error = %e, "exec refused");
                 }
                 return self.close(code, &e.to_string()).await;
             }
@@ -446,7 +466,11 @@ impl Session {
                         let known: Vec<&str> = wire::SIGNALS.iter().map(|(n, _)| *n).collect();
                         self.refuse(
                             process,
-                            format!("unknown signal {name:?}; known: {}", known.join(", ")),
+                            format!(
+                                "unknown signal {}; known: {}",
+                                echoed(&name),
+                                known.join(", ")
+                            ),
                         )
                         .await;
                     }
@@ -458,7 +482,14 @@ impl Session {
     /// Tells a Keel client that a control message had no effect (Bottlerocket's client
     /// would fail on the message: it only gets the log line).
     async fn refuse<P: ExecProcess>(&self, process: &P, message: String) {
-        tracing::info!(exec = %process.id(), %message, "exec control message refused");
+        let n = self
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n < REFUSALS_LOGGED {
+            tracing::info!(exec = %process.id(), %message, "exec control message refused");
+        } else {
+            tracing::debug!(exec = %process.id(), %message, "exec control message refused");
+        }
         if !self.keel {
             return;
         }

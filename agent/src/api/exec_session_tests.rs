@@ -1094,3 +1094,17 @@ async fn upgrades_beyond_max_sessions_are_refused_with_503() {
     {}
     keeld.connect().await;
 }
+
+/// A refusal repeats at most [`ECHO_MAX`] characters of what the client sent, escaped:
+/// a client cannot write 60 KiB, or a forged line, into keeld's log per message.
+#[test]
+fn a_refusal_repeats_a_bounded_escaped_part_of_the_client_s_text() {
+    assert_eq!(super::echoed("SIGFOO"), "\"SIGFOO\"");
+    assert_eq!(super::echoed("a\nb"), "\"a\\nb\"");
+    let long = "A".repeat(60_000);
+    let shown = super::echoed(&long);
+    assert!(
+        shown.len() < 100 && shown.ends_with("… (60000 bytes)"),
+        "{shown}"
+    );
+}

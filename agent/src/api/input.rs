@@ -86,6 +86,17 @@ impl Query {
     /// `settings.motd`, as everywhere else in the API). `None` when absent; a list that
     /// is present but empty, or a key that does not parse, is a 400 naming it.
     pub fn setting_keys(&self, name: &str) -> ApiResult<Option<Vec<(String, String)>>> {
+        self.keys_checked(name, false)
+    }
+
+    /// [`Query::setting_keys`], each also a key of the model: for a request that acts on
+    /// the keys (apply them, say what they affect), where a key the model does not have
+    /// (a typo) would otherwise match nothing and answer success.
+    pub fn known_setting_keys(&self, name: &str) -> ApiResult<Option<Vec<(String, String)>>> {
+        self.keys_checked(name, true)
+    }
+
+    fn keys_checked(&self, name: &str, known: bool) -> ApiResult<Option<Vec<(String, String)>>> {
         let Some(keys) = self.list(name) else {
             return Ok(None);
         };
@@ -94,8 +105,14 @@ impl Query {
         }
         keys.into_iter()
             .map(|key| {
-                let canonical = settings_model::KeyPath::parse_setting(&key)?.to_string();
-                Ok((key, canonical))
+                let path = settings_model::KeyPath::parse_setting(&key)?;
+                if known && settings_model::schema::kind_at(&path).is_none() {
+                    return Err(ApiError::bad_request(format!(
+                        "query {name}: {path} is not a setting Keel knows"
+                    ))
+                    .with_key(path.to_string()));
+                }
+                Ok((key, path.to_string()))
             })
             .collect::<ApiResult<Vec<_>>>()
             .map(Some)

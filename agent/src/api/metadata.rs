@@ -16,7 +16,7 @@ pub async fn affected_services(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<BTreeMap<String, Vec<String>>>> {
     let query = Query::parse(q.as_deref(), &["keys"])?;
-    let keys = query.setting_keys("keys")?.ok_or_else(|| {
+    let keys = query.known_setting_keys("keys")?.ok_or_else(|| {
         ApiError::bad_request("query parameter \"keys\" is required").with_key("keys")
     })?;
     let mut answer = BTreeMap::new();

@@ -127,21 +127,22 @@ pub async fn require_access(
             let (method, path) = (request.method().clone(), request.uri().path().to_owned());
             let response = next.run(request).await;
             // Every refusal leaves a trace at info: what was asked, by whom, and the
-            // key it was about (values are not logged: they may be secrets).
-            if response.status().is_client_error() {
+            // key it was about (values are not logged: they may be secrets). A 423 is
+            // not a refusal but "busy, ask again" (an update command running), which
+            // `apiclient update` asks four times a second: at debug.
+            let status = response.status();
+            if status.is_client_error() {
                 let key = response
                     .extensions()
                     .get::<super::error::Refused>()
                     .and_then(|r| r.key.clone());
-                tracing::info!(
-                    status = response.status().as_u16(),
-                    %method,
-                    path,
-                    uid = peer.uid,
-                    pid = ?peer.pid,
-                    key = key.as_deref().unwrap_or("-"),
-                    "request refused"
-                );
+                let key = key.as_deref().unwrap_or("-");
+                let (code, uid, pid) = (status.as_u16(), peer.uid, peer.pid);
+                if status == StatusCode::LOCKED {
+                    tracing::debug!(status = code, %method, path, uid, ?pid, key, "request refused");
+                } else {
+                    tracing::info!(status = code, %method, path, uid, ?pid, key, "request refused");
+                }
             }
             response
         }

@@ -22,10 +22,22 @@ pub async fn get_settings(
     RawQuery(q): RawQuery,
 ) -> ApiResult<Json<Value>> {
     let query = Query::parse(q.as_deref(), &["keys", "prefix"])?;
+    if query.get("keys").is_some() && query.get("prefix").is_some() {
+        return Err(ApiError::bad_request(
+            "give keys or prefix, not both: they select differently",
+        )
+        .with_key("prefix"));
+    }
     let snapshot = state.store.snapshot();
     let live = snapshot.live_settings();
-    if let Some(keys) = query.list("keys") {
+    // Keys the model does not have select nothing, as on Bottlerocket (a script written
+    // for another variant still reads what exists).
+    if let Some(keys) = query.setting_keys("keys")? {
+        // Each key once: a subtree is copied once per key asked for.
         let keys = keys
+            .into_iter()
+            .map(|(_, canonical)| canonical)
+            .collect::<std::collections::BTreeSet<_>>()
             .iter()
             .map(|k| KeyPath::parse_setting(k))
             .collect::<Result<Vec<_>, _>>()?;
@@ -80,6 +92,7 @@ pub async fn patch_keypair(
         ApiError::bad_request(format!(
             "keypair body must be {{\"request_payload\": [\"key=value\", ...]}}: {e}"
         ))
+        .with_key("request_payload")
     })?;
     if pairs.request_payload.is_empty() {
         return Err(ApiError::bad_request("request_payload is empty").with_key("request_payload"));
@@ -87,7 +100,8 @@ pub async fn patch_keypair(
     if pairs.request_payload.len() > MAX_PAIRS {
         return Err(ApiError::bad_request(format!(
             "request_payload holds more than {MAX_PAIRS} pairs"
-        )));
+        ))
+        .with_key("request_payload"));
     }
     let patch = settings_model::keypair::pairs_to_patch(&pairs.request_payload)?;
     patch_tx(&state, &tx, patch).await

@@ -82,7 +82,7 @@ fn commit_tx(
 
 pub async fn apply(State(state): State<AppState>, RawQuery(q): RawQuery) -> ApiResult<StatusCode> {
     let query = Query::parse(q.as_deref(), &["keys"])?;
-    let keys = match query.setting_keys("keys")? {
+    let keys = match query.known_setting_keys("keys")? {
         Some(keys) => keys.into_iter().map(|(_, canonical)| canonical).collect(),
         // Everything: `settings` is a prefix of every key, so every service is affected,
         // whether or not any of its settings is set.
