@@ -124,11 +124,14 @@ async fn apply(client: &Client, args: ApplyArgs) -> Result<Output, CliError> {
     let mut bar = ProgressView::new(std::io::stderr().is_terminal());
     wait_for(client, "prepare-update", "prepare", PREPARE, &mut bar)
         .await
-        .map_err(|e| {
-            CliError::Invalid(format!(
-                "{e}. `apiclient update check` shows the state; a Ready update can be \
+        // A prepare that ran and failed gets the way out; an API refusal (409, 404) keeps
+        // its `Status <code> when …` line, as every command's.
+        .map_err(|e| match e {
+            CliError::Invalid(reason) => CliError::Invalid(format!(
+                "{reason}. `apiclient update check` shows the state; a Ready update can be \
                  cancelled with `apiclient update cancel`"
-            ))
+            )),
+            other => other,
         })?;
     bar.finish();
     note(&format!(
