@@ -609,7 +609,10 @@ impl StoreFiles {
         pending_ids: &[u64],
     ) -> Result<(), StoreError> {
         let live = generations.last().map_or(0, |g| g.generation);
-        if self.log.ready() {
+        // A failed slot write that could not be marked refused must be overwritten
+        // first: a log record names the snapshot before it, which that write, should it
+        // have landed, would hide after a restart.
+        if self.log.ready() && !self.slots.must_write_next() {
             let durable = self.durable_generation;
             // The new generations are the newest: read from the end, not the whole history.
             let mut new: Vec<Arc<Generation>> = generations
@@ -741,7 +744,7 @@ impl StoreFiles {
             (Some(Fault::Fail), false) => self.slots.fail_next_write = true,
             (Some(Fault::Tear(n)), false) => self.slots.tear_next_write = Some(n),
             (Some(Fault::FailSync), true) => self.log.fail_next_sync = true,
-            (Some(Fault::FailSync), false) => self.fault = Some(Fault::FailSync),
+            (Some(Fault::FailSync), false) => self.slots.fail_next_sync = true,
             (None, _) => {}
         }
     }

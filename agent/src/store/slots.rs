@@ -53,6 +53,17 @@
 //! What no format of this kind can tell apart: a disk that acknowledges a flush and then
 //! loses the write (firmware bugs) leaves exactly what a tear leaves.
 //!
+//! # A write that fails
+//!
+//! A write whose `pwrite` or `fdatasync` fails is refused, yet some or all of it may be on
+//! the disk, whole and valid: read after a restart, it would be the newest state, and
+//! would hide the log records acknowledged since (they name the snapshot before it). So
+//! its slot's first sector is overwritten, durably, with a sector of its own (`KEELREFU`,
+//! the write's sequence number, under the sector's checksum), read as "a write that was
+//! never acknowledged", like a tear. If even that fails, the next write goes to the same
+//! slot, never to the log, and the error says that a restart before it may bring the
+//! refused write back.
+//!
 //! A new store writes its first state into *both* slots, then creates the marker
 //! `generations.held` (durably); from then on a slot that is empty or missing is damage,
 //! and a directory whose slots are both gone is refused, never taken for a new store.
@@ -73,6 +84,9 @@ pub(super) const NAMES: [&str; 2] = ["generations.0", "generations.1"];
 /// Exists once both slots have been written: the directory holds committed state.
 pub(super) const MARKER: &str = "generations.held";
 const MAGIC: &[u8; 8] = b"KEELGEN2";
+/// The header of a slot whose write failed: "the write with this sequence number was
+/// refused" (see [`Slots::write`]).
+const REFUSED: &[u8; 8] = b"KEELREFU";
 const MAGIC_V1: &[u8; 8] = b"KEELGEN1";
 const HEADER_V1: u64 = 32;
 const SECTOR: usize = 512;
@@ -109,6 +123,12 @@ pub(super) enum SlotState {
     Torn {
         seq: u64,
     },
+    /// The write with sequence number `seq` failed and was refused; keeld marked the
+    /// slot so (a sector of its own, under its checksum), since some of the write may
+    /// have landed anyway.
+    Refused {
+        seq: u64,
+    },
     /// A checksum fails, or the record is cut short. `header` when the header itself
     /// is intact.
     Damaged {
@@ -129,6 +149,9 @@ impl SlotState {
                 format!("holds a torn write (sectors from different writes, newest sequence {seq})")
             }
             SlotState::Damaged { reason, .. } => reason.clone(),
+            SlotState::Refused { seq } => {
+                format!("holds a write (sequence {seq}) that failed and was refused")
+            }
         }
     }
 
@@ -140,7 +163,7 @@ impl SlotState {
     fn seq(&self) -> Option<u64> {
         match self {
             SlotState::Valid { header, .. } => Some(header.seq),
-            SlotState::Torn { seq } => Some(*seq),
+            SlotState::Torn { seq } | SlotState::Refused { seq } => Some(*seq),
             SlotState::Damaged {
                 header: Some(h), ..
             } => Some(h.seq),
@@ -202,8 +225,14 @@ pub(super) fn decide(states: &[SlotState; 2], held: bool) -> Verdict {
                          in {good_name}"
                     )),
                 },
+                // A write that failed: refused, never acknowledged.
+                SlotState::Refused { seq: refused } if *refused > seq => Verdict::Use {
+                    slot: good,
+                    note: None,
+                },
                 // Unreadable, but older than the intact slot: the newest state is whole.
                 SlotState::Torn { seq: older }
+                | SlotState::Refused { seq: older }
                 | SlotState::Damaged {
                     header: Some(Header { seq: older, .. }),
                     ..
@@ -267,7 +296,10 @@ pub(super) fn decide(states: &[SlotState; 2], held: bool) -> Verdict {
                 }
             }
             // A new store's first write, torn: nothing was ever acknowledged.
-            [SlotState::Torn { .. }, b] | [b, SlotState::Torn { .. }] if b.blank() && !held => {
+            [SlotState::Torn { .. } | SlotState::Refused { .. }, b]
+            | [b, SlotState::Torn { .. } | SlotState::Refused { .. }]
+                if b.blank() && !held =>
+            {
                 Verdict::New {
                     note: Some(
                         "the first write of a new store was torn by a crash; starting it again"
@@ -328,6 +360,8 @@ pub struct Slots {
     paths: [PathBuf; 2],
     /// The marker exists.
     held: bool,
+    /// A write failed and could not be marked refused (see [`Slots::write`]).
+    unmarked: bool,
     /// Test hook: fail the next write as a full disk would.
     #[cfg(test)]
     pub fail_next_write: bool,
@@ -335,6 +369,9 @@ pub struct Slots {
     /// if keeld were killed in the middle of it.
     #[cfg(test)]
     pub tear_next_write: Option<usize>,
+    /// Test hook: the next write lands whole, then its `fdatasync` fails.
+    #[cfg(test)]
+    pub fail_next_sync: bool,
 }
 
 impl Slots {
@@ -451,10 +488,13 @@ impl Slots {
                 seq,
                 paths,
                 held,
+                unmarked: false,
                 #[cfg(test)]
                 fail_next_write: false,
                 #[cfg(test)]
                 tear_next_write: None,
+                #[cfg(test)]
+                fail_next_sync: false,
             },
             Opened {
                 payload,
@@ -512,10 +552,48 @@ impl Slots {
             file.write_all_at(&record[..(sectors * SECTOR).min(record.len())], 0)?;
             return Err(io::Error::other("torn by a simulated crash"));
         }
-        file.write_all_at(&record, 0)?;
-        file.sync_data()?;
+        let written = file.write_all_at(&record, 0).and_then(|()| {
+            #[cfg(test)]
+            if std::mem::take(&mut self.fail_next_sync) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            file.sync_data()
+        });
+        if let Err(e) = written {
+            // The write is refused, but some or all of it may be on the disk (a failed
+            // `fdatasync` says nothing of what landed), and it would read as the newest
+            // state after a restart: over acknowledged commits made since, whose log
+            // names the previous snapshot. Marking the slot refused, durably, rules that
+            // out; the slot is written next again. If even that fails, the next write
+            // must go to this slot (not to the log), and the error says a restart before
+            // it may bring this write back.
+            let marked = file
+                .write_all_at(&refused_sector(seq), 0)
+                .and_then(|()| file.sync_data());
+            return Err(match marked {
+                Ok(()) => e,
+                Err(mark) => {
+                    self.unmarked = true;
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{e}; the write may still be on the disk (marking it refused \
+                             failed too: {mark}), so after a restart before the next commit \
+                             this one may be there"
+                        ),
+                    )
+                }
+            });
+        }
         self.next = 1 - slot;
+        self.unmarked = false;
         Ok(())
+    }
+
+    /// A failed write could not be marked refused: the next write must overwrite it
+    /// (go to the slots, not the log).
+    pub fn must_write_next(&self) -> bool {
+        self.unmarked
     }
 
     /// Writes the state into both slots, then the marker: from then on an empty or
@@ -617,6 +695,19 @@ fn encode(seq: u64, generation: u64, payload: &[u8]) -> Vec<u8> {
     record
 }
 
+/// The sector that marks a slot's write `seq` as refused: [`REFUSED`], `seq`, zeros, and
+/// the tag of sector 0 of record `seq`, so that it passes its checksum (damage cannot
+/// forge it).
+fn refused_sector(seq: u64) -> [u8; SECTOR] {
+    let mut sector = [0u8; SECTOR];
+    sector[..8].copy_from_slice(REFUSED);
+    sector[8..16].copy_from_slice(&seq.to_le_bytes());
+    sector[DATA..DATA + 8].copy_from_slice(&seq.to_le_bytes());
+    let crc = sector_crc(&sector[..DATA], seq, 0);
+    sector[DATA + 8..DATA + 12].copy_from_slice(&crc.to_le_bytes());
+    sector
+}
+
 fn u64_at(bytes: &[u8], at: usize) -> u64 {
     let mut field = [0u8; 8];
     field.copy_from_slice(&bytes[at..at + 8]);
@@ -648,6 +739,9 @@ fn read_slot(file: &File, size: u64) -> io::Result<SlotState> {
             header: None,
             reason: "has a header (its first 512 bytes) that fails its checksum".to_owned(),
         });
+    }
+    if &first[..8] == REFUSED && u64_at(&first, 8) == tag_seq {
+        return Ok(SlotState::Refused { seq: tag_seq });
     }
     if &first[..8] != MAGIC || u64_at(&first, 8) != tag_seq {
         return Ok(SlotState::Damaged {
@@ -792,6 +886,25 @@ mod tests {
             }),
             reason: "fails its checksum".to_owned(),
         }
+    }
+
+    #[test]
+    fn a_refused_write_is_told_apart_from_damage() {
+        let mut bytes = refused_sector(9).to_vec();
+        bytes.extend_from_slice(&[0u8; 512]);
+        assert_eq!(classify(&bytes), SlotState::Refused { seq: 9 });
+        // Never acknowledged: the intact slot is the state, whichever is newer.
+        assert!(matches!(
+            decide(&[valid(8), SlotState::Refused { seq: 9 }], true),
+            Verdict::Use { slot: 0, .. }
+        ));
+        assert!(matches!(
+            decide(&[SlotState::Refused { seq: 7 }, valid(8)], true),
+            Verdict::Use { slot: 1, .. }
+        ));
+        // A flipped bit is damage, not a refusal.
+        bytes[20] ^= 1;
+        assert!(matches!(classify(&bytes), SlotState::Damaged { .. }));
     }
 
     #[test]

@@ -367,6 +367,52 @@ fn a_failed_commit_leaves_its_transaction_pending_in_memory_and_on_disk() {
     assert_eq!(store.snapshot().live().generation, 0);
 }
 
+/// A batch that commits a transaction and then patches it again makes a new transaction
+/// of that name in the pending log; when the committed state then cannot be written, both
+/// are refused, and the pending log is put back at once: a crash right after (no batch
+/// in between) finds the transaction as it was, not the refused patch.
+#[test]
+fn a_refused_patch_is_not_the_transaction_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        store.patch("t", json!({"motd": "kept"})).await.unwrap();
+        store.fail_next_write();
+        let (commit, committed) = tokio::sync::oneshot::channel();
+        let (patch, patched) = tokio::sync::oneshot::channel();
+        let refused = json!({"ntp": {"time-servers": ["refused.example"]}});
+        store.writer.run_as_one_batch(vec![
+            Op::Commit {
+                tx: "t".to_owned(),
+                caller: Caller::keeld(),
+                prechecked: None,
+                reply: commit,
+            },
+            Op::Patch {
+                tx: "t".to_owned(),
+                size: refused.to_string().len(),
+                patch: refused,
+                reply: patch,
+            },
+        ]);
+        assert!(committed.await.unwrap().is_err());
+        assert!(patched.await.unwrap().is_err());
+        assert_eq!(
+            store.snapshot().pending["t"].patches,
+            vec![Arc::new(json!({"motd": "kept"}))]
+        );
+    });
+    let store = reopen(dir.path(), 10);
+    let snapshot = store.snapshot();
+    assert_eq!(snapshot.live().generation, 0);
+    assert_eq!(
+        snapshot.pending.get("t").map(|t| t.patches.clone()),
+        Some(vec![Arc::new(json!({"motd": "kept"}))]),
+        "{:?}",
+        snapshot.pending
+    );
+}
+
 #[derive(Debug)]
 struct PanickingCheck;
 
@@ -1196,6 +1242,43 @@ fn a_commit_whose_fdatasync_failed_is_not_there_after_a_restart() {
     let store = reopen(dir.path(), 10);
     assert_eq!(store.snapshot().live().generation, 3);
     assert_eq!(store.snapshot().live_settings()["motd"], motd(3));
+}
+
+/// The same for a commit that went to a slot (a compaction): its record is marked refused,
+/// so it neither comes back after a restart nor hides the acknowledged commits the log
+/// holds after it (the log names the snapshot before it).
+#[test]
+fn a_snapshot_whose_fdatasync_failed_hides_nothing_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 10).unwrap();
+    store.set_min_log(0);
+    commit_through_log(&store, 1, 1);
+    rt().block_on(async {
+        store.patch("t", json!({"motd": motd(2)})).await.unwrap();
+        store.fail_next_sync();
+        assert!(store.commit("t", Caller::keeld()).await.is_err());
+    });
+    // The next commits go to the log again.
+    store.set_min_log(1 << 20);
+    commit_through_log(&store, 3, 2);
+    drop(store);
+    let store = reopen(dir.path(), 10);
+    assert_eq!(store.snapshot().live().generation, 3);
+    assert_eq!(store.snapshot().live_settings()["motd"], motd(4));
+    // And with nothing after it: the state before it.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 10).unwrap();
+    store.set_min_log(0);
+    commit_through_log(&store, 1, 1);
+    rt().block_on(async {
+        store.patch("t", json!({"motd": motd(2)})).await.unwrap();
+        store.fail_next_sync();
+        assert!(store.commit("t", Caller::keeld()).await.is_err());
+    });
+    drop(store);
+    let store = reopen(dir.path(), 10);
+    assert_eq!(store.snapshot().live().generation, 1);
+    assert_eq!(store.snapshot().live_settings()["motd"], motd(1));
 }
 
 #[test]

@@ -264,6 +264,14 @@ fn split_cheap(batch: &mut Vec<Op>) -> Vec<Op> {
 }
 
 impl Writer {
+    /// Test hook: runs `ops` as one batch, as a leader does with ops that queued up
+    /// together.
+    #[cfg(test)]
+    pub(super) fn run_as_one_batch(&self, mut ops: Vec<Op>) {
+        let mut state = lock(&self.state);
+        run_batch(&mut state, &self.shared, &mut ops);
+    }
+
     /// Test hook: the next durable write fails as on a full disk.
     #[cfg(test)]
     pub(super) fn fail_next_write(&self) {
@@ -459,9 +467,9 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
 
     // The pending log first, only the transactions this batch changed: if it cannot be
     // written, the committed state is not (and nothing changes). If it was written but
-    // the committed state then fails, it runs ahead of memory: the next batch writes
-    // those transactions again from memory, and until then a crash could only lose or
-    // revive uncommitted work.
+    // the committed state then fails, it runs ahead of memory: it is brought back in
+    // line at once (below), and, should that fail too, by the next batch; only a crash
+    // before either could revive or lose uncommitted work.
     let mut failure = None;
     if !dirty.is_empty() {
         failure = files
@@ -483,8 +491,19 @@ fn run_batch(state: &mut WriterState, shared: &ArcSwap<Snapshot>, batch: &mut Ve
             events.publish_all(made.into_iter().map(EventBody::Commit));
         }
         Some(e) => {
-            pending_behind.names = dirty;
             tracing::error!(error = %e, "persisting a batch failed; state unchanged");
+            // Memory keeps the old state; so must the pending log, now: a refused patch
+            // that reached it (a commit and a patch of one transaction in this batch)
+            // would otherwise be that transaction after a crash. What memory holds is
+            // put again, and ids the log holds beyond it are marked gone.
+            let unchanged = shared.load();
+            match files.write_pending(&unchanged.pending, &dirty, &HashSet::new()) {
+                Ok(()) => {}
+                Err(restore) => {
+                    tracing::error!(error = %restore, "cannot bring the pending log back in line; the next batch tries again");
+                    pending_behind.names = dirty;
+                }
+            }
         }
     }
     for answer in answers {
