@@ -413,6 +413,42 @@ fn a_refused_patch_is_not_the_transaction_after_a_crash() {
     );
 }
 
+/// A generation kept from an older version whose settings this version's model refuses
+/// (a key since renamed by a migration that had nothing to change in the live settings)
+/// is not rolled back to: the refusal names the key, and nothing changes.
+#[test]
+fn a_rollback_to_settings_this_model_refuses_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        // As an older keeld committed it: written without this model's validation.
+        let (reply, done) = tokio::sync::oneshot::channel();
+        store.writer.run_as_one_batch(vec![Op::Migrate {
+            tx: "older-version".to_owned(),
+            settings: json!({"motd": "old", "renamed-since": {"a": 1}}),
+            reply,
+        }]);
+        assert!(done.await.unwrap().is_ok());
+        // The live settings now: valid, without the old key.
+        let (reply, done) = tokio::sync::oneshot::channel();
+        store.writer.run_as_one_batch(vec![Op::Migrate {
+            tx: "newer-version".to_owned(),
+            settings: json!({"motd": "new"}),
+            reply,
+        }]);
+        assert!(done.await.unwrap().is_ok());
+        let before = store.snapshot();
+        let err = store.rollback(1, Caller::keeld()).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("generation 1's settings are not valid")
+                && err.to_string().contains("settings.renamed-since"),
+            "{err}"
+        );
+        assert_eq!(store.snapshot().live().generation, before.live().generation);
+    });
+}
+
 #[derive(Debug)]
 struct PanickingCheck;
 

@@ -777,6 +777,18 @@ fn rollback(
     let settings = Value::clone(&target.settings);
     // Kept from before a lower limit, perhaps: the limit holds for what becomes live.
     check_size(&settings, max_settings)?;
+    // Valid when it was committed, but perhaps not under this version's model: a
+    // migration that found nothing to change leaves no generation to stop at above (a
+    // key renamed, absent from the live settings, present in an older generation), and
+    // a later version may accept less. What becomes live must be valid now.
+    if let Err(e) = settings_model::validate(&settings) {
+        return Err(StoreError::Refused(CheckError {
+            message: format!(
+                "generation {generation}'s settings are not valid for this version of Keel: {e}"
+            ),
+            key: e.key().map(str::to_owned),
+        }));
+    }
     let changed = changed_keys(work.live_settings(), &settings);
     if let Some(check) = check.filter(|_| !changed.is_empty()) {
         check
