@@ -292,7 +292,15 @@ impl Updates {
                     }
                 }
                 CommandType::Deactivate => {
-                    if state != UpdateState::Ready {
+                    // Or Staged with an activation on record whose outcome is unknown
+                    // (its answer was lost, the disk could not be read): deactivating
+                    // makes sure the slot is not the next boot, as that error advises.
+                    let unknown = state == UpdateState::Staged
+                        && record
+                            .staged
+                            .as_ref()
+                            .is_some_and(|s| s.activated_in_boot.is_some());
+                    if state != UpdateState::Ready && !unknown {
                         return Err(disallowed(" (it needs Ready)"));
                     }
                     if record.staged.is_none() {
@@ -644,20 +652,12 @@ impl Updates {
             return;
         }
         let guard = self.inner.lock.clone().lock_owned().await;
+        let running = self.running_version().ok();
         let previous = {
             let mut record = lock(&self.inner.record);
-            let on_trial = record
-                .status
-                .last_boot
-                .as_ref()
-                .filter(|b| b.outcome == BootOutcome::OnTrial)
-                .cloned();
-            let (Some(trial), Some(staged)) = (on_trial, record.staged.clone()) else {
+            let Some((trial, staged)) = trial_ended_by_this_boot(&record, running.as_ref()) else {
                 return;
             };
-            if staged.slot != trial.slot {
-                return;
-            }
             let previous = record.status.update_state;
             updated(
                 &mut record,
@@ -979,6 +979,11 @@ fn close_interrupted(record: &mut UpdateRecord, inspection: Option<&Inspection>)
                 .zip(staged_slot)
                 .and_then(|(i, slot)| entry_of(i, slot));
             let activated = entry.is_some_and(|e| !e.is_bad());
+            // An entry with no tries left was written too: the slot was tried and
+            // failed (the power was cut before the outcome was saved, and no keeld on
+            // the new slot recorded its trial). The activation stays on record, so that
+            // `after_reboot` reports the rollback.
+            let written = entry.is_some();
             record.status.update_state = if activated {
                 UpdateState::Ready
             } else {
@@ -987,19 +992,46 @@ fn close_interrupted(record: &mut UpdateRecord, inspection: Option<&Inspection>)
             if let Some(partition) = record.status.staging_partition.as_mut() {
                 partition.next_to_boot = activated;
             }
-            if !activated {
+            if !written {
                 if let Some(staged) = record.staged.as_mut() {
                     staged.activated_in_boot = None;
                 }
             }
             reason.push_str(&format!(
                 "; the staged slot's loader entry is {}: the state is {:?}",
-                if activated { "present" } else { "absent" },
+                match (written, activated) {
+                    (_, true) => "present",
+                    (true, false) => "present with no tries left",
+                    (false, _) => "absent",
+                },
                 record.status.update_state
             ));
         }
     }
     record_outcome(record, command, Err(reason));
+}
+
+/// The trial on record that this boot, having reached `configured`, ends as an update:
+/// the slot on trial, if the version running is the one tried. The trial is recorded
+/// when keeld starts on the new slot; a start that could not inspect the slots (the
+/// slot writer unreachable) leaves the previous boot's trial on record, and this boot
+/// may then be the old slot after the tries ran out: not an update.
+fn trial_ended_by_this_boot(
+    record: &UpdateRecord,
+    running: Option<&Version>,
+) -> Option<(LastBoot, StagedSlot)> {
+    let trial = record
+        .status
+        .last_boot
+        .as_ref()
+        .filter(|b| b.outcome == BootOutcome::OnTrial)?;
+    let staged = record.staged.as_ref().filter(|s| s.slot == trial.slot)?;
+    if running != Some(&trial.version) {
+        tracing::warn!(tried = %trial.version, running = ?running.map(ToString::to_string),
+            "configured, but not running the version on trial: the trial is left for the next start that can inspect the slots");
+        return None;
+    }
+    Some((trial.clone(), staged.clone()))
 }
 
 /// An activation made in an earlier boot: did the host boot the new slot?
@@ -1065,22 +1097,30 @@ fn after_reboot(record: &mut UpdateRecord, inspection: &Inspection, running: &Ve
             record.status.update_state = UpdateState::Ready;
             return;
         }
-        let why = match entry {
-            Some(e) => format!(
-                "slot {} ({}) did not complete its boot in {} tries (loader entry {}), so the \
-                 boot loader went back to slot {} ({running})",
-                staged.slot,
-                staged.image.version,
-                e.tries_done.unwrap_or(0),
-                e.file,
-                inspection.active
-            ),
-            None => format!(
-                "slot {} ({}) was activated, but slot {} ({running}) booted and no loader \
-                 entry names slot {} any more",
-                staged.slot, staged.image.version, inspection.active, staged.slot
-            ),
+        let Some(e) = entry else {
+            // No entry names the slot: the activation never wrote it (its outcome was
+            // unknown when it ended), so the old slot booting is no rollback. The image
+            // stays staged, to activate again.
+            tracing::warn!(slot = %staged.slot, running = %inspection.active, "the activation on record never wrote its loader entry: still staged");
+            if let Some(staged) = record.staged.as_mut() {
+                staged.activated_in_boot = None;
+                staged.activated_from = None;
+            }
+            if let Some(partition) = record.status.staging_partition.as_mut() {
+                partition.next_to_boot = false;
+            }
+            record.status.update_state = UpdateState::Staged;
+            return;
         };
+        let why = format!(
+            "slot {} ({}) did not complete its boot in {} tries (loader entry {}), so the \
+             boot loader went back to slot {} ({running})",
+            staged.slot,
+            staged.image.version,
+            e.tries_done.unwrap_or(0),
+            e.file,
+            inspection.active
+        );
         record.status.last_boot = Some(LastBoot {
             outcome: BootOutcome::RolledBack,
             slot: staged.slot,
@@ -1527,6 +1567,71 @@ mod tests {
         assert_eq!(last.outcome, BootOutcome::OnTrial);
         assert_eq!(record.status.update_state, UpdateState::Idle);
         assert!(record.staged.is_some(), "the trial is still on record");
+    }
+
+    /// The same cut, then every try of the new slot failed before a keeld on it saved
+    /// the trial (a kernel panic, a root that does not verify): the old slot finds the
+    /// entry spent, and that is a rollback, not an activation that never happened.
+    #[test]
+    fn a_power_cut_between_the_entry_and_the_outcome_then_failed_tries_is_a_rollback() {
+        let mut record = activated_record();
+        record.status.update_state = UpdateState::Staged;
+        record.interrupted = Some(CommandType::Activate);
+        let disk = inspection(
+            Slot::A,
+            "boot-5",
+            vec![entry("keel-a.conf"), entry("keel-b+0-3.conf")],
+        );
+        close_interrupted(&mut record, Some(&disk));
+        after_reboot(&mut record, &disk, &Version::new(1, 0, 0));
+        let last = record.status.last_boot.clone().expect("last boot");
+        assert_eq!(last.outcome, BootOutcome::RolledBack);
+        assert!(last.detail.contains("keel-b+0-3.conf"), "{}", last.detail);
+        assert_eq!(record.status.update_state, UpdateState::Idle);
+        assert_eq!(record.staged, None, "the failed image is not offered again");
+    }
+
+    /// `configured` ends a trial only on the version tried: a start on the old slot that
+    /// could not inspect the slots left the trial on record.
+    #[test]
+    fn configured_on_another_version_does_not_end_the_trial_as_an_update() {
+        let mut record = activated_record();
+        after_reboot(
+            &mut record,
+            &inspection(
+                Slot::B,
+                "boot-2",
+                vec![entry("keel-a.conf"), entry("keel-b+2-1.conf")],
+            ),
+            &Version::new(1, 1, 0),
+        );
+        assert!(trial_ended_by_this_boot(&record, Some(&Version::new(1, 1, 0))).is_some());
+        assert!(trial_ended_by_this_boot(&record, Some(&Version::new(1, 0, 0))).is_none());
+        assert!(trial_ended_by_this_boot(&record, None).is_none());
+    }
+
+    /// An activation whose outcome was unknown, and whose entry was in fact never
+    /// written: the old slot booting again is no rollback, and the image stays staged.
+    #[test]
+    fn an_activation_that_never_wrote_its_entry_leaves_the_update_staged() {
+        let mut record = activated_record();
+        record.status.update_state = UpdateState::Staged;
+        record
+            .status
+            .staging_partition
+            .as_mut()
+            .expect("staging")
+            .next_to_boot = false;
+        after_reboot(
+            &mut record,
+            &inspection(Slot::A, "boot-2", vec![entry("keel-a.conf")]),
+            &Version::new(1, 0, 0),
+        );
+        assert_eq!(record.status.update_state, UpdateState::Staged);
+        assert_eq!(record.status.last_boot, None, "not a rollback");
+        let staged = record.staged.expect("still staged");
+        assert_eq!(staged.activated_in_boot, None);
+        assert!(record.status.chosen_update.is_some());
     }
 
     #[test]
