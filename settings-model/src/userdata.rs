@@ -19,6 +19,108 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// The deepest nesting a user-data document may have (tables and arrays, `settings`
+/// counted): no setting is nested half as deep. TOML parsers allow far more (a dotted key
+/// of 79 parts inside each of 80 nested inline tables is 6,000 levels), and every step
+/// after parsing walks the document recursively: a document past this is refused before
+/// any of them, so that it cannot exhaust keeld's stack.
+pub const MAX_DEPTH: usize = 64;
+
+/// The dotted path of the first value in the TOML `text` nested deeper than
+/// [`MAX_DEPTH`], found on the parser's own tree (`toml_edit`, which parses without
+/// recursing per level of a dotted key) before `toml` deserializes it, recursively, into
+/// a table. Iterative: the check itself must not recurse. `None` also when `text` does
+/// not parse: `toml` reports that, with its line.
+fn too_deep(text: &str) -> Option<String> {
+    use toml_edit::{Item, Value as V};
+    enum Node<'a> {
+        Item(&'a Item),
+        Value(&'a V),
+    }
+    let document = text.parse::<toml_edit::ImDocument<String>>().ok()?;
+    let join = |path: &str, key: &str| {
+        if path.is_empty() {
+            format_segment(key)
+        } else {
+            format!("{path}.{}", format_segment(key))
+        }
+    };
+    let mut stack: Vec<(Node<'_>, usize, String)> = document
+        .iter()
+        .map(|(k, item)| (Node::Item(item), 1, format_segment(k)))
+        .collect();
+    while let Some((node, depth, path)) = stack.pop() {
+        if depth > MAX_DEPTH {
+            return Some(path);
+        }
+        let next = depth + 1;
+        match node {
+            Node::Item(Item::Table(table)) => stack.extend(
+                table
+                    .iter()
+                    .map(|(k, item)| (Node::Item(item), next, join(&path, k))),
+            ),
+            Node::Item(Item::ArrayOfTables(tables)) => {
+                for (i, table) in tables.iter().enumerate() {
+                    let at = format!("{path}[{i}]");
+                    stack.extend(
+                        table
+                            .iter()
+                            .map(|(k, item)| (Node::Item(item), next + 1, join(&at, k))),
+                    );
+                }
+            }
+            Node::Item(Item::Value(value)) | Node::Value(value) => match value {
+                V::InlineTable(table) => stack.extend(
+                    table
+                        .iter()
+                        .map(|(k, value)| (Node::Value(value), next, join(&path, k))),
+                ),
+                V::Array(items) => stack.extend(
+                    items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, value)| (Node::Value(value), next, format!("{path}[{i}]"))),
+                ),
+                _ => {}
+            },
+            Node::Item(Item::None) => {}
+        }
+    }
+    None
+}
+
+/// [`too_deep`] for a JSON document (serde_json stops at 128 levels; this is stricter).
+fn json_too_deep(value: &Value) -> Option<String> {
+    let mut stack: Vec<(&Value, usize, String)> = vec![(value, 0, String::new())];
+    while let Some((value, depth, path)) = stack.pop() {
+        if depth > MAX_DEPTH {
+            return Some(path);
+        }
+        let join = |segment: String| {
+            if path.is_empty() {
+                segment
+            } else {
+                format!("{path}.{segment}")
+            }
+        };
+        match value {
+            Value::Object(map) => stack.extend(
+                map.iter()
+                    .map(|(k, v)| (v, depth + 1, join(format_segment(k)))),
+            ),
+            Value::Array(items) => stack.extend(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (v, depth + 1, format!("{path}[{i}]"))),
+            ),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Converts TOML to JSON; datetimes become their TOML text. `key` is the dotted path of
 /// `value`, for the one refusal: a float JSON cannot hold (`nan`, `inf`), which would
 /// otherwise become `null`, and so remove the setting.
@@ -65,11 +167,24 @@ fn toml_to_json(value: toml::Value, key: &str, source_name: &str) -> Result<Valu
 
 fn parse_document(source_name: &str, text: &str) -> Result<Value, Error> {
     if text.trim_start().starts_with('{') {
-        return serde_json::from_str(text).map_err(|e| Error::Json {
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::Json {
             source_name: source_name.to_owned(),
             line: e.line(),
             column: e.column(),
             message: e.to_string(),
+        })?;
+        if let Some(path) = json_too_deep(&value) {
+            return Err(Error::Invalid {
+                key: path,
+                reason: format!("{source_name}: nested deeper than {MAX_DEPTH} levels"),
+            });
+        }
+        return Ok(value);
+    }
+    if let Some(path) = too_deep(text) {
+        return Err(Error::Invalid {
+            key: path,
+            reason: format!("{source_name}: nested deeper than {MAX_DEPTH} levels"),
         });
     }
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
@@ -113,4 +228,65 @@ pub fn parse_user_data(source_name: &str, text: &str) -> Result<Value, Error> {
         .unwrap_or_else(|| Value::Object(Map::new()));
     crate::validate_patch(&settings)?;
     Ok(settings)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod depth_tests {
+    use super::*;
+
+    /// `[settings]` and a value nested `levels` deep under `motd`, the TOML way that
+    /// goes deepest: dotted keys inside nested inline tables.
+    fn deep_toml(inline: usize, dotted: usize) -> String {
+        let key = vec!["a"; dotted].join(".");
+        let mut value = "1".to_owned();
+        for _ in 0..inline {
+            value = format!("{{ {key} = {value} }}");
+        }
+        format!("[settings]\nmotd = {value}\n")
+    }
+
+    #[test]
+    fn a_document_nested_past_the_limit_is_refused_naming_where() {
+        // About 940 levels in under 2 KB: the recursive steps after parsing used to
+        // overflow a 2 MiB stack (keeld's worker threads) on it.
+        let text = deep_toml(12, 78);
+        assert!(text.len() < 2048);
+        // And as deep as the parser goes (its own limits: 80 nested inline tables, 79
+        // parts in a dotted key), on a stack of keeld's worker threads' size.
+        let deepest = deep_toml(79, 78);
+        let handle = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || parse_user_data("user-data", &text))
+            .unwrap();
+        let error = handle.join().unwrap().unwrap_err();
+        let handle = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || parse_user_data("user-data", &deepest))
+            .unwrap();
+        let deepest = handle.join().unwrap().unwrap_err().to_string();
+        assert!(deepest.contains("nested deeper than 64 levels"), "{deepest}");
+        let message = error.to_string();
+        assert!(
+            message.contains("nested deeper than 64 levels"),
+            "{message}"
+        );
+        assert!(message.starts_with("settings.motd.a.a"), "{message}");
+        // JSON too.
+        let json = format!("{{\"settings\": {}1{}}}", "[".repeat(100), "]".repeat(100));
+        let message = parse_user_data("user-data", &json).unwrap_err().to_string();
+        assert!(
+            message.contains("nested deeper than 64 levels"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn nesting_within_the_limit_is_parsed_as_before() {
+        let text = deep_toml(1, 10);
+        let error = parse_user_data("user-data", &text).unwrap_err().to_string();
+        // Refused by the model (motd is a string), not by depth.
+        assert!(!error.contains("nested deeper"), "{error}");
+        assert!(too_deep(&text).is_none());
+    }
 }
