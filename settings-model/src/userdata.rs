@@ -90,6 +90,62 @@ fn too_deep(text: &str) -> Option<String> {
     None
 }
 
+/// A JSON document read only to refuse a key given twice in one object: serde_json
+/// keeps the last and says nothing (TOML refuses it, with its line). The error, made
+/// here, gets serde_json's line and column.
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(NoDuplicateKeys)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "the key {key:?} is given twice in one object"
+                )));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+        }
+        Ok(NoDuplicateKeys)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(NoDuplicateKeys)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(NoDuplicateKeys)
+    }
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(NoDuplicateKeys)
+    }
+}
+
 /// [`too_deep`] for a JSON document (serde_json stops at 128 levels; this is stricter).
 fn json_too_deep(value: &Value) -> Option<String> {
     let mut stack: Vec<(&Value, usize, String)> = vec![(value, 0, String::new())];
@@ -167,12 +223,14 @@ fn toml_to_json(value: toml::Value, key: &str, source_name: &str) -> Result<Valu
 
 fn parse_document(source_name: &str, text: &str) -> Result<Value, Error> {
     if text.trim_start().starts_with('{') {
-        let value: Value = serde_json::from_str(text).map_err(|e| Error::Json {
+        let json_error = |e: serde_json::Error| Error::Json {
             source_name: source_name.to_owned(),
             line: e.line(),
             column: e.column(),
             message: e.to_string(),
-        })?;
+        };
+        serde_json::from_str::<NoDuplicateKeys>(text).map_err(json_error)?;
+        let value: Value = serde_json::from_str(text).map_err(json_error)?;
         if let Some(path) = json_too_deep(&value) {
             return Err(Error::Invalid {
                 key: path,
@@ -265,7 +323,10 @@ mod depth_tests {
             .spawn(move || parse_user_data("user-data", &deepest))
             .unwrap();
         let deepest = handle.join().unwrap().unwrap_err().to_string();
-        assert!(deepest.contains("nested deeper than 64 levels"), "{deepest}");
+        assert!(
+            deepest.contains("nested deeper than 64 levels"),
+            "{deepest}"
+        );
         let message = error.to_string();
         assert!(
             message.contains("nested deeper than 64 levels"),
@@ -278,6 +339,25 @@ mod depth_tests {
         assert!(
             message.contains("nested deeper than 64 levels"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn a_json_key_given_twice_is_refused_with_its_line() {
+        let text = "{\"settings\": {\"motd\": \"a\"},\n \"settings\": {\"hostname\": \"h\"}}";
+        let message = parse_user_data("user-data", text).unwrap_err().to_string();
+        assert!(
+            message.contains("\"settings\" is given twice") && message.contains("line 2"),
+            "{message}"
+        );
+        let nested = "{\"settings\": {\"motd\": \"a\", \"motd\": \"b\"}}";
+        assert!(parse_user_data("user-data", nested).is_err());
+        // The same key in two objects is fine.
+        let fine = "{\"settings\": {\"motd\": \"a\", \"ntp\": {\"motd\": 1}}}";
+        let error = parse_user_data("user-data", fine).map_err(|e| e.to_string());
+        assert!(
+            error.as_ref().err().is_none_or(|e| !e.contains("twice")),
+            "{error:?}"
         );
     }
 

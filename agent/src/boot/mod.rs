@@ -431,6 +431,25 @@ impl Boot {
             .is_some_and(|s| s.outcome != StepOutcome::Running)
     }
 
+    /// How a step this boot already ended (before a keeld restart) stands; `None` when it
+    /// has not ended. An essential step that failed halts the boot again, as it did then:
+    /// a restart between recording the failure and ending the boot (a bootstrap
+    /// container's clean-up, say) must not turn it into a success.
+    fn ended(t: &BootTracker, step: &str) -> Option<Result<(), Halt>> {
+        let s = t
+            .record()
+            .step(step)
+            .filter(|s| s.outcome != StepOutcome::Running)?;
+        Some(if s.essential && s.outcome == StepOutcome::Failed {
+            Err(Halt(match &s.detail {
+                Some(detail) => format!("essential {step} failed: {detail}"),
+                None => format!("essential {step} failed"),
+            }))
+        } else {
+            Ok(())
+        })
+    }
+
     /// A bootstrap container whose mode runs it but that has no `source`.
     fn fail_sourceless(
         &self,
@@ -439,8 +458,8 @@ impl Boot {
         essential: bool,
     ) -> Result<(), Halt> {
         let step = format!("bootstrap-container:{name}");
-        if Self::done(t, &step) {
-            return Ok(());
+        if let Some(outcome) = Self::ended(t, &step) {
+            return outcome;
         }
         let reason = format!(
             "settings.bootstrap-containers.{}.source is not set: there is no image to run",
@@ -487,8 +506,8 @@ impl Boot {
 
     async fn stage_os_defaults(&self, t: &mut BootTracker) -> Result<(), Halt> {
         const STEP: &str = "os-defaults";
-        if Self::done(t, STEP) {
-            return Ok(());
+        if let Some(outcome) = Self::ended(t, STEP) {
+            return outcome;
         }
         let path = &self.config.os_defaults;
         let text = match std::fs::read_to_string(path) {
@@ -660,8 +679,8 @@ impl Boot {
 
     async fn commit_launch(&self, t: &mut BootTracker) -> Result<(), Halt> {
         const STEP: &str = "commit";
-        if Self::done(t, STEP) {
-            return Ok(());
+        if let Some(outcome) = Self::ended(t, STEP) {
+            return outcome;
         }
         t.begin(STEP, true)?;
         let started = Instant::now();
@@ -698,8 +717,8 @@ impl Boot {
 
     async fn render(&self, t: &mut BootTracker) -> Result<(), Halt> {
         const STEP: &str = "render";
-        if Self::done(t, STEP) {
-            return Ok(());
+        if let Some(outcome) = Self::ended(t, STEP) {
+            return outcome;
         }
         t.begin(STEP, true)?;
         let started = Instant::now();
@@ -756,7 +775,8 @@ impl Boot {
         let step = format!("bootstrap-command:{name}");
         let mode = command.mode.unwrap_or(BootstrapMode::Off);
         let essential = command.essential.unwrap_or(false);
-        if Self::done(t, &step) {
+        if let Some(outcome) = Self::ended(t, &step) {
+            outcome?;
             return self
                 .finish_once(t, &step, mode, "bootstrap-commands", name)
                 .await;
@@ -823,12 +843,13 @@ impl Boot {
         spec: StepSpec,
     ) -> Result<(), Halt> {
         let step = format!("bootstrap-container:{}", desired.name);
-        if Self::done(t, &step) {
+        if let Some(outcome) = Self::ended(t, &step) {
             // A keeld stopped between recording the outcome and cleaning up left the
             // container behind.
             if let Ok(Some(_)) = self.runtime.find(&desired.id()).await {
                 bootstrap::clean_up(&*self.runtime, desired).await;
             }
+            outcome?;
             return self
                 .finish_once(t, &step, spec.mode, "bootstrap-containers", &desired.name)
                 .await;

@@ -672,6 +672,49 @@ async fn a_crash_while_cleaning_up_keeps_the_outcome() {
     );
 }
 
+/// The same crash after an essential container failed: the failure was recorded, the
+/// boot not yet ended. The next keeld must fail the boot again, not take the recorded
+/// step as done and go on to `configured`.
+#[tokio::test(start_paused = true)]
+async fn a_crash_while_cleaning_up_a_failed_essential_container_still_fails_the_boot() {
+    let node = Node::new(&[bootstrap("slow", "once", true, ""), ADMIN.to_owned()].concat());
+    node.fake
+        .script("bootstrap-slow", Some(Duration::from_secs(10)), 1);
+    node.fake
+        .with(|s| s.crash_after_deleting_task = Some("bootstrap-slow".into()));
+    let running = node.start();
+    assert!(running.task.await.is_err_and(|e| e.is_panic()));
+    let on_disk = node.record_on_disk();
+    assert_eq!(
+        on_disk.phase,
+        BootPhase::BootstrapContainers,
+        "not ended yet"
+    );
+    assert_eq!(
+        step(&on_disk, "bootstrap-container:slow").outcome,
+        StepOutcome::Failed
+    );
+
+    let (record, gate) = node.boot().await;
+    assert_eq!((record.phase, gate), (BootPhase::Failed, BootGate::Failed));
+    let reason = record.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("essential bootstrap-container:slow failed"),
+        "{reason}"
+    );
+    assert!(
+        node.fake
+            .with(|s| !s.records.contains_key("bootstrap-slow")),
+        "the record left behind is removed"
+    );
+    assert_eq!(node.started(), ["bootstrap-slow"], "not run again");
+    assert_eq!(
+        node.mode("slow"),
+        "once",
+        "a failed once container stays once"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_container_gone_after_a_keeld_restart_fails_and_is_not_run_again() {
     let node = slow_node();
