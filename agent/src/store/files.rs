@@ -715,7 +715,8 @@ impl StoreFiles {
         self.fault = Some(Fault::Fail);
     }
 
-    /// Test hook: the next log append lands whole, then its `fdatasync` fails.
+    /// Test hook: the next durable write (a log append or a slot write) lands whole,
+    /// then its `fdatasync` fails.
     #[cfg(test)]
     pub fn fail_next_sync(&mut self) {
         self.fault = Some(Fault::FailSync);

@@ -386,7 +386,8 @@ impl Store {
         self.writer.set_max_settings_bytes(limit);
     }
 
-    /// Test hook: the next log append lands whole, then its `fdatasync` fails.
+    /// Test hook: the next durable write (a log append or a slot write) lands whole,
+    /// then its `fdatasync` fails.
     #[cfg(test)]
     pub(crate) fn fail_next_sync(&self) {
         self.writer.fail_next_sync();

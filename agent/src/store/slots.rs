@@ -302,7 +302,8 @@ pub(super) fn decide(states: &[SlotState; 2], held: bool) -> Verdict {
             {
                 Verdict::New {
                     note: Some(
-                        "the first write of a new store was torn by a crash; starting it again"
+                        "the first write of a new store was torn by a crash, or failed; \
+                         starting it again"
                             .to_owned(),
                     ),
                 }
@@ -454,6 +455,8 @@ impl Slots {
                         header: Some(header),
                         ..
                     } => header.generation.is_none(),
+                    // Never acknowledged: it carried nothing that was lost.
+                    SlotState::Refused { .. } => false,
                     _ => true,
                 });
                 // A slot whose number is unknown was at most one write newer than the
@@ -741,7 +744,11 @@ fn read_slot(file: &File, size: u64) -> io::Result<SlotState> {
         });
     }
     if &first[..8] == REFUSED && u64_at(&first, 8) == tag_seq {
-        return Ok(SlotState::Refused { seq: tag_seq });
+        // A later write to this slot may have been torn before its header landed: its
+        // sectors carry a higher number, which must not be used again.
+        return Ok(SlotState::Refused {
+            seq: tag_seq.max(newest_sector(file, size)?),
+        });
     }
     if &first[..8] != MAGIC || u64_at(&first, 8) != tag_seq {
         return Ok(SlotState::Damaged {
@@ -819,6 +826,33 @@ fn read_slot(file: &File, size: u64) -> io::Result<SlotState> {
         });
     }
     Ok(SlotState::Valid { header, payload })
+}
+
+/// The highest sequence number of any sector of the slot file (after its header) that
+/// passes its checksum; 0 if none.
+fn newest_sector(file: &File, size: u64) -> io::Result<u64> {
+    let mut newest = 0;
+    let mut chunk = vec![0u8; 64 * SECTOR];
+    let mut at = SECTOR as u64;
+    while at < size {
+        let len = usize::try_from((size - at).min(chunk.len() as u64)).map_err(io::Error::other)?;
+        let len = len - len % SECTOR;
+        if len == 0 {
+            break;
+        }
+        file.read_exact_at(&mut chunk[..len], at)?;
+        for (i, sector) in chunk[..len].chunks(SECTOR).enumerate() {
+            let index = (at / SECTOR as u64) + i as u64;
+            let seq = u64_at(sector, DATA);
+            if sector.iter().any(|b| *b != 0)
+                && sector_crc(&sector[..DATA], seq, index) == u32_at(sector, DATA + 8)
+            {
+                newest = newest.max(seq);
+            }
+        }
+        at += len as u64;
+    }
+    Ok(newest)
 }
 
 /// A format 1 record: a 32-byte header (magic, sequence number, length, CRC-32 of the
@@ -902,6 +936,12 @@ mod tests {
             decide(&[SlotState::Refused { seq: 7 }, valid(8)], true),
             Verdict::Use { slot: 1, .. }
         ));
+        // A later write to the slot (sequence 12), torn before its header landed: the
+        // slot still reads as refused, with the higher number, so it is not used again.
+        let later = encode(12, 11, &vec![b'l'; 3 * DATA]);
+        let mut torn = refused_sector(9).to_vec();
+        torn.extend_from_slice(&later[SECTOR..]);
+        assert_eq!(classify(&torn), SlotState::Refused { seq: 12 });
         // A flipped bit is damage, not a refusal.
         bytes[20] ^= 1;
         assert!(matches!(classify(&bytes), SlotState::Damaged { .. }));

@@ -997,15 +997,18 @@ fn close_interrupted(record: &mut UpdateRecord, inspection: Option<&Inspection>)
                     staged.activated_in_boot = None;
                 }
             }
-            reason.push_str(&format!(
-                "; the staged slot's loader entry is {}: the state is {:?}",
-                match (written, activated) {
-                    (_, true) => "present",
-                    (true, false) => "present with no tries left",
-                    (false, _) => "absent",
-                },
-                record.status.update_state
-            ));
+            reason.push_str(&match (written, activated) {
+                (_, true) | (false, _) => format!(
+                    "; the staged slot's loader entry is {}: the state is {:?}",
+                    if activated { "present" } else { "absent" },
+                    record.status.update_state
+                ),
+                // The activation happened; what came of it is the boot's to tell.
+                (true, false) => "; the staged slot's loader entry is there with no tries \
+                                  left: the slot was tried, and `last_boot` says how that \
+                                  ended"
+                    .to_owned(),
+            });
         }
     }
     record_outcome(record, command, Err(reason));
