@@ -126,6 +126,9 @@ pub type EcsAttributes = Limited<BTreeMap<EcsAttributeKey, EcsAttributeValue>, 6
 /// them).
 pub type PkiBundles = Limited<BTreeMap<Identifier, PkiBundle>, 16>;
 
+/// The longest id containerd accepts for a container (its `identifiers` rule).
+pub const CONTAINERD_ID_MAX: usize = 76;
+
 /// Every setting Keel knows, under `settings`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -1042,6 +1045,35 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
                     })
                 }
             }
+        }
+    }
+    // A container's containerd id is its kind and name (`host-admin`, `bootstrap-setup`),
+    // and containerd refuses ids over 76 characters when the container is created: a
+    // longer name is refused here, naming it, not by every start.
+    let names = settings
+        .host_containers
+        .iter()
+        .flatten()
+        .map(|(name, _)| ("host-containers", "host-", name))
+        .chain(
+            settings
+                .bootstrap_containers
+                .iter()
+                .flatten()
+                .map(|(name, _)| ("bootstrap-containers", "bootstrap-", name)),
+        );
+    for (group, prefix, name) in names {
+        if prefix.len() + name.as_str().len() > CONTAINERD_ID_MAX {
+            return Err(Error::Invalid {
+                key: format!("settings.{group}.{}", format_segment(name.as_str())),
+                reason: format!(
+                    "the name is {} characters; a {} name can have at most {} (its containerd \
+                     id, \"{prefix}<name>\", at most {CONTAINERD_ID_MAX})",
+                    name.as_str().len(),
+                    group.trim_end_matches("-containers"),
+                    CONTAINERD_ID_MAX - prefix.len()
+                ),
+            });
         }
     }
     // An argument cannot hold a NUL (execve ends it there): refused here, not when the

@@ -271,3 +271,27 @@ fn limits_are_stored_as_written() {
     let settings: Settings = serde_json::from_value(patch.clone()).unwrap();
     assert_eq!(serde_json::to_value(&settings).unwrap(), patch);
 }
+
+/// A container's containerd id (`host-<name>`, `bootstrap-<name>`) must fit containerd's
+/// 76 characters: a longer name is refused at validation, naming the key, instead of
+/// failing every start.
+#[test]
+fn container_names_fit_containerd_ids() {
+    for (group, longest) in [("host-containers", 71), ("bootstrap-containers", 66)] {
+        let fits = "a".repeat(longest);
+        let ok = json!({ group: { &fits: { "source": "oci-archive:/x.tar" } } });
+        assert!(settings_model::validate(&ok).is_ok(), "{group}: {longest}");
+        let long = "a".repeat(longest + 1);
+        let refused = json!({ group: { &long: { "source": "oci-archive:/x.tar" } } });
+        let error = settings_model::validate(&refused).unwrap_err();
+        assert_eq!(
+            error.key(),
+            Some(format!("settings.{group}.{long}").as_str()),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains(&format!("at most {longest}")),
+            "{error}"
+        );
+    }
+}

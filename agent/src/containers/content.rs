@@ -243,7 +243,7 @@ impl Lease {
             .await
             .during("delete lease", &self.id);
         if let Err(e) = deleted {
-            tracing::warn!(lease = %self.id, error = %e, "could not delete lease; it expires in an hour");
+            tracing::warn!(lease = %self.id, error = %e, "could not delete lease; containerd collects it when it expires, a day after it was made");
         }
     }
 }

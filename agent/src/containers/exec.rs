@@ -402,10 +402,18 @@ impl ContainerdExecProcess {
     }
 
     /// What a failed start leaves: the process record (if the exec was created) and
-    /// the FIFOs.
+    /// the FIFOs. A delete that fails (containerd went away mid-start, or the process
+    /// started after all and its answer was lost) keeps the FIFO directory, which is what
+    /// finds the process again, and hands the process to [`Self::retire`], as
+    /// [`ExecProcess::remove`] does: nothing is left running unknown to keeld.
     async fn remove_created(&self) {
-        let _ = self.delete_process().await;
-        self.remove_fifos().await;
+        match self.delete_process().await {
+            Ok(()) => self.remove_fifos().await,
+            Err(e) => {
+                tracing::warn!(exec = %self.exec_id, error = %e, "cannot delete an exec process that failed to start; retrying in the background");
+                tokio::spawn(self.clone().retire());
+            }
+        }
     }
 
     async fn delete_process(&self) -> Result<(), ContainerdError> {
