@@ -277,8 +277,14 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
     ));
     // Stopping ends the event streams that follow (after what is buffered), so that
     // they do not hold the drain up until the grace runs out.
+    // One grace for the whole stop, from the signal: the drain, the exec sessions and the
+    // applies share it, so that keeld exits within it (below systemd's stop timeout)
+    // instead of waiting for each in turn.
+    let stop_began = std::sync::Arc::new(std::sync::OnceLock::new());
+    let began = stop_began.clone();
     let stopping = async move {
         shutdown_signal().await;
+        let _ = began.set(tokio::time::Instant::now());
         events.close();
     };
     let drained = api::server::serve(
@@ -289,14 +295,24 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
     )
     .await;
     tracing::info!(drained, "keeld stopping");
+    let deadline = stop_began
+        .get()
+        .copied()
+        .unwrap_or_else(tokio::time::Instant::now)
+        + api::server::SHUTDOWN_GRACE;
+    let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     // Exec sessions outlive their HTTP connection (an upgrade): end them, killing their
-    // processes, so that none is left running without its client.
-    if !exec.stop(api::server::SHUTDOWN_GRACE).await {
+    // processes, so that none is left running without its client (the kill itself is
+    // not held to the grace's remainder: a second at least).
+    if !exec
+        .stop(left().max(std::time::Duration::from_secs(1)))
+        .await
+    {
         tracing::warn!("exec sessions still running after the shutdown grace");
     }
     // Applies run on tasks of their own (a request that hung up does not cancel them):
     // let the one running, and those queued, finish before the runtime is dropped.
-    if tokio::time::timeout(api::server::SHUTDOWN_GRACE, stop_applier.idle())
+    if tokio::time::timeout_at(deadline, stop_applier.idle())
         .await
         .is_err()
     {

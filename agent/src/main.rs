@@ -5,7 +5,15 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let config = keel_agent::Config::parse();
-    let filter = EnvFilter::try_from_env("KEELD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // KEELD_LOG unset: info. Set but not a filter: said below, once logging is up, and
+    // info (a typo in a debugging aid does not keep the host's agent from starting).
+    let (filter, bad_filter) = match std::env::var("KEELD_LOG") {
+        Err(_) => (EnvFilter::new("info"), None),
+        Ok(text) => match EnvFilter::try_new(&text) {
+            Ok(filter) => (filter, None),
+            Err(e) => (EnvFilter::new("info"), Some((text, e.to_string()))),
+        },
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -14,6 +22,9 @@ fn main() -> std::process::ExitCode {
         builder.json().init();
     } else {
         builder.init();
+    }
+    if let Some((text, error)) = bad_filter {
+        tracing::error!(KEELD_LOG = %text, %error, "KEELD_LOG is not a log filter; logging at info instead");
     }
     // The sandbox goes on before any thread or child exists, so all inherit it.
     if config.no_sandbox {

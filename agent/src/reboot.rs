@@ -35,7 +35,12 @@ pub async fn reboot(argv: &[String]) -> Result<(), RebootError> {
         return Err(RebootError::NotConfigured);
     };
     tracing::warn!(command = ?argv, "reboot requested");
-    let command = tokio::process::Command::new(program).args(args).output();
+    // A command that outlives its timeout is killed: answered "timed out", it must not
+    // reboot the host later, nor run twice beside a retry.
+    let command = tokio::process::Command::new(program)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
     let output = tokio::spawn(tokio::time::timeout(TIMEOUT, command))
         .await
         .map_err(|e| RebootError::Task(e.to_string()))?

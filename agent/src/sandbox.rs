@@ -192,6 +192,17 @@ pub enum When {
 /// pid -1 as the kernel reads it: kill(-1) signals every process the caller may signal.
 const ALL_PROCESSES: u32 = u32::MAX;
 
+/// fcntl commands that set a file's SIGIO owner and its signal (asm-generic/fcntl.h; the
+/// same on x86_64 and arm64).
+const F_SETOWN: u32 = 8;
+const F_SETSIG: u32 = 10;
+const F_SETOWN_EX: u32 = 15;
+
+/// ioctl requests that set a file's SIGIO owner, as F_SETOWN does (asm-generic/sockios.h;
+/// the same on x86_64 and arm64).
+const FIOSETOWN: u32 = 0x8901;
+const SIOCSPGRP: u32 = 0x8902;
+
 /// Calls keeld makes, refused with `EPERM` in the forms it does not make: new namespaces,
 /// and reaching processes other than itself. A uid-0 process needs no capability to
 /// signal, renice, re-limit or re-pin any other uid-0 process; these conditions keep
@@ -215,6 +226,43 @@ pub const DENIED_WITH_ARGUMENTS: &[(&str, &[When], &str)] = &[
         "PID 1 (systemd powers off or reboots on some signals) and every process at once",
     ),
     ("tkill", &[When::Is { arg: 0, value: 1 }], "PID 1"),
+    // A file's owner gets SIGIO (or the signal F_SETSIG names) when the file is ready,
+    // and the kernel checks only the owner's credentials against the caller's, not
+    // CAP_KILL: a uid-0 child could make PID 1 its pipe's owner, with SIGRTMIN+4, and
+    // write to it (systemd powers off). keeld makes neither call; Landlock's signal
+    // scope covers this only from Linux 6.12.
+    (
+        "fcntl",
+        &[
+            When::Is {
+                arg: 1,
+                value: F_SETOWN,
+            },
+            When::Is {
+                arg: 1,
+                value: F_SETOWN_EX,
+            },
+            When::Is {
+                arg: 1,
+                value: F_SETSIG,
+            },
+        ],
+        "making any process the signalled owner of a file (SIGIO), PID 1 included",
+    ),
+    (
+        "ioctl",
+        &[
+            When::Is {
+                arg: 1,
+                value: FIOSETOWN,
+            },
+            When::Is {
+                arg: 1,
+                value: SIOCSPGRP,
+            },
+        ],
+        "the same through ioctl (FIOSETOWN, SIOCSPGRP)",
+    ),
     ("tgkill", &[When::Is { arg: 0, value: 1 }], "PID 1"),
     ("rt_sigqueueinfo", &[When::Is { arg: 0, value: 1 }], "PID 1"),
     (
@@ -805,6 +853,8 @@ fn syscall_number(name: &str) -> Option<i64> {
         "clone3" => libc::SYS_clone3,
         "kill" => libc::SYS_kill,
         "tkill" => libc::SYS_tkill,
+        "fcntl" => libc::SYS_fcntl,
+        "ioctl" => libc::SYS_ioctl,
         "tgkill" => libc::SYS_tgkill,
         "rt_sigqueueinfo" => libc::SYS_rt_sigqueueinfo,
         "rt_tgsigqueueinfo" => libc::SYS_rt_tgsigqueueinfo,

@@ -24,6 +24,10 @@
 #   --migrations:  the image's settings migrations (default packaging/migrations.toml):
 #                  a release that adds or renames settings ships its steps here
 set -euo pipefail
+# The same bytes whatever the caller's locale and umask: sort orders (packages.lock, the
+# input hash, the initramfs's cpio) are C's, and files made here are not group-writable.
+export LC_ALL=C
+umask 022
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -216,6 +220,11 @@ mkdir -p "$root/local" "$root/efi"
 # Keel.
 # Owned by root whoever owns the checkout (cp -a would carry its uid onto /, /etc, /usr).
 cp -a --no-preserve=ownership "$here/rootfs/." "$root/"
+# cp -a carries the checkout's modes too, onto directories that exist already: a checkout
+# made under umask 002 would make /, /etc and /usr group-writable, and change the root
+# hash. Group and other write are cleared on everything copied (exec bits stay).
+chmod go-w "$root"
+(cd "$here/rootfs" && find . -mindepth 1 -print0) | (cd "$root" && xargs -0 chmod go-w)
 install -m 0755 "$rel/keeld" "$rel/keel-slot-writer" "$rel/apiclient" "$rel/keel-logger" "$root/usr/bin/"
 if [[ -n $update_root ]]; then
     install -D -m 0644 "$update_root" "$root/usr/share/keel/updates/root.json"

@@ -182,7 +182,7 @@ fn run_probe(mode: &str, no_sandbox: bool, victim: u32) -> (Keeld, tempfile::Tem
 }
 
 /// Every attempt the probe makes (core_helper_ran only when core_pattern was written).
-const ATTEMPTS: [&str; 14] = [
+const ATTEMPTS: [&str; 15] = [
     "core_pattern",
     "core_pattern_via_proc_pid_root",
     "clone_newuser_newns",
@@ -193,6 +193,7 @@ const ATTEMPTS: [&str; 14] = [
     "open_tree_clone",
     "io_uring_setup",
     "kill_pid_1",
+    "sigio_owner_pid_1",
     "pidfd_send_signal_victim",
     "prlimit_victim",
     "setpriority_victim",
@@ -278,6 +279,7 @@ fn keeld_runs_sandboxed_and_no_escape_works_from_its_children() {
         ("open_tree_clone", libc::EPERM),
         ("io_uring_setup", libc::EPERM),
         ("kill_pid_1", libc::EPERM),
+        ("sigio_owner_pid_1", libc::EPERM),
         ("pidfd_send_signal_victim", libc::EPERM),
         ("prlimit_victim", libc::EPERM),
         ("setpriority_victim", libc::EPERM),

@@ -375,6 +375,40 @@ fn signal_result(rc: libc::c_long, what: &str) -> Value {
     }
 }
 
+/// Makes PID 1 the SIGIO owner of a socket (`fcntl` F_SETOWN, then `ioctl` FIOSETOWN,
+/// which sockets take): the first step of signalling it through the socket. Nothing is
+/// written and O_ASYNC is not set, so no signal is sent even when a call gets through.
+fn sigio_owner_pid_1() -> Value {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: socketpair(2) into a two-element array.
+    let paired = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+    if let Err(e) = sys(libc::c_long::from(paired)) {
+        return outcome(false, e, "socketpair failed");
+    }
+    // SAFETY: fcntl(2) F_SETOWN on our own socket.
+    let by_fcntl = sys(libc::c_long::from(unsafe {
+        libc::fcntl(fds[0], libc::F_SETOWN, 1)
+    }));
+    let one: libc::c_int = 1;
+    // SAFETY: ioctl(2) FIOSETOWN on our own socket, reading one int.
+    let by_ioctl = sys(libc::c_long::from(unsafe {
+        libc::ioctl(fds[1], 0x8901, &one)
+    }));
+    for fd in fds {
+        close(libc::c_long::from(fd));
+    }
+    // Refused only when both are refused alike; through only when both got through.
+    match (by_fcntl, by_ioctl) {
+        (Ok(_), Ok(_)) => outcome(true, 0, "PID 1 made a socket's SIGIO owner (fcntl and ioctl)"),
+        (Err(a), Err(b)) if a == b => outcome(false, a, "making PID 1 a SIGIO owner refused"),
+        (fcntl, ioctl) => outcome(
+            false,
+            0,
+            format!("fcntl F_SETOWN: {fcntl:?}, ioctl FIOSETOWN: {ioctl:?} (one got through, or they failed differently)"),
+        ),
+    }
+}
+
 fn pidfd_signal(victim: libc::pid_t) -> Value {
     // SAFETY: pidfd_open(2) takes a pid and flags.
     let fd = match sys(unsafe { libc::syscall(libc::SYS_pidfd_open, victim, 0) }) {
@@ -513,6 +547,7 @@ fn main() {
     // SAFETY: kill(2) with signal 0 only checks permission.
     let rc = libc::c_long::from(unsafe { libc::kill(1, 0) });
     results.insert("kill_pid_1".into(), signal_result(rc, "kill(1, 0)"));
+    results.insert("sigio_owner_pid_1".into(), sigio_owner_pid_1());
     results.insert("pidfd_send_signal_victim".into(), pidfd_signal(victim));
     results.insert("prlimit_victim".into(), prlimit_victim(victim));
     results.insert("setpriority_victim".into(), setpriority_victim(victim));
