@@ -787,6 +787,46 @@ fn bottlerocket_s_client_gets_bottlerocket_s_protocol() {
     node.assert_no_exec_left();
 }
 
+/// Input that is short and ended at once: the whole message (Initialize, data,
+/// ContentComplete) arrives before the shim has opened its end of the stdin FIFO. Each
+/// process still reads all of its input and then end-of-file. Four clients at a time
+/// keep the two cores busy, which widens the window between Start and the shim's open.
+#[test]
+fn input_ended_at_once_reaches_the_process_every_time() {
+    let node = Node::boot();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let node = &node;
+        let one = |i: usize| async move {
+            let mut socket = connect(node).await;
+            let line = format!("line {i}\n");
+            socket
+                .send(init("c", &["cat"], None, false))
+                .await
+                .expect("send");
+            socket
+                .send(Message::Binary(line.clone().into_bytes().into()))
+                .await
+                .expect("send");
+            socket
+                .send(control(&ClientMessage::ContentComplete))
+                .await
+                .expect("send");
+            let (_, data, frame) = until_close(&mut socket).await;
+            (i, line, data, frame)
+        };
+        for round in 0..40 {
+            let results = futures_util::future::join_all((0..4).map(|k| one(round * 4 + k))).await;
+            for (i, line, data, frame) in results {
+                let (code, reason) = code_and_reason(frame);
+                assert_eq!((code, reason.as_str()), (1000, "0"), "exec {i}");
+                assert_eq!(text(&data), line, "exec {i}");
+            }
+        }
+    });
+    node.assert_no_exec_left();
+}
+
 /// Malformed frames, bad messages, an unknown target, an empty command, an oversized
 /// message, a 0x0 resize and a signal that does not exist: each refused with its own
 /// reason, keeld unharmed, no process left.

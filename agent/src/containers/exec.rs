@@ -16,14 +16,19 @@
 //!
 //! containerd takes an exec's stdio as paths the shim opens: FIFOs created here, under
 //! `<runtime dir>/exec/<container id>.<exec id>/` (directory 0700, FIFOs 0600). keeld
-//! opens its ends before the exec exists: stdin read-write (so opening never blocks nor
-//! fails for want of a reader; the shim is the only one that reads it), stdout and
-//! stderr read-only and non-blocking, and reads them only once the process started
-//! (the shim holds their write ends from then until the output is drained: until
-//! then a read would see end-of-file). The shim also holds a write end of stdin of its
-//! own, so the process sees end-of-file on stdin only after keeld closed its end *and*
-//! called CloseIO. A directory left by a keeld that died is found at the next start by
-//! [`sweep_leftovers`], which kills that process and removes it.
+//! opens stdout and stderr read-only and non-blocking before the exec exists, and reads
+//! them only once the process started (the shim holds their write ends from then until
+//! the output is drained: until then a read would see end-of-file). stdin it opens only
+//! after Start, write-only and non-blocking, retrying while the open fails with `ENXIO`
+//! (no reader yet): the shim opens its reader lazily, in a goroutine that may run after
+//! Start answered. Holding stdin read-write from before the exec (which never waits)
+//! lost input: keeld could write, close and call CloseIO before that reader existed,
+//! and with no one holding the FIFO open the kernel dropped the data and the shim's
+//! reader waited for ever for a writer (the process never saw end-of-file). The shim
+//! also holds a write end of stdin of its own, so the process sees end-of-file on stdin
+//! only after keeld closed its end *and* called CloseIO. A directory left by a keeld
+//! that died is found at the next start by [`sweep_leftovers`], which kills that
+//! process and removes it.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -45,6 +50,9 @@ const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/
 
 /// How long a process whose client went away has to exit after SIGTERM before SIGKILL.
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// How long the shim may take, after Start, to open its reading end of the stdin FIFO.
+const STDIN_READER_WAIT: Duration = Duration::from_secs(10);
 
 /// Bound on each containerd call of the clean-up (wait after SIGKILL, delete).
 const CLEANUP_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -349,10 +357,6 @@ impl ContainerdExecProcess {
         };
         // Non-blocking opens of FIFOs on the runtime directory's tmpfs: nothing here
         // waits for another process.
-        let stdin = tokio::net::unix::pipe::OpenOptions::new()
-            .read_write(true)
-            .open_sender(path("stdin"))
-            .map_err(io_err("opening", "stdin"))?;
         let stdout = tokio::net::unix::pipe::OpenOptions::new()
             .open_receiver(path("stdout"))
             .map_err(io_err("opening", "stdout"))?;
@@ -393,6 +397,17 @@ impl ContainerdExecProcess {
             }
             return Err(ExecError::CannotStart(runtime_reason(e.status.message())));
         }
+        let stdin = match open_stdin(&path("stdin")).await {
+            Ok(stdin) => stdin,
+            Err(e) => {
+                // The process runs: it ends here, so that the caller's delete succeeds.
+                if let Err(e) = self.kill(libc::SIGKILL).await {
+                    tracing::debug!(exec = %self.exec_id, error = %e, "cannot kill an exec process");
+                }
+                let _ = tokio::time::timeout(CLEANUP_CALL_TIMEOUT, self.wait()).await;
+                return Err(io_err("opening", "stdin")(e));
+            }
+        };
         tracing::info!(container = %self.container, exec = %self.exec_id, tty, "exec started");
         Ok(ExecIo {
             stdin: Box::pin(stdin),
@@ -575,6 +590,33 @@ impl ContainerdExecProcess {
                 return;
             }
             pause = (pause * 2).min(RETIRE_BACKOFF.1);
+        }
+    }
+}
+
+/// Opens keeld's end of a started exec's stdin FIFO: write-only and non-blocking, which
+/// succeeds only once the shim's reader is there (open or waiting in open), so input
+/// written and closed at once is never dropped (see the module header). The shim opens
+/// its reader right after Start; [`STDIN_READER_WAIT`] bounds a shim that never does.
+async fn open_stdin(path: &Path) -> std::io::Result<tokio::net::unix::pipe::Sender> {
+    let deadline = tokio::time::Instant::now() + STDIN_READER_WAIT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match tokio::net::unix::pipe::OpenOptions::new().open_sender(path) {
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the shim did not open its end within {} s",
+                            STDIN_READER_WAIT.as_secs()
+                        ),
+                    ));
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            opened => return opened,
         }
     }
 }
