@@ -5,10 +5,15 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixListener;
 use tower::ServiceExt;
 
@@ -17,6 +22,15 @@ use super::peer::Peer;
 /// A client must send its request head within this time; a slow client cannot hold a
 /// connection (and its task) forever.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client that accepts none of an answer for this long is taken to be gone, and its
+/// connection is closed. hyper reads no further request while its answers wait to be
+/// written, so without this a client that sends requests and never reads would hold a
+/// connection slot for ever ([`HEADER_TIMEOUT`] never starts). A followed event
+/// stream whose reader stalls this long is cut the same way (apiclient resumes it from
+/// its cursor); an idle stream writes nothing and is not affected. Upgraded connections (exec
+/// sessions) are not bound: a paused terminal is not a gone client.
+pub const WRITE_STALL_LIMIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -198,6 +212,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> bool {
+    serve_with(listener, app, shutdown, grace, WRITE_STALL_LIMIT).await
+}
+
+/// [`serve`], with the write-stall limit given (tests).
+async fn serve_with(
+    listener: UnixListener,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+    stall_limit: Duration,
+) -> bool {
     tokio::pin!(shutdown);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let (drain, draining) = tokio::sync::watch::channel(false);
@@ -227,6 +252,8 @@ pub async fn serve(
         draining.mark_unchanged();
         tokio::spawn(async move {
             let _slot = slot;
+            let stream = StallLimit::new(stream, stall_limit);
+            let http = stream.bound();
             let service = hyper::service::service_fn(
                 move |mut request: hyper::Request<hyper::body::Incoming>| {
                     if let Some(peer) = &peer {
@@ -255,6 +282,8 @@ pub async fn serve(
                     connection.await
                 }
             };
+            // Served, or upgraded: an upgraded connection lives on unbound.
+            http.store(false, std::sync::atomic::Ordering::Relaxed);
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -278,5 +307,225 @@ pub async fn serve(
             );
             false
         }
+    }
+}
+
+/// A connection's stream whose writes fail with `TimedOut` once one has made no progress
+/// for the limit ([`WRITE_STALL_LIMIT`]), while the connection is bound (see
+/// [`StallLimit::bound`]). hyper then closes the connection and frees its slot.
+struct StallLimit<S> {
+    inner: S,
+    limit: Duration,
+    /// Set while a write is waiting for the client: when it gives up.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    bound: Arc<AtomicBool>,
+}
+
+impl<S> StallLimit<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        StallLimit {
+            inner,
+            limit,
+            stalled: None,
+            bound: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Whether the limit holds; cleared once the connection is no longer plain HTTP.
+    fn bound(&self) -> Arc<AtomicBool> {
+        self.bound.clone()
+    }
+
+    /// After a write-side poll: progress clears the stall; `Pending` starts it (or
+    /// checks it), and a stall past the limit becomes the answer.
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() || !self.bound.load(Ordering::Relaxed) {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.stalled = None;
+                tracing::info!(limit = ?limit, "closing a connection whose client read none of its answer");
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client read nothing for the write-stall limit",
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for StallLimit<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for StallLimit<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.check(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.check(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.check(cx, polled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// 64 KiB per answer: a few fill the socket's buffers.
+    fn big_answers() -> Router {
+        Router::new().route(
+            "/big",
+            axum::routing::get(|| async { vec![b'x'; 64 * 1024] }),
+        )
+    }
+
+    /// A listener in a temporary directory, served with a 60 s stall limit under paused
+    /// time, and a connected client.
+    async fn serving() -> (
+        tempfile::TempDir,
+        tokio::net::UnixStream,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<bool>,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_with(
+            listener,
+            big_answers(),
+            async move {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        ));
+        let client = tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("connect");
+        (dir, client, stop, server)
+    }
+
+    const REQUESTS: usize = 200;
+
+    async fn send_requests(client: &mut tokio::net::UnixStream) {
+        let request = b"GET /big HTTP/1.1\r\nHost: keel\r\n\r\n".repeat(REQUESTS);
+        client.write_all(&request).await.expect("requests");
+    }
+
+    /// Reads, pausing between reads, until end-of-file or every answer arrived; gives up
+    /// after 2 hours of the paused clock. Answers how many answers arrived, and
+    /// whether the connection ended.
+    async fn read_answers(client: &mut tokio::net::UnixStream, pause: Duration) -> (usize, bool) {
+        let mut all = Vec::new();
+        let mut buf = vec![0u8; 4 << 20];
+        let answers = |all: &[u8]| all.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count();
+        let read = async {
+            loop {
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                }
+                if answers(&all) == REQUESTS && all.ends_with(&[b'x'; 64 * 1024]) {
+                    return false;
+                }
+                tokio::time::sleep(pause).await;
+            }
+        };
+        let ended = tokio::time::timeout(Duration::from_secs(7200), read)
+            .await
+            .unwrap_or(false);
+        (answers(&all), ended)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_none_of_its_answers_is_cut_and_frees_its_slot() {
+        let (_dir, mut client, stop, server) = serving().await;
+        send_requests(&mut client).await;
+        // Nothing read for longer than the limit.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        let (answers, ended) = read_answers(&mut client, Duration::ZERO).await;
+        assert!(
+            ended && answers < REQUESTS,
+            "{answers} answers; the connection was not cut"
+        );
+        // Its slot is free: the drain finds no connection left.
+        let _ = stop.send(());
+        assert!(server.await.expect("server"), "a connection was still open");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_that_keeps_reading_gets_every_answer() {
+        let (_dir, mut client, stop, server) = serving().await;
+        send_requests(&mut client).await;
+        // A read every 20 s, of all there is: the server's writes progress within the
+        // limit. (A unix socket's writer wakes only once the queue drained to a quarter
+        // of its buffer: a reader taking little at a time can leave it stalled.)
+        let (answers, ended) = read_answers(&mut client, Duration::from_secs(20)).await;
+        assert_eq!((answers, ended), (REQUESTS, false), "cut before the end");
+        let _ = stop.send(());
+        let _ = server.await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unbound_stream_waits_as_long_as_its_reader() {
+        let (mut keeld, mut client) = tokio::io::duplex(1024);
+        let mut keeld = StallLimit::new(&mut keeld, Duration::from_secs(60));
+        keeld.bound().store(false, Ordering::Relaxed);
+        let write = keeld.write_all(&[0u8; 4096]);
+        tokio::pin!(write);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(600), write.as_mut())
+                .await
+                .is_err(),
+            "an unbound write gave up"
+        );
+        let mut all = vec![0u8; 4096];
+        let (written, read) = tokio::join!(write, client.read_exact(&mut all));
+        written.expect("written once read");
+        read.expect("read");
     }
 }
