@@ -7,8 +7,8 @@
 //!   future, anything that drops that future after the commit reached the store's writer
 //!   and before the apply started would leave the settings committed and not applied
 //!   until the next boot: a connection that ends under the request, a timeout layer, or a
-//!   server that cancels on a client's hang-up (hyper's HTTP/1 server today notices none
-//!   while the handler runs, but nothing should depend on that). [`Applier::after_commit`] runs
+//!   client's hang-up (hyper's HTTP/1 server reads on while a handler runs, and an
+//!   end-of-file there drops the handler's future). [`Applier::after_commit`] runs
 //!   both on a task of their own; the request only waits for the outcome.
 //! - **An apply runs to its end.** A restart command killed half way by a dropped future
 //!   leaves a service in an unknown state and no record. [`Applier::apply_detached`]
@@ -138,6 +138,11 @@ impl Applier {
                 let _ = reply.send(report.clone());
             }
         }
+    }
+
+    /// Whether the queue's task runs (an apply runs or waits to run).
+    pub(super) fn queue_running(&self) -> bool {
+        self.queue().running
     }
 
     /// The queue, locked. A poisoned lock (a panic while it was held) is taken as it

@@ -906,10 +906,18 @@ impl Applier {
             .flatten()
     }
 
-    /// Waits until no apply runs or waits to run (applies take turns in order, so the
-    /// turn after every queued one comes last).
+    /// Waits until no apply runs or waits to run. The turn on the serial lock alone is
+    /// not enough: the queue's task takes its next turn only once the running apply
+    /// returned, after a waiter here may already have had its turn, so the queue is
+    /// asked too (polled: this runs once, when keeld stops).
     pub async fn idle(&self) {
-        drop(self.inner.serial.lock().await);
+        loop {
+            drop(self.inner.serial.lock().await);
+            if !self.queue_running() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// The last `limit` applies, newest first, and whether a reboot is pending.

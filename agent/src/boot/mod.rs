@@ -197,7 +197,24 @@ impl Boot {
             }
             _ => {}
         }
-        match self.steps(&mut tracker).await {
+        // A panic in a step (a bug) fails the boot with a reason, instead of leaving it
+        // running for ever: host containers would wait for it, `boot wait` would hang.
+        let steps = std::panic::AssertUnwindSafe(self.steps(&mut tracker));
+        let outcome = futures_util::FutureExt::catch_unwind(steps)
+            .await
+            .unwrap_or_else(|panic| {
+                // The fake runtime's way of killing keeld mid-step (tests) goes on up.
+                #[cfg(test)]
+                if panic.is::<crate::containers::fake::SimulatedCrash>() {
+                    std::panic::resume_unwind(panic);
+                }
+                let _ = panic;
+                Err(Halt(
+                    "keeld failed unexpectedly during the boot (a bug; its log has the details)"
+                        .to_owned(),
+                ))
+            });
+        match outcome {
             Ok(Finish::Rebooting(why)) => {
                 if let Err(e) = tracker.finish(BootPhase::Rebooting, Some(why), began.elapsed()) {
                     tracing::error!(error = %e, "could not record the reboot");

@@ -1087,3 +1087,24 @@ async fn a_timeout_that_passes_while_containerd_is_down_ends_the_step() {
 fn slow_starts_of(node: &Node, id: &str) -> usize {
     node.started().iter().filter(|s| *s == id).count()
 }
+
+/// A step that panics (a bug, which keeld outlives): the boot ends `failed` with a
+/// reason instead of staying in its phase for ever (host containers waiting for it,
+/// `apiclient boot wait` hanging), and the host containers are not started.
+#[tokio::test(start_paused = true)]
+async fn a_step_that_panics_fails_the_boot_with_a_reason() {
+    let node = Node::new(&[bootstrap("slow", "once", false, ""), ADMIN.to_owned()].concat());
+    node.fake
+        .script("bootstrap-slow", Some(Duration::from_secs(1)), 0);
+    node.fake
+        .with(|s| s.bug_after_deleting_task = Some("bootstrap-slow".into()));
+    let (record, gate) = node.boot().await;
+    assert_eq!((record.phase, gate), (BootPhase::Failed, BootGate::Failed));
+    let reason = record.reason.clone().unwrap_or_default();
+    assert!(reason.contains("a bug"), "{reason}");
+    assert_eq!(
+        node.record_on_disk().phase,
+        BootPhase::Failed,
+        "and recorded"
+    );
+}

@@ -68,6 +68,11 @@ pub struct FakeState {
     /// Panic (what keeld's crash is to the code under test) right after deleting this
     /// container's task, once.
     pub crash_after_deleting_task: Option<String>,
+    /// Panic as a bug would (an ordinary panic, which keeld outlives) right after
+    /// deleting this container's task, once.
+    pub bug_after_deleting_task: Option<String>,
+    /// Panic as a bug would when asked to start this container's task, once.
+    pub bug_on_start: Option<String>,
 }
 
 /// The fake engine; share it as `Arc<Fake>`.
@@ -161,6 +166,14 @@ impl Runtime for Fake {
 
     async fn start(&self, id: &str) -> Result<u32, RunError> {
         self.check_up()?;
+        let bug = self.with(|s| {
+            let bug = s.bug_on_start.as_deref() == Some(id);
+            if bug {
+                s.bug_on_start = None;
+            }
+            bug
+        });
+        assert!(!bug, "a bug when starting {id}");
         self.with(|s| {
             s.next_pid += 1;
             let pid = 100 + s.next_pid;
@@ -252,7 +265,7 @@ impl Runtime for Fake {
 
     async fn delete_task(&self, id: &str) -> Result<Option<i32>, RunError> {
         self.check_up()?;
-        let (deleted, crash) = self.with(|s| {
+        let (deleted, crash, bug) = self.with(|s| {
             let deleted = s
                 .records
                 .get_mut(id)
@@ -262,9 +275,19 @@ impl Runtime for Fake {
             if crash {
                 s.crash_after_deleting_task = None;
             }
-            (deleted, crash)
+            let bug = s.bug_after_deleting_task.as_deref() == Some(id);
+            if bug {
+                s.bug_after_deleting_task = None;
+            }
+            (deleted, crash, bug)
         });
-        assert!(!crash, "simulated crash after deleting the task of {id}");
+        assert!(!bug, "a bug after deleting the task of {id}");
+        if crash {
+            // keeld dying here: the boot's guard lets this one through (see `Boot::run`).
+            std::panic::panic_any(SimulatedCrash(format!(
+                "simulated crash after deleting the task of {id}"
+            )));
+        }
         Ok(deleted)
     }
 
@@ -300,3 +323,8 @@ impl Inventory for Fake {
         }))
     }
 }
+
+/// The payload of the panic by which the fake simulates keeld dying mid-call: the boot's
+/// panic guard passes it on instead of failing the boot, as a real death would.
+#[derive(Debug)]
+pub struct SimulatedCrash(pub String);

@@ -93,6 +93,46 @@ impl<R: Runtime> HostContainers<R> {
         }
     }
 
+    /// Runs the supervisor of host container `name`. One that panics (a bug) marks the
+    /// container failed, saying so, and drops its channel: the next reconciliation (the
+    /// next commit, or keeld's next start) starts a new one, which adopts the container
+    /// as it finds it.
+    fn spawn_supervisor(&self, name: String, inputs: Inputs) {
+        let supervise = supervisor::supervise(
+            self.runtime.clone(),
+            self.board.clone(),
+            self.config,
+            ContainerKind::Host,
+            name.clone(),
+            inputs,
+        );
+        let board = self.board.clone();
+        tokio::spawn(async move {
+            let supervised = std::panic::AssertUnwindSafe(supervise);
+            if futures_util::FutureExt::catch_unwind(supervised)
+                .await
+                .is_err()
+            {
+                tracing::error!(container = %name, "the supervisor of a host container panicked (a bug); a new one starts at the next commit");
+                board.update(
+                    ContainerKind::Host,
+                    &name,
+                    |s| {
+                        s.state = status::RunState::Failed;
+                        s.reason = Some(
+                            "keeld's supervisor of this container failed unexpectedly (a bug; \
+                             keeld's log has the details); it is supervised again after the next \
+                             commit or keeld's next start"
+                                .to_owned(),
+                        );
+                        s.next_start = None;
+                    },
+                    || status::ContainerStatus::new(&name, ContainerKind::Host, "host", ""),
+                );
+            }
+        });
+    }
+
     /// Brings every supervisor up to date with `settings`; `leftovers` are names that
     /// containerd holds but the settings may no longer mention (they get `None`).
     pub fn reconcile(&mut self, settings: &settings_model::Settings, leftovers: &[String]) {
@@ -109,7 +149,9 @@ impl<R: Runtime> HostContainers<R> {
         for name in names {
             let want = desired.remove(&name);
             match self.supervisors.get(&name) {
-                Some(tx) => {
+                // A closed channel is a supervisor that panicked (see `spawn_supervisor`):
+                // a new one takes over.
+                Some(tx) if !tx.is_closed() => {
                     tx.send_if_modified(|current| {
                         let changed = *current != want;
                         if changed {
@@ -118,20 +160,13 @@ impl<R: Runtime> HostContainers<R> {
                         changed
                     });
                 }
-                None => {
+                _ => {
                     let (tx, rx) = watch::channel(want);
                     let inputs = Inputs {
                         desired: rx,
                         registries: self.registries.subscribe(),
                     };
-                    tokio::spawn(supervisor::supervise(
-                        self.runtime.clone(),
-                        self.board.clone(),
-                        self.config,
-                        ContainerKind::Host,
-                        name.clone(),
-                        inputs,
-                    ));
+                    self.spawn_supervisor(name.clone(), inputs);
                     self.supervisors.insert(name, tx);
                 }
             }

@@ -309,25 +309,32 @@ impl Updates {
                 }
             }
         }
-        let started = status::next_timestamp(None);
-        lock(&self.inner.record).interrupted = Some(command);
-        if let Err(e) = self.save().await {
-            lock(&self.inner.record).interrupted = None;
-            return Err(CommandRefused::Persist(format!(
-                "cannot record the start of {}: {e}",
-                command.action()
-            )));
-        }
-        *lock(&self.inner.running) = Some(RunningCommand {
-            cmd_type: command,
-            started,
-            progress: None,
-        });
-        tracing::info!(command = command.action(), "update command started");
+        // From here on, on a task of its own, with the lock: a client that hangs up
+        // while the start is being saved drops only its wait for the answer. (Dropped
+        // with the save in flight, the record would say a command was running that
+        // never ran, and the lock would be free while that save still wrote.)
         let this = self.clone();
-        let previous = lock(&self.inner.record).status.update_state;
+        let (answer, answered) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let _guard = guard;
+            let started = status::next_timestamp(None);
+            lock(&this.inner.record).interrupted = Some(command);
+            if let Err(e) = this.save().await {
+                lock(&this.inner.record).interrupted = None;
+                let _ = answer.send(Err(CommandRefused::Persist(format!(
+                    "cannot record the start of {}: {e}",
+                    command.action()
+                ))));
+                return;
+            }
+            *lock(&this.inner.running) = Some(RunningCommand {
+                cmd_type: command,
+                started,
+                progress: None,
+            });
+            tracing::info!(command = command.action(), "update command started");
+            let previous = lock(&this.inner.record).status.update_state;
+            let _ = answer.send(Ok(()));
             // A panic (a bug) must still end the command, or every later one gets 423
             // until keeld restarts.
             let outcome = std::panic::AssertUnwindSafe(this.run(command))
@@ -342,7 +349,12 @@ impl Updates {
                 });
             this.finish(command, previous, outcome).await;
         });
-        Ok(())
+        answered.await.unwrap_or_else(|_| {
+            Err(CommandRefused::Persist(format!(
+                "{} did not start (a bug in keeld; its log has the details)",
+                command.action()
+            )))
+        })
     }
 
     /// Records the outcome of `command` (durably) and ends it.
@@ -685,6 +697,15 @@ impl Updates {
     /// the lock meanwhile (a command asked for then gets 423). Without a slot writer only
     /// an interrupted command is closed.
     pub async fn reconcile(&self) {
+        let reconciled = std::panic::AssertUnwindSafe(self.reconcile_record()).catch_unwind();
+        if reconciled.await.is_err() {
+            // A bug: commands must not wait for a reconciliation that will never end.
+            tracing::error!("reconciling the update record with the disk panicked; the update status shows what was recorded");
+            self.inner.reconciled.send_replace(true);
+        }
+    }
+
+    async fn reconcile_record(&self) {
         let guard = self.inner.lock.clone().lock_owned().await;
         let inspection = match &self.inner.config.writer {
             Some(endpoint) => match inspect(endpoint).await {

@@ -443,6 +443,37 @@ mod reconciler {
         assert_eq!(n.fake.with(|s| s.started.clone()), ["host-admin"]);
     }
 
+    /// A supervisor that panics (a bug): its container shows `failed` with the reason,
+    /// and the next commit puts a new supervisor in charge, which starts it.
+    #[tokio::test(start_paused = true)]
+    async fn a_supervisor_that_panics_is_reported_and_replaced_at_the_next_commit() {
+        let n = node().await;
+        n.gate.send_replace(BootGate::Configured);
+        advance(Duration::from_secs(5)).await;
+        assert_eq!(n.fake.with(|s| s.started.clone()), ["host-admin"]);
+        // Changed settings restart it; that start panics.
+        n.fake.with(|s| s.bug_on_start = Some("host-admin".into()));
+        let changed = serde_json::json!({"host-containers": {"admin": {"user-data": "aGk="}}});
+        n.store.patch("t", changed).await.expect("patch");
+        n.store.commit("t", Caller::keeld()).await.expect("commit");
+        advance(Duration::from_secs(5)).await;
+        let admin = n.board.get(ContainerKind::Host, "admin").expect("status");
+        assert_eq!(admin.state, RunState::Failed);
+        assert!(
+            admin.reason.as_deref().is_some_and(|r| r.contains("a bug")),
+            "{admin:?}"
+        );
+        assert_eq!(n.fake.with(|s| s.started.len()), 1);
+
+        let motd = serde_json::json!({"motd": "any commit"});
+        n.store.patch("t", motd).await.expect("patch");
+        n.store.commit("t", Caller::keeld()).await.expect("commit");
+        advance(Duration::from_secs(5)).await;
+        assert_eq!(n.fake.with(|s| s.started.len()), 2);
+        let admin = n.board.get(ContainerKind::Host, "admin").expect("status");
+        assert_eq!(admin.state, RunState::Running);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn after_a_failed_boot_host_containers_are_not_started() {
         let n = node().await;
