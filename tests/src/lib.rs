@@ -314,11 +314,11 @@ impl Keeld {
             .arg("--persistent-dir")
             .arg(self.persistent_dir())
             .args(&self.options.extra_args)
-            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "KEELD_LOG",
                 std::env::var("KEELD_LOG").unwrap_or_else(|_| "info".to_owned()),
             )
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,13 +1,14 @@
 //! keeld stopped or killed around applies: a commit acknowledged before a crash reaches
 //! the render root at the next start (apply journal), the apply log survives a restart,
-//! SIGTERM finishes the request and the apply in flight, and a FIFO planted at a
-//! rendered path never freezes the API.
+//! SIGTERM finishes the request and the apply in flight, a FIFO planted at a rendered
+//! path never freezes the API, and a KEELD_LOG that is no filter is reported and does
+//! not keep keeld from starting.
 
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
-use keel_e2e::Keeld;
+use keel_e2e::{Keeld, KeeldOptions};
 
 /// Polls `check` every 10 ms until it holds, failing after `timeout`.
 fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
@@ -202,5 +203,27 @@ fn a_fifo_at_a_rendered_path_fails_the_apply_by_name_and_never_blocks_the_api() 
         "{error}"
     );
     // The API answers throughout.
+    assert_eq!(keeld.raw("GET", "/settings", None).status, 200);
+}
+
+/// KEELD_LOG that is not a log filter: keeld says so, as an error naming the variable,
+/// and runs at info (a typo in a debugging aid does not keep the agent from starting).
+#[test]
+fn a_keeld_log_that_is_no_filter_is_reported_and_keeld_runs_at_info() {
+    let keeld = Keeld::start_with(KeeldOptions {
+        env: vec![("KEELD_LOG".into(), "keel_agent=loud".into())],
+        ..KeeldOptions::default()
+    });
+    let log = keeld.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("KEELD_LOG is not a log filter"))
+        .unwrap_or_else(|| panic!("no error about KEELD_LOG:\n{log}"));
+    assert!(
+        line.contains("ERROR") && line.contains("keel_agent=loud"),
+        "{line}"
+    );
+    // At info: the start's info lines are there, and the API answers.
+    assert!(log.contains("INFO"), "{log}");
     assert_eq!(keeld.raw("GET", "/settings", None).status, 200);
 }

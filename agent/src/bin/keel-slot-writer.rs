@@ -30,14 +30,25 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    // As keeld: KEELD_LOG unset is info; set but not a filter is info, and said.
+    let (filter, bad_filter) = match std::env::var("KEELD_LOG") {
+        Err(_) => (tracing_subscriber::EnvFilter::new("info"), None),
+        Ok(text) => match tracing_subscriber::EnvFilter::try_new(&text) {
+            Ok(filter) => (filter, None),
+            Err(e) => (
+                tracing_subscriber::EnvFilter::new("info"),
+                Some((text, e.to_string())),
+            ),
+        },
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KEELD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_ansi(false)
         .with_writer(std::io::stderr)
         .init();
+    if let Some((text, error)) = bad_filter {
+        tracing::error!(KEELD_LOG = %text, %error, "KEELD_LOG is not a log filter; logging at info instead");
+    }
     let config = WriterConfig {
         slots: SlotLayout {
             cmdline: args.cmdline,
