@@ -283,7 +283,8 @@ chroot_systemctl disable containerd.service e2scrub_reap.service remote-fs.targe
 chroot_systemctl enable keeld.socket keeld.service keel-configured.target host-containerd.service \
     keel-slot-writer.socket \
     local.mount var-lib.mount keel-data-setup.service keel-report.service systemd-networkd.service \
-    efi.mount keel-boot-assess.service keel-emergency-reboot.service keel-hostname.service
+    efi.mount keel-boot-assess.service keel-emergency-reboot.service keel-hostname.service \
+    keel-growfs.service
 mkdir -p "$root/etc/systemd/system/sysinit.target.wants"
 ln -sf /usr/lib/systemd/system/systemd-repart.service "$root/etc/systemd/system/sysinit.target.wants/"
 chroot_systemctl mask serial-getty@ttyS0.service getty@tty1.service console-getty.service \

@@ -895,6 +895,8 @@ say "boot-of=$v"
 say "slot=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^keel.slot=//p')"
 say "boot-params=$(tr ' ' '\n' < /proc/cmdline | grep -x -e 'keeltest.kernel=on' -e '--' -e 'keeltest.init=on' | tr '\n' ' ')"
 say "init-argv=$(tr '\0' ' ' < /proc/1/cmdline)"
+# The host's df, by its path: busybox runs its own applet for a bare `df`.
+say "local-size=$(nsenter -t 1 -m -- /usr/bin/df -B1 --output=size /local 2>&1 | tail -n 1 | tr -d ' ')"
 say "starts=$(cat $dir/starts 2>/dev/null | wc -l)"
 date +%s >> $dir/starts && sync
 say "motd=$(apiclient get settings.motd | tr -d '\n ')"
@@ -1106,6 +1108,15 @@ user-data = "{updater}"
     vm.power_cut();
     let cut_log = vm.serial();
     server.set_faults(Vec::new());
+    // While the host is off, its disk grows by 2 GiB (an EBS volume modified to a larger
+    // size): the data partition and its file system grow with it at the next boot.
+    let resized = std::process::Command::new("qemu-img")
+        .args(["resize", "-q"])
+        .arg(&config.disk)
+        .arg("6G")
+        .status()
+        .expect("qemu-img");
+    assert!(resized.success(), "qemu-img resize: {resized}");
 
     // Power 2: N again, the interrupted write on record; then the update, for real.
     let mut vm = Vm::boot(&config);
@@ -1124,6 +1135,21 @@ user-data = "{updater}"
                 .get("status")
                 .is_some_and(|s| s.contains("prepare")),
         &format!("after the power cut: N on slot a, the cut prepare on record: {after_cut:?}"),
+    );
+    let local_size = |run: &BTreeMap<String, String>| -> u64 {
+        run.get("local-size")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    };
+    check(
+        &vm,
+        local_size(&first) > 0
+            && local_size(&after_cut) >= local_size(&first) + (2u64 << 30) * 95 / 100,
+        &format!(
+            "/local did not grow with the disk (4 GiB to 6 GiB): {:?} then {:?} bytes",
+            first.get("local-size"),
+            after_cut.get("local-size")
+        ),
     );
     // The first boot's apply wrote settings.boot into slot a's loader entry: the kernel
     // has them now, init's after `--`, and init (PID 1) got those as arguments.
