@@ -45,9 +45,9 @@ pub type KeyTaints = TaintList;
 /// kubelet argument they go into under Linux's 128 KiB.
 pub type NodeTaints = Limited<BTreeMap<LabelKey, KeyTaints>, 64>;
 
-/// `kube-reserved` and `system-reserved`: at most 16 resources (the kubelet knows cpu,
-/// memory, ephemeral-storage and pid).
-pub type ReservedResources = Limited<BTreeMap<LabelKey, Quantity>, 16>;
+/// `kube-reserved` and `system-reserved`: the kubelet reserves only cpu, memory,
+/// ephemeral-storage and pid (any other name is refused: see `check_kubelet_rules`).
+pub type ReservedResources = Limited<BTreeMap<LabelKey, Quantity>, 4>;
 
 /// `memory-manager-reserved-memory`: at most 64 NUMA nodes.
 pub type ReservedMemoryByNode = Limited<BTreeMap<NumaNode, ReservedMemory>, 64>;
@@ -1114,6 +1114,8 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
             }
         }
     }
+    check_kubelet_rules(settings)?;
+    check_ntp_options(settings)?;
     // runc refuses a soft limit above its hard limit (setrlimit: EINVAL), so every pod
     // would fail to start.
     let limits = settings
@@ -1132,6 +1134,160 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
                 });
             }
         }
+    }
+    Ok(())
+}
+
+/// The `kubernetes.io` / `k8s.io` labels the kubelet may set on its own node
+/// (`IsKubeletLabel` in Kubernetes' `kubelet/apis`): these names, and any label in the
+/// `kubelet.kubernetes.io` and `node.kubernetes.io` namespaces or their subdomains.
+const KUBELET_LABELS: [&str; 11] = [
+    "kubernetes.io/hostname",
+    "topology.kubernetes.io/zone",
+    "topology.kubernetes.io/region",
+    "failure-domain.beta.kubernetes.io/zone",
+    "failure-domain.beta.kubernetes.io/region",
+    "beta.kubernetes.io/instance-type",
+    "node.kubernetes.io/instance-type",
+    "kubernetes.io/os",
+    "kubernetes.io/arch",
+    "beta.kubernetes.io/os",
+    "beta.kubernetes.io/arch",
+];
+
+/// Whether `namespace` is `domain` or a subdomain of it.
+fn in_namespace(namespace: &str, domain: &str) -> bool {
+    namespace == domain
+        || namespace
+            .strip_suffix(domain)
+            .is_some_and(|sub| sub.ends_with('.'))
+}
+
+/// What the kubelet refuses at its start, though each value is well-formed: it would
+/// exit at every restart and the node would never join.
+fn check_kubelet_rules(settings: &Settings) -> Result<(), Error> {
+    let Some(k8s) = settings.kubernetes.as_ref() else {
+        return Ok(());
+    };
+    // The kubelet refuses `--node-labels` in the kubernetes.io and k8s.io namespaces
+    // except its own ("unknown 'kubernetes.io' or 'k8s.io' labels specified").
+    for (key, _) in k8s.node_labels.iter().flat_map(|l| l.iter()) {
+        let key = key.as_str();
+        let namespace = key.split_once('/').map_or("", |(ns, _)| ns);
+        let kubernetes =
+            in_namespace(namespace, "kubernetes.io") || in_namespace(namespace, "k8s.io");
+        let kubelet_s = KUBELET_LABELS.contains(&key)
+            || in_namespace(namespace, "kubelet.kubernetes.io")
+            || in_namespace(namespace, "node.kubernetes.io");
+        if kubernetes && !kubelet_s {
+            return Err(Error::Invalid {
+                key: format!("settings.kubernetes.node-labels.{}", format_segment(key)),
+                reason: "the kubelet may not set labels in the kubernetes.io and k8s.io \
+                         namespaces except its own (node.kubernetes.io/*, \
+                         kubelet.kubernetes.io/*, kubernetes.io/hostname, …): it would refuse \
+                         to start; set such a label through the Kubernetes API instead"
+                    .to_owned(),
+            });
+        }
+    }
+    // The kubelet reserves only these ("cannot reserve … resource" otherwise).
+    let reserved = [
+        ("kube-reserved", &k8s.kube_reserved),
+        ("system-reserved", &k8s.system_reserved),
+    ];
+    for (field, resources) in reserved {
+        for (name, _) in resources.iter().flat_map(|r| r.iter()) {
+            if !["cpu", "memory", "ephemeral-storage", "pid"].contains(&name.as_str()) {
+                return Err(Error::Invalid {
+                    key: format!(
+                        "settings.kubernetes.{field}.{}",
+                        format_segment(name.as_str())
+                    ),
+                    reason: "the kubelet reserves only cpu, memory, ephemeral-storage and pid"
+                        .to_owned(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// chrony's `server` options (chrony 4.3, Debian 12's): those that take a value, and
+/// those that stand alone. chronyd refuses to start on a server line with any other
+/// word, so time would not be kept at all.
+const CHRONY_OPTIONS_WITH_VALUE: [&str; 21] = [
+    "minpoll",
+    "maxpoll",
+    "key",
+    "certset",
+    "maxdelay",
+    "maxdelayratio",
+    "maxdelaydevratio",
+    "maxdelayquant",
+    "mindelay",
+    "asymmetry",
+    "offset",
+    "minsamples",
+    "maxsamples",
+    "filter",
+    "polltarget",
+    "port",
+    "ntsport",
+    "presend",
+    "minstratum",
+    "version",
+    "extfield",
+];
+const CHRONY_FLAGS: [&str; 11] = [
+    "iburst",
+    "burst",
+    "nts",
+    "offline",
+    "auto_offline",
+    "prefer",
+    "noselect",
+    "trust",
+    "require",
+    "xleave",
+    "copy",
+];
+
+/// `settings.ntp.options`: words of chrony's server line, read together in order (one
+/// item may be `"minpoll 4"`, or two items `"minpoll"`, `"4"`).
+fn check_ntp_options(settings: &Settings) -> Result<(), Error> {
+    let Some(options) = settings.ntp.as_ref().and_then(|n| n.options.as_ref()) else {
+        return Ok(());
+    };
+    let words = options
+        .iter()
+        .enumerate()
+        .flat_map(|(i, option)| option.as_str().split(' ').map(move |w| (i, w)));
+    let mut wants_value: Option<&str> = None;
+    let mut last = 0;
+    for (i, word) in words {
+        last = i;
+        if wants_value.take().is_some() {
+            continue;
+        }
+        if CHRONY_OPTIONS_WITH_VALUE.contains(&word) {
+            wants_value = Some(word);
+        } else if !CHRONY_FLAGS.contains(&word) {
+            return Err(Error::Invalid {
+                key: format!("settings.ntp.options[{i}]"),
+                reason: format!(
+                    "{word:?} is not an option of chrony's server directive (chronyd would \
+                     refuse to start); known: {}, and {} with a value",
+                    CHRONY_FLAGS.join(", "),
+                    CHRONY_OPTIONS_WITH_VALUE.join(", ")
+                ),
+            });
+        }
+    }
+    if let Some(option) = wants_value {
+        return Err(Error::Invalid {
+            key: format!("settings.ntp.options[{last}]"),
+            reason: format!("chrony's {option:?} needs a value after it"),
+        });
     }
     Ok(())
 }

@@ -338,12 +338,19 @@ fn check_boot_param_value(s: &str) -> Result<(), String> {
     let what = "kernel or init parameter value";
     check_len(s, what, BOOT_PARAM_VALUE_MAX)?;
     // Printable ASCII only: the kernel splits its command line at bytes its ctype calls
-    // space, and that includes 0xA0, which is inside the UTF-8 of many characters.
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_graphic() && b != b'"') {
+    // space, and that includes 0xA0, which is inside the UTF-8 of many characters. No
+    // quote or backslash either: systemd reads /proc/cmdline unquoting, and an unpaired
+    // `'` or a `\` would join every later word into this one (PID 1 and udev would then
+    // miss all later parameters, the init parameters after `--` too).
+    if s.is_empty()
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"\"'\\".contains(&b))
+    {
         return Err(invalid(
             s,
             what,
-            "must be non-empty printable ASCII, without spaces, quotes or control characters",
+            "must be non-empty printable ASCII, without spaces, quotes, backslashes or control characters",
         ));
     }
     Ok(())
@@ -351,10 +358,10 @@ fn check_boot_param_value(s: &str) -> Result<(), String> {
 
 validated_string! {
     /// One value of a kernel or init command-line parameter: printable ASCII without
-    /// spaces or `"`, at most 256 bytes.
+    /// spaces, `"`, `'` or `\`, at most 256 bytes.
     BootParamValue, check = check_boot_param_value,
     description = "A kernel or init command-line parameter value",
-    format = None, pattern = Some("^[!#-~]{1,256}$")
+    format = None, pattern = Some("^[!#-&(-\\[\\]-~]{1,256}$")
 }
 
 fn check_numa_node(s: &str) -> Result<(), String> {
@@ -922,21 +929,36 @@ fn check_registry_host(s: &str) -> Result<(), String> {
     if s == "*" {
         return Ok(());
     }
+    // As an image reference names it: containerd and keeld find a registry's mirrors and
+    // credentials by the exact host[:port] (or `*`), so any other spelling (a wildcard
+    // such as `*.example.com`, an IPv6 address without brackets) would never be used.
+    let expected = "expected \"*\" or host[:port] as image references name it (a host name, \
+                    an IPv4 address, or an IPv6 address in brackets; no wildcards)";
     let (host, port) = match s.rsplit_once(':') {
         Some((h, p)) if !h.contains(':') || h.ends_with(']') => (h, Some(p)),
         _ => (s, None),
     };
     if let Some(port) = port {
-        if port.parse::<u16>().is_err() {
-            return Err(invalid(s, "registry", "the port must be a number"));
+        if port.is_empty()
+            || !port.bytes().all(|b| b.is_ascii_digit())
+            || port.parse::<u16>().is_err()
+        {
+            return Err(invalid(
+                s,
+                "registry",
+                "the port must be a number from 0 to 65535",
+            ));
         }
     }
-    let host = host.trim_start_matches("*.");
-    let bracketed = host.trim_start_matches('[').trim_end_matches(']');
-    if hostname_problem(host, false).is_none() || bracketed.parse::<std::net::IpAddr>().is_ok() {
+    let ipv6 = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
+    if ipv6 || hostname_problem(host, false).is_none() || host.parse::<std::net::Ipv4Addr>().is_ok()
+    {
         return Ok(());
     }
-    Err(invalid(s, "registry", "expected \"*\" or host[:port]"))
+    Err(invalid(s, "registry", expected))
 }
 
 validated_string! {
@@ -1574,7 +1596,16 @@ fn check_threshold(s: &str) -> Result<(), String> {
             "a percentage must be 0% to 100%",
         ));
     }
-    if is_quantity(s) {
+    if let Some((number, _)) = split_quantity(s) {
+        // The kubelet refuses a threshold of zero ("must be positive"): 0% is how to
+        // say none.
+        if number.bytes().all(|b| b == b'0' || b == b'.') {
+            return Err(invalid(
+                s,
+                "eviction threshold",
+                "a quantity must be above zero (the kubelet refuses 0; 0% means no threshold)",
+            ));
+        }
         return Ok(());
     }
     Err(invalid(

@@ -345,7 +345,10 @@ fn keels_own_parameters_are_not_settings() {
 #[test]
 fn kernel_parameter_values_are_printable_ascii() {
     // U+00E0 is C3 A0 in UTF-8, and the kernel's ctype calls 0xA0 a space.
-    for bad in ["\u{e0}", "a\u{a0}b", "x y", "\"q\"", "a\tb", "\u{2028}"] {
+    // systemd unquotes /proc/cmdline: an unpaired ' or a \ would join later words.
+    for bad in [
+        "\u{e0}", "a\u{a0}b", "x y", "\"q\"", "a\tb", "\u{2028}", "a'b", "a\\", "'",
+    ] {
         refused(
             json!({"boot": {"kernel-parameters": {"console": [bad]}}}),
             "settings.boot.kernel-parameters.console[0]",

@@ -21,8 +21,8 @@ use serde_json::{json, Map, Value};
 use settings_model::model::{
     BootParameterValues, BootParameters, CredentialProviders, ImagePatterns, KeyTaints,
     MirrorEndpoints, NameServers, NoProxyList, NodeLabels, NodeTaints, PkiBundles,
-    ProviderEnvironment, RegistryCredentials, RegistryMirrors, ReservedMemoryByNode,
-    ReservedResources, SearchList, Sysctls, TimeServers, UnsafeSysctls,
+    ProviderEnvironment, RegistryCredentials, RegistryMirrors, ReservedMemoryByNode, SearchList,
+    Sysctls, TimeServers, UnsafeSysctls,
 };
 use settings_model::types::{
     IpOrIps, BOOT_PARAM_KEY_MAX, BOOT_PARAM_VALUE_MAX, ENV_NAME_MAX, MOTD_MAX, NO_PROXY_ENTRY_MAX,
@@ -130,7 +130,12 @@ fn largest() -> Value {
                 .collect::<Vec<_>>()),
         )
     }));
-    let reserved = object((0..ReservedResources::MAX).map(|i| (label_key(i), json!("1024Mi"))));
+    // Every resource the kubelet reserves (the model refuses any other name).
+    let reserved = object(
+        ["cpu", "memory", "ephemeral-storage", "pid"]
+            .into_iter()
+            .map(|name| (name.to_owned(), json!("1024Mi"))),
+    );
     let numa = object((0..ReservedMemoryByNode::MAX).map(|i| {
         (
             i.to_string(),

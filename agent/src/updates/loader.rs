@@ -199,11 +199,15 @@ impl BootParameters {
     pub fn check(&self) -> Result<(), String> {
         for (what, line) in [("kernel", &self.kernel), ("init", &self.init)] {
             for word in line.split_ascii_whitespace() {
-                if !word.bytes().all(|b| b.is_ascii_graphic() && b != b'"') || word.starts_with('-')
-                {
+                // systemd reads the command line unquoting: a `'` or `\` would join the
+                // words after it (see settings-model's BootParamValue).
+                let printable = word
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"\"'\\".contains(&b));
+                if !printable || word.starts_with('-') {
                     return Err(format!(
                         "{what} parameter {word:?} is not a parameter (printable ASCII without \
-                         quotes, not starting with '-')"
+                         quotes or backslashes, not starting with '-')"
                     ));
                 }
                 // Not even after `--`: the initramfs reads every `keel.*` word of the line.

@@ -1,0 +1,126 @@
+//! Values that are well-formed but that the program reading the rendered file refuses
+//! or never uses: the model refuses them, naming the key, so that an accepted setting
+//! is one the host honours. The kubelet (labels in Kubernetes' own namespaces, resources
+//! it cannot reserve, a zero eviction threshold), chronyd (a word that is no option of
+//! its server directive) and containerd (a registry host no image reference can name).
+#![allow(clippy::unwrap_used)]
+
+use serde_json::{json, Value};
+use settings_model::{validate, validate_patch, Error};
+
+/// The refusal of `patch` (as a patch and as whole settings), which must name `key`.
+fn refused(patch: Value, key: &str) -> Error {
+    let err = validate_patch(&patch).expect_err(&format!("{patch} must be refused"));
+    assert_eq!(err.key(), Some(key), "{patch}: {err}");
+    assert_eq!(validate(&patch).expect_err("validate agrees"), err);
+    err
+}
+
+#[test]
+fn node_labels_in_kubernetes_namespaces_are_the_kubelet_s_own_only() {
+    for key in [
+        "node-role.kubernetes.io/worker",
+        "kubernetes.io/role",
+        "k8s.io/x",
+        "sub.k8s.io/x",
+        "topology.kubernetes.io/rack",
+    ] {
+        let err = refused(
+            json!({"kubernetes": {"node-labels": {key: "a"}}}),
+            &format!("settings.kubernetes.node-labels.\"{key}\""),
+        );
+        assert!(err.to_string().contains("kubelet"), "{err}");
+    }
+    for key in [
+        "node.kubernetes.io/pool",
+        "x.node.kubernetes.io/y",
+        "kubelet.kubernetes.io/z",
+        "kubernetes.io/hostname",
+        "topology.kubernetes.io/zone",
+        "example.com/role",
+        "notkubernetes.io/x",
+        "role",
+    ] {
+        validate_patch(&json!({"kubernetes": {"node-labels": {key: "a"}}}))
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+    }
+}
+
+#[test]
+fn only_resources_the_kubelet_reserves_can_be_reserved() {
+    for field in ["kube-reserved", "system-reserved"] {
+        refused(
+            json!({"kubernetes": {field: {"example.com/gpu": "1"}}}),
+            &format!("settings.kubernetes.{field}.\"example.com/gpu\""),
+        );
+        validate_patch(&json!({"kubernetes": {field: {
+            "cpu": "100m", "memory": "1Gi", "ephemeral-storage": "1Gi", "pid": "1000"
+        }}}))
+        .unwrap();
+    }
+}
+
+#[test]
+fn an_eviction_threshold_of_zero_is_refused_and_0_percent_means_none() {
+    for zero in ["0", "0Mi", "0.0Gi", "0e3"] {
+        refused(
+            json!({"kubernetes": {"eviction-hard": {"memory.available": zero}}}),
+            "settings.kubernetes.eviction-hard.\"memory.available\"",
+        );
+    }
+    validate_patch(&json!({"kubernetes": {"eviction-hard": {
+        "memory.available": "0%", "nodefs.available": "100Mi"
+    }}}))
+    .unwrap();
+}
+
+#[test]
+fn ntp_options_are_chrony_s_server_options() {
+    let err = refused(
+        json!({"ntp": {"options": ["iburst", "prefered"]}}),
+        "settings.ntp.options[1]",
+    );
+    assert!(err.to_string().contains("\"prefered\""), "{err}");
+    refused(
+        json!({"ntp": {"options": ["minpoll"]}}),
+        "settings.ntp.options[0]",
+    );
+    for ok in [
+        json!(["iburst"]),
+        json!(["minpoll 4", "maxpoll 8"]),
+        json!(["minpoll", "4", "prefer"]),
+        json!(["nts", "xleave", "maxsamples 8"]),
+    ] {
+        validate_patch(&json!({"ntp": {"options": ok}})).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+}
+
+#[test]
+fn registry_hosts_are_spelled_as_image_references_name_them() {
+    for bad in [
+        "*.example.com",
+        "fd00::1",
+        "[fd00::1",
+        "[10.0.0.1]",
+        "reg.example.com:+5000",
+        "reg.example.com:",
+        "reg.example.com:70000",
+    ] {
+        refused(
+            json!({"container-registry": {"mirrors": [{"registry": bad, "endpoint": ["https://m.example.com"]}]}}),
+            "settings.container-registry.mirrors[0].registry",
+        );
+    }
+    for ok in [
+        "*",
+        "docker.io",
+        "reg.example.com:5000",
+        "10.0.0.1:5000",
+        "[fd00::1]:5000",
+        "[fd00::1]",
+        "localhost",
+    ] {
+        validate_patch(&json!({"container-registry": {"mirrors": [{"registry": ok, "endpoint": ["https://m.example.com"]}]}}))
+            .unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+}
