@@ -209,8 +209,29 @@ pub struct FailingRegistry {
     thread: Option<JoinHandle<()>>,
 }
 
+/// How [`FailingRegistry`] answers.
+#[derive(Clone, Copy)]
+enum Failing {
+    /// Every request: 500 with a short body.
+    Always,
+    /// A manifest naming one large layer; the layer's GET: 500 and a body without end.
+    EndlessBlobError,
+}
+
 impl FailingRegistry {
+    /// Answers every request 500.
     pub fn start() -> FailingRegistry {
+        Self::start_with(Failing::Always)
+    }
+
+    /// Answers a manifest with one layer of 1 TB, and that layer's GET with a 500 whose
+    /// body never ends (the error text is read as it comes: a client that reads it
+    /// whole grows without bound).
+    pub fn endless_blob_error() -> FailingRegistry {
+        Self::start_with(Failing::EndlessBlobError)
+    }
+
+    fn start_with(mode: Failing) -> FailingRegistry {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let addr = listener
             .local_addr()
@@ -228,7 +249,10 @@ impl FailingRegistry {
                     }
                     let Ok(stream) = stream else { continue };
                     let requests = Arc::clone(&requests);
-                    std::thread::spawn(move || answer_500(stream, &requests));
+                    std::thread::spawn(move || match mode {
+                        Failing::Always => answer_500(stream, &requests),
+                        Failing::EndlessBlobError => answer_endless(stream, &requests),
+                    });
                 }
             })
         };
@@ -260,6 +284,49 @@ impl Drop for FailingRegistry {
             let _ = thread.join();
         }
     }
+}
+
+/// Reads one request head; answers a manifest with a 1 TB layer to a manifest GET, and
+/// 500 with a body that goes on until the client hangs up to anything else.
+fn answer_endless(mut stream: TcpStream, requests: &AtomicUsize) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") && raw.len() < 64 * 1024 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    if raw.is_empty() {
+        return;
+    }
+    requests.fetch_add(1, Ordering::SeqCst);
+    let head = String::from_utf8_lossy(&raw);
+    if head.contains("/manifests/") {
+        let body = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{}","size":1000000000000}}]}}"#,
+            "c".repeat(64),
+            "a".repeat(64)
+        );
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(answer.as_bytes());
+        let _ = stream.shutdown(Shutdown::Write);
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+        let _ = stream.read(&mut buf);
+        return;
+    }
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
+    let head = "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    if stream.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    let text = "error ".repeat(10_000);
+    let chunk = format!("{:x}\r\n{text}\r\n", text.len());
+    while stream.write_all(chunk.as_bytes()).is_ok() {}
 }
 
 /// Reads one request head (and a Content-Length body, if small), answers 500, closes.

@@ -581,6 +581,48 @@ fn bad_images_fail_with_a_reason_and_are_retried() {
     assert!(c["restarts"] == 0 && c["pid"].is_null(), "{c}");
 }
 
+/// keeld's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A registry that answers a layer's GET with an error whose body never ends: keeld
+/// reads a few KiB of it for the reason (bounded, on one line) and fails the pull. It
+/// used to read such a body whole, for as long as the layer's deadline allowed (the
+/// declared 1 TB gave months), growing until memory ran out.
+#[test]
+fn an_error_answer_without_end_is_read_only_for_its_reason() {
+    require_root();
+    let containerd = Containerd::start();
+    let registry = FailingRegistry::endless_blob_error();
+    let keeld = keeld_on(&containerd, &[]);
+    let before = rss_kib(keeld.pid());
+    set(
+        &keeld,
+        json!({"host-containers": {
+            "endless": {"enabled": true, "source": format!("{}/keel/endless:v1", registry.addr())}
+        }}),
+    );
+    let failed = |s: &Value| s["state"] == "failed" && s["reason"].is_string();
+    let f = wait_status(&keeld, "endless", Duration::from_secs(60), failed);
+    let reason = f["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("500") && reason.contains("error error") && reason.len() < 1024,
+        "{reason}"
+    );
+    let after = rss_kib(keeld.pid());
+    assert!(
+        after < before + 64 * 1024,
+        "keeld grew from {before} KiB to {after} KiB"
+    );
+    assert!(registry.requests() >= 2, "the manifest, then the layer");
+}
+
 /// Pulls from a real registry (docker-registry on loopback, image pushed with skopeo),
 /// through a mirror, and from the cache once the registry is gone.
 #[test]

@@ -1,12 +1,14 @@
 //! Pulling an image from a registry into containerd's content store.
 //!
-//! The distribution protocol (token authentication, manifest negotiation, blob
-//! download with digest verification, proxies) is `oci-client`, the ORAS project's
-//! client: maintained, async, on `reqwest` with rustls, and it verifies every blob it
-//! streams. keeld adds what a host agent needs around it: mirrors and credentials from
+//! Token authentication is `oci-client`, the ORAS project's client (maintained, async,
+//! on `reqwest` with rustls). The requests themselves, manifests and blobs, are keeld's
+//! own ([`Session`]), so that every body is read within a bound: an error answer to 4
+//! KiB, a manifest to 4 MiB, a config to its declared size, a layer streamed into
+//! containerd (which checks its size and digest at commit) within its deadline. keeld
+//! adds what a host agent needs around it: mirrors and credentials from
 //! `settings.container-registry`, the proxy from `settings.network`, plain HTTP only
 //! for loopback registries or mirrors written with `http://`, platform selection from
-//! an index, and writing each blob into containerd (which verifies it again).
+//! an index, and a token asked again during long pulls.
 //!
 //! One of the two image sources (with [`super::archive`]): it uses the shared types
 //! ([`super::oci`]) and the content store ([`super::content`]), never the pipeline
@@ -17,7 +19,6 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use settings_model::proxy::ProxyRules;
@@ -317,99 +318,195 @@ fn registry_failure(
             )
         })
         .unwrap_or_default();
-    ImageError::Protocol(format!("{}: {e}{note}", endpoint.reference.whole()))
+    // At most 1000 characters of what the failure says, on one line: an error from
+    // oci-client (its token exchange) can carry a whole answer of the registry's.
+    let mut said: String = e
+        .to_string()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1001)
+        .collect();
+    if said.chars().count() > 1000 {
+        said = said.chars().take(1000).collect::<String>() + "…";
+    }
+    ImageError::Protocol(format!("{}: {said}{note}", endpoint.reference.whole()))
 }
 
-/// GETs `reference`'s manifest as oci-client would (its token, the media types keeld
-/// accepts) but reads at most [`MAX_METADATA_BLOB`] bytes of the answer: oci-client
-/// reads a manifest body whole, so a registry sending one without end would grow
-/// keeld's memory for as long as the deadline lets it. Answers the body and its sha256
-/// digest, which must match the registry's `Docker-Content-Digest` when it gives one.
-async fn fetch_manifest(
-    client: &Client,
-    endpoint: &Endpoint,
-    config: &RegistryConfig,
-    reference: &Reference,
-    auth: &RegistryAuth,
-) -> Result<(Vec<u8>, String), ImageError> {
-    let token = client
-        .auth(reference, auth, oci_client::RegistryOperation::Pull)
-        .await
-        .map_err(|e| registry_failure(endpoint, config, e))?;
-    let scheme = if endpoint.plain_http { "http" } else { "https" };
-    let url = format!(
-        "{scheme}://{}/v2/{}/manifests/{}",
-        reference.resolve_registry(),
-        reference.repository(),
-        reference
-            .digest()
-            .or_else(|| reference.tag())
-            .unwrap_or("latest")
-    );
-    let request = http_for(endpoint, config)?
-        .get(&url)
-        .header(reqwest::header::ACCEPT, accepted().join(", "));
-    let request = match (&token, auth) {
-        (Some(token), _) => request.bearer_auth(token),
-        (None, RegistryAuth::Basic(username, password)) => {
-            request.basic_auth(username, Some(password))
-        }
-        (None, _) => request,
-    };
-    let mut response = request
-        .send()
-        .await
-        .map_err(|e| registry_failure(endpoint, config, format!("GET {url}: {e}")))?;
-    let status = response.status();
-    let header_digest = response
-        .headers()
-        .get("docker-content-digest")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let limit = usize::try_from(MAX_METADATA_BLOB).unwrap_or(usize::MAX);
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| registry_failure(endpoint, config, format!("GET {url}: {e}")))?
-    {
-        if body.len() + chunk.len() > limit {
-            if !status.is_success() {
-                break;
-            }
-            return Err(registry_failure(
-                endpoint,
-                config,
-                format!("GET {url}: the manifest is larger than {limit} bytes"),
-            ));
-        }
-        body.extend_from_slice(&chunk);
+/// How long keeld uses a registry's bearer token before asking for a new one, within
+/// one pull. Registries give tokens of minutes (Docker Hub's last 300 s), and
+/// oci-client keeps one without a readable expiry for 60 s only: a pull of large layers
+/// outlives both, and its later requests went out without a token (401).
+const TOKEN_REUSE: Duration = Duration::from_secs(45);
+
+/// How much of a registry's error answer keeld reads, for the message: the rest is not
+/// read at all (an answer without end cannot grow keeld's memory).
+const ERROR_BODY_MAX: usize = 4096;
+
+/// One endpoint's pull: keeld's own HTTP requests for manifests and blobs, with the
+/// media types keeld accepts, the endpoint's credentials, and a bearer token from
+/// oci-client's token exchange, asked again once older than [`TOKEN_REUSE`]. Errors
+/// are read to [`ERROR_BODY_MAX`] bytes, and bodies are read by the caller within its
+/// own bounds, never whole.
+struct Session<'a> {
+    client: &'a Client,
+    http: reqwest::Client,
+    endpoint: &'a Endpoint,
+    config: &'a RegistryConfig,
+    auth: RegistryAuth,
+    token: Option<(Option<String>, tokio::time::Instant)>,
+}
+
+impl<'a> Session<'a> {
+    fn new(
+        client: &'a Client,
+        endpoint: &'a Endpoint,
+        config: &'a RegistryConfig,
+    ) -> Result<Session<'a>, ImageError> {
+        Ok(Session {
+            client,
+            http: http_for(endpoint, config)?,
+            endpoint,
+            config,
+            auth: config.auth_for(&endpoint.host),
+            token: None,
+        })
     }
-    if !status.is_success() {
-        // What the registry says, bounded and on one line.
+
+    fn failure(&self, e: impl std::fmt::Display) -> ImageError {
+        registry_failure(self.endpoint, self.config, e)
+    }
+
+    /// `https://<registry>/v2/<repository>/<kind>/<name>` (http for a plain-http
+    /// mirror).
+    fn url(&self, reference: &Reference, kind: &str, name: &str) -> String {
+        let scheme = if self.endpoint.plain_http {
+            "http"
+        } else {
+            "https"
+        };
+        format!(
+            "{scheme}://{}/v2/{}/{kind}/{name}",
+            reference.resolve_registry(),
+            reference.repository()
+        )
+    }
+
+    /// GETs `url` with the credentials; answers the response of a success, or the
+    /// failure with what the registry said (bounded, on one line).
+    async fn get(
+        &mut self,
+        reference: &Reference,
+        url: &str,
+        accept: Option<String>,
+    ) -> Result<reqwest::Response, ImageError> {
+        let token = match &self.token {
+            Some((token, at)) if at.elapsed() < TOKEN_REUSE => token.clone(),
+            _ => {
+                let token = self
+                    .client
+                    .auth(reference, &self.auth, oci_client::RegistryOperation::Pull)
+                    .await
+                    .map_err(|e| self.failure(e))?;
+                self.token = Some((token.clone(), tokio::time::Instant::now()));
+                token
+            }
+        };
+        let mut request = self.http.get(url);
+        if let Some(accept) = accept {
+            request = request.header(reqwest::header::ACCEPT, accept);
+        }
+        let request = match (&token, &self.auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(username, password)) => {
+                request.basic_auth(username, Some(password))
+            }
+            (None, _) => request,
+        };
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| self.failure(format!("GET {url}: {e}")))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let mut body = Vec::new();
+        while body.len() < ERROR_BODY_MAX {
+            match response.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
         let said: String = String::from_utf8_lossy(&body)
             .chars()
             .filter(|c| !c.is_control())
             .take(200)
             .collect();
-        return Err(registry_failure(
-            endpoint,
-            config,
-            format!("GET {url}: {status}: {said}"),
-        ));
+        Err(self.failure(format!("GET {url}: {status}: {said}")))
     }
-    // The digest is always the body's own; a registry that names another one (for the
-    // same algorithm) sent something else than it meant, and nothing of it is used.
-    let digest = super::oci::sha256_digest(&body);
-    if let Some(said) = header_digest.filter(|d| d.starts_with("sha256:")) {
-        if said != digest {
-            return Err(ImageError::DigestMismatch {
-                digest: said,
-                actual: digest,
-            });
+
+    /// `reference`'s manifest, at most [`MAX_METADATA_BLOB`] bytes of it (a registry
+    /// sending one without end would otherwise grow keeld's memory for as long as the
+    /// deadline lets it). Answers the body and its sha256 digest, which must match the
+    /// registry's `Docker-Content-Digest` when it gives one.
+    async fn manifest(&mut self, reference: &Reference) -> Result<(Vec<u8>, String), ImageError> {
+        let name = reference
+            .digest()
+            .or_else(|| reference.tag())
+            .unwrap_or("latest")
+            .to_owned();
+        let url = self.url(reference, "manifests", &name);
+        let mut response = self
+            .get(reference, &url, Some(accepted().join(", ")))
+            .await?;
+        let header_digest = response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let limit = usize::try_from(MAX_METADATA_BLOB).unwrap_or(usize::MAX);
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.failure(format!("GET {url}: {e}")))?
+        {
+            if body.len() + chunk.len() > limit {
+                return Err(self.failure(format!(
+                    "GET {url}: the manifest is larger than {limit} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
         }
+        // The digest is always the body's own; a registry that names another one (for
+        // the same algorithm) sent something else than it meant, and nothing of it is
+        // used.
+        let digest = super::oci::sha256_digest(&body);
+        if let Some(said) = header_digest.filter(|d| d.starts_with("sha256:")) {
+            if said != digest {
+                return Err(ImageError::DigestMismatch {
+                    digest: said,
+                    actual: digest,
+                });
+            }
+        }
+        Ok((body, digest))
     }
-    Ok((body, digest))
+
+    /// The blob `desc` names, as it arrives.
+    async fn blob(
+        &mut self,
+        reference: &Reference,
+        desc: &Descriptor,
+    ) -> Result<impl futures_util::Stream<Item = Result<bytes::Bytes, ImageError>>, ImageError>
+    {
+        let url = self.url(reference, "blobs", desc.digest().as_ref());
+        let response = self.get(reference, &url, None).await?;
+        let owned = self.endpoint.reference.whole();
+        Ok(response.bytes_stream().map(move |r| {
+            r.map_err(|e| ImageError::Protocol(format!("{owned}: download failed: {e}")))
+        }))
+    }
 }
 
 /// A plain HTTP client for `endpoint`, with the time limits and proxy of [`client_for`].
@@ -447,14 +544,10 @@ async fn pull_from(
     config: &RegistryConfig,
 ) -> Result<Descriptor, ImageError> {
     let client = client_for(endpoint, config);
-    let auth = config.auth_for(&endpoint.host);
+    let mut session = Session::new(&client, endpoint, config)?;
     let reference = &endpoint.reference;
-    let (mut bytes, digest) = within_deadline(
-        endpoint,
-        "the manifest",
-        fetch_manifest(&client, endpoint, config, reference, &auth),
-    )
-    .await??;
+    let (mut bytes, digest) =
+        within_deadline(endpoint, "the manifest", session.manifest(reference)).await??;
     if let Some(pinned) = reference.digest() {
         if pinned != digest {
             return Err(RegistryError::PinnedDigest {
@@ -477,7 +570,7 @@ async fn pull_from(
             let (b, d) = within_deadline(
                 endpoint,
                 "the platform's manifest",
-                fetch_manifest(&client, endpoint, config, &by_digest, &auth),
+                session.manifest(&by_digest),
             )
             .await??;
             if d != chosen.digest().as_ref() {
@@ -515,17 +608,11 @@ async fn pull_from(
             humantime::format_duration(allowed),
             MIN_LAYER_RATE / 1024
         );
-        let stream = tokio::time::timeout_at(
-            deadline,
-            client.pull_blob_stream(reference, &oci_descriptor(layer)),
-        )
-        .await
-        .map_err(|_| ImageError::Protocol(late.clone()))?
-        .map_err(|e| registry_failure(endpoint, config, e))?;
-        let owned = endpoint.reference.whole();
-        let data = stream.stream.map(move |r| {
-            r.map_err(|e| ImageError::Protocol(format!("{owned}: download failed: {e}")))
-        });
+        // Its digest and size are checked by containerd when the write commits (and
+        // the size by `write_blob` as it arrives).
+        let data = tokio::time::timeout_at(deadline, session.blob(reference, layer))
+            .await
+            .map_err(|_| ImageError::Protocol(late.clone()))??;
         let data = until_deadline(data, deadline, late);
         content::write_blob(cd, layer, HashMap::new(), data).await?;
     }
@@ -541,16 +628,24 @@ async fn pull_from(
         }
         // Held to its declared size: a registry that sends more is cut off there, not
         // kept in memory until the digest check at the end.
-        let mut out = Capped::new(config_desc.size());
-        within_deadline(
-            endpoint,
-            "the image config",
-            client.pull_blob(reference, &oci_descriptor(config_desc), &mut out),
-        )
-        .await?
-        .map_err(|e| registry_failure(endpoint, config, e))?;
-        verify_digest(config_desc.digest(), &out.bytes)?;
-        out.bytes
+        let declared = config_desc.size();
+        let fetch = async {
+            let mut data = session.blob(reference, config_desc).await?;
+            let mut out = Vec::new();
+            while let Some(chunk) = data.next().await {
+                let chunk = chunk?;
+                if out.len() as u64 + chunk.len() as u64 > declared {
+                    return Err(session.failure(format!(
+                        "the image config is larger than the {declared} bytes the manifest gives"
+                    )));
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(out)
+        };
+        let bytes = within_deadline(endpoint, "the image config", fetch).await??;
+        verify_digest(config_desc.digest(), &bytes)?;
+        bytes
     };
     let image_config: ImageConfiguration = parse_json("image config", &config_bytes)?;
     write_small(
@@ -608,62 +703,6 @@ where
             }
         },
     )
-}
-
-/// A buffer that refuses to grow past `limit` bytes.
-struct Capped {
-    bytes: Vec<u8>,
-    limit: u64,
-}
-
-impl Capped {
-    fn new(limit: u64) -> Capped {
-        Capped {
-            bytes: Vec::new(),
-            limit,
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Capped {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let after = self.bytes.len() as u64 + buf.len() as u64;
-        if after > self.limit {
-            let limit = self.limit;
-            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
-                "the registry sent more than the {limit} bytes the manifest gives"
-            ))));
-        }
-        self.bytes.extend_from_slice(buf);
-        std::task::Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
-fn oci_descriptor(desc: &Descriptor) -> OciDescriptor {
-    OciDescriptor {
-        media_type: desc.media_type().to_string(),
-        digest: desc.digest().to_string(),
-        size: i64::try_from(desc.size()).unwrap_or(i64::MAX),
-        ..OciDescriptor::default()
-    }
 }
 
 #[cfg(test)]
@@ -1024,16 +1063,6 @@ mod tests {
         assert!(other.to_string().ends_with("(unknown)"), "{other}");
         let fine = panic_as_failure("r/app:1", async { Ok::<_, ImageError>(3) }).await;
         assert_eq!(fine.expect("no panic"), 3);
-    }
-
-    #[tokio::test]
-    async fn a_capped_buffer_refuses_more_than_its_limit() {
-        use tokio::io::AsyncWriteExt;
-        let mut capped = Capped::new(4);
-        capped.write_all(b"abcd").await.expect("within the limit");
-        let more = capped.write_all(b"e").await.expect_err("past the limit");
-        assert!(more.to_string().contains("more than the 4 bytes"), "{more}");
-        assert_eq!(capped.bytes, b"abcd");
     }
 
     /// A mirror with a path is reached under it, `/v2` after the path (once), as
