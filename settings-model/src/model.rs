@@ -1114,6 +1114,31 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
             }
         }
     }
+    // keeld pulls host and bootstrap container images itself and verifies sha256
+    // digests only (containerd's CRI, which pulls the other images, takes sha512 too).
+    let sources = settings
+        .host_containers
+        .iter()
+        .flatten()
+        .map(|(name, c)| ("host-containers", name, &c.source))
+        .chain(
+            settings
+                .bootstrap_containers
+                .iter()
+                .flatten()
+                .map(|(name, c)| ("bootstrap-containers", name, &c.source)),
+        );
+    for (group, name, source) in sources {
+        if source
+            .as_ref()
+            .is_some_and(|s| s.as_str().contains("@sha512:"))
+        {
+            return Err(Error::Invalid {
+                key: format!("settings.{group}.{}.source", format_segment(name.as_str())),
+                reason: "keeld pins images by sha256 digests only (@sha256:…)".to_owned(),
+            });
+        }
+    }
     check_kubelet_rules(settings)?;
     check_ntp_options(settings)?;
     // runc refuses a soft limit above its hard limit (setrlimit: EINVAL), so every pod

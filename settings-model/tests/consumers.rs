@@ -2,7 +2,8 @@
 //! or never uses: the model refuses them, naming the key, so that an accepted setting
 //! is one the host honours. The kubelet (labels in Kubernetes' own namespaces, resources
 //! it cannot reserve, a zero eviction threshold), chronyd (a word that is no option of
-//! its server directive) and containerd (a registry host no image reference can name).
+//! its server directive), containerd (a registry host no image reference can name) and
+//! keeld's own image pulls (a pin by a digest other than sha256).
 #![allow(clippy::unwrap_used)]
 
 use serde_json::{json, Value};
@@ -123,4 +124,19 @@ fn registry_hosts_are_spelled_as_image_references_name_them() {
         validate_patch(&json!({"container-registry": {"mirrors": [{"registry": ok, "endpoint": ["https://m.example.com"]}]}}))
             .unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
+}
+
+#[test]
+fn host_and_bootstrap_images_are_pinned_by_sha256_only() {
+    let sha512 = format!("docker.io/library/busybox@sha512:{}", "a".repeat(128));
+    refused(
+        json!({"host-containers": {"admin": {"source": sha512}}}),
+        "settings.host-containers.admin.source",
+    );
+    refused(
+        json!({"bootstrap-containers": {"setup": {"source": sha512}}}),
+        "settings.bootstrap-containers.setup.source",
+    );
+    let sha256 = format!("docker.io/library/busybox@sha256:{}", "a".repeat(64));
+    validate_patch(&json!({"host-containers": {"admin": {"source": sha256}}})).unwrap();
 }

@@ -159,7 +159,7 @@ impl Runtime for Fake {
             s.records.insert(desired.id(), (hash, None));
             Ok(Prepared {
                 image_digest: "sha256:feed".into(),
-                from_cache: false,
+                fetch_failed: None,
             })
         })
     }

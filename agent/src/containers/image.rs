@@ -49,8 +49,8 @@ pub struct ReadyImage {
     /// The image's run configuration (`Entrypoint`, `Cmd`, `Env`, ...); empty when the
     /// image has none.
     pub config: ImageConfig,
-    /// Whether this came from the cache after fetching failed.
-    pub from_cache: bool,
+    /// Why fetching failed, when this came from the cache instead.
+    pub fetch_failed: Option<String>,
 }
 
 /// Makes images ready, and remembers the archives it imported: a start from an
@@ -104,7 +104,7 @@ impl Images {
         };
         lease.release(cd).await;
         if let (Some(stamp), Ok(ready)) = (stamp, &result) {
-            if !ready.from_cache {
+            if ready.fetch_failed.is_none() {
                 self.archives().insert(name, (stamp, ready.clone()));
             }
         }
@@ -129,8 +129,8 @@ async fn ensure_leased(
         ImageSource::Archive { path, tag } => archive::import(cd, path, tag.as_deref()).await,
         ImageSource::Registry(reference) => registry::pull(cd, reference, registries).await,
     };
-    let (manifest, from_cache) = match fetched {
-        Ok(manifest) => (manifest, false),
+    let (manifest, fetch_failed) = match fetched {
+        Ok(manifest) => (manifest, None),
         Err(e) if e.is_containerd_down() => return Err(e),
         Err(e) => match cd.image(name).await? {
             Some(Image {
@@ -138,16 +138,16 @@ async fn ensure_leased(
                 ..
             }) => {
                 tracing::warn!(image = %name, error = %e, "fetching the image failed; using the cached copy");
-                (from_proto(target)?, true)
+                (from_proto(target)?, Some(e.to_string()))
             }
             _ => return Err(e),
         },
     };
-    if !from_cache {
+    if fetch_failed.is_none() {
         record_image(cd, name, &manifest, stamp).await?;
     }
     let mut ready = unpack(cd, name, &manifest).await?;
-    ready.from_cache = from_cache;
+    ready.fetch_failed = fetch_failed;
     Ok(ready)
 }
 
@@ -207,7 +207,7 @@ fn ready_image(
         manifest_digest: manifest_desc.digest().to_string(),
         chain_id,
         config: config.config().clone().unwrap_or_default(),
-        from_cache: false,
+        fetch_failed: None,
     }
 }
 

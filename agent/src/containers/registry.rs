@@ -565,7 +565,8 @@ async fn pull_from(
         Document::Manifest(manifest) => *manifest,
         Document::Index(index) => {
             let (os, arch) = host_platform();
-            let chosen = select_platform(&index).ok_or(ImageError::NoPlatform { os, arch })?;
+            let chosen = select_platform(&index)
+                .ok_or_else(|| session.failure(ImageError::NoPlatform { os, arch }))?;
             let by_digest = reference.clone_with_digest(chosen.digest().to_string());
             let (b, d) = within_deadline(
                 endpoint,

@@ -82,8 +82,8 @@ pub struct Existing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prepared {
     pub image_digest: String,
-    /// The image came from the local cache because fetching it failed.
-    pub from_cache: bool,
+    /// Why fetching the image failed, when it came from the local cache instead.
+    pub fetch_failed: Option<String>,
 }
 
 /// The per-container operations, all idempotent enough to be retried.
@@ -364,7 +364,7 @@ impl Runtime for ContainerdRuntime {
         }
         Ok(Prepared {
             image_digest: image.manifest_digest,
-            from_cache: image.from_cache,
+            fetch_failed: image.fetch_failed,
         })
     }
 

@@ -226,17 +226,20 @@ pub async fn supervise<R: Runtime>(
                     let prepared = runtime.prepare(&desired, &registries).await?;
                     status.set(|s| s.image_digest = Some(prepared.image_digest.clone()));
                     let pid = runtime.start(&id).await?;
-                    Ok::<_, RunError>((pid, prepared.from_cache))
+                    Ok::<_, RunError>((pid, prepared.fetch_failed))
                 }
                 .await;
                 match started {
-                    Ok((pid, from_cache)) => {
+                    Ok((pid, fetch_failed)) => {
                         if started_before {
                             status.set(|s| s.restarts += 1);
                         }
                         started_before = true;
-                        let note = from_cache
-                            .then(|| "image fetch failed; running the cached image".to_owned());
+                        // Why, in full: a registry that failed a digest check must not
+                        // look like one that was down.
+                        let note = fetch_failed.map(|why| {
+                            format!("image fetch failed, running the cached image: {why}")
+                        });
                         tracing::info!(container = %id, pid, "started");
                         status.set(|s| s.reason = note);
                         pid
