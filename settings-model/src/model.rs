@@ -1215,6 +1215,26 @@ fn check_kubelet_rules(settings: &Settings) -> Result<(), Error> {
             });
         }
     }
+    // The kubelet (Go's PEM reading) takes only CERTIFICATE blocks for its client CA and
+    // serving certificate; OpenSSL's TRUSTED CERTIFICATE form is skipped there, and a
+    // file of nothing else stops it ("does not contain any valid … certificates").
+    let certificates = [
+        ("cluster-certificate", &k8s.cluster_certificate),
+        ("server-certificate", &k8s.server_certificate),
+    ];
+    for (field, bundle) in certificates {
+        if bundle
+            .as_ref()
+            .is_some_and(|b| b.decode().contains("-----BEGIN TRUSTED CERTIFICATE-----"))
+        {
+            return Err(Error::Invalid {
+                key: format!("settings.kubernetes.{field}"),
+                reason: "the kubelet reads CERTIFICATE blocks only, not TRUSTED CERTIFICATE \
+                         (OpenSSL's form); convert it with `openssl x509`"
+                    .to_owned(),
+            });
+        }
+    }
     // The kubelet reserves only these ("cannot reserve … resource" otherwise).
     let reserved = [
         ("kube-reserved", &k8s.kube_reserved),

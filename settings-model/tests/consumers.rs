@@ -140,3 +140,19 @@ fn host_and_bootstrap_images_are_pinned_by_sha256_only() {
     let sha256 = format!("docker.io/library/busybox@sha256:{}", "a".repeat(64));
     validate_patch(&json!({"host-containers": {"admin": {"source": sha256}}})).unwrap();
 }
+
+#[test]
+fn the_kubelet_s_certificates_are_certificate_blocks() {
+    use base64::Engine as _;
+    let trusted = base64::engine::general_purpose::STANDARD.encode(
+        "-----BEGIN TRUSTED CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END TRUSTED CERTIFICATE-----\n",
+    );
+    for field in ["cluster-certificate", "server-certificate"] {
+        refused(
+            json!({"kubernetes": {field: trusted}}),
+            &format!("settings.kubernetes.{field}"),
+        );
+    }
+    // Elsewhere (settings.pki) OpenSSL's form is a trust anchor like any other.
+    validate_patch(&json!({"pki": {"ca": {"data": trusted, "trusted": true}}})).unwrap();
+}
