@@ -45,9 +45,10 @@ pub type KeyTaints = TaintList;
 /// kubelet argument they go into under Linux's 128 KiB.
 pub type NodeTaints = Limited<BTreeMap<LabelKey, KeyTaints>, 64>;
 
-/// `kube-reserved` and `system-reserved`: the kubelet reserves only cpu, memory,
-/// ephemeral-storage and pid (any other name is refused: see `check_kubelet_rules`).
-pub type ReservedResources = Limited<BTreeMap<LabelKey, Quantity>, 4>;
+/// `kube-reserved` and `system-reserved`: at most 16 entries, though the kubelet
+/// reserves only cpu, memory, ephemeral-storage and pid (any other name is refused,
+/// naming it: see `check_kubelet_rules`).
+pub type ReservedResources = Limited<BTreeMap<LabelKey, Quantity>, 16>;
 
 /// `memory-manager-reserved-memory`: at most 64 NUMA nodes.
 pub type ReservedMemoryByNode = Limited<BTreeMap<NumaNode, ReservedMemory>, 64>;
@@ -1225,12 +1226,13 @@ fn check_kubelet_rules(settings: &Settings) -> Result<(), Error> {
     for (field, bundle) in certificates {
         if bundle
             .as_ref()
-            .is_some_and(|b| b.decode().contains("-----BEGIN TRUSTED CERTIFICATE-----"))
+            .is_some_and(|b| !b.decode().contains("-----BEGIN CERTIFICATE-----"))
         {
             return Err(Error::Invalid {
                 key: format!("settings.kubernetes.{field}"),
-                reason: "the kubelet reads CERTIFICATE blocks only, not TRUSTED CERTIFICATE \
-                         (OpenSSL's form); convert it with `openssl x509`"
+                reason: "it holds no CERTIFICATE block: the kubelet skips TRUSTED \
+                         CERTIFICATE blocks (OpenSSL's form) and would refuse to start; \
+                         convert them with `openssl x509`"
                     .to_owned(),
             });
         }
@@ -1257,11 +1259,13 @@ fn check_kubelet_rules(settings: &Settings) -> Result<(), Error> {
     Ok(())
 }
 
-/// chrony's `server` options (chrony 4.3, Debian 12's): those that take a value, and
-/// those that stand alone. chronyd refuses to start on a server line with any other
-/// word, so time would not be kept at all.
-const CHRONY_OPTIONS_WITH_VALUE: [&str; 21] = [
+/// chrony's `server` options (chrony 4.3, Debian 12's; matched without regard to case,
+/// as chrony does): those that take a value, and those that stand alone. chronyd
+/// refuses to start on a server line with any other word, so time would not be kept at
+/// all.
+const CHRONY_OPTIONS_WITH_VALUE: [&str; 22] = [
     "minpoll",
+    "maxsources",
     "maxpoll",
     "key",
     "certset",
@@ -1314,9 +1318,10 @@ fn check_ntp_options(settings: &Settings) -> Result<(), Error> {
         if wants_value.take().is_some() {
             continue;
         }
-        if CHRONY_OPTIONS_WITH_VALUE.contains(&word) {
+        let lower = word.to_ascii_lowercase();
+        if CHRONY_OPTIONS_WITH_VALUE.contains(&lower.as_str()) {
             wants_value = Some(word);
-        } else if !CHRONY_FLAGS.contains(&word) {
+        } else if !CHRONY_FLAGS.contains(&lower.as_str()) {
             return Err(Error::Invalid {
                 key: format!("settings.ntp.options[{i}]"),
                 reason: format!(

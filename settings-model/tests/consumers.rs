@@ -91,6 +91,7 @@ fn ntp_options_are_chrony_s_server_options() {
         json!(["minpoll 4", "maxpoll 8"]),
         json!(["minpoll", "4", "prefer"]),
         json!(["nts", "xleave", "maxsamples 8"]),
+        json!(["IBurst", "Prefer", "maxsources 4"]),
     ] {
         validate_patch(&json!({"ntp": {"options": ok}})).unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
@@ -153,6 +154,12 @@ fn the_kubelet_s_certificates_are_certificate_blocks() {
             &format!("settings.kubernetes.{field}"),
         );
     }
+    // With a CERTIFICATE block beside it, the kubelet skips the other and starts.
+    let mixed = base64::engine::general_purpose::STANDARD.encode(
+        "-----BEGIN TRUSTED CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END TRUSTED CERTIFICATE-----\n\
+         -----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END CERTIFICATE-----\n",
+    );
+    validate_patch(&json!({"kubernetes": {"cluster-certificate": mixed}})).unwrap();
     // Elsewhere (settings.pki) OpenSSL's form is a trust anchor like any other.
     validate_patch(&json!({"pki": {"ca": {"data": trusted, "trusted": true}}})).unwrap();
 }

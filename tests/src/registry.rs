@@ -1,6 +1,7 @@
 //! Local image registries on 127.0.0.1: [`Registry`] runs Debian's `docker-registry` (the
 //! distribution registry v2) with storage in a temporary directory; [`FailingRegistry`]
-//! answers every request with 500.
+//! answers every request with 500, or an error without end, or (as a mirror) another
+//! registry's answers with every blob corrupted.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -210,12 +211,14 @@ pub struct FailingRegistry {
 }
 
 /// How [`FailingRegistry`] answers.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Failing {
     /// Every request: 500 with a short body.
     Always,
     /// A manifest naming one large layer; the layer's GET: 500 and a body without end.
     EndlessBlobError,
+    /// What the registry at this address answers, with one byte of every blob changed.
+    Corrupting(String),
 }
 
 impl FailingRegistry {
@@ -229,6 +232,12 @@ impl FailingRegistry {
     /// whole grows without bound).
     pub fn endless_blob_error() -> FailingRegistry {
         Self::start_with(Failing::EndlessBlobError)
+    }
+
+    /// A mirror of the registry at `upstream` (`127.0.0.1:PORT`) that answers what it
+    /// answers, except that one byte of every blob is changed.
+    pub fn corrupting(upstream: &str) -> FailingRegistry {
+        Self::start_with(Failing::Corrupting(upstream.to_owned()))
     }
 
     fn start_with(mode: Failing) -> FailingRegistry {
@@ -249,9 +258,13 @@ impl FailingRegistry {
                     }
                     let Ok(stream) = stream else { continue };
                     let requests = Arc::clone(&requests);
+                    let mode = mode.clone();
                     std::thread::spawn(move || match mode {
                         Failing::Always => answer_500(stream, &requests),
                         Failing::EndlessBlobError => answer_endless(stream, &requests),
+                        Failing::Corrupting(upstream) => {
+                            answer_corrupted(stream, &requests, &upstream)
+                        }
                     });
                 }
             })
@@ -327,6 +340,61 @@ fn answer_endless(mut stream: TcpStream, requests: &AtomicUsize) {
     let text = "error ".repeat(10_000);
     let chunk = format!("{:x}\r\n{text}\r\n", text.len());
     while stream.write_all(chunk.as_bytes()).is_ok() {}
+}
+
+/// Forwards one request (its head: the registry's GETs have no body) to `upstream`
+/// with `Connection: close`, and sends its answer back with one byte in the middle of a
+/// blob's body changed.
+fn answer_corrupted(mut stream: TcpStream, requests: &AtomicUsize, upstream: &str) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.windows(4).any(|w| w == b"\r\n\r\n") && raw.len() < 64 * 1024 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+    if raw.is_empty() {
+        return;
+    }
+    requests.fetch_add(1, Ordering::SeqCst);
+    let head = String::from_utf8_lossy(&raw).into_owned();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default().to_owned();
+    let mut forward = format!("{request_line}\r\nHost: {upstream}\r\nConnection: close\r\n");
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let name = line
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if name != "host" && name != "connection" {
+            forward.push_str(line);
+            forward.push_str("\r\n");
+        }
+    }
+    forward.push_str("\r\n");
+    let Ok(mut up) = TcpStream::connect(upstream) else {
+        return;
+    };
+    let _ = up.set_read_timeout(Some(Duration::from_secs(30)));
+    if up.write_all(forward.as_bytes()).is_err() {
+        return;
+    }
+    let mut answer = Vec::new();
+    let _ = up.read_to_end(&mut answer);
+    if request_line.contains("/blobs/") {
+        if let Some(at) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let body = at + 4;
+            if answer.len() > body {
+                let middle = body + (answer.len() - body) / 2;
+                answer[middle] ^= 0x01;
+            }
+        }
+    }
+    let _ = stream.write_all(&answer);
+    let _ = stream.shutdown(Shutdown::Write);
 }
 
 /// Reads one request head (and a Content-Length body, if small), answers 500, closes.

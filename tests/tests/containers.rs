@@ -666,6 +666,44 @@ fn registry_pull_mirror_and_cache() {
     let s = wait_status(&keeld, "mirrored", Duration::from_secs(60), running);
     assert_eq!(s["image-digest"], info.manifest_digest.as_str());
 
+    // A mirror whose layers are not what the manifest says: that mirror fails, and the
+    // registry itself is tried next (the layer is checked as it arrives; containerd's
+    // own refusal at commit would have ended the whole pull). An image with a layer of
+    // its own, so that nothing of it is in the content store yet.
+    let other_layout = work.path().join("other-layout");
+    let other = ImageBuilder::busybox()
+        .gzip(true)
+        .file("/etc/other-image", "a layer of its own", 0o644)
+        .cmd(&["/bin/sh", "-c", "while :; do sleep 0.1; done"])
+        .write_oci_layout(&other_layout, "v1");
+    registry.push_layout(&other_layout, "v1", "keel/other");
+    let corrupting = FailingRegistry::corrupting(&registry.addr());
+    set(
+        &keeld,
+        json!({
+            "container-registry": {"mirrors": [
+                {"registry": "registry.invalid", "endpoint": [format!("http://{}", registry.addr())]},
+                {"registry": registry.addr(), "endpoint": [format!("http://{}", corrupting.addr())]}
+            ]},
+            "host-containers": {"past-a-bad-mirror": {
+                "enabled": true, "source": format!("{}/keel/other:v1", registry.addr())
+            }}
+        }),
+    );
+    let past = wait_status(
+        &keeld,
+        "past-a-bad-mirror",
+        Duration::from_secs(60),
+        running,
+    );
+    assert_eq!(past["image-digest"], other.manifest_digest.as_str());
+    assert!(corrupting.requests() >= 2, "the mirror was asked first");
+    assert!(
+        keeld.log().contains("pull failed") && keeld.log().contains("digest"),
+        "the mirror's layer was refused by its digest:\n{}",
+        keeld.log()
+    );
+
     // Registry gone: a change that recreates the container still starts it, from the
     // cached image, and says so.
     registry.stop();

@@ -909,7 +909,8 @@ impl Applier {
     /// Waits until no apply runs or waits to run. The turn on the serial lock alone is
     /// not enough: the queue's task takes its next turn only once the running apply
     /// returned, after a waiter here may already have had its turn, so the queue is
-    /// asked too (polled: this runs once, when keeld stops).
+    /// asked too (polled every 10 ms: it runs when keeld stops, and once per boot
+    /// before `reboot-to-reconcile` compares the boot parameters).
     pub async fn idle(&self) {
         loop {
             drop(self.inner.serial.lock().await);

@@ -1,10 +1,12 @@
 //! Pulling an image from a registry into containerd's content store.
 //!
 //! Token authentication is `oci-client`, the ORAS project's client (maintained, async,
-//! on `reqwest` with rustls). The requests themselves, manifests and blobs, are keeld's
-//! own ([`Session`]), so that every body is read within a bound: an error answer to 4
-//! KiB, a manifest to 4 MiB, a config to its declared size, a layer streamed into
-//! containerd (which checks its size and digest at commit) within its deadline. keeld
+//! on `reqwest` with rustls); it reads the token service's answer whole, so each
+//! exchange is bounded in time (2 minutes), not in size. The requests themselves,
+//! manifests and blobs, are keeld's own ([`Session`]), so that every body is read
+//! within a bound: an error answer to 4 KiB, a manifest to 4 MiB, a config to its
+//! declared size, a layer streamed into containerd within its deadline, its digest
+//! checked as it arrives and again by containerd at commit. keeld
 //! adds what a host agent needs around it: mirrors and credentials from
 //! `settings.container-registry`, the proxy from `settings.network`, plain HTTP only
 //! for loopback registries or mirrors written with `http://`, platform selection from
@@ -402,10 +404,20 @@ impl<'a> Session<'a> {
         let token = match &self.token {
             Some((token, at)) if at.elapsed() < TOKEN_REUSE => token.clone(),
             _ => {
-                let token = self
-                    .client
-                    .auth(reference, &self.auth, oci_client::RegistryOperation::Pull)
+                // oci-client reads the token service's answer whole: bounded here in
+                // time, as a manifest is (the token may be asked again during a layer,
+                // whose own deadline can be long).
+                let exchange =
+                    self.client
+                        .auth(reference, &self.auth, oci_client::RegistryOperation::Pull);
+                let token = tokio::time::timeout(METADATA_DEADLINE, exchange)
                     .await
+                    .map_err(|_| {
+                        self.failure(format!(
+                            "the token service did not answer within {}",
+                            humantime::format_duration(METADATA_DEADLINE)
+                        ))
+                    })?
                     .map_err(|e| self.failure(e))?;
                 self.token = Some((token.clone(), tokio::time::Instant::now()));
                 token
@@ -609,12 +621,13 @@ async fn pull_from(
             humantime::format_duration(allowed),
             MIN_LAYER_RATE / 1024
         );
-        // Its digest and size are checked by containerd when the write commits (and
-        // the size by `write_blob` as it arrives).
+        // Checked as it arrives (`verified`: a layer that is not what the manifest says
+        // fails this endpoint, and the next one is tried), and again by containerd when
+        // the write commits; its size by `write_blob`.
         let data = tokio::time::timeout_at(deadline, session.blob(reference, layer))
             .await
             .map_err(|_| ImageError::Protocol(late.clone()))??;
-        let data = until_deadline(data, deadline, late);
+        let data = until_deadline(verified(data, layer), deadline, late);
         content::write_blob(cd, layer, HashMap::new(), data).await?;
     }
     let config_desc = manifest.config();
@@ -664,6 +677,43 @@ async fn pull_from(
     )
     .await?;
     Ok(manifest_desc)
+}
+
+/// `data`, the blob `desc` names, with its sha256 digest checked as the last of its
+/// declared bytes arrives: a mismatch is the endpoint's failure
+/// ([`ImageError::DigestMismatch`]), not containerd's refusal at commit (which ends the
+/// whole pull as if containerd had failed). A digest of another algorithm is left to
+/// containerd.
+fn verified<S>(
+    data: S,
+    desc: &Descriptor,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, ImageError>>
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, ImageError>>,
+{
+    use sha2::Digest as _;
+    let expected = desc.digest().to_string();
+    let size = desc.size();
+    let check = expected.starts_with("sha256:");
+    let mut hasher = sha2::Sha256::new();
+    let mut seen: u64 = 0;
+    data.map(move |chunk| {
+        let chunk = chunk?;
+        if check {
+            hasher.update(&chunk);
+            seen = seen.saturating_add(chunk.len() as u64);
+            if seen == size {
+                let actual = format!("sha256:{}", hex::encode(hasher.clone().finalize()));
+                if actual != expected {
+                    return Err(ImageError::DigestMismatch {
+                        digest: expected.clone(),
+                        actual,
+                    });
+                }
+            }
+        }
+        Ok(chunk)
+    })
 }
 
 /// `fetch` of `what` from `endpoint`, failed after [`METADATA_DEADLINE`].

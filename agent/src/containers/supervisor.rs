@@ -238,6 +238,7 @@ pub async fn supervise<R: Runtime>(
                         // Why, in full: a registry that failed a digest check must not
                         // look like one that was down.
                         let note = fetch_failed.map(|why| {
+                            let why: String = why.chars().take(2000).collect();
                             format!("image fetch failed, running the cached image: {why}")
                         });
                         tracing::info!(container = %id, pid, "started");
