@@ -436,6 +436,17 @@ exec "$@"
         self.child.as_ref().expect("keeld running").id()
     }
 
+    /// keeld's resident memory (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("keeld.log")).unwrap_or_default()
     }

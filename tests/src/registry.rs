@@ -259,11 +259,19 @@ impl FailingRegistry {
                     let Ok(stream) = stream else { continue };
                     let requests = Arc::clone(&requests);
                     let mode = mode.clone();
-                    std::thread::spawn(move || match mode {
-                        Failing::Always => answer_500(stream, &requests),
-                        Failing::EndlessBlobError => answer_endless(stream, &requests),
-                        Failing::Corrupting(upstream) => {
-                            answer_corrupted(stream, &requests, &upstream)
+                    std::thread::spawn(move || {
+                        let mut stream = stream;
+                        // None: the drop's wake-up connection, or a client that gave up.
+                        let Some(head) = read_head(&mut stream) else {
+                            return;
+                        };
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        match mode {
+                            Failing::Always => answer_500(stream),
+                            Failing::EndlessBlobError => answer_endless(stream, &head),
+                            Failing::Corrupting(upstream) => {
+                                answer_corrupted(stream, &head, &upstream)
+                            }
                         }
                     });
                 }
@@ -299,9 +307,9 @@ impl Drop for FailingRegistry {
     }
 }
 
-/// Reads one request head; answers a manifest with a 1 TB layer to a manifest GET, and
-/// 500 with a body that goes on until the client hangs up to anything else.
-fn answer_endless(mut stream: TcpStream, requests: &AtomicUsize) {
+/// One request's head (a registry client's GETs have no body), read within 5 s; None
+/// when the client sent nothing.
+fn read_head(stream: &mut TcpStream) -> Option<String> {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
@@ -311,11 +319,13 @@ fn answer_endless(mut stream: TcpStream, requests: &AtomicUsize) {
             Ok(n) => raw.extend_from_slice(&buf[..n]),
         }
     }
-    if raw.is_empty() {
-        return;
-    }
-    requests.fetch_add(1, Ordering::SeqCst);
-    let head = String::from_utf8_lossy(&raw);
+    (!raw.is_empty()).then(|| String::from_utf8_lossy(&raw).into_owned())
+}
+
+/// Answers a manifest with a 1 TB layer to a manifest GET, and 500 with a body that goes
+/// on until the client hangs up to anything else.
+fn answer_endless(mut stream: TcpStream, head: &str) {
+    let mut buf = [0u8; 4096];
     if head.contains("/manifests/") {
         let body = format!(
             r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{}","size":1000000000000}}]}}"#,
@@ -345,21 +355,7 @@ fn answer_endless(mut stream: TcpStream, requests: &AtomicUsize) {
 /// Forwards one request (its head: the registry's GETs have no body) to `upstream`
 /// with `Connection: close`, and sends its answer back with one byte in the middle of a
 /// blob's body changed.
-fn answer_corrupted(mut stream: TcpStream, requests: &AtomicUsize, upstream: &str) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !raw.windows(4).any(|w| w == b"\r\n\r\n") && raw.len() < 64 * 1024 {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-        }
-    }
-    if raw.is_empty() {
-        return;
-    }
-    requests.fetch_add(1, Ordering::SeqCst);
-    let head = String::from_utf8_lossy(&raw).into_owned();
+fn answer_corrupted(mut stream: TcpStream, head: &str, upstream: &str) {
     let mut lines = head.split("\r\n");
     let request_line = lines.next().unwrap_or_default().to_owned();
     let mut forward = format!("{request_line}\r\nHost: {upstream}\r\nConnection: close\r\n");
@@ -397,23 +393,10 @@ fn answer_corrupted(mut stream: TcpStream, requests: &AtomicUsize, upstream: &st
     let _ = stream.shutdown(Shutdown::Write);
 }
 
-/// Reads one request head (and a Content-Length body, if small), answers 500, closes.
-fn answer_500(mut stream: TcpStream, requests: &AtomicUsize) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+/// Answers 500 and closes.
+fn answer_500(mut stream: TcpStream) {
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-    let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
-    while !raw.windows(4).any(|w| w == b"\r\n\r\n") && raw.len() < 64 * 1024 {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-        }
-    }
-    if raw.is_empty() {
-        // The drop's wake-up connection, or a client that gave up.
-        return;
-    }
-    requests.fetch_add(1, Ordering::SeqCst);
     let body = br#"{"errors":[{"code":"UNKNOWN","message":"keel-e2e: failing registry"}]}"#;
     let head = format!(
         "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

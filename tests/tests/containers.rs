@@ -581,16 +581,6 @@ fn bad_images_fail_with_a_reason_and_are_retried() {
     assert!(c["restarts"] == 0 && c["pid"].is_null(), "{c}");
 }
 
-/// keeld's resident memory, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// A registry that answers a layer's GET with an error whose body never ends: keeld
 /// reads a few KiB of it for the reason (bounded, on one line) and fails the pull. It
 /// used to read such a body whole, for as long as the layer's deadline allowed (the
@@ -601,7 +591,7 @@ fn an_error_answer_without_end_is_read_only_for_its_reason() {
     let containerd = Containerd::start();
     let registry = FailingRegistry::endless_blob_error();
     let keeld = keeld_on(&containerd, &[]);
-    let before = rss_kib(keeld.pid());
+    let before = keeld.rss_kib();
     set(
         &keeld,
         json!({"host-containers": {
@@ -615,7 +605,7 @@ fn an_error_answer_without_end_is_read_only_for_its_reason() {
         reason.contains("500") && reason.contains("error error") && reason.len() < 1024,
         "{reason}"
     );
-    let after = rss_kib(keeld.pid());
+    let after = keeld.rss_kib();
     assert!(
         after < before + 64 * 1024,
         "keeld grew from {before} KiB to {after} KiB"
