@@ -1546,7 +1546,7 @@ fn every_field_settings() -> Value {
             "node-taints": {"dedicated": ["taint-value:PreferNoSchedule", ":NoExecute"]},
             "eviction-hard": {"memory.available": "15%"},
             "eviction-soft": {"nodefs.available": "12%"},
-            "eviction-soft-grace-period": {"memory.available": "45s"},
+            "eviction-soft-grace-period": {"nodefs.available": "45s"},
             "kube-reserved": {"cpu": "150m", "memory": "512Mi"},
             "system-reserved": {"ephemeral-storage": "3Gi"},
             "memory-manager-policy": "Static",

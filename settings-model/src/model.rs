@@ -1259,6 +1259,39 @@ fn check_kubelet_rules(settings: &Settings) -> Result<(), Error> {
     Ok(())
 }
 
+/// Rules between two keys of one group, which hold only for the whole settings: a patch
+/// may set one key now and rely on the other being set already (the commit checks the
+/// group whole, through [`validate_groups`]).
+fn check_whole_rules(settings: &Settings) -> Result<(), Error> {
+    let Some(k8s) = settings.kubernetes.as_ref() else {
+        return Ok(());
+    };
+    // The kubelet refuses a soft eviction threshold without a grace period for its
+    // signal ("grace period must be specified for the soft eviction threshold"); a grace
+    // period without a threshold it ignores.
+    for signal in k8s.eviction_soft.iter().flat_map(|s| s.keys()) {
+        let has_grace = k8s
+            .eviction_soft_grace_period
+            .as_ref()
+            .is_some_and(|g| g.contains_key(signal));
+        if !has_grace {
+            return Err(Error::Invalid {
+                key: format!(
+                    "settings.kubernetes.eviction-soft-grace-period.{}",
+                    format_segment(signal.as_str())
+                ),
+                reason: format!(
+                    "settings.kubernetes.eviction-soft sets a threshold for {signal:?} but \
+                     no grace period is given for it: the kubelet would refuse to start; \
+                     set both in one transaction",
+                    signal = signal.as_str()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// chrony's `server` options (chrony 4.3, Debian 12's; matched without regard to case,
 /// as chrony does): those that take a value, and those that stand alone. chronyd
 /// refuses to start on a server line with any other word, so time would not be kept at
@@ -1365,6 +1398,7 @@ fn normalize(settings: &mut Settings) {
 /// JSON: absent fields omitted, map keys sorted, strings exactly as given.
 pub fn validate(value: &Value) -> Result<Value, Error> {
     let settings = parse(value)?;
+    check_whole_rules(&settings)?;
     serde_json::to_value(&settings).map_err(|e| Error::Invalid {
         key: "settings".to_owned(),
         reason: format!("cannot serialize settings: {e}"),

@@ -163,3 +163,41 @@ fn the_kubelet_s_certificates_are_certificate_blocks() {
     // Elsewhere (settings.pki) OpenSSL's form is a trust anchor like any other.
     validate_patch(&json!({"pki": {"ca": {"data": trusted, "trusted": true}}})).unwrap();
 }
+
+/// The kubelet stops at a soft eviction threshold without a grace period for its signal.
+/// The rule spans two keys, so a patch may set one of them alone (the other may be live
+/// already); the whole settings, which a commit checks, must hold both.
+#[test]
+fn a_soft_eviction_threshold_needs_its_grace_period_in_the_whole_settings() {
+    let soft = json!({"kubernetes": {"eviction-soft": {
+        "memory.available": "500Mi", "nodefs.available": "10%"
+    }}});
+    validate_patch(&soft).unwrap();
+    let err = validate(&soft).expect_err("no grace period");
+    assert_eq!(
+        err.key(),
+        Some("settings.kubernetes.eviction-soft-grace-period.\"memory.available\"")
+    );
+    assert!(err.to_string().contains("grace period"), "{err}");
+    let partly = json!({"kubernetes": {
+        "eviction-soft": {"memory.available": "500Mi", "nodefs.available": "10%"},
+        "eviction-soft-grace-period": {"memory.available": "1m30s"}
+    }});
+    let err = validate(&partly).expect_err("nodefs has none");
+    assert_eq!(
+        err.key(),
+        Some("settings.kubernetes.eviction-soft-grace-period.\"nodefs.available\"")
+    );
+    // The commit's check: the group whole.
+    let groups = ["kubernetes".to_owned()].into_iter().collect();
+    assert!(settings_model::validate_groups(&partly, &groups).is_err());
+    let both = json!({"kubernetes": {
+        "eviction-soft": {"memory.available": "500Mi", "nodefs.available": "10%"},
+        "eviction-soft-grace-period": {"memory.available": "1m30s", "nodefs.available": "2m"}
+    }});
+    validate(&both).unwrap();
+    settings_model::validate_groups(&both, &groups).unwrap();
+    // A grace period alone the kubelet ignores.
+    validate(&json!({"kubernetes": {"eviction-soft-grace-period": {"memory.available": "1m"}}}))
+        .unwrap();
+}
