@@ -61,6 +61,8 @@ pub struct ImageBuilder {
     cmd: Option<Vec<String>>,
     env: Vec<String>,
     gzip: bool,
+    /// Written into the config in place of the layer's real diff ID.
+    claimed_diff_id: Option<String>,
 }
 
 impl Default for ImageBuilder {
@@ -78,6 +80,7 @@ impl ImageBuilder {
             cmd: None,
             env: Vec::new(),
             gzip: true,
+            claimed_diff_id: None,
         }
     }
 
@@ -195,6 +198,13 @@ impl ImageBuilder {
         self
     }
 
+    /// An image whose config claims `diff_id` for its layer instead of the real one: it
+    /// is fetched whole (every blob matches its digest) and fails only at its unpack.
+    pub fn claim_diff_id(mut self, diff_id: &str) -> Self {
+        self.claimed_diff_id = Some(diff_id.to_owned());
+        self
+    }
+
     /// Writes an OCI image layout into `dir` (created if missing): `oci-layout`,
     /// `index.json` (one manifest, annotated `org.opencontainers.image.ref.name` = `tag`)
     /// and `blobs/sha256/<hex>` for the layer, config and manifest. An existing layout in
@@ -254,7 +264,10 @@ impl ImageBuilder {
     fn layout_files(&self, tag: &str) -> (Vec<(String, Vec<u8>)>, ImageInfo) {
         assert!(!tag.is_empty(), "an image tag must not be empty");
         let layer_tar = self.layer_tar();
-        let diff_id = sha256_digest(&layer_tar);
+        let diff_id = self
+            .claimed_diff_id
+            .clone()
+            .unwrap_or_else(|| sha256_digest(&layer_tar));
         let (layer_blob, layer_media_type) = if self.gzip {
             let mut encoder =
                 flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());

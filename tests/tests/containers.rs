@@ -694,24 +694,45 @@ fn registry_pull_mirror_and_cache() {
         keeld.log()
     );
 
+    // The tag moves to an image that is fetched whole but does not unpack (its config
+    // claims another layer): the recreated container fails, naming the layer, and the
+    // image record keeps naming the image that ran, which is the cached copy below. (It
+    // was recorded before its unpack, and the cached copy was then this broken one.)
+    let broken_layout = work.path().join("broken-layout");
+    ImageBuilder::busybox()
+        .gzip(true)
+        .cmd(&["/bin/sh", "-c", "echo broken image ran"])
+        .claim_diff_id(&format!("sha256:{}", "0".repeat(64)))
+        .write_oci_layout(&broken_layout, "v1");
+    registry.push_layout(&broken_layout, "v1", "keel/busybox");
+    let mirrored_pid = pid_of(&s);
+    set(
+        &keeld,
+        json!({"host-containers": {"direct": {"environment": {"MARK": "moved"}}}}),
+    );
+    wait_status(&keeld, "direct", Duration::from_secs(60), |s| {
+        s["state"] == "failed"
+            && s["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("unpacked to"))
+    });
+
     // Registry gone: a change that recreates the container still starts it, from the
-    // cached image, and says so.
+    // cached image (the one that ran, not the broken one), and says so.
     registry.stop();
-    let before = pid_of(&s);
     set(
         &keeld,
         json!({"host-containers": {"direct": {"environment": {"MARK": "cached"}}}}),
     );
-    let s = wait_status(&keeld, "direct", Duration::from_secs(60), |s| {
-        running(s) && s["restarts"] == 1
-    });
+    let s = wait_status(&keeld, "direct", Duration::from_secs(60), running);
+    assert_eq!(s["image-digest"], info.manifest_digest.as_str(), "{s}");
     assert!(
         s["reason"].as_str().is_some_and(|r| r.contains("cached")),
         "{s}"
     );
     assert_eq!(
         pid_of(&status_of(&keeld, "mirrored").expect("mirrored")),
-        before
+        mirrored_pid
     );
     wait_until("logs", Duration::from_secs(10), || {
         String::from_utf8_lossy(&keeld.apiclient(&["logs", "direct"]).stdout)

@@ -143,10 +143,14 @@ async fn ensure_leased(
             _ => return Err(e),
         },
     };
+    // Unpacked before it is recorded: an image whose layers do not apply must not
+    // replace the record of the one that ran, which is the cached copy a later failed
+    // fetch falls back to. Until the record exists, the lease keeps what was fetched and
+    // unpacked from the garbage collector.
+    let mut ready = unpack(cd, name, &manifest).await?;
     if fetch_failed.is_none() {
         record_image(cd, name, &manifest, stamp).await?;
     }
-    let mut ready = unpack(cd, name, &manifest).await?;
     ready.fetch_failed = fetch_failed;
     Ok(ready)
 }
