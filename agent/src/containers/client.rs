@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use containerd_client::services::v1::{
     container::Runtime, containers_client::ContainersClient, content_client::ContentClient,
     diff_client::DiffClient, images_client::ImagesClient, leases_client::LeasesClient,
-    snapshots::snapshots_client::SnapshotsClient, tasks_client::TasksClient, Container,
-    CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest, DeleteTaskRequest,
-    GetContainerRequest, GetImageRequest, Image, KillRequest, ListContainersRequest,
-    ListTasksRequest, StartRequest, WaitRequest,
+    snapshots::snapshots_client::SnapshotsClient, tasks_client::TasksClient, AddResourceRequest,
+    Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
+    DeleteTaskRequest, GetContainerRequest, GetImageRequest, Image, KillRequest,
+    ListContainersRequest, ListTasksRequest, Resource, StartRequest, WaitRequest,
 };
 use containerd_client::tonic::{
     self,
@@ -79,6 +79,14 @@ impl<T> Call<T> for Result<tonic::Response<T>, Status> {
                 status,
             })
     }
+}
+
+/// What [`Containerd::hold`] adds to a lease: a blob by digest, or a snapshot of keeld's
+/// snapshotter by key.
+#[derive(Debug, Clone, Copy)]
+pub enum Held<'a> {
+    Content(&'a str),
+    Snapshot(&'a str),
 }
 
 /// Adds the namespace (and lease, when there is one) to every request.
@@ -180,6 +188,31 @@ impl Containerd {
         let mut other = self.clone();
         other.metadata.lease = Some(lease);
         Ok(other)
+    }
+
+    /// Adds `resource`, found already in containerd, to this handle's lease. What made
+    /// it (another pull, under its own lease) may fail and release that lease, and the
+    /// garbage collector would then take the blob or snapshot this pull skipped because
+    /// it was there. Nothing to do without a lease.
+    pub async fn hold(&self, resource: Held<'_>) -> Result<(), ContainerdError> {
+        let Some(lease) = self.metadata.lease.as_ref().and_then(|l| l.to_str().ok()) else {
+            return Ok(());
+        };
+        let (id, kind) = match resource {
+            Held::Content(digest) => (digest, "content".to_owned()),
+            Held::Snapshot(key) => (key, format!("snapshots/{SNAPSHOTTER}")),
+        };
+        self.leases()
+            .add_resource(AddResourceRequest {
+                id: lease.to_owned(),
+                resource: Some(Resource {
+                    id: id.to_owned(),
+                    r#type: kind,
+                }),
+            })
+            .await
+            .during("hold in lease", id)?;
+        Ok(())
     }
 
     pub(crate) fn containers(&self) -> ContainersClient<Svc> {

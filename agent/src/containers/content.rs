@@ -16,7 +16,7 @@ use containerd_client::services::v1::{
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
-use super::client::{Call, Containerd, ContainerdError};
+use super::client::{Call, Containerd, ContainerdError, Held};
 use super::oci::{verify_digest, Descriptor, ImageError};
 
 /// How big a manifest, index or config may be when keeld reads it into memory.
@@ -24,8 +24,11 @@ pub const MAX_METADATA_BLOB: u64 = 4 << 20;
 /// The chunk size for content writes (containerd's gRPC limit is 16 MiB).
 const WRITE_CHUNK: usize = 1 << 20;
 
-/// Whether the content store already holds `digest`.
+/// Whether the content store already holds `digest`. Within a lease, the blob is added
+/// to it first (see [`Containerd::hold`]): when it is found, it is protected from then
+/// on, though another pull's lease made it.
 pub async fn has_blob(cd: &Containerd, digest: &str) -> Result<bool, ContainerdError> {
+    cd.hold(Held::Content(digest)).await?;
     match cd
         .content()
         .info(InfoRequest {
@@ -143,14 +146,14 @@ where
     let mut replies = match content.write(requests).await {
         Ok(replies) => replies.into_inner(),
         // Another writer (a pull of the same layer for another container) committed
-        // the blob since it was looked for: the content is there.
-        Err(status) if already(&status) => return Ok(()),
+        // the blob since it was looked for: the content is there, held by its lease.
+        Err(status) if already(&status) => return hold(cd, &digest).await,
         Err(status) => return Err(fail(status).into()),
     };
     match replies.message().await {
         Ok(Some(_)) => {}
         Ok(None) => return Err(closed()),
-        Err(status) if already(&status) => return Ok(()),
+        Err(status) if already(&status) => return hold(cd, &digest).await,
         Err(status) => return Err(fail(status).into()),
     }
 
@@ -200,9 +203,14 @@ where
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(closed()),
         // Another writer committed the same blob first: the content is there.
-        Err(status) if already(&status) => Ok(()),
+        Err(status) if already(&status) => hold(cd, &digest).await,
         Err(status) => Err(fail(status).into()),
     }
+}
+
+/// A blob another writer committed, added to this pull's lease (see [`has_blob`]).
+async fn hold(cd: &Containerd, digest: &str) -> Result<(), ImageError> {
+    Ok(cd.hold(Held::Content(digest)).await?)
 }
 
 /// A containerd lease: content and snapshots made under it survive garbage collection

@@ -14,11 +14,14 @@ use containerd_client::services::v1::{
     ApplyRequest,
 };
 
-use super::client::{Call, Containerd, ContainerdError, SNAPSHOTTER};
+use super::client::{Call, Containerd, ContainerdError, Held, SNAPSHOTTER};
 use super::oci::{to_proto, Descriptor, ImageError};
 
-/// Whether snapshot `key` exists.
+/// Whether snapshot `key` exists; within a lease, it is added to it first.
 pub async fn snapshot_exists(cd: &Containerd, key: &str) -> Result<bool, ContainerdError> {
+    // Held first, looked for second, as a blob (`content::has_blob`): a snapshot another
+    // pull committed under its lease stays when that pull fails.
+    cd.hold(Held::Snapshot(key)).await?;
     match cd
         .snapshots()
         .stat(StatSnapshotRequest {
@@ -98,10 +101,11 @@ pub async fn apply_layer(
         .during("commit snapshot", chain_id);
     match committed {
         Ok(_) => Ok(()),
-        // Another unpack of the same layer won the race; ours is redundant.
+        // Another unpack of the same layer won the race; ours is redundant, theirs is
+        // held by this pull's lease too.
         Err(e) if e.is_already_exists() => {
             remove_snapshot(cd, &key).await;
-            Ok(())
+            Ok(cd.hold(Held::Snapshot(chain_id)).await?)
         }
         Err(e) => {
             remove_snapshot(cd, &key).await;
