@@ -740,6 +740,52 @@ fn registry_pull_mirror_and_cache() {
     });
 }
 
+/// Two host containers of one image, started at once: its layer is downloaded once. The
+/// second pull waits for the first one's download of the layer and finds it in the
+/// store (both used to download it side by side).
+#[test]
+fn two_containers_of_one_image_download_its_layer_once() {
+    require_root();
+    let containerd = Containerd::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let layout = work.path().join("layout");
+    // A layer of its own, large enough that both pulls are under way at once.
+    let noise: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let info = ImageBuilder::busybox()
+        .gzip(true)
+        .file("/noise", noise, 0o644)
+        .cmd(&["/bin/sh", "-c", "while :; do sleep 0.1; done"])
+        .write_oci_layout(&layout, "v1");
+    let registry = Registry::start();
+    registry.push_layout(&layout, "v1", "keel/twice");
+    let keeld = keeld_on(&containerd, &[]);
+    let source = format!("{}/keel/twice:v1", registry.addr());
+    set(
+        &keeld,
+        json!({"host-containers": {
+            "one": {"enabled": true, "source": source},
+            "two": {"enabled": true, "source": source}
+        }}),
+    );
+    for name in ["one", "two"] {
+        let s = wait_status(&keeld, name, Duration::from_secs(120), running);
+        assert_eq!(s["image-digest"], info.manifest_digest.as_str());
+    }
+    let layer = &info.layer_digests[0];
+    let log = registry.log();
+    let gets = log
+        .lines()
+        .filter(|l| {
+            l.contains("response completed")
+                && l.contains("http.request.method=GET")
+                && l.contains(&format!("/blobs/{layer}"))
+        })
+        .count();
+    assert_eq!(gets, 1, "the layer was downloaded {gets} times:\n{log}");
+}
+
 /// A host container (not superpowered) that replaces its own `user-data` with a FIFO and
 /// exits: keeld's restart of it must neither open the FIFO nor stall: the start fails
 /// with a reason naming the file, and the API answers throughout.

@@ -10,7 +10,8 @@
 //! adds what a host agent needs around it: mirrors and credentials from
 //! `settings.container-registry`, the proxy from `settings.network`, plain HTTP only
 //! for loopback registries or mirrors written with `http://`, platform selection from
-//! an index, and a token asked again during long pulls.
+//! an index, a token asked again during long pulls, and one download of a layer at a
+//! time (a pull that wants a layer another is downloading waits and finds it stored).
 //!
 //! One of the two image sources (with [`super::archive`]): it uses the shared types
 //! ([`super::oci`]) and the content store ([`super::content`]), never the pipeline
@@ -281,6 +282,34 @@ pub async fn pull(
         }
     }
     Err(RegistryError::AllEndpointsFailed(failures).into())
+}
+
+/// Layers being downloaded now, by digest. An entry lives as long as a pull holds or
+/// waits for its lock; the dead ones are swept at each new download.
+static DOWNLOADING: std::sync::LazyLock<
+    std::sync::Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// Waits until no other pull of this keeld downloads the layer `digest`, and holds it
+/// until the guard is dropped. Locks are taken one layer at a time, never two at once,
+/// so no two pulls can wait for each other.
+async fn one_download_at_a_time(digest: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    let lock = {
+        // Entries are inserted and swept whole: a poisoned map is still consistent.
+        let mut downloading = DOWNLOADING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        downloading.retain(|_, lock| lock.strong_count() > 0);
+        match downloading.get(digest).and_then(std::sync::Weak::upgrade) {
+            Some(lock) => lock,
+            None => {
+                let lock = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+                downloading.insert(digest.to_owned(), std::sync::Arc::downgrade(&lock));
+                lock
+            }
+        }
+    };
+    lock.lock_owned().await
 }
 
 /// Awaits one endpoint's pull. oci-client has panicked on registry answers (a token that
@@ -608,6 +637,10 @@ async fn pull_from(
     let manifest_desc = Descriptor::new(media_type, bytes.len() as u64, digest);
 
     for layer in manifest.layers() {
+        // Held through the download: a pull that wants the same layer waits for it, then
+        // finds it in the store, instead of downloading it a second time (two containers
+        // of one image, or two images on one base, started at once).
+        let _downloading = one_download_at_a_time(layer.digest().as_ref()).await;
         if content::has_blob(cd, layer.digest().as_ref()).await? {
             continue;
         }
@@ -901,6 +934,34 @@ mod tests {
     /// (oci-client used to panic on it; keeld's own manifest request now refuses it
     /// first): the pull fails with a reason naming the image, the task goes on. The
     /// `catch_unwind` around each endpoint (`panic_as_failure`) stays for other panics.
+    /// A layer another pull is downloading waits for it; another layer does not, and a
+    /// finished download leaves nothing behind.
+    #[tokio::test]
+    async fn one_layer_is_downloaded_by_one_pull_at_a_time() {
+        let first = one_download_at_a_time("sha256:test-one-at-a-time-a").await;
+        let waiting = tokio::spawn(async {
+            drop(one_download_at_a_time("sha256:test-one-at-a-time-a").await);
+        });
+        let other = tokio::time::timeout(
+            Duration::from_secs(5),
+            one_download_at_a_time("sha256:test-one-at-a-time-b"),
+        )
+        .await
+        .expect("another layer does not wait");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the same layer waits");
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the wait ends with the download")
+            .expect("no panic");
+        drop(other);
+        drop(one_download_at_a_time("sha256:test-one-at-a-time-c").await);
+        let downloading = DOWNLOADING.lock().expect("not poisoned");
+        assert!(!downloading.contains_key("sha256:test-one-at-a-time-a"));
+        assert!(!downloading.contains_key("sha256:test-one-at-a-time-b"));
+    }
+
     #[tokio::test]
     async fn a_token_that_is_no_header_value_fails_the_endpoint() {
         let port = fake_registry(|request, port| {
