@@ -1,12 +1,11 @@
 //! Pulling an image from a registry into containerd's content store.
 //!
-//! Token authentication is `oci-client`, the ORAS project's client (maintained, async,
-//! on `reqwest` with rustls); it reads the token service's answer whole, so each
-//! exchange is bounded in time (2 minutes), not in size. The requests themselves,
-//! manifests and blobs, are keeld's own ([`Session`]), so that every body is read
-//! within a bound: an error answer to 4 KiB, a manifest to 4 MiB, a config to its
-//! declared size, a layer streamed into containerd within its deadline, its digest
-//! checked as it arrives and again by containerd at commit. keeld
+//! Every request is keeld's own ([`Session`], on `reqwest` with rustls; `oci-client`
+//! gives only the reference grammar and the credential type), so that every body is
+//! read within a bound: an error answer to 4 KiB, a token service's answer to 64 KiB,
+//! a manifest to 4 MiB, a config to its declared size, a layer streamed into containerd
+//! within its deadline, its digest checked as it arrives and again by containerd at
+//! commit; the token exchange and each manifest within 2 minutes. keeld
 //! adds what a host agent needs around it: mirrors and credentials from
 //! `settings.container-registry`, the proxy from `settings.network`, plain HTTP only
 //! for loopback registries or mirrors written with `http://`, platform selection from
@@ -21,9 +20,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
-use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::Reference;
 use settings_model::proxy::ProxyRules;
 use settings_model::Settings;
 
@@ -196,7 +194,7 @@ fn endpoints(reference: &Reference, config: &RegistryConfig) -> (Vec<Endpoint>, 
         };
         // A path (`https://nexus.example.com/repository/dockerhub`) is kept, and `/v2`
         // goes after it unless it ends so, as containerd does with the same setting:
-        // the registry oci-client puts before `/v2/` carries it.
+        // the registry part of the reference, before `/v2/`, carries it.
         let path = url.path().trim_end_matches('/');
         let path = path.strip_suffix("/v2").unwrap_or(path);
         let registry = format!("{host}{path}");
@@ -222,30 +220,6 @@ fn endpoints(reference: &Reference, config: &RegistryConfig) -> (Vec<Endpoint>, 
         host: registry,
     });
     (out, unusable)
-}
-
-fn client_for(endpoint: &Endpoint, config: &RegistryConfig) -> Client {
-    let protocol = if endpoint.plain_http {
-        // oci-client picks the scheme by the registry it builds URLs from (with a
-        // mirror's path, if any).
-        ClientProtocol::HttpsExcept(vec![endpoint.reference.resolve_registry().to_owned()])
-    } else {
-        ClientProtocol::Https
-    };
-    Client::new(ClientConfig {
-        protocol,
-        connect_timeout: Some(Duration::from_secs(10)),
-        read_timeout: Some(Duration::from_secs(60)),
-        // As containerd gets it (`HTTPS_PROXY` only): plain HTTP goes direct.
-        https_proxy: config.proxy.as_ref().map(|p| p.https_proxy().to_owned()),
-        http_proxy: None,
-        // Go never proxies a loopback address; reqwest does unless told.
-        no_proxy: config
-            .proxy
-            .as_ref()
-            .map(|p| format!("{},127.0.0.0/8,::1", p.no_proxy_joined())),
-        ..ClientConfig::default()
-    })
 }
 
 /// Pulls `reference` (trying its mirrors first) into the content store; answers the
@@ -312,9 +286,10 @@ async fn one_download_at_a_time(digest: &str) -> tokio::sync::OwnedMutexGuard<()
     lock.lock_owned().await
 }
 
-/// Awaits one endpoint's pull. oci-client has panicked on registry answers (a token that
-/// is no valid header value): a panic is then that endpoint's failure, naming `what` (the
-/// reference as pulled from there), not the end of the task pulling.
+/// Awaits one endpoint's pull. A panic (a bug on some registry's answer: oci-client's
+/// token exchange, which keeld used before its own, panicked on a token that is no valid
+/// header value) is then that endpoint's failure, naming `what` (the reference as pulled
+/// from there), not the end of the task pulling.
 async fn panic_as_failure<T>(
     what: &str,
     pulling: impl std::future::Future<Output = Result<T, ImageError>>,
@@ -349,8 +324,8 @@ fn registry_failure(
             )
         })
         .unwrap_or_default();
-    // At most 1000 characters of what the failure says, on one line: an error from
-    // oci-client (its token exchange) can carry a whole answer of the registry's.
+    // At most 1000 characters of what the failure says, on one line (it may quote a
+    // registry's answer).
     let mut said: String = e
         .to_string()
         .chars()
@@ -364,42 +339,105 @@ fn registry_failure(
 }
 
 /// How long keeld uses a registry's bearer token before asking for a new one, within
-/// one pull. Registries give tokens of minutes (Docker Hub's last 300 s), and
-/// oci-client keeps one without a readable expiry for 60 s only: a pull of large layers
-/// outlives both, and its later requests went out without a token (401).
+/// one pull. Registries give tokens of minutes (Docker Hub's last 300 s, and 60 s is
+/// the protocol's default when the answer says nothing): a pull of large layers
+/// outlives them, and its later requests would go out with a stale token (401).
 const TOKEN_REUSE: Duration = Duration::from_secs(45);
+
+/// Most bytes of a token service's answer keeld reads (tokens are a few KiB at most:
+/// Docker Hub's are under 2): a larger answer fails the endpoint.
+const TOKEN_ANSWER_MAX: usize = 64 * 1024;
+
+/// A registry's `WWW-Authenticate: Bearer realm="…",service="…"` challenge.
+#[derive(Debug, PartialEq, Eq)]
+struct BearerChallenge {
+    realm: String,
+    service: Option<String>,
+}
+
+impl BearerChallenge {
+    /// The challenge in one header value; `None` for another scheme (Basic) or one
+    /// without a realm. Parameters are `name=token` or `name="quoted"` (with `\`
+    /// escapes), separated by commas (RFC 9110, section 11.2).
+    fn parse(header: &str) -> Option<BearerChallenge> {
+        let header = header.trim_start();
+        let (scheme, mut rest) = header.split_at(header.find(' ').unwrap_or(header.len()));
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let mut params = HashMap::new();
+        loop {
+            rest = rest.trim_start_matches([' ', '\t', ',']);
+            if rest.is_empty() {
+                break;
+            }
+            let eq = rest.find('=')?;
+            let name = rest[..eq].trim().to_ascii_lowercase();
+            rest = rest[eq + 1..].trim_start();
+            let value = if let Some(quoted) = rest.strip_prefix('"') {
+                let mut value = String::new();
+                let mut chars = quoted.char_indices();
+                let mut end = None;
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => value.push(chars.next()?.1),
+                        '"' => {
+                            end = Some(i + 1);
+                            break;
+                        }
+                        c => value.push(c),
+                    }
+                }
+                rest = &quoted[end?..];
+                value
+            } else {
+                let end = rest.find(',').unwrap_or(rest.len());
+                let value = rest[..end].trim().to_owned();
+                rest = &rest[end..];
+                value
+            };
+            params.insert(name, value);
+        }
+        Some(BearerChallenge {
+            realm: params.remove("realm").filter(|r| !r.is_empty())?,
+            service: params.remove("service"),
+        })
+    }
+}
 
 /// How much of a registry's error answer keeld reads, for the message: the rest is not
 /// read at all (an answer without end cannot grow keeld's memory).
 const ERROR_BODY_MAX: usize = 4096;
 
 /// One endpoint's pull: keeld's own HTTP requests for manifests and blobs, with the
-/// media types keeld accepts, the endpoint's credentials, and a bearer token from
-/// oci-client's token exchange, asked again once older than [`TOKEN_REUSE`]. Errors
+/// media types keeld accepts, the endpoint's credentials, and a bearer token from the
+/// registry's token service ([`Session::exchange`]), asked again once older than
+/// [`TOKEN_REUSE`]. Errors
 /// are read to [`ERROR_BODY_MAX`] bytes, and bodies are read by the caller within its
 /// own bounds, never whole.
 struct Session<'a> {
-    client: &'a Client,
     http: reqwest::Client,
+    /// For the token service, which may be another host than the endpoint: proxied
+    /// as an HTTPS registry is, even for a plain-HTTP endpoint.
+    token_http: reqwest::Client,
     endpoint: &'a Endpoint,
     config: &'a RegistryConfig,
     auth: RegistryAuth,
     token: Option<(Option<String>, tokio::time::Instant)>,
+    /// [`TOKEN_REUSE`]; shortened by tests.
+    token_reuse: Duration,
 }
 
 impl<'a> Session<'a> {
-    fn new(
-        client: &'a Client,
-        endpoint: &'a Endpoint,
-        config: &'a RegistryConfig,
-    ) -> Result<Session<'a>, ImageError> {
+    fn new(endpoint: &'a Endpoint, config: &'a RegistryConfig) -> Result<Session<'a>, ImageError> {
         Ok(Session {
-            client,
-            http: http_for(endpoint, config)?,
+            http: http_client(config, !endpoint.plain_http)?,
+            token_http: http_client(config, true)?,
             endpoint,
             config,
             auth: config.auth_for(&endpoint.host),
             token: None,
+            token_reuse: TOKEN_REUSE,
         })
     }
 
@@ -431,23 +469,18 @@ impl<'a> Session<'a> {
         accept: Option<String>,
     ) -> Result<reqwest::Response, ImageError> {
         let token = match &self.token {
-            Some((token, at)) if at.elapsed() < TOKEN_REUSE => token.clone(),
+            Some((token, at)) if at.elapsed() < self.token_reuse => token.clone(),
             _ => {
-                // oci-client reads the token service's answer whole: bounded here in
-                // time, as a manifest is (the token may be asked again during a layer,
-                // whose own deadline can be long).
-                let exchange =
-                    self.client
-                        .auth(reference, &self.auth, oci_client::RegistryOperation::Pull);
-                let token = tokio::time::timeout(METADATA_DEADLINE, exchange)
+                // Bounded in time as a manifest is (the token may be asked again during
+                // a layer, whose own deadline can be long), and in size by `exchange`.
+                let token = tokio::time::timeout(METADATA_DEADLINE, self.exchange(reference))
                     .await
                     .map_err(|_| {
                         self.failure(format!(
                             "the token service did not answer within {}",
                             humantime::format_duration(METADATA_DEADLINE)
                         ))
-                    })?
-                    .map_err(|e| self.failure(e))?;
+                    })??;
                 self.token = Some((token.clone(), tokio::time::Instant::now()));
                 token
             }
@@ -484,6 +517,118 @@ impl<'a> Session<'a> {
             .take(200)
             .collect();
         Err(self.failure(format!("GET {url}: {status}: {said}")))
+    }
+
+    /// A bearer token for pulling `reference`, from the token service the registry
+    /// names in its challenge to an unauthenticated `GET /v2/` (the registry token
+    /// protocol: `realm`, `service`, and the scope `repository:<name>:pull`), asked with
+    /// the endpoint's credentials. `None` when the registry sets no such challenge: the
+    /// requests then carry the credentials themselves, or nothing. The answer is read to
+    /// [`TOKEN_ANSWER_MAX`] bytes at most.
+    async fn exchange(&self, reference: &Reference) -> Result<Option<String>, ImageError> {
+        let scheme = if self.endpoint.plain_http {
+            "http"
+        } else {
+            "https"
+        };
+        let ping = format!("{scheme}://{}/v2/", reference.resolve_registry());
+        let response = self
+            .http
+            .get(&ping)
+            .send()
+            .await
+            .map_err(|e| self.failure(format!("GET {ping}: {e}")))?;
+        let challenge = response
+            .headers()
+            .get_all(reqwest::header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(BearerChallenge::parse);
+        drop(response);
+        let Some(challenge) = challenge else {
+            return Ok(None);
+        };
+        let mut url = reqwest::Url::parse(&challenge.realm).map_err(|e| {
+            self.failure(format!(
+                "the registry's token service {:?} is no URL: {e}",
+                challenge.realm
+            ))
+        })?;
+        let loopback = url.host_str().is_some_and(is_loopback);
+        match url.scheme() {
+            "https" => {}
+            "http" if self.endpoint.plain_http || loopback => {}
+            other => {
+                return Err(self.failure(format!(
+                    "the registry's token service {:?} is not HTTPS ({other}): keeld sends \
+                     credentials over HTTPS only, except on loopback",
+                    challenge.realm
+                )))
+            }
+        }
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = &challenge.service {
+                query.append_pair("service", service);
+            }
+            query.append_pair(
+                "scope",
+                &format!("repository:{}:pull", reference.repository()),
+            );
+        }
+        let mut request = self.token_http.get(url.clone());
+        if let RegistryAuth::Basic(username, password) = &self.auth {
+            request = request.basic_auth(username, Some(password));
+        }
+        // The realm without its query: what the user can look up, with nothing asked.
+        let realm = format!("{}{}", url.origin().ascii_serialization(), url.path());
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| self.failure(format!("GET {realm}: {e}")))?;
+        let status = response.status();
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.failure(format!("GET {realm}: {e}")))?
+        {
+            if body.len() + chunk.len() > TOKEN_ANSWER_MAX {
+                if !status.is_success() {
+                    break;
+                }
+                return Err(self.failure(format!(
+                    "GET {realm}: the token service's answer is larger than {TOKEN_ANSWER_MAX} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if !status.is_success() {
+            let said: String = String::from_utf8_lossy(&body)
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect();
+            return Err(self.failure(format!(
+                "the token service refused the pull ({status}, GET {realm}): {said}"
+            )));
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenAnswer {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
+            self.failure(format!(
+                "GET {realm}: the token service's answer is no token: {e}"
+            ))
+        })?;
+        match answer.token.or(answer.access_token) {
+            Some(token) if !token.is_empty() => Ok(Some(token)),
+            _ => Err(self.failure(format!(
+                "GET {realm}: the token service's answer holds no token"
+            ))),
+        }
     }
 
     /// `reference`'s manifest, at most [`MAX_METADATA_BLOB`] bytes of it (a registry
@@ -550,13 +695,15 @@ impl<'a> Session<'a> {
     }
 }
 
-/// A plain HTTP client for `endpoint`, with the time limits and proxy of [`client_for`].
-fn http_for(endpoint: &Endpoint, config: &RegistryConfig) -> Result<reqwest::Client, ImageError> {
+/// An HTTP client with keeld's time limits and, when `proxied`, the proxy of
+/// `settings.network` for HTTPS (as containerd gets it, `HTTPS_PROXY` only: plain HTTP
+/// goes direct; Go never proxies a loopback address, and reqwest does unless told).
+fn http_client(config: &RegistryConfig, proxied: bool) -> Result<reqwest::Client, ImageError> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(Duration::from_secs(60))
         .no_proxy();
-    if let (Some(rules), false) = (&config.proxy, endpoint.plain_http) {
+    if let (Some(rules), true) = (&config.proxy, proxied) {
         let no_proxy =
             reqwest::NoProxy::from_string(&format!("{},127.0.0.0/8,::1", rules.no_proxy_joined()));
         let proxy = reqwest::Proxy::https(rules.https_proxy())
@@ -584,8 +731,7 @@ async fn pull_from(
     endpoint: &Endpoint,
     config: &RegistryConfig,
 ) -> Result<Descriptor, ImageError> {
-    let client = client_for(endpoint, config);
-    let mut session = Session::new(&client, endpoint, config)?;
+    let mut session = Session::new(endpoint, config)?;
     let reference = &endpoint.reference;
     let (mut bytes, digest) =
         within_deadline(endpoint, "the manifest", session.manifest(reference)).await??;
@@ -871,9 +1017,7 @@ mod tests {
             let failure = registry_failure(
                 &list[0],
                 &config,
-                oci_client::errors::OciDistributionError::AuthenticationFailure(
-                    "401 Unauthorized".into(),
-                ),
+                "the token service refused the pull (401 Unauthorized)",
             )
             .to_string();
             assert!(
@@ -930,10 +1074,6 @@ mod tests {
         assert!(!format!("{config:?}").contains("\"p\""));
     }
 
-    /// A registry whose token endpoint answers a token that is no valid header value
-    /// (oci-client used to panic on it; keeld's own manifest request now refuses it
-    /// first): the pull fails with a reason naming the image, the task goes on. The
-    /// `catch_unwind` around each endpoint (`panic_as_failure`) stays for other panics.
     /// A layer another pull is downloading waits for it; another layer does not, and a
     /// finished download leaves nothing behind.
     #[tokio::test]
@@ -962,6 +1102,10 @@ mod tests {
         assert!(!downloading.contains_key("sha256:test-one-at-a-time-b"));
     }
 
+    /// A registry whose token endpoint answers a token that is no valid header value
+    /// (oci-client's token exchange, which keeld used before its own, panicked on it):
+    /// the pull fails with a reason naming the image, the task goes on. The
+    /// `catch_unwind` around each endpoint (`panic_as_failure`) stays for other panics.
     #[tokio::test]
     async fn a_token_that_is_no_header_value_fails_the_endpoint() {
         let port = fake_registry(|request, port| {
@@ -974,7 +1118,7 @@ mod tests {
         .await;
         let failed = failed_pull(port, &RegistryConfig::default()).await;
         // The token is no valid header value: the pull fails with the reason, and the
-        // task goes on (whether keeld's request refuses it or oci-client panics on it).
+        // task goes on.
         assert!(
             failed
                 .to_string()
@@ -1034,11 +1178,6 @@ mod tests {
     /// manifest, so the pull gets past authorisation and fails on parsing.
     #[tokio::test]
     async fn the_manifest_request_carries_the_credentials() {
-        fn authorised(request: &str, wanted: &str) -> bool {
-            request
-                .lines()
-                .any(|l| l.eq_ignore_ascii_case(&format!("authorization: {wanted}")))
-        }
         let basic = fake_registry(|request, _| {
             // base64("u:p")
             if authorised(request, "Basic dTpw") && request.contains("/manifests/") {
@@ -1078,6 +1217,149 @@ mod tests {
                 "port {port}: {failed}"
             );
         }
+    }
+
+    /// The challenge's realm and service, whatever the spelling of the scheme, the
+    /// order of the parameters, commas and escapes inside quotes; another scheme, or no
+    /// realm, is no bearer challenge.
+    #[test]
+    fn bearer_challenges_are_read_as_registries_write_them() {
+        let parsed = BearerChallenge::parse(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#,
+        );
+        assert_eq!(
+            parsed,
+            Some(BearerChallenge {
+                realm: "https://auth.docker.io/token".to_owned(),
+                service: Some("registry.docker.io".to_owned()),
+            })
+        );
+        let parsed =
+            BearerChallenge::parse(r#"bearer service="a,b\"c" , realm=https://r.example/t?x=1"#);
+        assert_eq!(
+            parsed,
+            Some(BearerChallenge {
+                realm: "https://r.example/t?x=1".to_owned(),
+                service: Some("a,b\"c".to_owned()),
+            })
+        );
+        for none in [
+            r#"Basic realm="registry""#,
+            r#"Bearer service="s""#,
+            r#"Bearer realm="""#,
+            r#"Bearer realm="unterminated"#,
+            "Bearer",
+            "",
+        ] {
+            assert_eq!(BearerChallenge::parse(none), None, "{none}");
+        }
+    }
+
+    static TOKENS_GIVEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    fn authorised(request: &str, wanted: &str) -> bool {
+        request
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case(&format!("authorization: {wanted}")))
+    }
+
+    /// keeld's own token exchange: the challenge's realm and service, the pull scope and
+    /// the endpoint's credentials go to the token service; `access_token` is a token as
+    /// `token` is; a token is used until it is older than the reuse limit, then asked
+    /// again.
+    #[tokio::test]
+    async fn a_token_is_asked_with_scope_and_credentials_and_again_once_old() {
+        let port = fake_registry(|request, port| {
+            if request.starts_with("GET /token") {
+                let scoped = request
+                    .starts_with("GET /token?service=t&scope=repository%3Aapp%3Apull HTTP/1.1");
+                if !(scoped && authorised(request, "Basic dTpw")) {
+                    return Answer::Whole(http_answer("400 Bad Request", "", "{}"));
+                }
+                let n = TOKENS_GIVEN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Answer::Whole(http_answer(
+                    "200 OK",
+                    "",
+                    &format!("{{\"access_token\":\"tok{n}\",\"expires_in\":300}}"),
+                ))
+            } else if request.contains("/manifests/")
+                && request.lines().any(|l| {
+                    l.to_ascii_lowercase()
+                        .starts_with("authorization: bearer tok")
+                })
+            {
+                Answer::Whole(http_answer("200 OK", "", "{}"))
+            } else {
+                bearer_challenge(port)
+            }
+        })
+        .await;
+        let settings: Settings = serde_json::from_value(serde_json::json!({
+            "container-registry": {"credentials": [
+                {"registry": format!("127.0.0.1:{port}"), "username": "u", "password": "p"}
+            ]}
+        }))
+        .expect("settings");
+        let config = RegistryConfig::from_settings(&settings);
+        let reference: Reference = format!("127.0.0.1:{port}/app:1").parse().expect("ref");
+        let (list, _) = endpoints(&reference, &config);
+        let mut session = Session::new(&list[0], &config).expect("session");
+        let given = || TOKENS_GIVEN.load(std::sync::atomic::Ordering::SeqCst);
+        let before = given();
+        for _ in 0..3 {
+            session.manifest(&reference).await.expect("manifest");
+        }
+        assert_eq!(given() - before, 1, "one token for requests close together");
+        session.token_reuse = Duration::ZERO;
+        session.manifest(&reference).await.expect("manifest");
+        assert_eq!(given() - before, 2, "a new token once the last is old");
+    }
+
+    /// A token service whose answer never ends: keeld stops reading at the limit.
+    #[tokio::test]
+    async fn a_token_answer_without_end_is_cut_off_at_the_limit() {
+        let port = fake_registry(|request, port| {
+            if request.starts_with("GET /token") {
+                Answer::Endless(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+                )
+            } else {
+                bearer_challenge(port)
+            }
+        })
+        .await;
+        let failed = failed_pull(port, &RegistryConfig::default()).await;
+        assert!(
+            failed
+                .to_string()
+                .contains("the token service's answer is larger than 65536 bytes"),
+            "{failed}"
+        );
+    }
+
+    /// A token service that refuses: the pull fails saying so, with the status.
+    #[tokio::test]
+    async fn a_refusing_token_service_fails_the_pull_with_its_status() {
+        let port = fake_registry(|request, port| {
+            if request.starts_with("GET /token") {
+                Answer::Whole(http_answer(
+                    "401 Unauthorized",
+                    "",
+                    "{\"details\":\"incorrect username or password\"}",
+                ))
+            } else {
+                bearer_challenge(port)
+            }
+        })
+        .await;
+        let failed = failed_pull(port, &RegistryConfig::default())
+            .await
+            .to_string();
+        assert!(
+            failed.contains("the token service refused the pull (401 Unauthorized")
+                && failed.contains("incorrect username or password"),
+            "{failed}"
+        );
     }
 
     /// What a fake registry sends back to one request.
