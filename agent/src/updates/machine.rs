@@ -100,6 +100,9 @@ struct Inner {
     /// Set once the start-up reconciliation ended: commands asked for before wait for it.
     reconciled: tokio::sync::watch::Sender<bool>,
     events: EventBus,
+    /// Test hook: the reconciliation panics (a bug) as it starts.
+    #[cfg(test)]
+    panic_in_reconcile: std::sync::atomic::AtomicBool,
 }
 
 /// The update machinery; cheap to clone.
@@ -145,6 +148,8 @@ impl Updates {
                 running: Mutex::new(None),
                 reconciled: tokio::sync::watch::channel(false).0,
                 events,
+                #[cfg(test)]
+                panic_in_reconcile: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         updates.set_active_partition(None);
@@ -707,6 +712,14 @@ impl Updates {
 
     async fn reconcile_record(&self) {
         let guard = self.inner.lock.clone().lock_owned().await;
+        #[cfg(test)]
+        if self
+            .inner
+            .panic_in_reconcile
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("simulated bug in the reconciliation");
+        }
         let inspection = match &self.inner.config.writer {
             Some(endpoint) => match inspect(endpoint).await {
                 Ok(inspection) => Some(inspection),
@@ -1227,6 +1240,94 @@ fn updated(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Updates on a fresh store, with no slot writer and a repository that cannot be
+    /// read (a refresh fails at once, saying why).
+    fn updates_in(dir: &std::path::Path) -> Updates {
+        let store = Store::open(&dir.join("state"), 10).expect("store");
+        let os = Arc::new(OsInfo {
+            arch: "x86_64".into(),
+            build_id: "test".into(),
+            pretty_name: "Keel".into(),
+            variant_id: "test".into(),
+            version_id: "1.0.0".into(),
+        });
+        let config = UpdatesConfig {
+            repository: RepositoryConfig {
+                root: dir.join("no-root.json"),
+                datastore: dir.join("datastore"),
+                timeouts: Default::default(),
+            },
+            writer: None,
+            record: dir.join("status.json"),
+            tries: 1,
+        };
+        Updates::open(config, store, os, EventBus::default())
+    }
+
+    /// A reconciliation that panics (a bug) still lets commands through at once: they
+    /// wait for the reconciliation to end, and must not wait for one that never will
+    /// (nor find its lock held).
+    #[tokio::test]
+    async fn a_reconciliation_that_panics_does_not_hold_commands_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let updates = updates_in(dir.path());
+        updates
+            .inner
+            .panic_in_reconcile
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // On a task of its own, as keeld runs it: a panic that escaped would end only
+        // that task.
+        let reconciling = updates.clone();
+        let _ = tokio::spawn(async move { reconciling.reconcile().await }).await;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            updates.start(CommandType::Refresh),
+        )
+        .await
+        .expect("answered without waiting for the reconciliation")
+        .expect("started");
+    }
+
+    /// A client that hangs up as soon as its command has started (the API's handler
+    /// future is dropped at its first wait) does not cut the start short: the command
+    /// runs to its end and records its outcome, and the next command may start (no
+    /// 423 from a lock left behind, no command recorded as running that never ran).
+    #[tokio::test]
+    async fn a_client_that_hangs_up_does_not_cut_a_command_short() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let updates = updates_in(dir.path());
+        updates.reconcile().await;
+        // Polled once, then dropped: the hang-up.
+        assert!(updates.start(CommandType::Refresh).now_or_never().is_none());
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                let status = updates.status();
+                if status.running_command.is_none() && status.most_recent_command.is_some() {
+                    return status;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the command ran to its end");
+        let last = ended.most_recent_command.expect("an outcome");
+        assert_eq!(last.cmd_type, CommandType::Refresh);
+        assert_eq!(last.cmd_status, CommandStatus::Failed, "{}", last.stderr);
+        assert!(lock(&updates.inner.record).interrupted.is_none());
+        let on_disk = status::load(&dir.path().join("status.json"))
+            .expect("readable")
+            .expect("saved");
+        assert!(on_disk.interrupted.is_none(), "the outcome was saved");
+        // The next command is not refused by a lock left behind.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            updates.start(CommandType::Refresh),
+        )
+        .await
+        .expect("answered")
+        .expect("started");
+    }
 
     fn inspection(active: Slot, boot_id: &str, entries: Vec<EntryInfo>) -> Inspection {
         Inspection {
