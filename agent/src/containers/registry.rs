@@ -1116,15 +1116,9 @@ mod tests {
             }
         })
         .await;
-        let failed = failed_pull(port, &RegistryConfig::default()).await;
         // The token is no valid header value: the pull fails with the reason, and the
         // task goes on.
-        assert!(
-            failed
-                .to_string()
-                .contains(&format!("127.0.0.1:{port}/app:1")),
-            "{failed}"
-        );
+        pull_fails_saying(port, &[&format!("127.0.0.1:{port}/app:1")]).await;
     }
 
     /// A registry that sends a manifest without end: keeld stops reading at the limit,
@@ -1141,13 +1135,7 @@ mod tests {
             }
         })
         .await;
-        let failed = failed_pull(port, &RegistryConfig::default()).await;
-        assert!(
-            failed
-                .to_string()
-                .contains("the manifest is larger than 4194304 bytes"),
-            "{failed}"
-        );
+        pull_fails_saying(port, &["the manifest is larger than 4194304 bytes"]).await;
     }
 
     /// A manifest whose `Docker-Content-Digest` is not its own is refused, tag or not.
@@ -1165,11 +1153,7 @@ mod tests {
             }
         })
         .await;
-        let failed = failed_pull(port, &RegistryConfig::default()).await;
-        assert!(
-            failed.to_string().contains(&format!("{} ", "0".repeat(64))),
-            "{failed}"
-        );
+        pull_fails_saying(port, &[&format!("{} ", "0".repeat(64))]).await;
     }
 
     /// keeld's own manifest request carries the credentials: the user's (Basic) where
@@ -1328,13 +1312,11 @@ mod tests {
             }
         })
         .await;
-        let failed = failed_pull(port, &RegistryConfig::default()).await;
-        assert!(
-            failed
-                .to_string()
-                .contains("the token service's answer is larger than 65536 bytes"),
-            "{failed}"
-        );
+        pull_fails_saying(
+            port,
+            &["the token service's answer is larger than 65536 bytes"],
+        )
+        .await;
     }
 
     /// A token service that refuses: the pull fails saying so, with the status.
@@ -1352,14 +1334,14 @@ mod tests {
             }
         })
         .await;
-        let failed = failed_pull(port, &RegistryConfig::default())
-            .await
-            .to_string();
-        assert!(
-            failed.contains("the token service refused the pull (401 Unauthorized")
-                && failed.contains("incorrect username or password"),
-            "{failed}"
-        );
+        pull_fails_saying(
+            port,
+            &[
+                "the token service refused the pull (401 Unauthorized",
+                "incorrect username or password",
+            ],
+        )
+        .await;
     }
 
     /// What a fake registry sends back to one request.
@@ -1425,6 +1407,17 @@ mod tests {
         pull(&cd, &format!("127.0.0.1:{port}/app:1"), config)
             .await
             .expect_err("the pull should fail")
+    }
+
+    /// Pulls as [`failed_pull`] does, with no settings; the failure must say each of
+    /// `said`.
+    async fn pull_fails_saying(port: u16, said: &[&str]) {
+        let failed = failed_pull(port, &RegistryConfig::default())
+            .await
+            .to_string();
+        for part in said {
+            assert!(failed.contains(part), "{part:?} not in: {failed}");
+        }
     }
 
     /// A panic in one endpoint's pull (the registry client's, on an answer it did not
