@@ -11,7 +11,7 @@
 //! a reader: it takes one short write lock (readers hold the lock only to copy out
 //! pointers), pushes, drops the oldest event when the ring is full, and wakes
 //! subscribers, at most once per [`PACE`] (a wake-up due later is one timer task for the
-//! bus). A reader
+//! bus; with no subscriber at all, nothing is woken and no timer started). A reader
 //! ([`Subscription`]) that fell behind the ring gets a [`Gap`] naming the cursors it lost,
 //! never a silent hole. Must not do I/O nor serialize on the publisher's path (an event's
 //! JSON is made once, by its first reader).
@@ -269,6 +269,13 @@ impl EventBus {
     /// Wakes the subscribers now, or, if they were woken less than [`PACE`] ago, once
     /// that has passed (one timer for the bus, not one per follower). Nothing waits here.
     fn wake(&self) {
+        // Nobody reads (no `GET /events` open): nothing to wake, and no timer to start
+        // (at thousands of commits a second, the pacer's timer task would wake a worker
+        // thread every millisecond for no one). A subscriber that comes later reads the
+        // ring from its cursor first.
+        if self.shared.signal.receiver_count() == 0 {
+            return;
+        }
         let now = tokio::time::Instant::now();
         {
             let mut pacer = self

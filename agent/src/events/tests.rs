@@ -383,3 +383,28 @@ async fn events_in_quick_succession_wake_a_follower_once_per_pace() {
     assert_eq!(last, vec![6]);
     assert!(batches.recv().await.is_none());
 }
+
+/// With nobody reading, a publish wakes nothing and starts no pacing timer (at thousands
+/// of commits a second that timer woke a worker thread every millisecond for no one);
+/// a follower that comes later reads everything from the ring, and its first wake-up
+/// is not held back by the publishes before it.
+#[tokio::test(start_paused = true)]
+async fn with_nobody_reading_a_publish_starts_no_timer() {
+    let bus = EventBus::new(64);
+    for n in 1..=20 {
+        bus.publish(update(n));
+    }
+    {
+        let pacer = bus.shared.pacer.lock().unwrap();
+        assert!(!pacer.due && pacer.last.is_none(), "{pacer:?}");
+    }
+    let mut sub = bus.subscribe(Resume::Start, true, None).unwrap();
+    assert_eq!(
+        cursors(&sub.next_batch().await.unwrap()),
+        (1..=20).collect::<Vec<_>>()
+    );
+    let started = tokio::time::Instant::now();
+    bus.publish(update(21));
+    assert_eq!(cursors(&sub.next_batch().await.unwrap()), vec![21]);
+    assert_eq!(started.elapsed(), Duration::ZERO, "woken at once");
+}
