@@ -1259,9 +1259,11 @@ fn check_kubelet_rules(settings: &Settings) -> Result<(), Error> {
     Ok(())
 }
 
-/// Rules between two keys of one group, which hold only for the whole settings: a patch
-/// may set one key now and rely on the other being set already (the commit checks the
-/// group whole, through [`validate_groups`]).
+/// Rules between two keys of one group, which hold only for the whole group: a patch may
+/// set one key now and rely on the other being set already. Checked where new values
+/// come in, by a commit, on each group it changes whole ([`validate_groups`]); not by
+/// [`validate`], which also reads back what is stored (a rollback, a migration, the
+/// check at start), so that settings an older keeld accepted do not block those.
 fn check_whole_rules(settings: &Settings) -> Result<(), Error> {
     let Some(k8s) = settings.kubernetes.as_ref() else {
         return Ok(());
@@ -1398,7 +1400,6 @@ fn normalize(settings: &mut Settings) {
 /// JSON: absent fields omitted, map keys sorted, strings exactly as given.
 pub fn validate(value: &Value) -> Result<Value, Error> {
     let settings = parse(value)?;
-    check_whole_rules(&settings)?;
     serde_json::to_value(&settings).map_err(|e| Error::Invalid {
         key: "settings".to_owned(),
         reason: format!("cannot serialize settings: {e}"),
@@ -1420,7 +1421,9 @@ pub fn validate_groups(
         .iter()
         .filter_map(|g| Some((g.clone(), candidate.get(g)?.clone())))
         .collect();
-    validate(&Value::Object(subset))
+    let subset = Value::Object(subset);
+    check_whole_rules(&parse(&subset)?)?;
+    validate(&subset)
 }
 
 /// Validates a merge-patch (no `settings` wrapper): `null` members are removals and

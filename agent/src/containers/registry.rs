@@ -264,10 +264,17 @@ static DOWNLOADING: std::sync::LazyLock<
     std::sync::Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
 > = std::sync::LazyLock::new(Default::default);
 
-/// Waits until no other pull of this keeld downloads the layer `digest`, and holds it
-/// until the guard is dropped. Locks are taken one layer at a time, never two at once,
-/// so no two pulls can wait for each other.
-async fn one_download_at_a_time(digest: &str) -> tokio::sync::OwnedMutexGuard<()> {
+/// Longest a pull waits for another pull's download of the same layer before it
+/// downloads the layer itself, side by side: the other may be crawling through a slow
+/// mirror for as long as its layer's deadline (hours for a large layer), while this one
+/// has a fast registry.
+const DOWNLOAD_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until no other pull of this keeld downloads the layer `digest` (at most
+/// [`DOWNLOAD_WAIT`]: then `None`, and the caller downloads it too), and holds it until
+/// the guard is dropped. Locks are taken one layer at a time, never two at once, so no
+/// two pulls can wait for each other.
+async fn one_download_at_a_time(digest: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
     let lock = {
         // Entries are inserted and swept whole: a poisoned map is still consistent.
         let mut downloading = DOWNLOADING
@@ -283,7 +290,9 @@ async fn one_download_at_a_time(digest: &str) -> tokio::sync::OwnedMutexGuard<()
             }
         }
     };
-    lock.lock_owned().await
+    tokio::time::timeout(DOWNLOAD_WAIT, lock.lock_owned())
+        .await
+        .ok()
 }
 
 /// Awaits one endpoint's pull. A panic (a bug on some registry's answer: oci-client's
@@ -353,6 +362,8 @@ const TOKEN_ANSWER_MAX: usize = 64 * 1024;
 struct BearerChallenge {
     realm: String,
     service: Option<String>,
+    /// A scope the registry names in its challenge, asked for beside the pull's own.
+    scope: Option<String>,
 }
 
 impl BearerChallenge {
@@ -371,7 +382,11 @@ impl BearerChallenge {
             if rest.is_empty() {
                 break;
             }
-            let eq = rest.find('=')?;
+            // An item that is no parameter (`error`, or the next challenge's scheme)
+            // ends this challenge's parameters; those read so far stand.
+            let Some(eq) = rest.find('=') else {
+                break;
+            };
             let name = rest[..eq].trim().to_ascii_lowercase();
             rest = rest[eq + 1..].trim_start();
             let value = if let Some(quoted) = rest.strip_prefix('"') {
@@ -401,6 +416,7 @@ impl BearerChallenge {
         Some(BearerChallenge {
             realm: params.remove("realm").filter(|r| !r.is_empty())?,
             service: params.remove("service"),
+            scope: params.remove("scope").filter(|s| !s.is_empty()),
         })
     }
 }
@@ -554,14 +570,27 @@ impl<'a> Session<'a> {
                 challenge.realm
             ))
         })?;
-        let loopback = url.host_str().is_some_and(is_loopback);
+        // Plain HTTP only where the registry's own requests go already: to loopback, or
+        // to the very host of a mirror written with `http://`; credentials never leave
+        // the host in clear text for a realm elsewhere.
+        let realm_host = url.host_str().unwrap_or_default();
+        let endpoint_name = self
+            .endpoint
+            .host
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(self.endpoint.host.as_str(), |(name, _)| name);
+        let same_host = self.endpoint.plain_http
+            && realm_host.trim_start_matches('[').trim_end_matches(']')
+                == endpoint_name.trim_start_matches('[').trim_end_matches(']');
         match url.scheme() {
             "https" => {}
-            "http" if self.endpoint.plain_http || loopback => {}
+            "http" if is_loopback(realm_host) || same_host => {}
             other => {
                 return Err(self.failure(format!(
                     "the registry's token service {:?} is not HTTPS ({other}): keeld sends \
-                     credentials over HTTPS only, except on loopback",
+                     credentials in clear text only on loopback, or to the host of a mirror \
+                     written with http://",
                     challenge.realm
                 )))
             }
@@ -571,10 +600,11 @@ impl<'a> Session<'a> {
             if let Some(service) = &challenge.service {
                 query.append_pair("service", service);
             }
-            query.append_pair(
-                "scope",
-                &format!("repository:{}:pull", reference.repository()),
-            );
+            let pull = format!("repository:{}:pull", reference.repository());
+            if let Some(scope) = challenge.scope.as_ref().filter(|s| **s != pull) {
+                query.append_pair("scope", scope);
+            }
+            query.append_pair("scope", &pull);
         }
         let mut request = self.token_http.get(url.clone());
         if let RegistryAuth::Basic(username, password) = &self.auth {
@@ -623,9 +653,10 @@ impl<'a> Session<'a> {
                 "GET {realm}: the token service's answer is no token: {e}"
             ))
         })?;
-        match answer.token.or(answer.access_token) {
-            Some(token) if !token.is_empty() => Ok(Some(token)),
-            _ => Err(self.failure(format!(
+        let given = |t: Option<String>| t.filter(|t| !t.is_empty());
+        match given(answer.token).or(given(answer.access_token)) {
+            Some(token) => Ok(Some(token)),
+            None => Err(self.failure(format!(
                 "GET {realm}: the token service's answer holds no token"
             ))),
         }
@@ -783,9 +814,9 @@ async fn pull_from(
     let manifest_desc = Descriptor::new(media_type, bytes.len() as u64, digest);
 
     for layer in manifest.layers() {
-        // Held through the download: a pull that wants the same layer waits for it, then
-        // finds it in the store, instead of downloading it a second time (two containers
-        // of one image, or two images on one base, started at once).
+        // Held through the download: a pull that wants the same layer waits for it (for
+        // a while), then finds it in the store, instead of downloading it a second time
+        // (two containers of one image, or two images on one base, started at once).
         let _downloading = one_download_at_a_time(layer.digest().as_ref()).await;
         if content::has_blob(cd, layer.digest().as_ref()).await? {
             continue;
@@ -1076,11 +1107,14 @@ mod tests {
 
     /// A layer another pull is downloading waits for it; another layer does not, and a
     /// finished download leaves nothing behind.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn one_layer_is_downloaded_by_one_pull_at_a_time() {
         let first = one_download_at_a_time("sha256:test-one-at-a-time-a").await;
+        assert!(first.is_some());
         let waiting = tokio::spawn(async {
-            drop(one_download_at_a_time("sha256:test-one-at-a-time-a").await);
+            assert!(one_download_at_a_time("sha256:test-one-at-a-time-a")
+                .await
+                .is_some());
         });
         let other = tokio::time::timeout(
             Duration::from_secs(5),
@@ -1096,6 +1130,14 @@ mod tests {
             .expect("the wait ends with the download")
             .expect("no panic");
         drop(other);
+        // A download that takes longer than the wait: the other pull goes ahead.
+        let slow = one_download_at_a_time("sha256:test-one-at-a-time-d").await;
+        let started = tokio::time::Instant::now();
+        assert!(one_download_at_a_time("sha256:test-one-at-a-time-d")
+            .await
+            .is_none());
+        assert_eq!(started.elapsed(), DOWNLOAD_WAIT);
+        drop(slow);
         drop(one_download_at_a_time("sha256:test-one-at-a-time-c").await);
         let downloading = DOWNLOADING.lock().expect("not poisoned");
         assert!(!downloading.contains_key("sha256:test-one-at-a-time-a"));
@@ -1216,6 +1258,7 @@ mod tests {
             Some(BearerChallenge {
                 realm: "https://auth.docker.io/token".to_owned(),
                 service: Some("registry.docker.io".to_owned()),
+                scope: Some("repository:library/busybox:pull".to_owned()),
             })
         );
         let parsed =
@@ -1225,6 +1268,16 @@ mod tests {
             Some(BearerChallenge {
                 realm: "https://r.example/t?x=1".to_owned(),
                 service: Some("a,b\"c".to_owned()),
+                scope: None,
+            })
+        );
+        // An item that is no parameter ends them; what was read stands.
+        assert_eq!(
+            BearerChallenge::parse(r#"Bearer realm="https://r.example/t",error"#),
+            Some(BearerChallenge {
+                realm: "https://r.example/t".to_owned(),
+                service: None,
+                scope: None,
             })
         );
         for none in [
@@ -1264,7 +1317,8 @@ mod tests {
                 Answer::Whole(http_answer(
                     "200 OK",
                     "",
-                    &format!("{{\"access_token\":\"tok{n}\",\"expires_in\":300}}"),
+                    // An empty `token` beside the `access_token`: the one given counts.
+                    &format!("{{\"token\":\"\",\"access_token\":\"tok{n}\",\"expires_in\":300}}"),
                 ))
             } else if request.contains("/manifests/")
                 && request.lines().any(|l| {
@@ -1315,6 +1369,26 @@ mod tests {
         pull_fails_saying(
             port,
             &["the token service's answer is larger than 65536 bytes"],
+        )
+        .await;
+    }
+
+    /// A loopback registry (plain HTTP because it is loopback) that sends clients to a
+    /// token service elsewhere over plain HTTP: refused before anything is sent there,
+    /// so credentials never cross the network in clear text.
+    #[tokio::test]
+    async fn a_plain_http_token_service_elsewhere_is_refused() {
+        let port = fake_registry(|_, _| {
+            Answer::Whole(http_answer(
+                "401 Unauthorized",
+                "WWW-Authenticate: Bearer realm=\"http://token.example.invalid/token\"\r\n",
+                "",
+            ))
+        })
+        .await;
+        pull_fails_saying(
+            port,
+            &["token service \"http://token.example.invalid/token\" is not HTTPS"],
         )
         .await;
     }
