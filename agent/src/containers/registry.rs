@@ -484,38 +484,13 @@ impl<'a> Session<'a> {
         url: &str,
         accept: Option<String>,
     ) -> Result<reqwest::Response, ImageError> {
-        let token = match &self.token {
-            Some((token, at)) if at.elapsed() < self.token_reuse => token.clone(),
-            _ => {
-                // Bounded in time as a manifest is (the token may be asked again during
-                // a layer, whose own deadline can be long), and in size by `exchange`.
-                let token = tokio::time::timeout(METADATA_DEADLINE, self.exchange(reference))
-                    .await
-                    .map_err(|_| {
-                        self.failure(format!(
-                            "the token service did not answer within {}",
-                            humantime::format_duration(METADATA_DEADLINE)
-                        ))
-                    })??;
-                self.token = Some((token.clone(), tokio::time::Instant::now()));
-                token
-            }
-        };
-        let mut request = self.http.get(url);
-        if let Some(accept) = accept {
-            request = request.header(reqwest::header::ACCEPT, accept);
+        let (mut response, fresh) = self.get_once(reference, url, accept.clone()).await?;
+        if response.status() == reqwest::StatusCode::UNAUTHORIZED && !fresh {
+            // A token kept from an earlier request may have expired before the reuse
+            // limit (a registry's tokens can be short-lived): asked again, once.
+            self.token = None;
+            (response, _) = self.get_once(reference, url, accept).await?;
         }
-        let request = match (&token, &self.auth) {
-            (Some(token), _) => request.bearer_auth(token),
-            (None, RegistryAuth::Basic(username, password)) => {
-                request.basic_auth(username, Some(password))
-            }
-            (None, _) => request,
-        };
-        let mut response = request
-            .send()
-            .await
-            .map_err(|e| self.failure(format!("GET {url}: {e}")))?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
@@ -533,6 +508,50 @@ impl<'a> Session<'a> {
             .take(200)
             .collect();
         Err(self.failure(format!("GET {url}: {status}: {said}")))
+    }
+
+    /// One GET of `url` with the credentials or the token (asked for when there is none,
+    /// or it is older than the reuse limit); any answer, and whether the token (or that
+    /// there is none) was just asked for.
+    async fn get_once(
+        &mut self,
+        reference: &Reference,
+        url: &str,
+        accept: Option<String>,
+    ) -> Result<(reqwest::Response, bool), ImageError> {
+        let (token, fresh) = match &self.token {
+            Some((token, at)) if at.elapsed() < self.token_reuse => (token.clone(), false),
+            _ => {
+                // Bounded in time as a manifest is (the token may be asked again during
+                // a layer, whose own deadline can be long), and in size by `exchange`.
+                let token = tokio::time::timeout(METADATA_DEADLINE, self.exchange(reference))
+                    .await
+                    .map_err(|_| {
+                        self.failure(format!(
+                            "the token service did not answer within {}",
+                            humantime::format_duration(METADATA_DEADLINE)
+                        ))
+                    })??;
+                self.token = Some((token.clone(), tokio::time::Instant::now()));
+                (token, true)
+            }
+        };
+        let mut request = self.http.get(url);
+        if let Some(accept) = accept {
+            request = request.header(reqwest::header::ACCEPT, accept);
+        }
+        let request = match (&token, &self.auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(username, password)) => {
+                request.basic_auth(username, Some(password))
+            }
+            (None, _) => request,
+        };
+        let response = request
+            .send()
+            .await
+            .map_err(|e| self.failure(format!("GET {url}: {e}")))?;
+        Ok((response, fresh))
     }
 
     /// A bearer token for pulling `reference`, from the token service the registry
@@ -1351,6 +1370,52 @@ mod tests {
         session.token_reuse = Duration::ZERO;
         session.manifest(&reference).await.expect("manifest");
         assert_eq!(given() - before, 2, "a new token once the last is old");
+    }
+
+    static SHORT_LIVED_GIVEN: std::sync::atomic::AtomicUsize =
+        std::sync::atomic::AtomicUsize::new(0);
+    static SHORT_LIVED_VALID: std::sync::atomic::AtomicUsize =
+        std::sync::atomic::AtomicUsize::new(0);
+
+    /// A token that expired before the reuse limit (a 401 to a request that carried a
+    /// kept token) is asked again, once; a 401 to a token just given is the answer.
+    #[tokio::test]
+    async fn a_kept_token_that_expired_is_asked_again_once() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let port = fake_registry(|request, port| {
+            if request.starts_with("GET /token") {
+                let n = SHORT_LIVED_GIVEN.fetch_add(1, SeqCst);
+                Answer::Whole(http_answer(
+                    "200 OK",
+                    "",
+                    &format!("{{\"token\":\"tok{n}\"}}"),
+                ))
+            } else if request.contains("/manifests/")
+                && authorised(
+                    request,
+                    &format!("Bearer tok{}", SHORT_LIVED_VALID.load(SeqCst)),
+                )
+            {
+                Answer::Whole(http_answer("200 OK", "", "{}"))
+            } else {
+                bearer_challenge(port)
+            }
+        })
+        .await;
+        let config = RegistryConfig::default();
+        let reference: Reference = format!("127.0.0.1:{port}/app:1").parse().expect("ref");
+        let (list, _) = endpoints(&reference, &config);
+        let mut session = Session::new(&list[0], &config).expect("session");
+        session.manifest(&reference).await.expect("with tok0");
+        // tok0 expires: the kept token is refused, a new one is asked for.
+        SHORT_LIVED_VALID.store(1, SeqCst);
+        session.manifest(&reference).await.expect("with tok1");
+        assert_eq!(SHORT_LIVED_GIVEN.load(SeqCst), 2);
+        // A registry that refuses every token: one new token, then the 401 stands.
+        SHORT_LIVED_VALID.store(99, SeqCst);
+        let refused = session.manifest(&reference).await.expect_err("refused");
+        assert!(refused.to_string().contains("401"), "{refused}");
+        assert_eq!(SHORT_LIVED_GIVEN.load(SeqCst), 3, "asked again once only");
     }
 
     /// A token service whose answer never ends: keeld stops reading at the limit.
