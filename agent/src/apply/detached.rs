@@ -269,6 +269,59 @@ template-path = "motd"
         );
     }
 
+    /// What keeld's stop waits for: the apply running and the one queued behind it. A
+    /// waiter that only took a turn on the serial lock would get it between the two (the
+    /// queue's task asks for its next turn only after the first apply returned).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_waits_for_the_running_apply_and_the_one_queued_behind_it() {
+        let state = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(state.path(), 10).unwrap();
+        let applier = applier(root.path(), "0.3");
+        set(&store, "first", "first").await;
+        let first = {
+            let (a, s) = (applier.clone(), store.clone());
+            let commit = commit(&store, "first");
+            tokio::spawn(async move { a.after_commit(&s, commit).await.unwrap() })
+        };
+        // The first apply holds its restart command; the second commit lands and its
+        // apply waits in the queue.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        set(&store, "second", "second").await;
+        let second = {
+            let (a, s) = (applier.clone(), store.clone());
+            let commit = commit(&store, "second");
+            tokio::spawn(async move { a.after_commit(&s, commit).await.unwrap() })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.snapshot().live_settings()["motd"] != "second" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second commit never landed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(applier.queue_running());
+        tokio::time::timeout(Duration::from_secs(10), applier.idle())
+            .await
+            .expect("idle never returned");
+        // Both applies ran to their end, and the files show the second commit.
+        let applies = applier.log(10)["applies"].clone();
+        let finished: Vec<bool> = applies
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["success"].as_bool().unwrap())
+            .collect();
+        assert_eq!(finished, [true, true], "{applies}");
+        assert_eq!(motd(root.path()), "second\n");
+        assert!(!applier.queue_running());
+        for task in [first, second] {
+            let (_, report) = task.await.unwrap();
+            assert!(report.unwrap().success);
+        }
+    }
+
     /// A commit check that tells when it runs and waits to be released.
     #[derive(Debug)]
     struct GatedCheck {
