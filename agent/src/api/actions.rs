@@ -17,9 +17,9 @@ pub async fn reboot(State(state): State<AppState>, RawQuery(q): RawQuery) -> Api
             let status = match e {
                 RebootError::NotConfigured => StatusCode::CONFLICT,
                 RebootError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                RebootError::TimedOut | RebootError::Spawn { .. } | RebootError::Failed { .. } => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                RebootError::TimedOut(_)
+                | RebootError::Spawn { .. }
+                | RebootError::Failed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             };
             ApiError::new(status, e.to_string())
         })?;
