@@ -421,6 +421,16 @@ impl BearerChallenge {
     }
 }
 
+/// The first bearer challenge among `response`'s `WWW-Authenticate` headers.
+fn challenge_of(response: &reqwest::Response) -> Option<BearerChallenge> {
+    response
+        .headers()
+        .get_all(reqwest::header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(BearerChallenge::parse)
+}
+
 /// How much of a registry's error answer keeld reads, for the message: the rest is not
 /// read at all (an answer without end cannot grow keeld's memory).
 const ERROR_BODY_MAX: usize = 4096;
@@ -485,11 +495,23 @@ impl<'a> Session<'a> {
         accept: Option<String>,
     ) -> Result<reqwest::Response, ImageError> {
         let (mut response, fresh) = self.get_once(reference, url, accept.clone()).await?;
-        if response.status() == reqwest::StatusCode::UNAUTHORIZED && !fresh {
-            // A token kept from an earlier request may have expired before the reuse
-            // limit (a registry's tokens can be short-lived): asked again, once.
-            self.token = None;
-            (response, _) = self.get_once(reference, url, accept).await?;
+        if response.status() == reqwest::StatusCode::UNAUTHORIZED {
+            // Asked again, once, from the refusal's own challenge when it carries one (a
+            // registry whose `/v2/` asks for nothing may still guard a repository), or
+            // else from `/v2/`'s when the token was kept from an earlier request (a
+            // registry's tokens can expire before the reuse limit). A 401 to the
+            // request repeated with the new token is the answer.
+            let challenge = challenge_of(&response);
+            if let Some(challenge) = challenge {
+                drop(response);
+                let token = self.bounded(self.token_for(&challenge, reference)).await?;
+                self.token = Some((Some(token), tokio::time::Instant::now()));
+                (response, _) = self.get_once(reference, url, accept).await?;
+            } else if !fresh {
+                drop(response);
+                self.token = None;
+                (response, _) = self.get_once(reference, url, accept).await?;
+            }
         }
         let status = response.status();
         if status.is_success() {
@@ -522,16 +544,7 @@ impl<'a> Session<'a> {
         let (token, fresh) = match &self.token {
             Some((token, at)) if at.elapsed() < self.token_reuse => (token.clone(), false),
             _ => {
-                // Bounded in time as a manifest is (the token may be asked again during
-                // a layer, whose own deadline can be long), and in size by `exchange`.
-                let token = tokio::time::timeout(METADATA_DEADLINE, self.exchange(reference))
-                    .await
-                    .map_err(|_| {
-                        self.failure(format!(
-                            "the token service did not answer within {}",
-                            humantime::format_duration(METADATA_DEADLINE)
-                        ))
-                    })??;
+                let token = self.bounded(self.exchange(reference)).await?;
                 self.token = Some((token.clone(), tokio::time::Instant::now()));
                 (token, true)
             }
@@ -554,12 +567,26 @@ impl<'a> Session<'a> {
         Ok((response, fresh))
     }
 
+    /// A token exchange bounded in time as a manifest is (the token may be asked again
+    /// during a layer, whose own deadline can be long); in size by [`Self::token_for`].
+    async fn bounded<T>(
+        &self,
+        exchange: impl std::future::Future<Output = Result<T, ImageError>>,
+    ) -> Result<T, ImageError> {
+        tokio::time::timeout(METADATA_DEADLINE, exchange)
+            .await
+            .map_err(|_| {
+                self.failure(format!(
+                    "the token service did not answer within {}",
+                    humantime::format_duration(METADATA_DEADLINE)
+                ))
+            })?
+    }
+
     /// A bearer token for pulling `reference`, from the token service the registry
-    /// names in its challenge to an unauthenticated `GET /v2/` (the registry token
-    /// protocol: `realm`, `service`, and the scope `repository:<name>:pull`), asked with
-    /// the endpoint's credentials. `None` when the registry sets no such challenge: the
-    /// requests then carry the credentials themselves, or nothing. The answer is read to
-    /// [`TOKEN_ANSWER_MAX`] bytes at most.
+    /// names in its challenge to an unauthenticated `GET /v2/`; `None` when the registry
+    /// sets no such challenge: the requests then carry the credentials themselves, or
+    /// nothing.
     async fn exchange(&self, reference: &Reference) -> Result<Option<String>, ImageError> {
         let scheme = if self.endpoint.plain_http {
             "http"
@@ -573,16 +600,23 @@ impl<'a> Session<'a> {
             .send()
             .await
             .map_err(|e| self.failure(format!("GET {ping}: {e}")))?;
-        let challenge = response
-            .headers()
-            .get_all(reqwest::header::WWW_AUTHENTICATE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(BearerChallenge::parse);
+        let challenge = challenge_of(&response);
         drop(response);
-        let Some(challenge) = challenge else {
-            return Ok(None);
-        };
+        match challenge {
+            Some(challenge) => self.token_for(&challenge, reference).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A bearer token for pulling `reference` from the token service `challenge` names
+    /// (the registry token protocol: `realm`, `service`, and the scope
+    /// `repository:<name>:pull` with the challenge's own), asked with the endpoint's
+    /// credentials. The answer is read to [`TOKEN_ANSWER_MAX`] bytes at most.
+    async fn token_for(
+        &self,
+        challenge: &BearerChallenge,
+        reference: &Reference,
+    ) -> Result<String, ImageError> {
         let mut url = reqwest::Url::parse(&challenge.realm).map_err(|e| {
             self.failure(format!(
                 "the registry's token service {:?} is no URL: {e}",
@@ -674,7 +708,7 @@ impl<'a> Session<'a> {
         })?;
         let given = |t: Option<String>| t.filter(|t| !t.is_empty());
         match given(answer.token).or(given(answer.access_token)) {
-            Some(token) => Ok(Some(token)),
+            Some(token) => Ok(token),
             None => Err(self.failure(format!(
                 "GET {realm}: the token service's answer holds no token"
             ))),
@@ -1416,6 +1450,44 @@ mod tests {
         let refused = session.manifest(&reference).await.expect_err("refused");
         assert!(refused.to_string().contains("401"), "{refused}");
         assert_eq!(SHORT_LIVED_GIVEN.load(SeqCst), 3, "asked again once only");
+    }
+
+    /// A registry whose `/v2/` asks for nothing but whose repository does: the token
+    /// comes from the manifest request's own challenge, and the request is repeated with
+    /// it.
+    #[tokio::test]
+    async fn a_challenge_on_the_request_itself_is_answered() {
+        let port = fake_registry(|request, port| {
+            if request.starts_with("GET /token") {
+                let scoped = request.contains("scope=repository%3Aapp%3Apull");
+                let token = if scoped { "scoped" } else { "unscoped" };
+                Answer::Whole(http_answer(
+                    "200 OK",
+                    "",
+                    &format!("{{\"token\":\"{token}\"}}"),
+                ))
+            } else if request.starts_with("GET /v2/ ") {
+                Answer::Whole(http_answer("200 OK", "", "{}"))
+            } else if authorised(request, "Bearer scoped") {
+                Answer::Whole(http_answer("200 OK", "", "{}"))
+            } else {
+                bearer_challenge(port)
+            }
+        })
+        .await;
+        let config = RegistryConfig::default();
+        let reference: Reference = format!("127.0.0.1:{port}/app:1").parse().expect("ref");
+        let (list, _) = endpoints(&reference, &config);
+        let mut session = Session::new(&list[0], &config).expect("session");
+        session
+            .manifest(&reference)
+            .await
+            .expect("with the challenge's token");
+        // The token is kept for the next request: no 401 first.
+        session
+            .manifest(&reference)
+            .await
+            .expect("with the kept token");
     }
 
     /// A token service whose answer never ends: keeld stops reading at the limit.
