@@ -1466,9 +1466,8 @@ mod tests {
                     "",
                     &format!("{{\"token\":\"{token}\"}}"),
                 ))
-            } else if request.starts_with("GET /v2/ ") {
-                Answer::Whole(http_answer("200 OK", "", "{}"))
-            } else if authorised(request, "Bearer scoped") {
+            } else if request.starts_with("GET /v2/ ") || authorised(request, "Bearer scoped") {
+                // `/v2/` asks for nothing; the manifest wants the scoped token.
                 Answer::Whole(http_answer("200 OK", "", "{}"))
             } else {
                 bearer_challenge(port)
