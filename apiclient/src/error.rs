@@ -46,11 +46,23 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// keeld is not there (yet): no socket, or the connection was refused or dropped.
+    /// keeld is not there (yet): no socket, or the connection was refused or dropped:
+    /// worth waiting out. Not a socket path that cannot work (a file where a directory
+    /// should be, a path too long) nor a socket this user may not open: those stay.
     pub fn is_connection(&self) -> bool {
-        matches!(
-            self,
-            ClientError::Connect { .. } | ClientError::Io(_) | ClientError::Http(_)
-        )
+        use std::io::ErrorKind;
+        match self {
+            ClientError::Connect { source, .. } => matches!(
+                source.kind(),
+                ErrorKind::NotFound
+                    | ErrorKind::ConnectionRefused
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::Interrupted
+                    | ErrorKind::TimedOut
+                    | ErrorKind::WouldBlock
+            ),
+            ClientError::Io(_) | ClientError::Http(_) => true,
+            _ => false,
+        }
     }
 }

@@ -45,7 +45,7 @@ fn shown(arg: &str) -> String {
     }
 }
 
-/// The most a fetched document may hold: what one API request body may carry.
+/// The most a document may hold, fetched or read: what one API request body may carry.
 pub const MAX_FETCHED_BYTES: usize = 2 << 20;
 
 /// How long a fetch may take in all.
@@ -152,6 +152,26 @@ impl Source {
     /// [`Source::Stdin`]. A URL is not local: see [`Source::read`].
     pub fn read_from(&self, stdin: impl Read) -> Result<String, SourceError> {
         let name = self.name().to_owned();
+        // Read to one byte past the limit, never whole: `/dev/zero` or an endless pipe
+        // is refused at the limit instead of filling memory (keeld takes no larger
+        // request body anyway).
+        let read_bounded = |input: &mut dyn Read| -> Result<Vec<u8>, SourceError> {
+            let mut bytes = Vec::new();
+            input
+                .take(MAX_FETCHED_BYTES as u64 + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|source| SourceError::Read {
+                    name: name.clone(),
+                    source,
+                })?;
+            if bytes.len() > MAX_FETCHED_BYTES {
+                return Err(SourceError::TooLarge {
+                    name: name.clone(),
+                    limit: MAX_FETCHED_BYTES,
+                });
+            }
+            Ok(bytes)
+        };
         let bytes = match self {
             Self::Url { .. } => {
                 return Err(SourceError::Fetch {
@@ -160,20 +180,16 @@ impl Source {
                 })
             }
             Self::Stdin => {
-                let mut bytes = Vec::new();
                 let mut stdin = stdin;
-                stdin
-                    .read_to_end(&mut bytes)
-                    .map_err(|source| SourceError::Read {
-                        name: name.clone(),
-                        source,
-                    })?;
-                bytes
+                read_bounded(&mut stdin)?
             }
-            Self::File { path, .. } => std::fs::read(path).map_err(|source| SourceError::Read {
-                name: name.clone(),
-                source,
-            })?,
+            Self::File { path, .. } => {
+                let mut file = std::fs::File::open(path).map_err(|source| SourceError::Read {
+                    name: name.clone(),
+                    source,
+                })?;
+                read_bounded(&mut file)?
+            }
         };
         String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8 { name })
     }
@@ -250,6 +266,26 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Endless input (`/dev/zero`, `yes | apiclient apply`) is refused at the limit,
+    /// naming the source, without reading on.
+    #[test]
+    fn a_document_past_the_limit_is_refused_unread() {
+        let endless = std::io::repeat(b'#');
+        let err = Source::Stdin.read_from(endless).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("stdin: larger than {MAX_FETCHED_BYTES} bytes")
+        );
+        let zero = Source::parse("/dev/zero").unwrap();
+        let err = zero.read_from(std::io::empty()).unwrap_err();
+        assert!(matches!(err, SourceError::TooLarge { .. }), "{err}");
+        let exact = vec![b' '; MAX_FETCHED_BYTES];
+        assert_eq!(
+            Source::Stdin.read_from(&exact[..]).unwrap().len(),
+            MAX_FETCHED_BYTES
+        );
+    }
 
     #[test]
     fn dash_is_stdin() {

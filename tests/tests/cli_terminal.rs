@@ -75,7 +75,22 @@ fn boot_wait_times_out_with_exit_124() {
     assert_eq!(out.status.code(), Some(124));
     assert_eq!(
         text(&out.stderr),
-        "timed out waiting for the boot; phase: unknown (keeld not answering)\n"
+        "timed out waiting for the boot; phase: unknown (keeld not answering: cannot connect \
+         to /nonexistent/keel/api.sock: No such file or directory (os error 2))\n"
+    );
+
+    // A socket path that cannot work (a file where a directory should be) is no keeld
+    // still starting: said at once, not waited out.
+    let out = Command::new(bin("apiclient"))
+        .args(["--socket-path", "/etc/passwd/api.sock"])
+        .args(["boot", "wait", "--timeout", "20s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("cannot connect to /etc/passwd/api.sock: Not a directory"),
+        "{}",
+        text(&out.stderr)
     );
 
     // A socket that accepts and never answers (systemd holding keeld's socket while

@@ -34,8 +34,9 @@ Examples:
     ///
     /// Exit status: 0 configured, 1 failed or rebooting for `reboot-to-reconcile` (the
     /// reason on stderr), 124 timed out (the
-    /// phase reached on stderr), 2 usage error. keeld not answering (yet) is waited
-    /// out. On a terminal, each phase and step is shown on stderr as the boot reaches
+    /// phase reached on stderr, and why keeld did not answer), 2 usage error. keeld not
+    /// answering (yet: no socket, a refused connection) is waited out; a socket this user
+    /// may not open, or a path that cannot be one, fails at once (exit 1). On a terminal, each phase and step is shown on stderr as the boot reaches
     /// it.
     #[command(after_help = "\
 Examples:
@@ -138,8 +139,9 @@ async fn wait_for(client: &Client, timeout: Option<Duration>) -> Result<Output, 
             Some(d) => tokio::time::timeout_at(d.into(), client.get_json("/boot")).await,
             None => Ok(client.get_json("/boot").await),
         };
-        match polled {
-            Err(_elapsed) => {}
+        // Why keeld did not answer this poll, for the timeout's message.
+        let unanswered = match polled {
+            Err(_elapsed) => Some("no answer".to_owned()),
             Ok(Ok(record)) => {
                 if let Some(progress) = progress.as_mut() {
                     for line in progress.lines(&record, Instant::now()) {
@@ -167,15 +169,17 @@ async fn wait_for(client: &Client, timeout: Option<Duration>) -> Result<Output, 
                     }
                     _ => last_phase = phase,
                 }
+                None
             }
-            Ok(Err(e)) if e.is_connection() => {}
+            Ok(Err(e)) if e.is_connection() => Some(e.to_string()),
             Ok(Err(e)) => return Err(e.into()),
-        }
+        };
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            let phase = if last_phase.is_empty() {
-                "unknown (keeld not answering)"
-            } else {
-                &last_phase
+            let phase = match (last_phase.as_str(), &unanswered) {
+                ("", Some(why)) => format!("unknown (keeld not answering: {why})"),
+                ("", None) => "unknown".to_owned(),
+                (phase, Some(why)) => format!("{phase} (then keeld stopped answering: {why})"),
+                (phase, None) => phase.to_owned(),
             };
             return Err(CliError::TimedOut(format!(
                 "timed out waiting for the boot; phase: {phase}"
