@@ -43,6 +43,16 @@ pub enum ClientError {
         uri: String,
         source: serde_json::Error,
     },
+
+    /// A 2xx JSON answer of another shape than the request's (an array, `null` or an
+    /// empty body where an object belongs): never read as "nothing".
+    #[error("the answer to {method} {uri} is not {expected}: {found}")]
+    Shape {
+        method: String,
+        uri: String,
+        expected: &'static str,
+        found: String,
+    },
 }
 
 impl ClientError {

@@ -165,7 +165,22 @@ impl<'a> Transaction<'a> {
     /// transaction stays pending.
     pub async fn dry_run(&self) -> Result<Value, ClientError> {
         let uri = self.uri("/tx/dry-run");
-        self.client.call_json(Method::POST, &uri, None).await
+        let answer = self.client.call_json(Method::POST, &uri, None).await?;
+        // An answer the report cannot read must not print "Nothing would change.".
+        if !answer.is_object() {
+            let found: String = answer.to_string().chars().take(80).collect();
+            return Err(ClientError::Shape {
+                method: "POST".to_owned(),
+                uri,
+                expected: "a JSON object",
+                found: if found == "null" {
+                    "empty or null".to_owned()
+                } else {
+                    found
+                },
+            });
+        }
+        Ok(answer)
     }
 
     /// `DELETE /tx?tx=…`: the JSON array of the keys it held.

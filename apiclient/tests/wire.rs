@@ -591,6 +591,32 @@ async fn dry_run_says_when_nothing_would_change() {
     assert_eq!(output.render(), "Nothing would change.\n");
 }
 
+/// An answer the report cannot read is an error, never "Nothing would change.".
+#[tokio::test]
+async fn a_dry_run_answer_that_is_no_object_is_an_error() {
+    for (body, found) in [
+        ("[]", "[]"),
+        ("", "empty or null"),
+        ("null", "empty or null"),
+    ] {
+        let server = FakeKeeld::start_boxed(Arc::new(move |request: &Seen| match request.path() {
+            "/tx/dry-run" => (200, Vec::new(), body.to_owned()),
+            _ => {
+                let (status, body) = accepting(request);
+                (status, Vec::new(), body)
+            }
+        }));
+        let error = run_cli(&server, &["set", "--dry-run", "motd=hi"])
+            .await
+            .unwrap_err();
+        let tx = assert_dry_run_sequence(&server.seen(), 1, "set");
+        assert_eq!(
+            error.to_string(),
+            format!("the answer to POST /tx/dry-run?tx={tx} is not a JSON object: {found}")
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_refused_dry_run_still_discards_the_transaction() {
     let server = FakeKeeld::start(|request| match request.path() {
