@@ -38,21 +38,47 @@ pub const APPLY_ID_HEADER: &str = "x-keel-apply-id";
 pub struct ApplyStatus {
     /// Whether every file was written and every restart command succeeded.
     pub ok: bool,
-    /// The apply's id in `GET /apply/log`, if the server sent one.
-    pub id: Option<u64>,
+    /// The apply's id in `GET /apply/log`.
+    pub id: ApplyId,
+}
+
+/// The `x-keel-apply-id` header of a commit's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyId {
+    Given(u64),
+    /// The server sent none.
+    NotSent,
+    /// The server sent one that is no number: no apply in the log can be known as it.
+    Unreadable,
+}
+
+impl ApplyId {
+    pub fn given(self) -> Option<u64> {
+        match self {
+            ApplyId::Given(id) => Some(id),
+            ApplyId::NotSent | ApplyId::Unreadable => None,
+        }
+    }
 }
 
 impl ApplyStatus {
     /// Reads the `x-keel-apply-*` headers; `None` if no apply ran. Any status other than
-    /// `ok` counts as a failure, so that an unknown outcome is never reported as success.
+    /// `ok`, an unreadable one included, counts as a failure, so that an unknown outcome
+    /// is never reported as success.
     pub fn from_response(response: &Response) -> Option<Self> {
-        let status = response.header(APPLY_STATUS_HEADER)?;
-        Some(Self {
-            ok: status.trim().eq_ignore_ascii_case("ok"),
-            id: response
-                .header(APPLY_ID_HEADER)
-                .and_then(|id| id.trim().parse().ok()),
-        })
+        let status = response.headers.get(APPLY_STATUS_HEADER)?;
+        let ok = status
+            .to_str()
+            .is_ok_and(|status| status.trim().eq_ignore_ascii_case("ok"));
+        let id = match response.headers.get(APPLY_ID_HEADER) {
+            None => ApplyId::NotSent,
+            Some(id) => id
+                .to_str()
+                .ok()
+                .and_then(|id| id.trim().parse().ok())
+                .map_or(ApplyId::Unreadable, ApplyId::Given),
+        };
+        Some(Self { ok, id })
     }
 }
 
@@ -233,6 +259,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::unwrap_used)]
     fn apply_headers_are_read() {
         let commit = |headers| {
             Commit::from_response(&Method::POST, "/x", &response(headers))
@@ -251,7 +278,7 @@ mod tests {
             ok.map(|c| c.apply),
             Ok(Some(ApplyStatus {
                 ok: true,
-                id: Some(4)
+                id: ApplyId::Given(4)
             }))
         );
         let failed = commit(&[(APPLY_STATUS_HEADER, "failed"), (APPLY_ID_HEADER, "5")]);
@@ -259,7 +286,7 @@ mod tests {
             failed.map(|c| c.failed_apply()),
             Ok(Some(ApplyStatus {
                 ok: false,
-                id: Some(5)
+                id: ApplyId::Given(5)
             }))
         );
         let odd = commit(&[(APPLY_STATUS_HEADER, "partial")]);
@@ -267,8 +294,34 @@ mod tests {
             odd.map(|c| c.failed_apply()),
             Ok(Some(ApplyStatus {
                 ok: false,
-                id: None
+                id: ApplyId::NotSent
             }))
+        );
+        // Headers that cannot be read: a failure, and no apply to look up.
+        let mut unreadable = response(&[]);
+        for (name, value) in [
+            (APPLY_STATUS_HEADER, &b"f\xe4iled"[..]),
+            (APPLY_ID_HEADER, b"abc"),
+        ] {
+            unreadable
+                .headers
+                .insert(name, http::HeaderValue::from_bytes(value).unwrap());
+        }
+        assert_eq!(
+            ApplyStatus::from_response(&unreadable),
+            Some(ApplyStatus {
+                ok: false,
+                id: ApplyId::Unreadable
+            })
+        );
+        let mut ok_unreadable = response(&[]);
+        ok_unreadable.headers.insert(
+            APPLY_STATUS_HEADER,
+            http::HeaderValue::from_bytes(b"\xffok").unwrap(),
+        );
+        assert_eq!(
+            ApplyStatus::from_response(&ok_unreadable).map(|a| a.ok),
+            Some(false)
         );
     }
 

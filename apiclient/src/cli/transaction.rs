@@ -13,7 +13,7 @@ use super::{color, report};
 use super::{CliError, Output};
 use crate::client::Client;
 use crate::error::ClientError;
-use crate::transaction::{ApplyStatus, Commit, Transaction};
+use crate::transaction::{ApplyId, ApplyStatus, Commit, Transaction};
 use crate::uri::with_query;
 
 /// One step that fills the transaction (a PATCH).
@@ -126,15 +126,22 @@ pub async fn check_apply(client: &Client, commit: &Commit) -> Result<(), CliErro
     let record = find_apply(client, apply).await;
     let record = record.as_ref().map_err(String::as_str);
     Err(CliError::ApplyFailed(report::apply_failure_text(
-        apply.id, record,
+        apply.id.given(),
+        record,
     )))
 }
 
 /// The apply's record in the log: the newest one if it has the right id (the usual
 /// case), else searched for in the whole log (another apply came in between).
 async fn find_apply(client: &Client, apply: ApplyStatus) -> Result<Value, String> {
+    if apply.id == ApplyId::Unreadable {
+        return Err(
+            "keeld's x-keel-apply-id header could not be read: see `apiclient apply-log`"
+                .to_owned(),
+        );
+    }
     let newest = fetch_applies(client, Some(1)).await?;
-    let matches = |record: &Value| match apply.id {
+    let matches = |record: &Value| match apply.id.given() {
         Some(id) => record.get("id").and_then(Value::as_u64) == Some(id),
         None => true,
     };
@@ -142,10 +149,12 @@ async fn find_apply(client: &Client, apply: ApplyStatus) -> Result<Value, String
         return Ok(record);
     }
     let all = fetch_applies(client, None).await?;
-    all.into_iter().find(matches).ok_or_else(|| match apply.id {
-        Some(id) => format!("apply {id} is no longer in the apply log"),
-        None => "the apply log is empty".to_owned(),
-    })
+    all.into_iter()
+        .find(matches)
+        .ok_or_else(|| match apply.id.given() {
+            Some(id) => format!("apply {id} is no longer in the apply log"),
+            None => "the apply log is empty".to_owned(),
+        })
 }
 
 async fn fetch_applies(client: &Client, limit: Option<usize>) -> Result<Vec<Value>, String> {
