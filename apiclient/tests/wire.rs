@@ -806,3 +806,27 @@ async fn help_texts_mention_dry_run() {
     assert_eq!(code, 0);
     assert!(stdout.contains("--limit <N>"), "{stdout}");
 }
+
+/// A status answer that is no JSON object fails the update command at once, naming the
+/// request, instead of being read as "no news" until the command's timeout.
+#[tokio::test]
+async fn an_update_status_that_is_no_json_object_fails_at_once() {
+    for (body, found) in [("oops", "no JSON"), ("[1]", "[1]"), ("", "empty")] {
+        let server = FakeKeeld::start_boxed(Arc::new(move |request: &Seen| {
+            match (request.method.as_str(), request.path()) {
+                ("GET", "/updates/status") => (200, Vec::new(), body.to_owned()),
+                _ => (204, Vec::new(), String::new()),
+            }
+        }));
+        let started = std::time::Instant::now();
+        let error = run_cli(&server, &["update", "check"]).await.unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "the answer to GET /updates/status is not a JSON object: {found}"
+            )),
+            "{text}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+}

@@ -156,16 +156,35 @@ fn note(text: &str) {
 /// The status, whether a command runs (423: under `update_status`) or not.
 async fn current(client: &Client) -> Result<Value, CliError> {
     let response = client.request(Method::GET, "/updates/status", None).await?;
-    let body = response.json().ok().flatten().unwrap_or(Value::Null);
     match response.status {
-        200 => Ok(body),
-        423 => Ok(body["update_status"].clone()),
+        200 => status_body(&response),
+        423 => Ok(status_body(&response)?["update_status"].clone()),
         code => Err(CliError::Client(crate::error::ClientError::Status {
             code,
             method: "GET".to_owned(),
             uri: "/updates/status".to_owned(),
             body: response.text().trim_end().to_owned(),
         })),
+    }
+}
+
+/// The JSON object of a `GET /updates/status` answer (200, or 423 while a command
+/// runs). Anything else is an error: read as `null`, it would leave a command waiting
+/// out its whole timeout for a status it can never see.
+fn status_body(response: &crate::client::Response) -> Result<Value, CliError> {
+    let error = |found: String| {
+        CliError::Client(crate::error::ClientError::Shape {
+            method: "GET".to_owned(),
+            uri: "/updates/status".to_owned(),
+            expected: "a JSON object",
+            found,
+        })
+    };
+    match response.json() {
+        Ok(Some(body)) if body.is_object() => Ok(body),
+        Ok(Some(other)) => Err(error(other.to_string().chars().take(80).collect())),
+        Ok(None) => Err(error("empty".to_owned())),
+        Err(e) => Err(error(format!("no JSON ({e})"))),
     }
 }
 
@@ -285,13 +304,12 @@ async fn wait_for(
     loop {
         tokio::time::sleep(POLL).await;
         let response = client.request(Method::GET, "/updates/status", None).await?;
-        let body = response.json().ok().flatten().unwrap_or(Value::Null);
         let status = match response.status {
             423 => {
-                watch.update(&body["update_status"]);
+                watch.update(&status_body(&response)?["update_status"]);
                 None
             }
-            200 => Some(body),
+            200 => Some(status_body(&response)?),
             code => {
                 return Err(CliError::Client(crate::error::ClientError::Status {
                     code,
