@@ -447,6 +447,27 @@ async fn binary_exit_codes() {
     assert_eq!(code, 2, "a pair without = is a usage error");
     let (code, _, _) = run_binary(&["frobnicate"]).await;
     assert_eq!(code, 2);
+    // Command-line mistakes found after parsing, before anything is sent: 2 as well.
+    for args in [
+        &["-s", missing.to_str().unwrap(), "-u", "settings"][..],
+        &["-s", missing.to_str().unwrap(), "get", "-u", "os"],
+        &["-s", missing.to_str().unwrap(), "unset", "a.\"b"],
+        &[
+            "-s",
+            missing.to_str().unwrap(),
+            "apply",
+            "s3://bucket/user-data.toml",
+        ],
+        &[
+            "-s",
+            missing.to_str().unwrap(),
+            "apply",
+            "file://elsewhere/user-data.toml",
+        ],
+    ] {
+        let (code, _, stderr) = run_binary(args).await;
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+    }
     let (code, stdout, _) = run_binary(&["--help"]).await;
     assert_eq!(code, 0);
     assert!(stdout.contains("Examples:"), "{stdout}");

@@ -42,7 +42,8 @@ The command runs with the container's own user, environment, working directory a
 privileges. With a terminal (-t, or by default when stdin and stdout are terminals)
 Ctrl-C goes to the command; without one, stdin is streamed until end-of-file and stdout
 and stderr stay apart. apiclient exits with the command's exit status (128 + n when
-signal n ended it), or 1 when the exec could not run.
+signal n ended it), 1 when the exec could not run, 2 on a usage error, or 141 when
+apiclient could no longer write the command's output.
 
 Examples:
   apiclient exec admin bash

@@ -62,7 +62,8 @@ Examples:
 ///
 /// Exit status: 0 on success, 1 when the API or the system refuses (the reason is on
 /// stderr) or when settings were committed but applying them failed, 2 on a usage
-/// error, 124 when `boot wait` timed out.
+/// error (a command line wrong in a way found before anything was sent, too), 124 when
+/// `boot wait` timed out; `exec` exits with the command's own status.
 ///
 /// With no subcommand, apiclient sends the request given by -u/-m/-d (as `raw` does, and
 /// as Bottlerocket's apiclient does). `set`, `apply` and `unset` take --dry-run to show
@@ -265,7 +266,13 @@ impl CliError {
     /// The process's exit status for this failure.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Usage(_) => 2,
+            // The command line is wrong, nothing was sent: a URI that is no `/path` (`-u
+            // settings`), a source of a scheme apply does not take (`s3://…`).
+            CliError::Usage(_)
+            | CliError::Client(ClientError::InvalidUri { .. })
+            | CliError::Source(
+                SourceError::UnsupportedScheme { .. } | SourceError::RemoteFileUri { .. },
+            ) => 2,
             CliError::TimedOut(_) => EXIT_TIMED_OUT,
             _ => 1,
         }

@@ -32,7 +32,9 @@ pub struct UnsetArgs {
 pub fn removal_patch(keys: &[String]) -> Result<Value, CliError> {
     let mut patch = Value::Object(serde_json::Map::new());
     for key in keys {
-        let path = KeyPath::parse_setting(key)?;
+        // A key that is no key is the command line's mistake (exit 2), as a pair
+        // without `=` is for `set`.
+        let path = KeyPath::parse_setting(key).map_err(|e| CliError::Usage(e.to_string()))?;
         if path.segments().len() < 2 {
             return Err(CliError::Usage(format!(
                 "{key}: name a key below `settings`"
