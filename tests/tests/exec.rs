@@ -617,6 +617,30 @@ fn exec_in_a_terminal() {
     let status = child.wait().expect("apiclient");
     assert_eq!(status.code(), Some(128 + 15), "{status:?}");
     assert_eq!(modes(&slave), before, "terminal restored after signals");
+
+    // Rarer signals whose default would end apiclient with the terminal raw: SIGUSR1
+    // (forwarded; the shell inside dies of it, or a second one ends apiclient) and
+    // SIGXCPU (no name in the protocol: apiclient ends at once). Either way 128 + n,
+    // and the terminal restored.
+    for (signal, number) in [
+        (rustix::process::Signal::USR1, 10),
+        (rustix::process::Signal::XCPU, 24),
+    ] {
+        let mut child = pty.spawn(&node.keeld.socket, &["-t", "c", "sh"]);
+        pty.type_text(&format!("echo $(({number}+100))-rare\n"));
+        pty.wait_for(&format!("{}-rare", number + 100));
+        for _ in 0..2 {
+            if child.try_wait().expect("wait").is_some() {
+                break;
+            }
+            // It may have ended between the check and the kill: that is fine.
+            let _ = rustix::process::kill_process(rustix::process::Pid::from_child(&child), signal);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let status = child.wait().expect("apiclient");
+        assert_eq!(status.code(), Some(128 + number), "{signal:?}: {status:?}");
+        assert_eq!(modes(&slave), before, "terminal restored after {signal:?}");
+    }
     node.assert_no_exec_left();
 }
 

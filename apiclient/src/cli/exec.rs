@@ -3,8 +3,9 @@
 //!
 //! Owns the terminal (raw mode while a terminal session runs, restored on every way
 //! out: the end of the process, an error, a signal, a panic), the signals (SIGWINCH
-//! becomes a window-size message; SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to
-//! the process once, and a second one ends apiclient) and the plumbing of stdin, stdout
+//! becomes a window-size message; SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2
+//! and SIGALRM are forwarded to the process once, and a second one ends apiclient, as
+//! the other signals that would end it do at once: see [`Signals`]) and the plumbing of stdin, stdout
 //! and stderr. Unlike the other commands it prints as it goes, and it exits with the
 //! process's exit status itself (`std::process::exit`), after the terminal is restored
 //! and the output written.
@@ -365,34 +366,54 @@ impl StdinThread {
     }
 }
 
-/// The signals apiclient handles instead of dying of them.
+/// The signals apiclient handles instead of dying of them: every signal whose default
+/// action ends a process and that can be sent to it (not the faults), so that none
+/// leaves the terminal raw.
 struct Signals {
     winch: Signal,
-    int: Signal,
-    term: Signal,
-    hup: Signal,
-    quit: Signal,
+    /// SIGINT, SIGTERM, SIGHUP, SIGQUIT, then the rarer ones (SIGUSR1, SIGUSR2, SIGALRM
+    /// are forwarded as the first four are; SIGVTALRM, SIGPROF, SIGXCPU and SIGXFSZ,
+    /// which the protocol cannot name, end apiclient).
+    ending: Vec<(i32, Signal)>,
 }
 
 impl Signals {
+    /// The signals handled, by number.
+    const ENDING: [i32; 11] = [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGALRM,
+        libc::SIGVTALRM,
+        libc::SIGPROF,
+        libc::SIGXCPU,
+        libc::SIGXFSZ,
+    ];
+
     fn new() -> std::io::Result<Signals> {
+        let mut ending = Vec::with_capacity(Self::ENDING.len());
+        for number in Self::ENDING {
+            ending.push((number, signal(SignalKind::from_raw(number))?));
+        }
         Ok(Signals {
             winch: signal(SignalKind::window_change())?,
-            int: signal(SignalKind::interrupt())?,
-            term: signal(SignalKind::terminate())?,
-            hup: signal(SignalKind::hangup())?,
-            quit: signal(SignalKind::quit())?,
+            ending,
         })
     }
 
     /// The next signal's number.
     async fn recv(&mut self) -> Option<i32> {
+        let ending =
+            futures_util::future::select_all(self.ending.iter_mut().map(|(number, signal)| {
+                let number = *number;
+                Box::pin(async move { signal.recv().await.map(|()| number) })
+            }));
         tokio::select! {
             s = self.winch.recv() => s.map(|()| libc::SIGWINCH),
-            s = self.int.recv() => s.map(|()| libc::SIGINT),
-            s = self.term.recv() => s.map(|()| libc::SIGTERM),
-            s = self.hup.recv() => s.map(|()| libc::SIGHUP),
-            s = self.quit.recv() => s.map(|()| libc::SIGQUIT),
+            (s, _, _) = ending => s,
         }
     }
 }
