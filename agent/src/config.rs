@@ -99,6 +99,12 @@ pub struct Config {
     /// Between SIGTERM and SIGKILL when a host container is stopped.
     #[arg(long, default_value = "10s")]
     pub stop_grace: humantime::Duration,
+    /// How long a stopping keeld waits, from SIGTERM, for the requests in flight, exec
+    /// sessions and the applies running or queued (one limit for all) before it exits
+    /// anyway; an apply cut short is finished at the next start (apply journal). Keep it
+    /// below the service manager's stop timeout (systemd's default: 90s).
+    #[arg(long, default_value = "45s")]
+    pub shutdown_grace: humantime::Duration,
     /// First delay before an exited host container starts again; it doubles each time.
     #[arg(long, default_value = "1s")]
     pub restart_backoff: humantime::Duration,

@@ -280,6 +280,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
     // One grace for the whole stop, from the signal: the drain, the exec sessions and the
     // applies share it, so that keeld exits within it (below systemd's stop timeout)
     // instead of waiting for each in turn.
+    let shutdown_grace: std::time::Duration = config.shutdown_grace.into();
     let stop_began = std::sync::Arc::new(std::sync::OnceLock::new());
     let began = stop_began.clone();
     let stopping = async move {
@@ -291,7 +292,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         listener,
         api::router(state, policy),
         stopping,
-        api::server::SHUTDOWN_GRACE,
+        shutdown_grace,
     )
     .await;
     tracing::info!(drained, "keeld stopping");
@@ -299,7 +300,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         .get()
         .copied()
         .unwrap_or_else(tokio::time::Instant::now)
-        + api::server::SHUTDOWN_GRACE;
+        + shutdown_grace;
     let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
     // Exec sessions outlive their HTTP connection (an upgrade): end them, killing their
     // processes, so that none is left running without its client (the kill itself is

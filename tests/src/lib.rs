@@ -235,7 +235,7 @@ impl Keeld {
         let recorder = self.dir.path().join("record-restart");
         std::fs::write(
             &recorder,
-            "#!/bin/sh\ndir=\"$(dirname \"$0\")\"\n[ -e \"$dir/slow-$1\" ] && sleep 1\necho \"$* | $CHANGED_SETTINGS\" >> \"${KEEL_RECORD_DIR:-$dir}/restarts.log\"\n[ -e \"$dir/fail-$1\" ] && exit 3\nexit 0\n",
+            "#!/bin/sh\ndir=\"$(dirname \"$0\")\"\nif [ -e \"$dir/slow-$1\" ]; then s=$(cat \"$dir/slow-$1\"); sleep \"${s:-1}\"; fi\necho \"$* | $CHANGED_SETTINGS\" >> \"${KEEL_RECORD_DIR:-$dir}/restarts.log\"\n[ -e \"$dir/fail-$1\" ] && exit 3\nexit 0\n",
         )
         .unwrap();
         std::fs::set_permissions(
@@ -249,6 +249,15 @@ impl Keeld {
     /// Makes the recorder take a second for `service`'s restart commands.
     pub fn slow_restarts_of(&self, service: &str) {
         std::fs::write(self.dir.path().join(format!("slow-{service}")), "").unwrap();
+    }
+
+    /// Makes the recorder take `seconds` for `service`'s restart commands.
+    pub fn slow_restarts_of_for(&self, service: &str, seconds: u32) {
+        std::fs::write(
+            self.dir.path().join(format!("slow-{service}")),
+            seconds.to_string(),
+        )
+        .unwrap();
     }
 
     /// Makes the recorder fail (exit 3) for `service`'s restart commands.

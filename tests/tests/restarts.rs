@@ -1,6 +1,7 @@
 //! keeld stopped or killed around applies: a commit acknowledged before a crash reaches
 //! the render root at the next start (apply journal), the apply log survives a restart,
-//! SIGTERM finishes the request and the apply in flight, a FIFO planted at a rendered
+//! SIGTERM finishes the request and the apply in flight (or, past `--shutdown-grace`,
+//! leaves it to the next start), a FIFO planted at a rendered
 //! path never freezes the API, and a KEELD_LOG that is no filter is reported and does
 //! not keep keeld from starting.
 
@@ -162,6 +163,79 @@ fn sigterm_finishes_the_commit_in_flight() {
         keeld.restarts()
     );
     assert!(!keeld.apply_in_flight(), "and was journaled as finished");
+}
+
+/// An apply that outlasts the shutdown grace does not hold keeld's stop: keeld exits at
+/// the limit, cleanly, saying so, and its next start finishes the apply (apply journal).
+#[test]
+fn a_stop_past_its_grace_leaves_the_apply_to_the_next_start() {
+    let mut keeld = Keeld::start_with(KeeldOptions {
+        extra_args: vec!["--shutdown-grace".into(), "500ms".into()],
+        ..KeeldOptions::default()
+    });
+    keeld.slow_restarts_of_for("chronyd", 30);
+    let socket = keeld.socket.clone();
+    let client = std::thread::spawn(move || {
+        keel_e2e::try_raw_request(
+            &socket,
+            "PATCH",
+            "/settings?tx=t",
+            Some(br#"{"ntp":{"time-servers":["time.example.com"]}}"#),
+        )
+        .and_then(|_| keel_e2e::try_raw_request(&socket, "POST", "/tx/commit_and_apply?tx=t", None))
+    });
+    wait_until("the apply to start", Duration::from_secs(10), || {
+        keeld.apply_in_flight()
+    });
+    let stopping = Instant::now();
+    let status = keeld.stop();
+    let took = stopping.elapsed();
+    assert!(status.success(), "keeld exited {status}: {}", keeld.log());
+    // The grace, and at most the second an exec stop may take besides: far from the
+    // restart command's 30 s.
+    assert!(
+        took < Duration::from_secs(10),
+        "keeld took {took:?} to stop"
+    );
+    assert!(
+        keeld
+            .log()
+            .contains("an apply is still running after the shutdown grace"),
+        "{}",
+        keeld.log()
+    );
+    assert!(
+        keeld.apply_in_flight(),
+        "the journal holds the apply cut short"
+    );
+    // The request in flight got no answer, or an error: never a success.
+    if let Ok(answer) = client.join().unwrap() {
+        assert_ne!(answer.status, 200, "{}", answer.text());
+    }
+    assert!(
+        !keeld.restarts().iter().any(|l| l.starts_with("chronyd")),
+        "the restart command was cut short: {:?}",
+        keeld.restarts()
+    );
+
+    keeld.slow_restarts_of_for("chronyd", 0);
+    keeld.spawn();
+    wait_until(
+        "the journal to say it is done",
+        Duration::from_secs(20),
+        || !keeld.apply_in_flight(),
+    );
+    // The recovery ran chronyd's restart (the harness forgets the recorder's lines from
+    // before the boot was configured: the log tells).
+    let log = keeld.raw("GET", "/apply/log", None).json();
+    let recovered = log["applies"].as_array().unwrap().iter().any(|apply| {
+        apply["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["service"] == "chronyd" && c["success"] == true)
+    });
+    assert!(recovered, "{log:#}");
 }
 
 #[test]

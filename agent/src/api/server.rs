@@ -197,11 +197,6 @@ pub async fn guard_socket(path: std::path::PathBuf, mode: u32, gid: Option<u32>)
 /// closes, so that keeld never runs out of file descriptors for its own state.
 pub const MAX_CONNECTIONS: usize = 512;
 
-/// How long a stopping keeld waits, from the signal, for requests in flight, exec
-/// sessions and the applies running or queued (one grace for all of them) before it
-/// exits anyway. Below systemd's default stop timeout (90 s).
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(45);
-
 /// Serves `app` on `listener` until `shutdown` completes, then drains: no new
 /// connection is accepted, idle connections are closed, and a request in flight is
 /// answered (its connection closes after it) within `grace`. Answers whether every
