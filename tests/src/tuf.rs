@@ -21,6 +21,10 @@ pub struct TufRepo {
     key: PathBuf,
     /// The root.json keeld trusts (`--update-root`).
     pub root_json: PathBuf,
+    /// The newest root, which publications are signed under (`root_json` until a
+    /// rotation), and the keys beyond `key` its roles name.
+    current_root: PathBuf,
+    rotated_keys: Vec<PathBuf>,
     version: u64,
 }
 
@@ -106,9 +110,57 @@ impl TufRepo {
         TufRepo {
             dir: dir.to_owned(),
             key: keys_dir.join("key.pk8"),
+            current_root: root_json.clone(),
             root_json,
+            rotated_keys: Vec::new(),
             version: 0,
         }
+    }
+
+    /// Publishes root version N+1 (`N+1.root.json`) whose timestamp role has a new key of
+    /// its own, signed by the root key (which both roots name); later publications are
+    /// signed under it.
+    pub fn rotate_timestamp_key(&mut self) {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let pkcs8 = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let n = self.rotated_keys.len() + 1;
+        let key_path = self.dir.join(format!("timestamp-key-{n}.pk8"));
+        std::fs::write(&key_path, pkcs8.as_ref()).unwrap();
+        let tuf_key = tough::sign::parse_keypair(pkcs8.as_ref())
+            .unwrap()
+            .tuf_key();
+        let key_id = tuf_key.key_id().unwrap();
+        let current: tough::schema::Signed<Root> =
+            serde_json::from_slice(&std::fs::read(&self.current_root).unwrap()).unwrap();
+        let mut root = current.signed;
+        root.version = NonZeroU64::new(root.version.get() + 1).unwrap();
+        root.expires = days_from_now(365);
+        root.keys.insert(key_id.clone(), tuf_key);
+        root.roles.insert(
+            RoleType::Timestamp,
+            RoleKeys {
+                keyids: vec![key_id],
+                threshold: NonZeroU64::new(1).unwrap(),
+                _extra: HashMap::new(),
+            },
+        );
+        let signing_key = self.key.clone();
+        let signed = runtime().block_on(async {
+            SignedRole::new(
+                root.clone(),
+                &KeyHolder::Root(root.clone()),
+                &keys(&signing_key),
+                &rng,
+            )
+            .await
+            .unwrap()
+        });
+        let path = self
+            .metadata_dir()
+            .join(format!("{}.root.json", root.version.get()));
+        std::fs::write(&path, signed.buffer()).unwrap();
+        self.current_root = path;
+        self.rotated_keys.push(key_path);
     }
 
     /// The metadata version of the last publication.
@@ -139,8 +191,11 @@ impl TufRepo {
                 std::fs::copy(path, &target).unwrap();
             }
         }
-        let key = self.key.clone();
-        let root = self.root_json.clone();
+        let mut signing: Vec<Box<dyn KeySource>> = keys(&self.key);
+        for rotated in &self.rotated_keys {
+            signing.extend(keys(rotated));
+        }
+        let root = self.current_root.clone();
         let metadata = self.metadata_dir();
         let targets = self.targets_dir();
         runtime().block_on(async move {
@@ -159,7 +214,7 @@ impl TufRepo {
                 paths.push(entry.unwrap().path());
             }
             editor.add_target_paths(paths).await.unwrap();
-            let signed = editor.sign(&keys(&key)).await.unwrap();
+            let signed = editor.sign(&signing).await.unwrap();
             // Targets first, then the metadata that names them: a client that refreshes
             // in between sees the previous publication whole, never a target missing.
             signed

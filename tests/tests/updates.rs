@@ -625,6 +625,35 @@ fn metadata_older_than_what_the_host_trusted_is_refused() {
     );
 }
 
+/// The same replay after the repository rotated its timestamp key (root version 2):
+/// the host's trust starts from the newest root it trusted, so the rotation is not seen
+/// anew at each refresh (which would drop the saved timestamp, and with it the check).
+#[test]
+fn metadata_older_than_what_the_host_trusted_is_refused_after_a_key_rotation() {
+    let mut f = Fixture::new();
+    let update = f.build("1.1.0", 1 << 20);
+    f.repo.rotate_timestamp_key();
+    f.publish(&[&update]);
+    let old = f.dir.join("old-timestamp.json");
+    std::fs::copy(f.repo.metadata_dir().join("timestamp.json"), &old).unwrap();
+    f.publish(&[&update]);
+    f.run_ok("refresh-updates");
+    // A second refresh from the kept anchor finds the same, and keeps the check.
+    f.run_ok("refresh-updates");
+    std::fs::copy(&old, f.repo.metadata_dir().join("timestamp.json")).unwrap();
+    let (stderr, _) = f.run_failed("refresh-updates");
+    assert_eq!(
+        stderr,
+        "the repository offers timestamp metadata version 1, older than version 2 this host \
+         already trusted: refusing a rollback"
+    );
+    // A mirror that now hides root version 2 cannot take the host back to the image's
+    // root either: the replay is still refused.
+    std::fs::remove_file(f.repo.metadata_dir().join("2.root.json")).unwrap();
+    let (stderr, _) = f.run_failed("refresh-updates");
+    assert!(stderr.contains("refusing a rollback"), "{stderr}");
+}
+
 #[test]
 fn an_older_version_is_not_installed_unless_version_lock_names_it() {
     let mut f = Fixture::with_version("1.1.0");

@@ -7,6 +7,16 @@
 //! the versions it trusted in the datastore under the state directory, so an old but
 //! validly signed repository cannot be replayed after a reboot); a target must have the
 //! signed length and hash. Must not write slots.
+//!
+//! The trust anchor of a load is the newest root this host has trusted
+//! ([`TRUSTED_ROOT`], written by keeld after each load, durably), not the image's: `tough`
+//! starts its root chain from the anchor it is given, so starting each load from the
+//! image's root would (a) take a rotation of the timestamp or snapshot keys since that root
+//! as new at every load, and with it delete the saved timestamp and snapshot (TUF's
+//! recovery from a fast-forward attack), which turns the rollback check off for good, and
+//! (b) let a mirror that refuses `N+1.root.json` hold the host at the image's root, whose
+//! keys may have been revoked since. The image's root is the anchor only when it is newer
+//! (an image shipped with a later root) or nothing has been trusted yet.
 
 use std::path::PathBuf;
 
@@ -23,6 +33,10 @@ use settings_model::proxy::ProxyRules;
 pub const MANIFEST: &str = "manifest.json";
 /// Largest manifest read.
 const MAX_MANIFEST: u64 = 16 * 1024 * 1024;
+/// The newest root this host trusted, in the datastore (a name `tough` does not use).
+pub const TRUSTED_ROOT: &str = "keel-trusted-root.json";
+/// Largest root read back (tough's own limit for a root is 1 MiB).
+const MAX_ROOT: u64 = 1024 * 1024;
 
 /// Where the repository is and how to reach it.
 #[derive(Debug, Clone)]
@@ -192,6 +206,38 @@ pub fn base_url(what: &'static str, text: &str) -> Result<Url, RepositoryError> 
     })
 }
 
+/// The `signed.version` of a root's JSON, if it has one.
+fn version_of(root: &[u8]) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_slice(root).ok()?;
+    value.get("signed")?.get("version")?.as_u64()
+}
+
+/// The anchor of a load: the root kept at `trusted` when it is readable and at least as
+/// new as the image's `shipped` one; the image's otherwise (a kept root that cannot be
+/// read is said, and the image's used: the chain from it is checked all the same).
+async fn newest_root(shipped: Vec<u8>, trusted: &std::path::Path) -> Vec<u8> {
+    let path = trusted.to_owned();
+    let kept = tokio::task::spawn_blocking(move || super::durable::read_bounded(&path, MAX_ROOT))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    let kept = match kept {
+        Ok(kept) => kept,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return shipped,
+        Err(e) => {
+            tracing::warn!(path = %trusted.display(), error = %e, "cannot read the root this host trusted; starting from the image's");
+            return shipped;
+        }
+    };
+    match (version_of(&kept), version_of(&shipped)) {
+        (Some(kept_version), Some(shipped_version)) if kept_version >= shipped_version => kept,
+        (Some(_), _) => shipped,
+        (None, _) => {
+            tracing::warn!(path = %trusted.display(), "the root this host trusted is not a TUF root; starting from the image's");
+            shipped
+        }
+    }
+}
+
 impl UpdateRepository {
     /// Fetches and verifies the metadata from `metadata` (targets from `targets`).
     pub async fn load(
@@ -216,12 +262,32 @@ impl UpdateRepository {
             })?;
         let transport = RepositoryTransport::new(config.timeouts, proxy)
             .map_err(|e| RepositoryError::Settings(e.to_string()))?;
-        let repo = RepositoryLoader::new(&root, metadata, targets)
+        let trusted_path = config.datastore.join(TRUSTED_ROOT);
+        let anchor = newest_root(root, &trusted_path).await;
+        let repo = RepositoryLoader::new(&anchor, metadata, targets)
             .transport(transport)
             .datastore(config.datastore.clone())
             .load()
             .await
             .map_err(|e| explain(&e, None))?;
+        // The root the chain ended at is the next load's anchor. Written whole or not at
+        // all (temporary file, fsync, rename, fsync of the directory): a power cut leaves
+        // the previous anchor, never a torn one.
+        let trusted = serde_json::to_vec(repo.root()).map_err(|e| {
+            RepositoryError::Other(format!("cannot serialize the trusted root: {e}"))
+        })?;
+        if anchor != trusted {
+            let path = trusted_path.clone();
+            tokio::task::spawn_blocking(move || super::durable::replace(&path, &trusted))
+                .await
+                .map_err(|e| RepositoryError::Other(e.to_string()))?
+                .map_err(|e| {
+                    RepositoryError::Other(format!(
+                        "cannot keep the trusted root in {}: {e}",
+                        trusted_path.display()
+                    ))
+                })?;
+        }
         Ok(UpdateRepository { repo })
     }
 
@@ -277,5 +343,35 @@ impl UpdateRepository {
             bytes.extend_from_slice(&chunk?);
         }
         Ok(Manifest::parse(&bytes)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn root(version: u64) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({"signed": {"version": version}, "signatures": []}))
+            .unwrap()
+    }
+
+    /// The kept root anchors a load when it is at least as new as the image's; the
+    /// image's when it is newer, or when nothing readable was kept.
+    #[tokio::test]
+    async fn the_anchor_is_the_newest_root_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = dir.path().join(TRUSTED_ROOT);
+        assert_eq!(newest_root(root(1), &kept).await, root(1), "nothing kept");
+        std::fs::write(&kept, root(3)).unwrap();
+        assert_eq!(newest_root(root(1), &kept).await, root(3));
+        assert_eq!(newest_root(root(3), &kept).await, root(3));
+        assert_eq!(
+            newest_root(root(4), &kept).await,
+            root(4),
+            "a newer image root"
+        );
+        std::fs::write(&kept, b"{\"signed\": {\"vers").unwrap();
+        assert_eq!(newest_root(root(1), &kept).await, root(1), "torn");
     }
 }
