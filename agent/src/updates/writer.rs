@@ -175,7 +175,10 @@ fn handle(
             root_hash,
             tries,
         } => {
+            // While the running slot is on trial, the other slot's entry is its way
+            // back: not replaced by a counting one either.
             let active = inactive_only(config, *slot)?;
+            config.esp.check_running_blessed(active).map_err(refuse)?;
             if !(1..=MAX_TRIES).contains(tries) {
                 return Err(refuse(format!(
                     "tries must be 1 to {MAX_TRIES}, not {tries}"
@@ -1135,12 +1138,30 @@ mod tests {
             "version 1\n",
         )
         .expect("w");
-        // Neither invalidated, nor written over, nor deactivated: whatever keeld asks.
+        // Slot b's boot files are there: an activation would otherwise replace its
+        // blessed entry with a counting one.
+        let slot_dir = f.config.esp.slot_dir(Slot::B);
+        std::fs::create_dir_all(&slot_dir).expect("mkdir");
+        for file in [
+            crate::updates::loader::KERNEL,
+            crate::updates::loader::INITRD,
+        ] {
+            std::fs::write(slot_dir.join(file), b"boot file").expect("w");
+        }
+        // Neither invalidated, nor written over, nor deactivated, nor activated anew:
+        // whatever keeld asks.
         let (_, hash, _) = root_image();
+        let activate = Request::Activate {
+            slot: Slot::B,
+            os_version: "1.1.0".to_owned(),
+            root_hash: "00".repeat(32),
+            tries: 1,
+        };
         for (request, payload) in [
             (Request::Invalidate { slot: Slot::B }, &[][..]),
             (write(Slot::B, Part::Hash, &hash, None), &hash[..]),
             (Request::Deactivate { slot: Slot::B }, &[][..]),
+            (activate, &[][..]),
         ] {
             let answers = session(&f.config, &[(request, payload)]);
             assert!(
