@@ -74,6 +74,12 @@ pub struct Config {
     /// next piece of a download) before the command fails.
     #[arg(long, default_value = "30s")]
     pub update_read_timeout: humantime::Duration,
+    /// Time the repository's metadata and manifest may take in all, at a refresh and at
+    /// the start of a prepare (they are megabytes at most: a repository sending them a
+    /// byte at a time, within the read timeout, fails the command instead of holding the
+    /// update lock for days).
+    #[arg(long, default_value = "10m")]
+    pub update_metadata_timeout: humantime::Duration,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -245,6 +251,7 @@ impl Config {
                 timeouts: crate::updates::transport::Timeouts {
                     connect: self.update_connect_timeout.into(),
                     read: self.update_read_timeout.into(),
+                    metadata: self.update_metadata_timeout.into(),
                 },
             },
             writer: Some(writer),

@@ -170,6 +170,8 @@ impl SlotHost {
             "2s".into(),
             "--update-read-timeout".into(),
             "2s".into(),
+            "--update-metadata-timeout".into(),
+            "5s".into(),
         ]
     }
 

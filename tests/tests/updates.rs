@@ -718,6 +718,21 @@ fn a_repository_that_stalls_fails_the_command_within_the_time_limits() {
             f.server.url("metadata/timestamp.json")
         )
     );
+    // The metadata trickles in, a byte a second: each within the read limit, the whole
+    // far past the metadata limit.
+    f.server.set_faults(vec![Fault::Throttle {
+        suffix: "timestamp.json".into(),
+        chunk: 1,
+        pause: Duration::from_secs(1),
+    }]);
+    let started = Instant::now();
+    let (stderr, _) = f.run_failed("refresh-updates");
+    assert_eq!(
+        stderr,
+        "the repository's metadata and manifest did not arrive within 5s \
+         (--update-metadata-timeout)"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
     // The root image stops half way.
     f.server.set_faults(vec![]);
     f.run_ok("refresh-updates");

@@ -431,7 +431,7 @@ impl Updates {
         let settings = self.settings()?;
         let seed = self.seed(&settings);
         let running = self.running_version()?;
-        let repo = UpdateRepository::load(
+        let (_, manifest) = UpdateRepository::load_with_manifest(
             &self.inner.config.repository,
             settings.metadata.clone(),
             settings.targets.clone(),
@@ -439,7 +439,6 @@ impl Updates {
         )
         .await
         .map_err(|e| e.to_string())?;
-        let manifest = repo.manifest().await.map_err(|e| e.to_string())?;
         let choice = choose(
             &manifest,
             &Wanted {

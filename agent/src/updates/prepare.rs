@@ -119,7 +119,7 @@ impl Target {
 /// Runs a prepare; answers what the inactive slot now holds.
 pub async fn prepare(input: PrepareInput<'_>) -> Result<StagedSlot, PrepareFailure> {
     let settings = &input.settings;
-    let repo = UpdateRepository::load(
+    let (repo, manifest) = UpdateRepository::load_with_manifest(
         input.repository,
         settings.metadata.clone(),
         settings.targets.clone(),
@@ -127,7 +127,6 @@ pub async fn prepare(input: PrepareInput<'_>) -> Result<StagedSlot, PrepareFailu
     )
     .await
     .map_err(|e| fail(e, false))?;
-    let manifest = repo.manifest().await.map_err(|e| fail(e, false))?;
     // The repository may have changed since the refresh: the choice must still be the one
     // the status shows.
     let choice = choose(&manifest, &input.wanted).map_err(|e| fail(e, false))?;

@@ -239,6 +239,32 @@ async fn newest_root(shipped: Vec<u8>, trusted: &std::path::Path) -> Vec<u8> {
 }
 
 impl UpdateRepository {
+    /// [`Self::load`], then [`Self::manifest`], within the metadata time limit: each
+    /// fetch has its own connect and read limits, but a repository that trickles its
+    /// metadata a byte at a time would meet those and hold the command (and the update
+    /// lock) for days.
+    pub async fn load_with_manifest(
+        config: &RepositoryConfig,
+        metadata: Url,
+        targets: Url,
+        proxy: Option<&ProxyRules>,
+    ) -> Result<(UpdateRepository, Manifest), RepositoryError> {
+        let limit = config.timeouts.metadata;
+        tokio::time::timeout(limit, async {
+            let repo = Self::load(config, metadata, targets, proxy).await?;
+            let manifest = repo.manifest().await?;
+            Ok((repo, manifest))
+        })
+        .await
+        .map_err(|_| {
+            RepositoryError::Other(format!(
+                "the repository's metadata and manifest did not arrive within {} \
+                 (--update-metadata-timeout)",
+                humantime::format_duration(limit)
+            ))
+        })?
+    }
+
     /// Fetches and verifies the metadata from `metadata` (targets from `targets`).
     pub async fn load(
         config: &RepositoryConfig,

@@ -29,6 +29,9 @@ pub struct Timeouts {
     pub connect: Duration,
     /// For the answer, and then between two pieces of the body.
     pub read: Duration,
+    /// For the metadata and the manifest in all (see `repository::UpdateRepository::
+    /// load_with_manifest`).
+    pub metadata: Duration,
 }
 
 impl Default for Timeouts {
@@ -36,6 +39,7 @@ impl Default for Timeouts {
         Timeouts {
             connect: Duration::from_secs(10),
             read: Duration::from_secs(30),
+            metadata: Duration::from_secs(600),
         }
     }
 }
