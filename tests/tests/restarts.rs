@@ -20,6 +20,27 @@ fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Sets and commits an NTP server (chronyd's restart follows) on a thread of its own;
+/// answers once the apply has started (its journal says so).
+fn start_ntp_apply(
+    keeld: &Keeld,
+) -> std::thread::JoinHandle<std::io::Result<keel_e2e::RawResponse>> {
+    let socket = keeld.socket.clone();
+    let client = std::thread::spawn(move || {
+        keel_e2e::try_raw_request(
+            &socket,
+            "PATCH",
+            "/settings?tx=t",
+            Some(br#"{"ntp":{"time-servers":["time.example.com"]}}"#),
+        )
+        .and_then(|_| keel_e2e::try_raw_request(&socket, "POST", "/tx/commit_and_apply?tx=t", None))
+    });
+    wait_until("the apply to start", Duration::from_secs(10), || {
+        keeld.apply_in_flight()
+    });
+    client
+}
+
 fn motd(keeld: &Keeld) -> String {
     std::fs::read_to_string(keeld.render_root().join("etc/motd")).unwrap_or_default()
 }
@@ -136,19 +157,7 @@ fn a_restart_with_nothing_to_catch_up_applies_nothing() {
 fn sigterm_finishes_the_commit_in_flight() {
     let mut keeld = Keeld::start();
     keeld.slow_restarts_of("chronyd");
-    let socket = keeld.socket.clone();
-    let client = std::thread::spawn(move || {
-        keel_e2e::try_raw_request(
-            &socket,
-            "PATCH",
-            "/settings?tx=t",
-            Some(br#"{"ntp":{"time-servers":["time.example.com"]}}"#),
-        )
-        .and_then(|_| keel_e2e::try_raw_request(&socket, "POST", "/tx/commit_and_apply?tx=t", None))
-    });
-    wait_until("the apply to start", Duration::from_secs(10), || {
-        keeld.apply_in_flight()
-    });
+    let client = start_ntp_apply(&keeld);
     let status = keeld.stop();
     assert!(status.success(), "keeld exited {status}: {}", keeld.log());
     let answer = client
@@ -174,19 +183,7 @@ fn a_stop_past_its_grace_leaves_the_apply_to_the_next_start() {
         ..KeeldOptions::default()
     });
     keeld.slow_restarts_of_for("chronyd", 30);
-    let socket = keeld.socket.clone();
-    let client = std::thread::spawn(move || {
-        keel_e2e::try_raw_request(
-            &socket,
-            "PATCH",
-            "/settings?tx=t",
-            Some(br#"{"ntp":{"time-servers":["time.example.com"]}}"#),
-        )
-        .and_then(|_| keel_e2e::try_raw_request(&socket, "POST", "/tx/commit_and_apply?tx=t", None))
-    });
-    wait_until("the apply to start", Duration::from_secs(10), || {
-        keeld.apply_in_flight()
-    });
+    let client = start_ntp_apply(&keeld);
     let stopping = Instant::now();
     let status = keeld.stop();
     let took = stopping.elapsed();

@@ -218,6 +218,17 @@ template-path = "motd"
         async move { Ok(store.commit(&tx, Caller::keeld()).await.unwrap()) }
     }
 
+    /// Commits `tx` and applies it, on a task of its own.
+    fn spawn_after_commit(
+        applier: &Applier,
+        store: &Store,
+        tx: &str,
+    ) -> tokio::task::JoinHandle<(Vec<String>, Option<Arc<ApplyReport>>)> {
+        let (a, s) = (applier.clone(), store.clone());
+        let commit = commit(store, tx);
+        tokio::spawn(async move { a.after_commit(&s, commit).await.unwrap() })
+    }
+
     fn motd(root: &Path) -> String {
         std::fs::read_to_string(root.join("etc/motd")).unwrap_or_default()
     }
@@ -230,21 +241,13 @@ template-path = "motd"
         let applier = applier(root.path(), "0.3");
         // The first apply runs (and holds its restart command) while the others queue.
         set(&store, "first", "first").await;
-        let first = {
-            let (a, s) = (applier.clone(), store.clone());
-            let commit = commit(&store, "first");
-            tokio::spawn(async move { a.after_commit(&s, commit).await.unwrap() })
-        };
+        let first = spawn_after_commit(&applier, &store, "first");
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut later = Vec::new();
         for i in 0..6 {
             let tx = format!("tx{i}");
             set(&store, &tx, &format!("motd {i}")).await;
-            let (a, s) = (applier.clone(), store.clone());
-            let commit = commit(&store, &tx);
-            later.push(tokio::spawn(async move {
-                a.after_commit(&s, commit).await.unwrap()
-            }));
+            later.push(spawn_after_commit(&applier, &store, &tx));
         }
         let (changed, report) = first.await.unwrap();
         assert_eq!(changed, ["settings.motd"]);
@@ -279,20 +282,12 @@ template-path = "motd"
         let store = Store::open(state.path(), 10).unwrap();
         let applier = applier(root.path(), "0.3");
         set(&store, "first", "first").await;
-        let first = {
-            let (a, s) = (applier.clone(), store.clone());
-            let commit = commit(&store, "first");
-            tokio::spawn(async move { a.after_commit(&s, commit).await.unwrap() })
-        };
+        let first = spawn_after_commit(&applier, &store, "first");
         // The first apply holds its restart command; the second commit lands and its
         // apply waits in the queue.
         tokio::time::sleep(Duration::from_millis(100)).await;
         set(&store, "second", "second").await;
-        let second = {
-            let (a, s) = (applier.clone(), store.clone());
-            let commit = commit(&store, "second");
-            tokio::spawn(async move { a.after_commit(&s, commit).await.unwrap() })
-        };
+        let second = spawn_after_commit(&applier, &store, "second");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while store.snapshot().live_settings()["motd"] != "second" {
             assert!(
