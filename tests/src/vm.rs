@@ -399,7 +399,8 @@ impl Vm {
         }
     }
 
-    /// Waits until the serial console has printed `needle` `count` times in all.
+    /// Waits until the serial console has printed `needle` `count` times in all, each in a
+    /// line that has ended (see `complete_lines`).
     pub fn wait_serial(
         &mut self,
         needle: &str,
@@ -409,7 +410,7 @@ impl Vm {
         let deadline = Instant::now() + timeout;
         loop {
             let serial = self.serial();
-            if serial.matches(needle).count() >= count {
+            if complete_lines(&serial).matches(needle).count() >= count {
                 return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -594,6 +595,14 @@ fn is_qcow2(path: &Path) -> bool {
         && magic == *b"QFI\xfb"
 }
 
+/// The serial console up to the end of its last complete line. A marker is looked for
+/// only there: qemu writes the console as the guest sends it (a 500-byte line takes tens
+/// of milliseconds under TCG), so a marker found in a line still arriving would have a
+/// caller read the line's text cut short.
+fn complete_lines(serial: &str) -> &str {
+    serial.rfind('\n').map_or("", |end| &serial[..=end])
+}
+
 /// A section of a boot report (`boot status` or `settings`) as the JSON apiclient printed.
 pub fn report_json(report: &str, section: &str) -> Option<serde_json::Value> {
     let start = report.find(&format!("=== {section}\n"))? + section.len() + 5;
@@ -745,4 +754,20 @@ pub fn publish_expiring(
         .map(|(n, p)| (n.as_str(), p.as_path()))
         .collect();
     repo.publish(&refs, expires);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::complete_lines;
+
+    #[test]
+    fn a_marker_counts_once_its_line_has_ended() {
+        assert_eq!(complete_lines(""), "");
+        assert_eq!(complete_lines("KEEL-PROBE step-9 rc=0 out=no upd"), "");
+        assert_eq!(
+            complete_lines("boot\nKEEL-PROBE step-9 rc=0 out=no upd"),
+            "boot\n"
+        );
+        assert_eq!(complete_lines("a\r\nb\n"), "a\r\nb\n");
+    }
 }
