@@ -8,6 +8,13 @@
 //! validly signed repository cannot be replayed after a reboot); a target must have the
 //! signed length and hash. Must not write slots.
 //!
+//! `tough` writes its datastore with plain `write`s (no `fsync`, no rename): a power cut
+//! during a load can leave `timestamp.json` torn, and `tough` reads a file it cannot parse
+//! as no file, so the rollback check would be off for the next load. So `tough` works in
+//! a scratch copy ([`Scratch`]), and what it wrote is copied back into the datastore
+//! file by file with [`super::durable::replace`] once its load has returned: each file is
+//! the old one or the new one, whole.
+//!
 //! The trust anchor of a load is the newest root this host has trusted
 //! ([`TRUSTED_ROOT`], written by keeld after each load, durably), not the image's: `tough`
 //! starts its root chain from the anchor it is given, so starting each load from the
@@ -18,7 +25,9 @@
 //! keys may have been revoked since. The image's root is the anchor only when it is newer
 //! (an image shipped with a later root) or nothing has been trusted yet.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -37,6 +46,10 @@ const MAX_MANIFEST: u64 = 16 * 1024 * 1024;
 pub const TRUSTED_ROOT: &str = "keel-trusted-root.json";
 /// Largest root read back (tough's own limit for a root is 1 MiB).
 const MAX_ROOT: u64 = 1024 * 1024;
+/// Largest datastore file copied (tough's own largest limit, for targets, is 10 MiB).
+const MAX_KEPT: u64 = 16 * 1024 * 1024;
+/// Names of the scratch directories `tough` works in, inside the datastore.
+const SCRATCH_PREFIX: &str = ".load-";
 
 /// Where the repository is and how to reach it.
 #[derive(Debug, Clone)]
@@ -185,6 +198,92 @@ pub struct TargetInfo {
 #[derive(Debug)]
 pub struct UpdateRepository {
     repo: Repository,
+    /// `tough`'s datastore for this repository (it checks the clock there again before
+    /// each target); removed with it.
+    _scratch: Scratch,
+}
+
+/// The directory `tough` is given as its datastore for one load: a copy of the durable
+/// datastore's files, made before the load, removed when dropped. Nothing in it is
+/// durable; [`keep`] makes what `tough` wrote there durable.
+#[derive(Debug)]
+struct Scratch {
+    path: PathBuf,
+    /// The datastore's files as they were copied in.
+    before: BTreeMap<OsString, Vec<u8>>,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// `tough`'s files in `dir`: its regular files, but not keeld's own (the trusted root,
+/// temporary files and scratch directories start with `.` or are [`TRUSTED_ROOT`]).
+fn tough_files(dir: &Path) -> std::io::Result<BTreeMap<OsString, Vec<u8>>> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let text = name.to_string_lossy();
+        if text.starts_with('.') || text == TRUSTED_ROOT || !entry.file_type()?.is_file() {
+            continue;
+        }
+        let bytes = super::durable::read_bounded(&entry.path(), MAX_KEPT)?;
+        files.insert(name, bytes);
+    }
+    Ok(files)
+}
+
+/// Makes the scratch datastore for a load from the durable one at `durable`. Scratch
+/// directories left by earlier loads (a crash, or a load cancelled by the metadata time
+/// limit while `tough` was writing) are removed first: loads run one at a time (the
+/// update machine runs one command at a time), so none of them is in use. So are the
+/// temporary files of a [`keep`] a crash cut short.
+fn stage(durable: &Path) -> std::io::Result<Scratch> {
+    super::durable::sweep_temps(durable);
+    for entry in std::fs::read_dir(durable)? {
+        let entry = entry?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(SCRATCH_PREFIX)
+            && entry.file_type()?.is_dir()
+        {
+            std::fs::remove_dir_all(entry.path())?;
+        }
+    }
+    let path = durable.join(format!("{SCRATCH_PREFIX}{:016x}", rand::random::<u64>()));
+    std::fs::create_dir(&path)?;
+    let scratch = Scratch {
+        path,
+        before: tough_files(durable)?,
+    };
+    for (name, bytes) in &scratch.before {
+        std::fs::write(scratch.path.join(name), bytes)?;
+    }
+    Ok(scratch)
+}
+
+/// Makes durable in `durable` what `tough` wrote in `scratch` during a load that has
+/// returned (every write it began has ended): each changed file replaced whole (temporary
+/// file, `fsync`, rename, `fsync` of the directory), each file it removed removed. A
+/// power cut in between leaves some files old and some new, each whole; each is only a
+/// lower bound the next load checks against, so any mix is safe.
+fn keep(scratch: &Scratch, durable: &Path) -> std::io::Result<()> {
+    let after = tough_files(&scratch.path)?;
+    for (name, bytes) in &after {
+        if scratch.before.get(name) != Some(bytes) {
+            super::durable::replace(&durable.join(name), bytes)?;
+        }
+    }
+    for name in scratch.before.keys() {
+        if !after.contains_key(name) {
+            super::durable::remove(&durable.join(name))?;
+        }
+    }
+    Ok(())
 }
 
 /// A URL from the settings, with the trailing `/` TUF's relative names need and
@@ -290,12 +389,36 @@ impl UpdateRepository {
             .map_err(|e| RepositoryError::Settings(e.to_string()))?;
         let trusted_path = config.datastore.join(TRUSTED_ROOT);
         let anchor = newest_root(root, &trusted_path).await;
-        let repo = RepositoryLoader::new(&anchor, metadata, targets)
-            .transport(transport)
-            .datastore(config.datastore.clone())
-            .load()
+        let datastore = config.datastore.clone();
+        let scratch = tokio::task::spawn_blocking(move || stage(&datastore))
             .await
-            .map_err(|e| explain(&e, None))?;
+            .map_err(|e| RepositoryError::Other(e.to_string()))?
+            .map_err(|e| {
+                RepositoryError::Other(format!(
+                    "cannot copy the TUF datastore {}: {e}",
+                    config.datastore.display()
+                ))
+            })?;
+        let loaded = RepositoryLoader::new(&anchor, metadata, targets)
+            .transport(transport)
+            .datastore(scratch.path.clone())
+            .load()
+            .await;
+        // What tough trusted is kept whether its load succeeded or not, as it would have
+        // kept it in its own datastore (a timestamp it verified before the snapshot
+        // failed is trusted from then on).
+        let datastore = config.datastore.clone();
+        let scratch =
+            tokio::task::spawn_blocking(move || keep(&scratch, &datastore).map(|()| scratch))
+                .await
+                .map_err(|e| RepositoryError::Other(e.to_string()))?
+                .map_err(|e| {
+                    RepositoryError::Other(format!(
+                        "cannot keep what was trusted in the TUF datastore {}: {e}",
+                        config.datastore.display()
+                    ))
+                })?;
+        let repo = loaded.map_err(|e| explain(&e, None))?;
         // The root the chain ended at is the next load's anchor. Written whole or not at
         // all (temporary file, fsync, rename, fsync of the directory): a power cut leaves
         // the previous anchor, never a torn one.
@@ -314,7 +437,10 @@ impl UpdateRepository {
                     ))
                 })?;
         }
-        Ok(UpdateRepository { repo })
+        Ok(UpdateRepository {
+            repo,
+            _scratch: scratch,
+        })
     }
 
     /// The signed length and sha256 of target `name`.
@@ -399,5 +525,52 @@ mod tests {
         );
         std::fs::write(&kept, b"{\"signed\": {\"vers").unwrap();
         assert_eq!(newest_root(root(1), &kept).await, root(1), "torn");
+    }
+
+    /// tough works in a copy of its files; what it changed, added and removed there is
+    /// what the datastore holds after `keep`, keeld's own files untouched, and a scratch
+    /// directory an earlier load left is gone.
+    #[test]
+    fn what_tough_wrote_in_its_scratch_copy_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let durable = dir.path();
+        let write = |name: &str, bytes: &[u8]| std::fs::write(durable.join(name), bytes).unwrap();
+        write("timestamp.json", b"t1");
+        write("snapshot.json", b"s1");
+        write("root.json", b"r1");
+        write(TRUSTED_ROOT, b"anchor");
+        write(".keel-timestamp.json.tmp", b"a crash's");
+        let left = durable.join(".load-0123456789abcdef");
+        std::fs::create_dir(&left).unwrap();
+        std::fs::write(left.join("timestamp.json"), b"torn").unwrap();
+
+        let scratch = stage(durable).unwrap();
+        assert!(
+            !left.exists(),
+            "an earlier load's scratch directory is removed"
+        );
+        let copied: Vec<_> = std::fs::read_dir(&scratch.path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(copied, ["root.json", "snapshot.json", "timestamp.json"]);
+        // As tough does on a key rotation: the snapshot removed, a new timestamp, and
+        // the clock it checks.
+        std::fs::write(scratch.path.join("timestamp.json"), b"t2").unwrap();
+        std::fs::remove_file(scratch.path.join("snapshot.json")).unwrap();
+        std::fs::write(scratch.path.join("latest_known_time.json"), b"now").unwrap();
+        keep(&scratch, durable).unwrap();
+
+        let read = |name: &str| std::fs::read(durable.join(name)).ok();
+        assert_eq!(read("timestamp.json").as_deref(), Some(&b"t2"[..]));
+        assert_eq!(read("snapshot.json"), None);
+        assert_eq!(read("latest_known_time.json").as_deref(), Some(&b"now"[..]));
+        assert_eq!(read("root.json").as_deref(), Some(&b"r1"[..]));
+        assert_eq!(read(TRUSTED_ROOT).as_deref(), Some(&b"anchor"[..]));
+        let path = scratch.path.clone();
+        drop(scratch);
+        assert!(!path.exists(), "the scratch directory goes with its load");
     }
 }
