@@ -80,6 +80,11 @@ pub struct Config {
     /// update lock for days).
     #[arg(long, default_value = "10m")]
     pub update_metadata_timeout: humantime::Duration,
+    /// Time a prepare's downloads may take in all (the images of an update, hundreds of
+    /// megabytes: two hours is 1 Mbit/s for 900 MB). A repository trickling them within
+    /// the read timeout fails the prepare instead of holding the update lock for days.
+    #[arg(long, default_value = "2h")]
+    pub update_download_timeout: humantime::Duration,
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -252,6 +257,7 @@ impl Config {
                     connect: self.update_connect_timeout.into(),
                     read: self.update_read_timeout.into(),
                     metadata: self.update_metadata_timeout.into(),
+                    download: self.update_download_timeout.into(),
                 },
             },
             writer: Some(writer),

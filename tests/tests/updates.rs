@@ -750,6 +750,42 @@ fn a_repository_that_stalls_fails_the_command_within_the_time_limits() {
     assert_slot_a_untouched(&f);
 }
 
+/// A root image that trickles in, each piece within the read limit, fails the prepare at
+/// the download limit, leaving the running slot alone, and the next prepare starts.
+#[test]
+fn a_download_that_trickles_fails_the_prepare_at_the_download_limit() {
+    let mut f = Fixture::new();
+    let update = f.build("1.1.0", 2 << 20);
+    f.publish(&[&update]);
+    f.keeld.kill();
+    let mut args = f.host.keeld_args(&f.repo.root_json, "1.0.0");
+    args.extend(["--update-download-timeout".to_owned(), "3s".to_owned()]);
+    f.keeld.options.extra_args = args;
+    f.keeld.spawn();
+    f.wait_reconciled();
+    f.run_ok("refresh-updates");
+    // 64 KiB a second: 32 s for the root image, each piece well within the read limit.
+    let name = update.names(VARIANT)[0].0.clone();
+    f.server.set_faults(vec![Fault::Throttle {
+        suffix: format!(".{name}"),
+        chunk: 64 << 10,
+        pause: Duration::from_secs(1),
+    }]);
+    let started = Instant::now();
+    let (stderr, status) = f.run_failed("prepare-update");
+    assert_eq!(
+        stderr,
+        "the update's images did not arrive within 3s (--update-download-timeout)"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(status["update_state"], "Available");
+    assert_eq!(f.host.entries(), vec!["keel-a.conf"]);
+    assert_slot_a_untouched(&f);
+    f.server.set_faults(vec![]);
+    let status = f.run_ok("prepare-update");
+    assert_eq!(status["update_state"], "Staged");
+}
+
 #[test]
 fn the_proxy_of_settings_network_carries_repository_fetches_unless_no_proxy_says_otherwise() {
     let mut f = Fixture::new();

@@ -184,32 +184,45 @@ pub async fn prepare(input: PrepareInput<'_>) -> Result<StagedSlot, PrepareFailu
         .simple(&Request::Invalidate { slot })
         .await
         .map_err(|e| fail(e, false))?;
-    let mut done_before = 0u64;
-    for (what, info) in &plan {
-        let stream = repo.stream(&info.name).await.map_err(|e| fail(e, true))?;
-        let progress = input.progress.clone();
-        let target = what.name().to_owned();
-        progress(Progress {
-            bytes_done: done_before,
-            bytes_total: total,
-            target: target.clone(),
-        });
-        let request = what.request(slot, info, &update.root_hash);
-        session
-            .write(&request, info.length, stream, |sent| {
-                progress(Progress {
-                    bytes_done: done_before + sent,
-                    bytes_total: total,
-                    target: target.clone(),
+    let limit = input.repository.timeouts.download;
+    let download = async {
+        let mut done_before = 0u64;
+        for (what, info) in &plan {
+            let stream = repo.stream(&info.name).await.map_err(|e| fail(e, true))?;
+            let progress = input.progress.clone();
+            let target = what.name().to_owned();
+            progress(Progress {
+                bytes_done: done_before,
+                bytes_total: total,
+                target: target.clone(),
+            });
+            let request = what.request(slot, info, &update.root_hash);
+            session
+                .write(&request, info.length, stream, |sent| {
+                    progress(Progress {
+                        bytes_done: done_before + sent,
+                        bytes_total: total,
+                        target: target.clone(),
+                    })
                 })
-            })
-            .await
-            .map_err(|e| match e {
-                WriterError::Source(source) => fail(source, true),
-                other => fail(other, true),
-            })?;
-        done_before += info.length;
-    }
+                .await
+                .map_err(|e| match e {
+                    WriterError::Source(source) => fail(source, true),
+                    other => fail(other, true),
+                })?;
+            done_before += info.length;
+        }
+        Ok(())
+    };
+    tokio::time::timeout(limit, download).await.map_err(|_| {
+        fail(
+            format!(
+                "the update's images did not arrive within {} (--update-download-timeout)",
+                humantime::format_duration(limit)
+            ),
+            true,
+        )
+    })??;
     session.close().await;
     tracing::info!(slot = %slot, version = %update.version, "update written and verified");
     Ok(StagedSlot {

@@ -32,6 +32,9 @@ pub struct Timeouts {
     /// For the metadata and the manifest in all (see `repository::UpdateRepository::
     /// load_with_manifest`).
     pub metadata: Duration,
+    /// For all of a prepare's targets, from the first byte asked to the last written
+    /// (see `prepare::prepare`).
+    pub download: Duration,
 }
 
 impl Default for Timeouts {
@@ -40,6 +43,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(10),
             read: Duration::from_secs(30),
             metadata: Duration::from_secs(600),
+            download: Duration::from_secs(2 * 3600),
         }
     }
 }
