@@ -277,6 +277,23 @@ fn record_commands_print_json_table_and_yaml() {
         dry.contains("~ settings.motd: \"records\" → \"other\""),
         "{dry}"
     );
+    // A rollback's changed keys, as YAML and as a table.
+    let generation = |n: usize| {
+        let history = keeld.apiclient(&["history"]);
+        let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
+        history[n]["generation"].as_u64().unwrap().to_string()
+    };
+    let before = generation(1);
+    let out = keeld.apiclient(&["rollback", &before, "-o", "yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let changed: serde_json::Value = serde_norway::from_slice(&out.stdout).unwrap();
+    assert_eq!(changed, serde_json::json!(["settings.motd"]));
+    let out = keeld.apiclient(&["rollback", &generation(1), "-o", "table"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "CHANGED\nsettings.motd\n"
+    );
 }
 
 /// Command lines that are wrong in ways clap cannot see exit 2 (usage), as clap's own

@@ -448,6 +448,29 @@ fn apiclient_update_check_apply_with_reboot_and_cancel() {
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["update_state"], "Available");
     assert_eq!(status["chosen_update"]["version"], "1.1.0");
+    // The same status as YAML, and as a table for people.
+    let out = f.keeld.apiclient(&["update", "check", "-o", "yaml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml: Value = serde_norway::from_slice(&out.stdout).unwrap();
+    assert_eq!(yaml["available_updates"], status["available_updates"]);
+    assert_eq!(yaml["active_partition"], status["active_partition"]);
+    let out = f.keeld.apiclient(&["update", "-o", "table", "check"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.starts_with("STATE ")
+            && table.contains("\nAvailable  1.0.0 (slot a)  1.1.0 ")
+            && table.contains("  available: 1.1.0\n"),
+        "{table}"
+    );
 
     // Slow enough for the progress to show.
     let name = update.names(VARIANT)[0].0.clone();

@@ -1,5 +1,6 @@
 //! `-o/--output json|table|yaml`: the one output flag of every command that prints
-//! records (history, apply-log, boot status, containers, dry runs, events). Owns the
+//! records (history, apply-log, boot status, containers, dry runs, events, rollback, the
+//! update status). Owns the
 //! [`Format`] type commands declare their flag with, and turning keeld's JSON into each
 //! format; the table layouts themselves belong to the command that prints them (they
 //! use [`Table`]). Must not decide a command's default: each command says its own in

@@ -5,8 +5,9 @@
 //! require it to have succeeded.
 //!
 //! Owns the waiting and what the user sees meanwhile. Progress of a download goes to
-//! stderr (the only thing a command here writes itself; stdout stays the JSON status): a
-//! bar redrawn in place on a terminal, a plain line every 10% (and at the end) otherwise.
+//! stderr (the only thing a command here writes itself; stdout stays the status, in the
+//! `-o` format): a bar redrawn in place on a terminal, a plain line every 10% (and at the
+//! end) otherwise.
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use clap::{Args, Subcommand};
 use http::Method;
 use serde_json::Value;
 
+use super::output::{self, cell, list_cell, Format, Table};
 use super::{CliError, Output};
 use crate::client::Client;
 
@@ -22,6 +24,18 @@ use crate::client::Client;
 pub struct UpdateArgs {
     #[command(subcommand)]
     pub command: UpdateCommand,
+
+    /// How the update status is printed: `json` (the default: keeld's answer, as
+    /// Bottlerocket's apiclient prints it), `table` or `yaml`.
+    #[arg(
+        short = 'o',
+        long,
+        value_name = "FORMAT",
+        value_enum,
+        default_value = "json",
+        global = true
+    )]
+    pub output: Format,
 }
 
 #[derive(Debug, Subcommand)]
@@ -30,6 +44,7 @@ pub enum UpdateCommand {
     #[command(after_help = "\
 Examples:
   apiclient update check
+  apiclient update check -o table
   apiclient update check | jq -r '.chosen_update.version // \"none\"'")]
     Check,
     /// Downloads the chosen update into the inactive slot and makes it the next boot
@@ -61,11 +76,8 @@ pub async fn run(client: &Client, args: UpdateArgs) -> Result<Output, CliError> 
             other => other,
         }
     };
-    match args.command {
-        UpdateCommand::Check => check(client)
-            .await
-            .map(Output::Json)
-            .map_err(context("check for updates")),
+    let status = match args.command {
+        UpdateCommand::Check => check(client).await.map_err(context("check for updates")),
         UpdateCommand::Apply(apply_args) => apply(client, apply_args)
             .await
             .map_err(context("apply update")),
@@ -77,14 +89,80 @@ pub async fn run(client: &Client, args: UpdateArgs) -> Result<Output, CliError> 
             &mut Quiet,
         )
         .await
-        .map(Output::Json)
         .map_err(context("cancel update")),
-    }
+    }?;
+    output::render(args.output, status, table)
 }
 
-/// How long each command is waited for.
+/// The update status for people: one row, with the offered versions, why the choice
+/// was made and a failed command's reason below it.
+pub fn table(status: &Value) -> Result<String, CliError> {
+    if !status.is_object() {
+        return Err(CliError::Invalid(
+            "GET /updates/status did not answer an object".into(),
+        ));
+    }
+    let image = |partition: &Value| {
+        let image = &partition["image"];
+        match (image["version"].as_str(), partition["slot"].as_str()) {
+            (Some(version), Some(slot)) => format!("{version} (slot {slot})"),
+            (Some(version), None) => version.to_owned(),
+            _ => "-".to_owned(),
+        }
+    };
+    let running = &status["active_partition"];
+    let staged = &status["staging_partition"];
+    let next = if running["next_to_boot"] == true {
+        image(running)
+    } else if staged["next_to_boot"] == true {
+        image(staged)
+    } else {
+        "-".to_owned()
+    };
+    let last = &status["most_recent_command"];
+    let command = if last.is_object() {
+        format!("{} {}", cell(last, "cmd_type"), cell(last, "cmd_status"))
+    } else {
+        "-".to_owned()
+    };
+    let mut notes = vec![format!(
+        "available: {}",
+        list_cell(status.get("available_updates"), 8)
+    )];
+    if let Some(reason) = status["chosen_update_reason"].as_str() {
+        notes.push(format!("why: {reason}"));
+    }
+    match last["stderr"].as_str() {
+        Some(stderr) if !stderr.is_empty() => notes.push(format!("error: {stderr}")),
+        _ => {}
+    }
+    let mut table = Table::new(&["STATE", "RUNNING", "CHOSEN", "STAGED", "NEXT BOOT", "LAST"]);
+    table.row(
+        vec![
+            cell(status, "update_state"),
+            image(running),
+            status["chosen_update"]["version"]
+                .as_str()
+                .unwrap_or("-")
+                .to_owned(),
+            if staged.is_object() {
+                image(staged)
+            } else {
+                "-".to_owned()
+            },
+            next,
+            command,
+        ],
+        notes,
+    );
+    Ok(table.render())
+}
+
+/// How long each command is waited for. keeld bounds each command itself (a prepare by
+/// `--update-metadata-timeout`, 10 min, then `--update-download-timeout`, 2 h): these
+/// are only for a keeld that never says the command ended.
 const REFRESH: Duration = Duration::from_secs(120);
-const PREPARE: Duration = Duration::from_secs(3600);
+const PREPARE: Duration = Duration::from_secs(2 * 3600 + 15 * 60);
 const ACTIVATE: Duration = Duration::from_secs(120);
 const CANCEL: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(250);
@@ -93,18 +171,18 @@ async fn check(client: &Client) -> Result<Value, CliError> {
     wait_for(client, "refresh-updates", "refresh", REFRESH, &mut Quiet).await
 }
 
-async fn apply(client: &Client, args: ApplyArgs) -> Result<Output, CliError> {
+async fn apply(client: &Client, args: ApplyArgs) -> Result<Value, CliError> {
     if args.check {
         let status = check(client).await?;
         match status["update_state"].as_str() {
             Some("Idle") => {
                 let reason = status["chosen_update_reason"].as_str().unwrap_or("");
                 note(&format!("No update to apply. {reason}"));
-                return Ok(Output::Json(status));
+                return Ok(status);
             }
             Some("Ready") => {
                 note("An update is already applied: reboot for it to take effect, or `apiclient update cancel`.");
-                return Ok(Output::Json(status));
+                return Ok(status);
             }
             _ => {}
         }
@@ -145,7 +223,7 @@ async fn apply(client: &Client, args: ApplyArgs) -> Result<Output, CliError> {
     } else {
         note("The update will take effect at the next reboot.");
     }
-    Ok(Output::Json(status))
+    Ok(status)
 }
 
 fn note(text: &str) {
@@ -346,6 +424,61 @@ async fn wait_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_status_table_shows_the_state_the_slots_and_why() {
+        let status = serde_json::json!({
+            "update_state": "Ready",
+            "available_updates": ["1.1.0", "1.0.0"],
+            "chosen_update": {"arch": "x86_64", "version": "1.1.0", "variant": "keel-qemu"},
+            "active_partition": {
+                "image": {"arch": "x86_64", "version": "1.0.0", "variant": "keel-qemu"},
+                "next_to_boot": false,
+                "slot": "a"
+            },
+            "staging_partition": {
+                "image": {"arch": "x86_64", "version": "1.1.0", "variant": "keel-qemu"},
+                "next_to_boot": true,
+                "slot": "b"
+            },
+            "most_recent_command": {
+                "cmd_type": "activate",
+                "cmd_status": "Success",
+                "timestamp": "2026-12-04T18:33:19.628944900Z",
+                "exit_status": 0,
+                "stderr": ""
+            },
+            "chosen_update_reason": "1.1.0 is the newest released to this host"
+        });
+        assert_eq!(
+            table(&status).unwrap(),
+            "STATE  RUNNING         CHOSEN  STAGED          NEXT BOOT       LAST\n\
+             Ready  1.0.0 (slot a)  1.1.0   1.1.0 (slot b)  1.1.0 (slot b)  activate Success\n\
+             \x20 available: 1.1.0, 1.0.0\n\
+             \x20 why: 1.1.0 is the newest released to this host\n"
+        );
+        // A failed command's reason, and nothing staged.
+        let failed = serde_json::json!({
+            "update_state": "Available",
+            "available_updates": [],
+            "chosen_update": null,
+            "active_partition": {"image": {"version": "1.0.0"}, "next_to_boot": true, "slot": "a"},
+            "staging_partition": null,
+            "most_recent_command": {
+                "cmd_type": "prepare", "cmd_status": "Failed", "stderr": "the repository stalled"
+            }
+        });
+        let text = table(&failed).unwrap();
+        assert!(
+            text.contains(
+                "Available  1.0.0 (slot a)  -       -       1.0.0 (slot a)  prepare Failed"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("  available: -\n"), "{text}");
+        assert!(text.contains("  error: the repository stalled\n"), "{text}");
+        assert!(table(&serde_json::json!([])).is_err());
+    }
 
     #[test]
     fn the_progress_line_shows_share_bytes_and_rate() {
