@@ -451,7 +451,7 @@ mod tests {
             "chosen_update_reason": "1.1.0 is the newest released to this host"
         });
         assert_eq!(
-            table(&status).unwrap(),
+            table(&status).expect("a table"),
             "STATE  RUNNING         CHOSEN  STAGED          NEXT BOOT       LAST\n\
              Ready  1.0.0 (slot a)  1.1.0   1.1.0 (slot b)  1.1.0 (slot b)  activate Success\n\
              \x20 available: 1.1.0, 1.0.0\n\
@@ -468,7 +468,7 @@ mod tests {
                 "cmd_type": "prepare", "cmd_status": "Failed", "stderr": "the repository stalled"
             }
         });
-        let text = table(&failed).unwrap();
+        let text = table(&failed).expect("a table");
         assert!(
             text.contains(
                 "Available  1.0.0 (slot a)  -       -       1.0.0 (slot a)  prepare Failed"
