@@ -103,6 +103,9 @@ struct Inner {
     /// Test hook: the reconciliation panics (a bug) as it starts.
     #[cfg(test)]
     panic_in_reconcile: std::sync::atomic::AtomicBool,
+    /// Test hook: this many saves of a command's outcome fail (a full or failing disk).
+    #[cfg(test)]
+    fail_outcome_saves: std::sync::atomic::AtomicUsize,
 }
 
 /// The update machinery; cheap to clone.
@@ -150,6 +153,8 @@ impl Updates {
                 events,
                 #[cfg(test)]
                 panic_in_reconcile: std::sync::atomic::AtomicBool::new(false),
+                #[cfg(test)]
+                fail_outcome_saves: std::sync::atomic::AtomicUsize::new(0),
             }),
         };
         updates.set_active_partition(None);
@@ -375,9 +380,7 @@ impl Updates {
             record.interrupted = None;
         }
         self.set_active_partition(None);
-        if let Err(e) = self.save().await {
-            tracing::error!(error = %e, "cannot record the outcome of an update command");
-        }
+        self.save_outcome(command).await;
         *lock(&self.inner.running) = None;
         self.publish(
             previous,
@@ -395,6 +398,60 @@ impl Updates {
             Err(reason) => {
                 tracing::warn!(command = command.action(), state = ?state, error = %reason, "update command failed")
             }
+        }
+    }
+
+    /// Saves the record with a command's outcome, trying again a few times (a disk that
+    /// was full a moment ago). The command holds the lock meanwhile, so no other starts
+    /// on a record that does not say how this one ended. If the save still fails, the
+    /// outcome says so (in memory, where clients read it): the disk shows the command as
+    /// running, and a keeld that starts before the next save (every start of a command
+    /// saves the whole record) closes it as interrupted, from what the slots show.
+    async fn save_outcome(&self, command: CommandType) {
+        let mut delay = OUTCOME_SAVE_DELAY;
+        let mut tries = 0;
+        let error = loop {
+            tries += 1;
+            #[cfg(test)]
+            let result = if self
+                .inner
+                .fail_outcome_saves
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok()
+            {
+                Err("simulated: No space left on device".to_owned())
+            } else {
+                self.save().await
+            };
+            #[cfg(not(test))]
+            let result = self.save().await;
+            match result {
+                Ok(()) => return,
+                Err(e) if tries >= OUTCOME_SAVE_TRIES => break e,
+                Err(e) => {
+                    tracing::warn!(command = command.action(), error = %e, tries, "cannot save the outcome of an update command; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        };
+        tracing::error!(command = command.action(), error = %error, "cannot save the outcome of an update command");
+        let path = self.inner.config.record.display().to_string();
+        if let Some(last) = lock(&self.inner.record).status.most_recent_command.as_mut() {
+            let note = format!(
+                "the outcome could not be saved in {path} ({error}): if keeld restarts \
+                 before its next save, {} reads as interrupted",
+                command.action()
+            );
+            last.stderr = if last.stderr.is_empty() {
+                note
+            } else {
+                format!("{}; {note}", last.stderr)
+            };
         }
     }
 
@@ -1236,6 +1293,11 @@ fn updated(
     record.status.update_state = UpdateState::Idle;
 }
 
+/// How many times a command's outcome is saved before the save is given up, and the
+/// pause before the second try (doubled before each next).
+const OUTCOME_SAVE_TRIES: u32 = 4;
+const OUTCOME_SAVE_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1286,6 +1348,85 @@ mod tests {
         .await
         .expect("answered without waiting for the reconciliation")
         .expect("started");
+    }
+
+    /// Runs a refresh (it fails at once here) and answers its outcome.
+    async fn refresh_outcome(updates: &Updates) -> CommandResult {
+        let before = updates.status().most_recent_command.map(|c| c.timestamp);
+        updates.start(CommandType::Refresh).await.expect("started");
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                let status = updates.status();
+                match status.most_recent_command {
+                    Some(last)
+                        if status.running_command.is_none()
+                            && Some(&last.timestamp) != before.as_ref() =>
+                    {
+                        return last
+                    }
+                    _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                }
+            }
+        })
+        .await
+        .expect("the command ended")
+    }
+
+    /// A save of a command's outcome that fails is tried again; one that keeps failing
+    /// is said in the outcome clients read, and the next command's start saves it.
+    #[tokio::test]
+    async fn an_outcome_that_cannot_be_saved_is_tried_again_then_said() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let updates = updates_in(dir.path());
+        updates.reconcile().await;
+        let on_disk = || {
+            status::load(&dir.path().join("status.json"))
+                .expect("readable")
+                .expect("saved")
+        };
+        let failing = |n| {
+            updates
+                .inner
+                .fail_outcome_saves
+                .store(n, std::sync::atomic::Ordering::SeqCst)
+        };
+        // Fails twice, then is saved: nothing to say.
+        failing(2);
+        let last = refresh_outcome(&updates).await;
+        assert!(
+            !last.stderr.contains("could not be saved"),
+            "{}",
+            last.stderr
+        );
+        let saved = on_disk();
+        assert!(saved.interrupted.is_none());
+        assert_eq!(saved.status.most_recent_command, Some(last));
+        // Never saved: the outcome says so, the disk still shows the command running.
+        failing(OUTCOME_SAVE_TRIES as usize);
+        let last = refresh_outcome(&updates).await;
+        assert_eq!(last.cmd_status, CommandStatus::Failed);
+        assert!(
+            last.stderr.ends_with(&format!(
+                "; the outcome could not be saved in {} (simulated: No space left on \
+                 device): if keeld restarts before its next save, refresh-updates reads as \
+                 interrupted",
+                dir.path().join("status.json").display()
+            )),
+            "{}",
+            last.stderr
+        );
+        assert_eq!(on_disk().interrupted, Some(CommandType::Refresh));
+        // Saves work again: the next outcome is on the disk.
+        let next = refresh_outcome(&updates).await;
+        assert_eq!(on_disk().status.most_recent_command, Some(next));
+        assert_eq!(failing_left(&updates), 0);
+    }
+
+    fn failing_left(updates: &Updates) -> usize {
+        updates
+            .inner
+            .fail_outcome_saves
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A client that hangs up as soon as its command has started (the API's handler
