@@ -4,7 +4,7 @@
 use clap::Args;
 use serde_json::Value;
 
-use super::output::{self, cell, list_cell, millis_cell, Format, Table};
+use super::output::{self, cell, list_cell, millis_cell, Table};
 use super::report::{failure_lines, no_effect_lines};
 use super::transaction::apply_log_uri;
 use super::{CliError, Output};
@@ -27,20 +27,13 @@ pub struct ApplyLogArgs {
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
 
-    /// `json` (the default: keeld's answer), `table` or `yaml`.
-    #[arg(
-        short = 'o',
-        long,
-        value_name = "FORMAT",
-        value_enum,
-        default_value = "json"
-    )]
-    pub output: Format,
+    #[command(flatten)]
+    pub output: output::JsonByDefault,
 }
 
 pub async fn run(client: &Client, args: ApplyLogArgs) -> Result<Output, CliError> {
     let answer = client.get_json(&apply_log_uri(args.limit)).await?;
-    output::render(args.output, answer, table)
+    output::render(args.output.output, answer, table)
 }
 
 /// Whether a reboot is required, then one row per apply; below a failed apply's row,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use super::output::{self, cell, millis_cell, Format, Table};
+use super::output::{self, cell, millis_cell, Table};
 use super::{CliError, Output};
 use crate::client::Client;
 
@@ -47,15 +47,8 @@ Examples:
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// `json` (the default: keeld's boot record), `table` or `yaml`.
-    #[arg(
-        short = 'o',
-        long,
-        value_name = "FORMAT",
-        value_enum,
-        default_value = "json"
-    )]
-    pub output: Format,
+    #[command(flatten)]
+    pub output: output::JsonByDefault,
 }
 
 #[derive(Debug, Args)]
@@ -68,7 +61,7 @@ pub struct WaitArgs {
 pub async fn run(client: &Client, args: BootArgs) -> Result<Output, CliError> {
     match args.command {
         BootCommand::Status(status) => {
-            output::render(status.output, client.get_json("/boot").await?, table)
+            output::render(status.output.output, client.get_json("/boot").await?, table)
         }
         BootCommand::Wait(wait) => wait_for(client, wait.timeout).await,
     }

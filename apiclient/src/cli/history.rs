@@ -3,7 +3,7 @@
 use clap::Args;
 use serde_json::Value;
 
-use super::output::{self, cell, list_cell, Format, Table};
+use super::output::{self, cell, list_cell, Table};
 use super::{CliError, Output};
 use crate::client::Client;
 
@@ -22,15 +22,8 @@ pub struct HistoryArgs {
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
 
-    /// `json` (the default: keeld's answer), `table` or `yaml`.
-    #[arg(
-        short = 'o',
-        long,
-        value_name = "FORMAT",
-        value_enum,
-        default_value = "json"
-    )]
-    pub output: Format,
+    #[command(flatten)]
+    pub output: output::JsonByDefault,
 }
 
 /// `/history`, with `?limit=N` (the server keeps the N newest) if given.
@@ -43,7 +36,7 @@ pub fn history_uri(limit: Option<usize>) -> String {
 
 pub async fn run(client: &Client, args: HistoryArgs) -> Result<Output, CliError> {
     let answer = client.get_json(&history_uri(args.limit)).await?;
-    output::render(args.output, answer, table)
+    output::render(args.output.output, answer, table)
 }
 
 /// One row per generation; a rollback names the generation it restored below its row.

@@ -24,6 +24,21 @@ pub enum Format {
     Yaml,
 }
 
+/// `-o/--output` for the commands whose default is keeld's JSON (flattened into their
+/// arguments with `#[command(flatten)]`).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct JsonByDefault {
+    /// `json` (the default: keeld's answer), `table` or `yaml`.
+    #[arg(
+        short = 'o',
+        long,
+        value_name = "FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
+    pub output: Format,
+}
+
 /// Prints `value` in `format`; `table` lays it out for people.
 pub fn render(
     format: Format,

@@ -4,7 +4,7 @@
 use clap::Args;
 use serde_json::Value;
 
-use super::output::{self, Format, Table};
+use super::output::{self, Table};
 use super::transaction::{check_apply, post_commit};
 use super::{CliError, Output};
 use crate::client::Client;
@@ -24,15 +24,8 @@ pub struct RollbackArgs {
     /// The generation number, as listed by `apiclient history`.
     pub generation: u64,
 
-    /// `json` (the default: keeld's answer), `table` or `yaml`.
-    #[arg(
-        short = 'o',
-        long,
-        value_name = "FORMAT",
-        value_enum,
-        default_value = "json"
-    )]
-    pub output: Format,
+    #[command(flatten)]
+    pub output: output::JsonByDefault,
 }
 
 pub async fn run(client: &Client, args: RollbackArgs) -> Result<Output, CliError> {
@@ -40,7 +33,7 @@ pub async fn run(client: &Client, args: RollbackArgs) -> Result<Output, CliError
     let uri = with_query("/history/rollback", &[("generation", &generation)]);
     let commit = post_commit(client, &uri).await?;
     check_apply(client, &commit).await?;
-    output::render(args.output, commit.changed, table)
+    output::render(args.output.output, commit.changed, table)
 }
 
 /// One changed key per row.
