@@ -10,8 +10,9 @@
 //! the boot tracker, and the updates API) call [`EventBus::publish`]. It never waits for
 //! a reader: it takes one short write lock (readers hold the lock only to copy out
 //! pointers), pushes, drops the oldest event when the ring is full, and wakes
-//! subscribers, at most once per [`PACE`] (a wake-up due later is one timer task for the
-//! bus; with no subscriber at all, nothing is woken and no timer started). A reader
+//! subscribers, at most once per [`PACE`], or per up to [`PACE_MAX`] while events stream
+//! in (a wake-up due later is one timer task for the bus; with no subscriber at all,
+//! nothing is woken and no timer started). A reader
 //! ([`Subscription`]) that fell behind the ring gets a [`Gap`] naming the cursors it lost,
 //! never a silent hole. Must not do I/O nor serialize on the publisher's path (an event's
 //! JSON is made once, by its first reader).
@@ -165,11 +166,45 @@ struct Shared {
 /// (plus the timer's tick) before its wake-up.
 pub const PACE: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// When followers were last woken, and whether a wake-up is already due.
+/// The longest pace: under a steady stream of events (a wake-up that carried at least
+/// [`BUSY_BATCH`] of them) the pace doubles, up to this; it halves back towards [`PACE`]
+/// with each wake-up that carried fewer, and is [`PACE`] again after this long without
+/// a wake-up. Batching more when events come fast (as a network card moderates its
+/// interrupts) keeps the followers' share of the CPU from growing with the commit rate,
+/// at the cost of up to this much latency while the stream lasts; an event after a quiet
+/// moment still wakes followers at once.
+pub const PACE_MAX: std::time::Duration = std::time::Duration::from_millis(8);
+
+/// Events carried by one paced wake-up that make the bus busy (see [`PACE_MAX`]).
+const BUSY_BATCH: u32 = 4;
+
+/// When followers were last woken, whether a wake-up is already due and how many
+/// events it carries, and the pace now.
 #[derive(Debug, Default)]
 struct Pacer {
     last: Option<tokio::time::Instant>,
     due: bool,
+    batched: u32,
+    /// Zero until the first wake-up: [`PACE`].
+    pace: std::time::Duration,
+}
+
+impl Pacer {
+    fn pace(&self) -> std::time::Duration {
+        self.pace.max(PACE)
+    }
+
+    /// A wake-up goes out now, having carried `batched` events.
+    fn woken(&mut self, now: tokio::time::Instant, batched: u32) {
+        self.pace = if batched >= BUSY_BATCH {
+            (self.pace() * 2).min(PACE_MAX)
+        } else {
+            (self.pace() / 2).max(PACE)
+        };
+        self.last = Some(now);
+        self.due = false;
+        self.batched = 0;
+    }
 }
 
 #[derive(Debug)]
@@ -285,11 +320,14 @@ impl EventBus {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if pacer.due {
                 // The wake-up already due reads this event too.
+                pacer.batched += 1;
                 return;
             }
-            if let Some(at) = pacer.last.map(|last| last + PACE).filter(|at| *at > now) {
+            let pace = pacer.pace();
+            if let Some(at) = pacer.last.map(|last| last + pace).filter(|at| *at > now) {
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     pacer.due = true;
+                    pacer.batched = 1;
                     let shared = self.shared.clone();
                     runtime.spawn(async move {
                         tokio::time::sleep_until(at).await;
@@ -298,8 +336,8 @@ impl EventBus {
                                 .pacer
                                 .lock()
                                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-                            pacer.due = false;
-                            pacer.last = Some(tokio::time::Instant::now());
+                            let batched = pacer.batched;
+                            pacer.woken(tokio::time::Instant::now(), batched);
                         }
                         shared.signal.send_modify(|_| {});
                     });
@@ -307,7 +345,10 @@ impl EventBus {
                 }
                 // No runtime to wait on: wake them now.
             }
-            pacer.last = Some(now);
+            if pacer.last.is_none_or(|last| now - last >= PACE_MAX) {
+                pacer.pace = PACE;
+            }
+            pacer.woken(now, 1);
         }
         self.shared.signal.send_modify(|_| {});
     }

@@ -384,6 +384,50 @@ async fn events_in_quick_succession_wake_a_follower_once_per_pace() {
     assert!(batches.recv().await.is_none());
 }
 
+/// A steady stream of events doubles the pace at each busy wake-up, up to `PACE_MAX`
+/// (one wake-up carrying many events instead of many carrying few); after a quiet
+/// moment an event wakes followers at once and the pace is `PACE` again.
+#[tokio::test(start_paused = true)]
+async fn a_steady_stream_is_paced_longer_and_a_quiet_bus_shorter() {
+    let bus = EventBus::new(1024);
+    let mut sub = bus.subscribe(Resume::Start, true, None).unwrap();
+    let started = tokio::time::Instant::now();
+    let (seen, mut batches) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(batch) = sub.next_batch().await {
+            let _ = seen.send((started.elapsed(), cursors(&batch).len()));
+        }
+    });
+    tokio::task::yield_now().await;
+    let mut n = 0;
+    let mut publish = |count: u64| {
+        for _ in 0..count {
+            n += 1;
+            bus.publish(update(n));
+        }
+    };
+    publish(1);
+    let (mut last, _) = batches.recv().await.unwrap();
+    let mut gaps = Vec::new();
+    for _ in 0..6 {
+        publish(10);
+        let (at, carried) = batches.recv().await.unwrap();
+        assert_eq!(carried, 10);
+        gaps.push(at - last);
+        last = at;
+    }
+    let ms = Duration::from_millis;
+    assert_eq!(gaps, [ms(1), ms(2), ms(4), ms(8), ms(8), ms(8)]);
+    assert_eq!(PACE_MAX, ms(8));
+    // Quiet: at once, and the next event within PACE again.
+    tokio::time::sleep(PACE_MAX * 2).await;
+    let quiet = started.elapsed();
+    publish(1);
+    assert_eq!(batches.recv().await.unwrap(), (quiet, 1));
+    publish(1);
+    assert_eq!(batches.recv().await.unwrap(), (quiet + PACE, 1));
+}
+
 /// With nobody reading, a publish wakes nothing and starts no pacing timer (at thousands
 /// of commits a second that timer woke a worker thread every millisecond for no one);
 /// a follower that comes later reads everything from the ring, and its first wake-up
