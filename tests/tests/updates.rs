@@ -642,6 +642,32 @@ fn metadata_older_than_what_the_host_trusted_is_refused() {
     assert_replay_refused(&f, &old);
 }
 
+/// A refresh that runs out of time after the timestamp was verified (the snapshot
+/// trickles in) still keeps that timestamp: replaying the one before is refused.
+#[test]
+fn a_timestamp_verified_before_the_time_limit_ran_out_is_kept() {
+    let mut f = Fixture::new();
+    let update = f.build("1.1.0", 1 << 20);
+    f.publish(&[&update]);
+    f.run_ok("refresh-updates");
+    let old = f.dir.join("old-timestamp.json");
+    std::fs::copy(f.repo.metadata_dir().join("timestamp.json"), &old).unwrap();
+    f.publish(&[&update]);
+    f.server.set_faults(vec![Fault::Throttle {
+        suffix: "snapshot.json".into(),
+        chunk: 1,
+        pause: Duration::from_secs(1),
+    }]);
+    let (stderr, _) = f.run_failed("refresh-updates");
+    assert_eq!(
+        stderr,
+        "the repository's metadata and manifest did not arrive within 5s \
+         (--update-metadata-timeout)"
+    );
+    f.server.set_faults(vec![]);
+    assert_replay_refused(&f, &old);
+}
+
 /// Serves `old` as the timestamp again: the refresh must refuse it as a rollback.
 fn assert_replay_refused(f: &Fixture, old: &std::path::Path) {
     std::fs::copy(old, f.repo.metadata_dir().join("timestamp.json")).unwrap();

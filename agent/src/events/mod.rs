@@ -152,7 +152,8 @@ struct Shared {
     /// Written by publishers, read by every follower at once (an `RwLock`: a hundred
     /// followers woken by one publish copy out side by side).
     ring: RwLock<Ring>,
-    /// Wakes subscribers: changed on publishes (at most once per [`PACE`]) and on close.
+    /// Wakes subscribers: changed on publishes (at most once per pace: [`PACE`] to
+    /// [`PACE_MAX`]) and on close.
     signal: watch::Sender<Signal>,
     pacer: Mutex<Pacer>,
     followers: AtomicUsize,
@@ -162,8 +163,8 @@ struct Shared {
 /// (thousands of commits a second) then reach each follower together, in one write and
 /// one wake-up, instead of one write per event to every follower, which would take a
 /// share of commit throughput growing with the number of followers. An event after a
-/// quiet moment wakes them at once; in a stream of events, one waits at most this long
-/// (plus the timer's tick) before its wake-up.
+/// quiet moment wakes them at once; in a stream of events, one waits at most the pace
+/// (this, or up to [`PACE_MAX`] while the stream is steady) plus the timer's tick.
 pub const PACE: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// The longest pace: under a steady stream of events (a wake-up that carried at least
@@ -292,18 +293,19 @@ impl EventBus {
                     line: OnceLock::new(),
                 }));
             }
-            (ring.next - 1, ring.next > before)
+            (ring.next - 1, ring.next - before)
         };
-        if published {
+        if published > 0 {
             // Not under the ring's lock: a subscriber woken here takes that lock at once.
-            self.wake();
+            self.wake(u32::try_from(published).unwrap_or(u32::MAX));
         }
         last
     }
 
-    /// Wakes the subscribers now, or, if they were woken less than [`PACE`] ago, once
-    /// that has passed (one timer for the bus, not one per follower). Nothing waits here.
-    fn wake(&self) {
+    /// Wakes the subscribers for `events` new events now, or, if they were woken less
+    /// than the pace ago ([`PACE`] to [`PACE_MAX`]), once it has passed (one timer for the
+    /// bus, not one per follower). Nothing waits here.
+    fn wake(&self, events: u32) {
         // Nobody reads (no `GET /events` open): nothing to wake, and no timer to start
         // (at thousands of commits a second, the pacer's timer task would wake a worker
         // thread every millisecond for no one). A subscriber that comes later reads the
@@ -319,15 +321,15 @@ impl EventBus {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if pacer.due {
-                // The wake-up already due reads this event too.
-                pacer.batched += 1;
+                // The wake-up already due reads these events too.
+                pacer.batched = pacer.batched.saturating_add(events);
                 return;
             }
             let pace = pacer.pace();
             if let Some(at) = pacer.last.map(|last| last + pace).filter(|at| *at > now) {
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     pacer.due = true;
-                    pacer.batched = 1;
+                    pacer.batched = events;
                     let shared = self.shared.clone();
                     runtime.spawn(async move {
                         tokio::time::sleep_until(at).await;
@@ -348,7 +350,7 @@ impl EventBus {
             if pacer.last.is_none_or(|last| now - last >= PACE_MAX) {
                 pacer.pace = PACE;
             }
-            pacer.woken(now, 1);
+            pacer.woken(now, events);
         }
         self.shared.signal.send_modify(|_| {});
     }

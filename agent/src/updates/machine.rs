@@ -444,7 +444,7 @@ impl Updates {
         if let Some(last) = lock(&self.inner.record).status.most_recent_command.as_mut() {
             let note = format!(
                 "the outcome could not be saved in {path} ({error}): if keeld restarts \
-                 before its next save, {} reads as interrupted",
+                 before the record is saved again, {} reads as interrupted",
                 command.action()
             );
             last.stderr = if last.stderr.is_empty() {
@@ -1408,8 +1408,8 @@ mod tests {
         assert!(
             last.stderr.ends_with(&format!(
                 "; the outcome could not be saved in {} (simulated: No space left on \
-                 device): if keeld restarts before its next save, refresh-updates reads as \
-                 interrupted",
+                 device): if keeld restarts before the record is saved again, \
+                 refresh-updates reads as interrupted",
                 dir.path().join("status.json").display()
             )),
             "{}",

@@ -237,9 +237,9 @@ fn tough_files(dir: &Path) -> std::io::Result<BTreeMap<OsString, Vec<u8>>> {
 }
 
 /// Makes the scratch datastore for a load from the durable one at `durable`. Scratch
-/// directories left by earlier loads (a crash, or a load cancelled by the metadata time
-/// limit while `tough` was writing) are removed first: loads run one at a time (the
-/// update machine runs one command at a time), so none of them is in use. So are the
+/// directories left by earlier loads (a crash, or a removal that failed) are removed
+/// first: loads run one at a time (the update machine runs one command at a time, and
+/// a load's `keep` is never cut short by its time limit), so none of them is in use. So are the
 /// temporary files of a [`keep`] a crash cut short.
 fn stage(durable: &Path) -> std::io::Result<Scratch> {
     super::durable::sweep_temps(durable);
@@ -274,9 +274,17 @@ fn stage(durable: &Path) -> std::io::Result<Scratch> {
 fn keep(scratch: &Scratch, durable: &Path) -> std::io::Result<()> {
     let after = tough_files(&scratch.path)?;
     for (name, bytes) in &after {
-        if scratch.before.get(name) != Some(bytes) {
-            super::durable::replace(&durable.join(name), bytes)?;
+        if scratch.before.get(name) == Some(bytes) {
+            continue;
         }
+        // tough writes each file whole, as one JSON document, but not atomically: one it
+        // was writing when its load was cut short by the time limit may be part written
+        // still. The datastore keeps its old one.
+        if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_err() {
+            tracing::warn!(file = %name.to_string_lossy(), "not keeping a TUF datastore file that is not whole JSON");
+            continue;
+        }
+        super::durable::replace(&durable.join(name), bytes)?;
     }
     for name in scratch.before.keys() {
         if !after.contains_key(name) {
@@ -337,6 +345,15 @@ async fn newest_root(shipped: Vec<u8>, trusted: &std::path::Path) -> Vec<u8> {
     }
 }
 
+/// The error of a load or manifest past `--update-metadata-timeout`.
+fn late(config: &RepositoryConfig) -> RepositoryError {
+    RepositoryError::Other(format!(
+        "the repository's metadata and manifest did not arrive within {} \
+         (--update-metadata-timeout)",
+        humantime::format_duration(config.timeouts.metadata)
+    ))
+}
+
 impl UpdateRepository {
     /// [`Self::load`], then [`Self::manifest`], within the metadata time limit: each
     /// fetch has its own connect and read limits, but a repository that trickles its
@@ -348,28 +365,23 @@ impl UpdateRepository {
         targets: Url,
         proxy: Option<&ProxyRules>,
     ) -> Result<(UpdateRepository, Manifest), RepositoryError> {
-        let limit = config.timeouts.metadata;
-        tokio::time::timeout(limit, async {
-            let repo = Self::load(config, metadata, targets, proxy).await?;
-            let manifest = repo.manifest().await?;
-            Ok((repo, manifest))
-        })
-        .await
-        .map_err(|_| {
-            RepositoryError::Other(format!(
-                "the repository's metadata and manifest did not arrive within {} \
-                 (--update-metadata-timeout)",
-                humantime::format_duration(limit)
-            ))
-        })?
+        let deadline = tokio::time::Instant::now() + config.timeouts.metadata;
+        let repo = Self::load(config, metadata, targets, proxy, deadline).await?;
+        let manifest = tokio::time::timeout_at(deadline, repo.manifest())
+            .await
+            .map_err(|_| late(config))??;
+        Ok((repo, manifest))
     }
 
-    /// Fetches and verifies the metadata from `metadata` (targets from `targets`).
-    pub async fn load(
+    /// Fetches and verifies the metadata from `metadata` (targets from `targets`); the
+    /// fetching is given up at `deadline`, and what `tough` trusted until then is kept
+    /// all the same (the time limit applies to `tough`'s load, not to [`keep`]).
+    async fn load(
         config: &RepositoryConfig,
         metadata: Url,
         targets: Url,
         proxy: Option<&ProxyRules>,
+        deadline: tokio::time::Instant,
     ) -> Result<UpdateRepository, RepositoryError> {
         let root = tokio::fs::read(&config.root)
             .await
@@ -399,26 +411,40 @@ impl UpdateRepository {
                     config.datastore.display()
                 ))
             })?;
-        let loaded = RepositoryLoader::new(&anchor, metadata, targets)
+        let loader = RepositoryLoader::new(&anchor, metadata, targets)
             .transport(transport)
-            .datastore(scratch.path.clone())
-            .load()
-            .await;
-        // What tough trusted is kept whether its load succeeded or not, as it would have
-        // kept it in its own datastore (a timestamp it verified before the snapshot
-        // failed is trusted from then on).
+            .datastore(scratch.path.clone());
+        let loaded = match tokio::time::timeout_at(deadline, loader.load()).await {
+            Ok(loaded) => loaded.map_err(|e| explain(&e, None)),
+            Err(_) => Err(late(config)),
+        };
+        // What tough trusted is kept whether its load succeeded, failed or ran out of
+        // time, as it would have kept it in its own datastore (a timestamp it verified
+        // before the snapshot failed is trusted from then on). `keep` copies only whole
+        // documents: a write tough began before the time ran out may still be going on.
         let datastore = config.datastore.clone();
-        let scratch =
+        let kept =
             tokio::task::spawn_blocking(move || keep(&scratch, &datastore).map(|()| scratch))
                 .await
-                .map_err(|e| RepositoryError::Other(e.to_string()))?
-                .map_err(|e| {
-                    RepositoryError::Other(format!(
-                        "cannot keep what was trusted in the TUF datastore {}: {e}",
-                        config.datastore.display()
-                    ))
-                })?;
-        let repo = loaded.map_err(|e| explain(&e, None))?;
+                .map_err(|e| RepositoryError::Other(e.to_string()))
+                .and_then(|kept| {
+                    kept.map_err(|e| {
+                        RepositoryError::Other(format!(
+                            "cannot keep what was trusted in the TUF datastore {}: {e}",
+                            config.datastore.display()
+                        ))
+                    })
+                });
+        let (repo, scratch) = match (loaded, kept) {
+            (Ok(repo), Ok(scratch)) => (repo, scratch),
+            (Ok(_), Err(e)) => return Err(e),
+            (Err(e), kept) => {
+                if let Err(keeping) = kept {
+                    tracing::error!(error = %keeping, "after a failed load of the update repository");
+                }
+                return Err(e);
+            }
+        };
         // The root the chain ended at is the next load's anchor. Written whole or not at
         // all (temporary file, fsync, rename, fsync of the directory): a power cut leaves
         // the previous anchor, never a torn one.
@@ -534,10 +560,12 @@ mod tests {
     fn what_tough_wrote_in_its_scratch_copy_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let durable = dir.path();
+        let doc = |role: &str, version: u64| format!(r#"{{"{role}": {version}}}"#).into_bytes();
         let write = |name: &str, bytes: &[u8]| std::fs::write(durable.join(name), bytes).unwrap();
-        write("timestamp.json", b"t1");
-        write("snapshot.json", b"s1");
-        write("root.json", b"r1");
+        write("timestamp.json", &doc("timestamp", 1));
+        write("snapshot.json", &doc("snapshot", 1));
+        write("targets.json", &doc("targets", 1));
+        write("root.json", &doc("root", 1));
         write(TRUSTED_ROOT, b"anchor");
         write(".keel-timestamp.json.tmp", b"a crash's");
         let left = durable.join(".load-0123456789abcdef");
@@ -549,25 +577,43 @@ mod tests {
             !left.exists(),
             "an earlier load's scratch directory is removed"
         );
+        assert!(!durable.join(".keel-timestamp.json.tmp").exists());
         let copied: Vec<_> = std::fs::read_dir(&scratch.path)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        assert_eq!(copied, ["root.json", "snapshot.json", "timestamp.json"]);
+        assert_eq!(
+            copied,
+            [
+                "root.json",
+                "snapshot.json",
+                "targets.json",
+                "timestamp.json"
+            ]
+        );
         // As tough does on a key rotation: the snapshot removed, a new timestamp, and
-        // the clock it checks.
-        std::fs::write(scratch.path.join("timestamp.json"), b"t2").unwrap();
+        // the clock it checks; and a targets file it was still writing when its load
+        // was cut short.
+        let scratch_write = |name: &str, bytes: &[u8]| {
+            std::fs::write(scratch.path.join(name), bytes).unwrap();
+        };
+        scratch_write("timestamp.json", &doc("timestamp", 2));
         std::fs::remove_file(scratch.path.join("snapshot.json")).unwrap();
-        std::fs::write(scratch.path.join("latest_known_time.json"), b"now").unwrap();
+        scratch_write("latest_known_time.json", b"\"2026-12-04T19:00:00Z\"");
+        scratch_write("targets.json", b"{\"targets\": ");
         keep(&scratch, durable).unwrap();
 
         let read = |name: &str| std::fs::read(durable.join(name)).ok();
-        assert_eq!(read("timestamp.json").as_deref(), Some(&b"t2"[..]));
+        assert_eq!(read("timestamp.json"), Some(doc("timestamp", 2)));
         assert_eq!(read("snapshot.json"), None);
-        assert_eq!(read("latest_known_time.json").as_deref(), Some(&b"now"[..]));
-        assert_eq!(read("root.json").as_deref(), Some(&b"r1"[..]));
+        assert_eq!(
+            read("latest_known_time.json").as_deref(),
+            Some(&b"\"2026-12-04T19:00:00Z\""[..])
+        );
+        assert_eq!(read("targets.json"), Some(doc("targets", 1)), "not torn");
+        assert_eq!(read("root.json"), Some(doc("root", 1)));
         assert_eq!(read(TRUSTED_ROOT).as_deref(), Some(&b"anchor"[..]));
         let path = scratch.path.clone();
         drop(scratch);

@@ -159,8 +159,9 @@ pub fn table(status: &Value) -> Result<String, CliError> {
 }
 
 /// How long each command is waited for. keeld bounds each command itself (a prepare by
-/// `--update-metadata-timeout`, 10 min, then `--update-download-timeout`, 2 h): these
-/// are only for a keeld that never says the command ended.
+/// `--update-metadata-timeout`, 10 min, then `--update-download-timeout`, 2 h): the wait
+/// for a prepare outlasts those defaults. A keeld given longer limits may outlast it;
+/// the timeout's message then says that `apiclient update check` shows where it is.
 const REFRESH: Duration = Duration::from_secs(120);
 const PREPARE: Duration = Duration::from_secs(2 * 3600 + 15 * 60);
 const ACTIVATE: Duration = Duration::from_secs(120);
