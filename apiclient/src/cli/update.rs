@@ -158,11 +158,12 @@ pub fn table(status: &Value) -> Result<String, CliError> {
     Ok(table.render())
 }
 
-/// How long each command is waited for. keeld bounds each command itself (a prepare by
-/// `--update-metadata-timeout`, 10 min, then `--update-download-timeout`, 2 h): the wait
-/// for a prepare outlasts those defaults. A keeld given longer limits may outlast it;
-/// the timeout's message then says that `apiclient update check` shows where it is.
-const REFRESH: Duration = Duration::from_secs(120);
+/// How long each command is waited for. keeld bounds each command itself (a refresh by
+/// `--update-metadata-timeout`, 10 min; a prepare by that, then
+/// `--update-download-timeout`, 2 h): the waits for a refresh and a prepare outlast
+/// those defaults. A keeld given longer limits may outlast them; the timeout's message
+/// then says that `apiclient update check` shows where the command is.
+const REFRESH: Duration = Duration::from_secs(12 * 60);
 const PREPARE: Duration = Duration::from_secs(2 * 3600 + 15 * 60);
 const ACTIVATE: Duration = Duration::from_secs(120);
 const CANCEL: Duration = Duration::from_secs(120);
