@@ -15,6 +15,7 @@ pub mod history;
 pub mod input;
 pub mod metadata;
 pub mod peer;
+mod repoll;
 pub mod root;
 pub mod server;
 pub mod settings;

@@ -245,7 +245,9 @@ async fn serve_with(
         let app = app.clone();
         let mut draining = draining.clone();
         draining.mark_unchanged();
-        tokio::spawn(async move {
+        // Repoll: see its module (each request with a body wakes the connection's own
+        // task mid-poll).
+        tokio::spawn(super::repoll::Repoll::new(async move {
             let _slot = slot;
             let stream = StallLimit::new(stream, stall_limit);
             let http = stream.bound();
@@ -282,7 +284,7 @@ async fn serve_with(
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-        });
+        }));
     }
     // Stop accepting: clients now wait in the backlog (of systemd's socket, for the
     // next keeld) or get ECONNREFUSED.
