@@ -584,21 +584,32 @@ pub(crate) fn candidate_of(live: &Value, pending: &PendingTx) -> Result<Value, S
 
 /// [`candidate_of`], refused as [`StoreError::SettingsTooLarge`] past `limit` bytes.
 fn candidate_within(live: &Value, pending: &PendingTx, limit: usize) -> Result<Value, StoreError> {
-    let mut merged = live.clone();
-    pending.apply_to(&mut merged);
     let groups: std::collections::BTreeSet<String> = pending
         .patches
         .iter()
         .filter_map(|p| p.as_object())
         .flat_map(|m| m.keys().cloned())
         .collect();
+    // The patches touch only these top-level groups, so merging them into a copy of
+    // just those groups gives what merging into a copy of everything would, there.
+    let mut merged = Value::Object(
+        groups
+            .iter()
+            .filter_map(|g| Some((g.clone(), live.get(g)?.clone())))
+            .collect(),
+    );
+    pending.apply_to(&mut merged);
     let canonical = settings_model::validate_groups(&merged, &groups)?;
+    let mut canonical = match canonical {
+        Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
     let mut candidate = live.clone();
     if let Value::Object(map) = &mut candidate {
         for group in &groups {
-            match canonical.get(group) {
+            match canonical.remove(group) {
                 Some(value) => {
-                    map.insert(group.clone(), value.clone());
+                    map.insert(group.clone(), value);
                 }
                 None => {
                     map.remove(group);

@@ -474,6 +474,44 @@ mod reconciler {
         assert_eq!(admin.state, RunState::Running);
     }
 
+    /// A commit after a quiet moment is reconciled at once; one right after a reconcile
+    /// waits for the pace, and then the newest settings are reconciled.
+    #[tokio::test(start_paused = true)]
+    async fn reconciles_are_paced_under_a_stream_of_commits() {
+        let n = node().await;
+        n.gate.send_replace(BootGate::Configured);
+        advance(Duration::from_secs(5)).await;
+        assert_eq!(n.fake.with(|s| s.started.len()), 1);
+        let commit = |enabled: bool| {
+            let store = n.store.clone();
+            async move {
+                let patch = serde_json::json!({"host-containers": {"admin": {"enabled": enabled}}});
+                store.patch("t", patch).await.expect("patch");
+                store.commit("t", Caller::keeld()).await.expect("commit");
+            }
+        };
+        commit(false).await;
+        advance(Duration::from_millis(1)).await;
+        assert!(
+            n.board.get(ContainerKind::Host, "admin").is_none(),
+            "reconciled at once"
+        );
+        commit(true).await;
+        advance(Duration::from_millis(1)).await;
+        assert!(
+            n.board.get(ContainerKind::Host, "admin").is_none(),
+            "not before the pace"
+        );
+        // Two more commits inside the pace: only the newest counts.
+        commit(false).await;
+        commit(true).await;
+        advance(crate::containers::RECONCILE_PACE).await;
+        advance(Duration::from_secs(1)).await;
+        assert_eq!(n.fake.with(|s| s.started.len()), 2);
+        let admin = n.board.get(ContainerKind::Host, "admin").expect("status");
+        assert_eq!(admin.state, RunState::Running);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn after_a_failed_boot_host_containers_are_not_started() {
         let n = node().await;
