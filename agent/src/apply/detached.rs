@@ -327,7 +327,7 @@ template-path = "motd"
     impl crate::store::CommitCheck for GatedCheck {
         fn check(
             &self,
-            _: &serde_json::Value,
+            _: &std::sync::Arc<serde_json::Value>,
             _: &[String],
         ) -> Result<(), crate::store::CheckError> {
             let _ = self.started.lock().unwrap().send(());

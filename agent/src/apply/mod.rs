@@ -345,9 +345,9 @@ impl Applier {
     }
 
     /// Renders every file the keys affect against `candidate`, writing nothing.
-    pub fn check(&self, candidate: &Value, keys: &[String]) -> Result<(), RenderError> {
+    pub fn check(&self, candidate: &Arc<Value>, keys: &[String]) -> Result<(), RenderError> {
         let services = self.affected(keys);
-        let context = self.context(candidate);
+        let context = Templates::context_shared(Arc::clone(candidate), &self.inner.os);
         for file in self.files_of(services.keys()) {
             self.render_all(&file, candidate, &context)?;
         }
@@ -1104,7 +1104,7 @@ fn remove_empty_dirs(file: &Path, top: &Path) {
 }
 
 impl CommitCheck for Applier {
-    fn check(&self, candidate: &Value, changed: &[String]) -> Result<(), CheckError> {
+    fn check(&self, candidate: &Arc<Value>, changed: &[String]) -> Result<(), CheckError> {
         Applier::check(self, candidate, changed).map_err(|e| CheckError {
             key: e.key(),
             message: e.to_string(),
@@ -1327,18 +1327,24 @@ for-each = "settings.kernel.sysctl"
     fn check_refuses_an_item_name_that_is_no_path_segment() {
         let dir = tempfile::tempdir().unwrap();
         let a = applier(dir.path());
-        a.check(&json!({"kernel": {"sysctl": {"vm.x": "1"}}}), &keys())
-            .unwrap();
+        a.check(
+            &Arc::new(json!({"kernel": {"sysctl": {"vm.x": "1"}}})),
+            &keys(),
+        )
+        .unwrap();
         let err = a
             .check(
-                &json!({"kernel": {"sysctl": {"kernel/pid_max": "1"}}}),
+                &Arc::new(json!({"kernel": {"sysctl": {"kernel/pid_max": "1"}}})),
                 &keys(),
             )
             .unwrap_err();
         assert!(err.to_string().contains("\"kernel/pid_max\""), "{err}");
         assert_eq!(err.key().as_deref(), Some("settings.kernel.sysctl"));
         let err = a
-            .check(&json!({"kernel": {"sysctl": {"..": "1"}}}), &keys())
+            .check(
+                &Arc::new(json!({"kernel": {"sysctl": {"..": "1"}}})),
+                &keys(),
+            )
             .unwrap_err();
         assert!(matches!(err, RenderError::Items { .. }), "{err}");
     }

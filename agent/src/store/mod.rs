@@ -259,7 +259,9 @@ pub enum StoreError {
 /// A veto on a commit beyond settings validation: the applier test-renders the files the
 /// changed keys affect, so a candidate that cannot be rendered is never committed.
 pub trait CommitCheck: Send + Sync + std::fmt::Debug {
-    fn check(&self, candidate: &Value, changed: &[String]) -> Result<(), CheckError>;
+    /// `candidate` is shared so that a check can hold it (the applier's render context
+    /// does) without copying it; the check must not keep it beyond its return.
+    fn check(&self, candidate: &Arc<Value>, changed: &[String]) -> Result<(), CheckError>;
 }
 
 /// Why a [`CommitCheck`] refused a candidate.

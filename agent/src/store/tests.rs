@@ -453,7 +453,7 @@ fn a_rollback_to_settings_this_model_refuses_is_refused() {
 struct PanickingCheck;
 
 impl CommitCheck for PanickingCheck {
-    fn check(&self, _: &serde_json::Value, _: &[String]) -> Result<(), CheckError> {
+    fn check(&self, _: &std::sync::Arc<serde_json::Value>, _: &[String]) -> Result<(), CheckError> {
         panic!("a bug in a commit check");
     }
 }
@@ -508,7 +508,7 @@ impl GatedCheck {
 }
 
 impl CommitCheck for GatedCheck {
-    fn check(&self, _: &serde_json::Value, _: &[String]) -> Result<(), CheckError> {
+    fn check(&self, _: &std::sync::Arc<serde_json::Value>, _: &[String]) -> Result<(), CheckError> {
         self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let _ = self.started.lock().unwrap().send(());
         let _ = self

@@ -702,12 +702,25 @@ fn checked_candidate(
     let candidate = candidate_within(live, pending, limit)?;
     let patches: Vec<&Value> = pending.patches.iter().map(|p| &**p).collect();
     let changed = changed_keys_touched(live, &candidate, &patches);
-    if let Some(check) = check.filter(|_| !changed.is_empty()) {
-        check
-            .check(&candidate, &changed)
-            .map_err(StoreError::Refused)?;
-    }
+    let candidate = match check.filter(|_| !changed.is_empty()) {
+        Some(check) => checked(check, candidate, &changed)?,
+        None => candidate,
+    };
     Ok((candidate, changed))
+}
+
+/// Runs `check` on `candidate` and hands it back: shared for the check's while (see
+/// [`CommitCheck::check`]), then unwrapped (copied only if a check kept it).
+fn checked(
+    check: &dyn CommitCheck,
+    candidate: Value,
+    changed: &[String],
+) -> Result<Value, StoreError> {
+    let candidate = Arc::new(candidate);
+    check
+        .check(&candidate, changed)
+        .map_err(StoreError::Refused)?;
+    Ok(Arc::try_unwrap(candidate).unwrap_or_else(|kept| Value::clone(&kept)))
 }
 
 fn commit_tx(
@@ -801,11 +814,10 @@ fn rollback(
         }));
     }
     let changed = changed_keys(work.live_settings(), &settings);
-    if let Some(check) = check.filter(|_| !changed.is_empty()) {
-        check
-            .check(&settings, &changed)
-            .map_err(StoreError::Refused)?;
-    }
+    let settings = match check.filter(|_| !changed.is_empty()) {
+        Some(check) => checked(check, settings, &changed)?,
+        None => settings,
+    };
     if !changed.is_empty() {
         push_generation(
             work,
