@@ -19,8 +19,10 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
+
+use futures_util::task::AtomicWaker;
 
 /// Most extra polls in one poll of [`Repoll`]: enough for the body hand-off, which
 /// wakes the task once or twice per request.
@@ -40,7 +42,7 @@ struct Flag {
     /// A wake arrived since the current poll began.
     woken: AtomicBool,
     /// The task's own waker, from its latest poll.
-    outer: Mutex<Option<Waker>>,
+    outer: AtomicWaker,
 }
 
 impl Wake for Flag {
@@ -54,17 +56,9 @@ impl Wake for Flag {
         // on (or both, which only costs a spare poll).
         self.woken.store(true, SeqCst);
         if !self.polling.load(SeqCst) {
-            if let Some(waker) = lock(&self.outer).as_ref() {
-                waker.wake_by_ref();
-            }
+            self.outer.wake();
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl<F: Future> Repoll<F> {
@@ -72,7 +66,7 @@ impl<F: Future> Repoll<F> {
         let flag = Arc::new(Flag {
             polling: AtomicBool::new(false),
             woken: AtomicBool::new(false),
-            outer: Mutex::new(None),
+            outer: AtomicWaker::new(),
         });
         Repoll {
             inner: Box::pin(inner),
@@ -88,12 +82,7 @@ impl<F: Future> Future for Repoll<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         // `Repoll` is `Unpin` (the inner future is boxed).
         let this = self.get_mut();
-        {
-            let mut outer = lock(&this.flag.outer);
-            if !outer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *outer = Some(cx.waker().clone());
-            }
-        }
+        this.flag.outer.register(cx.waker());
         for _ in 0..=MAX_REPOLLS {
             this.flag.woken.store(false, SeqCst);
             this.flag.polling.store(true, SeqCst);
@@ -162,10 +151,10 @@ mod tests {
 
     #[test]
     fn a_wake_after_the_poll_reaches_the_task() {
-        let stored: Arc<Mutex<Option<Waker>>> = Arc::default();
+        let stored: Arc<std::sync::Mutex<Option<Waker>>> = Arc::default();
         let keep = Arc::clone(&stored);
         let mut future = Repoll::new(std::future::poll_fn(move |cx| {
-            *lock(&keep) = Some(cx.waker().clone());
+            *keep.lock().expect("not poisoned") = Some(cx.waker().clone());
             Poll::<()>::Pending
         }));
         let (counter, waker) = counting_waker();
@@ -174,7 +163,9 @@ mod tests {
             .is_pending());
         assert_eq!(counter.0.load(SeqCst), 0);
         // Later, from anywhere (another thread here): the task is woken.
-        let later = lock(&stored)
+        let later = stored
+            .lock()
+            .expect("not poisoned")
             .take()
             .expect("the inner future kept its waker");
         std::thread::spawn(move || later.wake())
