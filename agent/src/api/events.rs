@@ -12,7 +12,7 @@
 //! keeld's stream); `?follow=true` keeps the answer open for new events until keeld
 //! stops; `?kinds=commit,apply` keeps only those kinds (gaps always come through).
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -54,16 +54,7 @@ pub async fn stream(State(state): State<AppState>, RawQuery(q): RawQuery) -> Api
     let body = Body::from_stream(futures_util::stream::unfold(
         subscription,
         |mut sub: Subscription| async move {
-            let items = sub.next_batch().await?;
-            // One chunk per batch: a follower woken for many events writes them at once.
-            // A lone event is its shared line as it is, not a copy.
-            let chunk = match items.as_slice() {
-                [one] => one.line(),
-                _ => {
-                    let lines: Vec<Bytes> = items.iter().map(|item| item.line()).collect();
-                    Bytes::from(lines.concat())
-                }
-            };
+            let chunk = sub.next_lines().await?;
             Some((Ok::<_, std::convert::Infallible>(chunk), sub))
         },
     ));

@@ -423,39 +423,97 @@ impl EventBus {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Copies out the events after cursor `after` (at most [`MAX_READ`], none beyond
-    /// `until`); answers the lost cursors `(first, last)` when the oldest kept event is
-    /// past `after + 1`.
+    /// Hands `batch` the events after cursor `after` (at most [`MAX_READ`], none beyond
+    /// `until`) that `kinds` lets through, under the ring's lock, after a gap if the
+    /// oldest kept event is past `after + 1`. Answers the last cursor handed out or
+    /// skipped (`after` if none) and whether [`MAX_READ`] were read (there may be more).
     fn read(
         &self,
         after: u64,
         until: Option<u64>,
-        out: &mut Vec<Arc<Event>>,
-    ) -> Option<(u64, u64)> {
+        kinds: Option<&[Kind]>,
+        batch: &mut impl Batch,
+    ) -> (u64, bool) {
         let ring = self.read_ring();
         let oldest = ring.events.front().map_or(ring.next, |e| e.cursor);
         let mut from = after.saturating_add(1);
         let limit = until.unwrap_or(u64::MAX);
         if from > limit {
             // A reader that is not following has read up to where it stops.
-            return None;
+            return (after, false);
         }
-        let gap = (from < oldest).then(|| {
-            let lost = (from, (oldest - 1).min(limit));
+        let mut last = after;
+        if from < oldest {
+            let (first, lost) = (from, (oldest - 1).min(limit));
+            batch.gap(Gap {
+                cursor: lost,
+                stream: self.shared.stream.clone(),
+                time: crate::store::now_rfc3339(),
+                kind: Kind::Gap,
+                reason: GapReason::FellBehind,
+                first_lost: Some(first),
+                last_lost: Some(lost),
+                lost: Some(lost - first + 1),
+            });
             from = oldest;
-            lost
-        });
-        let skip = usize::try_from(from - oldest).unwrap_or(usize::MAX);
-        if skip < ring.events.len() {
-            out.extend(
-                ring.events
-                    .range(skip..)
-                    .take_while(|e| e.cursor <= limit)
-                    .take(MAX_READ)
-                    .cloned(),
-            );
+            last = lost;
         }
-        gap
+        let skip = usize::try_from(from - oldest).unwrap_or(usize::MAX);
+        let mut read = 0;
+        if skip < ring.events.len() {
+            for event in ring
+                .events
+                .range(skip..)
+                .take_while(|e| e.cursor <= limit)
+                .take(MAX_READ)
+            {
+                read += 1;
+                last = event.cursor;
+                if kinds.is_none_or(|k| k.contains(&event.kind())) {
+                    batch.event(event);
+                }
+            }
+        }
+        (last, read == MAX_READ)
+    }
+}
+
+/// What one read of the ring fills: the items themselves (keeld's own readers), or
+/// their lines of JSON (`GET /events`). Filled under the ring's read lock, so a
+/// stream's batch is copied out there and then: no per-event reference is taken and
+/// dropped by each of a hundred followers on as many threads.
+trait Batch: Default {
+    fn gap(&mut self, gap: Gap);
+    fn event(&mut self, event: &Arc<Event>);
+    fn is_empty(&self) -> bool;
+}
+
+impl Batch for Vec<Item> {
+    fn gap(&mut self, gap: Gap) {
+        self.push(Item::Gap(gap));
+    }
+    fn event(&mut self, event: &Arc<Event>) {
+        self.push(Item::Event(event.clone()));
+    }
+    fn is_empty(&self) -> bool {
+        Vec::is_empty(self)
+    }
+}
+
+/// Lines of JSON, newline-terminated, in cursor order.
+#[derive(Default)]
+struct Lines(Vec<u8>);
+
+impl Batch for Lines {
+    fn gap(&mut self, gap: Gap) {
+        self.0.extend_from_slice(&json_line(&gap));
+    }
+    fn event(&mut self, event: &Arc<Event>) {
+        let line = event.line.get_or_init(|| json_line(&**event));
+        self.0.extend_from_slice(line);
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -515,34 +573,29 @@ impl Subscription {
     /// subscription is over (not following: everything up to the start was read;
     /// following: the bus was closed and everything buffered was read).
     pub async fn next_batch(&mut self) -> Option<Vec<Item>> {
-        let mut events = Vec::new();
+        self.next().await
+    }
+
+    /// [`Subscription::next_batch`] as the items' lines of JSON, one chunk: what
+    /// `GET /events` writes.
+    pub async fn next_lines(&mut self) -> Option<Bytes> {
+        self.next::<Lines>().await.map(|lines| Bytes::from(lines.0))
+    }
+
+    async fn next<B: Batch>(&mut self) -> Option<B> {
         loop {
-            let mut items: Vec<Item> = self.leading.take().map(Item::Gap).into_iter().collect();
+            let mut batch = B::default();
+            if let Some(gap) = self.leading.take() {
+                batch.gap(gap);
+            }
             // Marked seen before reading: a publish from here on wakes `changed`.
             let closed = self.signal.borrow_and_update().closed;
-            events.clear();
-            if let Some((first, last)) = self.bus.read(self.after, self.until, &mut events) {
-                items.push(Item::Gap(Gap {
-                    cursor: last,
-                    stream: self.bus.shared.stream.clone(),
-                    time: crate::store::now_rfc3339(),
-                    kind: Kind::Gap,
-                    reason: GapReason::FellBehind,
-                    first_lost: Some(first),
-                    last_lost: Some(last),
-                    lost: Some(last - first + 1),
-                }));
-                self.after = last;
-            }
-            let full = events.len() == MAX_READ;
-            for event in events.drain(..) {
-                self.after = event.cursor;
-                if self.wants(event.kind()) {
-                    items.push(Item::Event(event));
-                }
-            }
-            if !items.is_empty() {
-                return Some(items);
+            let (last, full) =
+                self.bus
+                    .read(self.after, self.until, self.kinds.as_deref(), &mut batch);
+            self.after = last;
+            if !batch.is_empty() {
+                return Some(batch);
             }
             if full {
                 // All filtered out, and there is more to read.
@@ -553,10 +606,6 @@ impl Subscription {
             }
             self.signal.changed().await.ok()?;
         }
-    }
-
-    fn wants(&self, kind: Kind) -> bool {
-        self.kinds.as_ref().is_none_or(|k| k.contains(&kind))
     }
 }
 
