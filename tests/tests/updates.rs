@@ -1347,3 +1347,64 @@ fn an_activation_refused_after_its_entry_was_written_counts_as_activated() {
     assert_eq!(f.reboot(|_| "1.1.0".to_owned()), "b");
     assert_eq!(f.status()["last_boot"]["outcome"], "updated");
 }
+
+/// Two slot writer sessions on one ESP never run side by side: the second waits for the
+/// first to end (here past its `--session-wait`, so it answers why), and a session
+/// started once the first has ended is served.
+#[test]
+fn slot_writer_sessions_run_one_at_a_time() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let host = SlotHost::create(dir.path(), ROOT_PARTITION, HASH_PARTITION);
+    let start = |wait: &str| {
+        let command = format!("{} --session-wait {wait}", host.writer_command());
+        let argv: Vec<&str> = command.split_whitespace().collect();
+        Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let ask = |child: &mut std::process::Child| -> Value {
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"{\"op\":\"inspect\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        drop(stdin);
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    };
+    // The first session is served, and stays open (its input is not closed).
+    let mut first = start("1s");
+    let mut first_in = first.stdin.take().unwrap();
+    first_in.write_all(b"{\"op\":\"inspect\"}\n").unwrap();
+    let mut line = String::new();
+    let mut first_out = BufReader::new(first.stdout.take().unwrap());
+    first_out.read_line(&mut line).unwrap();
+    let answer: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(answer["ok"], true, "{answer}");
+    // A second one waits its second, then says why it will not serve.
+    let began = Instant::now();
+    let mut second = start("1s");
+    let refused = ask(&mut second);
+    assert!(began.elapsed() >= Duration::from_secs(1));
+    assert_eq!(refused["ok"], false, "{refused}");
+    let error = refused["error"].as_str().unwrap();
+    assert!(
+        error.contains("another slot writer session still holds") && error.contains("esp"),
+        "{error}"
+    );
+    assert!(!second.wait().unwrap().success());
+    // A third, waiting longer, is served as soon as the first ends.
+    let mut third = start("30s");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(first_in);
+    assert!(first.wait().unwrap().success());
+    let served = ask(&mut third);
+    assert_eq!(served["ok"], true, "{served}");
+    assert!(third.wait().unwrap().success());
+}

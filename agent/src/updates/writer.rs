@@ -1,7 +1,8 @@
 //! The slot writer's side of a session (`keel-slot-writer`): reads requests (see
 //! `protocol.rs`), writes the inactive slot's partitions and boot files, checks what it
-//! wrote, and answers. Synchronous and single-session: keeld runs one update command at a
-//! time.
+//! wrote, and answers. Synchronous, one session per process, and one session at a time
+//! on a host ([`lock_session`]): keeld runs one update command at a time, but may give up
+//! on a session that is still checking what it wrote.
 //!
 //! Owns the checks made where the bytes land, whatever keeld asked: the running slot is
 //! refused (command line, and `O_EXCL` on block devices); a write larger than its
@@ -17,6 +18,7 @@ use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -65,6 +67,61 @@ fn refuse_desync(message: impl std::fmt::Display) -> Refusal {
         message: message.to_string(),
         desync: true,
     }
+}
+
+/// Holds off every other writer session until the answer is dropped: an exclusive
+/// `flock` on the ESP's mount point (not on the entries directory, which each entry
+/// change locks for itself). Sessions otherwise overlap when keeld gives up on one (a
+/// prepare past its deadline) while it still checks what it wrote: the next session's
+/// start-up sweep of temporary boot files, and its first writes, would run beside the
+/// old one's. Waits up to `wait` for the session before it, then answers why not
+/// (`keel-slot-writer --session-wait`, 45 s: under keeld's 60 s wait for the answer to
+/// its first request, so that keeld hears why instead of a silent writer).
+pub fn lock_session(esp: &std::path::Path, wait: Duration) -> Result<std::fs::File, String> {
+    use rustix::fs::{flock, FlockOperation};
+    // `/.`: into the file system mounted there (an automount is triggered), which the
+    // open descriptor then keeps mounted.
+    let dir = std::fs::File::open(esp.join("."))
+        .map_err(|e| format!("cannot open the ESP {} to lock it: {e}", esp.display()))?;
+    let deadline = Instant::now() + wait;
+    let mut said = false;
+    loop {
+        match flock(&dir, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(dir),
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                if !said {
+                    tracing::info!(esp = %esp.display(), "waiting for the previous slot writer session to end");
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(format!(
+                    "another slot writer session still holds {} after {} s: try again once it has ended",
+                    esp.display(),
+                    wait.as_secs()
+                ))
+            }
+            Err(e) => return Err(format!("cannot lock the ESP {}: {e}", esp.display())),
+        }
+    }
+}
+
+/// A session that cannot be served: its first request is answered with `message`, and
+/// the session ends (the request's payload, if any, is not read).
+pub fn refuse_session(
+    message: &str,
+    input: &mut impl BufRead,
+    output: &mut impl Write,
+) -> std::io::Result<()> {
+    let mut line = Vec::new();
+    let read = input
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut line)?;
+    if read == 0 {
+        return Ok(());
+    }
+    answer(output, &Answer::failed(message))
 }
 
 /// Serves one session until its input ends. Answers every request; a request whose
@@ -776,6 +833,42 @@ mod tests {
             sha256: sha(payload),
             root_hash: root_hash.map(str::to_owned),
         }
+    }
+
+    #[test]
+    fn one_session_at_a_time() {
+        let esp = tempfile::tempdir().expect("tempdir");
+        let first = lock_session(esp.path(), Duration::ZERO).expect("ok");
+        let busy = lock_session(esp.path(), Duration::from_millis(200)).expect_err("refused");
+        assert!(busy.contains("another slot writer session"), "{busy}");
+        // A session waiting for the lock gets it once the one before ends, not earlier.
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ending = {
+            let ended = ended.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                ended.store(true, std::sync::atomic::Ordering::SeqCst);
+                drop(first);
+            })
+        };
+        let _second = lock_session(esp.path(), Duration::from_secs(30)).expect("ok");
+        assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
+        ending.join().expect("thread");
+        let missing = lock_session(&esp.path().join("none"), Duration::ZERO).expect_err("refused");
+        assert!(missing.starts_with("cannot open the ESP"), "{missing}");
+    }
+
+    #[test]
+    fn a_refused_session_answers_its_first_request_with_why() {
+        let mut input = std::io::Cursor::new(b"{\"op\":\"inspect\"}\n".to_vec());
+        let mut output = Vec::new();
+        refuse_session("another slot writer session", &mut input, &mut output).expect("ok");
+        let answer: Answer = serde_json::from_slice(&output).expect("ok");
+        assert_eq!(error(&answer), "another slot writer session");
+        // No request at all: nothing to answer.
+        let mut output = Vec::new();
+        refuse_session("x", &mut std::io::Cursor::new(Vec::new()), &mut output).expect("ok");
+        assert!(output.is_empty());
     }
 
     #[test]
