@@ -481,9 +481,12 @@ impl Applier {
         let this = self.clone();
         let services = report.services.clone();
         let written = tokio::task::spawn_blocking(move || {
+            // One context for both, over the snapshot's settings (shared, not copied).
+            let context =
+                Templates::context_shared(snapshot.live().settings.clone(), &this.inner.os);
             let settings = snapshot.live_settings();
-            let (files, reboot_required) = this.write_services(settings, &services);
-            let boot = this.boot_parameters(settings, &services);
+            let (files, reboot_required) = this.write_services(settings, &context, &services);
+            let boot = this.boot_parameters(&context, &services);
             (files, reboot_required, boot)
         })
         .await;
@@ -557,17 +560,18 @@ impl Applier {
         report
     }
 
-    /// Writes the files of `services` rendered from `settings`; answers the outcomes and
-    /// whether a file of a `reboot-required` service changed.
+    /// Writes the files of `services` rendered from `settings` (`context` is their render
+    /// context); answers the outcomes and whether a file of a `reboot-required` service
+    /// changed.
     fn write_services(
         &self,
         settings: &Value,
+        context: &minijinja::Value,
         services: &BTreeMap<String, Vec<String>>,
     ) -> (Vec<FileOutcome>, bool) {
         let mut files = Vec::new();
         let mut reboot_required = false;
         let mut done = BTreeSet::new();
-        let context = self.context(settings);
         for service in services.keys() {
             let Some(def) = self.inner.meta.services.get(service) else {
                 continue;
@@ -578,9 +582,9 @@ impl Applier {
                 }
                 let outcomes = match self.inner.meta.configuration_files.get(name) {
                     Some(meta) if meta.is_multi() => {
-                        self.write_items(name, meta, settings, &context)
+                        self.write_items(name, meta, settings, context)
                     }
-                    _ => vec![self.write_file(name, &context)],
+                    _ => vec![self.write_file(name, context)],
                 };
                 for outcome in outcomes {
                     // A boot-parameters service's reboot is decided by whether its
@@ -595,17 +599,16 @@ impl Applier {
         (files, reboot_required)
     }
 
-    /// For each `boot-parameters` service among `services`: its two lines rendered from
-    /// `settings`, unless they are what the loader entries already hold (or, on a host
+    /// For each `boot-parameters` service among `services`: its two lines rendered in
+    /// `context`, unless they are what the loader entries already hold (or, on a host
     /// without entries Keel manages, unless there are none). Compared with the record, not
     /// with the rendered files: a hand-off that failed is tried again by the next apply
     /// of the same values.
     fn boot_parameters(
         &self,
-        settings: &Value,
+        context: &minijinja::Value,
         services: &BTreeMap<String, Vec<String>>,
     ) -> Vec<(String, Result<BootParameters, String>)> {
-        let context = self.context(settings);
         let mut out = Vec::new();
         for service in services.keys() {
             let Some(names) = self
@@ -620,7 +623,7 @@ impl Applier {
             let line = |name: &str| {
                 self.inner
                     .templates
-                    .render_in(self.template_of(name), &context)
+                    .render_in(self.template_of(name), context)
                     .map(|text| text.trim().to_owned())
                     .map_err(|e| e.to_string())
             };
