@@ -1348,63 +1348,76 @@ fn an_activation_refused_after_its_entry_was_written_counts_as_activated() {
     assert_eq!(f.status()["last_boot"]["outcome"], "updated");
 }
 
-/// Two slot writer sessions on one ESP never run side by side: the second waits for the
-/// first to end (here past its `--session-wait`, so it answers why), and a session
-/// started once the first has ended is served.
+/// Two slot writer sessions never write the slots side by side: while one holds them
+/// (it invalidated slot b and stays open), another is still served what touches no slot
+/// (inspect), but its invalidate waits, here past its `--session-wait`, and is refused
+/// with why; a third one's invalidate is answered only once the first session ends.
 #[test]
-fn slot_writer_sessions_run_one_at_a_time() {
+fn slot_writer_sessions_write_the_slots_one_at_a_time() {
     use std::io::{BufRead, BufReader, Write};
-    use std::process::{Command, Stdio};
+    use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     let host = SlotHost::create(dir.path(), ROOT_PARTITION, HASH_PARTITION);
-    let start = |wait: &str| {
+    let start = |wait: &str| -> (Child, ChildStdin, BufReader<ChildStdout>) {
         let command = format!("{} --session-wait {wait}", host.writer_command());
         let argv: Vec<&str> = command.split_whitespace().collect();
-        Command::new(argv[0])
+        let mut child = Command::new(argv[0])
             .args(&argv[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap()
-    };
-    let ask = |child: &mut std::process::Child| -> Value {
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(b"{\"op\":\"inspect\"}\n").unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
             .unwrap();
-        drop(stdin);
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        (child, stdin, stdout)
     };
-    // The first session is served, and stays open (its input is not closed).
-    let mut first = start("1s");
-    let mut first_in = first.stdin.take().unwrap();
-    first_in.write_all(b"{\"op\":\"inspect\"}\n").unwrap();
-    let mut line = String::new();
-    let mut first_out = BufReader::new(first.stdout.take().unwrap());
-    first_out.read_line(&mut line).unwrap();
-    let answer: Value = serde_json::from_str(&line).unwrap();
+    let ask = |stdin: &mut ChildStdin, stdout: &mut BufReader<ChildStdout>, request: &str| {
+        stdin.write_all(format!("{request}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        serde_json::from_str::<Value>(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    };
+    const INSPECT: &str = r#"{"op":"inspect"}"#;
+    const INVALIDATE: &str = r#"{"op":"invalidate","slot":"b"}"#;
+    // The first session holds the slots and stays open (its input is not closed).
+    let (mut first, mut first_in, mut first_out) = start("1s");
+    let answer = ask(&mut first_in, &mut first_out, INVALIDATE);
     assert_eq!(answer["ok"], true, "{answer}");
-    // A second one waits its second, then says why it will not serve.
+    // A second one is served an inspect at once; its invalidate waits its second, then
+    // is refused with why, and the session ends.
+    let (mut second, mut second_in, mut second_out) = start("1s");
     let began = Instant::now();
-    let mut second = start("1s");
-    let refused = ask(&mut second);
+    let answer = ask(&mut second_in, &mut second_out, INSPECT);
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert!(began.elapsed() < Duration::from_secs(1));
+    let refused = ask(&mut second_in, &mut second_out, INVALIDATE);
     assert!(began.elapsed() >= Duration::from_secs(1));
     assert_eq!(refused["ok"], false, "{refused}");
     let error = refused["error"].as_str().unwrap();
     assert!(
-        error.contains("another slot writer session still holds") && error.contains("esp"),
+        error.contains("another slot writer session still writes or checks a slot")
+            && error.contains("esp"),
         "{error}"
     );
-    assert!(!second.wait().unwrap().success());
-    // A third, waiting longer, is served as soon as the first ends.
-    let mut third = start("30s");
-    std::thread::sleep(Duration::from_millis(300));
-    drop(first_in);
-    assert!(first.wait().unwrap().success());
-    let served = ask(&mut third);
+    drop(second_in);
+    assert!(second.wait().unwrap().success());
+    // A third, waiting longer, is answered once the first ends, and not before.
+    let (mut third, mut third_in, mut third_out) = start("30s");
+    let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ending = {
+        let ended = ended.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            ended.store(true, std::sync::atomic::Ordering::SeqCst);
+            drop(first_in);
+            assert!(first.wait().unwrap().success());
+        })
+    };
+    let served = ask(&mut third_in, &mut third_out, INVALIDATE);
+    assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
     assert_eq!(served["ok"], true, "{served}");
+    ending.join().unwrap();
+    drop(third_in);
     assert!(third.wait().unwrap().success());
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use keel_agent::updates::loader::EspLayout;
 use keel_agent::updates::slots::SlotLayout;
-use keel_agent::updates::writer::{lock_session, refuse_session, serve, WriterConfig};
+use keel_agent::updates::writer::{serve, WriterConfig};
 
 /// Writes the inactive A/B slot and its boot files for keeld; never the running slot.
 #[derive(Debug, Parser)]
@@ -26,8 +26,8 @@ struct Args {
     /// This boot's id.
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
     boot_id: PathBuf,
-    /// How long to wait for another session on this ESP to end before refusing this one
-    /// (under keeld's 60 s wait for an answer).
+    /// How long a request that writes a slot waits for another session's writes and
+    /// checks to end before it is refused (under keeld's 60 s wait for an answer).
     #[arg(long, default_value = "45s", value_parser = humantime::parse_duration)]
     session_wait: std::time::Duration,
 }
@@ -60,23 +60,7 @@ fn main() -> std::process::ExitCode {
         },
         esp: EspLayout { esp: args.esp },
         boot_id: args.boot_id,
-    };
-    let mut input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
-    let mut output = std::io::stdout().lock();
-    // One session at a time, from here (the sweep below must not take a running
-    // session's temporary files) to the end.
-    let _session = match lock_session(&config.esp.esp, args.session_wait) {
-        Ok(lock) => lock,
-        Err(message) => {
-            tracing::error!(error = %message, "session refused");
-            return match refuse_session(&message, &mut input, &mut output) {
-                Ok(()) => std::process::ExitCode::FAILURE,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot answer");
-                    std::process::ExitCode::FAILURE
-                }
-            };
-        }
+        session_wait: args.session_wait,
     };
     let swept = keel_agent::updates::durable::sweep_temps(&config.esp.entries_dir());
     if swept > 0 {
@@ -91,6 +75,8 @@ fn main() -> std::process::ExitCode {
     ] {
         keel_agent::updates::durable::sweep_temps(&config.esp.slot_dir(slot));
     }
+    let mut input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin().lock());
+    let mut output = std::io::stdout().lock();
     match serve(&config, &mut input, &mut output) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -9,7 +9,7 @@
 //! Publishers (the store's writer for commits, the applier, the container status board,
 //! the boot tracker, and the updates API) call [`EventBus::publish`]. It never waits for
 //! a reader: it takes one short write lock (readers hold the lock only to copy out
-//! pointers), pushes, drops the oldest event when the ring is full, and wakes
+//! pointers or lines already made, never to serialize), pushes, drops the oldest event when the ring is full, and wakes
 //! subscribers, at most once per [`PACE`], or per up to [`PACE_MAX`] while events stream
 //! in (a wake-up due later is one timer task for the bus; with no subscriber at all,
 //! nothing is woken and no timer started). A reader
@@ -500,20 +500,53 @@ impl Batch for Vec<Item> {
     }
 }
 
-/// Lines of JSON, newline-terminated, in cursor order.
+/// Lines of JSON, newline-terminated, in cursor order. An event whose line is not made
+/// yet is only noted under the lock, and its line made (once, for every reader) after
+/// the lock is released: a publisher never waits on a reader's serializing.
 #[derive(Default)]
-struct Lines(Vec<u8>);
+struct Lines {
+    bytes: Vec<u8>,
+    /// Events whose line goes at this offset of `bytes`, once made.
+    unmade: Vec<(usize, Arc<Event>)>,
+}
 
 impl Batch for Lines {
     fn gap(&mut self, gap: Gap) {
-        self.0.extend_from_slice(&json_line(&gap));
+        self.bytes.extend_from_slice(&json_line(&gap));
     }
     fn event(&mut self, event: &Arc<Event>) {
-        let line = event.line.get_or_init(|| json_line(&**event));
-        self.0.extend_from_slice(line);
+        match event.line.get() {
+            Some(line) => self.bytes.extend_from_slice(line),
+            None => self.unmade.push((self.bytes.len(), event.clone())),
+        }
     }
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.bytes.is_empty() && self.unmade.is_empty()
+    }
+}
+
+impl Lines {
+    /// The chunk, every line made (outside the ring's lock).
+    fn into_bytes(self) -> Bytes {
+        if self.unmade.is_empty() {
+            return Bytes::from(self.bytes);
+        }
+        let lines: Vec<(usize, Bytes)> = self
+            .unmade
+            .into_iter()
+            .map(|(at, event)| (at, event.line()))
+            .collect();
+        let mut out = Vec::with_capacity(
+            self.bytes.len() + lines.iter().map(|(_, l)| l.len()).sum::<usize>(),
+        );
+        let mut copied = 0;
+        for (at, line) in lines {
+            out.extend_from_slice(&self.bytes[copied..at]);
+            out.extend_from_slice(&line);
+            copied = at;
+        }
+        out.extend_from_slice(&self.bytes[copied..]);
+        Bytes::from(out)
     }
 }
 
@@ -579,7 +612,7 @@ impl Subscription {
     /// [`Subscription::next_batch`] as the items' lines of JSON, one chunk: what
     /// `GET /events` writes.
     pub async fn next_lines(&mut self) -> Option<Bytes> {
-        self.next::<Lines>().await.map(|lines| Bytes::from(lines.0))
+        self.next::<Lines>().await.map(Lines::into_bytes)
     }
 
     async fn next<B: Batch>(&mut self) -> Option<B> {

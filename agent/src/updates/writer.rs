@@ -1,8 +1,9 @@
 //! The slot writer's side of a session (`keel-slot-writer`): reads requests (see
 //! `protocol.rs`), writes the inactive slot's partitions and boot files, checks what it
-//! wrote, and answers. Synchronous, one session per process, and one session at a time
-//! on a host ([`lock_session`]): keeld runs one update command at a time, but may give up
-//! on a session that is still checking what it wrote.
+//! wrote, and answers. Synchronous, one session per process; the slots are written by one
+//! session at a time ([`lock_slots`]): keeld runs one update command at a time, but may
+//! give up on a session that is still checking what it wrote, and stages boot parameters
+//! beside a running prepare.
 //!
 //! Owns the checks made where the bytes land, whatever keeld asked: the running slot is
 //! refused (command line, and `O_EXCL` on block devices); a write larger than its
@@ -45,6 +46,9 @@ pub struct WriterConfig {
     pub esp: EspLayout,
     /// `/proc/sys/kernel/random/boot_id`.
     pub boot_id: PathBuf,
+    /// How long a request that touches a slot waits for another session's hold on the
+    /// slots to end (see [`lock_slots`]).
+    pub session_wait: Duration,
 }
 
 /// A refusal, with the message keeld shows to the user. `desync` when the payload of the
@@ -69,15 +73,17 @@ fn refuse_desync(message: impl std::fmt::Display) -> Refusal {
     }
 }
 
-/// Holds off every other writer session until the answer is dropped: an exclusive
-/// `flock` on the ESP's mount point (not on the entries directory, which each entry
-/// change locks for itself). Sessions otherwise overlap when keeld gives up on one (a
-/// prepare past its deadline) while it still checks what it wrote: the next session's
-/// start-up sweep of temporary boot files, and its first writes, would run beside the
-/// old one's. Waits up to `wait` for the session before it, then answers why not
-/// (`keel-slot-writer --session-wait`, 45 s: under keeld's 60 s wait for the answer to
-/// its first request, so that keeld hears why instead of a silent writer).
-pub fn lock_session(esp: &std::path::Path, wait: Duration) -> Result<std::fs::File, String> {
+/// Holds off every other session's slot writes until the answer is dropped: an
+/// exclusive `flock` on the ESP's mount point (not on the entries directory, which each
+/// entry change locks for itself). Taken by a session's first request that touches a
+/// slot (invalidate, write, activate) and kept to the session's end; a session that
+/// only inspects or stages boot parameters never takes it, so those still run beside a
+/// prepare that streams an image for hours. Without it, a session that keeld gave up on
+/// (a prepare past its deadline) while it still checked what it wrote ran beside the
+/// next prepare's session, which invalidates and writes the same slot. Waits up to
+/// `wait` for the session before it (`keel-slot-writer --session-wait`, 45 s: under
+/// keeld's 60 s wait for an answer, so that keeld hears why), then answers why not.
+pub fn lock_slots(esp: &std::path::Path, wait: Duration) -> Result<std::fs::File, String> {
     use rustix::fs::{flock, FlockOperation};
     // `/.`: into the file system mounted there (an automount is triggered), which the
     // open descriptor then keeps mounted.
@@ -90,14 +96,14 @@ pub fn lock_session(esp: &std::path::Path, wait: Duration) -> Result<std::fs::Fi
             Ok(()) => return Ok(dir),
             Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
                 if !said {
-                    tracing::info!(esp = %esp.display(), "waiting for the previous slot writer session to end");
+                    tracing::info!(esp = %esp.display(), "waiting for another slot writer session's writes to end");
                     said = true;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(rustix::io::Errno::WOULDBLOCK) => {
                 return Err(format!(
-                    "another slot writer session still holds {} after {} s: try again once it has ended",
+                    "another slot writer session still writes or checks a slot (it holds {}) after {} s: try again once it has ended",
                     esp.display(),
                     wait.as_secs()
                 ))
@@ -107,23 +113,6 @@ pub fn lock_session(esp: &std::path::Path, wait: Duration) -> Result<std::fs::Fi
     }
 }
 
-/// A session that cannot be served: its first request is answered with `message`, and
-/// the session ends (the request's payload, if any, is not read).
-pub fn refuse_session(
-    message: &str,
-    input: &mut impl BufRead,
-    output: &mut impl Write,
-) -> std::io::Result<()> {
-    let mut line = Vec::new();
-    let read = input
-        .take(MAX_LINE as u64 + 1)
-        .read_until(b'\n', &mut line)?;
-    if read == 0 {
-        return Ok(());
-    }
-    answer(output, &Answer::failed(message))
-}
-
 /// Serves one session until its input ends. Answers every request; a request whose
 /// payload could not be read whole ends the session after its answer.
 pub fn serve(
@@ -131,6 +120,8 @@ pub fn serve(
     input: &mut impl BufRead,
     output: &mut impl Write,
 ) -> std::io::Result<()> {
+    // This session's hold on the slots, once a request needs it (see `lock_slots`).
+    let mut slots_lock = None;
     loop {
         let mut line = Vec::new();
         let read = input
@@ -151,7 +142,8 @@ pub fn serve(
                 return Ok(());
             }
         };
-        let result = handle(config, &request, input);
+        let result = hold_slots(config, &request, &mut slots_lock)
+            .and_then(|()| handle(config, &request, input));
         match result {
             Ok(reply) => answer(output, &reply)?,
             Err(refusal) => {
@@ -174,6 +166,26 @@ fn answer(output: &mut impl Write, answer: &Answer) -> std::io::Result<()> {
 
 fn written(written: Written) -> Answer {
     Answer::Written { ok: true, written }
+}
+
+/// Takes the session's hold on the slots for a request that touches one (before its
+/// payload, if any, is read: a refusal then ends the session).
+fn hold_slots(
+    config: &WriterConfig,
+    request: &Request,
+    lock: &mut Option<std::fs::File>,
+) -> Result<(), Refusal> {
+    let touches_a_slot = match request {
+        Request::Invalidate { .. }
+        | Request::WritePartition { .. }
+        | Request::WriteBootFile { .. }
+        | Request::Activate { .. } => true,
+        Request::Inspect | Request::Deactivate { .. } | Request::SetBootParameters { .. } => false,
+    };
+    if touches_a_slot && lock.is_none() {
+        *lock = Some(lock_slots(&config.esp.esp, config.session_wait).map_err(refuse_desync)?);
+    }
+    Ok(())
 }
 
 fn handle(
@@ -787,6 +799,7 @@ mod tests {
             },
             esp: EspLayout { esp },
             boot_id: dir.path().join("boot_id"),
+            session_wait: Duration::from_secs(5),
         };
         Fixture { dir, config }
     }
@@ -836,12 +849,12 @@ mod tests {
     }
 
     #[test]
-    fn one_session_at_a_time() {
+    fn one_session_at_a_time_holds_the_slots() {
         let esp = tempfile::tempdir().expect("tempdir");
-        let first = lock_session(esp.path(), Duration::ZERO).expect("ok");
-        let busy = lock_session(esp.path(), Duration::from_millis(200)).expect_err("refused");
+        let first = lock_slots(esp.path(), Duration::ZERO).expect("ok");
+        let busy = lock_slots(esp.path(), Duration::from_millis(200)).expect_err("refused");
         assert!(busy.contains("another slot writer session"), "{busy}");
-        // A session waiting for the lock gets it once the one before ends, not earlier.
+        // A session waiting for the hold gets it once the one before ends, not earlier.
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ending = {
             let ended = ended.clone();
@@ -851,24 +864,43 @@ mod tests {
                 drop(first);
             })
         };
-        let _second = lock_session(esp.path(), Duration::from_secs(30)).expect("ok");
+        let _second = lock_slots(esp.path(), Duration::from_secs(30)).expect("ok");
         assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
         ending.join().expect("thread");
-        let missing = lock_session(&esp.path().join("none"), Duration::ZERO).expect_err("refused");
+        let missing = lock_slots(&esp.path().join("none"), Duration::ZERO).expect_err("refused");
         assert!(missing.starts_with("cannot open the ESP"), "{missing}");
     }
 
+    /// While another session holds the slots: inspecting and staging boot parameters
+    /// are served at once; invalidating a slot waits, is refused with why, and ends the
+    /// session.
     #[test]
-    fn a_refused_session_answers_its_first_request_with_why() {
-        let mut input = std::io::Cursor::new(b"{\"op\":\"inspect\"}\n".to_vec());
-        let mut output = Vec::new();
-        refuse_session("another slot writer session", &mut input, &mut output).expect("ok");
-        let answer: Answer = serde_json::from_slice(&output).expect("ok");
-        assert_eq!(error(&answer), "another slot writer session");
-        // No request at all: nothing to answer.
-        let mut output = Vec::new();
-        refuse_session("x", &mut std::io::Cursor::new(Vec::new()), &mut output).expect("ok");
-        assert!(output.is_empty());
+    fn only_requests_that_touch_a_slot_wait_for_another_session() {
+        let mut f = fixture();
+        f.config.session_wait = Duration::from_millis(200);
+        let _other = lock_slots(&f.config.esp.esp, Duration::ZERO).expect("held");
+        let parameters = BootParameters {
+            kernel: "quiet".to_owned(),
+            init: String::new(),
+        };
+        let began = std::time::Instant::now();
+        let answers = session(
+            &f.config,
+            &[
+                (Request::Inspect, &[]),
+                (Request::SetBootParameters { parameters }, &[]),
+                (Request::Invalidate { slot: Slot::B }, &[]),
+                (Request::Inspect, &[]),
+            ],
+        );
+        assert!(
+            matches!(answers[0], Answer::Inspection { .. }),
+            "{answers:?}"
+        );
+        assert!(matches!(answers[1], Answer::Written { .. }), "{answers:?}");
+        assert!(began.elapsed() >= Duration::from_millis(200));
+        assert!(error(&answers[2]).contains("another slot writer session"));
+        assert_eq!(answers.len(), 3, "the refusal ends the session");
     }
 
     #[test]
