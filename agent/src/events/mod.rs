@@ -480,8 +480,9 @@ impl EventBus {
 
 /// What one read of the ring fills: the items themselves (keeld's own readers), or
 /// their lines of JSON (`GET /events`). Filled under the ring's read lock, so a
-/// stream's batch is copied out there and then: no per-event reference is taken and
-/// dropped by each of a hundred followers on as many threads.
+/// stream's batch is copied out there and then: once an event's line is made (by its
+/// first reader, after the lock), the other followers copy it without taking and
+/// dropping a reference to the event, each on its own thread.
 trait Batch: Default {
     fn gap(&mut self, gap: Gap);
     fn event(&mut self, event: &Arc<Event>);

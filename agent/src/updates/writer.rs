@@ -76,7 +76,9 @@ fn refuse_desync(message: impl std::fmt::Display) -> Refusal {
 /// Holds off every other session's slot writes until the answer is dropped: an
 /// exclusive `flock` on the ESP's mount point (not on the entries directory, which each
 /// entry change locks for itself). Taken by a session's first request that touches a
-/// slot (invalidate, write, activate) and kept to the session's end; a session that
+/// slot (invalidate, write, activate, deactivate: a deactivate then waits for an
+/// activate that keeld gave up on, instead of removing an entry that the activate
+/// writes next) and kept to the session's end; a session that
 /// only inspects or stages boot parameters never takes it, so those still run beside a
 /// prepare that streams an image for hours. Without it, a session that keeld gave up on
 /// (a prepare past its deadline) while it still checked what it wrote ran beside the
@@ -179,8 +181,9 @@ fn hold_slots(
         Request::Invalidate { .. }
         | Request::WritePartition { .. }
         | Request::WriteBootFile { .. }
-        | Request::Activate { .. } => true,
-        Request::Inspect | Request::Deactivate { .. } | Request::SetBootParameters { .. } => false,
+        | Request::Activate { .. }
+        | Request::Deactivate { .. } => true,
+        Request::Inspect | Request::SetBootParameters { .. } => false,
     };
     if touches_a_slot && lock.is_none() {
         *lock = Some(lock_slots(&config.esp.esp, config.session_wait).map_err(refuse_desync)?);
@@ -901,6 +904,10 @@ mod tests {
         assert!(began.elapsed() >= Duration::from_millis(200));
         assert!(error(&answers[2]).contains("another slot writer session"));
         assert_eq!(answers.len(), 3, "the refusal ends the session");
+        // Deactivating waits too: it must not remove an entry that the other session's
+        // activate writes next.
+        let answers = session(&f.config, &[(Request::Deactivate { slot: Slot::B }, &[])]);
+        assert!(error(&answers[0]).contains("another slot writer session"));
     }
 
     #[test]
