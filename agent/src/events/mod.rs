@@ -9,12 +9,12 @@
 //! Publishers (the store's writer for commits, the applier, the container status board,
 //! the boot tracker, and the updates API) call [`EventBus::publish`]. It never waits for
 //! a reader: it takes one short write lock (readers hold the lock only to copy out
-//! pointers or lines already made, never to serialize), pushes, drops the oldest event when the ring is full, and wakes
-//! subscribers, at most once per [`PACE`], or per up to [`PACE_MAX`] while events stream
-//! in (a wake-up due later is one timer task for the bus; with no subscriber at all,
-//! nothing is woken and no timer started). A reader
-//! ([`Subscription`]) that fell behind the ring gets a [`Gap`] naming the cursors it lost,
-//! never a silent hole. Must not do I/O nor serialize on the publisher's path (an event's
+//! pointers or lines already made, never to serialize), pushes, drops the oldest event
+//! when the ring is full, and wakes subscribers, at most once per [`PACE`], or per up to
+//! [`PACE_MAX`] while events stream in (a wake-up due later is one timer task for the
+//! bus; with no subscriber at all, nothing is woken and no timer started). A reader
+//! ([`Subscription`]) that fell behind the ring gets a [`Gap`] naming the cursors it
+//! lost, never a silent hole. Must not do I/O nor serialize on the publisher's path (an event's
 //! JSON is made once, by its first reader).
 
 pub mod kinds;

@@ -417,6 +417,49 @@ impl EspLayout {
         Ok(file)
     }
 
+    /// Holds off every other writer session's slot writes until the answer is dropped:
+    /// an exclusive `flock` on the ESP's mount point (not on the entries directory,
+    /// which [`EspLayout::lock`] takes for each entry change; always taken before it).
+    /// A session takes it at its first request that touches a slot (invalidate, write,
+    /// activate, deactivate) and keeps it to its end; one that only inspects or stages
+    /// boot parameters never does, so those still run beside a prepare that streams an
+    /// image for hours. Without it, a session that keeld gave up on (a prepare past its
+    /// deadline) while it still checked what it wrote ran beside the next prepare's,
+    /// which invalidates and writes the same slot; and a deactivate could remove an
+    /// entry that an abandoned activate wrote next. Waits up to `wait` for the session
+    /// before it (`keel-slot-writer --session-wait`, 45 s: under keeld's 60 s wait for
+    /// an answer, so that keeld hears why), then answers why not.
+    pub fn lock_slots(&self, wait: std::time::Duration) -> Result<std::fs::File, String> {
+        use rustix::fs::{flock, FlockOperation};
+        let esp = &self.esp;
+        // `/.`: into the file system mounted there (an automount is triggered), which
+        // the open descriptor then keeps mounted.
+        let dir = std::fs::File::open(esp.join("."))
+            .map_err(|e| format!("cannot open the ESP {} to lock it: {e}", esp.display()))?;
+        let deadline = std::time::Instant::now() + wait;
+        let mut said = false;
+        loop {
+            match flock(&dir, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(dir),
+                Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                    if !said {
+                        tracing::info!(esp = %esp.display(), "waiting for another slot writer session's writes to end");
+                        said = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(format!(
+                        "another slot writer session still writes or checks a slot (it holds {}) after {} s: try again once it has ended",
+                        esp.display(),
+                        wait.as_secs()
+                    ))
+                }
+                Err(e) => return Err(format!("cannot lock the ESP {}: {e}", esp.display())),
+            }
+        }
+    }
+
     /// Removes every entry of `slot` (durably): from now on no entry names it. Answers
     /// the files removed.
     pub fn invalidate(&self, slot: Slot) -> Result<Vec<String>, LoaderError> {

@@ -1,9 +1,9 @@
 //! The slot writer's side of a session (`keel-slot-writer`): reads requests (see
 //! `protocol.rs`), writes the inactive slot's partitions and boot files, checks what it
-//! wrote, and answers. Synchronous, one session per process; the slots are written by one
-//! session at a time ([`lock_slots`]): keeld runs one update command at a time, but may
-//! give up on a session that is still checking what it wrote, and stages boot parameters
-//! beside a running prepare.
+//! wrote, and answers. Synchronous, one session per process; the slots are written by
+//! one session at a time ([`EspLayout::lock_slots`]): keeld runs one update command at a
+//! time, but may give up on a session that is still checking what it wrote, and stages
+//! boot parameters beside a running prepare.
 //!
 //! Owns the checks made where the bytes land, whatever keeld asked: the running slot is
 //! refused (command line, and `O_EXCL` on block devices); a write larger than its
@@ -19,7 +19,7 @@ use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -47,7 +47,7 @@ pub struct WriterConfig {
     /// `/proc/sys/kernel/random/boot_id`.
     pub boot_id: PathBuf,
     /// How long a request that touches a slot waits for another session's hold on the
-    /// slots to end (see [`lock_slots`]).
+    /// slots to end (see [`EspLayout::lock_slots`]).
     pub session_wait: Duration,
 }
 
@@ -73,48 +73,6 @@ fn refuse_desync(message: impl std::fmt::Display) -> Refusal {
     }
 }
 
-/// Holds off every other session's slot writes until the answer is dropped: an
-/// exclusive `flock` on the ESP's mount point (not on the entries directory, which each
-/// entry change locks for itself). Taken by a session's first request that touches a
-/// slot (invalidate, write, activate, deactivate: a deactivate then waits for an
-/// activate that keeld gave up on, instead of removing an entry that the activate
-/// writes next) and kept to the session's end; a session that
-/// only inspects or stages boot parameters never takes it, so those still run beside a
-/// prepare that streams an image for hours. Without it, a session that keeld gave up on
-/// (a prepare past its deadline) while it still checked what it wrote ran beside the
-/// next prepare's session, which invalidates and writes the same slot. Waits up to
-/// `wait` for the session before it (`keel-slot-writer --session-wait`, 45 s: under
-/// keeld's 60 s wait for an answer, so that keeld hears why), then answers why not.
-pub fn lock_slots(esp: &std::path::Path, wait: Duration) -> Result<std::fs::File, String> {
-    use rustix::fs::{flock, FlockOperation};
-    // `/.`: into the file system mounted there (an automount is triggered), which the
-    // open descriptor then keeps mounted.
-    let dir = std::fs::File::open(esp.join("."))
-        .map_err(|e| format!("cannot open the ESP {} to lock it: {e}", esp.display()))?;
-    let deadline = Instant::now() + wait;
-    let mut said = false;
-    loop {
-        match flock(&dir, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return Ok(dir),
-            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
-                if !said {
-                    tracing::info!(esp = %esp.display(), "waiting for another slot writer session's writes to end");
-                    said = true;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                return Err(format!(
-                    "another slot writer session still writes or checks a slot (it holds {}) after {} s: try again once it has ended",
-                    esp.display(),
-                    wait.as_secs()
-                ))
-            }
-            Err(e) => return Err(format!("cannot lock the ESP {}: {e}", esp.display())),
-        }
-    }
-}
-
 /// Serves one session until its input ends. Answers every request; a request whose
 /// payload could not be read whole ends the session after its answer.
 pub fn serve(
@@ -122,7 +80,8 @@ pub fn serve(
     input: &mut impl BufRead,
     output: &mut impl Write,
 ) -> std::io::Result<()> {
-    // This session's hold on the slots, once a request needs it (see `lock_slots`).
+    // This session's hold on the slots, once a request needs it
+    // (see `EspLayout::lock_slots`).
     let mut slots_lock = None;
     loop {
         let mut line = Vec::new();
@@ -186,7 +145,12 @@ fn hold_slots(
         Request::Inspect | Request::SetBootParameters { .. } => false,
     };
     if touches_a_slot && lock.is_none() {
-        *lock = Some(lock_slots(&config.esp.esp, config.session_wait).map_err(refuse_desync)?);
+        *lock = Some(
+            config
+                .esp
+                .lock_slots(config.session_wait)
+                .map_err(refuse_desync)?,
+        );
     }
     Ok(())
 }
@@ -851,11 +815,19 @@ mod tests {
         }
     }
 
+    fn esp_at(path: &std::path::Path) -> EspLayout {
+        EspLayout {
+            esp: path.to_owned(),
+        }
+    }
+
     #[test]
     fn one_session_at_a_time_holds_the_slots() {
         let esp = tempfile::tempdir().expect("tempdir");
-        let first = lock_slots(esp.path(), Duration::ZERO).expect("ok");
-        let busy = lock_slots(esp.path(), Duration::from_millis(200)).expect_err("refused");
+        let first = esp_at(esp.path()).lock_slots(Duration::ZERO).expect("ok");
+        let busy = esp_at(esp.path())
+            .lock_slots(Duration::from_millis(200))
+            .expect_err("refused");
         assert!(busy.contains("another slot writer session"), "{busy}");
         // A session waiting for the hold gets it once the one before ends, not earlier.
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -867,10 +839,14 @@ mod tests {
                 drop(first);
             })
         };
-        let _second = lock_slots(esp.path(), Duration::from_secs(30)).expect("ok");
+        let _second = esp_at(esp.path())
+            .lock_slots(Duration::from_secs(30))
+            .expect("ok");
         assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
         ending.join().expect("thread");
-        let missing = lock_slots(&esp.path().join("none"), Duration::ZERO).expect_err("refused");
+        let missing = esp_at(&esp.path().join("none"))
+            .lock_slots(Duration::ZERO)
+            .expect_err("refused");
         assert!(missing.starts_with("cannot open the ESP"), "{missing}");
     }
 
@@ -881,7 +857,7 @@ mod tests {
     fn only_requests_that_touch_a_slot_wait_for_another_session() {
         let mut f = fixture();
         f.config.session_wait = Duration::from_millis(200);
-        let _other = lock_slots(&f.config.esp.esp, Duration::ZERO).expect("held");
+        let _other = f.config.esp.lock_slots(Duration::ZERO).expect("held");
         let parameters = BootParameters {
             kernel: "quiet".to_owned(),
             init: String::new(),
