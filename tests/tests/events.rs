@@ -132,6 +132,21 @@ fn events(keeld: &Keeld, query: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The niceness of the first thread of `pid` named `name`, from `/proc`.
+fn thread_niceness(pid: u32, name: &str) -> Option<i64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    tasks.flatten().find_map(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        if comm.trim_end() != name {
+            return None;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // After the name in parentheses: field 3 (state) onwards; niceness is field 19.
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().nth(16)?.parse().ok()
+    })
+}
+
 fn latest(keeld: &Keeld) -> u64 {
     events(keeld, "")
         .last()
@@ -175,6 +190,13 @@ fn a_commit_is_a_commit_event_then_an_apply_event() {
     set(&keeld, "motd=hello from the events test");
     let seen = follower.until(Duration::from_secs(20), |e| e["kind"] == "apply");
     assert_eq!(seen.len(), 2, "{seen:#?}");
+    // Streams are served by a thread of their own, below keeld's priority (inside
+    // keeld's sandbox, which lets it renice only itself).
+    assert_eq!(
+        thread_niceness(keeld.pid(), "keel-events"),
+        Some((thread_niceness(keeld.pid(), "keeld").expect("keeld's main thread") + 10).min(19)),
+        "no keel-events thread at keeld's niceness + 10"
+    );
     let (commit, apply) = (&seen[0], &seen[1]);
     let stream = commit["stream"].as_str().unwrap();
     assert_eq!(stream.len(), 32);
