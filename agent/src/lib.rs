@@ -283,6 +283,11 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
     let shutdown_grace: std::time::Duration = config.shutdown_grace.into();
     let stop_began = std::sync::Arc::new(std::sync::OnceLock::new());
     let began = stop_began.clone();
+    // Event streams, and the wake-ups of their followers, on a thread of their own.
+    let streams = api::server::StreamThread::start();
+    if let Some(streams) = &streams {
+        events.wake_followers_on(streams.handle().clone());
+    }
     let stopping = async move {
         shutdown_signal().await;
         let _ = began.set(tokio::time::Instant::now());
@@ -293,6 +298,7 @@ pub async fn run(config: Config, activation: api::server::Activation) -> Result<
         api::router(state, policy),
         stopping,
         shutdown_grace,
+        streams.as_ref(),
     )
     .await;
     tracing::info!(drained, "keeld stopping");

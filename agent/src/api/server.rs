@@ -199,15 +199,17 @@ pub const MAX_CONNECTIONS: usize = 512;
 
 /// Serves `app` on `listener` until `shutdown` completes, then drains: no new
 /// connection is accepted, idle connections are closed, and a request in flight is
-/// answered (its connection closes after it) within `grace`. Answers whether every
-/// connection finished in time.
+/// answered (its connection closes after it) within `grace`. Connections that open
+/// with `GET /events` are served on `streams` ([`StreamThread`]), if given. Answers
+/// whether every connection finished in time.
 pub async fn serve(
     listener: UnixListener,
     app: Router,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
+    streams: Option<&StreamThread>,
 ) -> bool {
-    serve_with(listener, app, shutdown, grace, WRITE_STALL_LIMIT).await
+    serve_with(listener, app, shutdown, grace, WRITE_STALL_LIMIT, streams).await
 }
 
 /// [`serve`], with the write-stall limit given (tests).
@@ -217,11 +219,11 @@ async fn serve_with(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     stall_limit: Duration,
+    streams: Option<&StreamThread>,
 ) -> bool {
     tokio::pin!(shutdown);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let (drain, draining) = tokio::sync::watch::channel(false);
-    let streams = StreamThread::start();
     loop {
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => match slot {
@@ -254,7 +256,7 @@ async fn serve_with(
             },
             stall_limit,
         };
-        let streams = streams.as_ref().map(|s| s.handle.clone());
+        let streams = streams.map(|s| s.handle.clone());
         // Repoll: see its module (each request with a body wakes the connection's own
         // task mid-poll).
         tokio::spawn(super::repoll::Repoll::new(async move {
@@ -413,14 +415,15 @@ async fn opening(stream: &tokio::net::UnixStream) -> Opening {
 }
 
 /// The thread that serves event streams (connections that open with `GET /events`), on
-/// a runtime of its own at a lower CPU priority ([`STREAM_NICENESS`]).
+/// a runtime of its own at a lower CPU priority ([`STREAM_NICENESS`]); the event bus
+/// wakes its followers there too (`EventBus::wake_followers_on`).
 ///
 /// Why: a commit fans out to every follower at once, a hundred socket writes in a burst.
 /// On the workers that serve the API, that burst queued the commits arriving during it
 /// behind it; on a thread of its own, the kernel's scheduler runs a commit's request
 /// first and the burst in the time left over. Followers still get every event, in order,
 /// paced as before (the events module); only the CPU they cost is second to commits.
-struct StreamThread {
+pub struct StreamThread {
     handle: tokio::runtime::Handle,
     /// Dropped to stop the thread; its runtime then drops the streams still open.
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -433,9 +436,14 @@ struct StreamThread {
 const STREAM_NICENESS: i32 = 10;
 
 impl StreamThread {
+    /// Where its tasks run.
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+
     /// Starts the thread, or, if it cannot be started, says so and answers `None`:
     /// event streams are then served beside every other connection.
-    fn start() -> Option<StreamThread> {
+    pub fn start() -> Option<StreamThread> {
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let spawned = std::thread::Builder::new()
@@ -618,6 +626,7 @@ mod tests {
             },
             Duration::from_secs(1),
             Duration::from_secs(60),
+            None,
         ));
         let client = tokio::net::UnixStream::connect(&path)
             .await
@@ -720,15 +729,20 @@ mod tests {
         let path = dir.path().join("api.sock");
         let listener = UnixListener::bind(&path).expect("bind");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_with(
-            listener,
-            where_served(),
-            async move {
-                let _ = stopped.await;
-            },
-            Duration::from_secs(5),
-            Duration::from_secs(60),
-        ));
+        let streams = StreamThread::start().expect("stream thread");
+        let server = tokio::spawn(async move {
+            serve_with(
+                listener,
+                where_served(),
+                async move {
+                    let _ = stopped.await;
+                },
+                Duration::from_secs(5),
+                Duration::from_secs(60),
+                Some(&streams),
+            )
+            .await
+        });
         let base = rustix::process::getpriority_process(None).expect("getpriority");
         let lowered = format!("keel-events {}", (base + STREAM_NICENESS).min(19));
         let close = "HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n";

@@ -157,6 +157,9 @@ struct Shared {
     signal: watch::Sender<Signal>,
     pacer: Mutex<Pacer>,
     followers: AtomicUsize,
+    /// The runtime the followers run on, if they have one of their own
+    /// ([`EventBus::wake_followers_on`]).
+    home: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 /// Followers are woken at most once per this: events that come in quick succession
@@ -243,6 +246,7 @@ impl EventBus {
                 signal: watch::Sender::new(Signal::default()),
                 pacer: Mutex::new(Pacer::default()),
                 followers: AtomicUsize::new(0),
+                home: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -302,6 +306,16 @@ impl EventBus {
         last
     }
 
+    /// Wakes followers from `runtime`, where `GET /events` streams are served
+    /// (`api::server::StreamThread`); set once, at start-up. A wake-up sent from another
+    /// thread costs a system call per woken task on a single-threaded runtime (each
+    /// unparks its reactor), so a fan-out from the publisher's thread made a hundred of
+    /// them; from the followers' own thread, it makes none. The wake-up is handed over
+    /// there instead, one task, one unpark.
+    pub fn wake_followers_on(&self, runtime: tokio::runtime::Handle) {
+        let _ = self.shared.home.set(runtime);
+    }
+
     /// Wakes the subscribers for `events` new events now, or, if they were woken less
     /// than the pace ago ([`PACE`] to [`PACE_MAX`]), once it has passed (one timer for the
     /// bus, not one per follower). Nothing waits here.
@@ -313,6 +327,7 @@ impl EventBus {
         if self.shared.signal.receiver_count() == 0 {
             return;
         }
+        let home = self.shared.home.get();
         let now = tokio::time::Instant::now();
         {
             let mut pacer = self
@@ -327,7 +342,10 @@ impl EventBus {
             }
             let pace = pacer.pace();
             if let Some(at) = pacer.last.map(|last| last + pace).filter(|at| *at > now) {
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let runtime = home
+                    .cloned()
+                    .or_else(|| tokio::runtime::Handle::try_current().ok());
+                if let Some(runtime) = runtime {
                     pacer.due = true;
                     pacer.batched = events;
                     let shared = self.shared.clone();
@@ -352,7 +370,13 @@ impl EventBus {
             }
             pacer.woken(now, events);
         }
-        self.shared.signal.send_modify(|_| {});
+        match home {
+            Some(home) => {
+                let shared = self.shared.clone();
+                home.spawn(async move { shared.signal.send_modify(|_| {}) });
+            }
+            None => self.shared.signal.send_modify(|_| {}),
+        }
     }
 
     /// Ends every following subscription once it has read what is buffered (keeld is

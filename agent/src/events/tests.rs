@@ -519,3 +519,90 @@ async fn the_stream_s_lines_are_the_items_lines() {
         assert_eq!(strip(&got), strip(&want));
     }
 }
+
+/// Records the thread each wake-up came from.
+#[derive(Default)]
+struct WokenFrom(std::sync::Mutex<Vec<Option<String>>>);
+
+impl std::task::Wake for WokenFrom {
+    fn wake(self: Arc<Self>) {
+        let thread = std::thread::current().name().map(str::to_owned);
+        self.0.lock().unwrap().push(thread);
+    }
+}
+
+impl WokenFrom {
+    /// Waits up to 5 s for a wake-up; answers the thread it came from.
+    fn next(&self) -> Option<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(thread) = self.0.lock().unwrap().pop() {
+                return thread;
+            }
+            assert!(std::time::Instant::now() < deadline, "no wake-up");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+/// Followers woken through a home runtime (as `GET /events` streams are, through keeld's
+/// stream thread) are woken from its thread, never from the publisher's: at once after
+/// a quiet moment, and paced in a stream of events.
+#[test]
+fn followers_are_woken_from_their_home_runtime() {
+    use std::future::Future;
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let home = std::thread::Builder::new()
+        .name("home".to_owned())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            handle_tx.send(runtime.handle().clone()).unwrap();
+            runtime.block_on(async move {
+                let _ = stopped.await;
+            });
+        })
+        .unwrap();
+    let bus = EventBus::new(64);
+    bus.wake_followers_on(handle_rx.recv().unwrap());
+    let mut sub = bus.subscribe(Resume::Start, true, None).unwrap();
+    let woken = Arc::new(WokenFrom::default());
+    let waker = std::task::Waker::from(woken.clone());
+    let mut cx = std::task::Context::from_waker(&waker);
+    // Polled here, on a thread with no runtime: without the home runtime, a publish
+    // from this thread would wake the follower from this thread.
+    let mut read = |sub: &mut Subscription, publish: &dyn Fn()| {
+        let mut batch = Box::pin(sub.next_batch());
+        assert!(
+            batch.as_mut().poll(&mut cx).is_pending(),
+            "nothing to read yet"
+        );
+        publish();
+        let from = woken.next();
+        match batch.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(batch) => (from, batch.map(|b| cursors(&b))),
+            std::task::Poll::Pending => panic!("woken with nothing to read"),
+        }
+    };
+    let home_thread = Some("home".to_owned());
+    std::thread::sleep(Duration::from_millis(20));
+    // After a quiet moment: at once.
+    let one = || {
+        bus.publish(update(1));
+    };
+    assert_eq!(read(&mut sub, &one), (home_thread.clone(), Some(vec![1])));
+    // In quick succession: one wake-up, a pace after the first, with all three.
+    let three = || {
+        for n in 2..=4 {
+            bus.publish(update(n));
+        }
+    };
+    assert_eq!(read(&mut sub, &three), (home_thread, Some(vec![2, 3, 4])));
+    // A close (keeld stopping) wakes them from where it is called.
+    assert_eq!(read(&mut sub, &|| bus.close()).1, None, "ended on close");
+    let _ = stop.send(());
+    home.join().unwrap();
+}
