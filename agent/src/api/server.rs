@@ -20,7 +20,9 @@ use tower::ServiceExt;
 use super::peer::Peer;
 
 /// A client must send its request head within this time; a slow client cannot hold a
-/// connection (and its task) forever.
+/// connection (and its task) forever. A new connection's first bytes are waited for up
+/// to this long to tell an event stream from the rest, then hyper waits up to this long
+/// for the whole head: a first request has at most twice this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A client that accepts none of an answer for this long is taken to be gone, and its
@@ -268,7 +270,7 @@ async fn serve_with(
                             streams.spawn(async move {
                                 // Registered with the stream thread's reactor here.
                                 match tokio::net::UnixStream::from_std(stream) {
-                                    Ok(stream) => connection.serve(stream).await,
+                                    Ok(stream) => connection.serve(stream, KeepAlive::No).await,
                                     Err(e) => tracing::warn!(error = %e, "cannot serve an event stream on its thread"),
                                 }
                             })
@@ -282,7 +284,7 @@ async fn serve_with(
                     Opening::Other => {}
                 }
             }
-            connection.serve(stream).await;
+            connection.serve(stream, KeepAlive::Yes).await;
         }));
     }
     // Stop accepting: clients now wait in the backlog (of systemd's socket, for the
@@ -318,8 +320,9 @@ struct Connection {
 
 impl Connection {
     /// Serves HTTP/1.1 on `stream` until the client closes it, it stalls, or keeld
-    /// drains (the request in flight is answered first).
-    async fn serve(self, stream: tokio::net::UnixStream) {
+    /// drains (the request in flight is answered first); with [`KeepAlive::No`], only
+    /// the first request.
+    async fn serve(self, stream: tokio::net::UnixStream, keep_alive: KeepAlive) {
         let Connection {
             slot,
             peer,
@@ -341,6 +344,7 @@ impl Connection {
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
+            .keep_alive(keep_alive == KeepAlive::Yes)
             .serve_connection(TokioIo::new(stream), service)
             // `/exec` upgrades its connection to a WebSocket; the upgraded connection
             // then lives on in its session's task, outside this slot (sessions have
@@ -369,6 +373,17 @@ impl Connection {
 /// How a request that opens an event stream begins.
 const EVENT_STREAM_REQUEST: &[u8] = b"GET /events";
 
+/// Whether a connection serves requests after its first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeepAlive {
+    Yes,
+    /// Event streams, on the stream thread: the answer says `Connection: close`, so a
+    /// client's next request comes on a new connection, served where it belongs. (A
+    /// commit on the stream thread would hold every follower behind its fsync, and
+    /// make that low-priority thread the store's writer for the commits of others.)
+    No,
+}
+
 /// What a connection's first bytes say it is.
 #[derive(Debug, PartialEq, Eq)]
 enum Opening {
@@ -387,16 +402,20 @@ async fn opening(stream: &tokio::net::UnixStream) -> Opening {
     let peek = async {
         let mut first = [0u8; EVENT_STREAM_REQUEST.len()];
         loop {
-            if stream.readable().await.is_err() {
+            let Ok(ready) = stream.ready(tokio::io::Interest::READABLE).await else {
                 return Opening::Other;
-            }
+            };
             let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
                 let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
                 let (got, _) = rustix::net::recv(stream, &mut first[..], flags)?;
-                if got > 0 && got < first.len() && EVENT_STREAM_REQUEST.starts_with(&first[..got]) {
+                let partial =
+                    got > 0 && got < first.len() && EVENT_STREAM_REQUEST.starts_with(&first[..got]);
+                if partial && !ready.is_read_closed() {
                     // Only the start of it so far: wait for more. The readiness this
                     // clears is set again by the next bytes to arrive (tokio clears it
-                    // only if no readiness came in since it was read).
+                    // only if no readiness came in since it was read). A peer that
+                    // closed its side sends no more (and its closed state is never
+                    // cleared: waiting would spin): hyper reads what there is.
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
                 Ok(got)
@@ -767,6 +786,33 @@ mod tests {
                 "{parts:?} served by {served}"
             );
         }
+        // One request per connection on the stream thread: a second one, sent with the
+        // first, is not served there; the answer says to reconnect.
+        let mut client = tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("connect");
+        let two = "GET /events HTTP/1.1\r\nHost: keel\r\n\r\nGET /settings HTTP/1.1\r\nHost: keel\r\n\r\n";
+        client.write_all(two.as_bytes()).await.expect("requests");
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.expect("answer");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+        assert!(
+            answer.contains("connection: close") && answer.ends_with(&lowered),
+            "{answer}"
+        );
+        // The start of an event stream's request, then the client's side closed: no
+        // wait for the rest (which would spin on the closed state until the header
+        // timeout), hyper answers what there is at once.
+        let mut client = tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("connect");
+        client.write_all(b"GET /ev").await.expect("request");
+        client.shutdown().await.expect("shutdown");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), client.read_to_end(&mut answer))
+            .await
+            .expect("closed at once")
+            .expect("read");
         // A connection that closes at once, before a byte, harms nothing.
         drop(
             tokio::net::UnixStream::connect(&path)
