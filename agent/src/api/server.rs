@@ -449,9 +449,9 @@ pub struct StreamThread {
 }
 
 /// How much lower than keeld's other threads the stream thread runs, in `nice` steps.
-/// Measured with the events bench (100 followers, 8 committing clients): at 0 (a thread
-/// of its own alone) commits ran at 0.85–0.86 of their rate without followers, at 5
-/// 0.89, at 10 0.92–0.93.
+/// Measured with the events bench (100 followers, 8 committing clients; commits' rate
+/// with followers over without, per run): at 0 (a thread of its own alone) 0.85–0.86,
+/// at 5 0.89, at 10 0.87–0.97 over twelve runs (median 0.92), at 19 0.89–0.90.
 const STREAM_NICENESS: i32 = 10;
 
 impl StreamThread {
