@@ -461,45 +461,40 @@ impl StreamThread {
     }
 
     /// Starts the thread, or, if it cannot be started, says so and answers `None`:
-    /// event streams are then served beside every other connection.
+    /// event streams are then served beside every other connection. Never waits for
+    /// the thread: its runtime is built here and handed to it.
     pub fn start() -> Option<StreamThread> {
-        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let spawned = std::thread::Builder::new()
-            .name("keel-events".to_owned())
-            .spawn(move || {
-                // PRIO_PROCESS of the calling thread: on Linux, this thread only.
-                // Relative to keeld's own niceness (its unit may set one); lowering a
-                // priority needs no privilege.
-                let lowered = rustix::process::getpriority_process(None).and_then(|now| {
-                    rustix::process::setpriority_process(None, (now + STREAM_NICENESS).min(19))
-                });
-                if let Err(e) = lowered {
-                    tracing::warn!(error = %e, "cannot lower the event-stream thread's priority");
-                }
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        let _ = handle_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = handle_tx.send(Ok(runtime.handle().clone()));
-                runtime.block_on(async move {
-                    let _ = stopped.await;
-                });
+        let started = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .and_then(|runtime| {
+                let handle = runtime.handle().clone();
+                let runtime = Unstarted(Some(runtime));
+                std::thread::Builder::new()
+                    .name("keel-events".to_owned())
+                    .spawn(move || {
+                        // PRIO_PROCESS of the calling thread: on Linux, this thread
+                        // only. Relative to keeld's own niceness (its unit may set one);
+                        // lowering a priority needs no privilege.
+                        let lowered =
+                            rustix::process::getpriority_process(None).and_then(|now| {
+                                rustix::process::setpriority_process(
+                                    None,
+                                    (now + STREAM_NICENESS).min(19),
+                                )
+                            });
+                        if let Err(e) = lowered {
+                            tracing::warn!(error = %e, "cannot lower the event-stream thread's priority");
+                        }
+                        if let Some(runtime) = runtime.take() {
+                            runtime.block_on(async move {
+                                let _ = stopped.await;
+                            });
+                        }
+                    })
+                    .map(|_| handle)
             });
-        let started = match spawned {
-            Ok(_) => handle_rx.recv().unwrap_or_else(|_| {
-                Err(io::Error::other(
-                    "the thread ended before its runtime started",
-                ))
-            }),
-            Err(e) => Err(e),
-        };
         match started {
             Ok(handle) => Some(StreamThread {
                 handle,
@@ -509,6 +504,26 @@ impl StreamThread {
                 tracing::warn!(error = %e, "no thread of its own for event streams; serving them beside the API");
                 None
             }
+        }
+    }
+}
+
+/// A runtime on its way to the thread that runs it. Should the thread not start, it is
+/// dropped where `start` was called, inside keeld's own runtime, where dropping a runtime
+/// the usual way (waiting for its blocking threads) panics: it is shut down in the
+/// background instead. It has run nothing yet, so nothing is cut short.
+struct Unstarted(Option<tokio::runtime::Runtime>);
+
+impl Unstarted {
+    fn take(mut self) -> Option<tokio::runtime::Runtime> {
+        self.0.take()
+    }
+}
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
         }
     }
 }
@@ -616,6 +631,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallLimit<S> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A stream thread's runtime that never reached its thread is dropped inside keeld's
+    /// runtime without the panic a plain drop of a runtime there is.
+    #[tokio::test]
+    async fn a_runtime_whose_thread_never_started_drops_quietly_inside_a_runtime() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        // One blocking thread, which a plain drop would wait for.
+        drop(runtime.spawn_blocking(|| std::thread::sleep(Duration::from_millis(50))));
+        drop(Unstarted(Some(runtime)));
+    }
 
     /// 64 KiB per answer: a few fill the socket's buffers.
     fn big_answers() -> Router {

@@ -179,6 +179,32 @@ pub const PACE: std::time::Duration = std::time::Duration::from_millis(1);
 /// moment still wakes followers at once.
 pub const PACE_MAX: std::time::Duration = std::time::Duration::from_millis(8);
 
+/// A wake-up handed to a runtime, done when its task drops it: when the task has run
+/// (after the pace, if `paced`), or when the runtime drops the task unrun, because it
+/// was shut down (the stream thread ends as keeld stops, and a spawn onto a runtime
+/// already gone drops the task at once). Either way the followers are woken and a paced
+/// wake-up is no longer due: a `due` left set with no timer to clear it would hold every
+/// later wake-up back for good.
+struct WakeOnDrop {
+    shared: Arc<Shared>,
+    paced: bool,
+}
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        if self.paced {
+            let mut pacer = self
+                .shared
+                .pacer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let batched = pacer.batched;
+            pacer.woken(tokio::time::Instant::now(), batched);
+        }
+        self.shared.signal.send_modify(|_| {});
+    }
+}
+
 /// Events carried by one paced wake-up that make the bus busy (see [`PACE_MAX`]).
 const BUSY_BATCH: u32 = 4;
 
@@ -329,7 +355,9 @@ impl EventBus {
         }
         let home = self.shared.home.get();
         let now = tokio::time::Instant::now();
-        {
+        // Spawned once the pacer's lock is released: a runtime that is gone drops the
+        // task, and with it the wake-up, which takes that lock, on this thread.
+        let paced = {
             let mut pacer = self
                 .shared
                 .pacer
@@ -348,32 +376,38 @@ impl EventBus {
                 if let Some(runtime) = runtime {
                     pacer.due = true;
                     pacer.batched = events;
-                    let shared = self.shared.clone();
-                    runtime.spawn(async move {
-                        tokio::time::sleep_until(at).await;
-                        {
-                            let mut pacer = shared
-                                .pacer
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner);
-                            let batched = pacer.batched;
-                            pacer.woken(tokio::time::Instant::now(), batched);
-                        }
-                        shared.signal.send_modify(|_| {});
-                    });
-                    return;
+                    Some((runtime, at))
+                } else {
+                    // No runtime to wait on: wake them now.
+                    pacer.woken(now, events);
+                    None
                 }
-                // No runtime to wait on: wake them now.
+            } else {
+                if pacer.last.is_none_or(|last| now - last >= PACE_MAX) {
+                    pacer.pace = PACE;
+                }
+                pacer.woken(now, events);
+                None
             }
-            if pacer.last.is_none_or(|last| now - last >= PACE_MAX) {
-                pacer.pace = PACE;
-            }
-            pacer.woken(now, events);
+        };
+        if let Some((runtime, at)) = paced {
+            let wake = WakeOnDrop {
+                shared: self.shared.clone(),
+                paced: true,
+            };
+            runtime.spawn(async move {
+                tokio::time::sleep_until(at).await;
+                drop(wake);
+            });
+            return;
         }
         match home {
             Some(home) => {
-                let shared = self.shared.clone();
-                home.spawn(async move { shared.signal.send_modify(|_| {}) });
+                let wake = WakeOnDrop {
+                    shared: self.shared.clone(),
+                    paced: false,
+                };
+                home.spawn(async move { drop(wake) });
             }
             None => self.shared.signal.send_modify(|_| {}),
         }

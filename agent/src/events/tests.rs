@@ -609,3 +609,58 @@ fn followers_are_woken_from_their_home_runtime() {
     let _ = stop.send(());
     home.join().unwrap();
 }
+
+/// Followers whose home runtime is gone (keeld stopping: the stream thread ends before
+/// the last publishers) are still woken, from the publisher's thread, and the pace does
+/// not stick: a paced wake-up whose timer task the dead runtime dropped unrun is done as
+/// it is dropped, so later ones are not held back behind it for good.
+#[test]
+fn followers_are_woken_when_their_home_runtime_is_gone() {
+    use std::future::Future;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let bus = EventBus::new(64);
+    bus.wake_followers_on(runtime.handle().clone());
+    drop(runtime);
+    let mut sub = bus.subscribe(Resume::Start, true, None).unwrap();
+    let woken = Arc::new(WokenFrom::default());
+    let waker = std::task::Waker::from(woken.clone());
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut read = |sub: &mut Subscription, publish: &dyn Fn()| {
+        let mut batch = Box::pin(sub.next_batch());
+        assert!(
+            batch.as_mut().poll(&mut cx).is_pending(),
+            "nothing to read yet"
+        );
+        publish();
+        woken.next();
+        match batch.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(batch) => batch.map(|b| cursors(&b)),
+            std::task::Poll::Pending => panic!("woken with nothing to read"),
+        }
+    };
+    // Each wake-up below is a task the runtime, gone, drops unrun.
+    let paced_from_now = || {
+        bus.shared.pacer.lock().unwrap().last = Some(tokio::time::Instant::now());
+    };
+    // At once (the first wake-up).
+    assert_eq!(
+        read(&mut sub, &|| {
+            bus.publish(update(1));
+        }),
+        Some(vec![1])
+    );
+    // Paced (the last wake-up was just now), twice: the first must not stay due.
+    for n in [2, 3] {
+        paced_from_now();
+        assert_eq!(
+            read(&mut sub, &|| {
+                bus.publish(update(n));
+            }),
+            Some(vec![n])
+        );
+        assert!(!bus.shared.pacer.lock().unwrap().due, "a wake-up stays due");
+    }
+}
