@@ -18,11 +18,73 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use keel_e2e::{bin_dir, cpu_time, cpu_time_of, Keeld, KeeldOptions};
+use keel_e2e::{bin_dir, cpu_times, cpu_times_of, Keeld, KeeldOptions};
 use serde_json::{json, Value};
 use tokio::net::UnixStream;
 
 const CLIENT_COUNTS: [usize; 2] = [1, 8];
+
+/// CPU time, user and system apart: the system part is what the kernel spends on a
+/// process's behalf (socket wake-ups, the durable write), which no change to keeld's own
+/// code can take away.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cpu {
+    user: Duration,
+    system: Duration,
+}
+
+impl Cpu {
+    fn of(pid: u32) -> Cpu {
+        let (user, system) = cpu_times(pid);
+        Cpu { user, system }
+    }
+
+    fn of_this_thread() -> Cpu {
+        let (user, system) = cpu_times_of("thread-self");
+        Cpu { user, system }
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            user: self.user.saturating_sub(before.user),
+            system: self.system.saturating_sub(before.system),
+        }
+    }
+
+    fn per(self, n: usize) -> Cpu {
+        let n = u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+        Cpu {
+            user: self.user / n,
+            system: self.system / n,
+        }
+    }
+
+    fn total(self) -> Duration {
+        self.user + self.system
+    }
+
+    fn us(d: Duration) -> f64 {
+        d.as_secs_f64() * 1e6
+    }
+
+    /// `total µs (user U + system S)`.
+    fn show(self) -> String {
+        format!(
+            "{:.0} µs (user {:.0} + system {:.0})",
+            Cpu::us(self.total()),
+            Cpu::us(self.user),
+            Cpu::us(self.system)
+        )
+    }
+
+    fn json(self) -> Value {
+        json!({
+            "total": Cpu::us(self.total()),
+            "user": Cpu::us(self.user),
+            "system": Cpu::us(self.system),
+        })
+    }
+}
 
 /// One keep-alive HTTP/1.1 connection to keeld.
 struct Conn {
@@ -290,8 +352,8 @@ struct Floor {
     p50: Duration,
     p99: Duration,
     max: Duration,
-    /// CPU (user + system) of the measuring thread per op.
-    cpu: Duration,
+    /// CPU of the measuring thread per op.
+    cpu: Cpu,
 }
 
 fn measure_floor(parent: &Path, secs: f64) -> Floor {
@@ -326,7 +388,7 @@ fn measure_floor(parent: &Path, secs: f64) -> Floor {
         p50: percentile(&latencies, 50.0),
         p99: percentile(&latencies, 99.0),
         max: latencies.last().copied().unwrap_or_default(),
-        cpu: Duration::ZERO,
+        cpu: Cpu::default(),
     }
 }
 
@@ -346,7 +408,7 @@ fn measure_append_floor(parent: &Path, secs: f64) -> Floor {
         .expect("preallocate");
     file.sync_all().expect("fsync");
     let mut latencies = Vec::with_capacity(64 * 1024);
-    let cpu_before = cpu_time_of("thread-self");
+    let cpu_before = Cpu::of_this_thread();
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
     let mut offset = 0u64;
@@ -358,7 +420,7 @@ fn measure_append_floor(parent: &Path, secs: f64) -> Floor {
         latencies.push(began.elapsed());
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu = cpu_time_of("thread-self").saturating_sub(cpu_before);
+    let cpu = Cpu::of_this_thread().since(cpu_before);
     latencies.sort_unstable();
     Floor {
         ops: latencies.len(),
@@ -366,7 +428,7 @@ fn measure_append_floor(parent: &Path, secs: f64) -> Floor {
         p50: percentile(&latencies, 50.0),
         p99: percentile(&latencies, 99.0),
         max: latencies.last().copied().unwrap_or_default(),
-        cpu: cpu / u32::try_from(latencies.len().max(1)).unwrap_or(u32::MAX),
+        cpu: cpu.per(latencies.len()),
     }
 }
 
@@ -380,7 +442,7 @@ struct HistoryFigures {
     c1: f64,
     c8: f64,
     /// keeld's CPU per cycle over its 1-client slices.
-    cpu: Duration,
+    cpu: Cpu,
 }
 
 /// A keeld that keeps `history` generations and has already made `prefill` commits.
@@ -422,9 +484,9 @@ fn history_runs(runtime: &tokio::runtime::Runtime, secs: f64) -> [HistoryFigures
     let mut tally = [[(0usize, 0f64); 2]; 2];
     // Only the keeld being measured works: the other is idle, so each keeld's CPU over
     // the whole 1-client phase is its CPU over its own slices.
-    let mut cpu = [Duration::ZERO; 2];
+    let mut cpu = [Cpu::default(); 2];
     for (c, clients) in CLIENT_COUNTS.into_iter().enumerate() {
-        let before = keelds.each_ref().map(|k| cpu_time(k.pid()));
+        let before = keelds.each_ref().map(|k| Cpu::of(k.pid()));
         for round in 0..HISTORY_ROUNDS {
             let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
             for i in order {
@@ -442,17 +504,16 @@ fn history_runs(runtime: &tokio::runtime::Runtime, secs: f64) -> [HistoryFigures
         }
         if c == 0 {
             for (i, k) in keelds.iter().enumerate() {
-                cpu[i] = cpu_time(k.pid()).saturating_sub(before[i]);
+                cpu[i] = Cpu::of(k.pid()).since(before[i]);
             }
         }
     }
     std::array::from_fn(|i| {
         let rate = |(ops, secs): (usize, f64)| if secs > 0.0 { ops as f64 / secs } else { 0.0 };
-        let cycles = u32::try_from(tally[i][0].0).unwrap_or(u32::MAX).max(1);
         HistoryFigures {
             c1: rate(tally[i][0]),
             c8: rate(tally[i][1]),
-            cpu: cpu[i] / cycles,
+            cpu: cpu[i].per(tally[i][0].0),
         }
     })
 }
@@ -607,14 +668,15 @@ fn main() {
 
     let mut results = Vec::new();
     // keeld's CPU per request of the cheapest one: what serving any request costs.
-    let mut get_cpu = Duration::ZERO;
+    let mut get_cpu = Cpu::default();
     for workload in [Workload::GetAll, Workload::GetKey, Workload::SetCommit] {
         for clients in CLIENT_COUNTS {
-            let cpu_before = cpu_time(pid);
+            let cpu_before = Cpu::of(pid);
             let figures = runtime.block_on(measure(&socket_ref, workload, clients, secs));
             if workload == Workload::GetKey && clients == 1 && figures.requests > 0 {
-                get_cpu = cpu_time(pid).saturating_sub(cpu_before)
-                    / u32::try_from(figures.requests).unwrap_or(u32::MAX);
+                get_cpu = Cpu::of(pid)
+                    .since(cpu_before)
+                    .per(usize::try_from(figures.requests).unwrap_or(usize::MAX));
             }
             results.push(figures);
         }
@@ -703,11 +765,11 @@ fn main() {
     );
     for (label, h) in [("--history 10", &h10), ("--history 10000 (2000 in)", &h10k)] {
         println!(
-            "{:<28} {:>12.0} {:>12.0} {:>11.0} µs",
+            "{:<28} {:>12.0} {:>12.0}   {}",
             label,
             h.c1,
             h.c8,
-            h.cpu.as_secs_f64() * 1e6
+            h.cpu.show()
         );
     }
     let over = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
@@ -719,21 +781,24 @@ fn main() {
     );
     // What a PATCH + commit cycle cannot cost less than: two requests (each at least
     // what the cheapest GET costs keeld) and one durable append.
-    let cycle_floor = get_cpu * 2 + append_floor.cpu;
+    let cycle_floor = Cpu {
+        user: get_cpu.user * 2 + append_floor.cpu.user,
+        system: get_cpu.system * 2 + append_floor.cpu.system,
+    };
     println!(
-        "{:<44} {:>8.0} µs per request (GET ?keys, 1 client)",
+        "{:<44} {} per request (GET ?keys, 1 client)",
         "keeld CPU serving a request",
-        get_cpu.as_secs_f64() * 1e6
+        get_cpu.show()
     );
     println!(
-        "{:<44} {:>8.0} µs per op",
+        "{:<44} {} per op",
         "CPU of pwrite 4K + fdatasync",
-        append_floor.cpu.as_secs_f64() * 1e6
+        append_floor.cpu.show()
     );
     println!(
-        "{:<44} {:>8.0} µs (2 requests + 1 append); goal for a cycle <= 100 µs",
+        "{:<44} {} (2 requests + 1 append); goal for a cycle <= 100 µs",
         "CPU floor of a PATCH+commit cycle",
-        cycle_floor.as_secs_f64() * 1e6
+        cycle_floor.show()
     );
     println!(
         "{:<44} {:>8.2} (1 client; goal >= 0.3), {:.2} (8 clients; goal >= 0.6)",
@@ -812,13 +877,20 @@ fn main() {
         },
         "append_floor_per_sec": append_floor.per_sec,
         "cpu_us": {
-            "keeld_per_get": get_cpu.as_secs_f64() * 1e6,
-            "append_floor_per_op": append_floor.cpu.as_secs_f64() * 1e6,
-            "cycle_floor": cycle_floor.as_secs_f64() * 1e6,
+            "keeld_per_get": Cpu::us(get_cpu.total()),
+            "append_floor_per_op": Cpu::us(append_floor.cpu.total()),
+            "cycle_floor": Cpu::us(cycle_floor.total()),
+            "split": {
+                "keeld_per_get": get_cpu.json(),
+                "append_floor_per_op": append_floor.cpu.json(),
+                "cycle_floor": cycle_floor.json(),
+                "h10_per_cycle": h10.cpu.json(),
+                "h10000_per_cycle": h10k.cpu.json(),
+            },
         },
         "history": {
-            "h10": {"c1": h10.c1, "c8": h10.c8, "cpu_us_per_cycle": h10.cpu.as_secs_f64() * 1e6},
-            "h10000": {"c1": h10k.c1, "c8": h10k.c8, "cpu_us_per_cycle": h10k.cpu.as_secs_f64() * 1e6},
+            "h10": {"c1": h10.c1, "c8": h10.c8, "cpu_us_per_cycle": Cpu::us(h10.cpu.total())},
+            "h10000": {"c1": h10k.c1, "c8": h10k.c8, "cpu_us_per_cycle": Cpu::us(h10k.cpu.total())},
         },
         "ratio_set_commit_c1_to_floor": ratio(set1.per_sec),
         "ratio_set_commit_c8_to_floor": ratio(set8.per_sec),

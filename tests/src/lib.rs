@@ -35,16 +35,31 @@ pub fn cpu_time(pid: u32) -> Duration {
 
 /// CPU time (user + system) of `/proc/<what>`: a process id, or `thread-self`.
 pub fn cpu_time_of(what: &str) -> Duration {
+    let (user, system) = cpu_times_of(what);
+    user + system
+}
+
+/// User and system CPU time of process `pid`, apart.
+pub fn cpu_times(pid: u32) -> (Duration, Duration) {
+    cpu_times_of(&pid.to_string())
+}
+
+/// User and system CPU time of `/proc/<what>`, apart.
+pub fn cpu_times_of(what: &str) -> (Duration, Duration) {
     let stat = std::fs::read_to_string(format!("/proc/{what}/stat")).expect("/proc/<pid>/stat");
     // After the command name (which may hold spaces): utime is the 12th field, stime the
     // 13th, in clock ticks.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    Duration::from_secs_f64(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+    let ticks_per_second = rustix::param::clock_ticks_per_second() as f64;
+    let field = |i: usize| {
+        let ticks: u64 = fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .expect("utime and stime in /proc/<pid>/stat");
+        Duration::from_secs_f64(ticks as f64 / ticks_per_second)
+    };
+    (field(11), field(12))
 }
 
 pub fn bin(name: &str) -> PathBuf {
