@@ -639,7 +639,7 @@ impl Updates {
             // fsync, or removing an older entry, failed): the disk says whether the
             // entry is there. A staged slot has none before its activation.
             Err(e) => {
-                let written = inspect(&writer)
+                let written = inspect_settled(&writer)
                     .await
                     .ok()
                     .map(|i| entry_of(&i, staged.slot).is_some_and(|e| !e.is_bad()));
@@ -695,7 +695,7 @@ impl Updates {
         session.close().await;
         if let Err(e) = deactivated {
             // The answer may be lost after the entry went: the disk says.
-            let gone = inspect(&writer)
+            let gone = inspect_settled(&writer)
                 .await
                 .ok()
                 .map(|i| entry_of(&i, slot).is_none());
@@ -884,6 +884,19 @@ async fn inspect(endpoint: &WriterEndpoint) -> Result<Inspection, String> {
         .await
         .map_err(|e| e.to_string())?;
     let inspection = session.inspect().await.map_err(|e| e.to_string());
+    session.close().await;
+    inspection
+}
+
+/// What the disk says once no writer session holds the slots: after a slot change whose
+/// answer was lost or given up on, that session may still be writing, and an inspect
+/// answered at once could read the entries from before it (the session's hold on the
+/// slots ends with it; the writer waits for it up to its `--session-wait`).
+async fn inspect_settled(endpoint: &WriterEndpoint) -> Result<Inspection, String> {
+    let mut session = WriterSession::open(endpoint)
+        .await
+        .map_err(|e| e.to_string())?;
+    let inspection = session.inspect_settled().await.map_err(|e| e.to_string());
     session.close().await;
     inspection
 }

@@ -38,6 +38,10 @@ impl BootFile {
 pub enum Request {
     /// Which slot runs, this boot's id, the inactive slot's partition sizes, the entries.
     Inspect,
+    /// `Inspect`, once no other session holds the slots: what a slot change that may
+    /// still be running (one whose answer its caller gave up waiting for) leaves, not
+    /// what was there before it. Waits like a request that touches a slot.
+    InspectSettled,
     /// Removes `slot`'s loader entries, durably, before any of its bytes change.
     Invalidate { slot: Slot },
     /// `size` bytes follow: written from the start of `part` of `slot`, then `fdatasync`.

@@ -141,7 +141,8 @@ fn hold_slots(
         | Request::WritePartition { .. }
         | Request::WriteBootFile { .. }
         | Request::Activate { .. }
-        | Request::Deactivate { .. } => true,
+        | Request::Deactivate { .. }
+        | Request::InspectSettled => true,
         Request::Inspect | Request::SetBootParameters { .. } => false,
     };
     if touches_a_slot && lock.is_none() {
@@ -167,10 +168,12 @@ fn handle(
         .check_on_running_disk("the ESP", &config.esp.esp)
         .map_err(|e| refuse_desync(e.to_string()))?;
     match request {
-        Request::Inspect => inspect(config).map(|inspection| Answer::Inspection {
-            ok: true,
-            inspection,
-        }),
+        Request::Inspect | Request::InspectSettled => {
+            inspect(config).map(|inspection| Answer::Inspection {
+                ok: true,
+                inspection,
+            })
+        }
         Request::Invalidate { slot } => {
             let active = inactive_only(config, *slot)?;
             config.esp.check_running_blessed(active).map_err(refuse)?;
@@ -884,6 +887,45 @@ mod tests {
         // activate writes next.
         let answers = session(&f.config, &[(Request::Deactivate { slot: Slot::B }, &[])]);
         assert!(error(&answers[0]).contains("another slot writer session"));
+        // So does a settled inspect: it is asked for what the other session leaves.
+        let answers = session(&f.config, &[(Request::InspectSettled, &[])]);
+        assert!(error(&answers[0]).contains("another slot writer session"));
+    }
+
+    /// A settled inspect is answered once the session holding the slots ends, with what
+    /// that session wrote: keeld asks it when it gave up waiting for an activate, and an
+    /// answer read before that activate landed would say the entry is not there.
+    #[test]
+    fn a_settled_inspect_reads_the_entries_once_the_session_holding_the_slots_ends() {
+        let mut f = fixture();
+        f.config.session_wait = Duration::from_secs(20);
+        let other = f.config.esp.lock_slots(Duration::ZERO).expect("held");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let config = f.config.clone();
+        let reader = std::thread::spawn(move || {
+            let answers = session(&config, &[(Request::InspectSettled, &[])]);
+            done_tx.send(()).expect("send");
+            answers
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "answered while another session holds the slots"
+        );
+        // What the other session writes before it ends is in the answer.
+        std::fs::write(
+            f.config.esp.entries_dir().join("keel-b+3.conf"),
+            "title Keel 1.1.0\nsort-key keel\nversion 2\noptions keel.slot=b keel.roothash=00 console=ttyS0\n",
+        )
+        .expect("entry");
+        drop(other);
+        let answers = reader.join().expect("reader");
+        match &answers[0] {
+            Answer::Inspection { inspection, .. } => assert!(
+                inspection.entries.iter().any(|e| e.file == "keel-b+3.conf"),
+                "{inspection:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
