@@ -548,12 +548,48 @@ impl WokenFrom {
     }
 }
 
+/// A follower polled by hand, on this thread, with a waker that records where it was
+/// woken from.
+struct Polled {
+    woken: Arc<WokenFrom>,
+    waker: std::task::Waker,
+}
+
+impl Polled {
+    fn new() -> Polled {
+        let woken = Arc::new(WokenFrom::default());
+        let waker = std::task::Waker::from(woken.clone());
+        Polled { woken, waker }
+    }
+
+    /// Polls `sub` (nothing to read yet), runs `publish`, waits for the wake-up and
+    /// reads: where the wake-up came from, and the cursors read (`None`: ended).
+    fn read(
+        &self,
+        sub: &mut Subscription,
+        publish: &dyn Fn(),
+    ) -> (Option<String>, Option<Vec<u64>>) {
+        use std::future::Future;
+        let mut cx = std::task::Context::from_waker(&self.waker);
+        let mut batch = Box::pin(sub.next_batch());
+        assert!(
+            batch.as_mut().poll(&mut cx).is_pending(),
+            "nothing to read yet"
+        );
+        publish();
+        let from = self.woken.next();
+        match batch.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(batch) => (from, batch.map(|b| cursors(&b))),
+            std::task::Poll::Pending => panic!("woken with nothing to read"),
+        }
+    }
+}
+
 /// Followers woken through a home runtime (as `GET /events` streams are, through keeld's
 /// stream thread) are woken from its thread, never from the publisher's: at once after
 /// a quiet moment, and paced in a stream of events.
 #[test]
 fn followers_are_woken_from_their_home_runtime() {
-    use std::future::Future;
     let (handle_tx, handle_rx) = std::sync::mpsc::channel();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let home = std::thread::Builder::new()
@@ -572,24 +608,10 @@ fn followers_are_woken_from_their_home_runtime() {
     let bus = EventBus::new(64);
     bus.wake_followers_on(handle_rx.recv().unwrap());
     let mut sub = bus.subscribe(Resume::Start, true, None).unwrap();
-    let woken = Arc::new(WokenFrom::default());
-    let waker = std::task::Waker::from(woken.clone());
-    let mut cx = std::task::Context::from_waker(&waker);
     // Polled here, on a thread with no runtime: without the home runtime, a publish
     // from this thread would wake the follower from this thread.
-    let mut read = |sub: &mut Subscription, publish: &dyn Fn()| {
-        let mut batch = Box::pin(sub.next_batch());
-        assert!(
-            batch.as_mut().poll(&mut cx).is_pending(),
-            "nothing to read yet"
-        );
-        publish();
-        let from = woken.next();
-        match batch.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(batch) => (from, batch.map(|b| cursors(&b))),
-            std::task::Poll::Pending => panic!("woken with nothing to read"),
-        }
-    };
+    let polled = Polled::new();
+    let read = |sub: &mut Subscription, publish: &dyn Fn()| polled.read(sub, publish);
     let home_thread = Some("home".to_owned());
     std::thread::sleep(Duration::from_millis(20));
     // After a quiet moment: at once.
@@ -616,7 +638,6 @@ fn followers_are_woken_from_their_home_runtime() {
 /// it is dropped, so later ones are not held back behind it for good.
 #[test]
 fn followers_are_woken_when_their_home_runtime_is_gone() {
-    use std::future::Future;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -625,22 +646,8 @@ fn followers_are_woken_when_their_home_runtime_is_gone() {
     bus.wake_followers_on(runtime.handle().clone());
     drop(runtime);
     let mut sub = bus.subscribe(Resume::Start, true, None).unwrap();
-    let woken = Arc::new(WokenFrom::default());
-    let waker = std::task::Waker::from(woken.clone());
-    let mut cx = std::task::Context::from_waker(&waker);
-    let mut read = |sub: &mut Subscription, publish: &dyn Fn()| {
-        let mut batch = Box::pin(sub.next_batch());
-        assert!(
-            batch.as_mut().poll(&mut cx).is_pending(),
-            "nothing to read yet"
-        );
-        publish();
-        woken.next();
-        match batch.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(batch) => batch.map(|b| cursors(&b)),
-            std::task::Poll::Pending => panic!("woken with nothing to read"),
-        }
-    };
+    let polled = Polled::new();
+    let read = |sub: &mut Subscription, publish: &dyn Fn()| polled.read(sub, publish).1;
     // Each wake-up below is a task the runtime, gone, drops unrun.
     let paced_from_now = || {
         bus.shared.pacer.lock().unwrap().last = Some(tokio::time::Instant::now());

@@ -879,13 +879,9 @@ impl Updates {
     }
 }
 
+/// What the disk says now.
 async fn inspect(endpoint: &WriterEndpoint) -> Result<Inspection, String> {
-    let mut session = WriterSession::open(endpoint)
-        .await
-        .map_err(|e| e.to_string())?;
-    let inspection = session.inspect().await.map_err(|e| e.to_string());
-    session.close().await;
-    inspection
+    inspect_by(endpoint, &Request::Inspect).await
 }
 
 /// What the disk says once no writer session holds the slots: after a slot change whose
@@ -893,10 +889,18 @@ async fn inspect(endpoint: &WriterEndpoint) -> Result<Inspection, String> {
 /// answered at once could read the entries from before it (the session's hold on the
 /// slots ends with it; the writer waits for it up to its `--session-wait`).
 async fn inspect_settled(endpoint: &WriterEndpoint) -> Result<Inspection, String> {
+    inspect_by(endpoint, &Request::InspectSettled).await
+}
+
+/// `request` is `Inspect` or `InspectSettled`, in a session of its own.
+async fn inspect_by(endpoint: &WriterEndpoint, request: &Request) -> Result<Inspection, String> {
     let mut session = WriterSession::open(endpoint)
         .await
         .map_err(|e| e.to_string())?;
-    let inspection = session.inspect_settled().await.map_err(|e| e.to_string());
+    let inspection = session
+        .inspect_with(request)
+        .await
+        .map_err(|e| e.to_string());
     session.close().await;
     inspection
 }

@@ -165,12 +165,9 @@ impl WriterSession {
         self.inspect_with(&Request::Inspect).await
     }
 
-    /// [`Request::InspectSettled`]: the entries once no other session holds the slots.
-    pub async fn inspect_settled(&mut self) -> Result<Inspection, WriterError> {
-        self.inspect_with(&Request::InspectSettled).await
-    }
-
-    async fn inspect_with(&mut self, request: &Request) -> Result<Inspection, WriterError> {
+    /// `request`: [`Request::Inspect`], or [`Request::InspectSettled`] (the entries once
+    /// no other session holds the slots).
+    pub async fn inspect_with(&mut self, request: &Request) -> Result<Inspection, WriterError> {
         match self.call(request).await? {
             Answer::Inspection { inspection, .. } => Ok(inspection),
             Answer::Failed { error, .. } => Err(WriterError::Refused(error)),
