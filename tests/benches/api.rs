@@ -26,7 +26,8 @@ const CLIENT_COUNTS: [usize; 2] = [1, 8];
 
 /// CPU time, user and system apart: the system part is what the kernel spends on a
 /// process's behalf (socket wake-ups, the durable write), which no change to keeld's own
-/// code can take away.
+/// code can take away. The kernel measures the total exactly but splits it by sampling
+/// at each tick, so over a few seconds the split is close, not exact.
 #[derive(Clone, Copy, Debug, Default)]
 struct Cpu {
     user: Duration,

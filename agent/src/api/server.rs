@@ -640,7 +640,8 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime");
-        // One blocking thread, which a plain drop would wait for.
+        // A plain drop here, inside a runtime, panics (it would wait for blocking
+        // threads such as this one).
         drop(runtime.spawn_blocking(|| std::thread::sleep(Duration::from_millis(50))));
         drop(Unstarted(Some(runtime)));
     }

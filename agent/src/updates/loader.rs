@@ -421,9 +421,9 @@ impl EspLayout {
     /// an exclusive `flock` on the ESP's mount point (not on the entries directory,
     /// which [`EspLayout::lock`] takes for each entry change; always taken before it).
     /// A session takes it at its first request that touches a slot (invalidate, write,
-    /// activate, deactivate) and keeps it to its end; one that only inspects or stages
-    /// boot parameters never does, so those still run beside a prepare that streams an
-    /// image for hours. Without it, a session that keeld gave up on (a prepare past its
+    /// activate, deactivate, and a settled inspect, which asks for what such a session
+    /// leaves) and keeps it to its end; one that only inspects or stages boot parameters
+    /// never does, so those still run beside a prepare that streams an image for hours. Without it, a session that keeld gave up on (a prepare past its
     /// deadline) while it still checked what it wrote ran beside the next prepare's,
     /// which invalidates and writes the same slot; and a deactivate could remove an
     /// entry that an abandoned activate wrote next. Waits up to `wait` for the session

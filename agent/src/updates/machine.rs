@@ -637,10 +637,16 @@ impl Updates {
             Ok(_) => Ok(()),
             // The answer was lost, or a refusal came after the entry's rename (its
             // fsync, or removing an older entry, failed): the disk says whether the
-            // entry is there. A staged slot has none before its activation.
+            // entry is there. A staged slot has none before its activation. A refusal
+            // is the session's last word on it; an answer lost or given up on is not
+            // (the session may still be writing): the disk is read once it has ended.
             Err(e) => {
-                let written = inspect_settled(&writer)
-                    .await
+                let inspected = if refused {
+                    inspect(&writer).await
+                } else {
+                    inspect_settled(&writer).await
+                };
+                let written = inspected
                     .ok()
                     .map(|i| entry_of(&i, staged.slot).is_some_and(|e| !e.is_bad()));
                 match written {
@@ -694,11 +700,14 @@ impl Updates {
         let deactivated = session.simple(&Request::Deactivate { slot }).await;
         session.close().await;
         if let Err(e) = deactivated {
-            // The answer may be lost after the entry went: the disk says.
-            let gone = inspect_settled(&writer)
-                .await
-                .ok()
-                .map(|i| entry_of(&i, slot).is_none());
+            // The answer may be lost after the entry went: the disk says (once the
+            // session has ended, unless it refused: that is its last word).
+            let inspected = if matches!(e, WriterError::Refused(_)) {
+                inspect(&writer).await
+            } else {
+                inspect_settled(&writer).await
+            };
+            let gone = inspected.ok().map(|i| entry_of(&i, slot).is_none());
             if gone != Some(true) {
                 return Err(e.to_string());
             }
@@ -776,14 +785,38 @@ impl Updates {
         {
             panic!("simulated bug in the reconciliation");
         }
+        // An activate or deactivate cut short by keeld's end may still be running: its
+        // writer session is a unit of its own and outlives keeld. Whether it wrote or
+        // removed the entry is read once that session has ended (a settled inspect); if
+        // that cannot be had, the rest is reconciled from what the disk says now, and the
+        // command stays on record for the next start.
+        let slot_change_interrupted = matches!(
+            lock(&self.inner.record).interrupted,
+            Some(CommandType::Activate | CommandType::Deactivate)
+        );
+        let mut settled = true;
         let inspection = match &self.inner.config.writer {
-            Some(endpoint) => match inspect(endpoint).await {
-                Ok(inspection) => Some(inspection),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot inspect the slots; the update status shows what was recorded");
-                    None
+            Some(endpoint) => {
+                let mut inspected = if slot_change_interrupted {
+                    inspect_settled(endpoint).await
+                } else {
+                    inspect(endpoint).await
+                };
+                if let Err(e) = &inspected {
+                    if slot_change_interrupted {
+                        tracing::warn!(error = %e, "cannot read the slots once the interrupted command's writer session has ended; it stays on record for the next start");
+                        settled = false;
+                        inspected = inspect(endpoint).await;
+                    }
                 }
-            },
+                match inspected {
+                    Ok(inspection) => Some(inspection),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot inspect the slots; the update status shows what was recorded");
+                        None
+                    }
+                }
+            }
             None => None,
         };
         let running = self.running_version().ok();
@@ -797,7 +830,7 @@ impl Updates {
         };
         {
             let mut record = lock(&self.inner.record);
-            close_interrupted(&mut record, inspection.as_ref());
+            close_interrupted(&mut record, inspection.as_ref().filter(|_| settled));
             if let (Some(inspection), Some(running)) = (&inspection, &running) {
                 after_reboot(&mut record, inspection, running);
             }
@@ -1322,6 +1355,11 @@ mod tests {
     /// Updates on a fresh store, with no slot writer and a repository that cannot be
     /// read (a refresh fails at once, saying why).
     fn updates_in(dir: &std::path::Path) -> Updates {
+        updates_with(dir, None)
+    }
+
+    /// [`updates_in`], with `writer` as its slot writer.
+    fn updates_with(dir: &std::path::Path, writer: Option<WriterEndpoint>) -> Updates {
         let store = Store::open(&dir.join("state"), 10).expect("store");
         let os = Arc::new(OsInfo {
             arch: "x86_64".into(),
@@ -1336,11 +1374,56 @@ mod tests {
                 datastore: dir.join("datastore"),
                 timeouts: Default::default(),
             },
-            writer: None,
+            writer,
             record: dir.join("status.json"),
             tries: 1,
         };
         Updates::open(config, store, os, EventBus::default())
+    }
+
+    /// At start, an activate or deactivate that keeld's end cut short is read from the
+    /// disk once its writer session (a unit of its own, which outlives keeld) has ended:
+    /// a settled inspect. Any other start inspects at once.
+    #[tokio::test]
+    async fn a_slot_change_cut_short_is_read_from_the_disk_once_its_session_has_ended() {
+        for (interrupted, asked) in [
+            (Some(CommandType::Activate), "inspect-settled"),
+            (Some(CommandType::Deactivate), "inspect-settled"),
+            (Some(CommandType::Refresh), "inspect"),
+            (None, "inspect"),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let answer = serde_json::to_string(&super::super::protocol::Answer::Inspection {
+                ok: true,
+                inspection: inspection(Slot::A, "boot-1", Vec::new()),
+            })
+            .expect("json");
+            let requests = dir.path().join("requests");
+            // A slot writer that writes down each request and answers an inspection.
+            let script = format!(
+                "while read -r line; do printf '%s\\n' \"$line\" >> '{}'; printf '%s\\n' '{answer}'; done",
+                requests.display()
+            );
+            let updates = updates_with(
+                dir.path(),
+                Some(WriterEndpoint::Command(vec![
+                    "/bin/sh".to_owned(),
+                    "-c".to_owned(),
+                    script,
+                ])),
+            );
+            lock(&updates.inner.record).interrupted = interrupted;
+            updates.reconcile().await;
+            let sent = std::fs::read_to_string(&requests).expect("a request");
+            let ops: Vec<String> = sent
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).expect("json request");
+                    v["op"].as_str().unwrap_or_default().to_owned()
+                })
+                .collect();
+            assert_eq!(ops, vec![asked.to_owned()], "{interrupted:?}");
+        }
     }
 
     /// A reconciliation that panics (a bug) still lets commands through at once: they

@@ -2,8 +2,9 @@
 //! `protocol.rs`), writes the inactive slot's partitions and boot files, checks what it
 //! wrote, and answers. Synchronous, one session per process; the slots are written by
 //! one session at a time ([`EspLayout::lock_slots`]): keeld runs one update command at a
-//! time, but may give up on a session that is still checking what it wrote, and stages
-//! boot parameters beside a running prepare.
+//! time, but may give up on a session that is still checking what it wrote (and then
+//! asks, with a settled inspect, for what that session left, once it has ended), and
+//! stages boot parameters beside a running prepare.
 //!
 //! Owns the checks made where the bytes land, whatever keeld asked: the running slot is
 //! refused (command line, and `O_EXCL` on block devices); a write larger than its
