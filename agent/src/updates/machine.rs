@@ -637,16 +637,11 @@ impl Updates {
             Ok(_) => Ok(()),
             // The answer was lost, or a refusal came after the entry's rename (its
             // fsync, or removing an older entry, failed): the disk says whether the
-            // entry is there. A staged slot has none before its activation. A refusal
-            // is the session's last word on it; an answer lost or given up on is not
-            // (the session may still be writing): the disk is read once it has ended.
+            // entry is there (`inspect_after`). A staged slot has none before its
+            // activation.
             Err(e) => {
-                let inspected = if refused {
-                    inspect(&writer).await
-                } else {
-                    inspect_settled(&writer).await
-                };
-                let written = inspected
+                let written = inspect_after(&writer, &e)
+                    .await
                     .ok()
                     .map(|i| entry_of(&i, staged.slot).is_some_and(|e| !e.is_bad()));
                 match written {
@@ -700,14 +695,11 @@ impl Updates {
         let deactivated = session.simple(&Request::Deactivate { slot }).await;
         session.close().await;
         if let Err(e) = deactivated {
-            // The answer may be lost after the entry went: the disk says (once the
-            // session has ended, unless it refused: that is its last word).
-            let inspected = if matches!(e, WriterError::Refused(_)) {
-                inspect(&writer).await
-            } else {
-                inspect_settled(&writer).await
-            };
-            let gone = inspected.ok().map(|i| entry_of(&i, slot).is_none());
+            // The answer may be lost after the entry went: the disk says.
+            let gone = inspect_after(&writer, &e)
+                .await
+                .ok()
+                .map(|i| entry_of(&i, slot).is_none());
             if gone != Some(true) {
                 return Err(e.to_string());
             }
@@ -794,30 +786,26 @@ impl Updates {
             lock(&self.inner.record).interrupted,
             Some(CommandType::Activate | CommandType::Deactivate)
         );
-        let mut settled = true;
-        let inspection = match &self.inner.config.writer {
+        let (inspection, settled) = match &self.inner.config.writer {
+            None => (None, true),
             Some(endpoint) => {
-                let mut inspected = if slot_change_interrupted {
-                    inspect_settled(endpoint).await
-                } else {
-                    inspect(endpoint).await
-                };
-                if let Err(e) = &inspected {
-                    if slot_change_interrupted {
+                let settled = if slot_change_interrupted {
+                    inspect_settled(endpoint).await.map_err(|e| {
                         tracing::warn!(error = %e, "cannot read the slots once the interrupted command's writer session has ended; it stays on record for the next start");
-                        settled = false;
-                        inspected = inspect(endpoint).await;
-                    }
-                }
-                match inspected {
-                    Ok(inspection) => Some(inspection),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot inspect the slots; the update status shows what was recorded");
-                        None
+                    }).ok()
+                } else {
+                    None
+                };
+                match settled {
+                    Some(inspection) => (Some(inspection), true),
+                    None => {
+                        let now = inspect(endpoint).await.map_err(|e| {
+                            tracing::warn!(error = %e, "cannot inspect the slots; the update status shows what was recorded");
+                        });
+                        (now.ok(), !slot_change_interrupted)
                     }
                 }
             }
-            None => None,
         };
         let running = self.running_version().ok();
         let (previous, interrupted, last_boot_before) = {
@@ -923,6 +911,20 @@ async fn inspect(endpoint: &WriterEndpoint) -> Result<Inspection, String> {
 /// slots ends with it; the writer waits for it up to its `--session-wait`).
 async fn inspect_settled(endpoint: &WriterEndpoint) -> Result<Inspection, String> {
     inspect_by(endpoint, &Request::InspectSettled).await
+}
+
+/// What the disk says after a slot change failed with `error`: at once after a refusal
+/// (the session's last word on it); otherwise (the answer lost, or given up on: the
+/// session may still be writing) once the session has ended.
+async fn inspect_after(
+    endpoint: &WriterEndpoint,
+    error: &WriterError,
+) -> Result<Inspection, String> {
+    if matches!(error, WriterError::Refused(_)) {
+        inspect(endpoint).await
+    } else {
+        inspect_settled(endpoint).await
+    }
 }
 
 /// `request` is `Inspect` or `InspectSettled`, in a session of its own.
