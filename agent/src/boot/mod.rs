@@ -485,16 +485,23 @@ impl Boot {
         if t.record().step(&step).is_none() {
             t.begin(&step, essential)?;
         }
-        t.end(
-            &step,
-            StepOutcome::Failed,
-            Some(reason.clone()),
-            Duration::ZERO,
-        )?;
+        Self::failed(t, &step, essential, reason, Duration::ZERO)
+    }
+
+    /// Records a bootstrap step as failed: an essential one halts the boot; any other is
+    /// logged, and the boot goes on.
+    fn failed(
+        t: &mut BootTracker,
+        step: &str,
+        essential: bool,
+        reason: String,
+        took: Duration,
+    ) -> Result<(), Halt> {
+        t.end(step, StepOutcome::Failed, Some(reason.clone()), took)?;
         if essential {
             Err(Halt(format!("essential {step} failed: {reason}")))
         } else {
-            tracing::warn!(%step, %reason, "non-essential bootstrap container cannot run; boot goes on");
+            tracing::warn!(%step, %reason, "non-essential bootstrap step failed; boot goes on");
             Ok(())
         }
     }
@@ -835,20 +842,7 @@ impl Boot {
                 }
                 Ok(())
             }
-            Err(reason) => {
-                t.end(
-                    &step,
-                    StepOutcome::Failed,
-                    Some(reason.clone()),
-                    started.elapsed(),
-                )?;
-                if essential {
-                    Err(Halt(format!("essential {step} failed: {reason}")))
-                } else {
-                    tracing::warn!(%step, %reason, "non-essential bootstrap command failed; boot goes on");
-                    Ok(())
-                }
-            }
+            Err(reason) => Self::failed(t, &step, essential, reason, started.elapsed()),
         }
     }
 

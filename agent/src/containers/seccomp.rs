@@ -604,22 +604,7 @@ mod tests {
         serde_json::to_value(typed).expect("the profile serializes")
     }
 
-    const DEFAULT_14: [&str; 14] = [
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_FSETID",
-        "CAP_FOWNER",
-        "CAP_MKNOD",
-        "CAP_NET_RAW",
-        "CAP_SETGID",
-        "CAP_SETUID",
-        "CAP_SETFCAP",
-        "CAP_SETPCAP",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_SYS_CHROOT",
-        "CAP_KILL",
-        "CAP_AUDIT_WRITE",
-    ];
+    use crate::containers::spec::DEFAULT_CAPABILITIES as DEFAULT_14;
 
     fn rules(profile: &Value) -> &Vec<Value> {
         profile["syscalls"]
