@@ -31,9 +31,16 @@ fn os() -> Value {
     })
 }
 
-const CA_PEM: &str =
-    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END CERTIFICATE-----\n";
-const OTHER_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBotherCAA\n-----END CERTIFICATE-----\n";
+// Real certificates: settings-model parses every CERTIFICATE block as X.509.
+const CA_PEM: &str = include_str!("../../settings-model/tests/fixtures/certs/a.pem");
+const OTHER_PEM: &str = include_str!("../../settings-model/tests/fixtures/certs/b.pem");
+const DISTRUSTED_PEM: &str = include_str!("../../settings-model/tests/fixtures/certs/c.pem");
+
+/// The base64 body of a one-block PEM text, line breaks included.
+fn pem_body(pem: &str) -> &str {
+    let after = pem.split_once("-----\n").map_or("", |(_, rest)| rest);
+    after.split("\n-----END").next().unwrap_or_default()
+}
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
@@ -121,7 +128,7 @@ fn full_settings() -> Value {
         "pki": {
             "z-last": {"data": b64(OTHER_PEM), "trusted": true},
             "a-first": {"data": b64(CA_PEM), "trusted": true},
-            "distrusted": {"data": b64("-----BEGIN CERTIFICATE-----\nBADA\n-----END CERTIFICATE-----\n"), "trusted": false}
+            "distrusted": {"data": b64(DISTRUSTED_PEM), "trusted": false}
         }
     });
     // The test settings must be valid settings.
@@ -963,7 +970,12 @@ fn pem_blocks(text: &str) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn the_kubelet_serves_with_the_configured_certificate_and_key() {
-    let cert = "-----BEGIN CERTIFICATE-----\nMIIBc2VydmluZyBjZXJ0\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nMIIBaW50ZXJtZWRpYXRl\n-----END CERTIFICATE-----\n";
+    let serving = include_str!("../../settings-model/tests/fixtures/certs/d.pem");
+    let cert = format!(
+        "{serving}{}",
+        include_str!("../../settings-model/tests/fixtures/certs/e.pem")
+    );
+    let cert = cert.as_str();
     let key = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIGtleS1tYXRlcmlhbA==\n-----END EC PRIVATE KEY-----\n";
     let s = valid(json!({"kubernetes": {
         "server-certificate": b64(cert),
@@ -988,7 +1000,7 @@ fn the_kubelet_serves_with_the_configured_certificate_and_key() {
     let blocks = pem_blocks(&crt);
     assert_eq!(blocks.len(), 2);
     assert!(blocks.iter().all(|(label, _)| label == "CERTIFICATE"));
-    assert_eq!(blocks[0].1, b"0\x82\x01serving cert".to_vec());
+    assert_eq!(blocks[0].1, pem_blocks(serving)[0].1);
     let key_text = render("kubelet-server-key", &s);
     let blocks = pem_blocks(&key_text);
     assert_eq!(blocks.len(), 1);
@@ -1161,8 +1173,8 @@ fn ca_bundle_has_trusted_bundles_in_name_order() {
         .skip(1)
         .map(|b| b.split("\n-----END CERTIFICATE-----").next().unwrap())
         .collect();
-    assert_eq!(blocks, ["MIIBszCCAVmgAwIBAgIUKeel", "MIIBotherCAA"]);
-    assert!(!text.contains("BAD"));
+    assert_eq!(blocks, [pem_body(CA_PEM), pem_body(OTHER_PEM)]);
+    assert!(!text.contains(pem_body(DISTRUSTED_PEM)));
 }
 
 #[test]
@@ -1472,15 +1484,13 @@ const HOSTILE: &[&str] = &[
     "x\"\nevil = \"1",
 ];
 
-const PEM_A: &str =
-    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END CERTIFICATE-----\n";
-const PEM_B: &str =
-    "-----BEGIN CERTIFICATE-----\nMIIBbWFueSBjZXJ0cw==\n-----END CERTIFICATE-----\n";
-const PEM_C: &str = "-----BEGIN CERTIFICATE-----\nMIIBZGlzdHJ1c3Q=\n-----END CERTIFICATE-----\n";
-const PEM_D: &str = "-----BEGIN CERTIFICATE-----\nMIIBY2x1c3Rlcg==\n-----END CERTIFICATE-----\n";
+const PEM_A: &str = include_str!("../../settings-model/tests/fixtures/certs/a.pem");
+const PEM_B: &str = include_str!("../../settings-model/tests/fixtures/certs/b.pem");
+const PEM_C: &str = include_str!("../../settings-model/tests/fixtures/certs/c.pem");
+const PEM_D: &str = include_str!("../../settings-model/tests/fixtures/certs/d.pem");
 const STATIC_POD: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: static-web-pod\n  namespace: kube-system\nspec:\n  containers:\n    - name: static-web-container\n      image: static-image.example.com/web:1\n";
 const STATIC_POD_OFF: &str = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: static-off-pod\n";
-const PEM_E: &str = "-----BEGIN CERTIFICATE-----\nMIIBc2VydmluZw==\n-----END CERTIFICATE-----\n";
+const PEM_E: &str = include_str!("../../settings-model/tests/fixtures/certs/e.pem");
 const KEY_A: &str = "-----BEGIN PRIVATE KEY-----\nMIIBa2V5LXRlc3Q=\n-----END PRIVATE KEY-----\n";
 
 /// Settings with every string that reaches a template, each value distinct and no value

@@ -1142,6 +1142,7 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
     }
     check_kubelet_rules(settings)?;
     check_ntp_options(settings)?;
+    check_certificates(settings)?;
     // runc refuses a soft limit above its hard limit (setrlimit: EINVAL), so every pod
     // would fail to start.
     let limits = settings
@@ -1159,6 +1160,36 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
                     reason: "the soft limit is above the hard limit (runc refuses it, and every pod would fail to start)".to_owned(),
                 });
             }
+        }
+    }
+    Ok(())
+}
+
+/// Every certificate of every PEM bundle parses as X.509 ([`PemBundle::x509_problem`]).
+/// One malformed certificate is not skipped by every consumer: OpenSSL refuses the whole
+/// CA file it is in, so a bad one in `settings.pki` would leave every OpenSSL client on
+/// the host trusting no CA at all; the kubelet would refuse to start on one in its own.
+fn check_certificates(settings: &Settings) -> Result<(), Error> {
+    let pki = settings
+        .pki
+        .iter()
+        .flat_map(|p| p.iter())
+        .map(|(name, bundle)| {
+            (
+                format!("settings.pki.{}.data", format_segment(name.as_str())),
+                &bundle.data,
+            )
+        });
+    let k8s = settings.kubernetes.iter().flat_map(|k| {
+        [
+            ("cluster-certificate", &k.cluster_certificate),
+            ("server-certificate", &k.server_certificate),
+        ]
+        .map(|(field, bundle)| (format!("settings.kubernetes.{field}"), bundle))
+    });
+    for (key, bundle) in pki.chain(k8s) {
+        if let Some(reason) = bundle.as_ref().and_then(PemBundle::x509_problem) {
+            return Err(Error::Invalid { key, reason });
         }
     }
     Ok(())

@@ -518,8 +518,9 @@ const PEM_LABELS: &[&str] = &["CERTIFICATE", "TRUSTED CERTIFICATE"];
 /// label one of `labels`,
 /// whose body is base64 (lines may be wrapped and end in CRLF), with explanatory text
 /// allowed between them. The text may hold newline, return and tab, but no other control
-/// character and no noncharacter.
-fn pem_problem(text: &str, labels: &[&str]) -> Option<String> {
+/// character and no noncharacter. With `x509`, each certificate block must also parse as
+/// an X.509 certificate ([`certificate_problem`]).
+fn pem_problem(text: &str, labels: &[&str], x509: bool) -> Option<String> {
     if let Some((offset, c)) = first_forbidden(text, &['\n', '\r', '\t']) {
         return Some(format!(
             "the decoded text holds a control character or noncharacter: U+{:04X} at byte {offset}",
@@ -562,9 +563,17 @@ fn pem_problem(text: &str, labels: &[&str]) -> Option<String> {
                         ));
                     }
                     let der = base64::engine::general_purpose::STANDARD.decode(&body);
-                    if body.is_empty() || der.is_err() {
+                    let der = match der {
+                        Ok(der) if !body.is_empty() => der,
+                        _ => {
+                            return Some(format!(
+                                "the {label} block of line {start} does not hold base64 data"
+                            ))
+                        }
+                    };
+                    if let Some(why) = certificate_problem(label, &der).filter(|_| x509) {
                         return Some(format!(
-                            "the {label} block of line {start} does not hold base64 data"
+                            "the {label} block of line {start} is not an X.509 certificate: {why}"
                         ));
                     }
                     blocks += 1;
@@ -592,6 +601,57 @@ fn pem_problem(text: &str, labels: &[&str]) -> Option<String> {
     None
 }
 
+/// Why the DER of a `CERTIFICATE` or `TRUSTED CERTIFICATE` block is not an X.509
+/// certificate, if it is not; `None` for blocks of other labels.
+///
+/// Parsed as rustls parses a trust anchor (`webpki::anchor_from_trusted_cert`: the
+/// certificate's whole structure, v1 to v3; no signature, date or purpose is checked,
+/// which is the verifier's business). One malformed block is not skipped by every
+/// consumer: OpenSSL refuses the whole CA file it is in (`X509_load_cert_crl_file`), so a
+/// bad anchor in `settings.pki` would leave every OpenSSL client on the host with no
+/// trusted CA at all. OpenSSL's `TRUSTED CERTIFICATE` is the certificate followed by its
+/// trust settings (`X509_CERT_AUX`): the certificate is the first DER element.
+fn certificate_problem(label: &str, der: &[u8]) -> Option<String> {
+    let certificate = match label {
+        "CERTIFICATE" => der,
+        "TRUSTED CERTIFICATE" => match first_der_element(der) {
+            Some((first, _aux)) => first,
+            None => return Some("no DER element at its start".to_owned()),
+        },
+        _ => return None,
+    };
+    let certificate = rustls_pki_types::CertificateDer::from(certificate);
+    match webpki::anchor_from_trusted_cert(&certificate) {
+        Ok(_) => None,
+        Err(webpki::Error::UnsupportedCertVersion) => Some("an unsupported version".to_owned()),
+        // webpki's errors name the DER structure that did not parse.
+        Err(e) => Some(format!("malformed DER ({e:?})")),
+    }
+}
+
+/// Splits DER `bytes` after its first element (tag, definite length, contents): `None`
+/// when the length is malformed or runs past the end.
+fn first_der_element(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (&first_length, rest) = bytes.get(1..)?.split_first()?;
+    let (length, header) = if first_length < 0x80 {
+        (usize::from(first_length), 2)
+    } else {
+        // Long form: the low bits say how many length bytes follow (at most 4 here: a
+        // certificate is far below 4 GiB).
+        let count = usize::from(first_length & 0x7f);
+        if count == 0 || count > 4 {
+            return None;
+        }
+        let length = rest
+            .get(..count)?
+            .iter()
+            .fold(0usize, |n, &b| (n << 8) | usize::from(b));
+        (length, 2 + count)
+    };
+    let end = header.checked_add(length)?;
+    (end <= bytes.len()).then(|| bytes.split_at(end))
+}
+
 fn check_pem_bundle(s: &str) -> Result<(), String> {
     let what = "PEM bundle";
     check_len(s, what, PEM_BUNDLE_MAX)?;
@@ -605,7 +665,7 @@ fn check_pem_bundle(s: &str) -> Result<(), String> {
             e.utf8_error().valid_up_to()
         )
     })?;
-    match pem_problem(&text, PEM_LABELS) {
+    match pem_problem(&text, PEM_LABELS, false) {
         Some(why) => Err(format!("the base64 is not a {what}: {why}")),
         None => Ok(()),
     }
@@ -621,6 +681,17 @@ validated_string! {
 }
 
 impl PemBundle {
+    /// Why a certificate of the bundle is not an X.509 certificate, if one is not.
+    ///
+    /// Not part of the type's own check: settings stored by an older keeld, which did
+    /// not parse the certificates, must still read (every consumer reads the live
+    /// settings through this type). The model's rules check it instead, on every patch
+    /// and commit (`model::check_rules`).
+    pub fn x509_problem(&self) -> Option<String> {
+        pem_problem(&self.decode(), PEM_LABELS, true)
+            .map(|why| format!("the base64 is not a PEM bundle: {why}"))
+    }
+
     /// The decoded PEM text (the value was checked when it was built).
     pub fn decode(&self) -> String {
         base64::engine::general_purpose::STANDARD

@@ -145,9 +145,10 @@ fn host_and_bootstrap_images_are_pinned_by_sha256_only() {
 #[test]
 fn the_kubelet_s_certificates_are_certificate_blocks() {
     use base64::Engine as _;
-    let trusted = base64::engine::general_purpose::STANDARD.encode(
-        "-----BEGIN TRUSTED CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END TRUSTED CERTIFICATE-----\n",
-    );
+    // Real certificates, in OpenSSL's form (with its trust settings) and the plain one.
+    const TRUSTED: &str = include_str!("fixtures/certs/a-trusted.pem");
+    const PLAIN: &str = include_str!("fixtures/certs/b.pem");
+    let trusted = base64::engine::general_purpose::STANDARD.encode(TRUSTED);
     for field in ["cluster-certificate", "server-certificate"] {
         refused(
             json!({"kubernetes": {field: trusted}}),
@@ -155,10 +156,7 @@ fn the_kubelet_s_certificates_are_certificate_blocks() {
         );
     }
     // With a CERTIFICATE block beside it, the kubelet skips the other and starts.
-    let mixed = base64::engine::general_purpose::STANDARD.encode(
-        "-----BEGIN TRUSTED CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END TRUSTED CERTIFICATE-----\n\
-         -----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END CERTIFICATE-----\n",
-    );
+    let mixed = base64::engine::general_purpose::STANDARD.encode(format!("{TRUSTED}{PLAIN}"));
     validate_patch(&json!({"kubernetes": {"cluster-certificate": mixed}})).unwrap();
     // Elsewhere (settings.pki) OpenSSL's form is a trust anchor like any other.
     validate_patch(&json!({"pki": {"ca": {"data": trusted, "trusted": true}}})).unwrap();

@@ -50,8 +50,8 @@ fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
-const PEM: &str =
-    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END CERTIFICATE-----\n";
+/// A real certificate: every CERTIFICATE block is parsed as X.509.
+const PEM: &str = include_str!("fixtures/certs/a.pem");
 
 /// The refusal of `patch`, which must name `key`.
 fn refused(patch: Value, key: &str) -> Error {
@@ -371,6 +371,10 @@ fn pki_bundles_must_be_pem_at_patch_time() {
     );
     validate_patch(&with(b64(&crlf))).unwrap();
     validate_patch(&with(b64(&text))).unwrap();
+    // Each block is parsed as X.509: an old v1 certificate (no extensions) is one, and
+    // so is OpenSSL's trusted form (the certificate, then its trust settings).
+    validate_patch(&with(b64(include_str!("fixtures/certs/v1.pem")))).unwrap();
+    validate_patch(&with(b64(include_str!("fixtures/certs/a-trusted.pem")))).unwrap();
 
     let cases: Vec<(String, &str)> = vec![
         ("//4=".to_owned(), "not UTF-8"),
@@ -396,6 +400,19 @@ fn pki_bundles_must_be_pem_at_patch_time() {
             b64("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"),
             "does not hold base64 data",
         ),
+        // Base64, but not a certificate: the start of one, cut short.
+        (
+            b64("-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END CERTIFICATE-----\n"),
+            "the CERTIFICATE block of line 1 is not an X.509 certificate",
+        ),
+        (
+            b64(&format!("# first\n{PEM}-----BEGIN CERTIFICATE-----\nBADA\n-----END CERTIFICATE-----\n")),
+            "the CERTIFICATE block of line 13 is not an X.509 certificate",
+        ),
+        (
+            b64("-----BEGIN TRUSTED CERTIFICATE-----\nMIIB\n-----END TRUSTED CERTIFICATE-----\n"),
+            "the TRUSTED CERTIFICATE block of line 1 is not an X.509 certificate",
+        ),
         (
             b64(&format!("\u{1b}]0;x\u{7}\n{PEM}")),
             "control character or noncharacter: U+001B",
@@ -419,6 +436,38 @@ fn pki_bundles_must_be_pem_at_patch_time() {
     refused(
         json!({"kubernetes": {"cluster-certificate": b64("cert")}}),
         "settings.kubernetes.cluster-certificate",
+    );
+    let not_x509 =
+        b64("-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END CERTIFICATE-----\n");
+    for field in ["cluster-certificate", "server-certificate"] {
+        let err = refused(
+            json!({"kubernetes": {field: not_x509}}),
+            &format!("settings.kubernetes.{field}"),
+        );
+        assert!(err.reason().contains("not an X.509 certificate"), "{err}");
+    }
+}
+
+/// Keel before the X.509 check took any base64 in a CERTIFICATE block. Settings stored
+/// then must still read: every consumer (host containers, the boot, updates) reads the
+/// live settings through the typed model, so the check is a rule of patches and commits,
+/// not of the type.
+#[test]
+fn certificates_stored_before_the_x509_check_still_read_and_a_commit_of_their_group_names_them() {
+    let stored = json!({
+        "pki": {"old": {"data": b64("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"), "trusted": true}},
+        "motd": "hello"
+    });
+    serde_json::from_value::<settings_model::Settings>(stored.clone()).expect("still reads");
+    // A commit of another group does not look at it.
+    let groups = |g: &str| [g.to_owned()].into_iter().collect();
+    settings_model::validate_groups(&stored, &groups("motd")).unwrap();
+    // One that changes `pki` checks the group whole, and names the stored bundle.
+    let err = settings_model::validate_groups(&stored, &groups("pki")).expect_err("refused");
+    assert_eq!(err.key(), Some("settings.pki.old.data"));
+    assert!(
+        err.to_string().contains("not an X.509 certificate"),
+        "{err}"
     );
 }
 

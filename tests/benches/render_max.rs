@@ -75,14 +75,11 @@ fn line(i: usize, len: usize) -> String {
     )
 }
 
-/// A PEM bundle whose base64 is at most `max` bytes: CERTIFICATE blocks of 64-column
-/// lines.
+/// A PEM bundle whose base64 is at most `max` bytes: one real certificate, repeated
+/// (settings-model parses every CERTIFICATE block as X.509).
 fn pem_bundle(max: usize) -> String {
     let text_max = max / 4 * 3;
-    let block = format!(
-        "-----BEGIN CERTIFICATE-----\n{}-----END CERTIFICATE-----\n",
-        format!("{}\n", "M".repeat(64)).repeat(24)
-    );
+    let block = include_str!("../../settings-model/tests/fixtures/certs/a.pem");
     let text = block.repeat(text_max / block.len());
     base64(text.as_bytes())
 }

@@ -546,7 +546,7 @@ fn check_private_key(s: &str) -> Result<(), String> {
             e.utf8_error().valid_up_to()
         )
     })?;
-    match pem_problem(&text, PRIVATE_KEY_LABELS) {
+    match pem_problem(&text, PRIVATE_KEY_LABELS, false) {
         Some(why) => Err(format!("the base64 is not a PEM private key: {why}")),
         None => Ok(()),
     }
