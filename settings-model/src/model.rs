@@ -1142,7 +1142,6 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
     }
     check_kubelet_rules(settings)?;
     check_ntp_options(settings)?;
-    check_certificates(settings)?;
     // runc refuses a soft limit above its hard limit (setrlimit: EINVAL), so every pod
     // would fail to start.
     let limits = settings
@@ -1165,10 +1164,19 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
     Ok(())
 }
 
-/// Every certificate of every PEM bundle parses as X.509 ([`PemBundle::x509_problem`]).
-/// One malformed certificate is not skipped by every consumer: OpenSSL refuses the whole
-/// CA file it is in, so a bad one in `settings.pki` would leave every OpenSSL client on
-/// the host trusting no CA at all; the kubelet would refuse to start on one in its own.
+/// Rules for values coming in (a patch, a commit's groups) that an older keeld did not
+/// check: [`validate`] does not apply them, because it also reads back what is stored
+/// (a rollback, a migration, the check at start), and settings an older keeld accepted
+/// must not block those. Unlike [`check_whole_rules`], each holds for a patch alone.
+fn check_incoming(settings: &Settings) -> Result<(), Error> {
+    check_certificates(settings)
+}
+
+/// Every certificate of every PEM bundle is an X.509 certificate as far as rustls reads
+/// a trust anchor ([`PemBundle::x509_problem`]). A malformed one fails its consumer,
+/// silently or loudly: `update-ca-trust` (p11-kit) drops the block, so the anchor is not
+/// trusted and nothing says so; OpenSSL refuses the whole CA file it is in; the kubelet's
+/// certificate loading (client-go's `ParseCertsPEM`) fails on it, and the kubelet with it.
 fn check_certificates(settings: &Settings) -> Result<(), Error> {
     let pki = settings
         .pki
@@ -1453,7 +1461,9 @@ pub fn validate_groups(
         .filter_map(|g| Some((g.clone(), candidate.get(g)?.clone())))
         .collect();
     let subset = Value::Object(subset);
-    check_whole_rules(&parse(&subset)?)?;
+    let settings = parse(&subset)?;
+    check_whole_rules(&settings)?;
+    check_incoming(&settings)?;
     validate(&subset)
 }
 
@@ -1481,7 +1491,17 @@ pub fn validate_patch(patch: &Value) -> Result<(), Error> {
             });
         }
     }
-    parse(&stripped).map(|_| ())
+    check_incoming(&parse(&stripped)?)
+}
+
+/// What of `settings` (complete, or a patch without its `null`s) only the rules for
+/// incoming values refuse: `Ok` when [`validate`] refuses it too, or accepts it whole.
+/// For checks that `validate` and [`validate_patch`] agree on everything else.
+pub fn incoming_problem(settings: &Value) -> Result<(), Error> {
+    match parse(settings) {
+        Ok(settings) => check_incoming(&settings),
+        Err(_) => Ok(()),
+    }
 }
 
 /// Copies `value` without its `null` object members, recording their paths.

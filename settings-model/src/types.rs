@@ -604,29 +604,36 @@ fn pem_problem(text: &str, labels: &[&str], x509: bool) -> Option<String> {
 /// Why the DER of a `CERTIFICATE` or `TRUSTED CERTIFICATE` block is not an X.509
 /// certificate, if it is not; `None` for blocks of other labels.
 ///
-/// Parsed as rustls parses a trust anchor (`webpki::anchor_from_trusted_cert`: the
-/// certificate's whole structure, v1 to v3; no signature, date or purpose is checked,
-/// which is the verifier's business). One malformed block is not skipped by every
-/// consumer: OpenSSL refuses the whole CA file it is in (`X509_load_cert_crl_file`), so a
-/// bad anchor in `settings.pki` would leave every OpenSSL client on the host with no
-/// trusted CA at all. OpenSSL's `TRUSTED CERTIFICATE` is the certificate followed by its
-/// trust settings (`X509_CERT_AUX`): the certificate is the first DER element.
+/// Read as rustls reads a trust anchor (`webpki::anchor_from_trusted_cert`): the DER
+/// framing of the whole certificate, its version (1 or 3, what CAs issue), and the tags
+/// of its fields; not the contents of every field, and no signature, date or purpose,
+/// which are the verifier's business. It catches what a PEM check cannot: base64 that is
+/// no certificate, one cut short, one with bytes after it. OpenSSL's `TRUSTED
+/// CERTIFICATE` is the certificate followed by its trust settings (`X509_CERT_AUX`, one
+/// DER SEQUENCE, which OpenSSL allows to be absent); their contents are not read.
 fn certificate_problem(label: &str, der: &[u8]) -> Option<String> {
-    let certificate = match label {
-        "CERTIFICATE" => der,
-        "TRUSTED CERTIFICATE" => match first_der_element(der) {
-            Some((first, _aux)) => first,
-            None => return Some("no DER element at its start".to_owned()),
-        },
-        _ => return None,
-    };
+    let certificate =
+        match label {
+            "CERTIFICATE" => der,
+            "TRUSTED CERTIFICATE" => match first_der_element(der) {
+                None => return Some("its DER length runs past its end or is malformed".to_owned()),
+                Some((first, [])) => first,
+                Some((first, aux)) => match first_der_element(aux) {
+                    Some((settings, [])) if settings.first() == Some(&0x30) => first,
+                    _ => return Some(
+                        "what follows the certificate is not one DER SEQUENCE of trust settings"
+                            .to_owned(),
+                    ),
+                },
+            },
+            _ => return None,
+        };
     let certificate = rustls_pki_types::CertificateDer::from(certificate);
-    match webpki::anchor_from_trusted_cert(&certificate) {
-        Ok(_) => None,
-        Err(webpki::Error::UnsupportedCertVersion) => Some("an unsupported version".to_owned()),
-        // webpki's errors name the DER structure that did not parse.
-        Err(e) => Some(format!("malformed DER ({e:?})")),
-    }
+    // webpki's errors name the DER structure that did not parse (a version other than
+    // 1 or 3 is `BadDer` too).
+    webpki::anchor_from_trusted_cert(&certificate)
+        .err()
+        .map(|e| format!("malformed DER ({e:?})"))
 }
 
 /// Splits DER `bytes` after its first element (tag, definite length, contents): `None`
@@ -685,11 +692,10 @@ impl PemBundle {
     ///
     /// Not part of the type's own check: settings stored by an older keeld, which did
     /// not parse the certificates, must still read (every consumer reads the live
-    /// settings through this type). The model's rules check it instead, on every patch
-    /// and commit (`model::check_rules`).
+    /// settings through this type). The model checks it on what comes in instead: each
+    /// patch, and each commit of the group (`model::check_incoming`).
     pub fn x509_problem(&self) -> Option<String> {
         pem_problem(&self.decode(), PEM_LABELS, true)
-            .map(|why| format!("the base64 is not a PEM bundle: {why}"))
     }
 
     /// The decoded PEM text (the value was checked when it was built).

@@ -5,6 +5,7 @@
 //! refusal names the key.
 #![allow(clippy::unwrap_used)]
 
+use base64::Engine as _;
 use serde_json::{json, Value};
 use settings_model::model::{
     BootParameterValues, CredentialProviders, ImagePatterns, MirrorEndpoints, NoProxyList,
@@ -46,7 +47,6 @@ const FORBIDDEN: &[char] = &[
 ];
 
 fn b64(s: &str) -> String {
-    use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
@@ -400,19 +400,6 @@ fn pki_bundles_must_be_pem_at_patch_time() {
             b64("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"),
             "does not hold base64 data",
         ),
-        // Base64, but not a certificate: the start of one, cut short.
-        (
-            b64("-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END CERTIFICATE-----\n"),
-            "the CERTIFICATE block of line 1 is not an X.509 certificate",
-        ),
-        (
-            b64(&format!("# first\n{PEM}-----BEGIN CERTIFICATE-----\nBADA\n-----END CERTIFICATE-----\n")),
-            "the CERTIFICATE block of line 13 is not an X.509 certificate",
-        ),
-        (
-            b64("-----BEGIN TRUSTED CERTIFICATE-----\nMIIB\n-----END TRUSTED CERTIFICATE-----\n"),
-            "the TRUSTED CERTIFICATE block of line 1 is not an X.509 certificate",
-        ),
         (
             b64(&format!("\u{1b}]0;x\u{7}\n{PEM}")),
             "control character or noncharacter: U+001B",
@@ -432,6 +419,74 @@ fn pki_bundles_must_be_pem_at_patch_time() {
         let err = refused(with(data.clone()), key);
         assert!(err.reason().contains(why), "{data}: {err}");
     }
+    // PEM, but no certificate: refused where values come in (a patch, a commit), read
+    // back where they are stored (`validate`: a rollback, a migration, the start).
+    let der = |pem: &str| {
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .expect("the fixture is base64")
+    };
+    let block = |label: &str, der: &[u8]| {
+        let body = base64::engine::general_purpose::STANDARD.encode(der);
+        format!("-----BEGIN {label}-----\n{body}\n-----END {label}-----\n")
+    };
+    let certificate = der(PEM);
+    let trusted = der(include_str!("fixtures/certs/a-trusted.pem"));
+    let x509_cases: Vec<(String, &str)> = vec![
+        // The start of a certificate, cut short.
+        (
+            "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END CERTIFICATE-----\n"
+                .to_owned(),
+            "the CERTIFICATE block of line 1 is not an X.509 certificate: malformed DER",
+        ),
+        // A good certificate, then a bad one.
+        (
+            format!("# first\n{PEM}-----BEGIN CERTIFICATE-----\nBADA\n-----END CERTIFICATE-----\n"),
+            "the CERTIFICATE block of line 13 is not an X.509 certificate",
+        ),
+        // A certificate with bytes after it.
+        (
+            block("CERTIFICATE", &[&certificate[..], &[0x05, 0x00]].concat()),
+            "the CERTIFICATE block of line 1 is not an X.509 certificate: malformed DER",
+        ),
+        (
+            "-----BEGIN TRUSTED CERTIFICATE-----\nMIIB\n-----END TRUSTED CERTIFICATE-----\n"
+                .to_owned(),
+            "its DER length runs past its end",
+        ),
+        // OpenSSL's form with something else than trust settings after the certificate.
+        (
+            block(
+                "TRUSTED CERTIFICATE",
+                &[&certificate[..], &[0x04, 0x03, b'a', b'b', b'c']].concat(),
+            ),
+            "what follows the certificate is not one DER SEQUENCE of trust settings",
+        ),
+        (
+            block(
+                "TRUSTED CERTIFICATE",
+                &[&trusted[..], &[0x30, 0x00]].concat(),
+            ),
+            "what follows the certificate is not one DER SEQUENCE of trust settings",
+        ),
+        // Long-form lengths of 0 or more than 4 bytes.
+        (
+            block("TRUSTED CERTIFICATE", &[0x30, 0x80, 0x00, 0x00]),
+            "its DER length",
+        ),
+        (
+            block("TRUSTED CERTIFICATE", &[0x30, 0x85, 1, 0, 0, 0, 0]),
+            "its DER length",
+        ),
+    ];
+    for (text, why) in x509_cases {
+        let data = b64(&text);
+        let err = validate_patch(&with(data.clone())).expect_err(&text);
+        assert_eq!(err.key(), Some(key), "{text}: {err}");
+        assert!(err.reason().contains(why), "{text}: {err}");
+        validate(&with(data)).unwrap_or_else(|e| panic!("{text}: stored, it must read: {e}"));
+    }
     // The cluster CA is a PEM bundle too.
     refused(
         json!({"kubernetes": {"cluster-certificate": b64("cert")}}),
@@ -440,9 +495,10 @@ fn pki_bundles_must_be_pem_at_patch_time() {
     let not_x509 =
         b64("-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUKeel\n-----END CERTIFICATE-----\n");
     for field in ["cluster-certificate", "server-certificate"] {
-        let err = refused(
-            json!({"kubernetes": {field: not_x509}}),
-            &format!("settings.kubernetes.{field}"),
+        let err = validate_patch(&json!({"kubernetes": {field: not_x509}})).expect_err(field);
+        assert_eq!(
+            err.key(),
+            Some(format!("settings.kubernetes.{field}").as_str())
         );
         assert!(err.reason().contains("not an X.509 certificate"), "{err}");
     }
@@ -459,6 +515,8 @@ fn certificates_stored_before_the_x509_check_still_read_and_a_commit_of_their_gr
         "motd": "hello"
     });
     serde_json::from_value::<settings_model::Settings>(stored.clone()).expect("still reads");
+    // Nor does a rollback to it, a migration of it, or the check at start.
+    validate(&stored).expect("validate reads what is stored");
     // A commit of another group does not look at it.
     let groups = |g: &str| [g.to_owned()].into_iter().collect();
     settings_model::validate_groups(&stored, &groups("motd")).unwrap();
