@@ -1177,6 +1177,21 @@ fn ca_bundle_has_trusted_bundles_in_name_order() {
     assert!(!text.contains(pem_body(DISTRUSTED_PEM)));
 }
 
+/// Bottlerocket's certdog distrusts a bundle whose `trusted` is not set; so does Keel:
+/// a bundle given without the flag is never trusted by accident.
+#[test]
+fn a_bundle_without_trusted_is_distrusted() {
+    let s = valid(json!({"pki": {"unflagged": {"data": b64(OTHER_PEM)}}}));
+    let distrusted = render("ca-distrust", &s);
+    assert!(
+        distrusted.contains("# settings.pki.unflagged\n")
+            && distrusted.contains(pem_body(OTHER_PEM)),
+        "{distrusted}"
+    );
+    let trusted = render("ca-bundle", &s);
+    assert!(!trusted.contains(pem_body(OTHER_PEM)), "{trusted}");
+}
+
 #[test]
 fn distrusted_bundles_go_to_the_blocklist_only() {
     let text = render("ca-distrust", &full_settings());
