@@ -288,12 +288,33 @@ fn chrony_has_one_server_per_time_server() {
     assert_eq!(
         servers,
         [
-            ["server", "169.254.169.123", "iburst"],
-            ["server", "time.example.com", "iburst"],
-            ["server", "2.pool.ntp.org", "iburst"]
+            vec!["server", "169.254.169.123", "iburst"],
+            vec!["server", "time.example.com", "port", "123", "iburst"],
+            vec!["server", "2.pool.ntp.org", "iburst"]
         ]
     );
     assert!(lines(&text).contains(&"rtcsync"));
+}
+
+/// A URL's port is chrony's `port` option: the server is asked there, not on 123.
+#[test]
+fn chrony_asks_a_time_server_on_the_port_its_url_names() {
+    let s = valid(json!({"ntp": {"time-servers": [
+        "ntp://time.example.com:1123", "ntp://[fd00::1]:4123/x", "ntp://plain.example.com"
+    ]}}));
+    let servers: Vec<String> = lines(&render("chrony-conf", &s))
+        .into_iter()
+        .filter(|l| l.starts_with("server "))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        servers,
+        [
+            "server time.example.com port 1123 iburst",
+            "server fd00::1 port 4123 iburst",
+            "server plain.example.com iburst"
+        ]
+    );
 }
 
 #[test]

@@ -19,6 +19,7 @@ pub fn register(env: &mut Environment<'_>) {
     env.add_filter("proxy_url", proxy_url);
     env.add_filter("proxy_rules", proxy_rules);
     env.add_filter("url_host", url_host);
+    env.add_filter("url_port", url_port);
 }
 
 /// Decodes standard base64 (with padding) into UTF-8 text, e.g. a PEM bundle.
@@ -251,6 +252,24 @@ pub fn url_host(value: &str) -> String {
     authority.split(':').next().unwrap_or(authority).to_owned()
 }
 
+/// The port of a server given as a URL (`ntp://time.example.com:1123` → `1123`), if it
+/// names one: what [`url_host`] leaves out. A host name or address alone has none (the
+/// model takes no `host:port` without a scheme).
+pub fn url_port(value: &str) -> Option<String> {
+    let (_, rest) = value.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let after_host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split_once(']').map_or("", |(_, after)| after),
+        None if authority.parse::<std::net::Ipv6Addr>().is_ok() => "",
+        None => authority.split_once(':').map_or("", |(_, port)| port),
+    };
+    let port = after_host.strip_prefix(':').unwrap_or(after_host);
+    (!port.is_empty()).then(|| port.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -390,6 +409,26 @@ mod tests {
         assert_eq!(url_host("ntp://[fd00::1]:123"), "fd00::1");
         assert_eq!(url_host("fd00::1"), "fd00::1");
         assert_eq!(url_host("https://u:p@host:8443"), "host");
+    }
+
+    #[test]
+    fn url_port_is_the_port_url_host_leaves_out() {
+        assert_eq!(
+            url_port("ntp://time.example.com:1123/x").as_deref(),
+            Some("1123")
+        );
+        assert_eq!(url_port("ntp://[fd00::1]:123").as_deref(), Some("123"));
+        assert_eq!(url_port("https://u:p@host:8443").as_deref(), Some("8443"));
+        for none in [
+            "time.example.com",
+            "169.254.169.123",
+            "fd00::1",
+            "ntp://time.example.com",
+            "ntp://[fd00::1]/x",
+            "ntp://time.example.com:",
+        ] {
+            assert_eq!(url_port(none), None, "{none}");
+        }
     }
 
     #[test]
