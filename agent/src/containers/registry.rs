@@ -99,6 +99,15 @@ impl RegistryConfig {
             }
             for cred in registry.credentials.iter().flatten() {
                 let Some(host) = &cred.registry else { continue };
+                // A registry listed twice keeps its first credentials, as containerd's
+                // CRI pulls do (containerd-config renders the first of each registry).
+                let host_name = host.as_str();
+                if config.credentials.contains_key(host_name)
+                    || config.unusable.contains_key(host_name)
+                {
+                    tracing::warn!(registry = %host_name, "settings.container-registry.credentials lists this registry more than once; its first credentials are used");
+                    continue;
+                }
                 let from_auth = cred.auth.as_ref().map(|a| {
                     let (username, password) = a.expose_credentials();
                     Credential {
@@ -1114,6 +1123,34 @@ mod tests {
             // The secret itself is never in the message.
             assert!(!failure.contains("refresh-token"), "{failure}");
         }
+    }
+
+    /// containerd-config renders the first credentials of a registry listed twice; keeld's
+    /// own pulls use the same ones, so host containers and pods authenticate alike.
+    #[test]
+    fn a_registry_listed_twice_keeps_its_first_credentials() {
+        let settings: Settings = serde_json::from_value(serde_json::json!({
+            "container-registry": {
+                "credentials": [
+                    {"registry": "twice.example.com", "username": "first", "password": "p1"},
+                    {"registry": "twice.example.com", "username": "second", "password": "p2"},
+                    {"registry": "unusable.example.com", "username": "only"},
+                    {"registry": "unusable.example.com", "username": "u", "password": "p"}
+                ]
+            }
+        }))
+        .expect("settings");
+        let config = RegistryConfig::from_settings(&settings);
+        match config.auth_for("twice.example.com") {
+            RegistryAuth::Basic(user, password) => {
+                assert_eq!((user.as_str(), password.as_str()), ("first", "p1"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            config.auth_for("unusable.example.com"),
+            RegistryAuth::Anonymous
+        ));
     }
 
     #[test]
