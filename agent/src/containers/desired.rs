@@ -83,37 +83,44 @@ pub fn proxy_environment(settings: &Settings) -> Vec<(String, String)> {
     ProxyRules::from_settings(settings).map_or_else(Vec::new, |rules| rules.environment())
 }
 
-/// The host containers that should run: enabled ones with a source.
+/// The host containers that should run: the enabled ones. One without a source is
+/// listed too, with that as its [`DesiredContainer::problem`]: it is never created, and
+/// its status says why (the bootstrap containers' `fail_sourceless` does the same).
 pub fn host_containers(settings: &Settings) -> BTreeMap<String, DesiredContainer> {
     let proxy = proxy_environment(settings);
     let mut out = BTreeMap::new();
     for (name, hc) in settings.host_containers.iter().flatten() {
-        let (Some(true), Some(source)) = (hc.enabled, &hc.source) else {
+        if hc.enabled != Some(true) {
             continue;
-        };
+        }
+        let source = hc.source.as_ref().map_or("", |s| s.as_str());
         let tier = if hc.superpowered == Some(true) {
             Tier::Superpowered
         } else {
             Tier::Host
         };
-        out.insert(
-            name.as_str().to_owned(),
-            build(
-                name.as_str(),
-                ContainerKind::Host,
-                tier,
-                source.as_str(),
-                Parts {
-                    user_data: hc.user_data.as_ref().map(|b| b.as_str()),
-                    command: hc.command.as_ref(),
-                    environment: hc.environment.as_ref(),
-                    capabilities: hc.capabilities.as_ref(),
-                    memory_limit: hc.memory_limit.as_ref(),
-                    cpu_limit: hc.cpu_limit.as_ref(),
-                },
-                &proxy,
-            ),
+        let mut container = build(
+            name.as_str(),
+            ContainerKind::Host,
+            tier,
+            source,
+            Parts {
+                user_data: hc.user_data.as_ref().map(|b| b.as_str()),
+                command: hc.command.as_ref(),
+                environment: hc.environment.as_ref(),
+                capabilities: hc.capabilities.as_ref(),
+                memory_limit: hc.memory_limit.as_ref(),
+                cpu_limit: hc.cpu_limit.as_ref(),
+            },
+            &proxy,
         );
+        if hc.source.is_none() {
+            container.problem = Some(format!(
+                "settings.host-containers.{}.source is not set: there is no image to run",
+                settings_model::key::format_segment(name.as_str())
+            ));
+        }
+        out.insert(name.as_str().to_owned(), container);
     }
     out
 }
@@ -292,8 +299,16 @@ mod tests {
             "network": {"https-proxy": "proxy:3128", "no-proxy": ["example.com"]}
         }));
         let desired = host_containers(&s);
-        assert_eq!(desired.keys().collect::<Vec<_>>(), ["admin"]);
+        assert_eq!(desired.keys().collect::<Vec<_>>(), ["admin", "nosource"]);
+        // Enabled without an image: listed, never created, and its status says why.
+        let nosource = &desired["nosource"];
+        assert_eq!(
+            nosource.problem.as_deref(),
+            Some("settings.host-containers.nosource.source is not set: there is no image to run")
+        );
+        assert!(nosource.config_hash().is_err());
         let admin = &desired["admin"];
+        assert_eq!(admin.problem, None);
         assert_eq!(admin.tier, Tier::Superpowered);
         assert_eq!(admin.user_data.as_deref(), Some(&b"hello"[..]));
         assert_eq!(admin.capabilities, ["CAP_NET_ADMIN"]);
