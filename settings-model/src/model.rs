@@ -1169,7 +1169,57 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
 /// (a rollback, a migration, the check at start), and settings an older keeld accepted
 /// must not block those. Unlike [`check_whole_rules`], each holds for a patch alone.
 fn check_incoming(settings: &Settings) -> Result<(), Error> {
-    check_certificates(settings)
+    check_certificates(settings)?;
+    check_registry_entries(settings)
+}
+
+/// Mirrors and credentials that would never be used: neither containerd nor keeld's own
+/// pulls look a registry up but by its exact host, so a mirror or credentials without
+/// one, a mirror without an endpoint, or credentials for `*` do nothing. (A list is
+/// replaced whole by a patch, so each entry holds for the patch alone.)
+fn check_registry_entries(settings: &Settings) -> Result<(), Error> {
+    let Some(registry) = settings.container_registry.as_ref() else {
+        return Ok(());
+    };
+    let invalid = |key: String, reason: &str| Error::Invalid {
+        key: format!("settings.container-registry.{key}"),
+        reason: reason.to_owned(),
+    };
+    for (i, mirror) in registry.mirrors.iter().flat_map(|m| m.iter()).enumerate() {
+        if mirror.registry.is_none() {
+            return Err(invalid(
+                format!("mirrors[{i}].registry"),
+                "a mirror needs the registry it stands in for (a host, or \"*\" for every \
+                 registry)",
+            ));
+        }
+        if mirror.endpoint.as_ref().is_none_or(|e| e.is_empty()) {
+            return Err(invalid(
+                format!("mirrors[{i}].endpoint"),
+                "a mirror needs at least one endpoint",
+            ));
+        }
+    }
+    let credentials = registry.credentials.iter().chain(&registry.creds);
+    for (i, credential) in credentials.flat_map(|c| c.iter()).enumerate() {
+        match credential.registry.as_ref().map(|r| r.as_str()) {
+            None => {
+                return Err(invalid(
+                    format!("credentials[{i}].registry"),
+                    "credentials need the registry host they are for",
+                ))
+            }
+            Some("*") => {
+                return Err(invalid(
+                    format!("credentials[{i}].registry"),
+                    "credentials are looked up by a registry's exact host (by containerd and \
+                     by keeld): credentials for \"*\" would never be used",
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Every certificate of every PEM bundle is an X.509 certificate as far as rustls reads
@@ -1330,6 +1380,37 @@ fn check_whole_rules(settings: &Settings) -> Result<(), Error> {
             });
         }
     }
+    // kubelet-config names a serving certificate and key only as a pair: one alone is
+    // written to its file and never used (the kubelet serves with a self-signed one).
+    let pair = |given: &str, missing: &str| Error::Invalid {
+        key: format!("settings.kubernetes.{missing}"),
+        reason: format!(
+            "settings.kubernetes.{given} is set without {missing}: the kubelet serves with \
+             its own certificate unless both are given; set both in one transaction, or \
+             neither"
+        ),
+    };
+    match (&k8s.server_certificate, &k8s.server_key) {
+        (Some(_), None) => return Err(pair("server-certificate", "server-key")),
+        (None, Some(_)) => return Err(pair("server-key", "server-certificate")),
+        _ => {}
+    }
+    // The kubelet refuses a provider without `matchImages`, so credential-provider-config
+    // leaves such a provider out: enabled, it would do nothing.
+    for (name, provider) in k8s.credential_providers.iter().flat_map(|p| p.iter()) {
+        let patterns = provider.image_patterns.as_ref().map_or(0, |p| p.len());
+        if provider.enabled == Some(true) && patterns == 0 {
+            return Err(Error::Invalid {
+                key: format!(
+                    "settings.kubernetes.credential-providers.{}.image-patterns",
+                    format_segment(name.as_str())
+                ),
+                reason: "an enabled credential provider needs at least one image pattern: \
+                         the kubelet refuses a provider that matches no image"
+                    .to_owned(),
+            });
+        }
+    }
     Ok(())
 }
 
@@ -1478,6 +1559,17 @@ pub fn validate_patch(patch: &Value) -> Result<(), Error> {
     }
     let mut removals = Vec::new();
     let stripped = strip_nulls(patch, &mut vec!["settings".to_owned()], &mut removals);
+    // `creds` is `credentials` under Bottlerocket's older name: one list, given once.
+    if let Some(registry) = stripped.get("container-registry") {
+        if registry.get("creds").is_some() && registry.get("credentials").is_some() {
+            return Err(Error::Invalid {
+                key: "settings.container-registry.creds".to_owned(),
+                reason: "creds is credentials under its older name: set one of the two, \
+                         not both in one patch"
+                    .to_owned(),
+            });
+        }
+    }
     for removal in removals {
         let known = KeyPath::from_segments(removal.clone())
             .and_then(|path| crate::schema::kind_at(&path))

@@ -205,3 +205,132 @@ fn a_soft_eviction_threshold_needs_its_grace_period_in_the_committed_group() {
     live["motd"] = json!("hello");
     settings_model::validate_groups(&live, &other).unwrap();
 }
+
+/// A commit of `kubernetes` with these settings: rules between keys of the group hold
+/// for the whole group (`validate_groups`), not for a patch alone.
+fn commit_kubernetes(settings: &Value) -> Result<Value, Error> {
+    let groups = ["kubernetes".to_owned()].into_iter().collect();
+    settings_model::validate_groups(settings, &groups)
+}
+
+/// kubelet-config names the serving certificate and key only as a pair: one alone was
+/// written to its file and never used.
+#[test]
+fn a_serving_certificate_and_its_key_are_committed_together() {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let cert = b64(include_str!("fixtures/certs/d.pem"));
+    let key =
+        b64("-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEG\n-----END PRIVATE KEY-----\n");
+    let only_cert = json!({"kubernetes": {"server-certificate": cert}});
+    let only_key = json!({"kubernetes": {"server-key": key}});
+    // A patch may set one of them (the other may be live already)...
+    validate_patch(&only_cert).unwrap();
+    validate_patch(&only_key).unwrap();
+    // ...but a commit names the one missing.
+    for (settings, missing) in [
+        (&only_cert, "server-key"),
+        (&only_key, "server-certificate"),
+    ] {
+        let err = commit_kubernetes(settings).expect_err(missing);
+        assert_eq!(
+            err.key(),
+            Some(format!("settings.kubernetes.{missing}").as_str())
+        );
+        assert!(
+            err.to_string().contains("set both in one transaction"),
+            "{err}"
+        );
+        // Stored by an older keeld, it still reads.
+        validate(settings).unwrap();
+    }
+    commit_kubernetes(&json!({"kubernetes": {"server-certificate": cert, "server-key": key}}))
+        .unwrap();
+}
+
+/// credential-provider-config leaves out a provider without image patterns (the kubelet
+/// refuses one): enabled, it would do nothing.
+#[test]
+fn an_enabled_credential_provider_needs_an_image_pattern() {
+    for patterns in [json!(null), json!([])] {
+        let mut provider = json!({"enabled": true, "cache-duration": "30m"});
+        if !patterns.is_null() {
+            provider["image-patterns"] = patterns;
+        }
+        let settings =
+            json!({"kubernetes": {"credential-providers": {"ecr-credential-provider": provider}}});
+        validate_patch(&settings).unwrap();
+        let err = commit_kubernetes(&settings).expect_err("no pattern");
+        assert_eq!(
+            err.key(),
+            Some("settings.kubernetes.credential-providers.ecr-credential-provider.image-patterns")
+        );
+    }
+    // Disabled, or with a pattern, it is fine.
+    commit_kubernetes(&json!({"kubernetes": {"credential-providers": {"a": {"enabled": false}}}}))
+        .unwrap();
+    commit_kubernetes(&json!({"kubernetes": {"credential-providers": {"a": {
+        "enabled": true, "image-patterns": ["*.dkr.ecr.us-east-2.amazonaws.com"]
+    }}}}))
+    .unwrap();
+}
+
+/// Neither containerd nor keeld looks a registry up but by its exact host: a mirror or
+/// credentials that name none, a mirror with no endpoint, credentials for "*" would
+/// never be used. Refused where values come in; stored by an older keeld, they read.
+#[test]
+fn registry_entries_that_would_never_be_used_are_refused() {
+    let cases = [
+        (
+            json!({"mirrors": [{"endpoint": ["https://m.example.com"]}]}),
+            "settings.container-registry.mirrors[0].registry",
+        ),
+        (
+            json!({"mirrors": [{"registry": "docker.io", "endpoint": ["https://m.example.com"]},
+                               {"registry": "quay.io"}]}),
+            "settings.container-registry.mirrors[1].endpoint",
+        ),
+        (
+            json!({"mirrors": [{"registry": "quay.io", "endpoint": []}]}),
+            "settings.container-registry.mirrors[0].endpoint",
+        ),
+        (
+            json!({"credentials": [{"username": "u", "password": "p"}]}),
+            "settings.container-registry.credentials[0].registry",
+        ),
+        (
+            json!({"credentials": [{"registry": "*", "username": "u", "password": "p"}]}),
+            "settings.container-registry.credentials[0].registry",
+        ),
+        (
+            json!({"creds": [{"registry": "*", "username": "u", "password": "p"}]}),
+            "settings.container-registry.credentials[0].registry",
+        ),
+    ];
+    for (registry, key) in cases {
+        let settings = json!({"container-registry": registry});
+        let err = validate_patch(&settings).expect_err(key);
+        assert_eq!(err.key(), Some(key), "{settings}: {err}");
+        validate(&settings).unwrap_or_else(|e| panic!("{settings}: stored, it must read: {e}"));
+    }
+    // "*" stays a mirror's registry: every registry's mirror.
+    validate_patch(&json!({"container-registry": {
+        "mirrors": [{"registry": "*", "endpoint": ["https://m.example.com"]}],
+        "credentials": [{"registry": "docker.io", "username": "u", "password": "p"}]
+    }}))
+    .unwrap();
+}
+
+/// `creds` is `credentials` under Bottlerocket's older name: one patch gives one of them.
+#[test]
+fn creds_and_credentials_are_not_both_in_one_patch() {
+    let entry = json!([{"registry": "docker.io", "username": "u", "password": "p"}]);
+    let err =
+        validate_patch(&json!({"container-registry": {"creds": entry, "credentials": entry}}))
+            .expect_err("both");
+    assert_eq!(err.key(), Some("settings.container-registry.creds"));
+    validate_patch(&json!({"container-registry": {"creds": entry}})).unwrap();
+    validate_patch(&json!({"container-registry": {"credentials": entry}})).unwrap();
+    // Removing the one while setting the other is one list too.
+    validate_patch(&json!({"container-registry": {"creds": null, "credentials": entry}})).unwrap();
+}
