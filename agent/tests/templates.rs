@@ -330,6 +330,11 @@ fn resolv_conf_has_three_nameservers_and_search() {
             "nameserver 1.1.1.1"
         ]
     );
+    // The fourth is named, not silently dropped.
+    assert!(
+        text.contains("# not used, libc reads the first three name servers: 8.8.8.8\n"),
+        "{text}"
+    );
 }
 
 #[test]
