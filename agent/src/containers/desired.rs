@@ -188,8 +188,14 @@ fn build(
         .flat_map(|m| m.iter())
         .map(|(k, v)| (k.as_str().to_owned(), v.as_str().to_owned()))
         .collect();
+    // The container's own value wins over Keel's in either spelling: tools read
+    // `no_proxy` before `NO_PROXY`, so setting one must also drop Keel's other one.
+    let own = environment.len();
     for (k, v) in proxy {
-        if !environment.iter().any(|(name, _)| name == k) {
+        if !environment[..own]
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case(k))
+        {
             environment.push((k.clone(), v.clone()));
         }
     }
@@ -318,6 +324,24 @@ mod tests {
             "localhost,127.0.0.1,169.254.169.254,example.com".into()
         )));
         assert_eq!(admin.id(), "host-admin");
+    }
+
+    #[test]
+    fn a_containers_own_proxy_variable_replaces_keels_in_both_spellings() {
+        let s = settings(serde_json::json!({
+            "host-containers": {"a": {"enabled": true, "source": "x/y:1",
+                                      "environment": {"NO_PROXY": "mine.example.com"}}},
+            "network": {"https-proxy": "proxy:3128", "no-proxy": ["example.com"]}
+        }));
+        let env = &host_containers(&s)["a"].environment;
+        let no_proxy: Vec<&(String, String)> = env
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("no_proxy"))
+            .collect();
+        assert_eq!(no_proxy, [&("NO_PROXY".to_owned(), "mine.example.com".to_owned())]);
+        // The proxy itself still comes from the settings, in both spellings.
+        assert!(env.iter().any(|(k, _)| k == "HTTPS_PROXY"));
+        assert!(env.iter().any(|(k, _)| k == "https_proxy"));
     }
 
     #[test]
