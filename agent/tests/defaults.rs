@@ -26,3 +26,22 @@ fn defaults_validate_and_render_every_file() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
+
+/// Bottlerocket user-data that only enables the ECR credential provider commits: the
+/// defaults give it Bottlerocket's image patterns, which an enabled provider needs.
+#[test]
+fn enabling_the_ecr_credential_provider_alone_commits_over_the_defaults() {
+    for file in ["defaults.toml", "image/defaults.toml"] {
+        let text = std::fs::read_to_string(packaging().join(file)).unwrap();
+        let mut settings = settings_model::userdata::parse_user_data(file, &text).unwrap();
+        let user_data = settings_model::userdata::parse_user_data(
+            "user-data",
+            "[settings.kubernetes.credential-providers.ecr-credential-provider]\nenabled = true\n",
+        )
+        .unwrap();
+        settings_model::patch::merge_patch(&mut settings, &user_data);
+        let groups = ["kubernetes".to_owned()].into_iter().collect();
+        settings_model::validate_groups(&settings, &groups)
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+}

@@ -338,7 +338,10 @@ mod tests {
             .iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case("no_proxy"))
             .collect();
-        assert_eq!(no_proxy, [&("NO_PROXY".to_owned(), "mine.example.com".to_owned())]);
+        assert_eq!(
+            no_proxy,
+            [&("NO_PROXY".to_owned(), "mine.example.com".to_owned())]
+        );
         // The proxy itself still comes from the settings, in both spellings.
         assert!(env.iter().any(|(k, _)| k == "HTTPS_PROXY"));
         assert!(env.iter().any(|(k, _)| k == "https_proxy"));
