@@ -88,12 +88,14 @@ pub fn parse_pair(s: &str) -> Result<(KeyPath, Value), Error> {
 
 /// Merges several `key=value` pairs into one patch (no `settings` wrapper); later pairs
 /// win over earlier ones, and a `null` inside a value (`kernel.sysctl={"a":null}`)
-/// stays a removal.
+/// stays a removal. Each pair is validated, then the patch they make together (two
+/// pairs may be refused together alone: `creds` and `credentials`).
 pub fn pairs_to_patch(pairs: &[String]) -> Result<Value, Error> {
     let mut patch = Value::Object(Map::new());
     for pair in pairs {
         let (key, value) = parse_pair(pair)?;
         compose_patch(&mut patch, &key.to_patch(value));
     }
+    crate::validate_patch(&patch)?;
     Ok(patch)
 }

@@ -1200,9 +1200,23 @@ fn check_registry_entries(settings: &Settings) -> Result<(), Error> {
             ));
         }
     }
-    let credentials = registry.credentials.iter().chain(&registry.creds);
-    for (i, credential) in credentials.flat_map(|c| c.iter()).enumerate() {
-        match credential.registry.as_ref().map(|r| r.as_str()) {
+    // `parse` has moved `creds` into `credentials` already.
+    let credentials: Vec<&RegistryCredential> =
+        registry.credentials.iter().flat_map(|c| c.iter()).collect();
+    for (i, credential) in credentials.iter().enumerate() {
+        let host = credential.registry.as_ref().map(|r| r.as_str());
+        // containerd's configuration holds one table per registry (a second would not be
+        // TOML), and a second entry would be a guess at which one is meant.
+        if let Some(first) = credentials[..i]
+            .iter()
+            .position(|c| c.registry.as_ref().map(|r| r.as_str()) == host && host.is_some())
+        {
+            return Err(invalid(
+                format!("credentials[{i}].registry"),
+                &format!("credentials[{first}] is for the same registry: one entry per registry"),
+            ));
+        }
+        match host {
             None => {
                 return Err(invalid(
                     format!("credentials[{i}].registry"),

@@ -260,6 +260,19 @@ fn pairs_merge_into_one_patch() {
     );
 }
 
+/// Each pair may be valid alone and the patch they make together not: `creds` and
+/// `credentials` are one list under two names.
+#[test]
+fn pairs_are_validated_together_too() {
+    let entry = r#"[{"registry":"docker.io","username":"u","password":"p"}]"#;
+    let err = pairs_to_patch(&[
+        format!("container-registry.creds={entry}"),
+        format!("container-registry.credentials={entry}"),
+    ])
+    .expect_err("both names");
+    assert_eq!(err.key(), Some("settings.container-registry.creds"));
+}
+
 /// A `null` inside a pair's value is a removal, as it is in a JSON patch, whether one
 /// pair or several make the patch; a later pair wins over an earlier one.
 #[test]

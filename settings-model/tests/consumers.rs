@@ -306,6 +306,14 @@ fn registry_entries_that_would_never_be_used_are_refused() {
             json!({"creds": [{"registry": "*", "username": "u", "password": "p"}]}),
             "settings.container-registry.credentials[0].registry",
         ),
+        (
+            json!({"credentials": [
+                {"registry": "docker.io", "username": "u", "password": "p"},
+                {"registry": "quay.io", "username": "u", "password": "p"},
+                {"registry": "docker.io", "username": "v", "password": "q"}
+            ]}),
+            "settings.container-registry.credentials[2].registry",
+        ),
     ];
     for (registry, key) in cases {
         let settings = json!({"container-registry": registry});

@@ -99,13 +99,14 @@ impl RegistryConfig {
             }
             for cred in registry.credentials.iter().flatten() {
                 let Some(host) = &cred.registry else { continue };
-                // A registry listed twice keeps its first credentials, as containerd's
-                // CRI pulls do (containerd-config renders the first of each registry).
+                // A registry listed twice (the model refuses that now; an older keeld
+                // stored it) keeps its first credentials, as containerd's CRI pulls do
+                // (containerd-config renders the first of each registry).
                 let host_name = host.as_str();
                 if config.credentials.contains_key(host_name)
                     || config.unusable.contains_key(host_name)
                 {
-                    tracing::warn!(registry = %host_name, "settings.container-registry.credentials lists this registry more than once; its first credentials are used");
+                    tracing::debug!(registry = %host_name, "settings.container-registry.credentials lists this registry more than once; its first credentials are used");
                     continue;
                 }
                 let from_auth = cred.auth.as_ref().map(|a| {

@@ -136,13 +136,30 @@ pub async fn supervise<R: Runtime>(
         };
         status.init(&desired);
         let id = desired.id();
-        // Settings that cannot become this container: it is not created, and its
-        // status says why until the settings change.
+        // Settings that cannot become this container (no source, undecodable user-data):
+        // it is not created, a container made from earlier settings does not go on
+        // running in its place, and its status says why until the settings change.
         let hash = match desired.config_hash() {
             Ok(hash) => hash,
             Err(e) => {
-                let delay = status.failed(&RunError::Failed(e.to_string()), &config, &mut backoff);
-                if !pause(&mut inputs.desired, delay).await {
+                let cleared = match runtime.stop(&id, config.grace).await {
+                    Ok(_) => runtime.remove(kind, &name).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(removal) = &cleared {
+                    if !removal.is_unavailable() {
+                        tracing::warn!(container = %id, error = %removal, "cannot remove the container its earlier settings made");
+                    }
+                }
+                tracing::warn!(container = %id, reason = %e, "its settings cannot become a container");
+                status.state(RunState::Failed, Some(e.to_string()));
+                // Nothing but new settings can change that; a removal that failed (containerd
+                // away) is tried again after a while.
+                let more = match cleared {
+                    Ok(()) => inputs.desired.changed().await.is_ok(),
+                    Err(_) => pause(&mut inputs.desired, config.containerd_poll).await,
+                };
+                if !more {
                     return;
                 }
                 continue;

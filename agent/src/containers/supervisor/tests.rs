@@ -233,6 +233,38 @@ async fn settings_that_cannot_become_a_container_are_its_failure_not_a_start() {
     assert_eq!(h.status().expect("status").state, RunState::Running);
 }
 
+/// A running container whose settings stop making a container (its source unset) is
+/// stopped and removed, not left running from the earlier settings; it waits for new
+/// settings rather than retrying what cannot work.
+#[tokio::test(start_paused = true)]
+async fn a_running_container_whose_settings_break_is_removed_and_waits_for_new_ones() {
+    let h = start(Fake::default(), Some(desired("a")));
+    advance(Duration::from_millis(10)).await;
+    assert_eq!(h.status().expect("status").state, RunState::Running);
+    let mut broken = desired("a");
+    broken.source = String::new();
+    broken.problem = Some("settings.host-containers.admin.source is not set".into());
+    h.desired.send_replace(Some(broken));
+    advance(Duration::from_secs(60)).await;
+    assert!(
+        h.fake.with(|s| s.records.is_empty()),
+        "the old container is removed"
+    );
+    let status = h.status().expect("status");
+    assert_eq!(status.state, RunState::Failed);
+    assert_eq!(
+        status.reason.as_deref(),
+        Some("settings.host-containers.admin.source is not set")
+    );
+    assert_eq!(status.next_start, None, "no retry is promised");
+    assert_eq!(h.fake.with(|s| s.starts.len()), 1);
+    // Settings that work start it again.
+    h.desired.send_replace(Some(desired("b")));
+    advance(Duration::from_millis(10)).await;
+    assert_eq!(h.status().expect("status").state, RunState::Running);
+    assert_eq!(h.fake.with(|s| s.starts.len()), 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn while_containerd_is_down_it_waits_then_reattaches() {
     let h = start(Fake::default(), Some(desired("a")));
