@@ -1170,7 +1170,66 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
 /// must not block those. Unlike [`check_whole_rules`], each holds for a patch alone.
 fn check_incoming(settings: &Settings) -> Result<(), Error> {
     check_certificates(settings)?;
-    check_registry_entries(settings)
+    check_registry_entries(settings)?;
+    check_runs(settings)
+}
+
+/// Values that can only fail at run time: a command of no words (the container can never
+/// start; unset, the image's own runs), a bootstrap timeout of zero (the container would
+/// be killed as it starts), a time server URL naming port 0 (no server answers there).
+fn check_runs(settings: &Settings) -> Result<(), Error> {
+    let commands = settings
+        .host_containers
+        .iter()
+        .flatten()
+        .map(|(name, c)| ("host-containers", name, &c.command))
+        .chain(
+            settings
+                .bootstrap_containers
+                .iter()
+                .flatten()
+                .map(|(name, c)| ("bootstrap-containers", name, &c.command)),
+        );
+    for (group, name, command) in commands {
+        if command.as_ref().is_some_and(Vec::is_empty) {
+            return Err(Error::Invalid {
+                key: format!("settings.{group}.{}.command", format_segment(name.as_str())),
+                reason: "a command of no words runs nothing and the container could never \
+                         start: leave it unset for the image's own"
+                    .to_owned(),
+            });
+        }
+    }
+    for (name, container) in settings.bootstrap_containers.iter().flatten() {
+        let zero = container
+            .timeout
+            .as_ref()
+            .is_some_and(|t| t.to_std().is_ok_and(|d| d.is_zero()));
+        if zero {
+            return Err(Error::Invalid {
+                key: format!(
+                    "settings.bootstrap-containers.{}.timeout",
+                    format_segment(name.as_str())
+                ),
+                reason: "a timeout of zero would stop the container as it starts: give how \
+                         long it may run (\"10m\")"
+                    .to_owned(),
+            });
+        }
+    }
+    let servers = settings
+        .ntp
+        .iter()
+        .flat_map(|n| n.time_servers.iter().flatten());
+    for (i, server) in servers.enumerate() {
+        if crate::types::url_port(server.as_str()) == Some("0") {
+            return Err(Error::Invalid {
+                key: format!("settings.ntp.time-servers[{i}]"),
+                reason: "port 0 is no port an NTP server answers on".to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Mirrors and credentials that would never be used: neither containerd nor keeld's own
@@ -1400,8 +1459,7 @@ fn check_whole_rules(settings: &Settings) -> Result<(), Error> {
         key: format!("settings.kubernetes.{missing}"),
         reason: format!(
             "settings.kubernetes.{given} is set without {missing}: the kubelet serves with \
-             its own certificate unless both are given; set both in one transaction, or \
-             neither"
+             its own certificate unless both are given; set both, or neither"
         ),
     };
     match (&k8s.server_certificate, &k8s.server_key) {

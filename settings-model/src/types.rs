@@ -972,6 +972,23 @@ fn server_url_problem(s: &str) -> Option<&'static str> {
     None
 }
 
+/// The port a `scheme://[userinfo@]host:port/…` URL names, if it names one (`None` for a
+/// host or address alone: the model takes no `host:port` without a scheme). What
+/// chrony-conf's `url_port` filter renders as chrony's `port` option.
+pub fn url_port(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let after_host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split_once(']').map_or("", |(_, after)| after),
+        None => authority.rsplit_once(':').map_or("", |(_, port)| port),
+    };
+    let port = after_host.strip_prefix(':').unwrap_or(after_host);
+    (!port.is_empty()).then_some(port)
+}
+
 fn check_ntp_server(s: &str) -> Result<(), String> {
     let what = "time server";
     check_len(s, what, TIME_SERVER_MAX)?;

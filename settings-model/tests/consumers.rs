@@ -238,7 +238,7 @@ fn a_serving_certificate_and_its_key_are_committed_together() {
             Some(format!("settings.kubernetes.{missing}").as_str())
         );
         assert!(
-            err.to_string().contains("set both in one transaction"),
+            err.to_string().contains("set both, or neither"),
             "{err}"
         );
         // Stored by an older keeld, it still reads.
@@ -341,4 +341,39 @@ fn creds_and_credentials_are_not_both_in_one_patch() {
     validate_patch(&json!({"container-registry": {"credentials": entry}})).unwrap();
     // Removing the one while setting the other is one list too.
     validate_patch(&json!({"container-registry": {"creds": null, "credentials": entry}})).unwrap();
+}
+
+/// Values that could only fail at run time are refused where they come in, naming the
+/// key; stored by an older keeld, they still read.
+#[test]
+fn values_that_could_only_fail_at_run_time_are_refused() {
+    let cases = [
+        (
+            json!({"host-containers": {"admin": {"command": []}}}),
+            "settings.host-containers.admin.command",
+        ),
+        (
+            json!({"bootstrap-containers": {"setup": {"command": []}}}),
+            "settings.bootstrap-containers.setup.command",
+        ),
+        (
+            json!({"bootstrap-containers": {"setup": {"timeout": "0s"}}}),
+            "settings.bootstrap-containers.setup.timeout",
+        ),
+        (
+            json!({"ntp": {"time-servers": ["time.example.com", "ntp://time.example.com:0"]}}),
+            "settings.ntp.time-servers[1]",
+        ),
+    ];
+    for (settings, key) in cases {
+        let err = validate_patch(&settings).expect_err(key);
+        assert_eq!(err.key(), Some(key), "{settings}: {err}");
+        validate(&settings).unwrap_or_else(|e| panic!("{settings}: stored, it must read: {e}"));
+    }
+    validate_patch(&json!({
+        "host-containers": {"admin": {"command": ["/bin/sh", "-c", "true"]}},
+        "bootstrap-containers": {"setup": {"timeout": "1s"}},
+        "ntp": {"time-servers": ["ntp://time.example.com:1123", "ntp://[fd00::1]:123"]}
+    }))
+    .unwrap();
 }

@@ -253,21 +253,9 @@ pub fn url_host(value: &str) -> String {
 }
 
 /// The port of a server given as a URL (`ntp://time.example.com:1123` → `1123`), if it
-/// names one: what [`url_host`] leaves out. A host name or address alone has none (the
-/// model takes no `host:port` without a scheme).
+/// names one: what [`url_host`] leaves out ([`settings_model::types::url_port`]).
 pub fn url_port(value: &str) -> Option<String> {
-    let (_, rest) = value.split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
-    let authority = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    let after_host = match authority.strip_prefix('[') {
-        Some(bracketed) => bracketed.split_once(']').map_or("", |(_, after)| after),
-        None if authority.parse::<std::net::Ipv6Addr>().is_ok() => "",
-        None => authority.split_once(':').map_or("", |(_, port)| port),
-    };
-    let port = after_host.strip_prefix(':').unwrap_or(after_host);
-    (!port.is_empty()).then(|| port.to_owned())
+    settings_model::types::url_port(value).map(str::to_owned)
 }
 
 #[cfg(test)]
