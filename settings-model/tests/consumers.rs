@@ -237,10 +237,7 @@ fn a_serving_certificate_and_its_key_are_committed_together() {
             err.key(),
             Some(format!("settings.kubernetes.{missing}").as_str())
         );
-        assert!(
-            err.to_string().contains("set both, or neither"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("set both, or neither"), "{err}");
         // Stored by an older keeld, it still reads.
         validate(settings).unwrap();
     }

@@ -23,9 +23,11 @@ use std::time::Duration;
 /// How often the sources are compared with the copies.
 pub const FOLLOW_PERIOD: Duration = Duration::from_secs(2);
 
-/// The largest source copied; a larger one is copied cut to this length (these files
-/// are a few hundred bytes: `settings.network.hosts` has at most 256 entries).
-const MAX_BYTES: u64 = 1 << 20;
+/// The largest source copied. These files are usually a few hundred bytes, but
+/// `settings.network.hosts` may render up to about the settings' own limit (4 MiB of
+/// JSON: 256 addresses of 64 names each); a larger source is an error, never a copy cut
+/// short in the middle of a line.
+const MAX_BYTES: u64 = 8 << 20;
 
 /// The copies in one directory, each with its source on the host.
 #[derive(Debug, Clone)]
@@ -69,15 +71,22 @@ impl HostFiles {
     pub fn sync(&self) -> std::io::Result<usize> {
         std::fs::create_dir_all(&self.dir)?;
         let mut changed = 0;
+        let mut failed = None;
+        // Each file on its own: one that cannot be copied does not hold the other back.
         for (source, copy) in [
             (&self.hosts_source, self.hosts()),
             (&self.resolv_source, self.resolv_conf()),
         ] {
-            if sync_one(source, &copy)? {
-                changed += 1;
+            match sync_one(source, &copy) {
+                Ok(true) => changed += 1,
+                Ok(false) => {}
+                Err(e) => failed = failed.or(Some(e)),
             }
         }
-        Ok(changed)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(changed),
+        }
     }
 
     /// Keeps the copies up to date for as long as keeld runs. A failure is logged once
@@ -117,7 +126,13 @@ fn sync_one(source: &Path, copy: &Path) -> std::io::Result<bool> {
     let wanted = match std::fs::File::open(source) {
         Ok(file) => {
             let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_BYTES), &mut bytes)?;
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_BYTES + 1), &mut bytes)?;
+            if bytes.len() as u64 > MAX_BYTES {
+                return Err(std::io::Error::other(format!(
+                    "{} is larger than {MAX_BYTES} bytes: not copied",
+                    source.display()
+                )));
+            }
             bytes
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -181,6 +196,29 @@ mod tests {
         );
         // Nothing changed: nothing written.
         assert_eq!(files.sync().expect("sync"), 0);
+    }
+
+    /// A hosts file as large as the settings allow is copied whole; one past the limit
+    /// is an error that leaves the copy as it was (never cut in the middle of a line),
+    /// and does not hold back resolv.conf.
+    #[test]
+    fn a_large_source_is_copied_whole_and_one_too_large_not_at_all() {
+        let (dir, files) = files();
+        let line = format!("10.0.0.1 {}\n", "h".repeat(250));
+        let large = line.repeat((5 << 20) / line.len());
+        std::fs::write(dir.path().join("hosts"), &large).expect("write");
+        files.sync().expect("sync");
+        assert_eq!(std::fs::read_to_string(files.hosts()).expect("read"), large);
+        let too_large = line.repeat((9 << 20) / line.len());
+        std::fs::write(dir.path().join("hosts"), &too_large).expect("write");
+        std::fs::write(dir.path().join("resolv.conf"), "nameserver 10.0.0.9\n").expect("write");
+        let err = files.sync().expect_err("too large");
+        assert!(err.to_string().contains("larger than"), "{err}");
+        assert_eq!(std::fs::read_to_string(files.hosts()).expect("read"), large);
+        assert_eq!(
+            std::fs::read_to_string(files.resolv_conf()).expect("read"),
+            "nameserver 10.0.0.9\n"
+        );
     }
 
     /// No /etc/hosts on the host: the copy is an empty file, so a container mounting
