@@ -96,6 +96,14 @@ if [ "$n" = 2 ]; then
     say "keeld-after=$(host pidof keeld)"
     say "apiclient-after=$(apiclient get settings.motd | tr -d '\n ')"
     say "containers-after=$(apiclient raw -u /containers | tr -d '\n')"
+    # A name unset, then a new one set, reaches the kernel without a reboot.
+    apiclient unset network.hostname >/dev/null
+    apiclient set network.hostname=keel-vm-renamed >/dev/null
+    i=0
+    while [ "$(host cat /proc/sys/kernel/hostname)" != keel-vm-renamed ] && [ $i -lt 30 ]; do
+        sleep 1; i=$((i + 1))
+    done
+    say "renamed=$(host cat /proc/sys/kernel/hostname)"
     say "done"
 fi
 "#;
@@ -422,6 +430,13 @@ fn first_boot_reboot_and_a_killed_keeld() {
         pid_of("containers-before").is_some()
             && pid_of("containers-before") == pid_of("containers-after"),
         &format!("the admin container's pid changed across keeld's restart: {two:?}"),
+    );
+    // keel-hostname.service stays active with the name unset, so a name set afterwards
+    // is applied by its try-restart.
+    check(
+        vm,
+        two.get("renamed").map(String::as_str) == Some("keel-vm-renamed"),
+        &format!("a host name set after it was unset: {two:?}"),
     );
 
     vm.shutdown(Duration::from_secs(90));
