@@ -1620,6 +1620,26 @@ pub fn validate_groups(
     validate(&subset)
 }
 
+/// Renames what a patch (no `settings` wrapper) gives under a key's older name to the
+/// current one, as it is stored: `container-registry.creds` becomes `credentials`. Done
+/// as the patch enters a transaction, so that its order among the transaction's patches
+/// decides, as for any other key (merged as `creds`, a list given earlier would win over
+/// a `credentials` given later). A `null` (a removal) is left as it is: the older name is
+/// never stored, so removing it removes nothing.
+pub fn normalize_patch(patch: &mut Value) {
+    let Some(registry) = patch
+        .get_mut("container-registry")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    if registry.get("creds").is_some_and(|c| !c.is_null()) {
+        if let Some(creds) = registry.remove("creds") {
+            registry.insert("credentials".to_owned(), creds);
+        }
+    }
+}
+
 /// Validates a merge-patch (no `settings` wrapper): `null` members are removals and
 /// must name a key the model knows; everything else must validate.
 pub fn validate_patch(patch: &Value) -> Result<(), Error> {

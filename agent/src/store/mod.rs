@@ -413,9 +413,11 @@ impl Store {
     }
 
     /// Merges `patch` into transaction `tx` once it passes `validate_patch` (so the caller
-    /// learns of a bad key from the PATCH that introduced it).
-    pub async fn patch(&self, tx: &str, patch: Value) -> Result<(), StoreError> {
+    /// learns of a bad key from the PATCH that introduced it), with keys given under an
+    /// older name renamed (`settings_model::model::normalize_patch`).
+    pub async fn patch(&self, tx: &str, mut patch: Value) -> Result<(), StoreError> {
         settings_model::validate_patch(&patch)?;
+        settings_model::model::normalize_patch(&mut patch);
         let size = serde_json::to_vec(&patch).map_or(0, |v| v.len());
         self.send(|reply| Op::Patch {
             tx: tx.to_owned(),

@@ -62,6 +62,32 @@ fn empty_commit_is_refused_and_invalid_patch_changes_nothing() {
     });
 }
 
+/// `creds` is `credentials` under its older name: renamed as each patch enters the
+/// transaction, the later of the two wins, as any later patch does.
+#[test]
+fn creds_and_credentials_in_two_patches_of_one_transaction_keep_their_order() {
+    let list = |user: &str| json!([{"registry": "docker.io", "username": user, "password": "p"}]);
+    for (first, second, wins) in [("creds", "credentials", "b"), ("credentials", "creds", "b")] {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(async {
+            let store = Store::open(dir.path(), 10).unwrap();
+            for (key, user) in [(first, "a"), (second, "b")] {
+                store
+                    .patch("t", json!({"container-registry": {key: list(user)}}))
+                    .await
+                    .unwrap();
+            }
+            store.commit("t", Caller::keeld()).await.unwrap();
+            let live = store.snapshot().live_settings().clone();
+            assert_eq!(
+                live["container-registry"],
+                json!({"credentials": list(wins)}),
+                "{first} then {second}"
+            );
+        });
+    }
+}
+
 #[test]
 fn null_removes_and_patches_apply_in_order() {
     let dir = tempfile::tempdir().unwrap();
