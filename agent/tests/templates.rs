@@ -296,17 +296,22 @@ fn chrony_has_one_server_per_time_server() {
     assert!(lines(&text).contains(&"rtcsync"));
 }
 
+/// chrony.conf's `server` lines, rendered from `settings`.
+fn chrony_servers(settings: &Value) -> Vec<String> {
+    lines(&render("chrony-conf", settings))
+        .into_iter()
+        .filter(|l| l.starts_with("server "))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A URL's port is chrony's `port` option: the server is asked there, not on 123.
 #[test]
 fn chrony_asks_a_time_server_on_the_port_its_url_names() {
     let s = valid(json!({"ntp": {"time-servers": [
         "ntp://time.example.com:1123", "ntp://[fd00::1]:4123/x", "ntp://plain.example.com"
     ]}}));
-    let servers: Vec<String> = lines(&render("chrony-conf", &s))
-        .into_iter()
-        .filter(|l| l.starts_with("server "))
-        .map(str::to_owned)
-        .collect();
+    let servers = chrony_servers(&s);
     assert_eq!(
         servers,
         [
@@ -732,11 +737,7 @@ fn chrony_adds_the_options_to_every_server() {
         "time-servers": ["169.254.169.123", "ntp://time.example.com"],
         "options": ["minpoll 4", "maxpoll", "8", "prefer"]
     }}));
-    let servers: Vec<String> = lines(&render("chrony-conf", &s))
-        .into_iter()
-        .filter(|l| l.starts_with("server "))
-        .map(str::to_owned)
-        .collect();
+    let servers = chrony_servers(&s);
     assert_eq!(
         servers,
         [

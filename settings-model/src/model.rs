@@ -1079,19 +1079,7 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
     }
     // An argument cannot hold a NUL (execve ends it there): refused here, not when the
     // container or command fails to start.
-    let argvs = settings
-        .host_containers
-        .iter()
-        .flatten()
-        .map(|(name, c)| ("host-containers", name, &c.command))
-        .chain(
-            settings
-                .bootstrap_containers
-                .iter()
-                .flatten()
-                .map(|(name, c)| ("bootstrap-containers", name, &c.command)),
-        );
-    for (group, name, command) in argvs {
+    for (group, name, command) in container_commands(settings) {
         if let Some(i) = command.iter().flatten().position(|a| a.contains('\0')) {
             return Err(Error::Invalid {
                 key: format!(
@@ -1164,6 +1152,16 @@ fn check_rules(settings: &Settings) -> Result<(), Error> {
     Ok(())
 }
 
+/// Every host and bootstrap container's `command`: its group, its name, the command.
+fn container_commands(
+    settings: &Settings,
+) -> impl Iterator<Item = (&'static str, &Identifier, &Option<Vec<String>>)> {
+    let host = settings.host_containers.iter().flatten();
+    let bootstrap = settings.bootstrap_containers.iter().flatten();
+    host.map(|(name, c)| ("host-containers", name, &c.command))
+        .chain(bootstrap.map(|(name, c)| ("bootstrap-containers", name, &c.command)))
+}
+
 /// Rules for values coming in (a patch, a commit's groups) that an older keeld did not
 /// check: [`validate`] does not apply them, because it also reads back what is stored
 /// (a rollback, a migration, the check at start), and settings an older keeld accepted
@@ -1178,19 +1176,7 @@ fn check_incoming(settings: &Settings) -> Result<(), Error> {
 /// start; unset, the image's own runs), a bootstrap timeout of zero (the container would
 /// be killed as it starts), a time server URL naming port 0 (no server answers there).
 fn check_runs(settings: &Settings) -> Result<(), Error> {
-    let commands = settings
-        .host_containers
-        .iter()
-        .flatten()
-        .map(|(name, c)| ("host-containers", name, &c.command))
-        .chain(
-            settings
-                .bootstrap_containers
-                .iter()
-                .flatten()
-                .map(|(name, c)| ("bootstrap-containers", name, &c.command)),
-        );
-    for (group, name, command) in commands {
+    for (group, name, command) in container_commands(settings) {
         if command.as_ref().is_some_and(Vec::is_empty) {
             return Err(Error::Invalid {
                 key: format!("settings.{group}.{}.command", format_segment(name.as_str())),
