@@ -1162,10 +1162,13 @@ fn container_commands(
         .chain(bootstrap.map(|(name, c)| ("bootstrap-containers", name, &c.command)))
 }
 
-/// Rules for values coming in (a patch, a commit's groups) that an older keeld did not
-/// check: [`validate`] does not apply them, because it also reads back what is stored
-/// (a rollback, a migration, the check at start), and settings an older keeld accepted
-/// must not block those. Unlike [`check_whole_rules`], each holds for a patch alone.
+/// Rules for values coming in that an older keeld did not check, applied to each patch
+/// ([`validate_patch`]: every value enters through one, user-data included). Each holds
+/// for a patch alone (a scalar, or a list a patch replaces whole). Neither [`validate`]
+/// nor a commit ([`validate_groups`]) applies them: both also read what is stored (a
+/// rollback, a migration, the check at start; a commit checks its groups whole, and
+/// keeld commits groups itself, such as a `once` bootstrap container switched off), and
+/// settings an older keeld accepted must not block those.
 fn check_incoming(settings: &Settings) -> Result<(), Error> {
     check_certificates(settings)?;
     check_registry_entries(settings)?;
@@ -1208,7 +1211,9 @@ fn check_runs(settings: &Settings) -> Result<(), Error> {
         .iter()
         .flat_map(|n| n.time_servers.iter().flatten());
     for (i, server) in servers.enumerate() {
-        if crate::types::url_port(server.as_str()) == Some("0") {
+        // As a number: `:00` is port 0 too.
+        let port = crate::types::url_port(server.as_str()).and_then(|p| p.parse::<u16>().ok());
+        if port == Some(0) {
             return Err(Error::Invalid {
                 key: format!("settings.ntp.time-servers[{i}]"),
                 reason: "port 0 is no port an NTP server answers on".to_owned(),
@@ -1600,9 +1605,7 @@ pub fn validate_groups(
         .filter_map(|g| Some((g.clone(), candidate.get(g)?.clone())))
         .collect();
     let subset = Value::Object(subset);
-    let settings = parse(&subset)?;
-    check_whole_rules(&settings)?;
-    check_incoming(&settings)?;
+    check_whole_rules(&parse(&subset)?)?;
     validate(&subset)
 }
 
@@ -1610,8 +1613,7 @@ pub fn validate_groups(
 /// current one, as it is stored: `container-registry.creds` becomes `credentials`. Done
 /// as the patch enters a transaction, so that its order among the transaction's patches
 /// decides, as for any other key (merged as `creds`, a list given earlier would win over
-/// a `credentials` given later). A `null` (a removal) is left as it is: the older name is
-/// never stored, so removing it removes nothing.
+/// a `credentials` given later, and a removal of `creds` would not remove it).
 pub fn normalize_patch(patch: &mut Value) {
     let Some(registry) = patch
         .get_mut("container-registry")
@@ -1619,10 +1621,14 @@ pub fn normalize_patch(patch: &mut Value) {
     else {
         return;
     };
-    if registry.get("creds").is_some_and(|c| !c.is_null()) {
-        if let Some(creds) = registry.remove("creds") {
-            registry.insert("credentials".to_owned(), creds);
-        }
+    let Some(creds) = registry.remove("creds") else {
+        return;
+    };
+    // A list under the older name is the list; its removal removes the list, unless the
+    // same patch gives the list under the current name (`validate_patch` refuses both
+    // given as lists).
+    if !creds.is_null() || !registry.contains_key("credentials") {
+        registry.insert("credentials".to_owned(), creds);
     }
 }
 

@@ -317,6 +317,9 @@ fn registry_entries_that_would_never_be_used_are_refused() {
         let err = validate_patch(&settings).expect_err(key);
         assert_eq!(err.key(), Some(key), "{settings}: {err}");
         validate(&settings).unwrap_or_else(|e| panic!("{settings}: stored, it must read: {e}"));
+        let groups = ["container-registry".to_owned()].into_iter().collect();
+        settings_model::validate_groups(&settings, &groups)
+            .unwrap_or_else(|e| panic!("{settings}: a commit of its group: {e}"));
     }
     // "*" stays a mirror's registry: every registry's mirror.
     validate_patch(&json!({"container-registry": {
@@ -361,11 +364,20 @@ fn values_that_could_only_fail_at_run_time_are_refused() {
             json!({"ntp": {"time-servers": ["time.example.com", "ntp://time.example.com:0"]}}),
             "settings.ntp.time-servers[1]",
         ),
+        (
+            json!({"ntp": {"time-servers": ["ntp://[fd00::1]:00"]}}),
+            "settings.ntp.time-servers[0]",
+        ),
     ];
     for (settings, key) in cases {
         let err = validate_patch(&settings).expect_err(key);
         assert_eq!(err.key(), Some(key), "{settings}: {err}");
+        // Stored by an older keeld, it still reads, and a commit of its group (keeld's
+        // own, switching a `once` bootstrap container off, among them) goes through.
         validate(&settings).unwrap_or_else(|e| panic!("{settings}: stored, it must read: {e}"));
+        let groups = settings.as_object().unwrap().keys().cloned().collect();
+        settings_model::validate_groups(&settings, &groups)
+            .unwrap_or_else(|e| panic!("{settings}: a commit of its group: {e}"));
     }
     validate_patch(&json!({
         "host-containers": {"admin": {"command": ["/bin/sh", "-c", "true"]}},

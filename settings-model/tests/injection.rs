@@ -506,23 +506,23 @@ fn pki_bundles_must_be_pem_at_patch_time() {
 
 /// Keel before the X.509 check took any base64 in a CERTIFICATE block. Settings stored
 /// then must still read: every consumer (host containers, the boot, updates) reads the
-/// live settings through the typed model, so the check is a rule of patches and commits,
-/// not of the type.
+/// live settings through the typed model, and keeld commits groups itself. So the check
+/// is a rule of patches, where every value comes in, not of the type nor of a commit.
 #[test]
-fn certificates_stored_before_the_x509_check_still_read_and_a_commit_of_their_group_names_them() {
-    let stored = json!({
-        "pki": {"old": {"data": b64("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"), "trusted": true}},
-        "motd": "hello"
-    });
+fn certificates_stored_before_the_x509_check_still_read_and_commit_but_do_not_come_in() {
+    let bad = b64("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n");
+    let stored = json!({"pki": {"old": {"data": bad, "trusted": true}}, "motd": "hello"});
     serde_json::from_value::<settings_model::Settings>(stored.clone()).expect("still reads");
     // Nor does a rollback to it, a migration of it, or the check at start.
     validate(&stored).expect("validate reads what is stored");
-    // A commit of another group does not look at it.
-    let groups = |g: &str| [g.to_owned()].into_iter().collect();
-    settings_model::validate_groups(&stored, &groups("motd")).unwrap();
-    // One that changes `pki` checks the group whole, and names the stored bundle.
-    let err = settings_model::validate_groups(&stored, &groups("pki")).expect_err("refused");
-    assert_eq!(err.key(), Some("settings.pki.old.data"));
+    // A commit that changes its group (another bundle added) checks the group whole,
+    // and is not held back by it.
+    let groups = ["pki".to_owned()].into_iter().collect();
+    settings_model::validate_groups(&stored, &groups).expect("a commit of pki");
+    // It cannot come in again.
+    let err = validate_patch(&json!({"pki": {"new": {"data": bad, "trusted": true}}}))
+        .expect_err("refused as it comes in");
+    assert_eq!(err.key(), Some("settings.pki.new.data"));
     assert!(
         err.to_string().contains("not an X.509 certificate"),
         "{err}"

@@ -98,6 +98,7 @@ if [ "$n" = 2 ]; then
     say "containers-after=$(apiclient raw -u /containers | tr -d '\n')"
     # A name unset, then a new one set, reaches the kernel without a reboot.
     apiclient unset network.hostname >/dev/null
+    say "hostname-unset=$? $(host systemctl is-active keel-hostname.service)"
     apiclient set network.hostname=keel-vm-renamed >/dev/null
     i=0
     while [ "$(host cat /proc/sys/kernel/hostname)" != keel-vm-renamed ] && [ $i -lt 30 ]; do
@@ -433,6 +434,11 @@ fn first_boot_reboot_and_a_killed_keeld() {
     );
     // keel-hostname.service stays active with the name unset, so a name set afterwards
     // is applied by its try-restart.
+    check(
+        vm,
+        two.get("hostname-unset").map(String::as_str) == Some("0 active"),
+        &format!("keel-hostname.service after the name was unset: {two:?}"),
+    );
     check(
         vm,
         two.get("renamed").map(String::as_str) == Some("keel-vm-renamed"),

@@ -39,7 +39,8 @@ pub enum RunState {
     Stopping,
     /// Stopped because it was disabled.
     Stopped,
-    /// Could not be started; `reason` says why. Retried after a back-off.
+    /// Could not be started; `reason` says why. Retried after a back-off, except when the
+    /// settings cannot become a container (no `source`): then when they change.
     Failed,
     /// containerd cannot be reached; keeld retries and re-attaches when it is back.
     WaitingForContainerd,

@@ -109,6 +109,9 @@ pub async fn supervise<R: Runtime>(
     };
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     let mut started_before = false;
+    // The reason last logged for settings that cannot become a container: said once,
+    // not at every retry of a removal.
+    let mut broken_said: Option<String> = None;
     loop {
         let desired = inputs.desired.borrow_and_update().clone();
         let Some(desired) = desired else {
@@ -140,27 +143,54 @@ pub async fn supervise<R: Runtime>(
         // it is not created, a container made from earlier settings does not go on
         // running in its place, and its status says why until the settings change.
         let hash = match desired.config_hash() {
-            Ok(hash) => hash,
+            Ok(hash) => {
+                broken_said = None;
+                hash
+            }
             Err(e) => {
-                let cleared = match runtime.stop(&id, config.grace).await {
-                    Ok(_) => runtime.remove(kind, &name).await,
+                let reason = e.to_string();
+                if broken_said.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!(container = %id, reason = %reason, "its settings cannot become a container");
+                    broken_said = Some(reason.clone());
+                }
+                let cleared = match runtime.find(&id).await {
+                    Ok(None) => Ok(()),
+                    Ok(Some(_)) => {
+                        status.state(RunState::Stopping, None);
+                        match runtime.stop(&id, config.grace).await {
+                            Ok(_) => runtime.remove(kind, &name).await,
+                            Err(e) => Err(e),
+                        }
+                    }
                     Err(e) => Err(e),
                 };
-                if let Err(removal) = &cleared {
-                    if !removal.is_unavailable() {
-                        tracing::warn!(container = %id, error = %removal, "cannot remove the container its earlier settings made");
+                // Nothing but new settings can change the reason; a removal that failed is
+                // tried again, after containerd's poll when it is away, else after the
+                // back-off, and the status says so.
+                let (shown, retry) = match &cleared {
+                    Ok(()) => (reason, None),
+                    Err(err) if err.is_unavailable() => (reason, Some(config.containerd_poll)),
+                    Err(err) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(container = %id, error = %err, retry_in = ?delay, "cannot remove the container its earlier settings made");
+                        (
+                            format!("{reason}; the container its earlier settings made cannot be removed: {err}"),
+                            Some(delay),
+                        )
                     }
-                }
-                tracing::warn!(container = %id, reason = %e, "its settings cannot become a container");
-                status.state(RunState::Failed, Some(e.to_string()));
-                // Nothing but new settings can change that; a removal that failed (containerd
-                // away) is tried again after a while.
-                let more = match cleared {
-                    Ok(()) => inputs.desired.changed().await.is_ok(),
-                    Err(_) => pause(&mut inputs.desired, config.containerd_poll).await,
+                };
+                status.state(RunState::Failed, Some(shown));
+                let more = match retry {
+                    None => inputs.desired.changed().await.is_ok(),
+                    Some(delay) => pause(&mut inputs.desired, delay).await,
                 };
                 if !more {
                     return;
+                }
+                if retry.is_none() {
+                    // New settings: a first start, as after a disable.
+                    started_before = false;
+                    backoff.reset();
                 }
                 continue;
             }

@@ -86,6 +86,38 @@ fn creds_and_credentials_in_two_patches_of_one_transaction_keep_their_order() {
             );
         });
     }
+    // A removal under the older name removes the list, unless the same patch gives it.
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(dir.path(), 10).unwrap();
+        let registry = |value: Value| json!({"motd": "m", "container-registry": value});
+        store
+            .patch("t", registry(json!({"credentials": list("a")})))
+            .await
+            .unwrap();
+        store
+            .patch("t", registry(json!({"creds": null})))
+            .await
+            .unwrap();
+        store.commit("t", Caller::keeld()).await.unwrap();
+        assert_eq!(
+            store.snapshot().live_settings().get("container-registry"),
+            Some(&json!({})),
+            "creds: null removed the list"
+        );
+        store
+            .patch(
+                "u",
+                registry(json!({"creds": null, "credentials": list("b")})),
+            )
+            .await
+            .unwrap();
+        store.commit("u", Caller::keeld()).await.unwrap();
+        assert_eq!(
+            store.snapshot().live_settings()["container-registry"],
+            json!({"credentials": list("b")})
+        );
+    });
 }
 
 #[test]

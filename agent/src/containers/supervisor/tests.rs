@@ -265,6 +265,38 @@ async fn a_running_container_whose_settings_break_is_removed_and_waits_for_new_o
     assert_eq!(h.fake.with(|s| s.starts.len()), 2);
 }
 
+/// A container running from earlier settings (keeld restarted meanwhile) whose removal
+/// fails: the failure is in the status, and the removal is retried after the back-off,
+/// until it goes.
+#[tokio::test(start_paused = true)]
+async fn a_failed_removal_of_the_old_container_is_shown_and_retried() {
+    let fake = Fake::default();
+    let old = desired("a");
+    fake.running(&old.id(), &old.config_hash().expect("hash"), 7);
+    fake.with(|s| s.stop_failures = 1);
+    let mut broken = desired("a");
+    broken.problem = Some("settings.host-containers.admin.source is not set".into());
+    let h = start(fake, Some(broken));
+    advance(Duration::from_millis(100)).await;
+    let status = h.status().expect("status");
+    assert_eq!(status.state, RunState::Failed);
+    let reason = status.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("settings.host-containers.admin.source is not set; the container its earlier settings made cannot be removed"),
+        "{reason}"
+    );
+    assert!(!h.fake.with(|s| s.records.is_empty()));
+    advance(Duration::from_secs(5)).await;
+    assert!(
+        h.fake.with(|s| s.records.is_empty()),
+        "removed at the retry"
+    );
+    assert_eq!(
+        h.status().expect("status").reason.as_deref(),
+        Some("settings.host-containers.admin.source is not set")
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn while_containerd_is_down_it_waits_then_reattaches() {
     let h = start(Fake::default(), Some(desired("a")));
