@@ -31,6 +31,16 @@ pub fn validate(settings: &serde_json::Value) -> Result<serde_json::Value, Error
     model::validate(settings)
 }
 
+/// Validates the named top-level groups of `candidate` for a commit over `live`; see
+/// [`model::validate_groups_over`].
+pub fn validate_groups_over(
+    candidate: &serde_json::Value,
+    live: &serde_json::Value,
+    groups: &std::collections::BTreeSet<String>,
+) -> Result<serde_json::Value, Error> {
+    model::validate_groups_over(candidate, live, groups)
+}
+
 /// Validates the named top-level groups of `candidate`; see [`model::validate_groups`].
 pub fn validate_groups(
     candidate: &serde_json::Value,

@@ -1413,13 +1413,15 @@ fn check_kubelet_rules(settings: &Settings) -> Result<(), Error> {
 }
 
 /// Rules between two keys of one group, which hold only for the whole group: a patch may
-/// set one key now and rely on the other being set already. Checked where new values
-/// come in, by a commit, on each group it changes whole ([`validate_groups`]); not by
-/// [`validate`], which also reads back what is stored (a rollback, a migration, the
-/// check at start), so that settings an older keeld accepted do not block those.
-fn check_whole_rules(settings: &Settings) -> Result<(), Error> {
+/// set one key now and rely on the other being set already. Each one the settings break,
+/// in order. Checked where new values come in, by a commit, on each group it changes
+/// whole ([`validate_groups_over`]: only what the commit brings in); not by [`validate`],
+/// which also reads back what is stored (a rollback, a migration, the check at start),
+/// so that settings an older keeld accepted do not block those.
+fn whole_rule_errors(settings: &Settings) -> Vec<Error> {
+    let mut errors = Vec::new();
     let Some(k8s) = settings.kubernetes.as_ref() else {
-        return Ok(());
+        return errors;
     };
     // The kubelet refuses a soft eviction threshold without a grace period for its
     // signal ("grace period must be specified for the soft eviction threshold"); a grace
@@ -1430,7 +1432,7 @@ fn check_whole_rules(settings: &Settings) -> Result<(), Error> {
             .as_ref()
             .is_some_and(|g| g.contains_key(signal));
         if !has_grace {
-            return Err(Error::Invalid {
+            errors.push(Error::Invalid {
                 key: format!(
                     "settings.kubernetes.eviction-soft-grace-period.{}",
                     format_segment(signal.as_str())
@@ -1454,8 +1456,8 @@ fn check_whole_rules(settings: &Settings) -> Result<(), Error> {
         ),
     };
     match (&k8s.server_certificate, &k8s.server_key) {
-        (Some(_), None) => return Err(pair("server-certificate", "server-key")),
-        (None, Some(_)) => return Err(pair("server-key", "server-certificate")),
+        (Some(_), None) => errors.push(pair("server-certificate", "server-key")),
+        (None, Some(_)) => errors.push(pair("server-key", "server-certificate")),
         _ => {}
     }
     // The kubelet refuses a provider without `matchImages`, so credential-provider-config
@@ -1463,7 +1465,7 @@ fn check_whole_rules(settings: &Settings) -> Result<(), Error> {
     for (name, provider) in k8s.credential_providers.iter().flat_map(|p| p.iter()) {
         let patterns = provider.image_patterns.as_ref().map_or(0, |p| p.len());
         if provider.enabled == Some(true) && patterns == 0 {
-            return Err(Error::Invalid {
+            errors.push(Error::Invalid {
                 key: format!(
                     "settings.kubernetes.credential-providers.{}.image-patterns",
                     format_segment(name.as_str())
@@ -1474,7 +1476,7 @@ fn check_whole_rules(settings: &Settings) -> Result<(), Error> {
             });
         }
     }
-    Ok(())
+    errors
 }
 
 /// chrony's `server` options (chrony 4.3, Debian 12's; matched without regard to case,
@@ -1605,7 +1607,42 @@ pub fn validate_groups(
         .filter_map(|g| Some((g.clone(), candidate.get(g)?.clone())))
         .collect();
     let subset = Value::Object(subset);
-    check_whole_rules(&parse(&subset)?)?;
+    if let Some(first) = whole_rule_errors(&parse(&subset)?).into_iter().next() {
+        return Err(first);
+    }
+    validate(&subset)
+}
+
+/// [`validate_groups`] for a commit over the live settings `live`: a rule between keys of
+/// a group that `live` already breaks the same way does not refuse it, so that only what
+/// the transaction brings in is refused. Settings an older keeld accepted (a serving
+/// certificate without its key) must not block a commit that touches their group for
+/// something else, keeld's own among them (the OS defaults a boot stages).
+pub fn validate_groups_over(
+    candidate: &Value,
+    live: &Value,
+    groups: &std::collections::BTreeSet<String>,
+) -> Result<Value, Error> {
+    let subset_of = |settings: &Value| -> Value {
+        Value::Object(
+            groups
+                .iter()
+                .filter_map(|g| Some((g.clone(), settings.get(g)?.clone())))
+                .collect(),
+        )
+    };
+    let subset = subset_of(candidate);
+    let broken = whole_rule_errors(&parse(&subset)?);
+    if !broken.is_empty() {
+        // What the live groups break already; live settings that do not parse any more
+        // (a model change) break nothing here.
+        let already = parse(&subset_of(live))
+            .map(|settings| whole_rule_errors(&settings))
+            .unwrap_or_default();
+        if let Some(new) = broken.into_iter().find(|e| !already.contains(e)) {
+            return Err(new);
+        }
+    }
     validate(&subset)
 }
 

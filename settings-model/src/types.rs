@@ -693,7 +693,8 @@ impl PemBundle {
     /// Not part of the type's own check: settings stored by an older keeld, which did
     /// not parse the certificates, must still read (every consumer reads the live
     /// settings through this type). The model checks it on what comes in instead: each
-    /// patch, and each commit of the group (`model::check_incoming`).
+    /// patch (`model::check_incoming`, from `validate_patch`); not a commit, a rollback,
+    /// a migration or the start check, which also read what is stored.
     pub fn x509_problem(&self) -> Option<String> {
         pem_problem(&self.decode(), PEM_LABELS, true)
     }

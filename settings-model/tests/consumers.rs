@@ -386,3 +386,35 @@ fn values_that_could_only_fail_at_run_time_are_refused() {
     }))
     .unwrap();
 }
+
+/// A commit is refused for what it brings in, not for a rule between keys that the live
+/// settings break already (stored by an older keeld, which had no such rule): a boot that
+/// stages new OS defaults into `kubernetes` must commit over a serving certificate stored
+/// without its key.
+#[test]
+fn a_commit_is_not_held_back_by_a_whole_group_rule_the_live_settings_break_already() {
+    use base64::Engine as _;
+    let cert =
+        base64::engine::general_purpose::STANDARD.encode(include_str!("fixtures/certs/d.pem"));
+    let groups = ["kubernetes".to_owned()].into_iter().collect();
+    let live = json!({"kubernetes": {"server-certificate": cert}});
+    let with_defaults = json!({"kubernetes": {"server-certificate": cert, "credential-providers": {
+        "ecr-credential-provider": {"image-patterns": ["*.dkr.ecr.*.amazonaws.com"]}
+    }}});
+    settings_model::validate_groups_over(&with_defaults, &live, &groups)
+        .expect("the live settings broke it already");
+    // Anything the commit brings in is still refused.
+    let new_break = json!({"kubernetes": {"server-certificate": cert, "credential-providers": {
+        "ecr-credential-provider": {"enabled": true}
+    }}});
+    let err =
+        settings_model::validate_groups_over(&new_break, &live, &groups).expect_err("a new break");
+    assert_eq!(
+        err.key(),
+        Some("settings.kubernetes.credential-providers.ecr-credential-provider.image-patterns")
+    );
+    // Over live settings that are whole, the same break is refused.
+    let err = settings_model::validate_groups_over(&with_defaults, &json!({}), &groups)
+        .expect_err("brought in");
+    assert_eq!(err.key(), Some("settings.kubernetes.server-key"));
+}

@@ -419,7 +419,7 @@ fn pki_bundles_must_be_pem_at_patch_time() {
         let err = refused(with(data.clone()), key);
         assert!(err.reason().contains(why), "{data}: {err}");
     }
-    // PEM, but no certificate: refused where values come in (a patch, a commit), read
+    // PEM, but no certificate: refused where values come in (a patch), read
     // back where they are stored (`validate`: a rollback, a migration, the start).
     let der = |pem: &str| {
         let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();

@@ -599,7 +599,9 @@ fn candidate_within(live: &Value, pending: &PendingTx, limit: usize) -> Result<V
             .collect(),
     );
     pending.apply_to(&mut merged);
-    let canonical = settings_model::validate_groups(&merged, &groups)?;
+    // Only what the transaction brings in is refused: a rule between keys that the live
+    // settings break already (stored by an older keeld) does not hold the commit back.
+    let canonical = settings_model::validate_groups_over(&merged, live, &groups)?;
     let mut canonical = match canonical {
         Value::Object(map) => map,
         _ => serde_json::Map::new(),
