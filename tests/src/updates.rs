@@ -12,6 +12,9 @@ use crate::bin;
 pub struct SlotHost {
     pub dir: PathBuf,
     boots: u32,
+    /// The entry the last [`SlotHost::reboot`] booted, under its name after the boot
+    /// loader moved its counter.
+    booted: Option<String>,
 }
 
 /// A loader entry as systemd-boot sorts it.
@@ -97,6 +100,7 @@ impl SlotHost {
         let host = SlotHost {
             dir: dir.to_owned(),
             boots: 1,
+            booted: None,
         };
         host.set_running("a");
         host
@@ -197,10 +201,12 @@ impl SlotHost {
         });
         let chosen = entries.first().expect("no loader entry to boot").clone();
         let text = std::fs::read_to_string(dir.join(&chosen.file)).unwrap();
+        self.booted = Some(chosen.file.clone());
         if let Some(left) = chosen.left.filter(|l| *l > 0) {
             let id = chosen.file.split('+').next().unwrap();
             let renamed = format!("{id}+{}-{}.conf", left - 1, chosen.done + 1);
-            std::fs::rename(dir.join(&chosen.file), dir.join(renamed)).unwrap();
+            std::fs::rename(dir.join(&chosen.file), dir.join(&renamed)).unwrap();
+            self.booted = Some(renamed);
         }
         self.boots += 1;
         // The kernel's command line: `initrd=` for the EFI stub, then the entry's
@@ -221,9 +227,22 @@ impl SlotHost {
         std::fs::read_to_string(self.dir.join("cmdline")).unwrap()
     }
 
-    /// systemd-bless-boot after `boot-complete.target`: the running slot's entry loses its
-    /// counter.
+    /// systemd-bless-boot after `boot-complete.target`: the entry this boot came from
+    /// loses its counter (the running slot's, before any reboot through
+    /// [`SlotHost::reboot`]).
     pub fn bless(&self) {
+        if let Some(booted) = &self.booted {
+            if let Some((id, _)) = booted.split_once('+') {
+                let (from, to) = (
+                    self.entries_dir().join(booted),
+                    self.entries_dir().join(format!("{id}.conf")),
+                );
+                if from.exists() {
+                    std::fs::rename(from, to).unwrap();
+                }
+            }
+            return;
+        }
         let cmdline = std::fs::read_to_string(self.dir.join("cmdline")).unwrap();
         let slot = cmdline
             .split_whitespace()

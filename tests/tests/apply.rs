@@ -9,6 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use keel_e2e::updates::SlotHost;
 use keel_e2e::{repo_root, Keeld, KeeldOptions};
 use serde_json::json;
+use std::time::Duration;
 
 fn ok(out: &std::process::Output) {
     assert!(
@@ -195,15 +196,18 @@ fn dry_run_shows_diffs_and_changes_nothing() {
 }
 
 /// settings.boot reaches the boot loader's entries through the real keel-slot-writer
-/// (slots and ESP as files): the running slot's entry gets the parameters, a reboot's
-/// command line (systemd-boot's, simulated) carries them, kernel's before `--`, init's
-/// after; a change replaces them; a host without a reachable slot writer says that the
-/// parameters cannot take effect.
+/// (slots and ESP as files, systemd-boot simulated): new parameters go into a trial entry
+/// of the running slot, which the next boot's command line carries, kernel's before `--`,
+/// init's after; once that boot is blessed the next keeld start keeps them in the slot's
+/// entry. Parameters whose boot never reaches configured are not kept: the boot loader
+/// comes back to the kept entry, the boot record names them, and an apply does not hand
+/// them over again. A host without a reachable slot writer says that the parameters cannot
+/// take effect.
 #[test]
 fn boot_parameters_reach_the_next_boots_command_line_or_the_apply_says_why_not() {
     let dir = tempfile::tempdir().unwrap();
     let mut host = SlotHost::create(&dir.path().join("host"), 1 << 20, 1 << 16);
-    let keeld = Keeld::start_with(KeeldOptions {
+    let mut keeld = Keeld::start_with(KeeldOptions {
         extra_args: vec!["--update-writer-command".into(), host.writer_command()],
         ..KeeldOptions::default()
     });
@@ -235,20 +239,67 @@ fn boot_parameters_reach_the_next_boots_command_line_or_the_apply_says_why_not()
         apply["commands"][0]["stdout"]
             .as_str()
             .unwrap()
-            .contains("keel-a.conf"),
+            .contains("the next boot tries these parameters (loader entry keel-a-trial+1.conf)"),
         "{apply}"
     );
-    // The running slot's entry keeps the image's options and Keel's keys.
+    assert_eq!(host.entries(), ["keel-a-trial+1.conf", "keel-a.conf"]);
+    // The trial entry keeps the image's options and Keel's keys.
     assert_eq!(host.reboot(), "a");
     let cmdline = host.cmdline();
     assert!(
         cmdline.trim().ends_with(
-            "console=ttyS0 console=tty0,ttyS1,115200n8 nosmt -- systemd.log_level=debug"
+            "console=ttyS0 keel.parameters-trial=1 console=tty0,ttyS1,115200n8 nosmt -- \
+             systemd.log_level=debug"
         ) && cmdline.contains("keel.slot=a keel.roothash="),
         "{cmdline}"
     );
+    let tried = "console=tty0,ttyS1,115200n8 nosmt -- systemd.log_level=debug";
+    keeld.reboot();
+    let boot = keeld.wait_boot(Duration::from_secs(30));
+    assert_eq!(boot["booted-parameters"], tried, "{boot:#}");
+    assert_eq!(host.entries(), ["keel-a-trial+0-1.conf", "keel-a.conf"]);
+    // Blessed (the boot reached configured): the next start keeps them, in the slot's
+    // own entry, and the trial is gone; the boot after has them without a trial.
+    host.bless();
+    assert_eq!(host.reboot(), "a");
+    keeld.reboot();
+    let boot = keeld.wait_boot(Duration::from_secs(30));
+    assert_eq!(boot["booted-parameters"], tried, "{boot:#}");
+    assert_eq!(host.entries(), ["keel-a.conf"]);
+    assert_eq!(host.reboot(), "a");
+    assert!(
+        host.cmdline()
+            .trim()
+            .ends_with(&format!("console=ttyS0 {tried}")),
+        "{}",
+        host.cmdline()
+    );
 
-    // A change replaces them; removing them all leaves the image's line.
+    // A parameter that stops the boot: its trial boot never reaches configured, so the
+    // boot loader's next choice is the kept entry. Reported, not kept, not tried again.
+    keeld.reboot();
+    keeld.wait_boot(Duration::from_secs(30));
+    ok(&keeld.apiclient(&["set", "boot.kernel-parameters.rdinit=[\"/nonexistent\"]"]));
+    assert_eq!(host.entries(), ["keel-a-trial+1.conf", "keel-a.conf"]);
+    assert_eq!(host.reboot(), "a");
+    assert!(host.cmdline().contains("rdinit=/nonexistent"));
+    assert_eq!(host.reboot(), "a");
+    assert!(!host.cmdline().contains("rdinit"), "{}", host.cmdline());
+    keeld.reboot();
+    let boot = keeld.wait_boot(Duration::from_secs(30));
+    assert_eq!(boot["phase"], "configured", "{boot:#}");
+    assert_eq!(boot["booted-parameters"], tried, "{boot:#}");
+    assert_eq!(
+        boot["failed-parameters"],
+        "console=tty0,ttyS1,115200n8 nosmt rdinit=/nonexistent -- systemd.log_level=debug",
+        "{boot:#}"
+    );
+    assert_eq!(host.entries(), ["keel-a.conf"]);
+    let again = keeld.raw("POST", "/tx/apply", None);
+    assert!(again.status < 300, "{}", again.text());
+    assert_eq!(host.entries(), ["keel-a.conf"], "not handed over again");
+
+    // Removing them all: the image's line, tried first like any change.
     ok(&keeld.apiclient(&[
         "set",
         "-j",
@@ -257,7 +308,10 @@ fn boot_parameters_reach_the_next_boots_command_line_or_the_apply_says_why_not()
     assert_eq!(host.reboot(), "a");
     let cmdline = host.cmdline();
     assert!(
-        cmdline.trim().ends_with("console=ttyS0") && !cmdline.contains("--"),
+        cmdline
+            .trim()
+            .ends_with("console=ttyS0 keel.parameters-trial=1")
+            && !cmdline.contains("--"),
         "{cmdline}"
     );
     drop(keeld);
@@ -310,7 +364,8 @@ fn boot_parameters_reach_the_next_boots_command_line_or_the_apply_says_why_not()
 /// `settings.boot.reboot-to-reconcile`: user-data that sets boot parameters makes the
 /// first boot reboot once (before host containers), so that they are in effect when the
 /// host is configured; the boot after, whose kernel got them, is configured without
-/// rebooting; without the flag nothing reboots.
+/// rebooting; without the flag nothing reboots; parameters whose trial boot failed are
+/// not rebooted for again.
 #[test]
 fn reboot_to_reconcile_reboots_once_for_parameters_the_kernel_does_not_have() {
     let dir = tempfile::tempdir().unwrap();
@@ -413,7 +468,49 @@ fn reboot_to_reconcile_reboots_once_for_parameters_the_kernel_does_not_have() {
         host.cmdline()
     );
     let entry = std::fs::read_to_string(host.entries_dir().join("keel-a.conf")).unwrap();
-    assert!(entry.trim_end().ends_with("options nosmt"), "{entry}");
+    assert!(
+        !entry.contains("nosmt"),
+        "the kept entry is untouched: {entry}"
+    );
+    let trial = std::fs::read_to_string(host.entries_dir().join("keel-a-trial+1.conf")).unwrap();
+    assert!(trial.trim_end().ends_with("options nosmt"), "{trial}");
+    drop(keeld);
+
+    // With the flag, parameters whose trial boot fails: the boot after, back on the kept
+    // entry, is configured without rebooting for them again (that would never end).
+    std::fs::write(
+        &user_data,
+        "[settings.boot]\nreboot-to-reconcile = true\n\n\
+         [settings.boot.kernel-parameters]\nnosmt = []\n",
+    )
+    .unwrap();
+    std::fs::write(&reboots, "").unwrap();
+    let mut host = SlotHost::create(&dir.path().join("host3"), 1 << 20, 1 << 16);
+    let mut keeld = Keeld::start_with(KeeldOptions {
+        extra_args: vec![
+            "--update-writer-command".into(),
+            host.writer_command(),
+            "--reboot-command".into(),
+            recorder.display().to_string(),
+            "--user-data-file".into(),
+            user_data.display().to_string(),
+        ],
+        wait_for_boot: false,
+        ..KeeldOptions::default()
+    });
+    assert_eq!(phase_of(&keeld)["phase"], "rebooting");
+    // The trial boot (never blessed), then the boot loader's fall-back.
+    assert_eq!(host.reboot(), "a");
+    assert!(host.cmdline().trim().ends_with(" nosmt"));
+    assert_eq!(host.reboot(), "a");
+    assert!(!host.cmdline().contains("nosmt"), "{}", host.cmdline());
+    keeld.reboot();
+    let back = phase_of(&keeld);
+    assert_eq!(back["phase"], "configured", "{back:#}");
+    assert_eq!(back["booted-parameters"], "", "{back:#}");
+    assert_eq!(back["failed-parameters"], "nosmt", "{back:#}");
+    assert_eq!(std::fs::read_to_string(&reboots).unwrap(), "reboot\n");
+    assert_eq!(host.entries(), ["keel-a.conf"]);
 }
 
 #[test]

@@ -698,8 +698,23 @@ impl Applier {
             "set-boot-parameters".to_owned(),
         ];
         match result {
-            Ok(entries) => {
-                tracing::info!(service, entries = ?entries, "boot parameters staged for the next boot");
+            Ok(settled) => {
+                tracing::info!(service, trial = ?settled.trial, entries = ?settled.entries, "boot parameters staged for the next boot");
+                let stdout = match &settled.trial {
+                    crate::updates::loader::ParameterTrial::Pending { entry, .. } => format!(
+                        "the next boot tries these parameters (loader entry {entry}): they are \
+                         kept once a boot with them reaches configured; a boot that does not \
+                         comes back with the current ones\n"
+                    ),
+                    _ if settled.entries.is_empty() => {
+                        "the loader entries already hold these parameters\n".to_owned()
+                    }
+                    _ => format!(
+                        "the kept loader entries hold these parameters; trial entries \
+                         removed: {}\n",
+                        settled.entries.join(", ")
+                    ),
+                };
                 CommandOutcome {
                     service: service.to_owned(),
                     argv,
@@ -707,11 +722,7 @@ impl Applier {
                     success: true,
                     timed_out: false,
                     duration_ms,
-                    stdout: if entries.is_empty() {
-                        "the loader entries already hold these parameters\n".to_owned()
-                    } else {
-                        format!("loader entries written: {}\n", entries.join(", "))
-                    },
+                    stdout,
                     stderr: String::new(),
                     error: None,
                 }
@@ -907,6 +918,20 @@ impl Applier {
             .await
             .ok()
             .flatten()
+    }
+
+    /// At a boot's first start: settles the trial of new boot parameters with the slot
+    /// writer (see `EspLayout::settle_parameters`); `None` on a host without loader
+    /// entries Keel manages.
+    pub async fn settle_boot_parameters(
+        &self,
+    ) -> Option<Result<crate::updates::loader::Settled, String>> {
+        let loader = self.inner.config.boot_loader.clone()?;
+        Some(
+            crate::updates::writer_client::settle_boot_parameters(&loader.writer)
+                .await
+                .map_err(|e| e.to_string()),
+        )
     }
 
     /// Waits until no apply runs or waits to run. The turn on the serial lock alone is

@@ -167,10 +167,14 @@ impl Boot {
             self.events.clone(),
         );
         if tracker.record().booted_parameters.is_none() && !tracker.record().is_done() {
-            // First thing in this boot: what the loader entries held is what this
-            // boot's kernel got (a later keeld start in the same boot keeps it).
-            if let Some(booted) = self.applier.staged_boot_parameters().await {
-                if let Err(e) = tracker.update(|r| r.booted_parameters = Some(booted)) {
+            // First thing in this boot: where a trial of new boot parameters stands (kept,
+            // failed, running), and so what this boot's kernel got (a later keeld start
+            // in the same boot keeps it).
+            if let Some((booted, failed)) = self.settle_boot_parameters().await {
+                if let Err(e) = tracker.update(|r| {
+                    r.booted_parameters = Some(booted);
+                    r.failed_parameters = failed;
+                }) {
                     tracing::error!(error = %e, "could not record this boot's parameters");
                 }
             }
@@ -365,6 +369,36 @@ impl Boot {
         self.reboot_to_reconcile(t).await
     }
 
+    /// The parameters this boot's kernel got, and new ones whose trial failed, after the
+    /// slot writer settled the trial; from the record of what was last staged when the
+    /// writer cannot be asked (then no trial is reported). `None` on a host without loader
+    /// entries Keel manages.
+    async fn settle_boot_parameters(&self) -> Option<(String, Option<String>)> {
+        use crate::updates::loader::ParameterTrial;
+        match self.applier.settle_boot_parameters().await? {
+            Ok(settled) => match settled.trial {
+                ParameterTrial::Running { parameters, entry } => {
+                    tracing::info!(entry = %entry, parameters = %parameters, "this boot tries new boot parameters: they are kept once it is configured");
+                    Some((parameters, None))
+                }
+                ParameterTrial::Failed { parameters, entry } => {
+                    tracing::error!(entry = %entry, failed = %parameters, booted = %settled.kept, "the boot with new boot parameters did not reach configured: this boot came back with the kept ones, and the new ones are not tried again until settings.boot changes");
+                    Some((settled.kept, Some(parameters)))
+                }
+                ParameterTrial::None
+                | ParameterTrial::Pending { .. }
+                | ParameterTrial::Kept { .. } => Some((settled.kept, None)),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot settle the boot parameters' trial with the slot writer: this boot's parameters are taken from the record of what was last staged");
+                self.applier
+                    .staged_boot_parameters()
+                    .await
+                    .map(|staged| (staged, None))
+            }
+        }
+    }
+
     /// With `settings.boot.reboot-to-reconcile`, reboots when the parameters Keel's
     /// loader entries now hold (this boot's applies, through user-data or a bootstrap
     /// container) differ from the ones this boot's kernel got. Never on a host without
@@ -395,6 +429,12 @@ impl Boot {
             ));
         };
         if next == booted {
+            return Ok(Finish::Configured);
+        }
+        // The staged parameters failed their trial (the boot before this one): the next
+        // boot does not get them either, and rebooting for them would never end.
+        if t.record().failed_parameters.as_deref() == Some(next.as_str()) {
+            tracing::warn!(parameters = %next, "reboot-to-reconcile: the staged boot parameters failed their trial; no reboot for them");
             return Ok(Finish::Configured);
         }
         let show = |p: &str| {

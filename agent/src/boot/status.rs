@@ -99,6 +99,12 @@ pub struct BootRecord {
     /// held when keeld first started in this boot (absent on a host without them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub booted_parameters: Option<String>,
+    /// New `settings.boot` parameters whose trial boot (the boot before this one) did not
+    /// reach `configured`: the boot loader came back to the kept entry, so this boot has
+    /// [`BootRecord::booted_parameters`] instead. They are not handed to the boot loader
+    /// again until `settings.boot` changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_parameters: Option<String>,
     pub steps: Vec<BootStep>,
 }
 
@@ -114,6 +120,7 @@ impl BootRecord {
             reason: None,
             defaults_only: false,
             booted_parameters: None,
+            failed_parameters: None,
             steps: Vec::new(),
         }
     }

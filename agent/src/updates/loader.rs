@@ -23,10 +23,14 @@
 //!
 //! `settings.boot`'s kernel and init parameters live in every Keel entry, on a second
 //! `options` line after [`PARAMETERS_MARK`] (the Boot Loader Specification joins an
-//! entry's `options` lines in order): keeld hands the rendered lines to the slot writer
-//! at each apply that changes them ([`EspLayout::set_parameters`]), and activation
-//! carries them into the new slot's entry, so they take effect at the next boot of either
-//! slot. Rewriting an entry keeps its name, boot counter included (the same replace as
+//! entry's `options` lines in order). keeld hands the rendered lines to the slot writer
+//! at each apply that changes them, and they are tried before they are kept: they go into
+//! a counted trial entry of the running slot (`keel-<slot>-trial+1.conf`,
+//! [`EspLayout::stage_parameters`]); once a boot with them is blessed they are written
+//! into every entry ([`EspLayout::set_parameters`]) and the trial removed; a trial boot
+//! that fails leaves the trial "bad", the kept entry boots, and the next settling
+//! ([`EspLayout::settle_parameters`]) removes it and reports it. Activation carries the
+//! kept parameters into the new slot's entry. Rewriting an entry keeps its name, boot counter included (the same replace as
 //! above: a power cut leaves the old text or the new). `systemd-bless-boot` renames the
 //! running slot's entry once per trial boot, right after `configured`, and may do so in
 //! the middle of a rewrite, bringing back a counting copy beside the blessed entry: the
@@ -59,6 +63,14 @@ pub const INITRD: &str = "initrd.img";
 const MAX_ENTRY_BYTES: u64 = 64 * 1024;
 /// The comment line before the `options` line that holds `settings.boot`'s parameters.
 pub const PARAMETERS_MARK: &str = "# settings.boot (keeld): kernel parameters -- init parameters";
+/// What follows `keel-<slot>` in the name of a parameter trial's entry. A name of its
+/// own: `systemd-bless-boot` does not rename over an existing file, so a trial cannot
+/// share the slot entry's name.
+pub const TRIAL_SUFFIX: &str = "-trial";
+/// The option a parameter trial's entry adds to Keel's, so that the boot it starts can
+/// tell (from `/proc/cmdline`) that it is the trial. A `keel.` word: never carried into
+/// another entry (see [`extra_options`]), ignored by the initramfs.
+pub const TRIAL_MARK: &str = "keel.parameters-trial=1";
 /// The longest kernel command line x86_64 Linux takes (`COMMAND_LINE_SIZE`, with its
 /// terminating NUL): a longer one is cut, silently, and loses its last parameters.
 pub const MAX_COMMAND_LINE: usize = 2047;
@@ -90,6 +102,56 @@ pub enum LoaderError {
          may not be overwritten; try again once the host is configured"
     )]
     RunningNotBlessed { slot: Slot, file: String },
+    #[error(
+        "new boot parameters from settings.boot await their trial ({file}): an update is \
+         activated once a boot has reached configured with them (and they are kept) or \
+         gone back without them; reboot to try them, or set settings.boot back"
+    )]
+    ParametersOnTrial { file: String },
+    #[error(
+        "the running slot {slot} booted from a loader entry that is not marked good yet \
+         ({file}): new boot parameters are tried from a kept entry, so try again once the \
+         host is configured"
+    )]
+    TrialOnTrial { slot: Slot, file: String },
+    #[error(
+        "an update is activated for the next boot ({file}): set new boot parameters once it \
+         has booted, or deactivate it first"
+    )]
+    UpdateActivated { file: String },
+    #[error("no loader entry names the running slot {slot}: there is no entry to try new boot parameters from")]
+    NoRunningEntry { slot: Slot },
+}
+
+/// Where a trial of new `settings.boot` parameters stands (see [`EspLayout::stage_parameters`]).
+/// `parameters` are in the `options` form of [`BootParameters::options`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum ParameterTrial {
+    /// No trial entry.
+    None,
+    /// Written and not booted yet: the next boot tries them.
+    Pending { entry: String, parameters: String },
+    /// This boot runs them; they are kept once it reaches `configured`.
+    Running { entry: String, parameters: String },
+    /// A boot with them reached `configured`: they are in every entry now, and the trial
+    /// entry is gone.
+    Kept { parameters: String },
+    /// The boot with them did not reach `configured`, and the boot loader went back to
+    /// the kept entry: the trial entry is removed, the parameters are not kept.
+    Failed { entry: String, parameters: String },
+}
+
+/// What a change or a settling of the boot parameters answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settled {
+    /// The parameters (`options` form) of the running slot's kept entry: what a boot
+    /// from it gets.
+    pub kept: String,
+    pub trial: ParameterTrial,
+    /// The loader entries written or removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<String>,
 }
 
 /// A Keel loader entry found on the ESP.
@@ -109,6 +171,10 @@ pub struct EntryInfo {
     pub os_version: Option<String>,
     /// `keel.roothash=` of its options.
     pub root_hash: Option<String>,
+    /// A trial of new `settings.boot` parameters (`keel-<slot>-trial…`), not one of the
+    /// slot's own entries.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trial: bool,
 }
 
 impl EntryInfo {
@@ -124,14 +190,24 @@ impl EntryInfo {
     }
 }
 
-/// Splits `keel-b+2-1.conf` into the slot and the counter; `None` for other files.
+/// Splits `keel-b+2-1.conf` into the slot and the counter; `None` for other files (a
+/// parameter trial's included: see [`parse_trial_name`]).
 pub fn parse_entry_name(file: &str) -> Option<(Slot, Option<u32>, Option<u32>)> {
+    parse_name(file, "")
+}
+
+/// Splits a parameter trial's `keel-a-trial+0-1.conf` as [`parse_entry_name`] does.
+pub fn parse_trial_name(file: &str) -> Option<(Slot, Option<u32>, Option<u32>)> {
+    parse_name(file, TRIAL_SUFFIX)
+}
+
+fn parse_name(file: &str, suffix: &str) -> Option<(Slot, Option<u32>, Option<u32>)> {
     let stem = file.strip_suffix(".conf")?;
     let (id, counter) = match stem.split_once('+') {
         Some((id, counter)) => (id, Some(counter)),
         None => (stem, None),
     };
-    let slot = Slot::parse(id.strip_prefix("keel-")?)?;
+    let slot = Slot::parse(id.strip_prefix("keel-")?.strip_suffix(suffix)?)?;
     let (left, done) = match counter {
         None => (None, None),
         Some(counter) => {
@@ -383,9 +459,14 @@ impl EspLayout {
         for item in listing {
             let item = item.map_err(Self::io(&dir))?;
             let file = item.file_name().to_string_lossy().into_owned();
-            let Some((slot, tries_left, tries_done)) = parse_entry_name(&file) else {
-                continue;
+            let (name, trial) = match parse_entry_name(&file) {
+                Some(name) => (name, false),
+                None => match parse_trial_name(&file) {
+                    Some(name) => (name, true),
+                    None => continue,
+                },
             };
+            let (slot, tries_left, tries_done) = name;
             let path = item.path();
             let bytes = durable::read_bounded(&path, MAX_ENTRY_BYTES).map_err(Self::io(&path))?;
             let text = String::from_utf8_lossy(&bytes).into_owned();
@@ -399,6 +480,7 @@ impl EspLayout {
                 sort_version: entry_field(&text, "version").and_then(|v| v.parse().ok()),
                 os_version: entry_field(&text, "# keel-os-version").map(str::to_owned),
                 root_hash,
+                trial,
             };
             found.push((info, text));
         }
@@ -464,6 +546,9 @@ impl EspLayout {
     /// the files removed.
     pub fn invalidate(&self, slot: Slot) -> Result<Vec<String>, LoaderError> {
         let _lock = self.lock()?;
+        // A kept trial's parameters go into the slots' entries first, where an
+        // activation carries them from.
+        self.fold_blessed_trials()?;
         let mut removed = Vec::new();
         for (entry, _) in self.entries()? {
             if entry.slot == slot {
@@ -479,8 +564,14 @@ impl EspLayout {
     /// has not been blessed, so the other slot's entry is its fallback. A counting copy
     /// of a blessed entry of the same version (see [`EspLayout::set_parameters`]) does
     /// not count: that version has been blessed.
+    /// A parameter trial does not count here: its fallback is the running slot's own
+    /// kept entry, not the other slot.
     pub fn check_running_blessed(&self, running: Slot) -> Result<(), LoaderError> {
-        let entries = self.entries()?;
+        let entries: Vec<_> = self
+            .entries()?
+            .into_iter()
+            .filter(|(e, _)| !e.trial)
+            .collect();
         let blessed = |e: &EntryInfo| {
             entries.iter().any(|(other, _)| {
                 other.slot == e.slot && !other.is_counting() && other.sort_version == e.sort_version
@@ -513,6 +604,16 @@ impl EspLayout {
         tries: u32,
     ) -> Result<String, LoaderError> {
         let _lock = self.lock()?;
+        self.fold_blessed_trials()?;
+        // A trial still counting (not booted yet, or booted and not blessed yet): the new
+        // entry would carry parameters no boot has kept, or drop the ones on trial.
+        if let Some((trial, _)) = self
+            .entries()?
+            .into_iter()
+            .find(|(e, _)| e.trial && e.is_counting())
+        {
+            return Err(LoaderError::ParametersOnTrial { file: trial.file });
+        }
         let carried = carry_from
             .map(|(running, cmdline)| self.carried(running, cmdline))
             .transpose()?;
@@ -555,7 +656,11 @@ impl EspLayout {
         running: Slot,
         cmdline: &str,
     ) -> Result<(String, BootParameters), LoaderError> {
-        if let Some((_, text)) = self.entries()?.into_iter().find(|(e, _)| e.slot == running) {
+        if let Some((_, text)) = self
+            .entries()?
+            .into_iter()
+            .find(|(e, _)| e.slot == running && !e.trial)
+        {
             return Ok((extra_options(&text), entry_parameters(&text)));
         }
         // systemd-boot adds initrd= for the EFI stub; BOOT_IMAGE comes from other loaders.
@@ -584,9 +689,15 @@ impl EspLayout {
     /// gone. So passes repeat until one finds nothing to do: a later pass rewrites the
     /// blessed entry and then removes the counting copy of it (see [`parameters_pass`]).
     /// The rename happens once, so the second pass normally settles it.
+    /// Parameter trials are left alone (see [`EspLayout::stage_parameters`]).
     pub fn set_parameters(&self, parameters: &BootParameters) -> Result<Vec<String>, LoaderError> {
-        const PASSES: usize = 4;
         let _lock = self.lock()?;
+        self.write_parameters(parameters)
+    }
+
+    /// [`EspLayout::set_parameters`], with the lock held.
+    fn write_parameters(&self, parameters: &BootParameters) -> Result<Vec<String>, LoaderError> {
+        const PASSES: usize = 4;
         let mut written: Vec<String> = Vec::new();
         let mut vanished = false;
         for _ in 0..PASSES {
@@ -641,6 +752,7 @@ impl EspLayout {
             }
             Err(e) => return Err(e),
         };
+        let entries: Vec<_> = entries.into_iter().filter(|(e, _)| !e.trial).collect();
         let duplicate = |entry: &EntryInfo| {
             entry.is_counting()
                 && entries.iter().any(|(other, _)| {
@@ -677,6 +789,211 @@ impl EspLayout {
             remove.len(),
         )))
     }
+
+    /// Hands new `settings.boot` parameters to the boot loader to be tried before they are
+    /// kept: they go into one new counted entry for the running slot,
+    /// `keel-<slot>-trial+1.conf` (a copy of the slot's kept entry with them, sorted first,
+    /// marked with [`TRIAL_MARK`]), and the kept entries stay as they are. The next boot
+    /// tries them once. A boot that reaches `configured` is blessed
+    /// (`systemd-bless-boot`), and the next [`EspLayout::settle_parameters`] (or slot
+    /// change) writes them into every entry and removes the trial; a boot that does not
+    /// leaves the trial with no tries left, sorted last, so the boot after it is the kept
+    /// entry's, with the parameters it had. A parameter that stops the boot therefore
+    /// costs one boot, not the host.
+    ///
+    /// Parameters the kept entry already holds remove any trial instead (a change taken
+    /// back). A new trial replaces an older one. Refused while the running slot's own entry
+    /// still counts tries (an update's first boot: the trial would be sorted before it),
+    /// and while an update is activated for the next boot (the trial would be booted
+    /// instead of it). An activation waits for a trial in turn ([`EspLayout::activate`]).
+    ///
+    /// Power cuts: the trial is written whole (temporary file, fsync, rename, directory
+    /// fsync) before an older trial is removed; until its rename is durable the next boot
+    /// is the kept entry's, after it the trial's; either boots.
+    pub fn stage_parameters(
+        &self,
+        parameters: &BootParameters,
+        running: Slot,
+    ) -> Result<Settled, LoaderError> {
+        let _lock = self.lock()?;
+        let mut changed = match self.fold_blessed_trials()? {
+            Some((_, written)) => written,
+            None => Vec::new(),
+        };
+        let entries = self.entries()?;
+        let Some((kept, kept_text)) = entries
+            .iter()
+            .find(|(e, _)| e.slot == running && !e.trial)
+            .cloned()
+        else {
+            return Err(LoaderError::NoRunningEntry { slot: running });
+        };
+        if kept.is_counting() {
+            return Err(LoaderError::TrialOnTrial {
+                slot: running,
+                file: kept.file,
+            });
+        }
+        if let Some((update, _)) = entries
+            .iter()
+            .find(|(e, _)| !e.trial && e.slot != running && e.is_counting() && !e.is_bad())
+        {
+            return Err(LoaderError::UpdateActivated {
+                file: update.file.clone(),
+            });
+        }
+        let dir = self.entries_dir();
+        let trials: Vec<String> = entries
+            .iter()
+            .filter(|(e, _)| e.trial)
+            .map(|(e, _)| e.file.clone())
+            .collect();
+        let kept_parameters = entry_parameters(&kept_text).options();
+        if kept_parameters == parameters.options() {
+            for file in trials {
+                let path = dir.join(&file);
+                if durable::remove(&path).map_err(Self::io(&path))? {
+                    changed.push(file);
+                }
+            }
+            return Ok(Settled {
+                kept: kept_parameters,
+                trial: ParameterTrial::None,
+                entries: changed,
+            });
+        }
+        let highest = entries
+            .iter()
+            .filter_map(|(e, _)| e.sort_version)
+            .max()
+            .unwrap_or(0);
+        let file = format!("keel-{running}{TRIAL_SUFFIX}+1.conf");
+        let text = trial_entry_text(&kept_text, parameters, highest + 1);
+        check_length(&file, &text)?;
+        let path = dir.join(&file);
+        durable::replace(&path, text.as_bytes()).map_err(Self::io(&path))?;
+        changed.push(file.clone());
+        for old in trials.into_iter().filter(|old| *old != file) {
+            let path = dir.join(&old);
+            if durable::remove(&path).map_err(Self::io(&path))? {
+                changed.push(old);
+            }
+        }
+        Ok(Settled {
+            kept: kept_parameters,
+            trial: ParameterTrial::Pending {
+                entry: file,
+                parameters: parameters.options(),
+            },
+            entries: changed,
+        })
+    }
+
+    /// Where the parameter trial stands, at a boot's start (`cmdline` is this boot's
+    /// kernel command line): a blessed trial is kept ([`Self::fold_blessed_trials`]); a
+    /// trial with no tries left that this boot does not run failed, and is removed (the
+    /// answer is the only report of it: keeld records it in the boot's status); one this
+    /// boot runs, or one not booted yet, stays.
+    pub fn settle_parameters(&self, running: Slot, cmdline: &str) -> Result<Settled, LoaderError> {
+        let _lock = self.lock()?;
+        let this_boot_is_a_trial = cmdline.split_ascii_whitespace().any(|w| w == TRIAL_MARK);
+        let mut changed = Vec::new();
+        let mut trial = match self.fold_blessed_trials()? {
+            Some((parameters, written)) => {
+                changed = written;
+                ParameterTrial::Kept {
+                    parameters: parameters.options(),
+                }
+            }
+            None => ParameterTrial::None,
+        };
+        let dir = self.entries_dir();
+        for (entry, text) in self.entries()?.into_iter().filter(|(e, _)| e.trial) {
+            let parameters = entry_parameters(&text).options();
+            if entry.tries_left.unwrap_or(0) > 0 {
+                trial = ParameterTrial::Pending {
+                    entry: entry.file,
+                    parameters,
+                };
+            } else if this_boot_is_a_trial && entry.slot == running {
+                trial = ParameterTrial::Running {
+                    entry: entry.file,
+                    parameters,
+                };
+            } else {
+                let path = dir.join(&entry.file);
+                tracing::warn!(entry = %entry.file, parameters = %parameters, "a boot with new boot parameters did not reach configured: they are not kept");
+                durable::remove(&path).map_err(Self::io(&path))?;
+                changed.push(entry.file.clone());
+                trial = ParameterTrial::Failed {
+                    entry: entry.file,
+                    parameters,
+                };
+            }
+        }
+        let kept = self
+            .entries()?
+            .into_iter()
+            .find(|(e, _)| e.slot == running && !e.trial)
+            .map(|(_, text)| entry_parameters(&text).options())
+            .unwrap_or_default();
+        Ok(Settled {
+            kept,
+            trial,
+            entries: changed,
+        })
+    }
+
+    /// Keeps a blessed parameter trial (one whose boot reached `configured`, so that
+    /// `systemd-bless-boot` dropped its counter): its parameters are written into every
+    /// slot entry, then the trial is removed, in that order (a cut between leaves two
+    /// entries with the same parameters, and the next call removes the trial). Answers
+    /// the parameters and the entries written and removed; `None` when there is no blessed
+    /// trial. The lock is held by the caller.
+    fn fold_blessed_trials(&self) -> Result<Option<(BootParameters, Vec<String>)>, LoaderError> {
+        let mut blessed: Vec<(EntryInfo, String)> = self
+            .entries()?
+            .into_iter()
+            .filter(|(e, _)| e.trial && !e.is_counting())
+            .collect();
+        blessed.sort_by_key(|(e, _)| e.sort_version);
+        let Some((_, text)) = blessed.last() else {
+            return Ok(None);
+        };
+        let parameters = entry_parameters(text);
+        let mut changed = self.write_parameters(&parameters)?;
+        let dir = self.entries_dir();
+        for (entry, _) in &blessed {
+            let path = dir.join(&entry.file);
+            durable::remove(&path).map_err(Self::io(&path))?;
+            changed.push(entry.file.clone());
+        }
+        tracing::info!(parameters = %parameters.options(), entries = ?changed, "new boot parameters reached configured: kept in every loader entry");
+        Ok(Some((parameters, changed)))
+    }
+}
+
+/// A parameter trial's entry: the kept entry's text with `parameters`, `version`
+/// (sorted first), a title that says so and [`TRIAL_MARK`] after Keel's options.
+fn trial_entry_text(kept: &str, parameters: &BootParameters, version: u64) -> String {
+    let mut marked = false;
+    let text: String = parameter_lines(kept)
+        .filter(|(_, p)| !p)
+        .map(|(line, _)| {
+            let trimmed = line.trim();
+            if entry_field(trimmed, "version").is_some() {
+                format!("version {version}\n")
+            } else if entry_field(trimmed, "title").is_some() {
+                format!("{trimmed}, new boot parameters on trial\n")
+            } else if !marked && entry_field(trimmed, "options").is_some() {
+                marked = true;
+                format!("{trimmed}\noptions {TRIAL_MARK}\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+    with_parameters(&text, parameters)
 }
 
 fn check_length(file: &str, text: &str) -> Result<(), LoaderError> {
@@ -729,6 +1046,52 @@ mod tests {
         ] {
             assert_eq!(parse_entry_name(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn a_parameter_trial_has_a_name_of_its_own_and_is_no_slot_entry() {
+        assert_eq!(parse_entry_name("keel-a-trial+1.conf"), None);
+        assert_eq!(
+            parse_trial_name("keel-a-trial+0-1.conf"),
+            Some((Slot::A, Some(0), Some(1)))
+        );
+        assert_eq!(
+            parse_trial_name("keel-b-trial.conf"),
+            Some((Slot::B, None, None))
+        );
+        assert_eq!(parse_trial_name("keel-a.conf"), None);
+        let (_dir, esp) = esp();
+        let kept = "title Keel 1.0.0 (slot a)\nsort-key keel\nversion 4\nlinux /keel/a/vmlinuz\n\
+                    initrd /keel/a/initrd.img\noptions keel.slot=a keel.roothash=aa console=ttyS0\n";
+        std::fs::write(esp.entries_dir().join("keel-a.conf"), kept).expect("write");
+        let nosmt = BootParameters {
+            kernel: "nosmt".to_owned(),
+            init: String::new(),
+        };
+        let settled = esp.stage_parameters(&nosmt, Slot::A).expect("staged");
+        assert_eq!(settled.entries, ["keel-a-trial+1.conf"]);
+        let entries = esp.entries().expect("entries");
+        let (trial, text) = &entries[0];
+        assert!(trial.trial && trial.slot == Slot::A && trial.tries_left == Some(1));
+        assert_eq!(trial.sort_version, Some(5), "sorted first");
+        assert!(text.contains("title Keel 1.0.0 (slot a), new boot parameters on trial\n"));
+        assert_eq!(entry_parameters(text), nosmt);
+        // Nothing carries the mark or the trial's parameters into another entry.
+        assert_eq!(extra_options(text), "console=ttyS0");
+        let (extra, carried) = esp.carried(Slot::A, "").expect("carried");
+        assert_eq!(
+            (extra.as_str(), carried),
+            ("console=ttyS0", BootParameters::default())
+        );
+        // A rewrite of the slots' entries leaves the trial alone.
+        assert_eq!(
+            esp.set_parameters(&BootParameters::default()).expect("set"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            std::fs::read_to_string(esp.entries_dir().join("keel-a.conf")).expect("read"),
+            kept
+        );
     }
 
     #[test]

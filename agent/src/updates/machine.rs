@@ -1593,6 +1593,7 @@ mod tests {
             sort_version: Some(2),
             os_version: Some("1.1.0".into()),
             root_hash: None,
+            trial: false,
         }
     }
 

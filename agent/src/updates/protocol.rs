@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::loader::{BootParameters, EntryInfo};
+use super::loader::{BootParameters, EntryInfo, Settled};
 use super::slots::{Part, Slot};
 
 /// Longest request line either end accepts.
@@ -72,9 +72,13 @@ pub enum Request {
     },
     /// Removes `slot`'s loader entries (same as `Invalidate`, named for what it means).
     Deactivate { slot: Slot },
-    /// Writes `settings.boot`'s parameters into every Keel loader entry (the running
-    /// slot's and an activated one's), for the next boot.
+    /// Hands `settings.boot`'s parameters to the next boot as a trial of the running
+    /// slot (`EspLayout::stage_parameters`): kept once a boot with them reaches
+    /// `configured`. Answers `Parameters`.
     SetBootParameters { parameters: BootParameters },
+    /// At a boot's start: keeps a trial that reached `configured`, removes one that
+    /// failed, and answers where the trial stands (`Parameters`).
+    SettleBootParameters,
 }
 
 /// What `Inspect` answers.
@@ -85,6 +89,7 @@ pub struct Inspection {
     /// Sizes of the inactive slot's partitions, in bytes.
     pub root_size: u64,
     pub hash_size: u64,
+    /// The slots' entries; parameter trials are not among them (see `Settled`).
     pub entries: Vec<EntryInfo>,
     /// What is missing of each slot's boot files (kernel, initrd) on the ESP, in the
     /// user's words; a slot not named has both.
@@ -113,6 +118,7 @@ pub struct Written {
 pub enum Answer {
     Inspection { ok: bool, inspection: Inspection },
     Written { ok: bool, written: Written },
+    Parameters { ok: bool, parameters: Settled },
     Failed { ok: bool, error: String },
 }
 

@@ -144,7 +144,9 @@ fn hold_slots(
         | Request::Activate { .. }
         | Request::Deactivate { .. }
         | Request::InspectSettled => true,
-        Request::Inspect | Request::SetBootParameters { .. } => false,
+        Request::Inspect | Request::SetBootParameters { .. } | Request::SettleBootParameters => {
+            false
+        }
     };
     if touches_a_slot && lock.is_none() {
         *lock = Some(
@@ -275,14 +277,29 @@ fn handle(
         }
         Request::SetBootParameters { parameters } => {
             parameters.check().map_err(refuse)?;
-            let entries = config.esp.set_parameters(parameters).map_err(refuse)?;
-            tracing::info!(entries = ?entries, "boot parameters written for the next boot");
-            Ok(written(Written {
-                bytes: 0,
-                sha256: None,
-                root_hash: None,
-                entries,
-            }))
+            let active = config.slots.active().map_err(refuse)?;
+            let settled = config
+                .esp
+                .stage_parameters(parameters, active)
+                .map_err(refuse)?;
+            tracing::info!(trial = ?settled.trial, entries = ?settled.entries, "boot parameters staged for the next boot");
+            Ok(Answer::Parameters {
+                ok: true,
+                parameters: settled,
+            })
+        }
+        Request::SettleBootParameters => {
+            let active = config.slots.active().map_err(refuse)?;
+            let cmdline = config.slots.read_cmdline().map_err(refuse)?;
+            let settled = config
+                .esp
+                .settle_parameters(active, &cmdline)
+                .map_err(refuse)?;
+            tracing::info!(trial = ?settled.trial, entries = ?settled.entries, "boot parameters settled");
+            Ok(Answer::Parameters {
+                ok: true,
+                parameters: settled,
+            })
         }
     }
 }
@@ -334,6 +351,7 @@ fn inspect(config: &WriterConfig) -> Result<Inspection, Refusal> {
             .map_err(refuse)?
             .into_iter()
             .map(|(e, _)| e)
+            .filter(|e| !e.trial)
             .collect(),
         missing_boot_files: [Slot::A, Slot::B]
             .into_iter()
@@ -880,7 +898,10 @@ mod tests {
             matches!(answers[0], Answer::Inspection { .. }),
             "{answers:?}"
         );
-        assert!(matches!(answers[1], Answer::Written { .. }), "{answers:?}");
+        assert!(
+            matches!(answers[1], Answer::Parameters { .. }),
+            "{answers:?}"
+        );
         assert!(began.elapsed() >= Duration::from_millis(200));
         assert!(error(&answers[2]).contains("another slot writer session"));
         assert_eq!(answers.len(), 3, "the refusal ends the session");
@@ -1042,15 +1063,31 @@ mod tests {
         drop(f.dir);
     }
 
+    /// New boot parameters go into a trial entry of the running slot, the kept entry
+    /// untouched; bad ones change nothing; a slot change waits for the trial; a trial
+    /// that `systemd-bless-boot` blessed is kept in every entry at the next settling, one
+    /// that used up its try without this boot running it is removed and reported, one
+    /// this boot runs stays; parameters the kept entry holds take a trial back.
     #[test]
-    fn boot_parameters_reach_the_entries_and_bad_ones_change_nothing() {
+    fn boot_parameters_are_tried_before_they_are_kept() {
+        use super::super::loader::{command_line, ParameterTrial, Settled};
         let f = fixture();
         let esp = &f.config.esp;
+        let entries = esp.entries_dir();
+        let kept_text = std::fs::read_to_string(entries.join("keel-a.conf")).expect("read");
         let set = |kernel: &str, init: &str| Request::SetBootParameters {
             parameters: BootParameters {
                 kernel: kernel.to_owned(),
                 init: init.to_owned(),
             },
+        };
+        let settled = |answer: &Answer| match answer {
+            Answer::Parameters { parameters, .. } => parameters.clone(),
+            other => panic!("{other:?}"),
+        };
+        let settle = |cmdline: &str| {
+            std::fs::write(f.dir.path().join("cmdline"), cmdline).expect("cmdline");
+            settled(&session(&f.config, &[(Request::SettleBootParameters, &[])])[0])
         };
         let answers = session(
             &f.config,
@@ -1058,21 +1095,180 @@ mod tests {
                 (set("console=tty0,ttyS1 nosmt", "splash"), &[]),
                 (set("keel.roothash=00", ""), &[]),
                 (set("nosmt", "a\"b"), &[]),
+                (Request::Invalidate { slot: Slot::B }, &[]),
             ],
         );
-        match &answers[0] {
-            Answer::Written { written, .. } => assert_eq!(written.entries, ["keel-a.conf"]),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(
+            settled(&answers[0]),
+            Settled {
+                kept: String::new(),
+                trial: ParameterTrial::Pending {
+                    entry: "keel-a-trial+1.conf".to_owned(),
+                    parameters: "console=tty0,ttyS1 nosmt -- splash".to_owned(),
+                },
+                entries: vec!["keel-a-trial+1.conf".to_owned()],
+            }
+        );
         assert!(error(&answers[1]).contains("Keel's own"), "{answers:?}");
         assert!(
             error(&answers[2]).contains("not a parameter"),
             "{answers:?}"
         );
-        let text = std::fs::read_to_string(esp.entries_dir().join("keel-a.conf")).expect("read");
+        // Preparing the other slot goes on (the trial's fallback is slot a's own kept
+        // entry); its activation waits for the trial.
+        assert!(matches!(answers[3], Answer::Written { .. }), "{answers:?}");
+        std::fs::create_dir_all(esp.slot_dir(Slot::B)).expect("mkdir");
+        for file in ["vmlinuz", "initrd.img"] {
+            std::fs::write(esp.slot_dir(Slot::B).join(file), b"x").expect("boot file");
+        }
+        let activate = Request::Activate {
+            slot: Slot::B,
+            os_version: "1.1.0".to_owned(),
+            root_hash: "b".repeat(64),
+            tries: 3,
+        };
+        let answers = session(&f.config, &[(activate.clone(), &[])]);
+        assert!(
+            error(&answers[0]).contains("await their trial (keel-a-trial+1.conf)"),
+            "{answers:?}"
+        );
         assert_eq!(
-            super::super::loader::command_line(&text),
+            std::fs::read_to_string(entries.join("keel-a.conf")).expect("read"),
+            kept_text,
+            "the kept entry is untouched"
+        );
+        let trial = std::fs::read_to_string(entries.join("keel-a-trial+1.conf")).expect("read");
+        assert_eq!(
+            command_line(&trial),
+            "keel.slot=a keel.roothash=00 console=ttyS0 keel.parameters-trial=1 \
+             console=tty0,ttyS1 nosmt -- splash"
+        );
+        assert!(trial.contains("\nversion 2\n"), "sorted first: {trial}");
+        // Not booted yet: it stays.
+        let pending = settle("keel.slot=a console=ttyS0");
+        assert!(
+            matches!(pending.trial, ParameterTrial::Pending { .. }),
+            "{pending:?}"
+        );
+
+        // The boot loader tried it (`+0-1`) and this boot runs it: it stays.
+        std::fs::rename(
+            entries.join("keel-a-trial+1.conf"),
+            entries.join("keel-a-trial+0-1.conf"),
+        )
+        .expect("tried");
+        let running = settle("keel.slot=a console=ttyS0 keel.parameters-trial=1 nosmt");
+        assert!(
+            matches!(running.trial, ParameterTrial::Running { ref entry, .. } if entry == "keel-a-trial+0-1.conf"),
+            "{running:?}"
+        );
+        // Blessed: kept in the slot's entry at the next settling, the trial removed.
+        std::fs::rename(
+            entries.join("keel-a-trial+0-1.conf"),
+            entries.join("keel-a-trial.conf"),
+        )
+        .expect("blessed");
+        let kept = settle("keel.slot=a console=ttyS0 keel.parameters-trial=1 nosmt");
+        assert_eq!(
+            kept.trial,
+            ParameterTrial::Kept {
+                parameters: "console=tty0,ttyS1 nosmt -- splash".to_owned()
+            }
+        );
+        assert_eq!(kept.kept, "console=tty0,ttyS1 nosmt -- splash");
+        let listing = |dir: &std::path::Path| {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .expect("ls")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(listing(&entries), ["keel-a.conf"]);
+        assert_eq!(
+            command_line(&std::fs::read_to_string(entries.join("keel-a.conf")).expect("read")),
             "keel.slot=a keel.roothash=00 console=ttyS0 console=tty0,ttyS1 nosmt -- splash"
+        );
+
+        // A trial whose boot failed: the boot loader came back to the kept entry, whose
+        // command line has no mark. Reported once and removed; the kept entry unchanged.
+        let answers = session(&f.config, &[(set("rdinit=/nonexistent", ""), &[])]);
+        assert!(
+            matches!(settled(&answers[0]).trial, ParameterTrial::Pending { .. }),
+            "{answers:?}"
+        );
+        std::fs::rename(
+            entries.join("keel-a-trial+1.conf"),
+            entries.join("keel-a-trial+0-1.conf"),
+        )
+        .expect("tried");
+        let failed = settle("keel.slot=a console=ttyS0 console=tty0,ttyS1 nosmt -- splash");
+        assert_eq!(
+            failed,
+            Settled {
+                kept: "console=tty0,ttyS1 nosmt -- splash".to_owned(),
+                trial: ParameterTrial::Failed {
+                    entry: "keel-a-trial+0-1.conf".to_owned(),
+                    parameters: "rdinit=/nonexistent".to_owned(),
+                },
+                entries: vec!["keel-a-trial+0-1.conf".to_owned()],
+            }
+        );
+        assert_eq!(listing(&entries), ["keel-a.conf"]);
+        assert_eq!(settle("keel.slot=a").trial, ParameterTrial::None);
+
+        // A change taken back before its boot removes the trial.
+        session(&f.config, &[(set("quiet", ""), &[])]);
+        assert_eq!(listing(&entries), ["keel-a-trial+1.conf", "keel-a.conf"]);
+        let back = settled(
+            &session(
+                &f.config,
+                &[(set("console=tty0,ttyS1 nosmt", "splash"), &[])],
+            )[0],
+        );
+        assert_eq!(back.trial, ParameterTrial::None);
+        assert_eq!(back.entries, ["keel-a-trial+1.conf"]);
+        assert_eq!(listing(&entries), ["keel-a.conf"]);
+
+        // With no trial, the activation carries the kept parameters; new ones wait for
+        // the update's boot.
+        let answers = session(&f.config, &[(activate, &[])]);
+        assert!(matches!(answers[0], Answer::Written { .. }), "{answers:?}");
+        let update = std::fs::read_to_string(entries.join("keel-b+3.conf")).expect("read");
+        assert!(
+            command_line(&update).ends_with("console=ttyS0 console=tty0,ttyS1 nosmt -- splash"),
+            "{update}"
+        );
+        let answers = session(&f.config, &[(set("quiet", ""), &[])]);
+        assert!(
+            error(&answers[0]).contains("an update is activated for the next boot (keel-b+3.conf)"),
+            "{answers:?}"
+        );
+    }
+
+    /// While the running slot's own entry still counts tries (an update's first boot),
+    /// new parameters are refused: their trial would be sorted before it.
+    #[test]
+    fn no_parameter_trial_while_the_running_slot_is_on_trial() {
+        let f = fixture();
+        let entries = f.config.esp.entries_dir();
+        std::fs::rename(entries.join("keel-a.conf"), entries.join("keel-a+2-1.conf"))
+            .expect("counting");
+        let answers = session(
+            &f.config,
+            &[(
+                Request::SetBootParameters {
+                    parameters: BootParameters {
+                        kernel: "quiet".to_owned(),
+                        init: String::new(),
+                    },
+                },
+                &[],
+            )],
+        );
+        assert!(
+            error(&answers[0]).contains("not marked good yet (keel-a+2-1.conf)"),
+            "{answers:?}"
         );
     }
 

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
-use super::loader::BootParameters;
+use super::loader::{BootParameters, Settled};
 use super::protocol::{Answer, Inspection, Request, Written, MAX_LINE};
 use super::repository::RepositoryError;
 
@@ -171,7 +171,9 @@ impl WriterSession {
         match self.call(request).await? {
             Answer::Inspection { inspection, .. } => Ok(inspection),
             Answer::Failed { error, .. } => Err(WriterError::Refused(error)),
-            Answer::Written { .. } => Err(WriterError::Gone("unexpected answer".to_owned())),
+            Answer::Written { .. } | Answer::Parameters { .. } => {
+                Err(WriterError::Gone("unexpected answer".to_owned()))
+            }
         }
     }
 
@@ -240,18 +242,35 @@ impl WriterSession {
     }
 }
 
-/// One session that writes `settings.boot`'s parameters into the loader entries (see
-/// `loader.rs`); answers the entries rewritten.
+/// One session that hands `settings.boot`'s parameters to the next boot as a trial (see
+/// `loader.rs`); answers where the trial stands.
 pub async fn set_boot_parameters(
     endpoint: &WriterEndpoint,
     parameters: BootParameters,
-) -> Result<Vec<String>, WriterError> {
+) -> Result<Settled, WriterError> {
+    parameters_session(endpoint, &Request::SetBootParameters { parameters }).await
+}
+
+/// One session that settles the parameter trial at a boot's start: a trial that reached
+/// `configured` is kept, one that failed is removed and reported.
+pub async fn settle_boot_parameters(endpoint: &WriterEndpoint) -> Result<Settled, WriterError> {
+    parameters_session(endpoint, &Request::SettleBootParameters).await
+}
+
+async fn parameters_session(
+    endpoint: &WriterEndpoint,
+    request: &Request,
+) -> Result<Settled, WriterError> {
     let mut session = WriterSession::open(endpoint).await?;
-    let written = session
-        .simple(&Request::SetBootParameters { parameters })
-        .await;
+    let answer = session.call(request).await;
     session.close().await;
-    Ok(written?.entries)
+    match answer? {
+        Answer::Parameters { parameters, .. } => Ok(parameters),
+        Answer::Failed { error, .. } => Err(WriterError::Refused(error)),
+        Answer::Inspection { .. } | Answer::Written { .. } => {
+            Err(WriterError::Gone("unexpected answer".to_owned()))
+        }
+    }
 }
 
 /// Bytes handed to the writer per piece, at least: the download yields pieces of a few
@@ -392,7 +411,9 @@ fn written(answer: Answer) -> Result<Written, WriterError> {
     match answer {
         Answer::Written { written, .. } => Ok(written),
         Answer::Failed { error, .. } => Err(WriterError::Refused(error)),
-        Answer::Inspection { .. } => Err(WriterError::Gone("unexpected answer".to_owned())),
+        Answer::Inspection { .. } | Answer::Parameters { .. } => {
+            Err(WriterError::Gone("unexpected answer".to_owned()))
+        }
     }
 }
 

@@ -88,6 +88,23 @@ pub fn table(record: &Value) -> Result<String, CliError> {
     if let Some(reason) = record.get("reason").and_then(Value::as_str) {
         text.push_str(&format!("reason: {reason}\n"));
     }
+    let show = |p: &str| {
+        if p.is_empty() {
+            "none".to_owned()
+        } else {
+            p.to_owned()
+        }
+    };
+    if let Some(booted) = record.get("booted-parameters").and_then(Value::as_str) {
+        text.push_str(&format!("boot parameters: {}\n", show(booted)));
+    }
+    if let Some(failed) = record.get("failed-parameters").and_then(Value::as_str) {
+        text.push_str(&format!(
+            "boot parameters not kept: {} (the boot that tried them did not reach \
+             configured; set settings.boot again to try others)\n",
+            show(failed)
+        ));
+    }
     let steps = record
         .get("steps")
         .and_then(Value::as_array)
@@ -304,5 +321,20 @@ mod tests {
         );
         assert_eq!(lines[6], "  detail: exit code 3");
         assert!(table(&json!([])).is_err());
+    }
+
+    #[test]
+    fn the_table_names_boot_parameters_that_were_not_kept() {
+        let record = json!({
+            "phase": "configured", "first-boot": false, "duration-ms": 900,
+            "booted-parameters": "", "failed-parameters": "rdinit=/nonexistent", "steps": []
+        });
+        let text = table(&record).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "boot parameters: none");
+        assert!(
+            lines[2].starts_with("boot parameters not kept: rdinit=/nonexistent (the boot"),
+            "{text}"
+        );
     }
 }
