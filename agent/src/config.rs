@@ -243,6 +243,7 @@ impl Config {
         (keel_boot || self.update_writer_command.is_some()).then(|| crate::apply::BootLoader {
             writer: self.update_writer(),
             staged: self.state_dir.join("boot-parameters"),
+            failed: self.state_dir.join("boot-parameters.failed"),
         })
     }
 

@@ -248,7 +248,7 @@ fn boot_parameters_reach_the_next_boots_command_line_or_the_apply_says_why_not()
     let cmdline = host.cmdline();
     assert!(
         cmdline.trim().ends_with(
-            "console=ttyS0 keel.parameters-trial=1 console=tty0,ttyS1,115200n8 nosmt -- \
+            "console=ttyS0 keel.parameters-trial=2 console=tty0,ttyS1,115200n8 nosmt -- \
              systemd.log_level=debug"
         ) && cmdline.contains("keel.slot=a keel.roothash="),
         "{cmdline}"
@@ -298,6 +298,16 @@ fn boot_parameters_reach_the_next_boots_command_line_or_the_apply_says_why_not()
     let again = keeld.raw("POST", "/tx/apply", None);
     assert!(again.status < 300, "{}", again.text());
     assert_eq!(host.entries(), ["keel-a.conf"], "not handed over again");
+    // Every boot says so while settings.boot asks for them.
+    assert_eq!(host.reboot(), "a");
+    keeld.reboot();
+    let boot = keeld.wait_boot(Duration::from_secs(30));
+    assert_eq!(
+        boot["failed-parameters"],
+        "console=tty0,ttyS1,115200n8 nosmt rdinit=/nonexistent -- systemd.log_level=debug",
+        "{boot:#}"
+    );
+    assert_eq!(host.entries(), ["keel-a.conf"]);
 
     // Removing them all: the image's line, tried first like any change.
     ok(&keeld.apiclient(&[
@@ -310,7 +320,7 @@ fn boot_parameters_reach_the_next_boots_command_line_or_the_apply_says_why_not()
     assert!(
         cmdline
             .trim()
-            .ends_with("console=ttyS0 keel.parameters-trial=1")
+            .ends_with("console=ttyS0 keel.parameters-trial=2")
             && !cmdline.contains("--"),
         "{cmdline}"
     );
@@ -511,6 +521,13 @@ fn reboot_to_reconcile_reboots_once_for_parameters_the_kernel_does_not_have() {
     assert_eq!(back["failed-parameters"], "nosmt", "{back:#}");
     assert_eq!(std::fs::read_to_string(&reboots).unwrap(), "reboot\n");
     assert_eq!(host.entries(), ["keel-a.conf"]);
+    // Nor at any boot after, while settings.boot asks for them.
+    assert_eq!(host.reboot(), "a");
+    keeld.reboot();
+    let later = phase_of(&keeld);
+    assert_eq!(later["phase"], "configured", "{later:#}");
+    assert_eq!(later["failed-parameters"], "nosmt", "{later:#}");
+    assert_eq!(std::fs::read_to_string(&reboots).unwrap(), "reboot\n");
 }
 
 #[test]

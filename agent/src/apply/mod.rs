@@ -171,6 +171,12 @@ pub struct BootLoader {
     /// image's entries, which hold none), in the state directory: an apply whose lines
     /// are these asks nothing of the writer, so a boot does not depend on it.
     pub staged: PathBuf,
+    /// Parameters whose trial boot did not reach `configured` (one `options` line), in
+    /// the state directory; removed when other parameters are handed over. While it
+    /// matches [`BootLoader::staged`], `settings.boot` still asks for parameters that
+    /// failed: every boot's record says so, and `reboot-to-reconcile` does not reboot for
+    /// them.
+    pub failed: PathBuf,
 }
 
 impl BootLoader {
@@ -181,6 +187,13 @@ impl BootLoader {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(String::new()),
             Err(_) => None,
         }
+    }
+
+    /// The parameters that failed their trial, while they are still the ones staged.
+    fn still_failed(&self) -> Option<String> {
+        let failed = crate::updates::durable::read_bounded(&self.failed, 64 * 1024).ok()?;
+        let failed = String::from_utf8(failed).ok()?;
+        (self.last_staged().as_deref() == Some(failed.as_str())).then_some(failed)
     }
 }
 
@@ -672,10 +685,24 @@ impl Applier {
                 // apply asks the writer again, which finds the entries already done.
                 let record = options.into_bytes();
                 match set {
+                    // Not handed over: no record, so a later apply (the next boot's)
+                    // hands them over again.
+                    Ok(settled)
+                        if matches!(
+                            settled.trial,
+                            crate::updates::loader::ParameterTrial::Deferred { .. }
+                        ) =>
+                    {
+                        Ok(settled)
+                    }
                     Ok(entries) => {
                         let path = loader.staged.clone();
+                        let failed = loader.failed.clone();
+                        // The record first, then the failure it supersedes: a crash
+                        // between leaves a failure that no longer matches the record.
                         tokio::task::spawn_blocking(move || {
-                            crate::updates::durable::replace(&path, &record)
+                            crate::updates::durable::replace(&path, &record)?;
+                            crate::updates::durable::remove(&failed).map(|_| ())
                         })
                         .await
                         .map_err(std::io::Error::other)
@@ -700,8 +727,14 @@ impl Applier {
         match result {
             Ok(settled) => {
                 tracing::info!(service, trial = ?settled.trial, entries = ?settled.entries, "boot parameters staged for the next boot");
+                use crate::updates::loader::ParameterTrial;
                 let stdout = match &settled.trial {
-                    crate::updates::loader::ParameterTrial::Pending { entry, .. } => format!(
+                    ParameterTrial::Deferred { reason } => format!("deferred: {reason}\n"),
+                    ParameterTrial::Running { entry, .. } => format!(
+                        "this boot tries these parameters (loader entry {entry}): they are kept \
+                         once it reaches configured\n"
+                    ),
+                    ParameterTrial::Pending { entry, .. } => format!(
                         "the next boot tries these parameters (loader entry {entry}): they are \
                          kept once a boot with them reaches configured; a boot that does not \
                          comes back with the current ones\n"
@@ -915,6 +948,30 @@ impl Applier {
     pub async fn staged_boot_parameters(&self) -> Option<String> {
         let loader = self.inner.config.boot_loader.clone()?;
         tokio::task::spawn_blocking(move || loader.last_staged())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Records that `parameters` failed their trial (durably: the report outlives this
+    /// boot, see [`BootLoader::failed`]).
+    pub async fn record_failed_boot_parameters(&self, parameters: String) -> Result<(), String> {
+        let Some(loader) = self.inner.config.boot_loader.clone() else {
+            return Ok(());
+        };
+        let path = loader.failed.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::updates::durable::replace(&path, parameters.as_bytes())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| format!("{}: {e}", loader.failed.display())))
+    }
+
+    /// The staged parameters, when they are ones that failed their trial.
+    pub async fn failed_boot_parameters(&self) -> Option<String> {
+        let loader = self.inner.config.boot_loader.clone()?;
+        tokio::task::spawn_blocking(move || loader.still_failed())
             .await
             .ok()
             .flatten()

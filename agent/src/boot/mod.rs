@@ -369,34 +369,37 @@ impl Boot {
         self.reboot_to_reconcile(t).await
     }
 
-    /// The parameters this boot's kernel got, and new ones whose trial failed, after the
-    /// slot writer settled the trial; from the record of what was last staged when the
-    /// writer cannot be asked (then no trial is reported). `None` on a host without loader
-    /// entries Keel manages.
+    /// The parameters this boot's kernel got, after the slot writer settled the trial
+    /// (from the record of what was last staged when the writer cannot be asked), and the
+    /// staged ones when they failed their trial (this boot's verdict, or an earlier one's
+    /// that `settings.boot` still asks for). `None` on a host without loader entries Keel
+    /// manages.
     async fn settle_boot_parameters(&self) -> Option<(String, Option<String>)> {
         use crate::updates::loader::ParameterTrial;
-        match self.applier.settle_boot_parameters().await? {
+        let booted = match self.applier.settle_boot_parameters().await? {
             Ok(settled) => match settled.trial {
                 ParameterTrial::Running { parameters, entry } => {
                     tracing::info!(entry = %entry, parameters = %parameters, "this boot tries new boot parameters: they are kept once it is configured");
-                    Some((parameters, None))
+                    parameters
                 }
                 ParameterTrial::Failed { parameters, entry } => {
-                    tracing::error!(entry = %entry, failed = %parameters, booted = %settled.kept, "the boot with new boot parameters did not reach configured: this boot came back with the kept ones, and the new ones are not tried again until settings.boot changes");
-                    Some((settled.kept, Some(parameters)))
+                    tracing::error!(entry = %entry, failed = %parameters, booted = %settled.kept, "the boot with new boot parameters did not reach configured: this boot came back with the kept ones, and the new ones are not handed over again until settings.boot changes");
+                    if let Err(e) = self.applier.record_failed_boot_parameters(parameters).await {
+                        tracing::error!(error = %e, "cannot record the boot parameters that failed their trial; a later boot will not report them");
+                    }
+                    settled.kept
                 }
                 ParameterTrial::None
                 | ParameterTrial::Pending { .. }
-                | ParameterTrial::Kept { .. } => Some((settled.kept, None)),
+                | ParameterTrial::Kept { .. }
+                | ParameterTrial::Deferred { .. } => settled.kept,
             },
             Err(e) => {
                 tracing::warn!(error = %e, "cannot settle the boot parameters' trial with the slot writer: this boot's parameters are taken from the record of what was last staged");
-                self.applier
-                    .staged_boot_parameters()
-                    .await
-                    .map(|staged| (staged, None))
+                self.applier.staged_boot_parameters().await?
             }
-        }
+        };
+        Some((booted, self.applier.failed_boot_parameters().await))
     }
 
     /// With `settings.boot.reboot-to-reconcile`, reboots when the parameters Keel's
@@ -431,8 +434,9 @@ impl Boot {
         if next == booted {
             return Ok(Finish::Configured);
         }
-        // The staged parameters failed their trial (the boot before this one): the next
-        // boot does not get them either, and rebooting for them would never end.
+        // The staged parameters failed their trial (in an earlier boot; recorded in the
+        // state directory until other parameters are staged): the next boot does not get
+        // them either, and rebooting for them would never end.
         if t.record().failed_parameters.as_deref() == Some(next.as_str()) {
             tracing::warn!(parameters = %next, "reboot-to-reconcile: the staged boot parameters failed their trial; no reboot for them");
             return Ok(Finish::Configured);

@@ -99,10 +99,10 @@ pub struct BootRecord {
     /// held when keeld first started in this boot (absent on a host without them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub booted_parameters: Option<String>,
-    /// New `settings.boot` parameters whose trial boot (the boot before this one) did not
-    /// reach `configured`: the boot loader came back to the kept entry, so this boot has
-    /// [`BootRecord::booted_parameters`] instead. They are not handed to the boot loader
-    /// again until `settings.boot` changes.
+    /// New `settings.boot` parameters whose trial boot did not reach `configured`, while
+    /// `settings.boot` still asks for them: the boot loader came back to the kept entry,
+    /// so this boot has [`BootRecord::booted_parameters`] instead. They are not handed to
+    /// the boot loader again until `settings.boot` changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_parameters: Option<String>,
     pub steps: Vec<BootStep>,
@@ -320,6 +320,7 @@ fn phase_event(record: &BootRecord, from: Option<BootPhase>) -> EventBody {
         from,
         to: record.phase,
         reason: record.reason.clone(),
+        failed_parameters: record.failed_parameters.clone(),
     })
 }
 

@@ -67,6 +67,7 @@ impl Node {
                         "/nonexistent/keel-slot-writer".to_owned(),
                     ]),
                     staged: dir.path().join("boot-parameters"),
+                    failed: dir.path().join("boot-parameters.failed"),
                 }),
             },
             json!({}),

@@ -232,6 +232,10 @@ pub struct BootPhaseEvent {
     /// Why the boot failed (`to` is `failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// New `settings.boot` parameters whose trial boot (the boot before) did not reach
+    /// `configured`: this boot came back without them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_parameters: Option<String>,
 }
 
 /// The update state changed (published by the updates API).

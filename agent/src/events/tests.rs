@@ -147,6 +147,7 @@ async fn a_filter_skips_other_kinds_but_never_gaps() {
         from: None,
         to: crate::boot::status::BootPhase::Configured,
         reason: None,
+        failed_parameters: None,
     }));
     bus.publish(update(3));
     let items = drain(
@@ -172,6 +173,7 @@ async fn a_filtered_reader_reads_past_a_full_batch_of_other_kinds() {
         from: None,
         to: crate::boot::status::BootPhase::Apply,
         reason: None,
+        failed_parameters: None,
     }));
     let items = drain(
         bus.subscribe(Resume::Start, false, Some(vec![Kind::BootPhase]))

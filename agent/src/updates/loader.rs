@@ -67,10 +67,11 @@ pub const PARAMETERS_MARK: &str = "# settings.boot (keeld): kernel parameters --
 /// own: `systemd-bless-boot` does not rename over an existing file, so a trial cannot
 /// share the slot entry's name.
 pub const TRIAL_SUFFIX: &str = "-trial";
-/// The option a parameter trial's entry adds to Keel's, so that the boot it starts can
-/// tell (from `/proc/cmdline`) that it is the trial. A `keel.` word: never carried into
-/// another entry (see [`extra_options`]), ignored by the initramfs.
-pub const TRIAL_MARK: &str = "keel.parameters-trial=1";
+/// The option a parameter trial's entry adds to Keel's, `keel.parameters-trial=<version>`
+/// (the entry's `version`), so that the boot it starts can tell (from `/proc/cmdline`)
+/// which trial it runs. A `keel.` word: never carried into another entry (see
+/// [`extra_options`]), ignored by the initramfs.
+pub const TRIAL_MARK: &str = "keel.parameters-trial";
 /// The longest kernel command line x86_64 Linux takes (`COMMAND_LINE_SIZE`, with its
 /// terminating NUL): a longer one is cut, silently, and loses its last parameters.
 pub const MAX_COMMAND_LINE: usize = 2047;
@@ -108,17 +109,6 @@ pub enum LoaderError {
          gone back without them; reboot to try them, or set settings.boot back"
     )]
     ParametersOnTrial { file: String },
-    #[error(
-        "the running slot {slot} booted from a loader entry that is not marked good yet \
-         ({file}): new boot parameters are tried from a kept entry, so try again once the \
-         host is configured"
-    )]
-    TrialOnTrial { slot: Slot, file: String },
-    #[error(
-        "an update is activated for the next boot ({file}): set new boot parameters once it \
-         has booted, or deactivate it first"
-    )]
-    UpdateActivated { file: String },
     #[error("no loader entry names the running slot {slot}: there is no entry to try new boot parameters from")]
     NoRunningEntry { slot: Slot },
 }
@@ -140,6 +130,10 @@ pub enum ParameterTrial {
     /// The boot with them did not reach `configured`, and the boot loader went back to
     /// the kept entry: the trial entry is removed, the parameters are not kept.
     Failed { entry: String, parameters: String },
+    /// Not handed over now (`reason`): a trial cannot start while this boot is itself on
+    /// trial, or while an update waits for the next boot. Nothing was written; the caller
+    /// hands them over again at a later boot.
+    Deferred { reason: String },
 }
 
 /// What a change or a settling of the boot parameters answers.
@@ -802,10 +796,15 @@ impl EspLayout {
     /// costs one boot, not the host.
     ///
     /// Parameters the kept entry already holds remove any trial instead (a change taken
-    /// back). A new trial replaces an older one. Refused while the running slot's own entry
-    /// still counts tries (an update's first boot: the trial would be sorted before it),
-    /// and while an update is activated for the next boot (the trial would be booted
-    /// instead of it). An activation waits for a trial in turn ([`EspLayout::activate`]).
+    /// back). A new trial replaces an older one, except the one this boot runs (`cmdline`
+    /// has its mark) before it is blessed: the same parameters answer `Running`, others
+    /// are deferred. Deferred too (nothing written, [`ParameterTrial::Deferred`]) while
+    /// the running slot's own entry still counts tries (an update's first boot: the trial
+    /// would be sorted before it) and while an update is activated for the next boot (the
+    /// trial would be booted instead of it). A deferral is no error: an apply at boot
+    /// that failed on it would fail the boot, and so roll an update back. An activation
+    /// waits for a trial in turn ([`EspLayout::activate`]). Counting copies of the kept
+    /// entry (see [`EspLayout::set_parameters`]) are removed.
     ///
     /// Power cuts: the trial is written whole (temporary file, fsync, rename, directory
     /// fsync) before an older trial is removed; until its rename is durable the next boot
@@ -814,41 +813,72 @@ impl EspLayout {
         &self,
         parameters: &BootParameters,
         running: Slot,
+        cmdline: &str,
     ) -> Result<Settled, LoaderError> {
         let _lock = self.lock()?;
         let mut changed = match self.fold_blessed_trials()? {
             Some((_, written)) => written,
             None => Vec::new(),
         };
+        let dir = self.entries_dir();
         let entries = self.entries()?;
-        let Some((kept, kept_text)) = entries
-            .iter()
-            .find(|(e, _)| e.slot == running && !e.trial)
-            .cloned()
-        else {
-            return Err(LoaderError::NoRunningEntry { slot: running });
+        let kept_text = match kept_entry(&entries, running)? {
+            Kept::Blessed { text, copies } => {
+                // Counting copies of the kept entry (a rewrite that raced
+                // systemd-bless-boot, see `set_parameters`): the same slot and version.
+                for copy in copies {
+                    tracing::info!(file = %copy, "removing a counting copy of a blessed loader entry");
+                    let path = dir.join(&copy);
+                    if durable::remove(&path).map_err(Self::io(&path))? {
+                        changed.push(copy);
+                    }
+                }
+                text
+            }
+            Kept::Counting(file) => {
+                return Ok(deferred(format!(
+                    "the running slot {running} booted from a loader entry that is not marked \
+                     good yet ({file}): new boot parameters are tried from a kept entry, so \
+                     they are handed over at the next boot"
+                )))
+            }
         };
-        if kept.is_counting() {
-            return Err(LoaderError::TrialOnTrial {
-                slot: running,
-                file: kept.file,
-            });
-        }
+        let kept_parameters = entry_parameters(&kept_text).options();
         if let Some((update, _)) = entries
             .iter()
             .find(|(e, _)| !e.trial && e.slot != running && e.is_counting() && !e.is_bad())
         {
-            return Err(LoaderError::UpdateActivated {
-                file: update.file.clone(),
-            });
+            return Ok(deferred(format!(
+                "an update is activated for the next boot ({}): new boot parameters are \
+                 handed over at the boot after it (deactivate it to try them first)",
+                update.file
+            )));
         }
-        let dir = self.entries_dir();
-        let trials: Vec<String> = entries
+        let trials: Vec<&(EntryInfo, String)> = entries.iter().filter(|(e, _)| e.trial).collect();
+        if let Some((this, text)) = trials
             .iter()
-            .filter(|(e, _)| e.trial)
-            .map(|(e, _)| e.file.clone())
-            .collect();
-        let kept_parameters = entry_parameters(&kept_text).options();
+            .find(|(e, _)| e.is_counting() && runs_trial(cmdline, e))
+        {
+            // This boot is the trial of some parameters and not blessed yet: replacing its
+            // entry now would make the bless fail and lose its verdict.
+            let on_trial = entry_parameters(text).options();
+            if on_trial == parameters.options() {
+                return Ok(Settled {
+                    kept: kept_parameters,
+                    trial: ParameterTrial::Running {
+                        entry: this.file.clone(),
+                        parameters: on_trial,
+                    },
+                    entries: changed,
+                });
+            }
+            return Ok(deferred(format!(
+                "this boot tries other new boot parameters ({}): changes are handed over at \
+                 the next boot, once its verdict is in",
+                this.file
+            )));
+        }
+        let trials: Vec<String> = trials.iter().map(|(e, _)| e.file.clone()).collect();
         if kept_parameters == parameters.options() {
             for file in trials {
                 let path = dir.join(&file);
@@ -896,7 +926,6 @@ impl EspLayout {
     /// boot runs, or one not booted yet, stays.
     pub fn settle_parameters(&self, running: Slot, cmdline: &str) -> Result<Settled, LoaderError> {
         let _lock = self.lock()?;
-        let this_boot_is_a_trial = cmdline.split_ascii_whitespace().any(|w| w == TRIAL_MARK);
         let mut changed = Vec::new();
         let mut trial = match self.fold_blessed_trials()? {
             Some((parameters, written)) => {
@@ -907,28 +936,40 @@ impl EspLayout {
             }
             None => ParameterTrial::None,
         };
+        // One verdict is answered: a failure before a running trial before a pending one
+        // before a kept one (there is normally one trial at most).
+        let rank = |t: &ParameterTrial| match t {
+            ParameterTrial::Failed { .. } => 4,
+            ParameterTrial::Running { .. } => 3,
+            ParameterTrial::Pending { .. } => 2,
+            ParameterTrial::Kept { .. } => 1,
+            ParameterTrial::None | ParameterTrial::Deferred { .. } => 0,
+        };
         let dir = self.entries_dir();
         for (entry, text) in self.entries()?.into_iter().filter(|(e, _)| e.trial) {
             let parameters = entry_parameters(&text).options();
-            if entry.tries_left.unwrap_or(0) > 0 {
-                trial = ParameterTrial::Pending {
+            let verdict = if entry.tries_left.unwrap_or(0) > 0 {
+                ParameterTrial::Pending {
                     entry: entry.file,
                     parameters,
-                };
-            } else if this_boot_is_a_trial && entry.slot == running {
-                trial = ParameterTrial::Running {
+                }
+            } else if entry.slot == running && runs_trial(cmdline, &entry) {
+                ParameterTrial::Running {
                     entry: entry.file,
                     parameters,
-                };
+                }
             } else {
                 let path = dir.join(&entry.file);
                 tracing::warn!(entry = %entry.file, parameters = %parameters, "a boot with new boot parameters did not reach configured: they are not kept");
                 durable::remove(&path).map_err(Self::io(&path))?;
                 changed.push(entry.file.clone());
-                trial = ParameterTrial::Failed {
+                ParameterTrial::Failed {
                     entry: entry.file,
                     parameters,
-                };
+                }
+            };
+            if rank(&verdict) >= rank(&trial) {
+                trial = verdict;
             }
         }
         let kept = self
@@ -973,6 +1014,57 @@ impl EspLayout {
     }
 }
 
+/// The running slot's kept entry.
+enum Kept {
+    /// Its blessed entry's text, with the counting copies of it (same version) to remove.
+    Blessed { text: String, copies: Vec<String> },
+    /// The counting entry it has instead (an update's first boot, not blessed yet).
+    Counting(String),
+}
+
+/// The running slot's kept entry among `entries` (the slots' and the trials').
+fn kept_entry(entries: &[(EntryInfo, String)], running: Slot) -> Result<Kept, LoaderError> {
+    let own = || {
+        entries
+            .iter()
+            .filter(|(e, _)| e.slot == running && !e.trial)
+    };
+    if let Some((entry, text)) = own().find(|(e, _)| !e.is_counting()) {
+        let copies = own()
+            .filter(|(e, _)| e.is_counting() && e.sort_version == entry.sort_version)
+            .map(|(e, _)| e.file.clone())
+            .collect();
+        return Ok(Kept::Blessed {
+            text: text.clone(),
+            copies,
+        });
+    }
+    match own().next() {
+        Some((entry, _)) => Ok(Kept::Counting(entry.file.clone())),
+        None => Err(LoaderError::NoRunningEntry { slot: running }),
+    }
+}
+
+fn deferred(reason: String) -> Settled {
+    Settled {
+        kept: String::new(),
+        trial: ParameterTrial::Deferred { reason },
+        entries: Vec::new(),
+    }
+}
+
+/// Whether the boot with `cmdline` was started by the trial `entry` (its mark names the
+/// entry's version).
+fn runs_trial(cmdline: &str, entry: &EntryInfo) -> bool {
+    let Some(version) = entry.sort_version else {
+        return false;
+    };
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|w| w.strip_prefix(TRIAL_MARK)?.strip_prefix('='))
+        .any(|v| v.parse::<u64>().ok() == Some(version))
+}
+
 /// A parameter trial's entry: the kept entry's text with `parameters`, `version`
 /// (sorted first), a title that says so and [`TRIAL_MARK`] after Keel's options.
 fn trial_entry_text(kept: &str, parameters: &BootParameters, version: u64) -> String {
@@ -987,7 +1079,7 @@ fn trial_entry_text(kept: &str, parameters: &BootParameters, version: u64) -> St
                 format!("{trimmed}, new boot parameters on trial\n")
             } else if !marked && entry_field(trimmed, "options").is_some() {
                 marked = true;
-                format!("{trimmed}\noptions {TRIAL_MARK}\n")
+                format!("{trimmed}\noptions {TRIAL_MARK}={version}\n")
             } else {
                 format!("{line}\n")
             }
@@ -1068,7 +1160,7 @@ mod tests {
             kernel: "nosmt".to_owned(),
             init: String::new(),
         };
-        let settled = esp.stage_parameters(&nosmt, Slot::A).expect("staged");
+        let settled = esp.stage_parameters(&nosmt, Slot::A, "").expect("staged");
         assert_eq!(settled.entries, ["keel-a-trial+1.conf"]);
         let entries = esp.entries().expect("entries");
         let (trial, text) = &entries[0];

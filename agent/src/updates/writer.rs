@@ -278,9 +278,10 @@ fn handle(
         Request::SetBootParameters { parameters } => {
             parameters.check().map_err(refuse)?;
             let active = config.slots.active().map_err(refuse)?;
+            let cmdline = config.slots.read_cmdline().map_err(refuse)?;
             let settled = config
                 .esp
-                .stage_parameters(parameters, active)
+                .stage_parameters(parameters, active, &cmdline)
                 .map_err(refuse)?;
             tracing::info!(trial = ?settled.trial, entries = ?settled.entries, "boot parameters staged for the next boot");
             Ok(Answer::Parameters {
@@ -1140,7 +1141,7 @@ mod tests {
         let trial = std::fs::read_to_string(entries.join("keel-a-trial+1.conf")).expect("read");
         assert_eq!(
             command_line(&trial),
-            "keel.slot=a keel.roothash=00 console=ttyS0 keel.parameters-trial=1 \
+            "keel.slot=a keel.roothash=00 console=ttyS0 keel.parameters-trial=2 \
              console=tty0,ttyS1 nosmt -- splash"
         );
         assert!(trial.contains("\nversion 2\n"), "sorted first: {trial}");
@@ -1157,18 +1158,44 @@ mod tests {
             entries.join("keel-a-trial+0-1.conf"),
         )
         .expect("tried");
-        let running = settle("keel.slot=a console=ttyS0 keel.parameters-trial=1 nosmt");
+        // Another trial's mark is not this one's.
+        let other = settle("keel.slot=a console=ttyS0 keel.parameters-trial=7 nosmt");
+        assert!(
+            matches!(other.trial, ParameterTrial::Failed { .. }),
+            "{other:?}"
+        );
+        std::fs::write(entries.join("keel-a-trial+0-1.conf"), &trial).expect("put back");
+        let running = settle("keel.slot=a console=ttyS0 keel.parameters-trial=2 nosmt");
         assert!(
             matches!(running.trial, ParameterTrial::Running { ref entry, .. } if entry == "keel-a-trial+0-1.conf"),
             "{running:?}"
         );
         // Blessed: kept in the slot's entry at the next settling, the trial removed.
+        // While this boot runs the trial, the same parameters are in place, and others
+        // wait for its verdict.
+        let trial_boot = "keel.slot=a console=ttyS0 keel.parameters-trial=2 nosmt";
+        std::fs::write(f.dir.path().join("cmdline"), trial_boot).expect("cmdline");
+        let answers = session(
+            &f.config,
+            &[
+                (set("console=tty0,ttyS1 nosmt", "splash"), &[]),
+                (set("quiet", ""), &[]),
+            ],
+        );
+        assert!(
+            matches!(settled(&answers[0]).trial, ParameterTrial::Running { .. }),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(&settled(&answers[1]).trial, ParameterTrial::Deferred { reason } if reason.contains("this boot tries other new boot parameters (keel-a-trial+0-1.conf)")),
+            "{answers:?}"
+        );
         std::fs::rename(
             entries.join("keel-a-trial+0-1.conf"),
             entries.join("keel-a-trial.conf"),
         )
         .expect("blessed");
-        let kept = settle("keel.slot=a console=ttyS0 keel.parameters-trial=1 nosmt");
+        let kept = settle(trial_boot);
         assert_eq!(
             kept.trial,
             ParameterTrial::Kept {
@@ -1241,35 +1268,55 @@ mod tests {
         );
         let answers = session(&f.config, &[(set("quiet", ""), &[])]);
         assert!(
-            error(&answers[0]).contains("an update is activated for the next boot (keel-b+3.conf)"),
+            matches!(&settled(&answers[0]).trial, ParameterTrial::Deferred { reason } if reason.contains("an update is activated for the next boot (keel-b+3.conf)")),
             "{answers:?}"
         );
     }
 
     /// While the running slot's own entry still counts tries (an update's first boot),
-    /// new parameters are refused: their trial would be sorted before it.
+    /// new parameters are deferred, not refused (an apply at boot that fails fails the
+    /// boot): their trial would be sorted before it. A counting copy of the blessed entry
+    /// is no such entry, and is removed.
     #[test]
     fn no_parameter_trial_while_the_running_slot_is_on_trial() {
+        use super::super::loader::ParameterTrial;
         let f = fixture();
         let entries = f.config.esp.entries_dir();
         std::fs::rename(entries.join("keel-a.conf"), entries.join("keel-a+2-1.conf"))
             .expect("counting");
-        let answers = session(
-            &f.config,
-            &[(
-                Request::SetBootParameters {
-                    parameters: BootParameters {
-                        kernel: "quiet".to_owned(),
-                        init: String::new(),
-                    },
-                },
-                &[],
-            )],
+        let quiet = Request::SetBootParameters {
+            parameters: BootParameters {
+                kernel: "quiet".to_owned(),
+                init: String::new(),
+            },
+        };
+        let answers = session(&f.config, &[(quiet.clone(), &[])]);
+        match &answers[0] {
+            Answer::Parameters { parameters, .. } => assert!(
+                matches!(&parameters.trial, ParameterTrial::Deferred { reason } if reason.contains("not marked good yet (keel-a+2-1.conf)")),
+                "{parameters:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            std::fs::read_dir(&entries).expect("ls").count(),
+            1,
+            "nothing written"
         );
-        assert!(
-            error(&answers[0]).contains("not marked good yet (keel-a+2-1.conf)"),
-            "{answers:?}"
-        );
+        // Blessed, with a counting copy of it left by a race with systemd-bless-boot.
+        std::fs::copy(entries.join("keel-a+2-1.conf"), entries.join("keel-a.conf")).expect("bless");
+        let answers = session(&f.config, &[(quiet.clone(), &[])]);
+        match &answers[0] {
+            Answer::Parameters { parameters, .. } => {
+                assert!(
+                    matches!(parameters.trial, ParameterTrial::Pending { .. }),
+                    "{parameters:?}"
+                );
+                assert!(parameters.entries.contains(&"keel-a+2-1.conf".to_owned()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!entries.join("keel-a+2-1.conf").exists());
     }
 
     #[test]
