@@ -530,6 +530,107 @@ fn reboot_to_reconcile_reboots_once_for_parameters_the_kernel_does_not_have() {
     assert_eq!(std::fs::read_to_string(&reboots).unwrap(), "reboot\n");
 }
 
+/// New boot parameters that reach keeld while its own boot is on trial (an update's
+/// first boot: the running slot's entry still counts) are deferred, not refused (the
+/// boot is configured); once systemd-bless-boot blesses the boot, keeld hands them over
+/// as a trial, and says a reboot is required.
+#[test]
+fn boot_parameters_deferred_by_a_trial_boot_are_handed_over_once_it_is_blessed() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = SlotHost::create(&dir.path().join("host"), 1 << 20, 1 << 16);
+    std::fs::rename(
+        host.entries_dir().join("keel-a.conf"),
+        host.entries_dir().join("keel-a+2-1.conf"),
+    )
+    .unwrap();
+    let user_data = dir.path().join("user-data.toml");
+    std::fs::write(
+        &user_data,
+        "[settings.boot.kernel-parameters]\nnosmt = []\n",
+    )
+    .unwrap();
+    let keeld = Keeld::start_with(KeeldOptions {
+        extra_args: vec![
+            "--update-writer-command".into(),
+            host.writer_command(),
+            "--user-data-file".into(),
+            user_data.display().to_string(),
+        ],
+        ..KeeldOptions::default()
+    });
+    let boot = keeld.wait_boot(Duration::from_secs(30));
+    assert_eq!(boot["phase"], "configured", "{boot:#}");
+    let log = keeld.raw("GET", "/apply/log", None).json();
+    assert!(
+        log.to_string()
+            .contains("deferred: the running slot a booted from a loader entry that is not marked good yet (keel-a+2-1.conf)"),
+        "{log:#}"
+    );
+    assert_eq!(host.entries(), ["keel-a+2-1.conf"]);
+    host.bless();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while host.entries() != ["keel-a-trial+1.conf", "keel-a.conf"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}\n{}",
+            host.entries(),
+            keeld.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while keeld.raw("GET", "/apply/log", None).json()["reboot-required"] != true {
+        assert!(std::time::Instant::now() < deadline, "{}", keeld.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A trial's verdict lost (the failed trial removed, its record never written: a crash
+/// or power cut between the two): the staged parameters are in no entry and no trial
+/// holds them, so the next boot takes them as failed, and reboot-to-reconcile does not
+/// reboot for them.
+#[test]
+fn staged_boot_parameters_in_no_entry_are_taken_as_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = SlotHost::create(&dir.path().join("host"), 1 << 20, 1 << 16);
+    let reboots = dir.path().join("reboots");
+    let recorder = dir.path().join("reboot");
+    std::fs::write(
+        &recorder,
+        format!("#!/bin/sh\necho reboot >> {}\n", reboots.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &recorder,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut keeld = Keeld::start_with(KeeldOptions {
+        extra_args: vec![
+            "--update-writer-command".into(),
+            host.writer_command(),
+            "--reboot-command".into(),
+            recorder.display().to_string(),
+        ],
+        ..KeeldOptions::default()
+    });
+    ok(&keeld.apiclient(&[
+        "set",
+        "-j",
+        r#"{"boot": {"reboot-to-reconcile": true, "kernel-parameters": {"nosmt": []}}}"#,
+    ]));
+    assert_eq!(host.entries(), ["keel-a-trial+1.conf", "keel-a.conf"]);
+    assert_eq!(host.reboot(), "a");
+    assert_eq!(host.reboot(), "a");
+    std::fs::remove_file(host.entries_dir().join("keel-a-trial+0-1.conf")).unwrap();
+    keeld.reboot();
+    let boot = keeld.wait_boot(Duration::from_secs(30));
+    assert_eq!(boot["phase"], "configured", "{boot:#}");
+    assert_eq!(boot["booted-parameters"], "", "{boot:#}");
+    assert_eq!(boot["failed-parameters"], "nosmt", "{boot:#}");
+    assert!(!reboots.exists(), "no reboot for parameters that failed");
+}
+
 #[test]
 fn an_apply_finishes_even_if_the_client_goes_away() {
     use std::io::Write;

@@ -211,6 +211,9 @@ struct Inner {
     log: Mutex<VecDeque<ApplyReport>>,
     next_id: AtomicU64,
     reboot_required: AtomicBool,
+    /// The last hand-over of boot parameters was deferred (see
+    /// `EspLayout::stage_parameters`): the boot hands them over again once it is blessed.
+    boot_parameters_deferred: AtomicBool,
     /// One apply at a time: each renders from the live settings of the moment it runs,
     /// so the last apply to finish leaves the files matching the newest generation.
     /// Taken at [`Applier::load_journal`] when the journal says an earlier keeld ran in
@@ -233,6 +236,7 @@ impl Applier {
                 log: Mutex::new(VecDeque::new()),
                 next_id: AtomicU64::new(1),
                 reboot_required: AtomicBool::new(false),
+                boot_parameters_deferred: AtomicBool::new(false),
                 serial: Arc::new(tokio::sync::Mutex::new(())),
                 queue: Mutex::default(),
                 journal: Mutex::default(),
@@ -538,7 +542,10 @@ impl Applier {
             }
         }
         for (service, parameters) in boot {
-            let outcome = self.stage_boot_parameters(&service, parameters).await;
+            let (outcome, deferred) = self.stage_boot_parameters(&service, parameters).await;
+            self.inner
+                .boot_parameters_deferred
+                .store(deferred, Ordering::Relaxed);
             report.success &= outcome.success;
             // Handed over: the next boot differs. Not handed over: no boot will read them,
             // so a reboot would not bring them into effect.
@@ -663,11 +670,12 @@ impl Applier {
 
     /// Hands a service's boot parameters to the boot loader's entries; the outcome is
     /// reported beside the restart commands.
+    /// Answers whether the hand-over was deferred.
     async fn stage_boot_parameters(
         &self,
         service: &str,
         parameters: Result<BootParameters, String>,
-    ) -> CommandOutcome {
+    ) -> (CommandOutcome, bool) {
         let started = std::time::Instant::now();
         let result = match (parameters, &self.inner.config.boot_loader) {
             (Err(e), _) => Err(e),
@@ -724,7 +732,11 @@ impl Applier {
             "keel-slot-writer".to_owned(),
             "set-boot-parameters".to_owned(),
         ];
-        match result {
+        let deferred = matches!(
+            &result,
+            Ok(settled) if matches!(settled.trial, crate::updates::loader::ParameterTrial::Deferred { .. })
+        );
+        let outcome = match result {
             Ok(settled) => {
                 tracing::info!(service, trial = ?settled.trial, entries = ?settled.entries, "boot parameters staged for the next boot");
                 use crate::updates::loader::ParameterTrial;
@@ -775,7 +787,8 @@ impl Applier {
                     error: Some(error),
                 }
             }
-        }
+        };
+        (outcome, deferred)
     }
 
     fn write_file(&self, name: &str, context: &minijinja::Value) -> FileOutcome {
@@ -941,6 +954,11 @@ impl Applier {
         let report = self.apply(store, &["settings".to_owned()]).await;
         self.inner.reboot_required.store(false, Ordering::Relaxed);
         report
+    }
+
+    /// Whether the last hand-over of boot parameters was deferred.
+    pub fn boot_parameters_deferred(&self) -> bool {
+        self.inner.boot_parameters_deferred.load(Ordering::Relaxed)
     }
 
     /// `settings.boot`'s parameters Keel's loader entries were last given (`""` for none);

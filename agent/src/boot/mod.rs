@@ -132,6 +132,28 @@ pub struct Boot {
     pub configured: watch::Sender<BootGate>,
 }
 
+/// How often, and how long, a configured boot tries again to hand over boot parameters
+/// whose hand-over was deferred (the boot was itself on trial: it is blessed by
+/// `systemd-bless-boot` shortly after `configured`).
+const DEFERRED_RETRY: Duration = Duration::from_secs(5);
+const DEFERRED_FOR: Duration = Duration::from_secs(600);
+
+/// Hands over `settings.boot`'s parameters again, until the slot writer takes them or
+/// [`DEFERRED_FOR`] has passed (then the next boot's apply does).
+async fn hand_over_deferred_parameters(applier: Applier, store: Store) {
+    let until = Instant::now() + DEFERRED_FOR;
+    while applier.boot_parameters_deferred() && Instant::now() < until {
+        tokio::time::sleep(DEFERRED_RETRY).await;
+        let report = applier.apply(&store, &["settings.boot".to_owned()]).await;
+        if !applier.boot_parameters_deferred() {
+            tracing::info!(
+                success = report.success,
+                "deferred boot parameters handed over"
+            );
+        }
+    }
+}
+
 /// Why the boot stopped; becomes the record's `reason`.
 #[derive(Debug)]
 struct Halt(String);
@@ -231,6 +253,12 @@ impl Boot {
                 }
                 tracing::info!(elapsed = ?began.elapsed(), "boot configured");
                 self.configured.send_replace(BootGate::Configured);
+                if self.applier.boot_parameters_deferred() {
+                    tokio::spawn(hand_over_deferred_parameters(
+                        self.applier.clone(),
+                        self.store.clone(),
+                    ));
+                }
             }
             Err(Halt(reason)) => {
                 tracing::error!(%reason, "boot failed");
@@ -377,6 +405,26 @@ impl Boot {
     async fn settle_boot_parameters(&self) -> Option<(String, Option<String>)> {
         use crate::updates::loader::ParameterTrial;
         let booted = match self.applier.settle_boot_parameters().await? {
+            // The staged parameters are in no entry and no trial holds them: a trial's
+            // verdict was lost (keeld or the power went down between the writer's removal
+            // of a failed trial and the record of it). They failed all the same; without
+            // this, reboot-to-reconcile would reboot for them at every boot.
+            Ok(settled)
+                if matches!(settled.trial, ParameterTrial::None)
+                    && self
+                        .applier
+                        .staged_boot_parameters()
+                        .await
+                        .is_some_and(|staged| staged != settled.kept) =>
+            {
+                if let Some(staged) = self.applier.staged_boot_parameters().await {
+                    tracing::error!(failed = %staged, booted = %settled.kept, "the staged boot parameters are in no loader entry and no trial holds them: taken as failed");
+                    if let Err(e) = self.applier.record_failed_boot_parameters(staged).await {
+                        tracing::error!(error = %e, "cannot record the boot parameters that failed their trial");
+                    }
+                }
+                settled.kept
+            }
             Ok(settled) => match settled.trial {
                 ParameterTrial::Running { parameters, entry } => {
                     tracing::info!(entry = %entry, parameters = %parameters, "this boot tries new boot parameters: they are kept once it is configured");
@@ -385,7 +433,7 @@ impl Boot {
                 ParameterTrial::Failed { parameters, entry } => {
                     tracing::error!(entry = %entry, failed = %parameters, booted = %settled.kept, "the boot with new boot parameters did not reach configured: this boot came back with the kept ones, and the new ones are not handed over again until settings.boot changes");
                     if let Err(e) = self.applier.record_failed_boot_parameters(parameters).await {
-                        tracing::error!(error = %e, "cannot record the boot parameters that failed their trial; a later boot will not report them");
+                        tracing::error!(error = %e, "cannot record the boot parameters that failed their trial (the next boot takes them as failed again)");
                     }
                     settled.kept
                 }
