@@ -195,6 +195,37 @@ fn dry_run_shows_diffs_and_changes_nothing() {
     assert!(motd.contains("old text"));
 }
 
+/// A script that records each reboot asked of it as a line of the answered file.
+fn reboot_recorder(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let reboots = dir.join("reboots");
+    let recorder = dir.join("reboot");
+    std::fs::write(
+        &recorder,
+        format!("#!/bin/sh\necho reboot >> {}\n", reboots.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &recorder,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    (recorder, reboots)
+}
+
+/// keeld with `host`'s slot writer and more flags, each a path.
+fn keeld_on(host: &SlotHost, flags: &[(&str, &std::path::Path)], wait_for_boot: bool) -> Keeld {
+    let mut extra_args = vec!["--update-writer-command".to_owned(), host.writer_command()];
+    for (flag, path) in flags {
+        extra_args.push((*flag).to_owned());
+        extra_args.push(path.display().to_string());
+    }
+    Keeld::start_with(KeeldOptions {
+        extra_args,
+        wait_for_boot,
+        ..KeeldOptions::default()
+    })
+}
+
 /// settings.boot reaches the boot loader's entries through the real keel-slot-writer
 /// (slots and ESP as files, systemd-boot simulated): new parameters go into a trial entry
 /// of the running slot, which the next boot's command line carries, kernel's before `--`,
@@ -207,10 +238,7 @@ fn dry_run_shows_diffs_and_changes_nothing() {
 fn boot_parameters_reach_the_next_boots_command_line_or_the_apply_says_why_not() {
     let dir = tempfile::tempdir().unwrap();
     let mut host = SlotHost::create(&dir.path().join("host"), 1 << 20, 1 << 16);
-    let mut keeld = Keeld::start_with(KeeldOptions {
-        extra_args: vec!["--update-writer-command".into(), host.writer_command()],
-        ..KeeldOptions::default()
-    });
+    let mut keeld = keeld_on(&host, &[], true);
     assert_eq!(
         keeld.raw("GET", "/apply/log", None).json()["reboot-required"],
         false
@@ -380,18 +408,7 @@ fn boot_parameters_reach_the_next_boots_command_line_or_the_apply_says_why_not()
 fn reboot_to_reconcile_reboots_once_for_parameters_the_kernel_does_not_have() {
     let dir = tempfile::tempdir().unwrap();
     let mut host = SlotHost::create(&dir.path().join("host"), 1 << 20, 1 << 16);
-    let reboots = dir.path().join("reboots");
-    let recorder = dir.path().join("reboot");
-    std::fs::write(
-        &recorder,
-        format!("#!/bin/sh\necho reboot >> {}\n", reboots.display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &recorder,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let (recorder, reboots) = reboot_recorder(dir.path());
     let user_data = dir.path().join("user-data.toml");
     std::fs::write(
         &user_data,
@@ -399,18 +416,14 @@ fn reboot_to_reconcile_reboots_once_for_parameters_the_kernel_does_not_have() {
          [settings.boot.kernel-parameters]\nnosmt = []\n",
     )
     .unwrap();
-    let mut keeld = Keeld::start_with(KeeldOptions {
-        extra_args: vec![
-            "--update-writer-command".into(),
-            host.writer_command(),
-            "--reboot-command".into(),
-            recorder.display().to_string(),
-            "--user-data-file".into(),
-            user_data.display().to_string(),
+    let mut keeld = keeld_on(
+        &host,
+        &[
+            ("--reboot-command", &recorder),
+            ("--user-data-file", &user_data),
         ],
-        wait_for_boot: false,
-        ..KeeldOptions::default()
-    });
+        false,
+    );
     let phase_of = |keeld: &Keeld| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
@@ -456,18 +469,14 @@ fn reboot_to_reconcile_reboots_once_for_parameters_the_kernel_does_not_have() {
     )
     .unwrap();
     let host = SlotHost::create(&dir.path().join("host2"), 1 << 20, 1 << 16);
-    let keeld = Keeld::start_with(KeeldOptions {
-        extra_args: vec![
-            "--update-writer-command".into(),
-            host.writer_command(),
-            "--reboot-command".into(),
-            recorder.display().to_string(),
-            "--user-data-file".into(),
-            user_data.display().to_string(),
+    let keeld = keeld_on(
+        &host,
+        &[
+            ("--reboot-command", &recorder),
+            ("--user-data-file", &user_data),
         ],
-        wait_for_boot: false,
-        ..KeeldOptions::default()
-    });
+        false,
+    );
     let record = phase_of(&keeld);
     assert_eq!(record["phase"], "configured", "{record:#}");
     assert_eq!(record["booted-parameters"], "", "{record:#}");
@@ -496,18 +505,14 @@ fn reboot_to_reconcile_reboots_once_for_parameters_the_kernel_does_not_have() {
     .unwrap();
     std::fs::write(&reboots, "").unwrap();
     let mut host = SlotHost::create(&dir.path().join("host3"), 1 << 20, 1 << 16);
-    let mut keeld = Keeld::start_with(KeeldOptions {
-        extra_args: vec![
-            "--update-writer-command".into(),
-            host.writer_command(),
-            "--reboot-command".into(),
-            recorder.display().to_string(),
-            "--user-data-file".into(),
-            user_data.display().to_string(),
+    let mut keeld = keeld_on(
+        &host,
+        &[
+            ("--reboot-command", &recorder),
+            ("--user-data-file", &user_data),
         ],
-        wait_for_boot: false,
-        ..KeeldOptions::default()
-    });
+        false,
+    );
     assert_eq!(phase_of(&keeld)["phase"], "rebooting");
     // The trial boot (never blessed), then the boot loader's fall-back.
     assert_eq!(host.reboot(), "a");
@@ -549,15 +554,7 @@ fn boot_parameters_deferred_by_a_trial_boot_are_handed_over_once_it_is_blessed()
         "[settings.boot.kernel-parameters]\nnosmt = []\n",
     )
     .unwrap();
-    let keeld = Keeld::start_with(KeeldOptions {
-        extra_args: vec![
-            "--update-writer-command".into(),
-            host.writer_command(),
-            "--user-data-file".into(),
-            user_data.display().to_string(),
-        ],
-        ..KeeldOptions::default()
-    });
+    let keeld = keeld_on(&host, &[("--user-data-file", &user_data)], true);
     let boot = keeld.wait_boot(Duration::from_secs(30));
     assert_eq!(boot["phase"], "configured", "{boot:#}");
     let log = keeld.raw("GET", "/apply/log", None).json();
@@ -593,27 +590,8 @@ fn boot_parameters_deferred_by_a_trial_boot_are_handed_over_once_it_is_blessed()
 fn staged_boot_parameters_in_no_entry_are_taken_as_failed() {
     let dir = tempfile::tempdir().unwrap();
     let mut host = SlotHost::create(&dir.path().join("host"), 1 << 20, 1 << 16);
-    let reboots = dir.path().join("reboots");
-    let recorder = dir.path().join("reboot");
-    std::fs::write(
-        &recorder,
-        format!("#!/bin/sh\necho reboot >> {}\n", reboots.display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &recorder,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let mut keeld = Keeld::start_with(KeeldOptions {
-        extra_args: vec![
-            "--update-writer-command".into(),
-            host.writer_command(),
-            "--reboot-command".into(),
-            recorder.display().to_string(),
-        ],
-        ..KeeldOptions::default()
-    });
+    let (recorder, reboots) = reboot_recorder(dir.path());
+    let mut keeld = keeld_on(&host, &[("--reboot-command", &recorder)], true);
     ok(&keeld.apiclient(&[
         "set",
         "-j",

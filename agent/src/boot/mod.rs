@@ -404,28 +404,23 @@ impl Boot {
     /// manages.
     async fn settle_boot_parameters(&self) -> Option<(String, Option<String>)> {
         use crate::updates::loader::ParameterTrial;
-        let booted = match self.applier.settle_boot_parameters().await? {
+        let settled = self.applier.settle_boot_parameters().await?;
+        let staged = self.applier.staged_boot_parameters().await;
+        let booted = match (settled, staged) {
             // The staged parameters are in no entry and no trial holds them: a trial's
             // verdict was lost (keeld or the power went down between the writer's removal
             // of a failed trial and the record of it). They failed all the same; without
             // this, reboot-to-reconcile would reboot for them at every boot.
-            Ok(settled)
-                if matches!(settled.trial, ParameterTrial::None)
-                    && self
-                        .applier
-                        .staged_boot_parameters()
-                        .await
-                        .is_some_and(|staged| staged != settled.kept) =>
+            (Ok(settled), Some(staged))
+                if matches!(settled.trial, ParameterTrial::None) && staged != settled.kept =>
             {
-                if let Some(staged) = self.applier.staged_boot_parameters().await {
-                    tracing::error!(failed = %staged, booted = %settled.kept, "the staged boot parameters are in no loader entry and no trial holds them: taken as failed");
-                    if let Err(e) = self.applier.record_failed_boot_parameters(staged).await {
-                        tracing::error!(error = %e, "cannot record the boot parameters that failed their trial");
-                    }
+                tracing::error!(failed = %staged, booted = %settled.kept, "the staged boot parameters are in no loader entry and no trial holds them: taken as failed");
+                if let Err(e) = self.applier.record_failed_boot_parameters(staged).await {
+                    tracing::error!(error = %e, "cannot record the boot parameters that failed their trial");
                 }
                 settled.kept
             }
-            Ok(settled) => match settled.trial {
+            (Ok(settled), _) => match settled.trial {
                 ParameterTrial::Running { parameters, entry } => {
                     tracing::info!(entry = %entry, parameters = %parameters, "this boot tries new boot parameters: they are kept once it is configured");
                     parameters
@@ -442,9 +437,9 @@ impl Boot {
                 | ParameterTrial::Kept { .. }
                 | ParameterTrial::Deferred { .. } => settled.kept,
             },
-            Err(e) => {
+            (Err(e), staged) => {
                 tracing::warn!(error = %e, "cannot settle the boot parameters' trial with the slot writer: this boot's parameters are taken from the record of what was last staged");
-                self.applier.staged_boot_parameters().await?
+                staged?
             }
         };
         Some((booted, self.applier.failed_boot_parameters().await))

@@ -1145,6 +1145,14 @@ mod tests {
              console=tty0,ttyS1 nosmt -- splash"
         );
         assert!(trial.contains("\nversion 2\n"), "sorted first: {trial}");
+        // What systemd-boot does to the trial when it boots it.
+        let tried = || {
+            std::fs::rename(
+                entries.join("keel-a-trial+1.conf"),
+                entries.join("keel-a-trial+0-1.conf"),
+            )
+            .expect("tried")
+        };
         // Not booted yet: it stays.
         let pending = settle("keel.slot=a console=ttyS0");
         assert!(
@@ -1153,11 +1161,7 @@ mod tests {
         );
 
         // The boot loader tried it (`+0-1`) and this boot runs it: it stays.
-        std::fs::rename(
-            entries.join("keel-a-trial+1.conf"),
-            entries.join("keel-a-trial+0-1.conf"),
-        )
-        .expect("tried");
+        tried();
         // Another trial's mark is not this one's.
         let other = settle("keel.slot=a console=ttyS0 keel.parameters-trial=7 nosmt");
         assert!(
@@ -1224,11 +1228,7 @@ mod tests {
             matches!(settled(&answers[0]).trial, ParameterTrial::Pending { .. }),
             "{answers:?}"
         );
-        std::fs::rename(
-            entries.join("keel-a-trial+1.conf"),
-            entries.join("keel-a-trial+0-1.conf"),
-        )
-        .expect("tried");
+        tried();
         let failed = settle("keel.slot=a console=ttyS0 console=tty0,ttyS1 nosmt -- splash");
         assert_eq!(
             failed,
