@@ -109,6 +109,11 @@ pub enum LoaderError {
          gone back without them; reboot to try them, or set settings.boot back"
     )]
     ParametersOnTrial { file: String },
+    #[error(
+        "this boot tries new boot parameters from settings.boot ({file}) and has not reached \
+         configured yet: an update is activated once it has (and they are kept)"
+    )]
+    ParametersBeingTried { file: String },
     #[error("no loader entry names the running slot {slot}: there is no entry to try new boot parameters from")]
     NoRunningEntry { slot: Slot },
 }
@@ -601,12 +606,28 @@ impl EspLayout {
         self.fold_blessed_trials()?;
         // A trial still counting (not booted yet, or booted and not blessed yet): the new
         // entry would carry parameters no boot has kept, or drop the ones on trial.
-        if let Some((trial, _)) = self
+        for (trial, _) in self
             .entries()?
             .into_iter()
-            .find(|(e, _)| e.trial && e.is_counting())
+            .filter(|(e, _)| e.trial && e.is_counting())
         {
-            return Err(LoaderError::ParametersOnTrial { file: trial.file });
+            if !trial.is_bad() {
+                return Err(LoaderError::ParametersOnTrial { file: trial.file });
+            }
+            if carry_from.is_none_or(|(running, cmdline)| {
+                trial.slot == running && runs_trial(cmdline, &trial)
+            }) {
+                return Err(LoaderError::ParametersBeingTried { file: trial.file });
+            }
+            // Tried, and this boot came back without it: it failed, and keeld had not
+            // settled it yet (the writer could not be asked at this boot's start). Its
+            // parameters are in no entry once it is gone, so the next boot's settling
+            // takes the staged ones as failed (the lost-verdict rule): removing it here
+            // loses no report, where refusing would hold every update back until keeld
+            // settles.
+            let path = self.entries_dir().join(&trial.file);
+            tracing::warn!(entry = %trial.file, "a boot with new boot parameters did not reach configured and was not settled: removed before the activation");
+            durable::remove(&path).map_err(Self::io(&path))?;
         }
         let carried = carry_from
             .map(|(running, cmdline)| self.carried(running, cmdline))

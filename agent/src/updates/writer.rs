@@ -1319,6 +1319,71 @@ mod tests {
         assert!(!entries.join("keel-a+2-1.conf").exists());
     }
 
+    /// A trial the boot loader has tried (`+0-1`): while this boot runs it, activation
+    /// waits for its verdict, saying so; when this boot came back without it (it failed,
+    /// and keeld could not settle it), activation removes it and goes on, and the slot's
+    /// new entry carries the kept parameters.
+    #[test]
+    fn activation_waits_for_a_trial_this_boot_runs_and_clears_one_that_failed() {
+        use super::super::loader::command_line;
+        let f = fixture();
+        let entries = f.config.esp.entries_dir();
+        let quiet = Request::SetBootParameters {
+            parameters: BootParameters {
+                kernel: "quiet".to_owned(),
+                init: String::new(),
+            },
+        };
+        assert!(matches!(
+            session(&f.config, &[(quiet, &[])])[0],
+            Answer::Parameters { .. }
+        ));
+        std::fs::rename(
+            entries.join("keel-a-trial+1.conf"),
+            entries.join("keel-a-trial+0-1.conf"),
+        )
+        .expect("tried");
+        let trial = std::fs::read_to_string(entries.join("keel-a-trial+0-1.conf")).expect("read");
+        let mark = command_line(&trial)
+            .split_ascii_whitespace()
+            .find(|w| w.starts_with("keel.parameters-trial="))
+            .expect("the trial's mark")
+            .to_owned();
+        std::fs::create_dir_all(f.config.esp.slot_dir(Slot::B)).expect("mkdir");
+        for file in ["vmlinuz", "initrd.img"] {
+            std::fs::write(f.config.esp.slot_dir(Slot::B).join(file), b"x").expect("boot file");
+        }
+        let activate = Request::Activate {
+            slot: Slot::B,
+            os_version: "1.1.0".to_owned(),
+            root_hash: "b".repeat(64),
+            tries: 3,
+        };
+        let cmdline = f.dir.path().join("cmdline");
+        std::fs::write(&cmdline, format!("keel.slot=a console=ttyS0 {mark} quiet")).expect("w");
+        let answers = session(&f.config, &[(activate.clone(), &[])]);
+        assert!(
+            error(&answers[0]).contains(
+                "this boot tries new boot parameters from settings.boot (keel-a-trial+0-1.conf)"
+            ),
+            "{answers:?}"
+        );
+        assert!(!entries.join("keel-b+3.conf").exists());
+
+        std::fs::write(&cmdline, "keel.slot=a console=ttyS0").expect("w");
+        let answers = session(&f.config, &[(activate, &[])]);
+        assert!(
+            matches!(answers[0], Answer::Written { .. }),
+            "{answers:?}"
+        );
+        assert!(!entries.join("keel-a-trial+0-1.conf").exists());
+        let b = std::fs::read_to_string(entries.join("keel-b+3.conf")).expect("activated");
+        assert!(
+            !command_line(&b).split_ascii_whitespace().any(|w| w == "quiet"),
+            "the failed parameters are not carried: {b}"
+        );
+    }
+
     #[test]
     fn a_root_image_of_many_chunks_is_written_and_verified_whole() {
         // 20 chunks: more than the buffers in flight (so they are reused) and more than
