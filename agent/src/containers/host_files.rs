@@ -15,10 +15,15 @@
 //! their length: a reader in that instant may see the old file's tail after the new
 //! content (never an empty file); resolvers re-read `resolv.conf` when its mtime changes,
 //! which the cut updates last.
+//!
+//! A comparison reads both files only when either changed since the last one found them
+//! equal: each period first compares the files' [`Stamp`]s (a `stat` each) with the ones
+//! seen then, so a large `/etc/hosts` is not read twice every period.
 
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 /// How often the sources are compared with the copies.
 pub const FOLLOW_PERIOD: Duration = Duration::from_secs(2);
@@ -35,6 +40,60 @@ pub struct HostFiles {
     dir: PathBuf,
     hosts_source: PathBuf,
     resolv_source: PathBuf,
+    /// Per file (hosts, resolv.conf): the source's and the copy's stamps when they were
+    /// last found equal (shared by the clones `follow` hands to its blocking task).
+    seen: Arc<Mutex<[Option<Stamps>; 2]>>,
+    /// How many times a source's bytes were compared with its copy's.
+    compared: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A source's and its copy's [`Stamp`]s.
+type Stamps = (Stamp, Stamp);
+
+/// What `stat` says of a file that changes when its content can have: which file it is
+/// (a rename puts another there), its size, and its modification and change times. The
+/// change time cannot be set back from user space (`touch -d` sets the modification time
+/// only). A missing file has the stamp `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// How old a file's last change must be for its stamp to be trusted. File times come
+/// from a clock that ticks every few milliseconds: two writes of the same size within one
+/// tick leave the same stamp, so a file changed this recently is read again next time
+/// (the rule git uses for its index, with a wide margin).
+const STAMP_SETTLED: Duration = Duration::from_secs(1);
+
+impl Stamp {
+    fn of(path: &Path) -> std::io::Result<Option<Stamp>> {
+        match std::fs::metadata(path) {
+            Ok(m) => Ok(Some(Stamp {
+                dev: m.dev(),
+                ino: m.ino(),
+                size: m.size(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                ctime: (m.ctime(), m.ctime_nsec()),
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether its last change is at least [`STAMP_SETTLED`] older than `now`.
+    fn settled(&self, now: SystemTime) -> bool {
+        let (secs, nanos) = self.ctime;
+        let (Ok(secs), Ok(nanos)) = (u64::try_from(secs), u32::try_from(nanos)) else {
+            return false;
+        };
+        let changed = SystemTime::UNIX_EPOCH + Duration::new(secs, nanos);
+        now.duration_since(changed)
+            .is_ok_and(|age| age >= STAMP_SETTLED)
+    }
 }
 
 impl HostFiles {
@@ -53,6 +112,8 @@ impl HostFiles {
             dir,
             hosts_source,
             resolv_source,
+            seen: Arc::default(),
+            compared: Arc::default(),
         }
     }
 
@@ -73,11 +134,14 @@ impl HostFiles {
         let mut changed = 0;
         let mut failed = None;
         // Each file on its own: one that cannot be copied does not hold the other back.
-        for (source, copy) in [
+        for (i, (source, copy)) in [
             (&self.hosts_source, self.hosts()),
             (&self.resolv_source, self.resolv_conf()),
-        ] {
-            match sync_one(source, &copy) {
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            match self.sync_if_changed(i, source, &copy) {
                 Ok(true) => changed += 1,
                 Ok(false) => {}
                 Err(e) => failed = failed.or(Some(e)),
@@ -120,6 +184,50 @@ impl HostFiles {
     }
 }
 
+impl HostFiles {
+    /// [`sync_one`] unless the source and the copy have the stamps they had when they
+    /// were last found equal (or made so); answers whether the copy was rewritten.
+    fn sync_if_changed(&self, i: usize, source: &Path, copy: &Path) -> std::io::Result<bool> {
+        let stamps = || -> std::io::Result<Option<Stamps>> {
+            // A missing source reads as empty, so its stamp is that of no file at all:
+            // one that appears changes it.
+            let source = Stamp::of(source)?.unwrap_or(Stamp {
+                dev: 0,
+                ino: 0,
+                size: 0,
+                mtime: (0, 0),
+                ctime: (0, 0),
+            });
+            Ok(Stamp::of(copy)?.map(|copy| (source, copy)))
+        };
+        let before = stamps()?;
+        // The lock only guards the small array: two syncs at once (a container's start
+        // beside the follower) each compare and write in place, which is idempotent.
+        let seen = |this: &Self| {
+            this.seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)[i]
+        };
+        if before.is_some() && before == seen(self) {
+            return Ok(false);
+        }
+        self.compared
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let rewritten = sync_one(source, copy)?;
+        // Trusted only when neither file changed during the comparison (a rewritten copy
+        // did) and both last changes are settled: otherwise the next period compares the
+        // bytes again.
+        let after = stamps()?;
+        let now = SystemTime::now();
+        let trusted =
+            after.filter(|(s, c)| Some((*s, *c)) == before && s.settled(now) && c.settled(now));
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)[i] = trusted;
+        Ok(rewritten)
+    }
+}
+
 /// Rewrites `copy` in place with `source`'s bytes when they differ; answers whether it
 /// did.
 fn sync_one(source: &Path, copy: &Path) -> std::io::Result<bool> {
@@ -157,7 +265,6 @@ fn sync_one(source: &Path, copy: &Path) -> std::io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
 
     fn files() -> (tempfile::TempDir, HostFiles) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -218,6 +325,47 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(files.resolv_conf()).expect("read"),
             "nameserver 10.0.0.9\n"
+        );
+    }
+
+    /// Once both files' last changes are a second old and the bytes were found equal,
+    /// a period costs two `stat`s per file and reads nothing, until a file changes,
+    /// in place or by rename.
+    #[test]
+    fn unchanged_files_are_not_read_again() {
+        let (dir, files) = files();
+        let compared = || files.compared.load(std::sync::atomic::Ordering::Relaxed);
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "10.0.0.1 a\n").expect("write");
+        assert_eq!(files.sync().expect("sync"), 1);
+        // The copy was just written: not trusted yet, compared again.
+        let before = compared();
+        assert_eq!(files.sync().expect("sync"), 0);
+        assert_eq!(compared(), before + 2);
+        std::thread::sleep(STAMP_SETTLED + Duration::from_millis(100));
+        assert_eq!(files.sync().expect("sync"), 0);
+        let settled = compared();
+        for _ in 0..3 {
+            assert_eq!(files.sync().expect("sync"), 0);
+        }
+        assert_eq!(compared(), settled, "nothing read while nothing changed");
+        // Changed in place, same size: the change time moved.
+        std::fs::write(&hosts, "10.0.0.2 a\n").expect("write");
+        assert_eq!(files.sync().expect("sync"), 1);
+        assert_eq!(
+            std::fs::read_to_string(files.hosts()).expect("read"),
+            "10.0.0.2 a\n"
+        );
+        // Replaced by rename: another file.
+        std::thread::sleep(STAMP_SETTLED + Duration::from_millis(100));
+        files.sync().expect("sync");
+        let next = dir.path().join("hosts.new");
+        std::fs::write(&next, "10.0.0.3 a\n").expect("write");
+        std::fs::rename(&next, &hosts).expect("rename");
+        assert_eq!(files.sync().expect("sync"), 1);
+        assert_eq!(
+            std::fs::read_to_string(files.hosts()).expect("read"),
+            "10.0.0.3 a\n"
         );
     }
 

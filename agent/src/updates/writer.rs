@@ -1372,14 +1372,13 @@ mod tests {
 
         std::fs::write(&cmdline, "keel.slot=a console=ttyS0").expect("w");
         let answers = session(&f.config, &[(activate, &[])]);
-        assert!(
-            matches!(answers[0], Answer::Written { .. }),
-            "{answers:?}"
-        );
+        assert!(matches!(answers[0], Answer::Written { .. }), "{answers:?}");
         assert!(!entries.join("keel-a-trial+0-1.conf").exists());
         let b = std::fs::read_to_string(entries.join("keel-b+3.conf")).expect("activated");
         assert!(
-            !command_line(&b).split_ascii_whitespace().any(|w| w == "quiet"),
+            !command_line(&b)
+                .split_ascii_whitespace()
+                .any(|w| w == "quiet"),
             "the failed parameters are not carried: {b}"
         );
     }
