@@ -675,9 +675,24 @@ impl<'de> Deserialize<'de> for RegistryMirrors {
                 self,
                 mut map: A,
             ) -> Result<RegistryMirrors, A::Error> {
+                /// A table entry's endpoints: refused here when there are none, so the
+                /// error names the registry as the user wrote it (`mirrors."quay.io"`),
+                /// not a position in the list it is stored as.
+                struct Endpoints(MirrorEndpoints);
+                impl<'de> Deserialize<'de> for Endpoints {
+                    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                        let endpoints = MirrorEndpoints::deserialize(d)?;
+                        if endpoints.is_empty() {
+                            return Err(serde::de::Error::custom(
+                                "a mirror needs at least one endpoint",
+                            ));
+                        }
+                        Ok(Endpoints(endpoints))
+                    }
+                }
                 let mut mirrors = RegistryMirrors::default();
-                while let Some((registry, endpoint)) =
-                    map.next_entry::<RegistryHost, MirrorEndpoints>()?
+                while let Some((registry, Endpoints(endpoint))) =
+                    map.next_entry::<RegistryHost, Endpoints>()?
                 {
                     mirrors
                         .push(RegistryMirror {

@@ -321,6 +321,17 @@ fn registry_entries_that_would_never_be_used_are_refused() {
         settings_model::validate_groups(&settings, &groups)
             .unwrap_or_else(|e| panic!("{settings}: a commit of its group: {e}"));
     }
+    // The table form (only ever input: it is stored as the list) is named as written.
+    let table = json!({"container-registry": {
+        "mirrors": {"docker.io": ["https://m.example.com"], "quay.io": []}
+    }});
+    let err = validate_patch(&table).expect_err("no endpoint");
+    assert_eq!(
+        err.key(),
+        Some("settings.container-registry.mirrors.\"quay.io\""),
+        "{err}"
+    );
+    assert!(err.to_string().contains("at least one endpoint"), "{err}");
     // "*" stays a mirror's registry: every registry's mirror.
     validate_patch(&json!({"container-registry": {
         "mirrors": [{"registry": "*", "endpoint": ["https://m.example.com"]}],
