@@ -1617,15 +1617,8 @@ pub fn validate_groups(
     candidate: &Value,
     groups: &std::collections::BTreeSet<String>,
 ) -> Result<Value, Error> {
-    let subset: serde_json::Map<String, Value> = groups
-        .iter()
-        .filter_map(|g| Some((g.clone(), candidate.get(g)?.clone())))
-        .collect();
-    let subset = Value::Object(subset);
-    if let Some(first) = whole_rule_errors(&parse(&subset)?).into_iter().next() {
-        return Err(first);
-    }
-    validate(&subset)
+    // Empty live settings break no rule, so every break is the candidate's own.
+    validate_groups_over(candidate, &Value::Object(serde_json::Map::new()), groups)
 }
 
 /// [`validate_groups`] for a commit over the live settings `live`: a rule between keys of
