@@ -200,7 +200,7 @@ impl Applier {
         }
         self.inner
             .next_id
-            .fetch_max(replay.last_id + 1, Ordering::Relaxed);
+            .fetch_max(replay.last_id.saturating_add(1), Ordering::Relaxed);
         if let Ok(mut journal) = self.inner.journal.lock() {
             journal.records = replay.records;
             journal.damaged = replay.damaged;

@@ -182,12 +182,52 @@ impl Boot {
         let began = Instant::now();
         let marker = self.config.state_dir.join(FIRST_BOOT_DONE);
         let every = self.config.user_data_every_boot;
+        // A store that `--accept-state-loss` left empty holds no OS defaults and no
+        // user-data: this boot stages them again, as the first boot did (its first commit
+        // ends that state).
+        let recovered_to_nothing = {
+            let snapshot = self.store.snapshot();
+            snapshot.live().tx == crate::store::RECOVERY_TX
+                && snapshot
+                    .live_settings()
+                    .as_object()
+                    .is_some_and(serde_json::Map::is_empty)
+        };
+        // Only a marker known to be missing makes a first boot: one that cannot be looked
+        // at (an I/O error) must not stage user-data over what the API has changed since.
+        let mut marker_unknown = None;
         let mut tracker = BootTracker::open(
             &self.config.runtime_dir,
-            || every || !marker.exists(),
+            || {
+                if every {
+                    return true;
+                }
+                if recovered_to_nothing {
+                    tracing::warn!("the store was recovered to nothing (--accept-state-loss): this boot stages the OS defaults and user-data again");
+                    return true;
+                }
+                match marker.try_exists() {
+                    Ok(exists) => !exists,
+                    Err(e) => {
+                        marker_unknown = Some(format!(
+                            "cannot tell whether this host booted before: {}: {e}",
+                            marker.display()
+                        ));
+                        false
+                    }
+                }
+            },
             self.publish.clone(),
             self.events.clone(),
         );
+        if let Some(reason) = marker_unknown {
+            tracing::error!(%reason, "boot failed");
+            if let Err(e) = tracker.finish(BootPhase::Failed, Some(reason), began.elapsed()) {
+                tracing::error!(error = %e, "could not record the boot failure");
+            }
+            self.configured.send_replace(BootGate::Failed);
+            return;
+        }
         if tracker.record().booted_parameters.is_none() && !tracker.record().is_done() {
             // First thing in this boot: where a trial of new boot parameters stands (kept,
             // failed, running), and so what this boot's kernel got (a later keeld start
@@ -414,7 +454,7 @@ impl Boot {
             (Ok(settled), Some(staged))
                 if matches!(settled.trial, ParameterTrial::None) && staged != settled.kept =>
             {
-                tracing::error!(failed = %staged, booted = %settled.kept, "the staged boot parameters are in no loader entry and no trial holds them: taken as failed");
+                tracing::error!(failed = %staged, booted = %settled.kept, "the staged boot parameters are in no loader entry and no trial holds them (their trial failed, or they were set back, and the record of it was lost): taken as failed");
                 if let Err(e) = self.applier.record_failed_boot_parameters(staged).await {
                     tracing::error!(error = %e, "cannot record the boot parameters that failed their trial");
                 }
@@ -954,6 +994,10 @@ impl Boot {
         }
         if spec.mode == BootstrapMode::Off {
             t.skip(&step, "mode off")?;
+            // What a `once` run switched off and a crash kept from being cleaned up.
+            if let Ok(Some(_)) = self.runtime.find(&desired.id()).await {
+                bootstrap::clean_up(&*self.runtime, desired).await;
+            }
             return Ok(());
         }
         let resume = t.record().step(&step).is_some();
@@ -993,12 +1037,20 @@ impl Boot {
                     Some("exited 0".into()),
                     elapsed(),
                 )?;
+                // `once` is over the moment it succeeded: switched off (a durable commit)
+                // before the clean-up, whose containerd calls can take a while at boot.
+                // The record above is on tmpfs, so a power cut during the clean-up would
+                // otherwise run the container again at the next boot. A container left
+                // behind by a crash is cleaned up at the next start (above, or as an
+                // `off` one below).
+                let switched = match spec.mode {
+                    BootstrapMode::Once => {
+                        self.switch_off("bootstrap-containers", &desired.name).await
+                    }
+                    _ => Ok(()),
+                };
                 bootstrap::clean_up(&*self.runtime, desired).await;
-                if spec.mode == BootstrapMode::Once {
-                    self.switch_off("bootstrap-containers", &desired.name)
-                        .await?;
-                }
-                return Ok(());
+                return switched;
             }
             Ok(ContainerRun::Exited(code)) => {
                 bootstrap::report_end(

@@ -673,6 +673,85 @@ async fn a_crash_while_cleaning_up_keeps_the_outcome() {
     );
 }
 
+/// `--accept-state-loss` left an empty store on a host that booted before: the OS
+/// defaults and user-data are staged again at the next boot, as at the first one, and
+/// the boot after is an ordinary one.
+#[tokio::test]
+async fn a_store_recovered_to_nothing_gets_its_user_data_again() {
+    let mut node = Node::new("[settings]\nmotd = \"from user-data\"\n");
+    // A host that booted before, whose store lost both slots; keeld was started once
+    // with --accept-state-loss.
+    let state = tempfile::tempdir().expect("tempdir");
+    {
+        let store = Store::open(state.path(), 10).expect("store");
+        store
+            .patch("t", json!({"motd": "set through the API"}))
+            .await
+            .expect("patch");
+        store.commit("t", Caller::keeld()).await.expect("commit");
+    }
+    for name in ["generations.0", "generations.1"] {
+        std::fs::remove_file(state.path().join(name)).expect("remove");
+    }
+    let recovered = Store::recover(state.path())
+        .expect("recover")
+        .expect("damage recovered");
+    assert_eq!(recovered.continued_from, 0);
+    node.store = Store::open(state.path(), 10).expect("store");
+    std::fs::write(node.path("state").join(FIRST_BOOT_DONE), "").expect("marker");
+
+    let (record, gate) = node.boot().await;
+    assert_eq!(
+        (record.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    assert!(record.first_boot, "{record:#?}");
+    assert_eq!(node.settings()["motd"], "from user-data");
+
+    node.reboot();
+    let (record, _) = node.boot().await;
+    assert!(!record.first_boot, "{record:#?}");
+}
+
+/// A power cut while a `once` container that succeeded is cleaned up: the boot's record
+/// (tmpfs) is gone at the next boot, so only the switch to `off`, committed before the
+/// clean-up, keeps it from running again; the container left behind is removed.
+#[tokio::test(start_paused = true)]
+async fn a_power_cut_while_cleaning_up_does_not_run_a_once_container_again() {
+    let node = slow_node();
+    node.fake
+        .with(|s| s.crash_after_deleting_task = Some("bootstrap-slow".into()));
+    let running = node.start();
+    let crashed = running.task.await;
+    assert!(crashed.is_err_and(|e| e.is_panic()));
+    assert_eq!(node.mode("slow"), "off", "switched off before the clean-up");
+    assert!(node.fake.with(|s| s.records.contains_key("bootstrap-slow")));
+
+    node.reboot();
+    let (record, gate) = node.boot().await;
+    assert_eq!(
+        (record.phase, gate),
+        (BootPhase::Configured, BootGate::Configured)
+    );
+    assert_eq!(
+        outcome(&record, "bootstrap-container:slow").0,
+        StepOutcome::Skipped
+    );
+    assert_eq!(
+        node.started()
+            .iter()
+            .filter(|id| *id == "bootstrap-slow")
+            .count(),
+        1,
+        "run once"
+    );
+    assert!(
+        node.fake
+            .with(|s| !s.records.contains_key("bootstrap-slow")),
+        "the record left behind is removed"
+    );
+}
+
 /// The same crash after an essential container failed: the failure was recorded, the
 /// boot not yet ended. The next keeld must fail the boot again, not take the recorded
 /// step as done and go on to `configured`.

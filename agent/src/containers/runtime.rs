@@ -450,14 +450,12 @@ impl Runtime for ContainerdRuntime {
         }
         self.cd.delete_container(&id).await?;
         remove_snapshot(&self.cd, &id).await;
+        // Removed durably (its directory fsync'd): it may hold secrets, and a removed
+        // container's user-data must not come back on a power cut.
         let user_data = self.paths.persistent_dir_of(kind, name).join("user-data");
-        match std::fs::remove_file(&user_data) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RunError::Failed(format!(
-                "cannot remove {}: {e}",
-                user_data.display()
-            ))),
-            _ => Ok(()),
-        }
+        crate::updates::durable::remove(&user_data)
+            .map(drop)
+            .map_err(|e| RunError::Failed(format!("cannot remove {}: {e}", user_data.display())))
     }
 }
 

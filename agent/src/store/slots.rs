@@ -765,7 +765,10 @@ fn read_slot(file: &File, size: u64) -> io::Result<SlotState> {
     let end = sectors
         .checked_add(1)
         .and_then(|n| n.checked_mul(SECTOR as u64));
-    let (Some(end), Ok(body_len)) = (end, usize::try_from(sectors * SECTOR as u64)) else {
+    let body_len = sectors
+        .checked_mul(SECTOR as u64)
+        .and_then(|n| usize::try_from(n).ok());
+    let (Some(end), Some(body_len)) = (end, body_len) else {
         return Ok(SlotState::Damaged {
             header: Some(header),
             reason: format!("has a record claiming an impossible length ({len} bytes)"),

@@ -128,7 +128,18 @@ impl Updates {
     /// Loads the record (a new one, with a random seed, on first use). Reconciliation
     /// with the disk runs in the background ([`Updates::reconcile`]), holding the lock.
     pub fn open(config: UpdatesConfig, store: Store, os: Arc<OsInfo>, events: EventBus) -> Updates {
-        let record = match status::load(&config.record) {
+        // A read that fails (not a record that reads wrong) may pass a moment later:
+        // tried five times over about a second before the record is given up, since
+        // starting over forgets an activated update (reconciliation would deactivate it).
+        let mut loaded = status::load(&config.record);
+        for _ in 0..4 {
+            if !matches!(loaded, Err(status::RecordError::Io { .. })) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            loaded = status::load(&config.record);
+        }
+        let record = match loaded {
             Ok(Some(record)) => record,
             Ok(None) => UpdateRecord::new(rand::random::<u32>() % (MAX_SEED + 1)),
             Err(e) => {
