@@ -609,6 +609,37 @@ fn staged_boot_parameters_in_no_entry_are_taken_as_failed() {
     assert!(!reboots.exists(), "no reboot for parameters that failed");
 }
 
+/// The writer wrote a trial, and keeld's record of the hand-over was lost (keeld or the
+/// power went down between the two): the staged record still names the older parameters.
+/// The trial fails; the next boot records the failed ones as staged too, so its apply
+/// does not hand them over again for a second bad boot.
+#[test]
+fn a_failed_trial_whose_hand_over_was_not_recorded_is_not_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = SlotHost::create(&dir.path().join("host"), 1 << 20, 1 << 16);
+    let mut keeld = keeld_on(&host, &[], true);
+    ok(&keeld.apiclient(&["set", "boot.kernel-parameters.rdinit=[\"/nonexistent\"]"]));
+    assert_eq!(host.entries(), ["keel-a-trial+1.conf", "keel-a.conf"]);
+    let staged = keeld.state_dir.join("boot-parameters");
+    assert_eq!(
+        std::fs::read_to_string(&staged).unwrap(),
+        "rdinit=/nonexistent"
+    );
+    std::fs::remove_file(&staged).unwrap();
+    assert_eq!(host.reboot(), "a");
+    assert_eq!(host.reboot(), "a");
+    assert!(!host.cmdline().contains("rdinit"), "{}", host.cmdline());
+    keeld.reboot();
+    let boot = keeld.wait_boot(Duration::from_secs(30));
+    assert_eq!(boot["phase"], "configured", "{boot:#}");
+    assert_eq!(boot["booted-parameters"], "", "{boot:#}");
+    assert_eq!(boot["failed-parameters"], "rdinit=/nonexistent", "{boot:#}");
+    assert_eq!(host.entries(), ["keel-a.conf"], "not handed over again");
+    let again = keeld.raw("POST", "/tx/apply", None);
+    assert!(again.status < 300, "{}", again.text());
+    assert_eq!(host.entries(), ["keel-a.conf"], "not handed over again");
+}
+
 #[test]
 fn an_apply_finishes_even_if_the_client_goes_away() {
     use std::io::Write;

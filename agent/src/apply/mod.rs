@@ -972,18 +972,26 @@ impl Applier {
     }
 
     /// Records that `parameters` failed their trial (durably: the report outlives this
-    /// boot, see [`BootLoader::failed`]).
+    /// boot, see [`BootLoader::failed`]), and that they are the ones staged: a trial
+    /// exists only for staged parameters, but the staged record may still name older
+    /// ones when keeld went down between the writer's answer and the record of it. The
+    /// staged record first: with it alone (a crash between), the next boot finds them in
+    /// no entry and takes them as failed again; with the failure alone, they would not
+    /// count as failed, and the next apply would hand them over for a second bad boot.
     pub async fn record_failed_boot_parameters(&self, parameters: String) -> Result<(), String> {
         let Some(loader) = self.inner.config.boot_loader.clone() else {
             return Ok(());
         };
-        let path = loader.failed.clone();
+        let (staged, failed) = (loader.staged.clone(), loader.failed.clone());
         tokio::task::spawn_blocking(move || {
-            crate::updates::durable::replace(&path, parameters.as_bytes())
+            crate::updates::durable::replace(&staged, parameters.as_bytes())
+                .map_err(|e| format!("{}: {e}", staged.display()))?;
+            crate::updates::durable::replace(&failed, parameters.as_bytes())
+                .map_err(|e| format!("{}: {e}", failed.display()))
         })
         .await
         .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| format!("{}: {e}", loader.failed.display())))
+        .and_then(|r| r)
     }
 
     /// The staged parameters, when they are ones that failed their trial.

@@ -116,6 +116,11 @@ pub enum LoaderError {
     ParametersBeingTried { file: String },
     #[error("no loader entry names the running slot {slot}: there is no entry to try new boot parameters from")]
     NoRunningEntry { slot: Slot },
+    #[error(
+        "a loader entry's version is {version}: no version is left to sort a new entry \
+         before it (remove or renumber that entry on the ESP)"
+    )]
+    VersionExhausted { version: u64 },
 }
 
 /// Where a trial of new `settings.boot` parameters stands (see [`EspLayout::stage_parameters`]).
@@ -642,12 +647,7 @@ impl EspLayout {
         };
         self.boot_files_present(entry.slot)?;
         let existing = self.entries()?;
-        let highest = existing
-            .iter()
-            .filter_map(|(e, _)| e.sort_version)
-            .max()
-            .unwrap_or(0);
-        entry.sort_version = entry.sort_version.max(highest + 1);
+        entry.sort_version = entry.sort_version.max(next_version(&existing, None)?);
         let file = format!("keel-{}+{tries}.conf", entry.slot);
         let dir = self.entries_dir();
         let path = dir.join(&file);
@@ -913,13 +913,12 @@ impl EspLayout {
                 entries: changed,
             });
         }
-        let highest = entries
-            .iter()
-            .filter_map(|(e, _)| e.sort_version)
-            .max()
-            .unwrap_or(0);
+        // Above this boot's own trial mark too: that trial may be gone (folded once
+        // blessed) with the versions of the entries unchanged, and a new trial of the
+        // same version would read as the one this boot runs.
+        let version = next_version(&entries, Some(cmdline))?;
         let file = format!("keel-{running}{TRIAL_SUFFIX}+1.conf");
-        let text = trial_entry_text(&kept_text, parameters, highest + 1);
+        let text = trial_entry_text(&kept_text, parameters, version);
         check_length(&file, &text)?;
         let path = dir.join(&file);
         durable::replace(&path, text.as_bytes()).map_err(Self::io(&path))?;
@@ -969,13 +968,20 @@ impl EspLayout {
         let dir = self.entries_dir();
         for (entry, text) in self.entries()?.into_iter().filter(|(e, _)| e.trial) {
             let parameters = entry_parameters(&text).options();
-            let verdict = if entry.tries_left.unwrap_or(0) > 0 {
-                ParameterTrial::Pending {
+            let verdict = if entry.slot == running && runs_trial(cmdline, &entry) {
+                if entry.tries_left.unwrap_or(0) > 0 {
+                    // Booted with tries left: the boot loader did not count this try
+                    // (systemd-boot boots an entry it cannot rename: a firmware FAT
+                    // driver that cannot, a write-protected ESP), so nothing blesses or
+                    // ends the trial. It is what this boot runs all the same.
+                    tracing::error!(entry = %entry.file, "this boot runs a trial of new boot parameters that the boot loader did not count: it cannot be kept or ended by the boot's outcome (is the ESP writable by the firmware?)");
+                }
+                ParameterTrial::Running {
                     entry: entry.file,
                     parameters,
                 }
-            } else if entry.slot == running && runs_trial(cmdline, &entry) {
-                ParameterTrial::Running {
+            } else if entry.tries_left.unwrap_or(0) > 0 {
+                ParameterTrial::Pending {
                     entry: entry.file,
                     parameters,
                 }
@@ -1080,10 +1086,32 @@ fn runs_trial(cmdline: &str, entry: &EntryInfo) -> bool {
     let Some(version) = entry.sort_version else {
         return false;
     };
+    trial_marks(cmdline).any(|v| v == version)
+}
+
+/// The versions the trial marks on `cmdline` name.
+fn trial_marks(cmdline: &str) -> impl Iterator<Item = u64> + '_ {
     cmdline
         .split_ascii_whitespace()
         .filter_map(|w| w.strip_prefix(TRIAL_MARK)?.strip_prefix('='))
-        .any(|v| v.parse::<u64>().ok() == Some(version))
+        .filter_map(|v| v.parse::<u64>().ok())
+}
+
+/// The version that sorts a new entry before every one of `entries` (and, with
+/// `cmdline`, above the trial this boot runs, so no later trial takes its version).
+fn next_version(
+    entries: &[(EntryInfo, String)],
+    cmdline: Option<&str>,
+) -> Result<u64, LoaderError> {
+    let highest = entries
+        .iter()
+        .filter_map(|(e, _)| e.sort_version)
+        .chain(cmdline.into_iter().flat_map(trial_marks))
+        .max()
+        .unwrap_or(0);
+    highest
+        .checked_add(1)
+        .ok_or(LoaderError::VersionExhausted { version: highest })
 }
 
 /// A parameter trial's entry: the kept entry's text with `parameters`, `version`

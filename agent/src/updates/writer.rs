@@ -1319,6 +1319,77 @@ mod tests {
         assert!(!entries.join("keel-a+2-1.conf").exists());
     }
 
+    /// A trial blessed and folded in this boot, then new parameters in the same boot: the
+    /// new trial takes a version above this boot's mark (the entries' versions did not
+    /// move), so it is not taken for the trial this boot runs. A trial booted without
+    /// being counted (the boot loader could not rename it) is what this boot runs.
+    #[test]
+    fn a_new_trial_never_takes_the_version_this_boot_runs() {
+        use super::super::loader::ParameterTrial;
+        let f = fixture();
+        let entries = f.config.esp.entries_dir();
+        let set = |kernel: &str| Request::SetBootParameters {
+            parameters: BootParameters {
+                kernel: kernel.to_owned(),
+                init: String::new(),
+            },
+        };
+        let trial = |answer: &Answer| match answer {
+            Answer::Parameters { parameters, .. } => parameters.trial.clone(),
+            other => panic!("{other:?}"),
+        };
+        let version = |file: &str| {
+            let text = std::fs::read_to_string(entries.join(file)).expect("read");
+            text.lines()
+                .find_map(|l| l.strip_prefix("version "))
+                .expect("a version")
+                .to_owned()
+        };
+        let cmdline = f.dir.path().join("cmdline");
+        assert!(matches!(
+            trial(&session(&f.config, &[(set("quiet"), &[])])[0]),
+            ParameterTrial::Pending { .. }
+        ));
+        let first = version("keel-a-trial+1.conf");
+        // Not counted: booted with its try still there.
+        std::fs::write(
+            &cmdline,
+            format!("keel.slot=a console=ttyS0 keel.parameters-trial={first} quiet"),
+        )
+        .expect("w");
+        let answers = session(&f.config, &[(Request::SettleBootParameters, &[])]);
+        assert!(
+            matches!(trial(&answers[0]), ParameterTrial::Running { .. }),
+            "{answers:?}"
+        );
+        // Counted, then blessed; new parameters in the same boot.
+        std::fs::rename(
+            entries.join("keel-a-trial+1.conf"),
+            entries.join("keel-a-trial.conf"),
+        )
+        .expect("blessed");
+        let answers = session(&f.config, &[(set("quiet nosmt"), &[])]);
+        assert!(
+            matches!(trial(&answers[0]), ParameterTrial::Pending { .. }),
+            "{answers:?}"
+        );
+        let second = version("keel-a-trial+1.conf");
+        assert!(
+            second.parse::<u64>().expect("n") > first.parse::<u64>().expect("n"),
+            "{first} then {second}"
+        );
+        let answers = session(&f.config, &[(Request::SettleBootParameters, &[])]);
+        assert!(
+            matches!(trial(&answers[0]), ParameterTrial::Pending { .. }),
+            "not the trial this boot runs: {answers:?}"
+        );
+        let answers = session(&f.config, &[(set("quiet noht"), &[])]);
+        assert!(
+            matches!(trial(&answers[0]), ParameterTrial::Pending { .. }),
+            "a newer change replaces the pending trial: {answers:?}"
+        );
+    }
+
     /// A trial the boot loader has tried (`+0-1`): while this boot runs it, activation
     /// waits for its verdict, saying so; when this boot came back without it (it failed,
     /// and keeld could not settle it), activation removes it and goes on, and the slot's
