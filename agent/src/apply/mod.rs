@@ -660,6 +660,11 @@ impl Applier {
                     Some(loader) => loader.last_staged().as_deref() == Some(&p.options()),
                 };
                 if in_place {
+                    // Nothing left to hand over: a deferral of other parameters (set
+                    // back since) is over too.
+                    self.inner
+                        .boot_parameters_deferred
+                        .store(false, Ordering::Relaxed);
                     continue;
                 }
             }
@@ -969,6 +974,16 @@ impl Applier {
             .await
             .ok()
             .flatten()
+    }
+
+    /// Whether a record of staged parameters exists (a missing one reads as "none
+    /// staged", which is a guess on a host whose state directory was reset).
+    pub fn boot_parameters_recorded(&self) -> bool {
+        self.inner
+            .config
+            .boot_loader
+            .as_ref()
+            .is_some_and(|loader| loader.staged.exists())
     }
 
     /// Records that `parameters` failed their trial (durably: the report outlives this

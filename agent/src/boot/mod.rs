@@ -450,9 +450,13 @@ impl Boot {
             // The staged parameters are in no entry and no trial holds them: a trial's
             // verdict was lost (keeld or the power went down between the writer's removal
             // of a failed trial and the record of it). They failed all the same; without
-            // this, reboot-to-reconcile would reboot for them at every boot.
+            // this, reboot-to-reconcile would reboot for them at every boot. Not when
+            // there is no record at all: that says nothing was handed over (a state
+            // directory reset), and the boot's apply hands the settings' parameters over.
             (Ok(settled), Some(staged))
-                if matches!(settled.trial, ParameterTrial::None) && staged != settled.kept =>
+                if matches!(settled.trial, ParameterTrial::None)
+                    && staged != settled.kept
+                    && self.applier.boot_parameters_recorded() =>
             {
                 tracing::error!(failed = %staged, booted = %settled.kept, "the staged boot parameters are in no loader entry and no trial holds them (their trial failed, or they were set back, and the record of it was lost): taken as failed");
                 if let Err(e) = self.applier.record_failed_boot_parameters(staged).await {

@@ -5,9 +5,11 @@
 //! (a name the boot loader ignores: it starts with `.` and does not end in `.conf`),
 //! `fsync` it, `rename` it over the target, `fsync` it again under its new name, `fsync`
 //! the directory. A crash before the rename leaves the old file (and a temporary file,
-//! removed by [`sweep_temps`]); after the directory's `fsync`, the new one. In between
-//! the directory holds one name or the other, never a file with part of the new
-//! content: the data was durable before the name pointed at it.
+//! removed by [`sweep_temps`]); after the directory's `fsync`, the new one. In between,
+//! on a journalled file system (the state directory), the directory holds one name or
+//! the other, never a file with part of the new content: the data was durable before the
+//! name pointed at it. On vfat (the ESP) that holds only once the second `fsync` is
+//! done, as below.
 //!
 //! The second `fsync` is for vfat: its rename writes the new directory entry empty and
 //! fills in the file's first cluster and size only when the file's inode is written
@@ -17,8 +19,11 @@
 //!
 //! On the ESP (vfat) the kernel gives weaker guarantees than on ext4 (no journal: a cut
 //! during the rename can leave the directory entry half updated, which `fsck.vfat`
-//! repairs to one of the two names). The update code never relies on more than "the old
-//! name or the new one": see `loader.rs` for why either is a safe boot choice.
+//! repairs to one of the two names). A cut in the instant between the rename and the
+//! second `fsync` can leave the name with no content, or with clusters the old file
+//! freed. The loader code never relies on more than "the old name or the new one", and
+//! treats an entry that names no kernel, initrd or root hash as no entry: see
+//! `loader.rs` for why either is a safe boot choice.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};

@@ -417,6 +417,16 @@ fn entry_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
+/// Whether an entry's text can boot a slot: it names a kernel, an initrd and the root
+/// hash. On vfat a power cut in the instant after a rename can leave an entry's name
+/// with no content, or another file's (see `durable.rs`); such an entry is not rewritten
+/// and does not count as a slot's entry when a trial is folded.
+fn is_whole(entry: &EntryInfo, text: &str) -> bool {
+    entry_field(text, "linux").is_some()
+        && entry_field(text, "initrd").is_some()
+        && entry.root_hash.is_some()
+}
+
 /// The ESP as the updates see it.
 #[derive(Debug, Clone)]
 pub struct EspLayout {
@@ -674,7 +684,7 @@ impl EspLayout {
         if let Some((_, text)) = self
             .entries()?
             .into_iter()
-            .find(|(e, _)| e.slot == running && !e.trial)
+            .find(|(e, t)| e.slot == running && !e.trial && is_whole(e, t))
         {
             return Ok((extra_options(&text), entry_parameters(&text)));
         }
@@ -783,6 +793,10 @@ impl EspLayout {
                 remove.push(entry.file.clone());
                 continue;
             }
+            if !is_whole(entry, text) {
+                tracing::error!(file = %entry.file, "a loader entry names no kernel, initrd or root hash (damaged by a power cut?): not rewritten");
+                continue;
+            }
             let new = with_parameters(text, parameters);
             if &new != text {
                 check_length(&entry.file, &new)?;
@@ -843,7 +857,21 @@ impl EspLayout {
         };
         let dir = self.entries_dir();
         let entries = self.entries()?;
-        let kept_text = match kept_entry(&entries, running)? {
+        let kept = match kept_entry(&entries, running) {
+            Err(LoaderError::NoRunningEntry { .. })
+                if entries
+                    .iter()
+                    .any(|(e, _)| e.trial && e.slot == running && !e.is_counting()) =>
+            {
+                return Ok(deferred(format!(
+                    "the running slot {running} has no whole loader entry of its own (its \
+                     blessed parameter trial boots it): new boot parameters wait until an \
+                     update writes the slot's entry again"
+                )))
+            }
+            other => other?,
+        };
+        let kept_text = match kept {
             Kept::Blessed { text, copies } => {
                 // Counting copies of the kept entry (a rewrite that raced
                 // systemd-bless-boot, see `set_parameters`): the same slot and version.
@@ -968,7 +996,11 @@ impl EspLayout {
         let dir = self.entries_dir();
         for (entry, text) in self.entries()?.into_iter().filter(|(e, _)| e.trial) {
             let parameters = entry_parameters(&text).options();
-            let verdict = if entry.slot == running && runs_trial(cmdline, &entry) {
+            let verdict = if !entry.is_counting() {
+                // Blessed and still here: the fold above kept it, as its slot has no
+                // whole entry of its own to hold the parameters.
+                ParameterTrial::Kept { parameters }
+            } else if entry.slot == running && runs_trial(cmdline, &entry) {
                 if entry.tries_left.unwrap_or(0) > 0 {
                     // Booted with tries left: the boot loader did not count this try
                     // (systemd-boot boots an entry it cannot rename: a firmware FAT
@@ -1002,7 +1034,7 @@ impl EspLayout {
         let kept = self
             .entries()?
             .into_iter()
-            .find(|(e, _)| e.slot == running && !e.trial)
+            .find(|(e, t)| e.slot == running && !e.trial && is_whole(e, t))
             .map(|(_, text)| entry_parameters(&text).options())
             .unwrap_or_default();
         Ok(Settled {
@@ -1031,7 +1063,21 @@ impl EspLayout {
         let parameters = entry_parameters(text);
         let mut changed = self.write_parameters(&parameters)?;
         let dir = self.entries_dir();
+        // Removed only where the trial's slot has a whole entry of its own holding the
+        // parameters now: otherwise the blessed trial is what boots that slot, and stays.
+        let after = self.entries()?;
+        let options = parameters.options();
         for (entry, _) in &blessed {
+            let replaced = after.iter().any(|(e, t)| {
+                !e.trial
+                    && e.slot == entry.slot
+                    && is_whole(e, t)
+                    && entry_parameters(t).options() == options
+            });
+            if !replaced {
+                tracing::error!(entry = %entry.file, slot = %entry.slot, "the slot has no whole loader entry of its own to keep new boot parameters in: its blessed trial stays, and boots it");
+                continue;
+            }
             let path = dir.join(&entry.file);
             durable::remove(&path).map_err(Self::io(&path))?;
             changed.push(entry.file.clone());
@@ -1054,7 +1100,7 @@ fn kept_entry(entries: &[(EntryInfo, String)], running: Slot) -> Result<Kept, Lo
     let own = || {
         entries
             .iter()
-            .filter(|(e, _)| e.slot == running && !e.trial)
+            .filter(|(e, t)| e.slot == running && !e.trial && is_whole(e, t))
     };
     if let Some((entry, text)) = own().find(|(e, _)| !e.is_counting()) {
         let copies = own()

@@ -778,7 +778,7 @@ mod tests {
         std::fs::create_dir_all(esp.join("loader/entries")).expect("mkdir");
         std::fs::write(
             esp.join("loader/entries/keel-a.conf"),
-            "title Keel 1.0.0\nsort-key keel\nversion 1\noptions keel.slot=a keel.roothash=00 console=ttyS0\n",
+            "title Keel 1.0.0\nsort-key keel\nversion 1\nlinux /keel/a/vmlinuz\ninitrd /keel/a/initrd.img\noptions keel.slot=a keel.roothash=00 console=ttyS0\n",
         )
         .expect("w");
         let config = WriterConfig {
@@ -937,7 +937,7 @@ mod tests {
         // What the other session writes before it ends is in the answer.
         std::fs::write(
             f.config.esp.entries_dir().join("keel-b+3.conf"),
-            "title Keel 1.1.0\nsort-key keel\nversion 2\noptions keel.slot=b keel.roothash=00 console=ttyS0\n",
+            "title Keel 1.1.0\nsort-key keel\nversion 2\nlinux /keel/b/vmlinuz\ninitrd /keel/b/initrd.img\noptions keel.slot=b keel.roothash=00 console=ttyS0\n",
         )
         .expect("entry");
         drop(other);
@@ -1141,7 +1141,7 @@ mod tests {
         let trial = std::fs::read_to_string(entries.join("keel-a-trial+1.conf")).expect("read");
         assert_eq!(
             command_line(&trial),
-            "keel.slot=a keel.roothash=00 console=ttyS0 keel.parameters-trial=2 \
+            "initrd=\\keel\\a\\initrd.img keel.slot=a keel.roothash=00 console=ttyS0 keel.parameters-trial=2 \
              console=tty0,ttyS1 nosmt -- splash"
         );
         assert!(trial.contains("\nversion 2\n"), "sorted first: {trial}");
@@ -1218,7 +1218,7 @@ mod tests {
         assert_eq!(listing(&entries), ["keel-a.conf"]);
         assert_eq!(
             command_line(&std::fs::read_to_string(entries.join("keel-a.conf")).expect("read")),
-            "keel.slot=a keel.roothash=00 console=ttyS0 console=tty0,ttyS1 nosmt -- splash"
+            "initrd=\\keel\\a\\initrd.img keel.slot=a keel.roothash=00 console=ttyS0 console=tty0,ttyS1 nosmt -- splash"
         );
 
         // A trial whose boot failed: the boot loader came back to the kept entry, whose
@@ -1387,6 +1387,65 @@ mod tests {
         assert!(
             matches!(trial(&answers[0]), ParameterTrial::Pending { .. }),
             "a newer change replaces the pending trial: {answers:?}"
+        );
+    }
+
+    /// A blessed trial whose slot entry a power cut emptied (vfat, in the instant after
+    /// a rename): the empty entry is not rewritten, and the trial, the slot's only
+    /// bootable entry, is not removed.
+    #[test]
+    fn a_blessed_trial_stays_while_its_slot_has_no_whole_entry() {
+        let f = fixture();
+        let entries = f.config.esp.entries_dir();
+        let quiet = Request::SetBootParameters {
+            parameters: BootParameters {
+                kernel: "quiet".to_owned(),
+                init: String::new(),
+            },
+        };
+        assert!(matches!(
+            session(&f.config, &[(quiet, &[])])[0],
+            Answer::Parameters { .. }
+        ));
+        std::fs::rename(
+            entries.join("keel-a-trial+1.conf"),
+            entries.join("keel-a-trial.conf"),
+        )
+        .expect("blessed");
+        std::fs::write(entries.join("keel-a.conf"), "").expect("emptied");
+        let answers = session(&f.config, &[(Request::SettleBootParameters, &[])]);
+        assert!(
+            matches!(answers[0], Answer::Parameters { .. }),
+            "{answers:?}"
+        );
+        assert!(
+            entries.join("keel-a-trial.conf").exists(),
+            "the trial stays"
+        );
+        assert_eq!(
+            std::fs::read_to_string(entries.join("keel-a.conf")).expect("read"),
+            "",
+            "not rewritten"
+        );
+        // Newer parameters wait: a trial made from no whole entry could not boot, and
+        // the blessed one must stay.
+        let nosmt = Request::SetBootParameters {
+            parameters: BootParameters {
+                kernel: "nosmt".to_owned(),
+                init: String::new(),
+            },
+        };
+        let answers = session(&f.config, &[(nosmt, &[])]);
+        match &answers[0] {
+            Answer::Parameters { parameters, .. } => assert!(
+                matches!(&parameters.trial, super::super::loader::ParameterTrial::Deferred { reason } if reason.contains("no whole loader entry")),
+                "{parameters:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            entries.join("keel-a-trial.conf").exists(),
+            "the trial stays"
         );
     }
 
