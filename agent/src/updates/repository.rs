@@ -270,7 +270,12 @@ fn stage(durable: &Path) -> std::io::Result<Scratch> {
 /// returned (every write it began has ended): each changed file replaced whole (temporary
 /// file, `fsync`, rename, `fsync` of the directory), each file it removed removed. A
 /// power cut in between leaves some files old and some new, each whole; each is only a
-/// lower bound the next load checks against, so any mix is safe.
+/// lower bound the next load checks against, so any mix of them is safe. One mix with
+/// the trusted root, kept after these (`load`), is weaker: a cut after a load that
+/// rotated keys and before the new root is kept leaves the new timestamp and snapshot
+/// beside the old root; the next load replays the rotation from it, for which tough
+/// drops the stored timestamp and snapshot, so that one load has no rollback floor
+/// (signatures and expiry still hold). The window is the root's one `fsync`.
 fn keep(scratch: &Scratch, durable: &Path) -> std::io::Result<()> {
     let after = tough_files(&scratch.path)?;
     for (name, bytes) in &after {
