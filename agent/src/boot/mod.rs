@@ -182,28 +182,35 @@ impl Boot {
         let began = Instant::now();
         let marker = self.config.state_dir.join(FIRST_BOOT_DONE);
         let every = self.config.user_data_every_boot;
-        // A store that `--accept-state-loss` left empty holds no OS defaults and no
-        // user-data: this boot stages them again, as the first boot did (its first commit
-        // ends that state).
+        // A store that `--accept-state-loss` left with nothing (no intact generation to
+        // continue from: before the recovery's there is at most the empty generation 0
+        // every store starts with) holds no OS defaults and no user-data. The host is new again: the first-boot marker goes (durably), so this
+        // boot stages them as the first boot did, and a user-data source that fails now
+        // is tried again at the next boot, as on a new host.
         let recovered_to_nothing = {
             let snapshot = self.store.snapshot();
-            snapshot.live().tx == crate::store::RECOVERY_TX
+            let before = (snapshot.history.len().checked_sub(2))
+                .and_then(|i| snapshot.history.iter().nth(i));
+            before.is_none_or(|g| g.generation == 0)
+                && snapshot.live().tx == crate::store::RECOVERY_TX
                 && snapshot
                     .live_settings()
                     .as_object()
                     .is_some_and(serde_json::Map::is_empty)
         };
+        if recovered_to_nothing {
+            tracing::warn!("the store was recovered to nothing (--accept-state-loss): this host boots as a new one, with its OS defaults and user-data");
+            if let Err(e) = crate::updates::durable::remove(&marker) {
+                tracing::error!(path = %marker.display(), error = %e, "cannot remove the first-boot marker");
+            }
+        }
         // Only a marker known to be missing makes a first boot: one that cannot be looked
         // at (an I/O error) must not stage user-data over what the API has changed since.
         let mut marker_unknown = None;
         let mut tracker = BootTracker::open(
             &self.config.runtime_dir,
             || {
-                if every {
-                    return true;
-                }
-                if recovered_to_nothing {
-                    tracing::warn!("the store was recovered to nothing (--accept-state-loss): this boot stages the OS defaults and user-data again");
+                if every || recovered_to_nothing {
                     return true;
                 }
                 match marker.try_exists() {

@@ -63,11 +63,12 @@ struct Stamp {
     ctime: (i64, i64),
 }
 
-/// How old a file's last change must be for its stamp to be trusted. File times come
-/// from a clock that ticks every few milliseconds: two writes of the same size within one
-/// tick leave the same stamp, so a file changed this recently is read again next time
-/// (the rule git uses for its index, with a wide margin).
-const STAMP_SETTLED: Duration = Duration::from_secs(1);
+/// How old a file's last change must be, when a comparison begins, for its stamp to be
+/// trusted. File times come from a clock that ticks every few milliseconds (every second
+/// on some file systems): two writes of the same size within one tick leave the same
+/// stamp, so a file changed this recently is read again next time (the rule git uses for
+/// its index, with a margin for one-second times).
+const STAMP_SETTLED: Duration = Duration::from_secs(2);
 
 impl Stamp {
     fn of(path: &Path) -> std::io::Result<Option<Stamp>> {
@@ -200,6 +201,9 @@ impl HostFiles {
             });
             Ok(Stamp::of(copy)?.map(|copy| (source, copy)))
         };
+        // Taken before the first `stat`: a write after it lands in a later tick than any
+        // change this old, so it changes the stamp.
+        let began = SystemTime::now();
         let before = stamps()?;
         // The lock only guards the small array: two syncs at once (a container's start
         // beside the follower) each compare and write in place, which is idempotent.
@@ -218,9 +222,8 @@ impl HostFiles {
         // did) and both last changes are settled: otherwise the next period compares the
         // bytes again.
         let after = stamps()?;
-        let now = SystemTime::now();
         let trusted =
-            after.filter(|(s, c)| Some((*s, *c)) == before && s.settled(now) && c.settled(now));
+            after.filter(|(s, c)| Some((*s, *c)) == before && s.settled(began) && c.settled(began));
         self.seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)[i] = trusted;

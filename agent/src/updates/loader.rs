@@ -72,6 +72,9 @@ pub const TRIAL_SUFFIX: &str = "-trial";
 /// which trial it runs. A `keel.` word: never carried into another entry (see
 /// [`extra_options`]), ignored by the initramfs.
 pub const TRIAL_MARK: &str = "keel.parameters-trial";
+
+/// What a parameter trial's title adds to the kept entry's.
+const TRIAL_TITLE: &str = ", new boot parameters on trial";
 /// The longest kernel command line x86_64 Linux takes (`COMMAND_LINE_SIZE`, with its
 /// terminating NUL): a longer one is cut, silently, and loses its last parameters.
 pub const MAX_COMMAND_LINE: usize = 2047;
@@ -626,12 +629,15 @@ impl EspLayout {
             .into_iter()
             .filter(|(e, _)| e.trial && e.is_counting())
         {
+            if carry_from.is_some_and(|(running, cmdline)| {
+                trial.slot == running && runs_trial(cmdline, &trial)
+            }) {
+                return Err(LoaderError::ParametersBeingTried { file: trial.file });
+            }
             if !trial.is_bad() {
                 return Err(LoaderError::ParametersOnTrial { file: trial.file });
             }
-            if carry_from.is_none_or(|(running, cmdline)| {
-                trial.slot == running && runs_trial(cmdline, &trial)
-            }) {
+            if carry_from.is_none() {
                 return Err(LoaderError::ParametersBeingTried { file: trial.file });
             }
             // Tried, and this boot came back without it: it failed, and keeld had not
@@ -997,20 +1003,25 @@ impl EspLayout {
         for (entry, text) in self.entries()?.into_iter().filter(|(e, _)| e.trial) {
             let parameters = entry_parameters(&text).options();
             let verdict = if !entry.is_counting() {
-                // Blessed and still here: the fold above kept it, as its slot has no
-                // whole entry of its own to hold the parameters.
+                // Blessed and still here: the fold above could not make its slot a
+                // whole entry of its own.
                 ParameterTrial::Kept { parameters }
             } else if entry.slot == running && runs_trial(cmdline, &entry) {
                 if entry.tries_left.unwrap_or(0) > 0 {
                     // Booted with tries left: the boot loader did not count this try
                     // (systemd-boot boots an entry it cannot rename: a firmware FAT
-                    // driver that cannot, a write-protected ESP), so nothing blesses or
-                    // ends the trial. It is what this boot runs all the same.
-                    tracing::error!(entry = %entry.file, "this boot runs a trial of new boot parameters that the boot loader did not count: it cannot be kept or ended by the boot's outcome (is the ESP writable by the firmware?)");
-                }
-                ParameterTrial::Running {
-                    entry: entry.file,
-                    parameters,
+                    // driver that cannot, a write-protected ESP), so no outcome of this
+                    // boot would bless or end it, and without counting there is no way
+                    // back to try. This boot has the parameters: they are kept now.
+                    tracing::error!(entry = %entry.file, "this boot runs a trial of new boot parameters that the boot loader did not count (is the ESP writable by the firmware?): kept without a trial");
+                    let (_, written) = self.fold(&[(entry, text)])?;
+                    changed.extend(written);
+                    ParameterTrial::Kept { parameters }
+                } else {
+                    ParameterTrial::Running {
+                        entry: entry.file,
+                        parameters,
+                    }
                 }
             } else if entry.tries_left.unwrap_or(0) > 0 {
                 ParameterTrial::Pending {
@@ -1045,11 +1056,8 @@ impl EspLayout {
     }
 
     /// Keeps a blessed parameter trial (one whose boot reached `configured`, so that
-    /// `systemd-bless-boot` dropped its counter): its parameters are written into every
-    /// slot entry, then the trial is removed, in that order (a cut between leaves two
-    /// entries with the same parameters, and the next call removes the trial). Answers
-    /// the parameters and the entries written and removed; `None` when there is no blessed
-    /// trial. The lock is held by the caller.
+    /// `systemd-bless-boot` dropped its counter): see [`Self::fold`]. `None` when there is
+    /// no blessed trial. The lock is held by the caller.
     fn fold_blessed_trials(&self) -> Result<Option<(BootParameters, Vec<String>)>, LoaderError> {
         let mut blessed: Vec<(EntryInfo, String)> = self
             .entries()?
@@ -1057,34 +1065,85 @@ impl EspLayout {
             .filter(|(e, _)| e.trial && !e.is_counting())
             .collect();
         blessed.sort_by_key(|(e, _)| e.sort_version);
-        let Some((_, text)) = blessed.last() else {
+        if blessed.is_empty() {
             return Ok(None);
-        };
-        let parameters = entry_parameters(text);
-        let mut changed = self.write_parameters(&parameters)?;
-        let dir = self.entries_dir();
-        // Removed only where the trial's slot has a whole entry of its own holding the
-        // parameters now: otherwise the blessed trial is what boots that slot, and stays.
-        let after = self.entries()?;
-        let options = parameters.options();
-        for (entry, _) in &blessed {
-            let replaced = after.iter().any(|(e, t)| {
-                !e.trial
-                    && e.slot == entry.slot
-                    && is_whole(e, t)
-                    && entry_parameters(t).options() == options
-            });
-            if !replaced {
-                tracing::error!(entry = %entry.file, slot = %entry.slot, "the slot has no whole loader entry of its own to keep new boot parameters in: its blessed trial stays, and boots it");
-                continue;
-            }
-            let path = dir.join(&entry.file);
-            durable::remove(&path).map_err(Self::io(&path))?;
-            changed.push(entry.file.clone());
         }
+        let (parameters, changed) = self.fold(&blessed)?;
         tracing::info!(parameters = %parameters.options(), entries = ?changed, "new boot parameters reached configured: kept in every loader entry");
         Ok(Some((parameters, changed)))
     }
+
+    /// Keeps the parameters of the last of `trials`: written into every slot entry,
+    /// then the trials removed, in that order (a cut between leaves two entries with the
+    /// same parameters, and the next fold removes the trial). A trial's slot that has no
+    /// whole entry of its own (vfat can leave an entry's name empty after a power cut in
+    /// the instant after a rename) gets one first, from the trial's own text without its
+    /// mark: the trial is what boots that slot, so it goes only once another entry can.
+    /// Answers the parameters and the entries written and removed. The lock is held by
+    /// the caller.
+    fn fold(
+        &self,
+        trials: &[(EntryInfo, String)],
+    ) -> Result<(BootParameters, Vec<String>), LoaderError> {
+        let Some((_, last)) = trials.last() else {
+            return Ok((BootParameters::default(), Vec::new()));
+        };
+        let parameters = entry_parameters(last);
+        let mut changed = self.write_parameters(&parameters)?;
+        let dir = self.entries_dir();
+        let options = parameters.options();
+        for (trial, text) in trials {
+            let holds = |entries: &[(EntryInfo, String)]| {
+                entries.iter().any(|(e, t)| {
+                    !e.trial
+                        && e.slot == trial.slot
+                        && is_whole(e, t)
+                        && entry_parameters(t).options() == options
+                })
+            };
+            if !holds(&self.entries()?) {
+                if !is_whole(trial, text) {
+                    tracing::error!(entry = %trial.file, slot = %trial.slot, "neither the slot nor its parameter trial has a whole loader entry: the trial stays");
+                    continue;
+                }
+                let file = format!("keel-{}.conf", trial.slot);
+                tracing::error!(entry = %trial.file, slot = %trial.slot, file = %file, "the slot has no whole loader entry of its own: written again from its parameter trial");
+                let repaired = with_parameters(&entry_from_trial(text), &parameters);
+                check_length(&file, &repaired)?;
+                let path = dir.join(&file);
+                durable::replace(&path, repaired.as_bytes()).map_err(Self::io(&path))?;
+                changed.push(file);
+                if !holds(&self.entries()?) {
+                    continue;
+                }
+            }
+            let path = dir.join(&trial.file);
+            durable::remove(&path).map_err(Self::io(&path))?;
+            changed.push(trial.file.clone());
+        }
+        Ok((parameters, changed))
+    }
+}
+
+/// A slot's own entry made from its parameter trial's text: the mark's line gone, the
+/// title as the kept entry had it (what [`trial_entry_text`] added, taken away).
+fn entry_from_trial(trial: &str) -> String {
+    trial
+        .lines()
+        .filter(|line| {
+            line.trim()
+                .strip_prefix("options")
+                .map(str::trim)
+                .is_none_or(|o| !o.starts_with(TRIAL_MARK))
+        })
+        .map(|line| {
+            let trimmed = line.trim();
+            match trimmed.strip_suffix(TRIAL_TITLE) {
+                Some(title) if entry_field(trimmed, "title").is_some() => format!("{title}\n"),
+                _ => format!("{line}\n"),
+            }
+        })
+        .collect()
 }
 
 /// The running slot's kept entry.
@@ -1171,7 +1230,7 @@ fn trial_entry_text(kept: &str, parameters: &BootParameters, version: u64) -> St
             if entry_field(trimmed, "version").is_some() {
                 format!("version {version}\n")
             } else if entry_field(trimmed, "title").is_some() {
-                format!("{trimmed}, new boot parameters on trial\n")
+                format!("{trimmed}{TRIAL_TITLE}\n")
             } else if !marked && entry_field(trimmed, "options").is_some() {
                 marked = true;
                 format!("{trimmed}\noptions {TRIAL_MARK}={version}\n")

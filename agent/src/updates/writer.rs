@@ -1322,10 +1322,11 @@ mod tests {
     /// A trial blessed and folded in this boot, then new parameters in the same boot: the
     /// new trial takes a version above this boot's mark (the entries' versions did not
     /// move), so it is not taken for the trial this boot runs. A trial booted without
-    /// being counted (the boot loader could not rename it) is what this boot runs.
+    /// being counted (the boot loader could not rename it) is kept at once: nothing
+    /// would ever bless or end it.
     #[test]
     fn a_new_trial_never_takes_the_version_this_boot_runs() {
-        use super::super::loader::ParameterTrial;
+        use super::super::loader::{command_line, ParameterTrial};
         let f = fixture();
         let entries = f.config.esp.entries_dir();
         let set = |kernel: &str| Request::SetBootParameters {
@@ -1338,12 +1339,13 @@ mod tests {
             Answer::Parameters { parameters, .. } => parameters.trial.clone(),
             other => panic!("{other:?}"),
         };
-        let version = |file: &str| {
+        let version = |file: &str| -> u64 {
             let text = std::fs::read_to_string(entries.join(file)).expect("read");
             text.lines()
                 .find_map(|l| l.strip_prefix("version "))
                 .expect("a version")
-                .to_owned()
+                .parse()
+                .expect("a number")
         };
         let cmdline = f.dir.path().join("cmdline");
         assert!(matches!(
@@ -1351,33 +1353,24 @@ mod tests {
             ParameterTrial::Pending { .. }
         ));
         let first = version("keel-a-trial+1.conf");
-        // Not counted: booted with its try still there.
-        std::fs::write(
-            &cmdline,
-            format!("keel.slot=a console=ttyS0 keel.parameters-trial={first} quiet"),
-        )
-        .expect("w");
-        let answers = session(&f.config, &[(Request::SettleBootParameters, &[])]);
-        assert!(
-            matches!(trial(&answers[0]), ParameterTrial::Running { .. }),
-            "{answers:?}"
-        );
-        // Counted, then blessed; new parameters in the same boot.
+        // Booted (counted), and blessed; new parameters in the same boot.
         std::fs::rename(
             entries.join("keel-a-trial+1.conf"),
             entries.join("keel-a-trial.conf"),
         )
         .expect("blessed");
+        std::fs::write(
+            &cmdline,
+            format!("keel.slot=a console=ttyS0 keel.parameters-trial={first} quiet"),
+        )
+        .expect("w");
         let answers = session(&f.config, &[(set("quiet nosmt"), &[])]);
         assert!(
             matches!(trial(&answers[0]), ParameterTrial::Pending { .. }),
             "{answers:?}"
         );
         let second = version("keel-a-trial+1.conf");
-        assert!(
-            second.parse::<u64>().expect("n") > first.parse::<u64>().expect("n"),
-            "{first} then {second}"
-        );
+        assert!(second > first, "{first} then {second}");
         let answers = session(&f.config, &[(Request::SettleBootParameters, &[])]);
         assert!(
             matches!(trial(&answers[0]), ParameterTrial::Pending { .. }),
@@ -1388,23 +1381,45 @@ mod tests {
             matches!(trial(&answers[0]), ParameterTrial::Pending { .. }),
             "a newer change replaces the pending trial: {answers:?}"
         );
+
+        // Booted with its try still there: not counted. Kept at the boot's settling.
+        let third = version("keel-a-trial+1.conf");
+        std::fs::write(
+            &cmdline,
+            format!("keel.slot=a console=ttyS0 keel.parameters-trial={third} quiet noht"),
+        )
+        .expect("w");
+        let answers = session(&f.config, &[(Request::SettleBootParameters, &[])]);
+        assert!(
+            matches!(trial(&answers[0]), ParameterTrial::Kept { .. }),
+            "{answers:?}"
+        );
+        assert!(!entries.join("keel-a-trial+1.conf").exists());
+        let kept = std::fs::read_to_string(entries.join("keel-a.conf")).expect("read");
+        assert!(
+            command_line(&kept).ends_with("console=ttyS0 quiet noht"),
+            "{kept}"
+        );
     }
 
     /// A blessed trial whose slot entry a power cut emptied (vfat, in the instant after
-    /// a rename): the empty entry is not rewritten, and the trial, the slot's only
-    /// bootable entry, is not removed.
+    /// a rename): the empty entry is not rewritten in place; the slot's entry is written
+    /// again from the trial (without its mark, with the kept title), and only then is
+    /// the trial removed.
     #[test]
-    fn a_blessed_trial_stays_while_its_slot_has_no_whole_entry() {
+    fn a_slot_entry_emptied_by_a_power_cut_is_written_again_from_its_blessed_trial() {
+        use super::super::loader::{command_line, ParameterTrial};
         let f = fixture();
         let entries = f.config.esp.entries_dir();
-        let quiet = Request::SetBootParameters {
+        let kept_before = std::fs::read_to_string(entries.join("keel-a.conf")).expect("read");
+        let set = |kernel: &str| Request::SetBootParameters {
             parameters: BootParameters {
-                kernel: "quiet".to_owned(),
+                kernel: kernel.to_owned(),
                 init: String::new(),
             },
         };
         assert!(matches!(
-            session(&f.config, &[(quiet, &[])])[0],
+            session(&f.config, &[(set("quiet"), &[])])[0],
             Answer::Parameters { .. }
         ));
         std::fs::rename(
@@ -1414,38 +1429,30 @@ mod tests {
         .expect("blessed");
         std::fs::write(entries.join("keel-a.conf"), "").expect("emptied");
         let answers = session(&f.config, &[(Request::SettleBootParameters, &[])]);
-        assert!(
-            matches!(answers[0], Answer::Parameters { .. }),
-            "{answers:?}"
-        );
-        assert!(
-            entries.join("keel-a-trial.conf").exists(),
-            "the trial stays"
-        );
-        assert_eq!(
-            std::fs::read_to_string(entries.join("keel-a.conf")).expect("read"),
-            "",
-            "not rewritten"
-        );
-        // Newer parameters wait: a trial made from no whole entry could not boot, and
-        // the blessed one must stay.
-        let nosmt = Request::SetBootParameters {
-            parameters: BootParameters {
-                kernel: "nosmt".to_owned(),
-                init: String::new(),
-            },
-        };
-        let answers = session(&f.config, &[(nosmt, &[])]);
         match &answers[0] {
-            Answer::Parameters { parameters, .. } => assert!(
-                matches!(&parameters.trial, super::super::loader::ParameterTrial::Deferred { reason } if reason.contains("no whole loader entry")),
-                "{parameters:?}"
-            ),
+            Answer::Parameters { parameters, .. } => {
+                assert!(
+                    matches!(parameters.trial, ParameterTrial::Kept { .. }),
+                    "{parameters:?}"
+                );
+                assert_eq!(parameters.kept, "quiet");
+            }
             other => panic!("{other:?}"),
         }
+        assert!(!entries.join("keel-a-trial.conf").exists());
+        let kept = std::fs::read_to_string(entries.join("keel-a.conf")).expect("read");
+        assert_eq!(
+            command_line(&kept),
+            format!("{} quiet", command_line(&kept_before)),
+            "{kept}"
+        );
+        assert!(kept.contains("title Keel 1.0.0\n"), "{kept}");
+        assert!(!kept.contains("keel.parameters-trial"), "{kept}");
+        // Parameters go on as before.
+        let answers = session(&f.config, &[(set("nosmt"), &[])]);
         assert!(
-            entries.join("keel-a-trial.conf").exists(),
-            "the trial stays"
+            matches!(&answers[0], Answer::Parameters { parameters, .. } if matches!(parameters.trial, ParameterTrial::Pending { .. })),
+            "{answers:?}"
         );
     }
 
