@@ -1007,7 +1007,7 @@ impl EspLayout {
                 // whole entry of its own.
                 ParameterTrial::Kept { parameters }
             } else if entry.slot == running && runs_trial(cmdline, &entry) {
-                if entry.tries_left.unwrap_or(0) > 0 {
+                if entry.tries_left.unwrap_or(0) > 0 && is_whole(&entry, &text) {
                     // Booted with tries left: the boot loader did not count this try
                     // (systemd-boot boots an entry it cannot rename: a firmware FAT
                     // driver that cannot, a write-protected ESP), so no outcome of this
@@ -1059,11 +1059,22 @@ impl EspLayout {
     /// `systemd-bless-boot` dropped its counter): see [`Self::fold`]. `None` when there is
     /// no blessed trial. The lock is held by the caller.
     fn fold_blessed_trials(&self) -> Result<Option<(BootParameters, Vec<String>)>, LoaderError> {
-        let mut blessed: Vec<(EntryInfo, String)> = self
+        let (mut blessed, broken): (Vec<(EntryInfo, String)>, Vec<_>) = self
             .entries()?
             .into_iter()
             .filter(|(e, _)| e.trial && !e.is_counting())
-            .collect();
+            .partition(|(e, t)| is_whole(e, t));
+        // A blessed trial that is not whole (vfat emptied it after systemd-bless-boot's
+        // rename) has no parameters to keep: they would read as none, and wipe the kept
+        // ones from every entry. Removed unread; the next boot's settling then finds the
+        // staged parameters in no entry and takes them as failed (the safe side: they
+        // are not handed over again until settings.boot changes).
+        let dir = self.entries_dir();
+        for (trial, _) in &broken {
+            tracing::error!(entry = %trial.file, "a blessed parameter trial names no kernel, initrd or root hash (damaged by a power cut?): removed, its parameters not kept");
+            let path = dir.join(&trial.file);
+            durable::remove(&path).map_err(Self::io(&path))?;
+        }
         blessed.sort_by_key(|(e, _)| e.sort_version);
         if blessed.is_empty() {
             return Ok(None);

@@ -1456,6 +1456,60 @@ mod tests {
         );
     }
 
+    /// A blessed trial that a power cut emptied after systemd-bless-boot's rename: its
+    /// parameters cannot be read, so it is removed and nothing is written; the kept
+    /// entry keeps the parameters it had (they must not read as "none").
+    #[test]
+    fn a_blessed_trial_emptied_by_a_power_cut_changes_no_entry() {
+        use super::super::loader::ParameterTrial;
+        let f = fixture();
+        let entries = f.config.esp.entries_dir();
+        let set = |kernel: &str| Request::SetBootParameters {
+            parameters: BootParameters {
+                kernel: kernel.to_owned(),
+                init: String::new(),
+            },
+        };
+        // Kept first: "quiet" in keel-a.conf.
+        assert!(matches!(
+            session(&f.config, &[(set("quiet"), &[])])[0],
+            Answer::Parameters { .. }
+        ));
+        std::fs::rename(
+            entries.join("keel-a-trial+1.conf"),
+            entries.join("keel-a-trial.conf"),
+        )
+        .expect("blessed");
+        session(&f.config, &[(Request::SettleBootParameters, &[])]);
+        let kept = std::fs::read_to_string(entries.join("keel-a.conf")).expect("read");
+        assert!(kept.contains("options quiet\n"), "{kept}");
+        // Then "nosmt" on trial, blessed, and emptied.
+        assert!(matches!(
+            session(&f.config, &[(set("nosmt"), &[])])[0],
+            Answer::Parameters { .. }
+        ));
+        std::fs::rename(
+            entries.join("keel-a-trial+1.conf"),
+            entries.join("keel-a-trial.conf"),
+        )
+        .expect("blessed");
+        std::fs::write(entries.join("keel-a-trial.conf"), "").expect("emptied");
+        let answers = session(&f.config, &[(Request::SettleBootParameters, &[])]);
+        match &answers[0] {
+            Answer::Parameters { parameters, .. } => {
+                assert_eq!(parameters.trial, ParameterTrial::None, "{parameters:?}");
+                assert_eq!(parameters.kept, "quiet");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!entries.join("keel-a-trial.conf").exists());
+        assert_eq!(
+            std::fs::read_to_string(entries.join("keel-a.conf")).expect("read"),
+            kept,
+            "the kept entry is unchanged"
+        );
+    }
+
     /// A trial the boot loader has tried (`+0-1`): while this boot runs it, activation
     /// waits for its verdict, saying so; when this boot came back without it (it failed,
     /// and keeld could not settle it), activation removes it and goes on, and the slot's
