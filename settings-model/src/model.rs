@@ -1271,14 +1271,25 @@ fn check_registry_entries(settings: &Settings) -> Result<(), Error> {
     for (i, credential) in credentials.iter().enumerate() {
         let host = credential.registry.as_ref().map(|r| r.as_str());
         // containerd's configuration holds one table per registry (a second would not be
-        // TOML), and a second entry would be a guess at which one is meant.
-        if let Some(first) = credentials[..i]
-            .iter()
-            .position(|c| c.registry.as_ref().map(|r| r.as_str()) == host && host.is_some())
-        {
+        // TOML), and a second entry would be a guess at which one is meant. `docker.io`
+        // and `registry-1.docker.io` are one registry: containerd pulls `docker.io`'s
+        // images from the latter, and both render to its table.
+        let same = |other: &&RegistryCredential| {
+            let other = other.registry.as_ref().map(|r| r.as_str());
+            host.is_some() && other.map(credential_registry) == host.map(credential_registry)
+        };
+        if let Some(first) = credentials[..i].iter().position(same) {
+            let alias = if credentials[first].registry.as_ref().map(|r| r.as_str()) == host {
+                ""
+            } else {
+                " (docker.io's images are pulled from registry-1.docker.io)"
+            };
             return Err(invalid(
                 format!("credentials[{i}].registry"),
-                &format!("credentials[{first}] is for the same registry: one entry per registry"),
+                &format!(
+                    "credentials[{first}] is for the same registry{alias}: one entry per \
+                     registry"
+                ),
             ));
         }
         match host {
@@ -1299,6 +1310,18 @@ fn check_registry_entries(settings: &Settings) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The registry credentials for `host` are looked up under: Docker Hub's pull endpoint,
+/// `registry-1.docker.io`, is `docker.io`, where image references name it. Keeld's own
+/// pulls look credentials up by this name, and containerd-config renders both names to
+/// the endpoint's table, so an entry under either name serves every pull from Docker Hub.
+pub fn credential_registry(host: &str) -> &str {
+    if host == "registry-1.docker.io" {
+        "docker.io"
+    } else {
+        host
+    }
 }
 
 /// Every certificate of every PEM bundle is an X.509 certificate as far as rustls reads

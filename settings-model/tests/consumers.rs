@@ -311,6 +311,14 @@ fn registry_entries_that_would_never_be_used_are_refused() {
             ]}),
             "settings.container-registry.credentials[2].registry",
         ),
+        (
+            // One registry under two names: both would render to one containerd table.
+            json!({"credentials": [
+                {"registry": "docker.io", "username": "u", "password": "p"},
+                {"registry": "registry-1.docker.io", "username": "v", "password": "q"}
+            ]}),
+            "settings.container-registry.credentials[1].registry",
+        ),
     ];
     for (registry, key) in cases {
         let settings = json!({"container-registry": registry});
@@ -321,6 +329,15 @@ fn registry_entries_that_would_never_be_used_are_refused() {
         settings_model::validate_groups(&settings, &groups)
             .unwrap_or_else(|e| panic!("{settings}: a commit of its group: {e}"));
     }
+    let err = validate_patch(&json!({"container-registry": {"credentials": [
+        {"registry": "registry-1.docker.io", "username": "u", "password": "p"},
+        {"registry": "docker.io", "username": "v", "password": "q"}
+    ]}}))
+    .expect_err("Docker Hub twice");
+    assert!(
+        err.to_string().contains("pulled from registry-1.docker.io"),
+        "{err}"
+    );
     // The table form (only ever input: it is stored as the list) is named as written.
     let table = json!({"container-registry": {
         "mirrors": {"docker.io": ["https://m.example.com"], "quay.io": []}

@@ -22,6 +22,7 @@ use std::time::Duration;
 use futures_util::{FutureExt, StreamExt};
 use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
+use settings_model::model::credential_registry;
 use settings_model::proxy::ProxyRules;
 use settings_model::Settings;
 
@@ -97,12 +98,24 @@ impl RegistryConfig {
                 let urls = endpoints.iter().map(|u| u.as_str().to_owned()).collect();
                 config.mirrors.push((host.as_str().to_owned(), urls));
             }
+            // Stored by an older keeld, both names of Docker Hub: `docker.io`'s win, as in
+            // containerd-config, whatever their order.
+            let names_docker_io = registry.credentials.iter().flatten().any(|c| {
+                c.registry
+                    .as_ref()
+                    .is_some_and(|r| r.as_str() == "docker.io")
+            });
             for cred in registry.credentials.iter().flatten() {
                 let Some(host) = &cred.registry else { continue };
+                if names_docker_io && host.as_str() == "registry-1.docker.io" {
+                    continue;
+                }
                 // A registry listed twice (the model refuses that now; an older keeld
                 // stored it) keeps its first credentials, as containerd's CRI pulls do
                 // (containerd-config renders the first of each registry).
-                let host_name = host.as_str();
+                // Under the name pulls look them up by (`registry-1.docker.io`'s are
+                // `docker.io`'s).
+                let host_name = credential_registry(host.as_str());
                 if config.credentials.contains_key(host_name)
                     || config.unusable.contains_key(host_name)
                 {
@@ -125,7 +138,7 @@ impl RegistryConfig {
                 };
                 match from_pair.or(from_auth) {
                     Some(c) => {
-                        config.credentials.insert(host.as_str().to_owned(), c);
+                        config.credentials.insert(host_name.to_owned(), c);
                     }
                     None => {
                         let why = if cred.identitytoken.is_some() {
@@ -137,7 +150,7 @@ impl RegistryConfig {
                         } else {
                             "they have neither username and password nor auth"
                         };
-                        config.unusable.insert(host.as_str().to_owned(), why);
+                        config.unusable.insert(host_name.to_owned(), why);
                     }
                 }
             }
@@ -152,7 +165,7 @@ impl RegistryConfig {
     }
 
     fn auth_for(&self, registry: &str) -> RegistryAuth {
-        match self.credentials.get(registry) {
+        match self.credentials.get(credential_registry(registry)) {
             Some(c) => RegistryAuth::Basic(c.username.clone(), c.password.clone()),
             None => RegistryAuth::Anonymous,
         }
@@ -335,7 +348,7 @@ fn registry_failure(
 ) -> ImageError {
     let note = config
         .unusable
-        .get(&endpoint.host)
+        .get(credential_registry(&endpoint.host))
         .map(|why| {
             format!(
                 " (settings.container-registry.credentials for {} were not used: {why})",
@@ -1150,6 +1163,44 @@ mod tests {
         }
         assert!(matches!(
             config.auth_for("unusable.example.com"),
+            RegistryAuth::Anonymous
+        ));
+    }
+
+    /// Docker Hub's images are named `docker.io/…` and pulled from
+    /// `registry-1.docker.io`: credentials under either name serve both, and when an
+    /// older keeld stored both, `docker.io`'s win (as containerd-config renders them).
+    #[test]
+    fn docker_hub_credentials_serve_both_of_its_names() {
+        let only_endpoint: Settings = serde_json::from_value(serde_json::json!({
+            "container-registry": {"credentials": [
+                {"registry": "registry-1.docker.io", "username": "hub", "password": "p"}
+            ]}
+        }))
+        .expect("settings");
+        let config = RegistryConfig::from_settings(&only_endpoint);
+        for name in ["docker.io", "registry-1.docker.io"] {
+            match config.auth_for(name) {
+                RegistryAuth::Basic(user, _) => assert_eq!(user, "hub", "{name}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        let both: Settings = serde_json::from_value(serde_json::json!({
+            "container-registry": {"credentials": [
+                {"registry": "registry-1.docker.io", "username": "endpoint", "password": "p"},
+                {"registry": "docker.io", "username": "hub", "password": "p"}
+            ]}
+        }))
+        .expect("settings");
+        let config = RegistryConfig::from_settings(&both);
+        for name in ["docker.io", "registry-1.docker.io"] {
+            match config.auth_for(name) {
+                RegistryAuth::Basic(user, _) => assert_eq!(user, "hub", "{name}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            config.auth_for("quay.io"),
             RegistryAuth::Anonymous
         ));
     }
