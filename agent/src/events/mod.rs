@@ -177,7 +177,7 @@ pub const PACE: std::time::Duration = std::time::Duration::from_millis(1);
 /// interrupts) keeps the followers' share of the CPU from growing with the commit rate,
 /// at the cost of up to this much latency while the stream lasts; an event after a quiet
 /// moment still wakes followers at once.
-pub const PACE_MAX: std::time::Duration = std::time::Duration::from_millis(8);
+pub const PACE_MAX: std::time::Duration = std::time::Duration::from_millis(16);
 
 /// A wake-up handed to a runtime, done when its task drops it: when the task has run
 /// (after the pace, if `paced`), or when the runtime drops the task unrun, because it
