@@ -575,16 +575,32 @@ async fn pump_output(
         buf[0] = tag;
     }
     let mut client_gone = false;
-    loop {
-        let n = match output.read(&mut buf[start..]).await {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::debug!(error = %e, "exec output ended with an error");
-                return;
-            }
+    let mut last_frame: Option<tokio::time::Instant> = None;
+    let mut ended = false;
+    while !ended {
+        let mut n = match read_some(&mut output, &mut buf[start..]).await {
+            Some(0) | None => return,
+            Some(n) => n,
         };
+        // In a stream (the last frame went out less than BURST ago), what follows within
+        // GATHER joins this frame: a process writing fast in small pieces then costs a
+        // frame per OUTPUT_CHUNK, not one per piece. Output after a pause (a prompt, an
+        // echo) goes out at once.
+        if !client_gone && last_frame.is_some_and(|at| at.elapsed() < BURST) {
+            let until = tokio::time::Instant::now() + GATHER;
+            while start + n < buf.len() {
+                match tokio::time::timeout_at(until, read_some(&mut output, &mut buf[start + n..]))
+                    .await
+                {
+                    Err(_) => break,
+                    Ok(Some(0) | None) => {
+                        ended = true;
+                        break;
+                    }
+                    Ok(Some(more)) => n += more,
+                }
+            }
+        }
         let now = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         activity.store(now, Ordering::Relaxed);
         if client_gone {
@@ -592,6 +608,28 @@ async fn pump_output(
         }
         let frame = Bytes::copy_from_slice(&buf[..start + n]);
         client_gone = outgoing.send(Message::Binary(frame)).await.is_err();
+        last_frame = Some(tokio::time::Instant::now());
+    }
+}
+
+/// Output within this long of the last frame is part of a stream (see [`pump_output`]).
+const BURST: Duration = Duration::from_millis(2);
+/// How long a frame of a stream waits for more output to join it (tokio's timers tick
+/// by the millisecond, so this is the shortest wait there is).
+const GATHER: Duration = Duration::from_millis(1);
+
+/// One read of an output stream: the bytes read (0 at its end), or `None` when it
+/// failed (logged).
+async fn read_some(output: &mut Pin<Box<dyn AsyncRead + Send>>, buf: &mut [u8]) -> Option<usize> {
+    loop {
+        match output.read(buf).await {
+            Ok(n) => return Some(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "exec output ended with an error");
+                return None;
+            }
+        }
     }
 }
 
@@ -903,6 +941,62 @@ mod tests {
         assert!(cut.len() <= MAX_REASON);
         assert!(long.starts_with(&cut));
         assert_eq!(truncate("7", MAX_REASON), "7");
+    }
+
+    /// Output after a quiet spell goes out at once; output that comes in small pieces
+    /// within [`BURST`] of the last frame waits up to [`GATHER`] for more to join it,
+    /// and no longer once the frame is full or the output ended. (Paused time: the
+    /// clock moves only when everything waits on a timer, so a frame that came with no
+    /// time passed was not held.)
+    #[tokio::test(start_paused = true)]
+    async fn streamed_output_is_gathered_and_a_lone_write_is_not_held() {
+        let (mut process, output) = tokio::io::duplex(4 * OUTPUT_CHUNK);
+        let (outgoing, mut frames) = mpsc::channel(OUTGOING_QUEUE);
+        let activity = Arc::new(AtomicU64::new(0));
+        let pump = tokio::spawn(pump_output(
+            Box::pin(output),
+            None,
+            outgoing,
+            activity,
+            Instant::now(),
+        ));
+        let mut next = async || match frames.recv().await {
+            Some(Message::Binary(data)) => data,
+            other => panic!("not an output frame: {other:?}"),
+        };
+
+        let at = tokio::time::Instant::now();
+        process.write_all(b"$ ").await.unwrap();
+        assert_eq!(next().await, &b"$ "[..]);
+        assert_eq!(at.elapsed(), Duration::ZERO, "a first write is not held");
+
+        // A stream: the second piece comes during the first's gathering.
+        let at = tokio::time::Instant::now();
+        process.write_all(b"a").await.unwrap();
+        tokio::time::sleep(GATHER / 4).await;
+        process.write_all(b"b").await.unwrap();
+        assert_eq!(next().await, &b"ab"[..]);
+        assert_eq!(at.elapsed(), GATHER);
+
+        // A pause: at once again.
+        tokio::time::sleep(BURST * 2).await;
+        let at = tokio::time::Instant::now();
+        process.write_all(b"c").await.unwrap();
+        assert_eq!(next().await, &b"c"[..]);
+        assert_eq!(at.elapsed(), Duration::ZERO);
+
+        // In a stream, a full frame does not wait.
+        process.write_all(&vec![b'x'; OUTPUT_CHUNK]).await.unwrap();
+        assert_eq!(next().await.len(), OUTPUT_CHUNK);
+        assert_eq!(at.elapsed(), Duration::ZERO);
+
+        // Nor does the last piece before the end.
+        process.write_all(b"bye").await.unwrap();
+        drop(process);
+        assert_eq!(next().await, &b"bye"[..]);
+        assert_eq!(at.elapsed(), Duration::ZERO);
+        pump.await.unwrap();
+        assert!(frames.recv().await.is_none());
     }
 }
 
