@@ -1172,37 +1172,31 @@ mod tests {
     /// older keeld stored both, `docker.io`'s win (as containerd-config renders them).
     #[test]
     fn docker_hub_credentials_serve_both_of_its_names() {
-        let only_endpoint: Settings = serde_json::from_value(serde_json::json!({
-            "container-registry": {"credentials": [
-                {"registry": "registry-1.docker.io", "username": "hub", "password": "p"}
-            ]}
-        }))
-        .expect("settings");
-        let config = RegistryConfig::from_settings(&only_endpoint);
-        for name in ["docker.io", "registry-1.docker.io"] {
-            match config.auth_for(name) {
-                RegistryAuth::Basic(user, _) => assert_eq!(user, "hub", "{name}"),
-                other => panic!("{name}: {other:?}"),
-            }
-        }
-        let both: Settings = serde_json::from_value(serde_json::json!({
-            "container-registry": {"credentials": [
-                {"registry": "registry-1.docker.io", "username": "endpoint", "password": "p"},
-                {"registry": "docker.io", "username": "hub", "password": "p"}
-            ]}
-        }))
-        .expect("settings");
-        let config = RegistryConfig::from_settings(&both);
-        for name in ["docker.io", "registry-1.docker.io"] {
-            match config.auth_for(name) {
-                RegistryAuth::Basic(user, _) => assert_eq!(user, "hub", "{name}"),
-                other => panic!("{name}: {other:?}"),
-            }
-        }
-        assert!(matches!(
-            config.auth_for("quay.io"),
-            RegistryAuth::Anonymous
-        ));
+        // The user keeld's pulls authenticate as, for each name and for another registry.
+        let users = |credentials: serde_json::Value| {
+            let settings: Settings = serde_json::from_value(serde_json::json!({
+                "container-registry": {"credentials": credentials}
+            }))
+            .expect("settings");
+            let config = RegistryConfig::from_settings(&settings);
+            ["docker.io", "registry-1.docker.io", "quay.io"].map(|name| {
+                match config.auth_for(name) {
+                    RegistryAuth::Basic(user, _) => Some(user),
+                    RegistryAuth::Anonymous => None,
+                    other => panic!("{name}: {other:?}"),
+                }
+            })
+        };
+        let hub = Some("hub".to_owned());
+        let only_endpoint = serde_json::json!([
+            {"registry": "registry-1.docker.io", "username": "hub", "password": "p"}
+        ]);
+        assert_eq!(users(only_endpoint), [hub.clone(), hub.clone(), None]);
+        let both = serde_json::json!([
+            {"registry": "registry-1.docker.io", "username": "endpoint", "password": "p"},
+            {"registry": "docker.io", "username": "hub", "password": "p"}
+        ]);
+        assert_eq!(users(both), [hub.clone(), hub, None]);
     }
 
     #[test]
